@@ -1,0 +1,437 @@
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message as _;
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::proto::Envelope;
+use crate::{Limits, Message, WireError, validate};
+
+/// Default largest frame, in bytes (16 MiB), not counting the length prefix.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+
+/// Size of the big-endian `u32` length prefix.
+pub const LENGTH_PREFIX_LEN: usize = 4;
+
+/// The length-prefixed frame codec: `u32` big-endian length, then one
+/// protobuf [`Envelope`].
+///
+/// Decoding yields validated [`Message`]s. A frame whose announced length is
+/// over [`max_frame_len`](FrameCodec::max_frame_len) is refused as soon as its
+/// prefix arrives; a frame that ends early at EOF is [`WireError::Truncated`].
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame_len: usize,
+    limits: Limits,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameCodec {
+    /// A codec with the default maximum frame length and [`Limits`].
+    pub fn new() -> Self {
+        FrameCodec {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Sets the largest frame accepted in either direction.
+    ///
+    /// Values above `u32::MAX` are clamped, since the prefix cannot express them.
+    pub fn with_max_frame_len(mut self, max: usize) -> Self {
+        self.max_frame_len = max.min(u32::MAX as usize);
+        self
+    }
+
+    /// Sets the field limits applied to decoded messages.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The largest frame accepted, in bytes, not counting the prefix.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    /// The field limits applied to decoded messages.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}
+
+/// Encodes one message as a complete frame (prefix included).
+///
+/// Useful to encode once on the caller's task and hand the bytes to a writer.
+pub fn encode_frame(msg: &Message, max_frame_len: usize) -> Result<Bytes, WireError> {
+    let len = msg.encoded_len();
+    if len > max_frame_len {
+        return Err(WireError::FrameTooLarge {
+            len,
+            max: max_frame_len,
+        });
+    }
+    let mut buf = BytesMut::with_capacity(LENGTH_PREFIX_LEN + len);
+    put_frame(msg, len, &mut buf);
+    Ok(buf.freeze())
+}
+
+fn put_frame(msg: &Message, len: usize, dst: &mut BytesMut) {
+    dst.reserve(LENGTH_PREFIX_LEN + len);
+    // `len <= max_frame_len <= u32::MAX` was checked by the caller.
+    dst.put_u32(len as u32);
+    msg.encode(dst);
+}
+
+/// Decodes and validates one frame body (without its prefix).
+pub fn decode_frame(body: Bytes, limits: &Limits) -> Result<Message, WireError> {
+    let envelope = Envelope::decode(body)?;
+    let msg = envelope.body.ok_or(WireError::EmptyEnvelope)?;
+    validate(&msg, limits)?;
+    Ok(msg)
+}
+
+impl Decoder for FrameCodec {
+    type Item = Message;
+    type Error = WireError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, WireError> {
+        if src.len() < LENGTH_PREFIX_LEN {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; LENGTH_PREFIX_LEN];
+        prefix.copy_from_slice(&src[..LENGTH_PREFIX_LEN]);
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > self.max_frame_len {
+            return Err(WireError::FrameTooLarge {
+                len,
+                max: self.max_frame_len,
+            });
+        }
+        let total = LENGTH_PREFIX_LEN + len;
+        if src.len() < total {
+            // Make room for the rest of this frame only: the length is bounded above.
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        src.advance(LENGTH_PREFIX_LEN);
+        let body = src.split_to(len).freeze();
+        decode_frame(body, &self.limits).map(Some)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, WireError> {
+        match self.decode(buf)? {
+            Some(msg) => Ok(Some(msg)),
+            None if buf.is_empty() => Ok(None),
+            None => Err(WireError::Truncated {
+                buffered: buf.len(),
+            }),
+        }
+    }
+}
+
+impl Encoder<&Message> for FrameCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), WireError> {
+        let len = msg.encoded_len();
+        if len > self.max_frame_len {
+            return Err(WireError::FrameTooLarge {
+                len,
+                max: self.max_frame_len,
+            });
+        }
+        put_frame(msg, len, dst);
+        Ok(())
+    }
+}
+
+impl Encoder<Message> for FrameCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<(), WireError> {
+        self.encode(&msg, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{
+        Concern, ConcernKind, Disconnect, DisconnectReason, Discovered, Hello, PeerInfo, Ping, Pong,
+    };
+    use proptest::collection::{btree_map, hash_map, vec};
+    use proptest::prelude::*;
+
+    fn roundtrip(msg: &Message) -> Message {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        codec.encode(msg, &mut buf).unwrap();
+        let out = codec.decode(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
+        out
+    }
+
+    #[test]
+    fn exactly_a_length_prefix_waits_for_the_body() {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 5][..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        // The prefix stays buffered until the body arrives.
+        assert_eq!(buf.len(), 4);
+        // At EOF it is a truncated frame, not a panic and not silence.
+        assert!(matches!(
+            codec.decode_eof(&mut buf),
+            Err(WireError::Truncated { buffered: 4 })
+        ));
+    }
+
+    #[test]
+    fn a_zero_length_frame_is_an_empty_envelope() {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 0][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(WireError::EmptyEnvelope)
+        ));
+    }
+
+    #[test]
+    fn partial_prefix_is_not_an_error() {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::from(&[0u8, 0][..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert!(codec.decode_eof(&mut BytesMut::new()).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_buffering() {
+        let mut codec = FrameCodec::new().with_max_frame_len(1024);
+        let mut buf = BytesMut::from(&[0u8, 0, 4, 1][..]); // 1025
+        let cap_before = buf.capacity();
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(WireError::FrameTooLarge {
+                len: 1025,
+                max: 1024
+            })
+        ));
+        assert_eq!(buf.capacity(), cap_before, "nothing reserved for the frame");
+        // u32::MAX with the default limit.
+        let mut buf = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            FrameCodec::new().decode(&mut buf),
+            Err(WireError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_message_is_refused_on_encode() {
+        let msg = Message::Concern(Concern {
+            command: 1,
+            request_id: 0,
+            kind: ConcernKind::Request as i32,
+            ttl: 0,
+            flags: 0,
+            payload: vec![0u8; 2000].into(),
+        });
+        let mut codec = FrameCodec::new().with_max_frame_len(1024);
+        assert!(matches!(
+            codec.encode(&msg, &mut BytesMut::new()),
+            Err(WireError::FrameTooLarge { max: 1024, .. })
+        ));
+        assert!(encode_frame(&msg, 1024).is_err());
+        assert!(encode_frame(&msg, 4096).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error() {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 3, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(codec.decode(&mut buf), Err(WireError::Decode(_))));
+    }
+
+    #[test]
+    fn frames_split_at_every_byte_decode_the_same() {
+        let msg = Message::Hello(Hello {
+            protocol_version: 1,
+            network_id: "net".into(),
+            node_id: vec![7; 32].into(),
+            listen_addrs: vec!["tcp://127.0.0.1:7000".into()],
+            metadata: [("role".to_string(), "seed".to_string())].into(),
+            capabilities: 3,
+        });
+        let frame = encode_frame(&msg, DEFAULT_MAX_FRAME_LEN).unwrap();
+        for split in 0..frame.len() {
+            let mut codec = FrameCodec::new();
+            let mut buf = BytesMut::from(&frame[..split]);
+            assert!(codec.decode(&mut buf).unwrap().is_none());
+            buf.extend_from_slice(&frame[split..]);
+            assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), msg);
+        }
+    }
+
+    #[tokio::test]
+    async fn works_with_framed_streams() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_util::codec::{FramedRead, FramedWrite};
+
+        let (a, b) = tokio::io::duplex(64);
+        let mut tx = FramedWrite::new(a, FrameCodec::new());
+        let mut rx = FramedRead::new(b, FrameCodec::new());
+        let sent: Vec<Message> = (0..10)
+            .map(|n| {
+                Message::Ping(Ping {
+                    nonce: n,
+                    timestamp_micros: n * 10,
+                })
+            })
+            .collect();
+        let to_send = sent.clone();
+        tokio::spawn(async move {
+            for m in to_send {
+                tx.send(m).await.unwrap();
+            }
+        });
+        for m in &sent {
+            assert_eq!(&rx.next().await.unwrap().unwrap(), m);
+        }
+        // Writer dropped: clean end of stream.
+        assert!(rx.next().await.is_none());
+    }
+
+    fn node_id() -> impl Strategy<Value = Bytes> {
+        vec(any::<u8>(), 1..=64).prop_map(Bytes::from)
+    }
+
+    fn addrs() -> impl Strategy<Value = Vec<String>> {
+        vec("[a-z0-9:/.\\[\\]]{0,40}", 0..=4)
+    }
+
+    fn peer_info() -> impl Strategy<Value = PeerInfo> {
+        (node_id(), addrs()).prop_map(|(node_id, addrs)| PeerInfo { node_id, addrs })
+    }
+
+    fn reason() -> impl Strategy<Value = i32> {
+        1i32..=10
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                any::<u32>(),
+                "[a-z-]{0,20}",
+                node_id(),
+                addrs(),
+                hash_map("[a-z]{0,8}", "[ -~]{0,16}", 0..4),
+                any::<u64>()
+            )
+                .prop_map(|(v, net, id, listen, metadata, caps)| {
+                    Message::Hello(Hello {
+                        protocol_version: v,
+                        network_id: net,
+                        node_id: id,
+                        listen_addrs: listen,
+                        metadata,
+                        capabilities: caps,
+                    })
+                }),
+            (any::<u64>(), any::<u64>()).prop_map(|(nonce, ts)| Message::Ping(Ping {
+                nonce,
+                timestamp_micros: ts
+            })),
+            (any::<u64>(), any::<u64>()).prop_map(|(nonce, ts)| Message::Pong(Pong {
+                nonce,
+                timestamp_micros: ts
+            })),
+            vec(peer_info(), 0..8).prop_map(|peers| Message::Discovered(Discovered { peers })),
+            (reason(), "[ -~]{0,40}", vec(peer_info(), 0..4)).prop_map(|(r, m, alts)| {
+                Message::Disconnect(Disconnect {
+                    reason: r,
+                    message: m,
+                    alternatives: alts,
+                })
+            }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                1i32..=3,
+                any::<u32>(),
+                any::<u32>(),
+                vec(any::<u8>(), 0..256)
+            )
+                .prop_map(|(command, request_id, kind, ttl, flags, payload)| {
+                    Message::Concern(Concern {
+                        command,
+                        request_id,
+                        kind,
+                        ttl,
+                        flags,
+                        payload: payload.into(),
+                    })
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trips(msg in message()) {
+            prop_assert_eq!(roundtrip(&msg), msg);
+        }
+
+        #[test]
+        fn many_frames_in_one_buffer_round_trip(msgs in vec(message(), 0..16)) {
+            let mut codec = FrameCodec::new();
+            let mut buf = BytesMut::new();
+            for m in &msgs {
+                codec.encode(m, &mut buf).unwrap();
+            }
+            let mut out = Vec::new();
+            while let Some(m) = codec.decode_eof(&mut buf).unwrap() {
+                out.push(m);
+            }
+            prop_assert_eq!(out, msgs);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..512)) {
+            let mut codec = FrameCodec::new().with_max_frame_len(4096);
+            let mut buf = BytesMut::from(&bytes[..]);
+            // Decode until an error or a need for more bytes; either is fine.
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
+            let _ = codec.decode_eof(&mut buf);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(Bytes::from(body), &Limits::default());
+        }
+
+        #[test]
+        fn metadata_order_does_not_matter(m in btree_map("[a-z]{1,8}", "[a-z]{0,8}", 0..8)) {
+            let msg = Message::Hello(Hello {
+                protocol_version: 1,
+                network_id: "n".into(),
+                node_id: vec![1].into(),
+                listen_addrs: vec![],
+                metadata: m.into_iter().collect(),
+                capabilities: 0,
+            });
+            prop_assert_eq!(roundtrip(&msg), msg);
+        }
+    }
+
+    #[test]
+    fn disconnect_helpers() {
+        let d = Disconnect::new(DisconnectReason::TooManyPeers, "full");
+        assert_eq!(d.reason_or_unspecified(), DisconnectReason::TooManyPeers);
+        let bogus = Disconnect {
+            reason: 77,
+            ..d.clone()
+        };
+        assert_eq!(bogus.reason_or_unspecified(), DisconnectReason::Unspecified);
+    }
+}
