@@ -1,0 +1,361 @@
+//! [`Endpoint`]: listeners, dialling, the handshake, and the set of live
+//! connections of one node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshwork_wire::NodeId;
+use meshwork_wire::proto::DisconnectReason;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::addr::{Host, local_host_ip};
+use crate::connection::{Connection, ConnectionHandle, Direction};
+use crate::handshake::{handshake, local_hello};
+use crate::transport::{BoxStream, Listener, Transport};
+use crate::{Address, Config, TransportError};
+
+/// Counters of an endpoint's handshakes, for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Handshakes that completed, both directions.
+    pub handshakes_ok: u64,
+    /// Handshakes that failed or were refused, both directions.
+    pub handshakes_failed: u64,
+    /// Incoming streams closed at once because too many handshakes were pending.
+    pub rejected_busy: u64,
+    /// Connections currently open.
+    pub open_connections: usize,
+}
+
+struct Inner {
+    config: Config,
+    transport: Arc<dyn Transport>,
+    listen_addrs: Mutex<Vec<Address>>,
+    connections: Mutex<HashMap<u64, ConnectionHandle>>,
+    next_id: AtomicU64,
+    incoming_tx: mpsc::Sender<Connection>,
+    incoming_rx: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
+    handshake_slots: Arc<Semaphore>,
+    /// Fired first on shutdown: stop accepting and dialling.
+    stopping: CancellationToken,
+    /// Fired once connections were closed: ends every task.
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    handshakes_ok: AtomicU64,
+    handshakes_failed: AtomicU64,
+    rejected_busy: AtomicU64,
+}
+
+/// One node's presence on a transport: it listens, dials, runs the Hello
+/// handshake, and keeps track of its connections.
+///
+/// ```
+/// use std::sync::Arc;
+/// use meshwork_transport::{Config, Endpoint, Priority, mem::MemNetwork};
+/// use meshwork_wire::{Message, proto::{Concern, ConcernKind}};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), meshwork_transport::TransportError> {
+/// let net = MemNetwork::new();
+/// let alice = Endpoint::new(Config::new("demo"), net.transport("alice"));
+/// let bob = Endpoint::new(Config::new("demo"), net.transport("bob"));
+/// let addr = alice.listen(&"mem://alice".parse()?).await?;
+///
+/// let to_alice = bob.connect(&addr).await?;
+/// let mut from_bob = alice.accept().await.expect("alice is running");
+/// assert_eq!(from_bob.node_id(), bob.node_id());
+///
+/// let hello = Concern { command: 1, kind: ConcernKind::Request as i32, payload: "hi".into(), ..Default::default() };
+/// to_alice.send(Message::Concern(hello.clone()), Priority::Normal).await?;
+/// assert_eq!(from_bob.recv().await?, Message::Concern(hello));
+///
+/// bob.shutdown().await; // sends Disconnect(shutdown) to alice
+/// alice.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("node_id", &self.inner.config.node_id)
+            .field("network_id", &self.inner.config.network_id)
+            .field("listen_addrs", &self.listen_addrs())
+            .finish()
+    }
+}
+
+/// Incoming handshaken connections waiting for [`Endpoint::accept`].
+const INCOMING_QUEUE: usize = 64;
+
+impl Endpoint {
+    /// An endpoint with `config` on `transport`. It does nothing until told
+    /// to [`listen`](Self::listen) or [`connect`](Self::connect).
+    pub fn new(config: Config, transport: impl Transport) -> Self {
+        Self::with_transport(config, Arc::new(transport))
+    }
+
+    /// Like [`new`](Self::new) with a shared transport.
+    pub fn with_transport(config: Config, transport: Arc<dyn Transport>) -> Self {
+        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
+        let slots = Arc::new(Semaphore::new(config.max_pending_handshakes));
+        Endpoint {
+            inner: Arc::new(Inner {
+                config,
+                transport,
+                listen_addrs: Mutex::new(Vec::new()),
+                connections: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                incoming_tx,
+                incoming_rx: tokio::sync::Mutex::new(incoming_rx),
+                handshake_slots: slots,
+                stopping: CancellationToken::new(),
+                cancel: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+                handshakes_ok: AtomicU64::new(0),
+                handshakes_failed: AtomicU64::new(0),
+                rejected_busy: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.inner.config.node_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Addresses we listen on, as advertised to peers in the Hello. A
+    /// listener bound to `0.0.0.0` or `[::]` is advertised with the local
+    /// host's IP ([`local_host_ip`]).
+    pub fn listen_addrs(&self) -> Vec<Address> {
+        lock(&self.inner.listen_addrs).clone()
+    }
+
+    /// Starts listening on `addr` and returns the address actually bound.
+    /// Incoming connections are handshaken in the background and handed out
+    /// by [`accept`](Self::accept).
+    pub async fn listen(&self, addr: &Address) -> Result<Address, TransportError> {
+        if self.inner.stopping.is_cancelled() {
+            return Err(TransportError::Shutdown);
+        }
+        let listener = self.inner.transport.listen(addr).await?;
+        let bound = listener.local_addr();
+        let advertised = match &bound {
+            Address::Tcp {
+                host: Host::Ip(ip),
+                port,
+            } if ip.is_unspecified() => Address::Tcp {
+                host: Host::Ip(local_host_ip().await),
+                port: *port,
+            },
+            _ => bound.clone(),
+        };
+        lock(&self.inner.listen_addrs).push(advertised);
+        info!(addr = %bound, node = %self.node_id().short(), "listening");
+        let this = self.clone();
+        let span = info_span!("listener", addr = %bound);
+        self.inner
+            .tracker
+            .spawn(this.accept_loop(listener).instrument(span));
+        Ok(bound)
+    }
+
+    async fn accept_loop(self, mut listener: Box<dyn Listener>) {
+        let inner = &self.inner;
+        loop {
+            let accepted = tokio::select! {
+                _ = inner.stopping.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let (stream, remote) = match accepted {
+                Ok(x) => x,
+                Err(TransportError::Shutdown) => break,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = inner.handshake_slots.clone().try_acquire_owned() else {
+                inner.rejected_busy.fetch_add(1, Ordering::Relaxed);
+                debug!(%remote, "too many pending handshakes; closing incoming stream");
+                drop(stream);
+                continue;
+            };
+            let this = self.clone();
+            let span = info_span!("inbound", %remote);
+            inner.tracker.spawn(
+                async move {
+                    this.accept_one(stream, remote).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn accept_one(&self, stream: BoxStream, remote: Address) {
+        let inner = &self.inner;
+        let hello = local_hello(&inner.config, self.advertised());
+        let result = tokio::select! {
+            _ = inner.stopping.cancelled() => return,
+            r = handshake(stream, &inner.config, hello) => r,
+        };
+        match result {
+            Ok(hs) => {
+                inner.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+                let conn = self.register(hs, remote, Direction::Inbound);
+                tokio::select! {
+                    _ = inner.stopping.cancelled() => {}
+                    r = inner.incoming_tx.send(conn) => { let _ = r; }
+                }
+            }
+            Err(e) => {
+                inner.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                info!(%remote, error = %e, "incoming handshake failed");
+            }
+        }
+    }
+
+    fn advertised(&self) -> Vec<String> {
+        self.listen_addrs().iter().map(|a| a.to_string()).collect()
+    }
+
+    fn register(
+        &self,
+        hs: crate::handshake::Handshaken,
+        remote: Address,
+        direction: Direction,
+    ) -> Connection {
+        let inner = &self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Connection::spawn(
+            hs,
+            id,
+            remote,
+            direction,
+            &inner.config,
+            &inner.tracker,
+            &inner.cancel,
+        );
+        lock(&inner.connections).insert(id, conn.handle());
+        let weak = Arc::downgrade(&self.inner);
+        conn.on_terminate(move || {
+            if let Some(inner) = weak.upgrade() {
+                lock(&inner.connections).remove(&id);
+            }
+        });
+        conn
+    }
+
+    /// Waits for the next incoming connection that completed its handshake.
+    /// Returns `None` once the endpoint is shut down.
+    ///
+    /// Cancel safety: cancel-safe.
+    pub async fn accept(&self) -> Option<Connection> {
+        let mut rx = tokio::select! {
+            _ = self.inner.stopping.cancelled() => return None,
+            rx = self.inner.incoming_rx.lock() => rx,
+        };
+        tokio::select! {
+            _ = self.inner.stopping.cancelled() => None,
+            c = rx.recv() => c,
+        }
+    }
+
+    /// Dials `addr` and runs the handshake, within the handshake timeout.
+    ///
+    /// Fails with [`TransportError::SelfConnection`] if `addr` turns out to
+    /// be this node, and with [`TransportError::Refused`],
+    /// [`TransportError::WrongNetwork`] or
+    /// [`TransportError::IncompatibleVersion`] when either side refuses.
+    pub async fn connect(&self, addr: &Address) -> Result<Connection, TransportError> {
+        let inner = &self.inner;
+        if inner.stopping.is_cancelled() {
+            return Err(TransportError::Shutdown);
+        }
+        let timeout = inner.config.handshake_timeout;
+        let dial = tokio::time::timeout(timeout, inner.transport.dial(addr));
+        let (stream, reached) = tokio::select! {
+            _ = inner.stopping.cancelled() => return Err(TransportError::Shutdown),
+            r = dial => r.map_err(|_| TransportError::Timeout { what: "dial", after: timeout })??,
+        };
+        let hello = local_hello(&inner.config, self.advertised());
+        let result = tokio::select! {
+            _ = inner.stopping.cancelled() => return Err(TransportError::Shutdown),
+            r = handshake(stream, &inner.config, hello) => r,
+        };
+        match result {
+            Ok(hs) => {
+                inner.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+                Ok(self.register(hs, reached, Direction::Outbound))
+            }
+            Err(e) => {
+                inner.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                debug!(%addr, error = %e, "outgoing handshake failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Handles of every open connection.
+    pub fn connections(&self) -> Vec<ConnectionHandle> {
+        let mut all: Vec<_> = lock(&self.inner.connections).values().cloned().collect();
+        all.sort_by_key(|c| c.info().id);
+        all
+    }
+
+    /// Handshake counters and the number of open connections.
+    pub fn stats(&self) -> EndpointStats {
+        let inner = &self.inner;
+        EndpointStats {
+            handshakes_ok: inner.handshakes_ok.load(Ordering::Relaxed),
+            handshakes_failed: inner.handshakes_failed.load(Ordering::Relaxed),
+            rejected_busy: inner.rejected_busy.load(Ordering::Relaxed),
+            open_connections: lock(&inner.connections).len(),
+        }
+    }
+
+    /// True once [`shutdown`](Self::shutdown) has begun.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.stopping.is_cancelled()
+    }
+
+    /// Shuts down gracefully: stops listening, closes every connection with
+    /// Disconnect(shutdown) (each within the close timeout), and returns when
+    /// every task of this endpoint has ended.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        // Stop accepting and dialling first, so no new connection slips in.
+        inner.stopping.cancel();
+        let conns = self.connections();
+        let closes = conns
+            .iter()
+            .map(|c| c.close(DisconnectReason::Shutdown, "node shutting down"));
+        futures_util::future::join_all(closes).await;
+        inner.cancel.cancel();
+        inner.tracker.close();
+        inner.tracker.wait().await;
+        lock(&inner.listen_addrs).clear();
+        info!(node = %self.node_id().short(), "endpoint shut down");
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,86 @@
+//! The meshwork transport: connections between nodes, whatever carries them.
+//!
+//! This layer owns everything between "here is an address" and "here is a
+//! checked peer you can exchange [`Message`](meshwork_wire::Message)s with":
+//!
+//! - [`Address`]es (`tcp://host:port`, `tcp://[::1]:7000`, `mem://name`),
+//!   host-name resolution with a cache, and the local-host fallback;
+//! - the [`Transport`] trait, implemented by [`TcpTransport`] and by the
+//!   in-memory [`mem::MemTransport`], whose [`mem::MemNetwork`] can add
+//!   latency, drop links and partition hosts for tests;
+//! - the handshake: both sides exchange a Hello within a timeout; another
+//!   network id, another protocol version or our own node id is refused with a
+//!   Disconnect carrying the reason;
+//! - [`Connection`]: priority lanes out (control frames never queue behind
+//!   bulk ones), a bounded queue in, one reader and one writer task, Ping/Pong
+//!   answered and timed, keepalive and idle timeout, graceful close;
+//! - [`Endpoint`]: listeners, dialling, the set of live connections, and a
+//!   shutdown that says goodbye to every peer and waits for every task.
+//!
+//! Policy is left to the layer above: which peers to dial, how many to keep,
+//! whom to drop. The peer manager (`meshwork-peers`) decides; this crate
+//! executes.
+//!
+//! # Getting started
+//!
+//! Two nodes over TCP on loopback:
+//!
+//! ```
+//! use meshwork_transport::{Config, Endpoint, Priority, TcpTransport};
+//! use meshwork_wire::{Message, proto::{Concern, ConcernKind}};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), meshwork_transport::TransportError> {
+//! let server = Endpoint::new(Config::new("example"), TcpTransport::new());
+//! let addr = server.listen(&"tcp://127.0.0.1:0".parse()?).await?;
+//!
+//! let client = Endpoint::new(Config::new("example"), TcpTransport::new());
+//! let conn = client.connect(&addr).await?;
+//! let mut incoming = server.accept().await.expect("server is running");
+//!
+//! let msg = Message::Concern(Concern {
+//!     command: 7,
+//!     kind: ConcernKind::Request as i32,
+//!     payload: "hello".into(),
+//!     ..Default::default()
+//! });
+//! conn.send(msg.clone(), Priority::Normal).await?;
+//! assert_eq!(incoming.recv().await?, msg);
+//!
+//! let rtt = conn.ping(std::time::Duration::from_secs(1)).await?;
+//! assert!(rtt < std::time::Duration::from_secs(1));
+//!
+//! client.shutdown().await;
+//! server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The stack
+//!
+//! ```text
+//!  Endpoint ── connect/accept ──► Connection (lanes, reader, writer)
+//!                                   │ frames: meshwork-wire FrameCodec
+//!                                   │ security stage (plaintext today; Noise slots in here)
+//!                                   │ ByteStream: TCP socket or in-memory pipe
+//! ```
+
+mod addr;
+mod config;
+mod connection;
+mod endpoint;
+mod error;
+mod handshake;
+pub mod mem;
+mod tcp;
+mod transport;
+
+pub use addr::{Address, Host, Resolver, filter_ip_addresses, local_host_ip};
+pub use config::{Config, random_node_id};
+pub use connection::{
+    CloseReason, Connection, ConnectionHandle, ConnectionInfo, ConnectionStats, Direction, Priority,
+};
+pub use endpoint::{Endpoint, EndpointStats};
+pub use error::TransportError;
+pub use tcp::TcpTransport;
+pub use transport::{BoxStream, ByteStream, Listener, Transport};

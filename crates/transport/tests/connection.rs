@@ -1,0 +1,665 @@
+//! Connection behaviour over both transports: handshake, refusals, timeouts,
+//! close, priorities, bad input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::*;
+use meshwork_transport::{CloseReason, Direction, Priority, TransportError};
+use meshwork_wire::Message;
+use meshwork_wire::proto::{Concern, ConcernKind, DisconnectReason, Ping};
+use tokio::io::AsyncWriteExt;
+
+/// Runs an `async fn(Net)` scenario once over TCP and once in memory.
+macro_rules! on_both_transports {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tcp() {
+                super::$name(super::common::Net::Tcp).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mem() {
+                super::$name(super::common::Net::mem()).await
+            }
+        }
+    )*};
+}
+
+on_both_transports!(
+    connect_exchange_and_identify,
+    refuses_other_network,
+    refuses_other_version,
+    refuses_connection_to_self,
+    refuses_first_message_other_than_hello,
+    handshake_times_out_on_silent_peer,
+    dial_times_out_on_silent_listener,
+    graceful_close_delivers_queued_frames_then_disconnect,
+    shutdown_says_goodbye_to_every_peer,
+    dropping_a_connection_is_seen_as_eof,
+    ping_measures_rtt_and_keepalive_keeps_idle_links,
+    idle_timeout_closes_silent_peer,
+    oversized_frames_are_refused_both_ways,
+    garbage_after_handshake_is_a_protocol_error,
+    pending_handshake_limit_sheds_excess_streams,
+    recv_timeout_is_reported,
+    a_slow_consumer_is_not_mistaken_for_a_silent_peer,
+    idle_timeout_fires_while_streaming_to_a_silent_peer,
+    oversized_local_hello_is_a_local_error,
+);
+
+fn concern(n: u64, payload: &'static [u8]) -> Message {
+    Message::Concern(Concern {
+        command: 1,
+        request_id: n,
+        kind: ConcernKind::Request as i32,
+        ttl: 0,
+        flags: 0,
+        payload: payload.into(),
+    })
+}
+
+async fn connect_exchange_and_identify(net: Net) {
+    let (server, addr) = net
+        .listening("server", config().with_metadata("role", "seed"))
+        .await;
+    let client = net.dialer("client", config().with_metadata("role", "leaf"));
+    let to_server = client.connect(&addr).await.unwrap();
+    let mut to_client = server.accept().await.unwrap();
+
+    assert_eq!(to_server.node_id(), server.node_id());
+    assert_eq!(to_client.node_id(), client.node_id());
+    assert_eq!(to_server.info().direction, Direction::Outbound);
+    assert_eq!(to_client.info().direction, Direction::Inbound);
+    assert_eq!(to_server.info().hello.metadata["role"], "seed");
+    assert_eq!(to_client.info().hello.metadata["role"], "leaf");
+    assert_eq!(
+        to_server.info().hello.listen_addrs,
+        vec![addr.to_string()],
+        "the server advertises where it listens"
+    );
+
+    for n in 0..100 {
+        to_server
+            .send(concern(n, b"ping-pong"), Priority::Normal)
+            .await
+            .unwrap();
+    }
+    for n in 0..100 {
+        assert_eq!(to_client.recv().await.unwrap(), concern(n, b"ping-pong"));
+    }
+    to_client
+        .send(concern(7, b"back"), Priority::Control)
+        .await
+        .unwrap();
+    let mut to_server = to_server;
+    assert_eq!(to_server.recv().await.unwrap(), concern(7, b"back"));
+    assert_eq!(server.connections().len(), 1);
+    assert_eq!(client.connections().len(), 1);
+    assert_eq!(server.stats().handshakes_ok, 1);
+
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn refuses_other_network(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let stranger = net.dialer("stranger", meshwork_transport::Config::new("other-net"));
+    let err = stranger.connect(&addr).await.unwrap_err();
+    assert!(
+        matches!(&err, TransportError::WrongNetwork { ours, theirs } if ours == "other-net" && theirs == "test-net"),
+        "{err:?}"
+    );
+    // The server refused too, and keeps serving good peers.
+    let friend = net.dialer("friend", config());
+    let _conn = friend.connect(&addr).await.unwrap();
+    let accepted = server.accept().await.unwrap();
+    assert_eq!(accepted.node_id(), friend.node_id());
+    eventually("the stranger is counted", || {
+        server.stats().handshakes_failed == 1
+    })
+    .await;
+    friend.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn refuses_other_version(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let mut raw = net.raw("old", &addr).await;
+    let future = config();
+    write_msg(&mut raw, &hello_from(&future, 99, "test-net")).await;
+    let seen = read_to_end(&mut raw).await;
+    assert!(matches!(seen[0], Message::Hello(_)), "{seen:?}");
+    match &seen[1] {
+        Message::Disconnect(d) => {
+            assert_eq!(
+                d.reason_or_unspecified(),
+                DisconnectReason::IncompatibleVersion
+            );
+            assert!(d.message.contains("99"), "{}", d.message);
+        }
+        other => panic!("expected a Disconnect, got {other:?}"),
+    }
+    assert_eq!(seen.len(), 2, "the server closes after refusing");
+    server.shutdown().await;
+}
+
+async fn refuses_connection_to_self(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let err = server.connect(&addr).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::SelfConnection
+                | TransportError::Refused {
+                    reason: DisconnectReason::SelfConnection,
+                    ..
+                }
+        ),
+        "{err:?}"
+    );
+    assert!(server.connections().is_empty());
+    server.shutdown().await;
+}
+
+async fn refuses_first_message_other_than_hello(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let mut raw = net.raw("rude", &addr).await;
+    write_msg(
+        &mut raw,
+        &Message::Ping(Ping {
+            nonce: 1,
+            timestamp_micros: 0,
+        }),
+    )
+    .await;
+    let seen = read_to_end(&mut raw).await;
+    match seen.last() {
+        Some(Message::Disconnect(d)) => {
+            assert_eq!(d.reason_or_unspecified(), DisconnectReason::ProtocolError)
+        }
+        other => panic!("expected a Disconnect, got {other:?}"),
+    }
+    server.shutdown().await;
+}
+
+async fn handshake_times_out_on_silent_peer(net: Net) {
+    let cfg = config().with_handshake_timeout(Duration::from_millis(200));
+    let (server, addr) = net.listening("server", cfg).await;
+    let mut raw = net.raw("silent", &addr).await;
+    let started = tokio::time::Instant::now();
+    let seen = read_to_end(&mut raw).await;
+    let waited = started.elapsed();
+    assert!(matches!(seen.as_slice(), [Message::Hello(_)]), "{seen:?}");
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // The stream closes as the failed handshake is dropped, a moment before
+    // the failure is counted.
+    eventually("the failure is counted", || {
+        server.stats().handshakes_failed == 1
+    })
+    .await;
+    server.shutdown().await;
+}
+
+async fn dial_times_out_on_silent_listener(net: Net) {
+    // A listener that accepts streams and never answers.
+    let transport = net.transport("mute");
+    let mut listener = transport.listen(&net.listen_addr("mute")).await.unwrap();
+    let addr = listener.local_addr();
+    let keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let client = net.dialer(
+        "client",
+        config().with_handshake_timeout(Duration::from_millis(200)),
+    );
+    let err = client.connect(&addr).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Timeout {
+                what: "handshake",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    keep.abort();
+    client.shutdown().await;
+}
+
+async fn graceful_close_delivers_queued_frames_then_disconnect(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let client = net.dialer("client", config());
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+
+    for n in 0..200 {
+        conn.send(concern(n, b"queued"), Priority::Bulk)
+            .await
+            .unwrap();
+    }
+    conn.close(DisconnectReason::Other, "done here").await;
+    assert!(matches!(
+        conn.send(concern(0, b"late"), Priority::Normal).await,
+        Err(TransportError::NotConnected)
+    ));
+
+    for n in 0..200 {
+        assert_eq!(incoming.recv().await.unwrap(), concern(n, b"queued"));
+    }
+    match incoming.recv().await.unwrap() {
+        Message::Disconnect(d) => {
+            assert_eq!(d.reason_or_unspecified(), DisconnectReason::Other);
+            assert_eq!(d.message, "done here");
+        }
+        other => panic!("expected Disconnect, got {other:?}"),
+    }
+    assert!(matches!(
+        incoming.recv().await,
+        Err(TransportError::NotConnected)
+    ));
+    incoming.closed().await;
+    assert_eq!(
+        incoming.close_reason(),
+        Some(CloseReason::Remote {
+            reason: DisconnectReason::Other,
+            message: "done here".into()
+        })
+    );
+    assert!(matches!(
+        conn.close_reason(),
+        Some(CloseReason::Local {
+            reason: DisconnectReason::Other,
+            ..
+        })
+    ));
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn shutdown_says_goodbye_to_every_peer(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let ep = net.dialer(&format!("c{i}"), config());
+        let conn = ep.connect(&addr).await.unwrap();
+        clients.push((ep, conn));
+    }
+    for _ in 0..3 {
+        let _ = server.accept().await.unwrap();
+    }
+    // Accepted connections were dropped above, which aborts them; connect
+    // three fresh ones that stay alive.
+    let mut live = Vec::new();
+    for i in 0..3 {
+        let ep = net.dialer(&format!("d{i}"), config());
+        let conn = ep.connect(&addr).await.unwrap();
+        live.push((ep, conn));
+    }
+    let mut kept = Vec::new();
+    for _ in 0..3 {
+        kept.push(server.accept().await.unwrap());
+    }
+    server.shutdown().await;
+    assert!(server.connections().is_empty());
+    assert!(server.accept().await.is_none());
+    for (_, conn) in live.iter_mut() {
+        match conn.recv().await {
+            Ok(Message::Disconnect(d)) => {
+                assert_eq!(d.reason_or_unspecified(), DisconnectReason::Shutdown)
+            }
+            other => panic!("expected Disconnect(shutdown), got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        live[0].0.connect(&addr).await,
+        Err(TransportError::Io(_))
+    ));
+    for (ep, _) in clients.into_iter().chain(live) {
+        ep.shutdown().await;
+    }
+}
+
+async fn dropping_a_connection_is_seen_as_eof(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let client = net.dialer("client", config());
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+    let handle = conn.handle();
+    drop(conn);
+    handle.closed().await;
+    assert_eq!(handle.close_reason(), Some(CloseReason::Dropped));
+    assert!(matches!(
+        incoming.recv().await,
+        Err(TransportError::NotConnected)
+    ));
+    incoming.closed().await;
+    assert!(
+        matches!(
+            incoming.close_reason(),
+            Some(CloseReason::Eof | CloseReason::Io(_))
+        ),
+        "{:?}",
+        incoming.close_reason()
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn ping_measures_rtt_and_keepalive_keeps_idle_links(net: Net) {
+    let fast = || {
+        config().with_keepalive(
+            Some(Duration::from_millis(50)),
+            Some(Duration::from_millis(300)),
+        )
+    };
+    let (server, addr) = net.listening("server", fast()).await;
+    let client = net.dialer("client", fast());
+    let conn = client.connect(&addr).await.unwrap();
+    let incoming = server.accept().await.unwrap();
+
+    let rtt = conn.ping(Duration::from_secs(2)).await.unwrap();
+    assert!(rtt < Duration::from_secs(2));
+    assert_eq!(conn.stats().last_rtt, Some(rtt));
+
+    // Three idle timeouts pass without application traffic: keepalive pings
+    // keep both sides open, and measure RTT on the accepting side too.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(!conn.is_closed() && !incoming.is_closed());
+    assert!(incoming.stats().last_rtt.is_some());
+    assert!(incoming.stats().frames_received >= 3);
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn idle_timeout_closes_silent_peer(net: Net) {
+    let cfg = config().with_keepalive(None, Some(Duration::from_millis(300)));
+    let (server, addr) = net.listening("server", cfg).await;
+    // A peer that completes the handshake, then never says anything again.
+    let mut raw = net.raw("zombie", &addr).await;
+    let me = config();
+    write_msg(&mut raw, &current_hello(&me)).await;
+    let started = tokio::time::Instant::now();
+    let seen = read_to_end(&mut raw).await;
+    assert!(matches!(seen[0], Message::Hello(_)));
+    match seen.last() {
+        Some(Message::Disconnect(d)) => {
+            assert_eq!(d.reason_or_unspecified(), DisconnectReason::Timeout)
+        }
+        other => panic!("expected Disconnect(timeout), got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // Closing our side lets the server's graceful close finish at once.
+    drop(raw);
+    let conn = server.accept().await.unwrap();
+    conn.closed().await;
+    assert_eq!(conn.close_reason(), Some(CloseReason::IdleTimeout));
+    server.shutdown().await;
+}
+
+async fn oversized_frames_are_refused_both_ways(net: Net) {
+    let small = || config().with_max_frame_len(1024);
+    let (server, addr) = net.listening("server", small()).await;
+    let client = net.dialer("client", small());
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+    let big = Message::Concern(Concern {
+        command: 1,
+        kind: ConcernKind::Request as i32,
+        payload: vec![0u8; 2048].into(),
+        ..Default::default()
+    });
+    assert!(matches!(
+        conn.send(big, Priority::Bulk).await,
+        Err(TransportError::Wire(
+            meshwork_wire::WireError::FrameTooLarge { .. }
+        ))
+    ));
+    // The connection is still fine.
+    conn.send(concern(1, b"ok"), Priority::Normal)
+        .await
+        .unwrap();
+    assert_eq!(incoming.recv().await.unwrap(), concern(1, b"ok"));
+
+    // A raw peer announcing a 1 GiB frame is cut off with a protocol error.
+    let mut raw = net.raw("liar", &addr).await;
+    write_msg(&mut raw, &current_hello(&config())).await;
+    raw.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+    let seen = read_to_end(&mut raw).await;
+    match seen.last() {
+        Some(Message::Disconnect(d)) => {
+            assert_eq!(d.reason_or_unspecified(), DisconnectReason::ProtocolError);
+            assert!(d.message.contains("exceeds"), "{}", d.message);
+        }
+        other => panic!("expected Disconnect(protocol error), got {other:?}"),
+    }
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn garbage_after_handshake_is_a_protocol_error(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let mut raw = net.raw("noisy", &addr).await;
+    write_msg(&mut raw, &current_hello(&config())).await;
+    raw.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    let seen = read_to_end(&mut raw).await;
+    match seen.last() {
+        Some(Message::Disconnect(d)) => {
+            assert_eq!(d.reason_or_unspecified(), DisconnectReason::ProtocolError)
+        }
+        other => panic!("expected Disconnect(protocol error), got {other:?}"),
+    }
+    let conn = server.accept().await.unwrap();
+    conn.closed().await;
+    assert!(matches!(
+        conn.close_reason(),
+        Some(CloseReason::Protocol(_))
+    ));
+
+    // Still serving good peers.
+    let good = net.dialer("good", config());
+    let _c = good.connect(&addr).await.unwrap();
+    good.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn pending_handshake_limit_sheds_excess_streams(net: Net) {
+    let cfg = config()
+        .with_max_pending_handshakes(2)
+        .with_handshake_timeout(Duration::from_millis(300));
+    let (server, addr) = net.listening("server", cfg).await;
+    let mut silent = Vec::new();
+    for i in 0..6 {
+        silent.push(net.raw(&format!("s{i}"), &addr).await);
+    }
+    // Two are in the handshake; the other four were closed at once.
+    eventually("four streams shed", || server.stats().rejected_busy == 4).await;
+    // Once the silent ones time out, a good peer gets in.
+    let good = net.dialer("good", config());
+    let mut conn = None;
+    for _ in 0..50 {
+        match good.connect(&addr).await {
+            Ok(c) => {
+                conn = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(conn.is_some(), "good peer never got in");
+    drop(silent);
+    good.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn recv_timeout_is_reported(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let client = net.dialer("client", config());
+    let mut conn = client.connect(&addr).await.unwrap();
+    let _incoming = server.accept().await.unwrap();
+    assert!(matches!(
+        conn.recv_timeout(Duration::from_millis(50)).await,
+        Err(TransportError::Timeout { what: "recv", .. })
+    ));
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn a_slow_consumer_is_not_mistaken_for_a_silent_peer(net: Net) {
+    let cfg = || {
+        config().with_inbound_capacity(1).with_keepalive(
+            Some(Duration::from_millis(50)),
+            Some(Duration::from_millis(300)),
+        )
+    };
+    let (server, addr) = net.listening("server", cfg()).await;
+    let client = net.dialer("client", cfg());
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+    for n in 0..100 {
+        conn.send(concern(n, b"burst"), Priority::Normal)
+            .await
+            .unwrap();
+    }
+    // The server's consumer sleeps through three idle timeouts while its
+    // reader is blocked on the full inbound queue.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for n in 0..100 {
+        assert_eq!(incoming.recv().await.unwrap(), concern(n, b"burst"));
+    }
+    assert!(!incoming.is_closed(), "{:?}", incoming.close_reason());
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+async fn idle_timeout_fires_while_streaming_to_a_silent_peer(net: Net) {
+    use tokio::io::AsyncReadExt;
+    let cfg = config().with_keepalive(None, Some(Duration::from_millis(300)));
+    let (server, addr) = net.listening("server", cfg).await;
+    let mut raw = net.raw("sink", &addr).await;
+    write_msg(&mut raw, &current_hello(&config())).await;
+    // The sink reads everything and never says a word.
+    let sink = tokio::spawn(async move {
+        let mut chunk = vec![0u8; 64 * 1024];
+        while let Ok(n) = raw.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let conn = server.accept().await.unwrap();
+    let streamer = {
+        let h = conn.handle();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while h.send(concern(n, b"stream"), Priority::Bulk).await.is_ok() {
+                n += 1;
+            }
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("idle timeout never fired while streaming");
+    assert_eq!(conn.close_reason(), Some(CloseReason::IdleTimeout));
+    streamer.await.unwrap();
+    sink.await.unwrap();
+    server.shutdown().await;
+}
+
+async fn oversized_local_hello_is_a_local_error(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let long = meshwork_transport::Config::new("n".repeat(500));
+    let client = net.dialer("client", long);
+    let err = client.connect(&addr).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            TransportError::Wire(meshwork_wire::WireError::Invalid {
+                field: "hello.network_id",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// In memory only, where socket buffers are small and known: a control frame
+/// sent after a pile of bulk frames overtakes everything still queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_frames_overtake_queued_bulk_frames() {
+    let net = Net::mem();
+    // The receiver buffers one frame, so the backlog stays on the sender.
+    let (server, addr) = net
+        .listening("server", config().with_inbound_capacity(1))
+        .await;
+    let client = net.dialer("client", config());
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+
+    static CHUNK: [u8; 64 * 1024] = [7u8; 64 * 1024];
+    for n in 0..64 {
+        conn.send(concern(n, &CHUNK), Priority::Bulk).await.unwrap();
+    }
+    conn.send(concern(9999, b"urgent"), Priority::Control)
+        .await
+        .unwrap();
+    let mut position = None;
+    for i in 0..65 {
+        if let Message::Concern(c) = incoming.recv().await.unwrap() {
+            if c.request_id == 9999 {
+                position = Some(i);
+            }
+        }
+    }
+    let position = position.expect("control frame delivered");
+    assert!(
+        position < 16,
+        "control frame arrived after {position} bulk frames"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// Bytes split across reads in every way still decode: a peer writing one
+/// byte at a time is served like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_at_a_time_peer_is_served() {
+    let net = Net::Tcp;
+    let (server, addr) = net.listening("server", config()).await;
+    let mut raw = net.raw("slow", &addr).await;
+    let frame = meshwork_wire::encode_frame(&current_hello(&config()), 1 << 20).unwrap();
+    for b in frame.iter() {
+        raw.write_all(&[*b]).await.unwrap();
+        raw.flush().await.unwrap();
+    }
+    let mut buf = BytesMut::new();
+    assert!(matches!(
+        read_msg(&mut raw, &mut buf).await,
+        Some(Message::Hello(_))
+    ));
+    let conn = server.accept().await.unwrap();
+    assert!(!conn.is_closed());
+    drop(raw);
+    conn.closed().await;
+    assert_eq!(conn.close_reason(), Some(CloseReason::Eof));
+    server.shutdown().await;
+}
