@@ -1,0 +1,1435 @@
+//! `cargo xtask test-mesh [--nodes N] [--scenario NAME]... [--release] [--keep-logs]`
+//!
+//! Starts a real mesh of `meshwork node` processes on loopback (OS-chosen
+//! ports) and drives it through the nodes' admin HTTP API. The node contract
+//! this relies on:
+//!
+//! * `meshwork node --listen tcp://127.0.0.1:0 --admin 127.0.0.1:0 --network NAME
+//!   [--seed ADDR]... [--meta KEY=VALUE]...`
+//! * when ready the node prints exactly one stdout line:
+//!   `{"event":"ready","node_id":"<hex>","listen":["tcp://..."],"admin":"127.0.0.1:PORT"}`;
+//!   logs go to stderr.
+//! * `GET /status` returns `{"node_id","network_id","listen","uptime_secs","connections":[
+//!   {"node_id","addr","direction","listen_addrs","rtt_ms","smoothed_rtt_ms","age_secs",
+//!   "frames_sent","frames_received"}]}`.
+//! * `POST /shutdown` (or SIGTERM / Ctrl-C) shuts down gracefully and exits 0.
+//!
+//! Node 0 starts first; the others get `--seed <node 0's listen address>`.
+//! Scenarios run in registry order ([`SCENARIOS`]) against the same mesh, so
+//! destructive scenarios go last and every scenario first waits for its own
+//! preconditions. Every wait has a deadline. All started processes are killed
+//! when the [`Mesh`] guard is dropped, including on error and panic.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_json::Value;
+
+use crate::{cargo, display_cmd, fmt_duration, target_dir, usage};
+
+/// How long a node may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a scenario condition may take to hold.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `/status` is polled while waiting for a condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(150);
+/// How long a node may take to exit after being asked to shut down.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long peers may keep listing a node that shut down.
+const PEER_DROP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of each admin API request.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+
+const DEFAULT_NODES: usize = 5;
+const MIN_NODES: usize = 2;
+const MAX_NODES: usize = 64;
+
+const HELP: &str = "\
+cargo xtask test-mesh [--nodes N] [--scenario NAME]... [--release] [--keep-logs]
+
+Builds the node (`cargo build -p meshwork-cli`), starts N `meshwork node`
+processes on loopback (node 0 first, the others seeded with node 0's address),
+runs the scenarios against them through their admin HTTP API, then shuts
+every node down. Exits non-zero if any scenario fails.
+
+OPTIONS:
+    --nodes N           Number of nodes, 2..=64 (default 5)
+    --scenario NAME     Run only this scenario (repeatable; default: all)
+    --release           Build and test the release binary
+    --keep-logs         Keep the node logs even when everything passes
+                        (they are always kept on failure)
+    --node-bin PATH     Use this node binary instead of building meshwork-cli
+    --list              List the scenarios and exit
+
+Node logs (stderr): <target>/test-mesh/<run-id>/node-<i>.log
+";
+
+/// What `cargo xtask test-mesh` was asked to do.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    /// Number of nodes to start.
+    pub(crate) nodes: usize,
+    /// Scenario names to run; empty means all.
+    pub(crate) scenarios: Vec<String>,
+    /// Build with `--release`.
+    pub(crate) release: bool,
+    /// Keep the log directory on success.
+    pub(crate) keep_logs: bool,
+    /// Use this binary instead of building `meshwork-cli`.
+    pub(crate) node_bin: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: DEFAULT_NODES,
+            scenarios: Vec::new(),
+            release: false,
+            keep_logs: false,
+            node_bin: None,
+        }
+    }
+}
+
+/// A named check run against a live mesh. `run` returns a one-line summary
+/// on success; its error is the reason for the failure.
+struct Scenario {
+    name: &'static str,
+    about: &'static str,
+    run: fn(&mut Mesh) -> Result<String>,
+}
+
+/// The scenario registry, in run order. Scenarios share one mesh, so ones
+/// that stop nodes go last; each waits for its own preconditions.
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "handshake",
+        about: "node 0 lists exactly the other nodes, they all list node 0, every connection \
+                carries the peer's listen address, and node 0 measures an RTT to each peer",
+        run: scenario_handshake,
+    },
+    Scenario {
+        name: "graceful-shutdown",
+        about: "POST /shutdown to the last node: it exits 0 within 10 s and node 0 stops \
+                listing it within 5 s",
+        run: scenario_graceful_shutdown,
+    },
+];
+
+/// Parses the command line of `cargo xtask test-mesh` and runs it.
+pub(crate) fn run_cli(args: &[String]) -> Result<()> {
+    let Some(opts) = parse_args(args)? else {
+        return Ok(());
+    };
+    run(&opts)
+}
+
+/// `Ok(None)`: help or the scenario list was printed, nothing to run.
+fn parse_args(args: &[String]) -> Result<Option<Options>> {
+    let mut opts = Options::default();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = |name: &str| -> Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => args
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| usage(format!("test-mesh: {name} needs a value"))),
+            }
+        };
+        match flag {
+            "-h" | "--help" => {
+                print!("{HELP}\nSCENARIOS (run in this order):\n");
+                for s in SCENARIOS {
+                    println!("    {:<20}{}", s.name, s.about);
+                }
+                return Ok(None);
+            }
+            "--list" => {
+                for s in SCENARIOS {
+                    println!("{:<20} {}", s.name, s.about);
+                }
+                return Ok(None);
+            }
+            "--nodes" | "-n" => {
+                let v = value("--nodes")?;
+                opts.nodes = v
+                    .parse()
+                    .map_err(|_| usage(format!("test-mesh: --nodes: `{v}` is not a number")))?;
+            }
+            "--scenario" => opts.scenarios.push(value("--scenario")?),
+            "--node-bin" => opts.node_bin = Some(PathBuf::from(value("--node-bin")?)),
+            "--release" if inline.is_none() => opts.release = true,
+            "--keep-logs" if inline.is_none() => opts.keep_logs = true,
+            _ => return Err(usage(format!("test-mesh: unexpected argument `{arg}`"))),
+        }
+    }
+    check_options(&opts)?;
+    Ok(Some(opts))
+}
+
+fn check_options(opts: &Options) -> Result<()> {
+    if !(MIN_NODES..=MAX_NODES).contains(&opts.nodes) {
+        return Err(usage(format!(
+            "test-mesh: --nodes must be between {MIN_NODES} and {MAX_NODES}, got {}",
+            opts.nodes
+        )));
+    }
+    select_scenarios(&opts.scenarios).map(|_| ())
+}
+
+/// The scenarios to run, in registry order, without duplicates.
+fn select_scenarios(names: &[String]) -> Result<Vec<&'static Scenario>> {
+    for name in names {
+        if !SCENARIOS.iter().any(|s| s.name == name) {
+            let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+            return Err(usage(format!(
+                "test-mesh: unknown scenario `{name}` (known: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(SCENARIOS
+        .iter()
+        .filter(|s| names.is_empty() || names.iter().any(|n| n == s.name))
+        .collect())
+}
+
+/// Runs test-mesh: build, start the mesh, run the scenarios, shut down.
+/// Returns an error if anything failed (after printing the details).
+pub(crate) fn run(opts: &Options) -> Result<()> {
+    check_options(opts)?;
+    let scenarios = select_scenarios(&opts.scenarios)?;
+    let bin = match &opts.node_bin {
+        Some(bin) => {
+            ensure!(bin.is_file(), "--node-bin {}: no such file", bin.display());
+            bin.clone()
+        }
+        None => build_node(opts.release)?,
+    };
+
+    let pid = std::process::id();
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let run_id = format!("{pid}-{secs}");
+    let network = format!("test-mesh-{pid}");
+    let log_dir = target_dir().join("test-mesh").join(&run_id);
+    fs::create_dir_all(&log_dir)
+        .with_context(|| format!("cannot create log directory {}", log_dir.display()))?;
+
+    println!(
+        "test-mesh: {} nodes, network {network}, binary {}, logs in {}",
+        opts.nodes,
+        bin.display(),
+        log_dir.display()
+    );
+
+    let outcome = run_scenarios(&bin, opts.nodes, &network, &log_dir, &scenarios);
+    match outcome {
+        Ok(()) => {
+            if opts.keep_logs {
+                println!("test-mesh: logs kept in {}", log_dir.display());
+            } else if let Err(e) = fs::remove_dir_all(&log_dir) {
+                eprintln!("warning: could not remove {}: {e}", log_dir.display());
+            }
+            Ok(())
+        }
+        Err(err) => {
+            print_logs_on_failure(&log_dir, opts.nodes);
+            Err(err.context(format!(
+                "test-mesh failed; node logs kept in {}",
+                log_dir.display()
+            )))
+        }
+    }
+}
+
+/// Starts the mesh and runs the scenarios; always stops every node.
+fn run_scenarios(
+    bin: &Path,
+    nodes: usize,
+    network: &str,
+    log_dir: &Path,
+    scenarios: &[&'static Scenario],
+) -> Result<()> {
+    let started = Instant::now();
+    let mut mesh = Mesh::new(bin, network, log_dir);
+    mesh.start(nodes)?;
+    println!(
+        "test-mesh: {nodes} nodes ready in {}",
+        fmt_duration(started.elapsed())
+    );
+    for node in &mesh.nodes {
+        println!(
+            "  node {:<2} {} listen {} admin {}",
+            node.index,
+            short_id(&node.ready.node_id),
+            node.ready.listen.join(","),
+            node.ready.admin
+        );
+    }
+
+    let mut failed = Vec::new();
+    for scenario in scenarios {
+        println!("\n--- scenario {}: {}", scenario.name, scenario.about);
+        let t = Instant::now();
+        let result = (scenario.run)(&mut mesh);
+        let took = fmt_duration(t.elapsed());
+        mesh.refresh_snapshot();
+        print!("{}", mesh.table());
+        match result {
+            Ok(summary) => println!("PASS {} ({took}): {summary}", scenario.name),
+            Err(err) => {
+                println!("FAIL {} ({took}): {err:#}", scenario.name);
+                failed.push(scenario.name);
+            }
+        }
+    }
+
+    println!("\ntest-mesh: stopping nodes");
+    let problems = mesh.shutdown_all();
+    for p in &problems {
+        println!("FAIL shutdown: {p}");
+    }
+    drop(mesh);
+
+    let passed = scenarios.len() - failed.len();
+    println!(
+        "\ntest-mesh: {passed} passed, {} failed{}",
+        failed.len(),
+        if problems.is_empty() {
+            String::new()
+        } else {
+            format!(", {} shutdown problem(s)", problems.len())
+        }
+    );
+    if !failed.is_empty() {
+        bail!("scenario(s) failed: {}", failed.join(", "));
+    }
+    if !problems.is_empty() {
+        bail!("nodes did not shut down cleanly");
+    }
+    Ok(())
+}
+
+/// `cargo build -p meshwork-cli [--release]`; returns the path of the
+/// `meshwork` binary.
+fn build_node(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "meshwork-cli"]);
+    if release {
+        cmd.arg("--release");
+    }
+    println!("$ {}", display_cmd(&cmd));
+    // JSON on stdout tells us where the binary went (honours any target-dir
+    // or target-triple configuration); diagnostics still render on stderr.
+    cmd.arg("--message-format=json-render-diagnostics")
+        .stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("failed to run `{}`", display_cmd(&cmd)))?;
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout.read_to_string(&mut out)?;
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("building the node failed ({status})");
+    }
+    let from_json = out.lines().find_map(|line| {
+        let msg: Value = serde_json::from_str(line).ok()?;
+        if msg["reason"] != "compiler-artifact" || msg["target"]["name"] != "meshwork" {
+            return None;
+        }
+        msg["executable"].as_str().map(PathBuf::from)
+    });
+    let bin = from_json.unwrap_or_else(|| {
+        target_dir()
+            .join(if release { "release" } else { "debug" })
+            .join(format!("meshwork{}", std::env::consts::EXE_SUFFIX))
+    });
+    ensure!(
+        bin.is_file(),
+        "node binary not found at {} after building",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+fn scenario_handshake(mesh: &mut Mesh) -> Result<String> {
+    let started = Instant::now();
+    let others: Vec<usize> = mesh.alive().filter(|&i| i != 0).collect();
+    ensure!(
+        !others.is_empty(),
+        "needs node 0 and at least one other running node"
+    );
+    mesh.poll_until(
+        "the mesh to form",
+        Poll::All,
+        SCENARIO_TIMEOUT,
+        |mesh, snap| {
+            check_identity(mesh, snap)?;
+            check_star(mesh, snap, &others)?;
+            check_listen_addrs(mesh, snap)
+        },
+    )?;
+    let formed = started.elapsed();
+
+    let rtt_started = Instant::now();
+    mesh.poll_until(
+        "node 0 to measure an RTT to every peer",
+        Poll::All,
+        SCENARIO_TIMEOUT,
+        |mesh, snap| {
+            check_star(mesh, snap, &others)?;
+            let s0 = snap.status(0)?;
+            let missing: Vec<String> = s0
+                .connections
+                .iter()
+                .filter(|c| c.rtt_ms.is_none())
+                .map(|c| mesh.label(&c.node_id))
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(Wait::Pending(format!(
+                    "node 0 has no rtt_ms yet for {}",
+                    missing.join(", ")
+                )))
+            }
+        },
+    )?;
+    Ok(format!(
+        "node 0 connected to all {} peer(s) and every node lists node 0 after {}; \
+         listen_addrs correct; RTTs measured {} later",
+        others.len(),
+        fmt_duration(formed),
+        fmt_duration(rtt_started.elapsed())
+    ))
+}
+
+/// Every node reports the node id of its ready line and our network.
+fn check_identity(mesh: &Mesh, snap: &Snapshot) -> Result<(), Wait> {
+    for i in mesh.alive() {
+        let s = snap.status(i)?;
+        let node = &mesh.nodes[i];
+        if s.node_id != node.ready.node_id {
+            return Err(Wait::Fatal(format!(
+                "node {i}: /status node_id {} differs from its ready line's {}",
+                s.node_id, node.ready.node_id
+            )));
+        }
+        if s.network_id != mesh.network {
+            return Err(Wait::Fatal(format!(
+                "node {i}: /status network_id {:?}, expected {:?}",
+                s.network_id, mesh.network
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Node 0 lists exactly `others` (once each) and each of them lists node 0.
+fn check_star(mesh: &Mesh, snap: &Snapshot, others: &[usize]) -> Result<(), Wait> {
+    let s0 = snap.status(0)?;
+    let mut listed = Vec::new();
+    let mut unknown = Vec::new();
+    for c in &s0.connections {
+        match mesh.index_of(&c.node_id) {
+            Some(i) => listed.push(i),
+            None => unknown.push(short_id(&c.node_id).to_owned()),
+        }
+    }
+    listed.sort_unstable();
+    if listed != others || !unknown.is_empty() {
+        let set: BTreeSet<usize> = listed.iter().copied().collect();
+        let missing: Vec<String> = others
+            .iter()
+            .filter(|i| !set.contains(i))
+            .map(|i| format!("node {i}"))
+            .collect();
+        let mut extra: Vec<String> = listed
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| format!("node {} (duplicate)", w[0]))
+            .collect();
+        extra.extend(
+            listed
+                .iter()
+                .filter(|i| !others.contains(i))
+                .map(|i| format!("node {i} (not running)")),
+        );
+        extra.extend(unknown.into_iter().map(|id| format!("unknown id {id}")));
+        let mut reason = format!(
+            "node 0 lists {} connection(s), expected exactly {}",
+            s0.connections.len(),
+            others.len()
+        );
+        if !missing.is_empty() {
+            let _ = write!(reason, "; missing: {}", missing.join(", "));
+        }
+        if !extra.is_empty() {
+            let _ = write!(reason, "; unexpected: {}", extra.join(", "));
+        }
+        return Err(Wait::Pending(reason));
+    }
+    let id0 = &mesh.nodes[0].ready.node_id;
+    let lonely: Vec<String> = others
+        .iter()
+        .filter(|&&i| {
+            snap.status(i)
+                .map(|s| !s.connections.iter().any(|c| &c.node_id == id0))
+                .unwrap_or(true)
+        })
+        .map(|i| format!("node {i}"))
+        .collect();
+    if !lonely.is_empty() {
+        return Err(Wait::Pending(format!(
+            "not listing node 0 yet: {}",
+            lonely.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Every connection of every node reports the peer's listen address(es).
+fn check_listen_addrs(mesh: &Mesh, snap: &Snapshot) -> Result<(), Wait> {
+    for i in mesh.alive() {
+        let s = snap.status(i)?;
+        for c in &s.connections {
+            let Some(peer) = mesh.index_of(&c.node_id) else {
+                continue; // reported by check_star for node 0; others may know more peers
+            };
+            let expected = &mesh.nodes[peer].ready.listen;
+            if !expected.iter().all(|a| c.listen_addrs.contains(a)) {
+                return Err(Wait::Pending(format!(
+                    "node {i}'s {} connection to node {peer} reports listen_addrs {:?}, expected {:?}",
+                    c.direction, c.listen_addrs, expected
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scenario_graceful_shutdown(mesh: &mut Mesh) -> Result<String> {
+    let victim = mesh
+        .alive()
+        .filter(|&i| i != 0)
+        .max()
+        .context("needs node 0 and at least one other running node")?;
+    ensure!(mesh.is_alive(0), "node 0 is not running");
+    let victim_id = mesh.nodes[victim].ready.node_id.clone();
+
+    mesh.poll_until(
+        &format!("node 0 to list node {victim}"),
+        Poll::Only(&[0]),
+        SCENARIO_TIMEOUT,
+        |_, snap| {
+            let s0 = snap.status(0)?;
+            if s0.connections.iter().any(|c| c.node_id == victim_id) {
+                Ok(())
+            } else {
+                Err(Wait::Pending(format!("node 0 does not list node {victim}")))
+            }
+        },
+    )?;
+
+    let admin = mesh.nodes[victim].ready.admin.clone();
+    let asked = Instant::now();
+    mesh.http
+        .shutdown(&admin)
+        .with_context(|| format!("POST /shutdown to node {victim}"))?;
+    let status = mesh.wait_exit(victim, EXIT_TIMEOUT)?;
+    let exit_took = asked.elapsed();
+    let Some(status) = status else {
+        mesh.kill(victim);
+        bail!(
+            "node {victim} did not exit within {} of POST /shutdown (killed it)",
+            fmt_duration(EXIT_TIMEOUT)
+        );
+    };
+    ensure!(
+        status.success(),
+        "node {victim} exited with {status} after POST /shutdown, expected exit status 0"
+    );
+
+    let dropped = Instant::now();
+    mesh.poll_until(
+        &format!("node 0 to stop listing node {victim}"),
+        Poll::Only(&[0]),
+        PEER_DROP_TIMEOUT,
+        |_, snap| {
+            let s0 = snap.status(0)?;
+            if s0.connections.iter().any(|c| c.node_id == victim_id) {
+                Err(Wait::Pending(format!(
+                    "node 0 still lists node {victim} after it exited"
+                )))
+            } else {
+                Ok(())
+            }
+        },
+    )?;
+    Ok(format!(
+        "node {victim} exited 0 {} after POST /shutdown; node 0 dropped it {} after the exit",
+        fmt_duration(exit_took),
+        fmt_duration(dropped.elapsed())
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// The mesh: processes, the guard that kills them, polling
+// ---------------------------------------------------------------------------
+
+/// What a node announced on its ready line.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Ready {
+    node_id: String,
+    listen: Vec<String>,
+    /// Validated loopback `host:port`.
+    admin: String,
+}
+
+struct Node {
+    index: usize,
+    child: Child,
+    log_path: PathBuf,
+    /// Lines the node printed on stdout (read by a background thread).
+    stdout: Receiver<String>,
+    ready: Ready,
+    /// Set once the process has been reaped.
+    exit: Option<ExitStatus>,
+}
+
+/// The running nodes. Dropping it kills (SIGKILL) every node still running,
+/// so no process outlives test-mesh, whatever happens.
+struct Mesh {
+    bin: PathBuf,
+    network: String,
+    log_dir: PathBuf,
+    http: Http,
+    nodes: Vec<Node>,
+    /// The last `/status` of each node, for the result table.
+    snapshot: Snapshot,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Why a condition does not hold (yet).
+#[derive(Debug)]
+enum Wait {
+    /// Might still change: keep polling until the deadline.
+    Pending(String),
+    /// Cannot change (e.g. a contract violation): give up now.
+    Fatal(String),
+}
+
+/// Which nodes' `/status` to fetch while polling.
+#[derive(Debug, Clone, Copy)]
+enum Poll<'a> {
+    /// Every running node.
+    All,
+    /// Only these (to keep polls fast in big meshes).
+    Only(&'a [usize]),
+}
+
+/// `/status` of the nodes at one moment; `None` for nodes not running or
+/// not polled.
+#[derive(Debug, Default)]
+struct Snapshot {
+    statuses: Vec<Option<Result<Status, String>>>,
+}
+
+impl Snapshot {
+    fn status(&self, i: usize) -> Result<&Status, Wait> {
+        match self.statuses.get(i) {
+            Some(Some(Ok(s))) => Ok(s),
+            Some(Some(Err(e))) => Err(Wait::Pending(format!("node {i}: {e}"))),
+            _ => Err(Wait::Fatal(format!(
+                "node {i}: not running (or not polled)"
+            ))),
+        }
+    }
+}
+
+impl Mesh {
+    fn new(bin: &Path, network: &str, log_dir: &Path) -> Mesh {
+        Mesh {
+            bin: bin.to_path_buf(),
+            network: network.to_owned(),
+            log_dir: log_dir.to_path_buf(),
+            http: Http::new(),
+            nodes: Vec::new(),
+            snapshot: Snapshot::default(),
+        }
+    }
+
+    /// Starts node 0, waits for it, then starts the others seeded with it.
+    fn start(&mut self, n: usize) -> Result<()> {
+        self.spawn(&[])?;
+        self.wait_ready(0)?;
+        let seed = self.nodes[0].ready.listen[0].clone();
+        for _ in 1..n {
+            self.spawn(std::slice::from_ref(&seed))?;
+        }
+        for i in 1..n {
+            self.wait_ready(i)?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, seeds: &[String]) -> Result<()> {
+        let index = self.nodes.len();
+        let log_path = self.log_dir.join(format!("node-{index}.log"));
+        let log = File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "node",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--network", &self.network]);
+        for seed in seeds {
+            cmd.args(["--seed", seed]);
+        }
+        cmd.args(["--meta", &format!("test-mesh-node={index}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start node {index}: {}", display_cmd(&cmd)))?;
+        let (tx, rx) = mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        self.nodes.push(Node {
+            index,
+            child,
+            log_path,
+            stdout: rx,
+            ready: Ready::default(),
+            exit: None,
+        });
+        Ok(())
+    }
+
+    /// Reads node `i`'s ready line (within [`READY_TIMEOUT`]).
+    fn wait_ready(&mut self, i: usize) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let node = &mut self.nodes[i];
+        let line = match node
+            .stdout
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => bail!(
+                "node {i} did not print its ready line within {} (log: {})",
+                fmt_duration(READY_TIMEOUT),
+                node.log_path.display()
+            ),
+            Err(RecvTimeoutError::Disconnected) => {
+                // stdout closed: the process is exiting or gone.
+                let status = wait_timeout(&mut node.child, Duration::from_secs(5))?;
+                if let Some(status) = status {
+                    node.exit = Some(status);
+                }
+                bail!(
+                    "node {i} closed stdout without printing a ready line ({}); log: {}",
+                    status.map_or_else(|| "still running".to_owned(), |s| s.to_string()),
+                    node.log_path.display()
+                );
+            }
+        };
+        node.ready = parse_ready(&line).with_context(|| {
+            format!(
+                "node {i}: the first stdout line must be the ready line (log: {})",
+                node.log_path.display()
+            )
+        })?;
+        Ok(())
+    }
+
+    fn is_alive(&self, i: usize) -> bool {
+        self.nodes.get(i).is_some_and(|n| n.exit.is_none())
+    }
+
+    /// Indices of the nodes not known to have exited.
+    fn alive(&self) -> impl Iterator<Item = usize> + '_ {
+        self.nodes
+            .iter()
+            .filter(|n| n.exit.is_none())
+            .map(|n| n.index)
+    }
+
+    fn index_of(&self, node_id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.ready.node_id == node_id)
+    }
+
+    /// `node 3`, or `id 1a2b3c4d` for ids that are not ours.
+    fn label(&self, node_id: &str) -> String {
+        match self.index_of(node_id) {
+            Some(i) => format!("node {i}"),
+            None => format!("id {}", short_id(node_id)),
+        }
+    }
+
+    /// Reaps nodes that exited on their own; errors if any did.
+    fn check_unexpected_exits(&mut self) -> Result<()> {
+        let mut died = Vec::new();
+        for node in &mut self.nodes {
+            if node.exit.is_some() {
+                continue;
+            }
+            if let Ok(Some(status)) = node.child.try_wait() {
+                node.exit = Some(status);
+                died.push(format!(
+                    "node {} exited unexpectedly ({status}); log: {}",
+                    node.index,
+                    node.log_path.display()
+                ));
+            }
+        }
+        if died.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!(died.join("; ")))
+        }
+    }
+
+    /// Fetches `/status` of every running node.
+    fn refresh_snapshot(&mut self) {
+        self.refresh_snapshot_of(Poll::All);
+    }
+
+    fn refresh_snapshot_of(&mut self, which: Poll<'_>) {
+        let statuses = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let wanted = match which {
+                    Poll::All => true,
+                    Poll::Only(list) => list.contains(&n.index),
+                };
+                (wanted && n.exit.is_none()).then(|| {
+                    self.http
+                        .status(&n.ready.admin)
+                        .map_err(|e| format!("{e:#}"))
+                })
+            })
+            .collect();
+        self.snapshot = Snapshot { statuses };
+    }
+
+    /// Polls `/status` of the `which` nodes until `check` holds, it
+    /// reports a fatal problem, a node dies, or `timeout` passes.
+    fn poll_until<T>(
+        &mut self,
+        what: &str,
+        which: Poll<'_>,
+        timeout: Duration,
+        mut check: impl FnMut(&Mesh, &Snapshot) -> Result<T, Wait>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_unexpected_exits()
+                .with_context(|| format!("while waiting for {what}"))?;
+            self.refresh_snapshot_of(which);
+            let reason = match check(self, &self.snapshot) {
+                Ok(t) => return Ok(t),
+                Err(Wait::Fatal(reason)) => bail!("{reason}"),
+                Err(Wait::Pending(reason)) => reason,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {} waiting for {what}: {reason}",
+                    fmt_duration(timeout)
+                );
+            }
+            thread::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    /// Waits up to `timeout` for node `i` to exit; records its status.
+    fn wait_exit(&mut self, i: usize, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let node = &mut self.nodes[i];
+        if let Some(status) = node.exit {
+            return Ok(Some(status));
+        }
+        let status = wait_timeout(&mut node.child, timeout)?;
+        node.exit = status;
+        Ok(status)
+    }
+
+    /// SIGKILLs node `i` if it is still running, and reaps it.
+    fn kill(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if node.exit.is_some() {
+            return;
+        }
+        if let Ok(Some(status)) = node.child.try_wait() {
+            node.exit = Some(status);
+            return;
+        }
+        let _ = node.child.kill();
+        node.exit = node.child.wait().ok();
+    }
+
+    /// Asks every running node to shut down (POST /shutdown, falling back to
+    /// SIGTERM), waits up to [`EXIT_TIMEOUT`], SIGKILLs stragglers. Returns
+    /// the problems seen: non-zero exits, kills, stray stdout lines.
+    fn shutdown_all(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let alive: Vec<usize> = self.alive().collect();
+        for &i in &alive {
+            if let Err(e) = self.http.shutdown(&self.nodes[i].ready.admin) {
+                let pid = self.nodes[i].child.id().to_string();
+                println!("  node {i}: POST /shutdown failed ({e:#}); sending SIGTERM");
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        for &i in &alive {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.wait_exit(i, remaining) {
+                Ok(Some(status)) if status.success() => {}
+                Ok(Some(status)) => problems.push(format!(
+                    "node {i} exited with {status} after shutdown, expected 0 (log: {})",
+                    self.nodes[i].log_path.display()
+                )),
+                Ok(None) | Err(_) => {
+                    self.kill(i);
+                    problems.push(format!(
+                        "node {i} did not exit within {} of shutdown; killed it (log: {})",
+                        fmt_duration(EXIT_TIMEOUT),
+                        self.nodes[i].log_path.display()
+                    ));
+                }
+            }
+        }
+        for node in &self.nodes {
+            let extra: Vec<String> = node.stdout.try_iter().collect();
+            if let Some(first) = extra.first() {
+                problems.push(format!(
+                    "node {} printed {} stdout line(s) after its ready line \
+                     (contract: exactly one line); first: {first}",
+                    node.index,
+                    extra.len()
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The result table for the last snapshot.
+    fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "  {:<4} {:<8}  {:<26} {:>5}  {:>10}  peers (rtt ms)",
+            "node", "id", "listen", "conns", "median rtt"
+        );
+        for node in &self.nodes {
+            let id = short_id(&node.ready.node_id);
+            let listen = node.ready.listen.first().map_or("-", String::as_str);
+            let line = match self.snapshot.statuses.get(node.index) {
+                Some(Some(Ok(s))) => {
+                    let rtts: Vec<f64> = s.connections.iter().filter_map(Connection::rtt).collect();
+                    let median =
+                        median(&rtts).map_or_else(|| "-".to_owned(), |m| format!("{m:.3} ms"));
+                    let mut conns: Vec<&Connection> = s.connections.iter().collect();
+                    conns.sort_by_key(|c| (self.index_of(&c.node_id), c.node_id.clone()));
+                    let mut peers: Vec<String> = conns
+                        .iter()
+                        .take(8)
+                        .map(|c| {
+                            let who = self
+                                .index_of(&c.node_id)
+                                .map_or_else(|| short_id(&c.node_id).to_owned(), |i| i.to_string());
+                            let rtt = c
+                                .rtt()
+                                .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
+                            format!("{who}:{rtt}")
+                        })
+                        .collect();
+                    if s.connections.len() > 8 {
+                        peers.push(format!("+{} more", s.connections.len() - 8));
+                    }
+                    format!(
+                        "{:>5}  {median:>10}  {}",
+                        s.connections.len(),
+                        peers.join(" ")
+                    )
+                }
+                Some(Some(Err(e))) => format!("/status failed: {e}"),
+                _ => match node.exit {
+                    Some(status) => format!("exited ({status})"),
+                    None => "-".to_owned(),
+                },
+            };
+            let _ = writeln!(out, "  {:<4} {id:<8}  {listen:<26} {line}", node.index);
+        }
+        out
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// On failure: the log paths and the tail of each log.
+fn print_logs_on_failure(log_dir: &Path, nodes: usize) {
+    const TAIL: usize = 20;
+    println!("\ntest-mesh: node logs kept in {}", log_dir.display());
+    for i in 0..nodes {
+        let path = log_dir.join(format!("node-{i}.log"));
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.is_empty() {
+            println!("--- {} (empty)", path.display());
+            continue;
+        }
+        println!("--- {} (last {TAIL} lines)", path.display());
+        for line in &lines[lines.len().saturating_sub(TAIL)..] {
+            println!("  {line}");
+        }
+        if i >= 7 {
+            println!("--- (not showing the other logs)");
+            break;
+        }
+    }
+}
+
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The node contract: ready line, /status, admin HTTP
+// ---------------------------------------------------------------------------
+
+fn parse_ready(line: &str) -> Result<Ready> {
+    let v: Value =
+        serde_json::from_str(line).with_context(|| format!("stdout line is not JSON: {line:?}"))?;
+    ensure!(
+        v["event"] == "ready",
+        "expected {{\"event\":\"ready\",...}}, got: {line}"
+    );
+    let node_id = str_field(&v, "node_id")?;
+    ensure!(
+        !node_id.is_empty() && node_id.chars().all(|c| c.is_ascii_hexdigit()),
+        "ready line: node_id {node_id:?} is not hex"
+    );
+    let listen = str_list(&v, "listen").context("ready line")?;
+    ensure!(!listen.is_empty(), "ready line: `listen` is empty");
+    for addr in &listen {
+        check_listen_addr(addr).context("ready line")?;
+    }
+    let admin = loopback_admin(&str_field(&v, "admin")?).context("ready line")?;
+    Ok(Ready {
+        node_id,
+        listen,
+        admin,
+    })
+}
+
+/// A listen address we can seed other nodes with: `tcp://<loopback>:<port>`.
+fn check_listen_addr(addr: &str) -> Result<()> {
+    let rest = addr
+        .strip_prefix("tcp://")
+        .with_context(|| format!("listen address {addr:?} does not start with tcp://"))?;
+    let sock: SocketAddr = rest
+        .parse()
+        .with_context(|| format!("listen address {addr:?} is not tcp://IP:PORT"))?;
+    ensure!(
+        sock.ip().is_loopback() && sock.port() != 0,
+        "listen address {addr:?} is not a bound loopback address"
+    );
+    Ok(())
+}
+
+/// Validates an admin address and returns it as `host:port`. Only loopback
+/// (127.0.0.0/8, ::1, localhost) is accepted: test-mesh must never send
+/// `/shutdown` to anything else.
+fn loopback_admin(addr: &str) -> Result<String> {
+    if let Ok(sock) = addr.parse::<SocketAddr>() {
+        ensure!(
+            sock.ip().is_loopback(),
+            "admin address {addr} is not loopback; refusing to talk to it"
+        );
+        ensure!(sock.port() != 0, "admin address {addr} has port 0");
+        return Ok(sock.to_string());
+    }
+    if let Some(port) = addr.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("admin address {addr:?}: bad port"))?;
+        ensure!(port != 0, "admin address {addr} has port 0");
+        return Ok(addr.to_owned());
+    }
+    if let Ok(ip) = addr.parse::<IpAddr>() {
+        bail!("admin address {ip} has no port");
+    }
+    bail!("admin address {addr:?} is not a loopback host:port; refusing to talk to it")
+}
+
+/// `GET /status`, parsed.
+#[derive(Debug, Clone, PartialEq)]
+struct Status {
+    node_id: String,
+    network_id: String,
+    listen: Vec<String>,
+    uptime_secs: f64,
+    connections: Vec<Connection>,
+}
+
+/// One entry of `/status`'s `connections`.
+#[derive(Debug, Clone, PartialEq)]
+struct Connection {
+    node_id: String,
+    addr: String,
+    direction: String,
+    listen_addrs: Vec<String>,
+    rtt_ms: Option<f64>,
+    smoothed_rtt_ms: Option<f64>,
+    age_secs: f64,
+    frames_sent: u64,
+    frames_received: u64,
+}
+
+impl Connection {
+    /// Latest RTT sample, else the smoothed one.
+    fn rtt(&self) -> Option<f64> {
+        self.rtt_ms.or(self.smoothed_rtt_ms)
+    }
+}
+
+fn parse_status(v: &Value) -> Result<Status> {
+    let connections = v
+        .get("connections")
+        .context("missing `connections`")?
+        .as_array()
+        .context("`connections` is not an array")?
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse_connection(c).with_context(|| format!("connections[{i}]")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Status {
+        node_id: str_field(v, "node_id")?,
+        network_id: str_field(v, "network_id")?,
+        listen: str_list(v, "listen")?,
+        uptime_secs: num_field(v, "uptime_secs")?,
+        connections,
+    })
+}
+
+fn parse_connection(c: &Value) -> Result<Connection> {
+    let direction = str_field(c, "direction")?;
+    ensure!(
+        direction == "inbound" || direction == "outbound",
+        "`direction` is {direction:?}, expected \"inbound\" or \"outbound\""
+    );
+    Ok(Connection {
+        node_id: str_field(c, "node_id")?,
+        addr: str_field(c, "addr")?,
+        direction,
+        listen_addrs: str_list(c, "listen_addrs")?,
+        rtt_ms: opt_num_field(c, "rtt_ms")?,
+        smoothed_rtt_ms: opt_num_field(c, "smoothed_rtt_ms")?,
+        age_secs: num_field(c, "age_secs")?,
+        frames_sent: u64_field(c, "frames_sent")?,
+        frames_received: u64_field(c, "frames_received")?,
+    })
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value> {
+    v.get(name).with_context(|| format!("missing `{name}`"))
+}
+
+fn str_field(v: &Value, name: &str) -> Result<String> {
+    field(v, name)?
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("`{name}` is not a string"))
+}
+
+fn str_list(v: &Value, name: &str) -> Result<Vec<String>> {
+    field(v, name)?
+        .as_array()
+        .with_context(|| format!("`{name}` is not an array"))?
+        .iter()
+        .map(|s| {
+            s.as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("`{name}` has a non-string element"))
+        })
+        .collect()
+}
+
+fn num_field(v: &Value, name: &str) -> Result<f64> {
+    field(v, name)?
+        .as_f64()
+        .with_context(|| format!("`{name}` is not a number"))
+}
+
+fn opt_num_field(v: &Value, name: &str) -> Result<Option<f64>> {
+    let f = field(v, name)?;
+    if f.is_null() {
+        return Ok(None);
+    }
+    f.as_f64()
+        .map(Some)
+        .with_context(|| format!("`{name}` is neither a number nor null"))
+}
+
+fn u64_field(v: &Value, name: &str) -> Result<u64> {
+    field(v, name)?
+        .as_u64()
+        .with_context(|| format!("`{name}` is not a non-negative integer"))
+}
+
+/// A small HTTP client for the admin API: short timeouts, no proxies.
+struct Http {
+    agent: ureq::Agent,
+}
+
+impl Http {
+    fn new() -> Http {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(HTTP_TIMEOUT))
+            // Loopback only: never go through $HTTP_PROXY and friends.
+            .proxy(None)
+            .http_status_as_error(false)
+            .build();
+        Http {
+            agent: config.into(),
+        }
+    }
+
+    fn status(&self, admin: &str) -> Result<Status> {
+        let url = format!("http://{}/status", loopback_admin(admin)?);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        let code = resp.status();
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("GET {url}: reading the body"))?;
+        ensure!(code.is_success(), "GET {url}: HTTP {code}: {body}");
+        let v: Value = serde_json::from_str(&body)
+            .with_context(|| format!("GET {url}: body is not JSON: {body}"))?;
+        parse_status(&v).with_context(|| format!("GET {url}: does not match the contract"))
+    }
+
+    fn shutdown(&self, admin: &str) -> Result<()> {
+        let url = format!("http://{}/shutdown", loopback_admin(admin)?);
+        let mut resp = self
+            .agent
+            .post(&url)
+            .send_empty()
+            .with_context(|| format!("POST {url}"))?;
+        let code = resp.status();
+        if !code.is_success() {
+            let body = resp.body_mut().read_to_string().unwrap_or_default();
+            bail!("POST {url}: HTTP {code}: {body}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn parses_options() {
+        let opts = parse_args(&args(
+            "--nodes 3 --scenario handshake --scenario=graceful-shutdown --release --keep-logs",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(opts.nodes, 3);
+        assert_eq!(opts.scenarios, ["handshake", "graceful-shutdown"]);
+        assert!(opts.release && opts.keep_logs);
+        let opts = parse_args(&args("--nodes=64")).unwrap().unwrap();
+        assert_eq!(opts.nodes, 64);
+        assert_eq!(parse_args(&[]).unwrap().unwrap().nodes, DEFAULT_NODES);
+    }
+
+    #[test]
+    fn rejects_bad_options() {
+        for bad in [
+            "--nodes 1",
+            "--nodes 65",
+            "--nodes x",
+            "--nodes",
+            "--scenario nope",
+            "--release=yes",
+            "--frobnicate",
+        ] {
+            assert!(parse_args(&args(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scenarios_run_in_registry_order_once() {
+        let names: Vec<&str> = select_scenarios(&args("graceful-shutdown handshake handshake"))
+            .unwrap()
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["handshake", "graceful-shutdown"]);
+        assert_eq!(select_scenarios(&[]).unwrap().len(), SCENARIOS.len());
+    }
+
+    #[test]
+    fn ready_line() {
+        let r = parse_ready(
+            r#"{"event":"ready","node_id":"00aaff","listen":["tcp://127.0.0.1:4000"],"admin":"127.0.0.1:4001"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Ready {
+                node_id: "00aaff".into(),
+                listen: vec!["tcp://127.0.0.1:4000".into()],
+                admin: "127.0.0.1:4001".into(),
+            }
+        );
+        for bad in [
+            "starting up",
+            r#"{"event":"listening"}"#,
+            r#"{"event":"ready","node_id":"xyz","listen":["tcp://127.0.0.1:1"],"admin":"127.0.0.1:2"}"#,
+            r#"{"event":"ready","node_id":"ab","listen":[],"admin":"127.0.0.1:2"}"#,
+            r#"{"event":"ready","node_id":"ab","listen":["tcp://127.0.0.1:0"],"admin":"127.0.0.1:2"}"#,
+            r#"{"event":"ready","node_id":"ab","listen":["tcp://127.0.0.1:1"],"admin":"10.0.0.1:2"}"#,
+        ] {
+            assert!(parse_ready(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn admin_must_be_loopback() {
+        assert_eq!(loopback_admin("127.0.0.1:80").unwrap(), "127.0.0.1:80");
+        assert_eq!(loopback_admin("[::1]:80").unwrap(), "[::1]:80");
+        assert_eq!(loopback_admin("localhost:80").unwrap(), "localhost:80");
+        for bad in [
+            "192.168.1.1:80",
+            "0.0.0.0:80",
+            "example.com:80",
+            "localhost.example.com:80",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "http://127.0.0.1:80",
+        ] {
+            assert!(loopback_admin(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn status_json() {
+        let v = serde_json::json!({
+            "node_id": "aa", "network_id": "n", "listen": ["tcp://127.0.0.1:1"], "uptime_secs": 1.5,
+            "connections": [{
+                "node_id": "bb", "addr": "tcp://127.0.0.1:2", "direction": "inbound",
+                "listen_addrs": ["tcp://127.0.0.1:3"], "rtt_ms": null, "smoothed_rtt_ms": 0.25,
+                "age_secs": 1.2, "frames_sent": 3, "frames_received": 4
+            }]
+        });
+        let s = parse_status(&v).unwrap();
+        assert_eq!(s.connections[0].rtt_ms, None);
+        assert_eq!(s.connections[0].rtt(), Some(0.25));
+
+        let mut bad = v.clone();
+        bad["connections"][0]["direction"] = "sideways".into();
+        assert!(parse_status(&bad).is_err());
+        let mut bad = v.clone();
+        bad["connections"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("listen_addrs");
+        let err = format!("{:#}", parse_status(&bad).unwrap_err());
+        assert!(
+            err.contains("connections[0]") && err.contains("listen_addrs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+}
