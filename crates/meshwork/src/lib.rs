@@ -133,6 +133,28 @@ impl NodeBuilder {
         self
     }
 
+    /// Uses this identity (e.g. from [`Identity::load_or_create`]) instead of
+    /// a fresh one; the node id is its public key.
+    ///
+    /// [`Identity::load_or_create`]: transport::Identity::load_or_create
+    pub fn identity(mut self, identity: transport::Identity) -> Self {
+        self.config = self.config.with_identity(identity);
+        self
+    }
+
+    /// Only nodes holding the same network key can connect.
+    pub fn network_key(mut self, key: transport::NetworkKey) -> Self {
+        self.config = self.config.with_network_key(key);
+        self
+    }
+
+    /// Turns encryption and authentication off. For tests and debugging
+    /// only: anyone can read, forge, and claim any node id.
+    pub fn insecure_plaintext(mut self) -> Self {
+        self.config = self.config.with_insecure_plaintext();
+        self
+    }
+
     /// Uses this transport instead of TCP (e.g. an in-memory one for tests).
     pub fn transport(mut self, transport: impl Transport) -> Self {
         self.transport = Some(Arc::new(transport));

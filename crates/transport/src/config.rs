@@ -1,9 +1,33 @@
 //! Endpoint configuration: identity, limits and timeouts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use meshwork_wire::{DEFAULT_MAX_FRAME_LEN, Limits, NodeId};
+
+use crate::identity::{Identity, NetworkKey};
+
+/// How the bytes of a connection are protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Security {
+    /// Noise `XXpsk0` with X25519, ChaCha20-Poly1305 and BLAKE2s: encrypted,
+    /// both ends authenticated by their static keys. The default.
+    Noise,
+    /// No encryption, no authentication: node ids are taken on trust. Only
+    /// for tests and debugging; set with [`Config::with_insecure_plaintext`].
+    InsecurePlaintext,
+}
+
+impl Security {
+    /// A short name for logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Security::Noise => "noise",
+            Security::InsecurePlaintext => "plaintext",
+        }
+    }
+}
 
 /// How an [`Endpoint`](crate::Endpoint) identifies itself and how patient it is.
 ///
@@ -22,7 +46,10 @@ use meshwork_wire::{DEFAULT_MAX_FRAME_LEN, Limits, NodeId};
 #[derive(Debug, Clone)]
 pub struct Config {
     pub(crate) network_id: String,
-    pub(crate) node_id: NodeId,
+    pub(crate) identity: Identity,
+    pub(crate) security: Security,
+    pub(crate) network_key: Option<NetworkKey>,
+    pub(crate) allowed_peers: Option<HashSet<NodeId>>,
     pub(crate) metadata: HashMap<String, String>,
     pub(crate) capabilities: u64,
     pub(crate) handshake_timeout: Duration,
@@ -40,11 +67,15 @@ pub struct Config {
 }
 
 impl Config {
-    /// Default settings for network `network_id`, with a fresh random node id.
+    /// Default settings for network `network_id`: encrypted, with a fresh
+    /// random identity.
     pub fn new(network_id: impl Into<String>) -> Self {
         Config {
             network_id: network_id.into(),
-            node_id: random_node_id(),
+            identity: Identity::generate(),
+            security: Security::Noise,
+            network_key: None,
+            allowed_peers: None,
             metadata: HashMap::new(),
             capabilities: 0,
             handshake_timeout: Duration::from_secs(10),
@@ -62,9 +93,32 @@ impl Config {
         }
     }
 
-    /// Uses `node_id` instead of a random one.
-    pub fn with_node_id(mut self, node_id: NodeId) -> Self {
-        self.node_id = node_id;
+    /// Uses `identity` (e.g. loaded from a key file) instead of a fresh one.
+    /// The node id is its public key.
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// Requires every peer to hold the same network key: nodes without it
+    /// cannot complete the handshake. Combined with the network id check.
+    pub fn with_network_key(mut self, key: NetworkKey) -> Self {
+        self.network_key = Some(key);
+        self
+    }
+
+    /// Only these nodes may connect, in either direction; anyone else is
+    /// refused with Disconnect(not allowed) right after authentication.
+    pub fn with_allowed_peers(mut self, peers: impl IntoIterator<Item = NodeId>) -> Self {
+        self.allowed_peers = Some(peers.into_iter().collect());
+        self
+    }
+
+    /// Turns encryption and authentication OFF. Anyone can read and forge
+    /// traffic and claim any node id. For tests and debugging only; both ends
+    /// must agree, an encrypted node refuses a plaintext one.
+    pub fn with_insecure_plaintext(mut self) -> Self {
+        self.security = Security::InsecurePlaintext;
         self
     }
 
@@ -161,9 +215,19 @@ impl Config {
         &self.network_id
     }
 
-    /// The node id.
+    /// The node id (the identity's public key).
     pub fn node_id(&self) -> &NodeId {
-        &self.node_id
+        self.identity.node_id()
+    }
+
+    /// The node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// How connections are protected.
+    pub fn security(&self) -> Security {
+        self.security
     }
 
     /// The metadata sent in the Hello.
@@ -175,11 +239,4 @@ impl Config {
     pub fn max_frame_len(&self) -> usize {
         self.max_frame_len
     }
-}
-
-/// A fresh random 32-byte node id.
-pub fn random_node_id() -> NodeId {
-    let bytes: [u8; 32] = rand::random();
-    // 32 bytes is within the 1..=64 the protocol allows.
-    NodeId::from_bytes(bytes.to_vec()).unwrap_or_else(|_| unreachable!("32-byte id is valid"))
 }

@@ -26,15 +26,14 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, Ping, Pong};
 use meshwork_wire::{FrameCodec, Message, NodeId, WireError, encode_frame};
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::handshake::Handshaken;
-use crate::transport::BoxStream;
+use crate::handshake::{BoxRead, BoxWrite, Handshaken};
 use crate::{Address, Config, TransportError};
 
 /// Which outgoing lane a frame takes. Lower lanes are always served first.
@@ -588,7 +587,7 @@ impl Connection {
             idle_timeout: config.idle_timeout,
             write_timeout: config.write_timeout,
             close_timeout: config.close_timeout,
-            buf: BytesMut::with_capacity(WRITE_BATCH),
+            buf: BytesMut::new(),
         };
         tracker.spawn(writer.run().instrument(span.clone()));
         tracker.spawn(read_loop(shared.clone(), hs.reader, inbound_tx).instrument(span));
@@ -604,10 +603,12 @@ impl Connection {
 const WRITE_BATCH: usize = 256 * 1024;
 /// Frames at least this large are written straight from their own buffer.
 const DIRECT_WRITE: usize = 32 * 1024;
+/// A batch buffer that grew beyond this is released after its write.
+const KEEP_WRITE_BUFFER: usize = 16 * 1024;
 
 struct Writer {
     shared: Arc<Shared>,
-    io: WriteHalf<BoxStream>,
+    io: BoxWrite,
     lanes: [mpsc::Receiver<Bytes>; 3],
     keepalive: Option<Duration>,
     idle_timeout: Option<Duration>,
@@ -772,6 +773,10 @@ impl Writer {
                 self.io.write_all(&self.buf).await?;
                 self.buf.clear();
             }
+            // An idle connection should not keep a big batch buffer around.
+            if self.buf.capacity() > KEEP_WRITE_BUFFER {
+                self.buf = BytesMut::new();
+            }
             self.io.flush().await
         };
         let outcome = tokio::select! {
@@ -797,7 +802,7 @@ impl Writer {
 
 async fn read_loop(
     shared: Arc<Shared>,
-    mut reader: FramedRead<ReadHalf<BoxStream>, FrameCodec>,
+    mut reader: FramedRead<BoxRead, FrameCodec>,
     inbound: mpsc::Sender<Message>,
 ) {
     let mut delivered_to_nobody = false;

@@ -1,7 +1,7 @@
 //! [`Endpoint`]: listeners, dialling, the handshake, and the set of live
 //! connections of one node.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use meshwork_wire::NodeId;
 use meshwork_wire::proto::DisconnectReason;
 use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -22,6 +23,8 @@ use crate::{Address, Config, TransportError};
 /// Counters of an endpoint's handshakes, for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EndpointStats {
+    /// Failed handshakes by cause ([`TransportError::label`]), both directions.
+    pub failures: BTreeMap<&'static str, u64>,
     /// Handshakes that completed, both directions.
     pub handshakes_ok: u64,
     /// Handshakes that failed or were refused, both directions.
@@ -49,6 +52,8 @@ struct Inner {
     handshakes_ok: AtomicU64,
     handshakes_failed: AtomicU64,
     rejected_busy: AtomicU64,
+    failures: Mutex<BTreeMap<&'static str, u64>>,
+    bans: Mutex<HashMap<NodeId, Instant>>,
 }
 
 /// One node's presence on a transport: it listens, dials, runs the Hello
@@ -87,7 +92,7 @@ pub struct Endpoint {
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
-            .field("node_id", &self.inner.config.node_id)
+            .field("node_id", self.inner.config.node_id())
             .field("network_id", &self.inner.config.network_id)
             .field("listen_addrs", &self.listen_addrs())
             .finish()
@@ -124,13 +129,15 @@ impl Endpoint {
                 handshakes_ok: AtomicU64::new(0),
                 handshakes_failed: AtomicU64::new(0),
                 rejected_busy: AtomicU64::new(0),
+                failures: Mutex::new(BTreeMap::new()),
+                bans: Mutex::new(HashMap::new()),
             }),
         }
     }
 
     /// This node's id.
     pub fn node_id(&self) -> &NodeId {
-        &self.inner.config.node_id
+        self.inner.config.node_id()
     }
 
     /// The configuration.
@@ -212,9 +219,10 @@ impl Endpoint {
     async fn accept_one(&self, stream: BoxStream, remote: Address) {
         let inner = &self.inner;
         let hello = local_hello(&inner.config, self.advertised());
+        let admit = |id: &NodeId| self.admit(id);
         let result = tokio::select! {
             _ = inner.stopping.cancelled() => return,
-            r = handshake(stream, &inner.config, hello) => r,
+            r = handshake(stream, &inner.config, hello, false, &admit) => r,
         };
         match result {
             Ok(hs) => {
@@ -226,7 +234,7 @@ impl Endpoint {
                 }
             }
             Err(e) => {
-                inner.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                self.count_failure(&e);
                 info!(%remote, error = %e, "incoming handshake failed");
             }
         }
@@ -296,9 +304,10 @@ impl Endpoint {
             r = dial => r.map_err(|_| TransportError::Timeout { what: "dial", after: timeout })??,
         };
         let hello = local_hello(&inner.config, self.advertised());
+        let admit = |id: &NodeId| self.admit(id);
         let result = tokio::select! {
             _ = inner.stopping.cancelled() => return Err(TransportError::Shutdown),
-            r = handshake(stream, &inner.config, hello) => r,
+            r = handshake(stream, &inner.config, hello, true, &admit) => r,
         };
         match result {
             Ok(hs) => {
@@ -306,11 +315,57 @@ impl Endpoint {
                 Ok(self.register(hs, reached, Direction::Outbound))
             }
             Err(e) => {
-                inner.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                self.count_failure(&e);
                 debug!(%addr, error = %e, "outgoing handshake failed");
                 Err(e)
             }
         }
+    }
+
+    fn count_failure(&self, e: &TransportError) {
+        self.inner.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.inner.failures).entry(e.label()).or_default() += 1;
+    }
+
+    /// The admission policy: the allow list, then the ban list.
+    fn admit(&self, id: &NodeId) -> Result<(), TransportError> {
+        if let Some(allowed) = &self.inner.config.allowed_peers {
+            if !allowed.contains(id) {
+                return Err(TransportError::NotAllowed(id.clone()));
+            }
+        }
+        if self.is_banned(id) {
+            return Err(TransportError::Banned(id.clone()));
+        }
+        Ok(())
+    }
+
+    /// Refuses `node` for `duration`: handshakes with it fail with
+    /// Disconnect(banned), and open connections to it are closed the same way.
+    pub async fn ban(&self, node: &NodeId, duration: Duration) {
+        let until = Instant::now() + duration;
+        lock(&self.inner.bans).insert(node.clone(), until);
+        let open: Vec<_> = self
+            .connections()
+            .into_iter()
+            .filter(|c| c.node_id() == node)
+            .collect();
+        for c in open {
+            c.close(DisconnectReason::Banned, "banned").await;
+        }
+    }
+
+    /// Lifts a ban.
+    pub fn unban(&self, node: &NodeId) {
+        lock(&self.inner.bans).remove(node);
+    }
+
+    /// True while `node` is banned. Expired bans are forgotten here.
+    pub fn is_banned(&self, node: &NodeId) -> bool {
+        let mut bans = lock(&self.inner.bans);
+        let now = Instant::now();
+        bans.retain(|_, until| *until > now);
+        bans.contains_key(node)
     }
 
     /// Handles of every open connection.
@@ -327,6 +382,7 @@ impl Endpoint {
             handshakes_ok: inner.handshakes_ok.load(Ordering::Relaxed),
             handshakes_failed: inner.handshakes_failed.load(Ordering::Relaxed),
             rejected_busy: inner.rejected_busy.load(Ordering::Relaxed),
+            failures: lock(&inner.failures).clone(),
             open_connections: lock(&inner.connections).len(),
         }
     }

@@ -1,8 +1,8 @@
 use std::io;
 use std::time::Duration;
 
-use meshwork_wire::WireError;
 use meshwork_wire::proto::DisconnectReason;
+use meshwork_wire::{NodeId, WireError};
 
 /// Everything the transport layer can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,43 @@ pub enum TransportError {
     /// A bounded queue is full (e.g. too many pings outstanding).
     #[error("{0} queue is full")]
     QueueFull(&'static str),
+    /// The Noise handshake or decryption failed: another network key,
+    /// another network, a forged key, or not a meshwork node.
+    #[error("encryption handshake failed: {0}")]
+    Crypto(String),
+    /// The peer wants another security mode (e.g. plaintext against encrypted).
+    #[error("peer uses security mode {theirs}, we use {ours}")]
+    SecurityMismatch {
+        /// Our mode.
+        ours: &'static str,
+        /// The peer's mode, as announced.
+        theirs: String,
+    },
+    /// The stream did not start with the meshwork preamble.
+    #[error("peer is not a meshwork node (bad preamble)")]
+    NotMeshwork,
+    /// The node id in the peer's Hello is not the key it authenticated with.
+    #[error("peer claims node id {claimed:?} but authenticated as {authenticated:?}")]
+    IdentityMismatch {
+        /// The id in the Hello.
+        claimed: NodeId,
+        /// The id of the key proven in the Noise handshake.
+        authenticated: NodeId,
+    },
+    /// The peer is not on our allow list.
+    #[error("peer {0:?} is not on the allow list")]
+    NotAllowed(NodeId),
+    /// The peer is banned.
+    #[error("peer {0:?} is banned")]
+    Banned(NodeId),
+    /// A key file could not be used. Nothing was overwritten.
+    #[error("key file {path}: {reason}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl TransportError {
@@ -91,10 +128,39 @@ impl TransportError {
             TransportError::SelfConnection => DisconnectReason::SelfConnection,
             TransportError::Timeout { .. } => DisconnectReason::Timeout,
             TransportError::Shutdown => DisconnectReason::Shutdown,
-            TransportError::Wire(_) | TransportError::Protocol(_) => {
-                DisconnectReason::ProtocolError
-            }
+            TransportError::Wire(_)
+            | TransportError::Protocol(_)
+            | TransportError::IdentityMismatch { .. } => DisconnectReason::ProtocolError,
+            TransportError::NotAllowed(_) => DisconnectReason::NotAllowed,
+            TransportError::Banned(_) => DisconnectReason::Banned,
             _ => DisconnectReason::Other,
+        }
+    }
+
+    /// A short stable label for metrics, e.g. `"wrong_network"`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TransportError::InvalidAddress { .. } => "invalid_address",
+            TransportError::UnsupportedAddress(_) => "unsupported_address",
+            TransportError::Resolve { .. } => "resolve",
+            TransportError::Io(_) => "io",
+            TransportError::Wire(_) => "bad_frame",
+            TransportError::Timeout { .. } => "timeout",
+            TransportError::NotConnected => "not_connected",
+            TransportError::Refused { .. } => "refused_by_peer",
+            TransportError::WrongNetwork { .. } => "wrong_network",
+            TransportError::IncompatibleVersion { .. } => "incompatible_version",
+            TransportError::SelfConnection => "self_connection",
+            TransportError::Protocol(_) => "protocol",
+            TransportError::Shutdown => "shutdown",
+            TransportError::QueueFull(_) => "queue_full",
+            TransportError::Crypto(_) => "crypto",
+            TransportError::SecurityMismatch { .. } => "security_mismatch",
+            TransportError::NotMeshwork => "not_meshwork",
+            TransportError::IdentityMismatch { .. } => "identity_mismatch",
+            TransportError::NotAllowed(_) => "not_allowed",
+            TransportError::Banned(_) => "banned",
+            TransportError::KeyFile { .. } => "key_file",
         }
     }
 }

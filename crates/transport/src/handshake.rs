@@ -1,30 +1,90 @@
-//! The Hello exchange that opens every connection.
+//! The handshake that opens every connection.
 //!
-//! Both sides send their Hello as soon as the stream is open, then read the
-//! other's, so the exchange costs one round trip. Each side checks the other's
-//! Hello with [`check_hello`] (pure, unit-tested below); on a refusal it sends a
-//! Disconnect with the reason and closes.
-//!
-//! An encryption stage (issue: secure transport) slots in [`secure`]: it turns
-//! the raw stream into an encrypted one before any frame is written, so the
-//! Hello is already protected and nothing above changes.
+//! 1. **Preamble.** Both sides send 8 bytes at once: `mshwrk`, the protocol
+//!    version and the security mode. A stream that does not start this way is
+//!    not a meshwork node; a different mode is refused with a clear error
+//!    (an encrypted node never falls back to plaintext).
+//! 2. **Security stage** ([`crate::noise`]): the Noise XXpsk0 handshake
+//!    authenticates both static keys and turns the stream into an encrypted
+//!    one. In the (opt-in) plaintext mode this stage does nothing.
+//! 3. **Hello**, inside the encrypted channel. The initiator sends its Hello
+//!    at once; the responder checks it with [`check_hello`] (pure,
+//!    unit-tested below) and the admission policy (allow list, bans) before
+//!    answering with its own, which the initiator checks the same way: same
+//!    network, same version, not ourselves, and the node id is the key just
+//!    authenticated. A refusal is a Disconnect with the reason, then close.
 
 use futures_util::StreamExt;
 use meshwork_wire::proto::{Disconnect, Hello};
 use meshwork_wire::{FrameCodec, Message, NodeId, PROTOCOL_VERSION, encode_frame};
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::FramedRead;
 
+use crate::config::Security;
 use crate::transport::BoxStream;
-use crate::{Config, TransportError};
+use crate::{Config, TransportError, noise};
+
+/// A boxed read half (plain or decrypting).
+pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// A boxed write half (plain or encrypting).
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// What the handshake hands to the connection: both halves of the stream
 /// (the read half with whatever it has already buffered) and the peer's Hello.
 pub(crate) struct Handshaken {
-    pub(crate) reader: FramedRead<ReadHalf<BoxStream>, FrameCodec>,
-    pub(crate) writer: WriteHalf<BoxStream>,
+    pub(crate) reader: FramedRead<BoxRead, FrameCodec>,
+    pub(crate) writer: BoxWrite,
     pub(crate) hello: Hello,
     pub(crate) node_id: NodeId,
+}
+
+/// The first bytes on every stream.
+const PREAMBLE_MAGIC: &[u8; 6] = b"mshwrk";
+/// Length of the preamble.
+pub(crate) const PREAMBLE_LEN: usize = 8;
+
+fn mode_byte(security: Security) -> u8 {
+    match security {
+        Security::InsecurePlaintext => 0,
+        Security::Noise => 1,
+    }
+}
+
+/// Our preamble: magic, protocol version (low byte), security mode.
+pub(crate) fn preamble(security: Security) -> [u8; PREAMBLE_LEN] {
+    let mut p = [0u8; PREAMBLE_LEN];
+    p[..6].copy_from_slice(PREAMBLE_MAGIC);
+    p[6] = PROTOCOL_VERSION as u8;
+    p[7] = mode_byte(security);
+    p
+}
+
+/// Checks the peer's preamble against ours. Pure.
+pub(crate) fn check_preamble(
+    ours: Security,
+    theirs: &[u8; PREAMBLE_LEN],
+) -> Result<(), TransportError> {
+    if &theirs[..6] != PREAMBLE_MAGIC {
+        return Err(TransportError::NotMeshwork);
+    }
+    if theirs[6] != PROTOCOL_VERSION as u8 {
+        return Err(TransportError::IncompatibleVersion {
+            ours: PROTOCOL_VERSION,
+            theirs: u32::from(theirs[6]),
+        });
+    }
+    if theirs[7] != mode_byte(ours) {
+        let theirs = match theirs[7] {
+            0 => "plaintext".to_string(),
+            1 => "noise".to_string(),
+            n => format!("unknown mode {n}"),
+        };
+        return Err(TransportError::SecurityMismatch {
+            ours: ours.name(),
+            theirs,
+        });
+    }
+    Ok(())
 }
 
 /// Our Hello, advertising `listen_addrs`.
@@ -32,7 +92,7 @@ pub(crate) fn local_hello(config: &Config, listen_addrs: Vec<String>) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,
         network_id: config.network_id.clone(),
-        node_id: config.node_id.as_bytes().clone(),
+        node_id: config.node_id().as_bytes().clone(),
         listen_addrs,
         metadata: config.metadata.clone(),
         capabilities: config.capabilities,
@@ -43,8 +103,13 @@ pub(crate) fn local_hello(config: &Config, listen_addrs: Vec<String>) -> Hello {
 ///
 /// Rules, in order: the network id must equal ours; the protocol version must
 /// equal ours (version 1 has no compatible neighbours yet); the node id must
-/// not be ours.
-pub(crate) fn check_hello(ours: &Hello, theirs: &Hello) -> Result<NodeId, TransportError> {
+/// not be ours; and, on an encrypted connection, the node id must be the key
+/// the peer authenticated with (`authenticated`).
+pub(crate) fn check_hello(
+    ours: &Hello,
+    theirs: &Hello,
+    authenticated: Option<&NodeId>,
+) -> Result<NodeId, TransportError> {
     if theirs.network_id != ours.network_id {
         return Err(TransportError::WrongNetwork {
             ours: ours.network_id.clone(),
@@ -61,23 +126,32 @@ pub(crate) fn check_hello(ours: &Hello, theirs: &Hello) -> Result<NodeId, Transp
         return Err(TransportError::SelfConnection);
     }
     // The codec validated the id already; this only converts it.
-    Ok(NodeId::from_bytes(theirs.node_id.clone())?)
+    let claimed = NodeId::from_bytes(theirs.node_id.clone())?;
+    if let Some(authenticated) = authenticated {
+        if &claimed != authenticated {
+            return Err(TransportError::IdentityMismatch {
+                claimed,
+                authenticated: authenticated.clone(),
+            });
+        }
+    }
+    Ok(claimed)
 }
 
-/// The security stage between the socket and the framing. Plaintext for now:
-/// the stream is returned as it is.
-async fn secure(stream: BoxStream) -> Result<BoxStream, TransportError> {
-    Ok(stream)
-}
+/// Decides whether a peer that passed every protocol check may stay
+/// (allow list, bans). Called with its authenticated node id.
+pub(crate) type Admission<'a> = &'a (dyn Fn(&NodeId) -> Result<(), TransportError> + Sync);
 
 /// Runs the whole handshake on a fresh stream, within the configured timeout.
 pub(crate) async fn handshake(
     stream: BoxStream,
     config: &Config,
     hello: Hello,
+    initiator: bool,
+    admit: Admission<'_>,
 ) -> Result<Handshaken, TransportError> {
     let timeout = config.handshake_timeout;
-    match tokio::time::timeout(timeout, exchange(stream, config, hello)).await {
+    match tokio::time::timeout(timeout, exchange(stream, config, hello, initiator, admit)).await {
         Ok(result) => result,
         Err(_) => Err(TransportError::Timeout {
             what: "handshake",
@@ -90,58 +164,82 @@ async fn exchange(
     stream: BoxStream,
     config: &Config,
     hello: Hello,
+    initiator: bool,
+    admit: Admission<'_>,
 ) -> Result<Handshaken, TransportError> {
-    let stream = secure(stream).await?;
-    let (read, mut writer) = tokio::io::split(stream);
+    let (mut read, mut write) = tokio::io::split(stream);
+
+    // 1. Preamble, both ways at once.
+    let ours = preamble(config.security);
+    write.write_all(&ours).await?;
+    write.flush().await?;
+    let mut theirs = [0u8; PREAMBLE_LEN];
+    read.read_exact(&mut theirs).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            TransportError::Protocol("peer closed the stream during the handshake".into())
+        } else {
+            TransportError::Io(e)
+        }
+    })?;
+    check_preamble(config.security, &theirs)?;
+
+    // 2. Security stage.
+    let (read, mut writer, authenticated): (BoxRead, BoxWrite, Option<NodeId>) =
+        match config.security {
+            Security::InsecurePlaintext => (Box::new(read), Box::new(write), None),
+            Security::Noise => {
+                let psk = noise::derive_psk(config.network_key.as_ref());
+                let (state, remote) = noise::handshake(
+                    &mut read,
+                    &mut write,
+                    initiator,
+                    &config.identity,
+                    &psk,
+                    &ours,
+                )
+                .await?;
+                let (r, w) = noise::split(read, write, state);
+                let id = NodeId::from_bytes(remote.to_vec())?;
+                (Box::new(r), Box::new(w), Some(id))
+            }
+        };
+
+    // 3. Hello. The initiator sends first; the responder checks it before
+    // answering, so a refusal reaches the dialer as the first frame. (This
+    // costs no round trip: the initiator's Hello follows its last Noise
+    // message, or its preamble, without waiting.)
     let codec = FrameCodec::new()
         .with_max_frame_len(config.max_frame_len)
         .with_limits(config.limits.clone());
     let mut reader = FramedRead::new(read, codec);
-
-    let ours = hello.clone();
+    let our_hello = hello.clone();
     let hello = Message::Hello(hello);
     // Our own Hello must pass the checks the peer will apply (a too-long
     // network id or too much metadata is a local configuration error).
     meshwork_wire::validate(&hello, &config.limits)?;
     let frame = encode_frame(&hello, config.max_frame_len)?;
-    writer.write_all(&frame).await?;
-    writer.flush().await?;
-
-    let theirs = match reader.next().await {
-        Some(Ok(Message::Hello(h))) => h,
-        Some(Ok(Message::Disconnect(d))) => {
-            return Err(TransportError::Refused {
-                reason: d.reason_or_unspecified(),
-                message: d.message,
-            });
+    if initiator {
+        writer.write_all(&frame).await?;
+        writer.flush().await?;
+    }
+    let theirs = read_hello(&mut reader, &mut writer, config).await?;
+    let checked = check_hello(&our_hello, &theirs, authenticated.as_ref()).and_then(|id| {
+        admit(&id)?;
+        Ok(id)
+    });
+    match checked {
+        Ok(node_id) => {
+            if !initiator {
+                writer.write_all(&frame).await?;
+                writer.flush().await?;
+            }
+            Ok(Handshaken {
+                reader,
+                writer,
+                hello: theirs,
+                node_id,
+            })
         }
-        Some(Ok(other)) => {
-            let err = TransportError::Protocol(format!(
-                "expected hello, got {} as the first message",
-                other.kind()
-            ));
-            refuse(&mut writer, &err, config).await;
-            return Err(err);
-        }
-        Some(Err(e)) => {
-            let err = TransportError::Wire(e);
-            refuse(&mut writer, &err, config).await;
-            return Err(err);
-        }
-        None => {
-            return Err(TransportError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "peer closed the stream during the handshake",
-            )));
-        }
-    };
-    match check_hello(&ours, &theirs) {
-        Ok(node_id) => Ok(Handshaken {
-            reader,
-            writer,
-            hello: theirs,
-            node_id,
-        }),
         Err(err) => {
             refuse(&mut writer, &err, config).await;
             Err(err)
@@ -149,8 +247,40 @@ async fn exchange(
     }
 }
 
+/// Reads the peer's Hello; a Disconnect instead is a refusal.
+async fn read_hello(
+    reader: &mut FramedRead<BoxRead, FrameCodec>,
+    writer: &mut BoxWrite,
+    config: &Config,
+) -> Result<Hello, TransportError> {
+    match reader.next().await {
+        Some(Ok(Message::Hello(h))) => Ok(h),
+        Some(Ok(Message::Disconnect(d))) => Err(TransportError::Refused {
+            reason: d.reason_or_unspecified(),
+            message: d.message,
+        }),
+        Some(Ok(other)) => {
+            let err = TransportError::Protocol(format!(
+                "expected hello, got {} as the first message",
+                other.kind()
+            ));
+            refuse(writer, &err, config).await;
+            Err(err)
+        }
+        Some(Err(meshwork_wire::WireError::Io(e))) => Err(TransportError::Io(e)),
+        Some(Err(e)) => {
+            let err = TransportError::Wire(e);
+            refuse(writer, &err, config).await;
+            Err(err)
+        }
+        None => Err(TransportError::Protocol(
+            "peer closed the stream during the handshake".into(),
+        )),
+    }
+}
+
 /// Best effort: tell the peer why we refuse it, then close our side.
-async fn refuse(writer: &mut WriteHalf<BoxStream>, err: &TransportError, config: &Config) {
+async fn refuse(writer: &mut BoxWrite, err: &TransportError, config: &Config) {
     let text = crate::connection::truncate_text(err.to_string());
     let msg = Message::Disconnect(Disconnect::new(err.disconnect_reason(), text));
     if let Ok(frame) = encode_frame(&msg, config.max_frame_len) {
@@ -176,13 +306,13 @@ mod tests {
 
     #[test]
     fn accepts_same_network_and_version() {
-        let id = check_hello(&hello("n", 1, 1), &hello("n", 1, 2)).unwrap();
+        let id = check_hello(&hello("n", 1, 1), &hello("n", 1, 2), None).unwrap();
         assert_eq!(id.as_bytes().as_ref(), &[2u8; 32][..]);
     }
 
     #[test]
     fn refuses_other_network() {
-        let err = check_hello(&hello("a", 1, 1), &hello("b", 1, 2)).unwrap_err();
+        let err = check_hello(&hello("a", 1, 1), &hello("b", 1, 2), None).unwrap_err();
         assert!(
             matches!(err, TransportError::WrongNetwork { ref ours, ref theirs } if ours == "a" && theirs == "b")
         );
@@ -194,7 +324,7 @@ mod tests {
 
     #[test]
     fn refuses_other_version() {
-        let err = check_hello(&hello("n", 1, 1), &hello("n", 2, 2)).unwrap_err();
+        let err = check_hello(&hello("n", 1, 1), &hello("n", 2, 2), None).unwrap_err();
         assert!(matches!(
             err,
             TransportError::IncompatibleVersion { ours: 1, theirs: 2 }
@@ -203,14 +333,112 @@ mod tests {
 
     #[test]
     fn refuses_self() {
-        let err = check_hello(&hello("n", 1, 7), &hello("n", 1, 7)).unwrap_err();
+        let err = check_hello(&hello("n", 1, 7), &hello("n", 1, 7), None).unwrap_err();
         assert!(matches!(err, TransportError::SelfConnection));
+    }
+
+    #[test]
+    fn node_id_must_be_the_authenticated_key() {
+        let real = NodeId::from_bytes(vec![2u8; 32]).unwrap();
+        check_hello(&hello("n", 1, 1), &hello("n", 1, 2), Some(&real)).unwrap();
+        let err = check_hello(&hello("n", 1, 1), &hello("n", 1, 3), Some(&real)).unwrap_err();
+        assert!(matches!(err, TransportError::IdentityMismatch { .. }));
+        assert_eq!(
+            err.disconnect_reason(),
+            meshwork_wire::proto::DisconnectReason::ProtocolError
+        );
+    }
+
+    /// A peer that authenticates with its own key but claims another node's
+    /// id in its Hello is refused with a protocol error.
+    #[tokio::test]
+    async fn forged_node_id_is_refused() {
+        use crate::mem::MemNetwork;
+        use crate::{Endpoint, Identity, Transport};
+
+        let net = MemNetwork::new();
+        let server = Endpoint::new(Config::new("n"), net.transport("server"));
+        let addr = server
+            .listen(&"mem://server".parse().unwrap())
+            .await
+            .unwrap();
+
+        let (stream, _) = net.transport("forger").dial(&addr).await.unwrap();
+        let (mut read, mut write) = tokio::io::split(stream);
+        let ours = preamble(Security::Noise);
+        write.write_all(&ours).await.unwrap();
+        let mut theirs = [0u8; PREAMBLE_LEN];
+        read.read_exact(&mut theirs).await.unwrap();
+        let forger = Identity::generate();
+        let (state, _) = noise::handshake(
+            &mut read,
+            &mut write,
+            true,
+            &forger,
+            &noise::derive_psk(None),
+            &ours,
+        )
+        .await
+        .unwrap();
+        let (r, mut w) = noise::split(read, write, state);
+
+        let victim = Identity::generate();
+        let mut forged = local_hello(&Config::new("n"), vec![]);
+        forged.node_id = victim.node_id().as_bytes().clone();
+        let frame = encode_frame(&Message::Hello(forged), 1 << 20).unwrap();
+        w.write_all(&frame).await.unwrap();
+        w.flush().await.unwrap();
+
+        let mut reader = FramedRead::new(r, FrameCodec::new());
+        match reader.next().await {
+            Some(Ok(Message::Disconnect(d))) => {
+                assert_eq!(
+                    d.reason_or_unspecified(),
+                    meshwork_wire::proto::DisconnectReason::ProtocolError
+                );
+                assert!(d.message.contains("authenticated"), "{}", d.message);
+            }
+            other => panic!("expected Disconnect(protocol error), got {other:?}"),
+        }
+        // Counted just after the Disconnect is written.
+        let counted = async {
+            while server.stats().failures.get("identity_mismatch") != Some(&1) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(2), counted)
+            .await
+            .expect("failure counted");
+        server.shutdown().await;
+    }
+
+    #[test]
+    fn preambles() {
+        let noise = preamble(Security::Noise);
+        check_preamble(Security::Noise, &noise).unwrap();
+        assert!(matches!(
+            check_preamble(Security::InsecurePlaintext, &noise),
+            Err(TransportError::SecurityMismatch {
+                ours: "plaintext",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_preamble(Security::Noise, b"GET / HT"),
+            Err(TransportError::NotMeshwork)
+        ));
+        let mut future = noise;
+        future[6] = 2;
+        assert!(matches!(
+            check_preamble(Security::Noise, &future),
+            Err(TransportError::IncompatibleVersion { ours: 1, theirs: 2 })
+        ));
     }
 
     #[test]
     fn network_is_checked_before_identity() {
         // A node of another network with our id is reported as another network.
-        let err = check_hello(&hello("a", 1, 7), &hello("b", 1, 7)).unwrap_err();
+        let err = check_hello(&hello("a", 1, 7), &hello("b", 1, 7), None).unwrap_err();
         assert!(matches!(err, TransportError::WrongNetwork { .. }));
     }
 }

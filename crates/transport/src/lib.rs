@@ -71,16 +71,19 @@ mod connection;
 mod endpoint;
 mod error;
 mod handshake;
+mod identity;
 pub mod mem;
+pub mod noise;
 mod tcp;
 mod transport;
 
 pub use addr::{Address, Host, Resolver, filter_ip_addresses, local_host_ip};
-pub use config::{Config, random_node_id};
+pub use config::{Config, Security};
 pub use connection::{
     CloseReason, Connection, ConnectionHandle, ConnectionInfo, ConnectionStats, Direction, Priority,
 };
 pub use endpoint::{Endpoint, EndpointStats};
 pub use error::TransportError;
+pub use identity::{Identity, NetworkKey};
 pub use tcp::TcpTransport;
 pub use transport::{BoxStream, ByteStream, Listener, Transport};

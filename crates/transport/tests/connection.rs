@@ -110,10 +110,13 @@ async fn refuses_other_network(net: Net) {
     let (server, addr) = net.listening("server", config()).await;
     let stranger = net.dialer("stranger", meshwork_transport::Config::new("other-net"));
     let err = stranger.connect(&addr).await.unwrap_err();
-    assert!(
-        matches!(&err, TransportError::WrongNetwork { ours, theirs } if ours == "other-net" && theirs == "test-net"),
-        "{err:?}"
-    );
+    match &err {
+        TransportError::Refused { reason, message } => {
+            assert_eq!(*reason, DisconnectReason::WrongNetwork);
+            assert!(message.contains("other-net"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     // The server refused too, and keeps serving good peers.
     let friend = net.dialer("friend", config());
     let _conn = friend.connect(&addr).await.unwrap();
@@ -128,13 +131,13 @@ async fn refuses_other_network(net: Net) {
 }
 
 async fn refuses_other_version(net: Net) {
-    let (server, addr) = net.listening("server", config()).await;
-    let mut raw = net.raw("old", &addr).await;
+    let (server, addr) = net.listening("server", plain()).await;
+    let mut raw = net.raw_plain("old", &addr).await;
     let future = config();
     write_msg(&mut raw, &hello_from(&future, 99, "test-net")).await;
     let seen = read_to_end(&mut raw).await;
-    assert!(matches!(seen[0], Message::Hello(_)), "{seen:?}");
-    match &seen[1] {
+    // The responder checks our Hello before sending its own.
+    match &seen[0] {
         Message::Disconnect(d) => {
             assert_eq!(
                 d.reason_or_unspecified(),
@@ -144,7 +147,7 @@ async fn refuses_other_version(net: Net) {
         }
         other => panic!("expected a Disconnect, got {other:?}"),
     }
-    assert_eq!(seen.len(), 2, "the server closes after refusing");
+    assert_eq!(seen.len(), 1, "the server closes after refusing");
     server.shutdown().await;
 }
 
@@ -167,8 +170,8 @@ async fn refuses_connection_to_self(net: Net) {
 }
 
 async fn refuses_first_message_other_than_hello(net: Net) {
-    let (server, addr) = net.listening("server", config()).await;
-    let mut raw = net.raw("rude", &addr).await;
+    let (server, addr) = net.listening("server", plain()).await;
+    let mut raw = net.raw_plain("rude", &addr).await;
     write_msg(
         &mut raw,
         &Message::Ping(Ping {
@@ -192,9 +195,14 @@ async fn handshake_times_out_on_silent_peer(net: Net) {
     let (server, addr) = net.listening("server", cfg).await;
     let mut raw = net.raw("silent", &addr).await;
     let started = tokio::time::Instant::now();
-    let seen = read_to_end(&mut raw).await;
+    let seen = read_raw_to_end(&mut raw).await;
     let waited = started.elapsed();
-    assert!(matches!(seen.as_slice(), [Message::Hello(_)]), "{seen:?}");
+    assert_eq!(
+        &seen[..6],
+        b"mshwrk",
+        "only the server's preamble: {seen:?}"
+    );
+    assert_eq!(seen.len(), 8);
     assert!(
         waited >= Duration::from_millis(150) && waited < Duration::from_secs(3),
         "{waited:?}"
@@ -384,10 +392,10 @@ async fn ping_measures_rtt_and_keepalive_keeps_idle_links(net: Net) {
 }
 
 async fn idle_timeout_closes_silent_peer(net: Net) {
-    let cfg = config().with_keepalive(None, Some(Duration::from_millis(300)));
+    let cfg = plain().with_keepalive(None, Some(Duration::from_millis(300)));
     let (server, addr) = net.listening("server", cfg).await;
     // A peer that completes the handshake, then never says anything again.
-    let mut raw = net.raw("zombie", &addr).await;
+    let mut raw = net.raw_plain("zombie", &addr).await;
     let me = config();
     write_msg(&mut raw, &current_hello(&me)).await;
     let started = tokio::time::Instant::now();
@@ -413,7 +421,7 @@ async fn idle_timeout_closes_silent_peer(net: Net) {
 }
 
 async fn oversized_frames_are_refused_both_ways(net: Net) {
-    let small = || config().with_max_frame_len(1024);
+    let small = || plain().with_max_frame_len(1024);
     let (server, addr) = net.listening("server", small()).await;
     let client = net.dialer("client", small());
     let conn = client.connect(&addr).await.unwrap();
@@ -437,7 +445,7 @@ async fn oversized_frames_are_refused_both_ways(net: Net) {
     assert_eq!(incoming.recv().await.unwrap(), concern(1, b"ok"));
 
     // A raw peer announcing a 1 GiB frame is cut off with a protocol error.
-    let mut raw = net.raw("liar", &addr).await;
+    let mut raw = net.raw_plain("liar", &addr).await;
     write_msg(&mut raw, &current_hello(&config())).await;
     raw.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
     let seen = read_to_end(&mut raw).await;
@@ -453,8 +461,8 @@ async fn oversized_frames_are_refused_both_ways(net: Net) {
 }
 
 async fn garbage_after_handshake_is_a_protocol_error(net: Net) {
-    let (server, addr) = net.listening("server", config()).await;
-    let mut raw = net.raw("noisy", &addr).await;
+    let (server, addr) = net.listening("server", plain()).await;
+    let mut raw = net.raw_plain("noisy", &addr).await;
     write_msg(&mut raw, &current_hello(&config())).await;
     raw.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
         .await
@@ -474,7 +482,7 @@ async fn garbage_after_handshake_is_a_protocol_error(net: Net) {
     ));
 
     // Still serving good peers.
-    let good = net.dialer("good", config());
+    let good = net.dialer("good", plain());
     let _c = good.connect(&addr).await.unwrap();
     good.shutdown().await;
     server.shutdown().await;
@@ -551,9 +559,9 @@ async fn a_slow_consumer_is_not_mistaken_for_a_silent_peer(net: Net) {
 
 async fn idle_timeout_fires_while_streaming_to_a_silent_peer(net: Net) {
     use tokio::io::AsyncReadExt;
-    let cfg = config().with_keepalive(None, Some(Duration::from_millis(300)));
+    let cfg = plain().with_keepalive(None, Some(Duration::from_millis(300)));
     let (server, addr) = net.listening("server", cfg).await;
-    let mut raw = net.raw("sink", &addr).await;
+    let mut raw = net.raw_plain("sink", &addr).await;
     write_msg(&mut raw, &current_hello(&config())).await;
     // The sink reads everything and never says a word.
     let sink = tokio::spawn(async move {
@@ -644,8 +652,16 @@ async fn control_frames_overtake_queued_bulk_frames() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_at_a_time_peer_is_served() {
     let net = Net::Tcp;
-    let (server, addr) = net.listening("server", config()).await;
+    let (server, addr) = net.listening("server", plain()).await;
     let mut raw = net.raw("slow", &addr).await;
+    for b in PLAIN_PREAMBLE.iter() {
+        raw.write_all(&[*b]).await.unwrap();
+        raw.flush().await.unwrap();
+    }
+    let mut preamble = [0u8; 8];
+    tokio::io::AsyncReadExt::read_exact(&mut raw, &mut preamble)
+        .await
+        .unwrap();
     let frame = meshwork_wire::encode_frame(&current_hello(&config()), 1 << 20).unwrap();
     for b in frame.iter() {
         raw.write_all(&[*b]).await.unwrap();

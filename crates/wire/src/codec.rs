@@ -316,7 +316,7 @@ mod tests {
     }
 
     fn reason() -> impl Strategy<Value = i32> {
-        1i32..=10
+        1i32..=11
     }
 
     fn message() -> impl Strategy<Value = Message> {

@@ -56,10 +56,47 @@ impl Net {
     pub async fn raw(&self, host: &str, addr: &Address) -> BoxStream {
         self.transport(host).dial(addr).await.unwrap().0
     }
+
+    /// A raw stream to a plaintext endpoint that has exchanged preambles and
+    /// is ready for frames (the first one being our Hello).
+    pub async fn raw_plain(&self, host: &str, addr: &Address) -> BoxStream {
+        let mut s = self.raw(host, addr).await;
+        s.write_all(PLAIN_PREAMBLE).await.unwrap();
+        let mut theirs = [0u8; 8];
+        s.read_exact(&mut theirs).await.unwrap();
+        assert_eq!(&theirs, PLAIN_PREAMBLE);
+        s
+    }
 }
 
+/// The preamble of a plaintext meshwork v1 node (docs/protocol.md).
+pub const PLAIN_PREAMBLE: &[u8; 8] = b"mshwrk\x01\x00";
+
+/// The default, encrypted configuration of the test network.
 pub fn config() -> Config {
     Config::new("test-net")
+}
+
+/// A plaintext configuration, for tests that script a raw peer.
+pub fn plain() -> Config {
+    config().with_insecure_plaintext()
+}
+
+/// Reads raw bytes until the stream ends or fails, with a timeout.
+pub async fn read_raw_to_end(stream: &mut BoxStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("stream never ended");
+    all
 }
 
 pub fn hello_from(config: &Config, version: u32, network: &str) -> Message {
