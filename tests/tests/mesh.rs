@@ -236,3 +236,19 @@ async fn wait_until(mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A node listed as its own seed notices once and stops dialling itself.
+#[tokio::test(start_paused = true)]
+async fn a_node_does_not_keep_dialling_itself() {
+    let net = MemNetwork::new();
+    let node = builder(&net, "me")
+        .seed(Address::mem("me"))
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // One attempt: refused by itself as responder, given up as dialler.
+    assert_eq!(node.endpoint().stats().handshakes_failed, 2);
+    assert!(node.status().connections.is_empty());
+    node.shutdown().await;
+}

@@ -387,7 +387,13 @@ impl Node {
                     backoff = min;
                     self.clone().run_connection(conn).await;
                 }
-                Err(TransportError::SelfConnection) => {
+                Err(
+                    TransportError::SelfConnection
+                    | TransportError::Refused {
+                        reason: wire::proto::DisconnectReason::SelfConnection,
+                        ..
+                    },
+                ) => {
                     info!("seed is this node; not dialling it");
                     return;
                 }

@@ -8,9 +8,11 @@
 //!                            first, batches)        every frame)
 //! ```
 //!
-//! Frames are encoded on the caller's task, so a too-large message fails at
-//! `send` with [`WireError::FrameTooLarge`](meshwork_wire::WireError) and the
-//! writer only moves bytes. The writer always takes the control lane first,
+//! The size of a message is checked on the caller's task, so a too-large one
+//! fails at `send` with [`WireError::FrameTooLarge`](meshwork_wire::WireError).
+//! The writer encodes queued messages straight into one batch buffer (no
+//! allocation per message) and writes large Concern payloads from their own
+//! buffer without copying them. The writer always takes the control lane first,
 //! then normal, then bulk, so a Ping or a control message never waits behind
 //! queued bulk frames (it can wait for the one frame being written at that
 //! moment). A graceful close is the exception by design: it flushes every
@@ -22,10 +24,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, Ping, Pong};
-use meshwork_wire::{FrameCodec, Message, NodeId, WireError, encode_frame};
+use meshwork_wire::{FrameCodec, Message, NodeId, WireError};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -129,7 +131,7 @@ pub struct ConnectionStats {
 
 struct Shared {
     info: ConnectionInfo,
-    lanes: [mpsc::Sender<Bytes>; 3],
+    lanes: [mpsc::Sender<Message>; 3],
     max_frame_len: usize,
     send_timeout: Duration,
     close_timeout: Duration,
@@ -323,14 +325,14 @@ impl ConnectionHandle {
     /// Cancel safety: dropping the future before it completes means the frame
     /// was not queued.
     pub async fn send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
-        let frame = self.encode(&msg)?;
+        self.check(&msg)?;
         let lane = &self.shared.lanes[priority as usize];
-        match lane.try_send(frame) {
+        match lane.try_send(msg) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
-            Err(mpsc::error::TrySendError::Full(frame)) => {
+            Err(mpsc::error::TrySendError::Full(msg)) => {
                 let timeout = self.shared.send_timeout;
-                match tokio::time::timeout(timeout, lane.send(frame)).await {
+                match tokio::time::timeout(timeout, lane.send(msg)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(_)) => Err(TransportError::NotConnected),
                     Err(_) => Err(TransportError::Timeout {
@@ -345,19 +347,25 @@ impl ConnectionHandle {
     /// Like [`send`](Self::send) but never waits: a full lane is
     /// [`TransportError::QueueFull`].
     pub fn try_send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
-        let frame = self.encode(&msg)?;
-        match self.shared.lanes[priority as usize].try_send(frame) {
+        self.check(&msg)?;
+        match self.shared.lanes[priority as usize].try_send(msg) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
             Err(mpsc::error::TrySendError::Full(_)) => Err(TransportError::QueueFull("send")),
         }
     }
 
-    fn encode(&self, msg: &Message) -> Result<Bytes, TransportError> {
+    /// Refuses messages once closing, and messages over the frame limit.
+    fn check(&self, msg: &Message) -> Result<(), TransportError> {
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(TransportError::NotConnected);
         }
-        Ok(encode_frame(msg, self.shared.max_frame_len)?)
+        let len = msg.encoded_len();
+        let max = self.shared.max_frame_len;
+        if len > max {
+            return Err(WireError::FrameTooLarge { len, max }.into());
+        }
+        Ok(())
     }
 
     /// Sends a Ping and waits for its Pong; returns the round-trip time.
@@ -472,7 +480,12 @@ impl ConnectionHandle {
 pub struct Connection {
     handle: ConnectionHandle,
     inbound: mpsc::Receiver<Message>,
+    /// Messages taken from `inbound` in one go, in reverse order.
+    received: Vec<Message>,
 }
+
+/// Messages taken from the inbound queue at once by [`Connection::recv`].
+const RECV_BATCH: usize = 16;
 
 impl Drop for Connection {
     fn drop(&mut self) {
@@ -508,10 +521,16 @@ impl Connection {
     ///
     /// Cancel safety: cancel-safe; no message is lost if the future is dropped.
     pub async fn recv(&mut self) -> Result<Message, TransportError> {
-        self.inbound
-            .recv()
-            .await
-            .ok_or(TransportError::NotConnected)
+        if let Some(msg) = self.received.pop() {
+            return Ok(msg);
+        }
+        // Taking several at once saves a synchronisation per message when
+        // the peer is streaming.
+        if self.inbound.recv_many(&mut self.received, RECV_BATCH).await == 0 {
+            return Err(TransportError::NotConnected);
+        }
+        self.received.reverse();
+        self.received.pop().ok_or(TransportError::NotConnected)
     }
 
     /// [`recv`](Self::recv) with a timeout.
@@ -588,6 +607,7 @@ impl Connection {
             write_timeout: config.write_timeout,
             close_timeout: config.close_timeout,
             buf: BytesMut::new(),
+            batch: Vec::new(),
         };
         tracker.spawn(writer.run().instrument(span.clone()));
         tracker.spawn(read_loop(shared.clone(), hs.reader, inbound_tx).instrument(span));
@@ -595,13 +615,14 @@ impl Connection {
         Connection {
             handle: ConnectionHandle { shared },
             inbound: inbound_rx,
+            received: Vec::new(),
         }
     }
 }
 
-/// Bytes gathered before a write; small frames are copied into one buffer.
+/// Bytes gathered before a write; small frames are encoded into one buffer.
 const WRITE_BATCH: usize = 256 * 1024;
-/// Frames at least this large are written straight from their own buffer.
+/// Concern payloads at least this large are written from their own buffer.
 const DIRECT_WRITE: usize = 32 * 1024;
 /// A batch buffer that grew beyond this is released after its write.
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
@@ -609,12 +630,13 @@ const KEEP_WRITE_BUFFER: usize = 16 * 1024;
 struct Writer {
     shared: Arc<Shared>,
     io: BoxWrite,
-    lanes: [mpsc::Receiver<Bytes>; 3],
+    lanes: [mpsc::Receiver<Message>; 3],
     keepalive: Option<Duration>,
     idle_timeout: Option<Duration>,
     write_timeout: Duration,
     close_timeout: Duration,
     buf: BytesMut,
+    batch: Vec<Message>,
 }
 
 enum WriteOutcome {
@@ -637,40 +659,30 @@ impl Writer {
         let period = tick_every.unwrap_or(Duration::from_secs(24 * 3600));
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cancelled = shared.cancel.cancelled();
+        let close_requested = shared.close_requested.cancelled();
+        tokio::pin!(cancelled, close_requested);
         let graceful = loop {
             let [control, normal, bulk] = &mut self.lanes;
             let first = tokio::select! {
                 biased;
-                _ = shared.cancel.cancelled() => break false,
-                _ = shared.close_requested.cancelled() => break true,
+                _ = &mut cancelled => break false,
+                _ = &mut close_requested => break true,
                 // Before the lanes: a busy stream must not starve the
                 // keepalive and idle checks. It is ready only when due.
                 _ = tick.tick() => {
-                    if let Some(frame) = self.keepalive_tick() {
-                        match self.write_frames(vec![frame]).await {
-                            WriteOutcome::Ok => {}
-                            WriteOutcome::Cancelled => break false,
-                            WriteOutcome::Failed(r) => { shared.abort(r); break false; }
-                        }
+                    match self.keepalive_tick() {
+                        Some(ping) => ping,
+                        None => continue,
                     }
-                    continue;
                 }
-                Some(f) = control.recv() => f,
-                Some(f) = normal.recv() => f,
-                Some(f) = bulk.recv() => f,
+                Some(m) = control.recv() => m,
+                Some(m) = normal.recv() => m,
+                Some(m) = bulk.recv() => m,
             };
-            let mut batch = vec![first];
-            let mut size = batch[0].len();
-            while size < WRITE_BATCH {
-                match self.next_ready() {
-                    Some(f) => {
-                        size += f.len();
-                        batch.push(f);
-                    }
-                    None => break,
-                }
-            }
-            match self.write_frames(batch).await {
+            self.batch.push(first);
+            self.fill_batch();
+            match self.write_batch().await {
                 WriteOutcome::Ok => {}
                 WriteOutcome::Cancelled => break false,
                 WriteOutcome::Failed(r) => {
@@ -689,25 +701,37 @@ impl Writer {
         shared.task_ended();
     }
 
-    /// Takes the next queued frame, control lane first.
-    fn next_ready(&mut self) -> Option<Bytes> {
+    /// Adds queued messages to the batch, control lane first, up to
+    /// [`WRITE_BATCH`] bytes.
+    fn fill_batch(&mut self) {
+        let mut size: usize = self.batch.iter().map(Message::encoded_len).sum();
+        while size < WRITE_BATCH {
+            match self.next_ready() {
+                Some(m) => {
+                    size += m.encoded_len();
+                    self.batch.push(m);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Takes the next queued message, control lane first.
+    fn next_ready(&mut self) -> Option<Message> {
         self.lanes.iter_mut().find_map(|lane| lane.try_recv().ok())
     }
 
     /// Graceful end: flush what is queued, send the Disconnect, shut the
     /// stream down, and give the peer a moment to close its side.
     async fn finish(&mut self) {
-        let mut batch = Vec::new();
-        while let Some(f) = self.next_ready() {
-            batch.push(f);
+        while let Some(m) = self.next_ready() {
+            self.batch.push(m);
         }
         let disconnect = lock(&self.shared.state).disconnect.take();
         if let Some(d) = disconnect {
-            if let Ok(f) = encode_frame(&Message::Disconnect(d), self.shared.max_frame_len) {
-                batch.push(f);
-            }
+            self.batch.push(Message::Disconnect(d));
         }
-        if !matches!(self.write_frames(batch).await, WriteOutcome::Ok) {
+        if !matches!(self.write_batch().await, WriteOutcome::Ok) {
             return;
         }
         let _ = self.io.shutdown().await;
@@ -718,8 +742,8 @@ impl Writer {
     }
 
     /// Sends a Ping when the link has been quiet, and closes it when the peer
-    /// has been silent too long. Returns a Ping frame to write, if one is due.
-    fn keepalive_tick(&mut self) -> Option<Bytes> {
+    /// has been silent too long. Returns a Ping to write, if one is due.
+    fn keepalive_tick(&mut self) -> Option<Message> {
         let shared = &self.shared;
         let now = Instant::now();
         if let Some(idle) = self.idle_timeout {
@@ -746,55 +770,70 @@ impl Writer {
             return None;
         }
         let nonce = shared.new_ping(now, None).ok()?;
-        let ping = Message::Ping(Ping {
+        Some(Message::Ping(Ping {
             nonce,
             timestamp_micros: wall_micros(),
-        });
-        encode_frame(&ping, shared.max_frame_len).ok()
+        }))
     }
 
-    async fn write_frames(&mut self, frames: Vec<Bytes>) -> WriteOutcome {
+    /// Encodes and writes the batch, then empties it.
+    async fn write_batch(&mut self) -> WriteOutcome {
         let shared = self.shared.clone();
-        let count = frames.len() as u64;
-        let total: usize = frames.iter().map(Bytes::len).sum();
-        let write = async {
-            for frame in frames {
-                if frame.len() >= DIRECT_WRITE {
-                    if !self.buf.is_empty() {
-                        self.io.write_all(&self.buf).await?;
-                        self.buf.clear();
+        let count = self.batch.len() as u64;
+        let result = {
+            let (io, buf, batch) = (&mut self.io, &mut self.buf, &mut self.batch);
+            let write = async {
+                let mut total = 0u64;
+                for msg in batch.drain(..) {
+                    let before = buf.len();
+                    let direct = meshwork_wire::encode_frame_into(&msg, buf, DIRECT_WRITE);
+                    total += (buf.len() - before) as u64;
+                    if let Some(payload) = direct {
+                        total += payload.len() as u64;
+                        io.write_all(buf).await?;
+                        buf.clear();
+                        io.write_all(&payload).await?;
                     }
-                    self.io.write_all(&frame).await?;
-                } else {
-                    self.buf.extend_from_slice(&frame);
                 }
+                if !buf.is_empty() {
+                    io.write_all(buf).await?;
+                    buf.clear();
+                }
+                io.flush().await.map(|()| total)
+            };
+            tokio::pin!(write);
+            // Most writes complete at once: only arm the timer when one waits.
+            match futures_util::FutureExt::now_or_never(write.as_mut()) {
+                Some(r) => Ok(r),
+                None => tokio::select! {
+                    biased;
+                    _ = shared.cancel.cancelled() => Err(None),
+                    r = tokio::time::timeout(self.write_timeout, write) => r.map_err(|_| Some(())),
+                },
             }
-            if !self.buf.is_empty() {
-                self.io.write_all(&self.buf).await?;
-                self.buf.clear();
-            }
-            // An idle connection should not keep a big batch buffer around.
-            if self.buf.capacity() > KEEP_WRITE_BUFFER {
-                self.buf = BytesMut::new();
-            }
-            self.io.flush().await
         };
-        let outcome = tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => WriteOutcome::Cancelled,
-            r = tokio::time::timeout(self.write_timeout, write) => match r {
-                Ok(Ok(())) => WriteOutcome::Ok,
-                Ok(Err(e)) => WriteOutcome::Failed(CloseReason::Io(e.to_string())),
-                Err(_) => WriteOutcome::Failed(CloseReason::WriteTimeout),
-            },
+        self.batch.clear();
+        let mut total = 0;
+        let outcome = match result {
+            Ok(Ok(bytes)) => {
+                total = bytes;
+                WriteOutcome::Ok
+            }
+            Ok(Err(e)) => WriteOutcome::Failed(CloseReason::Io(e.to_string())),
+            Err(None) => WriteOutcome::Cancelled,
+            Err(Some(())) => WriteOutcome::Failed(CloseReason::WriteTimeout),
         };
         if matches!(outcome, WriteOutcome::Ok) {
             shared.frames_sent.fetch_add(count, Ordering::Relaxed);
-            shared.bytes_sent.fetch_add(total as u64, Ordering::Relaxed);
+            shared.bytes_sent.fetch_add(total, Ordering::Relaxed);
             let now = shared.nanos_since_start(Instant::now());
             shared.last_sent_nanos.store(now, Ordering::Relaxed);
         } else {
             self.buf.clear();
+        }
+        // An idle connection should not keep a big batch buffer around.
+        if self.buf.capacity() > KEEP_WRITE_BUFFER {
+            self.buf = BytesMut::new();
         }
         outcome
     }
@@ -806,10 +845,12 @@ async fn read_loop(
     inbound: mpsc::Sender<Message>,
 ) {
     let mut delivered_to_nobody = false;
+    let cancelled = shared.cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let next = tokio::select! {
             biased;
-            _ = shared.cancel.cancelled() => break,
+            _ = &mut cancelled => break,
             next = reader.next() => next,
         };
         let msg = match next {
@@ -836,10 +877,9 @@ async fn read_loop(
         };
         let now = Instant::now();
         shared.frames_received.fetch_add(1, Ordering::Relaxed);
-        shared.bytes_received.fetch_add(
-            (msg.encoded_len() + meshwork_wire::LENGTH_PREFIX_LEN) as u64,
-            Ordering::Relaxed,
-        );
+        shared
+            .bytes_received
+            .store(reader.decoder().decoded_bytes(), Ordering::Relaxed);
         shared
             .last_received_nanos
             .store(shared.nanos_since_start(now), Ordering::Relaxed);
@@ -849,11 +889,9 @@ async fn read_loop(
                     nonce: p.nonce,
                     timestamp_micros: wall_micros(),
                 });
-                if let Ok(frame) = encode_frame(&pong, shared.max_frame_len) {
-                    // A full control lane means we are already busy answering;
-                    // the peer will ping again.
-                    let _ = shared.lanes[0].try_send(frame);
-                }
+                // A full control lane means we are already busy answering;
+                // the peer will ping again.
+                let _ = shared.lanes[0].try_send(pong);
             }
             Message::Pong(p) => shared.on_pong(p.nonce, now),
             Message::Disconnect(d) => {
@@ -881,7 +919,7 @@ async fn read_loop(
                         shared.reader_backpressured.store(true, Ordering::Relaxed);
                         let r = tokio::select! {
                             biased;
-                            _ = shared.cancel.cancelled() => break,
+                            _ = &mut cancelled => break,
                             r = inbound.send(msg) => r.map_err(|_| ()),
                         };
                         shared.reader_backpressured.store(false, Ordering::Relaxed);

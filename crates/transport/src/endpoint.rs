@@ -227,10 +227,22 @@ impl Endpoint {
         match result {
             Ok(hs) => {
                 inner.handshakes_ok.fetch_add(1, Ordering::Relaxed);
-                let conn = self.register(hs, remote, Direction::Inbound);
-                tokio::select! {
-                    _ = inner.stopping.cancelled() => {}
-                    r = inner.incoming_tx.send(conn) => { let _ = r; }
+                let conn = self.register(hs, remote.clone(), Direction::Inbound);
+                // The handshake slot is held until the application takes the
+                // connection, but not forever.
+                let wait = inner.config.handshake_timeout;
+                let queued = tokio::select! {
+                    _ = inner.stopping.cancelled() => return,
+                    r = tokio::time::timeout(wait, inner.incoming_tx.reserve()) => r,
+                };
+                match queued {
+                    Ok(Ok(permit)) => permit.send(conn),
+                    Ok(Err(_)) => {}
+                    Err(_) => {
+                        warn!(%remote, "connection not accepted in time; closing");
+                        conn.close(DisconnectReason::TooManyPeers, "not accepted in time")
+                            .await;
+                    }
                 }
             }
             Err(e) => {
@@ -262,6 +274,13 @@ impl Endpoint {
             &inner.cancel,
         );
         lock(&inner.connections).insert(id, conn.handle());
+        // A ban that landed while this handshake was in flight still applies.
+        if self.is_banned(conn.node_id()) {
+            let handle = conn.handle();
+            inner.tracker.spawn(async move {
+                handle.close(DisconnectReason::Banned, "banned").await;
+            });
+        }
         let weak = Arc::downgrade(&self.inner);
         conn.on_terminate(move || {
             if let Some(inner) = weak.upgrade() {
@@ -288,10 +307,13 @@ impl Endpoint {
 
     /// Dials `addr` and runs the handshake, within the handshake timeout.
     ///
-    /// Fails with [`TransportError::SelfConnection`] if `addr` turns out to
-    /// be this node, and with [`TransportError::Refused`],
-    /// [`TransportError::WrongNetwork`] or
-    /// [`TransportError::IncompatibleVersion`] when either side refuses.
+    /// When the other side refuses us (another network, another version,
+    /// ourselves, not allowed, banned) the error is [`TransportError::Refused`]
+    /// with its reason. When we refuse the other side it is the matching
+    /// variant ([`TransportError::WrongNetwork`],
+    /// [`TransportError::NotAllowed`], ...). An encrypted handshake that fails
+    /// (e.g. another network key) is [`TransportError::Crypto`]; a peer in
+    /// another security mode is [`TransportError::SecurityMismatch`].
     pub async fn connect(&self, addr: &Address) -> Result<Connection, TransportError> {
         let inner = &self.inner;
         if inner.stopping.is_cancelled() {
@@ -343,7 +365,11 @@ impl Endpoint {
     /// Refuses `node` for `duration`: handshakes with it fail with
     /// Disconnect(banned), and open connections to it are closed the same way.
     pub async fn ban(&self, node: &NodeId, duration: Duration) {
-        let until = Instant::now() + duration;
+        // A very long ban (e.g. Duration::MAX) is a ban for ~a century.
+        let now = Instant::now();
+        let until = now
+            .checked_add(duration)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         lock(&self.inner.bans).insert(node.clone(), until);
         let open: Vec<_> = self
             .connections()

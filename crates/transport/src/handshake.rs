@@ -138,6 +138,22 @@ pub(crate) fn check_hello(
     Ok(claimed)
 }
 
+/// Reads the peer's preamble and checks it.
+pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(
+    read: &mut R,
+    security: Security,
+) -> Result<(), TransportError> {
+    let mut theirs = [0u8; PREAMBLE_LEN];
+    read.read_exact(&mut theirs).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            TransportError::Protocol("peer closed the stream during the handshake".into())
+        } else {
+            TransportError::Io(e)
+        }
+    })?;
+    check_preamble(security, &theirs)
+}
+
 /// Decides whether a peer that passed every protocol check may stay
 /// (allow list, bans). Called with its authenticated node id.
 pub(crate) type Admission<'a> = &'a (dyn Fn(&NodeId) -> Result<(), TransportError> + Sync);
@@ -169,24 +185,36 @@ async fn exchange(
 ) -> Result<Handshaken, TransportError> {
     let (mut read, mut write) = tokio::io::split(stream);
 
-    // 1. Preamble, both ways at once.
+    // 1. Preamble, both ways at once. Nobody waits for the other's preamble
+    // before sending what comes next (Noise message 1, or the initiator's
+    // plaintext Hello); it is checked before the first read.
     let ours = preamble(config.security);
     write.write_all(&ours).await?;
     write.flush().await?;
-    let mut theirs = [0u8; PREAMBLE_LEN];
-    read.read_exact(&mut theirs).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            TransportError::Protocol("peer closed the stream during the handshake".into())
-        } else {
-            TransportError::Io(e)
-        }
-    })?;
-    check_preamble(config.security, &theirs)?;
+    let hello = Message::Hello(hello);
+    // Our own Hello must pass the checks the peer will apply (a too-long
+    // network id or too much metadata is a local configuration error).
+    meshwork_wire::validate(&hello, &config.limits)?;
+    let frame = encode_frame(&hello, config.max_frame_len)?;
 
     // 2. Security stage.
     let (read, mut writer, authenticated): (BoxRead, BoxWrite, Option<NodeId>) =
         match config.security {
-            Security::InsecurePlaintext => (Box::new(read), Box::new(write), None),
+            Security::InsecurePlaintext => {
+                if config.network_key.is_some() {
+                    return Err(TransportError::Crypto(
+                        "a network key cannot be enforced without encryption \
+                         (remove with_insecure_plaintext or the network key)"
+                            .into(),
+                    ));
+                }
+                if initiator {
+                    write.write_all(&frame).await?;
+                    write.flush().await?;
+                }
+                read_preamble(&mut read, config.security).await?;
+                (Box::new(read), Box::new(write), None)
+            }
             Security::Noise => {
                 let psk = noise::derive_psk(config.network_key.as_ref());
                 let (state, remote) = noise::handshake(
@@ -196,32 +224,30 @@ async fn exchange(
                     &config.identity,
                     &psk,
                     &ours,
+                    Some(config.security),
                 )
                 .await?;
-                let (r, w) = noise::split(read, write, state);
+                let (r, mut w) = noise::split(read, write, state);
+                if initiator {
+                    w.write_all(&frame).await?;
+                    w.flush().await?;
+                }
                 let id = NodeId::from_bytes(remote.to_vec())?;
                 (Box::new(r), Box::new(w), Some(id))
             }
         };
 
-    // 3. Hello. The initiator sends first; the responder checks it before
-    // answering, so a refusal reaches the dialer as the first frame. (This
-    // costs no round trip: the initiator's Hello follows its last Noise
-    // message, or its preamble, without waiting.)
+    // 3. Hello. The initiator sent first (above); the responder checks it
+    // before answering, so a refusal reaches the dialer as the first frame.
+    // This costs no round trip: the initiator's Hello follows its last Noise
+    // message, or its preamble, without waiting.
     let codec = FrameCodec::new()
         .with_max_frame_len(config.max_frame_len)
         .with_limits(config.limits.clone());
     let mut reader = FramedRead::new(read, codec);
-    let our_hello = hello.clone();
-    let hello = Message::Hello(hello);
-    // Our own Hello must pass the checks the peer will apply (a too-long
-    // network id or too much metadata is a local configuration error).
-    meshwork_wire::validate(&hello, &config.limits)?;
-    let frame = encode_frame(&hello, config.max_frame_len)?;
-    if initiator {
-        writer.write_all(&frame).await?;
-        writer.flush().await?;
-    }
+    let Message::Hello(our_hello) = hello else {
+        unreachable!("built as a Hello above")
+    };
     let theirs = read_hello(&mut reader, &mut writer, config).await?;
     let checked = check_hello(&our_hello, &theirs, authenticated.as_ref()).and_then(|id| {
         admit(&id)?;
@@ -377,6 +403,7 @@ mod tests {
             &forger,
             &noise::derive_psk(None),
             &ours,
+            None,
         )
         .await
         .unwrap();

@@ -8,9 +8,12 @@
 //! - the [`Transport`] trait, implemented by [`TcpTransport`] and by the
 //!   in-memory [`mem::MemTransport`], whose [`mem::MemNetwork`] can add
 //!   latency, drop links and partition hosts for tests;
-//! - the handshake: both sides exchange a Hello within a timeout; another
-//!   network id, another protocol version or our own node id is refused with a
-//!   Disconnect carrying the reason;
+//! - the secure handshake: a preamble, Noise `XXpsk0` (encrypted and mutually
+//!   authenticated by default; the node id is the static public key; an
+//!   optional [`NetworkKey`] keeps non-members out), then a Hello exchange
+//!   within a timeout; another network id, another protocol version, our own
+//!   node id, a forged node id, a node off the allow list or banned is refused
+//!   with a Disconnect carrying the reason;
 //! - [`Connection`]: priority lanes out (control frames never queue behind
 //!   bulk ones), a bounded queue in, one reader and one writer task, Ping/Pong
 //!   answered and timed, keepalive and idle timeout, graceful close;
@@ -61,7 +64,7 @@
 //! ```text
 //!  Endpoint ── connect/accept ──► Connection (lanes, reader, writer)
 //!                                   │ frames: meshwork-wire FrameCodec
-//!                                   │ security stage (plaintext today; Noise slots in here)
+//!                                   │ security stage: Noise transport messages (or opt-in plaintext)
 //!                                   │ ByteStream: TCP socket or in-memory pipe
 //! ```
 

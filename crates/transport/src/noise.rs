@@ -4,10 +4,10 @@
 //! ```text
 //!  initiator                                   responder
 //!    preamble "mshwrk" 1 1 ───────────────────►
-//!    msg1: psk, e ─────────────────────────────►   (a non-member fails here:
+//!    msg1: psk, e (not waiting) ───────────────►   (a non-member fails here:
 //!                 ◄──────────────────────────── preamble   no DH, no identity revealed)
 //!                 ◄──────────────────────────── msg2: e, ee, s, es
-//!    msg3: s, se ──────────────────────────────►
+//!    msg3: s, se, then the Hello ──────────────►
 //!    ═══════════════ transport messages, both ways ═══════════════
 //! ```
 //!
@@ -32,6 +32,7 @@ use snow::StatelessTransportState;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::TransportError;
+use crate::config::Security;
 use crate::identity::{Identity, NetworkKey};
 
 /// The Noise protocol name.
@@ -97,6 +98,7 @@ pub(crate) async fn handshake<R, W>(
     identity: &Identity,
     psk: &[u8; 32],
     prologue: &[u8],
+    mut peer_preamble: Option<Security>,
 ) -> Result<(StatelessTransportState, [u8; 32]), TransportError>
 where
     R: AsyncRead + Unpin,
@@ -128,6 +130,11 @@ where
                 .map_err(|e| crypto_err("noise handshake write", e))?;
             write_message(write, &msg[..n]).await?;
         } else {
+            // The peer's preamble arrives before its first Noise message; the
+            // initiator sent message 1 without waiting for it.
+            if let Some(security) = peer_preamble.take() {
+                crate::handshake::read_preamble(read, security).await?;
+            }
             let n = read_message(read, &mut msg).await.map_err(|e| match e {
                 TransportError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     TransportError::Crypto(format!(
@@ -376,9 +383,9 @@ mod tests {
         let (mut br, mut bw) = tokio::io::split(b);
         let responder_id = ib.clone();
         let (ra, rb) = tokio::join!(
-            handshake(&mut ar, &mut aw, true, &ia, &psk_a, b"p"),
+            handshake(&mut ar, &mut aw, true, &ia, &psk_a, b"p", None),
             async move {
-                let r = handshake(&mut br, &mut bw, false, &responder_id, &psk_b, b"p").await;
+                let r = handshake(&mut br, &mut bw, false, &responder_id, &psk_b, b"p", None).await;
                 // A failed responder closes the stream, as the endpoint does.
                 drop((br, bw));
                 r
@@ -431,8 +438,8 @@ mod tests {
         let (mut ar, mut aw) = tokio::io::split(a);
         let (mut br, mut bw) = tokio::io::split(b);
         let (ra, rb) = tokio::join!(
-            handshake(&mut ar, &mut aw, true, &ia, &psk, b""),
-            handshake(&mut br, &mut bw, false, &ib, &psk, b"")
+            handshake(&mut ar, &mut aw, true, &ia, &psk, b"", None),
+            handshake(&mut br, &mut bw, false, &ib, &psk, b"", None)
         );
         let (_, a_writer) = split(ar, aw, ra.unwrap().0);
         let (b_reader, _) = split(br, bw, rb.unwrap().0);
@@ -478,8 +485,8 @@ mod tests {
         let (mut br, mut bw) = tokio::io::split(b);
         let (ia, ib) = (Identity::generate(), Identity::generate());
         let (ra, rb) = tokio::join!(
-            handshake(&mut ar, &mut aw, true, &ia, &psk, b""),
-            handshake(&mut br, &mut bw, false, &ib, &psk, b"")
+            handshake(&mut ar, &mut aw, true, &ia, &psk, b"", None),
+            handshake(&mut br, &mut bw, false, &ib, &psk, b"", None)
         );
         let state = ra.unwrap().0;
         let mut msg = vec![0u8; 64];
@@ -516,7 +523,7 @@ mod tests {
                 aw.write_all(&wire).await.unwrap();
                 drop(aw);
                 let id = Identity::generate();
-                let r = handshake(&mut br, &mut bw, false, &id, &derive_psk(None), b"").await;
+                let r = handshake(&mut br, &mut bw, false, &id, &derive_psk(None), b"", None).await;
                 assert!(r.is_err());
             });
         }

@@ -21,6 +21,7 @@ pub const LENGTH_PREFIX_LEN: usize = 4;
 pub struct FrameCodec {
     max_frame_len: usize,
     limits: Limits,
+    decoded_bytes: u64,
 }
 
 impl Default for FrameCodec {
@@ -35,6 +36,7 @@ impl FrameCodec {
         FrameCodec {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             limits: Limits::default(),
+            decoded_bytes: 0,
         }
     }
 
@@ -61,6 +63,11 @@ impl FrameCodec {
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
+
+    /// Bytes of complete frames decoded so far, prefixes included.
+    pub fn decoded_bytes(&self) -> u64 {
+        self.decoded_bytes
+    }
 }
 
 /// Encodes one message as a complete frame (prefix included).
@@ -84,6 +91,50 @@ fn put_frame(msg: &Message, len: usize, dst: &mut BytesMut) {
     // `len <= max_frame_len <= u32::MAX` was checked by the caller.
     dst.put_u32(len as u32);
     msg.encode(dst);
+}
+
+/// Appends one message as a complete frame to `dst`, except that the payload
+/// of a [`Message::Concern`] of at least `split_at` bytes is not copied: it is
+/// returned, to be written right after `dst` (zero-copy for large payloads).
+///
+/// `dst` followed by the returned bytes is exactly what [`encode_frame`]
+/// produces. The caller checks the size limit first (`msg.encoded_len()`).
+pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> Option<Bytes> {
+    let len = msg.encoded_len();
+    match msg {
+        Message::Concern(c) if c.payload.len() >= split_at && split_at > 0 => {
+            use prost::encoding::{WireType, encode_key, encode_varint, int32, uint32, uint64};
+            let body_len = c.encoded_len();
+            dst.reserve(LENGTH_PREFIX_LEN + len - c.payload.len());
+            dst.put_u32(len as u32);
+            // Envelope field 6 (concern), length-delimited.
+            encode_key(6, WireType::LengthDelimited, dst);
+            encode_varint(body_len as u64, dst);
+            // Concern fields in tag order, defaults omitted, as prost does.
+            if c.command != 0 {
+                uint32::encode(1, &c.command, dst);
+            }
+            if c.request_id != 0 {
+                uint64::encode(2, &c.request_id, dst);
+            }
+            if c.kind != 0 {
+                int32::encode(3, &c.kind, dst);
+            }
+            if c.ttl != 0 {
+                uint32::encode(4, &c.ttl, dst);
+            }
+            if c.flags != 0 {
+                uint32::encode(5, &c.flags, dst);
+            }
+            encode_key(6, WireType::LengthDelimited, dst);
+            encode_varint(c.payload.len() as u64, dst);
+            Some(c.payload.clone())
+        }
+        _ => {
+            put_frame(msg, len, dst);
+            None
+        }
+    }
 }
 
 /// Decodes and validates one frame body (without its prefix).
@@ -118,6 +169,7 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         src.advance(LENGTH_PREFIX_LEN);
+        self.decoded_bytes += total as u64;
         let body = src.split_to(len).freeze();
         decode_frame(body, &self.limits).map(Some)
     }
@@ -421,6 +473,20 @@ mod tests {
                 capabilities: 0,
             });
             prop_assert_eq!(roundtrip(&msg), msg);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn split_encoding_matches_whole_encoding(msg in message(), split_at in 0usize..300) {
+            let whole = encode_frame(&msg, usize::MAX).unwrap();
+            let mut head = BytesMut::new();
+            let tail = encode_frame_into(&msg, &mut head, split_at);
+            let mut joined = head.to_vec();
+            if let Some(t) = tail {
+                joined.extend_from_slice(&t);
+            }
+            prop_assert_eq!(joined, whole.to_vec());
         }
     }
 

@@ -58,7 +58,10 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/meshwork.v1.rs"));
 }
 
-pub use codec::{DEFAULT_MAX_FRAME_LEN, FrameCodec, LENGTH_PREFIX_LEN, decode_frame, encode_frame};
+pub use codec::{
+    DEFAULT_MAX_FRAME_LEN, FrameCodec, LENGTH_PREFIX_LEN, decode_frame, encode_frame,
+    encode_frame_into,
+};
 pub use error::WireError;
 pub use node_id::NodeId;
 pub use validate::{Limits, validate};
