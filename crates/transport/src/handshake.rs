@@ -227,13 +227,20 @@ async fn exchange(
                     Some(config.security),
                 )
                 .await?;
-                let (r, mut w) = noise::split(read, write, state);
+                let (r, w) = noise::split(read, write, state);
+                let mut w: BoxWrite = Box::new(w);
+                let id = NodeId::from_bytes(remote.to_vec())?;
                 if initiator {
+                    // We know who answered: refuse before saying who we are,
+                    // so the responder sees a refusal, not a brief connection.
+                    if let Err(err) = admit(&id) {
+                        refuse(&mut w, &err, config).await;
+                        return Err(err);
+                    }
                     w.write_all(&frame).await?;
                     w.flush().await?;
                 }
-                let id = NodeId::from_bytes(remote.to_vec())?;
-                (Box::new(r), Box::new(w), Some(id))
+                (Box::new(r), w, Some(id))
             }
         };
 

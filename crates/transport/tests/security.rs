@@ -137,10 +137,16 @@ async fn a_node_off_the_allow_list_is_refused_both_ways(net: Net) {
     );
     eventually("refusal counted", || failures(&server, "not_allowed") == 1).await;
 
-    // The picky node dialling a stranger refuses it too.
+    // The picky node dialling a stranger refuses it too, before its Hello:
+    // the stranger sees a refusal, never a connection.
     let (stranger_server, stranger_addr) = net.listening("stranger2", config()).await;
     let err = server.connect(&stranger_addr).await.unwrap_err();
     assert!(matches!(err, TransportError::NotAllowed(_)), "{err:?}");
+    eventually("the stranger saw a refusal", || {
+        stranger_server.stats().failures.get("refused_by_peer") == Some(&1)
+    })
+    .await;
+    assert_eq!(stranger_server.stats().handshakes_ok, 0);
 
     still_serves_good_peers(&net, &server, config().with_identity(friend)).await;
     stranger.shutdown().await;

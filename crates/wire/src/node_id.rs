@@ -35,6 +35,9 @@ impl NodeId {
         if hex.len() % 2 != 0 {
             return Err(WireError::invalid("node_id", "odd number of hex digits"));
         }
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(WireError::invalid("node_id", "not hexadecimal"));
+        }
         let bytes = (0..hex.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
@@ -91,5 +94,6 @@ mod tests {
         assert!(NodeId::from_hex("abc").is_err());
         assert!(NodeId::from_hex("zz").is_err());
         assert!(NodeId::from_hex("é1").is_err());
+        assert!(NodeId::from_hex("+a").is_err(), "no signs");
     }
 }
