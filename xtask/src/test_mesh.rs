@@ -9,10 +9,16 @@
 //! * when ready the node prints exactly one stdout line:
 //!   `{"event":"ready","node_id":"<hex>","listen":["tcp://..."],"admin":"127.0.0.1:PORT"}`;
 //!   logs go to stderr.
-//! * `GET /status` returns `{"node_id","network_id","listen","uptime_secs","connections":[
+//! * `GET /status` returns `{"node_id","network_id","security","handshakes_ok",
+//!   "handshake_failures":{"<cause>":N,...},"rejected_busy","listen","uptime_secs","connections":[
 //!   {"node_id","addr","direction","listen_addrs","rtt_ms","smoothed_rtt_ms","age_secs",
-//!   "frames_sent","frames_received"}]}`.
+//!   "frames_sent","frames_received"}]}`; `security` is `"noise"` unless the node was
+//!   started with `--insecure` (test-mesh never does).
 //! * `POST /shutdown` (or SIGTERM / Ctrl-C) shuts down gracefully and exits 0.
+//! * `meshwork node --key FILE` loads or creates (mode 0600) the node key, whose public
+//!   half is the node id; `--network-key FILE` makes the node refuse (and be refused by)
+//!   nodes without the same key; `meshwork keygen --network-key FILE` creates such a key,
+//!   exits 0, and exits 1 without touching FILE if it exists.
 //!
 //! Node 0 starts first; the others get `--seed <node 0's listen address>`.
 //! Scenarios run in registry order ([`SCENARIOS`]) against the same mesh, so
@@ -20,7 +26,8 @@
 //! preconditions. Every wait has a deadline. All started processes are killed
 //! when the [`Mesh`] guard is dropped, including on error and panic.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read};
@@ -48,6 +55,10 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const PEER_DROP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout of each admin API request.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a node with another network key is watched for sneaking in.
+const OUTSIDER_WINDOW: Duration = Duration::from_secs(3);
+/// How long a short CLI command (`meshwork keygen`) may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
 const DEFAULT_NODES: usize = 5;
 const MIN_NODES: usize = 2;
@@ -70,7 +81,8 @@ OPTIONS:
     --node-bin PATH     Use this node binary instead of building meshwork-cli
     --list              List the scenarios and exit
 
-Node logs (stderr): <target>/test-mesh/<run-id>/node-<i>.log
+Node logs (stderr): <target>/test-mesh/<run-id>/node-<i>.log (the key files the
+scenarios create are in the same directory)
 ";
 
 /// What `cargo xtask test-mesh` was asked to do.
@@ -116,6 +128,19 @@ const SCENARIOS: &[Scenario] = &[
         about: "node 0 lists exactly the other nodes, they all list node 0, every connection \
                 carries the peer's listen address, and node 0 measures an RTT to each peer",
         run: scenario_handshake,
+    },
+    Scenario {
+        name: "network-key",
+        about: "a node with a network key (from `meshwork keygen --network-key`) seeding node 0, \
+                which has none, never appears in node 0's /status for 3 s, node 0 counts \
+                crypto handshake failures, and the rest of the mesh is unaffected",
+        run: scenario_network_key,
+    },
+    Scenario {
+        name: "persistent-identity",
+        about: "a node started with --key FILE (created 0600) keeps its node id across a \
+                restart, and node 0 lists it again under that id",
+        run: scenario_persistent_identity,
     },
     Scenario {
         name: "graceful-shutdown",
@@ -420,14 +445,15 @@ fn scenario_handshake(mesh: &mut Mesh) -> Result<String> {
     )?;
     Ok(format!(
         "node 0 connected to all {} peer(s) and every node lists node 0 after {}; \
-         listen_addrs correct; RTTs measured {} later",
+         every node encrypted (noise); listen_addrs correct; RTTs measured {} later",
         others.len(),
         fmt_duration(formed),
         fmt_duration(rtt_started.elapsed())
     ))
 }
 
-/// Every node reports the node id of its ready line and our network.
+/// Every node reports the node id of its ready line, our network, and
+/// encrypted links (the default: test-mesh never passes `--insecure`).
 fn check_identity(mesh: &Mesh, snap: &Snapshot) -> Result<(), Wait> {
     for i in mesh.alive() {
         let s = snap.status(i)?;
@@ -442,6 +468,12 @@ fn check_identity(mesh: &Mesh, snap: &Snapshot) -> Result<(), Wait> {
             return Err(Wait::Fatal(format!(
                 "node {i}: /status network_id {:?}, expected {:?}",
                 s.network_id, mesh.network
+            )));
+        }
+        if s.security != "noise" {
+            return Err(Wait::Fatal(format!(
+                "node {i}: /status security {:?}, expected \"noise\" (encrypted is the default)",
+                s.security
             )));
         }
     }
@@ -527,6 +559,259 @@ fn check_listen_addrs(mesh: &Mesh, snap: &Snapshot) -> Result<(), Wait> {
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+fn scenario_network_key(mesh: &mut Mesh) -> Result<String> {
+    ensure!(mesh.is_alive(0), "node 0 is not running");
+    let members: Vec<usize> = mesh.alive().filter(|&i| i != 0).collect();
+
+    // The key, made the way users make it; a second keygen must not touch it.
+    let key = mesh.log_dir.join("network.key");
+    let keygen: Vec<OsString> = vec!["keygen".into(), "--network-key".into(), key.clone().into()];
+    let shown = format!("meshwork keygen --network-key {}", key.display());
+    let (status, _, stderr) = mesh.run_cli(&keygen)?;
+    ensure!(
+        status.success(),
+        "`{shown}` failed ({status}): {}",
+        stderr.trim()
+    );
+    check_private_file(&key)?;
+    let written = fs::read(&key).with_context(|| format!("cannot read {}", key.display()))?;
+    let (status, _, stderr) = mesh.run_cli(&keygen)?;
+    ensure!(
+        status.code() == Some(1) && stderr.contains(&key.display().to_string()),
+        "`{shown}` over an existing key must exit 1 naming the file; got {status}: {}",
+        stderr.trim()
+    );
+    ensure!(
+        fs::read(&key)? == written,
+        "`{shown}` over an existing key changed the file"
+    );
+
+    let crypto_before = mesh.poll_until(
+        "node 0's /status",
+        Poll::Only(&[0]),
+        SCENARIO_TIMEOUT,
+        |_, snap| Ok(snap.status(0)?.failures("crypto")),
+    )?;
+    let seed = mesh.nodes[0].ready.listen[0].clone();
+    let outsider = mesh.spawn_with(&[seed], &["--network-key".into(), key.into()])?;
+    let result = check_outsider(mesh, outsider, &members, crypto_before);
+    let stopped = mesh.stop(outsider);
+    let summary = result?;
+    stopped.with_context(|| format!("stopping node {outsider} (the one with the network key)"))?;
+    Ok(summary)
+}
+
+/// Node `outsider` (with a network key) seeds node 0 (without): it must stay
+/// out, and the `members` must stay connected.
+fn check_outsider(
+    mesh: &mut Mesh,
+    outsider: usize,
+    members: &[usize],
+    crypto_before: u64,
+) -> Result<String> {
+    mesh.wait_ready(outsider)?;
+    let id = mesh.nodes[outsider].ready.node_id.clone();
+    let polls = mesh.watch_for(
+        &format!("node {outsider} (network key) to stay out of node 0's /status"),
+        Poll::Only(&[0, outsider]),
+        OUTSIDER_WINDOW,
+        |mesh, snap| {
+            if snap.status(0)?.connections.iter().any(|c| c.node_id == id) {
+                return Err(Wait::Fatal(format!(
+                    "node 0 lists node {outsider}, which has a network key node 0 lacks"
+                )));
+            }
+            if let Some(c) = snap.status(outsider)?.connections.first() {
+                return Err(Wait::Fatal(format!(
+                    "node {outsider} (network key) is connected to {}",
+                    mesh.label(&c.node_id)
+                )));
+            }
+            Ok(())
+        },
+    )?;
+    // Must hold now: the outsider has been dialling node 0 for the whole window.
+    let (crypto, outsider_failures) =
+        mesh.check_now("after the window", Poll::Only(&[0, outsider]), |_, snap| {
+            let crypto = snap.status(0)?.failures("crypto");
+            if crypto <= crypto_before {
+                return Err(Wait::Pending(format!(
+                    "node 0 counted no crypto handshake failure in {} (handshake_failures: {:?})",
+                    fmt_duration(OUTSIDER_WINDOW),
+                    snap.status(0)?.handshake_failures
+                )));
+            }
+            let so = snap.status(outsider)?;
+            if so.handshakes_ok != 0 {
+                return Err(Wait::Fatal(format!(
+                    "node {outsider} (network key) completed {} handshake(s)",
+                    so.handshakes_ok
+                )));
+            }
+            Ok((crypto - crypto_before, so.handshake_failures.clone()))
+        })?;
+    mesh.poll_until(
+        "the other nodes to stay connected to node 0",
+        Poll::All,
+        SCENARIO_TIMEOUT,
+        |mesh, snap| {
+            check_identity(mesh, snap)?;
+            check_star(mesh, snap, members)
+        },
+    )?;
+    let seen: Vec<String> = outsider_failures
+        .iter()
+        .map(|(cause, n)| format!("{cause} {n}"))
+        .collect();
+    Ok(format!(
+        "node {outsider} (network key) stayed out of node 0 for {} ({polls} polls); node 0 \
+         counted {crypto} crypto handshake failure(s), node {outsider} saw: {}; the other {} \
+         node(s) still connected",
+        fmt_duration(OUTSIDER_WINDOW),
+        if seen.is_empty() {
+            "none".to_owned()
+        } else {
+            seen.join(", ")
+        },
+        members.len()
+    ))
+}
+
+fn scenario_persistent_identity(mesh: &mut Mesh) -> Result<String> {
+    ensure!(mesh.is_alive(0), "node 0 is not running");
+    let key = mesh.log_dir.join("persistent-node.key");
+    ensure!(
+        key.symlink_metadata().is_err(),
+        "{} exists before the node created it",
+        key.display()
+    );
+    let seed = mesh.nodes[0].ready.listen[0].clone();
+    let args: Vec<OsString> = vec!["--key".into(), key.clone().into()];
+
+    // First life: the node creates its key file.
+    let first = mesh.spawn_with(std::slice::from_ref(&seed), &args)?;
+    let result = check_keyed_node(mesh, first, &key, None);
+    let stopped = mesh.stop(first);
+    let (id, contents) = result?;
+    stopped.with_context(|| format!("stopping node {first} (first start with --key)"))?;
+    mesh.poll_until(
+        &format!("node 0 to stop listing node {first}"),
+        Poll::Only(&[0]),
+        PEER_DROP_TIMEOUT,
+        |_, snap| {
+            if snap.status(0)?.connections.iter().any(|c| c.node_id == id) {
+                Err(Wait::Pending(format!(
+                    "node 0 still lists node {first} after it exited"
+                )))
+            } else {
+                Ok(())
+            }
+        },
+    )?;
+
+    // A node key is an identity: keygen must refuse to replace it.
+    let keygen: Vec<OsString> = vec!["keygen".into(), "--key".into(), key.clone().into()];
+    let (status, stdout, stderr) = mesh.run_cli(&keygen)?;
+    ensure!(
+        status.code() == Some(1)
+            && stdout.is_empty()
+            && stderr.contains(&key.display().to_string()),
+        "`meshwork keygen --key {}` over an existing key must exit 1 naming the file and print \
+         no node id; got {status}, stdout {stdout:?}, stderr: {}",
+        key.display(),
+        stderr.trim()
+    );
+    ensure!(
+        fs::read(&key)? == contents,
+        "`meshwork keygen --key {}` changed the existing key file",
+        key.display()
+    );
+
+    // Second life: same file, same id.
+    let second = mesh.spawn_with(&[seed], &args)?;
+    let result = check_keyed_node(mesh, second, &key, Some((&id, &contents)));
+    let stopped = mesh.stop(second);
+    result?;
+    stopped.with_context(|| format!("stopping node {second} (restart with --key)"))?;
+    Ok(format!(
+        "node {first} created {} (mode 0600) as {}; keygen refused to replace it; restarted as \
+         node {second} with the same id, listed again by node 0; the key file is unchanged",
+        key.file_name().map_or_else(
+            || key.display().to_string(),
+            |n| n.to_string_lossy().into_owned()
+        ),
+        short_id(&id)
+    ))
+}
+
+/// Node `i` was started with `--key key`: checks the file (mode 0600, and
+/// unchanged if `before` gives the id and contents of an earlier start),
+/// that the ready line and `/status` carry the id, and that node 0 lists it.
+/// Returns the id and the key file's contents.
+fn check_keyed_node(
+    mesh: &mut Mesh,
+    i: usize,
+    key: &Path,
+    before: Option<(&str, &[u8])>,
+) -> Result<(String, Vec<u8>)> {
+    mesh.wait_ready(i)?;
+    let id = mesh.nodes[i].ready.node_id.clone();
+    ensure!(
+        id.len() == 64,
+        "node {i}: node id {id} is not 32 bytes (an X25519 public key)"
+    );
+    check_private_file(key)?;
+    let contents = fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+    if let Some((old_id, old_contents)) = before {
+        ensure!(
+            id == old_id,
+            "node {i} restarted with --key {} has node id {id}, not {old_id} as before",
+            key.display()
+        );
+        ensure!(
+            contents == old_contents,
+            "{} changed across the restart",
+            key.display()
+        );
+    }
+    mesh.poll_until(
+        &format!("node 0 to list node {i} ({})", short_id(&id)),
+        Poll::Only(&[0, i]),
+        SCENARIO_TIMEOUT,
+        |_, snap| {
+            let own = &snap.status(i)?.node_id;
+            if own != &id {
+                return Err(Wait::Fatal(format!(
+                    "node {i}: /status node_id {own} differs from its ready line's {id}"
+                )));
+            }
+            if snap.status(0)?.connections.iter().any(|c| c.node_id == id) {
+                Ok(())
+            } else {
+                Err(Wait::Pending(format!("node 0 does not list node {i}")))
+            }
+        },
+    )?;
+    Ok((id, contents))
+}
+
+/// `path` is a regular file only its owner can read or write (mode 0600).
+fn check_private_file(path: &Path) -> Result<()> {
+    let meta = fs::metadata(path).with_context(|| format!("{} was not created", path.display()))?;
+    ensure!(meta.is_file(), "{} is not a regular file", path.display());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        ensure!(
+            mode == 0o600,
+            "{} has mode {mode:o}, expected 600",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -704,6 +989,13 @@ impl Mesh {
     }
 
     fn spawn(&mut self, seeds: &[String]) -> Result<()> {
+        self.spawn_with(seeds, &[]).map(|_| ())
+    }
+
+    /// Starts one more node seeded with `seeds`, with `extra` arguments for
+    /// `meshwork node`; returns its index (it has not printed its ready line
+    /// yet: see [`Mesh::wait_ready`]).
+    fn spawn_with(&mut self, seeds: &[String], extra: &[OsString]) -> Result<usize> {
         let index = self.nodes.len();
         let log_path = self.log_dir.join(format!("node-{index}.log"));
         let log = File::create(&log_path)
@@ -720,6 +1012,7 @@ impl Mesh {
         for seed in seeds {
             cmd.args(["--seed", seed]);
         }
+        cmd.args(extra);
         cmd.args(["--meta", &format!("test-mesh-node={index}")])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -746,7 +1039,66 @@ impl Mesh {
             ready: Ready::default(),
             exit: None,
         });
-        Ok(())
+        Ok(index)
+    }
+
+    /// Stops node `i` with POST /shutdown and checks that it exits 0 within
+    /// [`EXIT_TIMEOUT`]; kills it otherwise. Does nothing if it is not running.
+    fn stop(&mut self, i: usize) -> Result<()> {
+        if !self.is_alive(i) {
+            return Ok(());
+        }
+        let admin = self.nodes[i].ready.admin.clone();
+        if let Err(e) = self.http.shutdown(&admin) {
+            self.kill(i);
+            return Err(e.context(format!("POST /shutdown to node {i} (killed it)")));
+        }
+        match self.wait_exit(i, EXIT_TIMEOUT)? {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => bail!(
+                "node {i} exited with {status} after POST /shutdown, expected 0 (log: {})",
+                self.nodes[i].log_path.display()
+            ),
+            None => {
+                self.kill(i);
+                bail!(
+                    "node {i} did not exit within {} of POST /shutdown (killed it)",
+                    fmt_duration(EXIT_TIMEOUT)
+                )
+            }
+        }
+    }
+
+    /// Runs the node binary with `args` (a short command such as `keygen`),
+    /// killing it after [`CLI_TIMEOUT`]. Returns its exit status, stdout and
+    /// stderr.
+    fn run_cli(&self, args: &[OsString]) -> Result<(ExitStatus, String, String)> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let shown = display_cmd(&cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("failed to run `{shown}`"))?;
+        // The output is a few lines: it fits the pipes, so waiting first is safe.
+        let Some(status) = wait_timeout(&mut child, CLI_TIMEOUT)? else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "`{shown}` did not finish within {} (killed it)",
+                fmt_duration(CLI_TIMEOUT)
+            );
+        };
+        let (mut out, mut err) = (String::new(), String::new());
+        if let Some(mut s) = child.stdout.take() {
+            s.read_to_string(&mut out)?;
+        }
+        if let Some(mut s) = child.stderr.take() {
+            s.read_to_string(&mut err)?;
+        }
+        Ok((status, out, err))
     }
 
     /// Reads node `i`'s ready line (within [`READY_TIMEOUT`]).
@@ -797,8 +1149,12 @@ impl Mesh {
             .map(|n| n.index)
     }
 
+    /// The index of the node with this id: the running one if a node was
+    /// restarted with the same key, else the last one that had it.
     fn index_of(&self, node_id: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.ready.node_id == node_id)
+        let mut with_id = self.nodes.iter().filter(|n| n.ready.node_id == node_id);
+        let last = with_id.clone().next_back().map(|n| n.index);
+        with_id.find(|n| n.exit.is_none()).map(|n| n.index).or(last)
     }
 
     /// `node 3`, or `id 1a2b3c4d` for ids that are not ours.
@@ -882,6 +1238,52 @@ impl Mesh {
                 );
             }
             thread::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    /// Fetches `/status` of the `which` nodes once and applies `check`.
+    fn check_now<T>(
+        &mut self,
+        what: &str,
+        which: Poll<'_>,
+        check: impl FnOnce(&Mesh, &Snapshot) -> Result<T, Wait>,
+    ) -> Result<T> {
+        self.check_unexpected_exits()
+            .with_context(|| format!("while checking {what}"))?;
+        self.refresh_snapshot_of(which);
+        check(self, &self.snapshot)
+            .map_err(|(Wait::Fatal(reason) | Wait::Pending(reason))| anyhow!("{what}: {reason}"))
+    }
+
+    /// Polls `/status` of the `which` nodes for all of `duration` and
+    /// fails as soon as `check` does not hold (or a node dies, or a
+    /// `/status` fails). Returns the number of polls.
+    fn watch_for(
+        &mut self,
+        what: &str,
+        which: Poll<'_>,
+        duration: Duration,
+        mut check: impl FnMut(&Mesh, &Snapshot) -> Result<(), Wait>,
+    ) -> Result<usize> {
+        let started = Instant::now();
+        let end = started + duration;
+        let mut polls = 0;
+        loop {
+            self.check_unexpected_exits()
+                .with_context(|| format!("while waiting for {what}"))?;
+            self.refresh_snapshot_of(which);
+            polls += 1;
+            if let Err(Wait::Fatal(reason) | Wait::Pending(reason)) = check(self, &self.snapshot) {
+                bail!(
+                    "{what}: failed after {}: {reason}",
+                    fmt_duration(started.elapsed())
+                );
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(polls);
+            }
+            thread::sleep(POLL_INTERVAL.min(left));
         }
     }
 
@@ -1025,11 +1427,36 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatu
     }
 }
 
-/// On failure: the log paths and the tail of each log.
+/// The indices of the `node-<i>.log` files in `log_dir`, in order (the mesh's
+/// nodes and those the scenarios started).
+fn node_logs(log_dir: &Path) -> Vec<usize> {
+    let mut found: Vec<usize> = fs::read_dir(log_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("node-")?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// On failure: the log paths and the tail of the logs of the first 8 of the
+/// `nodes` mesh nodes and of every node a scenario started.
 fn print_logs_on_failure(log_dir: &Path, nodes: usize) {
     const TAIL: usize = 20;
+    const MESH_LOGS: usize = 8;
     println!("\ntest-mesh: node logs kept in {}", log_dir.display());
-    for i in 0..nodes {
+    let mut skipped = 0;
+    for i in node_logs(log_dir) {
+        if i >= MESH_LOGS && i < nodes {
+            skipped += 1;
+            continue;
+        }
         let path = log_dir.join(format!("node-{i}.log"));
         let Ok(text) = fs::read_to_string(&path) else {
             continue;
@@ -1043,10 +1470,9 @@ fn print_logs_on_failure(log_dir: &Path, nodes: usize) {
         for line in &lines[lines.len().saturating_sub(TAIL)..] {
             println!("  {line}");
         }
-        if i >= 7 {
-            println!("--- (not showing the other logs)");
-            break;
-        }
+    }
+    if skipped > 0 {
+        println!("--- (not showing the logs of {skipped} other mesh node(s))");
     }
 }
 
@@ -1142,6 +1568,12 @@ fn loopback_admin(addr: &str) -> Result<String> {
 struct Status {
     node_id: String,
     network_id: String,
+    /// `"noise"` or `"plaintext"`.
+    security: String,
+    handshakes_ok: u64,
+    /// Failed handshakes by cause, e.g. `"crypto"`.
+    handshake_failures: BTreeMap<String, u64>,
+    rejected_busy: u64,
     listen: Vec<String>,
     uptime_secs: f64,
     connections: Vec<Connection>,
@@ -1161,6 +1593,13 @@ struct Connection {
     frames_received: u64,
 }
 
+impl Status {
+    /// Failed handshakes with this cause (0 if none).
+    fn failures(&self, cause: &str) -> u64 {
+        self.handshake_failures.get(cause).copied().unwrap_or(0)
+    }
+}
+
 impl Connection {
     /// Latest RTT sample, else the smoothed one.
     fn rtt(&self) -> Option<f64> {
@@ -1178,9 +1617,28 @@ fn parse_status(v: &Value) -> Result<Status> {
         .enumerate()
         .map(|(i, c)| parse_connection(c).with_context(|| format!("connections[{i}]")))
         .collect::<Result<Vec<_>>>()?;
+    let security = str_field(v, "security")?;
+    ensure!(
+        security == "noise" || security == "plaintext",
+        "`security` is {security:?}, expected \"noise\" or \"plaintext\""
+    );
+    let handshake_failures = field(v, "handshake_failures")?
+        .as_object()
+        .context("`handshake_failures` is not an object")?
+        .iter()
+        .map(|(cause, n)| {
+            n.as_u64().map(|n| (cause.clone(), n)).with_context(|| {
+                format!("`handshake_failures.{cause}` is not a non-negative integer")
+            })
+        })
+        .collect::<Result<_>>()?;
     Ok(Status {
         node_id: str_field(v, "node_id")?,
         network_id: str_field(v, "network_id")?,
+        security,
+        handshakes_ok: u64_field(v, "handshakes_ok")?,
+        handshake_failures,
+        rejected_busy: u64_field(v, "rejected_busy")?,
         listen: str_list(v, "listen")?,
         uptime_secs: num_field(v, "uptime_secs")?,
         connections,
@@ -1400,7 +1858,9 @@ mod tests {
     #[test]
     fn status_json() {
         let v = serde_json::json!({
-            "node_id": "aa", "network_id": "n", "listen": ["tcp://127.0.0.1:1"], "uptime_secs": 1.5,
+            "node_id": "aa", "network_id": "n", "security": "noise", "handshakes_ok": 2,
+            "handshake_failures": {"crypto": 3}, "rejected_busy": 0,
+            "listen": ["tcp://127.0.0.1:1"], "uptime_secs": 1.5,
             "connections": [{
                 "node_id": "bb", "addr": "tcp://127.0.0.1:2", "direction": "inbound",
                 "listen_addrs": ["tcp://127.0.0.1:3"], "rtt_ms": null, "smoothed_rtt_ms": 0.25,
@@ -1410,6 +1870,19 @@ mod tests {
         let s = parse_status(&v).unwrap();
         assert_eq!(s.connections[0].rtt_ms, None);
         assert_eq!(s.connections[0].rtt(), Some(0.25));
+        assert_eq!(s.security, "noise");
+        assert_eq!((s.failures("crypto"), s.failures("io")), (3, 0));
+
+        for (key, value) in [
+            ("security", serde_json::json!("rot13")),
+            ("handshake_failures", serde_json::json!({"crypto": -1})),
+            ("handshake_failures", serde_json::json!([])),
+            ("handshakes_ok", serde_json::json!(null)),
+        ] {
+            let mut bad = v.clone();
+            bad[key] = value;
+            assert!(parse_status(&bad).is_err(), "{bad}");
+        }
 
         let mut bad = v.clone();
         bad["connections"][0]["direction"] = "sideways".into();

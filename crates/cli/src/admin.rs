@@ -19,7 +19,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use meshwork::transport::Direction;
+use meshwork::transport::{Direction, EndpointStats, Security};
 use meshwork::{ConnectionStatus, Node, NodeStatus};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -116,6 +116,17 @@ pub(crate) struct StatusJson {
     pub(crate) node_id: String,
     /// Its network.
     pub(crate) network_id: String,
+    /// How its links are protected: `"noise"` (encrypted, the default) or
+    /// `"plaintext"` (`--insecure`).
+    pub(crate) security: &'static str,
+    /// Handshakes that completed, both directions.
+    pub(crate) handshakes_ok: u64,
+    /// Failed handshakes by cause (e.g. `"crypto"`: another network key or
+    /// not a meshwork node; `"not_allowed"`; `"wrong_network"`), both
+    /// directions. Causes that never happened are absent.
+    pub(crate) handshake_failures: BTreeMap<&'static str, u64>,
+    /// Incoming streams closed at once because too many handshakes were pending.
+    pub(crate) rejected_busy: u64,
     /// Where it accepts connections.
     pub(crate) listen: Vec<String>,
     /// The metadata it sends to peers (`--meta`).
@@ -156,11 +167,20 @@ fn ms(d: Duration) -> f64 {
     d.as_nanos() as f64 / 1e6
 }
 
-/// Converts a node snapshot to its JSON form.
-pub(crate) fn status_json(status: &NodeStatus) -> StatusJson {
+/// Converts a node snapshot, its security mode and its handshake counters
+/// (`node.endpoint().stats()`) to the JSON form.
+pub(crate) fn status_json(
+    status: &NodeStatus,
+    security: Security,
+    stats: &EndpointStats,
+) -> StatusJson {
     StatusJson {
         node_id: status.node_id.to_string(),
         network_id: status.network_id.clone(),
+        security: security.name(),
+        handshakes_ok: stats.handshakes_ok,
+        handshake_failures: stats.failures.clone(),
+        rejected_busy: stats.rejected_busy,
         listen: status.listen.iter().map(|a| a.to_string()).collect(),
         metadata: status.metadata.clone().into_iter().collect(),
         uptime_secs: status.uptime.as_secs_f64(),
@@ -191,7 +211,13 @@ async fn health() -> &'static str {
 }
 
 async fn status(State(state): State<AdminState>) -> Json<StatusJson> {
-    Json(status_json(&state.node.status()))
+    let node = &state.node;
+    let endpoint = node.endpoint();
+    Json(status_json(
+        &node.status(),
+        endpoint.config().security(),
+        &endpoint.stats(),
+    ))
 }
 
 /// The body of `POST /shutdown`.
@@ -333,12 +359,23 @@ mod tests {
                 frames_received: 4,
             }],
         };
-        let json = serde_json::to_value(status_json(&status)).unwrap();
+        let stats = EndpointStats {
+            failures: [("crypto", 2), ("not_allowed", 1)].into(),
+            handshakes_ok: 5,
+            handshakes_failed: 3,
+            rejected_busy: 7,
+            open_connections: 1,
+        };
+        let json = serde_json::to_value(status_json(&status, Security::Noise, &stats)).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
                 "node_id": "abcd",
                 "network_id": "net",
+                "security": "noise",
+                "handshakes_ok": 5,
+                "handshake_failures": {"crypto": 2, "not_allowed": 1},
+                "rejected_busy": 7,
                 "listen": ["tcp://127.0.0.1:7000"],
                 "metadata": {"role": "seed"},
                 "uptime_secs": 1.5,
@@ -356,6 +393,15 @@ mod tests {
                 }]
             })
         );
+        let plain = status_json(
+            &status,
+            Security::InsecurePlaintext,
+            &EndpointStats::default(),
+        );
+        let json = serde_json::to_value(plain).unwrap();
+        assert_eq!(json["security"], "plaintext");
+        assert_eq!(json["handshake_failures"], serde_json::json!({}));
+        assert_eq!(json["handshakes_ok"], 0);
     }
 
     #[tokio::test]
@@ -378,6 +424,10 @@ mod tests {
         };
         assert_eq!(status["node_id"], a.node_id().to_string());
         assert_eq!(status["network_id"], "admin-test");
+        assert_eq!(status["security"], "noise", "encrypted by default");
+        assert!(status["handshakes_ok"].as_u64().unwrap() >= 1, "{status}");
+        assert_eq!(status["handshake_failures"], serde_json::json!({}));
+        assert_eq!(status["rejected_busy"], 0);
         assert_eq!(status["listen"][0], a.listen_addrs()[0].to_string());
         assert!(status["uptime_secs"].as_f64().unwrap() > 0.0);
         let conns = status["connections"].as_array().unwrap();
@@ -400,6 +450,45 @@ mod tests {
         assert!(body["error"].is_string(), "{body}");
 
         b.shutdown().await;
+        a.shutdown().await;
+    }
+
+    /// A node with another network key never gets in; the failed
+    /// handshakes show up in `/status` as `crypto`.
+    #[tokio::test]
+    async fn network_key_mismatch_shows_as_crypto_failures() {
+        let net = MemNetwork::new();
+        let a = Node::builder("admin-test")
+            .transport(net.transport("a"))
+            .listen("mem://a".parse().unwrap())
+            .start()
+            .await
+            .unwrap();
+        let key = meshwork::transport::NetworkKey::from_secret(b"a secret of 16+ bytes").unwrap();
+        let outsider = Node::builder("admin-test")
+            .transport(net.transport("c"))
+            .network_key(key)
+            .seed("mem://a".parse().unwrap())
+            .redial_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .start()
+            .await
+            .unwrap();
+        let (addr, _shutdown) = serve(&a).await;
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let (code, status) = get_json(addr, "/status").await;
+            assert_eq!(code, 200);
+            assert_eq!(status["connections"], serde_json::json!([]), "{status}");
+            if status["handshake_failures"]["crypto"].as_u64() >= Some(2) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no crypto failures: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        outsider.shutdown().await;
         a.shutdown().await;
     }
 

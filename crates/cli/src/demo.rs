@@ -13,6 +13,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use meshwork::transport::Security;
+use meshwork::transport::noise::NOISE_PARAMS;
 use meshwork::wire::NodeId;
 use meshwork::{Node, NodeStatus};
 use tokio::time::Instant;
@@ -130,7 +132,9 @@ impl Demo {
     fn intro(&mut self) {
         self.screen.print(&format!(
             "meshwork demo: {} nodes on TCP loopback, network {NETWORK:?}, pinging every {} ms\n\
-             node 0 is the seed; node i dials nodes 0..i, so they form a full mesh\n\n",
+             node 0 is the seed; node i dials nodes 0..i, so they form a full mesh\n\
+             every link is encrypted and authenticated ({NOISE_PARAMS}); \
+             a node id is the node's X25519 public key\n\n",
             self.count,
             PING_INTERVAL.as_millis(),
         ));
@@ -186,6 +190,7 @@ impl Demo {
                 self.report
                     .push(("time to full mesh".into(), fmt_duration(took)));
                 self.mesh_complete_after = Some(took);
+                self.record_security()?;
                 return Ok(());
             }
             if self.t0.elapsed() >= MESH_TIMEOUT {
@@ -295,6 +300,29 @@ impl Demo {
         self.screen.commit();
         self.report.push(("shutdown".into(), line));
         problems.is_empty()
+    }
+
+    /// Checks that every node encrypts (the library default) and adds the
+    /// handshake counts to the summary.
+    fn record_security(&mut self) -> anyhow::Result<()> {
+        let (mut ok, mut failed) = (0, 0);
+        for (i, node) in self.nodes.iter().enumerate() {
+            let security = node.endpoint().config().security();
+            if security != Security::Noise {
+                bail!("node {i} runs {} instead of noise", security.name());
+            }
+            let stats = node.endpoint().stats();
+            ok += stats.handshakes_ok;
+            failed += stats.handshakes_failed;
+        }
+        self.report.push((
+            "encryption".into(),
+            format!(
+                "{NOISE_PARAMS} on every link; handshakes {ok} ok, {failed} failed \
+                 (counted at both ends)"
+            ),
+        ));
+        Ok(())
     }
 
     /// Adds the RTT figures of the last snapshot to the summary.
@@ -671,7 +699,13 @@ mod tests {
         let labels: Vec<_> = demo.report.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             labels,
-            ["links formed", "time to full mesh", "rtt", "shutdown"]
+            [
+                "links formed",
+                "time to full mesh",
+                "encryption",
+                "rtt",
+                "shutdown"
+            ]
         );
     }
 }

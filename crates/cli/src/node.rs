@@ -2,12 +2,14 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use meshwork::Node;
-use meshwork::transport::Address;
+use meshwork::transport::{Address, Identity, NetworkKey};
+use meshwork::wire::NodeId;
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -49,6 +51,32 @@ pub(crate) struct NodeArgs {
     /// (default: the library's, 1000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     ping_interval_ms: Option<u64>,
+
+    /// The node's key file: loaded if it exists, else created (mode 0600)
+    /// with a new key. The node id is the key's public half, so it stays the
+    /// same across restarts. A file that is corrupt or readable by other
+    /// users is an error; it is never replaced. Without --key the node has a
+    /// fresh identity on every start.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+
+    /// A network key file shared by every member (create one with `meshwork
+    /// keygen --network-key FILE`): nodes without the same key cannot
+    /// complete the handshake.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    network_key: Option<PathBuf>,
+
+    /// Allow only the listed nodes to connect, in either direction (seeds
+    /// included). Repeatable: each --allow adds one node id, 64 hex digits
+    /// as printed in a node's ready line or by `meshwork keygen --key`.
+    #[arg(long = "allow", value_name = "NODE_ID_HEX", value_parser = parse_node_id)]
+    allow: Vec<NodeId>,
+
+    /// Turn encryption and authentication OFF: anyone on the path can read
+    /// and forge traffic and claim any node id. For tests and debugging
+    /// only; every peer must use it too.
+    #[arg(long)]
+    insecure: bool,
 }
 
 impl NodeArgs {
@@ -84,12 +112,78 @@ fn parse_admin_addr(s: &str) -> Result<SocketAddr, String> {
     Err("expected HOST:PORT with an IP host, e.g. 127.0.0.1:7100 or [::1]:7100".into())
 }
 
+/// Parses `--allow`: a node id is an X25519 public key, 64 hex digits.
+fn parse_node_id(s: &str) -> Result<NodeId, String> {
+    const DIGITS: usize = 2 * 32;
+    if s.len() != DIGITS || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "expected a node id: {DIGITS} hex digits (a node's public key, as printed in \
+             its ready line or by `meshwork keygen --key`), got {} characters",
+            s.chars().count()
+        ));
+    }
+    NodeId::from_hex(&s.to_ascii_lowercase()).map_err(|e| e.to_string())
+}
+
 /// Parses `--meta KEY=VALUE`.
 fn parse_meta(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err("expected KEY=VALUE with a non-empty KEY".into()),
     }
+}
+
+/// The keys a node starts with, read from the files named on the command line.
+#[derive(Debug)]
+struct Keys {
+    identity: Identity,
+    network_key: Option<NetworkKey>,
+}
+
+/// Loads (or creates) the node key and loads the network key. Errors name
+/// the file and what is wrong with it; nothing is ever overwritten.
+fn load_keys(args: &NodeArgs) -> anyhow::Result<Keys> {
+    // The network key first: reading it has no side effects, while a missing
+    // node key file is created.
+    let network_key = match &args.network_key {
+        Some(path) => {
+            let key =
+                NetworkKey::load(path).context("cannot use the network key (--network-key)")?;
+            info!(path = %path.display(), "network key loaded: only holders of it can connect");
+            Some(key)
+        }
+        None => None,
+    };
+    let identity = match &args.key {
+        Some(path) => {
+            let existed = path.symlink_metadata().is_ok();
+            let identity =
+                Identity::load_or_create(path).context("cannot use the node key (--key)")?;
+            if existed {
+                info!(path = %path.display(), node_id = %identity.node_id(), "node key loaded");
+            } else {
+                info!(
+                    path = %path.display(),
+                    node_id = %identity.node_id(),
+                    "created a new node key (mode 0600); this node keeps its id across restarts"
+                );
+            }
+            identity
+        }
+        None => {
+            let identity = Identity::generate();
+            info!(
+                node_id = %identity.node_id(),
+                "no --key: using a fresh ephemeral identity; the node id changes on every \
+                 start (pass --key FILE to keep it)"
+            );
+            identity
+        }
+    };
+    Ok(Keys {
+        identity,
+        network_key,
+    })
 }
 
 /// The one line printed on stdout once the node is up.
@@ -111,7 +205,10 @@ enum StopCause {
 
 /// Runs the node until it is asked to stop, then shuts it down gracefully.
 pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
-    // Bind the admin port first: it is the cheapest thing to fail.
+    // Key files first: a bad one must stop the node before it binds anything.
+    let keys = load_keys(&args)?;
+
+    // Then the admin port: it is the cheapest thing to fail.
     let admin_listener = match args.admin {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -126,7 +223,30 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .transpose()
         .context("admin listener address")?;
 
-    let mut builder = Node::builder(&args.network);
+    let mut builder = Node::builder(&args.network).identity(keys.identity);
+    if let Some(key) = keys.network_key {
+        builder = builder.network_key(key);
+    }
+    if !args.allow.is_empty() {
+        let allowed = args.allow.clone();
+        info!(
+            peers = allowed.len(),
+            "allow list: only these nodes may connect"
+        );
+        builder = builder.configure(|c| c.with_allowed_peers(allowed));
+    }
+    if args.insecure {
+        warn!(
+            "--insecure: ENCRYPTION AND AUTHENTICATION ARE OFF. Anyone on the path can read and \
+             forge this node's traffic and claim any node id{}. Use only for tests and debugging.",
+            if args.allow.is_empty() {
+                ""
+            } else {
+                " (so --allow only checks ids peers claim, which anyone can forge)"
+            }
+        );
+        builder = builder.insecure_plaintext();
+    }
     for addr in &args.listen {
         builder = builder.listen(addr.clone());
     }
@@ -267,6 +387,7 @@ impl StopSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::temp_dir;
     use clap::Parser;
 
     #[derive(Debug, Parser)]
@@ -324,6 +445,98 @@ mod tests {
         assert!(parse(&["--ping-interval-ms", "0"]).is_err());
         assert!(parse(&["--admin", "nowhere"]).is_err());
         assert!(parse(&["--admin-allow-remote"]).is_err());
+    }
+
+    #[test]
+    fn security_options() {
+        let id = "ab".repeat(32);
+        let a = parse(&[
+            "--key",
+            "node.key",
+            "--network-key",
+            "net.key",
+            "--allow",
+            &id,
+            "--allow",
+            &"CD".repeat(32),
+        ])
+        .unwrap();
+        assert_eq!(a.key.as_deref(), Some(std::path::Path::new("node.key")));
+        assert_eq!(
+            a.network_key.as_deref(),
+            Some(std::path::Path::new("net.key"))
+        );
+        assert_eq!(a.allow.len(), 2);
+        assert_eq!(a.allow[0].to_string(), id);
+        assert_eq!(a.allow[1].to_string(), "cd".repeat(32));
+        assert!(!a.insecure);
+        assert!(parse(&["--insecure"]).unwrap().insecure);
+    }
+
+    #[test]
+    fn rejects_bad_security_options() {
+        for bad in [
+            "abcd".to_string(),
+            "ab".repeat(33),
+            format!("+{}", "a".repeat(63)),
+            format!("{}zz", "a".repeat(62)),
+            format!("{}é", "a".repeat(62)),
+        ] {
+            let e = parse(&["--allow", &bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains("64 hex digits"), "{bad}: {e}");
+        }
+        // The network key only exists in the encrypted handshake.
+        let e = parse(&["--insecure", "--network-key", "net.key"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn key_files_are_created_reused_and_never_replaced() {
+        let dir = temp_dir("keys");
+        let key = dir.join("node.key");
+        let key_arg = key.to_str().unwrap();
+        let first = load_keys(&parse(&["--key", key_arg]).unwrap()).unwrap();
+        let again = load_keys(&parse(&["--key", key_arg]).unwrap()).unwrap();
+        assert_eq!(first.identity.node_id(), again.identity.node_id());
+        assert!(first.network_key.is_none());
+        let ephemeral = load_keys(&parse(&[]).unwrap()).unwrap();
+        assert_ne!(ephemeral.identity.node_id(), first.identity.node_id());
+
+        let bad = dir.join("bad.key");
+        std::fs::write(&bad, "not a key\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let e = load_keys(&parse(&["--key", bad.to_str().unwrap()]).unwrap()).unwrap_err();
+        let text = format!("{e:#}");
+        assert!(
+            text.contains(&bad.display().to_string()) && text.contains("corrupt"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read_to_string(&bad).unwrap(), "not a key\n");
+
+        let missing = dir.join("missing.net");
+        let e =
+            load_keys(&parse(&["--network-key", missing.to_str().unwrap()]).unwrap()).unwrap_err();
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("--network-key") && text.contains(&missing.display().to_string()),
+            "{text}"
+        );
+        assert!(
+            !missing.exists(),
+            "a network key is never created by `node`"
+        );
+
+        let net = dir.join("net.key");
+        NetworkKey::create(&net).unwrap();
+        let keys = load_keys(&parse(&["--network-key", net.to_str().unwrap()]).unwrap()).unwrap();
+        assert!(keys.network_key.is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
