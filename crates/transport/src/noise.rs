@@ -502,7 +502,10 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        // Each case runs a handshake; PROPTEST_CASES=N runs more (see docs/testing.md).
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24)
+        ))]
 
         /// Whatever a stranger sends as handshake messages, the responder
         /// fails cleanly.
