@@ -11,7 +11,7 @@ use crate::identity::{Identity, NetworkKey};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Security {
-    /// Noise `XXpsk0` with X25519, ChaCha20-Poly1305 and BLAKE2s: encrypted,
+    /// Noise `XXpsk0` with X25519, AES-256-GCM and BLAKE2s: encrypted,
     /// both ends authenticated by their static keys. The default.
     Noise,
     /// No encryption, no authentication: node ids are taken on trust. Only

@@ -36,7 +36,7 @@ use crate::config::Security;
 use crate::identity::{Identity, NetworkKey};
 
 /// The Noise protocol name.
-pub const NOISE_PARAMS: &str = "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s";
+pub const NOISE_PARAMS: &str = "Noise_XXpsk0_25519_AESGCM_BLAKE2s";
 
 /// Largest Noise message, ciphertext and tag included.
 const MAX_MESSAGE: usize = 65_535;
