@@ -626,6 +626,8 @@ const WRITE_BATCH: usize = 256 * 1024;
 const DIRECT_WRITE: usize = 32 * 1024;
 /// A batch buffer that grew beyond this is released after its write.
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+/// An empty read buffer that grew beyond this is replaced by a small one.
+const KEEP_READ_BUFFER: usize = 16 * 1024;
 
 struct Writer {
     shared: Arc<Shared>,
@@ -877,9 +879,18 @@ async fn read_loop(
         };
         let now = Instant::now();
         shared.frames_received.fetch_add(1, Ordering::Relaxed);
-        shared
-            .bytes_received
-            .store(reader.decoder().decoded_bytes(), Ordering::Relaxed);
+        let decoded = reader.decoder().decoded_bytes();
+        let frame_len = decoded - shared.bytes_received.swap(decoded, Ordering::Relaxed);
+        // A large frame was read into a large buffer, which the (empty) read
+        // buffer still shares after the frame was split off. Drop our share
+        // so the memory goes when the message does, and an idle connection
+        // stays small.
+        let buf = reader.read_buffer_mut();
+        if buf.is_empty()
+            && (frame_len as usize > KEEP_READ_BUFFER || buf.capacity() > KEEP_READ_BUFFER)
+        {
+            *buf = BytesMut::with_capacity(crate::handshake::READ_BUFFER);
+        }
         shared
             .last_received_nanos
             .store(shared.nanos_since_start(now), Ordering::Relaxed);

@@ -38,6 +38,9 @@ pub(crate) struct Handshaken {
     pub(crate) node_id: NodeId,
 }
 
+/// Initial capacity of a connection's frame read buffer.
+pub(crate) const READ_BUFFER: usize = 2 * 1024;
+
 /// The first bytes on every stream.
 const PREAMBLE_MAGIC: &[u8; 6] = b"mshwrk";
 /// Length of the preamble.
@@ -191,7 +194,7 @@ async fn exchange(
     let ours = preamble(config.security);
     write.write_all(&ours).await?;
     write.flush().await?;
-    let hello = Message::Hello(hello);
+    let hello = Message::Hello(Box::new(hello));
     // Our own Hello must pass the checks the peer will apply (a too-long
     // network id or too much metadata is a local configuration error).
     meshwork_wire::validate(&hello, &config.limits)?;
@@ -251,7 +254,9 @@ async fn exchange(
     let codec = FrameCodec::new()
         .with_max_frame_len(config.max_frame_len)
         .with_limits(config.limits.clone());
-    let mut reader = FramedRead::new(read, codec);
+    // Small to start with: an idle connection should cost little, and the
+    // codec reserves room for a whole frame once it sees its length.
+    let mut reader = FramedRead::with_capacity(read, codec, READ_BUFFER);
     let Message::Hello(our_hello) = hello else {
         unreachable!("built as a Hello above")
     };
@@ -287,7 +292,7 @@ async fn read_hello(
     config: &Config,
 ) -> Result<Hello, TransportError> {
     match reader.next().await {
-        Some(Ok(Message::Hello(h))) => Ok(h),
+        Some(Ok(Message::Hello(h))) => Ok(*h),
         Some(Ok(Message::Disconnect(d))) => Err(TransportError::Refused {
             reason: d.reason_or_unspecified(),
             message: d.message,
@@ -419,7 +424,7 @@ mod tests {
         let victim = Identity::generate();
         let mut forged = local_hello(&Config::new("n"), vec![]);
         forged.node_id = victim.node_id().as_bytes().clone();
-        let frame = encode_frame(&Message::Hello(forged), 1 << 20).unwrap();
+        let frame = encode_frame(&Message::Hello(Box::new(forged)), 1 << 20).unwrap();
         w.write_all(&frame).await.unwrap();
         w.flush().await.unwrap();
 

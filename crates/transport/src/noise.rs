@@ -49,6 +49,8 @@ const WRITE_HIGH_WATER: usize = 128 * 1024;
 /// Buffers larger than this are released when they empty, so an idle
 /// connection holds almost nothing.
 const KEEP_CAPACITY: usize = 4 * 1024;
+/// Bytes read while the next message's length is still unknown.
+const LENGTH_PROBE: usize = 2 * 1024;
 
 /// The PSK both sides must share: derived from the network key, or a fixed
 /// value when there is none. (The network id is checked in the Hello instead,
@@ -286,14 +288,16 @@ impl<R: AsyncRead + Unpin> AsyncRead for NoiseReader<R> {
             if this.decrypt_one()? {
                 continue;
             }
-            // Room for the rest of this message (bounded by the u16 length).
+            // Room for exactly the rest of this message once its length is
+            // known (at most 64 KiB); a small read until then, so an idle
+            // connection does not hold a message-sized buffer.
             let want = if this.cipher.len() >= 2 {
                 2 + u16::from_be_bytes([this.cipher[0], this.cipher[1]]) as usize
             } else {
-                2 + MAX_MESSAGE
+                LENGTH_PROBE
             };
             this.cipher
-                .reserve(want.saturating_sub(this.cipher.len()).max(1024));
+                .reserve(want.saturating_sub(this.cipher.len()).max(2));
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut this.inner),
                 cx,

@@ -308,14 +308,14 @@ mod tests {
 
     #[test]
     fn frames_split_at_every_byte_decode_the_same() {
-        let msg = Message::Hello(Hello {
+        let msg = Message::Hello(Box::new(Hello {
             protocol_version: 1,
             network_id: "net".into(),
             node_id: vec![7; 32].into(),
             listen_addrs: vec!["tcp://127.0.0.1:7000".into()],
             metadata: [("role".to_string(), "seed".to_string())].into(),
             capabilities: 3,
-        });
+        }));
         let frame = encode_frame(&msg, DEFAULT_MAX_FRAME_LEN).unwrap();
         for split in 0..frame.len() {
             let mut codec = FrameCodec::new();
@@ -382,14 +382,14 @@ mod tests {
                 any::<u64>()
             )
                 .prop_map(|(v, net, id, listen, metadata, caps)| {
-                    Message::Hello(Hello {
+                    Message::Hello(Box::new(Hello {
                         protocol_version: v,
                         network_id: net,
                         node_id: id,
                         listen_addrs: listen,
                         metadata,
                         capabilities: caps,
-                    })
+                    }))
                 }),
             (any::<u64>(), any::<u64>()).prop_map(|(nonce, ts)| Message::Ping(Ping {
                 nonce,
@@ -464,14 +464,14 @@ mod tests {
 
         #[test]
         fn metadata_order_does_not_matter(m in btree_map("[a-z]{1,8}", "[a-z]{0,8}", 0..8)) {
-            let msg = Message::Hello(Hello {
+            let msg = Message::Hello(Box::new(Hello {
                 protocol_version: 1,
                 network_id: "n".into(),
                 node_id: vec![1].into(),
                 listen_addrs: vec![],
                 metadata: m.into_iter().collect(),
                 capabilities: 0,
-            });
+            }));
             prop_assert_eq!(roundtrip(&msg), msg);
         }
     }

@@ -190,17 +190,23 @@ mod tests {
 
     #[test]
     fn accepts_a_good_hello() {
-        check(Message::Hello(hello())).unwrap();
+        check(Message::Hello(Box::new(hello()))).unwrap();
     }
 
     #[test]
     fn refuses_empty_and_long_node_ids() {
         let mut h = hello();
         h.node_id = Default::default();
-        assert_eq!(invalid_field(check(Message::Hello(h))), "hello.node_id");
+        assert_eq!(
+            invalid_field(check(Message::Hello(Box::new(h)))),
+            "hello.node_id"
+        );
         let mut h = hello();
         h.node_id = vec![0u8; 65].into();
-        assert_eq!(invalid_field(check(Message::Hello(h))), "hello.node_id");
+        assert_eq!(
+            invalid_field(check(Message::Hello(Box::new(h)))),
+            "hello.node_id"
+        );
     }
 
     #[test]
@@ -208,13 +214,16 @@ mod tests {
         let mut h = hello();
         h.listen_addrs = vec!["tcp://127.0.0.1:1".into(); 17];
         assert_eq!(
-            invalid_field(check(Message::Hello(h))),
+            invalid_field(check(Message::Hello(Box::new(h)))),
             "hello.listen_addrs"
         );
 
         let mut h = hello();
         h.metadata = (0..65).map(|i| (i.to_string(), String::new())).collect();
-        assert_eq!(invalid_field(check(Message::Hello(h))), "hello.metadata");
+        assert_eq!(
+            invalid_field(check(Message::Hello(Box::new(h)))),
+            "hello.metadata"
+        );
 
         let peer = PeerInfo {
             node_id: vec![9].into(),

@@ -100,14 +100,14 @@ pub async fn read_raw_to_end(stream: &mut BoxStream) -> Vec<u8> {
 }
 
 pub fn hello_from(config: &Config, version: u32, network: &str) -> Message {
-    Message::Hello(Hello {
+    Message::Hello(Box::new(Hello {
         protocol_version: version,
         network_id: network.into(),
         node_id: config.node_id().as_bytes().clone(),
         listen_addrs: vec![],
         metadata: Default::default(),
         capabilities: 0,
-    })
+    }))
 }
 
 pub fn current_hello(config: &Config) -> Message {
