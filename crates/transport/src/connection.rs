@@ -849,11 +849,27 @@ async fn read_loop(
     let mut delivered_to_nobody = false;
     let cancelled = shared.cancel.cancelled();
     tokio::pin!(cancelled);
+    // Set after a large frame: the read buffer (even when empty) may still
+    // share that frame's allocation.
+    let mut large_frame_seen = false;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = &mut cancelled => break,
-            next = reader.next() => next,
+        // While data keeps coming, read on; just before waiting for more, drop
+        // a read buffer that a large frame left behind, so an idle connection
+        // stays small without costing a reallocation per frame when busy.
+        let next = match futures_util::FutureExt::now_or_never(reader.next()) {
+            Some(next) => next,
+            None => {
+                let buf = reader.read_buffer_mut();
+                if buf.is_empty() && (large_frame_seen || buf.capacity() > KEEP_READ_BUFFER) {
+                    *buf = BytesMut::with_capacity(crate::handshake::READ_BUFFER);
+                    large_frame_seen = false;
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut cancelled => break,
+                    next = reader.next() => next,
+                }
+            }
         };
         let msg = match next {
             None => {
@@ -881,16 +897,7 @@ async fn read_loop(
         shared.frames_received.fetch_add(1, Ordering::Relaxed);
         let decoded = reader.decoder().decoded_bytes();
         let frame_len = decoded - shared.bytes_received.swap(decoded, Ordering::Relaxed);
-        // A large frame was read into a large buffer, which the (empty) read
-        // buffer still shares after the frame was split off. Drop our share
-        // so the memory goes when the message does, and an idle connection
-        // stays small.
-        let buf = reader.read_buffer_mut();
-        if buf.is_empty()
-            && (frame_len as usize > KEEP_READ_BUFFER || buf.capacity() > KEEP_READ_BUFFER)
-        {
-            *buf = BytesMut::with_capacity(crate::handshake::READ_BUFFER);
-        }
+        large_frame_seen |= frame_len as usize > KEEP_READ_BUFFER;
         shared
             .last_received_nanos
             .store(shared.nanos_since_start(now), Ordering::Relaxed);
