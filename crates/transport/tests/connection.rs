@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -13,22 +14,6 @@ use meshwork_transport::{CloseReason, Direction, Priority, TransportError};
 use meshwork_wire::Message;
 use meshwork_wire::proto::{Concern, ConcernKind, DisconnectReason, Ping};
 use tokio::io::AsyncWriteExt;
-
-/// Runs an `async fn(Net)` scenario once over TCP and once in memory.
-macro_rules! on_both_transports {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tcp() {
-                super::$name(super::common::Net::Tcp).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mem() {
-                super::$name(super::common::Net::mem()).await
-            }
-        }
-    )*};
-}
 
 on_both_transports!(
     connect_exchange_and_identify,

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -13,21 +14,6 @@ use meshwork_transport::{Config, Identity, NetworkKey, Priority, Security, Trans
 use meshwork_wire::Message;
 use meshwork_wire::proto::{Concern, ConcernKind, DisconnectReason};
 use tokio::io::AsyncWriteExt;
-
-macro_rules! on_both_transports {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tcp() {
-                super::$name(super::common::Net::Tcp).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mem() {
-                super::$name(super::common::Net::mem()).await
-            }
-        }
-    )*};
-}
 
 on_both_transports!(
     matching_nodes_see_each_others_real_ids,

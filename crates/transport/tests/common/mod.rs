@@ -158,3 +158,20 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Runs each `async fn(Net)` scenario once over TCP on loopback and once on
+/// the in-memory network, as `<name>::tcp` and `<name>::mem`.
+macro_rules! on_both_transports {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tcp() {
+                super::$name(super::common::Net::Tcp).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mem() {
+                super::$name(super::common::Net::mem()).await
+            }
+        }
+    )*};
+}
