@@ -853,6 +853,11 @@ async fn read_loop(
     // share that frame's allocation.
     let mut large_frame_seen = false;
     loop {
+        // The fast path below never waits, so it must not be where a
+        // streaming peer keeps an aborted connection's reader alive.
+        if shared.cancel.is_cancelled() {
+            break;
+        }
         // While data keeps coming, read on; just before waiting for more, drop
         // a read buffer that a large frame left behind, so an idle connection
         // stays small without costing a reallocation per frame when busy.

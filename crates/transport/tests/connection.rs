@@ -664,3 +664,30 @@ async fn byte_at_a_time_peer_is_served() {
     assert_eq!(conn.close_reason(), Some(CloseReason::Eof));
     server.shutdown().await;
 }
+
+/// A peer that never stops sending, and ignores our Disconnect, cannot keep
+/// a shutting-down endpoint alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_peer_does_not_delay_shutdown() {
+    let net = Net::Tcp;
+    let cfg = plain().with_close_timeout(Duration::from_millis(300));
+    let (server, addr) = net.listening("server", cfg).await;
+    let mut raw = net.raw_plain("firehose", &addr).await;
+    write_msg(&mut raw, &current_hello(&config())).await;
+    let frame = meshwork_wire::encode_frame(&concern(1, b"more"), 1 << 20).unwrap();
+    let burst: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 256)
+        .collect();
+    let firehose = tokio::spawn(async move { while raw.write_all(&burst).await.is_ok() {} });
+    let mut incoming = server.accept().await.unwrap();
+    let drain = tokio::spawn(async move { while incoming.recv().await.is_ok() {} });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(5), server.shutdown())
+        .await
+        .expect("shutdown finished while the peer kept streaming");
+    firehose.abort();
+    drain.abort();
+}
