@@ -26,17 +26,22 @@ fn builder(net: &MemNetwork, host: &str) -> NodeBuilder {
         .redial_backoff(Duration::from_millis(50), Duration::from_millis(400))
 }
 
+/// Starts a node on `host` whose seed is the node on `mem://seed`.
+async fn start_leaf(net: &MemNetwork, host: &str) -> Node {
+    builder(net, host)
+        .seed(Address::mem("seed"))
+        .start()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn many_nodes_join_through_one_seed() {
     let net = MemNetwork::new();
     let seed = builder(&net, "seed").start().await.unwrap();
     let mut nodes = Vec::new();
     for i in 0..30 {
-        let node = builder(&net, &format!("n{i}"))
-            .seed(Address::mem("seed"))
-            .start()
-            .await
-            .unwrap();
+        let node = start_leaf(&net, &format!("n{i}")).await;
         nodes.push(node);
     }
     seed.wait_for_connections(30, Duration::from_secs(10))
@@ -84,11 +89,7 @@ async fn many_nodes_join_through_one_seed() {
 async fn a_restarted_seed_is_redialled() {
     let net = MemNetwork::new();
     let seed = builder(&net, "seed").start().await.unwrap();
-    let leaf = builder(&net, "leaf")
-        .seed(Address::mem("seed"))
-        .start()
-        .await
-        .unwrap();
+    let leaf = start_leaf(&net, "leaf").await;
     leaf.wait_for_connections(1, Duration::from_secs(5))
         .await
         .unwrap();
@@ -113,16 +114,8 @@ async fn a_restarted_seed_is_redialled() {
 async fn a_partition_is_detected_and_healed() {
     let net = MemNetwork::new();
     let seed = builder(&net, "seed").start().await.unwrap();
-    let a = builder(&net, "a")
-        .seed(Address::mem("seed"))
-        .start()
-        .await
-        .unwrap();
-    let b = builder(&net, "b")
-        .seed(Address::mem("seed"))
-        .start()
-        .await
-        .unwrap();
+    let a = start_leaf(&net, "a").await;
+    let b = start_leaf(&net, "b").await;
     seed.wait_for_connections(2, Duration::from_secs(5))
         .await
         .unwrap();
@@ -149,11 +142,7 @@ async fn a_partition_is_detected_and_healed() {
 async fn a_dropped_link_is_redialled() {
     let net = MemNetwork::new();
     let seed = builder(&net, "seed").start().await.unwrap();
-    let leaf = builder(&net, "leaf")
-        .seed(Address::mem("seed"))
-        .start()
-        .await
-        .unwrap();
+    let leaf = start_leaf(&net, "leaf").await;
     leaf.wait_for_connections(1, Duration::from_secs(5))
         .await
         .unwrap();

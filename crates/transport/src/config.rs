@@ -179,7 +179,7 @@ impl Config {
     /// frames close the connection as a protocol error before any buffering.
     /// Values above `u32::MAX` (what the length prefix can express) are clamped.
     pub fn with_max_frame_len(mut self, max: usize) -> Self {
-        self.max_frame_len = max.min(u32::MAX as usize);
+        self.max_frame_len = max.min(meshwork_wire::MAX_FRAME_LEN_LIMIT);
         self
     }
 

@@ -11,6 +11,10 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 /// Size of the big-endian `u32` length prefix.
 pub const LENGTH_PREFIX_LEN: usize = 4;
 
+/// The largest frame the `u32` prefix can express. Every configured maximum
+/// is clamped to this.
+pub const MAX_FRAME_LEN_LIMIT: usize = u32::MAX as usize;
+
 /// The length-prefixed frame codec: `u32` big-endian length, then one
 /// protobuf [`Envelope`].
 ///
@@ -44,7 +48,7 @@ impl FrameCodec {
     ///
     /// Values above `u32::MAX` are clamped, since the prefix cannot express them.
     pub fn with_max_frame_len(mut self, max: usize) -> Self {
-        self.max_frame_len = max.min(u32::MAX as usize);
+        self.max_frame_len = max.min(MAX_FRAME_LEN_LIMIT);
         self
     }
 
@@ -74,6 +78,7 @@ impl FrameCodec {
 ///
 /// Useful to encode once on the caller's task and hand the bytes to a writer.
 pub fn encode_frame(msg: &Message, max_frame_len: usize) -> Result<Bytes, WireError> {
+    let max_frame_len = max_frame_len.min(MAX_FRAME_LEN_LIMIT);
     let len = msg.encoded_len();
     if len > max_frame_len {
         return Err(WireError::FrameTooLarge {
@@ -98,7 +103,8 @@ fn put_frame(msg: &Message, len: usize, dst: &mut BytesMut) {
 /// returned, to be written right after `dst` (zero-copy for large payloads).
 ///
 /// `dst` followed by the returned bytes is exactly what [`encode_frame`]
-/// produces. The caller checks the size limit first (`msg.encoded_len()`).
+/// produces. The caller checks its size limit first (`msg.encoded_len()`),
+/// which must not exceed [`MAX_FRAME_LEN_LIMIT`].
 pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> Option<Bytes> {
     let len = msg.encoded_len();
     match msg {

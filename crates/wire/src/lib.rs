@@ -59,8 +59,8 @@ pub mod proto {
 }
 
 pub use codec::{
-    DEFAULT_MAX_FRAME_LEN, FrameCodec, LENGTH_PREFIX_LEN, decode_frame, encode_frame,
-    encode_frame_into,
+    DEFAULT_MAX_FRAME_LEN, FrameCodec, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_LIMIT, decode_frame,
+    encode_frame, encode_frame_into,
 };
 pub use error::WireError;
 pub use node_id::NodeId;
