@@ -399,13 +399,25 @@ impl ConnectionHandle {
     ///
     /// `message` is cut to 1024 bytes, the protocol's limit.
     pub async fn close(&self, reason: DisconnectReason, message: impl Into<String>) {
-        let message = truncate_text(message.into());
+        self.close_with(Disconnect::new(reason, message.into()))
+            .await;
+    }
+
+    /// Like [`close`](Self::close) with a whole Disconnect, e.g. one that
+    /// carries `alternatives`: other peers the refused node may try (cut to
+    /// the protocol's limit of 16, as the text is cut to 1024 bytes).
+    pub async fn close_with(&self, mut disconnect: Disconnect) {
+        disconnect.message = truncate_text(std::mem::take(&mut disconnect.message));
+        // More than the protocol allows would make the peer refuse the frame.
+        let max = meshwork_wire::Limits::default().max_alternatives;
+        disconnect.alternatives.truncate(max);
+        let reason = disconnect.reason_or_unspecified();
         self.shared.request_close(
             CloseReason::Local {
                 reason,
-                message: message.clone(),
+                message: disconnect.message.clone(),
             },
-            Some(Disconnect::new(reason, message)),
+            Some(disconnect),
         );
         let timeout = self.shared.close_timeout;
         if tokio::time::timeout(timeout, self.shared.terminated.cancelled())
@@ -438,6 +450,13 @@ impl ConnectionHandle {
     /// Why the connection ended, once it has.
     pub fn close_reason(&self) -> Option<CloseReason> {
         lock(&self.shared.state).reason.clone()
+    }
+
+    /// Time since the last frame from the peer (any frame: traffic, Ping or
+    /// Pong). Cheaper than [`stats`](Self::stats).
+    pub fn idle_for(&self) -> Duration {
+        self.shared
+            .since(&self.shared.last_received_nanos, Instant::now())
     }
 
     /// A snapshot of counters and timings.

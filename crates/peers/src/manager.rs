@@ -1,0 +1,625 @@
+//! The tokio driver: it owns the tasks and sockets and does what the
+//! [`Pool`] decides.
+//!
+//! - one accept task hands inbound connections to the pool;
+//! - one maintenance task polls the pool every tick (heartbeats, dials,
+//!   gossip);
+//! - one reader task per connection forwards Concern messages to the layer
+//!   above and Discovered lists to the pool;
+//! - short-lived tasks dial, ping and close.
+//!
+//! Every call into the pool happens under one mutex, and the actions it
+//! returns are carried out after the lock is released, except route updates
+//! and events, which are applied under the lock so they keep their order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use meshwork_transport::{
+    CloseReason, Connection, ConnectionHandle, Endpoint, Priority, TransportError,
+};
+use meshwork_wire::proto::DisconnectReason;
+use meshwork_wire::{Message, NodeId};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, trace};
+
+use crate::event::{Inbound, PeerEvent, PeerSnapshot};
+use crate::pool::{Action, ConnId, DialFailure, DialId, LinkInfo, Pool};
+use crate::{PeersConfig, PeersError};
+
+/// Counts of the pool at a moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Peers with a live connection (Connected or Unresponsive).
+    pub connected: usize,
+    /// Of those, the ones that dialled us.
+    pub inbound: usize,
+    /// Of those, the ones we dialled.
+    pub outbound: usize,
+    /// Dials in flight.
+    pub pending_dials: usize,
+    /// Peers in the address book without a connection.
+    pub known: usize,
+    /// Concern messages dropped because nobody took the inbound queue.
+    pub dropped_inbound: u64,
+}
+
+#[derive(Clone)]
+struct Route {
+    handle: ConnectionHandle,
+    usable: bool,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    config: PeersConfig,
+    pool: Mutex<Pool>,
+    handles: Mutex<HashMap<ConnId, ConnectionHandle>>,
+    routes: Mutex<HashMap<NodeId, Route>>,
+    events: broadcast::Sender<PeerEvent>,
+    inbound_tx: mpsc::Sender<Inbound>,
+    inbound_rx: Mutex<Option<mpsc::Receiver<Inbound>>>,
+    inbound_taken: AtomicBool,
+    dropped_inbound: AtomicU64,
+    connected: watch::Sender<usize>,
+    wake: Notify,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// The peer manager: keeps a healthy pool of peers on an [`Endpoint`].
+///
+/// Cheap to clone; every clone drives the same pool. See the
+/// [crate documentation](crate) for an example.
+#[derive(Clone)]
+pub struct PeerManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PeerManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerManager")
+            .field("node_id", self.inner.endpoint.node_id())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// A receiver of [`PeerEvent`]s, from [`PeerManager::events`].
+#[derive(Debug)]
+pub struct PeerEvents {
+    rx: broadcast::Receiver<PeerEvent>,
+}
+
+impl PeerEvents {
+    /// The next event. [`PeersError::Lagged`] says how many were missed by
+    /// a receiver that fell behind (the next call continues with the oldest
+    /// kept); [`PeersError::Shutdown`] once the manager is gone.
+    ///
+    /// Cancel safety: cancel-safe.
+    pub async fn recv(&mut self) -> Result<PeerEvent, PeersError> {
+        match self.rx.recv().await {
+            Ok(e) => Ok(e),
+            Err(broadcast::error::RecvError::Lagged(n)) => Err(PeersError::Lagged(n)),
+            Err(broadcast::error::RecvError::Closed) => Err(PeersError::Shutdown),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn classify(e: &TransportError) -> DialFailure {
+    match e {
+        TransportError::SelfConnection
+        | TransportError::Refused {
+            reason: DisconnectReason::SelfConnection,
+            ..
+        } => DialFailure::SelfConnection,
+        TransportError::WrongNetwork { .. }
+        | TransportError::IncompatibleVersion { .. }
+        | TransportError::SecurityMismatch { .. }
+        | TransportError::NotMeshwork
+        | TransportError::NotAllowed(_)
+        | TransportError::Refused {
+            reason:
+                DisconnectReason::WrongNetwork
+                | DisconnectReason::IncompatibleVersion
+                | DisconnectReason::NotAllowed,
+            ..
+        } => DialFailure::Incompatible,
+        TransportError::Shutdown => DialFailure::Shutdown,
+        _ => DialFailure::Transient,
+    }
+}
+
+impl PeerManager {
+    /// Takes over `endpoint` (its listeners should already be bound, so that
+    /// our own addresses are known) and starts keeping the pool: dials the
+    /// seeds, accepts peers, runs heartbeats and discovery.
+    ///
+    /// The manager is the endpoint's only acceptor. Its heartbeats replace
+    /// the transport's keepalive, which may be turned off
+    /// ([`Config::with_keepalive`](meshwork_transport::Config::with_keepalive)).
+    pub fn start(endpoint: Endpoint, config: PeersConfig) -> Result<Self, PeersError> {
+        config.validate()?;
+        let now = Instant::now();
+        let pool = Pool::new(
+            config.clone(),
+            endpoint.node_id().clone(),
+            endpoint.listen_addrs(),
+            now,
+        );
+        let (events, _) = broadcast::channel(config.event_capacity);
+        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_capacity);
+        let (connected, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            endpoint,
+            config,
+            pool: Mutex::new(pool),
+            handles: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
+            events,
+            inbound_tx,
+            inbound_rx: Mutex::new(Some(inbound_rx)),
+            inbound_taken: AtomicBool::new(false),
+            dropped_inbound: AtomicU64::new(0),
+            connected,
+            wake: Notify::new(),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        let span = info_span!("peers", node = %inner.endpoint.node_id().short());
+        inner
+            .tracker
+            .spawn(Inner::accept_loop(inner.clone()).instrument(span.clone()));
+        inner
+            .tracker
+            .spawn(Inner::maintain(inner.clone()).instrument(span));
+        Ok(PeerManager { inner })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        self.inner.endpoint.node_id()
+    }
+
+    /// The endpoint underneath.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &PeersConfig {
+        &self.inner.config
+    }
+
+    /// Subscribes to peer events from now on.
+    pub fn events(&self) -> PeerEvents {
+        PeerEvents {
+            rx: self.inner.events.subscribe(),
+        }
+    }
+
+    /// The queue of Concern messages from peers, for the layer above. It can
+    /// be taken once; until it is, such messages are dropped and counted in
+    /// [`PoolStats::dropped_inbound`]. When the taker falls behind, reading
+    /// from peers waits (backpressure), one peer at a time.
+    pub fn take_inbound(&self) -> Result<mpsc::Receiver<Inbound>, PeersError> {
+        let rx = lock(&self.inner.inbound_rx).take();
+        let rx = rx.ok_or(PeersError::InboundTaken)?;
+        self.inner.inbound_taken.store(true, Ordering::Release);
+        Ok(rx)
+    }
+
+    fn route(&self, peer: &NodeId) -> Result<ConnectionHandle, PeersError> {
+        let route = lock(&self.inner.routes).get(peer).cloned();
+        match route {
+            None => Err(PeersError::NotConnected(peer.clone())),
+            Some(r) if !r.usable => Err(PeersError::Unresponsive(peer.clone())),
+            Some(r) => Ok(r.handle),
+        }
+    }
+
+    fn map_send(peer: &NodeId, e: TransportError) -> PeersError {
+        match e {
+            TransportError::NotConnected => PeersError::NotConnected(peer.clone()),
+            e => PeersError::Transport(e),
+        }
+    }
+
+    /// Sends `message` to a connected peer on `priority`'s lane, waiting up
+    /// to the transport's send timeout for room in the queue.
+    ///
+    /// Fails with [`PeersError::NotConnected`] when the peer is gone,
+    /// [`PeersError::Unresponsive`] while it is silent (only heartbeats go to
+    /// it then), and [`PeersError::Transport`] when the lane stayed full or
+    /// the message is too large.
+    pub async fn send(
+        &self,
+        peer: &NodeId,
+        message: Message,
+        priority: Priority,
+    ) -> Result<(), PeersError> {
+        let handle = self.route(peer)?;
+        handle
+            .send(message, priority)
+            .await
+            .map_err(|e| Self::map_send(peer, e))
+    }
+
+    /// Like [`send`](Self::send) but never waits: a full lane is an error.
+    pub fn try_send(
+        &self,
+        peer: &NodeId,
+        message: Message,
+        priority: Priority,
+    ) -> Result<(), PeersError> {
+        let handle = self.route(peer)?;
+        handle
+            .try_send(message, priority)
+            .map_err(|e| Self::map_send(peer, e))
+    }
+
+    /// The connection used for `peer`, if any (for its stats, or to send
+    /// regardless of the peer's state).
+    pub fn connection(&self, peer: &NodeId) -> Option<ConnectionHandle> {
+        lock(&self.inner.routes).get(peer).map(|r| r.handle.clone())
+    }
+
+    /// Every known peer with its state and stats: connected ones first.
+    pub fn peers(&self) -> Vec<PeerSnapshot> {
+        lock(&self.inner.pool).snapshot(Instant::now())
+    }
+
+    /// The peers with a live connection.
+    pub fn connected(&self) -> Vec<PeerSnapshot> {
+        let mut all = self.peers();
+        all.retain(|p| p.state.is_linked());
+        all
+    }
+
+    /// One peer, connected or not (neo3's `get_node_by_nodeid`).
+    pub fn by_id(&self, peer: &NodeId) -> Option<PeerSnapshot> {
+        lock(&self.inner.pool).peer(peer, Instant::now())
+    }
+
+    /// A responsive peer passing `filter` with the fewest errors and
+    /// timeouts; among equals, chosen at random weighted by score (neo3's
+    /// `get_least_failed_node`).
+    pub fn least_failed(&self, filter: impl Fn(&PeerSnapshot) -> bool) -> Option<PeerSnapshot> {
+        lock(&self.inner.pool).choose(Instant::now(), true, filter)
+    }
+
+    /// A responsive peer whose Hello metadata satisfies `predicate`, chosen
+    /// at random weighted by score, so the same peer is not hit every time
+    /// (neo3's `get_node_with_height`):
+    ///
+    /// ```no_run
+    /// # fn f(peers: &meshwork_peers::PeerManager) {
+    /// let tall = peers.by_metadata(|m| {
+    ///     m.get("height").and_then(|h| h.parse::<u64>().ok()) >= Some(1000)
+    /// });
+    /// # }
+    /// ```
+    pub fn by_metadata(
+        &self,
+        predicate: impl Fn(&HashMap<String, String>) -> bool,
+    ) -> Option<PeerSnapshot> {
+        lock(&self.inner.pool).choose(Instant::now(), false, |p| predicate(&p.metadata))
+    }
+
+    /// The stream addresses of the connected peers (neo3's
+    /// `get_node_addresses`).
+    pub fn addresses(&self) -> Vec<meshwork_transport::Address> {
+        self.connected()
+            .into_iter()
+            .filter_map(|p| p.remote_addr)
+            .collect()
+    }
+
+    /// Counts of the pool.
+    pub fn stats(&self) -> PoolStats {
+        let c = lock(&self.inner.pool).counts();
+        PoolStats {
+            connected: c.linked,
+            inbound: c.inbound,
+            outbound: c.outbound,
+            pending_dials: c.pending_dials,
+            known: c.known,
+            dropped_inbound: self.inner.dropped_inbound.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts an error response against `peer` (neo3's
+    /// `increase_node_error_count`); at the configured maximum the peer is
+    /// disconnected and banned for the longest backoff. Returns the new
+    /// count, `None` for a peer we do not know.
+    pub fn report_error(&self, peer: &NodeId) -> Option<u32> {
+        self.inner.with_pool(|p, now| p.report(peer, false, now))
+    }
+
+    /// Counts a timeout against `peer` (neo3's
+    /// `increase_node_timeout_count`), with the same maximum.
+    pub fn report_timeout(&self, peer: &NodeId) -> Option<u32> {
+        self.inner.with_pool(|p, now| p.report(peer, true, now))
+    }
+
+    /// Disconnects `peer` (Disconnect "other") and backs off before
+    /// dialling it again. False if it was not connected.
+    pub fn disconnect(&self, peer: &NodeId) -> bool {
+        self.inner.with_pool(|p, now| p.disconnect(peer, now))
+    }
+
+    /// Disconnects `peer` and refuses it for `duration`.
+    pub fn ban(&self, peer: &NodeId, duration: Duration) {
+        self.inner.with_pool(|p, now| p.ban(peer, duration, now));
+    }
+
+    /// Lifts a ban.
+    pub fn unban(&self, peer: &NodeId) {
+        self.inner.with_pool(|p, _| p.unban(peer));
+    }
+
+    /// Fault injection: cuts all traffic with `peer` as if the network
+    /// between us broke (its connection ends, handshakes with it are
+    /// refused) until [`unblock`](Self::unblock). For tests that make
+    /// partitions out of real processes.
+    pub fn block(&self, peer: &NodeId) {
+        self.inner.with_pool(|p, now| p.block(peer, now));
+    }
+
+    /// Ends a [`block`](Self::block); the peer is redialled if the pool has
+    /// room.
+    pub fn unblock(&self, peer: &NodeId) {
+        self.inner.with_pool(|p, now| p.unblock(peer, now));
+        self.inner.wake.notify_one();
+    }
+
+    /// The peers currently blocked.
+    pub fn blocked(&self) -> Vec<NodeId> {
+        lock(&self.inner.pool).blocked()
+    }
+
+    /// Waits until at least `n` peers are connected.
+    pub async fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<(), PeersError> {
+        let mut rx = self.inner.connected.subscribe();
+        match tokio::time::timeout(timeout, rx.wait_for(|c| *c >= n)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(PeersError::Shutdown),
+            Err(_) => Err(PeersError::Timeout {
+                what: "peers",
+                after: timeout,
+            }),
+        }
+    }
+
+    /// True once [`shutdown`](Self::shutdown) has begun.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Shuts down: stops dialling and accepting, sends Disconnect(shutdown)
+    /// to every peer, shuts the endpoint down, and returns when every task
+    /// has ended.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.cancel.cancel();
+        inner.with_pool(|p, _| p.shut_down());
+        let handles: Vec<ConnectionHandle> = lock(&inner.handles).values().cloned().collect();
+        let closes = handles
+            .iter()
+            .map(|h| h.close(DisconnectReason::Shutdown, "node shutting down"));
+        futures_util::future::join_all(closes).await;
+        inner.endpoint.shutdown().await;
+        inner.tracker.close();
+        inner.tracker.wait().await;
+        info!(node = %inner.endpoint.node_id().short(), "peer manager stopped");
+    }
+}
+
+impl Inner {
+    /// Runs `f` on the pool, then carries out the actions it queued.
+    fn with_pool<R>(self: &Arc<Self>, f: impl FnOnce(&mut Pool, Instant) -> R) -> R {
+        let now = Instant::now();
+        let (r, actions) = {
+            let mut pool = lock(&self.pool);
+            let r = f(&mut pool, now);
+            let mut actions = pool.take_actions();
+            // Routes and events in order, under the lock.
+            actions.retain(|a| match a {
+                Action::Route { peer, conn, usable } => {
+                    self.set_route(peer, *conn, *usable);
+                    false
+                }
+                Action::Event(e) => {
+                    trace!(event = ?e, "peer event");
+                    let _ = self.events.send(e.clone());
+                    false
+                }
+                _ => true,
+            });
+            let linked = pool.counts().linked;
+            self.connected
+                .send_if_modified(|c| std::mem::replace(c, linked) != linked);
+            (r, actions)
+        };
+        for action in actions {
+            self.perform(action);
+        }
+        r
+    }
+
+    fn set_route(&self, peer: &NodeId, conn: Option<ConnId>, usable: bool) {
+        let handle = conn.and_then(|c| lock(&self.handles).get(&c).cloned());
+        let mut routes = lock(&self.routes);
+        match handle {
+            Some(handle) => {
+                routes.insert(peer.clone(), Route { handle, usable });
+            }
+            None => {
+                routes.remove(peer);
+            }
+        }
+    }
+
+    fn handle(&self, conn: ConnId) -> Option<ConnectionHandle> {
+        lock(&self.handles).get(&conn).cloned()
+    }
+
+    fn perform(self: &Arc<Self>, action: Action) {
+        match action {
+            Action::Dial { dial, addr } => {
+                let this = self.clone();
+                self.tracker.spawn(async move {
+                    let result = tokio::select! {
+                        _ = this.cancel.cancelled() => Err(TransportError::Shutdown),
+                        r = this.endpoint.connect(&addr) => r,
+                    };
+                    match result {
+                        Ok(conn) => this.adopt(conn, Some(dial)),
+                        Err(e) => {
+                            debug!(%addr, error = %e, "dial failed");
+                            let failure = classify(&e);
+                            this.with_pool(|p, now| p.on_dial_failed(dial, failure, now));
+                        }
+                    }
+                });
+            }
+            Action::Ping { conn } => {
+                let Some(handle) = self.handle(conn) else {
+                    self.with_pool(|p, _| p.on_ping_failed(conn));
+                    return;
+                };
+                let this = self.clone();
+                let timeout = self.config.heartbeat.unresponsive_after;
+                self.tracker.spawn(async move {
+                    match handle.ping(timeout).await {
+                        Ok(rtt) => this.with_pool(|p, now| p.on_pong(conn, rtt, now)),
+                        Err(_) => this.with_pool(|p, _| p.on_ping_failed(conn)),
+                    }
+                });
+            }
+            Action::Send { conn, message } => {
+                if let Some(handle) = self.handle(conn) {
+                    if let Err(e) = handle.try_send(message, Priority::Normal) {
+                        debug!(conn, error = %e, "could not queue a peer list");
+                    }
+                }
+            }
+            Action::Close { conn, disconnect } => {
+                if let Some(handle) = self.handle(conn) {
+                    self.tracker
+                        .spawn(async move { handle.close_with(disconnect).await });
+                }
+            }
+            Action::Ban { node, duration } => {
+                let endpoint = self.endpoint.clone();
+                self.tracker
+                    .spawn(async move { endpoint.ban(&node, duration).await });
+            }
+            Action::Unban { node } => self.endpoint.unban(&node),
+            // Applied under the lock in with_pool.
+            Action::Route { .. } | Action::Event(_) => {}
+        }
+    }
+
+    /// Takes a handshaken connection into the pool and starts reading it.
+    fn adopt(self: &Arc<Self>, conn: Connection, dial: Option<DialId>) {
+        let info = conn.info();
+        let id = info.id;
+        let link = LinkInfo {
+            node: info.node_id.clone(),
+            direction: info.direction,
+            remote_addr: info.remote_addr.clone(),
+            listen_addrs: info.hello.listen_addrs.clone(),
+            metadata: info.hello.metadata.clone(),
+        };
+        let span = info_span!("peer", peer = %link.node.short(), conn = id);
+        lock(&self.handles).insert(id, conn.handle());
+        self.with_pool(|p, now| match dial {
+            Some(d) => p.on_dial_ok(d, id, link, now),
+            None => p.on_connection(id, link, now),
+        });
+        let this = self.clone();
+        self.tracker.spawn(this.read(conn).instrument(span));
+    }
+
+    /// Reads one connection until it ends.
+    async fn read(self: Arc<Self>, mut conn: Connection) {
+        let id = conn.info().id;
+        let from = conn.info().node_id.clone();
+        while let Ok(msg) = conn.recv().await {
+            match msg {
+                Message::Concern(message) => {
+                    if !self.inbound_taken.load(Ordering::Acquire) {
+                        self.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let inbound = Inbound {
+                        from: from.clone(),
+                        message,
+                    };
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => break,
+                        r = self.inbound_tx.send(inbound) => if r.is_err() {
+                            self.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+                        },
+                    }
+                }
+                Message::Discovered(d) => {
+                    self.with_pool(|p, now| p.on_discovered(&d.peers, now));
+                    self.wake.notify_one();
+                }
+                Message::Disconnect(d) => {
+                    // The close itself is reported when the stream ends.
+                    self.with_pool(|p, now| p.on_discovered(&d.alternatives, now));
+                }
+                other => debug!(kind = other.kind(), "ignored message"),
+            }
+        }
+        let handle = conn.handle();
+        drop(conn);
+        handle.closed().await;
+        let reason = handle.close_reason().unwrap_or(CloseReason::Eof);
+        lock(&self.handles).remove(&id);
+        self.with_pool(|p, now| p.on_closed(id, reason, now));
+        self.wake.notify_one();
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        loop {
+            let conn = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                c = self.endpoint.accept() => c,
+            };
+            match conn {
+                Some(conn) => self.adopt(conn, None),
+                None => break,
+            }
+        }
+    }
+
+    async fn maintain(self: Arc<Self>) {
+        let tick = self.config.tick;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.wake.notified() => {}
+            }
+            let now = Instant::now();
+            let heard: HashMap<ConnId, Instant> = lock(&self.handles)
+                .iter()
+                .map(|(id, h)| (*id, now.checked_sub(h.idle_for()).unwrap_or(now)))
+                .collect();
+            self.with_pool(|p, now| p.poll(now, &heard));
+        }
+    }
+}

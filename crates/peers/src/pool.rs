@@ -1,0 +1,1214 @@
+//! The pool: every decision of the peer manager, as a plain struct.
+//!
+//! The [`Pool`] owns the address book, the state of every peer, heartbeat
+//! timers, quality counters and the dial plan. It does no I/O and reads no
+//! clock: each input carries `now`, and each call queues [`Action`]s that the
+//! driver ([`crate::manager`]) performs: dial, ping, send, close, publish an
+//! event. This is what the unit tests below drive with explicit time.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use meshwork_transport::{Address, CloseReason, Direction};
+use meshwork_wire::proto::{Disconnect, DisconnectReason, Discovered, PeerInfo};
+use meshwork_wire::{Message, NodeId};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::config::PeersConfig;
+use crate::event::{PeerEvent, PeerSnapshot, PeerState};
+use crate::heartbeat::{Heartbeat, Liveness};
+use crate::score::{score, weighted_choice};
+
+/// A transport connection id (unique in the process).
+pub(crate) type ConnId = u64;
+/// A dial the pool asked for.
+pub(crate) type DialId = u64;
+
+/// How long "blocked" lasts at the transport: until unblocked.
+pub(crate) const BLOCK_FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// What the handshake told us about a new connection.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkInfo {
+    pub(crate) node: NodeId,
+    pub(crate) direction: Direction,
+    pub(crate) remote_addr: Address,
+    pub(crate) listen_addrs: Vec<String>,
+    pub(crate) metadata: HashMap<String, String>,
+}
+
+/// Why a dial failed, as far as the pool cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DialFailure {
+    /// The address is this node.
+    SelfConnection,
+    /// The node can never be ours: another network, version or security
+    /// mode, or it does not allow us.
+    Incompatible,
+    /// Unreachable, refused, timed out: try again later.
+    Transient,
+    /// The manager is stopping.
+    Shutdown,
+}
+
+/// Work for the driver.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action {
+    Dial {
+        dial: DialId,
+        addr: Address,
+    },
+    Ping {
+        conn: ConnId,
+    },
+    Send {
+        conn: ConnId,
+        message: Message,
+    },
+    Close {
+        conn: ConnId,
+        disconnect: Disconnect,
+    },
+    /// Refuse the node at the transport (ban or block).
+    Ban {
+        node: NodeId,
+        duration: Duration,
+    },
+    Unban {
+        node: NodeId,
+    },
+    /// Where messages to `peer` go: `None` when it has no connection;
+    /// `usable` is false while it is unresponsive.
+    Route {
+        peer: NodeId,
+        conn: Option<ConnId>,
+        usable: bool,
+    },
+    Event(PeerEvent),
+}
+
+#[derive(Debug)]
+struct Link {
+    conn: ConnId,
+    /// More connections from the same initiator, waiting for it to close
+    /// them (at most one is kept).
+    extra: Vec<ConnId>,
+    direction: Direction,
+    remote_addr: Address,
+    connected_at: Instant,
+    last_heard: Instant,
+    rtt: Option<Duration>,
+    srtt: Option<Duration>,
+    heartbeat: Heartbeat,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: NodeId,
+    addrs: Vec<Address>,
+    state: PeerState,
+    seen: Instant,
+    backoff: Backoff,
+    next_attempt: Instant,
+    dial_failures: u32,
+    ever_connected: bool,
+    lost_at: Option<Instant>,
+    banned_until: Option<Instant>,
+    errors: u32,
+    timeouts: u32,
+    metadata: HashMap<String, String>,
+    link: Option<Link>,
+    dialing: Option<DialId>,
+}
+
+impl Entry {
+    fn new(id: NodeId, cfg: &PeersConfig, now: Instant) -> Self {
+        Entry {
+            id,
+            addrs: Vec::new(),
+            state: PeerState::Known,
+            seen: now,
+            backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
+            next_attempt: now,
+            dial_failures: 0,
+            ever_connected: false,
+            lost_at: None,
+            banned_until: None,
+            errors: 0,
+            timeouts: 0,
+            metadata: HashMap::new(),
+            link: None,
+            dialing: None,
+        }
+    }
+
+    /// The state of an entry with neither a link nor a dial.
+    fn idle_state(&self) -> PeerState {
+        if self.banned_until.is_some() {
+            PeerState::Banned
+        } else if self.ever_connected {
+            PeerState::Disconnected
+        } else {
+            PeerState::Known
+        }
+    }
+
+    fn set_state(&mut self, to: PeerState, actions: &mut Vec<Action>) {
+        if self.state != to {
+            actions.push(Action::Event(PeerEvent::StateChanged {
+                peer: self.id.clone(),
+                from: self.state,
+                to,
+            }));
+            self.state = to;
+        }
+    }
+
+    fn route(&self) -> Action {
+        Action::Route {
+            peer: self.id.clone(),
+            conn: self.link.as_ref().map(|l| l.conn),
+            usable: self.state == PeerState::Connected,
+        }
+    }
+
+    fn dialable(&self, now: Instant, blocked: &HashSet<NodeId>) -> bool {
+        self.link.is_none()
+            && self.dialing.is_none()
+            && self.banned_until.is_none()
+            && !self.addrs.is_empty()
+            && self.next_attempt <= now
+            && !blocked.contains(&self.id)
+    }
+
+    fn snapshot(&self, now: Instant) -> PeerSnapshot {
+        let link = self.link.as_ref();
+        let connected_for = link.map(|l| now.saturating_duration_since(l.connected_at));
+        PeerSnapshot {
+            node_id: self.id.clone(),
+            state: self.state,
+            direction: link.map(|l| l.direction),
+            addrs: self.addrs.clone(),
+            remote_addr: link.map(|l| l.remote_addr.clone()),
+            metadata: self.metadata.clone(),
+            rtt: link.and_then(|l| l.rtt),
+            smoothed_rtt: link.and_then(|l| l.srtt),
+            errors: self.errors,
+            timeouts: self.timeouts,
+            score: match connected_for {
+                Some(up) => score(link.and_then(|l| l.srtt), self.errors, self.timeouts, up),
+                None => 0.0,
+            },
+            connected_for,
+            idle_for: link.map(|l| now.saturating_duration_since(l.last_heard)),
+            dial_failures: self.dial_failures,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Seed {
+    addr: Address,
+    node: Option<NodeId>,
+    backoff: Backoff,
+    next_attempt: Instant,
+    dialing: Option<DialId>,
+}
+
+#[derive(Debug)]
+struct Dial {
+    addr: Address,
+    node: Option<NodeId>,
+    seed: Option<Address>,
+}
+
+/// Counts for status pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) linked: usize,
+    pub(crate) inbound: usize,
+    pub(crate) outbound: usize,
+    pub(crate) pending_dials: usize,
+    pub(crate) known: usize,
+}
+
+/// The peer manager's state machine.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    cfg: PeersConfig,
+    local: NodeId,
+    local_addrs: HashSet<Address>,
+    entries: HashMap<NodeId, Entry>,
+    conns: HashMap<ConnId, NodeId>,
+    seeds: Vec<Seed>,
+    dials: HashMap<DialId, Dial>,
+    next_dial: DialId,
+    next_discovery: Instant,
+    blocked: HashSet<NodeId>,
+    shutting_down: bool,
+    rng: StdRng,
+    actions: Vec<Action>,
+}
+
+/// Parses announced addresses, dropping what we cannot use and our own.
+fn usable_addrs<'a>(
+    raw: impl IntoIterator<Item = &'a String>,
+    local: &HashSet<Address>,
+) -> Vec<Address> {
+    let mut out: Vec<Address> = Vec::new();
+    for s in raw {
+        if let Ok(a) = s.parse::<Address>() {
+            if !local.contains(&a) && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+fn peer_info(e: &Entry) -> PeerInfo {
+    PeerInfo {
+        node_id: e.id.as_bytes().clone(),
+        addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+fn ewma(old: Option<Duration>, sample: Duration) -> Duration {
+    match old {
+        None => sample,
+        Some(old) => (old * 7 + sample) / 8,
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(
+        cfg: PeersConfig,
+        local: NodeId,
+        local_addrs: Vec<Address>,
+        now: Instant,
+    ) -> Self {
+        let rng = match cfg.rng_seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        let local_addrs: HashSet<Address> = local_addrs.into_iter().collect();
+        let mut seeds: Vec<Seed> = Vec::new();
+        for addr in &cfg.seeds {
+            if local_addrs.contains(addr) || seeds.iter().any(|s| &s.addr == addr) {
+                continue;
+            }
+            seeds.push(Seed {
+                addr: addr.clone(),
+                node: None,
+                backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
+                next_attempt: now,
+                dialing: None,
+            });
+        }
+        Pool {
+            next_discovery: now + cfg.discovery_interval,
+            cfg,
+            local,
+            local_addrs,
+            entries: HashMap::new(),
+            conns: HashMap::new(),
+            seeds,
+            dials: HashMap::new(),
+            next_dial: 1,
+            blocked: HashSet::new(),
+            shutting_down: false,
+            rng,
+            actions: Vec::new(),
+        }
+    }
+
+    /// The actions queued by the calls since the last take.
+    pub(crate) fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    fn jitter(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        let mut c = Counts {
+            pending_dials: self.dials.len(),
+            ..Counts::default()
+        };
+        for e in self.entries.values() {
+            match &e.link {
+                Some(l) => {
+                    c.linked += 1;
+                    match l.direction {
+                        Direction::Inbound => c.inbound += 1,
+                        Direction::Outbound => c.outbound += 1,
+                    }
+                }
+                None => c.known += 1,
+            }
+        }
+        c
+    }
+
+    /// Makes sure `id` has an entry, forgetting the stalest idle entry when
+    /// the book is full. False for our own id, or when nothing can make room.
+    fn ensure_entry(&mut self, id: &NodeId, now: Instant) -> bool {
+        if *id == self.local {
+            return false;
+        }
+        if self.entries.contains_key(id) {
+            return true;
+        }
+        let idle = self.entries.values().filter(|e| e.link.is_none()).count();
+        if idle >= self.cfg.address_book_capacity {
+            let stalest = self
+                .entries
+                .values()
+                .filter(|e| e.link.is_none() && e.dialing.is_none())
+                .min_by_key(|e| e.seen)
+                .map(|e| e.id.clone());
+            match stalest {
+                Some(old) => {
+                    self.entries.remove(&old);
+                }
+                None => return false,
+            }
+        }
+        self.entries
+            .insert(id.clone(), Entry::new(id.clone(), &self.cfg, now));
+        true
+    }
+
+    // ----- connections -------------------------------------------------
+
+    /// A dial we asked for completed its handshake.
+    pub(crate) fn on_dial_ok(&mut self, dial: DialId, conn: ConnId, info: LinkInfo, now: Instant) {
+        if let Some(d) = self.dials.remove(&dial) {
+            if let Some(seed_addr) = &d.seed {
+                if let Some(seed) = self.seeds.iter_mut().find(|s| &s.addr == seed_addr) {
+                    seed.dialing = None;
+                    seed.node = Some(info.node.clone());
+                    seed.backoff.reset();
+                }
+            }
+            if let Some(expected) = &d.node {
+                if let Some(e) = self.entries.get_mut(expected) {
+                    e.dialing = None;
+                    if *expected != info.node {
+                        // Another node answers at that address now.
+                        e.addrs.retain(|a| *a != d.addr);
+                        let to = e.idle_state();
+                        e.set_state(to, &mut self.actions);
+                    }
+                }
+            }
+        }
+        self.on_connection(conn, info, now);
+    }
+
+    /// A connection completed its handshake (inbound, or the end of a dial).
+    pub(crate) fn on_connection(&mut self, conn: ConnId, info: LinkInfo, now: Instant) {
+        let refuse = |reason, message: &str| Disconnect::new(reason, message.to_string());
+        if self.shutting_down {
+            let d = refuse(DisconnectReason::Shutdown, "node shutting down");
+            self.actions.push(Action::Close {
+                conn,
+                disconnect: d,
+            });
+            return;
+        }
+        if info.node == self.local {
+            let d = refuse(DisconnectReason::SelfConnection, "connected to itself");
+            self.actions.push(Action::Close {
+                conn,
+                disconnect: d,
+            });
+            return;
+        }
+        if self.blocked.contains(&info.node) {
+            let d = refuse(DisconnectReason::NotAllowed, "blocked");
+            self.actions.push(Action::Close {
+                conn,
+                disconnect: d,
+            });
+            return;
+        }
+        let addrs = usable_addrs(&info.listen_addrs, &self.local_addrs);
+        let counts = self.counts();
+        let limit_in = self.cfg.inbound_limit();
+        let max = self.cfg.max_peers;
+        let local = self.local.clone();
+        if !self.ensure_entry(&info.node, now) {
+            let d = refuse(DisconnectReason::TooManyPeers, "address book full");
+            self.actions.push(Action::Close {
+                conn,
+                disconnect: d,
+            });
+            return;
+        }
+        let full = match info.direction {
+            Direction::Inbound => counts.inbound >= limit_in || counts.linked >= max,
+            Direction::Outbound => counts.linked >= max,
+        };
+        let linked = self
+            .entries
+            .get(&info.node)
+            .is_some_and(|e| e.link.is_some());
+        if full && !linked {
+            let id = info.node.clone();
+            let mut d = refuse(DisconnectReason::TooManyPeers, "too many peers");
+            d.alternatives = self.alternatives(&id);
+            self.actions.push(Action::Close {
+                conn,
+                disconnect: d,
+            });
+            if let Some(e) = self.entries.get_mut(&id) {
+                if !addrs.is_empty() {
+                    e.addrs = addrs;
+                }
+                e.seen = now;
+                let to = e.idle_state();
+                e.set_state(to, &mut self.actions);
+            }
+            return;
+        }
+        let Pool {
+            entries,
+            conns,
+            actions,
+            cfg,
+            ..
+        } = self;
+        let Some(entry) = entries.get_mut(&info.node) else {
+            return;
+        };
+        if !addrs.is_empty() {
+            entry.addrs = addrs;
+        }
+        entry.metadata = info.metadata.clone();
+        entry.seen = now;
+        if entry.banned_until.is_some() {
+            let d = refuse(DisconnectReason::Banned, "banned");
+            actions.push(Action::Close {
+                conn,
+                disconnect: d,
+            });
+            return;
+        }
+        if let Some(link) = entry.link.as_mut() {
+            // A second connection between the same two nodes.
+            let initiator = |d: Direction, remote: &NodeId| match d {
+                Direction::Outbound => local.clone(),
+                Direction::Inbound => remote.clone(),
+            };
+            let old_by = initiator(link.direction, &info.node);
+            let new_by = initiator(info.direction, &info.node);
+            let dup = refuse(
+                DisconnectReason::DuplicateConnection,
+                "duplicate connection",
+            );
+            if old_by != new_by {
+                // Crossed dials: both ends keep the one opened by the smaller
+                // node id, so they agree without talking.
+                let smaller = if local < info.node {
+                    &local
+                } else {
+                    &info.node
+                };
+                if new_by == *smaller {
+                    let old = std::mem::replace(&mut link.conn, conn);
+                    link.direction = info.direction;
+                    link.remote_addr = info.remote_addr;
+                    conns.remove(&old);
+                    conns.insert(conn, info.node.clone());
+                    let route = entry.route();
+                    actions.push(route);
+                    actions.push(Action::Close {
+                        conn: old,
+                        disconnect: dup,
+                    });
+                } else {
+                    actions.push(Action::Close {
+                        conn,
+                        disconnect: dup,
+                    });
+                }
+            } else if new_by == local {
+                // We dialled twice (e.g. two addresses of one node): keep the first.
+                actions.push(Action::Close {
+                    conn,
+                    disconnect: dup,
+                });
+            } else if link.extra.is_empty() {
+                // The peer dialled twice; it closes one, we keep both until then.
+                link.extra.push(conn);
+                conns.insert(conn, info.node.clone());
+            } else {
+                actions.push(Action::Close {
+                    conn,
+                    disconnect: dup,
+                });
+            }
+            return;
+        }
+        entry.link = Some(Link {
+            conn,
+            extra: Vec::new(),
+            direction: info.direction,
+            remote_addr: info.remote_addr.clone(),
+            connected_at: now,
+            last_heard: now,
+            rtt: None,
+            srtt: None,
+            heartbeat: Heartbeat::new(&cfg.heartbeat),
+        });
+        entry.ever_connected = true;
+        entry.dial_failures = 0;
+        entry.backoff.reset();
+        entry.lost_at = None;
+        entry.set_state(PeerState::Connected, actions);
+        let route = entry.route();
+        conns.insert(conn, info.node.clone());
+        actions.push(route);
+        actions.push(Action::Event(PeerEvent::Connected {
+            peer: info.node.clone(),
+            direction: info.direction,
+            addr: info.remote_addr,
+        }));
+        let sample = self.sample(&info.node, self.cfg.discovery_sample);
+        if !sample.is_empty() {
+            let message = Message::Discovered(Discovered { peers: sample });
+            self.actions.push(Action::Send { conn, message });
+        }
+    }
+
+    /// A dial failed before or during the handshake.
+    pub(crate) fn on_dial_failed(&mut self, dial: DialId, failure: DialFailure, now: Instant) {
+        let Some(d) = self.dials.remove(&dial) else {
+            return;
+        };
+        if failure == DialFailure::SelfConnection {
+            self.local_addrs.insert(d.addr.clone());
+            self.seeds.retain(|s| s.addr != d.addr);
+            for e in self.entries.values_mut() {
+                e.addrs.retain(|a| *a != d.addr);
+            }
+        }
+        let jitter = self.jitter();
+        if let Some(seed_addr) = &d.seed {
+            if let Some(seed) = self.seeds.iter_mut().find(|s| &s.addr == seed_addr) {
+                seed.dialing = None;
+                seed.next_attempt = now + seed.backoff.fail(jitter);
+            }
+        }
+        let Some(id) = d.node else { return };
+        let max_failures = self.cfg.max_dial_failures;
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        e.dialing = None;
+        if failure != DialFailure::Shutdown {
+            e.dial_failures += 1;
+            e.next_attempt = now + e.backoff.fail(jitter);
+        }
+        let forget = e.addrs.is_empty()
+            || (!e.ever_connected
+                && (failure == DialFailure::Incompatible || e.dial_failures >= max_failures));
+        let to = e.idle_state();
+        e.set_state(to, &mut self.actions);
+        if forget && e.link.is_none() {
+            self.entries.remove(&id);
+        }
+    }
+
+    /// A connection ended (either side, any reason).
+    pub(crate) fn on_closed(&mut self, conn: ConnId, reason: CloseReason, now: Instant) {
+        let Some(id) = self.conns.remove(&conn) else {
+            return;
+        };
+        let jitter = self.jitter();
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let Some(link) = e.link.as_mut() else {
+            return;
+        };
+        if link.conn != conn {
+            link.extra.retain(|c| *c != conn);
+            return;
+        }
+        if let Some(next) = link.extra.pop() {
+            link.conn = next;
+            let route = e.route();
+            self.actions.push(route);
+            return;
+        }
+        e.link = None;
+        let (lost, wait) = match &reason {
+            CloseReason::Remote {
+                reason: DisconnectReason::Shutdown,
+                ..
+            } => (false, e.backoff.penalty(jitter)),
+            CloseReason::Remote {
+                reason: DisconnectReason::TooManyPeers | DisconnectReason::Banned,
+                ..
+            } => (false, e.backoff.fail(jitter)),
+            _ => (true, e.backoff.fail(jitter)),
+        };
+        e.next_attempt = now + wait;
+        e.lost_at = lost.then_some(now);
+        let to = e.idle_state();
+        e.set_state(to, &mut self.actions);
+        let route = e.route();
+        self.actions.push(route);
+        self.actions
+            .push(Action::Event(PeerEvent::Disconnected { peer: id, reason }));
+    }
+
+    /// A peer told us about other nodes (Discovered, or the alternatives of
+    /// a refusal).
+    pub(crate) fn on_discovered(&mut self, peers: &[PeerInfo], now: Instant) {
+        for p in peers {
+            let Ok(id) = NodeId::from_bytes(p.node_id.clone()) else {
+                continue;
+            };
+            let addrs = usable_addrs(&p.addrs, &self.local_addrs);
+            if addrs.is_empty() || id == self.local {
+                continue;
+            }
+            let known = self.entries.contains_key(&id);
+            if !self.ensure_entry(&id, now) {
+                continue;
+            }
+            let Some(e) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            e.seen = now;
+            if e.link.is_none() && e.dialing.is_none() && e.addrs != addrs {
+                e.addrs = addrs.clone();
+            }
+            if !known {
+                self.actions
+                    .push(Action::Event(PeerEvent::Discovered { peer: id, addrs }));
+            }
+        }
+    }
+
+    /// The Pong of a heartbeat came back.
+    pub(crate) fn on_pong(&mut self, conn: ConnId, rtt: Duration, now: Instant) {
+        if let Some(link) = self.link_of(conn) {
+            link.heartbeat.ping_done();
+            link.rtt = Some(rtt);
+            link.srtt = Some(ewma(link.srtt, rtt));
+            link.last_heard = link.last_heard.max(now);
+        }
+    }
+
+    /// A heartbeat got no Pong in time (the silence thresholds decide what
+    /// that means).
+    pub(crate) fn on_ping_failed(&mut self, conn: ConnId) {
+        if let Some(link) = self.link_of(conn) {
+            link.heartbeat.ping_done();
+        }
+    }
+
+    fn link_of(&mut self, conn: ConnId) -> Option<&mut Link> {
+        let id = self.conns.get(&conn)?;
+        let link = self.entries.get_mut(id)?.link.as_mut()?;
+        (link.conn == conn).then_some(link)
+    }
+
+    // ----- quality -----------------------------------------------------
+
+    /// Counts an error (`timeout == false`) or a timeout against `peer`;
+    /// at the maximum the peer is disconnected and kept away for the
+    /// longest backoff. Returns the new count, `None` for an unknown peer.
+    pub(crate) fn report(&mut self, peer: &NodeId, timeout: bool, now: Instant) -> Option<u32> {
+        let max = self.cfg.max_error_count;
+        let timing = self.cfg.heartbeat;
+        let e = self.entries.get_mut(peer)?;
+        let count = if timeout {
+            e.timeouts += 1;
+            e.timeouts
+        } else {
+            e.errors += 1;
+            e.errors
+        };
+        if let Some(link) = e.link.as_mut() {
+            link.heartbeat.reset(&timing);
+        }
+        if count >= max {
+            // Disconnected, and refused both ways for the longest backoff:
+            // otherwise the peer would just dial back in.
+            let what = if timeout { "timeouts" } else { "errors" };
+            let jitter = self.jitter();
+            let mut penalty = Duration::ZERO;
+            if let Some(e) = self.entries.get_mut(peer) {
+                penalty = e.backoff.penalty(jitter);
+                e.next_attempt = now + penalty;
+                e.errors = 0;
+                e.timeouts = 0;
+            }
+            let d = Disconnect::new(DisconnectReason::Banned, format!("too many {what}"));
+            self.ban_with(peer, penalty, d, now);
+        }
+        Some(count)
+    }
+
+    /// Closes `peer`'s connections on our initiative and records it as
+    /// disconnected at once.
+    fn close_link(&mut self, peer: &NodeId, d: Disconnect, lost: bool, now: Instant) {
+        let Some(e) = self.entries.get_mut(peer) else {
+            return;
+        };
+        let Some(link) = e.link.take() else {
+            return;
+        };
+        for conn in std::iter::once(link.conn).chain(link.extra) {
+            self.conns.remove(&conn);
+            self.actions.push(Action::Close {
+                conn,
+                disconnect: d.clone(),
+            });
+        }
+        e.lost_at = lost.then_some(now);
+        let to = e.idle_state();
+        e.set_state(to, &mut self.actions);
+        let route = e.route();
+        self.actions.push(route);
+        self.actions.push(Action::Event(PeerEvent::Disconnected {
+            peer: peer.clone(),
+            reason: CloseReason::Local {
+                reason: d.reason_or_unspecified(),
+                message: d.message,
+            },
+        }));
+    }
+
+    /// Disconnects `peer` on the operator's request. False if not connected.
+    pub(crate) fn disconnect(&mut self, peer: &NodeId, now: Instant) -> bool {
+        let jitter = self.jitter();
+        let Some(e) = self.entries.get_mut(peer) else {
+            return false;
+        };
+        if e.link.is_none() {
+            return false;
+        }
+        e.next_attempt = now + e.backoff.fail(jitter);
+        let d = Disconnect::new(DisconnectReason::Other, "disconnected by operator");
+        self.close_link(peer, d, false, now);
+        true
+    }
+
+    /// Refuses `peer` for `duration` and disconnects it.
+    pub(crate) fn ban(&mut self, peer: &NodeId, duration: Duration, now: Instant) {
+        let d = Disconnect::new(DisconnectReason::Banned, "banned");
+        self.ban_with(peer, duration, d, now);
+    }
+
+    fn ban_with(&mut self, peer: &NodeId, duration: Duration, d: Disconnect, now: Instant) {
+        let until = now.checked_add(duration).unwrap_or(now + BLOCK_FOREVER);
+        if !self.ensure_entry(peer, now) {
+            return;
+        }
+        if let Some(e) = self.entries.get_mut(peer) {
+            e.banned_until = Some(until);
+        }
+        self.close_link(peer, d, false, now);
+        if let Some(e) = self.entries.get_mut(peer) {
+            e.set_state(PeerState::Banned, &mut self.actions);
+        }
+        self.actions.push(Action::Ban {
+            node: peer.clone(),
+            duration,
+        });
+    }
+
+    /// Lifts a ban.
+    pub(crate) fn unban(&mut self, peer: &NodeId) {
+        if let Some(e) = self.entries.get_mut(peer) {
+            e.banned_until = None;
+            let to = e.idle_state();
+            e.set_state(to, &mut self.actions);
+        }
+        if !self.blocked.contains(peer) {
+            self.actions.push(Action::Unban { node: peer.clone() });
+        }
+    }
+
+    /// Fault injection: drops the link to `peer` as if the network broke,
+    /// and refuses it until [`unblock`](Self::unblock).
+    pub(crate) fn block(&mut self, peer: &NodeId, now: Instant) {
+        self.blocked.insert(peer.clone());
+        let d = Disconnect::new(DisconnectReason::NotAllowed, "blocked");
+        self.close_link(peer, d, true, now);
+        self.actions.push(Action::Ban {
+            node: peer.clone(),
+            duration: BLOCK_FOREVER,
+        });
+    }
+
+    /// Ends a [`block`](Self::block); the peer may be redialled at once.
+    pub(crate) fn unblock(&mut self, peer: &NodeId, now: Instant) {
+        if !self.blocked.remove(peer) {
+            return;
+        }
+        if let Some(e) = self.entries.get_mut(peer) {
+            e.next_attempt = now;
+            e.backoff.reset();
+            if e.ever_connected && e.link.is_none() {
+                e.lost_at = Some(now);
+            }
+        }
+        if self
+            .entries
+            .get(peer)
+            .is_none_or(|e| e.banned_until.is_none())
+        {
+            self.actions.push(Action::Unban { node: peer.clone() });
+        }
+    }
+
+    /// Peers blocked by [`block`](Self::block).
+    pub(crate) fn blocked(&self) -> Vec<NodeId> {
+        self.blocked.iter().cloned().collect()
+    }
+
+    /// Stops dialling and accepting.
+    pub(crate) fn shut_down(&mut self) {
+        self.shutting_down = true;
+    }
+
+    // ----- time --------------------------------------------------------
+
+    /// Advances time: heartbeats and liveness, bans, discovery, dials.
+    /// `heard` gives, per connection, when the transport last received
+    /// anything on it.
+    pub(crate) fn poll(&mut self, now: Instant, heard: &HashMap<ConnId, Instant>) {
+        if self.shutting_down {
+            return;
+        }
+        self.poll_liveness(now, heard);
+        self.poll_bans(now);
+        if now >= self.next_discovery {
+            self.next_discovery = now + self.cfg.discovery_interval;
+            self.gossip();
+        }
+        self.poll_dials(now);
+    }
+
+    fn poll_liveness(&mut self, now: Instant, heard: &HashMap<ConnId, Instant>) {
+        let timing = self.cfg.heartbeat;
+        let mut dead = Vec::new();
+        for e in self.entries.values_mut() {
+            let Some(link) = e.link.as_mut() else {
+                continue;
+            };
+            if let Some(t) = heard.get(&link.conn) {
+                link.last_heard = link.last_heard.max(*t);
+            }
+            let last_heard = link.last_heard;
+            let conn = link.conn;
+            let ping = link.heartbeat.poll_ping(&timing, last_heard, now);
+            match Heartbeat::liveness(&timing, last_heard, now) {
+                Liveness::Alive => {
+                    if e.state == PeerState::Unresponsive {
+                        e.set_state(PeerState::Connected, &mut self.actions);
+                        self.actions.push(e.route());
+                    }
+                }
+                Liveness::Unresponsive => {
+                    if e.state == PeerState::Connected {
+                        if let Some(link) = e.link.as_mut() {
+                            link.heartbeat.reset(&timing);
+                        }
+                        e.set_state(PeerState::Unresponsive, &mut self.actions);
+                        self.actions.push(e.route());
+                    }
+                }
+                Liveness::Dead => {
+                    dead.push(e.id.clone());
+                    continue;
+                }
+            }
+            if ping {
+                self.actions.push(Action::Ping { conn });
+            }
+        }
+        for id in dead {
+            let jitter = self.jitter();
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.next_attempt = now + e.backoff.fail(jitter);
+            }
+            let silence = timing.dead_after;
+            let d = Disconnect::new(
+                DisconnectReason::Timeout,
+                format!("nothing received for {silence:?}"),
+            );
+            self.close_link(&id, d, true, now);
+        }
+    }
+
+    fn poll_bans(&mut self, now: Instant) {
+        for e in self.entries.values_mut() {
+            if e.banned_until.is_some_and(|t| t <= now) {
+                e.banned_until = None;
+                let to = e.idle_state();
+                e.set_state(to, &mut self.actions);
+            }
+        }
+    }
+
+    /// Sends every peer a sample of the address book.
+    fn gossip(&mut self) {
+        let linked: Vec<(NodeId, ConnId)> = self
+            .entries
+            .values()
+            .filter_map(|e| e.link.as_ref().map(|l| (e.id.clone(), l.conn)))
+            .collect();
+        for (id, conn) in linked {
+            let sample = self.sample(&id, self.cfg.discovery_sample);
+            if !sample.is_empty() {
+                let message = Message::Discovered(Discovered { peers: sample });
+                self.actions.push(Action::Send { conn, message });
+            }
+        }
+    }
+
+    /// Up to `n` random entries worth telling `to` about: connected peers and
+    /// book entries that have not failed.
+    fn sample(&mut self, to: &NodeId, n: usize) -> Vec<PeerInfo> {
+        let mut pick: Vec<&Entry> = self
+            .entries
+            .values()
+            .filter(|e| {
+                e.id != *to
+                    && !e.addrs.is_empty()
+                    && e.banned_until.is_none()
+                    && (e.link.is_some() || e.dial_failures == 0)
+            })
+            .collect();
+        pick.shuffle(&mut self.rng);
+        pick.truncate(n);
+        pick.into_iter().map(peer_info).collect()
+    }
+
+    /// Other peers to suggest to a node we refuse: connected ones first.
+    fn alternatives(&mut self, refused: &NodeId) -> Vec<PeerInfo> {
+        let n = self.cfg.alternatives;
+        let mut linked: Vec<&Entry> = self
+            .entries
+            .values()
+            .filter(|e| e.id != *refused && e.link.is_some() && !e.addrs.is_empty())
+            .collect();
+        linked.shuffle(&mut self.rng);
+        linked.truncate(n);
+        let mut out: Vec<PeerInfo> = linked.into_iter().map(peer_info).collect();
+        if out.len() < n {
+            let more = self.sample(refused, n);
+            for p in more {
+                if out.len() < n && !out.iter().any(|o| o.node_id == p.node_id) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    fn poll_dials(&mut self, now: Instant) {
+        let c = self.counts();
+        let busy = c.linked + c.pending_dials;
+        let room = self
+            .cfg
+            .max_peers
+            .saturating_sub(busy)
+            .min(self.cfg.max_pending_dials.saturating_sub(c.pending_dials));
+        if room == 0 {
+            return;
+        }
+        let mut want = self.cfg.target().saturating_sub(busy);
+        let outbound = c.outbound + c.pending_dials;
+        want = want.max(self.cfg.reserved_outbound().saturating_sub(outbound));
+        let want = want.min(room);
+
+        let linked_or_dialing: HashSet<NodeId> = self
+            .entries
+            .values()
+            .filter(|e| e.link.is_some() || e.dialing.is_some())
+            .map(|e| e.id.clone())
+            .collect();
+        // Candidates: book entries and seeds whose node we are not linked to.
+        let mut entries: Vec<NodeId> = self
+            .entries
+            .values()
+            .filter(|e| e.dialable(now, &self.blocked))
+            .map(|e| e.id.clone())
+            .collect();
+        let mut seeds: Vec<usize> = (0..self.seeds.len())
+            .filter(|&i| {
+                let s = &self.seeds[i];
+                s.dialing.is_none()
+                    && s.next_attempt <= now
+                    && s.node.as_ref().is_none_or(|n| {
+                        // A seed whose node we know follows that node's backoff.
+                        !linked_or_dialing.contains(n)
+                            && !self.blocked.contains(n)
+                            && self
+                                .entries
+                                .get(n)
+                                .is_none_or(|e| e.next_attempt <= now && e.banned_until.is_none())
+                    })
+            })
+            .collect();
+        entries.shuffle(&mut self.rng);
+        seeds.shuffle(&mut self.rng);
+
+        let mut started = 0;
+        if want > 0 {
+            // With no peer at all, seeds come first; otherwise a random mix,
+            // so that a mesh seeded by one node does not all pile onto it.
+            let mut order: Vec<Result<usize, NodeId>> = Vec::new();
+            if c.linked == 0 {
+                order.extend(seeds.iter().map(|&i| Ok(i)));
+                order.extend(entries.iter().cloned().map(Err));
+            } else {
+                order.extend(entries.iter().cloned().map(Err));
+                order.extend(seeds.iter().map(|&i| Ok(i)));
+                order.shuffle(&mut self.rng);
+            }
+            for pick in order {
+                if started == want {
+                    break;
+                }
+                let ok = match pick {
+                    Ok(i) => self.dial_seed(i),
+                    Err(id) => self.dial_entry(&id),
+                };
+                if ok {
+                    started += 1;
+                }
+            }
+        }
+        // Peers whose link broke recently are redialled while there is room,
+        // even above min_peers: that is what rejoins a healed partition.
+        let window = self.cfg.lost_peer_retry;
+        for id in entries {
+            if started >= room {
+                break;
+            }
+            let lost = self.entries.get(&id).is_some_and(|e| {
+                e.dialing.is_none()
+                    && e.link.is_none()
+                    && e.lost_at
+                        .is_some_and(|t| now.saturating_duration_since(t) < window)
+            });
+            if lost && self.dial_entry(&id) {
+                started += 1;
+            }
+        }
+    }
+
+    fn new_dial(&mut self, addr: Address, node: Option<NodeId>, seed: Option<Address>) -> DialId {
+        let dial = self.next_dial;
+        self.next_dial += 1;
+        self.actions.push(Action::Dial {
+            dial,
+            addr: addr.clone(),
+        });
+        self.dials.insert(dial, Dial { addr, node, seed });
+        dial
+    }
+
+    fn dial_entry(&mut self, id: &NodeId) -> bool {
+        let Some(e) = self.entries.get(id) else {
+            return false;
+        };
+        if e.link.is_some() || e.dialing.is_some() || e.addrs.is_empty() {
+            return false;
+        }
+        // Rotate through the addresses as dials fail.
+        let addr = e.addrs[e.dial_failures as usize % e.addrs.len()].clone();
+        let dial = self.new_dial(addr, Some(id.clone()), None);
+        if let Some(e) = self.entries.get_mut(id) {
+            e.dialing = Some(dial);
+            e.set_state(PeerState::Connecting, &mut self.actions);
+        }
+        true
+    }
+
+    fn dial_seed(&mut self, i: usize) -> bool {
+        let Some(seed) = self.seeds.get(i) else {
+            return false;
+        };
+        let (addr, node) = (seed.addr.clone(), seed.node.clone());
+        if let Some(n) = &node {
+            if let Some(e) = self.entries.get(n) {
+                if e.link.is_some() || e.dialing.is_some() {
+                    return false;
+                }
+            }
+        }
+        let dial = self.new_dial(addr.clone(), None, Some(addr));
+        if let Some(seed) = self.seeds.get_mut(i) {
+            seed.dialing = Some(dial);
+        }
+        true
+    }
+
+    // ----- queries -----------------------------------------------------
+
+    /// Every known peer, connected ones first, then by id.
+    pub(crate) fn snapshot(&self, now: Instant) -> Vec<PeerSnapshot> {
+        let mut all: Vec<PeerSnapshot> = self.entries.values().map(|e| e.snapshot(now)).collect();
+        all.sort_by(|a, b| {
+            (!a.state.is_linked(), &a.node_id).cmp(&(!b.state.is_linked(), &b.node_id))
+        });
+        all
+    }
+
+    /// One peer.
+    pub(crate) fn peer(&self, id: &NodeId, now: Instant) -> Option<PeerSnapshot> {
+        self.entries.get(id).map(|e| e.snapshot(now))
+    }
+
+    /// A responsive peer passing `filter`, chosen at random weighted by
+    /// score; with `least_failed`, only among those with the fewest errors
+    /// and timeouts.
+    pub(crate) fn choose(
+        &mut self,
+        now: Instant,
+        least_failed: bool,
+        filter: impl Fn(&PeerSnapshot) -> bool,
+    ) -> Option<PeerSnapshot> {
+        let mut pool: Vec<PeerSnapshot> = self
+            .entries
+            .values()
+            .filter(|e| e.state == PeerState::Connected)
+            .map(|e| e.snapshot(now))
+            .filter(|s| filter(s))
+            .collect();
+        if least_failed {
+            let fewest = pool.iter().map(|s| s.errors + s.timeouts).min()?;
+            pool.retain(|s| s.errors + s.timeouts == fewest);
+        }
+        // HashMap order is arbitrary; sort so a seeded rng picks reproducibly.
+        pool.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let weights: Vec<f64> = pool.iter().map(|s| s.score).collect();
+        let i = weighted_choice(&weights, &mut self.rng)?;
+        Some(pool.swap_remove(i))
+    }
+
+    /// The seed addresses still in use (ours are dropped).
+    #[cfg(test)]
+    fn seed_addrs(&self) -> Vec<Address> {
+        self.seeds.iter().map(|s| s.addr.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,649 @@
+//! The pool driven by hand: explicit time, no sockets.
+
+use super::*;
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+
+fn id(n: u8) -> NodeId {
+    NodeId::from_bytes(vec![n; 32]).unwrap()
+}
+
+fn addr(n: u8) -> Address {
+    format!("mem://n{n}").parse().unwrap()
+}
+
+fn info(n: u8, direction: Direction) -> LinkInfo {
+    LinkInfo {
+        node: id(n),
+        direction,
+        remote_addr: addr(n),
+        listen_addrs: vec![addr(n).to_string()],
+        metadata: HashMap::new(),
+    }
+}
+
+fn cfg() -> PeersConfig {
+    PeersConfig::default()
+        .with_min_peers(2)
+        .with_max_peers(4)
+        .with_backoff(100 * MS, 10 * S)
+        .with_rng_seed(1)
+}
+
+/// A pool for node `me`, with its clock.
+struct Harness {
+    pool: Pool,
+    now: Instant,
+}
+
+impl Harness {
+    fn new(me: u8, cfg: PeersConfig) -> Self {
+        let now = Instant::now();
+        Harness {
+            pool: Pool::new(cfg, id(me), vec![addr(me)], now),
+            now,
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    /// Polls with every connection heard from at `heard`.
+    fn poll_heard(&mut self, heard: Option<Instant>) -> Vec<Action> {
+        let map = match heard {
+            Some(t) => self.pool.conns.keys().map(|c| (*c, t)).collect(),
+            None => HashMap::new(),
+        };
+        self.pool.poll(self.now, &map);
+        self.pool.take_actions()
+    }
+
+    fn poll(&mut self) -> Vec<Action> {
+        self.poll_heard(Some(self.now))
+    }
+
+    fn connect(&mut self, conn: ConnId, n: u8, direction: Direction) -> Vec<Action> {
+        self.pool.on_connection(conn, info(n, direction), self.now);
+        self.pool.take_actions()
+    }
+
+    fn state(&self, n: u8) -> Option<PeerState> {
+        self.pool.peer(&id(n), self.now).map(|p| p.state)
+    }
+}
+
+fn dials(actions: &[Action]) -> Vec<(DialId, Address)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Dial { dial, addr } => Some((*dial, addr.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closes(actions: &[Action]) -> Vec<(ConnId, DisconnectReason)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Close { conn, disconnect } => Some((*conn, disconnect.reason_or_unspecified())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(actions: &[Action]) -> Vec<PeerEvent> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Event(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn dials_seeds_and_backs_off_with_jitter() {
+    let mut h = Harness::new(0, cfg().with_seed(addr(1)).with_seed(addr(2)));
+    let first = dials(&h.poll());
+    let mut addrs: Vec<_> = first.iter().map(|(_, a)| a.clone()).collect();
+    addrs.sort();
+    assert_eq!(addrs, vec![addr(1), addr(2)]);
+    // Both fail; nothing more until the backoff has passed.
+    for (d, _) in &first {
+        h.pool.on_dial_failed(*d, DialFailure::Transient, h.now);
+    }
+    assert!(dials(&h.poll()).is_empty());
+    h.advance(49 * MS);
+    assert!(
+        dials(&h.poll()).is_empty(),
+        "first backoff is at least 50 ms"
+    );
+    h.advance(51 * MS);
+    assert_eq!(dials(&h.poll()).len(), 2, "and at most 100 ms");
+}
+
+#[test]
+fn a_seed_that_is_ourselves_is_dropped() {
+    let mut h = Harness::new(0, cfg().with_seed(addr(0)).with_seed(addr(5)));
+    // Our own listen address is dropped at once.
+    assert_eq!(h.pool.seed_addrs(), vec![addr(5)]);
+    let d = dials(&h.poll());
+    // addr(5) turns out to be us too (e.g. another name for our listener).
+    h.pool
+        .on_dial_failed(d[0].0, DialFailure::SelfConnection, h.now);
+    assert!(h.pool.seed_addrs().is_empty());
+    h.advance(60 * S);
+    assert!(dials(&h.poll()).is_empty());
+    // And nobody else's gossip brings it back.
+    let gossip = [PeerInfo {
+        node_id: id(9).as_bytes().clone(),
+        addrs: vec![addr(5).to_string(), addr(0).to_string()],
+    }];
+    h.pool.on_discovered(&gossip, h.now);
+    assert!(
+        h.pool.peer(&id(9), h.now).is_none(),
+        "no usable address left"
+    );
+}
+
+#[test]
+fn a_connection_is_announced_and_gets_a_sample_of_the_book() {
+    let mut h = Harness::new(0, cfg());
+    h.pool.on_discovered(
+        &[PeerInfo {
+            node_id: id(7).as_bytes().clone(),
+            addrs: vec![addr(7).to_string()],
+        }],
+        h.now,
+    );
+    let discovered = events(&h.pool.take_actions());
+    assert!(matches!(&discovered[..], [PeerEvent::Discovered { peer, .. }] if *peer == id(7)));
+    let actions = h.connect(10, 1, Direction::Inbound);
+    let ev = events(&actions);
+    assert!(ev.contains(&PeerEvent::StateChanged {
+        peer: id(1),
+        from: PeerState::Known,
+        to: PeerState::Connected
+    }));
+    assert!(ev.iter().any(|e| matches!(e, PeerEvent::Connected { peer, direction: Direction::Inbound, .. } if *peer == id(1))));
+    let sent = actions.iter().find_map(|a| match a {
+        Action::Send {
+            conn: 10,
+            message: Message::Discovered(d),
+        } => Some(d.clone()),
+        _ => None,
+    });
+    let sent = sent.expect("a Discovered for the new peer");
+    assert_eq!(sent.peers.len(), 1);
+    assert_eq!(sent.peers[0].node_id, id(7).as_bytes().clone());
+    assert!(actions.contains(&Action::Route {
+        peer: id(1),
+        conn: Some(10),
+        usable: true
+    }));
+}
+
+#[test]
+fn discovered_nodes_are_dialled_while_below_min() {
+    let mut h = Harness::new(0, cfg());
+    let peers: Vec<PeerInfo> = (1..=5)
+        .map(|n| PeerInfo {
+            node_id: id(n).as_bytes().clone(),
+            addrs: vec![addr(n).to_string()],
+        })
+        .collect();
+    h.pool.on_discovered(&peers, h.now);
+    h.pool.take_actions();
+    let d = dials(&h.poll());
+    assert_eq!(d.len(), 2, "min_peers is 2");
+    for (i, (dial, a)) in d.iter().enumerate() {
+        let n = (1..=5).find(|n| addr(*n) == *a).unwrap();
+        h.pool
+            .on_dial_ok(*dial, 100 + i as u64, info(n, Direction::Outbound), h.now);
+    }
+    h.pool.take_actions();
+    assert_eq!(h.pool.counts().linked, 2);
+    assert!(dials(&h.poll()).is_empty(), "at min, nothing more");
+}
+
+#[test]
+fn inbound_beyond_the_limit_is_refused_with_alternatives() {
+    // max 4, 2 reserved for outbound: 2 inbound at most.
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Inbound);
+    h.connect(2, 2, Direction::Inbound);
+    let actions = h.connect(3, 3, Direction::Inbound);
+    let refusal = actions.iter().find_map(|a| match a {
+        Action::Close {
+            conn: 3,
+            disconnect,
+        } => Some(disconnect.clone()),
+        _ => None,
+    });
+    let refusal = refusal.expect("third inbound refused");
+    assert_eq!(
+        refusal.reason_or_unspecified(),
+        DisconnectReason::TooManyPeers
+    );
+    let mut alts: Vec<_> = refusal
+        .alternatives
+        .iter()
+        .map(|p| p.node_id.clone())
+        .collect();
+    alts.sort();
+    assert_eq!(
+        alts,
+        vec![id(1).as_bytes().clone(), id(2).as_bytes().clone()]
+    );
+    assert_eq!(h.pool.counts().linked, 2);
+    assert_eq!(
+        h.state(3),
+        Some(PeerState::Known),
+        "refused, but remembered"
+    );
+    // Outbound still has room.
+    h.connect(4, 4, Direction::Outbound);
+    assert_eq!(h.pool.counts().linked, 3);
+}
+
+#[test]
+fn crossed_dials_keep_the_same_connection_on_both_sides() {
+    // Connection 1 is A→B, connection 2 is B→A; each side sees them in
+    // either order. Both must keep the one opened by the smaller id (A = 1).
+    for a_first in [true, false] {
+        for b_first in [true, false] {
+            let mut a = Harness::new(1, cfg());
+            let mut b = Harness::new(2, cfg());
+            let a_order = if a_first {
+                [(1, Direction::Outbound), (2, Direction::Inbound)]
+            } else {
+                [(2, Direction::Inbound), (1, Direction::Outbound)]
+            };
+            let b_order = if b_first {
+                [(1, Direction::Inbound), (2, Direction::Outbound)]
+            } else {
+                [(2, Direction::Outbound), (1, Direction::Inbound)]
+            };
+            let mut a_closed = Vec::new();
+            for (conn, dir) in a_order {
+                a_closed.extend(closes(&a.connect(conn, 2, dir)));
+            }
+            let mut b_closed = Vec::new();
+            for (conn, dir) in b_order {
+                b_closed.extend(closes(&b.connect(conn, 1, dir)));
+            }
+            assert_eq!(a_closed, vec![(2, DisconnectReason::DuplicateConnection)]);
+            assert_eq!(b_closed, vec![(2, DisconnectReason::DuplicateConnection)]);
+            assert_eq!(
+                a.pool.snapshot(a.now)[0].direction,
+                Some(Direction::Outbound)
+            );
+            assert_eq!(
+                b.pool.snapshot(b.now)[0].direction,
+                Some(Direction::Inbound)
+            );
+            // Closing the loser changes nothing.
+            a.pool.on_closed(2, CloseReason::Eof, a.now);
+            assert!(events(&a.pool.take_actions()).is_empty());
+            assert_eq!(a.state(2), Some(PeerState::Connected));
+        }
+    }
+}
+
+#[test]
+fn a_second_dial_by_the_same_side_is_closed_by_the_dialer_only() {
+    let mut a = Harness::new(1, cfg());
+    a.connect(1, 2, Direction::Outbound);
+    assert_eq!(
+        closes(&a.connect(2, 2, Direction::Outbound)),
+        vec![(2, DisconnectReason::DuplicateConnection)]
+    );
+    // The acceptor keeps both until the dialer closes one; if the one it
+    // uses goes, it switches to the other.
+    let mut b = Harness::new(2, cfg());
+    b.connect(1, 1, Direction::Inbound);
+    assert!(closes(&b.connect(2, 1, Direction::Inbound)).is_empty());
+    b.pool.on_closed(1, CloseReason::Eof, b.now);
+    let actions = b.pool.take_actions();
+    assert!(events(&actions).is_empty());
+    assert!(actions.contains(&Action::Route {
+        peer: id(1),
+        conn: Some(2),
+        usable: true
+    }));
+    // A third is too many.
+    assert_eq!(closes(&b.connect(3, 1, Direction::Inbound)).len(), 0);
+    assert_eq!(
+        closes(&b.connect(4, 1, Direction::Inbound)),
+        vec![(4, DisconnectReason::DuplicateConnection)]
+    );
+}
+
+#[test]
+fn silence_makes_a_peer_unresponsive_then_disconnects_it() {
+    let c = cfg()
+        .with_heartbeat(S, 5 * S, 10 * S)
+        .with_heartbeat_slow_down(S, 3 * S);
+    let mut h = Harness::new(0, c);
+    h.connect(7, 1, Direction::Outbound);
+    let heard = h.now;
+    let mut pings = 0;
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        h.advance(250 * MS);
+        let actions = h.poll_heard(Some(heard));
+        pings += actions
+            .iter()
+            .filter(|a| matches!(a, Action::Ping { conn: 7 }))
+            .count();
+        // Pings go unanswered.
+        if pings > 0 {
+            h.pool.on_ping_failed(7);
+        }
+        for e in events(&actions) {
+            if let PeerEvent::StateChanged { to, .. } = e {
+                seen.push((to, h.now - heard));
+            }
+        }
+        for (conn, reason) in closes(&actions) {
+            assert_eq!((conn, reason), (7, DisconnectReason::Timeout));
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (PeerState::Unresponsive, 5 * S),
+            (PeerState::Disconnected, 10 * S)
+        ]
+    );
+    assert!(pings >= 3, "pinged while silent ({pings})");
+    // A lost peer is redialled after its backoff, even though we are the
+    // only... (min is 2, so it is needed anyway).
+    h.advance(S);
+    assert_eq!(dials(&h.poll()), vec![(1, addr(1))]);
+}
+
+#[test]
+fn an_unresponsive_peer_that_speaks_again_is_connected_again() {
+    let c = cfg()
+        .with_heartbeat(S, 5 * S, 10 * S)
+        .with_heartbeat_slow_down(S, 3 * S);
+    let mut h = Harness::new(0, c);
+    h.connect(7, 1, Direction::Outbound);
+    let start = h.now;
+    h.advance(6 * S);
+    let actions = h.poll_heard(Some(start));
+    assert_eq!(h.state(1), Some(PeerState::Unresponsive));
+    assert!(actions.contains(&Action::Route {
+        peer: id(1),
+        conn: Some(7),
+        usable: false
+    }));
+    h.advance(S);
+    let actions = h.poll();
+    assert_eq!(h.state(1), Some(PeerState::Connected));
+    assert!(actions.contains(&Action::Route {
+        peer: id(1),
+        conn: Some(7),
+        usable: true
+    }));
+}
+
+#[test]
+fn pings_only_on_a_quiet_link_and_measure_rtt() {
+    let mut h = Harness::new(0, cfg());
+    h.connect(7, 1, Direction::Outbound);
+    // Traffic every 500 ms: no ping.
+    for _ in 0..20 {
+        h.advance(500 * MS);
+        assert!(!h.poll().iter().any(|a| matches!(a, Action::Ping { .. })));
+    }
+    let quiet = h.now;
+    h.advance(2 * S);
+    assert!(
+        h.poll_heard(Some(quiet))
+            .contains(&Action::Ping { conn: 7 })
+    );
+    h.pool.on_pong(7, 30 * MS, h.now);
+    h.pool.on_pong(7, 10 * MS, h.now);
+    let p = h.pool.peer(&id(1), h.now).unwrap();
+    assert_eq!(p.rtt, Some(10 * MS));
+    assert_eq!(p.smoothed_rtt, Some((30 * MS * 7 + 10 * MS) / 8));
+}
+
+#[test]
+fn too_many_errors_disconnect_and_back_off() {
+    let mut h = Harness::new(0, cfg().with_max_error_count(3));
+    h.connect(7, 1, Direction::Outbound);
+    assert_eq!(h.pool.report(&id(1), false, h.now), Some(1));
+    assert_eq!(h.pool.report(&id(1), true, h.now), Some(1));
+    let before = h.pool.peer(&id(1), h.now).unwrap();
+    assert_eq!((before.errors, before.timeouts), (1, 1));
+    assert_eq!(h.pool.report(&id(1), false, h.now), Some(2));
+    h.pool.take_actions();
+    assert_eq!(h.pool.report(&id(1), false, h.now), Some(3));
+    let actions = h.pool.take_actions();
+    assert_eq!(closes(&actions), vec![(7, DisconnectReason::Banned)]);
+    assert_eq!(h.state(1), Some(PeerState::Banned));
+    // Kept away for the longest backoff (5..10 s), though below min, and
+    // refused if it dials us.
+    h.advance(4 * S);
+    assert!(dials(&h.poll()).is_empty());
+    assert_eq!(
+        closes(&h.connect(8, 1, Direction::Inbound)),
+        vec![(8, DisconnectReason::Banned)]
+    );
+    h.advance(6 * S);
+    assert_eq!(dials(&h.poll()).len(), 1);
+    assert_eq!(
+        h.pool.peer(&id(1), h.now).map(|p| p.errors),
+        Some(0),
+        "counts start over"
+    );
+    assert_eq!(h.pool.report(&id(99), false, h.now), None);
+}
+
+#[test]
+fn score_orders_peers_and_selection_spreads_by_weight() {
+    let mut h = Harness::new(0, cfg().with_max_peers(8));
+    for n in 1..=3 {
+        let mut i = info(n, Direction::Outbound);
+        i.metadata
+            .insert("height".into(), (n as u32 * 100).to_string());
+        h.pool.on_connection(n as u64, i, h.now);
+    }
+    h.pool.on_pong(1, 5 * MS, h.now);
+    h.pool.on_pong(2, 5 * MS, h.now);
+    h.pool.on_pong(3, 200 * MS, h.now);
+    let s = |h: &Harness, n| h.pool.peer(&id(n), h.now).unwrap().score;
+    assert!(s(&h, 1) > s(&h, 3));
+    h.pool.report(&id(2), false, h.now);
+    assert!(s(&h, 1) > s(&h, 2));
+
+    // by_metadata: height >= 200 → peers 2 and 3, chosen by weight, both seen.
+    let mut picks = HashMap::new();
+    for _ in 0..400 {
+        let p = h.pool.choose(h.now, false, |p| {
+            p.metadata.get("height").and_then(|v| v.parse::<u32>().ok()) >= Some(200)
+        });
+        *picks.entry(p.unwrap().node_id).or_insert(0) += 1;
+    }
+    assert_eq!(picks.len(), 2);
+    assert!(!picks.contains_key(&id(1)));
+    // Peer 2 (5 ms, one error) outscores peer 3 (200 ms, clean).
+    assert!(picks[&id(2)] > picks[&id(3)], "{picks:?}");
+
+    // least_failed: peer 2 has an error, so never it.
+    for _ in 0..50 {
+        let p = h.pool.choose(h.now, true, |_| true).unwrap();
+        assert_ne!(p.node_id, id(2));
+    }
+    assert!(
+        h.pool
+            .choose(h.now, false, |p| p.metadata.contains_key("nope"))
+            .is_none()
+    );
+}
+
+#[test]
+fn the_address_book_is_bounded() {
+    let mut h = Harness::new(0, cfg().with_address_book_capacity(10));
+    for n in 1..=30u8 {
+        h.advance(MS);
+        h.pool.on_discovered(
+            &[PeerInfo {
+                node_id: id(n).as_bytes().clone(),
+                addrs: vec![addr(n).to_string()],
+            }],
+            h.now,
+        );
+    }
+    let snap = h.pool.snapshot(h.now);
+    assert_eq!(snap.len(), 10);
+    // The most recently seen survive.
+    assert!(snap.iter().all(|p| p.node_id >= id(21)));
+    // Garbage is skipped, not fatal.
+    h.pool.on_discovered(
+        &[PeerInfo {
+            node_id: vec![].into(),
+            addrs: vec!["nonsense".into()],
+        }],
+        h.now,
+    );
+    assert_eq!(h.pool.snapshot(h.now).len(), 10);
+}
+
+#[test]
+fn never_connected_entries_are_forgotten_after_repeated_failures() {
+    let mut h = Harness::new(0, cfg().with_max_dial_failures(3));
+    h.pool.on_discovered(
+        &[PeerInfo {
+            node_id: id(5).as_bytes().clone(),
+            addrs: vec![addr(5).to_string()],
+        }],
+        h.now,
+    );
+    for _ in 0..3 {
+        h.advance(20 * S);
+        let d = dials(&h.poll());
+        assert_eq!(d.len(), 1);
+        h.pool.on_dial_failed(d[0].0, DialFailure::Transient, h.now);
+    }
+    assert!(h.pool.peer(&id(5), h.now).is_none());
+}
+
+#[test]
+fn lost_peers_are_redialled_above_min_but_gone_ones_are_not() {
+    let mut h = Harness::new(0, cfg());
+    for n in 1..=3 {
+        h.connect(n as u64, n, Direction::Outbound);
+    }
+    // Peer 1's link breaks; peer 2 says goodbye. We still have 2 = min.
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.pool.on_closed(
+        2,
+        CloseReason::Remote {
+            reason: DisconnectReason::Shutdown,
+            message: String::new(),
+        },
+        h.now,
+    );
+    let ev = events(&h.pool.take_actions());
+    assert_eq!(
+        ev.iter()
+            .filter(|e| matches!(e, PeerEvent::Disconnected { .. }))
+            .count(),
+        2
+    );
+    h.advance(S);
+    let d = dials(&h.poll());
+    assert_eq!(
+        d.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
+        vec![addr(1)]
+    );
+}
+
+#[test]
+fn block_refuses_and_unblock_redials() {
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Outbound);
+    h.pool.block(&id(1), h.now);
+    let actions = h.pool.take_actions();
+    assert_eq!(closes(&actions), vec![(1, DisconnectReason::NotAllowed)]);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Ban { node, .. } if *node == id(1)))
+    );
+    // It dials us: refused.
+    assert_eq!(
+        closes(&h.connect(2, 1, Direction::Inbound)),
+        vec![(2, DisconnectReason::NotAllowed)]
+    );
+    h.advance(60 * S);
+    assert!(dials(&h.poll()).is_empty(), "blocked peers are not dialled");
+    h.pool.unblock(&id(1), h.now);
+    assert!(
+        h.pool
+            .take_actions()
+            .contains(&Action::Unban { node: id(1) })
+    );
+    assert_eq!(dials(&h.poll()), vec![(1, addr(1))]);
+}
+
+#[test]
+fn bans_expire() {
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Inbound);
+    h.pool.ban(&id(1), 10 * S, h.now);
+    h.pool.take_actions();
+    assert_eq!(h.state(1), Some(PeerState::Banned));
+    assert_eq!(
+        closes(&h.connect(2, 1, Direction::Inbound)),
+        vec![(2, DisconnectReason::Banned)]
+    );
+    h.advance(11 * S);
+    h.poll();
+    assert_eq!(h.state(1).map(|s| s != PeerState::Banned), Some(true));
+}
+
+#[test]
+fn a_refused_dial_learns_the_alternatives() {
+    let mut h = Harness::new(0, cfg().with_seed(addr(1)));
+    let d = dials(&h.poll());
+    h.pool
+        .on_dial_ok(d[0].0, 50, info(1, Direction::Outbound), h.now);
+    let alts: Vec<PeerInfo> = (2..=4)
+        .map(|n| PeerInfo {
+            node_id: id(n).as_bytes().clone(),
+            addrs: vec![addr(n).to_string()],
+        })
+        .collect();
+    h.pool.on_discovered(&alts, h.now);
+    h.pool.on_closed(
+        50,
+        CloseReason::Remote {
+            reason: DisconnectReason::TooManyPeers,
+            message: String::new(),
+        },
+        h.now,
+    );
+    h.pool.take_actions();
+    let d = dials(&h.poll());
+    assert_eq!(d.len(), 2);
+    assert!(d.iter().all(|(_, a)| *a != addr(1)), "the full seed waits");
+}
+
+#[test]
+fn shutting_down_stops_dialling_and_refuses() {
+    let mut h = Harness::new(0, cfg().with_seed(addr(1)));
+    h.pool.shut_down();
+    assert!(h.poll().is_empty());
+    assert_eq!(
+        closes(&h.connect(1, 1, Direction::Inbound)),
+        vec![(1, DisconnectReason::Shutdown)]
+    );
+}

@@ -1,0 +1,370 @@
+//! The peer manager on the in-memory network, on a paused clock: many nodes
+//! in one process, deterministic and quick.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use meshwork_peers::{PeerEvent, PeerManager, PeerState, PeersConfig, PeersError};
+use meshwork_transport::mem::MemNetwork;
+use meshwork_transport::{CloseReason, Config, Direction, Endpoint, Priority};
+use meshwork_wire::proto::{Concern, ConcernKind, DisconnectReason};
+use meshwork_wire::{Message, NodeId};
+use tokio::time::{Instant, sleep};
+
+const S: Duration = Duration::from_secs(1);
+
+fn addr(name: &str) -> meshwork_transport::Address {
+    format!("mem://{name}").parse().unwrap()
+}
+
+/// A peer manager for `name`, listening on `mem://name`.
+async fn node(net: &MemNetwork, name: &str, config: PeersConfig) -> PeerManager {
+    let transport = Config::new("mesh-test")
+        .with_insecure_plaintext()
+        .with_keepalive(None, None);
+    let endpoint = Endpoint::new(transport, net.transport(name));
+    endpoint.listen(&addr(name)).await.unwrap();
+    PeerManager::start(endpoint, config).unwrap()
+}
+
+fn config(min: usize, max: usize) -> PeersConfig {
+    PeersConfig::default()
+        .with_min_peers(min)
+        .with_max_peers(max)
+        .with_heartbeat(S, 5 * S, 10 * S)
+        .with_backoff(Duration::from_millis(200), 5 * S)
+        .with_discovery(5 * S, 16)
+}
+
+/// Who each node is linked to, by index.
+fn adjacency(nodes: &[PeerManager]) -> Vec<BTreeSet<usize>> {
+    let index: HashMap<NodeId, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.node_id().clone(), i))
+        .collect();
+    nodes
+        .iter()
+        .map(|n| {
+            n.connected()
+                .iter()
+                .filter_map(|p| index.get(&p.node_id).copied())
+                .collect()
+        })
+        .collect()
+}
+
+/// Nodes reachable from node 0.
+fn reachable(adj: &[BTreeSet<usize>]) -> usize {
+    let mut seen = vec![false; adj.len()];
+    let mut queue = VecDeque::from([0]);
+    seen[0] = true;
+    let mut count = 1;
+    while let Some(i) = queue.pop_front() {
+        for &j in &adj[i] {
+            if !seen[j] {
+                seen[j] = true;
+                count += 1;
+                queue.push_back(j);
+            }
+        }
+    }
+    count
+}
+
+/// Waits (on the paused clock) until `done` holds, checking every second.
+async fn settle(within: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < within, "not settled within {within:?}");
+        sleep(S).await;
+    }
+    start.elapsed()
+}
+
+fn healthy(nodes: &[PeerManager], min: usize, max: usize) -> bool {
+    let adj = adjacency(nodes);
+    let symmetric = adj
+        .iter()
+        .enumerate()
+        .all(|(i, peers)| peers.iter().all(|&j| adj[j].contains(&i)));
+    symmetric
+        && adj.iter().all(|p| (min..=max).contains(&p.len()))
+        && reachable(&adj) == nodes.len()
+}
+
+async fn shutdown_all(nodes: Vec<PeerManager>) {
+    futures_util::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hundred_nodes_seeded_with_one_form_one_connected_graph() {
+    let net = MemNetwork::new();
+    let (min, max) = (4, 10);
+    let mut nodes = vec![node(&net, "n0", config(min, max)).await];
+    for i in 1..100 {
+        let c = config(min, max).with_seed(addr("n0"));
+        nodes.push(node(&net, &format!("n{i}"), c).await);
+    }
+    let took = settle(120 * S, || healthy(&nodes, min, max)).await;
+    eprintln!("100 nodes converged in {took:?} (simulated)");
+    // The seed was never over its limit.
+    assert!(nodes[0].stats().connected <= max);
+    assert!(nodes[0].stats().inbound <= nodes[0].config().inbound_limit());
+    shutdown_all(nodes).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn halves_of_a_partition_rejoin_after_heal() {
+    let net = MemNetwork::new();
+    let (min, max) = (3, 8);
+    let names: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut c = config(min, max);
+        if i > 0 {
+            c = c.with_seed(addr(&names[0]));
+        }
+        nodes.push(node(&net, name, c).await);
+    }
+    settle(60 * S, || healthy(&nodes, min, max)).await;
+
+    let (left, right): (Vec<&str>, Vec<&str>) = (
+        names[..10].iter().map(|s| s.as_str()).collect(),
+        names[10..].iter().map(|s| s.as_str()).collect(),
+    );
+    net.partition(&left, &right);
+    // Links across go silent, die, and each half keeps itself above min.
+    settle(60 * S, || {
+        let adj = adjacency(&nodes);
+        let crossing = adj
+            .iter()
+            .enumerate()
+            .any(|(i, p)| p.iter().any(|&j| (i < 10) != (j < 10)));
+        !crossing && adj.iter().all(|p| p.len() >= min)
+    })
+    .await;
+    assert!(reachable(&adjacency(&nodes)) <= 10, "the halves are apart");
+
+    net.heal();
+    let took = settle(120 * S, || healthy(&nodes, min, max)).await;
+    eprintln!("rejoined {took:?} after heal (simulated)");
+    shutdown_all(nodes).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_goes_unresponsive_then_disconnected_within_the_thresholds() {
+    let net = MemNetwork::new();
+    let a = node(&net, "a", config(1, 4)).await;
+    let b = node(&net, "b", config(1, 4).with_seed(addr("a"))).await;
+    a.wait_for_peers(1, 10 * S).await.unwrap();
+    let mut events = a.events();
+    let silent_from = Instant::now();
+    net.partition(&["a"], &["b"]);
+    let mut unresponsive_at = None;
+    let disconnected_at;
+    loop {
+        match tokio::time::timeout(30 * S, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            PeerEvent::StateChanged {
+                peer,
+                to: PeerState::Unresponsive,
+                ..
+            } => {
+                assert_eq!(&peer, b.node_id());
+                assert!(
+                    a.send(
+                        &peer,
+                        Message::Concern(Concern::default()),
+                        Priority::Normal
+                    )
+                    .await
+                    .is_err_and(|e| matches!(e, PeersError::Unresponsive(_)))
+                );
+                unresponsive_at = Some(silent_from.elapsed());
+            }
+            PeerEvent::Disconnected { peer, reason } => {
+                assert_eq!(&peer, b.node_id());
+                assert!(
+                    matches!(
+                        reason,
+                        CloseReason::Local {
+                            reason: DisconnectReason::Timeout,
+                            ..
+                        }
+                    ),
+                    "{reason:?}"
+                );
+                disconnected_at = silent_from.elapsed();
+                break;
+            }
+            _ => {}
+        }
+    }
+    let unresponsive_at = unresponsive_at.expect("Unresponsive before Disconnected");
+    // Last traffic was at most one heartbeat before the partition; the
+    // check runs every tick (250 ms).
+    assert!(
+        (4 * S..=6 * S).contains(&unresponsive_at),
+        "{unresponsive_at:?}"
+    );
+    assert!(
+        (9 * S..=11 * S).contains(&disconnected_at),
+        "{disconnected_at:?}"
+    );
+    net.heal();
+    shutdown_all(vec![a, b]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn crossed_dials_leave_one_connection_the_same_on_both_sides() {
+    let net = MemNetwork::new();
+    for pair in 0..8 {
+        let (x, y) = (format!("x{pair}"), format!("y{pair}"));
+        // Both listen before either dials, so the dials cross.
+        let ex = Endpoint::new(
+            Config::new("mesh-test").with_insecure_plaintext(),
+            net.transport(&x),
+        );
+        let ey = Endpoint::new(
+            Config::new("mesh-test").with_insecure_plaintext(),
+            net.transport(&y),
+        );
+        ex.listen(&addr(&x)).await.unwrap();
+        ey.listen(&addr(&y)).await.unwrap();
+        let a = PeerManager::start(ex, config(1, 4).with_seed(addr(&y))).unwrap();
+        let b = PeerManager::start(ey, config(1, 4).with_seed(addr(&x))).unwrap();
+        sleep(5 * S).await;
+        let (ca, cb) = (a.endpoint().connections(), b.endpoint().connections());
+        assert_eq!((ca.len(), cb.len()), (1, 1), "pair {pair}");
+        let (da, db) = (ca[0].info().direction, cb[0].info().direction);
+        assert_ne!(da, db, "both ends keep the same connection");
+        // The survivor is the one the smaller id opened.
+        let a_smaller = a.node_id() < b.node_id();
+        assert_eq!(da == Direction::Outbound, a_smaller);
+        shutdown_all(vec![a, b]).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_node_holds_at_max_and_sends_dialers_elsewhere() {
+    let net = MemNetwork::new();
+    let hub = node(&net, "hub", config(2, 2)).await;
+    let mut nodes = vec![hub];
+    for i in 0..6 {
+        let c = config(2, 8).with_seed(addr("hub"));
+        nodes.push(node(&net, &format!("d{i}"), c).await);
+    }
+    settle(60 * S, || {
+        let adj = adjacency(&nodes);
+        reachable(&adj) == nodes.len() && adj[1..].iter().all(|p| p.len() >= 2)
+    })
+    .await;
+    for _ in 0..20 {
+        assert!(nodes[0].stats().connected <= 2);
+        sleep(S).await;
+    }
+    assert_eq!(nodes[0].stats().connected, 2);
+    let refused = nodes[0].endpoint().stats().handshakes_ok;
+    assert!(
+        refused > 2,
+        "the hub was dialled more than it kept ({refused})"
+    );
+    shutdown_all(nodes).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_events_and_a_graceful_goodbye() {
+    let net = MemNetwork::new();
+    let a = node(&net, "a", config(1, 4)).await;
+    let mut events = a.events();
+    let b = node(&net, "b", config(1, 4).with_seed(addr("a"))).await;
+    let mut inbox = b.take_inbound().unwrap();
+    assert!(matches!(b.take_inbound(), Err(PeersError::InboundTaken)));
+    a.wait_for_peers(1, 10 * S).await.unwrap();
+    b.wait_for_peers(1, 10 * S).await.unwrap();
+
+    let connected = tokio::time::timeout(S, events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(connected, PeerEvent::StateChanged { ref peer, from: PeerState::Known, to: PeerState::Connected } if peer == b.node_id()),
+        "{connected:?}"
+    );
+
+    let msg = Concern {
+        command: 7,
+        request_id: 1,
+        kind: ConcernKind::Request as i32,
+        payload: b"hi".to_vec().into(),
+        ..Concern::default()
+    };
+    a.send(b.node_id(), Message::Concern(msg.clone()), Priority::Normal)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(S, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&got.from, &got.message), (a.node_id(), &msg));
+
+    let stranger = NodeId::from_bytes(vec![9; 32]).unwrap();
+    let err = a
+        .send(&stranger, Message::Concern(msg), Priority::Normal)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PeersError::NotConnected(ref id) if *id == stranger));
+
+    b.shutdown().await;
+    loop {
+        match tokio::time::timeout(5 * S, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            PeerEvent::Disconnected { peer, reason } => {
+                assert_eq!(&peer, b.node_id());
+                assert!(
+                    matches!(
+                        reason,
+                        CloseReason::Remote {
+                            reason: DisconnectReason::Shutdown,
+                            ..
+                        }
+                    ),
+                    "{reason:?}"
+                );
+                break;
+            }
+            _ => continue,
+        }
+    }
+    assert_eq!(a.by_id(b.node_id()).unwrap().state, PeerState::Disconnected);
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_many_errors_disconnect_a_peer_and_selection_skips_it() {
+    let net = MemNetwork::new();
+    let a = node(&net, "a", config(1, 4).with_max_error_count(2)).await;
+    let b = node(&net, "b", config(1, 4).with_seed(addr("a"))).await;
+    let c = node(&net, "c", config(1, 4).with_seed(addr("a"))).await;
+    a.wait_for_peers(2, 10 * S).await.unwrap();
+    assert_eq!(a.report_error(b.node_id()), Some(1));
+    for _ in 0..20 {
+        let pick = a.least_failed(|_| true).unwrap();
+        assert_eq!(&pick.node_id, c.node_id());
+    }
+    assert_eq!(a.report_timeout(b.node_id()), Some(1));
+    assert_eq!(a.report_error(b.node_id()), Some(2));
+    sleep(S).await;
+    assert!(!a.by_id(b.node_id()).unwrap().state.is_linked());
+    assert_eq!(a.stats().connected, 1);
+    shutdown_all(vec![a, b, c]).await;
+}
