@@ -1,5 +1,9 @@
 //! `meshwork demo`: a small mesh in one process, shown live as it forms.
 //!
+//! Every node knows only node 0 (the seed) and finds the others by
+//! discovery; each peer manager keeps between [`MIN_PEERS`] and
+//! [`MAX_PEERS`] peers.
+//!
 //! The demo is a sequence of steps ([`Demo::start_nodes`],
 //! [`Demo::form_mesh`], [`Demo::measure_rtt`], then always
 //! [`Demo::shut_down`] and [`Demo::summary`]). Each step draws on the
@@ -13,8 +17,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use meshwork::transport::Security;
+use meshwork::peers::{PeerSnapshot, PeerState, PeersConfig};
 use meshwork::transport::noise::NOISE_PARAMS;
+use meshwork::transport::{Address, Security};
 use meshwork::wire::NodeId;
 use meshwork::{Node, NodeStatus};
 use tokio::time::Instant;
@@ -23,10 +28,18 @@ use tokio::time::Instant;
 const REFRESH: Duration = Duration::from_millis(500);
 /// How often the nodes are polled while waiting for something.
 const POLL: Duration = Duration::from_millis(10);
-/// Ping interval of the demo nodes: short, so RTTs show up quickly.
-const PING_INTERVAL: Duration = Duration::from_millis(250);
-/// The mesh must be complete within this, or the demo fails.
-const MESH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat interval of the demo nodes: short, so RTTs show up quickly.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+/// The longest the heartbeat of a quiet, healthy peer stretches to.
+const HEARTBEAT_MAX: Duration = Duration::from_secs(1);
+/// How often the demo nodes exchange samples of their address books.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// Each node dials peers until it has this many (or every other node).
+const MIN_PEERS: usize = 3;
+/// Each node holds at most this many peers.
+const MAX_PEERS: usize = 8;
+/// The mesh must be formed within this, or the demo fails.
+const MESH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Each node must shut down within this.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Network name of the demo nodes.
@@ -40,7 +53,7 @@ pub(crate) struct DemoArgs {
     nodes: u16,
 
     /// How long the mesh runs before it is shut down, in seconds (at least
-    /// until it is complete).
+    /// until it has formed).
     #[arg(long, value_name = "S", default_value_t = 8.0, value_parser = parse_seconds)]
     seconds: f64,
 }
@@ -99,6 +112,9 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 struct Demo {
     /// Nodes asked for.
     count: usize,
+    /// Peers each node keeps at least: [`MIN_PEERS`], or every other node
+    /// in a smaller mesh.
+    min_peers: usize,
     /// When the demo started; every time shown is relative to this.
     t0: Instant,
     /// When the mesh is shut down.
@@ -107,8 +123,8 @@ struct Demo {
     nodes: Vec<Node>,
     /// The last snapshot of every node (taken by [`Demo::refresh`]).
     statuses: Vec<NodeStatus>,
-    /// When the mesh became complete (relative to `t0`).
-    mesh_complete_after: Option<Duration>,
+    /// When the mesh formed (relative to `t0`).
+    mesh_formed_after: Option<Duration>,
     /// Lines of the summary, added by the steps: (label, value).
     report: Vec<(String, String)>,
     screen: Screen,
@@ -117,13 +133,15 @@ struct Demo {
 impl Demo {
     fn new(args: &DemoArgs, screen: Screen) -> Self {
         let t0 = Instant::now();
+        let count = usize::from(args.nodes);
         Demo {
-            count: usize::from(args.nodes),
+            count,
+            min_peers: MIN_PEERS.min(count.saturating_sub(1)),
             t0,
             deadline: t0 + Duration::from_secs_f64(args.seconds),
             nodes: Vec::new(),
             statuses: Vec::new(),
-            mesh_complete_after: None,
+            mesh_formed_after: None,
             report: Vec::new(),
             screen,
         }
@@ -131,12 +149,14 @@ impl Demo {
 
     fn intro(&mut self) {
         self.screen.print(&format!(
-            "meshwork demo: {} nodes on TCP loopback, network {NETWORK:?}, pinging every {} ms\n\
-             node 0 is the seed; node i dials nodes 0..i, so they form a full mesh\n\
+            "meshwork demo: {} nodes on TCP loopback, network {NETWORK:?}, heartbeat every {} ms\n\
+             node 0 is the seed: the others know only node 0 and find each other by discovery;\n\
+             each node keeps {} to {MAX_PEERS} peers\n\
              every link is encrypted and authenticated ({NOISE_PARAMS}); \
              a node id is the node's X25519 public key\n\n",
             self.count,
-            PING_INTERVAL.as_millis(),
+            HEARTBEAT.as_millis(),
+            self.min_peers,
         ));
     }
 
@@ -149,73 +169,87 @@ impl Demo {
         render(&self.statuses, phase, self.t0.elapsed())
     }
 
-    /// Step: start the nodes, node i seeding nodes 0..i.
+    /// The peer manager settings of the demo nodes: quick heartbeats and
+    /// discovery, so the table fills in within a second or two.
+    fn peer_settings(config: PeersConfig) -> PeersConfig {
+        config
+            .with_heartbeat(HEARTBEAT, 10 * HEARTBEAT_MAX, 20 * HEARTBEAT_MAX)
+            .with_heartbeat_slow_down(HEARTBEAT, HEARTBEAT_MAX)
+            .with_discovery(DISCOVERY_INTERVAL, crate::node::DISCOVERY_SAMPLE)
+    }
+
+    /// Step: start the nodes; every node after the first seeds node 0.
     async fn start_nodes(&mut self) -> anyhow::Result<()> {
+        let mut seed: Option<Address> = None;
         for i in 0..self.count {
             let mut builder = Node::builder(NETWORK)
                 .listen("tcp://127.0.0.1:0".parse()?)
                 .metadata("demo-index", i.to_string())
-                .ping_interval(PING_INTERVAL);
-            for earlier in &self.nodes {
-                let addr = earlier
-                    .listen_addrs()
-                    .into_iter()
-                    .next()
-                    .context("a demo node has no listen address")?;
-                builder = builder.seed(addr);
+                .min_peers(self.min_peers)
+                .max_peers(MAX_PEERS)
+                .peers(Self::peer_settings);
+            if let Some(addr) = &seed {
+                builder = builder.seed(addr.clone());
             }
             let node = builder
                 .start()
                 .await
                 .with_context(|| format!("starting node {i}"))?;
+            if seed.is_none() {
+                let addr = node.listen_addrs().into_iter().next();
+                seed = Some(addr.context("the seed node has no listen address")?);
+            }
             self.nodes.push(node);
         }
         Ok(())
     }
 
-    /// Step: wait until every node is connected to every other one.
+    /// Step: wait until every node has at least `min_peers` peers and the
+    /// graph of links is connected.
     async fn form_mesh(&mut self) -> anyhow::Result<()> {
-        let expected = pairs(self.count);
+        let min = self.min_peers;
         let mut next_draw = Instant::now();
         let mut first = true;
         loop {
             self.refresh();
-            let links = Links::of(&self.statuses);
-            if links.complete(&self.statuses) {
+            let mesh = Mesh::of(&self.statuses);
+            if mesh.formed(min) {
                 let took = self.t0.elapsed();
+                let (lo, hi) = mesh.degree_range();
+                let peers = if lo == hi {
+                    count(lo, "peer")
+                } else {
+                    format!("{lo} to {hi} peers")
+                };
                 self.report.push((
-                    "links formed".into(),
-                    format!("{} of {expected} expected (full mesh)", links.seen.len()),
+                    "peers".into(),
+                    format!(
+                        "{}; every node has {peers} (min {min}); graph connected",
+                        count(mesh.links.len(), "link"),
+                    ),
                 ));
                 self.report
-                    .push(("time to full mesh".into(), fmt_duration(took)));
-                self.mesh_complete_after = Some(took);
+                    .push(("time to form".into(), fmt_duration(took)));
+                self.mesh_formed_after = Some(took);
                 self.record_security()?;
                 return Ok(());
             }
             if self.t0.elapsed() >= MESH_TIMEOUT {
-                let missing = links.missing(&self.statuses);
                 let phase = format!(
-                    "mesh NOT complete after {}: {} of {expected} links up",
+                    "mesh NOT formed after {}: {}",
                     fmt_duration(MESH_TIMEOUT),
-                    links.seen.len()
+                    mesh.progress(min)
                 );
                 self.screen.draw(&self.frame(&phase), true);
-                self.report.push((
-                    "links formed".into(),
-                    format!(
-                        "{} of {expected} expected; missing: {}",
-                        links.seen.len(),
-                        missing.join(", ")
-                    ),
-                ));
+                self.report
+                    .push(("peers".into(), mesh.shortfall(&self.statuses, min)));
                 bail!(
                     "the mesh did not form within {}",
                     fmt_duration(MESH_TIMEOUT)
                 );
             }
             if Instant::now() >= next_draw {
-                let phase = format!("connecting: {} of {expected} links up", links.seen.len());
+                let phase = format!("forming: {}", mesh.progress(min));
                 self.screen.draw(&self.frame(&phase), first);
                 first = false;
                 next_draw += REFRESH;
@@ -228,16 +262,16 @@ impl Demo {
 impl Demo {
     /// Step: keep the mesh running until the deadline, showing the RTTs.
     async fn measure_rtt(&mut self) {
-        let complete = self.mesh_complete_after.unwrap_or_default();
+        let formed = self.mesh_formed_after.unwrap_or_default();
         // Leave time for a couple of pings even when --seconds is tiny.
-        let deadline = self.deadline.max(Instant::now() + 2 * PING_INTERVAL);
+        let deadline = self.deadline.max(Instant::now() + 2 * HEARTBEAT);
         let mut first = true;
         loop {
             self.refresh();
             let left = deadline.saturating_duration_since(Instant::now());
             let phase = format!(
-                "mesh complete after {}; measuring RTT, shutting down in {:.1}s",
-                fmt_duration(complete),
+                "mesh formed after {}; measuring RTT, shutting down in {:.1}s",
+                fmt_duration(formed),
                 left.as_secs_f64()
             );
             self.screen.draw(&self.frame(&phase), first);
@@ -249,8 +283,8 @@ impl Demo {
         }
     }
 
-    /// Shuts every node down, newest first (so no node sees its seed vanish
-    /// and redials it), and checks that none is left with a connection.
+    /// Shuts every node down, newest first (so the seed goes last), and
+    /// checks that none is left with a connection.
     /// Returns true when everything went cleanly.
     async fn shut_down(&mut self) -> bool {
         let n = self.nodes.len();
@@ -330,10 +364,11 @@ impl Demo {
         let mut samples: Vec<Duration> = self
             .statuses
             .iter()
-            .flat_map(|s| &s.connections)
-            .filter_map(|c| c.smoothed_rtt.or(c.rtt))
+            .flat_map(|s| &s.peers)
+            .filter(|p| p.state.is_linked())
+            .filter_map(|p| p.smoothed_rtt.or(p.rtt))
             .collect();
-        let links = Links::of(&self.statuses).seen.len();
+        let links = Mesh::of(&self.statuses).links.len();
         let value = match rtt_stats(&mut samples) {
             Some((median, min, max)) => format!(
                 "median {}, min {}, max {} ({} samples: {links} links, both ends)",
@@ -370,58 +405,134 @@ impl Demo {
     }
 }
 
-/// Number of links in a full mesh of `n` nodes.
-fn pairs(n: usize) -> usize {
-    n * n.saturating_sub(1) / 2
-}
-
-/// The links between the nodes of a snapshot.
+/// The mesh the demo nodes form, as seen in a snapshot.
 #[derive(Debug)]
-struct Links {
-    /// Unordered pairs (smaller id first) seen from at least one end.
-    seen: BTreeSet<(NodeId, NodeId)>,
+struct Mesh {
+    /// Linked pairs of node indexes (smaller first), seen from both ends.
+    links: BTreeSet<(usize, usize)>,
+    /// Each node's live peers among the demo nodes, as its own pool sees them.
+    degree: Vec<usize>,
 }
 
-impl Links {
+impl Mesh {
     fn of(statuses: &[NodeStatus]) -> Self {
-        let known: BTreeSet<&NodeId> = statuses.iter().map(|s| &s.node_id).collect();
-        let mut seen = BTreeSet::new();
-        for s in statuses {
-            for c in &s.connections {
-                if known.contains(&c.node_id) && c.node_id != s.node_id {
-                    let (a, b) = if s.node_id < c.node_id {
-                        (&s.node_id, &c.node_id)
-                    } else {
-                        (&c.node_id, &s.node_id)
-                    };
-                    seen.insert((a.clone(), b.clone()));
+        let index: HashMap<&NodeId, usize> = statuses
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (&s.node_id, i))
+            .collect();
+        let linked: Vec<BTreeSet<usize>> = statuses
+            .iter()
+            .map(|s| {
+                s.peers
+                    .iter()
+                    .filter(|p| p.state.is_linked())
+                    .filter_map(|p| index.get(&p.node_id).copied())
+                    .collect()
+            })
+            .collect();
+        let mut links = BTreeSet::new();
+        for (i, peers) in linked.iter().enumerate() {
+            for &j in peers.iter().filter(|&&j| j > i) {
+                if linked[j].contains(&i) {
+                    links.insert((i, j));
                 }
             }
         }
-        Links { seen }
+        Mesh {
+            links,
+            degree: linked.iter().map(BTreeSet::len).collect(),
+        }
     }
 
-    /// True when every node is connected to every other one (seen from both ends).
-    fn complete(&self, statuses: &[NodeStatus]) -> bool {
-        self.missing(statuses).is_empty()
+    /// The nodes with fewer than `min` peers.
+    fn short_of(&self, min: usize) -> Vec<usize> {
+        (0..self.degree.len())
+            .filter(|&i| self.degree[i] < min)
+            .collect()
     }
 
-    /// The pairs not connected from both ends, as `i-j (short-short)`.
-    fn missing(&self, statuses: &[NodeStatus]) -> Vec<String> {
-        let sees = |s: &NodeStatus, id: &NodeId| s.connections.iter().any(|c| &c.node_id == id);
-        let mut missing = Vec::new();
-        for (i, a) in statuses.iter().enumerate() {
-            for (j, b) in statuses.iter().enumerate().skip(i + 1) {
-                if !sees(a, &b.node_id) || !sees(b, &a.node_id) {
-                    missing.push(format!(
-                        "{i}-{j} ({}-{})",
-                        a.node_id.short(),
-                        b.node_id.short()
-                    ));
-                }
+    /// The number of connected parts of the graph of links.
+    fn parts(&self) -> usize {
+        let n = self.degree.len();
+        // Union-find over the node indexes.
+        let mut parent: Vec<usize> = (0..n).collect();
+        fn root(parent: &mut [usize], mut i: usize) -> usize {
+            while parent[i] != i {
+                parent[i] = parent[parent[i]];
+                i = parent[i];
+            }
+            i
+        }
+        let mut parts = n;
+        for &(a, b) in &self.links {
+            let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+            if ra != rb {
+                parent[ra] = rb;
+                parts -= 1;
             }
         }
-        missing
+        parts
+    }
+
+    /// True when every node has `min` peers and every node can reach every
+    /// other one.
+    fn formed(&self, min: usize) -> bool {
+        self.short_of(min).is_empty() && self.parts() <= 1
+    }
+
+    /// The smallest and largest number of peers of a node.
+    fn degree_range(&self) -> (usize, usize) {
+        let lo = self.degree.iter().copied().min().unwrap_or(0);
+        let hi = self.degree.iter().copied().max().unwrap_or(0);
+        (lo, hi)
+    }
+
+    /// One line on how far the mesh is.
+    fn progress(&self, min: usize) -> String {
+        let n = self.degree.len();
+        let ready = n - self.short_of(min).len();
+        let parts = match self.parts() {
+            1 => "graph connected".to_string(),
+            k => format!("graph in {k} parts"),
+        };
+        format!(
+            "{ready} of {n} nodes have {min}+ peers, {} links, {parts}",
+            self.links.len()
+        )
+    }
+
+    /// What is missing, for the summary: the nodes short of peers
+    /// (`i (short): k of min`) and the number of parts.
+    fn shortfall(&self, statuses: &[NodeStatus], min: usize) -> String {
+        let short: Vec<String> = self
+            .short_of(min)
+            .into_iter()
+            .map(|i| {
+                let id = statuses
+                    .get(i)
+                    .map_or_else(String::new, |s| s.node_id.short());
+                format!("{i} ({id}): {} of {min}", self.degree[i])
+            })
+            .collect();
+        let mut out = format!(
+            "{} links; graph in {} part(s)",
+            self.links.len(),
+            self.parts()
+        );
+        if !short.is_empty() {
+            let _ = write!(out, "; short of peers: {}", short.join(", "));
+        }
+        out
+    }
+}
+
+/// `1 link`, `2 links`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -452,12 +563,15 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-/// The live table: a phase line, then one row per node with its peers
-/// (in node order) and their RTT.
+/// The live table: a phase line, then per node its live peers and its
+/// peers in other states but `known` (counted on the node's line), in node
+/// order, each with its state, RTT and score.
 ///
 /// ```text
-/// [  0.6s] mesh complete after 143ms; ...
-///   3f2a91c0  tcp://127.0.0.1:40211  peers 4  rtt: a1b2c3d4 85µs, ...
+/// [   0.6s] forming: 4 of 5 nodes have 3+ peers, ...
+///   #0 3f2a91c0  tcp://127.0.0.1:40211  peers 3, 1 known
+///        #1 a1b2c3d4  connected       85µs  score 0.97
+///        #4 77e0f1a2  connecting
 /// ```
 pub(crate) fn render(statuses: &[NodeStatus], phase: &str, elapsed: Duration) -> String {
     let mut out = format!("[{:>6.1}s] {phase}\n", elapsed.as_secs_f64());
@@ -466,6 +580,10 @@ pub(crate) fn render(statuses: &[NodeStatus], phase: &str, elapsed: Duration) ->
         .enumerate()
         .map(|(i, s)| (&s.node_id, i))
         .collect();
+    let label = |id: &NodeId| match order.get(id) {
+        Some(i) => format!("#{i:<2} {}", id.short()),
+        None => format!("#?  {}", id.short()),
+    };
     let listens: Vec<String> = statuses
         .iter()
         .map(|s| {
@@ -476,23 +594,46 @@ pub(crate) fn render(statuses: &[NodeStatus], phase: &str, elapsed: Duration) ->
         .collect();
     let width = listens.iter().map(String::len).max().unwrap_or(0);
     for (s, listen) in statuses.iter().zip(&listens) {
-        let mut peers: Vec<_> = s.connections.iter().collect();
-        peers.sort_by_key(|c| (order.get(&c.node_id).copied(), c.node_id.clone()));
-        let _ = write!(out, "  {}  {listen:<width$}  ", s.node_id.short());
-        if peers.is_empty() {
-            out.push_str("peers 0\n");
-            continue;
-        }
-        let _ = write!(out, "{:<8} rtt: ", format!("peers {}", peers.len()));
-        for (k, c) in peers.iter().enumerate() {
-            let rtt = c
-                .smoothed_rtt
-                .or(c.rtt)
-                .map_or_else(|| "-".into(), fmt_duration);
-            let sep = if k + 1 < peers.len() { ", " } else { "" };
-            let _ = write!(out, "{} {rtt}{sep}", c.node_id.short());
+        let linked = s.peers.iter().filter(|p| p.state.is_linked()).count();
+        let known = s
+            .peers
+            .iter()
+            .filter(|p| p.state == PeerState::Known)
+            .count();
+        let _ = write!(
+            out,
+            "  {}  {listen:<width$}  peers {linked}",
+            label(&s.node_id)
+        );
+        if known > 0 {
+            let _ = write!(out, ", {known} known");
         }
         out.push('\n');
+        let mut shown: Vec<&PeerSnapshot> = s
+            .peers
+            .iter()
+            .filter(|p| p.state != PeerState::Known)
+            .collect();
+        shown.sort_by_key(|p| (order.get(&p.node_id).copied(), p.node_id.clone()));
+        for p in shown {
+            let _ = write!(
+                out,
+                "       {}  {:<12}",
+                label(&p.node_id),
+                p.state.as_str()
+            );
+            if p.state.is_linked() {
+                let rtt = p
+                    .smoothed_rtt
+                    .or(p.rtt)
+                    .map_or_else(|| "-".into(), fmt_duration);
+                let _ = write!(out, "  {rtt:>7}  score {:.2}", p.score);
+            }
+            // No trailing spaces after a bare state.
+            let len = out.trim_end_matches(' ').len();
+            out.truncate(len);
+            out.push('\n');
+        }
     }
     out
 }
@@ -581,14 +722,38 @@ impl Screen {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshwork::ConnectionStatus;
     use meshwork::transport::Direction;
 
     fn id(b: u8) -> NodeId {
         NodeId::from_bytes(vec![b; 8]).unwrap()
     }
 
-    fn node(i: u8, peers: &[(u8, Option<u64>)]) -> NodeStatus {
+    /// A peer `p` of node `i` in state `state`, with an RTT in µs.
+    fn peer(i: u8, p: u8, state: PeerState, rtt_us: Option<u64>, score: f64) -> PeerSnapshot {
+        let linked = state.is_linked();
+        PeerSnapshot {
+            node_id: id(p),
+            state,
+            direction: linked.then_some(if p < i {
+                Direction::Outbound
+            } else {
+                Direction::Inbound
+            }),
+            addrs: vec![],
+            remote_addr: None,
+            metadata: Default::default(),
+            rtt: rtt_us.map(Duration::from_micros),
+            smoothed_rtt: rtt_us.map(Duration::from_micros),
+            errors: 0,
+            timeouts: 0,
+            score,
+            connected_for: linked.then_some(Duration::from_millis(500)),
+            idle_for: linked.then_some(Duration::from_millis(5)),
+            dial_failures: 0,
+        }
+    }
+
+    fn node(i: u8, peers: Vec<PeerSnapshot>) -> NodeStatus {
         NodeStatus {
             node_id: id(i),
             network_id: NETWORK.into(),
@@ -599,70 +764,105 @@ mod tests {
             ],
             metadata: Default::default(),
             uptime: Duration::from_secs(1),
-            connections: peers
-                .iter()
-                .map(|&(p, rtt_us)| ConnectionStatus {
-                    node_id: id(p),
-                    addr: "tcp://127.0.0.1:50000".parse().unwrap(),
-                    direction: if p < i {
-                        Direction::Outbound
-                    } else {
-                        Direction::Inbound
-                    },
-                    listen_addrs: vec![],
-                    metadata: Default::default(),
-                    rtt: rtt_us.map(Duration::from_micros),
-                    smoothed_rtt: rtt_us.map(Duration::from_micros),
-                    age: Duration::from_millis(500),
-                    frames_sent: 1,
-                    frames_received: 1,
-                })
-                .collect(),
+            pool: Default::default(),
+            peers,
+            blocked: vec![],
+            connections: vec![],
         }
     }
 
+    /// Node `i` connected to each of `peers`, without RTTs.
+    fn linked(i: u8, peers: &[u8]) -> NodeStatus {
+        let peers = peers
+            .iter()
+            .map(|&p| peer(i, p, PeerState::Connected, None, 0.5))
+            .collect();
+        node(i, peers)
+    }
+
     #[test]
-    fn render_shows_one_row_per_node_with_peers_in_node_order() {
+    fn render_shows_each_nodes_peers_with_state_rtt_and_score() {
+        use PeerState::*;
         let statuses = [
-            node(0xa1, &[(0xc3, Some(85)), (0xb2, Some(1_240))]),
-            node(0xb2, &[(0xa1, None)]),
-            node(0xc3, &[]),
+            node(
+                0xa1,
+                vec![
+                    peer(0xa1, 0xd4, Connecting, None, 0.0),
+                    peer(0xa1, 0xc3, Connected, Some(85), 0.97),
+                    peer(0xa1, 0xb2, Unresponsive, Some(1_240), 0.1),
+                    peer(0xa1, 0xee, Known, None, 0.0),
+                ],
+            ),
+            node(0xb2, vec![peer(0xb2, 0xa1, Connected, None, 0.5)]),
+            node(0xc3, vec![peer(0xc3, 0xa1, Known, None, 0.0)]),
+            node(0xd4, vec![]),
         ];
-        let text = render(
-            &statuses,
-            "connecting: 2 of 3 links up",
-            Duration::from_millis(600),
-        );
+        let text = render(&statuses, "forming", Duration::from_millis(600));
         let expected = "\
-[   0.6s] connecting: 2 of 3 links up
-  a1a1a1a1  tcp://127.0.0.1:40161  peers 2  rtt: b2b2b2b2 1.24ms, c3c3c3c3 85µs
-  b2b2b2b2  tcp://127.0.0.1:40178  peers 1  rtt: a1a1a1a1 -
-  c3c3c3c3  tcp://127.0.0.1:40195  peers 0
+[   0.6s] forming
+  #0  a1a1a1a1  tcp://127.0.0.1:40161  peers 2, 1 known
+       #1  b2b2b2b2  unresponsive   1.24ms  score 0.10
+       #2  c3c3c3c3  connected        85µs  score 0.97
+       #3  d4d4d4d4  connecting
+  #1  b2b2b2b2  tcp://127.0.0.1:40178  peers 1
+       #0  a1a1a1a1  connected           -  score 0.50
+  #2  c3c3c3c3  tcp://127.0.0.1:40195  peers 0, 1 known
+  #3  d4d4d4d4  tcp://127.0.0.1:40212  peers 0
 ";
         assert_eq!(text, expected);
     }
 
     #[test]
-    fn links_count_pairs_and_detect_the_full_mesh() {
-        let partial = [
-            node(1, &[(2, None)]),
-            node(2, &[(1, None), (3, None)]),
-            node(3, &[]),
+    fn the_mesh_is_formed_when_every_node_has_its_peers_and_the_graph_is_connected() {
+        // Two triangles: every node has 2 peers, but the graph is in 2 parts.
+        let split = [
+            linked(0, &[1, 2]),
+            linked(1, &[0, 2]),
+            linked(2, &[0, 1]),
+            linked(3, &[4, 5]),
+            linked(4, &[3, 5]),
+            linked(5, &[3, 4]),
         ];
-        let links = Links::of(&partial);
-        assert_eq!(links.seen.len(), 2);
-        assert!(!links.complete(&partial));
+        let mesh = Mesh::of(&split);
+        assert_eq!(mesh.links.len(), 6);
+        assert_eq!(mesh.parts(), 2);
+        assert!(mesh.short_of(2).is_empty());
+        assert!(!mesh.formed(2));
         assert_eq!(
-            links.missing(&partial),
-            vec!["0-2 (01010101-03030303)", "1-2 (02020202-03030303)"]
+            mesh.progress(2),
+            "6 of 6 nodes have 2+ peers, 6 links, graph in 2 parts"
         );
-        let full = [
-            node(1, &[(2, None), (3, None)]),
-            node(2, &[(1, None), (3, None)]),
-            node(3, &[(1, None), (2, None)]),
+
+        // A chain 0-1-2-3: connected, but the ends have a single peer; a
+        // link seen from one end only (3 -> 0) does not count.
+        let chain = [
+            linked(0, &[1]),
+            linked(1, &[0, 2]),
+            linked(2, &[1, 3]),
+            linked(3, &[2, 0]),
         ];
-        assert!(Links::of(&full).complete(&full));
-        assert_eq!(Links::of(&full).seen.len(), pairs(3));
+        let mesh = Mesh::of(&chain);
+        assert_eq!(mesh.links, BTreeSet::from([(0, 1), (1, 2), (2, 3)]));
+        assert_eq!(mesh.parts(), 1);
+        assert!(mesh.formed(1));
+        assert_eq!(mesh.short_of(2), vec![0]);
+        assert!(!mesh.formed(2));
+        assert_eq!(
+            mesh.shortfall(&chain, 2),
+            "3 links; graph in 1 part(s); short of peers: 0 (00000000): 1 of 2"
+        );
+
+        // Peers that are not demo nodes, or not linked, do not count.
+        let mut ring = vec![
+            linked(0, &[1, 2, 9]),
+            linked(1, &[0, 2]),
+            linked(2, &[0, 1]),
+        ];
+        ring[1].peers.push(peer(1, 3, PeerState::Known, None, 0.0));
+        let mesh = Mesh::of(&ring);
+        assert_eq!(mesh.degree, vec![2, 2, 2]);
+        assert_eq!(mesh.degree_range(), (2, 2));
+        assert!(mesh.formed(2));
     }
 
     #[test]
@@ -672,6 +872,10 @@ mod tests {
         assert_eq!(fmt_duration(Duration::from_millis(143)), "143ms");
         assert_eq!(fmt_duration(Duration::from_millis(2_500)), "2.50s");
         let us = Duration::from_micros;
+        assert_eq!(
+            (count(1, "link"), count(0, "link")),
+            ("1 link".into(), "0 links".into())
+        );
         assert_eq!(rtt_stats(&mut []), None);
         assert_eq!(
             rtt_stats(&mut [us(30), us(10), us(20)]),
@@ -681,31 +885,36 @@ mod tests {
             rtt_stats(&mut [us(40), us(10), us(20), us(30)]),
             Some((us(25), us(10), us(40)))
         );
-        assert_eq!(pairs(5), 10);
-        assert_eq!(pairs(1), 0);
     }
 
+    /// Five nodes that only know node 0 find each other by discovery.
     #[tokio::test]
-    async fn a_small_demo_forms_the_mesh_and_shuts_down() {
+    async fn a_small_demo_forms_the_mesh_by_discovery_and_shuts_down() {
         let args = DemoArgs {
-            nodes: 3,
+            nodes: 5,
             seconds: 0.0,
         };
         let mut demo = Demo::new(&args, Screen::quiet());
+        assert_eq!(demo.min_peers, MIN_PEERS);
         demo.start_nodes().await.unwrap();
         demo.form_mesh().await.unwrap();
-        assert!(demo.mesh_complete_after.is_some());
+        assert!(demo.mesh_formed_after.is_some());
+        let mesh = Mesh::of(&demo.statuses);
+        assert!(mesh.formed(MIN_PEERS), "{:?}", demo.report);
         assert!(demo.shut_down().await);
         let labels: Vec<_> = demo.report.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             labels,
-            [
-                "links formed",
-                "time to full mesh",
-                "encryption",
-                "rtt",
-                "shutdown"
-            ]
+            ["peers", "time to form", "encryption", "rtt", "shutdown"]
         );
+    }
+
+    #[test]
+    fn a_small_mesh_asks_for_every_other_node() {
+        let args = DemoArgs {
+            nodes: 2,
+            seconds: 0.0,
+        };
+        assert_eq!(Demo::new(&args, Screen::quiet()).min_peers, 1);
     }
 }

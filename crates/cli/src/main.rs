@@ -48,7 +48,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a mesh node.
-    Node(node::NodeArgs),
+    // Boxed: its many options make it far larger than the other variants.
+    Node(Box<node::NodeArgs>),
     /// Create a node key or a network key file.
     Keygen(keygen::KeygenArgs),
     /// Start a small mesh in this process and watch it form.
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Node(args) => node::run(args).await,
+            Command::Node(args) => node::run(*args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Keygen(args) => keygen::run(&args),
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use meshwork::Node;
+use meshwork::peers::PeersConfig;
 use meshwork::transport::{Address, Identity, NetworkKey};
 use meshwork::wire::NodeId;
 use serde::Serialize;
@@ -17,6 +18,12 @@ use crate::admin::{self, AdminState, ShutdownSignal};
 
 /// How long a graceful shutdown may take before we give up and exit non-zero.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest wait between dials of one peer (capped by --backoff-max-ms).
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// Address book entries sent in each discovery message (the library default).
+pub(crate) const DISCOVERY_SAMPLE: usize = 16;
+/// Largest value of a duration flag: one day, in ms.
+const MAX_MILLIS: u64 = 24 * 60 * 60 * 1000;
 
 /// Options of `meshwork node`.
 #[derive(Debug, clap::Args)]
@@ -25,7 +32,9 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_name = "ADDR", default_value = "tcp://127.0.0.1:7000")]
     listen: Vec<Address>,
 
-    /// Node to dial at start and redial when the connection drops (repeatable).
+    /// Node to dial at start, and again whenever fewer than --min-peers are
+    /// connected and it is not one of them (repeatable). One seed is enough
+    /// to join a mesh: the others are found by discovery.
     #[arg(long, value_name = "ADDR")]
     seed: Vec<Address>,
 
@@ -47,10 +56,39 @@ pub(crate) struct NodeArgs {
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     meta: Vec<(String, String)>,
 
-    /// How often each peer is pinged to measure round-trip time, in ms
-    /// (default: the library's, 1000).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    ping_interval_ms: Option<u64>,
+    /// Dial known peers while fewer than N are connected.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    min_peers: usize,
+
+    /// Never hold more than N peers; inbound peers beyond the limit are
+    /// refused and told about others to try.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_peers: usize,
+
+    /// Base heartbeat interval, in ms: a peer silent this long is pinged
+    /// (the interval stretches for long-idle healthy peers, up to 8 s or
+    /// half of --unresponsive-ms, whichever is less). Pongs give each peer
+    /// its round-trip time.
+    #[arg(long, value_name = "MS", default_value_t = 2_000, value_parser = millis())]
+    heartbeat_ms: u64,
+
+    /// A peer silent this long, in ms, is unresponsive: only heartbeats go to it.
+    #[arg(long, value_name = "MS", default_value_t = 15_000, value_parser = millis())]
+    unresponsive_ms: u64,
+
+    /// A peer silent this long, in ms, is disconnected.
+    #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = millis())]
+    dead_ms: u64,
+
+    /// Longest wait between dials of one peer, in ms (the backoff starts at
+    /// 500 ms, or at this if smaller, and doubles with jitter).
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = millis())]
+    backoff_max_ms: u64,
+
+    /// How often peers exchange samples of their address books, in ms (a new
+    /// peer gets one at once).
+    #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = millis())]
+    discovery_ms: u64,
 
     /// The node's key file: loaded if it exists, else created (mode 0600)
     /// with a new key. The node id is the key's public half, so it stays the
@@ -94,8 +132,48 @@ impl NodeArgs {
         if self.network.is_empty() {
             return Err("--network must not be empty".into());
         }
-        Ok(())
+        self.peer_settings(PeersConfig::default())
+            .validate()
+            .map_err(|e| with_flag_names(&e.to_string()))
     }
+
+    /// Applies the peer manager options to `config` (seeds are added
+    /// separately).
+    fn peer_settings(&self, config: PeersConfig) -> PeersConfig {
+        let ms = Duration::from_millis;
+        let backoff_max = ms(self.backoff_max_ms);
+        config
+            .with_min_peers(self.min_peers)
+            .with_max_peers(self.max_peers)
+            .with_heartbeat(
+                ms(self.heartbeat_ms),
+                ms(self.unresponsive_ms),
+                ms(self.dead_ms),
+            )
+            .with_backoff(BACKOFF_MIN.min(backoff_max), backoff_max)
+            .with_discovery(ms(self.discovery_ms), DISCOVERY_SAMPLE)
+    }
+}
+
+/// The peer manager names its settings as in its API; say which flag sets
+/// each one instead.
+fn with_flag_names(message: &str) -> String {
+    [
+        ("min_peers", "--min-peers"),
+        ("max_peers", "--max-peers"),
+        ("unresponsive_after", "--unresponsive-ms"),
+        ("dead_after", "--dead-ms"),
+        ("heartbeat interval", "--heartbeat-ms"),
+        ("discovery interval", "--discovery-ms"),
+    ]
+    .iter()
+    .fold(message.to_string(), |m, (name, flag)| m.replace(name, flag))
+}
+
+/// A duration flag in ms: at least 1, at most a day (far larger values
+/// would overflow the clock arithmetic).
+fn millis() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=MAX_MILLIS)
 }
 
 /// Parses `--admin`: `IP:PORT`, `[IPv6]:PORT` or `localhost:PORT`.
@@ -256,9 +334,7 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     for (k, v) in &args.meta {
         builder = builder.metadata(k.clone(), v.clone());
     }
-    if let Some(ms) = args.ping_interval_ms {
-        builder = builder.ping_interval(Duration::from_millis(ms));
-    }
+    builder = builder.peers(|c| args.peer_settings(c));
     let node = builder.start().await.with_context(|| {
         let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
         format!("cannot start the node (listening on {})", listen.join(", "))
@@ -424,15 +500,72 @@ mod tests {
             "test",
             "--meta",
             "role=a=b",
-            "--ping-interval-ms",
+            "--min-peers",
+            "2",
+            "--max-peers",
+            "5",
+            "--heartbeat-ms",
             "250",
+            "--unresponsive-ms",
+            "1000",
+            "--dead-ms",
+            "2000",
+            "--backoff-max-ms",
+            "300",
+            "--discovery-ms",
+            "700",
         ])
         .unwrap();
         assert_eq!(a.listen.len(), 2);
         assert_eq!(a.admin, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(a.meta, vec![("role".to_string(), "a=b".to_string())]);
-        assert_eq!(a.ping_interval_ms, Some(250));
+        assert_eq!((a.min_peers, a.max_peers), (2, 5));
+        assert_eq!(
+            (a.heartbeat_ms, a.unresponsive_ms, a.dead_ms),
+            (250, 1000, 2000)
+        );
+        assert_eq!((a.backoff_max_ms, a.discovery_ms), (300, 700));
         assert!(a.validate().is_ok());
+        let c = a.peer_settings(PeersConfig::default());
+        assert_eq!((c.min_peers(), c.max_peers()), (2, 5));
+        // The backoff minimum (500 ms) is capped by a smaller maximum.
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn peer_defaults_match_the_documented_ones() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.min_peers, a.max_peers), (4, 16));
+        assert_eq!(
+            (a.heartbeat_ms, a.unresponsive_ms, a.dead_ms),
+            (2_000, 15_000, 30_000)
+        );
+        assert_eq!((a.backoff_max_ms, a.discovery_ms), (60_000, 30_000));
+    }
+
+    #[test]
+    fn contradictory_peer_options_are_refused_naming_the_flags() {
+        for (argv, expected) in [
+            (
+                &["--min-peers", "5", "--max-peers", "3"][..],
+                "--min-peers (5) is above --max-peers (3)",
+            ),
+            (
+                &["--max-peers", "0", "--min-peers", "0"],
+                "--max-peers must be at least 1",
+            ),
+            (
+                &["--unresponsive-ms", "30000", "--dead-ms", "30000"],
+                "--unresponsive-ms (30s) must be shorter than --dead-ms (30s)",
+            ),
+            (
+                &["--heartbeat-ms", "20000"],
+                "--heartbeat-ms (up to 20s) must be shorter than --unresponsive-ms (15s)",
+            ),
+        ] {
+            let e = parse(argv).unwrap().validate().unwrap_err();
+            assert!(e.contains(expected), "{argv:?}: {e}");
+        }
     }
 
     #[test]
@@ -442,7 +575,13 @@ mod tests {
         assert!(e.to_string().contains("scheme"), "{e}");
         assert!(parse(&["--seed", "tcp://host"]).is_err());
         assert!(parse(&["--meta", "=x"]).is_err());
-        assert!(parse(&["--ping-interval-ms", "0"]).is_err());
+        assert!(parse(&["--heartbeat-ms", "0"]).is_err());
+        assert!(parse(&["--dead-ms", "100000000000"]).is_err());
+        assert!(parse(&["--min-peers", "-1"]).is_err());
+        assert!(
+            parse(&["--ping-interval-ms", "250"]).is_err(),
+            "replaced by --heartbeat-ms"
+        );
         assert!(parse(&["--admin", "nowhere"]).is_err());
         assert!(parse(&["--admin-allow-remote"]).is_err());
     }

@@ -8,10 +8,11 @@
 //! |---|---|---|
 //! | 0 | `meshwork-wire`: messages and the frame codec | [`wire`] |
 //! | 1 | `meshwork-transport`: connections, addresses, handshake | [`transport`] |
+//! | 2 | `meshwork-peers`: the pool of peers, discovery, heartbeats, selection | [`peers`] |
 //!
-//! The peer manager, concerns, sync and rpc layers join as they are built;
-//! until the peer manager exists, a node keeps one connection to each of its
-//! seeds (redialling with backoff) and accepts every peer that dials it.
+//! The concerns, sync and rpc layers join as they are built. A node keeps
+//! between `min_peers` and `max_peers` peers, found from its seeds and then
+//! by discovery: connecting to one node of a mesh is enough to join it.
 //!
 //! # Getting started
 //!
@@ -31,18 +32,21 @@
 //!     .await?;
 //! let a = Node::builder("example")
 //!     .transport(net.transport("a"))
+//!     .listen("mem://a".parse()?)
 //!     .seed("mem://seed".parse()?)
 //!     .start()
 //!     .await?;
 //! let b = Node::builder("example")
 //!     .transport(net.transport("b"))
+//!     .listen("mem://b".parse()?)
 //!     .seed("mem://seed".parse()?)
 //!     .start()
 //!     .await?;
 //!
-//! seed.wait_for_connections(2, Duration::from_secs(5)).await?;
-//! let status = seed.status();
-//! assert_eq!(status.connections.len(), 2);
+//! // a and b only know the seed, and find each other through it.
+//! a.wait_for_peers(2, Duration::from_secs(5)).await?;
+//! let status = a.status();
+//! assert_eq!(status.peers.iter().filter(|p| p.state.is_linked()).count(), 2);
 //!
 //! for node in [a, b, seed] {
 //!     node.shutdown().await;
@@ -55,17 +59,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshwork_peers::{PeerManager, PeerSnapshot, PeersConfig, PeersError, PoolStats};
 use meshwork_transport::{
-    Address, CloseReason, Config, Connection, Direction, Endpoint, TcpTransport, Transport,
-    TransportError,
+    Address, Config, Direction, Endpoint, TcpTransport, Transport, TransportError,
 };
 use meshwork_wire::NodeId;
-use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::info;
 
+pub use meshwork_peers as peers;
 pub use meshwork_transport as transport;
 pub use meshwork_wire as wire;
 
@@ -84,6 +86,9 @@ pub enum Error {
         /// Why it failed.
         source: TransportError,
     },
+    /// The peer manager refused its settings, or failed.
+    #[error(transparent)]
+    Peers(#[from] PeersError),
     /// A wait ran out of time.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
@@ -94,23 +99,18 @@ pub enum Error {
 pub struct NodeBuilder {
     config: Config,
     listen: Vec<Address>,
-    seeds: Vec<Address>,
+    peers: PeersConfig,
     transport: Option<Arc<dyn Transport>>,
-    ping_interval: Duration,
-    redial_min: Duration,
-    redial_max: Duration,
 }
 
 impl NodeBuilder {
     fn new(network_id: &str) -> Self {
         NodeBuilder {
-            config: Config::new(network_id),
+            // The peer manager's heartbeats replace the transport keepalive.
+            config: Config::new(network_id).with_keepalive(None, None),
             listen: Vec::new(),
-            seeds: Vec::new(),
+            peers: PeersConfig::default(),
             transport: None,
-            ping_interval: Duration::from_secs(1),
-            redial_min: Duration::from_millis(100),
-            redial_max: Duration::from_secs(10),
         }
     }
 
@@ -120,14 +120,33 @@ impl NodeBuilder {
         self
     }
 
-    /// Adds a seed: a node to dial at start and redial whenever the
-    /// connection drops.
+    /// Adds a seed: a node dialled at start, and again whenever the pool is
+    /// below `min_peers` and the seed is not connected.
     pub fn seed(mut self, addr: Address) -> Self {
-        self.seeds.push(addr);
+        self.peers = self.peers.with_seed(addr);
         self
     }
 
-    /// Adds a metadata entry sent to peers in the Hello.
+    /// The pool dials known peers while it has fewer than `n` (default 4).
+    pub fn min_peers(mut self, n: usize) -> Self {
+        self.peers = self.peers.with_min_peers(n);
+        self
+    }
+
+    /// The pool never holds more than `n` peers (default 16).
+    pub fn max_peers(mut self, n: usize) -> Self {
+        self.peers = self.peers.with_max_peers(n);
+        self
+    }
+
+    /// Adjusts the peer manager's settings (heartbeats, backoff, discovery).
+    pub fn peers(mut self, f: impl FnOnce(PeersConfig) -> PeersConfig) -> Self {
+        self.peers = f(self.peers);
+        self
+    }
+
+    /// Adds a metadata entry sent to peers in the Hello (peer selection can
+    /// filter on it, e.g. a height or a role).
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.config = self.config.with_metadata(key, value);
         self
@@ -167,22 +186,10 @@ impl NodeBuilder {
         self
     }
 
-    /// How often each peer is pinged to measure round-trip time (default 1 s).
-    pub fn ping_interval(mut self, interval: Duration) -> Self {
-        self.ping_interval = interval;
-        self
-    }
-
-    /// Bounds of the exponential backoff between dials of a seed
-    /// (default 100 ms to 10 s, with jitter).
-    pub fn redial_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.redial_min = min;
-        self.redial_max = max.max(min);
-        self
-    }
-
-    /// Binds the listeners, then starts dialling seeds and accepting peers.
+    /// Binds the listeners, then starts the peer manager: dialling seeds,
+    /// accepting peers, heartbeats and discovery.
     pub async fn start(self) -> Result<Node, Error> {
+        self.peers.validate()?;
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(TcpTransport::new()));
@@ -196,40 +203,28 @@ impl NodeBuilder {
                 });
             }
         }
-        let (count_tx, _) = watch::channel(0usize);
+        let peers = match PeerManager::start(endpoint.clone(), self.peers) {
+            Ok(p) => p,
+            Err(e) => {
+                endpoint.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let node = Node {
             inner: Arc::new(NodeInner {
-                endpoint,
+                peers,
                 started: Instant::now(),
-                cancel: CancellationToken::new(),
-                tracker: TaskTracker::new(),
-                ping_interval: self.ping_interval,
-                connection_count: count_tx,
             }),
         };
         let listen: Vec<String> = node.listen_addrs().iter().map(|a| a.to_string()).collect();
         info!(node = %node.node_id(), listen = %listen.join(" "), "node started");
-        let this = node.clone();
-        node.inner.tracker.spawn(this.accept_loop());
-        for seed in self.seeds {
-            let this = node.clone();
-            let span = info_span!("seed", addr = %seed);
-            let backoff = (self.redial_min, self.redial_max);
-            node.inner
-                .tracker
-                .spawn(this.seed_loop(seed, backoff).instrument(span));
-        }
         Ok(node)
     }
 }
 
 struct NodeInner {
-    endpoint: Endpoint,
+    peers: PeerManager,
     started: Instant,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-    ping_interval: Duration,
-    connection_count: watch::Sender<usize>,
 }
 
 /// A running mesh node. Cheap to clone; every clone is the same node.
@@ -246,7 +241,7 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// A snapshot of a node and its connections.
+/// A snapshot of a node, its peers and its connections.
 #[derive(Debug, Clone)]
 pub struct NodeStatus {
     /// This node's id.
@@ -259,7 +254,14 @@ pub struct NodeStatus {
     pub metadata: HashMap<String, String>,
     /// Time since start.
     pub uptime: Duration,
-    /// Every open connection, oldest first.
+    /// Counts of the pool.
+    pub pool: PoolStats,
+    /// Every known peer with its state and quality, connected ones first.
+    pub peers: Vec<PeerSnapshot>,
+    /// Peers blocked by fault injection.
+    pub blocked: Vec<NodeId>,
+    /// Every open transport connection, oldest first (during a duplicate
+    /// resolution or a refusal there can briefly be more than peers).
     pub connections: Vec<ConnectionStatus>,
 }
 
@@ -297,22 +299,27 @@ impl Node {
 
     /// This node's id.
     pub fn node_id(&self) -> &NodeId {
-        self.inner.endpoint.node_id()
+        self.inner.peers.node_id()
     }
 
     /// Where this node accepts connections.
     pub fn listen_addrs(&self) -> Vec<Address> {
-        self.inner.endpoint.listen_addrs()
+        self.endpoint().listen_addrs()
     }
 
     /// The transport endpoint underneath (for the layers above and tools).
     pub fn endpoint(&self) -> &Endpoint {
-        &self.inner.endpoint
+        self.inner.peers.endpoint()
     }
 
-    /// A snapshot of this node and its connections.
+    /// The peer manager: selection, events, send, fault injection.
+    pub fn peers(&self) -> &PeerManager {
+        &self.inner.peers
+    }
+
+    /// A snapshot of this node, its peers and its connections.
     pub fn status(&self) -> NodeStatus {
-        let ep = &self.inner.endpoint;
+        let ep = self.endpoint();
         let connections = ep
             .connections()
             .into_iter()
@@ -333,135 +340,35 @@ impl Node {
                 }
             })
             .collect();
+        let peers = self.peers();
         NodeStatus {
             node_id: self.node_id().clone(),
             network_id: ep.config().network_id().to_string(),
             listen: self.listen_addrs(),
             metadata: ep.config().metadata().clone(),
             uptime: self.inner.started.elapsed(),
+            pool: peers.stats(),
+            peers: peers.peers(),
+            blocked: peers.blocked(),
             connections,
         }
     }
 
-    /// Waits until at least `n` connections are open.
-    pub async fn wait_for_connections(&self, n: usize, timeout: Duration) -> Result<(), Error> {
-        let mut rx = self.inner.connection_count.subscribe();
-        let wait = rx.wait_for(|count| *count >= n);
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) | Err(_) => Err(Error::Timeout(timeout, "connections")),
-        }
+    /// Waits until at least `n` peers are connected.
+    pub async fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<(), Error> {
+        self.peers()
+            .wait_for_peers(n, timeout)
+            .await
+            .map_err(|e| match e {
+                PeersError::Timeout { after, .. } => Error::Timeout(after, "peers"),
+                e => Error::Peers(e),
+            })
     }
 
     /// Shuts down: stops dialling and accepting, sends Disconnect(shutdown)
     /// to every peer, and returns when every task has ended.
     pub async fn shutdown(&self) {
-        self.inner.cancel.cancel();
-        self.inner.endpoint.shutdown().await;
-        self.inner.tracker.close();
-        self.inner.tracker.wait().await;
+        self.inner.peers.shutdown().await;
         info!(node = %self.node_id().short(), "node stopped");
-    }
-
-    async fn accept_loop(self) {
-        loop {
-            let conn = tokio::select! {
-                _ = self.inner.cancel.cancelled() => break,
-                c = self.inner.endpoint.accept() => c,
-            };
-            let Some(conn) = conn else { break };
-            let this = self.clone();
-            self.inner.tracker.spawn(this.run_connection(conn));
-        }
-    }
-
-    async fn seed_loop(self, seed: Address, (min, max): (Duration, Duration)) {
-        let mut backoff = min;
-        loop {
-            let attempt = tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                r = self.inner.endpoint.connect(&seed) => r,
-            };
-            match attempt {
-                Ok(conn) => {
-                    backoff = min;
-                    self.clone().run_connection(conn).await;
-                }
-                Err(
-                    TransportError::SelfConnection
-                    | TransportError::Refused {
-                        reason: wire::proto::DisconnectReason::SelfConnection,
-                        ..
-                    },
-                ) => {
-                    info!("seed is this node; not dialling it");
-                    return;
-                }
-                Err(TransportError::Shutdown) => return,
-                Err(e) => {
-                    debug!(error = %e, retry_in = ?backoff, "seed dial failed");
-                    backoff = (backoff * 2).min(max);
-                }
-            }
-            // Jitter in [backoff/2, backoff) so restarted meshes don't dial in lockstep.
-            let half = backoff / 2;
-            let jitter = half.mul_f64(rand::random::<f64>());
-            tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                _ = tokio::time::sleep(half + jitter) => {}
-            }
-        }
-    }
-
-    fn update_count(&self) {
-        let n = self.inner.endpoint.stats().open_connections;
-        self.inner.connection_count.send_replace(n);
-    }
-
-    /// Serves one connection until it ends: answers traffic, pings for RTT.
-    async fn run_connection(self, mut conn: Connection) {
-        let info = conn.info().clone();
-        let span = info_span!("peer", peer = %info.node_id.short());
-        async {
-            info!(addr = %info.remote_addr, direction = ?info.direction, "peer connected");
-            self.update_count();
-            let handle = conn.handle();
-            let pinger = {
-                let handle = handle.clone();
-                let interval = self.inner.ping_interval;
-                async move {
-                    let mut tick = tokio::time::interval(interval);
-                    loop {
-                        tick.tick().await;
-                        match handle.ping(interval.max(Duration::from_secs(5))).await {
-                            Ok(rtt) => debug!(?rtt, "pong"),
-                            Err(TransportError::NotConnected) => break,
-                            Err(e) => debug!(error = %e, "ping failed"),
-                        }
-                    }
-                }
-            };
-            let receiver = async {
-                // Until the concerns layer exists, traffic is only logged.
-                while let Ok(msg) = conn.recv().await {
-                    debug!(kind = msg.kind(), "message");
-                }
-            };
-            tokio::select! {
-                _ = pinger => {}
-                _ = receiver => {}
-            }
-            handle.closed().await;
-            match handle.close_reason() {
-                Some(CloseReason::Local { .. }) | Some(CloseReason::Remote { .. }) | None => {
-                    info!(reason = ?handle.close_reason(), "peer disconnected")
-                }
-                Some(other) => warn!(reason = ?other, "connection lost"),
-            }
-        }
-        .instrument(span)
-        .await;
-        drop(conn);
-        self.update_count();
     }
 }

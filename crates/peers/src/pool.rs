@@ -31,6 +31,9 @@ pub(crate) type DialId = u64;
 /// How long "blocked" lasts at the transport: until unblocked.
 pub(crate) const BLOCK_FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// Entries read from one Discovered (or one refusal's alternatives).
+const MAX_DISCOVERED_READ: usize = 32;
+
 /// What the handshake told us about a new connection.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkInfo {
@@ -370,7 +373,10 @@ impl Pool {
                 .entries
                 .values()
                 .filter(|e| e.link.is_none() && e.dialing.is_none())
-                .min_by_key(|e| e.seen)
+                // Hearsay goes before peers we have been connected to, so a
+                // flood of gossip cannot push out the peers a healed
+                // partition needs.
+                .min_by_key(|e| (e.ever_connected, e.seen))
                 .map(|e| e.id.clone());
             match stalest {
                 Some(old) => {
@@ -673,7 +679,9 @@ impl Pool {
     /// A peer told us about other nodes (Discovered, or the alternatives of
     /// a refusal).
     pub(crate) fn on_discovered(&mut self, peers: &[PeerInfo], now: Instant) {
-        for p in peers {
+        // We send 16; the protocol allows 256. A peer sending more gets the
+        // first few read, so one message cannot rewrite the whole book.
+        for p in peers.iter().take(MAX_DISCOVERED_READ) {
             let Ok(id) = NodeId::from_bytes(p.node_id.clone()) else {
                 continue;
             };

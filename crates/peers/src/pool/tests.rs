@@ -647,3 +647,36 @@ fn shutting_down_stops_dialling_and_refuses() {
         vec![(1, DisconnectReason::Shutdown)]
     );
 }
+
+#[test]
+fn gossip_cannot_flush_peers_we_were_connected_to() {
+    let mut h = Harness::new(0, cfg().with_address_book_capacity(8));
+    // Two peers we knew, now disconnected.
+    for n in 1..=2 {
+        h.connect(n as u64, n, Direction::Outbound);
+        h.pool.on_closed(n as u64, CloseReason::Eof, h.now);
+    }
+    // A peer floods us with made-up nodes, 256 per message.
+    for round in 0..4u8 {
+        h.advance(MS);
+        let flood: Vec<PeerInfo> = (0..=255u8)
+            .map(|i| PeerInfo {
+                node_id: vec![round, i, 0xee].into(),
+                addrs: vec![format!("mem://fake{round}-{i}")],
+            })
+            .collect();
+        h.pool.on_discovered(&flood, h.now);
+    }
+    let snap = h.pool.snapshot(h.now);
+    assert_eq!(snap.len(), 8);
+    assert!(h.pool.peer(&id(1), h.now).is_some() && h.pool.peer(&id(2), h.now).is_some());
+    let discovered = events(&h.pool.take_actions())
+        .into_iter()
+        .filter(|e| matches!(e, PeerEvent::Discovered { .. }))
+        .count();
+    assert_eq!(
+        discovered,
+        4 * MAX_DISCOVERED_READ,
+        "only the first 32 of each message are read"
+    );
+}
