@@ -5,22 +5,34 @@
 //! this relies on:
 //!
 //! * `meshwork node --listen tcp://127.0.0.1:0 --admin 127.0.0.1:0 --network NAME
-//!   [--seed ADDR]... [--meta KEY=VALUE]...`
+//!   [--seed ADDR]... [--meta KEY=VALUE]... [--min-peers N] [--max-peers N]
+//!   [--heartbeat-ms MS] [--unresponsive-ms MS] [--dead-ms MS] [--backoff-max-ms MS]
+//!   [--discovery-ms MS]`; test-mesh passes short timings ([`NODE_TIMINGS`]) and
+//!   the mesh's peer limits ([`PeerLimits::for_mesh`]) to every node.
 //! * when ready the node prints exactly one stdout line:
 //!   `{"event":"ready","node_id":"<hex>","listen":["tcp://..."],"admin":"127.0.0.1:PORT"}`;
 //!   logs go to stderr.
 //! * `GET /status` returns `{"node_id","network_id","security","handshakes_ok",
 //!   "handshake_failures":{"<cause>":N,...},"rejected_busy","listen","uptime_secs","connections":[
 //!   {"node_id","addr","direction","listen_addrs","rtt_ms","smoothed_rtt_ms","age_secs",
-//!   "frames_sent","frames_received"}]}`; `security` is `"noise"` unless the node was
-//!   started with `--insecure` (test-mesh never does).
+//!   "frames_sent","frames_received"}],"pool":{"connected","inbound","outbound",
+//!   "pending_dials","known","dropped_inbound","min_peers","max_peers"},"peers":[
+//!   {"node_id","state","direction","addr","listen","rtt_ms","srtt_ms","errors","timeouts",
+//!   "score","connected_secs","idle_ms","dial_failures","metadata"}],"blocked":["<hex>"]}`;
+//!   `security` is `"noise"` unless the node was started with `--insecure` (test-mesh
+//!   never does). `peers` lists every peer the node knows, connected ones first;
+//!   `state` is one of [`PEER_STATES`].
+//! * `POST /peers/{id}/disconnect` (200, 404 if not connected, 400 for a bad id),
+//!   `POST /peers/{id}/block` and `/unblock` (200): a blocked peer is disconnected
+//!   and refused until unblocked (test-mesh partitions the mesh with it).
 //! * `POST /shutdown` (or SIGTERM / Ctrl-C) shuts down gracefully and exits 0.
 //! * `meshwork node --key FILE` loads or creates (mode 0600) the node key, whose public
 //!   half is the node id; `--network-key FILE` makes the node refuse (and be refused by)
 //!   nodes without the same key; `meshwork keygen --network-key FILE` creates such a key,
 //!   exits 0, and exits 1 without touching FILE if it exists.
 //!
-//! Node 0 starts first; the others get `--seed <node 0's listen address>`.
+//! Node 0 starts first; the others get `--seed <node 0's listen address>` and
+//! find the rest of the mesh through it.
 //! Scenarios run in registry order ([`SCENARIOS`]) against the same mesh, so
 //! destructive scenarios go last and every scenario first waits for its own
 //! preconditions. Every wait has a deadline. All started processes are killed
@@ -59,6 +71,40 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 const OUTSIDER_WINDOW: Duration = Duration::from_secs(3);
 /// How long a short CLI command (`meshwork keygen`) may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the survivors of a crash may take to repair their mesh, and a
+/// healed partition to become one mesh again.
+const REPAIR_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the peer limit of the `limits` node is watched while dialers
+/// arrive, before waiting for the group to settle (also watched).
+const LIMIT_WINDOW: Duration = Duration::from_secs(3);
+/// How long a partition is watched for links sneaking across it.
+const PARTITION_WINDOW: Duration = Duration::from_secs(2);
+
+/// Peer-manager timings given to every node (the defaults are 2000, 15000,
+/// 30000, 60000, 30000 ms): failures show and the mesh repairs within seconds.
+const NODE_TIMINGS: &[(&str, &str)] = &[
+    ("--heartbeat-ms", "200"),
+    ("--unresponsive-ms", "1500"),
+    ("--dead-ms", "3000"),
+    ("--backoff-max-ms", "1000"),
+    ("--discovery-ms", "1000"),
+];
+/// The peer states `/status` may report.
+const PEER_STATES: &[&str] = &[
+    "known",
+    "connecting",
+    "connected",
+    "unresponsive",
+    "disconnected",
+    "banned",
+];
+/// `--max-peers` of the node the `limits` scenario fills.
+const LIMITED_MAX_PEERS: usize = 2;
+/// How many nodes dial the limited node in the `limits` scenario.
+const LIMIT_DIALERS: usize = 6;
+/// Peer limits of those dialers.
+const DIALER_LIMITS: PeerLimits = PeerLimits { min: 3, max: 6 };
 
 const DEFAULT_NODES: usize = 5;
 const MIN_NODES: usize = 2;
@@ -121,13 +167,23 @@ struct Scenario {
 }
 
 /// The scenario registry, in run order. Scenarios share one mesh, so ones
-/// that stop nodes go last; each waits for its own preconditions.
+/// that stop nodes go last; each waits for its own preconditions. `kill`
+/// comes before `partition` so that it meets the sparse mesh `join` formed
+/// (a healed partition redials every lost link: a full mesh, where a kill
+/// leaves no node short of peers).
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "handshake",
         about: "node 0 lists exactly the other nodes, they all list node 0, every connection \
                 carries the peer's listen address, and node 0 measures an RTT to each peer",
         run: scenario_handshake,
+    },
+    Scenario {
+        name: "join",
+        about: "seeded only with node 0, every node finds enough others to reach --min-peers \
+                connected peers; the \"connected\" peers of all /status form one connected, \
+                symmetric graph, and each node's connections, peers and pool counters agree",
+        run: scenario_join,
     },
     Scenario {
         name: "network-key",
@@ -143,9 +199,32 @@ const SCENARIOS: &[Scenario] = &[
         run: scenario_persistent_identity,
     },
     Scenario {
+        name: "limits",
+        about: "a new node with --max-peers 2, dialled by 6 new nodes seeded only with it, \
+                never has more than 2 connected peers and ends with exactly 2; the dialers \
+                learn each other from its refusals and the 7 form one connected graph",
+        run: scenario_limits,
+    },
+    Scenario {
+        name: "kill",
+        about: "kill -9 a node (not node 0; the one whose loss leaves most nodes short of \
+                --min-peers): within 5 s no node lists it as connected, and within 20 s the \
+                survivors are one connected graph again with --min-peers peers each (as far \
+                as enough nodes remain)",
+        run: scenario_kill,
+    },
+    Scenario {
+        name: "partition",
+        about: "POST /peers/{id}/disconnect answers 200/404/400 and the mesh repairs; then \
+                every node blocks (POST /peers/{id}/block) the nodes of the other half: no \
+                link crosses the halves for 2 s and each half is connected; after unblocking, \
+                the whole mesh is one connected graph again within 20 s",
+        run: scenario_partition,
+    },
+    Scenario {
         name: "graceful-shutdown",
-        about: "POST /shutdown to the last node: it exits 0 within 10 s and node 0 stops \
-                listing it within 5 s",
+        about: "POST /shutdown to the last node: it exits 0 within 10 s and every node that \
+                listed it (usually node 0 among them) stops listing it within 5 s",
         run: scenario_graceful_shutdown,
     },
 ];
@@ -293,7 +372,8 @@ fn run_scenarios(
     scenarios: &[&'static Scenario],
 ) -> Result<()> {
     let started = Instant::now();
-    let mut mesh = Mesh::new(bin, network, log_dir);
+    let limits = PeerLimits::for_mesh(nodes);
+    let mut mesh = Mesh::new(bin, network, log_dir, limits);
     mesh.start(nodes)?;
     println!(
         "test-mesh: {nodes} nodes ready in {}",
@@ -816,6 +896,647 @@ fn check_private_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
+// Peer-manager scenarios: join, limits, partition, kill
+
+fn scenario_join(mesh: &mut Mesh) -> Result<String> {
+    let members: Vec<usize> = mesh.alive().collect();
+    ensure!(
+        members.first() == Some(&0) && members.len() >= 2,
+        "needs node 0 and at least one other running node"
+    );
+    let limits = mesh.limits;
+    let want = limits.min.min(members.len() - 1);
+    let started = Instant::now();
+    let graph = mesh.poll_until(
+        &format!("every node to have at least {want} connected peer(s) in one connected mesh"),
+        Poll::Only(&members),
+        SCENARIO_TIMEOUT,
+        |mesh, snap| {
+            for &i in &members {
+                check_pool_limits(snap, i, limits)?;
+            }
+            let graph = check_mesh(mesh, snap, &members, |_| want)?;
+            check_views_agree(mesh, snap, &members)?;
+            Ok(graph)
+        },
+    )?;
+    Ok(format!(
+        "{} nodes seeded only with node 0 joined in {}: {} links, degrees {} (--min-peers {} \
+         --max-peers {}), one connected symmetric graph; connections, peers and pool agree",
+        members.len(),
+        fmt_duration(started.elapsed()),
+        graph.links(),
+        graph.degrees(),
+        limits.min,
+        limits.max
+    ))
+}
+
+/// Node `i` reports the peer limits it was started with.
+fn check_pool_limits(snap: &Snapshot, i: usize, limits: PeerLimits) -> Result<(), Wait> {
+    let pool = &snap.status(i)?.pool;
+    if (pool.min_peers, pool.max_peers) != (limits.min as u64, limits.max as u64) {
+        return Err(Wait::Fatal(format!(
+            "node {i}: /status pool has min_peers {} and max_peers {}, but it was started with \
+             --min-peers {} --max-peers {}",
+            pool.min_peers, pool.max_peers, limits.min, limits.max
+        )));
+    }
+    Ok(())
+}
+
+/// The graph of the `members`' "connected" peers (ids mapped to node
+/// indices). A node listing itself is fatal, an id that is no node of ours
+/// is pending.
+fn peer_graph(mesh: &Mesh, snap: &Snapshot, members: &[usize]) -> Result<Graph, Wait> {
+    let mut graph = Graph::default();
+    for &i in members {
+        let s = snap.status(i)?;
+        let mut listed = BTreeSet::new();
+        for p in s.peers.iter().filter(|p| p.state == "connected") {
+            match mesh.index_of(&p.node_id) {
+                Some(j) if j == i => {
+                    return Err(Wait::Fatal(format!("node {i} lists itself as connected")));
+                }
+                Some(j) => {
+                    listed.insert(j);
+                }
+                None => {
+                    return Err(Wait::Pending(format!(
+                        "node {i} lists id {} as connected, which is none of our nodes",
+                        short_id(&p.node_id)
+                    )));
+                }
+            }
+        }
+        graph.listed.insert(i, listed);
+    }
+    Ok(graph)
+}
+
+/// The `members` form one connected graph of "connected" peers, each link
+/// listed by both ends, none to a node outside `members`, and node `i` has
+/// at least `want(i)` connected peers. Returns the graph.
+fn check_mesh(
+    mesh: &Mesh,
+    snap: &Snapshot,
+    members: &[usize],
+    want: impl Fn(usize) -> usize,
+) -> Result<Graph, Wait> {
+    let graph = peer_graph(mesh, snap, members)?;
+    let pending = |problem: String| {
+        Err(Wait::Pending(format!(
+            "{problem}; connected peers: {}",
+            graph.describe()
+        )))
+    };
+    if let Some(&(a, b)) = graph.outside().first() {
+        return pending(format!(
+            "node {a} lists node {b} as connected, which is {}",
+            if mesh.is_alive(b) {
+                "outside this group"
+            } else {
+                "not running"
+            }
+        ));
+    }
+    let one_sided: Vec<String> = graph
+        .one_sided()
+        .iter()
+        .map(|(a, b)| format!("{a}->{b}"))
+        .collect();
+    if !one_sided.is_empty() {
+        return pending(format!(
+            "links listed by one end only (a->b: a lists b, b does not list a): {}",
+            one_sided.join(" ")
+        ));
+    }
+    let short: Vec<String> = members
+        .iter()
+        .filter(|&&i| graph.degree(i) < want(i))
+        .map(|&i| format!("node {i} has {} (needs {})", graph.degree(i), want(i)))
+        .collect();
+    if !short.is_empty() {
+        return pending(format!("too few connected peers: {}", short.join(", ")));
+    }
+    let components = graph.components();
+    if components.len() > 1 {
+        let parts: Vec<String> = components
+            .iter()
+            .map(|c| format!("[{}]", node_list(c)))
+            .collect();
+        return pending(format!(
+            "not one connected graph: {} parts {}",
+            components.len(),
+            parts.join(" ")
+        ));
+    }
+    Ok(graph)
+}
+
+/// Each member's `connections`, `peers` and `pool` describe the same peers:
+/// linked peers (`connected`/`unresponsive`) are the connections, with the
+/// same direction and the peer's `test-mesh-node` metadata; pool counters
+/// add up; `peers` has no duplicates and lists connected peers first.
+fn check_views_agree(mesh: &Mesh, snap: &Snapshot, members: &[usize]) -> Result<(), Wait> {
+    for &i in members {
+        let s = snap.status(i)?;
+        let mut seen = BTreeSet::new();
+        let mut unlinked_before = None;
+        for p in &s.peers {
+            if !seen.insert(p.node_id.as_str()) {
+                return Err(Wait::Fatal(format!(
+                    "node {i}: /status peers lists {} twice",
+                    mesh.label(&p.node_id)
+                )));
+            }
+            match (p.is_linked(), unlinked_before) {
+                (false, None) => unlinked_before = Some(p),
+                (true, Some(earlier)) => {
+                    return Err(Wait::Fatal(format!(
+                        "node {i}: /status peers lists {} ({}) after {} ({}); connected peers \
+                         must come first",
+                        mesh.label(&p.node_id),
+                        p.state,
+                        mesh.label(&earlier.node_id),
+                        earlier.state
+                    )));
+                }
+                _ => {}
+            }
+        }
+        let linked: BTreeSet<&str> = s
+            .peers
+            .iter()
+            .filter(|p| p.is_linked())
+            .map(|p| p.node_id.as_str())
+            .collect();
+        let connected: BTreeSet<&str> = s.connections.iter().map(|c| c.node_id.as_str()).collect();
+        if linked != connected {
+            let labels = |ids: &BTreeSet<&str>| {
+                let v: Vec<String> = ids.iter().map(|id| mesh.label(id)).collect();
+                v.join(", ")
+            };
+            return Err(Wait::Pending(format!(
+                "node {i}: connections lists [{}] but peers has [{}] connected/unresponsive",
+                labels(&connected),
+                labels(&linked)
+            )));
+        }
+        for c in &s.connections {
+            let Some(p) = s.peer(&c.node_id) else {
+                continue;
+            };
+            if p.direction.as_deref() != Some(c.direction.as_str()) {
+                return Err(Wait::Pending(format!(
+                    "node {i}: {} is {} in connections but {:?} in peers",
+                    mesh.label(&c.node_id),
+                    c.direction,
+                    p.direction
+                )));
+            }
+            if let Some(j) = mesh.index_of(&c.node_id) {
+                let expected = j.to_string();
+                if p.metadata.get("test-mesh-node") != Some(&expected) {
+                    return Err(Wait::Pending(format!(
+                        "node {i}: peer node {j} has metadata {:?}, expected test-mesh-node={j}",
+                        p.metadata
+                    )));
+                }
+            }
+        }
+        let pool = &s.pool;
+        if pool.inbound + pool.outbound != pool.connected || pool.connected != linked.len() as u64 {
+            return Err(Wait::Pending(format!(
+                "node {i}: pool says connected {} (inbound {} + outbound {}) but peers has {} \
+                 connected/unresponsive",
+                pool.connected,
+                pool.inbound,
+                pool.outbound,
+                linked.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn scenario_limits(mesh: &mut Mesh) -> Result<String> {
+    let limited_limits = PeerLimits {
+        min: LIMITED_MAX_PEERS,
+        max: LIMITED_MAX_PEERS,
+    };
+    // No seeds: the limited node and its dialers are a mesh of their own.
+    let limited = mesh.spawn_with(&[], &limited_limits.args())?;
+    let mut group = vec![limited];
+    let result = check_limits(mesh, &mut group);
+    let stopped = mesh.stop_all(&group);
+    let summary = result?;
+    stopped.context("stopping the nodes of the limits scenario")?;
+    Ok(summary)
+}
+
+/// The most the limited node was seen with.
+#[derive(Debug, Default)]
+struct Peak {
+    polls: usize,
+    linked: usize,
+    connections: usize,
+}
+
+/// `group[0]` is the limited node (not ready yet); starts the dialers
+/// (pushed onto `group`) and checks.
+fn check_limits(mesh: &mut Mesh, group: &mut Vec<usize>) -> Result<String> {
+    let limited = group[0];
+    let max = LIMITED_MAX_PEERS;
+    mesh.wait_ready(limited)?;
+    let seed = mesh.nodes[limited].ready.listen[0].clone();
+    for _ in 0..LIMIT_DIALERS {
+        group.push(mesh.spawn_with(std::slice::from_ref(&seed), &DIALER_LIMITS.args())?);
+    }
+    let started = Instant::now();
+    let mut peak = Peak::default();
+    let what = format!("node {limited} (--max-peers {max}) to stay within its limit");
+    for &i in &group[1..] {
+        mesh.wait_ready(i)?;
+        mesh.check_now(&what, Poll::Only(&[limited]), |_, snap| {
+            check_peer_limit(snap, limited, max, &mut peak)
+        })?;
+    }
+    let group = &group[..];
+    mesh.watch_for(&what, Poll::Only(&[limited]), LIMIT_WINDOW, |_, snap| {
+        check_peer_limit(snap, limited, max, &mut peak)
+    })?;
+    let want_dialer = DIALER_LIMITS.min.min(group.len() - 1);
+    let graph = mesh.poll_until(
+        &format!(
+            "node {limited} to have exactly {max} peers and the {} nodes to form one connected \
+             mesh",
+            group.len()
+        ),
+        Poll::Only(group),
+        SCENARIO_TIMEOUT,
+        |mesh, snap| {
+            check_peer_limit(snap, limited, max, &mut peak)?;
+            let s = snap.status(limited)?;
+            if s.pool.connected != max as u64 || s.connections.len() != max {
+                return Err(Wait::Pending(format!(
+                    "node {limited} has {} connected peer(s) in its pool and {} connection(s), \
+                     expected exactly {max}",
+                    s.pool.connected,
+                    s.connections.len()
+                )));
+            }
+            check_mesh(mesh, snap, group, |i| {
+                if i == limited { max } else { want_dialer }
+            })
+        },
+    )?;
+    let settled = started.elapsed();
+    // /status counts no refusals; the dialers' view of their seed shows them:
+    // `disconnected` right after the handshake, with the alternatives.
+    let limited_id = mesh.nodes[limited].ready.node_id.clone();
+    let mut seen_as = BTreeMap::<String, usize>::new();
+    for &i in &group[1..] {
+        if let Some(Some(Ok(s))) = mesh.snapshot.statuses.get(i) {
+            let state = s.peer(&limited_id).map_or("unknown", |p| p.state.as_str());
+            *seen_as.entry(state.to_owned()).or_default() += 1;
+        }
+    }
+    let mut neighbours: Vec<usize> = graph.neighbours(limited).into_iter().collect();
+    neighbours.sort_unstable();
+    Ok(format!(
+        "node {limited} (--max-peers {max}) never had more than {} connected peer(s) in {} polls \
+         (/status connections peaked at {}) and ended with exactly {max} (nodes {}); its \
+         {LIMIT_DIALERS} dialers see it as {}; they formed one connected mesh with it after {}: \
+         {} links, degrees {}",
+        peak.linked,
+        peak.polls,
+        peak.connections,
+        node_list(&neighbours),
+        counts(&seen_as),
+        fmt_duration(settled),
+        graph.links(),
+        graph.degrees()
+    ))
+}
+
+/// Node `i` reports `max` as its `max_peers` and has at most `max`
+/// connected peers (by its pool and its peers list). The number of
+/// connections is only recorded: a refused inbound shows there briefly.
+fn check_peer_limit(snap: &Snapshot, i: usize, max: usize, peak: &mut Peak) -> Result<(), Wait> {
+    let s = snap.status(i)?;
+    if s.pool.max_peers != max as u64 {
+        return Err(Wait::Fatal(format!(
+            "node {i}: /status pool.max_peers is {}, but it was started with --max-peers {max}",
+            s.pool.max_peers
+        )));
+    }
+    let linked = s.peers.iter().filter(|p| p.is_linked()).count();
+    peak.polls += 1;
+    peak.linked = peak.linked.max(linked).max(s.pool.connected as usize);
+    peak.connections = peak.connections.max(s.connections.len());
+    if linked > max || s.pool.connected > max as u64 {
+        return Err(Wait::Fatal(format!(
+            "node {i} (--max-peers {max}) has {} connected peer(s) in its pool and {linked} \
+             connected/unresponsive in its peers list",
+            s.pool.connected
+        )));
+    }
+    Ok(())
+}
+
+fn scenario_partition(mesh: &mut Mesh) -> Result<String> {
+    let members: Vec<usize> = mesh.alive().collect();
+    ensure!(members.len() >= 2, "needs at least two running nodes");
+    let want = mesh.limits.min.min(members.len() - 1);
+    let connected = |what: &str, mesh: &mut Mesh| {
+        mesh.poll_until(
+            what,
+            Poll::Only(&members),
+            SCENARIO_TIMEOUT,
+            |mesh, snap| check_mesh(mesh, snap, &members, |_| want),
+        )
+    };
+    connected("the mesh to be connected", mesh)?;
+    check_peer_api(mesh, &members)?;
+    connected(
+        "the mesh to be connected again after POST /peers/{id}/disconnect",
+        mesh,
+    )?;
+
+    let (left, right) = members.split_at(members.len() / 2);
+    let split = check_split(mesh, left, right);
+    let unblocked_at = Instant::now();
+    let unblocked = set_blocks(mesh, left, right, "unblock");
+    let split = split?;
+    unblocked?;
+    let graph = mesh.poll_until(
+        &format!("the healed mesh to be connected, with at least {want} peer(s) per node"),
+        Poll::Only(&members),
+        REPAIR_TIMEOUT,
+        |mesh, snap| {
+            for &i in &members {
+                let blocked = &snap.status(i)?.blocked;
+                if !blocked.is_empty() {
+                    return Err(Wait::Fatal(format!(
+                        "node {i} still lists {} blocked id(s) after POST /unblock",
+                        blocked.len()
+                    )));
+                }
+            }
+            check_mesh(mesh, snap, &members, |_| want)
+        },
+    )?;
+    Ok(format!(
+        "{split}; unblocked: one connected mesh again after {} ({} links, degrees {})",
+        fmt_duration(unblocked_at.elapsed()),
+        graph.links(),
+        graph.degrees()
+    ))
+}
+
+/// The admin API's answers for bad and unknown ids, and for disconnecting
+/// a connected peer (the mesh must repair that before the partition).
+fn check_peer_api(mesh: &mut Mesh, members: &[usize]) -> Result<()> {
+    let i = members[0];
+    let admin = mesh.nodes[i].ready.admin.clone();
+    let stranger = "00".repeat(32);
+    for (id, action, want) in [
+        ("not-a-node-id", "disconnect", 400),
+        ("not-a-node-id", "block", 400),
+        (stranger.as_str(), "disconnect", 404),
+    ] {
+        let (code, body) = mesh.http.peer_action(&admin, id, action)?;
+        ensure!(
+            code == want,
+            "node {i}: POST /peers/{id}/{action} answered {code}, expected {want}: {body}"
+        );
+    }
+    let peer = mesh.check_now("a peer to disconnect", Poll::Only(&[i]), |_, snap| {
+        let s = snap.status(i)?;
+        s.connections
+            .first()
+            .map(|c| c.node_id.clone())
+            .ok_or_else(|| Wait::Fatal(format!("node {i} has no connection")))
+    })?;
+    let (code, body) = mesh.http.peer_action(&admin, &peer, "disconnect")?;
+    ensure!(
+        code == 200,
+        "node {i}: POST /peers/{}/disconnect ({}, connected) answered {code}, expected 200: \
+         {body}",
+        short_id(&peer),
+        mesh.label(&peer)
+    );
+    Ok(())
+}
+
+/// Blocks every node of `left` on every node of `right` and back, then
+/// checks the halves stay apart and connected. Returns a summary.
+fn check_split(mesh: &mut Mesh, left: &[usize], right: &[usize]) -> Result<String> {
+    let limits = mesh.limits;
+    let blocked_at = Instant::now();
+    set_blocks(mesh, left, right, "block")?;
+    let members: Vec<usize> = left.iter().chain(right).copied().collect();
+    let other_half = |i: usize| if left.contains(&i) { right } else { left };
+    let check_blocked = |mesh: &Mesh, snap: &Snapshot| -> Result<(), Wait> {
+        for &i in &members {
+            let blocked: BTreeSet<String> = snap
+                .status(i)?
+                .blocked
+                .iter()
+                .map(|id| id.to_ascii_lowercase())
+                .collect();
+            let expected: BTreeSet<String> = other_half(i)
+                .iter()
+                .map(|&j| mesh.nodes[j].ready.node_id.to_ascii_lowercase())
+                .collect();
+            if blocked != expected {
+                let labels: Vec<String> = blocked.iter().map(|id| mesh.label(id)).collect();
+                return Err(Wait::Fatal(format!(
+                    "node {i}: /status blocked is [{}], expected the other half [{}]",
+                    labels.join(", "),
+                    node_list(other_half(i))
+                )));
+            }
+        }
+        Ok(())
+    };
+    let no_crossing = |mesh: &Mesh, snap: &Snapshot| -> Result<(), Wait> {
+        let mut crossing = Vec::new();
+        for &i in &members {
+            let s = snap.status(i)?;
+            for &j in other_half(i) {
+                if let Some(how) = s.lists_how(&mesh.nodes[j].ready.node_id) {
+                    crossing.push(format!("node {i} lists node {j} ({how})"));
+                }
+            }
+        }
+        if crossing.is_empty() {
+            Ok(())
+        } else {
+            Err(Wait::Pending(format!(
+                "links across the partition: {}",
+                crossing.join("; ")
+            )))
+        }
+    };
+    let want = |half: &[usize]| limits.min.min(half.len() - 1);
+    mesh.poll_until(
+        &format!(
+            "halves [{}] and [{}] to separate, each connected",
+            node_list(left),
+            node_list(right)
+        ),
+        Poll::Only(&members),
+        SCENARIO_TIMEOUT,
+        |mesh, snap| {
+            check_blocked(mesh, snap)?;
+            no_crossing(mesh, snap)?;
+            check_mesh(mesh, snap, left, |_| want(left))?;
+            check_mesh(mesh, snap, right, |_| want(right)).map(|_| ())
+        },
+    )?;
+    let separated = blocked_at.elapsed();
+    let polls = mesh.watch_for(
+        "the partition to hold",
+        Poll::Only(&members),
+        PARTITION_WINDOW,
+        |mesh, snap| {
+            check_blocked(mesh, snap)?;
+            no_crossing(mesh, snap)
+        },
+    )?;
+    let halves = mesh.check_now(
+        "each half after the window",
+        Poll::Only(&members),
+        |mesh, snap| {
+            let l = check_mesh(mesh, snap, left, |_| want(left))?;
+            let r = check_mesh(mesh, snap, right, |_| want(right))?;
+            Ok(format!("{} | {}", l.degrees(), r.degrees()))
+        },
+    )?;
+    Ok(format!(
+        "blocked halves [{}] | [{}]: separated and each connected after {}, no link across for \
+         {} ({polls} polls; degrees {halves})",
+        node_list(left),
+        node_list(right),
+        fmt_duration(separated),
+        fmt_duration(PARTITION_WINDOW)
+    ))
+}
+
+/// POST /peers/{id}/`action` (`block` or `unblock`) on every node of each
+/// half for every node of the other; every request is sent, the first
+/// failure is returned.
+fn set_blocks(mesh: &Mesh, left: &[usize], right: &[usize], action: &str) -> Result<()> {
+    let mut first_error = None;
+    for (from, to) in [(left, right), (right, left)] {
+        for &i in from {
+            if !mesh.is_alive(i) {
+                continue;
+            }
+            let admin = &mesh.nodes[i].ready.admin;
+            for &j in to {
+                let id = &mesh.nodes[j].ready.node_id;
+                let outcome = mesh
+                    .http
+                    .peer_action(admin, id, action)
+                    .and_then(|(code, body)| {
+                        ensure!(code == 200, "HTTP {code}: {body}");
+                        Ok(())
+                    })
+                    .with_context(|| format!("node {i}: POST /peers/<node {j}>/{action}"));
+                if let Err(e) = outcome {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn scenario_kill(mesh: &mut Mesh) -> Result<String> {
+    ensure!(mesh.is_alive(0), "node 0 is not running");
+    let mut others: Vec<usize> = mesh.alive().filter(|&i| i != 0).collect();
+    if others.len() < 2 {
+        // Keep a node for graceful-shutdown: kill an extra one.
+        let seed = mesh.nodes[0].ready.listen[0].clone();
+        let extra = mesh.spawn_with(&[seed], &[])?;
+        mesh.wait_ready(extra)?;
+        others.push(extra);
+    }
+    let members: Vec<usize> = mesh.alive().collect();
+    let limits = mesh.limits;
+    let want = limits.min.min(members.len() - 1);
+    let before = mesh.poll_until(
+        "the mesh to be connected before the kill",
+        Poll::Only(&members),
+        SCENARIO_TIMEOUT,
+        |mesh, snap| check_mesh(mesh, snap, &members, |_| want),
+    )?;
+    let want = limits.min.min(members.len() - 2);
+    let victim = pick_victim(&before, &others, want);
+    let victim_id = mesh.nodes[victim].ready.node_id.clone();
+    let survivors: Vec<usize> = members.iter().copied().filter(|&i| i != victim).collect();
+    let mut listers: Vec<usize> = before.neighbours(victim).into_iter().collect();
+    listers.sort_unstable();
+    let short: Vec<usize> = short_after_loss(&before, victim, want);
+
+    mesh.kill(victim);
+    let killed = Instant::now();
+    mesh.poll_until(
+        &format!("the survivors to stop listing node {victim}"),
+        Poll::Only(&survivors),
+        PEER_DROP_TIMEOUT,
+        |_, snap| {
+            let still = still_listing(snap, &survivors, &victim_id)?;
+            if still.is_empty() {
+                Ok(())
+            } else {
+                Err(Wait::Pending(format!(
+                    "still listing node {victim} after kill -9: {}",
+                    still.join(", ")
+                )))
+            }
+        },
+    )?;
+    let dropped = killed.elapsed();
+    let graph = mesh.poll_until(
+        &format!(
+            "the {} survivors to be one connected mesh with at least {want} peer(s) each",
+            survivors.len()
+        ),
+        Poll::Only(&survivors),
+        REPAIR_TIMEOUT,
+        |mesh, snap| check_mesh(mesh, snap, &survivors, |_| want),
+    )?;
+    let repaired = killed.elapsed();
+    let mut seen_as = BTreeMap::<String, usize>::new();
+    for &i in &survivors {
+        if let Some(Some(Ok(s))) = mesh.snapshot.statuses.get(i) {
+            let state = s.peer(&victim_id).map_or("forgotten", |p| p.state.as_str());
+            *seen_as.entry(state.to_owned()).or_default() += 1;
+        }
+    }
+    Ok(format!(
+        "kill -9 node {victim} (peers: {}; leaves {} short of {want} peers): dropped by all \
+         survivors after {} (now seen as {}); the {} survivors were one connected mesh with \
+         at least {want} peers each again after {} ({} links, degrees {})",
+        node_list(&listers),
+        if short.is_empty() {
+            "no node".to_owned()
+        } else {
+            format!("nodes {}", node_list(&short))
+        },
+        fmt_duration(dropped),
+        counts(&seen_as),
+        survivors.len(),
+        fmt_duration(repaired),
+        graph.links(),
+        graph.degrees()
+    ))
+}
+
 fn scenario_graceful_shutdown(mesh: &mut Mesh) -> Result<String> {
     let victim = mesh
         .alive()
@@ -825,17 +1546,31 @@ fn scenario_graceful_shutdown(mesh: &mut Mesh) -> Result<String> {
     ensure!(mesh.is_alive(0), "node 0 is not running");
     let victim_id = mesh.nodes[victim].ready.node_id.clone();
 
-    mesh.poll_until(
-        &format!("node 0 to list node {victim}"),
-        Poll::Only(&[0]),
+    // With the peer manager, node 0 need not be connected to the last node;
+    // whoever is must notice the shutdown.
+    let listers = mesh.poll_until(
+        &format!("node {victim} to be connected, and listed by its peers"),
+        Poll::All,
         SCENARIO_TIMEOUT,
-        |_, snap| {
-            let s0 = snap.status(0)?;
-            if s0.connections.iter().any(|c| c.node_id == victim_id) {
-                Ok(())
-            } else {
-                Err(Wait::Pending(format!("node 0 does not list node {victim}")))
+        |mesh, snap| {
+            let own = snap.status(victim)?;
+            if own.connections.is_empty() {
+                return Err(Wait::Pending(format!("node {victim} has no connection")));
             }
+            let mut listers = Vec::new();
+            for c in &own.connections {
+                let Some(peer) = mesh.index_of(&c.node_id).filter(|&p| mesh.is_alive(p)) else {
+                    continue;
+                };
+                if !snap.status(peer)?.lists(&victim_id) {
+                    return Err(Wait::Pending(format!(
+                        "node {victim} lists node {peer}, which does not list it"
+                    )));
+                }
+                listers.push(peer);
+            }
+            listers.sort_unstable();
+            Ok(listers)
         },
     )?;
 
@@ -860,25 +1595,236 @@ fn scenario_graceful_shutdown(mesh: &mut Mesh) -> Result<String> {
 
     let dropped = Instant::now();
     mesh.poll_until(
-        &format!("node 0 to stop listing node {victim}"),
-        Poll::Only(&[0]),
+        &format!("its peers to stop listing node {victim}"),
+        Poll::Only(&listers),
         PEER_DROP_TIMEOUT,
         |_, snap| {
-            let s0 = snap.status(0)?;
-            if s0.connections.iter().any(|c| c.node_id == victim_id) {
-                Err(Wait::Pending(format!(
-                    "node 0 still lists node {victim} after it exited"
-                )))
-            } else {
+            let still = still_listing(snap, &listers, &victim_id)?;
+            if still.is_empty() {
                 Ok(())
+            } else {
+                Err(Wait::Pending(format!(
+                    "still listing node {victim} after it exited: {}",
+                    still.join(", ")
+                )))
             }
         },
     )?;
     Ok(format!(
-        "node {victim} exited 0 {} after POST /shutdown; node 0 dropped it {} after the exit",
+        "node {victim} exited 0 {} after POST /shutdown; its {} peer(s) ({}) dropped it {} \
+         after the exit",
         fmt_duration(exit_took),
+        listers.len(),
+        node_list(&listers),
         fmt_duration(dropped.elapsed())
     ))
+}
+
+/// Which of `nodes` still list `id` as a connection or a linked peer
+/// (`connected` or `unresponsive`), as `node 3 (connected)`.
+fn still_listing(snap: &Snapshot, nodes: &[usize], id: &str) -> Result<Vec<String>, Wait> {
+    let mut still = Vec::new();
+    for &i in nodes {
+        if let Some(how) = snap.status(i)?.lists_how(id) {
+            still.push(format!("node {i} ({how})"));
+        }
+    }
+    Ok(still)
+}
+
+/// The node of `candidates` whose loss leaves the most other nodes with
+/// fewer than `want` connected peers (so that the survivors must dial), the
+/// first of them on a tie.
+fn pick_victim(graph: &Graph, candidates: &[usize], want: usize) -> usize {
+    let mut best = candidates[0];
+    let mut best_short = 0;
+    for &c in candidates {
+        let short = short_after_loss(graph, c, want).len();
+        if short > best_short {
+            (best, best_short) = (c, short);
+        }
+    }
+    best
+}
+
+/// The nodes left with fewer than `want` peers by the loss of `victim`.
+fn short_after_loss(graph: &Graph, victim: usize, want: usize) -> Vec<usize> {
+    graph
+        .listed
+        .iter()
+        .filter(|&(&i, l)| i != victim && l.iter().filter(|&&j| j != victim).count() < want)
+        .map(|(&i, _)| i)
+        .collect()
+}
+
+/// `connected x2, disconnected x4`.
+fn counts(counts: &BTreeMap<String, usize>) -> String {
+    let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{s} x{n}")).collect();
+    parts.join(", ")
+}
+
+/// `0, 2, 3` (or `none`).
+fn node_list(nodes: &[usize]) -> String {
+    if nodes.is_empty() {
+        return "none".to_owned();
+    }
+    let names: Vec<String> = nodes.iter().map(usize::to_string).collect();
+    names.join(", ")
+}
+
+// ---------------------------------------------------------------------------
+// Peer limits and the graph of connected peers
+// ---------------------------------------------------------------------------
+
+/// `--min-peers` and `--max-peers` of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerLimits {
+    min: usize,
+    max: usize,
+}
+
+impl PeerLimits {
+    /// The limits of a mesh of `nodes` started by test-mesh. `min` is 3 (less
+    /// in tiny meshes), so joining needs peers found beyond the seed. `max`
+    /// is `nodes + 2`: a node takes inbound peers up to `max` minus the 2
+    /// slots it reserves for its own dials, so node 0, everybody's seed,
+    /// takes every other node (the star the handshake scenario checks) plus
+    /// one that a scenario adds.
+    fn for_mesh(nodes: usize) -> PeerLimits {
+        PeerLimits {
+            min: 3.min(nodes.saturating_sub(1)).max(1),
+            max: nodes + 2,
+        }
+    }
+
+    fn flags(self) -> [(&'static str, String); 2] {
+        [
+            ("--min-peers", self.min.to_string()),
+            ("--max-peers", self.max.to_string()),
+        ]
+    }
+
+    /// The flags as `meshwork node` arguments.
+    fn args(self) -> Vec<OsString> {
+        self.flags()
+            .into_iter()
+            .flat_map(|(flag, value)| [OsString::from(flag), OsString::from(value)])
+            .collect()
+    }
+}
+
+/// Who lists whom as a connected peer, by node index: the mesh as its
+/// nodes see it. Every node in `listed` was polled; a node may list nodes
+/// that are not in the graph.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Graph {
+    listed: BTreeMap<usize, BTreeSet<usize>>,
+}
+
+impl Graph {
+    fn degree(&self, i: usize) -> usize {
+        self.listed.get(&i).map_or(0, BTreeSet::len)
+    }
+
+    /// The nodes `i` lists and the nodes in the graph that list `i`.
+    fn neighbours(&self, i: usize) -> BTreeSet<usize> {
+        let mut n: BTreeSet<usize> = self.listed.get(&i).cloned().unwrap_or_default();
+        n.extend(
+            self.listed
+                .iter()
+                .filter(|(_, l)| l.contains(&i))
+                .map(|(&j, _)| j),
+        );
+        n
+    }
+
+    /// Links `(a, b)` where `a` lists `b`, which is not in the graph.
+    fn outside(&self) -> Vec<(usize, usize)> {
+        self.links_where(|b| !self.listed.contains_key(&b))
+    }
+
+    /// Links `(a, b)` where `a` lists `b` and `b`, in the graph, does not
+    /// list `a`.
+    fn one_sided(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for (&a, listed) in &self.listed {
+            for &b in listed {
+                if self.listed.get(&b).is_some_and(|l| !l.contains(&a)) {
+                    out.push((a, b));
+                }
+            }
+        }
+        out
+    }
+
+    fn links_where(&self, keep: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+        self.listed
+            .iter()
+            .flat_map(|(&a, l)| l.iter().filter(|&&b| keep(b)).map(move |&b| (a, b)))
+            .collect()
+    }
+
+    /// Distinct links inside the graph, whichever end lists them.
+    fn links(&self) -> usize {
+        let pairs: BTreeSet<(usize, usize)> = self
+            .links_where(|b| self.listed.contains_key(&b))
+            .into_iter()
+            .map(|(a, b)| (a.min(b), a.max(b)))
+            .collect();
+        pairs.len()
+    }
+
+    /// The connected components (a link counts both ways; links to nodes
+    /// outside the graph are ignored), each sorted, in order of their
+    /// smallest node.
+    fn components(&self) -> Vec<Vec<usize>> {
+        let mut seen = BTreeSet::new();
+        let mut parts = Vec::new();
+        for &start in self.listed.keys() {
+            if !seen.insert(start) {
+                continue;
+            }
+            let mut part = vec![start];
+            let mut todo = vec![start];
+            while let Some(i) = todo.pop() {
+                for j in self.neighbours(i) {
+                    if self.listed.contains_key(&j) && seen.insert(j) {
+                        part.push(j);
+                        todo.push(j);
+                    }
+                }
+            }
+            part.sort_unstable();
+            parts.push(part);
+        }
+        parts
+    }
+
+    /// `0:1,2 1:0 2:0` (each node: the nodes it lists).
+    fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .listed
+            .iter()
+            .map(|(i, l)| {
+                let l: Vec<String> = l.iter().map(usize::to_string).collect();
+                format!(
+                    "{i}:{}",
+                    if l.is_empty() {
+                        "-".into()
+                    } else {
+                        l.join(",")
+                    }
+                )
+            })
+            .collect();
+        parts.join(" ")
+    }
+
+    /// The degrees in node order: `4,3,3,3,3`.
+    fn degrees(&self) -> String {
+        let d: Vec<String> = self.listed.values().map(|l| l.len().to_string()).collect();
+        d.join(",")
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -912,6 +1858,8 @@ struct Mesh {
     network: String,
     log_dir: PathBuf,
     http: Http,
+    /// Peer limits of every node a scenario does not give its own.
+    limits: PeerLimits,
     nodes: Vec<Node>,
     /// The last `/status` of each node, for the result table.
     snapshot: Snapshot,
@@ -963,12 +1911,13 @@ impl Snapshot {
 }
 
 impl Mesh {
-    fn new(bin: &Path, network: &str, log_dir: &Path) -> Mesh {
+    fn new(bin: &Path, network: &str, log_dir: &Path, limits: PeerLimits) -> Mesh {
         Mesh {
             bin: bin.to_path_buf(),
             network: network.to_owned(),
             log_dir: log_dir.to_path_buf(),
             http: Http::new(),
+            limits,
             nodes: Vec::new(),
             snapshot: Snapshot::default(),
         }
@@ -993,8 +1942,9 @@ impl Mesh {
     }
 
     /// Starts one more node seeded with `seeds`, with `extra` arguments for
-    /// `meshwork node`; returns its index (it has not printed its ready line
-    /// yet: see [`Mesh::wait_ready`]).
+    /// `meshwork node` (which replace the same flags of [`NODE_TIMINGS`] and
+    /// the mesh's peer limits); returns its index (it has not printed its
+    /// ready line yet: see [`Mesh::wait_ready`]).
     fn spawn_with(&mut self, seeds: &[String], extra: &[OsString]) -> Result<usize> {
         let index = self.nodes.len();
         let log_path = self.log_dir.join(format!("node-{index}.log"));
@@ -1011,6 +1961,15 @@ impl Mesh {
         .args(["--network", &self.network]);
         for seed in seeds {
             cmd.args(["--seed", seed]);
+        }
+        let defaults = NODE_TIMINGS
+            .iter()
+            .map(|&(flag, value)| (flag, value.to_owned()))
+            .chain(self.limits.flags());
+        for (flag, value) in defaults {
+            if !extra.iter().any(|arg| arg == flag) {
+                cmd.args([flag, &value]);
+            }
         }
         cmd.args(extra);
         cmd.args(["--meta", &format!("test-mesh-node={index}")])
@@ -1067,6 +2026,56 @@ impl Mesh {
                 )
             }
         }
+    }
+
+    /// Stops the `nodes` like [`Mesh::stop`], all at once: asks each to shut
+    /// down, then waits. Every node is stopped (or killed); the first
+    /// problem is returned.
+    fn stop_all(&mut self, nodes: &[usize]) -> Result<()> {
+        let mut first_error = None;
+        let mut asked = Vec::new();
+        for &i in nodes {
+            if !self.is_alive(i) {
+                continue;
+            }
+            if self.nodes[i].ready.admin.is_empty() {
+                self.kill(i); // never got ready: nothing to ask
+                continue;
+            }
+            match self.http.shutdown(&self.nodes[i].ready.admin) {
+                Ok(()) => asked.push(i),
+                Err(e) => {
+                    self.kill(i);
+                    first_error.get_or_insert(
+                        e.context(format!("POST /shutdown to node {i} (killed it)")),
+                    );
+                }
+            }
+        }
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        for i in asked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let problem = match self.wait_exit(i, left) {
+                Ok(Some(status)) if status.success() => continue,
+                Ok(Some(status)) => anyhow!(
+                    "node {i} exited with {status} after POST /shutdown, expected 0 (log: {})",
+                    self.nodes[i].log_path.display()
+                ),
+                Ok(None) => {
+                    self.kill(i);
+                    anyhow!(
+                        "node {i} did not exit within {} of POST /shutdown (killed it)",
+                        fmt_duration(EXIT_TIMEOUT)
+                    )
+                }
+                Err(e) => {
+                    self.kill(i);
+                    e
+                }
+            };
+            first_error.get_or_insert(problem);
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Runs the node binary with `args` (a short command such as `keygen`),
@@ -1366,8 +2375,8 @@ impl Mesh {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "  {:<4} {:<8}  {:<26} {:>5}  {:>10}  peers (rtt ms)",
-            "node", "id", "listen", "conns", "median rtt"
+            "  {:<4} {:<8}  {:<26} {:>5}  {:>9}  {:>10}  peers (rtt ms)",
+            "node", "id", "listen", "conns", "in+out/kn", "median rtt"
         );
         for node in &self.nodes {
             let id = short_id(&node.ready.node_id);
@@ -1395,8 +2404,12 @@ impl Mesh {
                     if s.connections.len() > 8 {
                         peers.push(format!("+{} more", s.connections.len() - 8));
                     }
+                    if !s.blocked.is_empty() {
+                        peers.push(format!("(blocking {})", s.blocked.len()));
+                    }
+                    let pool = format!("{}+{}/{}", s.pool.inbound, s.pool.outbound, s.pool.known);
                     format!(
-                        "{:>5}  {median:>10}  {}",
+                        "{:>5}  {pool:>9}  {median:>10}  {}",
                         s.connections.len(),
                         peers.join(" ")
                     )
@@ -1577,6 +2590,53 @@ struct Status {
     listen: Vec<String>,
     uptime_secs: f64,
     connections: Vec<Connection>,
+    pool: Pool,
+    /// Every peer the node knows, connected ones first.
+    peers: Vec<Peer>,
+    /// Ids of the blocked nodes.
+    blocked: Vec<String>,
+}
+
+/// `/status`'s `pool`: the peer manager's counters and limits.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Pool {
+    connected: u64,
+    inbound: u64,
+    outbound: u64,
+    pending_dials: u64,
+    known: u64,
+    dropped_inbound: u64,
+    min_peers: u64,
+    max_peers: u64,
+}
+
+/// One entry of `/status`'s `peers`.
+#[derive(Debug, Clone, PartialEq)]
+struct Peer {
+    node_id: String,
+    /// One of [`PEER_STATES`].
+    state: String,
+    /// `"inbound"`, `"outbound"` or none (not connected).
+    direction: Option<String>,
+    addr: Option<String>,
+    listen: Vec<String>,
+    rtt_ms: Option<f64>,
+    srtt_ms: Option<f64>,
+    errors: u64,
+    timeouts: u64,
+    score: f64,
+    connected_secs: Option<f64>,
+    idle_ms: Option<f64>,
+    dial_failures: u64,
+    /// Values that are not strings are kept as JSON text.
+    metadata: BTreeMap<String, String>,
+}
+
+impl Peer {
+    /// `connected` or `unresponsive`: there is a connection.
+    fn is_linked(&self) -> bool {
+        self.state == "connected" || self.state == "unresponsive"
+    }
 }
 
 /// One entry of `/status`'s `connections`.
@@ -1598,6 +2658,26 @@ impl Status {
     fn failures(&self, cause: &str) -> u64 {
         self.handshake_failures.get(cause).copied().unwrap_or(0)
     }
+
+    /// The `peers` entry of this node id.
+    fn peer(&self, node_id: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.node_id == node_id)
+    }
+
+    /// Whether `connections` has this node id.
+    fn lists(&self, node_id: &str) -> bool {
+        self.connections.iter().any(|c| c.node_id == node_id)
+    }
+
+    /// How this node lists `node_id` as linked, if it does: `as connected`,
+    /// `as unresponsive` (peers) or `in connections`.
+    fn lists_how(&self, node_id: &str) -> Option<String> {
+        if let Some(p) = self.peer(node_id).filter(|p| p.is_linked()) {
+            Some(format!("as {}", p.state))
+        } else {
+            self.lists(node_id).then(|| "in connections".to_owned())
+        }
+    }
 }
 
 impl Connection {
@@ -1616,6 +2696,13 @@ fn parse_status(v: &Value) -> Result<Status> {
         .iter()
         .enumerate()
         .map(|(i, c)| parse_connection(c).with_context(|| format!("connections[{i}]")))
+        .collect::<Result<Vec<_>>>()?;
+    let peers = field(v, "peers")?
+        .as_array()
+        .context("`peers` is not an array")?
+        .iter()
+        .enumerate()
+        .map(|(i, p)| parse_peer(p).with_context(|| format!("peers[{i}]")))
         .collect::<Result<Vec<_>>>()?;
     let security = str_field(v, "security")?;
     ensure!(
@@ -1642,6 +2729,62 @@ fn parse_status(v: &Value) -> Result<Status> {
         listen: str_list(v, "listen")?,
         uptime_secs: num_field(v, "uptime_secs")?,
         connections,
+        pool: parse_pool(field(v, "pool")?).context("pool")?,
+        peers,
+        blocked: str_list(v, "blocked")?,
+    })
+}
+
+fn parse_pool(v: &Value) -> Result<Pool> {
+    Ok(Pool {
+        connected: u64_field(v, "connected")?,
+        inbound: u64_field(v, "inbound")?,
+        outbound: u64_field(v, "outbound")?,
+        pending_dials: u64_field(v, "pending_dials")?,
+        known: u64_field(v, "known")?,
+        dropped_inbound: u64_field(v, "dropped_inbound")?,
+        min_peers: u64_field(v, "min_peers")?,
+        max_peers: u64_field(v, "max_peers")?,
+    })
+}
+
+fn parse_peer(p: &Value) -> Result<Peer> {
+    let state = str_field(p, "state")?;
+    ensure!(
+        PEER_STATES.contains(&state.as_str()),
+        "`state` is {state:?}, expected one of {PEER_STATES:?}"
+    );
+    let direction = opt_str_field(p, "direction")?;
+    ensure!(
+        direction
+            .as_deref()
+            .is_none_or(|d| d == "inbound" || d == "outbound"),
+        "`direction` is {direction:?}, expected \"inbound\", \"outbound\" or null"
+    );
+    let metadata = field(p, "metadata")?
+        .as_object()
+        .context("`metadata` is not an object")?
+        .iter()
+        .map(|(k, v)| {
+            let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+            (k.clone(), v)
+        })
+        .collect();
+    Ok(Peer {
+        node_id: str_field(p, "node_id")?,
+        state,
+        direction,
+        addr: opt_str_field(p, "addr")?,
+        listen: str_list(p, "listen")?,
+        rtt_ms: opt_num_field(p, "rtt_ms")?,
+        srtt_ms: opt_num_field(p, "srtt_ms")?,
+        errors: u64_field(p, "errors")?,
+        timeouts: u64_field(p, "timeouts")?,
+        score: num_field(p, "score")?,
+        connected_secs: opt_num_field(p, "connected_secs")?,
+        idle_ms: opt_num_field(p, "idle_ms")?,
+        dial_failures: u64_field(p, "dial_failures")?,
+        metadata,
     })
 }
 
@@ -1694,6 +2837,16 @@ fn num_field(v: &Value, name: &str) -> Result<f64> {
         .with_context(|| format!("`{name}` is not a number"))
 }
 
+fn opt_str_field(v: &Value, name: &str) -> Result<Option<String>> {
+    let f = field(v, name)?;
+    if f.is_null() {
+        return Ok(None);
+    }
+    f.as_str()
+        .map(|s| Some(s.to_owned()))
+        .with_context(|| format!("`{name}` is neither a string nor null"))
+}
+
 fn opt_num_field(v: &Value, name: &str) -> Result<Option<f64>> {
     let f = field(v, name)?;
     if f.is_null() {
@@ -1744,6 +2897,18 @@ impl Http {
         let v: Value = serde_json::from_str(&body)
             .with_context(|| format!("GET {url}: body is not JSON: {body}"))?;
         parse_status(&v).with_context(|| format!("GET {url}: does not match the contract"))
+    }
+
+    /// `POST /peers/{id}/{action}`; returns the HTTP status and body.
+    fn peer_action(&self, admin: &str, id: &str, action: &str) -> Result<(u16, String)> {
+        let url = format!("http://{}/peers/{id}/{action}", loopback_admin(admin)?);
+        let mut resp = self
+            .agent
+            .post(&url)
+            .send_empty()
+            .with_context(|| format!("POST {url}"))?;
+        let body = resp.body_mut().read_to_string().unwrap_or_default();
+        Ok((resp.status().as_u16(), body))
     }
 
     fn shutdown(&self, admin: &str) -> Result<()> {
@@ -1865,13 +3030,41 @@ mod tests {
                 "node_id": "bb", "addr": "tcp://127.0.0.1:2", "direction": "inbound",
                 "listen_addrs": ["tcp://127.0.0.1:3"], "rtt_ms": null, "smoothed_rtt_ms": 0.25,
                 "age_secs": 1.2, "frames_sent": 3, "frames_received": 4
-            }]
+            }],
+            "pool": {"connected": 1, "inbound": 1, "outbound": 0, "pending_dials": 0,
+                     "known": 2, "dropped_inbound": 0, "min_peers": 3, "max_peers": 7},
+            "peers": [{
+                "node_id": "bb", "state": "connected", "direction": "inbound",
+                "addr": "tcp://127.0.0.1:2", "listen": ["tcp://127.0.0.1:3"], "rtt_ms": 0.2,
+                "srtt_ms": 0.25, "errors": 0, "timeouts": 0, "score": 0.9,
+                "connected_secs": 1.2, "idle_ms": 10, "dial_failures": 0,
+                "metadata": {"test-mesh-node": "1", "n": 2}
+            }, {
+                "node_id": "cc", "state": "known", "direction": null, "addr": null,
+                "listen": ["tcp://127.0.0.1:4"], "rtt_ms": null, "srtt_ms": null,
+                "errors": 0, "timeouts": 0, "score": 0, "connected_secs": null,
+                "idle_ms": null, "dial_failures": 2, "metadata": {}
+            }],
+            "blocked": ["dd"]
         });
         let s = parse_status(&v).unwrap();
         assert_eq!(s.connections[0].rtt_ms, None);
         assert_eq!(s.connections[0].rtt(), Some(0.25));
         assert_eq!(s.security, "noise");
         assert_eq!((s.failures("crypto"), s.failures("io")), (3, 0));
+        assert_eq!(
+            (s.pool.min_peers, s.pool.max_peers, s.pool.known),
+            (3, 7, 2)
+        );
+        assert_eq!(s.blocked, ["dd"]);
+        let bb = s.peer("bb").unwrap();
+        assert!(bb.is_linked() && bb.direction.as_deref() == Some("inbound"));
+        assert_eq!(bb.metadata["test-mesh-node"], "1");
+        assert_eq!(bb.metadata["n"], "2");
+        let cc = s.peer("cc").unwrap();
+        assert!(!cc.is_linked() && cc.direction.is_none() && cc.addr.is_none());
+        assert_eq!(s.lists_how("bb").as_deref(), Some("as connected"));
+        assert_eq!(s.lists_how("cc"), None);
 
         for (key, value) in [
             ("security", serde_json::json!("rot13")),
@@ -1883,6 +3076,28 @@ mod tests {
             bad[key] = value;
             assert!(parse_status(&bad).is_err(), "{bad}");
         }
+
+        for (key, value) in [
+            ("state", serde_json::json!("asleep")),
+            ("direction", serde_json::json!("sideways")),
+            ("addr", serde_json::json!(7)),
+            ("metadata", serde_json::json!([])),
+            ("dial_failures", serde_json::json!(-1)),
+            ("score", serde_json::json!(null)),
+        ] {
+            let mut bad = v.clone();
+            bad["peers"][1][key] = value;
+            let err = format!("{:#}", parse_status(&bad).unwrap_err());
+            assert!(err.contains("peers[1]") && err.contains(key), "{err}");
+        }
+        for key in ["pool", "peers", "blocked"] {
+            let mut bad = v.clone();
+            bad.as_object_mut().unwrap().remove(key);
+            assert!(parse_status(&bad).is_err(), "without {key}");
+        }
+        let mut bad = v.clone();
+        bad["pool"]["max_peers"] = "7".into();
+        assert!(parse_status(&bad).is_err());
 
         let mut bad = v.clone();
         bad["connections"][0]["direction"] = "sideways".into();
@@ -1897,6 +3112,61 @@ mod tests {
             err.contains("connections[0]") && err.contains("listen_addrs"),
             "{err}"
         );
+    }
+
+    fn graph(lists: &[(usize, &[usize])]) -> Graph {
+        Graph {
+            listed: lists
+                .iter()
+                .map(|(i, l)| (*i, l.iter().copied().collect()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn graph_connectivity() {
+        let ring = graph(&[(0, &[1, 3]), (1, &[0, 2]), (2, &[1, 3]), (3, &[2, 0])]);
+        assert_eq!(ring.components(), [vec![0, 1, 2, 3]]);
+        assert_eq!((ring.links(), ring.degree(0), ring.degree(9)), (4, 2, 0));
+        assert!(ring.one_sided().is_empty() && ring.outside().is_empty());
+        assert_eq!(ring.degrees(), "2,2,2,2");
+        assert_eq!(ring.describe(), "0:1,3 1:0,2 2:1,3 3:0,2");
+
+        // Two halves and a loner; a link to a node outside the graph (9)
+        // joins nothing.
+        let split = graph(&[(0, &[1]), (1, &[0, 9]), (2, &[3]), (3, &[2]), (4, &[])]);
+        assert_eq!(split.components(), [vec![0, 1], vec![2, 3], vec![4]]);
+        assert_eq!(split.outside(), [(1, 9)]);
+        assert_eq!(split.links(), 2);
+        assert_eq!(split.describe(), "0:1 1:0,9 2:3 3:2 4:-");
+
+        // One-sided links still connect (a link counts both ways) but are
+        // reported; neighbours include who lists us.
+        let lopsided = graph(&[(0, &[1, 2]), (1, &[0]), (2, &[])]);
+        assert_eq!(lopsided.components(), [vec![0, 1, 2]]);
+        assert_eq!(lopsided.one_sided(), [(0, 2)]);
+        assert_eq!(lopsided.neighbours(2), BTreeSet::from([0]));
+        assert_eq!(lopsided.links(), 2);
+        assert_eq!(Graph::default().components(), Vec::<Vec<usize>>::new());
+    }
+
+    #[test]
+    fn mesh_peer_limits() {
+        // Node 0 (everybody's seed) takes every other node plus one more
+        // inbound: max_peers minus the 2 slots reserved for its own dials.
+        for nodes in MIN_NODES..=MAX_NODES {
+            let l = PeerLimits::for_mesh(nodes);
+            assert!(l.max - 2 > nodes - 1, "{nodes}: {l:?}");
+            assert!((1..=3).contains(&l.min) && l.min < nodes, "{nodes}: {l:?}");
+        }
+        assert_eq!(PeerLimits::for_mesh(5), PeerLimits { min: 3, max: 7 });
+        assert_eq!(PeerLimits::for_mesh(2), PeerLimits { min: 1, max: 4 });
+        let args: Vec<String> = PeerLimits { min: 2, max: 6 }
+            .args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(args, ["--min-peers", "2", "--max-peers", "6"]);
     }
 
     #[test]

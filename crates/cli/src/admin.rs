@@ -169,6 +169,8 @@ pub(crate) struct PoolJson {
     pub(crate) pending_dials: usize,
     /// Peers in the address book without a connection.
     pub(crate) known: usize,
+    /// Connections refused because the pool was full, since start.
+    pub(crate) refused: u64,
     /// Messages for the layers above dropped because nobody took them.
     pub(crate) dropped_inbound: u64,
     /// The pool dials known peers while it has fewer (`--min-peers`).
@@ -288,6 +290,7 @@ pub(crate) fn status_json(
             outbound: pool.outbound,
             pending_dials: pool.pending_dials,
             known: pool.known,
+            refused: pool.refused,
             dropped_inbound: pool.dropped_inbound,
             min_peers: limits.min_peers,
             max_peers: limits.max_peers,
@@ -637,6 +640,7 @@ mod tests {
                 outbound: 0,
                 pending_dials: 2,
                 known: 1,
+                refused: 5,
                 dropped_inbound: 3,
             },
             peers: vec![
@@ -718,6 +722,7 @@ mod tests {
                     "outbound": 0,
                     "pending_dials": 2,
                     "known": 1,
+                    "refused": 5,
                     "dropped_inbound": 3,
                     "min_peers": 4,
                     "max_peers": 16

@@ -45,6 +45,9 @@ pub struct PoolStats {
     pub pending_dials: usize,
     /// Peers in the address book without a connection.
     pub known: usize,
+    /// Connections refused because the pool was full (Disconnect(too many
+    /// peers)), since start.
+    pub refused: u64,
     /// Concern messages dropped because nobody took the inbound queue.
     pub dropped_inbound: u64,
 }
@@ -110,6 +113,10 @@ impl PeerEvents {
         }
     }
 }
+
+/// How long a Disconnect(timeout) to a silent peer may take before the
+/// connection is cut.
+const DEAD_CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -333,6 +340,7 @@ impl PeerManager {
             outbound: c.outbound,
             pending_dials: c.pending_dials,
             known: c.known,
+            refused: c.refused,
             dropped_inbound: self.inner.dropped_inbound.load(Ordering::Relaxed),
         }
     }
@@ -515,8 +523,23 @@ impl Inner {
             }
             Action::Close { conn, disconnect } => {
                 if let Some(handle) = self.handle(conn) {
-                    self.tracker
-                        .spawn(async move { handle.close_with(disconnect).await });
+                    // A silent peer will not read our goodbye: give it a
+                    // moment, then cut the connection instead of waiting for
+                    // the whole close timeout.
+                    let dead = disconnect.reason_or_unspecified() == DisconnectReason::Timeout;
+                    self.tracker.spawn(async move {
+                        if !dead {
+                            handle.close_with(disconnect).await;
+                        } else if tokio::time::timeout(
+                            DEAD_CLOSE_GRACE,
+                            handle.close_with(disconnect),
+                        )
+                        .await
+                        .is_err()
+                        {
+                            handle.abort();
+                        }
+                    });
                 }
             }
             Action::Ban { node, duration } => {

@@ -237,6 +237,7 @@ pub(crate) struct Counts {
     pub(crate) outbound: usize,
     pub(crate) pending_dials: usize,
     pub(crate) known: usize,
+    pub(crate) refused: u64,
 }
 
 /// The peer manager's state machine.
@@ -252,6 +253,7 @@ pub(crate) struct Pool {
     next_dial: DialId,
     next_discovery: Instant,
     blocked: HashSet<NodeId>,
+    refused: u64,
     shutting_down: bool,
     rng: StdRng,
     actions: Vec<Action>,
@@ -323,6 +325,7 @@ impl Pool {
             dials: HashMap::new(),
             next_dial: 1,
             blocked: HashSet::new(),
+            refused: 0,
             shutting_down: false,
             rng,
             actions: Vec::new(),
@@ -341,6 +344,7 @@ impl Pool {
     pub(crate) fn counts(&self) -> Counts {
         let mut c = Counts {
             pending_dials: self.dials.len(),
+            refused: self.refused,
             ..Counts::default()
         };
         for e in self.entries.values() {
@@ -466,6 +470,7 @@ impl Pool {
             .get(&info.node)
             .is_some_and(|e| e.link.is_some());
         if full && !linked {
+            self.refused += 1;
             let id = info.node.clone();
             let mut d = refuse(DisconnectReason::TooManyPeers, "too many peers");
             d.alternatives = self.alternatives(&id);

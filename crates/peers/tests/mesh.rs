@@ -206,6 +206,10 @@ async fn a_silent_peer_goes_unresponsive_then_disconnected_within_the_thresholds
             _ => {}
         }
     }
+    // The silent peer cannot read our goodbye; the connection is cut soon
+    // after instead of lingering for the whole close timeout.
+    sleep(S).await;
+    assert!(a.endpoint().connections().is_empty());
     let unresponsive_at = unresponsive_at.expect("Unresponsive before Disconnected");
     // Last traffic was at most one heartbeat before the partition; the
     // check runs every tick (250 ms).

@@ -239,6 +239,7 @@ fn inbound_beyond_the_limit_is_refused_with_alternatives() {
         vec![id(1).as_bytes().clone(), id(2).as_bytes().clone()]
     );
     assert_eq!(h.pool.counts().linked, 2);
+    assert_eq!(h.pool.counts().refused, 1);
     assert_eq!(
         h.state(3),
         Some(PeerState::Known),
