@@ -81,6 +81,11 @@ mod manager;
 mod pool;
 mod score;
 
+/// The transport layer underneath, for the layers above.
+pub use meshwork_transport as transport;
+/// The wire layer underneath, for the layers above.
+pub use meshwork_wire as wire;
+
 pub use config::PeersConfig;
 pub use error::PeersError;
 pub use event::{Inbound, PeerEvent, PeerSnapshot, PeerState};

@@ -80,6 +80,9 @@ pub mod noise;
 mod tcp;
 mod transport;
 
+/// The wire layer underneath, for the layers above.
+pub use meshwork_wire as wire;
+
 pub use addr::{Address, Host, Resolver, filter_ip_addresses, local_host_ip};
 pub use config::{Config, Security};
 pub use connection::{

@@ -1,0 +1,126 @@
+//! The `Concern` trait: one handler per command id.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use meshwork_peers::transport::Priority;
+use meshwork_peers::wire::NodeId;
+
+use crate::{BoxError, ConcernsError, Context};
+
+/// The answer a handler gives to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The reply's bytes.
+    pub payload: Bytes,
+    /// The lane it goes back on.
+    pub priority: Priority,
+}
+
+impl Reply {
+    /// A reply on the normal lane.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Reply {
+            payload: payload.into(),
+            priority: Priority::Normal,
+        }
+    }
+
+    /// The same reply on `priority`'s lane.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+/// A handler for one command id: it answers requests for that id, may send
+/// messages of its own through its [`Context`], and is told about its own
+/// lifecycle and the fate of what it sent.
+///
+/// Only [`command`](Concern::command) and [`on_request`](Concern::on_request)
+/// are required.
+///
+/// ```
+/// use async_trait::async_trait;
+/// use bytes::Bytes;
+/// use meshwork_concerns::{BoxError, Concern, Context, Reply};
+/// use meshwork_concerns::wire::NodeId;
+///
+/// /// Answers every request with the same bytes.
+/// struct Echo;
+///
+/// #[async_trait]
+/// impl Concern for Echo {
+///     fn command(&self) -> u32 {
+///         7
+///     }
+///
+///     async fn on_request(
+///         &self,
+///         _ctx: &Context,
+///         _from: &NodeId,
+///         payload: Bytes,
+///     ) -> Result<Option<Reply>, BoxError> {
+///         Ok(Some(Reply::new(payload)))
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Concern: Send + Sync + 'static {
+    /// The command id this concern owns. Ids from `0xFFFF_0000` up are
+    /// reserved for meshwork's built-in concerns.
+    fn command(&self) -> u32;
+
+    /// A short name for status pages and logs.
+    fn name(&self) -> &str {
+        "concern"
+    }
+
+    /// At most this many requests run at once (default 16); more wait in
+    /// per-sender queues served in turn.
+    fn max_concurrency(&self) -> usize {
+        16
+    }
+
+    /// How often [`tick`](Concern::tick) runs, if at all (p2p0mq's
+    /// `execute`). Default: never.
+    fn tick_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Called once when the concern starts (with the node, or when added to
+    /// a running node).
+    async fn on_start(&self, _ctx: &Context) {}
+
+    /// Called once when the node stops.
+    async fn on_stop(&self, _ctx: &Context) {}
+
+    /// Called every [`tick_interval`](Concern::tick_interval).
+    async fn tick(&self, _ctx: &Context) {}
+
+    /// Handles a request from `from` (the sender: a neighbour for direct
+    /// messages, the origin for broadcast and routed ones). A reply goes
+    /// back when the sender asked for one; `Ok(None)` then sends an empty
+    /// reply. An error (or a panic) becomes an error reply and is counted.
+    async fn on_request(
+        &self,
+        ctx: &Context,
+        from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError>;
+
+    /// A reply nobody was waiting for (late, or to a one-way send).
+    async fn on_reply(&self, _ctx: &Context, _from: &NodeId, _payload: Bytes) {}
+
+    /// A message this concern sent was queued on the connection to `to`.
+    fn on_sent(&self, _to: &NodeId) {}
+
+    /// A message this concern sent could not be handed to `to` (not
+    /// connected, unresponsive, unreachable).
+    fn on_send_failed(&self, _to: &NodeId, _error: &ConcernsError) {}
+
+    /// A message this concern sent to `to` was dropped because a queue was
+    /// full.
+    fn on_dropped(&self, _to: &NodeId) {}
+}

@@ -1,0 +1,181 @@
+//! What a concern can do: send, request, broadcast, route, publish.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use meshwork_peers::PeerManager;
+use meshwork_peers::transport::Priority;
+use meshwork_peers::wire::NodeId;
+use meshwork_peers::wire::proto::{ConcernKind, ErrorCode};
+use tokio::time::Instant;
+
+use crate::ConcernsError;
+use crate::manager::Inner;
+
+/// A concern's handle on the node: everything it sends goes out under its
+/// command id. Cheap to clone.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) command: u32,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("command", &format_args!("{:#x}", self.command))
+            .finish()
+    }
+}
+
+impl Context {
+    /// The command id messages from this context carry.
+    pub fn command(&self) -> u32 {
+        self.command
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        self.inner.peers.node_id()
+    }
+
+    /// The peer manager: selection (`least_failed`, `by_metadata`, ...),
+    /// events, stats.
+    pub fn peers(&self) -> &PeerManager {
+        &self.inner.peers
+    }
+
+    /// The node's clock (tokio's, so a paused test clock applies).
+    pub fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    /// Sends a request to a neighbour and waits for its reply.
+    ///
+    /// Errors: [`NotConnected`](ConcernsError::NotConnected) /
+    /// [`Unresponsive`](ConcernsError::Unresponsive) at once,
+    /// [`Timeout`](ConcernsError::Timeout) (also counted against the peer in
+    /// the peer manager), or the remote's [`Remote`](ConcernsError::Remote)
+    /// error.
+    pub async fn request(
+        &self,
+        peer: &NodeId,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Bytes, ConcernsError> {
+        self.request_with(peer, payload, timeout, Priority::Normal)
+            .await
+    }
+
+    /// [`request`](Self::request) on a chosen lane.
+    pub async fn request_with(
+        &self,
+        peer: &NodeId,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+        priority: Priority,
+    ) -> Result<Bytes, ConcernsError> {
+        let r = self
+            .inner
+            .request_direct(self.command, peer, payload.into(), timeout, priority)
+            .await;
+        self.inner.notify(self.command, peer, r.as_ref().err());
+        r
+    }
+
+    /// Sends a one-way message to a neighbour. Returns when it is queued on
+    /// the connection; the concern's `on_sent`/`on_send_failed`/`on_dropped`
+    /// say the same.
+    pub async fn send(
+        &self,
+        peer: &NodeId,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), ConcernsError> {
+        let r = self
+            .inner
+            .send_direct(
+                peer,
+                self.command,
+                0,
+                ConcernKind::Request,
+                payload.into(),
+                Priority::Normal,
+            )
+            .await;
+        self.inner.notify(self.command, peer, r.as_ref().err());
+        r
+    }
+
+    /// Sends `payload` to every node of the mesh (through the flood
+    /// concern), to travel at most `ttl` hops. Each node delivers it once to
+    /// its concern for this command; the sender does not deliver it to
+    /// itself. Returns the message id.
+    pub async fn broadcast(
+        &self,
+        payload: impl Into<Bytes>,
+        ttl: u32,
+    ) -> Result<u64, ConcernsError> {
+        let flood = self.inner.flood()?;
+        Ok(flood.broadcast(&self.inner, self.command, payload.into(), ttl))
+    }
+
+    /// Sends a one-way message to any node, neighbour or not, through the
+    /// routing concern.
+    pub async fn send_to(
+        &self,
+        node: &NodeId,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), ConcernsError> {
+        let routing = self.inner.routing()?;
+        let r = routing
+            .send(
+                &self.inner,
+                node,
+                self.command,
+                0,
+                ConcernKind::Request,
+                payload.into(),
+            )
+            .await;
+        self.inner.notify(self.command, node, r.as_ref().err());
+        r
+    }
+
+    /// Sends a request to any node through the routing concern and waits
+    /// for its reply, which comes back the same way.
+    pub async fn request_to(
+        &self,
+        node: &NodeId,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Bytes, ConcernsError> {
+        let routing = self.inner.routing()?;
+        let r = self
+            .inner
+            .request_routed(&routing, self.command, node, payload.into(), timeout)
+            .await;
+        let r = match r {
+            Err(ConcernsError::Remote {
+                code: ErrorCode::Unreachable,
+                ..
+            }) => {
+                routing.forget(node);
+                Err(ConcernsError::Unreachable(node.clone()))
+            }
+            r => r,
+        };
+        self.inner.notify(self.command, node, r.as_ref().err());
+        r
+    }
+
+    /// Publishes `payload` on `topic`: every node of the mesh subscribed to
+    /// it receives it once (the publisher's own subscriptions excepted).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, ConcernsError> {
+        self.inner.publish(topic, payload.into())
+    }
+}

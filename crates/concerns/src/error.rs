@@ -1,0 +1,80 @@
+use std::time::Duration;
+
+use meshwork_peers::PeersError;
+use meshwork_peers::wire::NodeId;
+use meshwork_peers::wire::proto::ErrorCode;
+
+/// What a handler may fail with: any error, boxed. The caller receives its
+/// text in a [`ConcernsError::Remote`] with [`ErrorCode::HandlerFailed`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of the concerns layer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConcernsError {
+    /// A concern for this command id is already registered.
+    #[error("command {0:#x} already has a concern")]
+    DuplicateCommand(u32),
+    /// The peer is not a connected neighbour.
+    #[error("peer {0} is not connected")]
+    NotConnected(NodeId),
+    /// The peer is connected but silent; only heartbeats go to it.
+    #[error("peer {0} is unresponsive")]
+    Unresponsive(NodeId),
+    /// No route to this node was found (or the route broke on the way).
+    #[error("no route to {0}")]
+    Unreachable(NodeId),
+    /// No answer within the timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The other side answered with an error.
+    #[error("remote error ({code:?}): {message}")]
+    Remote {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// The remote's description.
+        message: String,
+    },
+    /// A local queue was full; the message was not sent.
+    #[error("dropped: {0}")]
+    Dropped(String),
+    /// A message could not be decoded.
+    #[error("undecodable message: {0}")]
+    Decode(String),
+    /// The built-in concern this needs (flood, routing, topics) is not
+    /// installed.
+    #[error("the {0} concern is not installed")]
+    NotInstalled(&'static str),
+    /// The peer manager refused.
+    #[error("{0}")]
+    Peers(String),
+    /// The concerns layer is shut down.
+    #[error("the concerns layer is shut down")]
+    Shutdown,
+}
+
+impl From<PeersError> for ConcernsError {
+    fn from(e: PeersError) -> Self {
+        match e {
+            PeersError::NotConnected(id) => ConcernsError::NotConnected(id),
+            PeersError::Unresponsive(id) => ConcernsError::Unresponsive(id),
+            PeersError::Shutdown => ConcernsError::Shutdown,
+            PeersError::Transport(t) => ConcernsError::Dropped(t.to_string()),
+            other => ConcernsError::Peers(other.to_string()),
+        }
+    }
+}
+
+impl ConcernsError {
+    /// True for failures to hand the message over at all (the peer is gone,
+    /// unresponsive or unreachable), as opposed to queues being full.
+    pub(crate) fn is_send_failure(&self) -> bool {
+        matches!(
+            self,
+            ConcernsError::NotConnected(_)
+                | ConcernsError::Unresponsive(_)
+                | ConcernsError::Unreachable(_)
+                | ConcernsError::Shutdown
+        )
+    }
+}

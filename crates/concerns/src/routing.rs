@@ -1,0 +1,402 @@
+//! The routing concern ("ask-around"): reach nodes that are not neighbours.
+//!
+//! - To find `target`, the origin floods a `RouteQuery` (bounded by its TTL
+//!   and deduplicated by `(origin, query_id)`, so it is loop-free). Every
+//!   node it passes learns the way back to the origin. The target, or a
+//!   neighbour of it, answers `RouteFound`, which walks back along the
+//!   learnt path; every node on the way learns the next hop to the target.
+//! - A `Routed` message then goes hop by hop by the route table. Every hop
+//!   also learns the way back to the message's origin, so the reply finds
+//!   its way even when the query was answered by a neighbour of the target.
+//! - A hop with no route (or out of TTL) answers a request with an error
+//!   `UNREACHABLE` routed back to the origin, which forgets the route.
+//! - Routes expire, and those through a neighbour that disconnects are
+//!   dropped at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use meshwork_peers::transport::Priority;
+use meshwork_peers::wire::NodeId;
+use meshwork_peers::wire::proto::route_message::Body;
+use meshwork_peers::wire::proto::{
+    ConcernKind, ErrorCode, RouteFound, RouteMessage, RouteQuery, Routed,
+};
+use meshwork_peers::{PeerEvent, PeerState, PeersError};
+use prost::Message as _;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::manager::{ConcernsConfig, Inner, Job, ROUTING, ReplyPath, error_payload};
+use crate::route::RouteTable;
+use crate::seen::SeenCache;
+use crate::{BoxError, Concern, ConcernsError, Context, Reply, Route};
+
+pub(crate) struct Routing {
+    table: Mutex<RouteTable>,
+    queries: Mutex<SeenCache<(NodeId, u64)>>,
+    /// Searches in progress, by target: a watch that flips when found.
+    searches: Mutex<HashMap<NodeId, watch::Sender<bool>>>,
+    max_hops: u32,
+    search_timeout: Duration,
+    forwarded: AtomicU64,
+    delivered: AtomicU64,
+    unreachable: AtomicU64,
+    searches_started: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn encode(body: Body) -> Bytes {
+    RouteMessage { body: Some(body) }.encode_to_vec().into()
+}
+
+impl Routing {
+    pub(crate) fn new(cfg: &ConcernsConfig) -> Self {
+        Routing {
+            table: Mutex::new(RouteTable::new(cfg.route_ttl, cfg.route_capacity)),
+            queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
+            searches: Mutex::new(HashMap::new()),
+            max_hops: cfg.max_hops,
+            search_timeout: cfg.route_timeout,
+            forwarded: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            unreachable: AtomicU64::new(0),
+            searches_started: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn routes(&self) -> Vec<Route> {
+        lock(&self.table).snapshot(Instant::now())
+    }
+
+    pub(crate) fn forget(&self, target: &NodeId) {
+        lock(&self.table).forget(target);
+    }
+
+    pub(crate) fn stats(&self) -> Vec<(&'static str, u64)> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("routes", self.routes().len() as u64),
+            ("searches", get(&self.searches_started)),
+            ("forwarded", get(&self.forwarded)),
+            ("delivered", get(&self.delivered)),
+            ("unreachable", get(&self.unreachable)),
+        ]
+    }
+
+    fn is_neighbour(inner: &Inner, node: &NodeId) -> bool {
+        inner
+            .peers
+            .by_id(node)
+            .is_some_and(|p| p.state == PeerState::Connected)
+    }
+
+    /// The neighbour to hand a message for `target` to, if known now.
+    fn next_hop(&self, inner: &Inner, target: &NodeId) -> Option<NodeId> {
+        if Self::is_neighbour(inner, target) {
+            return Some(target.clone());
+        }
+        lock(&self.table).next_hop(target, Instant::now())
+    }
+
+    fn hops_travelled(&self, ttl: u32) -> u32 {
+        self.max_hops.saturating_sub(ttl).saturating_add(1)
+    }
+
+    /// Sends a message to `target` by its route, searching for one first if
+    /// none is known.
+    pub(crate) async fn send(
+        &self,
+        inner: &Arc<Inner>,
+        target: &NodeId,
+        command: u32,
+        request_id: u64,
+        kind: ConcernKind,
+        payload: Bytes,
+    ) -> Result<(), ConcernsError> {
+        let me = inner.peers.node_id();
+        if target == me {
+            return Err(ConcernsError::Unreachable(target.clone()));
+        }
+        let next = match self.next_hop(inner, target) {
+            Some(n) => n,
+            None => self.search(inner, target).await?,
+        };
+        let routed = Routed {
+            origin: me.as_bytes().clone(),
+            target: target.as_bytes().clone(),
+            command,
+            request_id,
+            kind: kind as i32,
+            payload,
+            ttl: self.max_hops,
+        };
+        let body = encode(Body::Routed(routed));
+        inner
+            .send_direct(
+                &next,
+                ROUTING,
+                0,
+                ConcernKind::Request,
+                body,
+                Priority::Normal,
+            )
+            .await
+            .map_err(|e| match e {
+                ConcernsError::NotConnected(_) | ConcernsError::Unresponsive(_) => {
+                    self.forget(target);
+                    ConcernsError::Unreachable(target.clone())
+                }
+                e => e,
+            })
+    }
+
+    /// Floods a query for `target` (or joins one in progress) and waits for
+    /// a route, at most the search timeout.
+    async fn search(&self, inner: &Arc<Inner>, target: &NodeId) -> Result<NodeId, ConcernsError> {
+        let (mut rx, first) = {
+            let mut searches = lock(&self.searches);
+            match searches.get(target) {
+                Some(tx) => (tx.subscribe(), false),
+                None => {
+                    let (tx, rx) = watch::channel(false);
+                    searches.insert(target.clone(), tx);
+                    (rx, true)
+                }
+            }
+        };
+        if first {
+            self.searches_started.fetch_add(1, Ordering::Relaxed);
+            let me = inner.peers.node_id();
+            let query = RouteQuery {
+                query_id: rand::random(),
+                origin: me.as_bytes().clone(),
+                target: target.as_bytes().clone(),
+                ttl: self.max_hops,
+            };
+            lock(&self.queries).insert((me.clone(), query.query_id), Instant::now());
+            let body = encode(Body::Query(query));
+            for p in inner.peers.connected() {
+                if p.state == PeerState::Connected {
+                    let _ = inner.try_send_direct(&p.node_id, ROUTING, body.clone());
+                }
+            }
+        }
+        let found = tokio::time::timeout(self.search_timeout, rx.wait_for(|found| *found)).await;
+        if first {
+            lock(&self.searches).remove(target);
+        }
+        match found {
+            Ok(Ok(_)) => self
+                .next_hop(inner, target)
+                .ok_or_else(|| ConcernsError::Unreachable(target.clone())),
+            _ => {
+                self.unreachable.fetch_add(1, Ordering::Relaxed);
+                Err(ConcernsError::Unreachable(target.clone()))
+            }
+        }
+    }
+
+    fn on_query(&self, inner: &Arc<Inner>, from: &NodeId, q: RouteQuery) -> Result<(), BoxError> {
+        let origin = NodeId::from_bytes(q.origin.clone())?;
+        let target = NodeId::from_bytes(q.target.clone())?;
+        let me = inner.peers.node_id();
+        let now = Instant::now();
+        if origin == *me || !lock(&self.queries).insert((origin.clone(), q.query_id), now) {
+            return Ok(());
+        }
+        lock(&self.table).learn(&origin, from, self.hops_travelled(q.ttl), now);
+        let hops = if target == *me {
+            Some(0)
+        } else if target != *from && Self::is_neighbour(inner, &target) {
+            Some(1)
+        } else {
+            None
+        };
+        if let Some(hops) = hops {
+            let found = RouteFound {
+                query_id: q.query_id,
+                origin: q.origin,
+                target: q.target,
+                hops,
+            };
+            inner.try_send_direct(from, ROUTING, encode(Body::Found(found)))?;
+            return Ok(());
+        }
+        if q.ttl > 1 {
+            let next = encode(Body::Query(RouteQuery {
+                ttl: q.ttl - 1,
+                ..q
+            }));
+            for p in inner.peers.connected() {
+                if p.state == PeerState::Connected && p.node_id != *from && p.node_id != origin {
+                    let _ = inner.try_send_direct(&p.node_id, ROUTING, next.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_found(&self, inner: &Arc<Inner>, from: &NodeId, f: RouteFound) -> Result<(), BoxError> {
+        let origin = NodeId::from_bytes(f.origin.clone())?;
+        let target = NodeId::from_bytes(f.target.clone())?;
+        let hops = f.hops.saturating_add(1);
+        if hops > self.max_hops {
+            return Ok(());
+        }
+        lock(&self.table).learn(&target, from, hops, Instant::now());
+        if origin == *inner.peers.node_id() {
+            if let Some(tx) = lock(&self.searches).get(&target) {
+                tx.send_replace(true);
+            }
+            return Ok(());
+        }
+        if let Some(next) = self.next_hop(inner, &origin) {
+            let back = RouteFound { hops, ..f };
+            inner.try_send_direct(&next, ROUTING, encode(Body::Found(back)))?;
+        }
+        Ok(())
+    }
+
+    async fn on_routed(
+        &self,
+        inner: &Arc<Inner>,
+        from: &NodeId,
+        r: Routed,
+    ) -> Result<(), BoxError> {
+        let origin = NodeId::from_bytes(r.origin.clone())?;
+        let target = NodeId::from_bytes(r.target.clone())?;
+        let kind = ConcernKind::try_from(r.kind).unwrap_or(ConcernKind::Unspecified);
+        if kind == ConcernKind::Unspecified {
+            return Err("routed message of unspecified kind".into());
+        }
+        let me = inner.peers.node_id();
+        if origin != *from {
+            lock(&self.table).learn(&origin, from, self.hops_travelled(r.ttl), Instant::now());
+        }
+        if target == *me {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            if kind == ConcernKind::Request {
+                let reply = if r.request_id == 0 {
+                    ReplyPath::None
+                } else {
+                    ReplyPath::Routed
+                };
+                let job = Job {
+                    command: r.command,
+                    from: origin,
+                    request_id: r.request_id,
+                    payload: r.payload,
+                    reply,
+                };
+                inner.deliver_local(job).await?;
+            } else {
+                inner.resolve(&origin, r.command, r.request_id, kind, r.payload);
+            }
+            return Ok(());
+        }
+        let next = if r.ttl > 1 {
+            self.next_hop(inner, &target)
+        } else {
+            None
+        };
+        let Some(next) = next else {
+            self.unreachable.fetch_add(1, Ordering::Relaxed);
+            if kind == ConcernKind::Request && r.request_id != 0 {
+                // Tell the origin, by the way the message came.
+                let back = Routed {
+                    origin: me.as_bytes().clone(),
+                    target: r.origin,
+                    command: r.command,
+                    request_id: r.request_id,
+                    kind: ConcernKind::Error as i32,
+                    payload: error_payload(ErrorCode::Unreachable, format!("no route to {target}")),
+                    ttl: self.max_hops,
+                };
+                inner.try_send_direct(from, ROUTING, encode(Body::Routed(back)))?;
+            }
+            return Ok(());
+        };
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        let fwd = encode(Body::Routed(Routed {
+            ttl: r.ttl - 1,
+            ..r
+        }));
+        match inner
+            .send_direct(
+                &next,
+                ROUTING,
+                0,
+                ConcernKind::Request,
+                fwd,
+                Priority::Normal,
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                debug!(next = %next.short(), error = %e, "routed message not forwarded");
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Concern for Routing {
+    fn command(&self) -> u32 {
+        ROUTING
+    }
+
+    fn name(&self) -> &str {
+        "routing"
+    }
+
+    fn max_concurrency(&self) -> usize {
+        64
+    }
+
+    async fn on_start(&self, ctx: &Context) {
+        // Routes through a neighbour that leaves are dead.
+        let mut events = ctx.peers().events();
+        let inner = Arc::downgrade(&ctx.inner);
+        ctx.inner.spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(PeerEvent::Disconnected { peer, .. }) => {
+                        let Some(inner) = inner.upgrade() else { break };
+                        if let Ok(r) = inner.routing() {
+                            lock(&r.table).forget_via(&peer);
+                        }
+                    }
+                    Ok(_) | Err(PeersError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+
+    async fn on_request(
+        &self,
+        ctx: &Context,
+        from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        let msg = RouteMessage::decode(payload)?;
+        match msg.body {
+            Some(Body::Query(q)) => self.on_query(&ctx.inner, from, q)?,
+            Some(Body::Found(f)) => self.on_found(&ctx.inner, from, f)?,
+            Some(Body::Routed(r)) => self.on_routed(&ctx.inner, from, r).await?,
+            None => return Err("empty route message".into()),
+        }
+        Ok(None)
+    }
+}

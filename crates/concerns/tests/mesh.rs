@@ -1,0 +1,480 @@
+//! The concerns layer on the in-memory network, on a paused clock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use meshwork_concerns::peers::{PeerManager, PeersConfig};
+use meshwork_concerns::transport::mem::MemNetwork;
+use meshwork_concerns::transport::{Config, Endpoint};
+use meshwork_concerns::wire::NodeId;
+use meshwork_concerns::wire::proto::ErrorCode;
+use meshwork_concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::{Instant, sleep};
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+
+/// Echoes, fails, panics or sleeps, by the first payload byte; counts what
+/// it got from whom.
+#[derive(Clone, Default)]
+struct Probe {
+    got: Arc<Mutex<HashMap<NodeId, Vec<Bytes>>>>,
+}
+
+const PROBE: u32 = 7;
+
+#[async_trait]
+impl Concern for Probe {
+    fn command(&self) -> u32 {
+        PROBE
+    }
+    fn name(&self) -> &str {
+        "probe"
+    }
+    fn max_concurrency(&self) -> usize {
+        1
+    }
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        self.got
+            .lock()
+            .unwrap()
+            .entry(from.clone())
+            .or_default()
+            .push(payload.clone());
+        match payload.first() {
+            Some(b'e') => Err("asked to fail".into()),
+            Some(b'p') => panic!("asked to panic"),
+            Some(b's') => {
+                sleep(10 * MS).await;
+                Ok(Some(Reply::new(payload)))
+            }
+            _ => Ok(Some(Reply::new(payload))),
+        }
+    }
+}
+
+impl Probe {
+    fn count_from(&self, from: &NodeId) -> usize {
+        self.got.lock().unwrap().get(from).map_or(0, |v| v.len())
+    }
+    fn total(&self) -> usize {
+        self.got.lock().unwrap().values().map(|v| v.len()).sum()
+    }
+}
+
+struct TestNode {
+    concerns: Concerns,
+    probe: Probe,
+}
+
+impl TestNode {
+    fn id(&self) -> &NodeId {
+        self.concerns.peers().node_id()
+    }
+    fn ctx(&self) -> Context {
+        self.concerns.context(PROBE)
+    }
+}
+
+async fn start(net: &MemNetwork, name: &str, peers: PeersConfig) -> TestNode {
+    let transport = Config::new("concerns-test")
+        .with_insecure_plaintext()
+        .with_keepalive(None, None);
+    let endpoint = Endpoint::new(transport, net.transport(name));
+    endpoint
+        .listen(&format!("mem://{name}").parse().unwrap())
+        .await
+        .unwrap();
+    let peers = PeerManager::start(
+        endpoint,
+        peers
+            .with_heartbeat(S, 5 * S, 10 * S)
+            .with_backoff(100 * MS, 2 * S)
+            .with_discovery(2 * S, 16),
+    )
+    .unwrap();
+    let probe = Probe::default();
+    let concerns = Concerns::builder(peers)
+        .concern(probe.clone())
+        .start()
+        .await
+        .unwrap();
+    TestNode { concerns, probe }
+}
+
+fn seeded(addrs: &[String]) -> PeersConfig {
+    PeersConfig::default().with_seeds(addrs.iter().map(|a| a.parse().unwrap()))
+}
+
+async fn stop(nodes: Vec<TestNode>) {
+    for n in &nodes {
+        n.concerns.shutdown().await;
+    }
+    futures_util::future::join_all(nodes.iter().map(|n| n.concerns.peers().shutdown())).await;
+}
+
+async fn pair(net: &MemNetwork) -> (TestNode, TestNode) {
+    let a = start(net, "a", PeersConfig::default()).await;
+    let b = start(net, "b", seeded(&["mem://a".into()])).await;
+    b.concerns.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    a.concerns.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    (a, b)
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_reply_and_every_kind_of_failure() {
+    let net = MemNetwork::new();
+    let (a, b) = pair(&net).await;
+    let ctx = a.ctx();
+    assert_eq!(
+        ctx.request(b.id(), "hello", S).await.unwrap(),
+        Bytes::from("hello")
+    );
+
+    let err = ctx.request(b.id(), "error", S).await.unwrap_err();
+    assert!(
+        matches!(err, ConcernsError::Remote { code: ErrorCode::HandlerFailed, ref message } if message.contains("asked to fail")),
+        "{err:?}"
+    );
+
+    let err = ctx.request(b.id(), "panic", S).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConcernsError::Remote {
+                code: ErrorCode::HandlerFailed,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The node is still fine.
+    assert_eq!(
+        ctx.request(b.id(), "again", S).await.unwrap(),
+        Bytes::from("again")
+    );
+    let stats = b
+        .concerns
+        .stats()
+        .into_iter()
+        .find(|s| s.command == PROBE)
+        .unwrap();
+    assert_eq!(
+        (stats.requests, stats.replies, stats.errors, stats.panics),
+        (4, 2, 2, 1)
+    );
+
+    let unknown = a.concerns.context(999);
+    let err = unknown.request(b.id(), "?", S).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConcernsError::Remote {
+                code: ErrorCode::UnknownCommand,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(b.concerns.unknown_commands(), 1);
+
+    let stranger = NodeId::from_bytes(vec![1; 32]).unwrap();
+    assert!(matches!(
+        ctx.request(&stranger, "x", S).await,
+        Err(ConcernsError::NotConnected(_))
+    ));
+
+    // A silent peer: the request times out, and the peer manager counts it.
+    net.partition(&["a"], &["b"]);
+    let err = ctx.request(b.id(), "lost", S).await.unwrap_err();
+    assert!(matches!(err, ConcernsError::Timeout(_)), "{err:?}");
+    assert_eq!(a.concerns.peers().by_id(b.id()).unwrap().timeouts, 1);
+    net.heal();
+    stop(vec![a, b]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_command_one_concern_and_late_additions_start_at_once() {
+    struct Late(Arc<AtomicU64>);
+    #[async_trait]
+    impl Concern for Late {
+        fn command(&self) -> u32 {
+            42
+        }
+        fn tick_interval(&self) -> Option<Duration> {
+            Some(100 * MS)
+        }
+        async fn on_start(&self, _ctx: &Context) {
+            self.0.fetch_add(1000, Ordering::SeqCst);
+        }
+        async fn tick(&self, _ctx: &Context) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        async fn on_request(
+            &self,
+            _: &Context,
+            _: &NodeId,
+            p: Bytes,
+        ) -> Result<Option<Reply>, BoxError> {
+            Ok(Some(Reply::new(p)))
+        }
+    }
+    let net = MemNetwork::new();
+    let (a, b) = pair(&net).await;
+    let err = b.concerns.add(Probe::default()).await.unwrap_err();
+    assert!(matches!(err, ConcernsError::DuplicateCommand(PROBE)));
+    let counter = Arc::new(AtomicU64::new(0));
+    b.concerns.add(Late(counter.clone())).await.unwrap();
+    assert_eq!(counter.load(Ordering::SeqCst), 1000, "started at once");
+    sleep(S + 50 * MS).await;
+    let ticks = counter.load(Ordering::SeqCst) - 1000;
+    assert!((9..=11).contains(&ticks), "{ticks} ticks in 1 s at 100 ms");
+    assert_eq!(
+        a.concerns
+            .context(42)
+            .request(b.id(), "x", S)
+            .await
+            .unwrap(),
+        Bytes::from("x")
+    );
+    stop(vec![a, b]).await;
+}
+
+/// `n` nodes, each seeded with up to 2 random earlier nodes, 2..4 peers:
+/// a random sparse mesh.
+async fn random_mesh(net: &MemNetwork, n: usize, seed: u64) -> Vec<TestNode> {
+    eprintln!("random mesh of {n} nodes, seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let mut seeds = Vec::new();
+        for _ in 0..2.min(i) {
+            seeds.push(format!("mem://r{}", rng.random_range(0..i)));
+        }
+        let cfg = seeded(&seeds)
+            .with_min_peers(2)
+            .with_max_peers(4)
+            .with_rng_seed(seed + i as u64);
+        nodes.push(start(net, &format!("r{i}"), cfg).await);
+    }
+    let deadline = Instant::now() + 60 * S;
+    while nodes
+        .iter()
+        .any(|n| n.concerns.peers().stats().connected < 2)
+    {
+        assert!(Instant::now() < deadline, "mesh did not form (seed {seed})");
+        sleep(100 * MS).await;
+    }
+    nodes
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broadcast_reaches_every_node_of_a_sparse_mesh_exactly_once() {
+    for seed in [1u64, 2, 3] {
+        let net = MemNetwork::new();
+        let nodes = random_mesh(&net, 60, seed).await;
+        let origin = nodes[17].id().clone();
+        for k in 0..3 {
+            nodes[17]
+                .ctx()
+                .broadcast(format!("news {k}"), 32)
+                .await
+                .unwrap();
+        }
+        sleep(2 * S).await;
+        for (i, n) in nodes.iter().enumerate() {
+            let expected = if i == 17 { 0 } else { 3 };
+            assert_eq!(
+                n.probe.count_from(&origin),
+                expected,
+                "node {i}, seed {seed}"
+            );
+            assert_eq!(n.probe.total(), expected, "node {i}, seed {seed}");
+        }
+        let dup: u64 = nodes
+            .iter()
+            .flat_map(|n| n.concerns.builtin_stats())
+            .filter(|(c, k, _)| *c == "flood" && *k == "duplicates")
+            .map(|(_, _, v)| v)
+            .sum();
+        eprintln!("seed {seed}: {dup} duplicate copies absorbed");
+        stop(nodes).await;
+    }
+}
+
+/// Nodes in a line: each knows only the previous one and holds 2 peers.
+async fn line(net: &MemNetwork, n: usize) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let seeds = if i == 0 {
+            vec![]
+        } else {
+            vec![format!("mem://l{}", i - 1)]
+        };
+        let cfg = seeded(&seeds).with_min_peers(1).with_max_peers(2);
+        nodes.push(start(net, &format!("l{i}"), cfg).await);
+    }
+    let deadline = Instant::now() + 30 * S;
+    while nodes[1..n - 1]
+        .iter()
+        .any(|n| n.concerns.peers().stats().connected < 2)
+    {
+        assert!(Instant::now() < deadline, "line did not form");
+        sleep(100 * MS).await;
+    }
+    nodes
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_routed_across_eight_hops_and_its_reply_come_back() {
+    let net = MemNetwork::new();
+    let nodes = line(&net, 9).await;
+    let (first, last) = (&nodes[0], &nodes[8]);
+    assert!(
+        first
+            .concerns
+            .peers()
+            .by_id(last.id())
+            .is_none_or(|p| !p.state.is_linked())
+    );
+    let reply = first
+        .ctx()
+        .request_to(last.id(), "far", 5 * S)
+        .await
+        .unwrap();
+    assert_eq!(reply, Bytes::from("far"));
+    assert_eq!(last.probe.count_from(first.id()), 1);
+    let routes = first.concerns.routes();
+    let route = routes
+        .iter()
+        .find(|r| r.target == *last.id())
+        .expect("a route to the last node");
+    assert_eq!(&route.next_hop, nodes[1].id());
+    assert_eq!(route.hops, 8);
+    // One-way routed messages too, and in the other direction.
+    last.ctx().send_to(first.id(), "back").await.unwrap();
+    sleep(S).await;
+    assert_eq!(first.probe.count_from(last.id()), 1);
+
+    // Cut the line: the far end is unreachable, reported within the timeout.
+    net.partition(&["l0", "l1", "l2", "l3"], &["l4", "l5", "l6", "l7", "l8"]);
+    sleep(12 * S).await;
+    let started = Instant::now();
+    let err = first
+        .ctx()
+        .request_to(last.id(), "cut", 10 * S)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConcernsError::Unreachable(_)), "{err:?}");
+    assert!(started.elapsed() <= 4 * S, "{:?}", started.elapsed());
+    net.heal();
+    stop(nodes).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn topics_reach_every_subscriber_once_neighbour_or_not() {
+    let net = MemNetwork::new();
+    let nodes = line(&net, 6).await;
+    let mut near = nodes[1].concerns.subscribe("weather").unwrap();
+    let mut far = nodes[5].concerns.subscribe("weather").unwrap();
+    let mut other = nodes[3].concerns.subscribe("sports").unwrap();
+    {
+        let _gone = nodes[4].concerns.subscribe("weather").unwrap();
+    }
+    nodes[0].concerns.publish("weather", "rain").unwrap();
+    nodes[0].concerns.publish("weather", "sun").unwrap();
+    sleep(S).await;
+    for sub in [&mut near, &mut far] {
+        let got: Vec<_> = std::iter::from_fn(|| sub.try_recv())
+            .map(|p| p.payload)
+            .collect();
+        assert_eq!(got, vec![Bytes::from("rain"), Bytes::from("sun")]);
+    }
+    assert!(other.try_recv().is_none());
+    let origin = far.try_recv();
+    assert!(origin.is_none());
+    assert!(matches!(
+        nodes[0].concerns.subscribe(""),
+        Err(ConcernsError::Decode(_))
+    ));
+    stop(nodes).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flooding_peer_does_not_starve_another() {
+    let net = MemNetwork::new();
+    let server = start(&net, "server", PeersConfig::default()).await;
+    let flooder = start(&net, "flooder", seeded(&["mem://server".into()])).await;
+    let polite = start(&net, "polite", seeded(&["mem://server".into()])).await;
+    server
+        .concerns
+        .peers()
+        .wait_for_peers(2, 5 * S)
+        .await
+        .unwrap();
+    flooder
+        .concerns
+        .peers()
+        .wait_for_peers(1, 5 * S)
+        .await
+        .unwrap();
+    polite
+        .concerns
+        .peers()
+        .wait_for_peers(1, 5 * S)
+        .await
+        .unwrap();
+
+    // The probe runs one request at a time, 10 ms each.
+    let sid = server.id().clone();
+    let flood = {
+        let ctx = flooder.ctx();
+        let sid = sid.clone();
+        tokio::spawn(async move {
+            let calls = (0..300).map(|_| ctx.request(&sid, "slow", 60 * S));
+            let results = futures_util::future::join_all(calls).await;
+            let overloaded = results
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        r,
+                        Err(ConcernsError::Remote {
+                            code: ErrorCode::Overloaded,
+                            ..
+                        })
+                    )
+                })
+                .count();
+            (results.iter().filter(|r| r.is_ok()).count(), overloaded)
+        })
+    };
+    sleep(5 * MS).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        polite.ctx().request(&sid, "slow", 10 * S).await.unwrap();
+        worst = worst.max(t.elapsed());
+    }
+    let (ok, overloaded) = flood.await.unwrap();
+    eprintln!("polite worst latency {worst:?}; flooder: {ok} served, {overloaded} overloaded");
+    // Round robin: the polite peer waits at most for the request running
+    // and one flooder request ahead of its own (10 ms each), never for the
+    // flooder's backlog (up to 64 queued: 640 ms).
+    assert!(worst <= 35 * MS, "polite peer waited {worst:?}");
+    assert_eq!(ok + overloaded, 300);
+    assert!(overloaded > 0, "the flooder's own queue is bounded");
+    stop(vec![server, flooder, polite]).await;
+}
