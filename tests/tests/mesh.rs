@@ -264,3 +264,78 @@ async fn a_node_does_not_dial_itself() {
     assert!(node.status().connections.is_empty());
     node.shutdown().await;
 }
+
+/// The concerns layer through the facade: a broadcast reaches everyone, a
+/// request reaches a node that is not a neighbour.
+#[tokio::test(start_paused = true)]
+async fn broadcast_and_routed_request_through_the_node() {
+    use meshwork::concerns::{BoxError, Concern, Context, Reply};
+    use std::sync::{Arc, Mutex};
+
+    type Deliveries = Vec<(NodeId, Vec<u8>)>;
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Deliveries>>);
+    #[async_trait::async_trait]
+    impl Concern for Log {
+        fn command(&self) -> u32 {
+            0x100
+        }
+        async fn on_request(
+            &self,
+            _: &Context,
+            from: &NodeId,
+            payload: bytes::Bytes,
+        ) -> Result<Option<Reply>, BoxError> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((from.clone(), payload.to_vec()));
+            Ok(Some(Reply::new(payload)))
+        }
+    }
+
+    let net = MemNetwork::new();
+    let mut nodes = Vec::new();
+    let mut logs = Vec::new();
+    // A line: each node knows only the one before it and keeps 2 peers.
+    for i in 0..5 {
+        let log = Log::default();
+        let mut b = builder(&net, &format!("l{i}"))
+            .min_peers(1)
+            .max_peers(2)
+            .concern(log.clone());
+        if i > 0 {
+            b = b.seed(Address::mem(format!("l{}", i - 1)));
+        }
+        nodes.push(b.start().await.unwrap());
+        logs.push(log);
+    }
+    wait_until("line", || {
+        nodes[1..4].iter().all(|n| n.peers().stats().connected == 2)
+    })
+    .await;
+    let ctx = nodes[0].concerns().context(0x100);
+    ctx.broadcast("hello all", 16).await.unwrap();
+    let reply = ctx
+        .request_to(nodes[4].node_id(), "hello far", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&reply[..], b"hello far");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (i, log) in logs.iter().enumerate().skip(1) {
+        let got = log.0.lock().unwrap().clone();
+        let broadcasts = got.iter().filter(|(_, p)| p == b"hello all").count();
+        assert_eq!(broadcasts, 1, "node {i}");
+    }
+    let status = nodes[0].status();
+    assert!(
+        status
+            .routes
+            .iter()
+            .any(|r| &r.target == nodes[4].node_id() && r.hops == 4)
+    );
+    assert!(status.concerns.iter().any(|c| c.name == "flood"));
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

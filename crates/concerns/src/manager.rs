@@ -623,8 +623,13 @@ impl ConcernsBuilder {
     }
 
     /// Adds a concern (besides the built-in ones).
-    pub fn concern(mut self, concern: impl Concern) -> Self {
-        self.concerns.push(Arc::new(concern));
+    pub fn concern(self, concern: impl Concern) -> Self {
+        self.concern_arc(Arc::new(concern))
+    }
+
+    /// Adds a shared concern.
+    pub fn concern_arc(mut self, concern: Arc<dyn Concern>) -> Self {
+        self.concerns.push(concern);
         self
     }
 

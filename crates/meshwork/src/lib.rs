@@ -9,8 +9,9 @@
 //! | 0 | `meshwork-wire`: messages and the frame codec | [`wire`] |
 //! | 1 | `meshwork-transport`: connections, addresses, handshake | [`transport`] |
 //! | 2 | `meshwork-peers`: the pool of peers, discovery, heartbeats, selection | [`peers`] |
+//! | 3 | `meshwork-concerns`: handlers, request/reply, flooding, routing, topics | [`concerns`] |
 //!
-//! The concerns, sync and rpc layers join as they are built. A node keeps
+//! The sync and rpc layers join as they are built. A node keeps
 //! between `min_peers` and `max_peers` peers, found from its seeds and then
 //! by discovery: connecting to one node of a mesh is enough to join it.
 //!
@@ -59,6 +60,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshwork_concerns::{Concern, ConcernStats, Concerns, ConcernsConfig, ConcernsError, Route};
 use meshwork_peers::{PeerManager, PeerSnapshot, PeersConfig, PeersError, PoolStats};
 use meshwork_transport::{
     Address, Config, Direction, Endpoint, TcpTransport, Transport, TransportError,
@@ -67,6 +69,7 @@ use meshwork_wire::NodeId;
 use tokio::time::Instant;
 use tracing::info;
 
+pub use meshwork_concerns as concerns;
 pub use meshwork_peers as peers;
 pub use meshwork_transport as transport;
 pub use meshwork_wire as wire;
@@ -89,18 +92,34 @@ pub enum Error {
     /// The peer manager refused its settings, or failed.
     #[error(transparent)]
     Peers(#[from] PeersError),
+    /// The concerns layer refused (e.g. two concerns for one command id).
+    #[error(transparent)]
+    Concerns(#[from] ConcernsError),
     /// A wait ran out of time.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
 }
 
 /// Builds and starts a [`Node`].
-#[derive(Debug)]
 pub struct NodeBuilder {
     config: Config,
     listen: Vec<Address>,
     peers: PeersConfig,
+    concerns_config: ConcernsConfig,
+    concerns: Vec<Arc<dyn Concern>>,
+    builtin_concerns: bool,
     transport: Option<Arc<dyn Transport>>,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("config", &self.config)
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("concerns", &self.concerns.len())
+            .finish()
+    }
 }
 
 impl NodeBuilder {
@@ -110,8 +129,31 @@ impl NodeBuilder {
             config: Config::new(network_id).with_keepalive(None, None),
             listen: Vec::new(),
             peers: PeersConfig::default(),
+            concerns_config: ConcernsConfig::default(),
+            concerns: Vec::new(),
+            builtin_concerns: true,
             transport: None,
         }
+    }
+
+    /// Adds a concern: a handler for one command id (besides the built-in
+    /// flood, routing and topics concerns).
+    pub fn concern(mut self, concern: impl Concern) -> Self {
+        self.concerns.push(Arc::new(concern));
+        self
+    }
+
+    /// Uses exactly these concerns, without the built-in ones.
+    pub fn only_concerns(mut self, concerns: Vec<Arc<dyn Concern>>) -> Self {
+        self.concerns = concerns;
+        self.builtin_concerns = false;
+        self
+    }
+
+    /// Settings of the concerns layer (queues, flood TTL, routing).
+    pub fn concerns_config(mut self, config: ConcernsConfig) -> Self {
+        self.concerns_config = config;
+        self
     }
 
     /// Adds an address to listen on (none: the node only dials out).
@@ -210,9 +252,25 @@ impl NodeBuilder {
                 return Err(e.into());
             }
         };
+        let mut concerns = Concerns::builder(peers.clone()).config(self.concerns_config);
+        if self.builtin_concerns {
+            for c in self.concerns {
+                concerns = concerns.concern_arc(c);
+            }
+        } else {
+            concerns = concerns.only(self.concerns);
+        }
+        let concerns = match concerns.start().await {
+            Ok(c) => c,
+            Err(e) => {
+                peers.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let node = Node {
             inner: Arc::new(NodeInner {
                 peers,
+                concerns,
                 started: Instant::now(),
             }),
         };
@@ -224,6 +282,7 @@ impl NodeBuilder {
 
 struct NodeInner {
     peers: PeerManager,
+    concerns: Concerns,
     started: Instant,
 }
 
@@ -260,6 +319,10 @@ pub struct NodeStatus {
     pub peers: Vec<PeerSnapshot>,
     /// Peers blocked by fault injection.
     pub blocked: Vec<NodeId>,
+    /// Every concern with its counters.
+    pub concerns: Vec<ConcernStats>,
+    /// Nodes reached through other nodes (the routing concern's table).
+    pub routes: Vec<Route>,
     /// Every open transport connection, oldest first (during a duplicate
     /// resolution or a refusal there can briefly be more than peers).
     pub connections: Vec<ConnectionStatus>,
@@ -317,6 +380,11 @@ impl Node {
         &self.inner.peers
     }
 
+    /// The concerns layer: contexts to send with, topics, routes, stats.
+    pub fn concerns(&self) -> &Concerns {
+        &self.inner.concerns
+    }
+
     /// A snapshot of this node, its peers and its connections.
     pub fn status(&self) -> NodeStatus {
         let ep = self.endpoint();
@@ -350,6 +418,8 @@ impl Node {
             pool: peers.stats(),
             peers: peers.peers(),
             blocked: peers.blocked(),
+            concerns: self.inner.concerns.stats(),
+            routes: self.inner.concerns.routes(),
             connections,
         }
     }
@@ -368,6 +438,7 @@ impl Node {
     /// Shuts down: stops dialling and accepting, sends Disconnect(shutdown)
     /// to every peer, and returns when every task has ended.
     pub async fn shutdown(&self) {
+        self.inner.concerns.shutdown().await;
         self.inner.peers.shutdown().await;
         info!(node = %self.node_id().short(), "node stopped");
     }
