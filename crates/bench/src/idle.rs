@@ -156,7 +156,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The page size from `getconf PAGESIZE`, or 4096 (said on stderr).
-fn page_size() -> u64 {
+pub(crate) fn page_size() -> u64 {
     let asked = Command::new("getconf")
         .arg("PAGESIZE")
         .stderr(Stdio::null())
@@ -309,15 +309,15 @@ pub(crate) fn child_main(args: &[String]) -> Result<()> {
 
 /// Pages counted by `/proc/self/statm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Statm {
+pub(crate) struct Statm {
     /// Resident pages (field 2).
-    resident: u64,
+    pub(crate) resident: u64,
     /// Data and stack pages (field 6).
-    data: u64,
+    pub(crate) data: u64,
 }
 
 /// Reads `/proc/self/statm`.
-fn statm() -> Result<Statm> {
+pub(crate) fn statm() -> Result<Statm> {
     let text = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
     parse_statm(&text).with_context(|| format!("unexpected /proc/self/statm: {text:?}"))
 }

@@ -6,9 +6,10 @@
 //! ```
 //!
 //! Every bench measures each figure for meshwork and for a baseline doing
-//! the same job (raw TCP, or meshwork without encryption when the point is
-//! the cost of encryption), taking turns for `--runs` runs, and reports both
-//! medians and their ratio. By default a table is printed; with `--json`,
+//! the same job (raw TCP, meshwork without encryption when the point is the
+//! cost of encryption, or bare endpoints when it is the cost of the peer
+//! manager), taking turns for `--runs` runs, and reports both medians and
+//! their ratio. By default a table is printed; with `--json`,
 //! stdout carries only JSON lines, one per figure:
 //!
 //! ```text
@@ -26,6 +27,7 @@
 
 mod harness;
 mod idle;
+mod peers;
 mod report;
 mod transport;
 
@@ -38,10 +40,16 @@ use crate::harness::{DEFAULT_RUNS, Options, QUICK_RUNS};
 use crate::report::Figure;
 
 /// Every bench, in the order they run when none is named, with a summary.
-const BENCHES: &[(&str, &str)] = &[(
-    "transport",
-    "raw TCP vs meshwork, plaintext and encrypted: RTT, throughput, idle memory",
-)];
+const BENCHES: &[(&str, &str)] = &[
+    (
+        "transport",
+        "raw TCP vs meshwork, plaintext and encrypted: RTT, throughput, idle memory",
+    ),
+    (
+        "peers",
+        "peer manager at 100/500 nodes: convergence, memory per node, heartbeat CPU",
+    ),
+];
 
 /// The usage text, for `--help` and errors.
 fn usage() -> String {
@@ -130,18 +138,28 @@ fn parse_runs(text: &str) -> Result<usize> {
 async fn run_bench(name: &str, opts: &Options) -> Result<Vec<Figure>> {
     match name {
         "transport" => transport::run(opts).await,
+        "peers" => peers::run(opts).await,
         other => bail!("bench {other:?} is listed but not dispatched"),
     }
 }
 
+/// The `main` of a measuring child.
+type ChildMain = fn(&[String]) -> Result<()>;
+
 fn main() -> ExitCode {
-    // A measuring child started by a bench (see `idle`), not a user.
+    // A measuring child started by a bench (see `idle` and `peers::memory`),
+    // not a user.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(idle::CHILD_FLAG) {
-        return match idle::child_main(&args[1..]) {
+    let child: Option<(&str, ChildMain)> = match args.first().map(String::as_str) {
+        Some(idle::CHILD_FLAG) => Some(("idle connections", idle::child_main)),
+        Some(peers::memory::CHILD_FLAG) => Some(("peers memory", peers::memory::child_main)),
+        _ => None,
+    };
+    if let Some((what, child_main)) = child {
+        return match child_main(&args[1..]) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("meshwork-bench (idle connections child): error: {e:#}");
+                eprintln!("meshwork-bench ({what} child): error: {e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -201,7 +219,7 @@ mod tests {
     #[test]
     fn defaults_run_everything() {
         let args = parse(&[]).unwrap().unwrap();
-        assert_eq!(args.benches, vec!["transport"]);
+        assert_eq!(args.benches, vec!["transport", "peers"]);
         assert!(!args.json);
         assert_eq!(
             args.opts,
@@ -230,8 +248,8 @@ mod tests {
 
     #[test]
     fn errors_say_what_is_known() {
-        let err = parse(&["peers"]).unwrap_err().to_string();
-        assert!(err.contains("known benches: transport"), "{err}");
+        let err = parse(&["routes"]).unwrap_err().to_string();
+        assert!(err.contains("known benches: transport, peers"), "{err}");
         assert!(parse(&["--runs", "0"]).is_err());
         assert!(parse(&["--runs"]).is_err());
         assert!(parse(&["--runs", "x"]).is_err());

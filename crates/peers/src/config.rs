@@ -70,7 +70,7 @@ impl Default for PeersConfig {
             alternatives: 8,
             tick: Duration::from_millis(250),
             inbound_capacity: 1024,
-            event_capacity: 1024,
+            event_capacity: 256,
             rng_seed: None,
         }
     }
@@ -209,7 +209,7 @@ impl PeersConfig {
     }
 
     /// Events kept for slow [`events`](crate::PeerManager::events)
-    /// receivers (default 1024); a receiver further behind is told how many
+    /// receivers (default 256); a receiver further behind is told how many
     /// it missed.
     pub fn with_event_capacity(mut self, n: usize) -> Self {
         self.event_capacity = n;
