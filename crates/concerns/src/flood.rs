@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use meshwork_peers::PeerState;
 use meshwork_peers::wire::NodeId;
 use meshwork_peers::wire::proto::Flooded;
 use prost::Message as _;
@@ -54,11 +53,11 @@ impl Flood {
     fn relay(&self, inner: &Inner, f: &Flooded, except: &[&NodeId]) -> u64 {
         let body: Bytes = f.encode_to_vec().into();
         let mut n = 0;
-        for p in inner.peers.connected() {
-            if p.state != PeerState::Connected || except.contains(&&p.node_id) {
+        for p in inner.peers.neighbours() {
+            if except.contains(&&p) {
                 continue;
             }
-            match inner.try_send_direct(&p.node_id, FLOOD, body.clone()) {
+            match inner.try_send_direct(&p, FLOOD, body.clone()) {
                 Ok(()) => n += 1,
                 Err(_) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);

@@ -26,7 +26,7 @@ use meshwork_peers::wire::proto::route_message::Body;
 use meshwork_peers::wire::proto::{
     ConcernKind, ErrorCode, RouteFound, RouteMessage, RouteQuery, Routed,
 };
-use meshwork_peers::{PeerEvent, PeerState, PeersError};
+use meshwork_peers::{PeerEvent, PeersError};
 use prost::Message as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -93,10 +93,7 @@ impl Routing {
     }
 
     fn is_neighbour(inner: &Inner, node: &NodeId) -> bool {
-        inner
-            .peers
-            .by_id(node)
-            .is_some_and(|p| p.state == PeerState::Connected)
+        inner.peers.is_neighbour(node)
     }
 
     /// The neighbour to hand a message for `target` to, if known now.
@@ -184,10 +181,8 @@ impl Routing {
             };
             lock(&self.queries).insert((me.clone(), query.query_id), Instant::now());
             let body = encode(Body::Query(query));
-            for p in inner.peers.connected() {
-                if p.state == PeerState::Connected {
-                    let _ = inner.try_send_direct(&p.node_id, ROUTING, body.clone());
-                }
+            for p in inner.peers.neighbours() {
+                let _ = inner.try_send_direct(&p, ROUTING, body.clone());
             }
         }
         let found = tokio::time::timeout(self.search_timeout, rx.wait_for(|found| *found)).await;
@@ -236,9 +231,9 @@ impl Routing {
                 ttl: q.ttl - 1,
                 ..q
             }));
-            for p in inner.peers.connected() {
-                if p.state == PeerState::Connected && p.node_id != *from && p.node_id != origin {
-                    let _ = inner.try_send_direct(&p.node_id, ROUTING, next.clone());
+            for p in inner.peers.neighbours() {
+                if p != *from && p != origin {
+                    let _ = inner.try_send_direct(&p, ROUTING, next.clone());
                 }
             }
         }

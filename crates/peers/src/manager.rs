@@ -274,6 +274,21 @@ impl PeerManager {
             .map_err(|e| Self::map_send(peer, e))
     }
 
+    /// The responsive neighbours (state Connected), cheaply: no snapshot is
+    /// built. For relaying to every neighbour.
+    pub fn neighbours(&self) -> Vec<NodeId> {
+        lock(&self.inner.routes)
+            .iter()
+            .filter(|(_, r)| r.usable)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// True if `peer` is a responsive neighbour (state Connected).
+    pub fn is_neighbour(&self, peer: &NodeId) -> bool {
+        lock(&self.inner.routes).get(peer).is_some_and(|r| r.usable)
+    }
+
     /// The connection used for `peer`, if any (for its stats, or to send
     /// regardless of the peer's state).
     pub fn connection(&self, peer: &NodeId) -> Option<ConnectionHandle> {
