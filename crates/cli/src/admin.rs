@@ -7,33 +7,59 @@
 //! | POST | `/peers/{id}/disconnect` | 200 `{"disconnected":"<id>"}`; 404 when that peer is not connected |
 //! | POST | `/peers/{id}/block` | 200 `{"blocked":"<id>"}`: its connection ends and handshakes with it are refused until unblocked |
 //! | POST | `/peers/{id}/unblock` | 200 `{"unblocked":"<id>"}` |
+//! | POST | `/broadcast` | body = message; floods it to the echo concern (command 0x100) of every node, TTL 16: 200 `{"message_id":n}` |
+//! | POST | `/publish/{topic}` | body = message; publishes it on `topic`: 200 `{"message_id":n}`; 400 for a topic that is empty or over 256 bytes |
+//! | POST | `/request/{id}?timeout_ms=N` | body = message; asks node `id`'s echo concern, routed if it is not a neighbour (`timeout_ms` 1 to 600000, default 5000): 200 `{"reply":text,"elapsed_ms":x}` |
+//! | GET | `/events?since=SEQ` | 200 `{"events":[...],"next":n}`: the deliveries recorded after `SEQ` (default 0), see [`EventLog`] |
 //! | POST | `/shutdown` | 202 `{"shutting_down":true}`, then a graceful shutdown |
-//! | any | anything else | 404 (405 for a known path) `{"error":"..."}` |
+//! | any | anything else | 404 (405 for a known path) |
 //!
 //! `{id}` is a node id in hex (as in `/status`); anything else is a 400.
 //! Block and unblock are fault injection: `cargo xtask test-mesh` makes
 //! partitions out of real processes with them.
+//!
+//! Every error answer is `{"error": text, "code": kind}`. `POST /request`
+//! answers 404 `unreachable` (no route found, also when `timeout_ms` ran
+//! out before one was), 504 `timeout` (routed, no answer in time), 502
+//! `remote` (the target answered with an error; `remote_code` says which,
+//! e.g. `unknown_command`), 503 `not_connected`, `unresponsive`, `dropped`
+//! or `shutdown`, 400 `bad_request` (bad id, this node's own id, bad
+//! `timeout_ms`). Other codes: `not_found`, `method_not_allowed`,
+//! `internal`.
 //!
 //! To add an endpoint: write a handler taking `State<AdminState>` and
 //! returning `Result<Json<T>, ApiError>`, and add one `.route(...)` line in
 //! [`router`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use meshwork::concerns::{ConcernStats, ConcernsError, Route};
 use meshwork::peers::PeerSnapshot;
 use meshwork::transport::{Direction, EndpointStats, Security};
 use meshwork::wire::NodeId;
+use meshwork::wire::proto::ErrorCode;
 use meshwork::{ConnectionStatus, Node, NodeStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::info;
+
+use crate::echo;
+use crate::events::{Event, EventLog};
+
+/// `POST /request` waits this long unless `timeout_ms` says otherwise.
+const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// The longest `timeout_ms` accepted (10 minutes).
+const MAX_REQUEST_TIMEOUT_MS: u64 = 600_000;
 
 /// A one-shot "please shut down" flag shared by the admin API and the
 /// signal handlers. Cheap to clone; every clone is the same flag.
@@ -64,12 +90,28 @@ impl ShutdownSignal {
 pub(crate) struct AdminState {
     node: Node,
     shutdown: ShutdownSignal,
+    events: Arc<EventLog>,
+    subscriptions: Arc<[String]>,
 }
 
 impl AdminState {
     /// State for serving `node`; `POST /shutdown` triggers `shutdown`.
+    /// `GET /events` shows an empty log until [`with_events`](Self::with_events).
     pub(crate) fn new(node: Node, shutdown: ShutdownSignal) -> Self {
-        AdminState { node, shutdown }
+        AdminState {
+            node,
+            shutdown,
+            events: Arc::new(EventLog::new()),
+            subscriptions: Arc::new([]),
+        }
+    }
+
+    /// Serves `events` (the log the node's echo concern and topic recorder
+    /// write to) and lists `subscriptions` in `/status`.
+    pub(crate) fn with_events(mut self, events: Arc<EventLog>, subscriptions: &[String]) -> Self {
+        self.events = events;
+        self.subscriptions = subscriptions.into();
+        self
     }
 }
 
@@ -81,33 +123,88 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/peers/{id}/disconnect", post(disconnect_peer))
         .route("/peers/{id}/block", post(block_peer))
         .route("/peers/{id}/unblock", post(unblock_peer))
+        .route("/broadcast", post(broadcast))
+        .route("/publish/{topic}", post(publish))
+        .route("/publish", post(publish_without_topic))
+        .route("/publish/", post(publish_without_topic))
+        .route("/request/{id}", post(request))
+        .route("/events", get(events))
         .route("/shutdown", post(shutdown))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
-/// An error answer: a status code and `{"error": message}`.
+/// An error answer: a status code and `{"error": message, "code": kind}`.
 #[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
+    code: &'static str,
     message: String,
+    remote_code: Option<String>,
 }
 
 impl ApiError {
-    /// An error with this status code and message.
+    /// An error with this status code and message; its `code` is the
+    /// status's usual kind (`bad_request`, `not_found`, ...).
     pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        let code = match status {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::GATEWAY_TIMEOUT => "timeout",
+            _ => "internal",
+        };
         ApiError {
             status,
+            code,
             message: message.into(),
+            remote_code: None,
         }
     }
+
+    /// The same error with another `code`.
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
+
+    /// The answer to a failed call into the concerns layer.
+    fn from_concerns(e: &ConcernsError) -> Self {
+        let (status, code) = match e {
+            ConcernsError::Unreachable(_) => (StatusCode::NOT_FOUND, "unreachable"),
+            ConcernsError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ConcernsError::Remote { .. } => (StatusCode::BAD_GATEWAY, "remote"),
+            ConcernsError::NotConnected(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_connected"),
+            ConcernsError::Unresponsive(_) => (StatusCode::SERVICE_UNAVAILABLE, "unresponsive"),
+            ConcernsError::Dropped(_) => (StatusCode::SERVICE_UNAVAILABLE, "dropped"),
+            ConcernsError::Shutdown => (StatusCode::SERVICE_UNAVAILABLE, "shutdown"),
+            ConcernsError::Decode(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let mut error = ApiError::new(status, e.to_string()).with_code(code);
+        if let ConcernsError::Remote { code, .. } = e {
+            error.remote_code = Some(remote_code_name(*code));
+        }
+        error
+    }
+}
+
+/// `ERROR_CODE_UNKNOWN_COMMAND` → `unknown_command`.
+fn remote_code_name(code: ErrorCode) -> String {
+    let name = code.as_str_name();
+    name.strip_prefix("ERROR_CODE_")
+        .unwrap_or(name)
+        .to_ascii_lowercase()
 }
 
 /// The body of an error answer.
 #[derive(Debug, Serialize)]
 struct ErrorJson<'a> {
     error: &'a str,
+    code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_code: Option<&'a str>,
 }
 
 impl IntoResponse for ApiError {
@@ -116,6 +213,8 @@ impl IntoResponse for ApiError {
             self.status,
             Json(ErrorJson {
                 error: &self.message,
+                code: self.code,
+                remote_code: self.remote_code.as_deref(),
             }),
         )
             .into_response()
@@ -154,6 +253,65 @@ pub(crate) struct StatusJson {
     pub(crate) blocked: Vec<String>,
     /// Open connections, oldest first.
     pub(crate) connections: Vec<ConnectionJson>,
+    /// Every concern (the node's `echo` and the built-in ones) with its
+    /// counters, by command id.
+    pub(crate) concerns: Vec<ConcernJson>,
+    /// Nodes reached through other nodes: the routing table, by target.
+    pub(crate) routes: Vec<RouteJson>,
+    /// Counters of the built-in concerns: `{"flood": {"sent": n, ...},
+    /// "routing": {...}, "topics": {...}}`.
+    pub(crate) builtin: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Topics this node subscribed to (`--subscribe`), sorted.
+    pub(crate) subscriptions: Vec<String>,
+    /// Requests for command ids nobody handles here, since start.
+    pub(crate) unknown_commands: u64,
+}
+
+/// One concern in [`StatusJson`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct ConcernJson {
+    /// Its command id (`echo` is 256; the built-in ones are 0xFFFF0001 up).
+    pub(crate) command: u32,
+    /// Its name.
+    pub(crate) name: String,
+    /// Requests handled (started).
+    pub(crate) requests: u64,
+    /// Replies sent.
+    pub(crate) replies: u64,
+    /// Requests that failed (error or panic).
+    pub(crate) errors: u64,
+    /// Of those, panics.
+    pub(crate) panics: u64,
+    /// Requests refused because their sender's queue was full.
+    pub(crate) dropped: u64,
+    /// Requests running now.
+    pub(crate) in_flight: usize,
+    /// Requests waiting now.
+    pub(crate) queued: usize,
+}
+
+/// One route in [`StatusJson`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct RouteJson {
+    /// The node it leads to, hex.
+    pub(crate) target: String,
+    /// The neighbour messages for it go to, hex.
+    pub(crate) next_hop: String,
+    /// Hops from here.
+    pub(crate) hops: u32,
+    /// Ms since the route was last confirmed.
+    pub(crate) age_ms: f64,
+}
+
+/// What [`StatusJson`] shows of the concerns layer besides [`NodeStatus`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConcernsInfo {
+    /// `Concerns::builtin_stats`: (concern, counter, value).
+    pub(crate) builtin: Vec<(&'static str, &'static str, u64)>,
+    /// Topics subscribed to.
+    pub(crate) subscriptions: Vec<String>,
+    /// `Concerns::unknown_commands`.
+    pub(crate) unknown_commands: u64,
 }
 
 /// The pool in [`StatusJson`].
@@ -264,16 +422,24 @@ impl Limits {
 }
 
 /// Converts a node snapshot, its security mode, its handshake counters
-/// (`node.endpoint().stats()`) and its pool limits to the JSON form.
+/// (`node.endpoint().stats()`), its pool limits and the rest of its
+/// concerns layer to the JSON form.
 pub(crate) fn status_json(
     status: &NodeStatus,
     security: Security,
     stats: &EndpointStats,
     limits: Limits,
+    concerns: &ConcernsInfo,
 ) -> StatusJson {
     let pool = &status.pool;
     let mut blocked: Vec<String> = status.blocked.iter().map(|id| id.to_string()).collect();
     blocked.sort_unstable();
+    let mut builtin: BTreeMap<&'static str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+    for &(concern, counter, value) in &concerns.builtin {
+        builtin.entry(concern).or_default().insert(counter, value);
+    }
+    let mut subscriptions = concerns.subscriptions.clone();
+    subscriptions.sort();
     StatusJson {
         node_id: status.node_id.to_string(),
         network_id: status.network_id.clone(),
@@ -298,6 +464,34 @@ pub(crate) fn status_json(
         peers: status.peers.iter().map(peer_json).collect(),
         blocked,
         connections: status.connections.iter().map(connection_json).collect(),
+        concerns: status.concerns.iter().map(concern_json).collect(),
+        routes: status.routes.iter().map(route_json).collect(),
+        builtin,
+        subscriptions,
+        unknown_commands: concerns.unknown_commands,
+    }
+}
+
+fn concern_json(c: &ConcernStats) -> ConcernJson {
+    ConcernJson {
+        command: c.command,
+        name: c.name.clone(),
+        requests: c.requests,
+        replies: c.replies,
+        errors: c.errors,
+        panics: c.panics,
+        dropped: c.dropped,
+        in_flight: c.in_flight,
+        queued: c.queued,
+    }
+}
+
+fn route_json(r: &Route) -> RouteJson {
+    RouteJson {
+        target: r.target.to_string(),
+        next_hop: r.next_hop.to_string(),
+        hops: r.hops,
+        age_ms: ms(r.age),
     }
 }
 
@@ -349,11 +543,17 @@ async fn health() -> &'static str {
 async fn status(State(state): State<AdminState>) -> Json<StatusJson> {
     let node = &state.node;
     let endpoint = node.endpoint();
+    let concerns = ConcernsInfo {
+        builtin: node.concerns().builtin_stats(),
+        subscriptions: state.subscriptions.to_vec(),
+        unknown_commands: node.concerns().unknown_commands(),
+    };
     Json(status_json(
         &node.status(),
         endpoint.config().security(),
         &endpoint.stats(),
         Limits::of(node),
+        &concerns,
     ))
 }
 
@@ -439,6 +639,136 @@ async fn unblock_peer(
     }))
 }
 
+/// The body of `POST /broadcast` and `POST /publish/{topic}`.
+#[derive(Debug, Serialize)]
+struct MessageId {
+    message_id: u64,
+}
+
+/// Floods the body to the echo concern of every other node.
+async fn broadcast(
+    State(state): State<AdminState>,
+    body: Bytes,
+) -> Result<Json<MessageId>, ApiError> {
+    let message_id = echo::broadcast(&state.node, &body)
+        .await
+        .map_err(|e| ApiError::from_concerns(&e))?;
+    Ok(Json(MessageId { message_id }))
+}
+
+/// Publishes the body on a topic.
+async fn publish(
+    State(state): State<AdminState>,
+    topic: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Json<MessageId>, ApiError> {
+    let Path(topic) = topic.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let message_id = state
+        .node
+        .concerns()
+        .publish(&topic, body)
+        .map_err(|e| ApiError::from_concerns(&e))?;
+    Ok(Json(MessageId { message_id }))
+}
+
+/// `POST /publish` and `POST /publish/`: the topic is empty.
+async fn publish_without_topic() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "a topic is 1 to 256 bytes: POST /publish/{topic}",
+    )
+}
+
+/// The query of `POST /request/{id}`.
+#[derive(Debug, Deserialize)]
+struct RequestQuery {
+    timeout_ms: Option<u64>,
+}
+
+/// The body of `POST /request/{id}`.
+#[derive(Debug, Serialize)]
+struct RequestReply {
+    reply: String,
+    elapsed_ms: f64,
+}
+
+/// Asks a node's echo concern to send the body back, by a route if it is
+/// not a neighbour.
+async fn request(
+    State(state): State<AdminState>,
+    id: Result<Path<String>, PathRejection>,
+    query: Result<Query<RequestQuery>, QueryRejection>,
+    body: Bytes,
+) -> Result<Json<RequestReply>, ApiError> {
+    let target = parse_peer(id)?;
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let timeout_ms = query.timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS);
+    if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&timeout_ms) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("timeout_ms must be 1 to {MAX_REQUEST_TIMEOUT_MS}, got {timeout_ms}"),
+        ));
+    }
+    let node = &state.node;
+    if &target == node.node_id() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{target} is this node's own id"),
+        ));
+    }
+    let started = Instant::now();
+    let timeout = Duration::from_millis(timeout_ms);
+    match echo::request(node, &target, &body, timeout).await {
+        Ok(reply) => Ok(Json(RequestReply {
+            reply: String::from_utf8_lossy(&reply).into_owned(),
+            elapsed_ms: ms(started.elapsed()),
+        })),
+        // The library says "timeout" whether the route search or the answer
+        // ran out of time; without a route there was nobody to answer.
+        Err(ConcernsError::Timeout(_)) if !has_route(node, &target) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no route to {target} found within {timeout_ms} ms"),
+        )
+        .with_code("unreachable")),
+        Err(e) => Err(ApiError::from_concerns(&e)),
+    }
+}
+
+/// True when `target` is a responsive neighbour or the routing table has a
+/// route to it.
+fn has_route(node: &Node, target: &NodeId) -> bool {
+    let neighbour = node
+        .peers()
+        .by_id(target)
+        .is_some_and(|p| p.state == meshwork::peers::PeerState::Connected);
+    neighbour || node.concerns().routes().iter().any(|r| &r.target == target)
+}
+
+/// The query of `GET /events`.
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    since: Option<u64>,
+}
+
+/// The body of `GET /events`.
+#[derive(Debug, Serialize)]
+struct EventsJson {
+    events: Vec<Event>,
+    /// The last sequence number handed out (0 before the first event):
+    /// `?since=` this gets only newer events.
+    next: u64,
+}
+
+/// The deliveries recorded after `since`.
+async fn events(
+    State(state): State<AdminState>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<EventsJson>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let (events, next) = state.events.since(query.since.unwrap_or(0));
+    Ok(Json(EventsJson { events, next }))
+}
+
 /// The body of `POST /shutdown`.
 #[derive(Debug, Serialize)]
 struct ShuttingDown {
@@ -473,6 +803,8 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::echo::{Echo, TopicRecorder};
+    use meshwork::NodeBuilder;
     use meshwork::peers::{PeerEvent, PeerState, PeersConfig, PoolStats};
     use meshwork::transport::mem::MemNetwork;
     use serde_json::{Value, json};
@@ -491,11 +823,24 @@ mod tests {
     /// A minimal HTTP/1.1 client: one request, `Connection: close`, returns
     /// the status code and the body.
     async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+        request_with_body(addr, method, path, b"").await
+    }
+
+    /// [`request`] with a body.
+    async fn request_with_body(
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, String) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        );
-        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        stream.write_all(&req).await.unwrap();
         let mut raw = Vec::new();
         tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut raw))
             .await
@@ -523,7 +868,12 @@ mod tests {
     }
 
     async fn post_json(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
-        let (code, body) = request(addr, "POST", path).await;
+        post_body(addr, path, "").await
+    }
+
+    /// POSTs `body` and parses the JSON answer.
+    async fn post_body(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Value) {
+        let (code, body) = request_with_body(addr, "POST", path, body.as_bytes()).await;
         let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
         (code, json)
     }
@@ -573,10 +923,15 @@ mod tests {
     }
 
     async fn serve(node: &Node) -> (std::net::SocketAddr, ShutdownSignal) {
-        let shutdown = ShutdownSignal::new();
+        serve_with(AdminState::new(node.clone(), ShutdownSignal::new())).await
+    }
+
+    /// Serves `state` on a loopback port; its shutdown signal stops the server.
+    async fn serve_with(state: AdminState) -> (std::net::SocketAddr, ShutdownSignal) {
+        let shutdown = state.shutdown.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = router(AdminState::new(node.clone(), shutdown.clone()));
+        let app = router(state);
         let stop = shutdown.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -677,7 +1032,24 @@ mod tests {
                     dial_failures: 3,
                 },
             ],
-            blocked: vec![known, peer.clone()],
+            blocked: vec![known.clone(), peer.clone()],
+            concerns: vec![ConcernStats {
+                command: 0x100,
+                name: "echo".into(),
+                requests: 7,
+                replies: 6,
+                errors: 1,
+                panics: 1,
+                dropped: 2,
+                in_flight: 3,
+                queued: 4,
+            }],
+            routes: vec![Route {
+                target: known,
+                next_hop: peer.clone(),
+                hops: 2,
+                age: Duration::from_micros(2500),
+            }],
             connections: vec![ConnectionStatus {
                 node_id: peer,
                 addr: "tcp://127.0.0.1:40000".parse().unwrap(),
@@ -702,8 +1074,24 @@ mod tests {
             min_peers: 4,
             max_peers: 16,
         };
-        let json =
-            serde_json::to_value(status_json(&status, Security::Noise, &stats, limits)).unwrap();
+        let concerns = ConcernsInfo {
+            builtin: vec![
+                ("flood", "sent", 1),
+                ("flood", "relayed", 2),
+                ("routing", "routes", 1),
+                ("topics", "topics", 2),
+            ],
+            subscriptions: vec!["b".into(), "a".into()],
+            unknown_commands: 9,
+        };
+        let json = serde_json::to_value(status_json(
+            &status,
+            Security::Noise,
+            &stats,
+            limits,
+            &concerns,
+        ))
+        .unwrap();
         assert_eq!(
             json,
             json!({
@@ -770,7 +1158,26 @@ mod tests {
                     "age_secs": 0.25,
                     "frames_sent": 3,
                     "frames_received": 4
-                }]
+                }],
+                "concerns": [{
+                    "command": 256,
+                    "name": "echo",
+                    "requests": 7,
+                    "replies": 6,
+                    "errors": 1,
+                    "panics": 1,
+                    "dropped": 2,
+                    "in_flight": 3,
+                    "queued": 4
+                }],
+                "routes": [{"target": "04", "next_hop": "010203", "hops": 2, "age_ms": 2.5}],
+                "builtin": {
+                    "flood": {"sent": 1, "relayed": 2},
+                    "routing": {"routes": 1},
+                    "topics": {"topics": 2}
+                },
+                "subscriptions": ["a", "b"],
+                "unknown_commands": 9
             })
         );
         let plain = status_json(
@@ -778,6 +1185,7 @@ mod tests {
             Security::InsecurePlaintext,
             &EndpointStats::default(),
             limits,
+            &ConcernsInfo::default(),
         );
         let json = serde_json::to_value(plain).unwrap();
         assert_eq!(json["security"], "plaintext");
@@ -1023,5 +1431,377 @@ mod tests {
             .await
             .expect("shutdown signal fired");
         node.shutdown().await;
+    }
+
+    // Messaging: broadcast, publish, request, events. Every node runs the
+    // echo concern of `meshwork node` unless said otherwise.
+
+    /// A served node of the messaging tests, with its event log and topic
+    /// subscriptions.
+    struct Served {
+        node: Node,
+        addr: std::net::SocketAddr,
+        _shutdown: ShutdownSignal,
+        _topics: TopicRecorder,
+    }
+
+    /// A node `mem://{name}` on `net`, seeding `seed`, keeping `min` peers.
+    fn mem_node(net: &MemNetwork, name: &str, seed: Option<&str>, min: usize) -> NodeBuilder {
+        let builder = Node::builder("admin-test")
+            .transport(net.transport(name))
+            .listen(format!("mem://{name}").parse().unwrap())
+            .min_peers(min)
+            .peers(quick);
+        match seed {
+            Some(seed) => builder.seed(seed.parse().unwrap()),
+            None => builder,
+        }
+    }
+
+    /// Starts a node as `meshwork node` does (the echo concern if `echo`,
+    /// subscribed to `topics`) and serves its admin API.
+    async fn start_served(builder: NodeBuilder, echo: bool, topics: &[&str]) -> Served {
+        let log = Arc::new(EventLog::new());
+        let mut builder = builder;
+        if echo {
+            builder = builder.concern(Echo::new(log.clone()));
+        }
+        let node = builder.start().await.unwrap();
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        let recorder = TopicRecorder::start(&node, &topics, &log).unwrap();
+        let state = AdminState::new(node.clone(), ShutdownSignal::new()).with_events(log, &topics);
+        let (addr, shutdown) = serve_with(state).await;
+        Served {
+            node,
+            addr,
+            _shutdown: shutdown,
+            _topics: recorder,
+        }
+    }
+
+    /// Three nodes that are all neighbours: `b` and `c` seed `a`, and find
+    /// each other. `b` subscribes to `news`, `c` to `other`.
+    async fn triangle() -> [Served; 3] {
+        let net = MemNetwork::new();
+        let a = start_served(mem_node(&net, "a", None, 2), true, &[]).await;
+        let b = start_served(mem_node(&net, "b", Some("mem://a"), 2), true, &["news"]).await;
+        let c = start_served(mem_node(&net, "c", Some("mem://a"), 2), true, &["other"]).await;
+        for n in [&a, &b, &c] {
+            n.node.wait_for_peers(2, TIMEOUT).await.unwrap();
+        }
+        [a, b, c]
+    }
+
+    async fn stop_all(nodes: impl IntoIterator<Item = Served>) {
+        for n in nodes {
+            n.node.shutdown().await;
+        }
+    }
+
+    /// Polls `/events` until `done` holds, and returns that answer.
+    async fn wait_events(
+        addr: std::net::SocketAddr,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let (code, events) = get_json(addr, "/events").await;
+            assert_eq!(code, 200, "{events}");
+            if done(&events) {
+                return events;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} not within {TIMEOUT:?}: {events}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The events of `kind` carrying `payload` in a `/events` answer.
+    fn events_of<'a>(events: &'a Value, kind: &str, payload: &str) -> Vec<&'a Value> {
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == kind && e["payload"] == payload)
+            .collect()
+    }
+
+    /// A built-in concern's counter in a `/status`.
+    fn builtin(status: &Value, concern: &str, counter: &str) -> u64 {
+        status["builtin"][concern][counter].as_u64().unwrap()
+    }
+
+    /// A broadcast reaches every other node's echo concern exactly once,
+    /// although in a triangle each of them also gets a relayed copy.
+    #[tokio::test]
+    async fn broadcast_is_delivered_once_by_every_other_node() {
+        let [a, b, c] = triangle().await;
+        let (code, body) = post_body(a.addr, "/broadcast", "hello mesh").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body["message_id"].is_u64(), "{body}");
+        assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+
+        // Each of b and c gets a's copy and the other's relayed one, and
+        // drops the second: once both have, the flood is over.
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let (_, sb) = get_json(b.addr, "/status").await;
+            let (_, sc) = get_json(c.addr, "/status").await;
+            if builtin(&sb, "flood", "duplicates") + builtin(&sc, "flood", "duplicates") == 2 {
+                assert_eq!(builtin(&sb, "flood", "delivered"), 1, "{sb}");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{sb} {sc}");
+            tokio::time::sleep(POLL).await;
+        }
+        for n in [&b, &c] {
+            let (code, events) = get_json(n.addr, "/events").await;
+            assert_eq!(code, 200);
+            let got = events_of(&events, "broadcast", "hello mesh");
+            assert_eq!(got.len(), 1, "{events}");
+            let e = got[0];
+            assert_eq!(e["from"], a.node.node_id().to_string());
+            assert_eq!(e["topic"], Value::Null);
+            assert!(
+                e["seq"].as_u64().unwrap() >= 1 && e["at_ms"].is_u64(),
+                "{e}"
+            );
+        }
+        // The sender does not deliver its own broadcast.
+        let (_, events) = get_json(a.addr, "/events").await;
+        assert_eq!(events, json!({"events": [], "next": 0}));
+        let (_, status) = get_json(a.addr, "/status").await;
+        assert_eq!(builtin(&status, "flood", "sent"), 1, "{status}");
+        stop_all([a, b, c]).await;
+    }
+
+    /// A publication reaches the subscribers of its topic and nobody else.
+    #[tokio::test]
+    async fn publish_reaches_subscribers_only() {
+        let [a, b, c] = triangle().await;
+        let (code, body) = post_body(a.addr, "/publish/news", "extra").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body["message_id"].is_u64(), "{body}");
+
+        let events = wait_events(b.addr, "the publication at b", |e| {
+            !events_of(e, "publication", "extra").is_empty()
+        })
+        .await;
+        let got = events_of(&events, "publication", "extra");
+        assert_eq!(got.len(), 1, "{events}");
+        assert_eq!(got[0]["topic"], "news");
+        assert_eq!(got[0]["from"], a.node.node_id().to_string());
+
+        // c handled the publication (its topics concern ran and is idle)
+        // without recording anything: it subscribed to another topic.
+        let status = wait_status(c.addr, "c done with the publication", |s| {
+            s["concerns"].as_array().unwrap().iter().any(|k| {
+                k["name"] == "topics"
+                    && k["requests"].as_u64() >= Some(1)
+                    && k["in_flight"] == 0
+                    && k["queued"] == 0
+            })
+        })
+        .await;
+        assert_eq!(status["subscriptions"], json!(["other"]));
+        let (_, events) = get_json(c.addr, "/events").await;
+        assert_eq!(events["events"], json!([]), "{events}");
+
+        // Topics: empty, too long, just long enough, percent-encoded.
+        for path in ["/publish", "/publish/"] {
+            let (code, body) = post_body(a.addr, path, "x").await;
+            assert_eq!(code, 400, "{path}: {body}");
+            assert_eq!(body["code"], "bad_request", "{body}");
+        }
+        let (code, body) = post_body(a.addr, &format!("/publish/{}", "t".repeat(257)), "x").await;
+        assert_eq!(
+            (code, &body["code"]),
+            (400, &json!("bad_request")),
+            "{body}"
+        );
+        let (code, body) = post_body(a.addr, &format!("/publish/{}", "t".repeat(256)), "x").await;
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = post_body(a.addr, "/publish/a%20b", "x").await;
+        assert_eq!(code, 200, "{body}");
+        stop_all([a, b, c]).await;
+    }
+
+    /// A line a - b - c (a refuses c): a's request reaches c by a route
+    /// through b; b has no echo concern.
+    #[tokio::test]
+    async fn request_is_routed_and_errors_have_codes() {
+        let net = MemNetwork::new();
+        let a = start_served(mem_node(&net, "a", None, 1), true, &[]).await;
+        let b = start_served(mem_node(&net, "b", Some("mem://a"), 1), false, &[]).await;
+        let c_identity = meshwork::transport::Identity::generate();
+        let c_id = c_identity.node_id().clone();
+        a.node.peers().block(&c_id);
+        let c = mem_node(&net, "c", Some("mem://b"), 1).identity(c_identity);
+        let c = start_served(c, true, &[]).await;
+        b.node.wait_for_peers(2, TIMEOUT).await.unwrap();
+        assert!(
+            a.node
+                .peers()
+                .by_id(&c_id)
+                .is_none_or(|p| !p.state.is_linked())
+        );
+
+        let path = format!("/request/{c_id}");
+        let (code, body) = post_body(a.addr, &path, "ping").await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["reply"], "ping");
+        assert!(body["elapsed_ms"].as_f64().unwrap() > 0.0, "{body}");
+        assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+        let (_, events) = get_json(c.addr, "/events").await;
+        let got = events_of(&events, "request", "ping");
+        assert_eq!(got.len(), 1, "{events}");
+        assert_eq!(got[0]["from"], a.node.node_id().to_string());
+        let (_, status) = get_json(a.addr, "/status").await;
+        let routes = status["routes"].as_array().unwrap();
+        let route = routes.iter().find(|r| r["target"] == c_id.to_string());
+        let route = route.unwrap_or_else(|| panic!("no route to c: {status}"));
+        assert_eq!(route["next_hop"], b.node.node_id().to_string());
+        assert_eq!(route["hops"], 2);
+        assert!(route["age_ms"].as_f64().unwrap() >= 0.0);
+        let (_, status) = get_json(c.addr, "/status").await;
+        let echo = status["concerns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == "echo")
+            .cloned();
+        let echo = echo.unwrap_or_else(|| panic!("{status}"));
+        assert_eq!(
+            (&echo["command"], &echo["requests"], &echo["replies"]),
+            (&json!(256), &json!(1), &json!(1))
+        );
+
+        // b has no echo concern: its error comes back as "remote".
+        let path = format!("/request/{}?timeout_ms=2000", b.node.node_id());
+        let (code, body) = post_body(a.addr, &path, "ping").await;
+        assert_eq!(code, 502, "{body}");
+        assert_eq!(body["code"], "remote");
+        assert_eq!(body["remote_code"], "unknown_command");
+        let (_, status) = get_json(b.addr, "/status").await;
+        assert_eq!(status["unknown_commands"], 1, "{status}");
+
+        // Nobody has this id.
+        let stranger = "ab".repeat(32);
+        let (code, body) =
+            post_body(a.addr, &format!("/request/{stranger}?timeout_ms=200"), "x").await;
+        assert_eq!(code, 404, "{body}");
+        assert_eq!(body["code"], "unreachable", "{body}");
+
+        for (path, what) in [
+            ("/request/zz".to_string(), "node id"),
+            (format!("/request/{}", a.node.node_id()), "own id"),
+            (format!("/request/{c_id}?timeout_ms=0"), "timeout_ms"),
+            (format!("/request/{c_id}?timeout_ms=600001"), "timeout_ms"),
+            (format!("/request/{c_id}?timeout_ms=soon"), "timeout_ms"),
+        ] {
+            let (code, body) = post_body(a.addr, &path, "x").await;
+            assert_eq!(code, 400, "{path}: {body}");
+            assert_eq!(body["code"], "bad_request", "{path}: {body}");
+            assert!(
+                body["error"].as_str().unwrap().contains(what),
+                "{path}: {body}"
+            );
+        }
+        stop_all([c, b, a]).await;
+    }
+
+    /// `/events?since=` pages through the log; a bad `since` is a 400.
+    #[tokio::test]
+    async fn events_since_returns_only_newer_events() {
+        let net = MemNetwork::new();
+        let a = start_served(mem_node(&net, "a", None, 1), true, &[]).await;
+        let b = start_served(mem_node(&net, "b", Some("mem://a"), 1), true, &[]).await;
+        a.node.wait_for_peers(1, TIMEOUT).await.unwrap();
+        let path = format!("/request/{}", b.node.node_id());
+        for body in ["one", "two", "three"] {
+            let (code, answer) = post_body(a.addr, &path, body).await;
+            assert_eq!((code, &answer["reply"]), (200, &json!(body)), "{answer}");
+        }
+        let (_, all) = get_json(b.addr, "/events").await;
+        assert_eq!(all["next"], 3, "{all}");
+        let payloads = |v: &Value| -> Vec<String> {
+            v["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["payload"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(payloads(&all), ["one", "two", "three"]);
+        let seqs: Vec<u64> = all["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        let (code, newer) = get_json(b.addr, "/events?since=1").await;
+        assert_eq!(code, 200);
+        assert_eq!(
+            (payloads(&newer), &newer["next"]),
+            (vec!["two".to_string(), "three".to_string()], &json!(3))
+        );
+        let (_, none) = get_json(b.addr, "/events?since=3").await;
+        assert_eq!(none, json!({"events": [], "next": 3}));
+        let (code, body) = get_json(b.addr, "/events?since=-1").await;
+        assert_eq!(
+            (code, &body["code"]),
+            (400, &json!("bad_request")),
+            "{body}"
+        );
+        stop_all([b, a]).await;
+    }
+
+    #[test]
+    fn concerns_errors_map_to_status_codes() {
+        let id = NodeId::from_bytes(vec![1; 4]).unwrap();
+        let remote = ConcernsError::Remote {
+            code: ErrorCode::Overloaded,
+            message: "busy".into(),
+        };
+        for (e, status, code) in [
+            (ConcernsError::Unreachable(id.clone()), 404, "unreachable"),
+            (
+                ConcernsError::Timeout(Duration::from_secs(1)),
+                504,
+                "timeout",
+            ),
+            (remote, 502, "remote"),
+            (
+                ConcernsError::NotConnected(id.clone()),
+                503,
+                "not_connected",
+            ),
+            (ConcernsError::Unresponsive(id), 503, "unresponsive"),
+            (ConcernsError::Dropped("full".into()), 503, "dropped"),
+            (ConcernsError::Shutdown, 503, "shutdown"),
+            (ConcernsError::Decode("topic".into()), 400, "bad_request"),
+            (ConcernsError::NotInstalled("flood"), 500, "internal"),
+        ] {
+            let error = ApiError::from_concerns(&e);
+            assert_eq!((error.status.as_u16(), error.code), (status, code), "{e}");
+            assert_eq!(error.message, e.to_string());
+            assert_eq!(error.remote_code.is_some(), code == "remote");
+        }
+        let e = ConcernsError::Remote {
+            code: ErrorCode::Overloaded,
+            message: "busy".into(),
+        };
+        assert_eq!(
+            ApiError::from_concerns(&e).remote_code.as_deref(),
+            Some("overloaded")
+        );
+        assert_eq!(
+            remote_code_name(ErrorCode::UnknownCommand),
+            "unknown_command"
+        );
     }
 }

@@ -16,6 +16,8 @@
 
 mod admin;
 mod demo;
+mod echo;
+mod events;
 mod keygen;
 mod node;
 

@@ -4,10 +4,12 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use meshwork::Node;
+use meshwork::concerns::MAX_TOPIC_LEN;
 use meshwork::peers::PeersConfig;
 use meshwork::transport::{Address, Identity, NetworkKey};
 use meshwork::wire::NodeId;
@@ -15,6 +17,8 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState, ShutdownSignal};
+use crate::echo::{Echo, TopicRecorder};
+use crate::events::EventLog;
 
 /// How long a graceful shutdown may take before we give up and exit non-zero.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,6 +114,12 @@ pub(crate) struct NodeArgs {
     #[arg(long = "allow", value_name = "NODE_ID_HEX", value_parser = parse_node_id)]
     allow: Vec<NodeId>,
 
+    /// Subscribe to a topic (repeatable): every message published on it
+    /// anywhere in the mesh is recorded as a `publication` event (admin
+    /// `GET /events`). A topic is 1 to 256 bytes.
+    #[arg(long, value_name = "TOPIC", value_parser = parse_topic)]
+    subscribe: Vec<String>,
+
     /// Turn encryption and authentication OFF: anyone on the path can read
     /// and forge traffic and claim any node id. For tests and debugging
     /// only; every peer must use it too.
@@ -201,6 +211,17 @@ fn parse_node_id(s: &str) -> Result<NodeId, String> {
         ));
     }
     NodeId::from_hex(&s.to_ascii_lowercase()).map_err(|e| e.to_string())
+}
+
+/// Parses `--subscribe`: 1 to 256 bytes.
+fn parse_topic(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > MAX_TOPIC_LEN {
+        return Err(format!(
+            "a topic is 1 to {MAX_TOPIC_LEN} bytes, got {}",
+            s.len()
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// Parses `--meta KEY=VALUE`.
@@ -301,7 +322,10 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .transpose()
         .context("admin listener address")?;
 
-    let mut builder = Node::builder(&args.network).identity(keys.identity);
+    let events = Arc::new(EventLog::new());
+    let mut builder = Node::builder(&args.network)
+        .identity(keys.identity)
+        .concern(Echo::new(events.clone()));
     if let Some(key) = keys.network_key {
         builder = builder.network_key(key);
     }
@@ -340,9 +364,22 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         format!("cannot start the node (listening on {})", listen.join(", "))
     })?;
 
+    let topics = match TopicRecorder::start(&node, &args.subscribe, &events) {
+        Ok(t) => t,
+        Err(e) => {
+            node.shutdown().await;
+            return Err(anyhow::Error::new(e).context("cannot subscribe (--subscribe)"));
+        }
+    };
+    if !topics.topics().is_empty() {
+        info!(topics = %topics.topics().join(" "), "subscribed");
+    }
+
     let shutdown = ShutdownSignal::new();
     let server = admin_listener.map(|listener| {
-        let router = admin::router(AdminState::new(node.clone(), shutdown.clone()));
+        let state = AdminState::new(node.clone(), shutdown.clone())
+            .with_events(events.clone(), topics.topics());
+        let router = admin::router(state);
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let serve = axum::serve(listener, router)
@@ -372,6 +409,7 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     info!(?cause, "shutting down");
     let graceful = async {
         node.shutdown().await;
+        drop(topics);
         // Stops the admin server (if the request was not already the trigger).
         shutdown.trigger();
         if let Some(server) = server {
@@ -482,6 +520,7 @@ mod tests {
         assert_eq!(a.listen, vec!["tcp://127.0.0.1:7000".parse().unwrap()]);
         assert_eq!(a.network, "meshwork");
         assert!(a.admin.is_none() && a.seed.is_empty() && a.meta.is_empty());
+        assert!(a.subscribe.is_empty());
         assert!(a.validate().is_ok());
     }
 
@@ -514,8 +553,13 @@ mod tests {
             "300",
             "--discovery-ms",
             "700",
+            "--subscribe",
+            "news",
+            "--subscribe",
+            &"t".repeat(256),
         ])
         .unwrap();
+        assert_eq!(a.subscribe, ["news".to_string(), "t".repeat(256)]);
         assert_eq!(a.listen.len(), 2);
         assert_eq!(a.admin, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(a.meta, vec![("role".to_string(), "a=b".to_string())]);
@@ -583,6 +627,11 @@ mod tests {
             "replaced by --heartbeat-ms"
         );
         assert!(parse(&["--admin", "nowhere"]).is_err());
+        for topic in [String::new(), "t".repeat(257)] {
+            let e = parse(&["--subscribe", &topic]).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains("1 to 256 bytes"), "{e}");
+        }
         assert!(parse(&["--admin-allow-remote"]).is_err());
     }
 
