@@ -30,6 +30,20 @@
 //!   half is the node id; `--network-key FILE` makes the node refuse (and be refused by)
 //!   nodes without the same key; `meshwork keygen --network-key FILE` creates such a key,
 //!   exits 0, and exits 1 without touching FILE if it exists.
+//! * Concerns (protocol.md section 10): every node has an `echo` concern (command
+//!   [`ECHO_COMMAND`]) that records what it is handed and replies with the payload;
+//!   `meshwork node --subscribe TOPIC` (repeatable) subscribes it to topics.
+//!   `POST /broadcast` and `POST /publish/{topic}` (body: the payload text) answer 200
+//!   `{"message_id":N}`; `POST /request/{node_id}?timeout_ms=N` sends the body to that
+//!   node's echo concern by routing and answers 200 `{"reply","elapsed_ms"}`, or
+//!   `{"error","code"}` with 404 `unreachable`, 504 `timeout`, 502 `remote`, 400 for a
+//!   bad id. `GET /events?since=SEQ` returns what the node's concerns recorded:
+//!   `{"events":[{"seq","kind","from","topic","payload","at_ms"}],"next"}`, `kind`
+//!   one of [`EVENT_KINDS`]. `/status` also has `"concerns":[{"command","name",
+//!   "requests","replies","errors","panics","dropped","in_flight","queued"}]`,
+//!   `"routes":[{"target","next_hop","hops","age_ms"}]`, `"builtin":{"flood":{..},
+//!   "routing":{..},"topics":{..}}`, `"subscriptions":["<topic>"]` and
+//!   `"unknown_commands"`.
 //!
 //! Node 0 starts first; the others get `--seed <node 0's listen address>` and
 //! find the rest of the mesh through it.
@@ -90,6 +104,35 @@ const NODE_TIMINGS: &[(&str, &str)] = &[
     ("--backoff-max-ms", "1000"),
     ("--discovery-ms", "1000"),
 ];
+/// How long a broadcast, publication or request may take to be recorded by
+/// the nodes it is meant for.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the nodes' `/events` are then watched for duplicates and for
+/// deliveries to nodes that should get nothing.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(1);
+/// `timeout_ms` of the routed requests the `route` scenario sends.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much longer than its `timeout_ms` a `POST /request` may take to answer.
+const REQUEST_SLACK: Duration = Duration::from_secs(2);
+
+/// The command id of the nodes' `echo` concern.
+const ECHO_COMMAND: u64 = 0x100;
+/// The kinds of `/events` entries.
+const EVENT_KINDS: &[&str] = &["broadcast", "request", "publication"];
+/// The built-in concerns `/status` reports under `builtin`.
+const BUILTIN_CONCERNS: &[&str] = &["flood", "routing", "topics"];
+/// Nodes in the line the `route` and `topics` scenarios build.
+const LINE_NODES: usize = 5;
+/// Peer limits of the nodes of that line: an inner node takes its
+/// predecessor (its seed) and its successor, and wants no more.
+const LINE_LIMITS: PeerLimits = PeerLimits { min: 1, max: 2 };
+/// Topics of the `topics` scenario: who subscribes to what, by position in
+/// its line (the publisher, position 0, subscribes to nothing).
+const TOPIC: &str = "test-mesh-x";
+const OTHER_TOPIC: &str = "test-mesh-y";
+const LINE_SUBSCRIPTIONS: [&[&str]; LINE_NODES] =
+    [&[], &[], &[TOPIC], &[OTHER_TOPIC], &[TOPIC, OTHER_TOPIC]];
+
 /// The peer states `/status` may report.
 const PEER_STATES: &[&str] = &[
     "known",
@@ -184,6 +227,31 @@ const SCENARIOS: &[Scenario] = &[
                 connected peers; the \"connected\" peers of all /status form one connected, \
                 symmetric graph, and each node's connections, peers and pool counters agree",
         run: scenario_join,
+    },
+    Scenario {
+        name: "flood",
+        about: "POST /broadcast from a node farthest from some other (fewest peers on a tie): \
+                every other node's /events \
+                records it exactly once (kind broadcast, from the origin, same payload) within \
+                10 s and still once 1 s later; the origin records nothing",
+        run: scenario_flood,
+    },
+    Scenario {
+        name: "route",
+        about: "5 new nodes in a line (each seeded with the previous, --min-peers 1 \
+                --max-peers 2; the first --max-peers 1, or it would close the line into a \
+                ring): the first one's POST /request to the last gets the echo back, only \
+                the last records the request, and the first's /status routes list the last \
+                4 hops away through the second; a request to an unknown id answers 404 \
+                unreachable within its timeout_ms, a bad id 400",
+        run: scenario_route,
+    },
+    Scenario {
+        name: "topics",
+        about: "5 new nodes in a line, the 3rd and 5th started with --subscribe X, the 4th with \
+                another topic: a POST /publish/X from the 1st reaches the 3rd and 5th exactly \
+                once (kind publication, topic X, from the 1st) and no other node records it",
+        run: scenario_topics,
     },
     Scenario {
         name: "network-key",
@@ -1673,6 +1741,543 @@ fn node_list(nodes: &[usize]) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// Concern scenarios: flood, route, topics
+// ---------------------------------------------------------------------------
+
+fn scenario_flood(mesh: &mut Mesh) -> Result<String> {
+    let members: Vec<usize> = mesh.alive().collect();
+    ensure!(members.len() >= 2, "needs at least two running nodes");
+    let want = mesh.limits.min.min(members.len() - 1);
+    let graph = mesh.poll_until(
+        "the mesh to be connected",
+        Poll::Only(&members),
+        SCENARIO_TIMEOUT,
+        |mesh, snap| {
+            check_concerns_listed(snap, &members)?;
+            check_mesh(mesh, snap, &members, |_| want)
+        },
+    )?;
+    let origin = pick_origin(&graph);
+    let receivers: Vec<usize> = members.iter().copied().filter(|&i| i != origin).collect();
+    let origin_id = mesh.nodes[origin].ready.node_id.clone();
+    let payload = unique_payload("flood");
+    let sent = Instant::now();
+    let message_id = mesh
+        .http
+        .send_message(&mesh.nodes[origin].ready.admin, "/broadcast", &payload)
+        .with_context(|| format!("node {origin}: POST /broadcast"))?;
+    let delivery = Delivery {
+        kind: "broadcast",
+        topic: None,
+        payload: &payload,
+        from: &origin_id,
+    };
+    mesh.poll_events_until(
+        &format!("every node but node {origin} to record the broadcast"),
+        &members,
+        DELIVERY_TIMEOUT,
+        |mesh, log| delivery.check(mesh, log, &receivers, &[origin]),
+    )?;
+    let reached = sent.elapsed();
+    let polls = mesh.watch_events(
+        "the broadcast to stay recorded once by every node but the origin",
+        &members,
+        DUPLICATE_WINDOW,
+        |mesh, log| delivery.check(mesh, log, &receivers, &[origin]),
+    )?;
+    let farthest = graph.distances(origin).into_values().max().unwrap_or(0);
+    Ok(format!(
+        "node {origin} ({} peer(s)) broadcast message {message_id}: each of the {} other \
+         node(s), up to {farthest} hop(s) away, recorded it once within {}, and still once {} \
+         later ({polls} polls); node {origin} recorded nothing",
+        graph.degree(origin),
+        receivers.len(),
+        fmt_duration(reached),
+        fmt_duration(DUPLICATE_WINDOW)
+    ))
+}
+
+fn scenario_route(mesh: &mut Mesh) -> Result<String> {
+    let mut line = Vec::new();
+    let result =
+        spawn_line(mesh, &mut line, |_| Vec::new()).and_then(|()| check_route(mesh, &line));
+    let stopped = mesh.stop_all(&line);
+    let summary = result?;
+    stopped.context("stopping the nodes of the route scenario")?;
+    Ok(summary)
+}
+
+/// `line` is a line of new nodes: requests along it, and to nowhere.
+fn check_route(mesh: &mut Mesh, line: &[usize]) -> Result<String> {
+    let formed = wait_line(mesh, line)?;
+    let (first, second, last) = (line[0], line[1], line[line.len() - 1]);
+    let hops = (line.len() - 1) as u64;
+    let admin = mesh.nodes[first].ready.admin.clone();
+    let first_id = mesh.nodes[first].ready.node_id.clone();
+    let second_id = mesh.nodes[second].ready.node_id.clone();
+    let last_id = mesh.nodes[last].ready.node_id.clone();
+    let timeout_ms = REQUEST_TIMEOUT.as_millis();
+
+    let payload = unique_payload("route");
+    let asked = Instant::now();
+    let answer = mesh
+        .http
+        .request(&admin, &last_id, &payload)
+        .with_context(|| format!("node {first}: POST /request/<node {last}>"))?;
+    let took = asked.elapsed();
+    let (reply, elapsed_ms) = match &answer {
+        RequestAnswer::Reply { reply, elapsed_ms } => (reply, *elapsed_ms),
+        RequestAnswer::Error { http, code, error } => bail!(
+            "node {first}: POST /request/<node {last}> ({hops} hops away) answered HTTP {http} \
+             {code:?}: {error}; expected 200 with the echo"
+        ),
+    };
+    ensure!(
+        reply == &payload,
+        "node {first}: the echo of node {last} replied {reply:?}, expected {payload:?}"
+    );
+
+    let delivery = Delivery {
+        kind: "request",
+        topic: None,
+        payload: &payload,
+        from: &first_id,
+    };
+    let relays = &line[..line.len() - 1];
+    mesh.poll_events_until(
+        &format!("node {last} (only) to record the request"),
+        line,
+        DELIVERY_TIMEOUT,
+        |mesh, log| delivery.check(mesh, log, &[last], relays),
+    )?;
+
+    let route = mesh.poll_until(
+        &format!(
+            "node {first}'s /status to list node {last} {hops} hops away through node {second}"
+        ),
+        Poll::Only(line),
+        DELIVERY_TIMEOUT,
+        |mesh, snap| {
+            let echo = snap.status(last)?.concern(ECHO_COMMAND);
+            if echo.is_none_or(|c| c.requests == 0 || c.replies == 0) {
+                return Err(Wait::Pending(format!(
+                    "node {last}'s echo concern counts no request and reply yet: {echo:?}"
+                )));
+            }
+            let s = snap.status(first)?;
+            let Some(route) = s
+                .routes
+                .iter()
+                .find(|r| r.target.eq_ignore_ascii_case(&last_id))
+            else {
+                return Err(Wait::Pending(format!(
+                    "no route to node {last}; routes: {}",
+                    describe_routes(mesh, &s.routes)
+                )));
+            };
+            if route.hops != hops || !route.next_hop.eq_ignore_ascii_case(&second_id) {
+                let graph = peer_graph(mesh, snap, line)?;
+                return Err(Wait::Fatal(format!(
+                    "node {first} routes to node {last} {} hop(s) through {}, expected {hops} \
+                     through node {second}; connected peers now: {}",
+                    route.hops,
+                    mesh.label(&route.next_hop),
+                    graph.describe()
+                )));
+            }
+            Ok(route.clone())
+        },
+    )?;
+
+    // A node that does not exist: the search finds nothing.
+    let stranger = unknown_id();
+    let asked = Instant::now();
+    let answer = mesh
+        .http
+        .request(&admin, &stranger, &unique_payload("nowhere"))
+        .with_context(|| format!("node {first}: POST /request/<unknown id>"))?;
+    let unreachable_after = asked.elapsed();
+    match &answer {
+        RequestAnswer::Error {
+            http: 404, code, ..
+        } if code == "unreachable" => {}
+        other => bail!(
+            "node {first}: POST /request/{} (no such node) answered {other:?}, expected 404 \
+             \"unreachable\"",
+            short_id(&stranger)
+        ),
+    }
+    ensure!(
+        unreachable_after <= REQUEST_TIMEOUT + REQUEST_SLACK,
+        "node {first}: POST /request/<unknown id>?timeout_ms={timeout_ms} took {}",
+        fmt_duration(unreachable_after)
+    );
+    let answer = mesh
+        .http
+        .request(&admin, "not-a-node-id", "x")
+        .with_context(|| format!("node {first}: POST /request/not-a-node-id"))?;
+    ensure!(
+        matches!(answer, RequestAnswer::Error { http: 400, .. }),
+        "node {first}: POST /request/not-a-node-id answered {answer:?}, expected 400"
+    );
+
+    Ok(format!(
+        "line {} formed in {}; node {first} -> node {last} ({hops} hops): echo back in {} \
+         (elapsed_ms {elapsed_ms:.1}), recorded by node {last} only, route {} hops via node \
+         {second} (age {:.0} ms); unknown id: 404 unreachable after {} (timeout_ms {timeout_ms}); \
+         bad id: 400",
+        line_name(line),
+        fmt_duration(formed),
+        fmt_duration(took),
+        route.hops,
+        route.age_ms,
+        fmt_duration(unreachable_after)
+    ))
+}
+
+fn scenario_topics(mesh: &mut Mesh) -> Result<String> {
+    let mut line = Vec::new();
+    let result = spawn_line(mesh, &mut line, |k| {
+        LINE_SUBSCRIPTIONS[k]
+            .iter()
+            .flat_map(|t| [OsString::from("--subscribe"), OsString::from(t)])
+            .collect()
+    })
+    .and_then(|()| check_topics(mesh, &line));
+    let stopped = mesh.stop_all(&line);
+    let summary = result?;
+    stopped.context("stopping the nodes of the topics scenario")?;
+    Ok(summary)
+}
+
+/// `line` is a line of new nodes subscribed as [`LINE_SUBSCRIPTIONS`] says:
+/// its first node publishes on [`TOPIC`].
+fn check_topics(mesh: &mut Mesh, line: &[usize]) -> Result<String> {
+    let formed = wait_line(mesh, line)?;
+    mesh.check_now("the subscriptions in /status", Poll::Only(line), |_, snap| {
+        for (k, &i) in line.iter().enumerate() {
+            let got: BTreeSet<&str> = snap
+                .status(i)?
+                .subscriptions
+                .iter()
+                .map(String::as_str)
+                .collect();
+            let want: BTreeSet<&str> = LINE_SUBSCRIPTIONS[k].iter().copied().collect();
+            if got != want {
+                return Err(Wait::Fatal(format!(
+                    "node {i} lists subscriptions {got:?}, but was started with --subscribe for \
+                     {want:?}"
+                )));
+            }
+        }
+        Ok(())
+    })?;
+    let publisher = line[0];
+    let publisher_id = mesh.nodes[publisher].ready.node_id.clone();
+    let subscribers: Vec<usize> = line
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| LINE_SUBSCRIPTIONS[*k].contains(&TOPIC))
+        .map(|(_, &i)| i)
+        .collect();
+    let others: Vec<usize> = line
+        .iter()
+        .copied()
+        .filter(|i| !subscribers.contains(i))
+        .collect();
+    let payload = unique_payload("topics");
+    let sent = Instant::now();
+    let message_id = mesh
+        .http
+        .send_message(
+            &mesh.nodes[publisher].ready.admin,
+            &format!("/publish/{TOPIC}"),
+            &payload,
+        )
+        .with_context(|| format!("node {publisher}: POST /publish/{TOPIC}"))?;
+    let delivery = Delivery {
+        kind: "publication",
+        topic: Some(TOPIC),
+        payload: &payload,
+        from: &publisher_id,
+    };
+    mesh.poll_events_until(
+        &format!("the subscribers of {TOPIC} to record the publication"),
+        line,
+        DELIVERY_TIMEOUT,
+        |mesh, log| delivery.check(mesh, log, &subscribers, &others),
+    )?;
+    let reached = sent.elapsed();
+    let polls = mesh.watch_events(
+        "the publication to stay recorded once by each subscriber and by no other node",
+        line,
+        DUPLICATE_WINDOW,
+        |mesh, log| delivery.check(mesh, log, &subscribers, &others),
+    )?;
+    let far: Vec<String> = subscribers
+        .iter()
+        .map(|&i| {
+            let k = line.iter().position(|&j| j == i).unwrap_or_default();
+            format!("node {i} ({k} hops)")
+        })
+        .collect();
+    Ok(format!(
+        "line {} formed in {}; node {publisher} published message {message_id} on {TOPIC}: \
+         recorded once by its subscribers {} within {}, still once {} later ({polls} polls); \
+         nodes {} (including node {publisher} and a subscriber of {OTHER_TOPIC} only) recorded \
+         nothing",
+        line_name(line),
+        fmt_duration(formed),
+        far.join(", "),
+        fmt_duration(reached),
+        fmt_duration(DUPLICATE_WINDOW),
+        node_list(&others),
+    ))
+}
+
+/// Starts [`LINE_NODES`] new nodes (pushed onto `line`), each seeded only
+/// with the previous one and ready before the next starts, with
+/// [`line_limits`] and `extra(position)` arguments.
+fn spawn_line(
+    mesh: &mut Mesh,
+    line: &mut Vec<usize>,
+    extra: impl Fn(usize) -> Vec<OsString>,
+) -> Result<()> {
+    for k in 0..LINE_NODES {
+        let seeds: Vec<String> = line
+            .last()
+            .map(|&prev| mesh.nodes[prev].ready.listen[0].clone())
+            .into_iter()
+            .collect();
+        let mut args = line_limits(k).args();
+        args.extend(extra(k));
+        let i = mesh.spawn_with(&seeds, &args)?;
+        line.push(i);
+        mesh.wait_ready(i)?;
+    }
+    Ok(())
+}
+
+/// Peer limits of the node at `position` in a line: [`LINE_LIMITS`], but
+/// the first node takes a single peer. With `--max-peers 2` it would keep
+/// one slot for a dial of its own (the pool reserves `max_peers / 2` slots
+/// for outbound peers) and, knowing the line through discovery, dial the
+/// only node with room, the last one: the line would close into a ring.
+fn line_limits(position: usize) -> PeerLimits {
+    if position == 0 {
+        PeerLimits { min: 1, max: 1 }
+    } else {
+        LINE_LIMITS
+    }
+}
+
+/// Waits for the `line` nodes to be connected as a line, and nothing else.
+/// Returns how long that took.
+fn wait_line(mesh: &mut Mesh, line: &[usize]) -> Result<Duration> {
+    let started = Instant::now();
+    mesh.poll_until(
+        &format!("nodes {} to form a line", line_name(line)),
+        Poll::Only(line),
+        SCENARIO_TIMEOUT,
+        |mesh, snap| {
+            check_concerns_listed(snap, line)?;
+            let graph = peer_graph(mesh, snap, line)?;
+            match line_problem(&graph, line) {
+                None => Ok(()),
+                Some(problem) => Err(Wait::Pending(format!(
+                    "{problem}; connected peers: {}",
+                    graph.describe()
+                ))),
+            }
+        },
+    )?;
+    Ok(started.elapsed())
+}
+
+/// What keeps `graph` from being exactly the line `line`: each node lists
+/// its predecessor and its successor as connected, and no other node.
+fn line_problem(graph: &Graph, line: &[usize]) -> Option<String> {
+    let mut problems = Vec::new();
+    for (k, &i) in line.iter().enumerate() {
+        let want: BTreeSet<usize> = [k.checked_sub(1), Some(k + 1).filter(|&n| n < line.len())]
+            .into_iter()
+            .flatten()
+            .map(|n| line[n])
+            .collect();
+        let got = graph.listed.get(&i).cloned().unwrap_or_default();
+        if got != want {
+            let got: Vec<usize> = got.into_iter().collect();
+            let want: Vec<usize> = want.into_iter().collect();
+            problems.push(format!(
+                "node {i} lists [{}], expected [{}]",
+                node_list(&got),
+                node_list(&want)
+            ));
+        }
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+/// `5-6-7-8-9`.
+fn line_name(line: &[usize]) -> String {
+    let names: Vec<String> = line.iter().map(usize::to_string).collect();
+    names.join("-")
+}
+
+/// Every node of `nodes` lists the echo concern and the built-in ones in
+/// its `/status` (a contract violation, so fatal).
+fn check_concerns_listed(snap: &Snapshot, nodes: &[usize]) -> Result<(), Wait> {
+    for &i in nodes {
+        let s = snap.status(i)?;
+        if s.concern(ECHO_COMMAND).is_none() {
+            let commands: Vec<String> = s
+                .concerns
+                .iter()
+                .map(|c| format!("{:#x} {}", c.command, c.name))
+                .collect();
+            return Err(Wait::Fatal(format!(
+                "node {i}: /status concerns has no echo concern (command {ECHO_COMMAND:#x}); \
+                 it lists [{}]",
+                commands.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The node of the graph farthest from some other node (so that its
+/// broadcast has to be relayed), with the fewest peers on a tie, then the
+/// lowest index; node 0 only if no other node qualifies as well.
+fn pick_origin(graph: &Graph) -> usize {
+    graph
+        .listed
+        .keys()
+        .copied()
+        .min_by_key(|&i| {
+            let farthest = graph.distances(i).into_values().max().unwrap_or(0);
+            (std::cmp::Reverse(farthest), graph.degree(i), i == 0, i)
+        })
+        .unwrap_or(0)
+}
+
+/// `node 6 via node 5, 1 hop; id 1a2b3c4d via node 5, 2 hops` (or `none`).
+fn describe_routes(mesh: &Mesh, routes: &[Route]) -> String {
+    if routes.is_empty() {
+        return "none".to_owned();
+    }
+    let parts: Vec<String> = routes
+        .iter()
+        .map(|r| {
+            format!(
+                "{} via {}, {} hop(s)",
+                mesh.label(&r.target),
+                mesh.label(&r.next_hop),
+                r.hops
+            )
+        })
+        .collect();
+    parts.join("; ")
+}
+
+/// A payload no node has seen: `test-mesh <tag> <pid>-<nanos>`.
+fn unique_payload(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("test-mesh {tag} {}-{nanos}", std::process::id())
+}
+
+/// A well-formed node id (32 bytes, hex) that no node has.
+fn unknown_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{:032x}{nanos:032x}",
+        u128::from(std::process::id()) | (0xdead_u128 << 64)
+    )
+}
+
+/// What a node records when it is handed a broadcast, request or
+/// publication: the check of the `/events` of the nodes.
+#[derive(Debug, Clone, Copy)]
+struct Delivery<'a> {
+    kind: &'static str,
+    topic: Option<&'a str>,
+    /// Unique: the events with this payload are the ones to check.
+    payload: &'a str,
+    /// The origin's node id.
+    from: &'a str,
+}
+
+impl Delivery<'_> {
+    /// Every node of `receivers` recorded it exactly once (none yet is
+    /// pending), no node of `others` did, and every record of the payload
+    /// has the right kind, topic and origin.
+    fn check(
+        &self,
+        mesh: &Mesh,
+        log: &EventLog,
+        receivers: &[usize],
+        others: &[usize],
+    ) -> Result<(), Wait> {
+        let mut missing = Vec::new();
+        for &i in receivers.iter().chain(others) {
+            let events = log
+                .get(&i)
+                .ok_or_else(|| Wait::Fatal(format!("node {i}: /events not fetched")))?;
+            let mine: Vec<&Event> = events
+                .iter()
+                .filter(|e| e.payload == self.payload)
+                .collect();
+            for e in &mine {
+                if e.kind != self.kind
+                    || e.topic.as_deref() != self.topic
+                    || !e.from.eq_ignore_ascii_case(self.from)
+                {
+                    return Err(Wait::Fatal(format!(
+                        "node {i} recorded the {} as {}; expected a {} from {}, topic {:?}",
+                        self.kind,
+                        e.describe(mesh),
+                        self.kind,
+                        mesh.label(self.from),
+                        self.topic
+                    )));
+                }
+            }
+            let seqs: Vec<String> = mine.iter().map(|e| e.seq.to_string()).collect();
+            if others.contains(&i) {
+                if !mine.is_empty() {
+                    return Err(Wait::Fatal(format!(
+                        "node {i} recorded the {} {} time(s) (seq {}), but should not have",
+                        self.kind,
+                        mine.len(),
+                        seqs.join(", ")
+                    )));
+                }
+            } else if mine.is_empty() {
+                missing.push(i);
+            } else if mine.len() > 1 {
+                return Err(Wait::Fatal(format!(
+                    "node {i} recorded the {} {} times (seq {}), expected once",
+                    self.kind,
+                    mine.len(),
+                    seqs.join(", ")
+                )));
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Wait::Pending(format!(
+                "not recorded yet by node(s) {}",
+                node_list(&missing)
+            )))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Peer limits and the graph of connected peers
 // ---------------------------------------------------------------------------
 
@@ -1798,6 +2403,23 @@ impl Graph {
             parts.push(part);
         }
         parts
+    }
+
+    /// Hops from `from` to each node of the graph it reaches (itself: 0),
+    /// links counting both ways.
+    fn distances(&self, from: usize) -> BTreeMap<usize, usize> {
+        let mut dist = BTreeMap::from([(from, 0)]);
+        let mut todo = std::collections::VecDeque::from([from]);
+        while let Some(i) = todo.pop_front() {
+            let d = dist[&i] + 1;
+            for j in self.neighbours(i) {
+                if self.listed.contains_key(&j) && !dist.contains_key(&j) {
+                    dist.insert(j, d);
+                    todo.push_back(j);
+                }
+            }
+        }
+        dist
     }
 
     /// `0:1,2 1:0 2:0` (each node: the nodes it lists).
@@ -2296,6 +2918,83 @@ impl Mesh {
         }
     }
 
+    /// `GET /events` of the `nodes`; a failed request is pending.
+    fn fetch_events(&self, nodes: &[usize]) -> Result<EventLog, Wait> {
+        let mut log = EventLog::new();
+        for &i in nodes {
+            if !self.is_alive(i) {
+                return Err(Wait::Fatal(format!("node {i} is not running")));
+            }
+            let events = self
+                .http
+                .events(&self.nodes[i].ready.admin)
+                .map_err(|e| Wait::Pending(format!("node {i}: {e:#}")))?;
+            log.insert(i, events);
+        }
+        Ok(log)
+    }
+
+    /// Polls `/events` of the `nodes` until `check` holds, it reports a
+    /// fatal problem, a node dies, or `timeout` passes.
+    fn poll_events_until<T>(
+        &mut self,
+        what: &str,
+        nodes: &[usize],
+        timeout: Duration,
+        mut check: impl FnMut(&Mesh, &EventLog) -> Result<T, Wait>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_unexpected_exits()
+                .with_context(|| format!("while waiting for {what}"))?;
+            let reason = match self.fetch_events(nodes).and_then(|log| check(self, &log)) {
+                Ok(t) => return Ok(t),
+                Err(Wait::Fatal(reason)) => bail!("{what}: {reason}"),
+                Err(Wait::Pending(reason)) => reason,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {} waiting for {what}: {reason}",
+                    fmt_duration(timeout)
+                );
+            }
+            thread::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    /// Polls `/events` of the `nodes` for all of `duration` and fails as
+    /// soon as `check` does not hold (or a node dies, or a request fails).
+    /// Returns the number of polls.
+    fn watch_events(
+        &mut self,
+        what: &str,
+        nodes: &[usize],
+        duration: Duration,
+        mut check: impl FnMut(&Mesh, &EventLog) -> Result<(), Wait>,
+    ) -> Result<usize> {
+        let started = Instant::now();
+        let end = started + duration;
+        let mut polls = 0;
+        loop {
+            self.check_unexpected_exits()
+                .with_context(|| format!("while waiting for {what}"))?;
+            polls += 1;
+            if let Err(Wait::Fatal(reason) | Wait::Pending(reason)) =
+                self.fetch_events(nodes).and_then(|log| check(self, &log))
+            {
+                bail!(
+                    "{what}: failed after {}: {reason}",
+                    fmt_duration(started.elapsed())
+                );
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(polls);
+            }
+            thread::sleep(POLL_INTERVAL.min(left));
+        }
+    }
+
     /// Waits up to `timeout` for node `i` to exit; records its status.
     fn wait_exit(&mut self, i: usize, timeout: Duration) -> Result<Option<ExitStatus>> {
         let node = &mut self.nodes[i];
@@ -2595,6 +3294,39 @@ struct Status {
     peers: Vec<Peer>,
     /// Ids of the blocked nodes.
     blocked: Vec<String>,
+    /// Every concern's counters, the built-in ones included.
+    concerns: Vec<ConcernStats>,
+    routes: Vec<Route>,
+    /// The built-in concerns' own figures, by name ([`BUILTIN_CONCERNS`]),
+    /// kept as JSON.
+    builtin: BTreeMap<String, Value>,
+    /// The topics the node subscribes to.
+    subscriptions: Vec<String>,
+    /// Requests for commands no concern handles.
+    unknown_commands: u64,
+}
+
+/// One entry of `/status`'s `concerns`.
+#[derive(Debug, Clone, PartialEq)]
+struct ConcernStats {
+    command: u64,
+    name: String,
+    requests: u64,
+    replies: u64,
+    errors: u64,
+    panics: u64,
+    dropped: u64,
+    in_flight: u64,
+    queued: u64,
+}
+
+/// One entry of `/status`'s `routes`.
+#[derive(Debug, Clone, PartialEq)]
+struct Route {
+    target: String,
+    next_hop: String,
+    hops: u64,
+    age_ms: f64,
 }
 
 /// `/status`'s `pool`: the peer manager's counters and limits.
@@ -2662,6 +3394,11 @@ impl Status {
     /// The `peers` entry of this node id.
     fn peer(&self, node_id: &str) -> Option<&Peer> {
         self.peers.iter().find(|p| p.node_id == node_id)
+    }
+
+    /// The `concerns` entry of this command id.
+    fn concern(&self, command: u64) -> Option<&ConcernStats> {
+        self.concerns.iter().find(|c| c.command == command)
     }
 
     /// Whether `connections` has this node id.
@@ -2732,6 +3469,138 @@ fn parse_status(v: &Value) -> Result<Status> {
         pool: parse_pool(field(v, "pool")?).context("pool")?,
         peers,
         blocked: str_list(v, "blocked")?,
+        concerns: list_field(v, "concerns", parse_concern_stats)?,
+        routes: list_field(v, "routes", parse_route)?,
+        builtin: parse_builtin(field(v, "builtin")?).context("builtin")?,
+        subscriptions: str_list(v, "subscriptions")?,
+        unknown_commands: u64_field(v, "unknown_commands")?,
+    })
+}
+
+/// The array `name` of `v`, each element parsed with `parse`.
+fn list_field<T>(v: &Value, name: &str, parse: fn(&Value) -> Result<T>) -> Result<Vec<T>> {
+    field(v, name)?
+        .as_array()
+        .with_context(|| format!("`{name}` is not an array"))?
+        .iter()
+        .enumerate()
+        .map(|(i, e)| parse(e).with_context(|| format!("{name}[{i}]")))
+        .collect()
+}
+
+fn parse_concern_stats(c: &Value) -> Result<ConcernStats> {
+    Ok(ConcernStats {
+        command: u64_field(c, "command")?,
+        name: str_field(c, "name")?,
+        requests: u64_field(c, "requests")?,
+        replies: u64_field(c, "replies")?,
+        errors: u64_field(c, "errors")?,
+        panics: u64_field(c, "panics")?,
+        dropped: u64_field(c, "dropped")?,
+        in_flight: u64_field(c, "in_flight")?,
+        queued: u64_field(c, "queued")?,
+    })
+}
+
+fn parse_route(r: &Value) -> Result<Route> {
+    Ok(Route {
+        target: str_field(r, "target")?,
+        next_hop: str_field(r, "next_hop")?,
+        hops: u64_field(r, "hops")?,
+        age_ms: num_field(r, "age_ms")?,
+    })
+}
+
+/// `builtin`: an object for each of [`BUILTIN_CONCERNS`] (and maybe more).
+fn parse_builtin(v: &Value) -> Result<BTreeMap<String, Value>> {
+    let map = v.as_object().context("not an object")?;
+    for name in BUILTIN_CONCERNS {
+        ensure!(
+            map.get(*name).is_some_and(Value::is_object),
+            "`{name}` is missing or not an object"
+        );
+    }
+    Ok(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// One entry of `GET /events`.
+#[derive(Debug, Clone, PartialEq)]
+struct Event {
+    seq: u64,
+    /// One of [`EVENT_KINDS`].
+    kind: String,
+    /// The origin's node id.
+    from: String,
+    topic: Option<String>,
+    payload: String,
+    at_ms: f64,
+}
+
+/// The events of some nodes, by node index.
+type EventLog = BTreeMap<usize, Vec<Event>>;
+
+impl Event {
+    /// `publication from node 3 on "t" (seq 4): "payload"`.
+    fn describe(&self, mesh: &Mesh) -> String {
+        let topic = self
+            .topic
+            .as_ref()
+            .map_or_else(String::new, |t| format!(" on {t:?}"));
+        format!(
+            "{} from {}{topic} (seq {}): {:?}",
+            self.kind,
+            mesh.label(&self.from),
+            self.seq,
+            self.payload
+        )
+    }
+}
+
+/// `GET /events`: the events, in increasing `seq`.
+fn parse_events(v: &Value) -> Result<Vec<Event>> {
+    let events = list_field(v, "events", parse_event)?;
+    let next = u64_field(v, "next")?;
+    for pair in events.windows(2) {
+        ensure!(
+            pair[0].seq < pair[1].seq,
+            "events are not in increasing seq order: {} then {}",
+            pair[0].seq,
+            pair[1].seq
+        );
+    }
+    if let Some(last) = events.last() {
+        ensure!(
+            next >= last.seq,
+            "`next` is {next}, below the last event's seq {}",
+            last.seq
+        );
+    }
+    Ok(events)
+}
+
+fn parse_event(e: &Value) -> Result<Event> {
+    let kind = str_field(e, "kind")?;
+    ensure!(
+        EVENT_KINDS.contains(&kind.as_str()),
+        "`kind` is {kind:?}, expected one of {EVENT_KINDS:?}"
+    );
+    let from = str_field(e, "from")?;
+    ensure!(
+        !from.is_empty() && from.chars().all(|c| c.is_ascii_hexdigit()),
+        "`from` {from:?} is not a hex node id"
+    );
+    let topic = opt_str_field(e, "topic")?;
+    ensure!(
+        (kind == "publication") == topic.is_some(),
+        "a {kind} event with topic {topic:?} (only publications have one)"
+    );
+    Ok(Event {
+        seq: u64_field(e, "seq")?,
+        kind,
+        from,
+        topic,
+        payload: str_field(e, "payload")?,
+        at_ms: num_field(e, "at_ms")?,
     })
 }
 
@@ -2911,6 +3780,73 @@ impl Http {
         Ok((resp.status().as_u16(), body))
     }
 
+    /// `POST path` (with its query) with the text `body`, waiting up to
+    /// `timeout`; returns the HTTP status and the body.
+    fn post_text(
+        &self,
+        admin: &str,
+        path: &str,
+        body: &str,
+        timeout: Duration,
+    ) -> Result<(u16, String)> {
+        let url = format!("http://{}{path}", loopback_admin(admin)?);
+        let mut resp = self
+            .agent
+            .post(&url)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .header("content-type", "text/plain; charset=utf-8")
+            .send(body)
+            .with_context(|| format!("POST {url}"))?;
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("POST {url}: reading the body"))?;
+        Ok((resp.status().as_u16(), text))
+    }
+
+    /// `POST /broadcast` or `/publish/{topic}` (`path`); returns the
+    /// message id.
+    fn send_message(&self, admin: &str, path: &str, payload: &str) -> Result<u64> {
+        let (code, body) = self.post_text(admin, path, payload, HTTP_TIMEOUT)?;
+        ensure!(code == 200, "HTTP {code}: {body}");
+        let v: Value =
+            serde_json::from_str(&body).with_context(|| format!("body is not JSON: {body}"))?;
+        u64_field(&v, "message_id").with_context(|| format!("body {body}"))
+    }
+
+    /// `POST /request/{node_id}?timeout_ms=`[`REQUEST_TIMEOUT`] with
+    /// `payload`, waiting up to that plus [`REQUEST_SLACK`].
+    fn request(&self, admin: &str, node_id: &str, payload: &str) -> Result<RequestAnswer> {
+        let path = format!(
+            "/request/{node_id}?timeout_ms={}",
+            REQUEST_TIMEOUT.as_millis()
+        );
+        let (code, body) =
+            self.post_text(admin, &path, payload, REQUEST_TIMEOUT + REQUEST_SLACK)?;
+        RequestAnswer::parse(code, &body)
+    }
+
+    /// `GET /events?since=0`, parsed.
+    fn events(&self, admin: &str) -> Result<Vec<Event>> {
+        let url = format!("http://{}/events?since=0", loopback_admin(admin)?);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        let code = resp.status();
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("GET {url}: reading the body"))?;
+        ensure!(code.is_success(), "GET {url}: HTTP {code}: {body}");
+        let v: Value = serde_json::from_str(&body)
+            .with_context(|| format!("GET {url}: body is not JSON: {body}"))?;
+        parse_events(&v).with_context(|| format!("GET {url}: does not match the contract"))
+    }
+
     fn shutdown(&self, admin: &str) -> Result<()> {
         let url = format!("http://{}/shutdown", loopback_admin(admin)?);
         let mut resp = self
@@ -2924,6 +3860,41 @@ impl Http {
             bail!("POST {url}: HTTP {code}: {body}");
         }
         Ok(())
+    }
+}
+
+/// The answer to `POST /request/{node_id}`.
+#[derive(Debug, Clone, PartialEq)]
+enum RequestAnswer {
+    /// 200: the target's reply.
+    Reply { reply: String, elapsed_ms: f64 },
+    /// Any other status, with the body's `code` and `error`.
+    Error {
+        http: u16,
+        code: String,
+        error: String,
+    },
+}
+
+impl RequestAnswer {
+    /// The answer from the HTTP status and body of `POST /request`.
+    fn parse(http: u16, body: &str) -> Result<RequestAnswer> {
+        let parse = || -> Result<RequestAnswer> {
+            let v: Value = serde_json::from_str(body).context("body is not JSON")?;
+            Ok(if http == 200 {
+                RequestAnswer::Reply {
+                    reply: str_field(&v, "reply")?,
+                    elapsed_ms: num_field(&v, "elapsed_ms")?,
+                }
+            } else {
+                RequestAnswer::Error {
+                    http,
+                    code: str_field(&v, "code")?,
+                    error: str_field(&v, "error")?,
+                }
+            })
+        };
+        parse().with_context(|| format!("HTTP {http} {body}: does not match the contract"))
     }
 }
 
@@ -3045,9 +4016,34 @@ mod tests {
                 "errors": 0, "timeouts": 0, "score": 0, "connected_secs": null,
                 "idle_ms": null, "dial_failures": 2, "metadata": {}
             }],
-            "blocked": ["dd"]
+            "blocked": ["dd"],
+            "concerns": [{
+                "command": 256, "name": "echo", "requests": 2, "replies": 1, "errors": 0,
+                "panics": 0, "dropped": 0, "in_flight": 1, "queued": 0
+            }],
+            "routes": [{"target": "ee", "next_hop": "bb", "hops": 3, "age_ms": 12.5}],
+            "builtin": {"flood": {"seen": 3}, "routing": {}, "topics": {"topics": 1}},
+            "subscriptions": ["t"],
+            "unknown_commands": 0
         });
         let s = parse_status(&v).unwrap();
+        let echo = s.concern(ECHO_COMMAND).unwrap();
+        assert_eq!(
+            (echo.name.as_str(), echo.requests, echo.in_flight),
+            ("echo", 2, 1)
+        );
+        assert!(s.concern(1).is_none());
+        assert_eq!(
+            s.routes,
+            [Route {
+                target: "ee".into(),
+                next_hop: "bb".into(),
+                hops: 3,
+                age_ms: 12.5
+            }]
+        );
+        assert_eq!(s.builtin["flood"]["seen"], 3);
+        assert_eq!(s.subscriptions, ["t"]);
         assert_eq!(s.connections[0].rtt_ms, None);
         assert_eq!(s.connections[0].rtt(), Some(0.25));
         assert_eq!(s.security, "noise");
@@ -3090,7 +4086,35 @@ mod tests {
             let err = format!("{:#}", parse_status(&bad).unwrap_err());
             assert!(err.contains("peers[1]") && err.contains(key), "{err}");
         }
-        for key in ["pool", "peers", "blocked"] {
+        for (key, value) in [
+            ("builtin", serde_json::json!({"flood": {}, "routing": {}})),
+            (
+                "builtin",
+                serde_json::json!({"flood": {}, "routing": {}, "topics": 1}),
+            ),
+            (
+                "routes",
+                serde_json::json!([{"target": "ee", "next_hop": "bb", "hops": -1,
+                                           "age_ms": 1}]),
+            ),
+            ("concerns", serde_json::json!([{"command": 256}])),
+            ("subscriptions", serde_json::json!(["t", 1])),
+        ] {
+            let mut bad = v.clone();
+            bad[key] = value;
+            let err = format!("{:#}", parse_status(&bad).unwrap_err());
+            assert!(err.contains(key), "{err}");
+        }
+        for key in [
+            "pool",
+            "peers",
+            "blocked",
+            "concerns",
+            "routes",
+            "builtin",
+            "subscriptions",
+            "unknown_commands",
+        ] {
             let mut bad = v.clone();
             bad.as_object_mut().unwrap().remove(key);
             assert!(parse_status(&bad).is_err(), "without {key}");
@@ -3167,6 +4191,193 @@ mod tests {
             .map(|a| a.into_string().unwrap())
             .collect();
         assert_eq!(args, ["--min-peers", "2", "--max-peers", "6"]);
+    }
+
+    #[test]
+    fn events_json() {
+        let v = serde_json::json!({
+            "events": [
+                {"seq": 1, "kind": "broadcast", "from": "aa01", "topic": null,
+                 "payload": "hi", "at_ms": 10},
+                {"seq": 3, "kind": "publication", "from": "AA02", "topic": "t",
+                 "payload": "p", "at_ms": 12.5},
+            ],
+            "next": 4
+        });
+        let events = parse_events(&v).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events[1],
+            Event {
+                seq: 3,
+                kind: "publication".into(),
+                from: "AA02".into(),
+                topic: Some("t".into()),
+                payload: "p".into(),
+                at_ms: 12.5,
+            }
+        );
+        assert!(
+            parse_events(&serde_json::json!({"events": [], "next": 0}))
+                .unwrap()
+                .is_empty()
+        );
+        for (path, value) in [
+            ("/events/0/kind", serde_json::json!("gossip")),
+            ("/events/0/from", serde_json::json!("node 1")),
+            ("/events/0/topic", serde_json::json!("t")),
+            ("/events/1/topic", serde_json::json!(null)),
+            ("/events/1/seq", serde_json::json!(1)),
+            ("/events/0/payload", serde_json::json!(null)),
+            ("/next", serde_json::json!(2)),
+        ] {
+            let mut bad = v.clone();
+            *bad.pointer_mut(path).unwrap() = value;
+            assert!(parse_events(&bad).is_err(), "{path}: {bad}");
+        }
+    }
+
+    #[test]
+    fn request_answers() {
+        assert_eq!(
+            RequestAnswer::parse(200, r#"{"reply":"hi","elapsed_ms":1.5}"#).unwrap(),
+            RequestAnswer::Reply {
+                reply: "hi".into(),
+                elapsed_ms: 1.5
+            }
+        );
+        assert_eq!(
+            RequestAnswer::parse(404, r#"{"error":"no route","code":"unreachable"}"#).unwrap(),
+            RequestAnswer::Error {
+                http: 404,
+                code: "unreachable".into(),
+                error: "no route".into()
+            }
+        );
+        for (http, body) in [
+            (200, r#"{"elapsed_ms":1}"#),
+            (404, r#"{"error":"no route"}"#),
+            (502, "Bad Gateway"),
+        ] {
+            let err = format!("{:#}", RequestAnswer::parse(http, body).unwrap_err());
+            assert!(err.contains(body), "{err}");
+        }
+    }
+
+    #[test]
+    fn lines_and_distances() {
+        let line = graph(&[(5, &[6]), (6, &[5, 7]), (7, &[6, 8]), (8, &[7])]);
+        assert_eq!(line_problem(&line, &[5, 6, 7, 8]), None);
+        assert_eq!(line_name(&[5, 6, 7, 8]), "5-6-7-8");
+        assert_eq!(
+            line.distances(5),
+            BTreeMap::from([(5, 0), (6, 1), (7, 2), (8, 3)])
+        );
+        // A chord, a one-sided link, a node not there yet.
+        let ring = graph(&[(5, &[6, 8]), (6, &[5, 7]), (7, &[6, 8]), (8, &[7, 5])]);
+        assert_eq!(
+            line_problem(&ring, &[5, 6, 7, 8]).unwrap(),
+            "node 5 lists [6, 8], expected [6]; node 8 lists [5, 7], expected [7]"
+        );
+        let forming = graph(&[(5, &[]), (6, &[5])]);
+        assert_eq!(
+            line_problem(&forming, &[5, 6, 7]).unwrap(),
+            "node 5 lists [none], expected [6]; node 6 lists [5], expected [5, 7]; \
+             node 7 lists [none], expected [6]"
+        );
+        // Unreachable nodes are left out; links count both ways.
+        let split = graph(&[(0, &[1]), (1, &[]), (2, &[])]);
+        assert_eq!(split.distances(1), BTreeMap::from([(0, 1), (1, 0)]));
+    }
+
+    #[test]
+    fn flood_origin() {
+        // The ends of a line are farthest from the rest; node 0 comes last.
+        let line = graph(&[(0, &[1]), (1, &[0, 2]), (2, &[1, 3]), (3, &[2])]);
+        assert_eq!(pick_origin(&line), 3);
+        let line = graph(&[(0, &[1]), (1, &[0, 2]), (2, &[1])]);
+        assert_eq!(pick_origin(&line), 2);
+        // A star around node 0: any leaf is 2 hops from another; the one
+        // with fewest peers, then the lowest.
+        let star = graph(&[(0, &[1, 2, 3]), (1, &[0, 3]), (2, &[0]), (3, &[0, 1])]);
+        assert_eq!(pick_origin(&star), 2);
+        // Complete: not node 0 if another node will do.
+        let full = graph(&[(0, &[1, 2]), (1, &[0, 2]), (2, &[0, 1])]);
+        assert_eq!(pick_origin(&full), 1);
+        assert_eq!(pick_origin(&Graph::default()), 0);
+    }
+
+    #[test]
+    fn deliveries() {
+        let ev = |seq, kind: &str, from: &str, topic: Option<&str>, payload: &str| Event {
+            seq,
+            kind: kind.into(),
+            from: from.into(),
+            topic: topic.map(str::to_owned),
+            payload: payload.into(),
+            at_ms: 0.0,
+        };
+        let mesh = Mesh::new(
+            Path::new("meshwork"),
+            "n",
+            Path::new("."),
+            PeerLimits::for_mesh(3),
+        );
+        let d = Delivery {
+            kind: "publication",
+            topic: Some("t"),
+            payload: "p",
+            from: "aa",
+        };
+        let mine = ev(1, "publication", "AA", Some("t"), "p");
+        let other = ev(2, "broadcast", "bb", None, "q");
+        let log = |a: Vec<Event>, b: Vec<Event>, c: Vec<Event>| -> EventLog {
+            BTreeMap::from([(0, a), (1, b), (2, c)])
+        };
+        let ok = log(
+            vec![],
+            vec![other.clone(), mine.clone()],
+            vec![mine.clone()],
+        );
+        assert!(d.check(&mesh, &ok, &[1, 2], &[0]).is_ok());
+        let pending = log(vec![], vec![other.clone()], vec![mine.clone()]);
+        assert!(
+            matches!(d.check(&mesh, &pending, &[1, 2], &[0]), Err(Wait::Pending(m)) if m.contains("node(s) 1"))
+        );
+        let twice = log(
+            vec![],
+            vec![mine.clone(), ev(3, "publication", "aa", Some("t"), "p")],
+            vec![mine.clone()],
+        );
+        assert!(
+            matches!(d.check(&mesh, &twice, &[1, 2], &[0]), Err(Wait::Fatal(m)) if m.contains("2 times"))
+        );
+        let leaked = log(vec![mine.clone()], vec![mine.clone()], vec![mine.clone()]);
+        assert!(
+            matches!(d.check(&mesh, &leaked, &[1, 2], &[0]), Err(Wait::Fatal(m)) if m.contains("node 0"))
+        );
+        let wrong_topic = log(
+            vec![],
+            vec![ev(1, "publication", "aa", Some("u"), "p")],
+            vec![mine.clone()],
+        );
+        assert!(matches!(
+            d.check(&mesh, &wrong_topic, &[1, 2], &[0]),
+            Err(Wait::Fatal(_))
+        ));
+        let wrong_origin = log(
+            vec![],
+            vec![ev(1, "publication", "cc", Some("t"), "p")],
+            vec![mine],
+        );
+        assert!(matches!(
+            d.check(&mesh, &wrong_origin, &[1, 2], &[0]),
+            Err(Wait::Fatal(_))
+        ));
+        assert!(matches!(
+            d.check(&mesh, &ok, &[1, 2, 3], &[0]),
+            Err(Wait::Fatal(_))
+        ));
     }
 
     #[test]
