@@ -25,6 +25,7 @@
 // A binary: printing results is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod concerns;
 mod harness;
 mod idle;
 mod peers;
@@ -48,6 +49,10 @@ const BENCHES: &[(&str, &str)] = &[
     (
         "peers",
         "peer manager at 100/500 nodes: convergence, memory per node, heartbeat CPU",
+    ),
+    (
+        "concerns",
+        "concerns layer: request/reply over TCP vs raw, flood to 100 nodes, 5-hop routed request",
     ),
 ];
 
@@ -139,6 +144,7 @@ async fn run_bench(name: &str, opts: &Options) -> Result<Vec<Figure>> {
     match name {
         "transport" => transport::run(opts).await,
         "peers" => peers::run(opts).await,
+        "concerns" => concerns::run(opts).await,
         other => bail!("bench {other:?} is listed but not dispatched"),
     }
 }
@@ -219,7 +225,7 @@ mod tests {
     #[test]
     fn defaults_run_everything() {
         let args = parse(&[]).unwrap().unwrap();
-        assert_eq!(args.benches, vec!["transport", "peers"]);
+        assert_eq!(args.benches, vec!["transport", "peers", "concerns"]);
         assert!(!args.json);
         assert_eq!(
             args.opts,
@@ -241,7 +247,8 @@ mod tests {
         let args = parse(&["--quick", "--runs", "7"]).unwrap().unwrap();
         assert_eq!(args.opts.runs, 7);
         assert!(args.opts.quick);
-        let args = parse(&["--runs=2"]).unwrap().unwrap();
+        let args = parse(&["concerns", "peers", "--runs=2"]).unwrap().unwrap();
+        assert_eq!(args.benches, vec!["concerns", "peers"]);
         assert_eq!(args.opts.runs, 2);
         assert!(parse(&["--help"]).unwrap().is_none());
     }
@@ -249,7 +256,10 @@ mod tests {
     #[test]
     fn errors_say_what_is_known() {
         let err = parse(&["routes"]).unwrap_err().to_string();
-        assert!(err.contains("known benches: transport, peers"), "{err}");
+        assert!(
+            err.contains("known benches: transport, peers, concerns"),
+            "{err}"
+        );
         assert!(parse(&["--runs", "0"]).is_err());
         assert!(parse(&["--runs"]).is_err());
         assert!(parse(&["--runs", "x"]).is_err());

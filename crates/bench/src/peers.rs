@@ -99,7 +99,7 @@ fn host(i: usize) -> String {
 }
 
 /// The address node `i` listens on.
-fn addr(i: usize) -> Address {
+pub(crate) fn addr(i: usize) -> Address {
     Address::mem(host(i))
 }
 
@@ -110,7 +110,7 @@ fn transport_config() -> Config {
 
 /// `n` endpoints on `net` with [`transport_config`], node `i` listening on
 /// [`addr`]`(i)`.
-async fn endpoints(net: &MemNetwork, n: usize) -> Result<Vec<Endpoint>> {
+pub(crate) async fn endpoints(net: &MemNetwork, n: usize) -> Result<Vec<Endpoint>> {
     let mut all = Vec::with_capacity(n);
     for i in 0..n {
         let endpoint = Endpoint::new(transport_config(), net.transport(&host(i)));
@@ -135,7 +135,7 @@ fn mesh_config(i: usize) -> PeersConfig {
 }
 
 /// Starts a manager on every endpoint, node `i` with [`mesh_config`]`(i)`.
-fn start_mesh(endpoints: Vec<Endpoint>) -> Result<Vec<PeerManager>> {
+pub(crate) fn start_mesh(endpoints: Vec<Endpoint>) -> Result<Vec<PeerManager>> {
     endpoints
         .into_iter()
         .enumerate()
@@ -144,13 +144,13 @@ fn start_mesh(endpoints: Vec<Endpoint>) -> Result<Vec<PeerManager>> {
 }
 
 /// Shuts every manager down, all at once.
-async fn shutdown_mesh(nodes: Vec<PeerManager>) {
+pub(crate) async fn shutdown_mesh(nodes: Vec<PeerManager>) {
     futures_util::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
 }
 
 /// The links of a mesh: node `j` is in `links[i]` when both `i` and `j`
 /// have a route to each other (a live, adopted connection on both sides).
-fn mutual_links(nodes: &[PeerManager]) -> Vec<Vec<usize>> {
+pub(crate) fn mutual_links(nodes: &[PeerManager]) -> Vec<Vec<usize>> {
     let index: HashMap<&NodeId, usize> = nodes
         .iter()
         .enumerate()
@@ -210,7 +210,7 @@ fn reachable(links: &[Vec<usize>]) -> usize {
 /// What a mesh looks like, for the convergence check and for reports when
 /// it does not converge.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct MeshState {
+pub(crate) struct MeshState {
     /// Nodes.
     nodes: usize,
     /// Nodes with fewer than `min_peers` mutual links.
@@ -225,7 +225,7 @@ struct MeshState {
 
 impl MeshState {
     /// Looks at `nodes`.
-    fn of(nodes: &[PeerManager], min_peers: usize) -> Self {
+    pub(crate) fn of(nodes: &[PeerManager], min_peers: usize) -> Self {
         let links = mutual_links(nodes);
         let degrees = links.iter().map(Vec::len);
         MeshState {
@@ -260,7 +260,7 @@ impl std::fmt::Display for MeshState {
 /// or `limit` passed; the state at the end. Waits for every node's own
 /// count of peers first (no polling), then checks the links every
 /// [`POLL`].
-async fn wait_converged(nodes: &[PeerManager], limit: Duration) -> (bool, MeshState) {
+pub(crate) async fn wait_converged(nodes: &[PeerManager], limit: Duration) -> (bool, MeshState) {
     let min = PeersConfig::default().min_peers();
     let deadline = tokio::time::Instant::now() + limit;
     let counts = futures_util::future::join_all(nodes.iter().map(|n| n.wait_for_peers(min, limit)));

@@ -62,7 +62,7 @@ pub(crate) const NETWORK: &str = "bench";
 /// The Concern command used for every request.
 const COMMAND: u32 = 1;
 /// Requests in flight in the pipelined figures.
-const DEPTH: usize = 64;
+pub(crate) const DEPTH: usize = 64;
 /// Payload sizes, with the suffix of their metric names.
 const SIZES: [(usize, &str); 2] = [(64, "64B"), (64 * 1024, "64KiB")];
 /// Time allowed for one run of one side, set-up and tear-down included.
@@ -321,12 +321,12 @@ pub(crate) async fn run(opts: &Options) -> Result<Vec<Figure>> {
 }
 
 /// A payload of `size` bytes.
-fn payload(size: usize) -> Bytes {
+pub(crate) fn payload(size: usize) -> Bytes {
     Bytes::from(vec![0xa5; size])
 }
 
 /// The median of `samples`, in microseconds.
-fn median_micros(samples: &mut [Duration]) -> Result<f64> {
+pub(crate) fn median_micros(samples: &mut [Duration]) -> Result<f64> {
     ensure!(!samples.is_empty(), "no round trip was measured");
     samples.sort_unstable();
     let n = samples.len();
@@ -376,15 +376,15 @@ impl Marks {
 
 /// The measurement window of the pipelined figures, counted in replies.
 #[derive(Debug, Clone, Copy)]
-struct Window {
+pub(crate) struct Window {
     /// Traffic before counting starts.
-    warmup: Duration,
+    pub(crate) warmup: Duration,
     /// How long replies are counted.
-    length: Duration,
+    pub(crate) length: Duration,
 }
 
 /// Counts replies within a [`Window`].
-struct WindowCounter {
+pub(crate) struct WindowCounter {
     window: Window,
     warm_until: Instant,
     started: Option<Instant>,
@@ -393,7 +393,7 @@ struct WindowCounter {
 }
 
 impl WindowCounter {
-    fn new(window: Window) -> Self {
+    pub(crate) fn new(window: Window) -> Self {
         WindowCounter {
             window,
             warm_until: Instant::now() + window.warmup,
@@ -404,7 +404,7 @@ impl WindowCounter {
     }
 
     /// Records a reply; returns whether to keep sending.
-    fn reply(&mut self) -> bool {
+    pub(crate) fn reply(&mut self) -> bool {
         if self.elapsed.is_some() {
             return false;
         }
@@ -425,7 +425,7 @@ impl WindowCounter {
     }
 
     /// Replies per second over the window.
-    fn rate(&self) -> Result<f64> {
+    pub(crate) fn rate(&self) -> Result<f64> {
         let elapsed = self.elapsed.context("the window never closed")?;
         Ok(self.counted as f64 / elapsed.as_secs_f64())
     }
@@ -553,7 +553,12 @@ async fn raw_sink(mut framed: Raw, size: usize, mut marks: Marks) -> Result<usiz
 }
 
 /// Sequential round trips over raw framed TCP; the median in µs.
-async fn raw_rtt(size: usize, warmup: usize, rounds: usize, budget: Duration) -> Result<f64> {
+pub(crate) async fn raw_rtt(
+    size: usize,
+    warmup: usize,
+    rounds: usize,
+    budget: Duration,
+) -> Result<f64> {
     let payload = payload(size);
     let mut pair = RawPair::connect(raw_echo).await?;
     let mut samples = Vec::with_capacity(rounds);
@@ -586,7 +591,7 @@ async fn raw_rtt(size: usize, warmup: usize, rounds: usize, budget: Duration) ->
 }
 
 /// [`DEPTH`] requests in flight over raw framed TCP; replies per second.
-async fn raw_pipelined(size: usize, window: Window) -> Result<f64> {
+pub(crate) async fn raw_pipelined(size: usize, window: Window) -> Result<f64> {
     let payload = payload(size);
     let mut pair = RawPair::connect(raw_echo).await?;
     let client = &mut pair.client;
@@ -800,7 +805,7 @@ async fn mesh_sink(mut conn: Connection, size: usize, mut marks: Marks) -> Resul
 }
 
 /// Sequential round trips between two endpoints; the median in µs.
-async fn mesh_rtt(
+pub(crate) async fn mesh_rtt(
     plaintext: bool,
     size: usize,
     warmup: usize,
@@ -836,7 +841,7 @@ async fn mesh_rtt(
 }
 
 /// [`DEPTH`] requests in flight between two endpoints; replies per second.
-async fn mesh_pipelined(plaintext: bool, size: usize, window: Window) -> Result<f64> {
+pub(crate) async fn mesh_pipelined(plaintext: bool, size: usize, window: Window) -> Result<f64> {
     let payload = payload(size);
     let mut pair = MeshPair::connect(plaintext, mesh_echo).await?;
     let conn = &mut pair.conn;
