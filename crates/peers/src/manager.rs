@@ -131,6 +131,7 @@ fn classify(e: &TransportError) -> DialFailure {
         } => DialFailure::SelfConnection,
         TransportError::WrongNetwork { .. }
         | TransportError::IncompatibleVersion { .. }
+        | TransportError::IncompatibleSettings { .. }
         | TransportError::SecurityMismatch { .. }
         | TransportError::NotMeshwork
         | TransportError::NotAllowed(_)
@@ -138,6 +139,7 @@ fn classify(e: &TransportError) -> DialFailure {
             reason:
                 DisconnectReason::WrongNetwork
                 | DisconnectReason::IncompatibleVersion
+                | DisconnectReason::IncompatibleSettings
                 | DisconnectReason::NotAllowed,
             ..
         } => DialFailure::Incompatible,

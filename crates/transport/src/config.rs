@@ -51,6 +51,7 @@ pub struct Config {
     pub(crate) network_key: Option<NetworkKey>,
     pub(crate) allowed_peers: Option<HashSet<NodeId>>,
     pub(crate) metadata: HashMap<String, String>,
+    pub(crate) required_metadata: Vec<String>,
     pub(crate) capabilities: u64,
     pub(crate) handshake_timeout: Duration,
     pub(crate) send_timeout: Duration,
@@ -77,6 +78,7 @@ impl Config {
             network_key: None,
             allowed_peers: None,
             metadata: HashMap::new(),
+            required_metadata: Vec::new(),
             capabilities: 0,
             handshake_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(10),
@@ -119,6 +121,24 @@ impl Config {
     /// must agree, an encrypted node refuses a plaintext one.
     pub fn with_insecure_plaintext(mut self) -> Self {
         self.security = Security::InsecurePlaintext;
+        self
+    }
+
+    /// Adds a metadata entry sent in the Hello that every peer must send
+    /// with the same value: a peer that sends another value, or none, is
+    /// refused with `Disconnect(INCOMPATIBLE_SETTINGS)` (and refuses us the
+    /// same way). For settings that must agree across a mesh, such as the
+    /// sync layer's leasing mode.
+    pub fn with_required_metadata(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Self {
+        let key = key.into();
+        self.metadata.insert(key.clone(), value.into());
+        if !self.required_metadata.contains(&key) {
+            self.required_metadata.push(key);
+        }
         self
     }
 

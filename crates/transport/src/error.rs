@@ -68,6 +68,19 @@ pub enum TransportError {
         /// The peer's protocol version.
         theirs: u32,
     },
+    /// The remote Hello carried another value for a metadata entry that
+    /// must match ours ([`Config::with_required_metadata`]); we refused it.
+    ///
+    /// [`Config::with_required_metadata`]: crate::Config::with_required_metadata
+    #[error("peer has {key}={theirs:?}, we require {key}={ours:?}")]
+    IncompatibleSettings {
+        /// The metadata key.
+        key: String,
+        /// Our value.
+        ours: String,
+        /// The peer's value (`None`: it sent none).
+        theirs: Option<String>,
+    },
     /// The remote node has our own node id: we dialled ourselves.
     #[error("connection to self")]
     SelfConnection,
@@ -125,6 +138,7 @@ impl TransportError {
         match self {
             TransportError::WrongNetwork { .. } => DisconnectReason::WrongNetwork,
             TransportError::IncompatibleVersion { .. } => DisconnectReason::IncompatibleVersion,
+            TransportError::IncompatibleSettings { .. } => DisconnectReason::IncompatibleSettings,
             TransportError::SelfConnection => DisconnectReason::SelfConnection,
             TransportError::Timeout { .. } => DisconnectReason::Timeout,
             TransportError::Shutdown => DisconnectReason::Shutdown,
@@ -150,6 +164,7 @@ impl TransportError {
             TransportError::Refused { .. } => "refused_by_peer",
             TransportError::WrongNetwork { .. } => "wrong_network",
             TransportError::IncompatibleVersion { .. } => "incompatible_version",
+            TransportError::IncompatibleSettings { .. } => "incompatible_settings",
             TransportError::SelfConnection => "self_connection",
             TransportError::Protocol(_) => "protocol",
             TransportError::Shutdown => "shutdown",

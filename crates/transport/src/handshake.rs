@@ -112,6 +112,7 @@ pub(crate) fn check_hello(
     ours: &Hello,
     theirs: &Hello,
     authenticated: Option<&NodeId>,
+    must_match: &[String],
 ) -> Result<NodeId, TransportError> {
     if theirs.network_id != ours.network_id {
         return Err(TransportError::WrongNetwork {
@@ -135,6 +136,17 @@ pub(crate) fn check_hello(
             return Err(TransportError::IdentityMismatch {
                 claimed,
                 authenticated: authenticated.clone(),
+            });
+        }
+    }
+    for key in must_match {
+        let ours = ours.metadata.get(key).cloned().unwrap_or_default();
+        let theirs = theirs.metadata.get(key);
+        if theirs != Some(&ours) {
+            return Err(TransportError::IncompatibleSettings {
+                key: key.clone(),
+                ours,
+                theirs: theirs.cloned(),
             });
         }
     }
@@ -261,7 +273,13 @@ async fn exchange(
         unreachable!("built as a Hello above")
     };
     let theirs = read_hello(&mut reader, &mut writer, config).await?;
-    let checked = check_hello(&our_hello, &theirs, authenticated.as_ref()).and_then(|id| {
+    let checked = check_hello(
+        &our_hello,
+        &theirs,
+        authenticated.as_ref(),
+        &config.required_metadata,
+    )
+    .and_then(|id| {
         admit(&id)?;
         Ok(id)
     });
@@ -343,14 +361,45 @@ mod tests {
     }
 
     #[test]
+    fn required_metadata_must_match() {
+        let key = "sync.leasing".to_string();
+        let with = |v: &str| {
+            let mut h = hello("n", 1, 2);
+            h.metadata.insert(key.clone(), v.into());
+            h
+        };
+        let mut ours = hello("n", 1, 1);
+        ours.metadata.insert(key.clone(), "on".into());
+        let required = [key.clone()];
+        check_hello(&ours, &with("on"), None, &required).unwrap();
+        let err = check_hello(&ours, &with("off"), None, &required).unwrap_err();
+        assert!(
+            matches!(&err, TransportError::IncompatibleSettings { key: k, ours, theirs }
+                if k == &key && ours == "on" && theirs.as_deref() == Some("off")),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.disconnect_reason(),
+            meshwork_wire::proto::DisconnectReason::IncompatibleSettings
+        );
+        let err = check_hello(&ours, &hello("n", 1, 2), None, &required).unwrap_err();
+        assert!(matches!(
+            err,
+            TransportError::IncompatibleSettings { theirs: None, .. }
+        ));
+        // Not required: any value passes.
+        check_hello(&ours, &with("off"), None, &[]).unwrap();
+    }
+
+    #[test]
     fn accepts_same_network_and_version() {
-        let id = check_hello(&hello("n", 1, 1), &hello("n", 1, 2), None).unwrap();
+        let id = check_hello(&hello("n", 1, 1), &hello("n", 1, 2), None, &[]).unwrap();
         assert_eq!(id.as_bytes().as_ref(), &[2u8; 32][..]);
     }
 
     #[test]
     fn refuses_other_network() {
-        let err = check_hello(&hello("a", 1, 1), &hello("b", 1, 2), None).unwrap_err();
+        let err = check_hello(&hello("a", 1, 1), &hello("b", 1, 2), None, &[]).unwrap_err();
         assert!(
             matches!(err, TransportError::WrongNetwork { ref ours, ref theirs } if ours == "a" && theirs == "b")
         );
@@ -362,7 +411,7 @@ mod tests {
 
     #[test]
     fn refuses_other_version() {
-        let err = check_hello(&hello("n", 1, 1), &hello("n", 2, 2), None).unwrap_err();
+        let err = check_hello(&hello("n", 1, 1), &hello("n", 2, 2), None, &[]).unwrap_err();
         assert!(matches!(
             err,
             TransportError::IncompatibleVersion { ours: 1, theirs: 2 }
@@ -371,15 +420,15 @@ mod tests {
 
     #[test]
     fn refuses_self() {
-        let err = check_hello(&hello("n", 1, 7), &hello("n", 1, 7), None).unwrap_err();
+        let err = check_hello(&hello("n", 1, 7), &hello("n", 1, 7), None, &[]).unwrap_err();
         assert!(matches!(err, TransportError::SelfConnection));
     }
 
     #[test]
     fn node_id_must_be_the_authenticated_key() {
         let real = NodeId::from_bytes(vec![2u8; 32]).unwrap();
-        check_hello(&hello("n", 1, 1), &hello("n", 1, 2), Some(&real)).unwrap();
-        let err = check_hello(&hello("n", 1, 1), &hello("n", 1, 3), Some(&real)).unwrap_err();
+        check_hello(&hello("n", 1, 1), &hello("n", 1, 2), Some(&real), &[]).unwrap();
+        let err = check_hello(&hello("n", 1, 1), &hello("n", 1, 3), Some(&real), &[]).unwrap_err();
         assert!(matches!(err, TransportError::IdentityMismatch { .. }));
         assert_eq!(
             err.disconnect_reason(),
@@ -477,7 +526,7 @@ mod tests {
     #[test]
     fn network_is_checked_before_identity() {
         // A node of another network with our id is reported as another network.
-        let err = check_hello(&hello("a", 1, 7), &hello("b", 1, 7), None).unwrap_err();
+        let err = check_hello(&hello("a", 1, 7), &hello("b", 1, 7), None, &[]).unwrap_err();
         assert!(matches!(err, TransportError::WrongNetwork { .. }));
     }
 }

@@ -20,6 +20,7 @@ on_both_transports!(
     refuses_other_network,
     refuses_other_version,
     refuses_connection_to_self,
+    refuses_mismatched_required_metadata,
     refuses_first_message_other_than_hello,
     handshake_times_out_on_silent_peer,
     dial_times_out_on_silent_listener,
@@ -134,6 +135,49 @@ async fn refuses_other_version(net: Net) {
     }
     assert_eq!(seen.len(), 1, "the server closes after refusing");
     server.shutdown().await;
+}
+
+async fn refuses_mismatched_required_metadata(net: Net) {
+    let leasing = |on: &str| config().with_required_metadata("meshwork.sync.leasing", on);
+    let (server, addr) = net.listening("server", leasing("on")).await;
+    // Another value: the server refuses the client's Hello with a reason.
+    let off = net.dialer("off", leasing("off"));
+    match off.connect(&addr).await.unwrap_err() {
+        TransportError::Refused { reason, message } => {
+            assert_eq!(reason, DisconnectReason::IncompatibleSettings);
+            assert!(message.contains("meshwork.sync.leasing"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // No value at all (a node that does not require it): refused too, and
+    // the dialer that requires it refuses a listener without it.
+    let bare = net.dialer("bare", config());
+    assert!(matches!(
+        bare.connect(&addr).await.unwrap_err(),
+        TransportError::Refused {
+            reason: DisconnectReason::IncompatibleSettings,
+            ..
+        }
+    ));
+    let (plain_server, plain_addr) = net.listening("plain-server", config()).await;
+    assert!(matches!(
+        off.connect(&plain_addr).await.unwrap_err(),
+        TransportError::IncompatibleSettings { ref key, theirs: None, .. } if key == "meshwork.sync.leasing"
+    ));
+    // The same value: connected, and the entry is visible in the Hello.
+    let on = net.dialer("on", leasing("on"));
+    let conn = on.connect(&addr).await.unwrap();
+    assert_eq!(
+        conn.info()
+            .hello
+            .metadata
+            .get("meshwork.sync.leasing")
+            .map(String::as_str),
+        Some("on")
+    );
+    for e in [server, plain_server, off, bare, on] {
+        e.shutdown().await;
+    }
 }
 
 async fn refuses_connection_to_self(net: Net) {
