@@ -1050,6 +1050,7 @@ mod tests {
                 hops: 2,
                 age: Duration::from_micros(2500),
             }],
+            sync: Default::default(),
             connections: vec![ConnectionStatus {
                 node_id: peer,
                 addr: "tcp://127.0.0.1:40000".parse().unwrap(),

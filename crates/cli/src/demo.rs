@@ -1072,6 +1072,7 @@ mod tests {
             blocked: vec![],
             concerns: vec![],
             routes: vec![],
+            sync: Default::default(),
             connections: vec![],
         }
     }

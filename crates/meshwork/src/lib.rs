@@ -10,8 +10,10 @@
 //! | 1 | `meshwork-transport`: connections, addresses, handshake | [`transport`] |
 //! | 2 | `meshwork-peers`: the pool of peers, discovery, heartbeats, selection | [`peers`] |
 //! | 3 | `meshwork-concerns`: handlers, request/reply, flooding, routing, topics | [`concerns`] |
+//! | 4 | `meshwork-sync`: the replicated key-value map with leases | [`sync`] |
 //!
-//! The sync and rpc layers join as they are built. A node keeps
+//! The rpc layer joins when it is built. Every node runs the sync layer:
+//! [`Node::sync`] is its replicated map. A node keeps
 //! between `min_peers` and `max_peers` peers, found from its seeds and then
 //! by discovery: connecting to one node of a mesh is enough to join it.
 //!
@@ -62,6 +64,7 @@ use std::time::Duration;
 
 use meshwork_concerns::{Concern, ConcernStats, Concerns, ConcernsConfig, ConcernsError, Route};
 use meshwork_peers::{PeerManager, PeerSnapshot, PeersConfig, PeersError, PoolStats};
+use meshwork_sync::{SyncConfig, SyncError, SyncMap, SyncStats};
 use meshwork_transport::{
     Address, Config, Direction, Endpoint, TcpTransport, Transport, TransportError,
 };
@@ -71,6 +74,7 @@ use tracing::info;
 
 pub use meshwork_concerns as concerns;
 pub use meshwork_peers as peers;
+pub use meshwork_sync as sync;
 pub use meshwork_transport as transport;
 pub use meshwork_wire as wire;
 
@@ -95,6 +99,9 @@ pub enum Error {
     /// The concerns layer refused (e.g. two concerns for one command id).
     #[error(transparent)]
     Concerns(#[from] ConcernsError),
+    /// The sync layer refused its settings, or failed.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
     /// A wait ran out of time.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
@@ -108,6 +115,7 @@ pub struct NodeBuilder {
     concerns_config: ConcernsConfig,
     concerns: Vec<Arc<dyn Concern>>,
     builtin_concerns: bool,
+    sync: SyncConfig,
     transport: Option<Arc<dyn Transport>>,
 }
 
@@ -132,6 +140,7 @@ impl NodeBuilder {
             concerns_config: ConcernsConfig::default(),
             concerns: Vec::new(),
             builtin_concerns: true,
+            sync: SyncConfig::default(),
             transport: None,
         }
     }
@@ -153,6 +162,14 @@ impl NodeBuilder {
     /// Settings of the concerns layer (queues, flood TTL, routing).
     pub fn concerns_config(mut self, config: ConcernsConfig) -> Self {
         self.concerns_config = config;
+        self
+    }
+
+    /// Settings of the replicated map (leasing on/off, lease time,
+    /// anti-entropy interval). Every node of a mesh must use the same
+    /// leasing mode; the handshake refuses peers that don't.
+    pub fn sync_config(mut self, config: SyncConfig) -> Self {
+        self.sync = config;
         self
     }
 
@@ -230,8 +247,11 @@ impl NodeBuilder {
 
     /// Binds the listeners, then starts the peer manager: dialling seeds,
     /// accepting peers, heartbeats and discovery.
-    pub async fn start(self) -> Result<Node, Error> {
+    pub async fn start(mut self) -> Result<Node, Error> {
         self.peers.validate()?;
+        self.sync.validate()?;
+        let (key, value) = self.sync.hello_metadata();
+        self.config = self.config.with_required_metadata(key, value);
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(TcpTransport::new()));
@@ -267,10 +287,19 @@ impl NodeBuilder {
                 return Err(e.into());
             }
         };
+        let sync = match SyncMap::start(&concerns, self.sync).await {
+            Ok(s) => s,
+            Err(e) => {
+                concerns.shutdown().await;
+                peers.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let node = Node {
             inner: Arc::new(NodeInner {
                 peers,
                 concerns,
+                sync,
                 started: Instant::now(),
             }),
         };
@@ -283,6 +312,7 @@ impl NodeBuilder {
 struct NodeInner {
     peers: PeerManager,
     concerns: Concerns,
+    sync: SyncMap,
     started: Instant,
 }
 
@@ -323,6 +353,8 @@ pub struct NodeStatus {
     pub concerns: Vec<ConcernStats>,
     /// Nodes reached through other nodes (the routing concern's table).
     pub routes: Vec<Route>,
+    /// The replicated map's sizes and counters.
+    pub sync: SyncStats,
     /// Every open transport connection, oldest first (during a duplicate
     /// resolution or a refusal there can briefly be more than peers).
     pub connections: Vec<ConnectionStatus>,
@@ -385,6 +417,11 @@ impl Node {
         &self.inner.concerns
     }
 
+    /// The replicated key-value map (see [`sync`]).
+    pub fn sync(&self) -> &SyncMap {
+        &self.inner.sync
+    }
+
     /// A snapshot of this node, its peers and its connections.
     pub fn status(&self) -> NodeStatus {
         let ep = self.endpoint();
@@ -420,6 +457,7 @@ impl Node {
             blocked: peers.blocked(),
             concerns: self.inner.concerns.stats(),
             routes: self.inner.concerns.routes(),
+            sync: self.inner.sync.stats(),
             connections,
         }
     }
@@ -438,6 +476,7 @@ impl Node {
     /// Shuts down: stops dialling and accepting, sends Disconnect(shutdown)
     /// to every peer, and returns when every task has ended.
     pub async fn shutdown(&self) {
+        self.inner.sync.shutdown().await;
         self.inner.concerns.shutdown().await;
         self.inner.peers.shutdown().await;
         info!(node = %self.node_id().short(), "node stopped");

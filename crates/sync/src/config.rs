@@ -1,0 +1,163 @@
+//! Settings of the sync layer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::SyncError;
+use crate::hlc::{Clock, SystemClock};
+
+/// The Hello metadata key that carries the leasing mode; peers whose mode
+/// differs are refused (`INCOMPATIBLE_SETTINGS`).
+pub const LEASING_METADATA: &str = "meshwork.sync.leasing";
+
+/// Settings of the sync layer, with defaults and chained setters.
+///
+/// ```
+/// use std::time::Duration;
+/// use meshwork_sync::SyncConfig;
+///
+/// let config = SyncConfig::default()
+///     .with_lease(Duration::from_secs(60))
+///     .with_anti_entropy_interval(Duration::from_secs(1));
+/// assert!(config.leasing());
+/// assert_eq!(config.hello_metadata(), ("meshwork.sync.leasing", "on"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub(crate) leasing: bool,
+    pub(crate) lease: Duration,
+    pub(crate) tombstone_grace: Duration,
+    pub(crate) max_clock_skew: Duration,
+    pub(crate) anti_entropy_interval: Duration,
+    pub(crate) sweep_interval: Duration,
+    pub(crate) max_key_len: usize,
+    pub(crate) max_value_len: usize,
+    pub(crate) push_queue: usize,
+    pub(crate) push_batch: usize,
+    pub(crate) push_batch_bytes: usize,
+    pub(crate) chunk_entries: usize,
+    pub(crate) chunk_bytes: usize,
+    pub(crate) request_timeout: Duration,
+    pub(crate) flood_ttl: u32,
+    pub(crate) watch_capacity: usize,
+    pub(crate) max_rounds: usize,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            leasing: true,
+            lease: Duration::from_secs(3600),
+            tombstone_grace: Duration::from_secs(24 * 3600),
+            max_clock_skew: Duration::from_secs(60),
+            anti_entropy_interval: Duration::from_secs(2),
+            sweep_interval: Duration::from_millis(250),
+            max_key_len: 1024,
+            max_value_len: 1 << 20,
+            push_queue: 4096,
+            push_batch: 256,
+            push_batch_bytes: 64 * 1024,
+            chunk_entries: 2048,
+            chunk_bytes: 256 * 1024,
+            request_timeout: Duration::from_secs(10),
+            flood_ttl: 16,
+            watch_capacity: 1024,
+            max_rounds: 4,
+            clock: Arc::new(SystemClock::new()),
+        }
+    }
+}
+
+impl SyncConfig {
+    /// Leasing on (the default) or off. On: a key written by one node cannot
+    /// be overwritten by another until the lease lapses. Off: last writer
+    /// wins. Every node of a mesh must agree; the handshake refuses peers
+    /// that don't.
+    pub fn with_leasing(mut self, on: bool) -> Self {
+        self.leasing = on;
+        self
+    }
+
+    /// How long a write holds its key (default 1 hour).
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long tombstones are kept (default 24 hours). A node cut off for
+    /// longer than this can bring a deleted key back; keep it longer than
+    /// any partition you expect to heal.
+    pub fn with_tombstone_grace(mut self, grace: Duration) -> Self {
+        self.tombstone_grace = grace;
+        self
+    }
+
+    /// Writes stamped further ahead of our clock than this are refused
+    /// (default 60 s).
+    pub fn with_max_clock_skew(mut self, skew: Duration) -> Self {
+        self.max_clock_skew = skew;
+        self
+    }
+
+    /// How often a node compares its replica with a random peer (default
+    /// 2 s). A node also does so at once with every new peer.
+    pub fn with_anti_entropy_interval(mut self, every: Duration) -> Self {
+        self.anti_entropy_interval = every;
+        self
+    }
+
+    /// How often expired ephemeral keys and old tombstones are swept and
+    /// this node's ephemeral keys refreshed (default 250 ms).
+    pub fn with_sweep_interval(mut self, every: Duration) -> Self {
+        self.sweep_interval = every;
+        self
+    }
+
+    /// Largest key and value, in bytes (default 1 KiB and 1 MiB).
+    pub fn with_max_sizes(mut self, key: usize, value: usize) -> Self {
+        self.max_key_len = key;
+        self.max_value_len = value;
+        self
+    }
+
+    /// Timeout of each anti-entropy or confirm request (default 10 s).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The physical clock (default: [`SystemClock`]).
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Whether leasing is on.
+    pub fn leasing(&self) -> bool {
+        self.leasing
+    }
+
+    /// The Hello metadata entry that must match across the mesh.
+    pub fn hello_metadata(&self) -> (&'static str, &'static str) {
+        (LEASING_METADATA, if self.leasing { "on" } else { "off" })
+    }
+
+    /// Refuses contradictory settings.
+    pub fn validate(&self) -> Result<(), SyncError> {
+        let bad = |m: &str| Err(SyncError::Config(m.into()));
+        if self.leasing && self.lease.is_zero() {
+            return bad("lease must be above zero");
+        }
+        if self.anti_entropy_interval.is_zero() || self.sweep_interval.is_zero() {
+            return bad("intervals must be above zero");
+        }
+        if self.max_key_len == 0 || self.max_value_len == 0 {
+            return bad("size limits must be above zero");
+        }
+        if self.tombstone_grace <= self.max_clock_skew {
+            return bad("tombstone grace must be longer than the clock skew allowed");
+        }
+        Ok(())
+    }
+}

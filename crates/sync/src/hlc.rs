@@ -1,0 +1,215 @@
+//! Hybrid logical clock: physical milliseconds plus a counter, advanced by
+//! every stamp received, so a write is always stamped later than every
+//! write its node has seen, whatever the wall clocks say.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+/// A hybrid logical clock stamp: milliseconds since the Unix epoch in the
+/// high 48 bits, a counter in the low 16, so it orders as one number.
+///
+/// ```
+/// use meshwork_sync::Stamp;
+/// let a = Stamp::new(1_000, 0);
+/// assert!(a.next() > a);
+/// assert_eq!(a.next().millis(), 1_000);
+/// assert!(Stamp::new(1_001, 0) > Stamp::new(1_000, 65_535));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Stamp(u64);
+
+impl Stamp {
+    /// The stamp at `millis` with `counter`.
+    pub const fn new(millis: u64, counter: u16) -> Self {
+        Stamp((millis << 16) | counter as u64)
+    }
+
+    /// From the packed form used on the wire.
+    pub const fn from_u64(packed: u64) -> Self {
+        Stamp(packed)
+    }
+
+    /// The packed form used on the wire.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub const fn millis(self) -> u64 {
+        self.0 >> 16
+    }
+
+    /// The logical counter within the millisecond.
+    pub const fn counter(self) -> u16 {
+        (self.0 & 0xFFFF) as u16
+    }
+
+    /// The next stamp (a counter overflow carries into the milliseconds).
+    pub const fn next(self) -> Self {
+        Stamp(self.0.saturating_add(1))
+    }
+}
+
+impl std::fmt::Display for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.millis(), self.counter())
+    }
+}
+
+/// Physical time in milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// Now.
+    fn now_ms(&self) -> u64;
+}
+
+/// The default clock: the wall clock read once at start, advanced by
+/// tokio's monotonic clock. It never goes backwards, and follows a paused
+/// test clock (`tokio::time::pause`).
+#[derive(Debug, Clone)]
+pub struct SystemClock {
+    base_ms: u64,
+    base: Instant,
+}
+
+impl SystemClock {
+    /// A clock reading the wall clock now.
+    pub fn new() -> Self {
+        let base_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        SystemClock {
+            base_ms,
+            base: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        self.base_ms + self.base.elapsed().as_millis() as u64
+    }
+}
+
+/// A clock that says what it is told: for tests of clock skew.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<std::sync::atomic::AtomicU64>);
+
+impl ManualClock {
+    /// A clock at `ms`.
+    pub fn new(ms: u64) -> Self {
+        ManualClock(Arc::new(ms.into()))
+    }
+
+    /// Sets the time.
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Moves the time forward.
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A stamp from too far in the future was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TooFarAhead {
+    pub(crate) ahead_ms: u64,
+}
+
+/// The hybrid logical clock of one node.
+#[derive(Debug, Clone)]
+pub(crate) struct Hlc {
+    last: Stamp,
+    max_skew_ms: u64,
+}
+
+impl Hlc {
+    pub(crate) fn new(max_skew_ms: u64) -> Self {
+        Hlc {
+            last: Stamp::default(),
+            max_skew_ms,
+        }
+    }
+
+    /// A new stamp, later than every stamp issued or observed.
+    pub(crate) fn stamp(&mut self, physical_ms: u64) -> Stamp {
+        let pt = Stamp::new(physical_ms, 0);
+        self.last = if pt > self.last { pt } else { self.last.next() };
+        self.last
+    }
+
+    /// Advances past a received stamp, unless it is more than the allowed
+    /// skew ahead of our physical clock (a broken or hostile clock would
+    /// otherwise drag every node into the future).
+    pub(crate) fn observe(&mut self, remote: Stamp, physical_ms: u64) -> Result<(), TooFarAhead> {
+        let limit = physical_ms.saturating_add(self.max_skew_ms);
+        if remote.millis() > limit {
+            return Err(TooFarAhead {
+                ahead_ms: remote.millis() - physical_ms,
+            });
+        }
+        if remote > self.last {
+            self.last = remote;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_increase_even_when_the_clock_stands_still_or_steps_back() {
+        let mut hlc = Hlc::new(60_000);
+        let a = hlc.stamp(1_000);
+        let b = hlc.stamp(1_000);
+        let c = hlc.stamp(900);
+        assert!(a < b && b < c);
+        assert_eq!(c.millis(), 1_000);
+        assert_eq!(c.counter(), 2);
+        assert_eq!(hlc.stamp(2_000), Stamp::new(2_000, 0));
+    }
+
+    #[test]
+    fn observing_a_later_stamp_moves_the_clock_past_it() {
+        let mut hlc = Hlc::new(60_000);
+        hlc.stamp(1_000);
+        hlc.observe(Stamp::new(5_000, 7), 1_000).unwrap();
+        let s = hlc.stamp(1_001);
+        assert_eq!(s, Stamp::new(5_000, 8));
+        // An earlier stamp changes nothing.
+        hlc.observe(Stamp::new(10, 0), 1_002).unwrap();
+        assert!(hlc.stamp(1_002) > s);
+    }
+
+    #[test]
+    fn a_stamp_beyond_the_skew_is_refused() {
+        let mut hlc = Hlc::new(60_000);
+        let err = hlc.observe(Stamp::new(70_001, 0), 10_000).unwrap_err();
+        assert_eq!(err.ahead_ms, 60_001);
+        hlc.observe(Stamp::new(70_000, 0), 10_000).unwrap();
+    }
+
+    #[test]
+    fn counter_overflow_carries_into_the_millis() {
+        let s = Stamp::new(5, u16::MAX);
+        assert_eq!(s.next(), Stamp::new(6, 0));
+    }
+}

@@ -1,0 +1,960 @@
+//! The tokio driver: the [`SyncMap`] handle, the sync concern that answers
+//! peers, the eager pusher, housekeeping and anti-entropy rounds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use meshwork_concerns::peers::{PeerEvent, PeersError};
+use meshwork_concerns::transport::Priority;
+use meshwork_concerns::wire::NodeId;
+use meshwork_concerns::{BoxError, Concern, Concerns, Context, Reply};
+use prost::Message as _;
+use rand::seq::IndexedRandom;
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::proto::{self, sync_message::Body};
+use crate::replica::{BUCKETS, Replica, ReplicaConfig, Write};
+use crate::{Change, ChangeKind, Entry, Lease, Stamp, SyncConfig, SyncError};
+
+/// The sync concern's command id.
+pub const SYNC: u32 = 0xFFFF_0100;
+
+#[derive(Debug, Default)]
+struct Counters {
+    writes: AtomicU64,
+    applied: AtomicU64,
+    stale: AtomicU64,
+    refused: AtomicU64,
+    pushes: AtomicU64,
+    pushed_entries: AtomicU64,
+    push_failures: AtomicU64,
+    rounds: AtomicU64,
+    rounds_equal: AtomicU64,
+    round_failures: AtomicU64,
+    pulled: AtomicU64,
+    sent: AtomicU64,
+    lease_lost: AtomicU64,
+}
+
+/// Counters and sizes of the sync layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Live keys.
+    pub keys: usize,
+    /// Entries held, tombstones included.
+    pub entries: usize,
+    /// The replica's digest ([`SyncMap::digest`]).
+    pub digest: u64,
+    /// Local writes.
+    pub writes: u64,
+    /// Entries from peers that changed the replica.
+    pub applied: u64,
+    /// Entries from peers that lost to what we hold (already seen or older).
+    pub stale: u64,
+    /// Entries from peers refused (stamped too far ahead, malformed).
+    pub refused: u64,
+    /// Eager pushes (floods) sent, and the entries they carried.
+    pub pushes: u64,
+    /// Entries carried by eager pushes.
+    pub pushed_entries: u64,
+    /// Eager pushes that could not be sent.
+    pub push_failures: u64,
+    /// Anti-entropy rounds run by this node.
+    pub rounds: u64,
+    /// Of those, rounds that found the replicas equal.
+    pub rounds_equal: u64,
+    /// Rounds that failed (peer gone, timeout).
+    pub round_failures: u64,
+    /// Entries received by anti-entropy pulls.
+    pub pulled: u64,
+    /// Entries sent by anti-entropy pushes.
+    pub sent: u64,
+    /// Leases this node lost to another node's claim.
+    pub lease_lost: u64,
+}
+
+/// A live entry, as [`SyncMap::entry`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// The value.
+    pub value: Bytes,
+    /// The version: the stamp of the write. It only grows along a key's
+    /// history; with the lease epoch it is a fencing token.
+    pub version: Stamp,
+    /// Who wrote it.
+    pub writer: NodeId,
+    /// The live lease, if any.
+    pub lease: Option<Lease>,
+    /// For ephemeral keys, when the entry expires unless refreshed (ms
+    /// since the Unix epoch).
+    pub expires_at_ms: Option<u64>,
+}
+
+pub(crate) struct Inner {
+    replica: Mutex<Replica>,
+    cfg: SyncConfig,
+    push_tx: mpsc::Sender<(Bytes, Entry)>,
+    changes: broadcast::Sender<Change>,
+    counters: Counters,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    rounds: Semaphore,
+}
+
+fn lock(m: &Mutex<Replica>) -> MutexGuard<'_, Replica> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        self.cfg.clock.now_ms()
+    }
+
+    fn publish(&self, changes: Vec<Change>) {
+        for c in changes {
+            if matches!(c.kind, ChangeKind::LeaseLost { .. }) {
+                self.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
+            }
+            // No watcher is not an error.
+            let _ = self.changes.send(c);
+        }
+    }
+
+    /// Merges entries from `sender`; returns how many changed the replica.
+    fn apply(&self, sender: &NodeId, entries: Vec<proto::Entry>) -> u32 {
+        let now = self.now();
+        let mut applied = 0;
+        let mut changes = Vec::new();
+        {
+            let mut replica = lock(&self.replica);
+            for p in entries {
+                let (key, entry) = match Entry::from_proto(
+                    p,
+                    sender,
+                    self.cfg.max_key_len,
+                    self.cfg.max_value_len,
+                ) {
+                    Ok(e) => e,
+                    Err(why) => {
+                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        debug!(peer = %sender.short(), %why, "refused an entry");
+                        continue;
+                    }
+                };
+                match replica.apply(key, entry, now) {
+                    Ok(c) if c.is_empty() => {
+                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(c) => {
+                        applied += 1;
+                        changes.extend(c);
+                    }
+                    Err(ahead) => {
+                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        debug!(peer = %sender.short(), ahead_ms = ahead.ahead_ms, "refused an entry stamped in the future");
+                    }
+                }
+            }
+        }
+        self.counters
+            .applied
+            .fetch_add(u64::from(applied), Ordering::Relaxed);
+        self.publish(changes);
+        applied
+    }
+
+    fn encode(&self, entries: &[(Bytes, Entry)], me: &NodeId) -> Vec<proto::Entry> {
+        entries.iter().map(|(k, e)| e.to_proto(k, me)).collect()
+    }
+
+    /// Answers a peer's sync message.
+    fn answer(&self, from: &NodeId, msg: proto::SyncMessage) -> Result<Option<Reply>, BoxError> {
+        let me = lock(&self.replica).me().clone();
+        let reply = match msg.body {
+            Some(Body::Entries(e)) => {
+                let applied = self.apply(from, e.entries);
+                Body::Ack(proto::Ack { applied })
+            }
+            Some(Body::Digest(q)) => {
+                let replica = lock(&self.replica);
+                if replica.root() == q.root {
+                    Body::Answer(proto::DigestAnswer {
+                        equal: true,
+                        buckets: Vec::new(),
+                    })
+                } else {
+                    Body::Answer(proto::DigestAnswer {
+                        equal: false,
+                        buckets: replica.bucket_hashes(),
+                    })
+                }
+            }
+            Some(Body::Pull(p)) => {
+                if p.buckets.len() > BUCKETS || p.buckets.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err("pull: buckets must be ascending and at most 256".into());
+                }
+                let after = p.resume.then_some((p.after_bucket, p.after_key));
+                let (entries, next) = lock(&self.replica).chunk(
+                    &p.buckets,
+                    after,
+                    self.cfg.chunk_entries,
+                    self.cfg.chunk_bytes,
+                );
+                let entries = self.encode(&entries, &me);
+                let (more, next_bucket, next_key) = match next {
+                    Some((b, k)) => (true, b, k),
+                    None => (false, 0, Bytes::new()),
+                };
+                let body = Body::Chunk(proto::Chunk {
+                    entries,
+                    more,
+                    next_bucket,
+                    next_key,
+                });
+                let bytes = proto::SyncMessage { body: Some(body) }.encode_to_vec();
+                return Ok(Some(Reply::new(bytes).with_priority(Priority::Bulk)));
+            }
+            Some(Body::Answer(_) | Body::Chunk(_) | Body::Ack(_)) | None => {
+                return Err("unexpected sync message".into());
+            }
+        };
+        let bytes = proto::SyncMessage { body: Some(reply) }.encode_to_vec();
+        Ok(Some(Reply::new(bytes)))
+    }
+}
+
+/// The concern that answers peers' sync traffic.
+struct SyncConcern {
+    inner: Arc<Inner>,
+}
+
+#[async_trait]
+impl Concern for SyncConcern {
+    fn command(&self) -> u32 {
+        SYNC
+    }
+
+    fn name(&self) -> &str {
+        "sync"
+    }
+
+    fn max_concurrency(&self) -> usize {
+        8
+    }
+
+    async fn on_stop(&self, _ctx: &Context) {
+        self.inner.cancel.cancel();
+    }
+
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        let msg = proto::SyncMessage::decode(payload)?;
+        self.inner.answer(from, msg)
+    }
+}
+
+/// The replicated map of one node. Cheap to clone; every clone is the same
+/// map.
+///
+/// Writes apply locally at once, are pushed to the whole mesh (flooded,
+/// batched under load), and are repaired by periodic anti-entropy, so late
+/// joiners and healed partitions converge. See the crate docs and
+/// `docs/sync.md` for the rules.
+#[derive(Clone)]
+pub struct SyncMap {
+    inner: Arc<Inner>,
+    ctx: Context,
+}
+
+impl std::fmt::Debug for SyncMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncMap")
+            .field("node_id", self.ctx.node_id())
+            .field("leasing", &self.inner.cfg.leasing)
+            .finish()
+    }
+}
+
+impl SyncMap {
+    /// Starts the sync layer on a running concerns layer: registers the
+    /// sync concern (command [`SYNC`]) and starts pushing, housekeeping and
+    /// anti-entropy. The transport should require the same leasing mode of
+    /// every peer ([`SyncConfig::hello_metadata`]); the `meshwork` facade
+    /// does this.
+    pub async fn start(concerns: &Concerns, config: SyncConfig) -> Result<SyncMap, SyncError> {
+        config.validate()?;
+        let ctx = concerns.context(SYNC);
+        let me = ctx.node_id().clone();
+        let replica = Replica::new(
+            me,
+            ReplicaConfig {
+                leasing: config.leasing,
+                lease_ms: config.lease.as_millis() as u64,
+                tombstone_grace_ms: config.tombstone_grace.as_millis() as u64,
+                max_skew_ms: config.max_clock_skew.as_millis() as u64,
+            },
+        );
+        let (push_tx, push_rx) = mpsc::channel(config.push_queue.max(1));
+        let (changes, _) = broadcast::channel(config.watch_capacity.max(1));
+        let inner = Arc::new(Inner {
+            replica: Mutex::new(replica),
+            rounds: Semaphore::new(config.max_rounds.max(1)),
+            cfg: config,
+            push_tx,
+            changes,
+            counters: Counters::default(),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        concerns
+            .add(SyncConcern {
+                inner: inner.clone(),
+            })
+            .await?;
+        let map = SyncMap { inner, ctx };
+        map.spawn_tasks(push_rx);
+        Ok(map)
+    }
+
+    fn spawn_tasks(&self, push_rx: mpsc::Receiver<(Bytes, Entry)>) {
+        let inner = &self.inner;
+        inner
+            .tracker
+            .spawn(pusher(inner.clone(), self.ctx.clone(), push_rx));
+        inner.tracker.spawn(housekeeping(self.clone()));
+        inner.tracker.spawn(anti_entropy(self.clone()));
+        inner.tracker.close();
+    }
+
+    /// Stops pushing, housekeeping and anti-entropy and waits for them.
+    /// (The node's concerns layer stops the sync concern itself.)
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tracker.wait().await;
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        self.ctx.node_id()
+    }
+
+    /// Whether leasing is on.
+    pub fn leasing(&self) -> bool {
+        self.inner.cfg.leasing
+    }
+
+    fn check_sizes(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), SyncError> {
+        let cfg = &self.inner.cfg;
+        if key.is_empty() || key.len() > cfg.max_key_len {
+            return Err(SyncError::TooLarge(format!(
+                "key of {} bytes (1 to {} allowed)",
+                key.len(),
+                cfg.max_key_len
+            )));
+        }
+        if let Some(v) = value {
+            if v.len() > cfg.max_value_len {
+                return Err(SyncError::TooLarge(format!(
+                    "value of {} bytes (at most {} allowed)",
+                    v.len(),
+                    cfg.max_value_len
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn write(
+        &self,
+        key: Bytes,
+        value: Option<Bytes>,
+        what: Write,
+    ) -> Result<Entry, SyncError> {
+        self.check_sizes(&key, value.as_deref())?;
+        if self.inner.cancel.is_cancelled() {
+            return Err(SyncError::Shutdown);
+        }
+        let now = self.inner.now();
+        let (entry, changes) = lock(&self.inner.replica).write(key.clone(), value, what, now)?;
+        self.inner.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.publish(changes);
+        self.inner
+            .push_tx
+            .send((key, entry.clone()))
+            .await
+            .map_err(|_| SyncError::Shutdown)?;
+        Ok(entry)
+    }
+
+    /// Sets `key` to `value`. Returns the version once the write is applied
+    /// locally and queued for the mesh. With leasing on, this node then
+    /// holds the key's lease; [`SyncError::LeaseHeld`] if another node
+    /// holds a live one.
+    pub async fn set(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+    ) -> Result<Stamp, SyncError> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        Ok(self.write(key, Some(value.into()), Write::Set).await?.stamp)
+    }
+
+    /// Sets many pairs (`dict.update`); stops at the first refusal.
+    pub async fn update<K, V>(
+        &self,
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<(), SyncError>
+    where
+        K: AsRef<[u8]>,
+        V: Into<Bytes>,
+    {
+        for (k, v) in pairs {
+            self.set(k, v).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets a key that disappears everywhere `ttl` after its owner (this
+    /// node) stops refreshing it; the node refreshes it while it runs. It is
+    /// leased to this node for as long as it lives.
+    pub async fn set_ephemeral(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        ttl: Duration,
+    ) -> Result<Stamp, SyncError> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        let ttl_ms = (ttl.as_millis() as u64).max(1);
+        Ok(self
+            .write(key, Some(value.into()), Write::Ephemeral { ttl_ms })
+            .await?
+            .stamp)
+    }
+
+    /// Deletes `key` (a tombstone, under the same lease rules) and returns
+    /// its value; [`SyncError::NotFound`] if it has none.
+    pub async fn pop(&self, key: impl AsRef<[u8]>) -> Result<Bytes, SyncError> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        let Some(value) = self.get(&key) else {
+            return Err(SyncError::NotFound(key));
+        };
+        self.write(key, None, Write::Delete).await?;
+        Ok(value)
+    }
+
+    /// Deletes `key` if it holds a value; returns whether it did.
+    pub async fn remove(&self, key: impl AsRef<[u8]>) -> Result<bool, SyncError> {
+        match self.pop(key).await {
+            Ok(_) => Ok(true),
+            Err(SyncError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes and returns some pair this node may delete (one it holds the
+    /// lease on, or an unleased one); `None` if there is none.
+    pub async fn popitem(&self) -> Result<Option<(Bytes, Bytes)>, SyncError> {
+        let now = self.inner.now();
+        let candidate = {
+            let replica = lock(&self.inner.replica);
+            let me = replica.me().clone();
+            let leasing = replica.leasing();
+            replica
+                .live(now)
+                .find(|(_, e)| !leasing || e.writer == me || !e.lease_live(now))
+                .map(|(k, e)| (k.clone(), e.value.clone().unwrap_or_default()))
+        };
+        match candidate {
+            Some((k, v)) => {
+                self.write(k.clone(), None, Write::Delete).await?;
+                Ok(Some((k, v)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Gives up this node's lease on `key`, keeping the value: any node may
+    /// write it from now on. [`SyncError::LeaseHeld`] if another node holds
+    /// it, [`SyncError::NotFound`] if the key has no value.
+    pub async fn release(&self, key: impl AsRef<[u8]>) -> Result<Stamp, SyncError> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        Ok(self.write(key, None, Write::Release).await?.stamp)
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Option<Bytes> {
+        let now = self.inner.now();
+        lock(&self.inner.replica)
+            .get(key.as_ref(), now)
+            .and_then(|e| e.value.clone())
+    }
+
+    /// The value of `key` as UTF-8 text (`None` if absent or not UTF-8).
+    pub fn get_str(&self, key: impl AsRef<[u8]>) -> Option<String> {
+        self.get(key)
+            .and_then(|v| String::from_utf8(v.to_vec()).ok())
+    }
+
+    /// The value of `key` with its version, writer, lease and expiry.
+    pub fn entry(&self, key: impl AsRef<[u8]>) -> Option<EntryInfo> {
+        let now = self.inner.now();
+        let replica = lock(&self.inner.replica);
+        let e = replica.get(key.as_ref(), now)?;
+        Some(EntryInfo {
+            value: e.value.clone().unwrap_or_default(),
+            version: e.stamp,
+            writer: e.writer.clone(),
+            lease: replica.lease(key.as_ref(), now),
+            expires_at_ms: (e.expires_at != 0).then_some(e.expires_at),
+        })
+    }
+
+    /// True if `key` holds a value.
+    pub fn contains_key(&self, key: impl AsRef<[u8]>) -> bool {
+        let now = self.inner.now();
+        lock(&self.inner.replica).get(key.as_ref(), now).is_some()
+    }
+
+    /// The live lease on `key`: owner and expiry.
+    pub fn lease(&self, key: impl AsRef<[u8]>) -> Option<Lease> {
+        let now = self.inner.now();
+        lock(&self.inner.replica).lease(key.as_ref(), now)
+    }
+
+    /// Every key holding a value, sorted.
+    pub fn keys(&self) -> Vec<Bytes> {
+        self.items().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Every value, in key order.
+    pub fn values(&self) -> Vec<Bytes> {
+        self.items().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Every pair, sorted by key.
+    pub fn items(&self) -> Vec<(Bytes, Bytes)> {
+        self.snapshot().into_iter().collect()
+    }
+
+    /// The pairs whose key starts with `prefix`, sorted by key.
+    pub fn prefixed(&self, prefix: impl AsRef<[u8]>) -> Vec<(Bytes, Bytes)> {
+        let prefix = prefix.as_ref();
+        let now = self.inner.now();
+        let mut out: Vec<_> = lock(&self.inner.replica)
+            .live(now)
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| (k.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A copy of the whole map (py2p's `copy`).
+    pub fn snapshot(&self) -> std::collections::BTreeMap<Bytes, Bytes> {
+        let now = self.inner.now();
+        lock(&self.inner.replica)
+            .live(now)
+            .map(|(k, e)| (k.clone(), e.value.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    /// Keys holding a value.
+    pub fn len(&self) -> usize {
+        let now = self.inner.now();
+        lock(&self.inner.replica).live(now).count()
+    }
+
+    /// True if no key holds a value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A hash of the whole replica, tombstones and lease fields included:
+    /// two nodes with the same digest hold the same entries.
+    pub fn digest(&self) -> u64 {
+        lock(&self.inner.replica).root()
+    }
+
+    /// Changes to keys starting with `prefix` (empty: all), as they are
+    /// applied locally.
+    pub fn watch(&self, prefix: impl AsRef<[u8]>) -> Watch {
+        Watch {
+            rx: self.inner.changes.subscribe(),
+            prefix: Bytes::copy_from_slice(prefix.as_ref()),
+        }
+    }
+
+    /// Counters and sizes.
+    pub fn stats(&self) -> SyncStats {
+        let c = &self.inner.counters;
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (entries, digest) = {
+            let replica = lock(&self.inner.replica);
+            (replica.entries(), replica.root())
+        };
+        SyncStats {
+            keys: self.len(),
+            entries,
+            digest,
+            writes: r(&c.writes),
+            applied: r(&c.applied),
+            stale: r(&c.stale),
+            refused: r(&c.refused),
+            pushes: r(&c.pushes),
+            pushed_entries: r(&c.pushed_entries),
+            push_failures: r(&c.push_failures),
+            rounds: r(&c.rounds),
+            rounds_equal: r(&c.rounds_equal),
+            round_failures: r(&c.round_failures),
+            pulled: r(&c.pulled),
+            sent: r(&c.sent),
+            lease_lost: r(&c.lease_lost),
+        }
+    }
+
+    /// Waits until every currently connected peer has applied the entry
+    /// this node holds for `key` (or a later one): sends it to each and
+    /// waits for their acknowledgements. Returns how many peers confirmed;
+    /// [`SyncError::NotConfirmed`] lists those that did not within
+    /// `timeout`.
+    pub async fn confirm(
+        &self,
+        key: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<usize, SyncError> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        let entry = lock(&self.inner.replica).entry(&key).cloned();
+        let Some(entry) = entry else {
+            return Err(SyncError::NotFound(key));
+        };
+        let body = Body::Entries(proto::Entries {
+            entries: vec![entry.to_proto(&key, self.node_id())],
+        });
+        let payload = Bytes::from(proto::SyncMessage { body: Some(body) }.encode_to_vec());
+        let peers = self.ctx.peers().neighbours();
+        let mut set = tokio::task::JoinSet::new();
+        for peer in peers.clone() {
+            let ctx = self.ctx.clone();
+            let payload = payload.clone();
+            set.spawn(async move {
+                let ok = ctx
+                    .request_with(&peer, payload, timeout, Priority::Control)
+                    .await
+                    .is_ok_and(|b| {
+                        matches!(
+                            proto::SyncMessage::decode(b).ok().and_then(|m| m.body),
+                            Some(Body::Ack(_))
+                        )
+                    });
+                (peer, ok)
+            });
+        }
+        let mut missing = Vec::new();
+        while let Some(done) = set.join_next().await {
+            match done {
+                Ok((_, true)) => {}
+                Ok((peer, false)) => missing.push(peer),
+                Err(e) => warn!(error = %e, "confirm task failed"),
+            }
+        }
+        if missing.is_empty() {
+            Ok(peers.len())
+        } else {
+            Err(SyncError::NotConfirmed {
+                peers: peers.len(),
+                missing,
+                after: timeout,
+            })
+        }
+    }
+
+    /// Runs one anti-entropy round with `peer` now: compares digests, pulls
+    /// the entries of the buckets that differ and pushes back what the peer
+    /// lacks. Returns the entries received and sent.
+    pub async fn sync_with(&self, peer: &NodeId) -> Result<(u64, u64), SyncError> {
+        let _permit = self
+            .inner
+            .rounds
+            .acquire()
+            .await
+            .map_err(|_| SyncError::Shutdown)?;
+        let r = self.round(peer).await;
+        let c = &self.inner.counters;
+        c.rounds.fetch_add(1, Ordering::Relaxed);
+        match &r {
+            Ok(None) => {
+                c.rounds_equal.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Some((pulled, sent))) => {
+                c.pulled.fetch_add(*pulled, Ordering::Relaxed);
+                c.sent.fetch_add(*sent, Ordering::Relaxed);
+            }
+            Err(e) => {
+                c.round_failures.fetch_add(1, Ordering::Relaxed);
+                debug!(peer = %peer.short(), error = %e, "anti-entropy round failed");
+            }
+        }
+        r.map(|o| o.unwrap_or((0, 0)))
+    }
+
+    async fn ask(&self, peer: &NodeId, body: Body, priority: Priority) -> Result<Body, SyncError> {
+        let payload = proto::SyncMessage { body: Some(body) }.encode_to_vec();
+        let reply = self
+            .ctx
+            .request_with(peer, payload, self.inner.cfg.request_timeout, priority)
+            .await?;
+        proto::SyncMessage::decode(reply)
+            .ok()
+            .and_then(|m| m.body)
+            .ok_or_else(|| {
+                SyncError::Concerns(meshwork_concerns::ConcernsError::Decode(
+                    "sync reply".into(),
+                ))
+            })
+    }
+
+    /// `Ok(None)`: the replicas were equal.
+    async fn round(&self, peer: &NodeId) -> Result<Option<(u64, u64)>, SyncError> {
+        let root = self.digest();
+        let Body::Answer(answer) = self
+            .ask(
+                peer,
+                Body::Digest(proto::DigestQuery { root }),
+                Priority::Normal,
+            )
+            .await?
+        else {
+            return Err(bad_reply());
+        };
+        if answer.equal {
+            return Ok(None);
+        }
+        if answer.buckets.len() != BUCKETS {
+            return Err(bad_reply());
+        }
+        let ours = lock(&self.inner.replica).bucket_hashes();
+        let differ: Vec<u32> = (0..BUCKETS)
+            .filter(|&i| ours[i] != answer.buckets[i])
+            .map(|i| i as u32)
+            .collect();
+        if differ.is_empty() {
+            return Ok(Some((0, 0)));
+        }
+        // Pull theirs, remembering what they hold, then push back what they
+        // lack or hold older.
+        let mut theirs: HashMap<Bytes, u64> = HashMap::new();
+        let mut pulled = 0u64;
+        let mut after: Option<(u32, Bytes)> = None;
+        loop {
+            let pull = proto::Pull {
+                buckets: differ.clone(),
+                resume: after.is_some(),
+                after_bucket: after.as_ref().map_or(0, |a| a.0),
+                after_key: after.map(|a| a.1).unwrap_or_default(),
+            };
+            let Body::Chunk(chunk) = self.ask(peer, Body::Pull(pull), Priority::Bulk).await? else {
+                return Err(bad_reply());
+            };
+            pulled += chunk.entries.len() as u64;
+            for p in &chunk.entries {
+                if let Ok((k, e)) = Entry::from_proto(
+                    p.clone(),
+                    peer,
+                    self.inner.cfg.max_key_len,
+                    self.inner.cfg.max_value_len,
+                ) {
+                    theirs.insert(k.clone(), e.hash(&k));
+                }
+            }
+            self.inner.apply(peer, chunk.entries);
+            if !chunk.more {
+                break;
+            }
+            after = Some((chunk.next_bucket, chunk.next_key));
+        }
+        let to_send: Vec<Bytes> = lock(&self.inner.replica)
+            .hashes_in(&differ)
+            .into_iter()
+            .filter(|(k, h)| theirs.get(k) != Some(h))
+            .map(|(k, _)| k)
+            .collect();
+        let mut sent = 0u64;
+        for keys in to_send.chunks(self.inner.cfg.chunk_entries.max(1)) {
+            let entries: Vec<proto::Entry> = {
+                let replica = lock(&self.inner.replica);
+                keys.iter()
+                    .filter_map(|k| replica.entry(k).map(|e| e.to_proto(k, self.node_id())))
+                    .collect()
+            };
+            sent += entries.len() as u64;
+            let Body::Ack(_) = self
+                .ask(
+                    peer,
+                    Body::Entries(proto::Entries { entries }),
+                    Priority::Bulk,
+                )
+                .await?
+            else {
+                return Err(bad_reply());
+            };
+        }
+        Ok(Some((pulled, sent)))
+    }
+}
+
+fn bad_reply() -> SyncError {
+    SyncError::Concerns(meshwork_concerns::ConcernsError::Decode(
+        "unexpected sync reply".into(),
+    ))
+}
+
+/// A stream of changes to keys with a prefix ([`SyncMap::watch`]).
+#[derive(Debug)]
+pub struct Watch {
+    rx: broadcast::Receiver<Change>,
+    prefix: Bytes,
+}
+
+impl Watch {
+    /// The next change. [`SyncError::Lagged`] if this watcher fell behind
+    /// and changes were skipped (it can carry on);
+    /// [`SyncError::Shutdown`] when the map has stopped.
+    pub async fn recv(&mut self) -> Result<Change, SyncError> {
+        loop {
+            match self.rx.recv().await {
+                Ok(c) if c.key.starts_with(&self.prefix) => return Ok(c),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => return Err(SyncError::Lagged(n)),
+                Err(broadcast::error::RecvError::Closed) => return Err(SyncError::Shutdown),
+            }
+        }
+    }
+}
+
+/// Sends local writes to the mesh: one flood per batch, where a batch is
+/// whatever queued up while the previous one went out.
+async fn pusher(inner: Arc<Inner>, ctx: Context, mut rx: mpsc::Receiver<(Bytes, Entry)>) {
+    let me = ctx.node_id().clone();
+    loop {
+        let first = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            next = rx.recv() => match next {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let mut bytes = 0;
+        while batch.len() < inner.cfg.push_batch && bytes < inner.cfg.push_batch_bytes {
+            match rx.try_recv() {
+                Ok((k, e)) => {
+                    bytes += k.len() + e.value.as_ref().map_or(0, |v| v.len());
+                    batch.push((k, e));
+                }
+                Err(_) => break,
+            }
+        }
+        // Only the latest write of a key in a batch matters.
+        let mut latest: HashMap<Bytes, usize> = HashMap::new();
+        for (i, (k, _)) in batch.iter().enumerate() {
+            latest.insert(k.clone(), i);
+        }
+        let entries: Vec<proto::Entry> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, (k, _))| latest.get(k) == Some(i))
+            .map(|(_, (k, e))| e.to_proto(k, &me))
+            .collect();
+        let n = entries.len() as u64;
+        let body = Body::Entries(proto::Entries { entries });
+        let payload = proto::SyncMessage { body: Some(body) }.encode_to_vec();
+        match ctx.broadcast(payload, inner.cfg.flood_ttl).await {
+            Ok(_) => {
+                inner.counters.pushes.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .counters
+                    .pushed_entries
+                    .fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                inner.counters.push_failures.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "eager push failed; anti-entropy will carry it");
+            }
+        }
+    }
+}
+
+/// Expires ephemeral keys, collects old tombstones, refreshes our own
+/// ephemeral keys.
+async fn housekeeping(map: SyncMap) {
+    let inner = map.inner.clone();
+    let mut timer = tokio::time::interval(inner.cfg.sweep_interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = timer.tick() => {}
+        }
+        let now = inner.now();
+        let (changes, due) = {
+            let mut replica = lock(&inner.replica);
+            (replica.sweep(now), replica.refresh_due(now))
+        };
+        inner.publish(changes);
+        for (key, value, ttl_ms) in due {
+            let r = map
+                .write(key, Some(value), Write::Ephemeral { ttl_ms })
+                .await;
+            if let Err(e) = r {
+                debug!(error = %e, "ephemeral refresh failed");
+            }
+        }
+    }
+}
+
+/// A round with a random peer every interval, and one with every new peer
+/// at once (late joiners and healed partitions converge without waiting).
+async fn anti_entropy(map: SyncMap) {
+    let inner = map.inner.clone();
+    let mut events = map.ctx.peers().events();
+    let mut timer = tokio::time::interval(inner.cfg.anti_entropy_interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer.tick().await;
+    loop {
+        let peer = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = timer.tick() => {
+                let peers = map.ctx.peers().neighbours();
+                match peers.choose(&mut rand::rng()) {
+                    Some(p) => p.clone(),
+                    None => continue,
+                }
+            }
+            event = events.recv() => match event {
+                Ok(PeerEvent::Connected { peer, .. }) => peer,
+                Ok(_) | Err(PeersError::Lagged(_)) => continue,
+                // The peer manager is gone: the node is stopping.
+                Err(_) => return,
+            },
+        };
+        let map = map.clone();
+        let cancel = inner.cancel.clone();
+        inner.tracker.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = map.sync_with(&peer) => {}
+            }
+        });
+    }
+}

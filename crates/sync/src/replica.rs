@@ -1,0 +1,449 @@
+//! The replica: every key's latest entry, the lease rules for local writes,
+//! the merge of remote entries, and the digests anti-entropy compares.
+//!
+//! Plain code, no I/O: every method takes the current physical time in
+//! milliseconds and returns what changed, so the rules are unit-tested with
+//! explicit clocks.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use bytes::Bytes;
+use meshwork_concerns::wire::NodeId;
+
+use crate::hlc::{Hlc, TooFarAhead};
+use crate::{Entry, Stamp, SyncError};
+
+/// Where an anti-entropy pull resumes: after this key of this bucket.
+pub(crate) type Cursor = (u32, Bytes);
+
+/// Number of digest buckets; a key's bucket is a hash of the key.
+pub(crate) const BUCKETS: usize = 256;
+
+/// The bucket of `key` (FNV-1a, stable across builds and platforms).
+pub(crate) fn bucket_of(key: &[u8]) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 56) as usize
+}
+
+/// A change to the replica, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The key now holds this value.
+    Set(Bytes),
+    /// The key was deleted (or its ephemeral entry expired).
+    Deleted,
+    /// A key this node held a lease on now belongs to another node's claim;
+    /// our value was replaced (by the change that follows, or already).
+    LeaseLost {
+        /// The new owner.
+        new_owner: NodeId,
+    },
+}
+
+/// One change applied to the local replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The key.
+    pub key: Bytes,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The version (stamp) of the entry now held.
+    pub version: Stamp,
+    /// Who wrote the entry now held.
+    pub writer: NodeId,
+}
+
+/// What a local write does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Write {
+    /// Set a value (leased for the configured lease time).
+    Set,
+    /// Set a value that expires after `ttl_ms` unless refreshed.
+    Ephemeral { ttl_ms: u64 },
+    /// Delete (a tombstone; the lease is given up with it).
+    Delete,
+    /// Keep the value, give up the lease.
+    Release,
+}
+
+/// A lease as the local replica sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The node holding it.
+    pub owner: NodeId,
+    /// When it lapses, in ms since the Unix epoch.
+    pub until_ms: u64,
+    /// The lease epoch (increases with each new claim of the key).
+    pub epoch: u64,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    entries: BTreeMap<Bytes, (Entry, u64)>,
+    hash: u64,
+}
+
+/// Settings of a replica.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplicaConfig {
+    pub(crate) leasing: bool,
+    pub(crate) lease_ms: u64,
+    pub(crate) tombstone_grace_ms: u64,
+    pub(crate) max_skew_ms: u64,
+}
+
+/// Every key's latest entry.
+#[derive(Debug)]
+pub(crate) struct Replica {
+    me: NodeId,
+    cfg: ReplicaConfig,
+    hlc: Hlc,
+    buckets: Vec<Bucket>,
+    root: u64,
+    entries: usize,
+}
+
+impl Replica {
+    pub(crate) fn new(me: NodeId, cfg: ReplicaConfig) -> Self {
+        Replica {
+            me,
+            hlc: Hlc::new(cfg.max_skew_ms),
+            cfg,
+            buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
+            root: 0,
+            entries: 0,
+        }
+    }
+
+    pub(crate) fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    pub(crate) fn leasing(&self) -> bool {
+        self.cfg.leasing
+    }
+
+    /// The entry held for `key`, tombstones and expired entries included.
+    pub(crate) fn entry(&self, key: &[u8]) -> Option<&Entry> {
+        self.buckets[bucket_of(key)]
+            .entries
+            .get(key)
+            .map(|(e, _)| e)
+    }
+
+    /// The live value of `key`: not deleted, not expired.
+    pub(crate) fn get(&self, key: &[u8], now_ms: u64) -> Option<&Entry> {
+        self.entry(key)
+            .filter(|e| !e.is_deleted() && !e.expired(now_ms))
+    }
+
+    /// The live lease on `key`, if any.
+    pub(crate) fn lease(&self, key: &[u8], now_ms: u64) -> Option<Lease> {
+        let e = self.entry(key)?;
+        (self.cfg.leasing && e.lease_live(now_ms)).then(|| Lease {
+            owner: e.writer.clone(),
+            until_ms: e.lease_until,
+            epoch: e.epoch,
+        })
+    }
+
+    /// Every live entry, in bucket then key order.
+    pub(crate) fn live(&self, now_ms: u64) -> impl Iterator<Item = (&Bytes, &Entry)> {
+        self.buckets.iter().flat_map(move |b| {
+            b.entries
+                .iter()
+                .filter(move |(_, (e, _))| !e.is_deleted() && !e.expired(now_ms))
+                .map(|(k, (e, _))| (k, e))
+        })
+    }
+
+    /// Entries held, tombstones included.
+    pub(crate) fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// XOR of every entry's hash: equal replicas have equal roots.
+    pub(crate) fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// The hash of every bucket.
+    pub(crate) fn bucket_hashes(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.hash).collect()
+    }
+
+    /// Applies a local write under the lease rules and returns the entry
+    /// written (to push to the mesh) and the changes.
+    pub(crate) fn write(
+        &mut self,
+        key: Bytes,
+        value: Option<Bytes>,
+        what: Write,
+        now_ms: u64,
+    ) -> Result<(Entry, Vec<Change>), SyncError> {
+        let stamp = self.hlc.stamp(now_ms);
+        // Judged by the write's own stamp, which is at least now.
+        let at = stamp.millis();
+        let current = self.entry(&key).cloned();
+        if what == Write::Release {
+            // Only a live value can be released, and only by its owner.
+            match &current {
+                Some(e) if e.is_deleted() || e.expired(at) => return Err(SyncError::NotFound(key)),
+                None => return Err(SyncError::NotFound(key)),
+                Some(e) if self.cfg.leasing && e.writer != self.me && e.lease_live(at) => {
+                    return Err(SyncError::LeaseHeld {
+                        key,
+                        owner: e.writer.clone(),
+                        until_ms: e.lease_until,
+                    });
+                }
+                Some(e) if self.cfg.leasing && !e.lease_live(at) => {
+                    // Nothing to give up: the key is open already.
+                    return Ok((e.clone(), Vec::new()));
+                }
+                Some(_) => {}
+            }
+        }
+        let (epoch, claim) = if !self.cfg.leasing {
+            (0, Stamp::default())
+        } else {
+            match &current {
+                None => (1, stamp),
+                Some(e) if e.lease_live(at) && e.writer != self.me => {
+                    return Err(SyncError::LeaseHeld {
+                        key,
+                        owner: e.writer.clone(),
+                        until_ms: e.lease_until,
+                    });
+                }
+                Some(e) if e.lease_live(at) => (e.epoch, e.claim),
+                Some(e) => (e.epoch + 1, stamp),
+            }
+        };
+        let (value, lease_until, expires_at, ttl_ms) = match what {
+            Write::Set => (value, at + self.cfg.lease_ms, 0, 0),
+            Write::Ephemeral { ttl_ms } => (value, at + ttl_ms, at + ttl_ms, ttl_ms),
+            Write::Delete => (None, at, 0, 0),
+            Write::Release => {
+                let Some(e) = current.filter(|e| !e.is_deleted() && !e.expired(at)) else {
+                    return Err(SyncError::NotFound(key));
+                };
+                (e.value, at, e.expires_at, e.ttl_ms)
+            }
+        };
+        let entry = Entry {
+            value,
+            stamp,
+            writer: self.me.clone(),
+            epoch,
+            claim,
+            lease_until: if self.cfg.leasing { lease_until } else { 0 },
+            expires_at,
+            ttl_ms,
+        };
+        let changes = self.put(key, entry.clone(), at);
+        Ok((entry, changes))
+    }
+
+    /// Merges an entry from another node. `Ok(changes)` (empty when ours
+    /// wins); an error when its stamp is too far ahead of our clock, or it
+    /// is a tombstone older than the grace period (it was collected here and
+    /// must not come back).
+    pub(crate) fn apply(
+        &mut self,
+        key: Bytes,
+        entry: Entry,
+        now_ms: u64,
+    ) -> Result<Vec<Change>, TooFarAhead> {
+        self.hlc.observe(entry.stamp, now_ms)?;
+        if entry.is_deleted() && self.collectable(&entry, now_ms) {
+            return Ok(Vec::new());
+        }
+        if let Some(current) = self.entry(&key) {
+            if !entry.beats(current, self.cfg.leasing) {
+                return Ok(Vec::new());
+            }
+        }
+        Ok(self.put(key, entry, now_ms))
+    }
+
+    fn collectable(&self, tombstone: &Entry, now_ms: u64) -> bool {
+        tombstone
+            .stamp
+            .millis()
+            .saturating_add(self.cfg.tombstone_grace_ms)
+            <= now_ms
+    }
+
+    /// Stores `entry` (already known to win) and says what changed.
+    fn put(&mut self, key: Bytes, entry: Entry, now_ms: u64) -> Vec<Change> {
+        let hash = entry.hash(&key);
+        let bucket = &mut self.buckets[bucket_of(&key)];
+        let old = bucket.entries.insert(key.clone(), (entry.clone(), hash));
+        bucket.hash ^= hash;
+        self.root ^= hash;
+        if let Some((_, old_hash)) = &old {
+            bucket.hash ^= old_hash;
+            self.root ^= old_hash;
+        } else {
+            self.entries += 1;
+        }
+        let mut changes = Vec::new();
+        let old = old.map(|(e, _)| e);
+        if let Some(old) = &old {
+            // Our live lease, replaced by another node's claim (a rival
+            // claim that won, seen after a partition or a race).
+            if self.cfg.leasing
+                && old.writer == self.me
+                && entry.writer != self.me
+                && !old.is_deleted()
+                && old.lease_live(now_ms)
+            {
+                changes.push(Change {
+                    key: key.clone(),
+                    kind: ChangeKind::LeaseLost {
+                        new_owner: entry.writer.clone(),
+                    },
+                    version: entry.stamp,
+                    writer: entry.writer.clone(),
+                });
+            }
+        }
+        let was_live = old
+            .as_ref()
+            .is_some_and(|e| !e.is_deleted() && !e.expired(now_ms));
+        let kind = match (&entry.value, entry.expired(now_ms)) {
+            (Some(v), false) => Some(ChangeKind::Set(v.clone())),
+            _ if was_live => Some(ChangeKind::Deleted),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            changes.push(Change {
+                key,
+                kind,
+                version: entry.stamp,
+                writer: entry.writer,
+            });
+        }
+        changes
+    }
+
+    /// Housekeeping at `now_ms`: expired ephemeral entries become
+    /// tombstones (the same tombstone on every node: stamped at the expiry,
+    /// in the owner's claim), and tombstones older than the grace period are
+    /// collected.
+    pub(crate) fn sweep(&mut self, now_ms: u64) -> Vec<Change> {
+        let mut expired = Vec::new();
+        let mut collect = Vec::new();
+        for b in &self.buckets {
+            for (k, (e, _)) in &b.entries {
+                if e.is_deleted() {
+                    if self.collectable(e, now_ms) {
+                        collect.push(k.clone());
+                    }
+                } else if e.expired(now_ms) {
+                    expired.push((k.clone(), e.clone()));
+                }
+            }
+        }
+        let mut changes = Vec::new();
+        for (k, e) in expired {
+            let tombstone = Entry {
+                value: None,
+                stamp: Stamp::new(e.expires_at, 0).max(e.stamp.next()),
+                lease_until: if self.cfg.leasing { e.expires_at } else { 0 },
+                expires_at: 0,
+                ttl_ms: 0,
+                ..e
+            };
+            self.put(k.clone(), tombstone.clone(), now_ms);
+            changes.push(Change {
+                key: k,
+                kind: ChangeKind::Deleted,
+                version: tombstone.stamp,
+                writer: tombstone.writer,
+            });
+        }
+        for k in collect {
+            let bucket = &mut self.buckets[bucket_of(&k)];
+            if let Some((_, hash)) = bucket.entries.remove(&k) {
+                bucket.hash ^= hash;
+                self.root ^= hash;
+                self.entries -= 1;
+            }
+        }
+        changes
+    }
+
+    /// This node's own ephemeral entries that are a third or more through
+    /// their time to live: the node rewrites them to keep them alive.
+    pub(crate) fn refresh_due(&self, now_ms: u64) -> Vec<(Bytes, Bytes, u64)> {
+        let mut due = Vec::new();
+        for b in &self.buckets {
+            for (k, (e, _)) in &b.entries {
+                if e.writer == self.me && e.expires_at != 0 && !e.expired(now_ms) {
+                    if let Some(v) = &e.value {
+                        let left = e.expires_at - now_ms;
+                        if left * 3 <= e.ttl_ms * 2 {
+                            due.push((k.clone(), v.clone(), e.ttl_ms));
+                        }
+                    }
+                }
+            }
+        }
+        due
+    }
+
+    /// Entries of `buckets` (ascending) after `after`, at most
+    /// `max_entries` or about `max_bytes`; with the position to resume at
+    /// when more remain.
+    pub(crate) fn chunk(
+        &self,
+        buckets: &[u32],
+        after: Option<Cursor>,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> (Vec<(Bytes, Entry)>, Option<Cursor>) {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut last = None;
+        for &b in buckets {
+            let Some(bucket) = self.buckets.get(b as usize) else {
+                continue;
+            };
+            let range = match &after {
+                Some((ab, _)) if b < *ab => continue,
+                Some((ab, k)) if b == *ab => bucket
+                    .entries
+                    .range::<Bytes, _>((Bound::Excluded(k.clone()), Bound::Unbounded)),
+                _ => bucket.entries.range::<Bytes, _>(..),
+            };
+            for (k, (e, _)) in range {
+                if out.len() >= max_entries || (bytes >= max_bytes && !out.is_empty()) {
+                    return (out, last);
+                }
+                bytes += k.len() + e.value.as_ref().map_or(0, |v| v.len()) + 64;
+                out.push((k.clone(), e.clone()));
+                last = Some((b, k.clone()));
+            }
+        }
+        (out, None)
+    }
+
+    /// The hashes of the entries in `buckets`, by key.
+    pub(crate) fn hashes_in(&self, buckets: &[u32]) -> Vec<(Bytes, u64)> {
+        buckets
+            .iter()
+            .filter_map(|b| self.buckets.get(*b as usize))
+            .flat_map(|b| b.entries.iter().map(|(k, (_, h))| (k.clone(), *h)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

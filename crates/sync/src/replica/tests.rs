@@ -1,0 +1,367 @@
+#![allow(clippy::unwrap_used)]
+
+use proptest::prelude::*;
+
+use super::*;
+
+const LEASE: u64 = 60_000;
+
+fn id(n: u8) -> NodeId {
+    NodeId::from_bytes(vec![n; 32]).unwrap()
+}
+
+fn replica(n: u8, leasing: bool) -> Replica {
+    Replica::new(
+        id(n),
+        ReplicaConfig {
+            leasing,
+            lease_ms: LEASE,
+            tombstone_grace_ms: 600_000,
+            max_skew_ms: 60_000,
+        },
+    )
+}
+
+fn k(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn set(r: &mut Replica, key: &str, value: &str, now: u64) -> Result<Entry, SyncError> {
+    r.write(k(key), Some(k(value)), Write::Set, now)
+        .map(|(e, _)| e)
+}
+
+#[test]
+fn a_live_lease_refuses_other_writers_and_lapses_by_the_writers_stamp() {
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    let e = set(&mut a, "k", "a1", 1_000).unwrap();
+    assert_eq!((e.epoch, e.lease_until), (1, 1_000 + LEASE));
+    b.apply(k("k"), e, 1_000).unwrap();
+
+    match set(&mut b, "k", "b1", 30_000) {
+        Err(SyncError::LeaseHeld {
+            owner, until_ms, ..
+        }) => {
+            assert_eq!(owner, id(1));
+            assert_eq!(until_ms, 1_000 + LEASE);
+        }
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
+    // The owner writes on; its claim and epoch stay, its lease is renewed.
+    let e2 = set(&mut a, "k", "a2", 40_000).unwrap();
+    assert_eq!((e2.epoch, e2.claim), (1, Stamp::new(1_000, 0)));
+    assert_eq!(e2.lease_until, 40_000 + LEASE);
+    b.apply(k("k"), e2, 40_000).unwrap();
+    // Past the first lease, but not the renewed one.
+    assert!(set(&mut b, "k", "b2", 1_000 + LEASE + 1).is_err());
+    // Past the renewed one: b claims the next epoch.
+    let e3 = set(&mut b, "k", "b3", 40_000 + LEASE).unwrap();
+    assert_eq!((e3.epoch, e3.writer.clone()), (2, id(2)));
+    let changes = a.apply(k("k"), e3, 40_000 + LEASE).unwrap();
+    assert_eq!(a.get(b"k", 40_000 + LEASE).unwrap().value, Some(k("b3")));
+    // a's lease had lapsed: a plain change, not a lost lease.
+    assert!(
+        changes
+            .iter()
+            .all(|c| !matches!(c.kind, ChangeKind::LeaseLost { .. }))
+    );
+}
+
+#[test]
+fn a_release_opens_the_key_at_once() {
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    b.apply(k("k"), set(&mut a, "k", "a", 1_000).unwrap(), 1_000)
+        .unwrap();
+    let (released, _) = a.write(k("k"), None, Write::Release, 2_000).unwrap();
+    assert_eq!(released.value, Some(k("a")), "the value stays");
+    b.apply(k("k"), released, 2_000).unwrap();
+    assert!(b.lease(b"k", 2_001).is_none());
+    let e = set(&mut b, "k", "b", 2_001).unwrap();
+    assert_eq!(e.epoch, 2);
+    // Releasing an open key changes nothing.
+    let root = a.root();
+    let (same, changes) = a.write(k("k"), None, Write::Release, 2_500).unwrap();
+    assert!(changes.is_empty());
+    assert_eq!((same.epoch, a.root()), (1, root));
+    // Releasing someone else's key is refused; an absent key is NotFound.
+    a.apply(k("k"), e, 2_001).unwrap();
+    assert!(matches!(
+        a.write(k("k"), None, Write::Release, 2_500),
+        Err(SyncError::LeaseHeld { .. })
+    ));
+    assert!(matches!(
+        a.write(k("nothing"), None, Write::Release, 2_500),
+        Err(SyncError::NotFound(_))
+    ));
+}
+
+#[test]
+fn concurrent_claims_resolve_to_the_earliest_and_the_loser_hears_of_it() {
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    // Neither has seen the other's claim (a partition).
+    let ea = set(&mut a, "k", "a", 5_000).unwrap();
+    let eb = set(&mut b, "k", "b", 4_000).unwrap();
+    let lost = a.apply(k("k"), eb.clone(), 5_001).unwrap();
+    assert!(
+        lost.iter()
+            .any(|c| matches!(&c.kind, ChangeKind::LeaseLost { new_owner } if *new_owner == id(2)))
+    );
+    assert!(b.apply(k("k"), ea, 5_001).unwrap().is_empty());
+    assert_eq!(a.entry(b"k"), b.entry(b"k"));
+    assert_eq!(a.root(), b.root());
+    assert_eq!(a.lease(b"k", 5_002).unwrap().owner, id(2));
+}
+
+#[test]
+fn clock_skew_cannot_steal_a_lease_or_drag_the_clock_forward() {
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    // b's wall clock is 10 s behind a's. a writes at its 100 000.
+    let e = set(&mut a, "k", "a", 100_000).unwrap();
+    b.apply(k("k"), e, 90_000).unwrap();
+    // b's next stamp is after a's, though its wall clock is behind.
+    let other = set(&mut b, "other", "x", 90_001).unwrap();
+    assert!(other.stamp > Stamp::new(100_000, 0));
+    // The lease is judged by b's write's stamp (at least a's), so b still
+    // cannot write before a's lease lapses by that stamp.
+    assert!(set(&mut b, "k", "b", 90_000 + LEASE).is_err());
+    assert!(set(&mut b, "k", "b", 100_000 + LEASE).is_ok());
+    // A stamp more than the allowed skew ahead is refused.
+    let mut far = replica(3, true);
+    let e = set(&mut far, "f", "x", 200_000).unwrap();
+    assert!(a.apply(k("f"), e, 100_000).is_err());
+    assert!(a.entry(b"f").is_none());
+}
+
+#[test]
+fn same_millisecond_writes_are_ordered_by_stamp_not_by_node_id() {
+    // py2p judged leases in whole seconds of the sender's clock; here two
+    // writes in the same millisecond are still ordered by their stamps.
+    let mut a = replica(9, false);
+    let mut b = replica(1, false);
+    let first = set(&mut a, "k", "first", 1_000).unwrap();
+    b.apply(k("k"), first, 1_000).unwrap();
+    let second = set(&mut b, "k", "second", 1_000).unwrap();
+    assert!(second.stamp > Stamp::new(1_000, 0));
+    a.apply(k("k"), second, 1_000).unwrap();
+    assert_eq!(a.get(b"k", 1_000).unwrap().value, Some(k("second")));
+    assert_eq!(a.root(), b.root());
+}
+
+#[test]
+fn deletes_win_over_older_values_and_are_collected_after_the_grace() {
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    let v = set(&mut a, "k", "v", 1_000).unwrap();
+    b.apply(k("k"), v.clone(), 1_000).unwrap();
+    let (tomb, changes) = a.write(k("k"), None, Write::Delete, 2_000).unwrap();
+    assert!(matches!(changes[0].kind, ChangeKind::Deleted));
+    assert!(a.get(b"k", 2_000).is_none());
+    // b reconnects still holding the old value: it does not come back.
+    assert!(a.apply(k("k"), v.clone(), 2_001).unwrap().is_empty());
+    b.apply(k("k"), tomb.clone(), 2_001).unwrap();
+    assert!(b.get(b"k", 2_001).is_none());
+    assert_eq!(a.root(), b.root());
+    // After the grace period the tombstone is collected, and an old copy of
+    // it is not taken back.
+    a.sweep(2_000 + 600_000);
+    assert!(a.entry(b"k").is_none());
+    assert_eq!(a.entries(), 0);
+    assert!(a.apply(k("k"), tomb, 2_000 + 600_001).unwrap().is_empty());
+    assert_eq!(a.root(), 0);
+}
+
+#[test]
+fn ephemeral_entries_expire_into_the_same_tombstone_everywhere() {
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    let (e, _) = a
+        .write(
+            k("svc"),
+            Some(k("up")),
+            Write::Ephemeral { ttl_ms: 3_000 },
+            1_000,
+        )
+        .unwrap();
+    assert_eq!((e.expires_at, e.lease_until), (4_000, 4_000));
+    b.apply(k("svc"), e, 1_000).unwrap();
+    // Refresh falls due a third of the way through.
+    assert!(a.refresh_due(1_500).is_empty());
+    assert_eq!(a.refresh_due(2_000).len(), 1);
+    assert!(b.refresh_due(2_000).is_empty(), "only the owner refreshes");
+    // Expired: hidden at once, then swept into a tombstone.
+    assert!(b.get(b"svc", 4_000).is_none());
+    let changes = b.sweep(4_100);
+    assert!(matches!(changes[0].kind, ChangeKind::Deleted));
+    a.sweep(4_500);
+    assert_eq!(a.root(), b.root(), "both made the same tombstone");
+    // Another node that has seen the expiry may claim it now (next epoch).
+    let mut c = replica(3, true);
+    c.apply(k("svc"), b.entry(b"svc").unwrap().clone(), 4_600)
+        .unwrap();
+    let claim = set(&mut c, "svc", "new", 5_000).unwrap();
+    assert_eq!(claim.epoch, 2);
+    b.apply(k("svc"), claim, 5_000).unwrap();
+    assert_eq!(b.get(b"svc", 5_000).unwrap().writer, id(3));
+}
+
+#[test]
+fn chunks_resume_where_they_stopped_and_cover_every_entry_once() {
+    let mut a = replica(1, false);
+    for i in 0..500 {
+        set(&mut a, &format!("key-{i}"), "v", 1_000 + i).unwrap();
+    }
+    let all: Vec<u32> = (0..BUCKETS as u32).collect();
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut chunks = 0;
+    loop {
+        let (entries, next) = a.chunk(&all, after, 37, usize::MAX);
+        assert!(entries.len() <= 37);
+        seen.extend(entries.into_iter().map(|(k, _)| k));
+        chunks += 1;
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(chunks, 500usize.div_ceil(37));
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 500);
+    // A byte budget cuts chunks too, but always makes progress.
+    let (entries, next) = a.chunk(&all, None, 1000, 1);
+    assert_eq!(entries.len(), 1);
+    assert!(next.is_some());
+}
+
+#[test]
+fn sizes_of_keys_in_buckets_and_hashes_agree() {
+    let mut a = replica(1, false);
+    for i in 0..100 {
+        set(&mut a, &format!("k{i}"), "v", 1_000).unwrap();
+    }
+    let all: Vec<u32> = (0..BUCKETS as u32).collect();
+    assert_eq!(a.hashes_in(&all).len(), 100);
+    let xor = a.bucket_hashes().iter().fold(0, |x, h| x ^ h);
+    assert_eq!(xor, a.root());
+}
+
+// Property: any order and any duplication of the same writes gives the
+// same replica, with leasing on and off.
+
+#[derive(Debug, Clone)]
+struct Op {
+    writer: u8,
+    key: u8,
+    at: u64,
+    what: u8,
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    prop::collection::vec(
+        (1u8..5, 0u8..4, 0u64..200_000, 0u8..6).prop_map(|(writer, key, at, what)| Op {
+            writer,
+            key,
+            at,
+            what,
+        }),
+        1..40,
+    )
+}
+
+/// Plays `ops` on per-writer replicas that exchange everything they write
+/// only sometimes (`share`), so claims are concurrent; returns every entry
+/// written.
+fn history(ops: &[Op], leasing: bool, share: &[bool]) -> Vec<(Bytes, Entry)> {
+    let mut writers: Vec<Replica> = (1..5).map(|n| replica(n, leasing)).collect();
+    let mut written = Vec::new();
+    let mut ops = ops.to_vec();
+    ops.sort_by_key(|o| o.at);
+    for (i, op) in ops.iter().enumerate() {
+        let r = &mut writers[op.writer as usize - 1];
+        let key = Bytes::from(vec![b'k', op.key]);
+        let what = match op.what {
+            0 => Write::Delete,
+            1 => Write::Release,
+            2 => Write::Ephemeral { ttl_ms: 30_000 },
+            _ => Write::Set,
+        };
+        let value = Some(Bytes::from(format!("{}-{}", op.writer, op.at)));
+        if let Ok((e, _)) = r.write(key.clone(), value, what, op.at) {
+            written.push((key.clone(), e.clone()));
+            if share.get(i).copied().unwrap_or(false) {
+                for (j, other) in writers.iter_mut().enumerate() {
+                    if j != op.writer as usize - 1 {
+                        let _ = other.apply(key.clone(), e.clone(), op.at);
+                    }
+                }
+            }
+        }
+    }
+    written
+}
+
+fn replay(writes: &[(Bytes, Entry)], leasing: bool) -> (u64, Vec<(Bytes, Entry)>) {
+    let mut r = replica(9, leasing);
+    for (k, e) in writes {
+        r.apply(k.clone(), e.clone(), 200_000).unwrap();
+    }
+    let all: Vec<u32> = (0..BUCKETS as u32).collect();
+    let (mut entries, _) = r.chunk(&all, None, usize::MAX, usize::MAX);
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    (r.root(), entries)
+}
+
+proptest! {
+    #[test]
+    fn merge_is_order_and_duplicate_insensitive(
+        ops in ops(),
+        share in prop::collection::vec(any::<bool>(), 40),
+        leasing in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let writes = history(&ops, leasing, &share);
+        let reference = replay(&writes, leasing);
+        // A shuffled copy with some writes repeated.
+        let mut shuffled = writes.clone();
+        let mut rng = seed;
+        let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+        for i in (1..shuffled.len()).rev() {
+            let j = (next() % (i as u64 + 1)) as usize;
+            shuffled.swap(i, j);
+        }
+        let dups: Vec<_> = shuffled.iter().filter(|_| next() % 3 == 0).cloned().collect();
+        shuffled.extend(dups);
+        prop_assert_eq!(replay(&shuffled, leasing), reference.clone());
+        // Merging two halves separately, then one into the other, is the same.
+        let (left, right) = shuffled.split_at(shuffled.len() / 2);
+        let mut l = replica(7, leasing);
+        for (k, e) in left { l.apply(k.clone(), e.clone(), 200_000).unwrap(); }
+        let mut r = replica(8, leasing);
+        for (k, e) in right { r.apply(k.clone(), e.clone(), 200_000).unwrap(); }
+        let all: Vec<u32> = (0..BUCKETS as u32).collect();
+        let (from_r, _) = r.chunk(&all, None, usize::MAX, usize::MAX);
+        for (k, e) in from_r { l.apply(k, e, 200_000).unwrap(); }
+        prop_assert_eq!(l.root(), reference.0);
+    }
+
+    #[test]
+    fn with_leasing_a_key_never_has_two_owners_across_replicas(
+        ops in ops(),
+        share in prop::collection::vec(any::<bool>(), 40),
+    ) {
+        // Every replica that has seen all writes agrees on each key's owner,
+        // which is the writer of the winning entry.
+        let writes = history(&ops, true, &share);
+        let (_, a) = replay(&writes, true);
+        let mut reversed = writes.clone();
+        reversed.reverse();
+        let (_, b) = replay(&reversed, true);
+        let owners = |v: &[(Bytes, Entry)]| v.iter().map(|(k, e)| (k.clone(), e.writer.clone())).collect::<Vec<_>>();
+        prop_assert_eq!(owners(&a), owners(&b));
+    }
+}
