@@ -256,6 +256,10 @@ async fn one_command_one_concern_and_late_additions_start_at_once() {
 /// `n` nodes, each seeded with up to 2 random earlier nodes, 2..4 peers:
 /// a random sparse mesh.
 async fn random_mesh(net: &MemNetwork, n: usize, seed: u64) -> Vec<TestNode> {
+    random_mesh_max(net, n, 4, seed).await
+}
+
+async fn random_mesh_max(net: &MemNetwork, n: usize, max: usize, seed: u64) -> Vec<TestNode> {
     eprintln!("random mesh of {n} nodes, seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut nodes = Vec::new();
@@ -266,7 +270,7 @@ async fn random_mesh(net: &MemNetwork, n: usize, seed: u64) -> Vec<TestNode> {
         }
         let cfg = seeded(&seeds)
             .with_min_peers(2)
-            .with_max_peers(4)
+            .with_max_peers(max)
             .with_rng_seed(seed + i as u64);
         nodes.push(start(net, &format!("r{i}"), cfg).await);
     }
@@ -444,11 +448,15 @@ async fn a_flooding_peer_does_not_starve_another() {
         let ctx = flooder.ctx();
         let sid = sid.clone();
         tokio::spawn(async move {
-            let calls = (0..300).map(|_| ctx.request(&sid, "slow", 60 * S));
+            let calls = (0..300).map(|_| async {
+                let t = Instant::now();
+                let r = ctx.request(&sid, "slow", 60 * S).await;
+                (r, t.elapsed())
+            });
             let results = futures_util::future::join_all(calls).await;
             let overloaded = results
                 .iter()
-                .filter(|r| {
+                .filter(|(r, _)| {
                     matches!(
                         r,
                         Err(ConcernsError::Remote {
@@ -458,7 +466,13 @@ async fn a_flooding_peer_does_not_starve_another() {
                     )
                 })
                 .count();
-            (results.iter().filter(|r| r.is_ok()).count(), overloaded)
+            let mut served: Vec<Duration> = results
+                .iter()
+                .filter(|(r, _)| r.is_ok())
+                .map(|(_, t)| *t)
+                .collect();
+            served.sort_unstable();
+            (served, overloaded)
         })
     };
     sleep(5 * MS).await;
@@ -468,13 +482,106 @@ async fn a_flooding_peer_does_not_starve_another() {
         polite.ctx().request(&sid, "slow", 10 * S).await.unwrap();
         worst = worst.max(t.elapsed());
     }
-    let (ok, overloaded) = flood.await.unwrap();
-    eprintln!("polite worst latency {worst:?}; flooder: {ok} served, {overloaded} overloaded");
+    let (served, overloaded) = flood.await.unwrap();
+    let ok = served.len();
+    let (median, slowest) = (served[ok / 2], served[ok - 1]);
+    eprintln!(
+        "polite: worst latency {worst:?}; flooder: {ok} served (median latency {median:?}, \
+         worst {slowest:?}), {overloaded} overloaded"
+    );
     // Round robin: the polite peer waits at most for the request running
     // and one flooder request ahead of its own (10 ms each), never for the
-    // flooder's backlog (up to 64 queued: 640 ms).
+    // flooder's backlog (up to 64 queued: 640 ms)...
     assert!(worst <= 35 * MS, "polite peer waited {worst:?}");
+    // ...which the flooder itself waits through.
+    assert!(slowest >= 20 * worst, "flooder's worst {slowest:?}");
+    assert!(median >= 10 * worst, "flooder's median {median:?}");
     assert_eq!(ok + overloaded, 300);
     assert!(overloaded > 0, "the flooder's own queue is bounded");
     stop(vec![server, flooder, polite]).await;
+}
+
+/// Hops between every pair of nodes over their responsive links, by BFS.
+fn distances(nodes: &[TestNode]) -> Vec<Vec<Option<usize>>> {
+    let index: HashMap<NodeId, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id().clone(), i))
+        .collect();
+    let adj: Vec<Vec<usize>> = nodes
+        .iter()
+        .map(|n| {
+            n.concerns
+                .peers()
+                .neighbours()
+                .iter()
+                .filter_map(|p| index.get(p).copied())
+                .collect()
+        })
+        .collect();
+    (0..nodes.len())
+        .map(|from| {
+            let mut dist = vec![None; nodes.len()];
+            dist[from] = Some(0);
+            let mut queue = std::collections::VecDeque::from([from]);
+            while let Some(i) = queue.pop_front() {
+                let d = dist[i].unwrap_or(0);
+                for &j in &adj[i] {
+                    if dist[j].is_none() {
+                        dist[j] = Some(d + 1);
+                        queue.push_back(j);
+                    }
+                }
+            }
+            dist
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_are_routed_across_six_and_more_hops_of_a_sparse_mesh() {
+    for seed in [1u64, 2, 3] {
+        let net = MemNetwork::new();
+        // At most 3 peers each: long paths (diameters of 9 to 14 hops).
+        let nodes = random_mesh_max(&net, 60, 3, seed).await;
+        let dist = distances(&nodes);
+        // The pairs 6 or more hops apart, farthest first; a few of them.
+        let mut far: Vec<(usize, usize, usize)> = Vec::new();
+        for (a, row) in dist.iter().enumerate() {
+            for (b, d) in row.iter().enumerate() {
+                let d = d.unwrap_or_else(|| panic!("{a} cannot reach {b} (seed {seed})"));
+                if a < b && d >= 6 {
+                    far.push((d, a, b));
+                }
+            }
+        }
+        far.sort_unstable_by(|x, y| y.cmp(x));
+        assert!(!far.is_empty(), "no pair 6 hops apart (seed {seed})");
+        for &(d, a, b) in far.iter().step_by(far.len().div_ceil(5).max(1)) {
+            let payload = format!("{a} to {b}");
+            let reply = nodes[a]
+                .ctx()
+                .request_to(nodes[b].id(), payload.clone(), 10 * S)
+                .await
+                .unwrap_or_else(|e| panic!("{payload}, {d} hops (seed {seed}): {e}"));
+            assert_eq!(reply, Bytes::from(payload.clone()), "seed {seed}");
+            assert_eq!(nodes[b].probe.count_from(nodes[a].id()), 1, "seed {seed}");
+            let route = nodes[a]
+                .concerns
+                .routes()
+                .into_iter()
+                .find(|r| r.target == *nodes[b].id())
+                .unwrap_or_else(|| panic!("no route kept for {payload} (seed {seed})"));
+            assert!(
+                route.hops as usize >= d,
+                "{payload}: a route of {} hops, {d} at least (seed {seed})",
+                route.hops
+            );
+            eprintln!(
+                "seed {seed}: {payload}: {d} hops apart, routed over {}",
+                route.hops
+            );
+        }
+        stop(nodes).await;
+    }
 }
