@@ -92,6 +92,17 @@ impl Context {
         peer: &NodeId,
         payload: impl Into<Bytes>,
     ) -> Result<(), ConcernsError> {
+        self.send_with(peer, payload, Priority::Normal).await
+    }
+
+    /// [`send`](Self::send) on a chosen lane (e.g. [`Priority::Bulk`] for
+    /// a transfer that must not hold up replies and control traffic).
+    pub async fn send_with(
+        &self,
+        peer: &NodeId,
+        payload: impl Into<Bytes>,
+        priority: Priority,
+    ) -> Result<(), ConcernsError> {
         let r = self
             .inner
             .send_direct(
@@ -100,7 +111,7 @@ impl Context {
                 0,
                 ConcernKind::Request,
                 payload.into(),
-                Priority::Normal,
+                priority,
             )
             .await;
         self.inner.notify(self.command, peer, r.as_ref().err());

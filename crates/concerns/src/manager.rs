@@ -644,8 +644,21 @@ impl ConcernsBuilder {
     }
 
     /// Registers everything, starts the dispatcher, then calls every
-    /// concern's `on_start`. Fails on two concerns for one command id.
+    /// concern's `on_start`. Fails with [`ConcernsError::DuplicateCommand`]
+    /// on two concerns for one command id (the built-in ones included),
+    /// before touching the peer manager, so that a corrected builder can
+    /// still be started on the same one.
     pub async fn start(self) -> Result<Concerns, ConcernsError> {
+        // Refuse a duplicate before taking the peer manager's inbound queue,
+        // so that a corrected list can still be started on it.
+        let mut commands: Vec<u32> = self.concerns.iter().map(|c| c.command()).collect();
+        if self.builtins {
+            commands.extend([FLOOD, ROUTING, TOPICS]);
+        }
+        commands.sort_unstable();
+        if let Some(w) = commands.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConcernsError::DuplicateCommand(w[0]));
+        }
         let inbound = self
             .peers
             .take_inbound()

@@ -585,3 +585,230 @@ async fn requests_are_routed_across_six_and_more_hops_of_a_sparse_mesh() {
         stop(nodes).await;
     }
 }
+
+/// Records its lifecycle, the fate of what it sent and unawaited replies;
+/// echoes requests ('s…' after 50 ms, 'c…' on the control lane).
+#[derive(Clone, Default)]
+struct Hooks {
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+const HOOKS: u32 = 50;
+
+impl Hooks {
+    fn note(&self, what: String) {
+        self.log.lock().unwrap().push(what);
+    }
+    fn seen(&self, what: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == what)
+            .count()
+    }
+}
+
+#[async_trait]
+impl Concern for Hooks {
+    fn command(&self) -> u32 {
+        HOOKS
+    }
+    async fn on_start(&self, _ctx: &Context) {
+        self.note("start".into());
+    }
+    async fn on_stop(&self, _ctx: &Context) {
+        self.note("stop".into());
+    }
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        _from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        self.note(format!("request {}", String::from_utf8_lossy(&payload)));
+        match payload.first() {
+            Some(b's') => {
+                sleep(50 * MS).await;
+                Ok(Some(Reply::new(payload)))
+            }
+            Some(b'c') => Ok(Some(
+                Reply::new(payload).with_priority(meshwork_concerns::transport::Priority::Control),
+            )),
+            _ => Ok(Some(Reply::new(payload))),
+        }
+    }
+    async fn on_reply(&self, _ctx: &Context, from: &NodeId, payload: Bytes) {
+        self.note(format!(
+            "reply {} from {}",
+            String::from_utf8_lossy(&payload),
+            from.short()
+        ));
+    }
+    fn on_sent(&self, to: &NodeId) {
+        self.note(format!("sent to {}", to.short()));
+    }
+    fn on_send_failed(&self, to: &NodeId, _error: &ConcernsError) {
+        self.note(format!("failed to {}", to.short()));
+    }
+    fn on_dropped(&self, to: &NodeId) {
+        self.note(format!("dropped to {}", to.short()));
+    }
+}
+
+/// A peer manager for `name` on `net`, seeded with `seeds`, nothing above it.
+async fn bare_peers(net: &MemNetwork, name: &str, seeds: &[String]) -> PeerManager {
+    let transport = Config::new("concerns-test")
+        .with_insecure_plaintext()
+        .with_keepalive(None, None);
+    let endpoint = Endpoint::new(transport, net.transport(name));
+    endpoint
+        .listen(&format!("mem://{name}").parse().unwrap())
+        .await
+        .unwrap();
+    PeerManager::start(endpoint, seeded(seeds)).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn lifecycle_hooks_delivery_callbacks_and_lanes() {
+    use meshwork_concerns::transport::Priority;
+    let net = MemNetwork::new();
+    let (ha, hb) = (Hooks::default(), Hooks::default());
+    let pa = bare_peers(&net, "a", &[]).await;
+    let pb = bare_peers(&net, "b", &["mem://a".into()]).await;
+    let a = Concerns::builder(pa.clone())
+        .concern(ha.clone())
+        .start()
+        .await
+        .unwrap();
+    let b = Concerns::builder(pb.clone())
+        .concern(hb.clone())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!((ha.seen("start"), hb.seen("start")), (1, 1));
+    pa.wait_for_peers(1, 5 * S).await.unwrap();
+    pb.wait_for_peers(1, 5 * S).await.unwrap();
+    let idb = pb.node_id().clone();
+    let ctx = a.context(HOOKS);
+
+    // One-way sends: queued → on_sent; no such peer → on_send_failed.
+    ctx.send(&idb, "one-way").await.unwrap();
+    assert_eq!(ha.seen(&format!("sent to {}", idb.short())), 1);
+    let stranger = NodeId::from_bytes(vec![3; 32]).unwrap();
+    let err = ctx.send(&stranger, "x").await.unwrap_err();
+    assert!(matches!(err, ConcernsError::NotConnected(_)), "{err:?}");
+    assert_eq!(ha.seen(&format!("failed to {}", stranger.short())), 1);
+
+    // Every lane carries requests, replies and one-way messages.
+    ctx.send_with(&idb, "bulk", Priority::Bulk).await.unwrap();
+    let reply = ctx
+        .request_with(&idb, "control", S, Priority::Control)
+        .await
+        .unwrap();
+    assert_eq!(reply, Bytes::from("control"));
+    sleep(10 * MS).await;
+    assert_eq!(hb.seen("request one-way"), 1);
+    assert_eq!(hb.seen("request bulk"), 1);
+
+    // A reply that comes after its request timed out goes to on_reply.
+    let err = ctx.request(&idb, "slow", 10 * MS).await.unwrap_err();
+    assert!(matches!(err, ConcernsError::Timeout(_)), "{err:?}");
+    sleep(100 * MS).await;
+    assert_eq!(ha.seen(&format!("reply slow from {}", idb.short())), 1);
+
+    // Shutdown: on_stop once, waiting and later requests fail cleanly.
+    let waiting = {
+        let ctx = ctx.clone();
+        let idb = idb.clone();
+        tokio::spawn(async move { ctx.request(&idb, "slow again", 5 * S).await })
+    };
+    sleep(MS).await;
+    a.shutdown().await;
+    a.shutdown().await;
+    assert_eq!(ha.seen("stop"), 1);
+    let err = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(err, ConcernsError::Shutdown), "{err:?}");
+    let err = ctx.request(&idb, "late", S).await.unwrap_err();
+    assert!(matches!(err, ConcernsError::Shutdown), "{err:?}");
+    b.shutdown().await;
+    assert_eq!(hb.seen("stop"), 1);
+    assert_eq!(hb.seen("request slow again"), 1);
+    pa.shutdown().await;
+    pb.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn builder_refuses_duplicates_and_only_leaves_the_builtins_out() {
+    let net = MemNetwork::new();
+    let peers = bare_peers(&net, "solo", &[]).await;
+    let err = Concerns::builder(peers.clone())
+        .concern(Hooks::default())
+        .concern(Hooks::default())
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConcernsError::DuplicateCommand(HOOKS)),
+        "{err:?}"
+    );
+
+    /// A user concern on the flood concern's id.
+    struct Squatter;
+    #[async_trait]
+    impl Concern for Squatter {
+        fn command(&self) -> u32 {
+            meshwork_concerns::FLOOD
+        }
+        async fn on_request(
+            &self,
+            _: &Context,
+            _: &NodeId,
+            _: Bytes,
+        ) -> Result<Option<Reply>, BoxError> {
+            Ok(None)
+        }
+    }
+    let err = Concerns::builder(peers.clone())
+        .concern(Squatter)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConcernsError::DuplicateCommand(meshwork_concerns::FLOOD)
+        ),
+        "{err:?}"
+    );
+
+    // The refusals left the peer manager untouched: a corrected list starts.
+    let hooks = Hooks::default();
+    let concerns = Concerns::builder(peers.clone())
+        .only(vec![Arc::new(hooks.clone())])
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(hooks.seen("start"), 1);
+    let listed: Vec<u32> = concerns.stats().iter().map(|s| s.command).collect();
+    assert_eq!(listed, vec![HOOKS]);
+    let ctx = concerns.context(HOOKS);
+    let me = NodeId::from_bytes(vec![4; 32]).unwrap();
+    assert!(matches!(
+        ctx.broadcast("x", 4).await,
+        Err(ConcernsError::NotInstalled("flood"))
+    ));
+    assert!(matches!(
+        ctx.send_to(&me, "x").await,
+        Err(ConcernsError::NotInstalled("routing"))
+    ));
+    assert!(matches!(
+        concerns.subscribe("t"),
+        Err(ConcernsError::NotInstalled("topics"))
+    ));
+    assert!(concerns.routes().is_empty());
+    assert!(concerns.builtin_stats().is_empty());
+    concerns.shutdown().await;
+    assert_eq!(hooks.seen("stop"), 1);
+    peers.shutdown().await;
+}
