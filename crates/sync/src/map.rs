@@ -14,7 +14,7 @@ use meshwork_concerns::wire::NodeId;
 use meshwork_concerns::{BoxError, Concern, Concerns, Context, Reply};
 use prost::Message as _;
 use rand::seq::IndexedRandom;
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -106,6 +106,9 @@ pub(crate) struct Inner {
     cancel: CancellationToken,
     tracker: TaskTracker,
     rounds: Semaphore,
+    /// Set when a repair changed the replica: run rounds with every
+    /// neighbour (coalesced).
+    cascade: Notify,
 }
 
 fn lock(m: &Mutex<Replica>) -> MutexGuard<'_, Replica> {
@@ -180,6 +183,9 @@ impl Inner {
         let reply = match msg.body {
             Some(Body::Entries(e)) => {
                 let applied = self.apply(from, e.entries);
+                if e.repair && applied > 0 {
+                    self.cascade.notify_one();
+                }
                 Body::Ack(proto::Ack { applied })
             }
             Some(Body::Digest(q)) => {
@@ -316,6 +322,7 @@ impl SyncMap {
             counters: Counters::default(),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            cascade: Notify::new(),
         });
         concerns
             .add(SyncConcern {
@@ -640,6 +647,7 @@ impl SyncMap {
         };
         let body = Body::Entries(proto::Entries {
             entries: vec![entry.to_proto(&key, self.node_id())],
+            repair: false,
         });
         let payload = Bytes::from(proto::SyncMessage { body: Some(body) }.encode_to_vec());
         let peers = self.ctx.peers().neighbours();
@@ -755,6 +763,7 @@ impl SyncMap {
         // lack or hold older.
         let mut theirs: HashMap<Bytes, u64> = HashMap::new();
         let mut pulled = 0u64;
+        let mut changed = false;
         let mut after: Option<(u32, Bytes)> = None;
         loop {
             let pull = proto::Pull {
@@ -777,7 +786,9 @@ impl SyncMap {
                     theirs.insert(k.clone(), e.hash(&k));
                 }
             }
-            self.inner.apply(peer, chunk.entries);
+            if self.inner.apply(peer, chunk.entries) > 0 {
+                changed = true;
+            }
             if !chunk.more {
                 break;
             }
@@ -789,6 +800,10 @@ impl SyncMap {
             .filter(|(k, h)| theirs.get(k) != Some(h))
             .map(|(k, _)| k)
             .collect();
+        if changed {
+            // What we learnt may be news to our other neighbours too.
+            self.inner.cascade.notify_one();
+        }
         let mut sent = 0u64;
         for keys in to_send.chunks(self.inner.cfg.chunk_entries.max(1)) {
             let entries: Vec<proto::Entry> = {
@@ -801,7 +816,10 @@ impl SyncMap {
             let Body::Ack(_) = self
                 .ask(
                     peer,
-                    Body::Entries(proto::Entries { entries }),
+                    Body::Entries(proto::Entries {
+                        entries,
+                        repair: true,
+                    }),
                     Priority::Bulk,
                 )
                 .await?
@@ -877,7 +895,10 @@ async fn pusher(inner: Arc<Inner>, ctx: Context, mut rx: mpsc::Receiver<(Bytes, 
             .map(|(_, (k, e))| e.to_proto(k, &me))
             .collect();
         let n = entries.len() as u64;
-        let body = Body::Entries(proto::Entries { entries });
+        let body = Body::Entries(proto::Entries {
+            entries,
+            repair: false,
+        });
         let payload = proto::SyncMessage { body: Some(body) }.encode_to_vec();
         match ctx.broadcast(payload, inner.cfg.flood_ttl).await {
             Ok(_) => {
@@ -932,29 +953,32 @@ async fn anti_entropy(map: SyncMap) {
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     timer.tick().await;
     loop {
-        let peer = tokio::select! {
+        let peers = tokio::select! {
             _ = inner.cancel.cancelled() => return,
             _ = timer.tick() => {
                 let peers = map.ctx.peers().neighbours();
                 match peers.choose(&mut rand::rng()) {
-                    Some(p) => p.clone(),
+                    Some(p) => vec![p.clone()],
                     None => continue,
                 }
             }
+            _ = inner.cascade.notified() => map.ctx.peers().neighbours(),
             event = events.recv() => match event {
-                Ok(PeerEvent::Connected { peer, .. }) => peer,
+                Ok(PeerEvent::Connected { peer, .. }) => vec![peer],
                 Ok(_) | Err(PeersError::Lagged(_)) => continue,
                 // The peer manager is gone: the node is stopping.
                 Err(_) => return,
             },
         };
-        let map = map.clone();
-        let cancel = inner.cancel.clone();
-        inner.tracker.spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = map.sync_with(&peer) => {}
-            }
-        });
+        for peer in peers {
+            let map = map.clone();
+            let cancel = inner.cancel.clone();
+            inner.tracker.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = map.sync_with(&peer) => {}
+                }
+            });
+        }
     }
 }
