@@ -1,0 +1,458 @@
+//! The `#[service]` attribute of meshwork-rpc. Use it through
+//! `meshwork_rpc::service` (or `meshwork::service`); its documentation is
+//! there.
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote};
+use syn::parse::{Parse, ParseStream};
+use syn::spanned::Spanned;
+use syn::{
+    Error, FnArg, GenericArgument, Ident, ItemTrait, LitInt, Pat, PathArguments, ReturnType, Token,
+    TraitItem, Type,
+};
+
+/// Turns a trait of async methods into a service that can be served on one
+/// node and a typed client that calls it from any node.
+///
+/// ```ignore
+/// #[meshwork_rpc::service(version = 1)]   // version: optional, default 1
+/// pub trait Calc {
+///     /// Adds.
+///     async fn add(&self, a: i64, b: i64) -> i64;
+///     /// Divides; the caller receives the `String` error typed.
+///     async fn div(&self, a: i64, b: i64) -> Result<i64, String>;
+///     /// Safe to run twice: retried on another provider after a timeout.
+///     #[idempotent]
+///     async fn total(&self) -> u64;
+/// }
+/// ```
+///
+/// # What it generates
+///
+/// - **The trait**, with each `async fn m(&self, ..) -> T` rewritten as
+///   `fn m(&self, ..) -> impl Future<Output = T> + Send`, and
+///   `Send + Sync + 'static` as supertraits. Implement it with plain
+///   `async fn`s (no `async_trait` needed); the futures must be `Send`.
+/// - **`CalcServer<T: Calc>`**: wraps an implementation
+///   (`CalcServer::new(imp)`) and implements `meshwork_rpc::Service`:
+///   it lists the methods, reports the version, decodes each call's
+///   arguments (a tuple, in the call's codec), runs the method and encodes
+///   its result; an `Err(e)` of a method returning `Result<T, E>` is encoded
+///   as the application error. Serve it with `rpc.serve("calc", ..)`.
+/// - **`CalcClient`**: obtained with `rpc.client::<CalcClient>("calc")`; one
+///   async method per trait method with the same arguments, returning
+///   `Result<T, RpcError<E>>` for a method returning `Result<T, E>`, and
+///   `Result<T, RpcError>` (`E = NoError`) otherwise. `with_deadline(d)`
+///   sets the deadline of its calls. It implements
+///   `meshwork_rpc::ServiceClient`.
+///
+/// # Rules (each broken one is a compile error saying so)
+///
+/// - The trait is not generic, has no supertraits, and holds only methods.
+/// - Each method is `async fn`, takes `&self`, has no generics or default
+///   body, takes arguments as plain names of owned types, and returns an
+///   owned type; arguments and results are `serde` types (checked where the
+///   server and client use them).
+/// - `#[idempotent]` (no arguments) marks a method that may run twice.
+/// - Only `Result<T, E>` written with two type arguments is taken as a
+///   fallible method.
+///
+/// The expansion refers to `::meshwork_rpc`, or to `::meshwork::rpc` in a
+/// crate that depends on the facade only.
+#[proc_macro_attribute]
+pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let args = match syn::parse::<Args>(attr) {
+        Ok(a) => a,
+        Err(e) => return e.to_compile_error().into(),
+    };
+    let item = match syn::parse::<ItemTrait>(item) {
+        Ok(i) => i,
+        Err(e) => {
+            return Error::new(
+                e.span(),
+                "#[service] goes on a trait of async methods, e.g. `trait Calc { async fn add(&self, a: i64, b: i64) -> i64; }`",
+            )
+            .to_compile_error()
+            .into();
+        }
+    };
+    match expand(args, item) {
+        Ok(t) => t.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+struct Args {
+    version: u32,
+}
+
+impl Parse for Args {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let mut version = 1;
+        while !input.is_empty() {
+            let name: Ident = input.parse()?;
+            if name != "version" {
+                return Err(Error::new(
+                    name.span(),
+                    format!("unknown #[service] argument `{name}`; the only one is `version = N`"),
+                ));
+            }
+            input.parse::<Token![=]>()?;
+            let n: LitInt = input.parse()?;
+            version = n.base10_parse()?;
+            if version == 0 {
+                return Err(Error::new(n.span(), "a service version starts at 1"));
+            }
+            if !input.is_empty() {
+                input.parse::<Token![,]>()?;
+            }
+        }
+        Ok(Args { version })
+    }
+}
+
+struct Method {
+    name: Ident,
+    attrs: Vec<syn::Attribute>,
+    args: Vec<(Ident, Type)>,
+    output: Type,
+    /// `Some((T, E))` when the method returns `Result<T, E>`.
+    fallible: Option<(Type, Type)>,
+    idempotent: bool,
+}
+
+/// The crate the expansion refers to: `meshwork_rpc`, or `meshwork::rpc`
+/// for users of the facade only.
+fn krate() -> TokenStream2 {
+    use proc_macro_crate::{FoundCrate, crate_name};
+    match crate_name("meshwork-rpc") {
+        Ok(FoundCrate::Name(n)) => {
+            let n = Ident::new(&n, Span::call_site());
+            quote!(::#n)
+        }
+        Ok(FoundCrate::Itself) => quote!(::meshwork_rpc),
+        Err(_) => match crate_name("meshwork") {
+            Ok(FoundCrate::Name(n)) => {
+                let n = Ident::new(&n, Span::call_site());
+                quote!(::#n::rpc)
+            }
+            Ok(FoundCrate::Itself) => quote!(crate::rpc),
+            Err(_) => quote!(::meshwork_rpc),
+        },
+    }
+}
+
+fn result_parts(ty: &Type) -> Option<(Type, Type)> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(a) = &last.arguments else {
+        return None;
+    };
+    let mut types = a.args.iter().filter_map(|g| match g {
+        GenericArgument::Type(t) => Some(t.clone()),
+        _ => None,
+    });
+    let (t, e) = (types.next()?, types.next()?);
+    types.next().is_none().then_some((t, e))
+}
+
+fn parse_method(item: &TraitItem) -> syn::Result<Method> {
+    let TraitItem::Fn(f) = item else {
+        return Err(Error::new(
+            item.span(),
+            "a #[service] trait may only contain async methods (no associated types, consts or macros)",
+        ));
+    };
+    let sig = &f.sig;
+    if sig.asyncness.is_none() {
+        return Err(Error::new(
+            sig.fn_token.span(),
+            "service methods must be `async fn`",
+        ));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(Error::new(
+            sig.generics.span(),
+            "service methods cannot be generic: their arguments travel as concrete serde types",
+        ));
+    }
+    if f.default.is_some() {
+        return Err(Error::new(
+            f.default.span(),
+            "service methods cannot have a default body",
+        ));
+    }
+    if sig.variadic.is_some() || sig.unsafety.is_some() || sig.abi.is_some() {
+        return Err(Error::new(
+            sig.span(),
+            "service methods must be plain async fns",
+        ));
+    }
+    let mut inputs = sig.inputs.iter();
+    match inputs.next() {
+        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_none() => {}
+        other => {
+            return Err(Error::new(
+                other.map_or(sig.ident.span(), |o| o.span()),
+                "service methods take `&self` first (a service is shared between concurrent calls)",
+            ));
+        }
+    }
+    let mut args = Vec::new();
+    for input in inputs {
+        let FnArg::Typed(t) = input else {
+            return Err(Error::new(input.span(), "unexpected receiver"));
+        };
+        let Pat::Ident(pi) = &*t.pat else {
+            return Err(Error::new(
+                t.pat.span(),
+                "service method arguments must be plain names (`x: T`), not patterns",
+            ));
+        };
+        if let Type::Reference(_) | Type::ImplTrait(_) = &*t.ty {
+            return Err(Error::new(
+                t.ty.span(),
+                "service method arguments must be owned serde types (no references or impl Trait)",
+            ));
+        }
+        args.push((pi.ident.clone(), (*t.ty).clone()));
+    }
+    let output: Type = match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, t) => (**t).clone(),
+    };
+    if let Type::Reference(_) | Type::ImplTrait(_) = &output {
+        return Err(Error::new(
+            output.span(),
+            "service methods must return an owned serde type",
+        ));
+    }
+    let mut idempotent = false;
+    let mut attrs = Vec::new();
+    for a in &f.attrs {
+        if a.path().is_ident("idempotent") {
+            if !matches!(a.meta, syn::Meta::Path(_)) {
+                return Err(Error::new(a.span(), "`#[idempotent]` takes no arguments"));
+            }
+            idempotent = true;
+        } else {
+            attrs.push(a.clone());
+        }
+    }
+    Ok(Method {
+        name: sig.ident.clone(),
+        attrs,
+        args,
+        fallible: result_parts(&output),
+        output,
+        idempotent,
+    })
+}
+
+fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
+    if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
+        return Err(Error::new(
+            item.generics.span(),
+            "a #[service] trait cannot be generic",
+        ));
+    }
+    if !item.supertraits.is_empty() {
+        return Err(Error::new(
+            item.supertraits.span(),
+            "a #[service] trait cannot have supertraits (it gets `Send + Sync + 'static`)",
+        ));
+    }
+    if item.unsafety.is_some() || item.auto_token.is_some() {
+        return Err(Error::new(
+            item.span(),
+            "a #[service] trait must be a plain trait",
+        ));
+    }
+    let methods: Vec<Method> = item
+        .items
+        .iter()
+        .map(parse_method)
+        .collect::<syn::Result<_>>()?;
+    if methods.is_empty() {
+        return Err(Error::new(
+            item.ident.span(),
+            "a #[service] trait needs at least one method",
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for m in &methods {
+        if !names.insert(m.name.to_string()) {
+            return Err(Error::new(m.name.span(), "duplicate method name"));
+        }
+    }
+
+    let k = krate();
+    let vis = &item.vis;
+    let trait_name = &item.ident;
+    let trait_attrs = &item.attrs;
+    let server = format_ident!("{}Server", trait_name);
+    let client = format_ident!("{}Client", trait_name);
+    let version = args.version;
+
+    let trait_methods = methods.iter().map(|m| {
+        let (name, attrs, output) = (&m.name, &m.attrs, &m.output);
+        let params = m.args.iter().map(|(n, t)| quote!(#n: #t));
+        quote! {
+            #(#attrs)*
+            fn #name(&self, #(#params),*)
+                -> impl ::core::future::Future<Output = #output> + ::core::marker::Send;
+        }
+    });
+
+    let method_names: Vec<String> = methods.iter().map(|m| m.name.to_string()).collect();
+
+    let arms = methods.iter().map(|m| {
+        let name = &m.name;
+        let lit = name.to_string();
+        let idents: Vec<&Ident> = m.args.iter().map(|(n, _)| n).collect();
+        let types: Vec<&Type> = m.args.iter().map(|(_, t)| t).collect();
+        let decode = if idents.is_empty() {
+            quote!()
+        } else {
+            quote! {
+                let (#(#idents,)*): (#(#types,)*) = codec
+                    .decode(&args)
+                    .map_err(#k::ServiceError::Decode)?;
+            }
+        };
+        let call = quote!(self.0.#name(#(#idents),*).await);
+        let finish = if m.fallible.is_some() {
+            quote! {
+                match #call {
+                    ::core::result::Result::Ok(v) => codec.encode(&v).map_err(#k::ServiceError::Internal),
+                    ::core::result::Result::Err(e) => ::core::result::Result::Err(
+                        #k::ServiceError::Application(
+                            codec.encode(&e).map_err(#k::ServiceError::Internal)?,
+                        ),
+                    ),
+                }
+            }
+        } else {
+            quote! {
+                let v = #call;
+                codec.encode(&v).map_err(#k::ServiceError::Internal)
+            }
+        };
+        quote! {
+            #lit => {
+                #decode
+                #finish
+            }
+        }
+    });
+
+    let client_methods = methods.iter().map(|m| {
+        let (name, attrs) = (&m.name, &m.attrs);
+        let lit = name.to_string();
+        let params = m.args.iter().map(|(n, t)| quote!(#n: #t));
+        let idents: Vec<&Ident> = m.args.iter().map(|(n, _)| n).collect();
+        let idempotent = m.idempotent;
+        let (ok, err) = match &m.fallible {
+            Some((t, e)) => (quote!(#t), quote!(#e)),
+            None => {
+                let o = &m.output;
+                (quote!(#o), quote!(#k::NoError))
+            }
+        };
+        quote! {
+            #(#attrs)*
+            pub async fn #name(&self, #(#params),*)
+                -> ::core::result::Result<#ok, #k::RpcError<#err>>
+            {
+                self.client
+                    .call::<_, #ok, #err>(#lit, &(#(#idents,)*), #idempotent)
+                    .await
+            }
+        }
+    });
+
+    let server_doc = format!(
+        "Serves a [`{trait_name}`] implementation: `rpc.serve(\"name\", {server}::new(imp))`."
+    );
+    let client_doc = format!(
+        "A typed client of a [`{trait_name}`] service: `let c: {client} = rpc.client(\"name\");`. \
+         Each method returns the method's result, or an `RpcError` carrying the method's own error type."
+    );
+
+    Ok(quote! {
+        #(#trait_attrs)*
+        #vis trait #trait_name: ::core::marker::Send + ::core::marker::Sync + 'static {
+            #(#trait_methods)*
+        }
+
+        #[doc = #server_doc]
+        #[derive(Debug)]
+        #vis struct #server<T>(/// The implementation.
+        pub T);
+
+        impl<T: #trait_name> #server<T> {
+            /// Wraps an implementation for serving.
+            pub fn new(inner: T) -> Self {
+                #server(inner)
+            }
+        }
+
+        #[#k::__private::async_trait]
+        impl<T: #trait_name> #k::Service for #server<T> {
+            fn methods(&self) -> ::std::vec::Vec<&'static str> {
+                ::std::vec![#(#method_names),*]
+            }
+
+            fn version(&self) -> u32 {
+                #version
+            }
+
+            async fn call(
+                &self,
+                method: &str,
+                codec: #k::Codec,
+                args: #k::__private::Bytes,
+            ) -> ::core::result::Result<#k::__private::Bytes, #k::ServiceError> {
+                let _ = &args;
+                match method {
+                    #(#arms)*
+                    _ => ::core::result::Result::Err(#k::ServiceError::UnknownMethod),
+                }
+            }
+        }
+
+        #[doc = #client_doc]
+        #[derive(Debug, Clone)]
+        #vis struct #client {
+            client: #k::Client,
+        }
+
+        impl #client {
+            /// The same client with another deadline per call (retries
+            /// included).
+            pub fn with_deadline(mut self, deadline: ::core::time::Duration) -> Self {
+                self.client = self.client.with_deadline(deadline);
+                self
+            }
+
+            /// The untyped client underneath.
+            pub fn client(&self) -> &#k::Client {
+                &self.client
+            }
+
+            #(#client_methods)*
+        }
+
+        impl #k::ServiceClient for #client {
+            const VERSION: u32 = #version;
+
+            fn from_client(client: #k::Client) -> Self {
+                #client { client }
+            }
+        }
+    })
+}

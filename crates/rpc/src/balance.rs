@@ -1,0 +1,155 @@
+//! Provider choice: local first, then neighbours, then routed providers;
+//! among those, the better of two random ones by latency and recent
+//! failures (power of two choices). Plain code with explicit time.
+
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+/// How long it takes recent failures to count half as much.
+const FAILURE_HALF_LIFE: Duration = Duration::from_secs(5);
+
+/// What a caller remembers about one provider.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ProviderStats {
+    /// Smoothed round trip of successful calls (EWMA, 1/4 weight).
+    pub(crate) ewma: Option<Duration>,
+    /// Failures, decayed over time.
+    failures: f64,
+    /// When `failures` was last brought up to date.
+    updated: Option<Instant>,
+    /// Calls sent to it now.
+    pub(crate) in_flight: u32,
+}
+
+impl ProviderStats {
+    fn decayed(&self, now: Instant) -> f64 {
+        match self.updated {
+            Some(t) => {
+                let half_lives = now.saturating_duration_since(t).as_secs_f64()
+                    / FAILURE_HALF_LIFE.as_secs_f64();
+                self.failures * 0.5f64.powf(half_lives)
+            }
+            None => 0.0,
+        }
+    }
+
+    /// A call succeeded in `rtt`.
+    pub(crate) fn success(&mut self, rtt: Duration) {
+        self.ewma = Some(match self.ewma {
+            Some(old) => (old * 3 + rtt) / 4,
+            None => rtt,
+        });
+    }
+
+    /// A call failed (not delivered, timed out, overloaded).
+    pub(crate) fn failure(&mut self, now: Instant) {
+        self.failures = self.decayed(now) + 1.0;
+        self.updated = Some(now);
+    }
+
+    /// Lower is better: latency (unknown counts as fast, so new providers
+    /// get tried), times calls in flight, times recent failures.
+    pub(crate) fn cost(&self, now: Instant) -> f64 {
+        let latency = self.ewma.map_or(0.0, |d| d.as_secs_f64() * 1e6) + 1.0;
+        latency * (1.0 + f64::from(self.in_flight)) * (1.0 + 4.0 * self.decayed(now))
+    }
+}
+
+/// Where a provider is, as seen from the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Reach {
+    /// This node.
+    Local,
+    /// A connected neighbour.
+    Neighbour,
+    /// Through the routing concern.
+    Routed,
+}
+
+/// Picks one of `candidates` (`(reach, cost)`): the nearest reach class
+/// present, then the cheaper of two random picks within it. `None` if
+/// there are none.
+pub(crate) fn choose(candidates: &[(Reach, f64)], rng: &mut impl Rng) -> Option<usize> {
+    let best = candidates.iter().map(|(r, _)| *r).min()?;
+    let pool: Vec<usize> = (0..candidates.len())
+        .filter(|&i| candidates[i].0 == best)
+        .collect();
+    if pool.len() == 1 {
+        return Some(pool[0]);
+    }
+    let a = pool[rng.random_range(0..pool.len())];
+    let mut b = pool[rng.random_range(0..pool.len() - 1)];
+    if b == a {
+        b = pool[pool.len() - 1];
+    }
+    Some(if candidates[b].1 < candidates[a].1 {
+        b
+    } else {
+        a
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use super::*;
+
+    #[test]
+    fn nearer_reach_wins_whatever_the_cost() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let c = [
+            (Reach::Routed, 1.0),
+            (Reach::Neighbour, 1e9),
+            (Reach::Routed, 0.5),
+        ];
+        for _ in 0..50 {
+            assert_eq!(choose(&c, &mut rng), Some(1));
+        }
+        assert_eq!(choose(&[], &mut rng), None);
+        assert_eq!(
+            choose(&[(Reach::Local, 5.0), (Reach::Neighbour, 1.0)], &mut rng),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn two_choices_prefer_the_faster_provider() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let c = [(Reach::Neighbour, 100.0), (Reach::Neighbour, 10.0)];
+        for _ in 0..50 {
+            assert_eq!(choose(&c, &mut rng), Some(1));
+        }
+        // With three, the slowest is never picked and the fastest most often.
+        let c = [
+            (Reach::Neighbour, 100.0),
+            (Reach::Neighbour, 10.0),
+            (Reach::Neighbour, 50.0),
+        ];
+        let mut picks = [0; 3];
+        for _ in 0..300 {
+            picks[choose(&c, &mut rng).unwrap()] += 1;
+        }
+        assert_eq!(picks[0], 0);
+        assert!(picks[1] > picks[2], "{picks:?}");
+    }
+
+    #[test]
+    fn failures_raise_the_cost_and_fade() {
+        let t0 = Instant::now();
+        let mut s = ProviderStats::default();
+        s.success(Duration::from_micros(100));
+        let healthy = s.cost(t0);
+        s.failure(t0);
+        s.failure(t0);
+        assert!(s.cost(t0) > 8.0 * healthy);
+        let later = t0 + Duration::from_secs(60);
+        assert!(s.cost(later) < 1.01 * healthy);
+        // Calls in flight count too.
+        s.in_flight = 3;
+        assert!(s.cost(later) > 3.9 * healthy);
+    }
+}

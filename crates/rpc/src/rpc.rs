@@ -1,0 +1,958 @@
+//! The RPC runtime: serving, the registry in the synced map, calling with
+//! provider choice, deadlines, cancellation and failover.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use meshwork_sync::SyncMap;
+use meshwork_sync::concerns::transport::Priority;
+use meshwork_sync::concerns::wire::NodeId;
+use meshwork_sync::concerns::wire::proto::ErrorCode;
+use meshwork_sync::concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::balance::{ProviderStats, Reach, choose};
+use crate::proto::{self, FailureCode, outcome, rpc_message::Body};
+use crate::service::{CALL, CallContext};
+use crate::{Codec, RpcError, Service, ServiceClient, ServiceError};
+
+/// The RPC concern's command id.
+pub const RPC: u32 = 0xFFFF_0200;
+
+/// Where services are registered in the synced map:
+/// `rpc/services/{name}/{node id in hex}`.
+pub const REGISTRY_PREFIX: &str = "rpc/services/";
+
+/// Longest service name, in bytes.
+pub const MAX_SERVICE_NAME: usize = 200;
+
+/// Settings of the RPC layer, with defaults and chained setters.
+#[derive(Debug, Clone)]
+pub struct RpcConfig {
+    pub(crate) deadline: Duration,
+    pub(crate) registry_ttl: Duration,
+    pub(crate) max_retries: u32,
+    pub(crate) concurrency: usize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            deadline: Duration::from_secs(10),
+            registry_ttl: Duration::from_secs(10),
+            max_retries: 2,
+            concurrency: 256,
+        }
+    }
+}
+
+impl RpcConfig {
+    /// Default deadline of a call (10 s); clients can override it.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Time to live of this node's registry entries (10 s): a node that
+    /// dies disappears from the registry within it.
+    pub fn with_registry_ttl(mut self, ttl: Duration) -> Self {
+        self.registry_ttl = ttl;
+        self
+    }
+
+    /// Extra attempts on other providers after a failure to deliver (and,
+    /// for idempotent methods, after a timeout). Default 2.
+    pub fn with_max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Calls of one service run at once on this node (default 256); more
+    /// are answered `Overloaded` at once.
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+}
+
+/// What the registry says about one provider of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// The version served.
+    pub version: u32,
+    /// Its methods.
+    pub methods: Vec<String>,
+}
+
+/// One provider of a service, as [`Rpc::providers`] lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    /// The node serving it.
+    pub node_id: NodeId,
+    /// What it registered.
+    pub record: ServiceRecord,
+    /// This node, a neighbour, or reached through other nodes.
+    pub reach: &'static str,
+    /// Smoothed round trip of our calls to it, if any succeeded.
+    pub latency: Option<Duration>,
+}
+
+/// Counters of one service served here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedStats {
+    /// The name it is served under.
+    pub name: String,
+    /// Its version.
+    pub version: u32,
+    /// Its methods.
+    pub methods: Vec<String>,
+    /// Calls started.
+    pub calls: u64,
+    /// Calls that ended with an error (application errors included).
+    pub errors: u64,
+    /// Calls refused at the concurrency limit.
+    pub overloaded: u64,
+    /// Calls cancelled or out of time.
+    pub cancelled: u64,
+    /// Calls running now.
+    pub in_flight: usize,
+}
+
+/// Counters of the calls this node made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Calls made.
+    pub calls: u64,
+    /// Calls that failed (any error).
+    pub failures: u64,
+    /// Extra attempts on another provider.
+    pub retries: u64,
+}
+
+struct Served {
+    service: Arc<dyn Service>,
+    name: String,
+    methods: Vec<&'static str>,
+    version: u32,
+    limit: Semaphore,
+    calls: AtomicU64,
+    errors: AtomicU64,
+    overloaded: AtomicU64,
+    cancelled: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// The serving side, shared with the concern (which must not hold the
+/// concerns layer's context, or the two would keep each other alive).
+pub(crate) struct Server {
+    served: RwLock<HashMap<String, Arc<Served>>>,
+    running: Mutex<HashMap<(NodeId, u64), CancellationToken>>,
+    default_budget: Duration,
+    shutdown: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn failure(code: FailureCode, message: impl Into<String>) -> outcome::Result {
+    outcome::Result::Failure(proto::Failure {
+        code: code as i32,
+        message: message.into(),
+        version: 0,
+    })
+}
+
+impl Server {
+    fn lookup(&self, name: &str) -> Option<Arc<Served>> {
+        self.served
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Runs one call and says how it ended.
+    async fn run(&self, caller: &NodeId, call: proto::Call) -> outcome::Result {
+        if self.shutdown.is_cancelled() {
+            return failure(FailureCode::ShuttingDown, "shutting down");
+        }
+        let Some(served) = self.lookup(&call.service) else {
+            return failure(FailureCode::UnknownService, call.service);
+        };
+        if call.version != 0 && call.version != served.version {
+            return outcome::Result::Failure(proto::Failure {
+                code: FailureCode::VersionMismatch as i32,
+                message: format!("{} is version {}", served.name, served.version),
+                version: served.version,
+            });
+        }
+        if !served.methods.contains(&call.method.as_str()) {
+            return failure(FailureCode::UnknownMethod, call.method);
+        }
+        let Some(codec) = Codec::from_wire(call.codec) else {
+            return failure(FailureCode::Decode, format!("unknown codec {}", call.codec));
+        };
+        let Ok(_permit) = served.limit.try_acquire() else {
+            served.overloaded.fetch_add(1, Ordering::Relaxed);
+            return failure(FailureCode::Overloaded, served.name.clone());
+        };
+        served.calls.fetch_add(1, Ordering::Relaxed);
+        served.in_flight.fetch_add(1, Ordering::Relaxed);
+        let budget = if call.budget_ms == 0 {
+            self.default_budget
+        } else {
+            Duration::from_millis(call.budget_ms)
+        };
+        let cancel = self.shutdown.child_token();
+        let key = (caller.clone(), call.call_id);
+        lock(&self.running).insert(key.clone(), cancel.clone());
+        let cx = CallContext {
+            caller: caller.clone(),
+            method: call.method.clone(),
+            cancel: cancel.clone(),
+        };
+        let work = CALL.scope(
+            cx,
+            std::panic::AssertUnwindSafe(served.service.call(&call.method, codec, call.args))
+                .catch_unwind(),
+        );
+        let result = tokio::select! {
+            r = tokio::time::timeout(budget, work) => match r {
+                Ok(Ok(r)) => Some(r),
+                Ok(Err(_panic)) => Some(Err(ServiceError::Internal(format!("method {} panicked", call.method)))),
+                Err(_) => None,
+            },
+            _ = cancel.cancelled() => None,
+        };
+        lock(&self.running).remove(&key);
+        served.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Some(Ok(bytes)) => outcome::Result::Ok(bytes),
+            Some(Err(e)) => {
+                served.errors.fetch_add(1, Ordering::Relaxed);
+                match e {
+                    ServiceError::Application(b) => outcome::Result::AppError(b),
+                    ServiceError::UnknownMethod => failure(FailureCode::UnknownMethod, call.method),
+                    ServiceError::Decode(m) => failure(FailureCode::Decode, m),
+                    ServiceError::Internal(m) => failure(FailureCode::Internal, m),
+                }
+            }
+            None => {
+                served.cancelled.fetch_add(1, Ordering::Relaxed);
+                // Cancelled: the caller is no longer waiting; out of time:
+                // the caller is about to give up too.
+                if cancel.is_cancelled() {
+                    failure(FailureCode::Cancelled, "cancelled")
+                } else {
+                    cancel.cancel();
+                    failure(FailureCode::Deadline, format!("ran out of its {budget:?}"))
+                }
+            }
+        }
+    }
+
+    fn cancel(&self, caller: &NodeId, call_id: u64) {
+        if let Some(token) = lock(&self.running).remove(&(caller.clone(), call_id)) {
+            token.cancel();
+        }
+    }
+}
+
+struct RpcConcern {
+    server: Arc<Server>,
+}
+
+#[async_trait]
+impl Concern for RpcConcern {
+    fn command(&self) -> u32 {
+        RPC
+    }
+
+    fn name(&self) -> &str {
+        "rpc"
+    }
+
+    fn max_concurrency(&self) -> usize {
+        4096
+    }
+
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        let msg = proto::RpcMessage::decode(payload)?;
+        match msg.body {
+            Some(Body::Call(call)) => {
+                let result = self.server.run(from, call).await;
+                let out = proto::RpcMessage {
+                    body: Some(Body::Outcome(proto::Outcome {
+                        result: Some(result),
+                    })),
+                };
+                Ok(Some(Reply::new(out.encode_to_vec())))
+            }
+            Some(Body::Cancel(c)) => {
+                self.server.cancel(from, c.call_id);
+                Ok(None)
+            }
+            Some(Body::Outcome(_)) | None => Err("unexpected rpc message".into()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ClientCounters {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    retries: AtomicU64,
+}
+
+struct Inner {
+    server: Arc<Server>,
+    sync: SyncMap,
+    ctx: Context,
+    config: RpcConfig,
+    stats: Mutex<HashMap<NodeId, ProviderStats>>,
+    next_call: AtomicU64,
+    counters: ClientCounters,
+}
+
+/// The RPC layer of one node: serve services, call them anywhere in the
+/// mesh. Cheap to clone.
+#[derive(Clone)]
+pub struct Rpc {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Rpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rpc")
+            .field("node_id", self.inner.ctx.node_id())
+            .finish()
+    }
+}
+
+/// Checks a service name: 1 to 200 bytes of letters, digits, `.`, `-`,
+/// `_` (dots make hierarchies: `storage.blobs`).
+pub fn check_service_name(name: &str) -> Result<(), RpcError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SERVICE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RpcError::Local(format!(
+            "invalid service name {name:?}: 1 to {MAX_SERVICE_NAME} letters, digits, '.', '-', '_'"
+        )))
+    }
+}
+
+fn registry_key(name: &str, node: &NodeId) -> String {
+    format!("{REGISTRY_PREFIX}{name}/{node}")
+}
+
+/// Turns a concerns-layer error of one attempt into a call error, and says
+/// whether another provider may be tried.
+fn attempt_error(e: ConcernsError, deadline: Duration) -> (RpcError<Bytes>, Retry) {
+    match e {
+        ConcernsError::NotConnected(n) | ConcernsError::Unresponsive(n) => (
+            RpcError::Disconnected(format!("{} is not connected", n.short())),
+            Retry::Always,
+        ),
+        ConcernsError::Unreachable(n) => (
+            RpcError::Disconnected(format!("no route to {}", n.short())),
+            Retry::Always,
+        ),
+        ConcernsError::Dropped(m) => (RpcError::Disconnected(m), Retry::Always),
+        ConcernsError::Timeout(_) => (RpcError::Timeout(deadline), Retry::IfIdempotent),
+        ConcernsError::Remote { code, message } => match code {
+            ErrorCode::Overloaded => (RpcError::Overloaded(message), Retry::Always),
+            ErrorCode::ShuttingDown => (RpcError::Disconnected(message), Retry::Always),
+            ErrorCode::UnknownCommand => (RpcError::UnknownService(message), Retry::Always),
+            ErrorCode::Unreachable => (RpcError::Disconnected(message), Retry::Always),
+            _ => (RpcError::Internal(message), Retry::Never),
+        },
+        ConcernsError::Decode(m) => (RpcError::Decode(m), Retry::Never),
+        other => (RpcError::Local(other.to_string()), Retry::Never),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Always,
+    IfIdempotent,
+    Never,
+}
+
+fn outcome_error(
+    f: proto::Failure,
+    service: &str,
+    wanted: u32,
+    deadline: Duration,
+) -> (RpcError<Bytes>, Retry) {
+    let code = FailureCode::try_from(f.code).unwrap_or(FailureCode::Unspecified);
+    match code {
+        FailureCode::UnknownService => (RpcError::UnknownService(service.into()), Retry::Always),
+        FailureCode::UnknownMethod => (
+            RpcError::UnknownMethod {
+                service: service.into(),
+                method: f.message,
+            },
+            Retry::Never,
+        ),
+        FailureCode::VersionMismatch => (
+            RpcError::VersionMismatch {
+                service: service.into(),
+                wanted,
+                served: f.version,
+            },
+            Retry::Always,
+        ),
+        FailureCode::Overloaded => (RpcError::Overloaded(service.into()), Retry::Always),
+        FailureCode::Deadline => (RpcError::Timeout(deadline), Retry::Never),
+        FailureCode::Cancelled => (RpcError::Cancelled, Retry::Never),
+        FailureCode::Decode => (RpcError::Decode(f.message), Retry::Never),
+        FailureCode::ShuttingDown => (RpcError::Disconnected(f.message), Retry::Always),
+        FailureCode::Internal | FailureCode::Unspecified => {
+            (RpcError::Internal(f.message), Retry::Never)
+        }
+    }
+}
+
+/// Sends a Cancel for a call that is dropped while waiting.
+struct CancelOnDrop {
+    ctx: Context,
+    peer: NodeId,
+    call_id: u64,
+    routed: bool,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let msg = proto::RpcMessage {
+            body: Some(Body::Cancel(proto::Cancel {
+                call_id: self.call_id,
+            })),
+        }
+        .encode_to_vec();
+        let (ctx, peer, routed) = (self.ctx.clone(), self.peer.clone(), self.routed);
+        handle.spawn(async move {
+            let r = if routed {
+                ctx.send_to(&peer, msg).await
+            } else {
+                ctx.send(&peer, msg).await
+            };
+            if let Err(e) = r {
+                debug!(peer = %peer.short(), error = %e, "could not send a cancel");
+            }
+        });
+    }
+}
+
+/// Options of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallOptions {
+    /// The whole call, retries included, must end within this.
+    pub deadline: Duration,
+    /// The service version the caller wants (0: any).
+    pub version: u32,
+    /// Whether it may be retried after a timeout (it is safe to run twice).
+    pub idempotent: bool,
+    /// The encoding of arguments and outcome.
+    pub codec: Codec,
+}
+
+impl Rpc {
+    /// Starts the RPC layer on a node's concerns and sync layers: registers
+    /// the RPC concern (command [`RPC`]).
+    pub async fn start(
+        concerns: &Concerns,
+        sync: &SyncMap,
+        config: RpcConfig,
+    ) -> Result<Rpc, RpcError> {
+        let server = Arc::new(Server {
+            served: RwLock::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            default_budget: config.deadline,
+            shutdown: CancellationToken::new(),
+        });
+        concerns
+            .add(RpcConcern {
+                server: server.clone(),
+            })
+            .await
+            .map_err(|e| RpcError::Local(e.to_string()))?;
+        Ok(Rpc {
+            inner: Arc::new(Inner {
+                server,
+                sync: sync.clone(),
+                ctx: concerns.context(RPC),
+                config,
+                stats: Mutex::new(HashMap::new()),
+                next_call: AtomicU64::new(1),
+                counters: ClientCounters::default(),
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        self.inner.ctx.node_id()
+    }
+
+    /// Serves `service` under `name` and publishes it in the registry (an
+    /// ephemeral key of the synced map, refreshed while this node runs).
+    /// Only services served this way are reachable; nothing is loaded by
+    /// name.
+    pub async fn serve(&self, name: &str, service: impl Service) -> Result<(), RpcError> {
+        check_service_name(name)?;
+        let methods = service.methods();
+        let version = service.version();
+        let served = Arc::new(Served {
+            service: Arc::new(service),
+            name: name.to_string(),
+            methods: methods.clone(),
+            version,
+            limit: Semaphore::new(self.inner.config.concurrency),
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        });
+        {
+            let mut all = self
+                .inner
+                .server
+                .served
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if all.contains_key(name) {
+                return Err(RpcError::Local(format!("{name:?} is already served here")));
+            }
+            all.insert(name.to_string(), served);
+        }
+        let record = ServiceRecord {
+            version,
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| RpcError::Decode(e.to_string()))?;
+        let key = registry_key(name, self.node_id());
+        if let Err(e) = self
+            .inner
+            .sync
+            .set_ephemeral(&key, value, self.inner.config.registry_ttl)
+            .await
+        {
+            self.remove_served(name);
+            return Err(RpcError::Local(format!("cannot publish {name:?}: {e}")));
+        }
+        Ok(())
+    }
+
+    fn remove_served(&self, name: &str) -> bool {
+        self.inner
+            .server
+            .served
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .is_some()
+    }
+
+    /// Stops serving `name` and removes it from the registry. Returns
+    /// whether it was served.
+    pub async fn stop_serving(&self, name: &str) -> bool {
+        let was = self.remove_served(name);
+        let key = registry_key(name, self.node_id());
+        if let Err(e) = self.inner.sync.remove(&key).await {
+            debug!(service = name, error = %e, "could not remove a registry entry");
+        }
+        was
+    }
+
+    /// Stops serving everything (removing it from the registry, and telling
+    /// the neighbours at once) and refuses calls from now on.
+    pub async fn shutdown(&self) {
+        let names: Vec<String> = self.served().into_iter().map(|s| s.name).collect();
+        for name in &names {
+            self.stop_serving(name).await;
+            let key = registry_key(name, self.node_id());
+            let _ = self
+                .inner
+                .sync
+                .confirm(&key, Duration::from_millis(500))
+                .await;
+        }
+        self.inner.server.shutdown.cancel();
+    }
+
+    /// A typed client of the service served under `name` (generated by
+    /// `#[service]`, e.g. `CalcClient`).
+    pub fn client<C: ServiceClient>(&self, name: &str) -> C {
+        C::from_client(Client {
+            rpc: self.clone(),
+            service: Arc::from(name),
+            version: C::VERSION,
+            deadline: self.inner.config.deadline,
+        })
+    }
+
+    /// The providers of `name` in the registry, nearest first.
+    pub fn providers(&self, name: &str) -> Vec<Provider> {
+        let prefix = format!("{REGISTRY_PREFIX}{name}/");
+        let me = self.node_id().clone();
+        let peers = self.inner.ctx.peers();
+        let stats = lock(&self.inner.stats);
+        let mut out: Vec<(Reach, Provider)> = self
+            .inner
+            .sync
+            .prefixed(&prefix)
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let hex = std::str::from_utf8(&k[prefix.len()..]).ok()?;
+                let node_id = NodeId::from_hex(hex).ok()?;
+                let record: ServiceRecord = serde_json::from_slice(&v).ok()?;
+                let reach = if node_id == me {
+                    Reach::Local
+                } else if peers.is_neighbour(&node_id) {
+                    Reach::Neighbour
+                } else {
+                    Reach::Routed
+                };
+                let latency = stats.get(&node_id).and_then(|s| s.ewma);
+                Some((
+                    reach,
+                    Provider {
+                        node_id,
+                        record,
+                        reach: match reach {
+                            Reach::Local => "local",
+                            Reach::Neighbour => "neighbour",
+                            Reach::Routed => "routed",
+                        },
+                        latency,
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by_key(|p| p.0);
+        out.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Every service served here, with its counters.
+    pub fn served(&self) -> Vec<ServedStats> {
+        let all = self
+            .inner
+            .server
+            .served
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ServedStats> = all
+            .values()
+            .map(|s| ServedStats {
+                name: s.name.clone(),
+                version: s.version,
+                methods: s.methods.iter().map(|m| m.to_string()).collect(),
+                calls: s.calls.load(Ordering::Relaxed),
+                errors: s.errors.load(Ordering::Relaxed),
+                overloaded: s.overloaded.load(Ordering::Relaxed),
+                cancelled: s.cancelled.load(Ordering::Relaxed),
+                in_flight: s.in_flight.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Counters of the calls this node made.
+    pub fn call_stats(&self) -> CallStats {
+        let c = &self.inner.counters;
+        CallStats {
+            calls: c.calls.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Calls `method` of `service` with arguments already encoded in
+    /// `options.codec` (a tuple of the arguments; in JSON, an array), and
+    /// returns the encoded result. An application error comes back encoded
+    /// too. For tools and the admin API; typed clients use this underneath.
+    pub async fn call_raw(
+        &self,
+        service: &str,
+        method: &str,
+        args: Bytes,
+        options: CallOptions,
+    ) -> Result<Bytes, RpcError<Bytes>> {
+        self.inner.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let r = self.call_inner(service, method, args, options).await;
+        if r.is_err() {
+            self.inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn call_inner(
+        &self,
+        service: &str,
+        method: &str,
+        args: Bytes,
+        o: CallOptions,
+    ) -> Result<Bytes, RpcError<Bytes>> {
+        check_service_name(service).map_err(|e| e.map_app(|n| match n {}))?;
+        let started = Instant::now();
+        let deadline_at = started + o.deadline;
+        let mut tried: HashSet<NodeId> = HashSet::new();
+        let mut last: Option<RpcError<Bytes>> = None;
+        for attempt in 0..=self.inner.config.max_retries {
+            let providers = self.providers(service);
+            if providers.is_empty() {
+                return Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())));
+            }
+            let fitting: Vec<&Provider> = providers
+                .iter()
+                .filter(|p| o.version == 0 || p.record.version == o.version)
+                .filter(|p| !tried.contains(&p.node_id))
+                .collect();
+            if fitting.is_empty() {
+                if let Some(e) = last {
+                    return Err(e);
+                }
+                return Err(RpcError::VersionMismatch {
+                    service: service.into(),
+                    wanted: o.version,
+                    served: providers[0].record.version,
+                });
+            }
+            let now = Instant::now();
+            let chosen = {
+                let stats = lock(&self.inner.stats);
+                let cands: Vec<(Reach, f64)> = fitting
+                    .iter()
+                    .map(|p| {
+                        let reach = match p.reach {
+                            "local" => Reach::Local,
+                            "neighbour" => Reach::Neighbour,
+                            _ => Reach::Routed,
+                        };
+                        let cost = stats.get(&p.node_id).map_or(1.0, |s| s.cost(now));
+                        (reach, cost)
+                    })
+                    .collect();
+                choose(&cands, &mut rand::rng()).map(|i| (fitting[i].node_id.clone(), cands[i].0))
+            };
+            let Some((node, reach)) = chosen else {
+                return Err(RpcError::NoProvider(service.into()));
+            };
+            let remaining = deadline_at.saturating_duration_since(now);
+            if remaining.is_zero() {
+                return Err(RpcError::Timeout(o.deadline));
+            }
+            if attempt > 0 {
+                self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            tried.insert(node.clone());
+            let (result, retry) = self
+                .attempt(&node, reach, service, method, args.clone(), o, remaining)
+                .await;
+            match result {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    let again = match retry {
+                        Retry::Always => true,
+                        Retry::IfIdempotent => o.idempotent,
+                        Retry::Never => false,
+                    };
+                    if !again {
+                        return Err(e);
+                    }
+                    debug!(service, method, provider = %node.short(), error = ?e, "retrying on another provider");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        node: &NodeId,
+        reach: Reach,
+        service: &str,
+        method: &str,
+        args: Bytes,
+        o: CallOptions,
+        remaining: Duration,
+    ) -> (Result<Bytes, RpcError<Bytes>>, Retry) {
+        let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
+        let call = proto::Call {
+            call_id,
+            service: service.to_string(),
+            method: method.to_string(),
+            args,
+            codec: o.codec.to_wire(),
+            budget_ms: remaining.as_millis().max(1) as u64,
+            version: o.version,
+        };
+        let sent = Instant::now();
+        let result = if reach == Reach::Local {
+            Ok(self.inner.server.run(node, call).await)
+        } else {
+            if let Some(s) = lock(&self.inner.stats).get_mut(node) {
+                s.in_flight += 1;
+            }
+            let payload = proto::RpcMessage {
+                body: Some(Body::Call(call)),
+            }
+            .encode_to_vec();
+            let mut guard = CancelOnDrop {
+                ctx: self.inner.ctx.clone(),
+                peer: node.clone(),
+                call_id,
+                routed: reach == Reach::Routed,
+                armed: true,
+            };
+            let reply = if reach == Reach::Routed {
+                self.inner.ctx.request_to(node, payload, remaining).await
+            } else {
+                self.inner
+                    .ctx
+                    .request_with(node, payload, remaining, Priority::Normal)
+                    .await
+            };
+            // Answered, or not delivered: nothing to cancel. A timeout
+            // leaves the guard armed, so the provider stops the work.
+            guard.armed = matches!(reply, Err(ConcernsError::Timeout(_)));
+            drop(guard);
+            if let Some(s) = lock(&self.inner.stats).get_mut(node) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+            reply.and_then(|b| {
+                proto::RpcMessage::decode(b)
+                    .ok()
+                    .and_then(|m| match m.body {
+                        Some(Body::Outcome(o)) => o.result,
+                        _ => None,
+                    })
+                    .ok_or_else(|| ConcernsError::Decode("rpc outcome".into()))
+            })
+        };
+        let now = Instant::now();
+        let (r, retry) = match result {
+            Ok(outcome::Result::Ok(b)) => (Ok(b), Retry::Never),
+            Ok(outcome::Result::AppError(b)) => (Err(RpcError::Application(b)), Retry::Never),
+            Ok(outcome::Result::Failure(f)) => {
+                let (e, r) = outcome_error(f, service, o.version, o.deadline);
+                (Err(e), r)
+            }
+            Err(e) => {
+                let (e, r) = attempt_error(e, o.deadline);
+                (Err(e), r)
+            }
+        };
+        {
+            let mut stats = lock(&self.inner.stats);
+            let s = stats.entry(node.clone()).or_default();
+            match &r {
+                Ok(_) | Err(RpcError::Application(_)) => s.success(now - sent),
+                Err(_) if retry != Retry::Never => s.failure(now),
+                Err(_) => {}
+            }
+        }
+        (r, retry)
+    }
+}
+
+/// An untyped client of one service: what a generated typed client wraps.
+#[derive(Debug, Clone)]
+pub struct Client {
+    rpc: Rpc,
+    service: Arc<str>,
+    version: u32,
+    deadline: Duration,
+}
+
+impl Client {
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The deadline of each call (retries included).
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// The same client with another deadline.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The RPC layer underneath.
+    pub fn rpc(&self) -> &Rpc {
+        &self.rpc
+    }
+
+    /// Calls `method` with `args` (a tuple of the arguments) and decodes
+    /// its result, or its application error `E`.
+    pub async fn call<A, R, E>(
+        &self,
+        method: &'static str,
+        args: &A,
+        idempotent: bool,
+    ) -> Result<R, RpcError<E>>
+    where
+        A: Serialize + ?Sized,
+        R: serde::de::DeserializeOwned,
+        E: serde::de::DeserializeOwned,
+    {
+        let codec = Codec::Postcard;
+        let args = codec.encode(args).map_err(RpcError::Decode)?;
+        let options = CallOptions {
+            deadline: self.deadline,
+            version: self.version,
+            idempotent,
+            codec,
+        };
+        match self
+            .rpc
+            .call_raw(&self.service, method, args, options)
+            .await
+        {
+            Ok(bytes) => codec.decode(&bytes).map_err(RpcError::Decode),
+            Err(e) => Err(match e.split_app() {
+                Ok(other) => other,
+                Err(bytes) => match codec.decode::<E>(&bytes) {
+                    Ok(app) => RpcError::Application(app),
+                    Err(why) => RpcError::Decode(why),
+                },
+            }),
+        }
+    }
+}
