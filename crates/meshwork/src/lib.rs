@@ -11,9 +11,10 @@
 //! | 2 | `meshwork-peers`: the pool of peers, discovery, heartbeats, selection | [`peers`] |
 //! | 3 | `meshwork-concerns`: handlers, request/reply, flooding, routing, topics | [`concerns`] |
 //! | 4 | `meshwork-sync`: the replicated key-value map with leases | [`sync`] |
+//! | 5 | `meshwork-rpc`: typed services callable from any node | [`rpc`], [`service`] |
 //!
-//! The rpc layer joins when it is built. Every node runs the sync layer:
-//! [`Node::sync`] is its replicated map. A node keeps
+//! Every node runs every layer: [`Node::sync`] is its replicated map,
+//! [`Node::rpc`] serves and calls services. A node keeps
 //! between `min_peers` and `max_peers` peers, found from its seeds and then
 //! by discovery: connecting to one node of a mesh is enough to join it.
 //!
@@ -64,6 +65,7 @@ use std::time::Duration;
 
 use meshwork_concerns::{Concern, ConcernStats, Concerns, ConcernsConfig, ConcernsError, Route};
 use meshwork_peers::{PeerManager, PeerSnapshot, PeersConfig, PeersError, PoolStats};
+use meshwork_rpc::{CallStats, Rpc, RpcConfig, RpcError, ServedStats};
 use meshwork_sync::{SyncConfig, SyncError, SyncMap, SyncStats};
 use meshwork_transport::{
     Address, Config, Direction, Endpoint, TcpTransport, Transport, TransportError,
@@ -74,6 +76,8 @@ use tracing::info;
 
 pub use meshwork_concerns as concerns;
 pub use meshwork_peers as peers;
+pub use meshwork_rpc as rpc;
+pub use meshwork_rpc::service;
 pub use meshwork_sync as sync;
 pub use meshwork_transport as transport;
 pub use meshwork_wire as wire;
@@ -102,6 +106,9 @@ pub enum Error {
     /// The sync layer refused its settings, or failed.
     #[error(transparent)]
     Sync(#[from] SyncError),
+    /// The RPC layer failed to start.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
     /// A wait ran out of time.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
@@ -116,6 +123,7 @@ pub struct NodeBuilder {
     concerns: Vec<Arc<dyn Concern>>,
     builtin_concerns: bool,
     sync: SyncConfig,
+    rpc: RpcConfig,
     transport: Option<Arc<dyn Transport>>,
 }
 
@@ -141,6 +149,7 @@ impl NodeBuilder {
             concerns: Vec::new(),
             builtin_concerns: true,
             sync: SyncConfig::default(),
+            rpc: RpcConfig::default(),
             transport: None,
         }
     }
@@ -170,6 +179,13 @@ impl NodeBuilder {
     /// leasing mode; the handshake refuses peers that don't.
     pub fn sync_config(mut self, config: SyncConfig) -> Self {
         self.sync = config;
+        self
+    }
+
+    /// Settings of the RPC layer (default deadline, registry ttl, retries,
+    /// concurrency per service).
+    pub fn rpc_config(mut self, config: RpcConfig) -> Self {
+        self.rpc = config;
         self
     }
 
@@ -295,11 +311,21 @@ impl NodeBuilder {
                 return Err(e.into());
             }
         };
+        let rpc = match Rpc::start(&concerns, &sync, self.rpc).await {
+            Ok(r) => r,
+            Err(e) => {
+                sync.shutdown().await;
+                concerns.shutdown().await;
+                peers.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let node = Node {
             inner: Arc::new(NodeInner {
                 peers,
                 concerns,
                 sync,
+                rpc,
                 started: Instant::now(),
             }),
         };
@@ -313,6 +339,7 @@ struct NodeInner {
     peers: PeerManager,
     concerns: Concerns,
     sync: SyncMap,
+    rpc: Rpc,
     started: Instant,
 }
 
@@ -355,6 +382,10 @@ pub struct NodeStatus {
     pub routes: Vec<Route>,
     /// The replicated map's sizes and counters.
     pub sync: SyncStats,
+    /// Services served here, with their counters.
+    pub served: Vec<ServedStats>,
+    /// Counters of the calls this node made.
+    pub calls: CallStats,
     /// Every open transport connection, oldest first (during a duplicate
     /// resolution or a refusal there can briefly be more than peers).
     pub connections: Vec<ConnectionStatus>,
@@ -422,6 +453,11 @@ impl Node {
         &self.inner.sync
     }
 
+    /// The RPC layer: serve services, get typed clients (see [`rpc`]).
+    pub fn rpc(&self) -> &Rpc {
+        &self.inner.rpc
+    }
+
     /// A snapshot of this node, its peers and its connections.
     pub fn status(&self) -> NodeStatus {
         let ep = self.endpoint();
@@ -458,6 +494,8 @@ impl Node {
             concerns: self.inner.concerns.stats(),
             routes: self.inner.concerns.routes(),
             sync: self.inner.sync.stats(),
+            served: self.inner.rpc.served(),
+            calls: self.inner.rpc.call_stats(),
             connections,
         }
     }
@@ -476,6 +514,7 @@ impl Node {
     /// Shuts down: stops dialling and accepting, sends Disconnect(shutdown)
     /// to every peer, and returns when every task has ended.
     pub async fn shutdown(&self) {
+        self.inner.rpc.shutdown().await;
         self.inner.sync.shutdown().await;
         self.inner.concerns.shutdown().await;
         self.inner.peers.shutdown().await;
