@@ -11,10 +11,22 @@
 //! | POST | `/publish/{topic}` | body = message; publishes it on `topic`: 200 `{"message_id":n}`; 400 for a topic that is empty or over 256 bytes |
 //! | POST | `/request/{id}?timeout_ms=N` | body = message; asks node `id`'s echo concern, routed if it is not a neighbour (`timeout_ms` 1 to 600000, default 5000): 200 `{"reply":text,"elapsed_ms":x}` |
 //! | GET | `/events?since=SEQ` | 200 `{"events":[...],"next":n}`: the deliveries recorded after `SEQ` (default 0), see [`EventLog`] |
+//! | GET | `/kv/{key}` | 200 [`KvEntryJson`]: the key's value (UTF-8, invalid bytes replaced), version, writer, lease and expiry; 404 when it holds no value |
+//! | PUT | `/kv/{key}?ttl_ms=N` | body = value; sets the key (ephemeral with `ttl_ms`, 1 to 86400000: it vanishes everywhere `ttl_ms` after this node stops refreshing it): 200 `{"version":n}`; 409 `lease_held` |
+//! | DELETE | `/kv/{key}` | 200 `{"deleted":true}`; 404 when it holds no value; 409 `lease_held` |
+//! | POST | `/kv/{key}/release` | gives up this node's lease, keeping the value: 200 `{"released":true,"version":n}`; 404; 409 `lease_held` |
+//! | POST | `/kv/{key}/confirm?timeout_ms=N` | waits until every connected peer has applied this node's entry for the key (`timeout_ms` as for `/request`): 200 `{"peers":n}`; 504 `timeout` with `peers` and `missing` (ids); 404 |
+//! | GET | `/kv?prefix=P` | 200 `{"items":[{"key","value","version","writer"}...],"count":n}`: the keys starting with `P` (default: all), sorted |
+//! | GET | `/kv-digest` | 200 `{"digest":"<16 hex digits>","keys":n,"entries":n}`: a hash of the whole replica (tombstones and leases included): equal digests, equal replicas |
 //! | POST | `/shutdown` | 202 `{"shutting_down":true}`, then a graceful shutdown |
 //! | any | anything else | 404 (405 for a known path) |
 //!
 //! `{id}` is a node id in hex (as in `/status`); anything else is a 400.
+//! `{key}` is the key as UTF-8 text, percent-encoded where needed (`a%2Fb`
+//! is the key `a/b`). A `version` is the write's hybrid-logical-clock stamp
+//! (ms since the Unix epoch << 16 | counter): it only grows along a key's
+//! history, so it serves as a fencing token. It is above 2^53: parse it as
+//! a 64-bit integer, not a double.
 //! Block and unblock are fault injection: `cargo xtask test-mesh` makes
 //! partitions out of real processes with them.
 //!
@@ -24,8 +36,11 @@
 //! `remote` (the target answered with an error; `remote_code` says which,
 //! e.g. `unknown_command`), 503 `not_connected`, `unresponsive`, `dropped`
 //! or `shutdown`, 400 `bad_request` (bad id, this node's own id, bad
-//! `timeout_ms`). Other codes: `not_found`, `method_not_allowed`,
-//! `internal`.
+//! `timeout_ms`). The `/kv` endpoints answer 409 `lease_held` (with `owner`,
+//! the holder's id, and `until_ms`, when its lease lapses in ms since the
+//! Unix epoch) when another node holds the key's lease, 400 `too_large` for
+//! an empty or oversized key or an oversized value, 503 `shutdown`. Other
+//! codes: `not_found`, `method_not_allowed`, `internal`.
 //!
 //! To add an endpoint: write a handler taking `State<AdminState>` and
 //! returning `Result<Json<T>, ApiError>`, and add one `.route(...)` line in
@@ -36,7 +51,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -44,6 +59,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use meshwork::concerns::{ConcernStats, ConcernsError, Route};
 use meshwork::peers::PeerSnapshot;
+use meshwork::sync::{EntryInfo, SyncError, SyncStats};
 use meshwork::transport::{Direction, EndpointStats, Security};
 use meshwork::wire::NodeId;
 use meshwork::wire::proto::ErrorCode;
@@ -60,6 +76,8 @@ use crate::events::{Event, EventLog};
 const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// The longest `timeout_ms` accepted (10 minutes).
 const MAX_REQUEST_TIMEOUT_MS: u64 = 600_000;
+/// The longest `ttl_ms` of an ephemeral key (a day).
+const MAX_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// A one-shot "please shut down" flag shared by the admin API and the
 /// signal handlers. Cheap to clone; every clone is the same flag.
@@ -129,19 +147,32 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/publish/", post(publish_without_topic))
         .route("/request/{id}", post(request))
         .route("/events", get(events))
+        .route("/kv", get(kv_list))
+        .route(
+            "/kv/",
+            get(kv_without_key)
+                .put(kv_without_key)
+                .delete(kv_without_key),
+        )
+        .route("/kv/{key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/kv/{key}/release", post(kv_release))
+        .route("/kv/{key}/confirm", post(kv_confirm))
+        .route("/kv-digest", get(kv_digest))
         .route("/shutdown", post(shutdown))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
-/// An error answer: a status code and `{"error": message, "code": kind}`.
+/// An error answer: a status code and `{"error": message, "code": kind}`,
+/// plus fields that depend on the kind (e.g. `owner` for `lease_held`).
 #[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
     remote_code: Option<String>,
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -160,6 +191,7 @@ impl ApiError {
             code,
             message: message.into(),
             remote_code: None,
+            extra: serde_json::Map::new(),
         }
     }
 
@@ -167,6 +199,40 @@ impl ApiError {
     fn with_code(mut self, code: &'static str) -> Self {
         self.code = code;
         self
+    }
+
+    /// The same error with one more field in its body.
+    fn with_field(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extra.insert(name.to_owned(), value.into());
+        self
+    }
+
+    /// The answer to a refused or failed call into the sync layer.
+    fn from_sync(e: &SyncError) -> Self {
+        match e {
+            SyncError::LeaseHeld {
+                owner, until_ms, ..
+            } => ApiError::new(StatusCode::CONFLICT, e.to_string())
+                .with_code("lease_held")
+                .with_field("owner", owner.to_string())
+                .with_field("until_ms", *until_ms),
+            SyncError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            SyncError::TooLarge(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).with_code("too_large")
+            }
+            SyncError::NotConfirmed { peers, missing, .. } => {
+                let missing: Vec<serde_json::Value> =
+                    missing.iter().map(|id| id.to_string().into()).collect();
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+                    .with_field("peers", *peers)
+                    .with_field("missing", missing)
+            }
+            SyncError::Shutdown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).with_code("shutdown")
+            }
+            SyncError::Concerns(inner) => ApiError::from_concerns(inner),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
     }
 
     /// The answer to a failed call into the concerns layer.
@@ -205,6 +271,8 @@ struct ErrorJson<'a> {
     code: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     remote_code: Option<&'a str>,
+    #[serde(flatten)]
+    extra: &'a serde_json::Map<String, serde_json::Value>,
 }
 
 impl IntoResponse for ApiError {
@@ -215,6 +283,7 @@ impl IntoResponse for ApiError {
                 error: &self.message,
                 code: self.code,
                 remote_code: self.remote_code.as_deref(),
+                extra: &self.extra,
             }),
         )
             .into_response()
@@ -258,6 +327,8 @@ pub(crate) struct StatusJson {
     pub(crate) concerns: Vec<ConcernJson>,
     /// Nodes reached through other nodes: the routing table, by target.
     pub(crate) routes: Vec<RouteJson>,
+    /// The replicated map: its mode, sizes, digest and counters.
+    pub(crate) sync: SyncJson,
     /// Counters of the built-in concerns: `{"flood": {"sent": n, ...},
     /// "routing": {...}, "topics": {...}}`.
     pub(crate) builtin: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
@@ -301,6 +372,73 @@ pub(crate) struct RouteJson {
     pub(crate) hops: u32,
     /// Ms since the route was last confirmed.
     pub(crate) age_ms: f64,
+}
+
+/// The replicated map in [`StatusJson`]: every figure of
+/// [`SyncStats`], and the leasing mode.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct SyncJson {
+    /// Leasing on (the default) or off (`--no-leasing`: last writer wins).
+    pub(crate) leasing: bool,
+    /// Keys holding a value.
+    pub(crate) keys: usize,
+    /// Entries held, tombstones included.
+    pub(crate) entries: usize,
+    /// A hash of the whole replica, 16 hex digits (as `GET /kv-digest`).
+    pub(crate) digest: String,
+    /// Writes made on this node.
+    pub(crate) writes: u64,
+    /// Entries from peers that changed the replica.
+    pub(crate) applied: u64,
+    /// Entries from peers that lost to what the replica held.
+    pub(crate) stale: u64,
+    /// Entries from peers refused (stamped too far ahead, malformed).
+    pub(crate) refused: u64,
+    /// Eager pushes (floods) sent.
+    pub(crate) pushes: u64,
+    /// Entries those pushes carried.
+    pub(crate) pushed_entries: u64,
+    /// Pushes that could not be sent.
+    pub(crate) push_failures: u64,
+    /// Anti-entropy rounds this node ran.
+    pub(crate) rounds: u64,
+    /// Of those, rounds that found the replicas equal.
+    pub(crate) rounds_equal: u64,
+    /// Rounds that failed (peer gone, timeout).
+    pub(crate) round_failures: u64,
+    /// Entries received by anti-entropy.
+    pub(crate) pulled: u64,
+    /// Entries sent by anti-entropy.
+    pub(crate) sent: u64,
+    /// Leases this node lost to another node's claim.
+    pub(crate) lease_lost: u64,
+}
+
+/// A digest as shown by the admin API: 16 hex digits.
+fn digest_hex(digest: u64) -> String {
+    format!("{digest:016x}")
+}
+
+fn sync_json(s: &SyncStats, leasing: bool) -> SyncJson {
+    SyncJson {
+        leasing,
+        keys: s.keys,
+        entries: s.entries,
+        digest: digest_hex(s.digest),
+        writes: s.writes,
+        applied: s.applied,
+        stale: s.stale,
+        refused: s.refused,
+        pushes: s.pushes,
+        pushed_entries: s.pushed_entries,
+        push_failures: s.push_failures,
+        rounds: s.rounds,
+        rounds_equal: s.rounds_equal,
+        round_failures: s.round_failures,
+        pulled: s.pulled,
+        sent: s.sent,
+        lease_lost: s.lease_lost,
+    }
 }
 
 /// What [`StatusJson`] shows of the concerns layer besides [`NodeStatus`].
@@ -422,14 +560,15 @@ impl Limits {
 }
 
 /// Converts a node snapshot, its security mode, its handshake counters
-/// (`node.endpoint().stats()`), its pool limits and the rest of its
-/// concerns layer to the JSON form.
+/// (`node.endpoint().stats()`), its pool limits, the rest of its concerns
+/// layer and its leasing mode to the JSON form.
 pub(crate) fn status_json(
     status: &NodeStatus,
     security: Security,
     stats: &EndpointStats,
     limits: Limits,
     concerns: &ConcernsInfo,
+    leasing: bool,
 ) -> StatusJson {
     let pool = &status.pool;
     let mut blocked: Vec<String> = status.blocked.iter().map(|id| id.to_string()).collect();
@@ -466,6 +605,7 @@ pub(crate) fn status_json(
         connections: status.connections.iter().map(connection_json).collect(),
         concerns: status.concerns.iter().map(concern_json).collect(),
         routes: status.routes.iter().map(route_json).collect(),
+        sync: sync_json(&status.sync, leasing),
         builtin,
         subscriptions,
         unknown_commands: concerns.unknown_commands,
@@ -554,6 +694,7 @@ async fn status(State(state): State<AdminState>) -> Json<StatusJson> {
         &endpoint.stats(),
         Limits::of(node),
         &concerns,
+        node.sync().leasing(),
     ))
 }
 
@@ -702,13 +843,7 @@ async fn request(
 ) -> Result<Json<RequestReply>, ApiError> {
     let target = parse_peer(id)?;
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let timeout_ms = query.timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS);
-    if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&timeout_ms) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("timeout_ms must be 1 to {MAX_REQUEST_TIMEOUT_MS}, got {timeout_ms}"),
-        ));
-    }
+    let timeout_ms = check_timeout_ms(query.timeout_ms)?;
     let node = &state.node;
     if &target == node.node_id() {
         return Err(ApiError::new(
@@ -731,6 +866,20 @@ async fn request(
         )
         .with_code("unreachable")),
         Err(e) => Err(ApiError::from_concerns(&e)),
+    }
+}
+
+/// A `timeout_ms` query parameter: 1 to [`MAX_REQUEST_TIMEOUT_MS`], default
+/// [`DEFAULT_REQUEST_TIMEOUT_MS`].
+fn check_timeout_ms(timeout_ms: Option<u64>) -> Result<u64, ApiError> {
+    let timeout_ms = timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS);
+    if (1..=MAX_REQUEST_TIMEOUT_MS).contains(&timeout_ms) {
+        Ok(timeout_ms)
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("timeout_ms must be 1 to {MAX_REQUEST_TIMEOUT_MS}, got {timeout_ms}"),
+        ))
     }
 }
 
@@ -767,6 +916,280 @@ async fn events(
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let (events, next) = state.events.since(query.since.unwrap_or(0));
     Ok(Json(EventsJson { events, next }))
+}
+
+// The replicated map: /kv and /kv-digest.
+
+/// Parses the `{key}` of a `/kv/{key}...` path (percent-decoded by axum).
+fn parse_key(key: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(key) = key.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(key)
+}
+
+/// Bytes as text: UTF-8, invalid bytes replaced.
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A lease in [`KvEntryJson`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct LeaseJson {
+    /// The node holding it, hex.
+    pub(crate) owner: String,
+    /// When it lapses, in ms since the Unix epoch.
+    pub(crate) until_ms: u64,
+    /// Increases with each new claim of the key.
+    pub(crate) epoch: u64,
+}
+
+/// `GET /kv/{key}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct KvEntryJson {
+    /// The key.
+    pub(crate) key: String,
+    /// The value as UTF-8 (invalid bytes replaced).
+    pub(crate) value: String,
+    /// The version: the write's stamp, a fencing token.
+    pub(crate) version: u64,
+    /// The node that wrote it, hex.
+    pub(crate) writer: String,
+    /// The live lease; null when there is none (or leasing is off).
+    pub(crate) lease: Option<LeaseJson>,
+    /// For an ephemeral key, when it vanishes unless its owner refreshes it
+    /// (ms since the Unix epoch); null otherwise.
+    pub(crate) expires_at_ms: Option<u64>,
+}
+
+fn kv_entry_json(key: &str, e: &EntryInfo) -> KvEntryJson {
+    KvEntryJson {
+        key: key.to_owned(),
+        value: text(&e.value),
+        version: e.version.as_u64(),
+        writer: e.writer.to_string(),
+        lease: e.lease.as_ref().map(|l| LeaseJson {
+            owner: l.owner.to_string(),
+            until_ms: l.until_ms,
+            epoch: l.epoch,
+        }),
+        expires_at_ms: e.expires_at_ms,
+    }
+}
+
+/// The 404 of a key without a value.
+fn no_value(key: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("key {key:?} holds no value"))
+}
+
+/// The key's value, version, writer, lease and expiry.
+async fn kv_get(
+    State(state): State<AdminState>,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<Json<KvEntryJson>, ApiError> {
+    let key = parse_key(key)?;
+    match state.node.sync().entry(&key) {
+        Some(e) => Ok(Json(kv_entry_json(&key, &e))),
+        None => Err(no_value(&key)),
+    }
+}
+
+/// The query of `PUT /kv/{key}`.
+#[derive(Debug, Deserialize)]
+struct KvPutQuery {
+    ttl_ms: Option<u64>,
+}
+
+/// The body of `PUT /kv/{key}`.
+#[derive(Debug, Serialize)]
+struct KvVersion {
+    version: u64,
+}
+
+/// Sets the key to the body (ephemeral with `ttl_ms`).
+async fn kv_put(
+    State(state): State<AdminState>,
+    key: Result<Path<String>, PathRejection>,
+    query: Result<Query<KvPutQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<KvVersion>, ApiError> {
+    let key = parse_key(key)?;
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let value = body.map_err(|e| {
+        let error = ApiError::new(StatusCode::BAD_REQUEST, e.body_text());
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error.with_code("too_large")
+        } else {
+            error
+        }
+    })?;
+    let sync = state.node.sync();
+    let written = match query.ttl_ms {
+        None => sync.set(&key, value).await,
+        Some(ttl_ms) if (1..=MAX_TTL_MS).contains(&ttl_ms) => {
+            sync.set_ephemeral(&key, value, Duration::from_millis(ttl_ms))
+                .await
+        }
+        Some(ttl_ms) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("ttl_ms must be 1 to {MAX_TTL_MS}, got {ttl_ms}"),
+            ));
+        }
+    };
+    let version = written.map_err(|e| ApiError::from_sync(&e))?;
+    Ok(Json(KvVersion {
+        version: version.as_u64(),
+    }))
+}
+
+/// The body of `DELETE /kv/{key}`.
+#[derive(Debug, Serialize)]
+struct KvDeleted {
+    deleted: bool,
+}
+
+/// Deletes the key (a tombstone, under the lease rules).
+async fn kv_delete(
+    State(state): State<AdminState>,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<Json<KvDeleted>, ApiError> {
+    let key = parse_key(key)?;
+    match state.node.sync().remove(&key).await {
+        Ok(true) => Ok(Json(KvDeleted { deleted: true })),
+        Ok(false) => Err(no_value(&key)),
+        Err(e) => Err(ApiError::from_sync(&e)),
+    }
+}
+
+/// The body of `POST /kv/{key}/release`.
+#[derive(Debug, Serialize)]
+struct KvReleased {
+    released: bool,
+    version: u64,
+}
+
+/// Gives up this node's lease on the key, keeping the value.
+async fn kv_release(
+    State(state): State<AdminState>,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<Json<KvReleased>, ApiError> {
+    let key = parse_key(key)?;
+    match state.node.sync().release(&key).await {
+        Ok(version) => Ok(Json(KvReleased {
+            released: true,
+            version: version.as_u64(),
+        })),
+        Err(SyncError::NotFound(_)) => Err(no_value(&key)),
+        Err(e) => Err(ApiError::from_sync(&e)),
+    }
+}
+
+/// The body of `POST /kv/{key}/confirm`.
+#[derive(Debug, Serialize)]
+struct KvConfirmed {
+    peers: usize,
+}
+
+/// Waits until every connected peer has applied this node's entry for the
+/// key.
+async fn kv_confirm(
+    State(state): State<AdminState>,
+    key: Result<Path<String>, PathRejection>,
+    query: Result<Query<RequestQuery>, QueryRejection>,
+) -> Result<Json<KvConfirmed>, ApiError> {
+    let key = parse_key(key)?;
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let timeout_ms = check_timeout_ms(query.timeout_ms)?;
+    match state
+        .node
+        .sync()
+        .confirm(&key, Duration::from_millis(timeout_ms))
+        .await
+    {
+        Ok(peers) => Ok(Json(KvConfirmed { peers })),
+        Err(SyncError::NotFound(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("this node holds no entry for key {key:?}"),
+        )),
+        Err(e) => Err(ApiError::from_sync(&e)),
+    }
+}
+
+/// The query of `GET /kv`.
+#[derive(Debug, Deserialize)]
+struct KvListQuery {
+    prefix: Option<String>,
+}
+
+/// One item of `GET /kv`.
+#[derive(Debug, Serialize)]
+struct KvItem {
+    key: String,
+    value: String,
+    version: u64,
+    writer: String,
+}
+
+/// The body of `GET /kv`.
+#[derive(Debug, Serialize)]
+struct KvList {
+    items: Vec<KvItem>,
+    count: usize,
+}
+
+/// The keys starting with `prefix`, sorted, with values and versions.
+async fn kv_list(
+    State(state): State<AdminState>,
+    query: Result<Query<KvListQuery>, QueryRejection>,
+) -> Result<Json<KvList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let sync = state.node.sync();
+    let prefix = query.prefix.unwrap_or_default();
+    // Each entry is read again for its version: a key deleted in between
+    // is left out.
+    let items: Vec<KvItem> = sync
+        .prefixed(&prefix)
+        .into_iter()
+        .filter_map(|(key, _)| {
+            let e = sync.entry(&key)?;
+            Some(KvItem {
+                key: text(&key),
+                value: text(&e.value),
+                version: e.version.as_u64(),
+                writer: e.writer.to_string(),
+            })
+        })
+        .collect();
+    Ok(Json(KvList {
+        count: items.len(),
+        items,
+    }))
+}
+
+/// `/kv/`: the key is empty.
+async fn kv_without_key() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "a key is 1 to 1024 bytes: /kv/{key}",
+    )
+    .with_code("too_large")
+}
+
+/// The body of `GET /kv-digest`.
+#[derive(Debug, Serialize)]
+struct KvDigest {
+    digest: String,
+    keys: usize,
+    entries: usize,
+}
+
+/// A hash of the replica, to compare nodes.
+async fn kv_digest(State(state): State<AdminState>) -> Json<KvDigest> {
+    let stats = state.node.sync().stats();
+    Json(KvDigest {
+        digest: digest_hex(stats.digest),
+        keys: stats.keys,
+        entries: stats.entries,
+    })
 }
 
 /// The body of `POST /shutdown`.
@@ -1050,7 +1473,26 @@ mod tests {
                 hops: 2,
                 age: Duration::from_micros(2500),
             }],
-            sync: Default::default(),
+            sync: SyncStats {
+                keys: 2,
+                entries: 3,
+                digest: 0x00ab_cdef_0123_4567,
+                writes: 4,
+                applied: 5,
+                stale: 6,
+                refused: 7,
+                pushes: 8,
+                pushed_entries: 9,
+                push_failures: 10,
+                rounds: 11,
+                rounds_equal: 12,
+                round_failures: 13,
+                pulled: 14,
+                sent: 15,
+                lease_lost: 16,
+            },
+            served: Vec::new(),
+            calls: Default::default(),
             connections: vec![ConnectionStatus {
                 node_id: peer,
                 addr: "tcp://127.0.0.1:40000".parse().unwrap(),
@@ -1091,6 +1533,7 @@ mod tests {
             &stats,
             limits,
             &concerns,
+            true,
         ))
         .unwrap();
         assert_eq!(
@@ -1172,6 +1615,25 @@ mod tests {
                     "queued": 4
                 }],
                 "routes": [{"target": "04", "next_hop": "010203", "hops": 2, "age_ms": 2.5}],
+                "sync": {
+                    "leasing": true,
+                    "keys": 2,
+                    "entries": 3,
+                    "digest": "00abcdef01234567",
+                    "writes": 4,
+                    "applied": 5,
+                    "stale": 6,
+                    "refused": 7,
+                    "pushes": 8,
+                    "pushed_entries": 9,
+                    "push_failures": 10,
+                    "rounds": 11,
+                    "rounds_equal": 12,
+                    "round_failures": 13,
+                    "pulled": 14,
+                    "sent": 15,
+                    "lease_lost": 16
+                },
                 "builtin": {
                     "flood": {"sent": 1, "relayed": 2},
                     "routing": {"routes": 1},
@@ -1187,9 +1649,11 @@ mod tests {
             &EndpointStats::default(),
             limits,
             &ConcernsInfo::default(),
+            false,
         );
         let json = serde_json::to_value(plain).unwrap();
         assert_eq!(json["security"], "plaintext");
+        assert_eq!(json["sync"]["leasing"], false);
         assert_eq!(json["handshake_failures"], json!({}));
         assert_eq!(json["handshakes_ok"], 0);
     }
@@ -1213,7 +1677,11 @@ mod tests {
         assert_eq!(status["handshake_failures"], json!({}));
         assert_eq!(status["rejected_busy"], 0);
         assert_eq!(status["listen"][0], a.listen_addrs()[0].to_string());
-        assert_eq!(status["metadata"], json!({"role": "a"}));
+        assert_eq!(
+            status["metadata"],
+            json!({"role": "a", "meshwork.sync.leasing": "on"}),
+            "the Hello metadata, with the leasing mode peers must share"
+        );
         assert!(status["uptime_secs"].as_f64().unwrap() > 0.0);
         let conns = status["connections"].as_array().unwrap();
         assert_eq!(conns.len(), 1, "{status}");
@@ -1282,14 +1750,20 @@ mod tests {
         assert!(p["connected_secs"].as_f64().unwrap() >= 0.0, "{p}");
         assert!(p["idle_ms"].as_f64().unwrap() >= 0.0, "{p}");
         assert_eq!(p["dial_failures"], 0);
-        assert_eq!(p["metadata"], json!({"role": "b"}));
+        assert_eq!(
+            p["metadata"],
+            json!({"role": "b", "meshwork.sync.leasing": "on"})
+        );
 
         // b dialled a, its seed; b keeps the default limits.
         let status = wait_status(addr_b, "a listed as connected", |s| connected(s, &a)).await;
         let p = peer_entry(&status, &a).unwrap();
         assert_eq!(p["direction"], "outbound");
         assert_eq!(p["addr"], "mem://a");
-        assert_eq!(p["metadata"], json!({"role": "a"}));
+        assert_eq!(
+            p["metadata"],
+            json!({"role": "a", "meshwork.sync.leasing": "on"})
+        );
         assert_eq!(status["pool"]["outbound"], 1, "{status}");
         assert_eq!(status["pool"]["min_peers"], 4);
         assert_eq!(status["pool"]["max_peers"], 16);
@@ -1759,6 +2233,339 @@ mod tests {
             "{body}"
         );
         stop_all([b, a]).await;
+    }
+
+    // The replicated map: /kv, /kv-digest, and `sync` in /status.
+
+    /// `method` `path` with `body`; the answer parsed as JSON.
+    async fn send_json(
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, Value) {
+        let (code, text) = request_with_body(addr, method, path, body).await;
+        let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        (code, json)
+    }
+
+    /// Polls `GET path` on `addr` until `done` holds for (status, body).
+    async fn wait_get(
+        addr: std::net::SocketAddr,
+        path: &str,
+        what: &str,
+        done: impl Fn(u16, &Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let (code, body) = get_json(addr, path).await;
+            if done(code, &body) {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} not within {TIMEOUT:?}: {code} {body}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// A 409 `lease_held` naming `owner`, lapsing in the future.
+    fn assert_lease_held(code: u16, body: &Value, owner: &Node) {
+        assert_eq!(code, 409, "{body}");
+        assert_eq!(body["code"], "lease_held", "{body}");
+        assert_eq!(body["owner"], owner.node_id().to_string(), "{body}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(body["until_ms"].as_u64().unwrap() > now, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("leased"), "{body}");
+    }
+
+    /// A key written on `a` reaches `b`, which may not overwrite, delete or
+    /// release it until `a` releases it; then `b` owns it.
+    #[tokio::test]
+    async fn kv_writes_are_leased_until_released() {
+        let (a, b) = two_nodes().await;
+        let (addr_a, _stop_a) = serve(&a).await;
+        let (addr_b, _stop_b) = serve(&b).await;
+
+        let (code, body) = send_json(addr_a, "PUT", "/kv/greeting", b"hello").await;
+        assert_eq!(code, 200, "{body}");
+        let v1 = body["version"].as_u64().unwrap();
+        assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+        let (code, entry) = get_json(addr_a, "/kv/greeting").await;
+        assert_eq!(code, 200, "{entry}");
+        let a_id = a.node_id().to_string();
+        assert_eq!(entry["key"], "greeting");
+        assert_eq!(entry["value"], "hello");
+        assert_eq!(entry["version"], v1);
+        assert_eq!(entry["writer"], a_id.as_str());
+        assert_eq!(entry["lease"]["owner"], a_id.as_str());
+        assert_eq!(entry["lease"]["epoch"], 1);
+        assert!(
+            entry["lease"]["until_ms"].as_u64().unwrap() > v1 >> 16,
+            "{entry}"
+        );
+        assert_eq!(entry["expires_at_ms"], Value::Null);
+
+        // Every connected peer (b) has applied it once confirm answers.
+        let (code, body) =
+            send_json(addr_a, "POST", "/kv/greeting/confirm?timeout_ms=5000", b"").await;
+        assert_eq!((code, body), (200, json!({"peers": 1})));
+        let (code, on_b) = get_json(addr_b, "/kv/greeting").await;
+        assert_eq!((code, &on_b), (200, &entry));
+
+        // b may not overwrite, delete or release it.
+        let (code, body) = send_json(addr_b, "PUT", "/kv/greeting", b"mine").await;
+        assert_lease_held(code, &body, &a);
+        let (code, body) = send_json(addr_b, "DELETE", "/kv/greeting", b"").await;
+        assert_lease_held(code, &body, &a);
+        let (code, body) = send_json(addr_b, "POST", "/kv/greeting/release", b"").await;
+        assert_lease_held(code, &body, &a);
+        assert_eq!(get_json(addr_b, "/kv/greeting").await.1["value"], "hello");
+
+        // a releases (keeping the value); once b sees it, b takes over.
+        let (code, body) = send_json(addr_a, "POST", "/kv/greeting/release", b"").await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["released"], true);
+        assert!(body["version"].as_u64().unwrap() > v1, "{body}");
+        wait_get(addr_b, "/kv/greeting", "the release at b", |code, e| {
+            code == 200 && e["lease"].is_null() && e["value"] == "hello"
+        })
+        .await;
+        let (code, body) = send_json(addr_b, "PUT", "/kv/greeting", b"mine").await;
+        assert_eq!(code, 200, "{body}");
+        let v2 = body["version"].as_u64().unwrap();
+        assert!(v2 > v1);
+        let b_id = b.node_id().to_string();
+        let entry = wait_get(addr_a, "/kv/greeting", "b's write at a", |code, e| {
+            code == 200 && e["value"] == "mine"
+        })
+        .await;
+        assert_eq!(entry["writer"], b_id.as_str());
+        assert_eq!(entry["lease"]["owner"], b_id.as_str());
+        assert_eq!(entry["lease"]["epoch"], 2, "a new claim: {entry}");
+        let (code, body) = send_json(addr_a, "PUT", "/kv/greeting", b"back").await;
+        assert_lease_held(code, &body, &b);
+
+        // b deletes it: gone everywhere; deleting again is a 404.
+        let (code, body) = send_json(addr_b, "DELETE", "/kv/greeting", b"").await;
+        assert_eq!((code, body), (200, json!({"deleted": true})));
+        wait_get(addr_a, "/kv/greeting", "the delete at a", |code, _| {
+            code == 404
+        })
+        .await;
+        for (method, path) in [
+            ("GET", "/kv/greeting"),
+            ("DELETE", "/kv/greeting"),
+            ("POST", "/kv/greeting/release"),
+            ("GET", "/kv/never-written"),
+            ("POST", "/kv/never-written/confirm"),
+        ] {
+            let (code, body) = send_json(addr_b, method, path, b"").await;
+            assert_eq!(code, 404, "{method} {path}: {body}");
+            assert_eq!(body["code"], "not_found", "{method} {path}: {body}");
+        }
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+
+    /// Ephemeral keys, listing by prefix, the digest, `sync` in /status,
+    /// and bad input.
+    #[tokio::test]
+    async fn kv_lists_digests_and_refuses_bad_input() {
+        let (a, b) = two_nodes().await;
+        let (addr_a, _stop_a) = serve(&a).await;
+        let (addr_b, _stop_b) = serve(&b).await;
+
+        for (path, value) in [
+            ("/kv/app%2Fb", "2"),
+            ("/kv/app%2Fa", "1"),
+            ("/kv/other", "x"),
+            ("/kv/app%2Fc?ttl_ms=60000", "3"),
+        ] {
+            let (code, body) = send_json(addr_a, "PUT", path, value.as_bytes()).await;
+            assert_eq!(code, 200, "{path}: {body}");
+        }
+        let (code, e) = get_json(addr_a, "/kv/app%2Fc").await;
+        assert_eq!(code, 200, "{e}");
+        assert_eq!(e["key"], "app/c");
+        let expires = e["expires_at_ms"].as_u64().unwrap();
+        let version_ms = e["version"].as_u64().unwrap() >> 16;
+        assert!(
+            (version_ms + 59_000..=version_ms + 61_000).contains(&expires),
+            "{e}"
+        );
+        // Non-UTF-8 values are shown with replacement characters.
+        let (code, _) = send_json(addr_a, "PUT", "/kv/bin", &[0x66, 0xff, 0x6f]).await;
+        assert_eq!(code, 200);
+        assert_eq!(get_json(addr_a, "/kv/bin").await.1["value"], "f\u{fffd}o");
+
+        let list = wait_get(addr_b, "/kv?prefix=app%2F", "the keys at b", |code, l| {
+            code == 200 && l["count"] == 3
+        })
+        .await;
+        let keys: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["app/a", "app/b", "app/c"]);
+        let first = &list["items"][0];
+        assert_eq!(first["value"], "1");
+        assert_eq!(first["writer"], a.node_id().to_string());
+        assert!(first["version"].is_u64());
+        assert_eq!(first.as_object().unwrap().len(), 4, "{first}");
+        let (_, all) = get_json(addr_b, "/kv").await;
+        assert_eq!(all["count"], 5, "{all}");
+        let (_, none) = get_json(addr_b, "/kv?prefix=zzz").await;
+        assert_eq!(none, json!({"items": [], "count": 0}));
+
+        // Both replicas the same: the same digest, in /kv-digest and /status.
+        let digest = wait_get(addr_b, "/kv-digest", "b's replica to match a's", |_, d| {
+            d["keys"] == 5
+        })
+        .await;
+        let (_, on_a) = get_json(addr_a, "/kv-digest").await;
+        assert_eq!(digest, on_a);
+        let hex = digest["digest"].as_str().unwrap();
+        assert!(
+            hex.len() == 16 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+            "{digest}"
+        );
+        assert_eq!(digest["entries"], 5);
+        let (_, status) = get_json(addr_a, "/status").await;
+        let sync = &status["sync"];
+        assert_eq!(sync["digest"], hex);
+        assert_eq!(sync["leasing"], true);
+        assert_eq!((&sync["keys"], &sync["writes"]), (&json!(5), &json!(5)));
+        assert!(sync["pushes"].as_u64().unwrap() >= 1, "{sync}");
+        assert_eq!(sync.as_object().unwrap().len(), 17, "{sync}");
+        let (_, status) = get_json(addr_b, "/status").await;
+        assert_eq!(status["sync"]["applied"], 5, "{status}");
+
+        // Bad input.
+        let long_key = format!("/kv/{}", "k".repeat(1025));
+        let too_long_value = vec![b'v'; (1 << 20) + 1];
+        for (method, path, body, code, kind) in [
+            ("PUT", "/kv/x?ttl_ms=0", &b"v"[..], 400, "bad_request"),
+            ("PUT", "/kv/x?ttl_ms=86400001", b"v", 400, "bad_request"),
+            ("PUT", "/kv/x?ttl_ms=soon", b"v", 400, "bad_request"),
+            ("PUT", long_key.as_str(), b"v", 400, "too_large"),
+            ("PUT", "/kv/x", &too_long_value, 400, "too_large"),
+            ("PUT", "/kv/", b"v", 400, "too_large"),
+            ("GET", "/kv/%FF", b"", 400, "bad_request"),
+            (
+                "POST",
+                "/kv/other/confirm?timeout_ms=0",
+                b"",
+                400,
+                "bad_request",
+            ),
+            ("POST", "/kv/other", b"", 405, "method_not_allowed"),
+            ("PUT", "/kv-digest", b"", 405, "method_not_allowed"),
+        ] {
+            let (got, answer) = send_json(addr_a, method, path, body).await;
+            assert_eq!(
+                (got, &answer["code"]),
+                (code, &json!(kind)),
+                "{method} {}: {answer}",
+                &path[..path.len().min(40)]
+            );
+        }
+        assert_eq!(
+            get_json(addr_a, "/kv/x").await.0,
+            404,
+            "nothing was written"
+        );
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+
+    /// With leasing off, any node overwrites any key (last writer wins),
+    /// and /status says so.
+    #[tokio::test]
+    async fn without_leasing_the_last_writer_wins() {
+        let net = MemNetwork::new();
+        let no_leasing = || meshwork::sync::SyncConfig::default().with_leasing(false);
+        let a = mem_node(&net, "a", None, 1)
+            .sync_config(no_leasing())
+            .start()
+            .await
+            .unwrap();
+        let b = mem_node(&net, "b", Some("mem://a"), 1)
+            .sync_config(no_leasing())
+            .start()
+            .await
+            .unwrap();
+        a.wait_for_peers(1, TIMEOUT).await.unwrap();
+        let (addr_a, _stop_a) = serve(&a).await;
+        let (addr_b, _stop_b) = serve(&b).await;
+        let (code, _) = send_json(addr_a, "PUT", "/kv/k", b"a").await;
+        assert_eq!(code, 200);
+        let (code, _) = send_json(addr_a, "POST", "/kv/k/confirm", b"").await;
+        assert_eq!(code, 200);
+        let (code, body) = send_json(addr_b, "PUT", "/kv/k", b"b").await;
+        assert_eq!(code, 200, "{body}");
+        let e = wait_get(addr_a, "/kv/k", "b's write at a", |_, e| e["value"] == "b").await;
+        assert_eq!(e["lease"], Value::Null);
+        assert_eq!(e["writer"], b.node_id().to_string());
+        let (_, status) = get_json(addr_a, "/status").await;
+        assert_eq!(status["sync"]["leasing"], false);
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+
+    #[test]
+    fn sync_errors_map_to_status_codes() {
+        let owner = NodeId::from_bytes(vec![0xab; 4]).unwrap();
+        let held = SyncError::LeaseHeld {
+            key: "k".into(),
+            owner: owner.clone(),
+            until_ms: 1234,
+        };
+        let e = ApiError::from_sync(&held);
+        assert_eq!((e.status.as_u16(), e.code), (409, "lease_held"));
+        let body = serde_json::to_value(ErrorJson {
+            error: &e.message,
+            code: e.code,
+            remote_code: None,
+            extra: &e.extra,
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"error": held.to_string(), "code": "lease_held", "owner": "abababab",
+                   "until_ms": 1234})
+        );
+        let not_confirmed = SyncError::NotConfirmed {
+            peers: 3,
+            missing: vec![owner],
+            after: Duration::from_secs(1),
+        };
+        let e = ApiError::from_sync(&not_confirmed);
+        assert_eq!((e.status.as_u16(), e.code), (504, "timeout"));
+        assert_eq!(e.extra["peers"], 3);
+        assert_eq!(e.extra["missing"], json!(["abababab"]));
+        for (e, status, code) in [
+            (SyncError::NotFound("k".into()), 404, "not_found"),
+            (SyncError::TooLarge("big".into()), 400, "too_large"),
+            (SyncError::Shutdown, 503, "shutdown"),
+            (SyncError::Lagged(3), 500, "internal"),
+            (SyncError::Config("bad".into()), 500, "internal"),
+            (
+                SyncError::Concerns(ConcernsError::Timeout(Duration::from_secs(1))),
+                504,
+                "timeout",
+            ),
+        ] {
+            let error = ApiError::from_sync(&e);
+            assert_eq!((error.status.as_u16(), error.code), (status, code), "{e}");
+            assert!(error.extra.is_empty(), "{e}");
+        }
     }
 
     #[test]

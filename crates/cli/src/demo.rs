@@ -1073,6 +1073,8 @@ mod tests {
             concerns: vec![],
             routes: vec![],
             sync: Default::default(),
+            served: Vec::new(),
+            calls: Default::default(),
             connections: vec![],
         }
     }

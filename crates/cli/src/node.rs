@@ -11,6 +11,7 @@ use anyhow::Context;
 use meshwork::Node;
 use meshwork::concerns::MAX_TOPIC_LEN;
 use meshwork::peers::PeersConfig;
+use meshwork::sync::SyncConfig;
 use meshwork::transport::{Address, Identity, NetworkKey};
 use meshwork::wire::NodeId;
 use serde::Serialize;
@@ -28,6 +29,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub(crate) const DISCOVERY_SAMPLE: usize = 16;
 /// Largest value of a duration flag: one day, in ms.
 const MAX_MILLIS: u64 = 24 * 60 * 60 * 1000;
+/// Longest lease (`--lease-secs`): a year.
+const MAX_LEASE_SECS: u64 = 365 * 24 * 60 * 60;
 
 /// Options of `meshwork node`.
 #[derive(Debug, clap::Args)]
@@ -125,6 +128,25 @@ pub(crate) struct NodeArgs {
     /// only; every peer must use it too.
     #[arg(long)]
     insecure: bool,
+
+    /// Turn leasing of the replicated map OFF: any node may overwrite any
+    /// key, and the last writer wins. Every node of a mesh must agree:
+    /// peers with the other mode are refused at the handshake.
+    #[arg(long, conflicts_with = "lease_secs")]
+    no_leasing: bool,
+
+    /// How long a write to the replicated map holds its key, in seconds:
+    /// until then other nodes' writes to it are refused (409 from the
+    /// admin API).
+    #[arg(long, value_name = "S", default_value_t = 3_600,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_LEASE_SECS))]
+    lease_secs: u64,
+
+    /// How often the node compares its replica of the map with a random
+    /// peer and repairs the differences, in ms (it also does so at once
+    /// with every new peer).
+    #[arg(long, value_name = "MS", default_value_t = 2_000, value_parser = millis())]
+    anti_entropy_ms: u64,
 }
 
 impl NodeArgs {
@@ -144,7 +166,17 @@ impl NodeArgs {
         }
         self.peer_settings(PeersConfig::default())
             .validate()
-            .map_err(|e| with_flag_names(&e.to_string()))
+            .map_err(|e| with_flag_names(&e.to_string()))?;
+        self.sync_settings().validate().map_err(|e| e.to_string())
+    }
+
+    /// The settings of the replicated map: `--no-leasing`, `--lease-secs`,
+    /// `--anti-entropy-ms`.
+    pub(crate) fn sync_settings(&self) -> SyncConfig {
+        SyncConfig::default()
+            .with_leasing(!self.no_leasing)
+            .with_lease(Duration::from_secs(self.lease_secs))
+            .with_anti_entropy_interval(Duration::from_millis(self.anti_entropy_ms))
     }
 
     /// Applies the peer manager options to `config` (seeds are added
@@ -358,7 +390,12 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     for (k, v) in &args.meta {
         builder = builder.metadata(k.clone(), v.clone());
     }
-    builder = builder.peers(|c| args.peer_settings(c));
+    builder = builder
+        .peers(|c| args.peer_settings(c))
+        .sync_config(args.sync_settings());
+    if args.no_leasing {
+        info!("--no-leasing: the replicated map is last-writer-wins; every peer must agree");
+    }
     let node = builder.start().await.with_context(|| {
         let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
         format!("cannot start the node (listening on {})", listen.join(", "))
@@ -633,6 +670,42 @@ mod tests {
             assert!(e.to_string().contains("1 to 256 bytes"), "{e}");
         }
         assert!(parse(&["--admin-allow-remote"]).is_err());
+    }
+
+    #[test]
+    fn sync_options() {
+        let a = parse(&[]).unwrap();
+        assert!(!a.no_leasing);
+        assert_eq!((a.lease_secs, a.anti_entropy_ms), (3_600, 2_000));
+        assert!(a.sync_settings().leasing());
+        assert_eq!(
+            a.sync_settings().hello_metadata(),
+            ("meshwork.sync.leasing", "on")
+        );
+
+        let a = parse(&["--no-leasing", "--anti-entropy-ms", "500"]).unwrap();
+        assert!(a.validate().is_ok());
+        let c = a.sync_settings();
+        assert!(!c.leasing());
+        assert_eq!(c.hello_metadata(), ("meshwork.sync.leasing", "off"));
+        assert_eq!(a.anti_entropy_ms, 500);
+
+        let a = parse(&["--lease-secs", "60"]).unwrap();
+        assert_eq!(a.lease_secs, 60);
+        assert!(a.validate().is_ok());
+
+        for bad in [
+            &["--lease-secs", "0"][..],
+            &["--lease-secs", "31536001"],
+            &["--anti-entropy-ms", "0"],
+            &["--anti-entropy-ms", "soon"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        // A lease time means nothing without leasing.
+        let e = parse(&["--no-leasing", "--lease-secs", "60"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
     }
 
     #[test]
