@@ -7,10 +7,14 @@
 //! Every node runs the `echo` concern of `meshwork node`. Once the mesh has
 //! formed, node 0 floods a broadcast that every other node must deliver
 //! exactly once, and the two nodes farthest apart exchange a routed
-//! request.
+//! request. Then the replicated map: node 0 writes a key that must reach
+//! every node, another node's overwrite of it must be refused (node 0 holds
+//! its lease), and the mesh is cut in two halves that both write, then
+//! healed: every replica must end up identical.
 //!
 //! The demo is a sequence of steps ([`Demo::start_nodes`],
 //! [`Demo::form_mesh`], [`Demo::broadcast`], [`Demo::routed_request`],
+//! [`Demo::kv_write`], [`Demo::kv_refused`], [`Demo::kv_heal`],
 //! [`Demo::measure_rtt`], then always [`Demo::shut_down`] and
 //! [`Demo::summary`]). Each step draws on the
 //! [`Screen`] and adds lines to the summary; a layer that wants to show
@@ -25,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use meshwork::peers::{PeerSnapshot, PeerState, PeersConfig};
+use meshwork::sync::{SyncConfig, SyncError};
 use meshwork::transport::noise::NOISE_PARAMS;
 use meshwork::transport::{Address, Security};
 use meshwork::wire::NodeId;
@@ -53,6 +58,19 @@ const MESH_TIMEOUT: Duration = Duration::from_secs(15);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Network name of the demo nodes.
 const NETWORK: &str = "meshwork-demo";
+/// How often the demo nodes compare replicas with a random peer (they also
+/// do at once with every new peer).
+const ANTI_ENTROPY: Duration = Duration::from_millis(500);
+/// The halves of the cut mesh must separate, and then have identical
+/// replicas again after the heal, within this.
+const HEAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The key node 0 writes and another node tries to overwrite.
+const KV_KEY: &str = "demo/greeting";
+/// How long the halves of the cut mesh get to agree within themselves
+/// before their replicas are shown.
+const HALF_SETTLE: Duration = Duration::from_secs(2);
+/// The key both halves of the cut mesh write.
+const HEAL_KEY: &str = "demo/contested";
 
 /// Options of `meshwork demo`.
 #[derive(Debug, clap::Args)]
@@ -84,8 +102,11 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         demo.form_mesh().await?;
         demo.broadcast().await?;
         demo.routed_request().await?;
+        demo.kv_write().await?;
+        demo.kv_refused().await?;
+        demo.kv_heal().await?;
+        // Steps of the later layers (rpc) go here.
         demo.measure_rtt().await;
-        // Steps of the later layers (peers, flooding, kv, rpc) go here.
         anyhow::Ok(())
     };
     let mut interrupted = false;
@@ -170,7 +191,8 @@ impl Demo {
              node 0 is the seed: the others know only node 0 and find each other by discovery;\n\
              each node keeps {} to {} peers; nodes that are not neighbours talk through routes\n\
              every link is encrypted and authenticated ({NOISE_PARAMS}); \
-             a node id is the node's X25519 public key\n\n",
+             a node id is the node's X25519 public key\n\
+             every node holds a replica of one key-value map; a write leases its key to the writer\n\n",
             self.count,
             HEARTBEAT.as_millis(),
             self.limits.min,
@@ -211,6 +233,7 @@ impl Demo {
             let log = Arc::new(EventLog::new());
             let mut builder = Node::builder(NETWORK)
                 .concern(Echo::new(log.clone()))
+                .sync_config(SyncConfig::default().with_anti_entropy_interval(ANTI_ENTROPY))
                 .listen("tcp://127.0.0.1:0".parse()?)
                 .metadata("demo-index", i.to_string())
                 .peers(|c| self.peer_settings(c));
@@ -412,6 +435,281 @@ impl Demo {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(())
+    }
+
+    /// Step: node 0 writes [`KV_KEY`]; every node must hold the value
+    /// within [`MESSAGE_TIMEOUT`]. Shows when the last one had it.
+    async fn kv_write(&mut self) -> anyhow::Result<()> {
+        let value = format!("hello from #0 ({})", self.nodes[0].node_id().short());
+        let started = Instant::now();
+        let version = self.nodes[0]
+            .sync()
+            .set(KV_KEY, value.clone())
+            .await
+            .context("node 0 writing a key")?;
+        let mut arrived: Vec<Option<Duration>> = vec![None; self.count];
+        loop {
+            let took = started.elapsed();
+            for (i, node) in self.nodes.iter().enumerate() {
+                if arrived[i].is_none() && node.sync().get_str(KV_KEY).as_deref() == Some(&value) {
+                    arrived[i] = Some(took);
+                }
+            }
+            let held = arrived.iter().filter(|a| a.is_some()).count();
+            if held == self.count || took >= MESSAGE_TIMEOUT {
+                let last = arrived.iter().flatten().max().copied().unwrap_or_default();
+                let line = kv_write_line(held, self.count, last);
+                self.screen.print(&format!("kv write: {line}\n"));
+                self.report.push(("kv write".into(), line));
+                if held < self.count {
+                    let missing: Vec<String> = (0..self.count)
+                        .filter(|&i| arrived[i].is_none())
+                        .map(|i| format!("#{i}"))
+                        .collect();
+                    bail!(
+                        "{KV_KEY:?} (version {}) had not reached {} within {}",
+                        version.as_u64(),
+                        missing.join(", "),
+                        fmt_duration(MESSAGE_TIMEOUT)
+                    );
+                }
+                return Ok(());
+            }
+            // Polled finely: the time shown is when the last node had it.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Step: the last node tries to overwrite [`KV_KEY`], which node 0
+    /// holds the lease on: it must be refused, naming node 0.
+    async fn kv_refused(&mut self) -> anyhow::Result<()> {
+        let i = self.count - 1;
+        let owner = self.nodes[0].node_id().clone();
+        let refused = self.nodes[i].sync().set(KV_KEY, "mine now").await;
+        let line = match refused {
+            Err(SyncError::LeaseHeld {
+                owner: holder,
+                until_ms,
+                ..
+            }) if holder == owner => {
+                let left = Duration::from_millis(until_ms.saturating_sub(unix_ms()));
+                format!(
+                    "#{i}'s overwrite of {KV_KEY:?} refused: leased to #0 ({}) for another {}",
+                    owner.short(),
+                    fmt_minutes(left)
+                )
+            }
+            Err(SyncError::LeaseHeld { owner: holder, .. }) => bail!(
+                "#{i}'s overwrite was refused naming {} as the owner, not #0 ({})",
+                holder.short(),
+                owner.short()
+            ),
+            Err(e) => {
+                bail!("#{i}'s overwrite of {KV_KEY:?} failed with {e} instead of a lease refusal")
+            }
+            Ok(_) => bail!("#{i} overwrote {KV_KEY:?}, whose lease #0 holds"),
+        };
+        let value = self.nodes[0].sync().get_str(KV_KEY);
+        if value
+            .as_deref()
+            .is_none_or(|v| !v.starts_with("hello from #0"))
+        {
+            bail!("after the refused overwrite node 0 holds {value:?}");
+        }
+        self.screen.print(&format!("lease: {line}\n"));
+        self.report.push(("lease".into(), line));
+        Ok(())
+    }
+
+    /// Step: cut the mesh in two halves (each node blocks the other half),
+    /// write [`HEAL_KEY`] on both sides (and one key each), heal, and wait
+    /// until every replica is identical: one value and one owner for the
+    /// contested key, and the losing writer told it lost the lease.
+    async fn kv_heal(&mut self) -> anyhow::Result<()> {
+        let half = self.count / 2;
+        let (left, right): (Vec<usize>, Vec<usize>) = (0..self.count).partition(|&i| i < half);
+        let (a, b) = (left[0], right[0]);
+        let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.node_id().clone()).collect();
+        self.set_blocks(&left, &right, true);
+        let result = self.split_and_write(&left, &right).await;
+        let healed_at = Instant::now();
+        self.set_blocks(&left, &right, false);
+        let (split, lost_before) = result?;
+
+        // Heal: every replica the same.
+        let took = loop {
+            let digests: BTreeSet<u64> = self.nodes.iter().map(|n| n.sync().digest()).collect();
+            if digests.len() == 1 {
+                break healed_at.elapsed();
+            }
+            if healed_at.elapsed() >= HEAL_TIMEOUT {
+                bail!(
+                    "replicas still differ {} after the heal: digests {}",
+                    fmt_duration(HEAL_TIMEOUT),
+                    digest_groups(&self.digests())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        // One value and one owner for the contested key, on every node.
+        let entries: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|n| n.sync().entry(HEAL_KEY))
+            .collect();
+        let Some(Some(winner)) = entries.first().cloned() else {
+            bail!("node 0 lost {HEAL_KEY:?} in the heal");
+        };
+        for (i, e) in entries.iter().enumerate() {
+            if e.as_ref() != Some(&winner) {
+                bail!("after the heal #{i} holds {e:?} for {HEAL_KEY:?}, node 0 {winner:?}");
+            }
+        }
+        let (won, lost) = if winner.writer == ids[a] {
+            (a, b)
+        } else if winner.writer == ids[b] {
+            (b, a)
+        } else {
+            bail!(
+                "{HEAL_KEY:?} ended up written by {}, which never wrote it",
+                winner.writer.short()
+            );
+        };
+        if winner.value != format!("from #{won}").as_bytes() {
+            bail!("{HEAL_KEY:?} is #{won}'s but holds {:?}", winner.value);
+        }
+        if winner.lease.as_ref().is_none_or(|l| l.owner != ids[won]) {
+            bail!(
+                "{HEAL_KEY:?} is #{won}'s but its lease is {:?}",
+                winner.lease
+            );
+        }
+        for (i, key) in [(a, "demo/left"), (b, "demo/right")] {
+            if let Some(j) = (0..self.count).find(|&j| self.nodes[j].sync().get(key).is_none()) {
+                bail!("after the heal #{j} lacks {key:?}, written by #{i}");
+            }
+        }
+        let lease_lost = self.nodes[lost].sync().stats().lease_lost;
+        if lease_lost <= lost_before[lost] {
+            bail!("#{lost} lost {HEAL_KEY:?} to #{won} but was not told it lost the lease");
+        }
+        let healed = format!(
+            "healed: all {} replicas identical {} after the unblock; {HEAL_KEY:?} is #{won}'s on \
+             every node (the earlier claim by clock stamp), #{lost} told it lost the lease",
+            self.count,
+            fmt_duration(took)
+        );
+        self.screen
+            .print(&format!("heal: {split}\n      {healed}\n\n"));
+        let line = format!("{split}; {healed}");
+        self.report.push(("heal".into(), line));
+        Ok(())
+    }
+
+    /// Blocks (or unblocks) every node of `left` on every node of `right`
+    /// and back.
+    fn set_blocks(&self, left: &[usize], right: &[usize], block: bool) {
+        for (from, to) in [(left, right), (right, left)] {
+            for &i in from {
+                for &j in to {
+                    let peers = self.nodes[i].peers();
+                    let id = self.nodes[j].node_id();
+                    if block {
+                        peers.block(id);
+                    } else {
+                        peers.unblock(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The part of [`Demo::kv_heal`] while the halves are cut: waits until no
+    /// link crosses, then the first node of each half writes [`HEAL_KEY`]
+    /// and a key of its own. Both writes must be accepted (neither side can
+    /// see the other's lease). Returns a line on the split, and every node's
+    /// `lease_lost` count before the heal.
+    async fn split_and_write(
+        &mut self,
+        left: &[usize],
+        right: &[usize],
+    ) -> anyhow::Result<(String, Vec<u64>)> {
+        let started = Instant::now();
+        let separated = loop {
+            self.refresh();
+            let crossing = Mesh::of(&self.statuses)
+                .links
+                .iter()
+                .any(|&(i, j)| left.contains(&i) != left.contains(&j));
+            let connections = self.statuses.iter().enumerate().any(|(i, s)| {
+                let other = if left.contains(&i) { right } else { left };
+                s.connections
+                    .iter()
+                    .any(|c| other.iter().any(|&j| &c.node_id == self.nodes[j].node_id()))
+            });
+            if !crossing && !connections {
+                break started.elapsed();
+            }
+            if started.elapsed() >= HEAL_TIMEOUT {
+                bail!(
+                    "halves still linked {} after blocking each other",
+                    fmt_duration(HEAL_TIMEOUT)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        let (a, b) = (left[0], right[0]);
+        for (i, own) in [(a, "demo/left"), (b, "demo/right")] {
+            let sync = self.nodes[i].sync();
+            let value = format!("from #{i}");
+            match sync.set(HEAL_KEY, value.clone()).await {
+                Ok(_) => {}
+                Err(e) => bail!("#{i} could not write {HEAL_KEY:?} while cut off: {e}"),
+            }
+            sync.set(own, value)
+                .await
+                .with_context(|| format!("#{i} writing {own:?}"))?;
+        }
+        // Give each half a moment to agree within itself (a node cut off
+        // from all its peers redials within its half), for the display.
+        let settle = Instant::now();
+        let mut digests = self.digests();
+        while settle.elapsed() < HALF_SETTLE
+            && [left, right]
+                .iter()
+                .any(|half| half.iter().any(|&i| digests[i] != digests[half[0]]))
+        {
+            tokio::time::sleep(POLL).await;
+            digests = self.digests();
+        }
+        if digests[a] == digests[b] {
+            bail!(
+                "#{a} and #{b} wrote different values while cut off, yet hold identical replicas"
+            );
+        }
+        let lost_before = self
+            .nodes
+            .iter()
+            .map(|n| n.sync().stats().lease_lost)
+            .collect();
+        let half = |nodes: &[usize]| {
+            let names: Vec<String> = nodes.iter().map(|i| format!("#{i}")).collect();
+            names.join(" ")
+        };
+        let split = format!(
+            "cut into {} | {} (no link across after {}); #{a} and #{b} both wrote \
+             {HEAL_KEY:?}, both accepted: replicas {}",
+            half(left),
+            half(right),
+            fmt_duration(separated),
+            digest_groups(&digests)
+        );
+        Ok((split, lost_before))
+    }
+
+    /// Every node's replica digest, in node order.
+    fn digests(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.sync().digest()).collect()
     }
 
     /// At the end: every node but node 0 delivered the broadcast exactly
@@ -835,6 +1133,53 @@ fn route_line(
     format!("{pair}: echoed in {}, {way}", fmt_duration(took))
 }
 
+/// The kv write's line: `#0 wrote "demo/greeting"; 5 of 5 nodes held it within 2.31ms`.
+fn kv_write_line(held: usize, nodes: usize, took: Duration) -> String {
+    format!(
+        "#0 wrote {KV_KEY:?}; {held} of {nodes} nodes held it within {}",
+        fmt_duration(took)
+    )
+}
+
+/// Nodes grouped by digest: `#0 #1 3f2a91c0, #2 #3 #4 9c1d0e2b` (the
+/// first 8 hex digits of each digest).
+fn digest_groups(digests: &[u64]) -> String {
+    let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
+    for (i, &d) in digests.iter().enumerate() {
+        match groups.iter_mut().find(|(g, _)| *g == d) {
+            Some((_, nodes)) => nodes.push(i),
+            None => groups.push((d, vec![i])),
+        }
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(d, nodes)| {
+            let names: Vec<String> = nodes.iter().map(|i| format!("#{i}")).collect();
+            format!("{} {:08x}", names.join(" "), d >> 32)
+        })
+        .collect();
+    parts.join(", ")
+}
+
+/// A long duration: `59m59s`, `2h01m`, or as [`fmt_duration`] under a minute.
+fn fmt_minutes(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 3600 {
+        format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+    } else if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        fmt_duration(d)
+    }
+}
+
+/// Now, in ms since the Unix epoch (lease expiries are given so).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Median, min and max (sorts `samples`); `None` when empty.
 fn rtt_stats(samples: &mut [Duration]) -> Option<(Duration, Duration, Duration)> {
     samples.sort_unstable();
@@ -1249,6 +1594,27 @@ mod tests {
     }
 
     #[test]
+    fn kv_lines() {
+        assert_eq!(
+            kv_write_line(5, 5, Duration::from_micros(2_310)),
+            "#0 wrote \"demo/greeting\"; 5 of 5 nodes held it within 2.31ms"
+        );
+        assert_eq!(
+            digest_groups(&[
+                0x3f2a_91c0_0000_0001,
+                0x3f2a_91c0_0000_0001,
+                0x9c1d_0e2b_ffff_ffff
+            ]),
+            "#0 #1 3f2a91c0, #2 9c1d0e2b"
+        );
+        assert_eq!(digest_groups(&[]), "");
+        let s = Duration::from_secs;
+        assert_eq!(fmt_minutes(s(3599)), "59m59s");
+        assert_eq!(fmt_minutes(s(7260)), "2h01m");
+        assert_eq!(fmt_minutes(Duration::from_millis(2_500)), "2.50s");
+    }
+
+    #[test]
     fn small_meshes_are_sparse_and_large_ones_cannot_split() {
         let sparse = PeerLimits {
             min: 2,
@@ -1264,8 +1630,10 @@ mod tests {
     }
 
     /// Five nodes that only know node 0 find each other by discovery; a
-    /// broadcast from node 0 reaches every other node once, and two nodes
-    /// that are not neighbours talk through a route.
+    /// broadcast from node 0 reaches every other node once, two nodes that
+    /// are not neighbours talk through a route, a key written by node 0
+    /// reaches every node and cannot be overwritten by another, and a cut
+    /// mesh whose halves both wrote heals to identical replicas.
     #[tokio::test]
     async fn a_small_demo_forms_the_mesh_by_discovery_and_shuts_down() {
         let args = DemoArgs {
@@ -1281,6 +1649,9 @@ mod tests {
         assert!(mesh.formed(2), "{:?}", demo.report);
         demo.broadcast().await.unwrap();
         demo.routed_request().await.unwrap();
+        demo.kv_write().await.unwrap();
+        demo.kv_refused().await.unwrap();
+        demo.kv_heal().await.unwrap();
         assert!(demo.shut_down().await, "{:?}", demo.report);
         let labels: Vec<_> = demo.report.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
@@ -1291,6 +1662,9 @@ mod tests {
                 "encryption",
                 "broadcast",
                 "routed request",
+                "kv write",
+                "lease",
+                "heal",
                 "rtt",
                 "shutdown"
             ]
@@ -1301,6 +1675,21 @@ mod tests {
                 && row("broadcast").contains("each exactly once"),
             "{}",
             row("broadcast")
+        );
+        assert!(
+            row("kv write").contains("5 of 5 nodes held it"),
+            "{}",
+            row("kv write")
+        );
+        assert!(
+            row("lease").contains("refused: leased to #0"),
+            "{}",
+            row("lease")
+        );
+        assert!(
+            row("heal").contains("all 5 replicas identical"),
+            "{}",
+            row("heal")
         );
         // A node dials only while it has fewer than 2 peers, the first
         // dial going to node 0: at most 8 of the 10 possible links form, so
