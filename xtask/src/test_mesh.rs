@@ -44,6 +44,19 @@
 //!   `"routes":[{"target","next_hop","hops","age_ms"}]`, `"builtin":{"flood":{..},
 //!   "routing":{..},"topics":{..}}`, `"subscriptions":["<topic>"]` and
 //!   `"unknown_commands"`.
+//! * The replicated map (docs/sync.md): `meshwork node --anti-entropy-ms MS` (test-mesh
+//!   passes 500), leasing on (the default, 1 hour). `PUT /kv/{key}[?ttl_ms=N]` (body: the
+//!   value; with `ttl_ms` an ephemeral key that vanishes everywhere `ttl_ms` after its
+//!   writer stops refreshing it) answers 200 `{"version":N}`; `GET /kv/{key}` 200
+//!   `{"key","value","version","writer","lease":{"owner","until_ms","epoch"}|null,
+//!   "expires_at_ms"}` or 404; `DELETE /kv/{key}` 200 `{"deleted":true}` or 404;
+//!   `POST /kv/{key}/release` 200; `POST /kv/{key}/confirm?timeout_ms=N` 200
+//!   `{"peers":N}`; a write to a key whose live lease another node holds answers 409
+//!   `{"error","code":"lease_held","owner","until_ms"}`. `GET /kv?prefix=P` answers
+//!   `{"items":[{"key","value","version","writer"}],"count"}` sorted by key, `GET
+//!   /kv-digest` `{"digest":"<16 hex>","keys","entries"}` (equal digests: identical
+//!   replicas), and `/status` has `"sync":{"leasing","keys","entries","digest",
+//!   "lease_lost",..}`.
 //!
 //! Node 0 starts first; the others get `--seed <node 0's listen address>` and
 //! find the rest of the mesh through it.
@@ -95,14 +108,16 @@ const LIMIT_WINDOW: Duration = Duration::from_secs(3);
 /// How long a partition is watched for links sneaking across it.
 const PARTITION_WINDOW: Duration = Duration::from_secs(2);
 
-/// Peer-manager timings given to every node (the defaults are 2000, 15000,
-/// 30000, 60000, 30000 ms): failures show and the mesh repairs within seconds.
+/// Peer-manager and sync timings given to every node (the defaults are
+/// 2000, 15000, 30000, 60000, 30000 and 2000 ms): failures show and the mesh
+/// repairs within seconds, and replicas are compared every 500 ms.
 const NODE_TIMINGS: &[(&str, &str)] = &[
     ("--heartbeat-ms", "200"),
     ("--unresponsive-ms", "1500"),
     ("--dead-ms", "3000"),
     ("--backoff-max-ms", "1000"),
     ("--discovery-ms", "1000"),
+    ("--anti-entropy-ms", "500"),
 ];
 /// How long a broadcast, publication or request may take to be recorded by
 /// the nodes it is meant for.
@@ -132,6 +147,29 @@ const TOPIC: &str = "test-mesh-x";
 const OTHER_TOPIC: &str = "test-mesh-y";
 const LINE_SUBSCRIPTIONS: [&[&str]; LINE_NODES] =
     [&[], &[], &[TOPIC], &[OTHER_TOPIC], &[TOPIC, OTHER_TOPIC]];
+
+/// Writes the `kv` scenario spreads over the nodes.
+const KV_WRITES: usize = 1000;
+/// Keys written before the `late-join` node starts.
+const LATE_JOIN_KEYS: usize = 200;
+/// Keys both halves of the `kv-partition` scenario write, each its own value.
+const SPLIT_CONFLICTS: usize = 40;
+/// Keys each half of the `kv-partition` scenario writes alone.
+const SPLIT_OWN_KEYS: usize = 10;
+/// Keys one half writes before the `kv-partition` split and deletes during it.
+const SPLIT_DELETES: usize = 10;
+/// Ephemeral keys of the `kv-kill` scenario, and their time to live.
+const EPHEMERAL_KEYS: usize = 10;
+const EPHEMERAL_TTL: Duration = Duration::from_secs(3);
+/// How long after the ttl a dead node's ephemeral keys may linger.
+const EPHEMERAL_SLACK: Duration = Duration::from_secs(3);
+/// How long writes may take to reach every node, replicas to agree after a
+/// heal, or a late joiner to catch up.
+const KV_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long replicas are watched for keys coming back after they agreed.
+const KV_STABLE_WINDOW: Duration = Duration::from_secs(1);
+/// `timeout_ms` of `POST /kv/{key}/confirm`.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The peer states `/status` may report.
 const PEER_STATES: &[&str] = &[
@@ -213,7 +251,10 @@ struct Scenario {
 /// that stop nodes go last; each waits for its own preconditions. `kill`
 /// comes before `partition` so that it meets the sparse mesh `join` formed
 /// (a healed partition redials every lost link: a full mesh, where a kill
-/// leaves no node short of peers).
+/// leaves no node short of peers). The kv scenarios write keys of their
+/// own (a unique prefix each) and compare whole replicas, so they work
+/// whatever ran before; `late-join` and `kv-kill` start (and stop) a node
+/// of their own.
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "handshake",
@@ -254,6 +295,28 @@ const SCENARIOS: &[Scenario] = &[
         run: scenario_topics,
     },
     Scenario {
+        name: "kv",
+        about: "1000 PUT /kv/{key} spread round robin over the nodes, one writer thread per \
+                node: within 10 s every node's /kv-digest is the same with 1000 more keys, \
+                every node lists the 1000 with the right values, writers and versions, and a \
+                sample of GET /kv/{key} on every node shows value, writer and its lease",
+        run: scenario_kv,
+    },
+    Scenario {
+        name: "lease",
+        about: "node A PUTs a key (POST /kv/{key}/confirm: every neighbour applied it); once \
+                node B sees it, B's PUT, DELETE and release answer 409 lease_held naming A; \
+                after A's release, B's PUT succeeds with a higher version, every node reads \
+                B's value and lease, and A's PUT is now the one refused",
+        run: scenario_lease,
+    },
+    Scenario {
+        name: "late-join",
+        about: "200 keys written over the mesh; a new node seeded with one node then reaches \
+                the same /kv-digest as every other node within 10 s and lists the 200 keys",
+        run: scenario_late_join,
+    },
+    Scenario {
         name: "network-key",
         about: "a node with a network key (from `meshwork keygen --network-key`) seeding node 0, \
                 which has none, never appears in node 0's /status for 3 s, node 0 counts \
@@ -288,6 +351,25 @@ const SCENARIOS: &[Scenario] = &[
                 link crosses the halves for 2 s and each half is connected; after unblocking, \
                 the whole mesh is one connected graph again within 20 s",
         run: scenario_partition,
+    },
+    Scenario {
+        name: "kv-partition",
+        about: "(the issue's kv `partition`) one half writes keys, then the halves block each \
+                other (POST /peers/{id}/block): both halves PUT the same 40 fresh keys with \
+                their own values (all accepted) and 10 keys of their own, and the first half \
+                deletes the keys it wrote before; after unblocking, within 10 s every \
+                /kv-digest is the same and stays so for 1 s, each contested key has one \
+                value, writer and lease owner on every node, each losing writer counted one \
+                lease_lost per key it lost, and no deleted key is back anywhere",
+        run: scenario_kv_partition,
+    },
+    Scenario {
+        name: "kv-kill",
+        about: "(the issue's kv `kill`) a new node PUTs 10 keys with ttl_ms=3000: every node \
+                lists them, and still does 4 s later (the writer refreshes them); after kill -9 \
+                of the writer no node has any of them within 3 s + 3 s, and the survivors' \
+                digests agree",
+        run: scenario_kv_kill,
     },
     Scenario {
         name: "graceful-shutdown",
@@ -1429,25 +1511,7 @@ fn check_split(mesh: &mut Mesh, left: &[usize], right: &[usize]) -> Result<Strin
         }
         Ok(())
     };
-    let no_crossing = |mesh: &Mesh, snap: &Snapshot| -> Result<(), Wait> {
-        let mut crossing = Vec::new();
-        for &i in &members {
-            let s = snap.status(i)?;
-            for &j in other_half(i) {
-                if let Some(how) = s.lists_how(&mesh.nodes[j].ready.node_id) {
-                    crossing.push(format!("node {i} lists node {j} ({how})"));
-                }
-            }
-        }
-        if crossing.is_empty() {
-            Ok(())
-        } else {
-            Err(Wait::Pending(format!(
-                "links across the partition: {}",
-                crossing.join("; ")
-            )))
-        }
-    };
+    let no_crossing = |mesh: &Mesh, snap: &Snapshot| no_crossing(mesh, snap, left, right);
     let want = |half: &[usize]| limits.min.min(half.len() - 1);
     mesh.poll_until(
         &format!(
@@ -1491,6 +1555,30 @@ fn check_split(mesh: &mut Mesh, left: &[usize], right: &[usize]) -> Result<Strin
         fmt_duration(separated),
         fmt_duration(PARTITION_WINDOW)
     ))
+}
+
+/// No node of `left` lists a node of `right` as linked or in its
+/// connections, nor the other way round.
+fn no_crossing(mesh: &Mesh, snap: &Snapshot, left: &[usize], right: &[usize]) -> Result<(), Wait> {
+    let mut crossing = Vec::new();
+    for (from, to) in [(left, right), (right, left)] {
+        for &i in from {
+            let s = snap.status(i)?;
+            for &j in to {
+                if let Some(how) = s.lists_how(&mesh.nodes[j].ready.node_id) {
+                    crossing.push(format!("node {i} lists node {j} ({how})"));
+                }
+            }
+        }
+    }
+    if crossing.is_empty() {
+        Ok(())
+    } else {
+        Err(Wait::Pending(format!(
+            "links across the partition: {}",
+            crossing.join("; ")
+        )))
+    }
 }
 
 /// POST /peers/{id}/`action` (`block` or `unblock`) on every node of each
@@ -2278,6 +2366,983 @@ impl Delivery<'_> {
 }
 
 // ---------------------------------------------------------------------------
+// Replicated map scenarios: kv, lease, late-join, kv-partition, kv-kill
+// ---------------------------------------------------------------------------
+
+fn scenario_kv(mesh: &mut Mesh) -> Result<String> {
+    let members: Vec<usize> = mesh.alive().collect();
+    ensure!(members.len() >= 2, "needs at least two running nodes");
+    wait_connected(mesh, &members)?;
+    let before = mesh.poll_fn_until(
+        "every node's /kv-digest to agree before the writes",
+        KV_TIMEOUT,
+        |mesh| same_digest(mesh, &members),
+    )?;
+    let prefix = kv_prefix("kv");
+    let writes: Vec<KvWrite> = (0..KV_WRITES)
+        .map(|k| {
+            let node = members[k % members.len()];
+            KvWrite::set(
+                node,
+                format!("{prefix}{k:04}"),
+                format!("value {k} from node {node}"),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let versions = put_all(mesh, &writes)?;
+    let wrote = started.elapsed();
+    let want = before.keys + KV_WRITES as u64;
+    let agreed = mesh.poll_fn_until(
+        &format!("every node's /kv-digest to agree, with {want} keys"),
+        KV_TIMEOUT,
+        |mesh| {
+            let d = same_digest(mesh, &members)?;
+            if d.keys == want {
+                Ok(d)
+            } else {
+                Err(Wait::Pending(format!(
+                    "every node has digest {} but with {} keys, expected {want}",
+                    d.digest, d.keys
+                )))
+            }
+        },
+    )?;
+    let converged = started.elapsed();
+
+    // Every node lists the writes with their values, writers and versions.
+    for &i in &members {
+        let items = mesh
+            .http
+            .kv_list(mesh.admin(i), &prefix)
+            .with_context(|| format!("node {i}"))?;
+        ensure!(
+            items.len() == KV_WRITES,
+            "node {i} lists {} keys under {prefix:?}, expected {KV_WRITES}",
+            items.len()
+        );
+        for ((item, w), &version) in items.iter().zip(&writes).zip(&versions) {
+            check_item(mesh, i, item, w, version)?;
+        }
+    }
+    // And GET shows each sampled key with its writer's lease.
+    let sample: Vec<usize> = (0..KV_WRITES)
+        .step_by(KV_WRITES / 10)
+        .chain([KV_WRITES - 1])
+        .collect();
+    for &i in &members {
+        for &k in &sample {
+            let w = &writes[k];
+            let e = mesh
+                .http
+                .kv_get(mesh.admin(i), &w.key)?
+                .with_context(|| format!("node {i}: GET /kv/{} answered 404", w.key))?;
+            let writer = mesh.id(w.node);
+            ensure!(
+                e.key == w.key
+                    && Some(&e.value) == w.value.as_ref()
+                    && e.writer == writer
+                    && e.version == versions[k]
+                    && e.lease
+                        .as_ref()
+                        .is_some_and(|l| l.owner == writer && l.epoch >= 1)
+                    && e.expires_at_ms.is_none(),
+                "node {i}: GET /kv/{} shows {e:?}; expected the value {:?} by node {} (version {}) \
+                 leased to it, not ephemeral",
+                w.key,
+                w.value,
+                w.node,
+                versions[k]
+            );
+        }
+    }
+    Ok(format!(
+        "{KV_WRITES} PUTs round robin over {} nodes (a writer thread each) took {}; every \
+         /kv-digest agreed ({}, {} keys, {} entries) {} after the first PUT, {} after the last; \
+         every node lists the {KV_WRITES} with their values, writers and versions; {} sampled \
+         GETs per node show the writer's lease",
+        members.len(),
+        fmt_duration(wrote),
+        agreed.digest,
+        agreed.keys,
+        agreed.entries,
+        fmt_duration(converged),
+        fmt_duration(converged.saturating_sub(wrote)),
+        sample.len()
+    ))
+}
+
+fn scenario_lease(mesh: &mut Mesh) -> Result<String> {
+    let members: Vec<usize> = mesh.alive().collect();
+    ensure!(members.len() >= 2, "needs at least two running nodes");
+    wait_connected(mesh, &members)?;
+    let (a, b) = (members[members.len() - 2], members[members.len() - 1]);
+    let (id_a, id_b) = (mesh.id(a).to_owned(), mesh.id(b).to_owned());
+    let key = format!("{}key", kv_prefix("lease"));
+    let value_a = format!("from node {a}");
+    let value_b = format!("from node {b}");
+
+    // A writes and confirms.
+    let started = Instant::now();
+    let v1 = mesh
+        .http
+        .kv_set(mesh.admin(a), &key, &value_a)
+        .with_context(|| format!("node {a}"))?;
+    let path = format!("/confirm?timeout_ms={}", CONFIRM_TIMEOUT.as_millis());
+    let (code, body) = mesh.http.kv_action(mesh.admin(a), "POST", &key, &path)?;
+    ensure!(
+        code == 200,
+        "node {a}: POST /kv/{key}{path} answered {code}: {body}"
+    );
+    let confirmed = u64_field(&body, "peers").with_context(|| format!("confirm: {body}"))?;
+    ensure!(
+        confirmed >= 1,
+        "node {a} confirmed its write with {confirmed} peers, but it is connected"
+    );
+    let confirm_took = started.elapsed();
+
+    // Once B has it, B may not overwrite, delete or release it.
+    let seen = mesh.poll_fn_until(
+        &format!("node {b} to read node {a}'s value"),
+        KV_TIMEOUT,
+        |mesh| match kv_get_wait(mesh, b, &key)? {
+            Some(e) if e.value == value_a => Ok(e),
+            other => Err(Wait::Pending(format!("node {b} reads {other:?}"))),
+        },
+    )?;
+    let seen_after = started.elapsed();
+    ensure!(
+        seen.writer == id_a
+            && seen.version == v1
+            && seen.lease.as_ref().is_some_and(|l| l.owner == id_a)
+            && seen.expires_at_ms.is_none(),
+        "node {b} reads {seen:?}; expected node {a}'s write (version {v1}), leased to it"
+    );
+    let until = seen.lease.as_ref().map_or(0, |l| l.until_ms);
+    ensure!(
+        until > unix_ms(),
+        "node {b} shows node {a}'s lease lapsing at {until} ms, which is past; the lease is 1 hour"
+    );
+    let (code, body) = mesh.http.kv_put(mesh.admin(b), &key, &value_b, None)?;
+    check_lease_held(code, &body, &id_a).with_context(|| format!("node {b}: PUT /kv/{key}"))?;
+    for (method, suffix) in [("DELETE", ""), ("POST", "/release")] {
+        let (code, body) = mesh.http.kv_action(mesh.admin(b), method, &key, suffix)?;
+        check_lease_held(code, &body, &id_a)
+            .with_context(|| format!("node {b}: {method} /kv/{key}{suffix}"))?;
+    }
+    // A's value is still what every node reads.
+    mesh.poll_fn_until(
+        &format!("every node to read node {a}'s value"),
+        KV_TIMEOUT,
+        |mesh| every_node_reads(mesh, &members, &key, &value_a, &id_a),
+    )?;
+
+    // A releases; once B sees that, B's write succeeds.
+    let (code, body) = mesh
+        .http
+        .kv_action(mesh.admin(a), "POST", &key, "/release")?;
+    ensure!(
+        code == 200 && body["released"] == true,
+        "node {a}: POST /kv/{key}/release answered {code}: {body}"
+    );
+    let released = Instant::now();
+    mesh.poll_fn_until(
+        &format!("node {b} to see node {a}'s release"),
+        KV_TIMEOUT,
+        |mesh| match kv_get_wait(mesh, b, &key)? {
+            Some(e) if e.lease.is_none() => {
+                if e.value == value_a {
+                    Ok(())
+                } else {
+                    Err(Wait::Fatal(format!(
+                        "node {b} reads {e:?} after node {a}'s release, which keeps the value"
+                    )))
+                }
+            }
+            other => Err(Wait::Pending(format!("node {b} reads {other:?}"))),
+        },
+    )?;
+    let release_seen = released.elapsed();
+    let v2 = mesh
+        .http
+        .kv_set(mesh.admin(b), &key, &value_b)
+        .with_context(|| format!("node {b}, after node {a} released the key"))?;
+    ensure!(
+        v2 > v1,
+        "node {b}'s write has version {v2}, not above node {a}'s {v1}: versions must grow"
+    );
+    let written = Instant::now();
+    mesh.poll_fn_until(
+        &format!("every node to read node {b}'s value, leased to it"),
+        KV_TIMEOUT,
+        |mesh| every_node_reads(mesh, &members, &key, &value_b, &id_b),
+    )?;
+    let everywhere = written.elapsed();
+    let (code, body) = mesh.http.kv_put(mesh.admin(a), &key, &value_a, None)?;
+    check_lease_held(code, &body, &id_b)
+        .with_context(|| format!("node {a}: PUT /kv/{key} after node {b} took the key over"))?;
+    Ok(format!(
+        "node {a} wrote the key (confirmed by {confirmed} peer(s) in {}); node {b} read it after \
+         {} and its PUT, DELETE and release answered 409 lease_held naming node {a}; node {b} saw \
+         node {a}'s release after {}, then wrote (version grew), every node read its value and \
+         lease {} later, and node {a}'s PUT was refused naming node {b}",
+        fmt_duration(confirm_took),
+        fmt_duration(seen_after),
+        fmt_duration(release_seen),
+        fmt_duration(everywhere)
+    ))
+}
+
+fn scenario_late_join(mesh: &mut Mesh) -> Result<String> {
+    let members: Vec<usize> = mesh.alive().collect();
+    ensure!(!members.is_empty(), "needs a running node");
+    wait_connected(mesh, &members)?;
+    let before = mesh.poll_fn_until(
+        "every node's /kv-digest to agree before the writes",
+        KV_TIMEOUT,
+        |mesh| same_digest(mesh, &members),
+    )?;
+    let prefix = kv_prefix("late");
+    let writes: Vec<KvWrite> = (0..LATE_JOIN_KEYS)
+        .map(|k| {
+            let node = members[k % members.len()];
+            KvWrite::set(
+                node,
+                format!("{prefix}{k:03}"),
+                format!("late {k} from node {node}"),
+            )
+        })
+        .collect();
+    let versions = put_all(mesh, &writes)?;
+    let want = before.keys + LATE_JOIN_KEYS as u64;
+    let target = mesh.poll_fn_until(
+        &format!("every node's /kv-digest to agree, with {want} keys"),
+        KV_TIMEOUT,
+        |mesh| {
+            let d = same_digest(mesh, &members)?;
+            if d.keys == want {
+                Ok(d)
+            } else {
+                Err(Wait::Pending(format!("{} keys, expected {want}", d.keys)))
+            }
+        },
+    )?;
+
+    let seed_node = *members.last().unwrap_or(&0);
+    let seed = mesh.nodes[seed_node].ready.listen[0].clone();
+    let joiner = mesh.spawn_with(&[seed], &[])?;
+    let late = LateJoin {
+        joiner,
+        seed: seed_node,
+        members: &members,
+        prefix: &prefix,
+        writes: &writes,
+        versions: &versions,
+        target: &target,
+    };
+    let result = late.check(mesh);
+    let stopped = mesh.stop(joiner);
+    let summary = result?;
+    stopped.with_context(|| format!("stopping node {joiner} (the late joiner)"))?;
+    Ok(summary)
+}
+
+/// The `late-join` scenario's new node and what it must catch up with.
+struct LateJoin<'a> {
+    joiner: usize,
+    seed: usize,
+    members: &'a [usize],
+    prefix: &'a str,
+    writes: &'a [KvWrite],
+    versions: &'a [u64],
+    target: &'a KvDigest,
+}
+
+impl LateJoin<'_> {
+    fn check(&self, mesh: &mut Mesh) -> Result<String> {
+        let (joiner, seed, target) = (self.joiner, self.seed, self.target);
+        mesh.wait_ready(joiner)?;
+        let ready = Instant::now();
+        let mut all = self.members.to_vec();
+        all.push(joiner);
+        let reached = mesh.poll_fn_until(
+            &format!("node {joiner} (seeded with node {seed}) to reach the mesh's /kv-digest"),
+            KV_TIMEOUT,
+            |mesh| same_digest(mesh, &all),
+        )?;
+        let took = ready.elapsed();
+        ensure!(
+            reached.digest == target.digest,
+            "every node agrees on digest {}, but the mesh had {} before node {joiner} joined and \
+             nothing was written since",
+            reached.digest,
+            target.digest
+        );
+        let items = mesh
+            .http
+            .kv_list(mesh.admin(joiner), self.prefix)
+            .with_context(|| format!("node {joiner}"))?;
+        ensure!(
+            items.len() == self.writes.len(),
+            "node {joiner} lists {} keys under {:?}, expected {}",
+            items.len(),
+            self.prefix,
+            self.writes.len()
+        );
+        for ((item, w), &version) in items.iter().zip(self.writes).zip(self.versions) {
+            check_item(mesh, joiner, item, w, version)?;
+        }
+        let peers = mesh.http.status(mesh.admin(joiner))?.connections.len();
+        Ok(format!(
+            "{} keys written over {} node(s); node {joiner}, seeded with node {seed}, reached their \
+             /kv-digest ({}, {} keys, {} entries) {} after its ready line, with {peers} peer(s), \
+             and lists the {} keys with their values, writers and versions",
+            self.writes.len(),
+            self.members.len(),
+            target.digest,
+            target.keys,
+            target.entries,
+            fmt_duration(took),
+            self.writes.len()
+        ))
+    }
+}
+
+fn scenario_kv_partition(mesh: &mut Mesh) -> Result<String> {
+    let members: Vec<usize> = mesh.alive().collect();
+    ensure!(members.len() >= 2, "needs at least two running nodes");
+    wait_connected(mesh, &members)?;
+    let (left, right) = members.split_at(members.len() / 2);
+    let (l, r) = (left[0], right[0]);
+    let (id_l, id_r) = (mesh.id(l).to_owned(), mesh.id(r).to_owned());
+    let prefix = kv_prefix("split");
+    let split = Split {
+        left,
+        right,
+        prefix: &prefix,
+    };
+
+    // Before the split: the left writer writes the keys it will delete.
+    let doomed: Vec<KvWrite> = (0..SPLIT_DELETES)
+        .map(|k| KvWrite::set(l, split.doomed_key(k), format!("doomed {k}")))
+        .collect();
+    put_all(mesh, &doomed)?;
+    mesh.poll_fn_until(
+        &format!("every node to hold the {SPLIT_DELETES} keys node {l} will delete"),
+        KV_TIMEOUT,
+        |mesh| {
+            same_digest(mesh, &members)?;
+            for &i in &members {
+                let n = kv_list_wait(mesh, i, &split.doomed_key_prefix())?.len();
+                if n != SPLIT_DELETES {
+                    return Err(Wait::Pending(format!("node {i} lists {n} of them")));
+                }
+            }
+            Ok(())
+        },
+    )?;
+
+    let result = split.cut_and_write(mesh);
+    let unblocked_at = Instant::now();
+    let unblocked = set_blocks(mesh, left, right, "unblock");
+    let (cut, lost_before) = result?;
+    unblocked?;
+
+    // Heal: one replica, and it stays so.
+    let healed = mesh.poll_fn_until(
+        "every node's /kv-digest to agree after unblocking",
+        KV_TIMEOUT,
+        |mesh| same_digest(mesh, &members),
+    )?;
+    let heal_took = unblocked_at.elapsed();
+    let polls = mesh.watch_fn_for(
+        "the healed replicas to stay identical",
+        KV_STABLE_WINDOW,
+        |mesh| {
+            let d = same_digest(mesh, &members)?;
+            if d.digest == healed.digest {
+                Ok(())
+            } else {
+                Err(Wait::Fatal(format!(
+                    "every node moved from digest {} to {} with nothing written",
+                    healed.digest, d.digest
+                )))
+            }
+        },
+    )?;
+
+    // One value, writer and lease owner per contested key, on every node.
+    let (mut won_l, mut won_r) = (0u64, 0u64);
+    for k in 0..SPLIT_CONFLICTS {
+        let key = split.contested_key(k);
+        let mut first: Option<(usize, KvEntry)> = None;
+        for &i in &members {
+            let e = mesh
+                .http
+                .kv_get(mesh.admin(i), &key)?
+                .with_context(|| format!("node {i} has no value for contested key {key}"))?;
+            match &first {
+                None => first = Some((i, e)),
+                Some((j, f)) => ensure!(
+                    e == *f,
+                    "contested key {key}: node {i} holds {e:?} but node {j} {f:?}"
+                ),
+            }
+        }
+        let Some((_, e)) = first else { continue };
+        let (count, value) = if e.writer == id_l {
+            (&mut won_l, format!("left {k}"))
+        } else if e.writer == id_r {
+            (&mut won_r, format!("right {k}"))
+        } else {
+            bail!(
+                "contested key {key} ended up written by {}: {e:?}",
+                mesh.label(&e.writer)
+            );
+        };
+        ensure!(
+            e.value == value
+                && e.lease
+                    .as_ref()
+                    .is_some_and(|lease| lease.owner == e.writer),
+            "contested key {key}: {e:?}; expected the value {value:?} leased to its writer"
+        );
+        *count += 1;
+    }
+    // No delete came back; each half's own keys reached the other.
+    for &i in &members {
+        for k in 0..SPLIT_DELETES {
+            let key = split.doomed_key(k);
+            if let Some(e) = mesh.http.kv_get(mesh.admin(i), &key)? {
+                bail!("node {i}: key {key}, deleted by node {l} during the split, is back: {e:?}");
+            }
+        }
+        for (side, writer) in [("l", l), ("r", r)] {
+            let items = mesh
+                .http
+                .kv_list(mesh.admin(i), &split.own_key_prefix(side))?;
+            ensure!(
+                items.len() == SPLIT_OWN_KEYS && items.iter().all(|e| e.writer == mesh.id(writer)),
+                "node {i} lists {} of the {SPLIT_OWN_KEYS} keys node {writer} wrote alone during \
+                 the split: {items:?}",
+                items.len()
+            );
+        }
+    }
+    // Each losing writer was told once per key it lost.
+    let lost_after = lease_lost(mesh, &[l, r])?;
+    for (node, lost) in [(l, won_r), (r, won_l)] {
+        let told = lost_after[&node].saturating_sub(lost_before[&node]);
+        ensure!(
+            told == lost,
+            "node {node} lost {lost} contested key(s) but its /status sync.lease_lost rose by \
+             {told}"
+        );
+    }
+    Ok(format!(
+        "{cut}; unblocked: every /kv-digest agreed after {} ({}, {} keys, {} entries) and held \
+         for {} ({polls} polls); each contested key has one value, writer and lease on every \
+         node (node {l} won {won_l}, node {r} won {won_r}, each loser counted as many \
+         lease_lost); the {SPLIT_DELETES} deleted keys stayed deleted everywhere",
+        fmt_duration(heal_took),
+        healed.digest,
+        healed.keys,
+        healed.entries,
+        fmt_duration(KV_STABLE_WINDOW)
+    ))
+}
+
+/// The halves of the `kv-partition` scenario and its keys.
+struct Split<'a> {
+    left: &'a [usize],
+    right: &'a [usize],
+    prefix: &'a str,
+}
+
+impl Split<'_> {
+    fn contested_key(&self, k: usize) -> String {
+        format!("{}c.{k:02}", self.prefix)
+    }
+
+    fn doomed_key_prefix(&self) -> String {
+        format!("{}del.", self.prefix)
+    }
+
+    fn doomed_key(&self, k: usize) -> String {
+        format!("{}{k:02}", self.doomed_key_prefix())
+    }
+
+    /// `side` is `l` or `r`.
+    fn own_key_prefix(&self, side: &str) -> String {
+        format!("{}{side}.", self.prefix)
+    }
+
+    /// Blocks the halves from each other and waits until no link crosses;
+    /// then the first node of each half writes every contested key and
+    /// keys of its own (one thread each), and the left one deletes the
+    /// keys it wrote before. Every write must be accepted: a 409 means a
+    /// lease crossed the partition. Returns a summary and the writers'
+    /// `lease_lost` counts.
+    fn cut_and_write(&self, mesh: &mut Mesh) -> Result<(String, BTreeMap<usize, u64>)> {
+        let (left, right) = (self.left, self.right);
+        let (l, r) = (left[0], right[0]);
+        let members: Vec<usize> = left.iter().chain(right).copied().collect();
+        let blocked_at = Instant::now();
+        set_blocks(mesh, left, right, "block")?;
+        mesh.poll_until(
+            &format!(
+                "halves [{}] and [{}] to separate",
+                node_list(left),
+                node_list(right)
+            ),
+            Poll::Only(&members),
+            SCENARIO_TIMEOUT,
+            |mesh, snap| no_crossing(mesh, snap, left, right),
+        )?;
+        let separated = blocked_at.elapsed();
+
+        let mut writes = Vec::new();
+        for k in 0..SPLIT_CONFLICTS {
+            writes.push(KvWrite::set(l, self.contested_key(k), format!("left {k}")));
+            writes.push(KvWrite::set(r, self.contested_key(k), format!("right {k}")));
+        }
+        for k in 0..SPLIT_OWN_KEYS {
+            for (side, node) in [("l", l), ("r", r)] {
+                let key = format!("{}{k:02}", self.own_key_prefix(side));
+                writes.push(KvWrite::set(node, key, format!("own {k}")));
+            }
+        }
+        writes.extend((0..SPLIT_DELETES).map(|k| KvWrite::delete(l, self.doomed_key(k))));
+        put_all(mesh, &writes)
+            .context("writing on both sides of the partition (a 409 means a lease crossed it)")?;
+        let (dl, dr) = (
+            mesh.http.kv_digest(mesh.admin(l))?,
+            mesh.http.kv_digest(mesh.admin(r))?,
+        );
+        ensure!(
+            dl.digest != dr.digest,
+            "nodes {l} and {r} wrote different values of the same keys on two sides of the \
+             partition, yet have identical replicas ({})",
+            dl.digest
+        );
+        mesh.check_now(
+            "the partition after the writes",
+            Poll::Only(&members),
+            |mesh, snap| no_crossing(mesh, snap, left, right),
+        )?;
+        let lost = lease_lost(mesh, &[l, r])?;
+        Ok((
+            format!(
+                "halves [{}] | [{}] separated {} after blocking; nodes {l} and {r} both wrote \
+                 {SPLIT_CONFLICTS} contested keys (all accepted) and {SPLIT_OWN_KEYS} of their \
+                 own, node {l} deleted {SPLIT_DELETES} it wrote before (digests {} | {})",
+                node_list(left),
+                node_list(right),
+                fmt_duration(separated),
+                dl.digest,
+                dr.digest
+            ),
+            lost,
+        ))
+    }
+}
+
+fn scenario_kv_kill(mesh: &mut Mesh) -> Result<String> {
+    ensure!(mesh.is_alive(0), "node 0 is not running");
+    let members: Vec<usize> = mesh.alive().collect();
+    wait_connected(mesh, &members)?;
+    let seed = mesh.nodes[0].ready.listen[0].clone();
+    let owner = mesh.spawn_with(&[seed], &[])?;
+    let result = check_ephemeral(mesh, owner, &members);
+    mesh.kill(owner);
+    result
+}
+
+/// Node `owner` (new, seeded with node 0) writes ephemeral keys; the
+/// `members` must see them while it lives and lose them after its kill -9.
+fn check_ephemeral(mesh: &mut Mesh, owner: usize, members: &[usize]) -> Result<String> {
+    mesh.wait_ready(owner)?;
+    let id = mesh.id(owner).to_owned();
+    mesh.poll_until(
+        &format!("node {owner} to be connected"),
+        Poll::Only(&[owner]),
+        SCENARIO_TIMEOUT,
+        |_, snap| {
+            if snap.status(owner)?.connections.is_empty() {
+                Err(Wait::Pending(format!("node {owner} has no connection")))
+            } else {
+                Ok(())
+            }
+        },
+    )?;
+    let prefix = kv_prefix("ephemeral");
+    let keys: Vec<String> = (0..EPHEMERAL_KEYS)
+        .map(|k| format!("{prefix}{k:02}"))
+        .collect();
+    let ttl_ms = EPHEMERAL_TTL.as_millis() as u64;
+    let put_at = unix_ms();
+    for (k, key) in keys.iter().enumerate() {
+        let (code, body) = mesh.http.kv_put(
+            mesh.admin(owner),
+            key,
+            &format!("ephemeral {k}"),
+            Some(EPHEMERAL_TTL),
+        )?;
+        ensure!(
+            code == 200,
+            "node {owner}: PUT /kv/{key}?ttl_ms={ttl_ms} answered {code}: {body}"
+        );
+    }
+    let e = mesh
+        .http
+        .kv_get(mesh.admin(owner), &keys[0])?
+        .with_context(|| format!("node {owner} does not hold {} it just wrote", keys[0]))?;
+    let slack = EPHEMERAL_SLACK.as_millis() as u64;
+    ensure!(
+        e.expires_at_ms
+            .is_some_and(|at| at >= put_at + ttl_ms && at <= unix_ms() + ttl_ms + slack)
+            && e.lease.as_ref().is_some_and(|l| l.owner == id),
+        "node {owner}: GET /kv/{} shows {e:?}; expected expires_at_ms about {ttl_ms} ms from \
+         now and a lease of its own",
+        keys[0]
+    );
+
+    let mut all = members.to_vec();
+    all.push(owner);
+    let started = Instant::now();
+    let listing = |mesh: &Mesh, nodes: &[usize]| -> Result<BTreeMap<usize, usize>, Wait> {
+        nodes
+            .iter()
+            .map(|&i| Ok((i, kv_list_wait(mesh, i, &prefix)?.len())))
+            .collect()
+    };
+    let all_keys = |counts: &BTreeMap<usize, usize>| -> Result<(), Wait> {
+        let short: Vec<String> = counts
+            .iter()
+            .filter(|&(_, &n)| n != EPHEMERAL_KEYS)
+            .map(|(i, n)| format!("node {i} lists {n}"))
+            .collect();
+        if short.is_empty() {
+            Ok(())
+        } else {
+            Err(Wait::Pending(short.join(", ")))
+        }
+    };
+    mesh.poll_fn_until(
+        &format!("every node to list node {owner}'s {EPHEMERAL_KEYS} ephemeral keys"),
+        KV_TIMEOUT,
+        |mesh| all_keys(&listing(mesh, &all)?),
+    )?;
+    let spread = started.elapsed();
+    let window = EPHEMERAL_TTL + Duration::from_secs(1);
+    let polls = mesh.watch_fn_for(
+        &format!(
+            "every node to keep listing them for {} (node {owner} refreshes them)",
+            fmt_duration(window)
+        ),
+        window,
+        |mesh| all_keys(&listing(mesh, &all)?),
+    )?;
+
+    mesh.kill(owner);
+    let killed = Instant::now();
+    let mut first_gone: Option<Duration> = None;
+    mesh.poll_fn_until(
+        &format!("no node to list node {owner}'s ephemeral keys after its kill -9"),
+        EPHEMERAL_TTL + EPHEMERAL_SLACK,
+        |mesh| {
+            let counts = listing(mesh, members)?;
+            if first_gone.is_none() && counts.values().any(|&n| n < EPHEMERAL_KEYS) {
+                first_gone = Some(killed.elapsed());
+            }
+            let left: Vec<String> = counts
+                .iter()
+                .filter(|&(_, &n)| n > 0)
+                .map(|(i, n)| format!("node {i} ({n})"))
+                .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(Wait::Pending(format!(
+                    "still listed by {}",
+                    left.join(", ")
+                )))
+            }
+        },
+    )?;
+    let gone = killed.elapsed();
+    for &i in members {
+        for key in &keys {
+            if let Some(e) = mesh.http.kv_get(mesh.admin(i), key)? {
+                bail!("node {i}: GET /kv/{key} still answers {e:?} after the writer died");
+            }
+        }
+    }
+    let agreed = mesh.poll_fn_until("the survivors' /kv-digest to agree", KV_TIMEOUT, |mesh| {
+        same_digest(mesh, members)
+    })?;
+    Ok(format!(
+        "node {owner} wrote {EPHEMERAL_KEYS} keys with ttl_ms={ttl_ms}: every node listed them \
+         after {}, and still did {} later ({polls} polls); after kill -9 the first node dropped \
+         them after {}, the last after {} (limit {}); the {} survivors agree ({})",
+        fmt_duration(spread),
+        fmt_duration(window),
+        first_gone.map_or_else(|| "-".to_owned(), fmt_duration),
+        fmt_duration(gone),
+        fmt_duration(EPHEMERAL_TTL + EPHEMERAL_SLACK),
+        members.len(),
+        agreed.digest
+    ))
+}
+
+/// Waits until the `members` form one connected mesh with enough peers
+/// each (the kv scenarios' precondition: every write can reach every node).
+fn wait_connected(mesh: &mut Mesh, members: &[usize]) -> Result<()> {
+    let want = mesh.limits.min.min(members.len().saturating_sub(1));
+    mesh.poll_until(
+        "the mesh to be connected",
+        Poll::Only(members),
+        SCENARIO_TIMEOUT,
+        |mesh, snap| check_mesh(mesh, snap, members, |_| want),
+    )?;
+    Ok(())
+}
+
+/// A key prefix no node has seen: `tm.<tag>.<pid>-<nanos>.`.
+fn kv_prefix(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("tm.{tag}.{}-{nanos}.", std::process::id())
+}
+
+/// Now, in ms since the Unix epoch (lease expiries are given so).
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One write of a scenario: node `node` PUTs `value` at `key`, or DELETEs
+/// `key` (`value` none).
+#[derive(Debug, Clone)]
+struct KvWrite {
+    node: usize,
+    key: String,
+    value: Option<String>,
+}
+
+impl KvWrite {
+    fn set(node: usize, key: String, value: String) -> KvWrite {
+        KvWrite {
+            node,
+            key,
+            value: Some(value),
+        }
+    }
+
+    fn delete(node: usize, key: String) -> KvWrite {
+        KvWrite {
+            node,
+            key,
+            value: None,
+        }
+    }
+}
+
+/// Sends every write, each node's in order on a thread of its own (the
+/// nodes write at the same time); each must answer 200. Returns the
+/// version of each PUT (0 for a DELETE), in `writes` order.
+fn put_all(mesh: &Mesh, writes: &[KvWrite]) -> Result<Vec<u64>> {
+    let nodes: BTreeSet<usize> = writes.iter().map(|w| w.node).collect();
+    let http = &mesh.http;
+    thread::scope(|scope| {
+        let threads: Vec<_> = nodes
+            .iter()
+            .map(|&node| {
+                let admin = mesh.admin(node).to_owned();
+                scope.spawn(move || -> Result<Vec<(usize, u64)>> {
+                    let mut done = Vec::new();
+                    for (k, w) in writes.iter().enumerate().filter(|(_, w)| w.node == node) {
+                        let version = match &w.value {
+                            Some(value) => http.kv_set(&admin, &w.key, value),
+                            None => http.kv_action(&admin, "DELETE", &w.key, "").and_then(
+                                |(code, body)| {
+                                    ensure!(
+                                        code == 200 && body["deleted"] == true,
+                                        "DELETE /kv/{}: HTTP {code}: {body}",
+                                        w.key
+                                    );
+                                    Ok(0)
+                                },
+                            ),
+                        };
+                        done.push((k, version.with_context(|| format!("node {node}"))?));
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        let mut versions = vec![0; writes.len()];
+        let mut first_error = None;
+        for t in threads {
+            match t.join() {
+                Ok(Ok(done)) => {
+                    for (k, v) in done {
+                        versions[k] = v;
+                    }
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_error.get_or_insert(anyhow!("a writer thread panicked"));
+                }
+            }
+        }
+        first_error.map_or(Ok(versions), Err)
+    })
+}
+
+/// `item` (node `i`'s listing) is `w`, written with `version`.
+fn check_item(mesh: &Mesh, i: usize, item: &KvItem, w: &KvWrite, version: u64) -> Result<()> {
+    ensure!(
+        item.key == w.key
+            && Some(&item.value) == w.value.as_ref()
+            && item.writer == mesh.id(w.node)
+            && item.version == version,
+        "node {i} lists {item:?}; expected {:?} = {:?} by node {} (version {version})",
+        w.key,
+        w.value,
+        w.node
+    );
+    Ok(())
+}
+
+/// `GET /kv/{key}` on node `i`; a failed request is pending.
+fn kv_get_wait(mesh: &Mesh, i: usize, key: &str) -> Result<Option<KvEntry>, Wait> {
+    mesh.http
+        .kv_get(mesh.admin(i), key)
+        .map_err(|e| Wait::Pending(format!("node {i}: {e:#}")))
+}
+
+/// `GET /kv?prefix=` on node `i`; a failed request is pending.
+fn kv_list_wait(mesh: &Mesh, i: usize, prefix: &str) -> Result<Vec<KvItem>, Wait> {
+    mesh.http
+        .kv_list(mesh.admin(i), prefix)
+        .map_err(|e| Wait::Pending(format!("node {i}: {e:#}")))
+}
+
+/// Every node of `nodes` reads `value` at `key`, written by `writer` and
+/// leased to it.
+fn every_node_reads(
+    mesh: &Mesh,
+    nodes: &[usize],
+    key: &str,
+    value: &str,
+    writer: &str,
+) -> Result<(), Wait> {
+    for &i in nodes {
+        match kv_get_wait(mesh, i, key)? {
+            Some(e)
+                if e.value == value
+                    && e.writer == writer
+                    && e.lease.as_ref().is_some_and(|l| l.owner == writer) => {}
+            other => {
+                return Err(Wait::Pending(format!(
+                    "node {i} reads {other:?}, expected {value:?} by {}, leased to it",
+                    mesh.label(writer)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A write answered 409 `lease_held` naming `owner`, with a lease that has
+/// not lapsed.
+fn check_lease_held(code: u16, body: &Value, owner: &str) -> Result<()> {
+    let kind = error_code(body).map(|(code, _)| code);
+    let holder = body.get("owner").and_then(Value::as_str);
+    let until = body.get("until_ms").and_then(Value::as_u64);
+    ensure!(
+        code == 409
+            && kind == Some("lease_held")
+            && holder == Some(owner)
+            && until.is_some_and(|u| u > unix_ms()),
+        "answered {code} {body}; expected 409 lease_held with owner {owner} and until_ms in the \
+         future"
+    );
+    Ok(())
+}
+
+/// Every node's `/kv-digest` (a failed request is pending).
+fn kv_digests(mesh: &Mesh, nodes: &[usize]) -> Result<BTreeMap<usize, KvDigest>, Wait> {
+    nodes
+        .iter()
+        .map(|&i| {
+            mesh.http
+                .kv_digest(mesh.admin(i))
+                .map(|d| (i, d))
+                .map_err(|e| Wait::Pending(format!("node {i}: {e:#}")))
+        })
+        .collect()
+}
+
+/// The `nodes` hold identical replicas: one `/kv-digest`, returned.
+fn same_digest(mesh: &Mesh, nodes: &[usize]) -> Result<KvDigest, Wait> {
+    let all = kv_digests(mesh, nodes)?;
+    let Some(first) = all.values().next().cloned() else {
+        return Err(Wait::Fatal("no nodes to compare".to_owned()));
+    };
+    if all.values().all(|d| d.digest == first.digest) {
+        Ok(first)
+    } else {
+        Err(Wait::Pending(format!(
+            "digests differ: {}",
+            describe_digests(&all)
+        )))
+    }
+}
+
+/// `nodes 0, 2: 3f2a91c0 (1000 keys); node 1: 9c1d0e2b (998 keys)`.
+fn describe_digests(all: &BTreeMap<usize, KvDigest>) -> String {
+    let mut groups: BTreeMap<&str, (Vec<usize>, u64)> = BTreeMap::new();
+    for (&i, d) in all {
+        let g = groups
+            .entry(&d.digest)
+            .or_insert_with(|| (Vec::new(), d.keys));
+        g.0.push(i);
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(digest, (nodes, keys))| {
+            format!(
+                "node{} {}: {} ({keys} keys)",
+                if nodes.len() > 1 { "s" } else { "" },
+                node_list(nodes),
+                digest.get(..8).unwrap_or(digest)
+            )
+        })
+        .collect();
+    parts.join("; ")
+}
+
+/// `/status` sync.lease_lost of the `nodes`.
+fn lease_lost(mesh: &Mesh, nodes: &[usize]) -> Result<BTreeMap<usize, u64>> {
+    nodes
+        .iter()
+        .map(|&i| {
+            let s = mesh
+                .http
+                .status(mesh.admin(i))
+                .with_context(|| format!("node {i}"))?;
+            Ok((i, s.sync.lease_lost))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
 // Peer limits and the graph of connected peers
 // ---------------------------------------------------------------------------
 
@@ -2995,6 +4060,73 @@ impl Mesh {
         }
     }
 
+    /// Polls `check`, which makes its own admin requests (a failed request
+    /// is pending), until it holds, it reports a fatal problem, a node dies,
+    /// or `timeout` passes.
+    fn poll_fn_until<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Mesh) -> Result<T, Wait>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_unexpected_exits()
+                .with_context(|| format!("while waiting for {what}"))?;
+            let reason = match check(self) {
+                Ok(t) => return Ok(t),
+                Err(Wait::Fatal(reason)) => bail!("{what}: {reason}"),
+                Err(Wait::Pending(reason)) => reason,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {} waiting for {what}: {reason}",
+                    fmt_duration(timeout)
+                );
+            }
+            thread::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    /// Polls `check` (as [`Mesh::poll_fn_until`]) for all of `duration`
+    /// and fails as soon as it does not hold. Returns the number of polls.
+    fn watch_fn_for(
+        &mut self,
+        what: &str,
+        duration: Duration,
+        mut check: impl FnMut(&Mesh) -> Result<(), Wait>,
+    ) -> Result<usize> {
+        let started = Instant::now();
+        let end = started + duration;
+        let mut polls = 0;
+        loop {
+            self.check_unexpected_exits()
+                .with_context(|| format!("while waiting for {what}"))?;
+            polls += 1;
+            if let Err(Wait::Fatal(reason) | Wait::Pending(reason)) = check(self) {
+                bail!(
+                    "{what}: failed after {}: {reason}",
+                    fmt_duration(started.elapsed())
+                );
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(polls);
+            }
+            thread::sleep(POLL_INTERVAL.min(left));
+        }
+    }
+
+    /// Node `i`'s admin address.
+    fn admin(&self, i: usize) -> &str {
+        &self.nodes[i].ready.admin
+    }
+
+    /// Node `i`'s id.
+    fn id(&self, i: usize) -> &str {
+        &self.nodes[i].ready.node_id
+    }
+
     /// Waits up to `timeout` for node `i` to exit; records its status.
     fn wait_exit(&mut self, i: usize, timeout: Duration) -> Result<Option<ExitStatus>> {
         let node = &mut self.nodes[i];
@@ -3106,6 +4238,11 @@ impl Mesh {
                     if !s.blocked.is_empty() {
                         peers.push(format!("(blocking {})", s.blocked.len()));
                     }
+                    peers.push(format!(
+                        "[kv {} keys, digest {}]",
+                        s.sync.keys,
+                        s.sync.digest.get(..8).unwrap_or(&s.sync.digest)
+                    ));
                     let pool = format!("{}+{}/{}", s.pool.inbound, s.pool.outbound, s.pool.known);
                     format!(
                         "{:>5}  {pool:>9}  {median:>10}  {}",
@@ -3304,6 +4441,64 @@ struct Status {
     subscriptions: Vec<String>,
     /// Requests for commands no concern handles.
     unknown_commands: u64,
+    /// The replicated map.
+    sync: SyncStatus,
+}
+
+/// `/status`'s `sync`: the replicated map's mode, size, digest and the
+/// counters the scenarios use (the others are checked to be there).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct SyncStatus {
+    leasing: bool,
+    keys: u64,
+    entries: u64,
+    /// 16 hex digits, as `GET /kv-digest`.
+    digest: String,
+    lease_lost: u64,
+}
+
+/// The counters of `/status`'s `sync`.
+const SYNC_COUNTERS: &[&str] = &[
+    "keys",
+    "entries",
+    "writes",
+    "applied",
+    "stale",
+    "refused",
+    "pushes",
+    "pushed_entries",
+    "push_failures",
+    "rounds",
+    "rounds_equal",
+    "round_failures",
+    "pulled",
+    "sent",
+    "lease_lost",
+];
+
+fn parse_sync_status(v: &Value) -> Result<SyncStatus> {
+    for name in SYNC_COUNTERS {
+        u64_field(v, name)?;
+    }
+    Ok(SyncStatus {
+        leasing: field(v, "leasing")?
+            .as_bool()
+            .context("`leasing` is not a boolean")?,
+        keys: u64_field(v, "keys")?,
+        entries: u64_field(v, "entries")?,
+        digest: hex_digest(v)?,
+        lease_lost: u64_field(v, "lease_lost")?,
+    })
+}
+
+/// The `digest` field of `v`: 16 hex digits.
+fn hex_digest(v: &Value) -> Result<String> {
+    let digest = str_field(v, "digest")?;
+    ensure!(
+        digest.len() == 16 && digest.chars().all(|c| c.is_ascii_hexdigit()),
+        "`digest` {digest:?} is not 16 hex digits"
+    );
+    Ok(digest)
 }
 
 /// One entry of `/status`'s `concerns`.
@@ -3474,6 +4669,7 @@ fn parse_status(v: &Value) -> Result<Status> {
         builtin: parse_builtin(field(v, "builtin")?).context("builtin")?,
         subscriptions: str_list(v, "subscriptions")?,
         unknown_commands: u64_field(v, "unknown_commands")?,
+        sync: parse_sync_status(field(v, "sync")?).context("sync")?,
     })
 }
 
@@ -3676,6 +4872,120 @@ fn parse_connection(c: &Value) -> Result<Connection> {
     })
 }
 
+/// `GET /kv/{key}`, parsed.
+#[derive(Debug, Clone, PartialEq)]
+struct KvEntry {
+    key: String,
+    value: String,
+    version: u64,
+    writer: String,
+    lease: Option<KvLease>,
+    expires_at_ms: Option<u64>,
+}
+
+/// The `lease` of a [`KvEntry`].
+#[derive(Debug, Clone, PartialEq)]
+struct KvLease {
+    owner: String,
+    until_ms: u64,
+    epoch: u64,
+}
+
+/// One item of `GET /kv?prefix=`.
+#[derive(Debug, Clone, PartialEq)]
+struct KvItem {
+    key: String,
+    value: String,
+    version: u64,
+    writer: String,
+}
+
+/// `GET /kv-digest`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KvDigest {
+    /// 16 hex digits.
+    digest: String,
+    keys: u64,
+    entries: u64,
+}
+
+fn parse_kv_entry(v: &Value) -> Result<KvEntry> {
+    let lease = field(v, "lease")?;
+    let lease = if lease.is_null() {
+        None
+    } else {
+        Some(KvLease {
+            owner: str_field(lease, "owner").context("lease")?,
+            until_ms: u64_field(lease, "until_ms").context("lease")?,
+            epoch: u64_field(lease, "epoch").context("lease")?,
+        })
+    };
+    let expires = field(v, "expires_at_ms")?;
+    let expires_at_ms = if expires.is_null() {
+        None
+    } else {
+        Some(
+            expires
+                .as_u64()
+                .context("`expires_at_ms` is neither a non-negative integer nor null")?,
+        )
+    };
+    Ok(KvEntry {
+        key: str_field(v, "key")?,
+        value: str_field(v, "value")?,
+        version: u64_field(v, "version")?,
+        writer: str_field(v, "writer")?,
+        lease,
+        expires_at_ms,
+    })
+}
+
+/// `GET /kv?prefix=P`: the items, each starting with `prefix`, sorted,
+/// `count` of them.
+fn parse_kv_list(v: &Value, prefix: &str) -> Result<Vec<KvItem>> {
+    let items = list_field(v, "items", |i| {
+        Ok(KvItem {
+            key: str_field(i, "key")?,
+            value: str_field(i, "value")?,
+            version: u64_field(i, "version")?,
+            writer: str_field(i, "writer")?,
+        })
+    })?;
+    let count = u64_field(v, "count")?;
+    ensure!(
+        count == items.len() as u64,
+        "`count` is {count} but `items` has {}",
+        items.len()
+    );
+    if let Some(item) = items.iter().find(|i| !i.key.starts_with(prefix)) {
+        bail!("key {:?} does not start with {prefix:?}", item.key);
+    }
+    if let Some(w) = items.windows(2).find(|w| w[0].key >= w[1].key) {
+        bail!("items are not sorted: {:?} before {:?}", w[0].key, w[1].key);
+    }
+    Ok(items)
+}
+
+/// A key as a path segment (or query value): everything but unreserved
+/// characters percent-encoded.
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// The body of an error answer: `(code, error)`; `None` if the body does
+/// not have them.
+fn error_code(body: &Value) -> Option<(&str, &str)> {
+    Some((body.get("code")?.as_str()?, body.get("error")?.as_str()?))
+}
+
 fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value> {
     v.get(name).with_context(|| format!("missing `{name}`"))
 }
@@ -3845,6 +5155,105 @@ impl Http {
         let v: Value = serde_json::from_str(&body)
             .with_context(|| format!("GET {url}: body is not JSON: {body}"))?;
         parse_events(&v).with_context(|| format!("GET {url}: does not match the contract"))
+    }
+
+    /// `method` (`GET`, `PUT`, `POST` or `DELETE`) `path` with `body` (none
+    /// for GET and DELETE); returns the HTTP status and the body as JSON.
+    fn call(&self, admin: &str, method: &str, path: &str, body: &str) -> Result<(u16, Value)> {
+        let url = format!("http://{}{path}", loopback_admin(admin)?);
+        let shown = format!("{method} {url}");
+        let sent = match method {
+            "GET" => self.agent.get(&url).call(),
+            "DELETE" => self.agent.delete(&url).call(),
+            "PUT" => self.agent.put(&url).send(body),
+            "POST" => self.agent.post(&url).send(body),
+            _ => bail!("unsupported method {method}"),
+        };
+        let mut resp = sent.with_context(|| shown.clone())?;
+        let code = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("{shown}: reading the body"))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{shown}: HTTP {code}, body is not JSON: {text}"))?;
+        Ok((code, v))
+    }
+
+    /// `PUT /kv/{key}[?ttl_ms=N]` with `value`; returns the HTTP status and
+    /// the body.
+    fn kv_put(
+        &self,
+        admin: &str,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(u16, Value)> {
+        let mut path = format!("/kv/{}", encode_key(key));
+        if let Some(ttl) = ttl {
+            let _ = write!(path, "?ttl_ms={}", ttl.as_millis());
+        }
+        self.call(admin, "PUT", &path, value)
+    }
+
+    /// `PUT /kv/{key}` that must answer 200; returns the version.
+    fn kv_set(&self, admin: &str, key: &str, value: &str) -> Result<u64> {
+        let (code, body) = self.kv_put(admin, key, value, None)?;
+        ensure!(code == 200, "PUT /kv/{key}: HTTP {code}: {body}");
+        u64_field(&body, "version").with_context(|| format!("PUT /kv/{key}: {body}"))
+    }
+
+    /// `DELETE /kv/{key}`, `POST /kv/{key}/release` and the like:
+    /// `action` is `DELETE`, or `POST` with `suffix` (`/release`,
+    /// `/confirm?timeout_ms=N`).
+    fn kv_action(
+        &self,
+        admin: &str,
+        method: &str,
+        key: &str,
+        suffix: &str,
+    ) -> Result<(u16, Value)> {
+        self.call(
+            admin,
+            method,
+            &format!("/kv/{}{suffix}", encode_key(key)),
+            "",
+        )
+    }
+
+    /// `GET /kv/{key}`: `None` on 404.
+    fn kv_get(&self, admin: &str, key: &str) -> Result<Option<KvEntry>> {
+        let (code, body) = self.call(admin, "GET", &format!("/kv/{}", encode_key(key)), "")?;
+        match code {
+            200 => parse_kv_entry(&body)
+                .map(Some)
+                .with_context(|| format!("GET /kv/{key}: {body}: does not match the contract")),
+            404 => Ok(None),
+            _ => bail!("GET /kv/{key}: HTTP {code}: {body}"),
+        }
+    }
+
+    /// `GET /kv?prefix=`, parsed; checks the count and the order.
+    fn kv_list(&self, admin: &str, prefix: &str) -> Result<Vec<KvItem>> {
+        let path = format!("/kv?prefix={}", encode_key(prefix));
+        let (code, body) = self.call(admin, "GET", &path, "")?;
+        ensure!(code == 200, "GET {path}: HTTP {code}: {body}");
+        parse_kv_list(&body, prefix)
+            .with_context(|| format!("GET {path}: does not match the contract"))
+    }
+
+    /// `GET /kv-digest`, parsed.
+    fn kv_digest(&self, admin: &str) -> Result<KvDigest> {
+        let (code, body) = self.call(admin, "GET", "/kv-digest", "")?;
+        ensure!(code == 200, "GET /kv-digest: HTTP {code}: {body}");
+        let parse = || -> Result<KvDigest> {
+            Ok(KvDigest {
+                digest: hex_digest(&body)?,
+                keys: u64_field(&body, "keys")?,
+                entries: u64_field(&body, "entries")?,
+            })
+        };
+        parse().with_context(|| format!("GET /kv-digest: {body}: does not match the contract"))
     }
 
     fn shutdown(&self, admin: &str) -> Result<()> {
@@ -4024,7 +5433,13 @@ mod tests {
             "routes": [{"target": "ee", "next_hop": "bb", "hops": 3, "age_ms": 12.5}],
             "builtin": {"flood": {"seen": 3}, "routing": {}, "topics": {"topics": 1}},
             "subscriptions": ["t"],
-            "unknown_commands": 0
+            "unknown_commands": 0,
+            "sync": {
+                "leasing": true, "keys": 3, "entries": 4, "digest": "00ab00cd00ef0012",
+                "writes": 1, "applied": 2, "stale": 0, "refused": 0, "pushes": 1,
+                "pushed_entries": 1, "push_failures": 0, "rounds": 5, "rounds_equal": 4,
+                "round_failures": 0, "pulled": 2, "sent": 0, "lease_lost": 1
+            }
         });
         let s = parse_status(&v).unwrap();
         let echo = s.concern(ECHO_COMMAND).unwrap();
@@ -4044,6 +5459,27 @@ mod tests {
         );
         assert_eq!(s.builtin["flood"]["seen"], 3);
         assert_eq!(s.subscriptions, ["t"]);
+        assert_eq!(
+            s.sync,
+            SyncStatus {
+                leasing: true,
+                keys: 3,
+                entries: 4,
+                digest: "00ab00cd00ef0012".into(),
+                lease_lost: 1,
+            }
+        );
+        for (key, value) in [
+            ("digest", serde_json::json!("00ab")),
+            ("digest", serde_json::json!("00ab00cd00ef001z")),
+            ("leasing", serde_json::json!("on")),
+            ("rounds", serde_json::json!(-1)),
+        ] {
+            let mut bad = v.clone();
+            bad["sync"][key] = value;
+            let err = format!("{:#}", parse_status(&bad).unwrap_err());
+            assert!(err.contains("sync") && err.contains(key), "{err}");
+        }
         assert_eq!(s.connections[0].rtt_ms, None);
         assert_eq!(s.connections[0].rtt(), Some(0.25));
         assert_eq!(s.security, "noise");
@@ -4114,6 +5550,7 @@ mod tests {
             "builtin",
             "subscriptions",
             "unknown_commands",
+            "sync",
         ] {
             let mut bad = v.clone();
             bad.as_object_mut().unwrap().remove(key);
@@ -4378,6 +5815,76 @@ mod tests {
             d.check(&mesh, &ok, &[1, 2, 3], &[0]),
             Err(Wait::Fatal(_))
         ));
+    }
+
+    #[test]
+    fn kv_json() {
+        let entry = serde_json::json!({
+            "key": "k", "value": "v", "version": 7_000_000_000_000_000_000u64, "writer": "aa",
+            "lease": {"owner": "aa", "until_ms": 12, "epoch": 1}, "expires_at_ms": null
+        });
+        assert_eq!(
+            parse_kv_entry(&entry).unwrap(),
+            KvEntry {
+                key: "k".into(),
+                value: "v".into(),
+                version: 7_000_000_000_000_000_000,
+                writer: "aa".into(),
+                lease: Some(KvLease {
+                    owner: "aa".into(),
+                    until_ms: 12,
+                    epoch: 1
+                }),
+                expires_at_ms: None,
+            }
+        );
+        let mut ephemeral = entry.clone();
+        ephemeral["lease"] = Value::Null;
+        ephemeral["expires_at_ms"] = 99.into();
+        let e = parse_kv_entry(&ephemeral).unwrap();
+        assert_eq!((e.lease, e.expires_at_ms), (None, Some(99)));
+        for (key, value) in [
+            ("version", serde_json::json!(1.5)),
+            ("lease", serde_json::json!({"owner": "aa"})),
+            ("expires_at_ms", serde_json::json!("soon")),
+        ] {
+            let mut bad = entry.clone();
+            bad[key] = value;
+            assert!(parse_kv_entry(&bad).is_err(), "{bad}");
+        }
+
+        let item =
+            |key: &str| serde_json::json!({"key": key, "value": "v", "version": 1, "writer": "aa"});
+        let list = serde_json::json!({"items": [item("p.a"), item("p.b")], "count": 2});
+        let items = parse_kv_list(&list, "p.").unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1].key, "p.b");
+        for bad in [
+            serde_json::json!({"items": [item("p.a")], "count": 2}),
+            serde_json::json!({"items": [item("p.b"), item("p.a")], "count": 2}),
+            serde_json::json!({"items": [item("q.a")], "count": 1}),
+            serde_json::json!({"items": [item("p.a"), item("p.a")], "count": 2}),
+        ] {
+            assert!(parse_kv_list(&bad, "p.").is_err(), "{bad}");
+        }
+        assert_eq!(encode_key("tm.kv.1-2.0001"), "tm.kv.1-2.0001");
+        assert_eq!(encode_key("a/b c%"), "a%2Fb%20c%25");
+        assert_eq!(encode_key("é"), "%C3%A9");
+
+        let d = |digest: &str, keys| KvDigest {
+            digest: digest.into(),
+            keys,
+            entries: keys,
+        };
+        let all = BTreeMap::from([
+            (0, d("0123456789abcdef", 3)),
+            (1, d("fedcba9876543210", 2)),
+            (2, d("0123456789abcdef", 3)),
+        ]);
+        assert_eq!(
+            describe_digests(&all),
+            "nodes 0, 2: 01234567 (3 keys); node 1: fedcba98 (2 keys)"
+        );
     }
 
     #[test]
