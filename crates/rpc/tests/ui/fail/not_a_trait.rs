@@ -1,0 +1,6 @@
+use meshwork_rpc::service;
+
+#[service]
+pub struct Calc;
+
+fn main() {}
