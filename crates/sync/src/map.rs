@@ -935,10 +935,15 @@ async fn housekeeping(map: SyncMap) {
         inner.publish(changes);
         for (key, value, ttl_ms) in due {
             let r = map
-                .write(key, Some(value), Write::Ephemeral { ttl_ms })
+                .write(key.clone(), Some(value), Write::Ephemeral { ttl_ms })
                 .await;
-            if let Err(e) = r {
-                debug!(error = %e, "ephemeral refresh failed");
+            match r {
+                Ok(_) => {}
+                Err(SyncError::LeaseHeld { owner, .. }) => {
+                    debug!(owner = %owner.short(), "an ephemeral key of ours was claimed by another node");
+                    lock(&inner.replica).forget_ephemeral(&key);
+                }
+                Err(e) => debug!(error = %e, "ephemeral refresh failed"),
             }
         }
     }

@@ -5,7 +5,7 @@
 //! milliseconds and returns what changed, so the rules are unit-tested with
 //! explicit clocks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -106,6 +106,9 @@ pub(crate) struct Replica {
     buckets: Vec<Bucket>,
     root: u64,
     entries: usize,
+    /// This node's ephemeral keys: value and ttl. The node keeps them alive
+    /// for as long as it runs, even through an expiry it did not see.
+    own_ephemeral: HashMap<Bytes, (Bytes, u64)>,
 }
 
 impl Replica {
@@ -117,6 +120,7 @@ impl Replica {
             buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
             root: 0,
             entries: 0,
+            own_ephemeral: HashMap::new(),
         }
     }
 
@@ -246,6 +250,14 @@ impl Replica {
             expires_at,
             ttl_ms,
         };
+        match (what, &entry.value) {
+            (Write::Ephemeral { ttl_ms }, Some(v)) => {
+                self.own_ephemeral.insert(key.clone(), (v.clone(), ttl_ms));
+            }
+            _ => {
+                self.own_ephemeral.remove(&key);
+            }
+        }
         let changes = self.put(key, entry.clone(), at);
         Ok((entry, changes))
     }
@@ -380,23 +392,38 @@ impl Replica {
         changes
     }
 
-    /// This node's own ephemeral entries that are a third or more through
-    /// their time to live: the node rewrites them to keep them alive.
-    pub(crate) fn refresh_due(&self, now_ms: u64) -> Vec<(Bytes, Bytes, u64)> {
+    /// This node's ephemeral keys to rewrite now: those a third or more
+    /// through their time to live, and those that expired or were deleted
+    /// while the node ran (another node swept them during a partition, and
+    /// the sweep reached us after the heal). Keys another node has claimed
+    /// since are given up.
+    pub(crate) fn refresh_due(&mut self, now_ms: u64) -> Vec<(Bytes, Bytes, u64)> {
         let mut due = Vec::new();
-        for b in &self.buckets {
-            for (k, (e, _)) in &b.entries {
-                if e.writer == self.me && e.expires_at != 0 && !e.expired(now_ms) {
-                    if let Some(v) = &e.value {
-                        let left = e.expires_at - now_ms;
-                        if left * 3 <= e.ttl_ms * 2 {
-                            due.push((k.clone(), v.clone(), e.ttl_ms));
-                        }
+        let mut lost = Vec::new();
+        for (k, (v, ttl)) in &self.own_ephemeral {
+            let e = self.buckets[bucket_of(k)].entries.get(k).map(|(e, _)| e);
+            match e {
+                Some(e) if e.writer != self.me && (!e.is_deleted() || e.lease_live(now_ms)) => {
+                    lost.push(k.clone());
+                }
+                Some(e) if e.writer == self.me && !e.is_deleted() && !e.expired(now_ms) => {
+                    let left = e.expires_at.saturating_sub(now_ms);
+                    if left * 3 <= e.ttl_ms * 2 {
+                        due.push((k.clone(), v.clone(), *ttl));
                     }
                 }
+                _ => due.push((k.clone(), v.clone(), *ttl)),
             }
         }
+        for k in lost {
+            self.own_ephemeral.remove(&k);
+        }
         due
+    }
+
+    /// Stops keeping `key` alive (another node holds it now).
+    pub(crate) fn forget_ephemeral(&mut self, key: &[u8]) {
+        self.own_ephemeral.remove(key);
     }
 
     /// Entries of `buckets` (ascending) after `after`, at most

@@ -209,6 +209,69 @@ fn ephemeral_entries_expire_into_the_same_tombstone_everywhere() {
 }
 
 #[test]
+fn an_owner_brings_back_its_ephemeral_key_after_an_expiry_it_did_not_see() {
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    let (e, _) = a
+        .write(
+            k("svc"),
+            Some(k("up")),
+            Write::Ephemeral { ttl_ms: 3_000 },
+            1_000,
+        )
+        .unwrap();
+    b.apply(k("svc"), e, 1_000).unwrap();
+    // Cut off: a refreshes at 2 000 but b never hears of it, and expires the
+    // key into a tombstone at 4 000.
+    let due = a.refresh_due(2_000);
+    assert_eq!(due.len(), 1);
+    a.write(
+        k("svc"),
+        Some(k("up")),
+        Write::Ephemeral { ttl_ms: 3_000 },
+        2_000,
+    )
+    .unwrap();
+    b.sweep(4_100);
+    let tomb = b.entry(b"svc").unwrap().clone();
+    assert!(tomb.is_deleted());
+    // The heal: the tombstone (stamped at 4 000) beats a's refresh (2 000).
+    a.apply(k("svc"), tomb, 4_200).unwrap();
+    assert!(a.get(b"svc", 4_200).is_none());
+    // a is alive and still wants its key: it is due at once, and the
+    // rewrite is a new claim that wins everywhere.
+    let due = a.refresh_due(4_300);
+    assert_eq!(due, vec![(k("svc"), k("up"), 3_000)]);
+    let (back, _) = a
+        .write(
+            k("svc"),
+            Some(k("up")),
+            Write::Ephemeral { ttl_ms: 3_000 },
+            4_300,
+        )
+        .unwrap();
+    assert_eq!(back.epoch, 2);
+    b.apply(k("svc"), back, 4_300).unwrap();
+    assert_eq!(b.get(b"svc", 4_300).unwrap().writer, id(1));
+    assert_eq!(a.root(), b.root());
+    // A key another node claims after a lapse is given up, and a delete
+    // by the owner stops the refreshing.
+    let mut c = replica(3, true);
+    c.apply(k("svc"), b.entry(b"svc").unwrap().clone(), 8_000)
+        .unwrap();
+    c.sweep(8_000);
+    let taken = set(&mut c, "svc", "mine", 8_001).unwrap();
+    a.apply(k("svc"), taken, 8_001).unwrap();
+    assert!(a.refresh_due(8_002).is_empty());
+    assert!(a.refresh_due(20_000).is_empty());
+    let mut d = replica(4, true);
+    d.write(k("x"), Some(k("v")), Write::Ephemeral { ttl_ms: 1_000 }, 0)
+        .unwrap();
+    d.write(k("x"), None, Write::Delete, 10).unwrap();
+    assert!(d.refresh_due(5_000).is_empty());
+}
+
+#[test]
 fn chunks_resume_where_they_stopped_and_cover_every_entry_once() {
     let mut a = replica(1, false);
     for i in 0..500 {
