@@ -35,6 +35,10 @@ pub enum ConcernsError {
         /// The remote's description.
         message: String,
     },
+    /// The request was sent, but the neighbour it went to disconnected
+    /// before answering: it may or may not have been handled.
+    #[error("{0} disconnected before answering")]
+    ConnectionLost(NodeId),
     /// A local queue was full; the message was not sent.
     #[error("dropped: {0}")]
     Dropped(String),

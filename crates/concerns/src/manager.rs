@@ -18,7 +18,7 @@ use futures_util::FutureExt;
 use meshwork_peers::transport::Priority;
 use meshwork_peers::wire::proto::{Concern as Frame, ConcernError, ConcernKind, ErrorCode};
 use meshwork_peers::wire::{Message, NodeId};
-use meshwork_peers::{Inbound, PeerManager};
+use meshwork_peers::{Inbound, PeerEvent, PeerManager, PeersError};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -238,6 +238,23 @@ pub(crate) fn decode_error(payload: &[u8]) -> ConcernsError {
 impl Inner {
     /// Spawns a task that ends with the layer (it must watch `cancel` or
     /// end by itself).
+    /// Fails the direct requests waiting on `peer`, which has left: their
+    /// answers cannot come any more.
+    pub(crate) fn peer_left(&self, peer: &NodeId) {
+        let lost: Vec<Pending> = {
+            let mut pending = lock(&self.pending);
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| !p.routed && p.expect == *peer)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        for p in lost {
+            let _ = p.tx.send(Err(ConcernsError::ConnectionLost(peer.clone())));
+        }
+    }
+
     pub(crate) fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
         let cancel = self.cancel.clone();
         self.tracker.spawn(async move {
@@ -705,6 +722,22 @@ impl ConcernsBuilder {
             .inner
             .tracker
             .spawn(dispatcher.run(inbound, jobs_rx).instrument(span));
+        // Requests waiting on a neighbour that leaves fail at once instead
+        // of waiting out their timeouts.
+        let mut events = concerns.inner.peers.events();
+        let weak = Arc::downgrade(&concerns.inner);
+        concerns.inner.spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(PeerEvent::Disconnected { peer, .. }) => {
+                        let Some(inner) = weak.upgrade() else { break };
+                        inner.peer_left(&peer);
+                    }
+                    Ok(_) | Err(PeersError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        });
         concerns.inner.started.store(true, Ordering::Release);
         for c in all {
             concerns.start_one(c).await;
