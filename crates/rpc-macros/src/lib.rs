@@ -174,9 +174,15 @@ fn parse_method(item: &TraitItem) -> syn::Result<Method> {
             "service methods must be `async fn`",
         ));
     }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(Error::new(
-            sig.generics.span(),
+    if let Some(w) = &sig.generics.where_clause {
+        return Err(Error::new_spanned(
+            w,
+            "service methods cannot have where clauses: their arguments travel as concrete serde types",
+        ));
+    }
+    if !sig.generics.params.is_empty() {
+        return Err(Error::new_spanned(
+            &sig.generics,
             "service methods cannot be generic: their arguments travel as concrete serde types",
         ));
     }
@@ -208,14 +214,14 @@ fn parse_method(item: &TraitItem) -> syn::Result<Method> {
             return Err(Error::new(input.span(), "unexpected receiver"));
         };
         let Pat::Ident(pi) = &*t.pat else {
-            return Err(Error::new(
-                t.pat.span(),
+            return Err(Error::new_spanned(
+                &t.pat,
                 "service method arguments must be plain names (`x: T`), not patterns",
             ));
         };
         if let Type::Reference(_) | Type::ImplTrait(_) = &*t.ty {
-            return Err(Error::new(
-                t.ty.span(),
+            return Err(Error::new_spanned(
+                &t.ty,
                 "service method arguments must be owned serde types (no references or impl Trait)",
             ));
         }
@@ -226,8 +232,8 @@ fn parse_method(item: &TraitItem) -> syn::Result<Method> {
         ReturnType::Type(_, t) => (**t).clone(),
     };
     if let Type::Reference(_) | Type::ImplTrait(_) = &output {
-        return Err(Error::new(
-            output.span(),
+        return Err(Error::new_spanned(
+            &output,
             "service methods must return an owned serde type",
         ));
     }
@@ -285,6 +291,13 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
     }
     let mut names = std::collections::HashSet::new();
     for m in &methods {
+        let n = m.name.to_string();
+        if matches!(n.as_str(), "with_deadline" | "client") || n.starts_with("__meshwork") {
+            return Err(Error::new(
+                m.name.span(),
+                format!("`{n}` is a method of the generated client; rename this method"),
+            ));
+        }
         if !names.insert(m.name.to_string()) {
             return Err(Error::new(m.name.span(), "duplicate method name"));
         }
@@ -319,8 +332,8 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
             quote!()
         } else {
             quote! {
-                let (#(#idents,)*): (#(#types,)*) = codec
-                    .decode(&args)
+                let (#(#idents,)*): (#(#types,)*) = __meshwork_codec
+                    .decode(&__meshwork_args)
                     .map_err(#k::ServiceError::Decode)?;
             }
         };
@@ -328,18 +341,24 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
         let finish = if m.fallible.is_some() {
             quote! {
                 match #call {
-                    ::core::result::Result::Ok(v) => codec.encode(&v).map_err(#k::ServiceError::Internal),
-                    ::core::result::Result::Err(e) => ::core::result::Result::Err(
+                    ::core::result::Result::Ok(__meshwork_v) => __meshwork_codec
+                        .encode(&__meshwork_v)
+                        .map_err(#k::ServiceError::Internal),
+                    ::core::result::Result::Err(__meshwork_e) => ::core::result::Result::Err(
                         #k::ServiceError::Application(
-                            codec.encode(&e).map_err(#k::ServiceError::Internal)?,
+                            __meshwork_codec
+                                .encode(&__meshwork_e)
+                                .map_err(#k::ServiceError::Internal)?,
                         ),
                     ),
                 }
             }
         } else {
             quote! {
-                let v = #call;
-                codec.encode(&v).map_err(#k::ServiceError::Internal)
+                let __meshwork_v = #call;
+                __meshwork_codec
+                    .encode(&__meshwork_v)
+                    .map_err(#k::ServiceError::Internal)
             }
         };
         quote! {
@@ -413,12 +432,12 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
 
             async fn call(
                 &self,
-                method: &str,
-                codec: #k::Codec,
-                args: #k::__private::Bytes,
+                __meshwork_method: &str,
+                __meshwork_codec: #k::Codec,
+                __meshwork_args: #k::__private::Bytes,
             ) -> ::core::result::Result<#k::__private::Bytes, #k::ServiceError> {
-                let _ = &args;
-                match method {
+                let _ = &__meshwork_args;
+                match __meshwork_method {
                     #(#arms)*
                     _ => ::core::result::Result::Err(#k::ServiceError::UnknownMethod),
                 }

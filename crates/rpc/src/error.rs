@@ -59,7 +59,7 @@ pub enum RpcError<E = NoError> {
     #[error("internal error in the provider: {0}")]
     Internal(String),
     /// The method's own error.
-    #[error("application error: {0}")]
+    #[error("application error: {0:?}")]
     Application(E),
     /// The RPC layer is shut down, or the service name is invalid.
     #[error("{0}")]

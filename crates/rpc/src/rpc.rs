@@ -217,6 +217,15 @@ impl Server {
         let cancel = self.shutdown.child_token();
         let key = (caller.clone(), call.call_id);
         lock(&self.running).insert(key.clone(), cancel.clone());
+        // Cleans up however this call ends, including when this future is
+        // dropped (a local caller that gave up).
+        let mut running = Running {
+            server: self,
+            served: &served,
+            key,
+            cancel: cancel.clone(),
+            finished: false,
+        };
         let cx = CallContext {
             caller: caller.clone(),
             method: call.method.clone(),
@@ -235,8 +244,9 @@ impl Server {
             },
             _ = cancel.cancelled() => None,
         };
-        lock(&self.running).remove(&key);
-        served.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let cancelled = cancel.is_cancelled();
+        running.finished = result.is_some();
+        drop(running);
         match result {
             Some(Ok(bytes)) => outcome::Result::Ok(bytes),
             Some(Err(e)) => {
@@ -248,23 +258,46 @@ impl Server {
                     ServiceError::Internal(m) => failure(FailureCode::Internal, m),
                 }
             }
-            None => {
-                served.cancelled.fetch_add(1, Ordering::Relaxed);
-                // Cancelled: the caller is no longer waiting; out of time:
-                // the caller is about to give up too.
-                if cancel.is_cancelled() {
-                    failure(FailureCode::Cancelled, "cancelled")
-                } else {
-                    cancel.cancel();
-                    failure(FailureCode::Deadline, format!("ran out of its {budget:?}"))
-                }
+            // Stopped: the node shuts down (the call did not complete; the
+            // caller may go elsewhere), the caller cancelled (nobody waits),
+            // or it ran out of time (the caller is about to give up too).
+            None if self.shutdown.is_cancelled() => failure(
+                FailureCode::Interrupted,
+                "the provider shut down during the call",
+            ),
+            None if cancelled => {
+                failure(FailureCode::Cancelled, "cancelled")
             }
+            None => failure(FailureCode::Deadline, format!("ran out of its {budget:?}")),
         }
     }
 
     fn cancel(&self, caller: &NodeId, call_id: u64) {
         if let Some(token) = lock(&self.running).remove(&(caller.clone(), call_id)) {
             token.cancel();
+        }
+    }
+}
+
+/// One call being served: unregisters it and updates the counters when it
+/// ends, however it ends.
+struct Running<'a> {
+    server: &'a Server,
+    served: &'a Served,
+    key: (NodeId, u64),
+    cancel: CancellationToken,
+    finished: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        lock(&self.server.running).remove(&self.key);
+        self.served.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.finished {
+            self.served.cancelled.fetch_add(1, Ordering::Relaxed);
+            // Tells a method that watches the token (on a deadline, or when
+            // a local caller gave up).
+            self.cancel.cancel();
         }
     }
 }
@@ -379,6 +412,11 @@ fn attempt_error(e: ConcernsError, deadline: Duration) -> (RpcError<Bytes>, Retr
             Retry::Always,
         ),
         ConcernsError::Dropped(m) => (RpcError::Disconnected(m), Retry::Always),
+        // Sent, then the provider left: it may have run the call.
+        ConcernsError::ConnectionLost(n) => (
+            RpcError::Disconnected(format!("{} left before answering", n.short())),
+            Retry::IfIdempotent,
+        ),
         ConcernsError::Timeout(_) => (RpcError::Timeout(deadline), Retry::IfIdempotent),
         ConcernsError::Remote { code, message } => match code {
             ErrorCode::Overloaded => (RpcError::Overloaded(message), Retry::Always),
@@ -428,6 +466,7 @@ fn outcome_error(
         FailureCode::Cancelled => (RpcError::Cancelled, Retry::Never),
         FailureCode::Decode => (RpcError::Decode(f.message), Retry::Never),
         FailureCode::ShuttingDown => (RpcError::Disconnected(f.message), Retry::Always),
+        FailureCode::Interrupted => (RpcError::Disconnected(f.message), Retry::IfIdempotent),
         FailureCode::Internal | FailureCode::Unspecified => {
             (RpcError::Internal(f.message), Retry::Never)
         }
@@ -776,8 +815,18 @@ impl Rpc {
                 self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
             }
             tried.insert(node.clone());
+            // An idempotent call may be retried after a timeout: share the
+            // time left between this attempt and the ones that could follow
+            // (as many as there are untried providers, within the budget).
+            let budget = if o.idempotent {
+                let left = (self.inner.config.max_retries - attempt) as usize;
+                let slots = left.min(fitting.len() - 1) as u32 + 1;
+                remaining / slots
+            } else {
+                remaining
+            };
             let (result, retry) = self
-                .attempt(&node, reach, service, method, args.clone(), o, remaining)
+                .attempt(&node, reach, service, method, args.clone(), o, budget)
                 .await;
             match result {
                 Ok(b) => return Ok(b),
@@ -823,9 +872,7 @@ impl Rpc {
         let result = if reach == Reach::Local {
             Ok(self.inner.server.run(node, call).await)
         } else {
-            if let Some(s) = lock(&self.inner.stats).get_mut(node) {
-                s.in_flight += 1;
-            }
+            lock(&self.inner.stats).entry(node.clone()).or_default().in_flight += 1;
             let payload = proto::RpcMessage {
                 body: Some(Body::Call(call)),
             }
