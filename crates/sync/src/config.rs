@@ -138,6 +138,21 @@ impl SyncConfig {
         self.leasing
     }
 
+    /// How long a write holds its key.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// How often a node compares its replica with a random peer.
+    pub fn anti_entropy_interval(&self) -> Duration {
+        self.anti_entropy_interval
+    }
+
+    /// How long tombstones are kept.
+    pub fn tombstone_grace(&self) -> Duration {
+        self.tombstone_grace
+    }
+
     /// The Hello metadata entry that must match across the mesh.
     pub fn hello_metadata(&self) -> (&'static str, &'static str) {
         (LEASING_METADATA, if self.leasing { "on" } else { "off" })

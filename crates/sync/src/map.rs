@@ -567,6 +567,35 @@ impl SyncMap {
         out
     }
 
+    /// The entries whose key starts with `prefix`, sorted by key, with
+    /// their versions, writers, leases and expiry (one consistent view).
+    pub fn prefixed_entries(&self, prefix: impl AsRef<[u8]>) -> Vec<(Bytes, EntryInfo)> {
+        let prefix = prefix.as_ref();
+        let now = self.inner.now();
+        let replica = lock(&self.inner.replica);
+        let mut out: Vec<_> = replica
+            .live(now)
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| {
+                let info = EntryInfo {
+                    value: e.value.clone().unwrap_or_default(),
+                    version: e.stamp,
+                    writer: e.writer.clone(),
+                    lease: replica.lease(k, now),
+                    expires_at_ms: (e.expires_at != 0).then_some(e.expires_at),
+                };
+                (k.clone(), info)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The settings this map runs with.
+    pub fn config(&self) -> &SyncConfig {
+        &self.inner.cfg
+    }
+
     /// A copy of the whole map (py2p's `copy`).
     pub fn snapshot(&self) -> std::collections::BTreeMap<Bytes, Bytes> {
         let now = self.inner.now();
