@@ -132,9 +132,14 @@ impl Entry {
                 self.writer.as_bytes().clone()
             },
             epoch: self.epoch,
-            claim: self.claim.as_u64(),
-            lease_until: self.lease_until,
-            expires_at: self.expires_at,
+            claim_delta: self.stamp.as_u64().wrapping_sub(self.claim.as_u64()),
+            lease_delta: (self.lease_until as i64).wrapping_sub(self.stamp.millis() as i64),
+            no_lease: self.lease_until == 0,
+            expires_delta: if self.ttl_ms == 0 {
+                0
+            } else {
+                (self.expires_at as i64).wrapping_sub(self.stamp.millis() as i64)
+            },
             ttl_ms: self.ttl_ms,
         }
     }
@@ -161,6 +166,27 @@ impl Entry {
         if p.deleted && !p.value.is_empty() {
             return Err("a tombstone with a value".into());
         }
+        let stamp = Stamp::from_u64(p.stamp);
+        let claim = p
+            .stamp
+            .checked_sub(p.claim_delta)
+            .ok_or("claim after the stamp")?;
+        let at = |delta: i64| {
+            (stamp.millis() as i64)
+                .checked_add(delta)
+                .filter(|t| *t > 0)
+                .map(|t| t as u64)
+                .ok_or("time out of range")
+        };
+        let lease_until = if p.no_lease { 0 } else { at(p.lease_delta)? };
+        let expires_at = if p.ttl_ms == 0 {
+            if p.expires_delta != 0 {
+                return Err("an expiry without a ttl".into());
+            }
+            0
+        } else {
+            at(p.expires_delta)?
+        };
         let writer = if p.writer.is_empty() {
             sender.clone()
         } else {
@@ -170,12 +196,12 @@ impl Entry {
             p.key,
             Entry {
                 value: if p.deleted { None } else { Some(p.value) },
-                stamp: Stamp::from_u64(p.stamp),
+                stamp,
                 writer,
                 epoch: p.epoch,
-                claim: Stamp::from_u64(p.claim),
-                lease_until: p.lease_until,
-                expires_at: p.expires_at,
+                claim: Stamp::from_u64(claim),
+                lease_until,
+                expires_at,
                 ttl_ms: p.ttl_ms,
             },
         ))

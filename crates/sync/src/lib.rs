@@ -79,6 +79,7 @@ mod error;
 mod hlc;
 mod map;
 mod replica;
+mod tree;
 
 /// The generated protobuf messages of the sync layer (`proto/sync.proto`).
 #[allow(missing_docs, unreachable_pub, clippy::all)]

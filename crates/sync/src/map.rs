@@ -11,7 +11,7 @@ use bytes::Bytes;
 use meshwork_concerns::peers::{PeerEvent, PeersError};
 use meshwork_concerns::transport::Priority;
 use meshwork_concerns::wire::NodeId;
-use meshwork_concerns::{BoxError, Concern, Concerns, Context, Reply};
+use meshwork_concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
 use prost::Message as _;
 use rand::seq::IndexedRandom;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::proto::{self, sync_message::Body};
 use crate::replica::{BUCKETS, Replica, ReplicaConfig, Write};
+use crate::tree::Tree;
 use crate::{Change, ChangeKind, Entry, Lease, Stamp, SyncConfig, SyncError};
 
 /// The sync concern's command id.
@@ -33,6 +34,7 @@ struct Counters {
     stale: AtomicU64,
     refused: AtomicU64,
     pushes: AtomicU64,
+    duplicates: AtomicU64,
     pushed_entries: AtomicU64,
     push_failures: AtomicU64,
     rounds: AtomicU64,
@@ -60,8 +62,12 @@ pub struct SyncStats {
     pub stale: u64,
     /// Entries from peers refused (stamped too far ahead, malformed).
     pub refused: u64,
-    /// Eager pushes (floods) sent, and the entries they carried.
+    /// Eager pushes of local writes sent (one per batch).
     pub pushes: u64,
+    /// Pushes received again (each prunes a link of the tree).
+    pub duplicates: u64,
+    /// Links that carry no eager pushes now.
+    pub lazy_links: usize,
     /// Entries carried by eager pushes.
     pub pushed_entries: u64,
     /// Eager pushes that could not be sent.
@@ -109,6 +115,12 @@ pub(crate) struct Inner {
     /// Set when a repair changed the replica: run rounds with every
     /// neighbour (coalesced).
     cascade: Notify,
+    /// Which links carry eager pushes, and the pushes seen.
+    tree: std::sync::Mutex<Tree>,
+}
+
+fn lock_tree(m: &std::sync::Mutex<Tree>) -> MutexGuard<'_, Tree> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn lock(m: &Mutex<Replica>) -> MutexGuard<'_, Replica> {
@@ -166,11 +178,70 @@ impl Inner {
                 }
             }
         }
+        let rebased = lock(&self.replica).take_rebased();
+        for w in rebased {
+            // Full queue: anti-entropy carries it.
+            let _ = self.push_tx.try_send(w);
+        }
         self.counters
             .applied
             .fetch_add(u64::from(applied), Ordering::Relaxed);
         self.publish(changes);
         applied
+    }
+
+    /// A push from neighbour `from`: apply and pass on along the tree the
+    /// first time; prune the link on a duplicate.
+    async fn on_push(&self, ctx: &Context, from: &NodeId, push: proto::Push) {
+        let first = lock_tree(&self.tree).first_time(push.id, tokio::time::Instant::now());
+        if !first {
+            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            if lock_tree(&self.tree).prune(from) {
+                let _ = send(ctx, from, Body::Prune(proto::Prune {})).await;
+            }
+            return;
+        }
+        // Whoever pushes to us is on our tree.
+        lock_tree(&self.tree).graft(from);
+        let Ok(origin) = NodeId::from_bytes(push.origin.clone()) else {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if origin == *ctx.node_id() {
+            return;
+        }
+        self.apply(&origin, push.entries.clone());
+        if push.hops >= self.cfg.flood_ttl {
+            return;
+        }
+        let forward = proto::Push {
+            hops: push.hops + 1,
+            ..push
+        };
+        self.push_to_tree(ctx, forward, &[from, &origin]).await;
+    }
+
+    /// Sends `push` to every eager neighbour but `except`.
+    async fn push_to_tree(&self, ctx: &Context, push: proto::Push, except: &[&NodeId]) -> usize {
+        let neighbours = ctx.peers().neighbours();
+        let targets: Vec<NodeId> = lock_tree(&self.tree)
+            .eager(&neighbours, except)
+            .cloned()
+            .collect();
+        let payload = Bytes::from(
+            proto::SyncMessage {
+                body: Some(Body::Push(push)),
+            }
+            .encode_to_vec(),
+        );
+        let mut sent = 0;
+        for peer in targets {
+            match ctx.send(&peer, payload.clone()).await {
+                Ok(()) => sent += 1,
+                Err(e) => debug!(peer = %peer.short(), error = %e, "push not sent"),
+            }
+        }
+        sent
     }
 
     fn encode(&self, entries: &[(Bytes, Entry)], me: &NodeId) -> Vec<proto::Entry> {
@@ -227,7 +298,15 @@ impl Inner {
                 let bytes = proto::SyncMessage { body: Some(body) }.encode_to_vec();
                 return Ok(Some(Reply::new(bytes).with_priority(Priority::Bulk)));
             }
-            Some(Body::Answer(_) | Body::Chunk(_) | Body::Ack(_)) | None => {
+            Some(
+                Body::Answer(_)
+                | Body::Chunk(_)
+                | Body::Ack(_)
+                | Body::Push(_)
+                | Body::Prune(_)
+                | Body::Graft(_),
+            )
+            | None => {
                 return Err("unexpected sync message".into());
             }
         };
@@ -261,12 +340,26 @@ impl Concern for SyncConcern {
 
     async fn on_request(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         from: &NodeId,
         payload: Bytes,
     ) -> Result<Option<Reply>, BoxError> {
         let msg = proto::SyncMessage::decode(payload)?;
-        self.inner.answer(from, msg)
+        match msg.body {
+            Some(Body::Push(push)) => {
+                self.inner.on_push(ctx, from, push).await;
+                Ok(None)
+            }
+            Some(Body::Prune(_)) => {
+                lock_tree(&self.inner.tree).prune(from);
+                Ok(None)
+            }
+            Some(Body::Graft(_)) => {
+                lock_tree(&self.inner.tree).graft(from);
+                Ok(None)
+            }
+            body => self.inner.answer(from, proto::SyncMessage { body }),
+        }
     }
 }
 
@@ -323,6 +416,7 @@ impl SyncMap {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             cascade: Notify::new(),
+            tree: std::sync::Mutex::new(Tree::new(65_536, Duration::from_secs(120))),
         });
         concerns
             .add(SyncConcern {
@@ -648,6 +742,8 @@ impl SyncMap {
             stale: r(&c.stale),
             refused: r(&c.refused),
             pushes: r(&c.pushes),
+            duplicates: r(&c.duplicates),
+            lazy_links: lock_tree(&self.inner.tree).lazy_count(),
             pushed_entries: r(&c.pushed_entries),
             push_failures: r(&c.push_failures),
             rounds: r(&c.rounds),
@@ -830,17 +926,36 @@ impl SyncMap {
             .map(|(k, _)| k)
             .collect();
         if changed {
-            // What we learnt may be news to our other neighbours too.
+            // What we learnt may be news to our other neighbours too; and
+            // the link to this peer should carry pushes again.
             self.inner.cascade.notify_one();
+            lock_tree(&self.inner.tree).graft(peer);
+            let _ = send(&self.ctx, peer, Body::Graft(proto::Graft {})).await;
         }
         let mut sent = 0u64;
-        for keys in to_send.chunks(self.inner.cfg.chunk_entries.max(1)) {
+        let mut next = 0;
+        while next < to_send.len() {
+            // Chunks bounded by count and bytes, like the pulls.
             let entries: Vec<proto::Entry> = {
                 let replica = lock(&self.inner.replica);
-                keys.iter()
-                    .filter_map(|k| replica.entry(k).map(|e| e.to_proto(k, self.node_id())))
-                    .collect()
+                let mut entries = Vec::new();
+                let mut bytes = 0;
+                while next < to_send.len()
+                    && entries.len() < self.inner.cfg.chunk_entries.max(1)
+                    && (entries.is_empty() || bytes < self.inner.cfg.chunk_bytes)
+                {
+                    let k = &to_send[next];
+                    next += 1;
+                    if let Some(e) = replica.entry(k) {
+                        bytes += k.len() + e.value.as_ref().map_or(0, |v| v.len()) + 64;
+                        entries.push(e.to_proto(k, self.node_id()));
+                    }
+                }
+                entries
             };
+            if entries.is_empty() {
+                continue;
+            }
             sent += entries.len() as u64;
             let Body::Ack(_) = self
                 .ask(
@@ -889,8 +1004,15 @@ impl Watch {
     }
 }
 
-/// Sends local writes to the mesh: one flood per batch, where a batch is
-/// whatever queued up while the previous one went out.
+/// Sends a one-way sync message to a neighbour.
+async fn send(ctx: &Context, peer: &NodeId, body: Body) -> Result<(), ConcernsError> {
+    let payload = proto::SyncMessage { body: Some(body) }.encode_to_vec();
+    ctx.send(peer, payload).await
+}
+
+/// Sends local writes to the mesh along the broadcast tree: one push per
+/// batch, where a batch is whatever queued up while the previous one went
+/// out.
 async fn pusher(inner: Arc<Inner>, ctx: Context, mut rx: mpsc::Receiver<(Bytes, Entry)>) {
     let me = ctx.node_id().clone();
     loop {
@@ -924,23 +1046,21 @@ async fn pusher(inner: Arc<Inner>, ctx: Context, mut rx: mpsc::Receiver<(Bytes, 
             .map(|(_, (k, e))| e.to_proto(k, &me))
             .collect();
         let n = entries.len() as u64;
-        let body = Body::Entries(proto::Entries {
+        let push = proto::Push {
+            id: rand::random(),
+            origin: me.as_bytes().clone(),
             entries,
-            repair: false,
-        });
-        let payload = proto::SyncMessage { body: Some(body) }.encode_to_vec();
-        match ctx.broadcast(payload, inner.cfg.flood_ttl).await {
-            Ok(_) => {
-                inner.counters.pushes.fetch_add(1, Ordering::Relaxed);
-                inner
-                    .counters
-                    .pushed_entries
-                    .fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                inner.counters.push_failures.fetch_add(1, Ordering::Relaxed);
-                debug!(error = %e, "eager push failed; anti-entropy will carry it");
-            }
+            hops: 0,
+        };
+        lock_tree(&inner.tree).first_time(push.id, tokio::time::Instant::now());
+        if inner.push_to_tree(&ctx, push, &[]).await > 0 {
+            inner.counters.pushes.fetch_add(1, Ordering::Relaxed);
+            inner
+                .counters
+                .pushed_entries
+                .fetch_add(n, Ordering::Relaxed);
+        } else if !ctx.peers().neighbours().is_empty() {
+            inner.counters.push_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -999,6 +1119,11 @@ async fn anti_entropy(map: SyncMap) {
             _ = inner.cascade.notified() => map.ctx.peers().neighbours(),
             event = events.recv() => match event {
                 Ok(PeerEvent::Connected { peer, .. }) => vec![peer],
+                Ok(PeerEvent::Disconnected { .. }) => {
+                    // The tree may have lost a branch: regrow it.
+                    lock_tree(&inner.tree).reset();
+                    continue;
+                }
                 Ok(_) | Err(PeersError::Lagged(_)) => continue,
                 // The peer manager is gone: the node is stopping.
                 Err(_) => return,

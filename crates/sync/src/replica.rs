@@ -109,6 +109,9 @@ pub(crate) struct Replica {
     /// This node's ephemeral keys: value and ttl. The node keeps them alive
     /// for as long as it runs, even through an expiry it did not see.
     own_ephemeral: HashMap<Bytes, (Bytes, u64)>,
+    /// Our own writes re-issued in a claim of ours from before a restart
+    /// (see `apply`), to push to the mesh.
+    rebased: Vec<(Bytes, Entry)>,
 }
 
 impl Replica {
@@ -121,6 +124,7 @@ impl Replica {
             root: 0,
             entries: 0,
             own_ephemeral: HashMap::new(),
+            rebased: Vec::new(),
         }
     }
 
@@ -214,7 +218,7 @@ impl Replica {
             }
         }
         let (epoch, claim) = if !self.cfg.leasing {
-            (0, Stamp::default())
+            (0, stamp)
         } else {
             match &current {
                 None => (1, stamp),
@@ -280,8 +284,47 @@ impl Replica {
             if !entry.beats(current, self.cfg.leasing) {
                 return Ok(Vec::new());
             }
+            // Our own claim from before a restart (same id, older stamp)
+            // beats the claim we made since, not knowing of it: we own both,
+            // so our latest write is re-issued in the winning claim instead
+            // of being lost.
+            if self.cfg.leasing
+                && entry.writer == self.me
+                && current.writer == self.me
+                && current.stamp > entry.stamp
+                && entry.epoch == current.epoch
+            {
+                let current = current.clone();
+                let stamp = self.hlc.stamp(now_ms);
+                let at = stamp.millis();
+                let rebased = Entry {
+                    stamp,
+                    epoch: entry.epoch,
+                    claim: entry.claim,
+                    lease_until: if current.is_deleted() {
+                        at
+                    } else if current.ttl_ms != 0 {
+                        at + current.ttl_ms
+                    } else {
+                        at + self.cfg.lease_ms
+                    },
+                    expires_at: if current.ttl_ms != 0 {
+                        at + current.ttl_ms
+                    } else {
+                        0
+                    },
+                    ..current
+                };
+                self.rebased.push((key.clone(), rebased.clone()));
+                return Ok(self.put(key, rebased, now_ms));
+            }
         }
         Ok(self.put(key, entry, now_ms))
+    }
+
+    /// Writes re-issued by `apply` since the last call, to push.
+    pub(crate) fn take_rebased(&mut self) -> Vec<(Bytes, Entry)> {
+        std::mem::take(&mut self.rebased)
     }
 
     fn collectable(&self, tombstone: &Entry, now_ms: u64) -> bool {

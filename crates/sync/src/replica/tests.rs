@@ -272,6 +272,31 @@ fn an_owner_brings_back_its_ephemeral_key_after_an_expiry_it_did_not_see() {
 }
 
 #[test]
+fn a_restarted_node_keeps_its_new_write_over_its_previous_runs_claim() {
+    let mut b = replica(2, true);
+    let mut before = replica(1, true);
+    let old = set(&mut before, "k", "old", 1_000).unwrap();
+    b.apply(k("k"), old.clone(), 1_000).unwrap();
+    // Node 1 restarts with the same id and an empty replica, and writes.
+    let mut after = replica(1, true);
+    let new = set(&mut after, "k", "new", 5_000).unwrap();
+    // The mesh's copy of the previous claim beats the new one (earlier
+    // claim), but the node re-issues its write in that claim.
+    assert!(old.beats(&new, true));
+    after.apply(k("k"), old, 5_001).unwrap();
+    let rebased = after.take_rebased();
+    assert_eq!(rebased.len(), 1);
+    let (_, e) = &rebased[0];
+    assert_eq!(e.value, Some(k("new")));
+    assert_eq!((e.epoch, e.claim), (1, Stamp::new(1_000, 0)));
+    assert!(after.take_rebased().is_empty());
+    b.apply(k("k"), new, 5_001).unwrap();
+    b.apply(k("k"), e.clone(), 5_002).unwrap();
+    assert_eq!(b.get(b"k", 5_002).unwrap().value, Some(k("new")));
+    assert_eq!(after.root(), b.root());
+}
+
+#[test]
 fn chunks_resume_where_they_stopped_and_cover_every_entry_once() {
     let mut a = replica(1, false);
     for i in 0..500 {
