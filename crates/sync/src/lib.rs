@@ -5,8 +5,10 @@
 //! and the two ways writes travel, all as one concern of the layer below
 //! (command [`SYNC`]):
 //!
-//! - **Eager push**: each write is flooded to the whole mesh at once,
-//!   batched while the previous batch is on its way.
+//! - **Eager push**: each write is pushed to the whole mesh at once along a
+//!   broadcast tree (links that deliver duplicates are pruned, so each node
+//!   receives a write about once), batched while the previous batch is on
+//!   its way.
 //! - **Anti-entropy**: every few seconds, and at once with every new peer,
 //!   a node compares a digest of its replica with a peer's (a root hash,
 //!   then 256 bucket hashes), pulls the entries of the buckets that differ in
