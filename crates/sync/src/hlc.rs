@@ -137,13 +137,23 @@ pub(crate) struct TooFarAhead {
 pub(crate) struct Hlc {
     last: Stamp,
     max_skew_ms: u64,
+    /// How far ahead of our physical clock the fastest clock we heard from
+    /// was, and when (our physical time) we last saw it that far ahead.
+    ahead_ms: u64,
+    ahead_seen: u64,
 }
+
+/// How long an observed clock lead is trusted in full; it halves with each
+/// further period without a new observation.
+const AHEAD_HALF_LIFE_MS: u64 = 60_000;
 
 impl Hlc {
     pub(crate) fn new(max_skew_ms: u64) -> Self {
         Hlc {
             last: Stamp::default(),
             max_skew_ms,
+            ahead_ms: 0,
+            ahead_seen: 0,
         }
     }
 
@@ -167,7 +177,20 @@ impl Hlc {
         if remote > self.last {
             self.last = remote;
         }
+        let lead = remote.millis().saturating_sub(physical_ms);
+        if lead > 0 && lead >= self.ahead(physical_ms) {
+            self.ahead_ms = lead;
+            self.ahead_seen = physical_ms;
+        }
         Ok(())
+    }
+
+    /// How far ahead of our physical clock the fastest clock recently heard
+    /// from runs (0 if none is ahead). Work that must happen before other
+    /// nodes' clocks reach a time (refreshing an ephemeral key) adds it.
+    pub(crate) fn ahead(&self, physical_ms: u64) -> u64 {
+        let halvings = physical_ms.saturating_sub(self.ahead_seen) / AHEAD_HALF_LIFE_MS;
+        self.ahead_ms.checked_shr(halvings as u32).unwrap_or(0)
     }
 }
 
@@ -205,6 +228,19 @@ mod tests {
         let err = hlc.observe(Stamp::new(70_001, 0), 10_000).unwrap_err();
         assert_eq!(err.ahead_ms, 60_001);
         hlc.observe(Stamp::new(70_000, 0), 10_000).unwrap();
+    }
+
+    #[test]
+    fn a_clock_ahead_of_ours_is_remembered_and_forgotten_slowly() {
+        let mut hlc = Hlc::new(60_000);
+        assert_eq!(hlc.ahead(1_000), 0);
+        hlc.observe(Stamp::new(3_500, 0), 1_000).unwrap();
+        assert_eq!(hlc.ahead(1_000), 2_500);
+        // A smaller lead does not lower it; time does, slowly.
+        hlc.observe(Stamp::new(2_000, 0), 1_500).unwrap();
+        assert_eq!(hlc.ahead(2_000), 2_500);
+        assert_eq!(hlc.ahead(1_000 + 60_000), 1_250);
+        assert_eq!(hlc.ahead(1_000 + 600_000), 2);
     }
 
     #[test]

@@ -441,6 +441,9 @@ impl Replica {
     /// the sweep reached us after the heal). Keys another node has claimed
     /// since are given up.
     pub(crate) fn refresh_due(&mut self, now_ms: u64) -> Vec<(Bytes, Bytes, u64)> {
+        // Refresh by the fastest clock heard from, so that a node whose
+        // clock runs ahead does not see our keys expire between refreshes.
+        let now_ms = now_ms + self.hlc.ahead(now_ms);
         let mut due = Vec::new();
         let mut lost = Vec::new();
         for (k, (v, ttl)) in &self.own_ephemeral {
