@@ -18,6 +18,8 @@
 //! | POST | `/kv/{key}/confirm?timeout_ms=N` | waits until every connected peer has applied this node's entry for the key (`timeout_ms` as for `/request`): 200 `{"peers":n}`; 504 `timeout` with `peers` and `missing` (ids); 404 |
 //! | GET | `/kv?prefix=P` | 200 `{"items":[{"key","value","version","writer"}...],"count":n}`: the keys starting with `P` (default: all), sorted |
 //! | GET | `/kv-digest` | 200 `{"digest":"<16 hex digits>","keys":n,"entries":n}`: a hash of the whole replica (tombstones and leases included): equal digests, equal replicas |
+//! | POST | `/rpc/{service}/{method}?deadline_ms=N&idempotent=B&version=V` | body = the arguments as a JSON array (empty: none); calls the method from this node in JSON through [`Rpc::call_raw`](meshwork::rpc::Rpc::call_raw) (`deadline_ms` 1 to 600000, default `--rpc-deadline-ms`; `idempotent=true` allows a retry on another provider after a timeout; `version` 0, the default, takes any): 200 `{"result":<json>,"elapsed_ms":x}` |
+//! | GET | `/rpc/{service}/providers` | 200 `{"service":name,"providers":[{"node_id","reach","version","methods","latency_ms"}]}`: the registry's providers, nearest first (`reach` `local`, `neighbour` or `routed`; `latency_ms` the smoothed round trip of this node's calls to it, null before one succeeded) |
 //! | POST | `/shutdown` | 202 `{"shutting_down":true}`, then a graceful shutdown |
 //! | any | anything else | 404 (405 for a known path) |
 //!
@@ -39,8 +41,17 @@
 //! `timeout_ms`). The `/kv` endpoints answer 409 `lease_held` (with `owner`,
 //! the holder's id, and `until_ms`, when its lease lapses in ms since the
 //! Unix epoch) when another node holds the key's lease, 400 `too_large` for
-//! an empty or oversized key or an oversized value, 503 `shutdown`. Other
-//! codes: `not_found`, `method_not_allowed`, `internal`.
+//! an empty or oversized key or an oversized value, 503 `shutdown`.
+//! `POST /rpc` answers with the call error's label as the `code` (see
+//! [`ApiError::from_rpc`]) and `elapsed_ms`: 404 `no_provider` (at once: no
+//! node serves the name), `unknown_service`, `unknown_method`; 504
+//! `timeout` (with `deadline_ms`); 409 `version_mismatch` (with `wanted`,
+//! `served`); 503 `overloaded`, `disconnected`, `cancelled`; 422
+//! `application`, the method's own error, with `application`: its JSON
+//! value; 400 `decode` (arguments that do not fit the method), `local` (bad
+//! service name) or `bad_request` (a body that is not a JSON array, a bad
+//! query); 500 `internal` (the method panicked). Other codes: `not_found`,
+//! `method_not_allowed`, `internal`.
 //!
 //! To add an endpoint: write a handler taking `State<AdminState>` and
 //! returning `Result<Json<T>, ApiError>`, and add one `.route(...)` line in
@@ -59,6 +70,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use meshwork::concerns::{ConcernStats, ConcernsError, Route};
 use meshwork::peers::PeerSnapshot;
+use meshwork::rpc::{CallOptions, CallStats, Codec, Provider, RpcError, ServedStats};
 use meshwork::sync::{EntryInfo, SyncError, SyncStats};
 use meshwork::transport::{Direction, EndpointStats, Security};
 use meshwork::wire::NodeId;
@@ -78,6 +90,9 @@ const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
 const MAX_REQUEST_TIMEOUT_MS: u64 = 600_000;
 /// The longest `ttl_ms` of an ephemeral key (a day).
 const MAX_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// `POST /rpc` waits this long unless `deadline_ms` or
+/// [`AdminState::with_rpc_deadline`] say otherwise.
+const DEFAULT_RPC_DEADLINE_MS: u64 = 10_000;
 
 /// A one-shot "please shut down" flag shared by the admin API and the
 /// signal handlers. Cheap to clone; every clone is the same flag.
@@ -110,6 +125,7 @@ pub(crate) struct AdminState {
     shutdown: ShutdownSignal,
     events: Arc<EventLog>,
     subscriptions: Arc<[String]>,
+    rpc_deadline: Duration,
 }
 
 impl AdminState {
@@ -121,7 +137,15 @@ impl AdminState {
             shutdown,
             events: Arc::new(EventLog::new()),
             subscriptions: Arc::new([]),
+            rpc_deadline: Duration::from_millis(DEFAULT_RPC_DEADLINE_MS),
         }
+    }
+
+    /// The deadline of `POST /rpc` calls without `deadline_ms` (default
+    /// 10 s, as the RPC layer's).
+    pub(crate) fn with_rpc_deadline(mut self, deadline: Duration) -> Self {
+        self.rpc_deadline = deadline;
+        self
     }
 
     /// Serves `events` (the log the node's echo concern and topic recorder
@@ -158,6 +182,12 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/kv/{key}/release", post(kv_release))
         .route("/kv/{key}/confirm", post(kv_confirm))
         .route("/kv-digest", get(kv_digest))
+        .route("/rpc/{service}/{method}", post(rpc_call))
+        // A method named `providers` is still callable.
+        .route(
+            "/rpc/{service}/providers",
+            get(rpc_providers).post(rpc_call_providers),
+        )
         .route("/shutdown", post(shutdown))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -256,6 +286,47 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The answer to a failed call (`POST /rpc`): the status by kind, the
+    /// error's [label](RpcError::label) as the code, and for an application
+    /// error the method's own error as JSON in `application` (a string if
+    /// the provider sent something else).
+    pub(crate) fn from_rpc(e: &RpcError<Bytes>) -> Self {
+        let status = match e {
+            RpcError::NoProvider(_)
+            | RpcError::UnknownService(_)
+            | RpcError::UnknownMethod { .. } => StatusCode::NOT_FOUND,
+            RpcError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            RpcError::VersionMismatch { .. } => StatusCode::CONFLICT,
+            RpcError::Overloaded(_) | RpcError::Disconnected(_) | RpcError::Cancelled => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RpcError::Application(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RpcError::Decode(_) | RpcError::Local(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match e {
+            RpcError::Application(body) => {
+                format!("the method failed: {}", String::from_utf8_lossy(body))
+            }
+            other => other.to_string(),
+        };
+        let error = ApiError::new(status, message).with_code(e.label());
+        match e {
+            RpcError::Application(body) => {
+                let value = serde_json::from_slice::<serde_json::Value>(body)
+                    .unwrap_or_else(|_| text(body).into());
+                error.with_field("application", value)
+            }
+            RpcError::Timeout(d) => error.with_field("deadline_ms", ms(*d)),
+            RpcError::VersionMismatch { wanted, served, .. } => error
+                .with_field("wanted", *wanted)
+                .with_field("served", *served),
+            _ => error,
+        }
+    }
+}
+
 /// `ERROR_CODE_UNKNOWN_COMMAND` → `unknown_command`.
 fn remote_code_name(code: ErrorCode) -> String {
     let name = code.as_str_name();
@@ -336,6 +407,63 @@ pub(crate) struct StatusJson {
     pub(crate) subscriptions: Vec<String>,
     /// Requests for command ids nobody handles here, since start.
     pub(crate) unknown_commands: u64,
+    /// Services served here (`--serve-demo`), by name, with their counters.
+    pub(crate) served: Vec<ServedJson>,
+    /// Counters of the RPC calls this node made.
+    pub(crate) calls: CallsJson,
+}
+
+/// One service in [`StatusJson`]'s `served`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct ServedJson {
+    /// The name it is served under.
+    pub(crate) name: String,
+    /// Its version.
+    pub(crate) version: u32,
+    /// Its methods.
+    pub(crate) methods: Vec<String>,
+    /// Calls started.
+    pub(crate) calls: u64,
+    /// Calls that ended with an error (application errors included).
+    pub(crate) errors: u64,
+    /// Calls refused at the concurrency limit (`--rpc-concurrency`).
+    pub(crate) overloaded: u64,
+    /// Calls stopped because their caller cancelled or they ran out of time.
+    pub(crate) cancelled: u64,
+    /// Calls running now.
+    pub(crate) in_flight: usize,
+}
+
+/// [`StatusJson`]'s `calls`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct CallsJson {
+    /// Calls made.
+    pub(crate) calls: u64,
+    /// Calls that failed (any error, application errors included).
+    pub(crate) failures: u64,
+    /// Extra attempts on another provider.
+    pub(crate) retries: u64,
+}
+
+fn served_json(s: &ServedStats) -> ServedJson {
+    ServedJson {
+        name: s.name.clone(),
+        version: s.version,
+        methods: s.methods.clone(),
+        calls: s.calls,
+        errors: s.errors,
+        overloaded: s.overloaded,
+        cancelled: s.cancelled,
+        in_flight: s.in_flight,
+    }
+}
+
+fn calls_json(c: &CallStats) -> CallsJson {
+    CallsJson {
+        calls: c.calls,
+        failures: c.failures,
+        retries: c.retries,
+    }
 }
 
 /// One concern in [`StatusJson`].
@@ -609,6 +737,8 @@ pub(crate) fn status_json(
         builtin,
         subscriptions,
         unknown_commands: concerns.unknown_commands,
+        served: status.served.iter().map(served_json).collect(),
+        calls: calls_json(&status.calls),
     }
 }
 
@@ -1192,6 +1322,165 @@ async fn kv_digest(State(state): State<AdminState>) -> Json<KvDigest> {
     })
 }
 
+// Services: /rpc.
+
+/// The query of `POST /rpc/{service}/{method}`.
+#[derive(Debug, Deserialize)]
+struct RpcQuery {
+    deadline_ms: Option<u64>,
+    idempotent: Option<bool>,
+    version: Option<u32>,
+}
+
+/// The body of `POST /rpc/{service}/{method}`.
+#[derive(Debug, Serialize)]
+struct RpcResult {
+    result: serde_json::Value,
+    elapsed_ms: f64,
+}
+
+/// Calls a method from this node, in JSON.
+async fn rpc_call(
+    State(state): State<AdminState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<RpcQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<RpcResult>, ApiError> {
+    let Path((service, method)) =
+        path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    call_method(&state, &service, &method, query, body).await
+}
+
+/// `POST /rpc/{service}/providers`: calls the method `providers`.
+async fn rpc_call_providers(
+    State(state): State<AdminState>,
+    service: Result<Path<String>, PathRejection>,
+    query: Result<Query<RpcQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<RpcResult>, ApiError> {
+    let Path(service) =
+        service.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    call_method(&state, &service, "providers", query, body).await
+}
+
+/// The arguments of a call: the body, a JSON array (an empty body is
+/// `[]`).
+fn rpc_args(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    let body = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Bytes::from_static(b"[]"));
+    }
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Array(_)) => Ok(body),
+        Ok(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body must be a JSON array of the method's arguments (e.g. [\"hi\"]), \
+                 got {other}"
+            ),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be a JSON array of the method's arguments: {e}"),
+        )),
+    }
+}
+
+async fn call_method(
+    state: &AdminState,
+    service: &str,
+    method: &str,
+    query: Result<Query<RpcQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<RpcResult>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let deadline = match query.deadline_ms {
+        None => state.rpc_deadline,
+        Some(d) if (1..=MAX_REQUEST_TIMEOUT_MS).contains(&d) => Duration::from_millis(d),
+        Some(d) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("deadline_ms must be 1 to {MAX_REQUEST_TIMEOUT_MS}, got {d}"),
+            ));
+        }
+    };
+    let args = rpc_args(body)?;
+    let options = CallOptions {
+        deadline,
+        version: query.version.unwrap_or(0),
+        idempotent: query.idempotent.unwrap_or(false),
+        codec: Codec::Json,
+    };
+    let started = Instant::now();
+    // If the HTTP client goes away, this future is dropped, and with it the
+    // call: the provider is told to stop.
+    let outcome = state
+        .node
+        .rpc()
+        .call_raw(service, method, args, options)
+        .await;
+    let elapsed_ms = ms(started.elapsed());
+    let bytes = outcome.map_err(|e| ApiError::from_rpc(&e).with_field("elapsed_ms", elapsed_ms))?;
+    let result = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the provider's result is not JSON: {e}"),
+        )
+        .with_code("decode")
+        .with_field("elapsed_ms", elapsed_ms)
+    })?;
+    Ok(Json(RpcResult { result, elapsed_ms }))
+}
+
+/// One provider in `GET /rpc/{service}/providers`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct ProviderJson {
+    /// The node serving it, hex.
+    pub(crate) node_id: String,
+    /// `"local"` (this node), `"neighbour"` or `"routed"`.
+    pub(crate) reach: &'static str,
+    /// The version served.
+    pub(crate) version: u32,
+    /// Its methods.
+    pub(crate) methods: Vec<String>,
+    /// Smoothed round trip of this node's calls to it, null before one
+    /// succeeded.
+    pub(crate) latency_ms: Option<f64>,
+}
+
+fn provider_json(p: &Provider) -> ProviderJson {
+    ProviderJson {
+        node_id: p.node_id.to_string(),
+        reach: p.reach,
+        version: p.record.version,
+        methods: p.record.methods.clone(),
+        latency_ms: p.latency.map(ms),
+    }
+}
+
+/// The body of `GET /rpc/{service}/providers`.
+#[derive(Debug, Serialize)]
+struct ProvidersJson {
+    service: String,
+    providers: Vec<ProviderJson>,
+}
+
+/// The providers of a service in this node's registry, nearest first.
+async fn rpc_providers(
+    State(state): State<AdminState>,
+    service: Result<Path<String>, PathRejection>,
+) -> Result<Json<ProvidersJson>, ApiError> {
+    let Path(service) =
+        service.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    meshwork::rpc::check_service_name(&service)
+        .map_err(|e| ApiError::from_rpc(&e.map_app(|n| match n {})))?;
+    let providers = state.node.rpc().providers(&service);
+    Ok(Json(ProvidersJson {
+        service,
+        providers: providers.iter().map(provider_json).collect(),
+    }))
+}
+
 /// The body of `POST /shutdown`.
 #[derive(Debug, Serialize)]
 struct ShuttingDown {
@@ -1226,6 +1515,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::demo_service::DemoService;
     use crate::echo::{Echo, TopicRecorder};
     use meshwork::NodeBuilder;
     use meshwork::peers::{PeerEvent, PeerState, PeersConfig, PoolStats};
@@ -1402,6 +1692,8 @@ mod tests {
     }
 
     #[test]
+    // `..SyncStats::default()` stays right when the sync layer adds counters.
+    #[allow(clippy::needless_update)]
     fn status_json_converts_units_and_names() {
         let id = NodeId::from_bytes(vec![0xab, 0xcd]).unwrap();
         let peer = NodeId::from_bytes(vec![0x01, 0x02, 0x03]).unwrap();
@@ -1490,9 +1782,24 @@ mod tests {
                 pulled: 14,
                 sent: 15,
                 lease_lost: 16,
+                // Counters /status does not show.
+                ..SyncStats::default()
             },
-            served: Vec::new(),
-            calls: Default::default(),
+            served: vec![ServedStats {
+                name: "demo".into(),
+                version: 1,
+                methods: vec!["echo".into(), "add".into()],
+                calls: 17,
+                errors: 18,
+                overloaded: 19,
+                cancelled: 20,
+                in_flight: 21,
+            }],
+            calls: CallStats {
+                calls: 22,
+                failures: 23,
+                retries: 24,
+            },
             connections: vec![ConnectionStatus {
                 node_id: peer,
                 addr: "tcp://127.0.0.1:40000".parse().unwrap(),
@@ -1640,7 +1947,18 @@ mod tests {
                     "topics": {"topics": 2}
                 },
                 "subscriptions": ["a", "b"],
-                "unknown_commands": 9
+                "unknown_commands": 9,
+                "served": [{
+                    "name": "demo",
+                    "version": 1,
+                    "methods": ["echo", "add"],
+                    "calls": 17,
+                    "errors": 18,
+                    "overloaded": 19,
+                    "cancelled": 20,
+                    "in_flight": 21
+                }],
+                "calls": {"calls": 22, "failures": 23, "retries": 24}
             })
         );
         let plain = status_json(
@@ -2611,5 +2929,284 @@ mod tests {
             remote_code_name(ErrorCode::UnknownCommand),
             "unknown_command"
         );
+    }
+
+    // Services: /rpc, and `served` and `calls` in /status.
+
+    /// `a` and `b` as [`two_nodes`], `b` serving the demo service as
+    /// `demo` (`b` runs at most `concurrency` calls of it at once), both
+    /// served; returns once `a` lists `b` as its provider.
+    async fn demo_pair(concurrency: usize) -> (Served, Served) {
+        let net = MemNetwork::new();
+        let rpc = meshwork::rpc::RpcConfig::default().with_concurrency(concurrency);
+        let a = start_served(mem_node(&net, "a", None, 1), true, &[]).await;
+        let b = mem_node(&net, "b", Some("mem://a"), 1).rpc_config(rpc);
+        let b = start_served(b, true, &[]).await;
+        a.node.wait_for_peers(1, TIMEOUT).await.unwrap();
+        let service = DemoService::server(b.node.node_id().to_string());
+        b.node.rpc().serve("demo", service).await.unwrap();
+        wait_get(a.addr, "/rpc/demo/providers", "b listed at a", |code, p| {
+            code == 200 && p["providers"].as_array().is_some_and(|l| !l.is_empty())
+        })
+        .await;
+        (a, b)
+    }
+
+    /// Results, typed errors and refusals of `POST /rpc`, the providers
+    /// list, and the counters in /status.
+    #[tokio::test]
+    async fn rpc_calls_return_results_and_typed_errors() {
+        let (a, b) = demo_pair(256).await;
+        let b_id = b.node.node_id().to_string();
+
+        let (code, body) = get_json(a.addr, "/rpc/demo/providers").await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            body,
+            json!({"service": "demo", "providers": [{
+                "node_id": b_id,
+                "reach": "neighbour",
+                "version": 1,
+                "methods": ["echo", "add", "fail", "sleep", "whoami"],
+                "latency_ms": null
+            }]})
+        );
+        let (_, on_b) = get_json(b.addr, "/rpc/demo/providers").await;
+        assert_eq!(on_b["providers"][0]["reach"], "local", "{on_b}");
+        let (code, none) = get_json(a.addr, "/rpc/nobody.here/providers").await;
+        assert_eq!(
+            (code, none),
+            (200, json!({"service": "nobody.here", "providers": []}))
+        );
+
+        let (code, body) = post_body(a.addr, "/rpc/demo/echo", r#"["hi there"]"#).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["result"], "hi there");
+        assert!(body["elapsed_ms"].as_f64().unwrap() > 0.0, "{body}");
+        assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+        // One counter, on b, whoever calls.
+        for (addr, n, total) in [(a.addr, 2, 2), (a.addr, 3, 5), (b.addr, -1, 4)] {
+            let (code, body) = post_body(addr, "/rpc/demo/add", &format!("[{n}]")).await;
+            assert_eq!((code, &body["result"]), (200, &json!(total)), "{body}");
+        }
+        // No arguments: an empty body, or [].
+        for args in ["", " [ ] "] {
+            let (code, body) = post_body(a.addr, "/rpc/demo/whoami?idempotent=true", args).await;
+            assert_eq!((code, &body["result"]), (200, &json!(b_id)), "{body}");
+        }
+        let (_, body) = get_json(a.addr, "/rpc/demo/providers").await;
+        let latency = body["providers"][0]["latency_ms"].as_f64();
+        assert!(latency.is_some_and(|l| l > 0.0), "{body}");
+
+        // The application error, typed, as JSON.
+        let (code, body) = post_body(a.addr, "/rpc/demo/fail", r#"["boom"]"#).await;
+        assert_eq!(code, 422, "{body}");
+        assert_eq!(body["code"], "application");
+        assert_eq!(body["application"], json!({"refused": {"message": "boom"}}));
+        assert!(body["error"].as_str().unwrap().contains("boom"), "{body}");
+        assert!(body["elapsed_ms"].is_f64(), "{body}");
+
+        // Refusals, each with its code.
+        let started = Instant::now();
+        for (path, args, status, kind) in [
+            ("/rpc/nobody.here/echo", r#"["x"]"#, 404, "no_provider"),
+            ("/rpc/demo/nope", "[]", 404, "unknown_method"),
+            ("/rpc/demo/add", r#"["two"]"#, 400, "decode"),
+            ("/rpc/demo/add", "[1, 2]", 400, "decode"),
+            (
+                "/rpc/demo/echo?version=2",
+                r#"["x"]"#,
+                409,
+                "version_mismatch",
+            ),
+            ("/rpc/bad%20name/echo", r#"["x"]"#, 400, "local"),
+            ("/rpc/demo/echo", r#"{"text": "x"}"#, 400, "bad_request"),
+            ("/rpc/demo/echo", "\"x\"", 400, "bad_request"),
+            ("/rpc/demo/echo", "[", 400, "bad_request"),
+            (
+                "/rpc/demo/echo?deadline_ms=0",
+                r#"["x"]"#,
+                400,
+                "bad_request",
+            ),
+            (
+                "/rpc/demo/echo?deadline_ms=600001",
+                r#"["x"]"#,
+                400,
+                "bad_request",
+            ),
+            (
+                "/rpc/demo/echo?idempotent=maybe",
+                r#"["x"]"#,
+                400,
+                "bad_request",
+            ),
+        ] {
+            let (code, body) = post_body(a.addr, path, args).await;
+            assert_eq!(
+                (code, &body["code"]),
+                (status, &json!(kind)),
+                "{path} {args}: {body}"
+            );
+            assert!(body["error"].is_string(), "{body}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let (code, body) = post_body(a.addr, "/rpc/demo/echo?version=2", r#"["x"]"#).await;
+        assert_eq!(
+            (code, &body["wanted"], &body["served"]),
+            (409, &json!(2), &json!(1))
+        );
+        let (code, body) = get_json(a.addr, "/rpc/demo/echo").await;
+        assert_eq!((code, &body["code"]), (405, &json!("method_not_allowed")));
+        let (code, body) = get_json(a.addr, "/rpc/bad%20name/providers").await;
+        assert_eq!((code, &body["code"]), (400, &json!("local")), "{body}");
+        // A method named `providers` is called, not listed.
+        let (code, body) = post_body(a.addr, "/rpc/demo/providers", "[]").await;
+        assert_eq!(
+            (code, &body["code"]),
+            (404, &json!("unknown_method")),
+            "{body}"
+        );
+
+        // The counters: b served echo, add x3, whoami x2, fail, the two
+        // decode failures, and providers (refused: no such method, like
+        // nope and the version mismatches, before it counts).
+        let (_, status) = get_json(b.addr, "/status").await;
+        assert_eq!(
+            status["served"],
+            json!([{
+                "name": "demo",
+                "version": 1,
+                "methods": ["echo", "add", "fail", "sleep", "whoami"],
+                "calls": 9,
+                "errors": 3,
+                "overloaded": 0,
+                "cancelled": 0,
+                "in_flight": 0
+            }])
+        );
+        assert_eq!(
+            status["calls"],
+            json!({"calls": 1, "failures": 0, "retries": 0})
+        );
+        let (_, status) = get_json(a.addr, "/status").await;
+        assert_eq!(status["served"], json!([]));
+        // 5 answered; fail, the refusals that reached call_raw (no
+        // provider, unknown method, 2 decode, 2 version, the bad name) and
+        // the method `providers` failed.
+        assert_eq!(
+            status["calls"],
+            json!({"calls": 14, "failures": 9, "retries": 0})
+        );
+        stop_all([b, a]).await;
+    }
+
+    /// A call out of time answers 504 at once and is cancelled at the
+    /// provider; the default deadline is the node's; a provider at its
+    /// limit answers 503 overloaded.
+    #[tokio::test]
+    async fn rpc_deadlines_cancel_and_the_limit_refuses() {
+        let (a, b) = demo_pair(1).await;
+        let started = Instant::now();
+        let (code, body) = post_body(a.addr, "/rpc/demo/sleep?deadline_ms=200", "[5000]").await;
+        let took = started.elapsed();
+        assert_eq!((code, &body["code"]), (504, &json!("timeout")), "{body}");
+        assert_eq!(body["deadline_ms"], 200.0, "{body}");
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        let status = wait_status(b.addr, "the call cancelled at b", |s| {
+            s["served"][0]["cancelled"] == 1 && s["served"][0]["in_flight"] == 0
+        })
+        .await;
+        assert_eq!(status["served"][0]["calls"], 1, "{status}");
+
+        // A short sleep completes, and says how long it slept.
+        let (code, body) = post_body(a.addr, "/rpc/demo/sleep", "[20]").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body["result"].as_u64().unwrap() >= 20, "{body}");
+
+        // The default deadline: the node's (`--rpc-deadline-ms`).
+        let state = AdminState::new(a.node.clone(), ShutdownSignal::new())
+            .with_rpc_deadline(Duration::from_millis(150));
+        let (addr, _stop) = serve_with(state).await;
+        let started = Instant::now();
+        let (code, body) = post_body(addr, "/rpc/demo/sleep", "[5000]").await;
+        assert_eq!((code, &body["code"]), (504, &json!("timeout")), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        wait_status(b.addr, "the second call cancelled at b", |s| {
+            s["served"][0]["cancelled"] == 2 && s["served"][0]["in_flight"] == 0
+        })
+        .await;
+
+        // b runs one call at a time: a second one is refused at once.
+        let long = tokio::spawn(post_body(
+            a.addr,
+            "/rpc/demo/sleep?deadline_ms=3000",
+            "[1000]",
+        ));
+        wait_status(b.addr, "the long call running at b", |s| {
+            s["served"][0]["in_flight"] == 1
+        })
+        .await;
+        let (code, body) = post_body(a.addr, "/rpc/demo/echo", r#"["x"]"#).await;
+        assert_eq!((code, &body["code"]), (503, &json!("overloaded")), "{body}");
+        let (code, body) = long.await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        let (_, status) = get_json(b.addr, "/status").await;
+        assert_eq!(status["served"][0]["overloaded"], 1, "{status}");
+        stop_all([b, a]).await;
+    }
+
+    #[test]
+    fn rpc_errors_map_to_status_codes() {
+        let d = Duration::from_millis(1500);
+        for (e, status, code) in [
+            (RpcError::NoProvider("s".into()), 404, "no_provider"),
+            (RpcError::UnknownService("s".into()), 404, "unknown_service"),
+            (
+                RpcError::UnknownMethod {
+                    service: "s".into(),
+                    method: "m".into(),
+                },
+                404,
+                "unknown_method",
+            ),
+            (RpcError::Timeout(d), 504, "timeout"),
+            (
+                RpcError::VersionMismatch {
+                    service: "s".into(),
+                    wanted: 2,
+                    served: 1,
+                },
+                409,
+                "version_mismatch",
+            ),
+            (RpcError::Overloaded("s".into()), 503, "overloaded"),
+            (RpcError::Disconnected("gone".into()), 503, "disconnected"),
+            (RpcError::Cancelled, 503, "cancelled"),
+            (RpcError::Decode("bad".into()), 400, "decode"),
+            (RpcError::Local("bad name".into()), 400, "local"),
+            (RpcError::Internal("panicked".into()), 500, "internal"),
+            (
+                RpcError::Application(Bytes::from_static(b"{\"refused\":{\"message\":\"x\"}}")),
+                422,
+                "application",
+            ),
+        ] {
+            let error = ApiError::from_rpc(&e);
+            assert_eq!((error.status.as_u16(), error.code), (status, code), "{e}");
+        }
+        let e = ApiError::from_rpc(&RpcError::Timeout(d));
+        assert_eq!(e.extra["deadline_ms"], 1500.0);
+        let app = ApiError::from_rpc(&RpcError::Application(Bytes::from_static(b"[1,2]")));
+        assert_eq!(app.extra["application"], json!([1, 2]));
+        assert_eq!(app.message, "the method failed: [1,2]");
+        // Not JSON: kept as text.
+        let app = ApiError::from_rpc(&RpcError::Application(Bytes::from_static(b"\x01oops")));
+        assert_eq!(app.extra["application"], "\u{1}oops");
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! - `meshwork node` runs one node, optionally with a local admin HTTP API
 //!   (see [`admin`]), prints one JSON `ready` line on stdout when it is up and
-//!   shuts down gracefully on Ctrl-C, SIGTERM or `POST /shutdown`.
+//!   shuts down gracefully on Ctrl-C, SIGTERM or `POST /shutdown`. With
+//!   `--serve-demo [NAME]` it serves the built-in demo service
+//!   ([`demo_service`]), which any node calls with admin `POST /rpc/...`.
 //! - `meshwork keygen` creates a node key (`--key`) or a network key
 //!   (`--network-key`) file.
 //! - `meshwork demo` starts a small mesh in this process and shows it forming.
@@ -16,6 +18,7 @@
 
 mod admin;
 mod demo;
+mod demo_service;
 mod echo;
 mod events;
 mod keygen;

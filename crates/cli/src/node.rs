@@ -11,6 +11,7 @@ use anyhow::Context;
 use meshwork::Node;
 use meshwork::concerns::MAX_TOPIC_LEN;
 use meshwork::peers::PeersConfig;
+use meshwork::rpc::{RpcConfig, check_service_name};
 use meshwork::sync::SyncConfig;
 use meshwork::transport::{Address, Identity, NetworkKey};
 use meshwork::wire::NodeId;
@@ -18,6 +19,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState, ShutdownSignal};
+use crate::demo_service::{self, DemoService};
 use crate::echo::{Echo, TopicRecorder};
 use crate::events::EventLog;
 
@@ -147,6 +149,26 @@ pub(crate) struct NodeArgs {
     /// with every new peer).
     #[arg(long, value_name = "MS", default_value_t = 2_000, value_parser = millis())]
     anti_entropy_ms: u64,
+
+    /// Serve the built-in demo service under NAME (default `demo`): `echo`,
+    /// `add` (a counter), `fail` (a typed error), `sleep` and `whoami`. Any
+    /// node calls it with admin `POST /rpc/NAME/METHOD`. A name is 1 to 200
+    /// letters, digits, `.`, `-` and `_`.
+    #[arg(long, value_name = "NAME", num_args = 0..=1,
+          default_missing_value = demo_service::DEFAULT_NAME, value_parser = parse_service_name)]
+    serve_demo: Option<String>,
+
+    /// Deadline of the RPC calls this node makes (admin `POST /rpc/...`
+    /// without `deadline_ms`), retries included, in ms; also the time a call
+    /// served here may run when its caller sent no budget.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = millis())]
+    rpc_deadline_ms: u64,
+
+    /// Calls of one service that may run here at once; more are refused at
+    /// once as overloaded, so their callers can go elsewhere.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    rpc_concurrency: u32,
 }
 
 impl NodeArgs {
@@ -177,6 +199,19 @@ impl NodeArgs {
             .with_leasing(!self.no_leasing)
             .with_lease(Duration::from_secs(self.lease_secs))
             .with_anti_entropy_interval(Duration::from_millis(self.anti_entropy_ms))
+    }
+
+    /// The settings of the RPC layer: `--rpc-deadline-ms`,
+    /// `--rpc-concurrency`.
+    pub(crate) fn rpc_settings(&self) -> RpcConfig {
+        RpcConfig::default()
+            .with_deadline(self.rpc_deadline())
+            .with_concurrency(self.rpc_concurrency as usize)
+    }
+
+    /// `--rpc-deadline-ms`.
+    pub(crate) fn rpc_deadline(&self) -> Duration {
+        Duration::from_millis(self.rpc_deadline_ms)
     }
 
     /// Applies the peer manager options to `config` (seeds are added
@@ -253,6 +288,12 @@ fn parse_topic(s: &str) -> Result<String, String> {
             s.len()
         ));
     }
+    Ok(s.to_string())
+}
+
+/// Parses `--serve-demo NAME`: a service name.
+fn parse_service_name(s: &str) -> Result<String, String> {
+    check_service_name(s).map_err(|e| e.to_string())?;
     Ok(s.to_string())
 }
 
@@ -392,7 +433,8 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     }
     builder = builder
         .peers(|c| args.peer_settings(c))
-        .sync_config(args.sync_settings());
+        .sync_config(args.sync_settings())
+        .rpc_config(args.rpc_settings());
     if args.no_leasing {
         info!("--no-leasing: the replicated map is last-writer-wins; every peer must agree");
     }
@@ -411,11 +453,22 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     if !topics.topics().is_empty() {
         info!(topics = %topics.topics().join(" "), "subscribed");
     }
+    if let Some(name) = &args.serve_demo {
+        let service = DemoService::server(node.node_id().to_string());
+        if let Err(e) = node.rpc().serve(name, service).await {
+            node.shutdown().await;
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot serve the demo service as {name:?} (--serve-demo)"
+            )));
+        }
+        info!(service = %name, "serving the demo service");
+    }
 
     let shutdown = ShutdownSignal::new();
     let server = admin_listener.map(|listener| {
         let state = AdminState::new(node.clone(), shutdown.clone())
-            .with_events(events.clone(), topics.topics());
+            .with_events(events.clone(), topics.topics())
+            .with_rpc_deadline(args.rpc_deadline());
         let router = admin::router(state);
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -706,6 +759,43 @@ mod tests {
         // A lease time means nothing without leasing.
         let e = parse(&["--no-leasing", "--lease-secs", "60"]).unwrap_err();
         assert!(e.to_string().contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn rpc_options() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.serve_demo, None);
+        assert_eq!((a.rpc_deadline_ms, a.rpc_concurrency), (10_000, 256));
+        assert_eq!(a.rpc_deadline(), Duration::from_secs(10));
+
+        // The name is optional; the flag may come last or before another.
+        for (argv, name) in [
+            (&["--serve-demo"][..], "demo"),
+            (&["--serve-demo", "--min-peers", "2"], "demo"),
+            (&["--serve-demo", "storage.blobs-2_x"], "storage.blobs-2_x"),
+            (&["--serve-demo=calc"], "calc"),
+        ] {
+            let a = parse(argv).unwrap();
+            assert_eq!(a.serve_demo.as_deref(), Some(name), "{argv:?}");
+            assert!(a.validate().is_ok());
+        }
+        let a = parse(&["--rpc-deadline-ms", "250", "--rpc-concurrency", "1"]).unwrap();
+        assert_eq!(a.rpc_deadline(), Duration::from_millis(250));
+        assert_eq!(a.rpc_concurrency, 1);
+        let _ = a.rpc_settings();
+
+        for bad in [
+            &["--serve-demo", "bad name"][..],
+            &["--serve-demo", ""],
+            &["--serve-demo", &"x".repeat(201)],
+            &["--rpc-deadline-ms", "0"],
+            &["--rpc-concurrency", "0"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        let e = parse(&["--serve-demo", "a/b"]).unwrap_err();
+        assert!(e.to_string().contains("invalid service name"), "{e}");
     }
 
     #[test]
