@@ -9,13 +9,17 @@
 //! exactly once, and the two nodes farthest apart exchange a routed
 //! request. Then the replicated map: node 0 writes a key that must reach
 //! every node, another node's overwrite of it must be refused (node 0 holds
-//! its lease), and the mesh is cut in two halves that both write, then
-//! healed: every replica must end up identical.
+//! its lease). Then services: a node serves the demo service
+//! ([`demo_service`]) and the node farthest from it (node 0 if it is as
+//! far from some node as any) calls it through the typed client, once for
+//! an echo and once for a typed application error. Last,
+//! the mesh is cut in two halves that both write, then healed: every
+//! replica must end up identical.
 //!
 //! The demo is a sequence of steps ([`Demo::start_nodes`],
 //! [`Demo::form_mesh`], [`Demo::broadcast`], [`Demo::routed_request`],
-//! [`Demo::kv_write`], [`Demo::kv_refused`], [`Demo::kv_heal`],
-//! [`Demo::measure_rtt`], then always [`Demo::shut_down`] and
+//! [`Demo::kv_write`], [`Demo::kv_refused`], [`Demo::rpc_call`],
+//! [`Demo::kv_heal`], [`Demo::measure_rtt`], then always [`Demo::shut_down`] and
 //! [`Demo::summary`]). Each step draws on the
 //! [`Screen`] and adds lines to the summary; a layer that wants to show
 //! itself off adds one step in [`run`].
@@ -29,6 +33,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use meshwork::peers::{PeerSnapshot, PeerState, PeersConfig};
+use meshwork::rpc::RpcError;
 use meshwork::sync::{SyncConfig, SyncError};
 use meshwork::transport::noise::NOISE_PARAMS;
 use meshwork::transport::{Address, Security};
@@ -36,6 +41,7 @@ use meshwork::wire::NodeId;
 use meshwork::{Node, NodeStatus};
 use tokio::time::Instant;
 
+use crate::demo_service::{self, DemoClient, DemoError, DemoService};
 use crate::echo::{self, BROADCAST_TTL, Echo};
 use crate::events::{EventKind, EventLog};
 
@@ -71,6 +77,10 @@ const KV_KEY: &str = "demo/greeting";
 const HALF_SETTLE: Duration = Duration::from_secs(2);
 /// The key both halves of the cut mesh write.
 const HEAL_KEY: &str = "demo/contested";
+/// The name the farthest node serves the demo service under.
+const RPC_SERVICE: &str = demo_service::DEFAULT_NAME;
+/// What node 0 asks the demo service's `fail` to refuse with.
+const RPC_REFUSAL: &str = "no, thank you";
 
 /// Options of `meshwork demo`.
 #[derive(Debug, clap::Args)]
@@ -104,8 +114,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         demo.routed_request().await?;
         demo.kv_write().await?;
         demo.kv_refused().await?;
+        // Before the heal, which leaves every node a neighbour of every
+        // other: the provider is then more likely routed to.
+        demo.rpc_call().await?;
         demo.kv_heal().await?;
-        // Steps of the later layers (rpc) go here.
         demo.measure_rtt().await;
         anyhow::Ok(())
     };
@@ -192,7 +204,8 @@ impl Demo {
              each node keeps {} to {} peers; nodes that are not neighbours talk through routes\n\
              every link is encrypted and authenticated ({NOISE_PARAMS}); \
              a node id is the node's X25519 public key\n\
-             every node holds a replica of one key-value map; a write leases its key to the writer\n\n",
+             every node holds a replica of one key-value map; a write leases its key to the writer\n\
+             a node serves a typed service, which the node farthest from it calls\n\n",
             self.count,
             HEARTBEAT.as_millis(),
             self.limits.min,
@@ -606,6 +619,103 @@ impl Demo {
         Ok(())
     }
 
+    /// Step: of the two nodes farthest apart (node 0 and the node farthest
+    /// from it when node 0 is one of them), the second serves the demo
+    /// service as [`RPC_SERVICE`]; once the first's registry lists it, the
+    /// first calls it through the typed client: `echo` must come back
+    /// (shown with how the caller reaches the provider and how long it
+    /// took), and `fail` must give the caller the typed [`DemoError`].
+    async fn rpc_call(&mut self) -> anyhow::Result<()> {
+        self.refresh();
+        let mesh = Mesh::of(&self.statuses);
+        let Some((c, p, hops)) = mesh.farthest_pair().map(|(a, b, d)| {
+            // Prefer node 0 as the caller when it is as far from some node.
+            match mesh.farthest_from(0) {
+                Some((far, hops)) if hops == d => (0, far, hops),
+                _ => (a, b, d),
+            }
+        }) else {
+            bail!("no two connected nodes to call between");
+        };
+        let provider = self.nodes[p].node_id().clone();
+        self.nodes[p]
+            .rpc()
+            .serve(RPC_SERVICE, DemoService::server(provider.to_string()))
+            .await
+            .with_context(|| format!("node {p} serving {RPC_SERVICE:?}"))?;
+        // The caller learns of it through the registry, a key of the map.
+        let started = Instant::now();
+        let listed = loop {
+            let providers = self.nodes[c].rpc().providers(RPC_SERVICE);
+            if let Some(found) = providers.into_iter().find(|x| x.node_id == provider) {
+                break found;
+            }
+            if started.elapsed() >= MESSAGE_TIMEOUT {
+                bail!(
+                    "node {c} did not list node {p} as serving {RPC_SERVICE:?} within {}",
+                    fmt_duration(MESSAGE_TIMEOUT)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let listed_after = started.elapsed();
+        if listed.reach == "routed" {
+            self.teach_route(c, p).await?;
+        }
+
+        let client = self.nodes[c]
+            .rpc()
+            .client::<DemoClient>(RPC_SERVICE)
+            .with_deadline(MESSAGE_TIMEOUT);
+        // A deadline of our own too: a library call that never returns
+        // must not hang the demo.
+        let guard = MESSAGE_TIMEOUT + Duration::from_secs(1);
+        let text = format!("hello #{p}, from #{c}");
+        let started = Instant::now();
+        let Ok(echoed) = tokio::time::timeout(guard, client.echo(text.clone())).await else {
+            bail!("node {c}'s call of echo on node {p} did not return");
+        };
+        let took = started.elapsed();
+        let echoed = echoed.with_context(|| format!("node {c} calling echo on node {p}"))?;
+        if echoed != text {
+            bail!("node {p}'s echo answered {echoed:?} to {text:?}");
+        }
+        let Ok(refused) = tokio::time::timeout(guard, client.fail(RPC_REFUSAL.into())).await else {
+            bail!("node {c}'s call of fail on node {p} did not return");
+        };
+        let expected = DemoError::Refused {
+            message: RPC_REFUSAL.into(),
+        };
+        let error = match refused {
+            Err(RpcError::Application(e)) if e == expected => e,
+            other => bail!(
+                "node {c}'s call of fail({RPC_REFUSAL:?}) on node {p} gave {other:?}, expected \
+                 the typed application error {expected:?}"
+            ),
+        };
+        let served = self.nodes[p].rpc().served();
+        let counted = served
+            .iter()
+            .find(|s| s.name == RPC_SERVICE)
+            .map(|s| (s.calls, s.errors));
+        if counted != Some((2, 1)) {
+            bail!(
+                "node {p} counts {counted:?} calls and errors of {RPC_SERVICE:?}, expected 2 and 1"
+            );
+        }
+        let line = rpc_line(
+            (c, p),
+            hops,
+            listed.reach,
+            listed_after,
+            (&text, took),
+            &error,
+        );
+        self.screen.print(&format!("rpc: {line}\n\n"));
+        self.report.push(("rpc".into(), line));
+        Ok(())
+    }
+
     /// Blocks (or unblocks) every node of `left` on every node of `right`
     /// and back.
     fn set_blocks(&self, left: &[usize], right: &[usize], block: bool) {
@@ -1013,37 +1123,56 @@ impl Mesh {
         self.short_of(min).is_empty() && self.parts() <= 1
     }
 
+    /// The hops from node `a` to every node by the links (`usize::MAX` for
+    /// nodes it cannot reach).
+    fn hops_from(&self, a: usize) -> Vec<usize> {
+        let n = self.degree.len();
+        let mut adjacent = vec![Vec::new(); n];
+        for &(x, y) in &self.links {
+            adjacent[x].push(y);
+            adjacent[y].push(x);
+        }
+        // Breadth-first from `a`.
+        let mut hops = vec![usize::MAX; n];
+        if a >= n {
+            return hops;
+        }
+        hops[a] = 0;
+        let mut queue = VecDeque::from([a]);
+        while let Some(i) = queue.pop_front() {
+            for &j in &adjacent[i] {
+                if hops[j] == usize::MAX {
+                    hops[j] = hops[i] + 1;
+                    queue.push_back(j);
+                }
+            }
+        }
+        hops
+    }
+
     /// The two nodes farthest apart (fewest hops between them, by the
     /// links), the first such pair in node order: `(a, b, hops)` with
     /// `a < b`. `None` without two connected nodes.
     fn farthest_pair(&self) -> Option<(usize, usize, usize)> {
-        let n = self.degree.len();
-        let mut adjacent = vec![Vec::new(); n];
-        for &(a, b) in &self.links {
-            adjacent[a].push(b);
-            adjacent[b].push(a);
-        }
         let mut best: Option<(usize, usize, usize)> = None;
-        for a in 0..n {
-            // Breadth-first from `a`.
-            let mut hops = vec![usize::MAX; n];
-            hops[a] = 0;
-            let mut queue = VecDeque::from([a]);
-            while let Some(i) = queue.pop_front() {
-                for &j in &adjacent[i] {
-                    if hops[j] == usize::MAX {
-                        hops[j] = hops[i] + 1;
-                        queue.push_back(j);
-                    }
-                }
-            }
-            for (b, &d) in hops.iter().enumerate().skip(a + 1) {
+        for a in 0..self.degree.len() {
+            for (b, &d) in self.hops_from(a).iter().enumerate().skip(a + 1) {
                 if d != usize::MAX && best.is_none_or(|(_, _, most)| d > most) {
                     best = Some((a, b, d));
                 }
             }
         }
         best
+    }
+
+    /// The node farthest from node `a` that it can reach (the last one on
+    /// a tie), and its hops. `None` if `a` reaches no other node.
+    fn farthest_from(&self, a: usize) -> Option<(usize, usize)> {
+        self.hops_from(a)
+            .into_iter()
+            .enumerate()
+            .filter(|&(b, d)| b != a && d != usize::MAX)
+            .max_by_key(|&(b, d)| (d, b))
     }
 
     /// The smallest and largest number of peers of a node.
@@ -1131,6 +1260,26 @@ fn route_line(
         None => "sent directly".to_string(),
     };
     format!("{pair}: echoed in {}, {way}", fmt_duration(took))
+}
+
+/// The rpc step's line: who serves, how the caller reaches it, what the
+/// two calls gave.
+fn rpc_line(
+    (caller, provider): (usize, usize),
+    hops: usize,
+    reach: &str,
+    listed: Duration,
+    (text, took): (&str, Duration),
+    error: &DemoError,
+) -> String {
+    format!(
+        "#{provider} serves {RPC_SERVICE:?} ({} from #{caller}, {reach}; in #{caller}'s \
+         registry after {}); #{caller}'s typed call echo({text:?}) came back in {}; \
+         fail({RPC_REFUSAL:?}) gave #{caller} the typed error DemoError::{error:?}",
+        count(hops, "hop"),
+        fmt_duration(listed),
+        fmt_duration(took)
+    )
 }
 
 /// The kv write's line: `#0 wrote "demo/greeting"; 5 of 5 nodes held it within 2.31ms`.
@@ -1569,6 +1718,36 @@ mod tests {
             None
         );
         assert_eq!(Mesh::of(&[]).farthest_pair(), None);
+        // From one node: the farthest it reaches, the last on a tie.
+        assert_eq!(mesh.farthest_from(0), Some((3, 3)));
+        assert_eq!(mesh.farthest_from(1), Some((3, 2)));
+        assert_eq!(mesh.farthest_from(4), Some((3, 3)));
+        assert_eq!(triangle.farthest_from(0), Some((2, 1)));
+        assert_eq!(
+            Mesh::of(&[linked(0, &[]), linked(1, &[])]).farthest_from(0),
+            None
+        );
+        assert_eq!(Mesh::of(&[]).farthest_from(0), None);
+    }
+
+    #[test]
+    fn rpc_line() {
+        let error = DemoError::Refused {
+            message: RPC_REFUSAL.into(),
+        };
+        assert_eq!(
+            super::rpc_line(
+                (1, 3),
+                2,
+                "routed",
+                Duration::from_micros(2_500),
+                ("hi", Duration::from_micros(1_250)),
+                &error
+            ),
+            "#3 serves \"demo\" (2 hops from #1, routed; in #1's registry after 2.50ms); #1's \
+             typed call echo(\"hi\") came back in 1.25ms; fail(\"no, thank you\") gave #1 the \
+             typed error DemoError::Refused { message: \"no, thank you\" }"
+        );
     }
 
     #[test]
@@ -1651,6 +1830,7 @@ mod tests {
         demo.routed_request().await.unwrap();
         demo.kv_write().await.unwrap();
         demo.kv_refused().await.unwrap();
+        demo.rpc_call().await.unwrap();
         demo.kv_heal().await.unwrap();
         assert!(demo.shut_down().await, "{:?}", demo.report);
         let labels: Vec<_> = demo.report.iter().map(|(k, _)| k.as_str()).collect();
@@ -1664,6 +1844,7 @@ mod tests {
                 "routed request",
                 "kv write",
                 "lease",
+                "rpc",
                 "heal",
                 "rtt",
                 "shutdown"
@@ -1690,6 +1871,14 @@ mod tests {
             row("heal").contains("all 5 replicas identical"),
             "{}",
             row("heal")
+        );
+        // The service is called across the same farthest pair, routed.
+        assert!(
+            row("rpc").contains(" hops from #")
+                && row("rpc").contains("routed")
+                && row("rpc").contains("DemoError::Refused"),
+            "{}",
+            row("rpc")
         );
         // A node dials only while it has fewer than 2 peers, the first
         // dial going to node 0: at most 8 of the 10 possible links form, so
