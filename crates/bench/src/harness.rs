@@ -54,6 +54,23 @@ pub(crate) async fn rotate<F>(
     opts: &Options,
     limit: Duration,
     sides: &[&str],
+    run: F,
+) -> Result<Samples>
+where
+    F: FnMut(usize) -> Run,
+{
+    let units = vec![unit; sides.len()];
+    rotate_units(label, &units, opts, limit, sides, run).await
+}
+
+/// [`rotate`] for sides measuring different things: side `i`'s values are
+/// in `units[i]` (for the progress lines only).
+pub(crate) async fn rotate_units<F>(
+    label: &str,
+    units: &[&str],
+    opts: &Options,
+    limit: Duration,
+    sides: &[&str],
     mut run: F,
 ) -> Result<Samples>
 where
@@ -73,7 +90,8 @@ where
         let values: Vec<String> = sides
             .iter()
             .zip(&samples.sides)
-            .map(|(name, values)| format!("{name} {:>9.1} {unit}", values[r]))
+            .zip(units)
+            .map(|((name, values), unit)| format!("{name} {:>9.1} {unit}", values[r]))
             .collect();
         eprintln!(
             "  {label:<28} run {}/{}: {}",

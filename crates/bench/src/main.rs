@@ -30,6 +30,7 @@ mod harness;
 mod idle;
 mod peers;
 mod report;
+mod sync;
 mod transport;
 
 use std::process::ExitCode;
@@ -53,6 +54,10 @@ const BENCHES: &[(&str, &str)] = &[
     (
         "concerns",
         "concerns layer: request/reply over TCP vs raw, flood to 100 nodes, 5-hop routed request",
+    ),
+    (
+        "sync",
+        "replicated map: write-to-all latency, bytes per update, idle bytes, heal, catch-up, writes/s",
     ),
 ];
 
@@ -145,6 +150,7 @@ async fn run_bench(name: &str, opts: &Options) -> Result<Vec<Figure>> {
         "transport" => transport::run(opts).await,
         "peers" => peers::run(opts).await,
         "concerns" => concerns::run(opts).await,
+        "sync" => sync::run(opts).await,
         other => bail!("bench {other:?} is listed but not dispatched"),
     }
 }
@@ -225,7 +231,7 @@ mod tests {
     #[test]
     fn defaults_run_everything() {
         let args = parse(&[]).unwrap().unwrap();
-        assert_eq!(args.benches, vec!["transport", "peers", "concerns"]);
+        assert_eq!(args.benches, vec!["transport", "peers", "concerns", "sync"]);
         assert!(!args.json);
         assert_eq!(
             args.opts,
@@ -257,7 +263,7 @@ mod tests {
     fn errors_say_what_is_known() {
         let err = parse(&["routes"]).unwrap_err().to_string();
         assert!(
-            err.contains("known benches: transport, peers, concerns"),
+            err.contains("known benches: transport, peers, concerns, sync"),
             "{err}"
         );
         assert!(parse(&["--runs", "0"]).is_err());

@@ -538,7 +538,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Hops from `from` to the farthest node over `links`; `None` if some node
 /// cannot be reached.
-fn eccentricity(links: &[Vec<usize>], from: usize) -> Option<usize> {
+pub(crate) fn eccentricity(links: &[Vec<usize>], from: usize) -> Option<usize> {
     let mut hops = vec![None; links.len()];
     *hops.get_mut(from)? = Some(0);
     let mut queue = VecDeque::from([from]);
