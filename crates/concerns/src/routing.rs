@@ -37,6 +37,18 @@ use crate::route::RouteTable;
 use crate::seen::SeenCache;
 use crate::{BoxError, Concern, ConcernsError, Context, Reply, Route};
 
+/// Removes a search's entry when its first searcher is done or dropped.
+struct SearchGuard<'a> {
+    searches: &'a Mutex<HashMap<NodeId, watch::Sender<bool>>>,
+    target: NodeId,
+}
+
+impl Drop for SearchGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.searches).remove(&self.target);
+    }
+}
+
 pub(crate) struct Routing {
     table: Mutex<RouteTable>,
     queries: Mutex<SeenCache<(NodeId, u64)>>,
@@ -170,6 +182,13 @@ impl Routing {
                 }
             }
         };
+        // The entry goes when the first searcher is done, also when its
+        // future is dropped mid-search (a caller's timeout), or later
+        // searches would join a search nobody runs.
+        let _guard = first.then(|| SearchGuard {
+            searches: &self.searches,
+            target: target.clone(),
+        });
         if first {
             self.searches_started.fetch_add(1, Ordering::Relaxed);
             let me = inner.peers.node_id();
@@ -185,15 +204,18 @@ impl Routing {
                 let _ = inner.try_send_direct(&p, ROUTING, body.clone());
             }
         }
-        let found = tokio::time::timeout(self.search_timeout, rx.wait_for(|found| *found)).await;
-        if first {
-            lock(&self.searches).remove(target);
-        }
+        // `wait_for` returns a read guard of the channel: drop it at once,
+        // before anything takes the searches lock (`on_found` sends while
+        // holding that lock, and the send needs the channel's write lock).
+        let found = tokio::time::timeout(self.search_timeout, rx.wait_for(|found| *found))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        drop(_guard);
         match found {
-            Ok(Ok(_)) => self
+            true => self
                 .next_hop(inner, target)
                 .ok_or_else(|| ConcernsError::Unreachable(target.clone())),
-            _ => {
+            false => {
                 self.unreachable.fetch_add(1, Ordering::Relaxed);
                 Err(ConcernsError::Unreachable(target.clone()))
             }
@@ -249,7 +271,9 @@ impl Routing {
         }
         lock(&self.table).learn(&target, from, hops, Instant::now());
         if origin == *inner.peers.node_id() {
-            if let Some(tx) = lock(&self.searches).get(&target) {
+            // Send outside the lock (see `search`).
+            let tx = lock(&self.searches).get(&target).cloned();
+            if let Some(tx) = tx {
                 tx.send_replace(true);
             }
             return Ok(());

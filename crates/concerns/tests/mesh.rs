@@ -388,6 +388,50 @@ async fn a_request_routed_across_eight_hops_and_its_reply_come_back() {
     stop(nodes).await;
 }
 
+/// A routed request whose own timeout ends during the route search must
+/// not leave the search behind: a later request to the same target, once
+/// it is reachable, searches afresh and gets through.
+#[tokio::test(start_paused = true)]
+async fn a_search_cut_short_by_its_callers_timeout_does_not_block_later_ones() {
+    let net = MemNetwork::new();
+    let mut nodes = line(&net, 3).await;
+    // The far end starts cut off from the line.
+    net.partition(&["l0", "l1", "l2"], &["l3"]);
+    let cfg = seeded(&["mem://l2".into()])
+        .with_min_peers(1)
+        .with_max_peers(2);
+    nodes.push(start(&net, "l3", cfg).await);
+    let (first, last) = (&nodes[0], &nodes[3]);
+    let err = first
+        .ctx()
+        .request_to(last.id(), "early", 100 * MS)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConcernsError::Timeout(_) | ConcernsError::Unreachable(_)
+        ),
+        "{err:?}"
+    );
+    net.heal();
+    let deadline = Instant::now() + 30 * S;
+    while last.concerns.peers().stats().connected < 1 {
+        assert!(Instant::now() < deadline, "the far end did not join");
+        sleep(100 * MS).await;
+    }
+    // Before the fix this waited out a search nobody ran and failed.
+    let started = Instant::now();
+    let reply = first
+        .ctx()
+        .request_to(last.id(), "later", 5 * S)
+        .await
+        .unwrap();
+    assert_eq!(reply, Bytes::from("later"));
+    assert!(started.elapsed() < S, "{:?}", started.elapsed());
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn topics_reach_every_subscriber_once_neighbour_or_not() {
     let net = MemNetwork::new();
