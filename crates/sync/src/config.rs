@@ -38,7 +38,6 @@ pub struct SyncConfig {
     pub(crate) chunk_entries: usize,
     pub(crate) chunk_bytes: usize,
     pub(crate) request_timeout: Duration,
-    pub(crate) flood_ttl: u32,
     pub(crate) watch_capacity: usize,
     pub(crate) max_rounds: usize,
     pub(crate) clock: Arc<dyn Clock>,
@@ -61,9 +60,8 @@ impl Default for SyncConfig {
             chunk_entries: 2048,
             chunk_bytes: 256 * 1024,
             request_timeout: Duration::from_secs(10),
-            flood_ttl: 16,
             watch_capacity: 1024,
-            max_rounds: 4,
+            max_rounds: 1,
             clock: Arc::new(SystemClock::new()),
         }
     }

@@ -117,6 +117,8 @@ pub(crate) struct Inner {
     cascade: Notify,
     /// Which links carry eager pushes, and the pushes seen.
     tree: std::sync::Mutex<Tree>,
+    /// Peers with a round of ours queued or running (one at a time each).
+    in_rounds: std::sync::Mutex<std::collections::HashSet<NodeId>>,
 }
 
 fn lock_tree(m: &std::sync::Mutex<Tree>) -> MutexGuard<'_, Tree> {
@@ -211,14 +213,8 @@ impl Inner {
             return;
         }
         self.apply(&origin, push.entries.clone());
-        if push.hops >= self.cfg.flood_ttl {
-            return;
-        }
-        let forward = proto::Push {
-            hops: push.hops + 1,
-            ..push
-        };
-        self.push_to_tree(ctx, forward, &[from, &origin]).await;
+        // Duplicates stop it: each node passes a push on once.
+        self.push_to_tree(ctx, push, &[from, &origin]).await;
     }
 
     /// Sends `push` to every eager neighbour but `except`.
@@ -265,11 +261,13 @@ impl Inner {
                     Body::Answer(proto::DigestAnswer {
                         equal: true,
                         buckets: Vec::new(),
+                        entries: replica.entries() as u64,
                     })
                 } else {
                     Body::Answer(proto::DigestAnswer {
                         equal: false,
                         buckets: replica.bucket_hashes(),
+                        entries: replica.entries() as u64,
                     })
                 }
             }
@@ -417,6 +415,7 @@ impl SyncMap {
             tracker: TaskTracker::new(),
             cascade: Notify::new(),
             tree: std::sync::Mutex::new(Tree::new(65_536, Duration::from_secs(120))),
+            in_rounds: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         concerns
             .add(SyncConcern {
@@ -919,6 +918,13 @@ impl SyncMap {
             }
             after = Some((chunk.next_bucket, chunk.next_key));
         }
+        // A peer far behind us (a late joiner) pulls what it lacks in its
+        // own round; pushing it too would send the map twice, or once per
+        // neighbour that connects to it.
+        let ours_n = lock(&self.inner.replica).entries() as u64;
+        if ours_n > 2 * answer.entries + 64 {
+            return Ok(Some((pulled, 0)));
+        }
         let to_send: Vec<Bytes> = lock(&self.inner.replica)
             .hashes_in(&differ)
             .into_iter()
@@ -1050,7 +1056,6 @@ async fn pusher(inner: Arc<Inner>, ctx: Context, mut rx: mpsc::Receiver<(Bytes, 
             id: rand::random(),
             origin: me.as_bytes().clone(),
             entries,
-            hops: 0,
         };
         lock_tree(&inner.tree).first_time(push.id, tokio::time::Instant::now());
         if inner.push_to_tree(&ctx, push, &[]).await > 0 {
@@ -1130,6 +1135,14 @@ async fn anti_entropy(map: SyncMap) {
             },
         };
         for peer in peers {
+            let fresh = inner
+                .in_rounds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(peer.clone());
+            if !fresh {
+                continue;
+            }
             let map = map.clone();
             let cancel = inner.cancel.clone();
             inner.tracker.spawn(async move {
@@ -1137,6 +1150,11 @@ async fn anti_entropy(map: SyncMap) {
                     _ = cancel.cancelled() => {}
                     _ = map.sync_with(&peer) => {}
                 }
+                map.inner
+                    .in_rounds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&peer);
             });
         }
     }

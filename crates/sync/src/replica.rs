@@ -112,6 +112,11 @@ pub(crate) struct Replica {
     /// Our own writes re-issued in a claim of ours from before a restart
     /// (see `apply`), to push to the mesh.
     rebased: Vec<(Bytes, Entry)>,
+    /// When something may need sweeping: an ephemeral entry's expiry, a
+    /// tombstone's collection. Checked against the entry held when due
+    /// (entries replaced since leave stale deadlines behind), so a sweep
+    /// costs what is due, not the size of the map.
+    deadlines: std::collections::BTreeSet<(u64, Bytes)>,
 }
 
 impl Replica {
@@ -125,6 +130,7 @@ impl Replica {
             entries: 0,
             own_ephemeral: HashMap::new(),
             rebased: Vec::new(),
+            deadlines: std::collections::BTreeSet::new(),
         }
     }
 
@@ -337,6 +343,15 @@ impl Replica {
 
     /// Stores `entry` (already known to win) and says what changed.
     fn put(&mut self, key: Bytes, entry: Entry, now_ms: u64) -> Vec<Change> {
+        if entry.is_deleted() {
+            let at = entry
+                .stamp
+                .millis()
+                .saturating_add(self.cfg.tombstone_grace_ms);
+            self.deadlines.insert((at, key.clone()));
+        } else if entry.expires_at != 0 {
+            self.deadlines.insert((entry.expires_at, key.clone()));
+        }
         let hash = entry.hash(&key);
         let bucket = &mut self.buckets[bucket_of(&key)];
         let old = bucket.entries.insert(key.clone(), (entry.clone(), hash));
@@ -395,15 +410,20 @@ impl Replica {
     pub(crate) fn sweep(&mut self, now_ms: u64) -> Vec<Change> {
         let mut expired = Vec::new();
         let mut collect = Vec::new();
-        for b in &self.buckets {
-            for (k, (e, _)) in &b.entries {
-                if e.is_deleted() {
-                    if self.collectable(e, now_ms) {
-                        collect.push(k.clone());
-                    }
-                } else if e.expired(now_ms) {
-                    expired.push((k.clone(), e.clone()));
+        while let Some((at, _)) = self.deadlines.first() {
+            if *at > now_ms {
+                break;
+            }
+            let Some((_, k)) = self.deadlines.pop_first() else {
+                break;
+            };
+            let Some(e) = self.entry(&k) else { continue };
+            if e.is_deleted() {
+                if self.collectable(e, now_ms) {
+                    collect.push(k);
                 }
+            } else if e.expired(now_ms) {
+                expired.push((k, e.clone()));
             }
         }
         let mut changes = Vec::new();
