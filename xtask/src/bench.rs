@@ -1,6 +1,9 @@
 //! `cargo xtask bench [NAME]... [--json] [--quick] [--runs N]`
 //!
-//! Runs `cargo run --release -q -p meshwork-bench -- <args>`: all arguments
+//! Runs `cargo run --release -q -p meshwork-bench --features tarpc --
+//! <args>`: the `tarpc` feature builds the `rpc` bench's tarpc baseline
+//! (off by default so that building the workspace does not compile tarpc;
+//! always on here so that every bench runs from one build). All arguments
 //! are forwarded verbatim (the benchmark binary parses them, `--help`
 //! included), its output is streamed as is (so `--json` output stays
 //! machine-readable on stdout) and its exit code becomes ours.
@@ -12,8 +15,17 @@ use crate::{cargo, display_cmd};
 
 pub(crate) fn run(args: &[OsString]) -> ExitCode {
     let mut cmd = cargo();
-    cmd.args(["run", "--release", "-q", "-p", "meshwork-bench", "--"])
-        .args(args);
+    cmd.args([
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "meshwork-bench",
+        "--features",
+        "tarpc",
+        "--",
+    ])
+    .args(args);
     // stdout is the benchmark's own output; keep our chatter on stderr.
     eprintln!("$ {}", display_cmd(&cmd));
     match cmd.status() {

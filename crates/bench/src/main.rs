@@ -30,6 +30,7 @@ mod harness;
 mod idle;
 mod peers;
 mod report;
+mod rpc;
 mod sync;
 mod transport;
 
@@ -58,6 +59,10 @@ const BENCHES: &[(&str, &str)] = &[
     (
         "sync",
         "replicated map: write-to-all latency, bytes per update, idle bytes, heal, catch-up, writes/s",
+    ),
+    (
+        "rpc",
+        "rpc layer: calls between two nodes over TCP vs raw framed TCP and tarpc, one at a time and 64 in flight",
     ),
 ];
 
@@ -151,6 +156,7 @@ async fn run_bench(name: &str, opts: &Options) -> Result<Vec<Figure>> {
         "peers" => peers::run(opts).await,
         "concerns" => concerns::run(opts).await,
         "sync" => sync::run(opts).await,
+        "rpc" => rpc::run(opts).await,
         other => bail!("bench {other:?} is listed but not dispatched"),
     }
 }
@@ -231,7 +237,10 @@ mod tests {
     #[test]
     fn defaults_run_everything() {
         let args = parse(&[]).unwrap().unwrap();
-        assert_eq!(args.benches, vec!["transport", "peers", "concerns", "sync"]);
+        assert_eq!(
+            args.benches,
+            vec!["transport", "peers", "concerns", "sync", "rpc"]
+        );
         assert!(!args.json);
         assert_eq!(
             args.opts,
@@ -263,7 +272,7 @@ mod tests {
     fn errors_say_what_is_known() {
         let err = parse(&["routes"]).unwrap_err().to_string();
         assert!(
-            err.contains("known benches: transport, peers, concerns, sync"),
+            err.contains("known benches: transport, peers, concerns, sync, rpc"),
             "{err}"
         );
         assert!(parse(&["--runs", "0"]).is_err());

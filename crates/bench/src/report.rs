@@ -38,7 +38,8 @@ pub(crate) struct Figure {
     pub(crate) unit: &'static str,
     /// The baseline's value (the median over the runs), if there is a baseline.
     pub(crate) baseline: Option<f64>,
-    /// What the baseline is, e.g. `"raw"` (shown in the table only).
+    /// What the baseline is, e.g. `"raw"` (shown in the table only); without
+    /// a baseline, why there is none (e.g. `"tarpc not built"`), or empty.
     pub(crate) baseline_name: &'static str,
     /// `value / baseline`, if there is a baseline.
     pub(crate) ratio: Option<f64>,
@@ -209,8 +210,10 @@ pub(crate) fn table(figures: &[Figure]) -> String {
                 format_value(f.value),
                 f.baseline.map_or_else(|| "-".into(), format_value),
                 f.unit.to_string(),
+                // Without a baseline, the name may say why (e.g. not built).
                 match f.baseline {
                     Some(_) => f.baseline_name.to_string(),
+                    None if !f.baseline_name.is_empty() => f.baseline_name.to_string(),
                     None => "-".into(),
                 },
                 f.ratio.map_or_else(|| "-".into(), |r| format!("{r:.3}")),

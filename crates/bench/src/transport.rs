@@ -559,6 +559,17 @@ pub(crate) async fn raw_rtt(
     rounds: usize,
     budget: Duration,
 ) -> Result<f64> {
+    let mut samples = raw_rtt_samples(size, warmup, rounds, budget).await?;
+    median_micros(&mut samples)
+}
+
+/// The round trips of [`raw_rtt`], every one measured, in order.
+pub(crate) async fn raw_rtt_samples(
+    size: usize,
+    warmup: usize,
+    rounds: usize,
+    budget: Duration,
+) -> Result<Vec<Duration>> {
     let payload = payload(size);
     let mut pair = RawPair::connect(raw_echo).await?;
     let mut samples = Vec::with_capacity(rounds);
@@ -587,7 +598,7 @@ pub(crate) async fn raw_rtt(
         }
     }
     pair.finish().await?;
-    median_micros(&mut samples)
+    Ok(samples)
 }
 
 /// [`DEPTH`] requests in flight over raw framed TCP; replies per second.

@@ -1,7 +1,7 @@
 //! The RPC runtime: serving, the registry in the synced map, calling with
 //! provider choice, deadlines, cancellation and failover.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -265,9 +265,7 @@ impl Server {
                 FailureCode::Interrupted,
                 "the provider shut down during the call",
             ),
-            None if cancelled => {
-                failure(FailureCode::Cancelled, "cancelled")
-            }
+            None if cancelled => failure(FailureCode::Cancelled, "cancelled"),
             None => failure(FailureCode::Deadline, format!("ran out of its {budget:?}")),
         }
     }
@@ -361,6 +359,31 @@ struct Inner {
     stats: Mutex<HashMap<NodeId, ProviderStats>>,
     next_call: AtomicU64,
     counters: ClientCounters,
+    /// The registry entries of each service asked for, parsed.
+    registry: Mutex<HashMap<String, Listed>>,
+}
+
+/// Services whose parsed registry entries are kept at most: past this, the
+/// cache starts over (a caller naming ever new services).
+const MAX_LISTED: usize = 1024;
+
+/// One provider's registry entry, parsed.
+#[derive(Debug)]
+struct Listing {
+    /// Its key in the synced map.
+    key: String,
+    node_id: NodeId,
+    record: ServiceRecord,
+}
+
+/// The registry entries of one service as they were when the synced map had
+/// digest `digest`. Reading them is a scan of the whole map plus parsing;
+/// while the digest is the same the entries are the same (the digest covers
+/// every entry), so they are read again only when it changes, and in
+/// between only checked for expiry, one key lookup each.
+struct Listed {
+    digest: u64,
+    listings: Arc<[Listing]>,
 }
 
 /// The RPC layer of one node: serve services, call them anywhere in the
@@ -550,6 +573,7 @@ impl Rpc {
                 ctx: concerns.context(RPC),
                 config,
                 stats: Mutex::new(HashMap::new()),
+                registry: Mutex::new(HashMap::new()),
                 next_call: AtomicU64::new(1),
                 counters: ClientCounters::default(),
             }),
@@ -661,44 +685,94 @@ impl Rpc {
 
     /// The providers of `name` in the registry, nearest first.
     pub fn providers(&self, name: &str) -> Vec<Provider> {
-        let prefix = format!("{REGISTRY_PREFIX}{name}/");
-        let me = self.node_id().clone();
-        let peers = self.inner.ctx.peers();
+        let listings = self.listed(name);
         let stats = lock(&self.inner.stats);
-        let mut out: Vec<(Reach, Provider)> = self
-            .inner
-            .sync
-            .prefixed(&prefix)
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let hex = std::str::from_utf8(&k[prefix.len()..]).ok()?;
-                let node_id = NodeId::from_hex(hex).ok()?;
-                let record: ServiceRecord = serde_json::from_slice(&v).ok()?;
-                let reach = if node_id == me {
-                    Reach::Local
-                } else if peers.is_neighbour(&node_id) {
-                    Reach::Neighbour
-                } else {
-                    Reach::Routed
-                };
-                let latency = stats.get(&node_id).and_then(|s| s.ewma);
-                Some((
-                    reach,
-                    Provider {
-                        node_id,
-                        record,
-                        reach: match reach {
-                            Reach::Local => "local",
-                            Reach::Neighbour => "neighbour",
-                            Reach::Routed => "routed",
-                        },
-                        latency,
+        let mut out: Vec<(Reach, Provider)> = listings
+            .iter()
+            .map(|l| {
+                let reach = self.reach(&l.node_id);
+                let provider = Provider {
+                    node_id: l.node_id.clone(),
+                    record: l.record.clone(),
+                    reach: match reach {
+                        Reach::Local => "local",
+                        Reach::Neighbour => "neighbour",
+                        Reach::Routed => "routed",
                     },
-                ))
+                    latency: stats.get(&l.node_id).and_then(|s| s.ewma),
+                };
+                (reach, provider)
             })
             .collect();
         out.sort_by_key(|p| p.0);
         out.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Where `node` is from here.
+    fn reach(&self, node: &NodeId) -> Reach {
+        if node == self.node_id() {
+            Reach::Local
+        } else if self.inner.ctx.peers().is_neighbour(node) {
+            Reach::Neighbour
+        } else {
+            Reach::Routed
+        }
+    }
+
+    /// The live registry entries of `name`, in key order: the parsed ones
+    /// of the last read while the map's digest is unchanged (less any that
+    /// expired since), else read and parsed again.
+    fn listed(&self, name: &str) -> Arc<[Listing]> {
+        let sync = &self.inner.sync;
+        // Read before the entries: a change landing in between leaves a
+        // stale digest beside them, so the next call reads them again.
+        let digest = sync.digest();
+        let cached = lock(&self.inner.registry)
+            .get(name)
+            .filter(|l| l.digest == digest)
+            .map(|l| l.listings.clone());
+        if let Some(listings) = cached {
+            // The same entries; only time can have expired some.
+            if listings.iter().all(|l| sync.contains_key(&l.key)) {
+                return listings;
+            }
+            return listings
+                .iter()
+                .filter(|l| sync.contains_key(&l.key))
+                .map(|l| Listing {
+                    key: l.key.clone(),
+                    node_id: l.node_id.clone(),
+                    record: l.record.clone(),
+                })
+                .collect();
+        }
+        let prefix = format!("{REGISTRY_PREFIX}{name}/");
+        let listings: Arc<[Listing]> = sync
+            .prefixed(&prefix)
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let key = String::from_utf8(k.to_vec()).ok()?;
+                let node_id = NodeId::from_hex(&key[prefix.len()..]).ok()?;
+                let record: ServiceRecord = serde_json::from_slice(&v).ok()?;
+                Some(Listing {
+                    key,
+                    node_id,
+                    record,
+                })
+            })
+            .collect();
+        let mut registry = lock(&self.inner.registry);
+        if registry.len() >= MAX_LISTED && !registry.contains_key(name) {
+            registry.clear();
+        }
+        registry.insert(
+            name.to_string(),
+            Listed {
+                digest,
+                listings: listings.clone(),
+            },
+        );
+        listings
     }
 
     /// Every service served here, with its counters.
@@ -765,17 +839,25 @@ impl Rpc {
         check_service_name(service).map_err(|e| e.map_app(|n| match n {}))?;
         let started = Instant::now();
         let deadline_at = started + o.deadline;
-        let mut tried: HashSet<NodeId> = HashSet::new();
+        // Few providers: a list is cheaper than a set.
+        let mut tried: Vec<NodeId> = Vec::new();
         let mut last: Option<RpcError<Bytes>> = None;
         for attempt in 0..=self.inner.config.max_retries {
-            let providers = self.providers(service);
+            // The registry, nearest first (as `providers` lists it).
+            let listings = self.listed(service);
+            let mut providers: Vec<(Reach, &Listing)> = listings
+                .iter()
+                .map(|l| (self.reach(&l.node_id), l))
+                .collect();
+            providers.sort_by_key(|p| p.0);
             if providers.is_empty() {
                 return Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())));
             }
-            let fitting: Vec<&Provider> = providers
+            let fitting: Vec<(Reach, &Listing)> = providers
                 .iter()
-                .filter(|p| o.version == 0 || p.record.version == o.version)
-                .filter(|p| !tried.contains(&p.node_id))
+                .filter(|(_, l)| o.version == 0 || l.record.version == o.version)
+                .filter(|(_, l)| !tried.contains(&l.node_id))
+                .copied()
                 .collect();
             if fitting.is_empty() {
                 if let Some(e) = last {
@@ -784,7 +866,7 @@ impl Rpc {
                 return Err(RpcError::VersionMismatch {
                     service: service.into(),
                     wanted: o.version,
-                    served: providers[0].record.version,
+                    served: providers[0].1.record.version,
                 });
             }
             let now = Instant::now();
@@ -792,17 +874,12 @@ impl Rpc {
                 let stats = lock(&self.inner.stats);
                 let cands: Vec<(Reach, f64)> = fitting
                     .iter()
-                    .map(|p| {
-                        let reach = match p.reach {
-                            "local" => Reach::Local,
-                            "neighbour" => Reach::Neighbour,
-                            _ => Reach::Routed,
-                        };
-                        let cost = stats.get(&p.node_id).map_or(1.0, |s| s.cost(now));
-                        (reach, cost)
+                    .map(|(reach, l)| {
+                        let cost = stats.get(&l.node_id).map_or(1.0, |s| s.cost(now));
+                        (*reach, cost)
                     })
                     .collect();
-                choose(&cands, &mut rand::rng()).map(|i| (fitting[i].node_id.clone(), cands[i].0))
+                choose(&cands, &mut rand::rng()).map(|i| (fitting[i].1.node_id.clone(), cands[i].0))
             };
             let Some((node, reach)) = chosen else {
                 return Err(RpcError::NoProvider(service.into()));
@@ -814,7 +891,7 @@ impl Rpc {
             if attempt > 0 {
                 self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
             }
-            tried.insert(node.clone());
+            tried.push(node.clone());
             // An idempotent call may be retried after a timeout: share the
             // time left between this attempt and the ones that could follow
             // (as many as there are untried providers, within the budget).
@@ -872,7 +949,10 @@ impl Rpc {
         let result = if reach == Reach::Local {
             Ok(self.inner.server.run(node, call).await)
         } else {
-            lock(&self.inner.stats).entry(node.clone()).or_default().in_flight += 1;
+            lock(&self.inner.stats)
+                .entry(node.clone())
+                .or_default()
+                .in_flight += 1;
             let payload = proto::RpcMessage {
                 body: Some(Body::Call(call)),
             }
