@@ -15,7 +15,7 @@ use syn::{
 /// Turns a trait of async methods into a service that can be served on one
 /// node and a typed client that calls it from any node.
 ///
-/// ```ignore
+/// ```text
 /// #[meshwork_rpc::service(version = 1)]   // version: optional, default 1
 /// pub trait Calc {
 ///     /// Adds.
