@@ -651,13 +651,10 @@ impl SyncMap {
     pub fn prefixed(&self, prefix: impl AsRef<[u8]>) -> Vec<(Bytes, Bytes)> {
         let prefix = prefix.as_ref();
         let now = self.inner.now();
-        let mut out: Vec<_> = lock(&self.inner.replica)
-            .live(now)
-            .filter(|(k, _)| k.starts_with(prefix))
+        lock(&self.inner.replica)
+            .live_prefixed(prefix, now)
             .map(|(k, e)| (k.clone(), e.value.clone().unwrap_or_default()))
-            .collect();
-        out.sort();
-        out
+            .collect()
     }
 
     /// The entries whose key starts with `prefix`, sorted by key, with
@@ -666,9 +663,8 @@ impl SyncMap {
         let prefix = prefix.as_ref();
         let now = self.inner.now();
         let replica = lock(&self.inner.replica);
-        let mut out: Vec<_> = replica
-            .live(now)
-            .filter(|(k, _)| k.starts_with(prefix))
+        let out: Vec<_> = replica
+            .live_prefixed(prefix, now)
             .map(|(k, e)| {
                 let info = EntryInfo {
                     value: e.value.clone().unwrap_or_default(),
@@ -680,7 +676,6 @@ impl SyncMap {
                 (k.clone(), info)
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 

@@ -117,6 +117,8 @@ pub(crate) struct Replica {
     /// (entries replaced since leave stale deadlines behind), so a sweep
     /// costs what is due, not the size of the map.
     deadlines: std::collections::BTreeSet<(u64, Bytes)>,
+    /// Every key held, sorted: prefix queries cost what they return.
+    keys: std::collections::BTreeSet<Bytes>,
 }
 
 impl Replica {
@@ -131,6 +133,7 @@ impl Replica {
             own_ephemeral: HashMap::new(),
             rebased: Vec::new(),
             deadlines: std::collections::BTreeSet::new(),
+            keys: std::collections::BTreeSet::new(),
         }
     }
 
@@ -174,6 +177,21 @@ impl Replica {
                 .filter(move |(_, (e, _))| !e.is_deleted() && !e.expired(now_ms))
                 .map(|(k, (e, _))| (k, e))
         })
+    }
+
+    /// The live entries whose key starts with `prefix`, in key order.
+    pub(crate) fn live_prefixed<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        now_ms: u64,
+    ) -> impl Iterator<Item = (&'a Bytes, &'a Entry)> + 'a {
+        self.keys
+            .range::<[u8], _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(move |k| k.starts_with(prefix))
+            .filter_map(move |k| self.get(k, now_ms).map(|e| (k, e)))
     }
 
     /// Entries held, tombstones included.
@@ -362,6 +380,7 @@ impl Replica {
             self.root ^= old_hash;
         } else {
             self.entries += 1;
+            self.keys.insert(key.clone());
         }
         let mut changes = Vec::new();
         let old = old.map(|(e, _)| e);
@@ -450,6 +469,7 @@ impl Replica {
                 bucket.hash ^= hash;
                 self.root ^= hash;
                 self.entries -= 1;
+                self.keys.remove(&k);
             }
         }
         changes

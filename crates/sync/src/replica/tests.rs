@@ -327,6 +327,22 @@ fn chunks_resume_where_they_stopped_and_cover_every_entry_once() {
 }
 
 #[test]
+fn prefix_queries_see_live_keys_in_order_and_forget_collected_ones() {
+    let mut a = replica(1, false);
+    for k in ["b/2", "a/1", "b/1", "c", "b", "b/3"] {
+        set(&mut a, k, "v", 1_000).unwrap();
+    }
+    a.write(k("b/3"), None, Write::Delete, 1_001).unwrap();
+    let got: Vec<&Bytes> = a.live_prefixed(b"b/", 1_002).map(|(k, _)| k).collect();
+    assert_eq!(got, vec![&k("b/1"), &k("b/2")]);
+    assert_eq!(a.live_prefixed(b"", 1_002).count(), 5);
+    assert_eq!(a.live_prefixed(b"zz", 1_002).count(), 0);
+    a.sweep(1_001 + 600_000);
+    assert_eq!(a.entries(), 5);
+    assert_eq!(a.live_prefixed(b"b", 1_002 + 600_000).count(), 3);
+}
+
+#[test]
 fn sizes_of_keys_in_buckets_and_hashes_agree() {
     let mut a = replica(1, false);
     for i in 0..100 {
