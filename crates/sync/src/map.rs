@@ -116,16 +116,12 @@ pub(crate) struct Inner {
     /// neighbour (coalesced).
     cascade: Notify,
     /// Which links carry eager pushes, and the pushes seen.
-    tree: std::sync::Mutex<Tree>,
+    tree: Mutex<Tree>,
     /// Peers with a round of ours queued or running (one at a time each).
-    in_rounds: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    in_rounds: Mutex<std::collections::HashSet<NodeId>>,
 }
 
-fn lock_tree(m: &std::sync::Mutex<Tree>) -> MutexGuard<'_, Tree> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn lock(m: &Mutex<Replica>) -> MutexGuard<'_, Replica> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -144,27 +140,36 @@ impl Inner {
         }
     }
 
+    /// Decodes entries from `sender`, counting and dropping bad ones.
+    fn decode(&self, sender: &NodeId, entries: Vec<proto::Entry>) -> Vec<(Bytes, Entry)> {
+        let (max_key, max_value) = (self.cfg.max_key_len, self.cfg.max_value_len);
+        entries
+            .into_iter()
+            .filter_map(|p| match Entry::from_proto(p, sender, max_key, max_value) {
+                Ok(e) => Some(e),
+                Err(why) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    debug!(peer = %sender.short(), %why, "refused an entry");
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// Merges entries from `sender`; returns how many changed the replica.
     fn apply(&self, sender: &NodeId, entries: Vec<proto::Entry>) -> u32 {
+        let entries = self.decode(sender, entries);
+        self.merge(entries)
+    }
+
+    /// Merges decoded entries; returns how many changed the replica.
+    fn merge(&self, entries: Vec<(Bytes, Entry)>) -> u32 {
         let now = self.now();
         let mut applied = 0;
         let mut changes = Vec::new();
-        {
+        let rebased = {
             let mut replica = lock(&self.replica);
-            for p in entries {
-                let (key, entry) = match Entry::from_proto(
-                    p,
-                    sender,
-                    self.cfg.max_key_len,
-                    self.cfg.max_value_len,
-                ) {
-                    Ok(e) => e,
-                    Err(why) => {
-                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        debug!(peer = %sender.short(), %why, "refused an entry");
-                        continue;
-                    }
-                };
+            for (key, entry) in entries {
                 match replica.apply(key, entry, now) {
                     Ok(c) if c.is_empty() => {
                         self.counters.stale.fetch_add(1, Ordering::Relaxed);
@@ -175,12 +180,15 @@ impl Inner {
                     }
                     Err(ahead) => {
                         self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        debug!(peer = %sender.short(), ahead_ms = ahead.ahead_ms, "refused an entry stamped in the future");
+                        debug!(
+                            ahead_ms = ahead.ahead_ms,
+                            "refused an entry stamped in the future"
+                        );
                     }
                 }
             }
-        }
-        let rebased = lock(&self.replica).take_rebased();
+            replica.take_rebased()
+        };
         for w in rebased {
             // Full queue: anti-entropy carries it.
             let _ = self.push_tx.try_send(w);
@@ -194,17 +202,17 @@ impl Inner {
 
     /// A push from neighbour `from`: apply and pass on along the tree the
     /// first time; prune the link on a duplicate.
-    async fn on_push(&self, ctx: &Context, from: &NodeId, push: proto::Push) {
-        let first = lock_tree(&self.tree).first_time(push.id, tokio::time::Instant::now());
+    async fn on_push(&self, ctx: &Context, from: &NodeId, push: proto::Push, payload: Bytes) {
+        let first = lock(&self.tree).first_time(push.id, tokio::time::Instant::now());
         if !first {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-            if lock_tree(&self.tree).prune(from) {
+            if lock(&self.tree).prune(from) {
                 let _ = send(ctx, from, Body::Prune(proto::Prune {})).await;
             }
             return;
         }
         // Whoever pushes to us is on our tree.
-        lock_tree(&self.tree).graft(from);
+        lock(&self.tree).graft(from);
         let Ok(origin) = NodeId::from_bytes(push.origin.clone()) else {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             return;
@@ -212,24 +220,19 @@ impl Inner {
         if origin == *ctx.node_id() {
             return;
         }
-        self.apply(&origin, push.entries.clone());
-        // Duplicates stop it: each node passes a push on once.
-        self.push_to_tree(ctx, push, &[from, &origin]).await;
+        self.apply(&origin, push.entries);
+        // Passed on as received (duplicates stop it: each node passes a push
+        // on once).
+        self.push_to_tree(ctx, payload, &[from, &origin]).await;
     }
 
-    /// Sends `push` to every eager neighbour but `except`.
-    async fn push_to_tree(&self, ctx: &Context, push: proto::Push, except: &[&NodeId]) -> usize {
+    /// Sends an encoded push to every eager neighbour but `except`.
+    async fn push_to_tree(&self, ctx: &Context, payload: Bytes, except: &[&NodeId]) -> usize {
         let neighbours = ctx.peers().neighbours();
-        let targets: Vec<NodeId> = lock_tree(&self.tree)
+        let targets: Vec<NodeId> = lock(&self.tree)
             .eager(&neighbours, except)
             .cloned()
             .collect();
-        let payload = Bytes::from(
-            proto::SyncMessage {
-                body: Some(Body::Push(push)),
-            }
-            .encode_to_vec(),
-        );
         let mut sent = 0;
         for peer in targets {
             match ctx.send(&peer, payload.clone()).await {
@@ -342,18 +345,18 @@ impl Concern for SyncConcern {
         from: &NodeId,
         payload: Bytes,
     ) -> Result<Option<Reply>, BoxError> {
-        let msg = proto::SyncMessage::decode(payload)?;
+        let msg = proto::SyncMessage::decode(payload.clone())?;
         match msg.body {
             Some(Body::Push(push)) => {
-                self.inner.on_push(ctx, from, push).await;
+                self.inner.on_push(ctx, from, push, payload).await;
                 Ok(None)
             }
             Some(Body::Prune(_)) => {
-                lock_tree(&self.inner.tree).prune(from);
+                lock(&self.inner.tree).prune(from);
                 Ok(None)
             }
             Some(Body::Graft(_)) => {
-                lock_tree(&self.inner.tree).graft(from);
+                lock(&self.inner.tree).graft(from);
                 Ok(None)
             }
             body => self.inner.answer(from, proto::SyncMessage { body }),
@@ -737,7 +740,7 @@ impl SyncMap {
             refused: r(&c.refused),
             pushes: r(&c.pushes),
             duplicates: r(&c.duplicates),
-            lazy_links: lock_tree(&self.inner.tree).lazy_count(),
+            lazy_links: lock(&self.inner.tree).lazy_count(),
             pushed_entries: r(&c.pushed_entries),
             push_failures: r(&c.push_failures),
             rounds: r(&c.rounds),
@@ -895,17 +898,11 @@ impl SyncMap {
                 return Err(bad_reply());
             };
             pulled += chunk.entries.len() as u64;
-            for p in &chunk.entries {
-                if let Ok((k, e)) = Entry::from_proto(
-                    p.clone(),
-                    peer,
-                    self.inner.cfg.max_key_len,
-                    self.inner.cfg.max_value_len,
-                ) {
-                    theirs.insert(k.clone(), e.hash(&k));
-                }
+            let entries = self.inner.decode(peer, chunk.entries);
+            for (k, e) in &entries {
+                theirs.insert(k.clone(), e.hash(k));
             }
-            if self.inner.apply(peer, chunk.entries) > 0 {
+            if self.inner.merge(entries) > 0 {
                 changed = true;
             }
             if !chunk.more {
@@ -930,7 +927,7 @@ impl SyncMap {
             // What we learnt may be news to our other neighbours too; and
             // the link to this peer should carry pushes again.
             self.inner.cascade.notify_one();
-            lock_tree(&self.inner.tree).graft(peer);
+            lock(&self.inner.tree).graft(peer);
             let _ = send(&self.ctx, peer, Body::Graft(proto::Graft {})).await;
         }
         let mut sent = 0u64;
@@ -1047,13 +1044,20 @@ async fn pusher(inner: Arc<Inner>, ctx: Context, mut rx: mpsc::Receiver<(Bytes, 
             .map(|(_, (k, e))| e.to_proto(k, &me))
             .collect();
         let n = entries.len() as u64;
-        let push = proto::Push {
-            id: rand::random(),
-            origin: me.as_bytes().clone(),
-            entries,
+        let id = rand::random();
+        lock(&inner.tree).first_time(id, tokio::time::Instant::now());
+        let push = proto::SyncMessage {
+            body: Some(Body::Push(proto::Push {
+                id,
+                origin: me.as_bytes().clone(),
+                entries,
+            })),
         };
-        lock_tree(&inner.tree).first_time(push.id, tokio::time::Instant::now());
-        if inner.push_to_tree(&ctx, push, &[]).await > 0 {
+        if inner
+            .push_to_tree(&ctx, push.encode_to_vec().into(), &[])
+            .await
+            > 0
+        {
             inner.counters.pushes.fetch_add(1, Ordering::Relaxed);
             inner
                 .counters
@@ -1121,7 +1125,7 @@ async fn anti_entropy(map: SyncMap) {
                 Ok(PeerEvent::Connected { peer, .. }) => vec![peer],
                 Ok(PeerEvent::Disconnected { .. }) => {
                     // The tree may have lost a branch: regrow it.
-                    lock_tree(&inner.tree).reset();
+                    lock(&inner.tree).reset();
                     continue;
                 }
                 Ok(_) | Err(PeersError::Lagged(_)) => continue,
@@ -1130,12 +1134,7 @@ async fn anti_entropy(map: SyncMap) {
             },
         };
         for peer in peers {
-            let fresh = inner
-                .in_rounds
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(peer.clone());
-            if !fresh {
+            if !lock(&inner.in_rounds).insert(peer.clone()) {
                 continue;
             }
             let map = map.clone();
@@ -1145,11 +1144,7 @@ async fn anti_entropy(map: SyncMap) {
                     _ = cancel.cancelled() => {}
                     _ = map.sync_with(&peer) => {}
                 }
-                map.inner
-                    .in_rounds
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&peer);
+                lock(&map.inner.in_rounds).remove(&peer);
             });
         }
     }
