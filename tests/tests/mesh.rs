@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use meshwork::peers::PeerState;
@@ -47,36 +47,9 @@ fn linked(node: &Node) -> BTreeSet<NodeId> {
         .collect()
 }
 
-/// True when every node has at least `min` peers and all form one graph.
+/// True when every node has at least `min` linked peers and all form one graph.
 fn one_graph(nodes: &[&Node], min: usize) -> bool {
-    let index: HashMap<&NodeId, usize> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.node_id(), i))
-        .collect();
-    let adj: Vec<Vec<usize>> = nodes
-        .iter()
-        .map(|n| {
-            linked(n)
-                .iter()
-                .filter_map(|id| index.get(id).copied())
-                .collect()
-        })
-        .collect();
-    if adj.iter().any(|a| a.len() < min) {
-        return false;
-    }
-    let mut seen = vec![false; nodes.len()];
-    seen[0] = true;
-    let mut queue = VecDeque::from([0]);
-    while let Some(i) = queue.pop_front() {
-        for &j in &adj[i] {
-            if !std::mem::replace(&mut seen[j], true) {
-                queue.push_back(j);
-            }
-        }
-    }
-    seen.iter().all(|s| *s)
+    meshwork_integration_tests::one_graph(nodes, min, linked)
 }
 
 /// Polls `cond` on the (paused) clock for up to 30 simulated seconds.

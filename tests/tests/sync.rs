@@ -11,7 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,37 +56,9 @@ async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// True when every node has at least `min` peers and all form one graph.
+/// True when every node has at least `min` neighbours and all form one graph.
 fn one_graph(nodes: &[&Node], min: usize) -> bool {
-    let index: HashMap<&NodeId, usize> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.node_id(), i))
-        .collect();
-    let adj: Vec<Vec<usize>> = nodes
-        .iter()
-        .map(|n| {
-            n.peers()
-                .neighbours()
-                .iter()
-                .filter_map(|id| index.get(id).copied())
-                .collect()
-        })
-        .collect();
-    if adj.iter().any(|a| a.len() < min) {
-        return false;
-    }
-    let mut seen = vec![false; nodes.len()];
-    seen[0] = true;
-    let mut queue = VecDeque::from([0]);
-    while let Some(i) = queue.pop_front() {
-        for &j in &adj[i] {
-            if !std::mem::replace(&mut seen[j], true) {
-                queue.push_back(j);
-            }
-        }
-    }
-    seen.iter().all(|s| *s)
+    meshwork_integration_tests::one_graph(nodes, min, |n| n.peers().neighbours())
 }
 
 fn same_digest(nodes: &[&Node]) -> bool {
