@@ -49,7 +49,7 @@ use crate::report::Figure;
 /// The bench's name, in every figure.
 pub(crate) const BENCH: &str = "concerns";
 /// The echo concern's command id.
-const ECHO: u32 = 7;
+pub(crate) const ECHO: u32 = 7;
 /// Payload of every request and broadcast.
 const PAYLOAD: usize = 64;
 /// Time a single request may take before the run fails.
@@ -58,7 +58,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Answers every request with its own payload, with the default
 /// concurrency (16 at once).
 #[derive(Debug)]
-struct Echo;
+pub(crate) struct Echo;
 
 #[async_trait]
 impl Concern for Echo {

@@ -91,6 +91,7 @@ use meshwork::wire::NodeId;
 use tokio::sync::mpsc;
 
 use crate::concerns::flood::eccentricity;
+use crate::concerns::{ECHO, Echo};
 use crate::harness::Options;
 use crate::peers::mutual_links;
 use crate::report::Figure;
@@ -99,8 +100,6 @@ use crate::report::Figure;
 pub(crate) const BENCH: &str = "sync";
 /// Network id of every node.
 const NETWORK: &str = "bench-sync";
-/// The echo concern's command id (link round trips).
-const ECHO: u32 = 7;
 /// The sink concern's command id (the `flood` side's broadcasts).
 const SINK: u32 = 12;
 /// Bytes of every key.
@@ -169,30 +168,6 @@ pub(crate) enum Net {
 pub(crate) struct Delivery {
     /// The node that got it.
     pub(crate) node: usize,
-}
-
-/// Answers every request with its payload.
-#[derive(Debug)]
-struct Echo;
-
-#[async_trait]
-impl Concern for Echo {
-    fn command(&self) -> u32 {
-        ECHO
-    }
-
-    fn name(&self) -> &str {
-        "echo"
-    }
-
-    async fn on_request(
-        &self,
-        _ctx: &Context,
-        _from: &NodeId,
-        payload: Bytes,
-    ) -> Result<Option<Reply>, BoxError> {
-        Ok(Some(Reply::new(payload)))
-    }
 }
 
 /// Notes every message it gets, and drops it.
