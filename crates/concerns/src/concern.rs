@@ -14,22 +14,23 @@ use crate::{BoxError, ConcernsError, Context};
 pub struct Reply {
     /// The reply's bytes.
     pub payload: Bytes,
-    /// The lane it goes back on.
-    pub priority: Priority,
+    /// The lane it goes back on; `None` (the default): the lane the request
+    /// came on.
+    pub priority: Option<Priority>,
 }
 
 impl Reply {
-    /// A reply on the normal lane.
+    /// A reply on the lane its request came on.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Reply {
             payload: payload.into(),
-            priority: Priority::Normal,
+            priority: None,
         }
     }
 
     /// The same reply on `priority`'s lane.
     pub fn with_priority(mut self, priority: Priority) -> Self {
-        self.priority = priority;
+        self.priority = Some(priority);
         self
     }
 }

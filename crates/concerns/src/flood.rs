@@ -145,8 +145,10 @@ impl Concern for Flood {
             request_id: 0,
             payload: f.payload,
             reply: ReplyPath::None,
+            conn: None,
+            priority: meshwork_peers::transport::Priority::Normal,
         };
-        ctx.inner.deliver_local(job).await?;
+        ctx.inner.deliver_local(job)?;
         Ok(None)
     }
 }

@@ -1,11 +1,22 @@
 //! The concerns manager: registration, lifecycle, dispatch, request/reply.
 //!
-//! One dispatcher task reads every Concern frame the peer manager hands up
-//! and every local delivery (a flooded or routed message that reached this
-//! node). Replies are matched to waiting requests at once. Requests go into
-//! their concern's [`FairQueue`], one bounded queue per sender served in
-//! turn, and start as the concern's concurrency allows; each runs in its own
-//! task, isolated: an error or a panic becomes an error reply and a count.
+//! There is no dispatcher task: the peer manager hands each Concern frame
+//! to [`Inner::on_concern`] on the reader of the connection it came on, and
+//! a flooded or routed message that reached this node comes the same way
+//! from the task that received it.
+//!
+//! - A reply is matched to its waiting request at once, right there.
+//! - A request starts at once if its concern has room (its concurrency) and
+//!   nothing is waiting: the handler's first poll runs right there, and a
+//!   handler that answers without waiting (most do) is answered without any
+//!   task switch. One that waits moves to a task of its own.
+//! - Otherwise the request waits in its concern's queues: one per lane
+//!   (control first, then normal, then bulk), each a [`FairQueue`] with one
+//!   bounded queue per sender served in turn. A task that finishes a request
+//!   takes the next waiting one.
+//!
+//! Handlers are isolated: an error or a panic becomes an error reply and a
+//! count.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -15,15 +26,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
+use meshwork_peers::transport::ConnectionHandle;
 use meshwork_peers::transport::Priority;
 use meshwork_peers::wire::proto::{Concern as Frame, ConcernError, ConcernKind, ErrorCode};
 use meshwork_peers::wire::{Message, NodeId};
-use meshwork_peers::{Inbound, PeerEvent, PeerManager, PeersError};
+use meshwork_peers::{ConcernFrame, InboundHandler, PeerEvent, PeerManager, PeersError};
 use prost::Message as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, warn};
 
 use crate::fair::FairQueue;
 use crate::flood::Flood;
@@ -44,7 +56,6 @@ pub const TOPICS: u32 = 0xFFFF_0003;
 #[derive(Debug, Clone)]
 pub struct ConcernsConfig {
     pub(crate) per_sender_queue: usize,
-    pub(crate) local_queue: usize,
     pub(crate) flood_ttl: u32,
     pub(crate) seen_capacity: usize,
     pub(crate) seen_ttl: Duration,
@@ -59,7 +70,6 @@ impl Default for ConcernsConfig {
     fn default() -> Self {
         ConcernsConfig {
             per_sender_queue: 64,
-            local_queue: 1024,
             flood_ttl: 16,
             seen_capacity: 65_536,
             seen_ttl: Duration::from_secs(120),
@@ -178,6 +188,57 @@ pub(crate) struct Job {
     pub(crate) request_id: u64,
     pub(crate) payload: Bytes,
     pub(crate) reply: ReplyPath,
+    /// The connection a direct request came on: its answer goes back there.
+    pub(crate) conn: Option<ConnectionHandle>,
+    /// The lane the request came on: it waits in that lane's queue, and its
+    /// reply takes that lane unless the handler picks another.
+    pub(crate) priority: Priority,
+}
+
+/// Concern frame flags owned by this layer: the lane a frame was sent on
+/// (0 normal, 1 control, 2 bulk), so that a reply can take the request's.
+const LANE_FLAGS: u32 = 0b11;
+
+pub(crate) fn lane_flags(priority: Priority) -> u32 {
+    match priority {
+        Priority::Normal => 0,
+        Priority::Control => 1,
+        Priority::Bulk => 2,
+    }
+}
+
+fn lane_of(flags: u32) -> Priority {
+    match flags & LANE_FLAGS {
+        1 => Priority::Control,
+        2 => Priority::Bulk,
+        _ => Priority::Normal,
+    }
+}
+
+/// The requests of one concern waiting for room: a fair queue per lane.
+struct Waiting {
+    lanes: [FairQueue<NodeId, Job>; 3],
+    /// Requests of this concern running now.
+    running: usize,
+}
+
+impl Waiting {
+    fn new(per_sender: usize) -> Self {
+        Waiting {
+            lanes: std::array::from_fn(|_| FairQueue::new(per_sender)),
+            running: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lanes.iter().map(FairQueue::len).sum()
+    }
+
+    fn pop(&mut self) -> Option<Job> {
+        self.lanes
+            .iter_mut()
+            .find_map(|q| q.pop().map(|(_, job)| job))
+    }
 }
 
 struct Pending {
@@ -194,7 +255,7 @@ pub(crate) struct Inner {
     registry: RwLock<HashMap<u32, Arc<Registered>>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_request: AtomicU64,
-    jobs: mpsc::Sender<Job>,
+    waiting: Mutex<HashMap<u32, Waiting>>,
     unknown: AtomicU64,
     flood: OnceLock<Arc<Flood>>,
     routing: OnceLock<Arc<Routing>>,
@@ -340,7 +401,7 @@ impl Inner {
             request_id,
             kind: kind as i32,
             ttl: 0,
-            flags: 0,
+            flags: lane_flags(priority),
             payload,
         };
         self.peers
@@ -508,12 +569,135 @@ impl Inner {
     }
 
     /// Hands a message that reached this node (flooded, routed) to its
-    /// concern, through the same fair queues as direct requests.
-    pub(crate) async fn deliver_local(&self, job: Job) -> Result<(), ConcernsError> {
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| ConcernsError::Shutdown)
+    /// concern, through the same queues as direct requests.
+    pub(crate) fn deliver_local(self: &Arc<Self>, job: Job) -> Result<(), ConcernsError> {
+        if self.cancel.is_cancelled() {
+            return Err(ConcernsError::Shutdown);
+        }
+        self.submit(job);
+        Ok(())
+    }
+
+    /// One Concern frame from the neighbour `from`, on `conn`'s reader.
+    fn on_concern(self: &Arc<Self>, from: &NodeId, conn: &ConnectionHandle, f: ConcernFrame) {
+        match ConcernKind::try_from(f.kind) {
+            Ok(ConcernKind::Request) => {
+                let reply = if f.request_id == 0 {
+                    ReplyPath::None
+                } else {
+                    ReplyPath::Direct
+                };
+                let job = Job {
+                    command: f.command,
+                    from: from.clone(),
+                    request_id: f.request_id,
+                    payload: f.payload,
+                    reply,
+                    conn: Some(conn.clone()),
+                    priority: lane_of(f.flags),
+                };
+                if self.cancel.is_cancelled() {
+                    let msg = "node shutting down".to_string();
+                    self.answer_soon(job, ErrorCode::ShuttingDown, msg);
+                    return;
+                }
+                self.submit(job);
+            }
+            Ok(kind @ (ConcernKind::Reply | ConcernKind::Error)) => {
+                self.resolve(from, f.command, f.request_id, kind, f.payload);
+            }
+            // The wire layer refuses other kinds before they get here.
+            _ => {}
+        }
+    }
+
+    /// Starts `job` now if its concern has room and nothing waits, else
+    /// queues it on its lane (or refuses it: the sender's queue is full).
+    fn submit(self: &Arc<Self>, job: Job) {
+        let command = job.command;
+        let Some(reg) = self.registered(command) else {
+            self.unknown.fetch_add(1, Ordering::Relaxed);
+            warn!(command = format_args!("{command:#x}"), from = %job.from.short(), "request for an unknown command");
+            let msg = format!("no concern for command {command:#x}");
+            self.answer_soon(job, ErrorCode::UnknownCommand, msg);
+            return;
+        };
+        let job = {
+            let mut waiting = lock(&self.waiting);
+            let w = waiting
+                .entry(command)
+                .or_insert_with(|| Waiting::new(self.config.per_sender_queue));
+            if w.running < reg.max_concurrency && w.len() == 0 {
+                w.running += 1;
+                reg.counters.in_flight.store(w.running, Ordering::Relaxed);
+                job
+            } else {
+                let lane = job.priority as usize;
+                let pushed = w.lanes[lane].push(job.from.clone(), job);
+                reg.counters.queued.store(w.len(), Ordering::Relaxed);
+                drop(waiting);
+                if let Err(job) = pushed {
+                    reg.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    let msg = format!("{} is overloaded", reg.name);
+                    self.answer_soon(job, ErrorCode::Overloaded, msg);
+                }
+                return;
+            }
+        };
+        // `job` was not queued: it runs now. Its first poll happens here; a
+        // handler that has to wait continues in a task of its own.
+        let mut first = Box::pin(self.clone().run(reg.clone(), job));
+        if first.as_mut().now_or_never().is_some() {
+            if let Some(next) = self.next_job(&reg) {
+                self.spawn_worker(reg, Some(next), None);
+            }
+        } else {
+            self.spawn_worker(reg, None, Some(first));
+        }
+    }
+
+    /// A finished request's slot: the next waiting request of the concern,
+    /// which takes the slot over, or `None` (the slot is given back).
+    fn next_job(&self, reg: &Registered) -> Option<Job> {
+        let command = reg.concern.command();
+        let mut waiting = lock(&self.waiting);
+        let w = waiting.get_mut(&command)?;
+        let next = w.pop();
+        if next.is_none() {
+            w.running = w.running.saturating_sub(1);
+        }
+        reg.counters.in_flight.store(w.running, Ordering::Relaxed);
+        reg.counters.queued.store(w.len(), Ordering::Relaxed);
+        next
+    }
+
+    /// A task that finishes `first` (a request that had to wait) or runs
+    /// `job`, then the concern's waiting requests while there are any.
+    fn spawn_worker(
+        self: &Arc<Self>,
+        reg: Arc<Registered>,
+        job: Option<Job>,
+        first: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    ) {
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            if let Some(f) = first {
+                f.await;
+            }
+            let mut next = match job {
+                Some(job) => Some(job),
+                None => this.next_job(&reg),
+            };
+            while let Some(job) = next {
+                if this.cancel.is_cancelled() {
+                    let msg = "node shutting down".to_string();
+                    this.answer_soon(job, ErrorCode::ShuttingDown, msg);
+                } else {
+                    this.clone().run(reg.clone(), job).await;
+                }
+                next = this.next_job(&reg);
+            }
+        });
     }
 
     /// Sends the answer to `job` along its reply path.
@@ -524,9 +708,22 @@ impl Inner {
         payload: Bytes,
         priority: Priority,
     ) {
-        let r = match job.reply {
-            ReplyPath::None => return,
-            ReplyPath::Direct => {
+        let r = match (job.reply, &job.conn) {
+            (ReplyPath::None, _) => return,
+            (ReplyPath::Direct, Some(conn)) => {
+                let frame = Frame {
+                    command: job.command,
+                    request_id: job.request_id,
+                    kind: kind as i32,
+                    ttl: 0,
+                    flags: lane_flags(priority),
+                    payload,
+                };
+                conn.send(Message::Concern(frame), priority)
+                    .await
+                    .map_err(|e| ConcernsError::Dropped(e.to_string()))
+            }
+            (ReplyPath::Direct, None) => {
                 self.send_direct(
                     &job.from,
                     job.command,
@@ -537,7 +734,7 @@ impl Inner {
                 )
                 .await
             }
-            ReplyPath::Routed => match self.routing() {
+            (ReplyPath::Routed, _) => match self.routing() {
                 Ok(routing) => {
                     routing
                         .send(self, &job.from, job.command, job.request_id, kind, payload)
@@ -551,44 +748,59 @@ impl Inner {
         }
     }
 
+    /// Answers `job` with an error, at once if its lane has room, else from
+    /// a task.
     fn answer_soon(self: &Arc<Self>, job: Job, code: ErrorCode, message: String) {
         if job.reply == ReplyPath::None {
             return;
         }
+        let payload = error_payload(code, message);
+        if job.reply == ReplyPath::Direct {
+            if let Some(conn) = &job.conn {
+                let frame = Frame {
+                    command: job.command,
+                    request_id: job.request_id,
+                    kind: ConcernKind::Error as i32,
+                    ttl: 0,
+                    flags: lane_flags(job.priority),
+                    payload: payload.clone(),
+                };
+                if conn.try_send(Message::Concern(frame), job.priority).is_ok() {
+                    return;
+                }
+            }
+        }
         let this = self.clone();
         self.tracker.spawn(async move {
-            this.answer(
-                &job,
-                ConcernKind::Error,
-                error_payload(code, message),
-                Priority::Normal,
-            )
-            .await;
+            let lane = job.priority;
+            this.answer(&job, ConcernKind::Error, payload, lane).await;
         });
     }
 
-    /// Runs one request in its own task.
+    /// Runs one request: the handler, then its answer.
     async fn run(self: Arc<Self>, reg: Arc<Registered>, job: Job) {
+        reg.counters.requests.fetch_add(1, Ordering::Relaxed);
         let ctx = self.context(job.command);
         let call = reg.concern.on_request(&ctx, &job.from, job.payload.clone());
         let outcome = AssertUnwindSafe(call).catch_unwind().await;
         let (kind, payload, priority) = match outcome {
             Ok(Ok(reply)) => {
                 let reply = reply.unwrap_or_else(|| Reply::new(Bytes::new()));
-                (ConcernKind::Reply, reply.payload, reply.priority)
+                let lane = reply.priority.unwrap_or(job.priority);
+                (ConcernKind::Reply, reply.payload, lane)
             }
             Ok(Err(e)) => {
                 reg.counters.errors.fetch_add(1, Ordering::Relaxed);
                 debug!(concern = %reg.name, error = %e, "handler failed");
                 let p = error_payload(ErrorCode::HandlerFailed, e.to_string());
-                (ConcernKind::Error, p, Priority::Normal)
+                (ConcernKind::Error, p, job.priority)
             }
             Err(_) => {
                 reg.counters.errors.fetch_add(1, Ordering::Relaxed);
                 reg.counters.panics.fetch_add(1, Ordering::Relaxed);
                 warn!(concern = %reg.name, from = %job.from.short(), "handler panicked");
                 let p = error_payload(ErrorCode::HandlerFailed, "the handler panicked");
-                (ConcernKind::Error, p, Priority::Normal)
+                (ConcernKind::Error, p, job.priority)
             }
         };
         if job.reply != ReplyPath::None {
@@ -596,6 +808,17 @@ impl Inner {
                 reg.counters.replies.fetch_add(1, Ordering::Relaxed);
             }
             self.answer(&job, kind, payload, priority).await;
+        }
+    }
+}
+
+/// What the peer manager hands Concern frames to.
+struct Handler(std::sync::Weak<Inner>);
+
+impl InboundHandler for Handler {
+    fn on_concern(&self, from: &NodeId, conn: &ConnectionHandle, message: ConcernFrame) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.on_concern(from, conn, message);
         }
     }
 }
@@ -676,18 +899,13 @@ impl ConcernsBuilder {
         if let Some(w) = commands.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConcernsError::DuplicateCommand(w[0]));
         }
-        let inbound = self
-            .peers
-            .take_inbound()
-            .map_err(|e| ConcernsError::Peers(e.to_string()))?;
-        let (jobs_tx, jobs_rx) = mpsc::channel(self.config.local_queue);
         let inner = Arc::new(Inner {
             peers: self.peers,
             config: self.config,
             registry: RwLock::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(rand::random::<u64>() >> 1),
-            jobs: jobs_tx,
+            waiting: Mutex::new(HashMap::new()),
             unknown: AtomicU64::new(0),
             flood: OnceLock::new(),
             routing: OnceLock::new(),
@@ -713,15 +931,12 @@ impl ConcernsBuilder {
         for c in &all {
             concerns.register(c.clone())?;
         }
-        let span = info_span!("concerns", node = %concerns.inner.peers.node_id().short());
-        let dispatcher = Dispatcher {
-            inner: concerns.inner.clone(),
-            queues: HashMap::new(),
-        };
+        let handler = Handler(Arc::downgrade(&concerns.inner));
         concerns
             .inner
-            .tracker
-            .spawn(dispatcher.run(inbound, jobs_rx).instrument(span));
+            .peers
+            .set_inbound_handler(Arc::new(handler))
+            .map_err(|e| ConcernsError::Peers(e.to_string()))?;
         // Requests waiting on a neighbour that leaves fail at once instead
         // of waiting out their timeouts.
         let mut events = concerns.inner.peers.events();
@@ -924,121 +1139,18 @@ impl Concerns {
                 warn!(concern = %reg.name, "on_stop panicked");
             }
         }
+        // Whatever still waits gets a clear answer.
+        let waiting: Vec<Job> = {
+            let mut all = lock(&inner.waiting);
+            all.values_mut()
+                .flat_map(|w| std::iter::from_fn(|| w.pop()).collect::<Vec<_>>())
+                .collect()
+        };
+        for job in waiting {
+            inner.answer_soon(job, ErrorCode::ShuttingDown, "node shutting down".into());
+        }
         lock(&inner.pending).clear();
         inner.tracker.close();
         inner.tracker.wait().await;
-    }
-}
-
-/// The dispatcher task's state: fair queues per concern.
-struct Dispatcher {
-    inner: Arc<Inner>,
-    queues: HashMap<u32, FairQueue<NodeId, Job>>,
-}
-
-impl Dispatcher {
-    async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, mut jobs: mpsc::Receiver<Job>) {
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u32>();
-        loop {
-            tokio::select! {
-                biased;
-                _ = self.inner.cancel.cancelled() => break,
-                Some(command) = done_rx.recv() => {
-                    if let Some(reg) = self.inner.registered(command) {
-                        reg.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    self.pump(command, &done_tx);
-                }
-                Some(job) = jobs.recv() => self.enqueue(job, &done_tx),
-                msg = inbound.recv() => match msg {
-                    Some(m) => self.on_inbound(m, &done_tx),
-                    None => break,
-                },
-            }
-        }
-        // Whatever is still queued gets a clear answer.
-        for (_, mut q) in self.queues.drain() {
-            while let Some((_, job)) = q.pop() {
-                self.inner
-                    .answer_soon(job, ErrorCode::ShuttingDown, "node shutting down".into());
-            }
-        }
-    }
-
-    fn on_inbound(&mut self, m: Inbound, done: &mpsc::UnboundedSender<u32>) {
-        let f = m.message;
-        match ConcernKind::try_from(f.kind) {
-            Ok(ConcernKind::Request) => {
-                let reply = if f.request_id == 0 {
-                    ReplyPath::None
-                } else {
-                    ReplyPath::Direct
-                };
-                let job = Job {
-                    command: f.command,
-                    from: m.from,
-                    request_id: f.request_id,
-                    payload: f.payload,
-                    reply,
-                };
-                self.enqueue(job, done);
-            }
-            Ok(kind @ (ConcernKind::Reply | ConcernKind::Error)) => {
-                self.inner
-                    .resolve(&m.from, f.command, f.request_id, kind, f.payload);
-            }
-            // The wire layer refuses other kinds before they get here.
-            _ => {}
-        }
-    }
-
-    fn enqueue(&mut self, job: Job, done: &mpsc::UnboundedSender<u32>) {
-        let command = job.command;
-        let Some(reg) = self.inner.registered(command) else {
-            self.inner.unknown.fetch_add(1, Ordering::Relaxed);
-            warn!(command = format_args!("{command:#x}"), from = %job.from.short(), "request for an unknown command");
-            let msg = format!("no concern for command {command:#x}");
-            self.inner.answer_soon(job, ErrorCode::UnknownCommand, msg);
-            return;
-        };
-        let per_sender = self.inner.config.per_sender_queue;
-        let queue = self
-            .queues
-            .entry(command)
-            .or_insert_with(|| FairQueue::new(per_sender));
-        match queue.push(job.from.clone(), job) {
-            Ok(()) => {
-                reg.counters.queued.store(queue.len(), Ordering::Relaxed);
-            }
-            Err(job) => {
-                reg.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                let msg = format!("{} is overloaded", reg.name);
-                self.inner.answer_soon(job, ErrorCode::Overloaded, msg);
-            }
-        }
-        self.pump(command, done);
-    }
-
-    /// Starts queued requests of `command` while its concurrency allows.
-    fn pump(&mut self, command: u32, done: &mpsc::UnboundedSender<u32>) {
-        let Some(reg) = self.inner.registered(command) else {
-            return;
-        };
-        let Some(queue) = self.queues.get_mut(&command) else {
-            return;
-        };
-        while reg.counters.in_flight.load(Ordering::Relaxed) < reg.max_concurrency {
-            let Some((_, job)) = queue.pop() else { break };
-            reg.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-            reg.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let inner = self.inner.clone();
-            let reg2 = reg.clone();
-            let done = done.clone();
-            self.inner.tracker.spawn(async move {
-                inner.run(reg2, job).await;
-                let _ = done.send(command);
-            });
-        }
-        reg.counters.queued.store(queue.len(), Ordering::Relaxed);
     }
 }

@@ -315,8 +315,10 @@ impl Routing {
                     request_id: r.request_id,
                     payload: r.payload,
                     reply,
+                    conn: None,
+                    priority: Priority::Normal,
                 };
-                inner.deliver_local(job).await?;
+                inner.deliver_local(job)?;
             } else {
                 inner.resolve(&origin, r.command, r.request_id, kind, r.payload);
             }

@@ -89,4 +89,4 @@ pub use meshwork_wire as wire;
 pub use config::PeersConfig;
 pub use error::PeersError;
 pub use event::{Inbound, PeerEvent, PeerSnapshot, PeerState};
-pub use manager::{PeerEvents, PeerManager, PoolStats};
+pub use manager::{ConcernFrame, InboundHandler, PeerEvents, PeerManager, PoolStats};

@@ -4,8 +4,11 @@
 //! - one accept task hands inbound connections to the pool;
 //! - one maintenance task polls the pool every tick (heartbeats, dials,
 //!   gossip);
-//! - one reader task per connection forwards Concern messages to the layer
-//!   above and Discovered lists to the pool;
+//! - each connection's reader hands Concern messages straight to the layer
+//!   above (an [`InboundHandler`], or the queue of
+//!   [`PeerManager::take_inbound`]) and Discovered lists to the pool, with no
+//!   task of ours in between; one small task per connection waits for its
+//!   end;
 //! - short-lived tasks dial, ping and close.
 //!
 //! Every call into the pool happens under one mutex, and the actions it
@@ -14,11 +17,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use meshwork_transport::{
-    CloseReason, Connection, ConnectionHandle, Endpoint, Priority, TransportError,
+    CloseReason, Connection, ConnectionHandle, Deliver, Endpoint, Priority, TransportError,
 };
 use meshwork_wire::proto::DisconnectReason;
 use meshwork_wire::{Message, NodeId};
@@ -68,6 +71,7 @@ struct Inner {
     inbound_tx: mpsc::Sender<Inbound>,
     inbound_rx: Mutex<Option<mpsc::Receiver<Inbound>>>,
     inbound_taken: AtomicBool,
+    handler: OnceLock<Arc<dyn InboundHandler>>,
     dropped_inbound: AtomicU64,
     connected: watch::Sender<usize>,
     wake: Notify,
@@ -178,6 +182,7 @@ impl PeerManager {
             inbound_tx,
             inbound_rx: Mutex::new(Some(inbound_rx)),
             inbound_taken: AtomicBool::new(false),
+            handler: OnceLock::new(),
             dropped_inbound: AtomicU64::new(0),
             connected,
             wake: Notify::new(),
@@ -217,14 +222,33 @@ impl PeerManager {
     }
 
     /// The queue of Concern messages from peers, for the layer above. It can
-    /// be taken once; until it is, such messages are dropped and counted in
-    /// [`PoolStats::dropped_inbound`]. When the taker falls behind, reading
-    /// from peers waits (backpressure), one peer at a time.
+    /// be taken once, and not after [`set_inbound_handler`]
+    /// (Self::set_inbound_handler); until it is, such messages are dropped
+    /// and counted in [`PoolStats::dropped_inbound`], as are messages that
+    /// find the queue full (its capacity is
+    /// [`PeersConfig::with_inbound_capacity`]).
     pub fn take_inbound(&self) -> Result<mpsc::Receiver<Inbound>, PeersError> {
+        if self.inner.handler.get().is_some() {
+            return Err(PeersError::InboundTaken);
+        }
         let rx = lock(&self.inner.inbound_rx).take();
         let rx = rx.ok_or(PeersError::InboundTaken)?;
         self.inner.inbound_taken.store(true, Ordering::Release);
         Ok(rx)
+    }
+
+    /// Hands every Concern message from peers to `handler`, called on the
+    /// reader of the connection it arrived on: no queue and no task switch
+    /// in between. The alternative to [`take_inbound`](Self::take_inbound);
+    /// one or the other, once.
+    pub fn set_inbound_handler(&self, handler: Arc<dyn InboundHandler>) -> Result<(), PeersError> {
+        let mut rx = lock(&self.inner.inbound_rx);
+        if rx.is_none() || self.inner.handler.set(handler).is_err() {
+            return Err(PeersError::InboundTaken);
+        }
+        *rx = None;
+        self.inner.inbound_taken.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn route(&self, peer: &NodeId) -> Result<ConnectionHandle, PeersError> {
@@ -587,50 +611,43 @@ impl Inner {
             Some(d) => p.on_dial_ok(d, id, link, now),
             None => p.on_connection(id, link, now),
         });
+        let sink = PeerSink {
+            inner: Arc::downgrade(self),
+            from: link_node(&conn),
+        };
+        let handle = conn.deliver_to(Arc::new(sink));
         let this = self.clone();
-        self.tracker.spawn(this.read(conn).instrument(span));
+        self.tracker
+            .spawn(this.watch_close(id, handle).instrument(span));
     }
 
-    /// Reads one connection until it ends.
-    async fn read(self: Arc<Self>, mut conn: Connection) {
-        let id = conn.info().id;
-        let from = conn.info().node_id.clone();
-        while let Ok(msg) = conn.recv().await {
-            match msg {
-                Message::Concern(message) => {
-                    if !self.inbound_taken.load(Ordering::Acquire) {
-                        self.dropped_inbound.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let inbound = Inbound {
-                        from: from.clone(),
-                        message,
-                    };
-                    tokio::select! {
-                        _ = self.cancel.cancelled() => break,
-                        r = self.inbound_tx.send(inbound) => if r.is_err() {
-                            self.dropped_inbound.fetch_add(1, Ordering::Relaxed);
-                        },
-                    }
-                }
-                Message::Discovered(d) => {
-                    self.with_pool(|p, now| p.on_discovered(&d.peers, now));
-                    self.wake.notify_one();
-                }
-                Message::Disconnect(d) => {
-                    // The close itself is reported when the stream ends.
-                    self.with_pool(|p, now| p.on_discovered(&d.alternatives, now));
-                }
-                other => debug!(kind = other.kind(), "ignored message"),
-            }
-        }
-        let handle = conn.handle();
-        drop(conn);
+    /// Waits for the end of a connection whose messages go to a
+    /// [`PeerSink`], and tells the pool.
+    async fn watch_close(self: Arc<Self>, id: ConnId, handle: ConnectionHandle) {
         handle.closed().await;
         let reason = handle.close_reason().unwrap_or(CloseReason::Eof);
         lock(&self.handles).remove(&id);
         self.with_pool(|p, now| p.on_closed(id, reason, now));
         self.wake.notify_one();
+    }
+
+    /// One Concern message from `from`, for the layer above.
+    fn concern(&self, from: &NodeId, conn: &ConnectionHandle, message: ConcernFrame) {
+        if let Some(handler) = self.handler.get() {
+            handler.on_concern(from, conn, message);
+            return;
+        }
+        if !self.inbound_taken.load(Ordering::Acquire) {
+            self.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let inbound = Inbound {
+            from: from.clone(),
+            message,
+        };
+        if self.inbound_tx.try_send(inbound).is_err() {
+            self.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     async fn accept_loop(self: Arc<Self>) {
@@ -660,6 +677,49 @@ impl Inner {
                 .map(|(id, h)| (*id, now.checked_sub(h.idle_for()).unwrap_or(now)))
                 .collect();
             self.with_pool(|p, now| p.poll(now, &heard));
+        }
+    }
+}
+
+fn link_node(conn: &Connection) -> NodeId {
+    conn.info().node_id.clone()
+}
+
+/// A Concern frame as it arrives.
+pub type ConcernFrame = meshwork_wire::proto::Concern;
+
+/// Takes Concern messages from peers as they arrive, on the reader of the
+/// connection they came on; installed with
+/// [`PeerManager::set_inbound_handler`].
+pub trait InboundHandler: Send + Sync + 'static {
+    /// One message from the neighbour `from`, which arrived on `conn` (the
+    /// natural way back for an answer). It runs on that connection's reader,
+    /// so it must not block: nothing more is read from `from` meanwhile.
+    fn on_concern(&self, from: &NodeId, conn: &ConnectionHandle, message: ConcernFrame);
+}
+
+/// What a connection's reader hands its messages to.
+struct PeerSink {
+    inner: Weak<Inner>,
+    from: NodeId,
+}
+
+impl Deliver for PeerSink {
+    fn deliver(&self, conn: &ConnectionHandle, msg: Message) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        match msg {
+            Message::Concern(message) => inner.concern(&self.from, conn, message),
+            Message::Discovered(d) => {
+                inner.with_pool(|p, now| p.on_discovered(&d.peers, now));
+                inner.wake.notify_one();
+            }
+            Message::Disconnect(d) => {
+                // The close itself is reported when the stream ends.
+                inner.with_pool(|p, now| p.on_discovered(&d.alternatives, now));
+            }
+            other => debug!(kind = other.kind(), "ignored message"),
         }
     }
 }

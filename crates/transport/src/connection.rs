@@ -29,7 +29,7 @@ use futures_util::StreamExt;
 use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, Ping, Pong};
 use meshwork_wire::{FrameCodec, Message, NodeId, WireError};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,19 @@ pub enum Priority {
     Normal = 1,
     /// Large transfers that may wait (e.g. anti-entropy).
     Bulk = 2,
+}
+
+/// Takes a connection's incoming messages on its reader task, in order, in
+/// place of [`Connection::recv`]; installed with [`Connection::deliver_to`].
+///
+/// Handing messages over on the reader saves a queue and a task switch per
+/// message, which is most of the cost of a small request.
+pub trait Deliver: Send + Sync + 'static {
+    /// One message from the peer (never a Ping or a Pong; a Disconnect from
+    /// the peer comes last). Runs on the connection's reader task: while it
+    /// runs nothing more is read from this peer, so it must not block; hand
+    /// slow work to another task.
+    fn deliver(&self, conn: &ConnectionHandle, msg: Message);
 }
 
 /// Who opened the connection.
@@ -155,6 +168,39 @@ struct Shared {
     reader_backpressured: AtomicBool,
     rtt: Mutex<(Option<Duration>, Option<Duration>)>,
     pings: Mutex<HashMap<u64, PendingPing>>,
+    /// A sink from [`Connection::deliver_to`] with the inbound queue's
+    /// receiver, for the reader to take over (it drains the queue first, so
+    /// the order holds).
+    handoff: Mutex<HandoffSlot>,
+    handoff_ready: AtomicBool,
+    handoff_notify: Notify,
+    /// The peer's Disconnect when it found the inbound queue full: handed
+    /// out after everything queued.
+    last_word: Mutex<Option<Message>>,
+}
+
+type Handoff = (Arc<dyn Deliver>, mpsc::Receiver<Message>);
+
+#[derive(Default)]
+struct HandoffSlot {
+    pending: Option<Handoff>,
+    /// Set when the reader has ended: a late sink drains the queue itself.
+    reader_done: bool,
+}
+
+/// Hands `sink` every message left in `queued`, in order, and the peer's
+/// Disconnect if it did not fit in the queue.
+fn drain_to(
+    sink: &Arc<dyn Deliver>,
+    queued: &mut mpsc::Receiver<Message>,
+    conn: &ConnectionHandle,
+) {
+    while let Ok(msg) = queued.try_recv() {
+        sink.deliver(conn, msg);
+    }
+    if let Some(msg) = lock(&conn.shared.last_word).take() {
+        sink.deliver(conn, msg);
+    }
 }
 
 #[derive(Default)]
@@ -498,7 +544,7 @@ impl ConnectionHandle {
 /// call [`close`](ConnectionHandle::close) first for a graceful goodbye.
 pub struct Connection {
     handle: ConnectionHandle,
-    inbound: mpsc::Receiver<Message>,
+    inbound: Option<mpsc::Receiver<Message>>,
     /// Messages taken from `inbound` in one go, in reverse order.
     received: Vec<Message>,
 }
@@ -508,7 +554,10 @@ const RECV_BATCH: usize = 16;
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.handle.shared.abort(CloseReason::Dropped);
+        // After `deliver_to` the connection lives on without its owner.
+        if self.inbound.is_some() {
+            self.handle.shared.abort(CloseReason::Dropped);
+        }
     }
 }
 
@@ -543,13 +592,49 @@ impl Connection {
         if let Some(msg) = self.received.pop() {
             return Ok(msg);
         }
+        let Some(inbound) = self.inbound.as_mut() else {
+            return Err(TransportError::NotConnected);
+        };
         // Taking several at once saves a synchronisation per message when
         // the peer is streaming.
-        if self.inbound.recv_many(&mut self.received, RECV_BATCH).await == 0 {
-            return Err(TransportError::NotConnected);
+        if inbound.recv_many(&mut self.received, RECV_BATCH).await == 0 {
+            let last = lock(&self.handle.shared.last_word).take();
+            return last.ok_or(TransportError::NotConnected);
         }
         self.received.reverse();
         self.received.pop().ok_or(TransportError::NotConnected)
+    }
+
+    /// Hands every message from now on to `sink`, called on the connection's
+    /// reader task, instead of [`recv`](Self::recv): messages already queued
+    /// first, then each as it is read, in order. (Messages an earlier `recv`
+    /// had already taken from the queue are handed over by this call,
+    /// before it returns.)
+    ///
+    /// The connection no longer has an owner: it lives until it is closed
+    /// through a handle, by the peer, or by its endpoint's shutdown (not
+    /// when the returned handle is dropped).
+    pub fn deliver_to(mut self, sink: Arc<dyn Deliver>) -> ConnectionHandle {
+        let handle = self.handle.clone();
+        // Messages `recv` already took come before the queued ones.
+        while let Some(msg) = self.received.pop() {
+            sink.deliver(&handle, msg);
+        }
+        if let Some(mut inbound) = self.inbound.take() {
+            let shared = &handle.shared;
+            let mut slot = lock(&shared.handoff);
+            if slot.reader_done {
+                // Nothing more will be read: what is queued is all there is.
+                drop(slot);
+                drain_to(&sink, &mut inbound, &handle);
+            } else {
+                slot.pending = Some((sink, inbound));
+                drop(slot);
+                shared.handoff_ready.store(true, Ordering::Release);
+                shared.handoff_notify.notify_one();
+            }
+        }
+        handle
     }
 
     /// [`recv`](Self::recv) with a timeout.
@@ -609,6 +694,10 @@ impl Connection {
             reader_backpressured: AtomicBool::new(false),
             rtt: Mutex::new((None, None)),
             pings: Mutex::new(HashMap::new()),
+            handoff: Mutex::new(HandoffSlot::default()),
+            handoff_ready: AtomicBool::new(false),
+            handoff_notify: Notify::new(),
+            last_word: Mutex::new(None),
         });
         let span = info_span!(
             "conn",
@@ -633,7 +722,7 @@ impl Connection {
         debug!(id, peer = %shared.info.node_id.short(), "connection established");
         Connection {
             handle: ConnectionHandle { shared },
-            inbound: inbound_rx,
+            inbound: Some(inbound_rx),
             received: Vec::new(),
         }
     }
@@ -860,12 +949,109 @@ impl Writer {
     }
 }
 
+/// Where the reader puts what it reads: the inbound queue until a
+/// [`Deliver`] sink takes over.
+struct Inlet {
+    queue: Option<mpsc::Sender<Message>>,
+    sink: Option<Arc<dyn Deliver>>,
+    handle: ConnectionHandle,
+    delivered_to_nobody: bool,
+}
+
+impl Inlet {
+    /// Takes over a sink from [`Connection::deliver_to`], if one is waiting:
+    /// hands it what is still queued (only the reader fills the queue, so
+    /// nothing can overtake), then drops the queue.
+    fn take_handoff(&mut self) {
+        let shared = &self.handle.shared;
+        if self.sink.is_some() || !shared.handoff_ready.load(Ordering::Acquire) {
+            return;
+        }
+        let Some((sink, mut queued)) = lock(&shared.handoff).pending.take() else {
+            return;
+        };
+        drain_to(&sink, &mut queued, &self.handle);
+        self.queue = None;
+        self.sink = Some(sink);
+    }
+
+    /// The reader has ended: a sink that arrived meanwhile still gets what
+    /// was queued, and a later one will drain the queue itself.
+    fn close(mut self) {
+        let pending = {
+            let mut slot = lock(&self.handle.shared.handoff);
+            slot.reader_done = true;
+            slot.pending.take()
+        };
+        if let Some((sink, mut queued)) = pending {
+            drain_to(&sink, &mut queued, &self.handle);
+        }
+        self.queue = None;
+    }
+
+    /// Passes `msg` on; waits (or takes a sink over) while the queue is full.
+    /// `Err` when the connection was cancelled meanwhile.
+    async fn put(&mut self, msg: Message, cancelled: &CancellationToken) -> Result<(), ()> {
+        let mut msg = msg;
+        loop {
+            self.take_handoff();
+            if let Some(sink) = &self.sink {
+                sink.deliver(&self.handle, msg);
+                return Ok(());
+            }
+            let Some(queue) = self.queue.clone() else {
+                return Ok(());
+            };
+            let sent = match queue.try_send(msg) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+                Err(mpsc::error::TrySendError::Full(full)) => {
+                    let shared = &self.handle.shared;
+                    shared.reader_backpressured.store(true, Ordering::Relaxed);
+                    let room = tokio::select! {
+                        biased;
+                        _ = cancelled.cancelled() => None,
+                        permit = queue.reserve() => Some(permit.map_err(|_| ())),
+                        _ = shared.handoff_notify.notified() => {
+                            // A sink arrived: go round and hand it over.
+                            shared.reader_backpressured.store(false, Ordering::Relaxed);
+                            msg = full;
+                            continue;
+                        }
+                    };
+                    shared.reader_backpressured.store(false, Ordering::Relaxed);
+                    match room {
+                        None => return Err(()),
+                        Some(Ok(permit)) => {
+                            permit.send(full);
+                            Ok(())
+                        }
+                        Some(Err(())) => Err(()),
+                    }
+                }
+            };
+            if sent.is_err() && !self.delivered_to_nobody {
+                self.delivered_to_nobody = true;
+                debug!("receiver dropped; discarding incoming messages");
+            }
+            return Ok(());
+        }
+    }
+}
+
 async fn read_loop(
     shared: Arc<Shared>,
     mut reader: FramedRead<BoxRead, FrameCodec>,
     inbound: mpsc::Sender<Message>,
 ) {
-    let mut delivered_to_nobody = false;
+    let mut inlet = Inlet {
+        queue: Some(inbound),
+        sink: None,
+        handle: ConnectionHandle {
+            shared: shared.clone(),
+        },
+        delivered_to_nobody: false,
+    };
     let cancelled = shared.cancel.cancelled();
     tokio::pin!(cancelled);
     // Set after a large frame: the read buffer (even when empty) may still
@@ -891,6 +1077,12 @@ async fn read_loop(
                 tokio::select! {
                     biased;
                     _ = &mut cancelled => break,
+                    // A sink waiting to take over gets the queued messages
+                    // now, not with the next frame.
+                    _ = shared.handoff_notify.notified(), if inlet.sink.is_none() => {
+                        inlet.take_handoff();
+                        continue;
+                    }
                     next = reader.next() => next,
                 }
             }
@@ -942,7 +1134,19 @@ async fn read_loop(
                     reason: d.reason_or_unspecified(),
                     message: d.message.clone(),
                 });
-                let _ = inbound.try_send(Message::Disconnect(d));
+                inlet.take_handoff();
+                match (&inlet.sink, &inlet.queue) {
+                    (Some(sink), _) => sink.deliver(&inlet.handle, Message::Disconnect(d)),
+                    (None, Some(queue)) => {
+                        if let Err(mpsc::error::TrySendError::Full(msg)) =
+                            queue.try_send(Message::Disconnect(d))
+                        {
+                            // Kept aside, so that it still comes last.
+                            *lock(&shared.last_word) = Some(msg);
+                        }
+                    }
+                    (None, None) => {}
+                }
                 break;
             }
             Message::Hello(_) => {
@@ -954,28 +1158,13 @@ async fn read_loop(
                 break;
             }
             msg => {
-                let sent = match inbound.try_send(msg) {
-                    Ok(()) => Ok(()),
-                    Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
-                    Err(mpsc::error::TrySendError::Full(msg)) => {
-                        shared.reader_backpressured.store(true, Ordering::Relaxed);
-                        let r = tokio::select! {
-                            biased;
-                            _ = &mut cancelled => break,
-                            r = inbound.send(msg) => r.map_err(|_| ()),
-                        };
-                        shared.reader_backpressured.store(false, Ordering::Relaxed);
-                        r
-                    }
-                };
-                if sent.is_err() && !delivered_to_nobody {
-                    delivered_to_nobody = true;
-                    debug!("receiver dropped; discarding incoming messages");
+                if inlet.put(msg, &shared.cancel).await.is_err() {
+                    break;
                 }
             }
         }
     }
+    inlet.close();
     shared.reader_ended.cancel();
-    drop(inbound);
     shared.task_ended();
 }

@@ -86,7 +86,8 @@ pub use meshwork_wire as wire;
 pub use addr::{Address, Host, Resolver, filter_ip_addresses, local_host_ip};
 pub use config::{Config, Security};
 pub use connection::{
-    CloseReason, Connection, ConnectionHandle, ConnectionInfo, ConnectionStats, Direction, Priority,
+    CloseReason, Connection, ConnectionHandle, ConnectionInfo, ConnectionStats, Deliver, Direction,
+    Priority,
 };
 pub use endpoint::{Endpoint, EndpointStats};
 pub use error::TransportError;

@@ -39,14 +39,7 @@ on_both_transports!(
 );
 
 fn concern(n: u64, payload: &'static [u8]) -> Message {
-    Message::Concern(Concern {
-        command: 1,
-        request_id: n,
-        kind: ConcernKind::Request as i32,
-        ttl: 0,
-        flags: 0,
-        payload: payload.into(),
-    })
+    common::concern_frame(n, payload)
 }
 
 async fn connect_exchange_and_identify(net: Net) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use meshwork_transport::mem::MemNetwork;
 use meshwork_transport::{Address, BoxStream, Config, Endpoint, TcpTransport, Transport};
-use meshwork_wire::proto::Hello;
+use meshwork_wire::proto::{Concern, ConcernKind, Hello};
 use meshwork_wire::{FrameCodec, Message, PROTOCOL_VERSION, encode_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Decoder;
@@ -73,6 +73,18 @@ impl Net {
 pub const PLAIN_PREAMBLE: &[u8; 8] = b"mshwrk\x01\x00";
 
 /// The default, encrypted configuration of the test network.
+/// A Concern request frame numbered `n` (its request id).
+pub fn concern_frame(n: u64, payload: impl Into<bytes::Bytes>) -> Message {
+    Message::Concern(Concern {
+        command: 1,
+        request_id: n,
+        kind: ConcernKind::Request as i32,
+        ttl: 0,
+        flags: 0,
+        payload: payload.into(),
+    })
+}
+
 pub fn config() -> Config {
     Config::new("test-net")
 }
