@@ -222,8 +222,9 @@ impl PeerManager {
     }
 
     /// The queue of Concern messages from peers, for the layer above. It can
-    /// be taken once, and not after [`set_inbound_handler`]
-    /// (Self::set_inbound_handler); until it is, such messages are dropped
+    /// be taken once, and not after
+    /// [`set_inbound_handler`](Self::set_inbound_handler); until it is, such
+    /// messages are dropped
     /// and counted in [`PoolStats::dropped_inbound`], as are messages that
     /// find the queue full (its capacity is
     /// [`PeersConfig::with_inbound_capacity`]).
