@@ -17,18 +17,27 @@
 //! queued bulk frames (it can wait for the one frame being written at that
 //! moment). A graceful close is the exception by design: it flushes every
 //! queued frame first and writes the Disconnect last.
+//!
+//! One shortcut past the writer task: while the reader hands a burst of
+//! frames to a [`Deliver`] sink, control and normal frames sent meanwhile
+//! with the lanes empty (typically answers computed right on the reader)
+//! are encoded into the write half at once, and the reader writes them all
+//! in one go when it pauses. An echo-like exchange then costs no task
+//! switch on the answering side.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, Ping, Pong};
 use meshwork_wire::{FrameCodec, Message, NodeId, WireError};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -177,6 +186,19 @@ struct Shared {
     /// The peer's Disconnect when it found the inbound queue full: handed
     /// out after everything queued.
     last_word: Mutex<Option<Message>>,
+    /// The stream's write side, shared by the writer task and direct
+    /// senders.
+    write: Mutex<WriteHalf>,
+    /// Wakes the writer task to finish bytes a sender left pending.
+    write_kick: Notify,
+    /// Messages on the lanes not yet encoded by the writer task: while there
+    /// are any, a sender may not write directly (it would overtake them).
+    queued: AtomicUsize,
+    /// Set while the reader handles a burst of frames (at most
+    /// [`CORK_FRAMES`]): what is sent meanwhile, typically answers a handler
+    /// gave right on the reader, is gathered in the write half, and the
+    /// reader writes it all when it pauses.
+    corked: AtomicBool,
 }
 
 type Handoff = (Arc<dyn Deliver>, mpsc::Receiver<Message>);
@@ -372,13 +394,20 @@ impl ConnectionHandle {
     /// was not queued.
     pub async fn send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
         self.check(&msg)?;
-        let lane = &self.shared.lanes[priority as usize];
-        match lane.try_send(msg) {
+        let shared = &self.shared;
+        match shared.push(msg, priority) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
             Err(mpsc::error::TrySendError::Full(msg)) => {
-                let timeout = self.shared.send_timeout;
-                match tokio::time::timeout(timeout, lane.send(msg)).await {
+                let timeout = shared.send_timeout;
+                let lane = &shared.lanes[priority as usize];
+                // Counted while it waits, so no direct write overtakes it.
+                shared.queued.fetch_add(1, Ordering::AcqRel);
+                let r = tokio::time::timeout(timeout, lane.send(msg)).await;
+                if !matches!(r, Ok(Ok(()))) {
+                    shared.queued.fetch_sub(1, Ordering::AcqRel);
+                }
+                match r {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(_)) => Err(TransportError::NotConnected),
                     Err(_) => Err(TransportError::Timeout {
@@ -394,7 +423,7 @@ impl ConnectionHandle {
     /// [`TransportError::QueueFull`].
     pub fn try_send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
         self.check(&msg)?;
-        match self.shared.lanes[priority as usize].try_send(msg) {
+        match self.shared.push(msg, priority) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
             Err(mpsc::error::TrySendError::Full(_)) => Err(TransportError::QueueFull("send")),
@@ -698,6 +727,10 @@ impl Connection {
             handoff_ready: AtomicBool::new(false),
             handoff_notify: Notify::new(),
             last_word: Mutex::new(None),
+            write: Mutex::new(WriteHalf::new(hs.writer)),
+            write_kick: Notify::new(),
+            queued: AtomicUsize::new(0),
+            corked: AtomicBool::new(false),
         });
         let span = info_span!(
             "conn",
@@ -708,14 +741,13 @@ impl Connection {
         );
         let writer = Writer {
             shared: shared.clone(),
-            io: hs.writer,
             lanes: [control_rx, normal_rx, bulk_rx],
             keepalive: config.keepalive_interval,
             idle_timeout: config.idle_timeout,
             write_timeout: config.write_timeout,
             close_timeout: config.close_timeout,
-            buf: BytesMut::new(),
             batch: Vec::new(),
+            from_lanes: 0,
         };
         tracker.spawn(writer.run().instrument(span.clone()));
         tracker.spawn(read_loop(shared.clone(), hs.reader, inbound_tx).instrument(span));
@@ -736,17 +768,204 @@ const DIRECT_WRITE: usize = 32 * 1024;
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
 /// An empty read buffer that grew beyond this is replaced by a small one.
 const KEEP_READ_BUFFER: usize = 16 * 1024;
+/// Bytes a sender may leave waiting in the write half (the stream was not
+/// ready) before it must queue on its lane instead.
+const DIRECT_PENDING_LIMIT: usize = 256 * 1024;
+/// Frames the reader handles, its answers gathered, before it writes them.
+const CORK_FRAMES: usize = 64;
+
+/// The write side of the stream, shared by the writer task and by the
+/// reader, which writes the answers it produced while handling a burst of
+/// frames itself (see [`Shared::corked`]): no writer wake-up for them.
+struct WriteHalf {
+    io: BoxWrite,
+    /// Encoded frames not yet taken by the stream, in order.
+    pending: VecDeque<Bytes>,
+    /// Bytes of `pending`'s front already taken.
+    offset: usize,
+    /// Total bytes in `pending` (the front's taken ones included).
+    pending_bytes: usize,
+    /// Where small frames are encoded before they join `pending`.
+    scratch: BytesMut,
+    /// Bytes were written and not flushed yet.
+    needs_flush: bool,
+    /// The writer task is finishing a write that had to wait, with its own
+    /// waker registered: nobody else polls the stream meanwhile.
+    writer_draining: bool,
+    /// A write failed; the connection is being torn down.
+    failed: bool,
+}
+
+impl WriteHalf {
+    fn new(io: BoxWrite) -> Self {
+        WriteHalf {
+            io,
+            pending: VecDeque::new(),
+            offset: 0,
+            pending_bytes: 0,
+            scratch: BytesMut::new(),
+            needs_flush: false,
+            writer_draining: false,
+            failed: false,
+        }
+    }
+
+    /// True when nothing is waiting to be written or flushed.
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.scratch.is_empty() && !self.needs_flush
+    }
+
+    /// Encodes `msg` after everything already pending; returns its size.
+    fn encode(&mut self, msg: &Message) -> u64 {
+        let before = self.scratch.len();
+        let direct = meshwork_wire::encode_frame_into(msg, &mut self.scratch, DIRECT_WRITE);
+        let mut total = self.scratch.len() - before;
+        if let Some(payload) = direct {
+            self.seal();
+            total += payload.len();
+            self.pending_bytes += payload.len();
+            self.pending.push_back(payload);
+        }
+        total as u64
+    }
+
+    /// Moves what `scratch` holds to the end of `pending`.
+    fn seal(&mut self) {
+        if !self.scratch.is_empty() {
+            let chunk = self.scratch.split().freeze();
+            self.pending_bytes += chunk.len();
+            self.pending.push_back(chunk);
+        }
+    }
+
+    /// Writes everything pending, then flushes.
+    fn poll_drain(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        self.seal();
+        while let Some(front) = self.pending.front() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &front[self.offset..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.needs_flush = true;
+            self.offset += n;
+            if self.offset == front.len() {
+                self.pending_bytes -= front.len();
+                self.pending.pop_front();
+                self.offset = 0;
+            }
+        }
+        if self.needs_flush {
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.needs_flush = false;
+        }
+        // An idle connection should not keep a big batch buffer around.
+        if self.scratch.capacity() > KEEP_WRITE_BUFFER {
+            self.scratch = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Shared {
+    /// Writes what is pending from the calling task, if the writer task is
+    /// not already at it: one try, without waiting. If the stream is not
+    /// ready the writer task takes over (with its own waker).
+    fn drain_here(&self, w: &mut WriteHalf) {
+        if w.writer_draining || w.failed || w.is_idle() {
+            return;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match w.poll_drain(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => {
+                w.failed = true;
+                self.abort(CloseReason::Io(e.to_string()));
+            }
+            Poll::Pending => {
+                w.writer_draining = true;
+                self.write_kick.notify_one();
+            }
+        }
+    }
+
+    /// While the reader handles a burst, adds `msg` to the write half's
+    /// pending bytes, for the reader to write when it pauses: if nothing is
+    /// queued on the lanes (so it overtakes nothing) and the write half is
+    /// free. Returns `msg` back when it must go through its lane instead.
+    ///
+    /// Only then: a sender that wrote every frame itself would give up the
+    /// writer's batching (one write call per frame), which costs more than
+    /// the wake-up it saves when many requests are in flight.
+    fn try_direct(&self, msg: Message) -> Result<(), Message> {
+        if !self.corked.load(Ordering::Acquire) || self.queued.load(Ordering::Acquire) != 0 {
+            return Err(msg);
+        }
+        let Ok(mut w) = self.write.try_lock() else {
+            return Err(msg);
+        };
+        if self.queued.load(Ordering::Acquire) != 0
+            || w.failed
+            || w.pending_bytes + w.scratch.len() >= DIRECT_PENDING_LIMIT
+        {
+            return Err(msg);
+        }
+        let bytes = w.encode(&msg);
+        self.frames_sent.fetch_add(1, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        let now = self.nanos_since_start(Instant::now());
+        self.last_sent_nanos.store(now, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes `msg` directly if it can, else queues it on its lane.
+    fn push(
+        &self,
+        msg: Message,
+        priority: Priority,
+    ) -> Result<(), mpsc::error::TrySendError<Message>> {
+        // Bulk frames always take their lane, so that nothing gathered
+        // directly can hold up a later control frame.
+        if priority == Priority::Bulk {
+            return self.enqueue(msg, priority);
+        }
+        match self.try_direct(msg) {
+            Ok(()) => Ok(()),
+            Err(msg) => self.enqueue(msg, priority),
+        }
+    }
+
+    /// Queues `msg` on its lane for the writer task.
+    fn enqueue(
+        &self,
+        msg: Message,
+        priority: Priority,
+    ) -> Result<(), mpsc::error::TrySendError<Message>> {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let r = self.lanes[priority as usize].try_send(msg);
+        if r.is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        r
+    }
+
+    /// The reader pauses: writes the answers it gathered.
+    fn uncork(&self) {
+        self.corked.store(false, Ordering::Release);
+        let mut w = lock(&self.write);
+        self.drain_here(&mut w);
+    }
+}
 
 struct Writer {
     shared: Arc<Shared>,
-    io: BoxWrite,
     lanes: [mpsc::Receiver<Message>; 3],
     keepalive: Option<Duration>,
     idle_timeout: Option<Duration>,
     write_timeout: Duration,
     close_timeout: Duration,
-    buf: BytesMut,
     batch: Vec<Message>,
+    /// How many of `batch` came from the lanes (and count in `queued`).
+    from_lanes: usize,
 }
 
 enum WriteOutcome {
@@ -774,7 +993,7 @@ impl Writer {
         tokio::pin!(cancelled, close_requested);
         let graceful = loop {
             let [control, normal, bulk] = &mut self.lanes;
-            let first = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = &mut cancelled => break false,
                 _ = &mut close_requested => break true,
@@ -782,15 +1001,25 @@ impl Writer {
                 // keepalive and idle checks. It is ready only when due.
                 _ = tick.tick() => {
                     match self.keepalive_tick() {
-                        Some(ping) => ping,
+                        Some(ping) => self.batch.push(ping),
                         None => continue,
                     }
                 }
-                Some(m) = control.recv() => m,
-                Some(m) = normal.recv() => m,
-                Some(m) = bulk.recv() => m,
-            };
-            self.batch.push(first);
+                // A sender left bytes the stream did not take at once.
+                _ = shared.write_kick.notified() => {}
+                Some(m) = control.recv() => {
+                    self.batch.push(m);
+                    self.from_lanes += 1;
+                }
+                Some(m) = normal.recv() => {
+                    self.batch.push(m);
+                    self.from_lanes += 1;
+                }
+                Some(m) = bulk.recv() => {
+                    self.batch.push(m);
+                    self.from_lanes += 1;
+                }
+            }
             self.fill_batch();
             match self.write_batch().await {
                 WriteOutcome::Ok => {}
@@ -805,8 +1034,17 @@ impl Writer {
             let close_timeout = self.close_timeout;
             let _ = tokio::time::timeout(close_timeout, self.finish()).await;
         }
-        // Stop the reader (if the peer did not close first) and end.
+        // Stop the reader (if the peer did not close first) and end. The
+        // stream's write half is dropped now (handles may outlive the
+        // connection), which the peer sees as the end of the stream.
         shared.cancel.cancel();
+        let io = {
+            let mut w = lock(&shared.write);
+            w.failed = true;
+            w.pending.clear();
+            std::mem::replace(&mut w.io, Box::new(tokio::io::sink()))
+        };
+        drop(io);
         drop(self);
         shared.task_ended();
     }
@@ -820,6 +1058,7 @@ impl Writer {
                 Some(m) => {
                     size += m.encoded_len();
                     self.batch.push(m);
+                    self.from_lanes += 1;
                 }
                 None => break,
             }
@@ -836,6 +1075,7 @@ impl Writer {
     async fn finish(&mut self) {
         while let Some(m) = self.next_ready() {
             self.batch.push(m);
+            self.from_lanes += 1;
         }
         let disconnect = lock(&self.shared.state).disconnect.take();
         if let Some(d) = disconnect {
@@ -844,7 +1084,9 @@ impl Writer {
         if !matches!(self.write_batch().await, WriteOutcome::Ok) {
             return;
         }
-        let _ = self.io.shutdown().await;
+        let shared = self.shared.clone();
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut lock(&shared.write).io).poll_shutdown(cx))
+            .await;
         tokio::select! {
             _ = self.shared.reader_ended.cancelled() => {}
             _ = self.shared.cancel.cancelled() => {}
@@ -886,49 +1128,48 @@ impl Writer {
         }))
     }
 
-    /// Encodes and writes the batch, then empties it.
+    /// Encodes the batch after whatever senders left pending, then writes
+    /// it all.
     async fn write_batch(&mut self) -> WriteOutcome {
         let shared = self.shared.clone();
         let count = self.batch.len() as u64;
-        let result = {
-            let (io, buf, batch) = (&mut self.io, &mut self.buf, &mut self.batch);
-            let write = async {
-                let mut total = 0u64;
-                for msg in batch.drain(..) {
-                    let before = buf.len();
-                    let direct = meshwork_wire::encode_frame_into(&msg, buf, DIRECT_WRITE);
-                    total += (buf.len() - before) as u64;
-                    if let Some(payload) = direct {
-                        total += payload.len() as u64;
-                        io.write_all(buf).await?;
-                        buf.clear();
-                        io.write_all(&payload).await?;
-                    }
-                }
-                if !buf.is_empty() {
-                    io.write_all(buf).await?;
-                    buf.clear();
-                }
-                io.flush().await.map(|()| total)
-            };
-            tokio::pin!(write);
-            // Most writes complete at once: only arm the timer when one waits.
-            match futures_util::FutureExt::now_or_never(write.as_mut()) {
-                Some(r) => Ok(r),
-                None => tokio::select! {
-                    biased;
-                    _ = shared.cancel.cancelled() => Err(None),
-                    r = tokio::time::timeout(self.write_timeout, write) => r.map_err(|_| Some(())),
-                },
-            }
-        };
-        self.batch.clear();
         let mut total = 0;
-        let outcome = match result {
-            Ok(Ok(bytes)) => {
-                total = bytes;
-                WriteOutcome::Ok
+        {
+            let mut w = lock(&shared.write);
+            if w.failed {
+                return WriteOutcome::Cancelled;
             }
+            for msg in self.batch.drain(..) {
+                total += w.encode(&msg);
+            }
+            // Encoded under the lock: from here a sender may write directly
+            // again without overtaking these.
+            shared
+                .queued
+                .fetch_sub(std::mem::take(&mut self.from_lanes), Ordering::AcqRel);
+            w.writer_draining = true;
+        }
+        let write = std::future::poll_fn(|cx| {
+            let mut w = lock(&shared.write);
+            let r = w.poll_drain(cx);
+            if r.is_ready() {
+                w.writer_draining = false;
+                w.failed |= matches!(r, Poll::Ready(Err(_)));
+            }
+            r
+        });
+        tokio::pin!(write);
+        // Most writes complete at once: only arm the timer when one waits.
+        let result = match futures_util::FutureExt::now_or_never(write.as_mut()) {
+            Some(r) => Ok(r),
+            None => tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => Err(None),
+                r = tokio::time::timeout(self.write_timeout, write) => r.map_err(|_| Some(())),
+            },
+        };
+        let outcome = match result {
+            Ok(Ok(())) => WriteOutcome::Ok,
             Ok(Err(e)) => WriteOutcome::Failed(CloseReason::Io(e.to_string())),
             Err(None) => WriteOutcome::Cancelled,
             Err(Some(())) => WriteOutcome::Failed(CloseReason::WriteTimeout),
@@ -939,11 +1180,7 @@ impl Writer {
             let now = shared.nanos_since_start(Instant::now());
             shared.last_sent_nanos.store(now, Ordering::Relaxed);
         } else {
-            self.buf.clear();
-        }
-        // An idle connection should not keep a big batch buffer around.
-        if self.buf.capacity() > KEEP_WRITE_BUFFER {
-            self.buf = BytesMut::new();
+            lock(&shared.write).failed = true;
         }
         outcome
     }
@@ -1007,6 +1244,8 @@ impl Inlet {
                 Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
                 Err(mpsc::error::TrySendError::Full(full)) => {
                     let shared = &self.handle.shared;
+                    // Answers gathered so far must not wait for the room.
+                    shared.uncork();
                     shared.reader_backpressured.store(true, Ordering::Relaxed);
                     let room = tokio::select! {
                         biased;
@@ -1057,6 +1296,8 @@ async fn read_loop(
     // Set after a large frame: the read buffer (even when empty) may still
     // share that frame's allocation.
     let mut large_frame_seen = false;
+    // Frames handled since the reader corked the write side (see `corked`).
+    let mut corked = 0usize;
     loop {
         // The fast path below never waits, so it must not be where a
         // streaming peer keeps an aborted connection's reader alive.
@@ -1069,6 +1310,11 @@ async fn read_loop(
         let next = match futures_util::FutureExt::now_or_never(reader.next()) {
             Some(next) => next,
             None => {
+                // About to wait: write the answers gathered meanwhile.
+                if corked > 0 {
+                    shared.uncork();
+                    corked = 0;
+                }
                 let buf = reader.read_buffer_mut();
                 if buf.is_empty() && (large_frame_seen || buf.capacity() > KEEP_READ_BUFFER) {
                     *buf = BytesMut::with_capacity(crate::handshake::READ_BUFFER);
@@ -1125,7 +1371,7 @@ async fn read_loop(
                 });
                 // A full control lane means we are already busy answering;
                 // the peer will ping again.
-                let _ = shared.lanes[0].try_send(pong);
+                let _ = shared.push(pong, Priority::Control);
             }
             Message::Pong(p) => shared.on_pong(p.nonce, now),
             Message::Disconnect(d) => {
@@ -1158,12 +1404,21 @@ async fn read_loop(
                 break;
             }
             msg => {
+                if corked == 0 {
+                    shared.corked.store(true, Ordering::Release);
+                }
+                corked += 1;
                 if inlet.put(msg, &shared.cancel).await.is_err() {
                     break;
+                }
+                if corked >= CORK_FRAMES {
+                    shared.uncork();
+                    corked = 0;
                 }
             }
         }
     }
+    shared.uncork();
     inlet.close();
     shared.reader_ended.cancel();
     shared.task_ended();
