@@ -609,8 +609,14 @@ pub(crate) struct PeerJson {
     /// The peer's id, hex.
     pub(crate) node_id: String,
     /// `"known"`, `"connecting"`, `"connected"`, `"unresponsive"`,
-    /// `"disconnected"` or `"banned"`.
+    /// `"disconnected"` or `"banned"` from the peer manager, or `"routed"`:
+    /// not linked, but reached through `via` (the routing table).
     pub(crate) state: &'static str,
+    /// For a routed peer, the neighbour messages for it go to, hex; else
+    /// null.
+    pub(crate) via: Option<String>,
+    /// For a routed peer, its distance in hops as far as we know; else null.
+    pub(crate) hops: Option<u32>,
     /// `"inbound"` or `"outbound"` while connected, else null.
     pub(crate) direction: Option<&'static str>,
     /// The other end of the current stream, null when not connected.
@@ -728,7 +734,7 @@ pub(crate) fn status_json(
             min_peers: limits.min_peers,
             max_peers: limits.max_peers,
         },
-        peers: status.peers.iter().map(peer_json).collect(),
+        peers: peers_json(&status.peers, &status.routes),
         blocked,
         connections: status.connections.iter().map(connection_json).collect(),
         concerns: status.concerns.iter().map(concern_json).collect(),
@@ -772,10 +778,50 @@ fn direction_name(d: Direction) -> &'static str {
     }
 }
 
+/// The peer table, with the nodes reached through routes marked `routed`:
+/// a known peer that is not linked takes that state, and a node the peer
+/// manager never heard of is added at the end.
+fn peers_json(peers: &[PeerSnapshot], routes: &[Route]) -> Vec<PeerJson> {
+    let mut out: Vec<PeerJson> = peers.iter().map(peer_json).collect();
+    for r in routes {
+        let target = r.target.to_string();
+        let via = Some(r.next_hop.to_string());
+        match out.iter_mut().find(|p| p.node_id == target) {
+            Some(p) if p.state == "connected" || p.state == "unresponsive" => {}
+            Some(p) => {
+                p.state = "routed";
+                p.via = via;
+                p.hops = Some(r.hops);
+            }
+            None => out.push(PeerJson {
+                node_id: target,
+                state: "routed",
+                via,
+                hops: Some(r.hops),
+                direction: None,
+                addr: None,
+                listen: Vec::new(),
+                rtt_ms: None,
+                srtt_ms: None,
+                errors: 0,
+                timeouts: 0,
+                score: 0.0,
+                connected_secs: None,
+                idle_ms: None,
+                dial_failures: 0,
+                metadata: BTreeMap::new(),
+            }),
+        }
+    }
+    out
+}
+
 fn peer_json(p: &PeerSnapshot) -> PeerJson {
     PeerJson {
         node_id: p.node_id.to_string(),
         state: p.state.as_str(),
+        via: None,
+        hops: None,
         direction: p.direction.map(direction_name),
         addr: p.remote_addr.as_ref().map(|a| a.to_string()),
         listen: p.addrs.iter().map(|a| a.to_string()).collect(),
@@ -1869,6 +1915,8 @@ mod tests {
                 "peers": [{
                     "node_id": "010203",
                     "state": "connected",
+                    "via": null,
+                    "hops": null,
                     "direction": "inbound",
                     "addr": "tcp://127.0.0.1:40000",
                     "listen": ["tcp://127.0.0.1:7001"],
@@ -1883,7 +1931,9 @@ mod tests {
                     "metadata": {"role": "leaf"}
                 }, {
                     "node_id": "04",
-                    "state": "known",
+                    "state": "routed",
+                    "via": "010203",
+                    "hops": 2,
                     "direction": null,
                     "addr": null,
                     "listen": [],
@@ -2459,6 +2509,13 @@ mod tests {
         assert_eq!(route["next_hop"], b.node.node_id().to_string());
         assert_eq!(route["hops"], 2);
         assert!(route["age_ms"].as_f64().unwrap() >= 0.0);
+        // The peer table shows the same node as routed, through b.
+        let peers = status["peers"].as_array().unwrap();
+        let routed = peers.iter().find(|p| p["node_id"] == c_id.to_string());
+        let routed = routed.unwrap_or_else(|| panic!("c not in the peer table: {status}"));
+        assert_eq!(routed["state"], "routed", "{routed}");
+        assert_eq!(routed["via"], b.node.node_id().to_string());
+        assert_eq!(routed["hops"], 2);
         let (_, status) = get_json(c.addr, "/status").await;
         let echo = status["concerns"]
             .as_array()
