@@ -83,8 +83,9 @@ impl Default for ConcernsConfig {
 }
 
 impl ConcernsConfig {
-    /// Requests waiting per sender and concern (default 64); beyond it the
-    /// sender is answered "overloaded".
+    /// Requests waiting per sender, concern and lane (default 64); beyond
+    /// it the sender is answered "overloaded". Per lane, so that a backlog of
+    /// bulk or normal requests never locks a sender's control requests out.
     pub fn with_per_sender_queue(mut self, n: usize) -> Self {
         self.per_sender_queue = n.max(1);
         self

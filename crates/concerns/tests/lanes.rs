@@ -1,0 +1,778 @@
+//! Dispatch and lanes of the concerns layer on the in-memory network, on a
+//! paused clock (one test on many threads and the real clock): waiting
+//! requests are served control first, then normal, then bulk; answers take
+//! the request's lane unless the handler picks another; handlers that answer
+//! without awaiting are answered inline on the connection's reader; the
+//! concurrency limit and the per-sender queues hold.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use meshwork_concerns::peers::{ConcernFrame, InboundHandler, PeerManager, PeersConfig};
+use meshwork_concerns::transport::mem::MemNetwork;
+use meshwork_concerns::transport::{Config, ConnectionHandle, Endpoint, Priority};
+use meshwork_concerns::wire::proto::{ConcernError, ConcernKind, ErrorCode};
+use meshwork_concerns::wire::{Message, NodeId};
+use meshwork_concerns::{
+    BoxError, Concern, ConcernStats, Concerns, ConcernsConfig, ConcernsError, Context, Reply,
+};
+use prost::Message as _;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+/// How long any single wait of these tests may take before it counts as a
+/// failure (paused clock: only reached when something is stuck).
+const GUARD: Duration = Duration::from_secs(10);
+
+/// A peer manager for `name` on `net`, seeded with `seeds`, nothing above it.
+async fn bare_peers(net: &MemNetwork, name: &str, seeds: &[&str]) -> PeerManager {
+    let transport = Config::new("lanes-test")
+        .with_insecure_plaintext()
+        .with_keepalive(None, None);
+    let endpoint = Endpoint::new(transport, net.transport(name));
+    endpoint
+        .listen(&format!("mem://{name}").parse().unwrap())
+        .await
+        .unwrap();
+    let seeds = seeds.iter().map(|a| a.parse().unwrap());
+    PeerManager::start(endpoint, PeersConfig::default().with_seeds(seeds)).unwrap()
+}
+
+/// A node running exactly `concerns` (no built-in ones).
+async fn node(
+    net: &MemNetwork,
+    name: &str,
+    seeds: &[&str],
+    config: ConcernsConfig,
+    concerns: Vec<Arc<dyn Concern>>,
+) -> Concerns {
+    let peers = bare_peers(net, name, seeds).await;
+    Concerns::builder(peers)
+        .config(config)
+        .only(concerns)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// A server "s" running `concerns` and `clients` nodes seeded with it, all
+/// connected.
+async fn star(
+    net: &MemNetwork,
+    config: ConcernsConfig,
+    concerns: Vec<Arc<dyn Concern>>,
+    clients: usize,
+) -> (Concerns, Vec<Concerns>) {
+    let server = node(net, "s", &[], config, concerns).await;
+    let mut all = Vec::new();
+    for i in 0..clients {
+        let c = node(
+            net,
+            &format!("c{i}"),
+            &["mem://s"],
+            ConcernsConfig::default(),
+            vec![],
+        )
+        .await;
+        c.peers().wait_for_peers(1, 5 * S).await.unwrap();
+        all.push(c);
+    }
+    server.peers().wait_for_peers(clients, 5 * S).await.unwrap();
+    (server, all)
+}
+
+async fn stop(nodes: Vec<Concerns>) {
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    for n in &nodes {
+        n.peers().shutdown().await;
+    }
+}
+
+fn stats_of(node: &Concerns, command: u32) -> ConcernStats {
+    node.stats()
+        .into_iter()
+        .find(|s| s.command == command)
+        .expect("the concern is registered")
+}
+
+/// Waits (bounded) until `cond` holds; panics naming `what` otherwise.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + GUARD;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(MS).await;
+    }
+}
+
+/// Awaits `fut`, bounded; panics naming `what` if it takes too long.
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    timeout(GUARD, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn is_overloaded(r: &Result<Bytes, ConcernsError>) -> bool {
+    matches!(
+        r,
+        Err(ConcernsError::Remote {
+            code: ErrorCode::Overloaded,
+            ..
+        })
+    )
+}
+
+/// Records the requests it starts, in order; a request whose payload starts
+/// with "gate" waits for a permit of `gate` (held by the test). One request
+/// at a time. Echoes.
+#[derive(Clone)]
+struct Gated {
+    gate: Arc<Semaphore>,
+    started: Arc<Mutex<Vec<String>>>,
+}
+
+const GATED: u32 = 60;
+
+impl Gated {
+    fn new() -> Self {
+        Gated {
+            gate: Arc::new(Semaphore::new(0)),
+            started: Arc::default(),
+        }
+    }
+    fn started(&self) -> Vec<String> {
+        self.started.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Concern for Gated {
+    fn command(&self) -> u32 {
+        GATED
+    }
+    fn name(&self) -> &str {
+        "gated"
+    }
+    fn max_concurrency(&self) -> usize {
+        1
+    }
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        _from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        self.started.lock().unwrap().push(text(&payload));
+        if payload.starts_with(b"gate") {
+            let _permit = self.gate.acquire().await?;
+        }
+        Ok(Some(Reply::new(payload)))
+    }
+}
+
+/// Sends `payload` from `ctx` to `to` on `lane` in a task of its own.
+fn spawn_request(
+    ctx: &Context,
+    to: &NodeId,
+    payload: &str,
+    lane: Priority,
+) -> JoinHandle<Result<Bytes, ConcernsError>> {
+    let (ctx, to, payload) = (ctx.clone(), to.clone(), payload.to_string());
+    tokio::spawn(async move { ctx.request_with(&to, payload, GUARD, lane).await })
+}
+
+/// While the only slot is taken, bulk requests wait; a normal one that
+/// comes later overtakes them, and a control one that comes last overtakes
+/// everything. Within a lane, requests keep their order.
+#[tokio::test(start_paused = true)]
+async fn control_overtakes_normal_which_overtakes_bulk_while_waiting() {
+    let net = MemNetwork::new();
+    let gated = Gated::new();
+    let (server, clients) = star(
+        &net,
+        ConcernsConfig::default(),
+        vec![Arc::new(gated.clone())],
+        1,
+    )
+    .await;
+    let sid = server.peers().node_id().clone();
+    let ctx = clients[0].context(GATED);
+
+    let mut calls = vec![(
+        "gate".to_string(),
+        spawn_request(&ctx, &sid, "gate", Priority::Normal),
+    )];
+    wait_until("the gated request to start", || {
+        gated.started() == ["gate"] && stats_of(&server, GATED).in_flight == 1
+    })
+    .await;
+    let later = [
+        ("bulk 0", Priority::Bulk),
+        ("bulk 1", Priority::Bulk),
+        ("bulk 2", Priority::Bulk),
+        ("normal", Priority::Normal),
+        ("control", Priority::Control),
+    ];
+    for (queued, (name, lane)) in later.into_iter().enumerate() {
+        calls.push((name.to_string(), spawn_request(&ctx, &sid, name, lane)));
+        wait_until(&format!("{name} to be queued"), || {
+            stats_of(&server, GATED).queued == queued + 1
+        })
+        .await;
+    }
+    // Nothing but the gated request has started meanwhile.
+    assert_eq!(gated.started(), ["gate"]);
+
+    gated.gate.add_permits(1);
+    for (name, call) in calls {
+        let reply = within(&name, call)
+            .await
+            .expect("the request task")
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(reply, Bytes::from(name.clone()), "{name}");
+    }
+    assert_eq!(
+        gated.started(),
+        ["gate", "control", "normal", "bulk 0", "bulk 1", "bulk 2"]
+    );
+    let stats = stats_of(&server, GATED);
+    assert_eq!((stats.requests, stats.replies), (6, 6));
+    wait_until("the slot to be given back", || {
+        let s = stats_of(&server, GATED);
+        (s.in_flight, s.queued) == (0, 0)
+    })
+    .await;
+    let mut all = vec![server];
+    all.extend(clients);
+    stop(all).await;
+}
+
+/// Echoes; 'e…' fails, 's…' answers after 10 ms, 'C…' / 'B…' / 'N…' answer
+/// on the control / bulk / normal lane whatever the request's.
+struct Laner;
+
+const LANER: u32 = 63;
+
+#[async_trait]
+impl Concern for Laner {
+    fn command(&self) -> u32 {
+        LANER
+    }
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        _from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        let reply = Reply::new(payload.clone());
+        Ok(Some(match payload.first() {
+            Some(b'e') => return Err("asked to fail".into()),
+            Some(b's') => {
+                sleep(10 * MS).await;
+                reply
+            }
+            Some(b'C') => reply.with_priority(Priority::Control),
+            Some(b'B') => reply.with_priority(Priority::Bulk),
+            Some(b'N') => reply.with_priority(Priority::Normal),
+            _ => reply,
+        }))
+    }
+}
+
+/// Hands every Concern frame it receives to the test.
+struct Recorder(mpsc::UnboundedSender<ConcernFrame>);
+
+impl InboundHandler for Recorder {
+    fn on_concern(&self, _from: &NodeId, _conn: &ConnectionHandle, message: ConcernFrame) {
+        let _ = self.0.send(message);
+    }
+}
+
+/// The lane a frame was sent on, as its flags name it (protocol section 10:
+/// bits 0-1, 0 normal, 1 control, 2 bulk).
+fn flags_of(lane: Priority) -> u32 {
+    match lane {
+        Priority::Normal => 0,
+        Priority::Control => 1,
+        Priority::Bulk => 2,
+    }
+}
+
+/// The answer to a request goes back on the request's lane (its frame says
+/// so in its flags), replies and errors alike, inline or after awaiting,
+/// unless the handler picked a lane with `Reply::with_priority`. The client
+/// here is a bare peer manager that writes and reads the Concern frames
+/// itself.
+#[tokio::test(start_paused = true)]
+async fn an_answer_goes_back_on_the_requests_lane_unless_the_handler_picks_one() {
+    let net = MemNetwork::new();
+    let server = node(
+        &net,
+        "s",
+        &[],
+        ConcernsConfig::default(),
+        vec![Arc::new(Laner)],
+    )
+    .await;
+    let client = bare_peers(&net, "c", &["mem://s"]).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    client.set_inbound_handler(Arc::new(Recorder(tx))).unwrap();
+    client.wait_for_peers(1, 5 * S).await.unwrap();
+    server.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    let sid = server.peers().node_id().clone();
+
+    use Priority::{Bulk, Control, Normal};
+    // (command, payload, request lane, request flags, answer kind, answer lane)
+    let cases: &[(u32, &str, Priority, u32, ConcernKind, Priority)] = &[
+        (LANER, "plain", Control, 1, ConcernKind::Reply, Control),
+        (LANER, "plain", Normal, 0, ConcernKind::Reply, Normal),
+        (LANER, "plain", Bulk, 2, ConcernKind::Reply, Bulk),
+        // Flags 3 read as normal, whatever lane carried the frame.
+        (LANER, "plain", Bulk, 3, ConcernKind::Reply, Normal),
+        // Answered after awaiting, from a task of its own.
+        (LANER, "slow", Bulk, 2, ConcernKind::Reply, Bulk),
+        (LANER, "slow", Control, 1, ConcernKind::Reply, Control),
+        // The handler's choice wins.
+        (LANER, "C", Bulk, 2, ConcernKind::Reply, Control),
+        (LANER, "B", Control, 1, ConcernKind::Reply, Bulk),
+        (LANER, "N", Control, 1, ConcernKind::Reply, Normal),
+        // Errors: a failing handler, a command nobody handles.
+        (LANER, "error", Bulk, 2, ConcernKind::Error, Bulk),
+        (LANER, "error", Control, 1, ConcernKind::Error, Control),
+        (999, "unknown", Control, 1, ConcernKind::Error, Control),
+        (999, "unknown", Bulk, 2, ConcernKind::Error, Bulk),
+    ];
+    for (i, &(command, payload, lane, flags, kind, answer_lane)) in cases.iter().enumerate() {
+        let case = format!("case {i}: {payload:?} on {lane:?} (flags {flags})");
+        let request_id = 100 + i as u64;
+        let frame = ConcernFrame {
+            command,
+            request_id,
+            kind: ConcernKind::Request as i32,
+            ttl: 0,
+            flags,
+            payload: Bytes::from(payload),
+        };
+        client
+            .send(&sid, Message::Concern(frame), lane)
+            .await
+            .unwrap();
+        let answer = within(&case, rx.recv())
+            .await
+            .expect("the handler is installed");
+        assert_eq!(answer.request_id, request_id, "{case}");
+        assert_eq!(answer.command, command, "{case}");
+        assert_eq!(answer.kind, kind as i32, "{case}");
+        assert_eq!(answer.flags, flags_of(answer_lane), "{case}: answer's lane");
+        if kind == ConcernKind::Reply {
+            assert_eq!(answer.payload, Bytes::from(payload), "{case}");
+        } else {
+            let e = ConcernError::decode(answer.payload.clone()).unwrap();
+            let expected = if command == LANER {
+                ErrorCode::HandlerFailed
+            } else {
+                ErrorCode::UnknownCommand
+            };
+            assert_eq!(e.code, expected as i32, "{case}: {e:?}");
+        }
+    }
+    assert!(rx.try_recv().is_err(), "one answer per request");
+    server.shutdown().await;
+    server.peers().shutdown().await;
+    client.shutdown().await;
+}
+
+/// 'i…' answers at once, 'w…' after awaiting 10 ms; records the task each
+/// handler started and ended on. Two at a time.
+#[derive(Clone, Default)]
+struct Mixed {
+    tasks: Arc<Mutex<HashMap<String, (tokio::task::Id, tokio::task::Id)>>>,
+}
+
+const MIXED: u32 = 61;
+
+#[async_trait]
+impl Concern for Mixed {
+    fn command(&self) -> u32 {
+        MIXED
+    }
+    fn max_concurrency(&self) -> usize {
+        2
+    }
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        _from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        let first = tokio::task::try_id().expect("handlers run in tasks");
+        match payload.first() {
+            Some(b'i') => {}
+            Some(b'w') => sleep(10 * MS).await,
+            _ => return Err("unexpected payload".into()),
+        }
+        let last = tokio::task::try_id().expect("handlers run in tasks");
+        self.tasks
+            .lock()
+            .unwrap()
+            .insert(text(&payload), (first, last));
+        Ok(Some(Reply::new(format!("{}!", text(&payload)))))
+    }
+}
+
+/// A handler that answers without awaiting is answered right on the
+/// connection's reader (no task of its own); one that awaits starts there
+/// and carries on in a task of its own. Mixed and concurrent, every request
+/// gets its own answer and the counters end balanced.
+#[tokio::test(start_paused = true)]
+async fn inline_and_awaiting_handlers_both_answer_and_the_counters_balance() {
+    let net = MemNetwork::new();
+    let mixed = Mixed::default();
+    let (server, clients) = star(
+        &net,
+        ConcernsConfig::default(),
+        vec![Arc::new(mixed.clone())],
+        1,
+    )
+    .await;
+    let sid = server.peers().node_id().clone();
+    let ctx = clients[0].context(MIXED);
+
+    // One at a time: every handler starts on the same task, the reader of
+    // the one connection; those that await finish on another one.
+    for p in ["i-seq-0", "w-seq-0", "i-seq-1", "w-seq-1", "i-seq-2"] {
+        let reply = within(p, ctx.request(&sid, p, GUARD)).await.unwrap();
+        assert_eq!(reply, Bytes::from(format!("{p}!")));
+    }
+    let tasks = mixed.tasks.lock().unwrap().clone();
+    let reader = tasks["i-seq-0"].0;
+    for p in ["i-seq-0", "i-seq-1", "i-seq-2"] {
+        assert_eq!(tasks[p], (reader, reader), "{p} ran inline on the reader");
+    }
+    for p in ["w-seq-0", "w-seq-1"] {
+        let (first, last) = tasks[p];
+        assert_eq!(first, reader, "{p}'s first poll ran on the reader");
+        assert_ne!(last, reader, "{p} carried on in a task of its own");
+    }
+    let before = stats_of(&server, MIXED);
+    assert_eq!((before.requests, before.replies), (5, 5));
+
+    // Twenty at once, mixed.
+    let payloads: Vec<String> = (0..20)
+        .map(|i| format!("{}-{i}", if i % 3 == 0 { 'w' } else { 'i' }))
+        .collect();
+    let calls = payloads.iter().map(|p| ctx.request(&sid, p.clone(), GUARD));
+    let replies = within("20 requests", futures_util::future::join_all(calls)).await;
+    for (p, r) in payloads.iter().zip(replies) {
+        assert_eq!(r.unwrap(), Bytes::from(format!("{p}!")), "{p}");
+    }
+    wait_until("the server to be idle", || {
+        let s = stats_of(&server, MIXED);
+        (s.in_flight, s.queued) == (0, 0)
+    })
+    .await;
+    let stats = stats_of(&server, MIXED);
+    assert_eq!(
+        (stats.requests, stats.replies, stats.errors, stats.dropped),
+        (25, 25, 0, 0),
+        "{stats:?}"
+    );
+    let mut all = vec![server];
+    all.extend(clients);
+    stop(all).await;
+}
+
+/// Counts the handlers running at once and the most ever seen; 'i…'
+/// answers at once, others after 5 ms. Three at a time.
+#[derive(Clone, Default)]
+struct Counting {
+    now: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    handled: Arc<AtomicUsize>,
+}
+
+const COUNTING: u32 = 62;
+
+#[async_trait]
+impl Concern for Counting {
+    fn command(&self) -> u32 {
+        COUNTING
+    }
+    fn max_concurrency(&self) -> usize {
+        3
+    }
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        _from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        if !payload.starts_with(b"i") {
+            sleep(5 * MS).await;
+        }
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(Reply::new(payload)))
+    }
+}
+
+/// Fires `n` requests from each client at once at `server`'s `command`;
+/// returns every (payload, result).
+async fn burst(
+    clients: &[Concerns],
+    server: &NodeId,
+    command: u32,
+    n: usize,
+    payload: impl Fn(usize, usize) -> String,
+) -> Vec<(String, Result<Bytes, ConcernsError>)> {
+    let mut tasks = Vec::new();
+    for (c, client) in clients.iter().enumerate() {
+        let ctx = client.context(command);
+        let payloads: Vec<String> = (0..n).map(|i| payload(c, i)).collect();
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            let calls = payloads
+                .iter()
+                .map(|p| ctx.request(&server, p.clone(), GUARD));
+            let results = futures_util::future::join_all(calls).await;
+            payloads.into_iter().zip(results).collect::<Vec<_>>()
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(within("a burst", t).await.unwrap());
+    }
+    all
+}
+
+/// Thirty requests at once from two peers, some answered inline, some
+/// awaiting: never more than three handlers at once, and three are reached.
+#[tokio::test(start_paused = true)]
+async fn the_concurrency_limit_holds_with_inline_starts() {
+    let net = MemNetwork::new();
+    let counting = Counting::default();
+    let (server, clients) = star(
+        &net,
+        ConcernsConfig::default(),
+        vec![Arc::new(counting.clone())],
+        2,
+    )
+    .await;
+    let sid = server.peers().node_id().clone();
+    let results = burst(&clients, &sid, COUNTING, 15, |c, i| {
+        let kind = if i % 4 == 1 { 'i' } else { 'w' };
+        format!("{kind} {c}-{i}")
+    })
+    .await;
+    assert_eq!(results.len(), 30);
+    for (p, r) in results {
+        assert_eq!(r.unwrap(), Bytes::from(p.clone()), "{p}");
+    }
+    assert_eq!(counting.most.load(Ordering::SeqCst), 3, "most at once");
+    assert_eq!(counting.handled.load(Ordering::SeqCst), 30);
+    assert_eq!(counting.now.load(Ordering::SeqCst), 0);
+    wait_until("the server to be idle", || {
+        let s = stats_of(&server, COUNTING);
+        (s.in_flight, s.queued) == (0, 0)
+    })
+    .await;
+    let stats = stats_of(&server, COUNTING);
+    assert_eq!((stats.requests, stats.replies, stats.dropped), (30, 30, 0));
+    let mut all = vec![server];
+    all.extend(clients);
+    stop(all).await;
+}
+
+/// The same on a multi-threaded runtime and the real clock, where the two
+/// peers' readers start requests truly at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_concurrency_limit_holds_with_inline_starts_on_many_threads() {
+    let net = MemNetwork::new();
+    let counting = Counting::default();
+    let (server, clients) = star(
+        &net,
+        ConcernsConfig::default(),
+        vec![Arc::new(counting.clone())],
+        2,
+    )
+    .await;
+    let sid = server.peers().node_id().clone();
+    for round in 0..5 {
+        let results = burst(&clients, &sid, COUNTING, 40, |c, i| {
+            let kind = if i % 2 == 1 { 'i' } else { 'w' };
+            format!("{kind} {round} {c}-{i}")
+        })
+        .await;
+        assert_eq!(results.len(), 80);
+        for (p, r) in results {
+            assert_eq!(r.unwrap(), Bytes::from(p.clone()), "{p}");
+        }
+        assert!(
+            counting.most.load(Ordering::SeqCst) <= 3,
+            "round {round}: {} at once",
+            counting.most.load(Ordering::SeqCst)
+        );
+    }
+    assert_eq!(counting.handled.load(Ordering::SeqCst), 400);
+    wait_until("the server to be idle", || {
+        let s = stats_of(&server, COUNTING);
+        (s.in_flight, s.queued) == (0, 0)
+    })
+    .await;
+    let stats = stats_of(&server, COUNTING);
+    assert_eq!(
+        (stats.requests, stats.replies, stats.dropped),
+        (400, 400, 0)
+    );
+    let mut all = vec![server];
+    all.extend(clients);
+    stop(all).await;
+}
+
+/// One request running and two waiting fill a sender's share: its next
+/// request is refused "overloaded" at once, while another sender's is still
+/// taken; when the slot frees up, every accepted request is answered.
+#[tokio::test(start_paused = true)]
+async fn a_full_sender_queue_is_refused_at_once_and_the_rest_are_served() {
+    let net = MemNetwork::new();
+    let gated = Gated::new();
+    let (server, clients) = star(
+        &net,
+        ConcernsConfig::default().with_per_sender_queue(2),
+        vec![Arc::new(gated.clone())],
+        2,
+    )
+    .await;
+    let sid = server.peers().node_id().clone();
+    let ctx = clients[0].context(GATED);
+
+    let mut calls = vec![(
+        "gate".to_string(),
+        spawn_request(&ctx, &sid, "gate", Priority::Normal),
+    )];
+    wait_until("the gated request to start", || {
+        gated.started() == ["gate"] && stats_of(&server, GATED).in_flight == 1
+    })
+    .await;
+    for (queued, name) in ["queued 0", "queued 1"].into_iter().enumerate() {
+        calls.push((
+            name.to_string(),
+            spawn_request(&ctx, &sid, name, Priority::Normal),
+        ));
+        wait_until(&format!("{name} to be queued"), || {
+            stats_of(&server, GATED).queued == queued + 1
+        })
+        .await;
+    }
+
+    let t = Instant::now();
+    let refused = within("the refusal", ctx.request(&sid, "one too many", GUARD)).await;
+    assert!(is_overloaded(&refused), "{refused:?}");
+    assert!(t.elapsed() < 10 * MS, "refused after {:?}", t.elapsed());
+    let stats = stats_of(&server, GATED);
+    assert_eq!((stats.dropped, stats.queued, stats.in_flight), (1, 2, 1));
+    assert_eq!(gated.started(), ["gate"], "the gate is still closed");
+
+    // Another sender has a queue of its own.
+    let other = clients[1].context(GATED);
+    calls.push((
+        "other".to_string(),
+        spawn_request(&other, &sid, "other", Priority::Normal),
+    ));
+    wait_until("the other sender's request to be queued", || {
+        stats_of(&server, GATED).queued == 3
+    })
+    .await;
+    assert_eq!(stats_of(&server, GATED).dropped, 1);
+
+    gated.gate.add_permits(1);
+    for (name, call) in calls {
+        let reply = within(&name, call)
+            .await
+            .expect("the request task")
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(reply, Bytes::from(name.clone()), "{name}");
+    }
+    let mut started = gated.started();
+    started.sort();
+    assert_eq!(started, ["gate", "other", "queued 0", "queued 1"]);
+    let stats = stats_of(&server, GATED);
+    assert_eq!(
+        (stats.requests, stats.replies, stats.dropped),
+        (4, 4, 1),
+        "{stats:?}"
+    );
+    let mut all = vec![server];
+    all.extend(clients);
+    stop(all).await;
+}
+
+/// A sender's share of a concern's queue is per lane: a sender whose normal
+/// queue is full is refused another normal request, but its control request
+/// still waits (and goes first), so a bulk or normal backlog never locks a
+/// sender's control traffic out.
+#[tokio::test(start_paused = true)]
+async fn a_senders_share_is_per_lane() {
+    let net = MemNetwork::new();
+    let gated = Gated::new();
+    let (server, clients) = star(
+        &net,
+        ConcernsConfig::default().with_per_sender_queue(2),
+        vec![Arc::new(gated.clone())],
+        1,
+    )
+    .await;
+    let sid = server.peers().node_id().clone();
+    let ctx = clients[0].context(GATED);
+
+    let mut calls = vec![spawn_request(&ctx, &sid, "gate", Priority::Normal)];
+    wait_until("the gated request to start", || {
+        stats_of(&server, GATED).in_flight == 1
+    })
+    .await;
+    for (queued, name) in ["normal 0", "normal 1"].into_iter().enumerate() {
+        calls.push(spawn_request(&ctx, &sid, name, Priority::Normal));
+        wait_until(&format!("{name} to be queued"), || {
+            stats_of(&server, GATED).queued == queued + 1
+        })
+        .await;
+    }
+    // The normal share (2) is taken: one more normal request is refused.
+    let refused = spawn_request(&ctx, &sid, "normal 2", Priority::Normal);
+    let refused = within("normal 2", refused).await.expect("the request task");
+    assert!(is_overloaded(&refused), "{refused:?}");
+    // A control request from the same sender still gets in.
+    calls.push(spawn_request(&ctx, &sid, "control", Priority::Control));
+    wait_until("the control request to be queued", || {
+        stats_of(&server, GATED).queued == 3
+    })
+    .await;
+    let stats = stats_of(&server, GATED);
+    assert_eq!((stats.queued, stats.dropped), (3, 1), "{stats:?}");
+    gated.gate.add_permits(1);
+    for call in calls {
+        within("a queued request", call)
+            .await
+            .expect("the request task")
+            .unwrap();
+    }
+    let mut all = vec![server];
+    all.extend(clients);
+    stop(all).await;
+}
