@@ -17,11 +17,13 @@
 //!   {"node_id","addr","direction","listen_addrs","rtt_ms","smoothed_rtt_ms","age_secs",
 //!   "frames_sent","frames_received"}],"pool":{"connected","inbound","outbound",
 //!   "pending_dials","known","dropped_inbound","min_peers","max_peers"},"peers":[
-//!   {"node_id","state","direction","addr","listen","rtt_ms","srtt_ms","errors","timeouts",
-//!   "score","connected_secs","idle_ms","dial_failures","metadata"}],"blocked":["<hex>"]}`;
+//!   {"node_id","state","via","hops","direction","addr","listen","rtt_ms","srtt_ms","errors",
+//!   "timeouts","score","connected_secs","idle_ms","dial_failures","metadata"}],
+//!   "blocked":["<hex>"]}`;
 //!   `security` is `"noise"` unless the node was started with `--insecure` (test-mesh
 //!   never does). `peers` lists every peer the node knows, connected ones first;
-//!   `state` is one of [`PEER_STATES`].
+//!   `state` is one of [`PEER_STATES`]; `via` (hex) and `hops` are set exactly when it is
+//!   `"routed"` (reached through the routing table, not linked).
 //! * `POST /peers/{id}/disconnect` (200, 404 if not connected, 400 for a bad id),
 //!   `POST /peers/{id}/block` and `/unblock` (200): a blocked peer is disconnected
 //!   and refused until unblocked (test-mesh partitions the mesh with it).
@@ -247,6 +249,7 @@ const PEER_STATES: &[&str] = &[
     "unresponsive",
     "disconnected",
     "banned",
+    "routed",
 ];
 /// `--max-peers` of the node the `limits` scenario fills.
 const LIMITED_MAX_PEERS: usize = 2;
@@ -353,7 +356,8 @@ const SCENARIOS: &[Scenario] = &[
                 --max-peers 2; the first --max-peers 1, or it would close the line into a \
                 ring): the first one's POST /request to the last gets the echo back, only \
                 the last records the request, and the first's /status routes list the last \
-                4 hops away through the second; a request to an unknown id answers 404 \
+                4 hops away through the second, its peer table showing the last as routed \
+                (via the second, 4 hops); a request to an unknown id answers 404 \
                 unreachable within its timeout_ms, a bad id 400",
         run: scenario_route,
     },
@@ -2079,6 +2083,25 @@ fn check_route(mesh: &mut Mesh, line: &[usize]) -> Result<String> {
                     mesh.label(&route.next_hop),
                     graph.describe()
                 )));
+            }
+            // The peer table shows the same node as routed, through the second.
+            let routed = s
+                .peers
+                .iter()
+                .find(|p| p.node_id.eq_ignore_ascii_case(&last_id));
+            match routed {
+                Some(p)
+                    if p.state == "routed"
+                        && p.hops == Some(hops)
+                        && p.via
+                            .as_deref()
+                            .is_some_and(|v| v.eq_ignore_ascii_case(&second_id)) => {}
+                other => {
+                    return Err(Wait::Fatal(format!(
+                        "node {first}'s peer table shows node {last} as {other:?}, expected \
+                         state routed via node {second}, {hops} hops"
+                    )));
+                }
             }
             Ok(route.clone())
         },
@@ -5590,6 +5613,10 @@ struct Peer {
     node_id: String,
     /// One of [`PEER_STATES`].
     state: String,
+    /// The next hop of a routed peer (hex).
+    via: Option<String>,
+    /// The distance of a routed peer.
+    hops: Option<u64>,
     /// `"inbound"`, `"outbound"` or none (not connected).
     direction: Option<String>,
     addr: Option<String>,
@@ -5889,9 +5916,21 @@ fn parse_peer(p: &Value) -> Result<Peer> {
             (k.clone(), v)
         })
         .collect();
+    let via = opt_str_field(p, "via")?;
+    let hops = match field(p, "hops")? {
+        Value::Null => None,
+        v => Some(v.as_u64().context("`hops` is not a count")?),
+    };
+    let routed = state == "routed";
+    ensure!(
+        via.is_some() == routed && hops.is_some() == routed,
+        "`via` {via:?} and `hops` {hops:?} must be set exactly for a routed peer (state {state:?})"
+    );
     Ok(Peer {
         node_id: str_field(p, "node_id")?,
         state,
+        via,
+        hops,
         direction,
         addr: opt_str_field(p, "addr")?,
         listen: str_list(p, "listen")?,
@@ -6584,13 +6623,15 @@ mod tests {
             "pool": {"connected": 1, "inbound": 1, "outbound": 0, "pending_dials": 0,
                      "known": 2, "dropped_inbound": 0, "min_peers": 3, "max_peers": 7},
             "peers": [{
-                "node_id": "bb", "state": "connected", "direction": "inbound",
+                "node_id": "bb", "state": "connected", "via": null, "hops": null,
+                "direction": "inbound",
                 "addr": "tcp://127.0.0.1:2", "listen": ["tcp://127.0.0.1:3"], "rtt_ms": 0.2,
                 "srtt_ms": 0.25, "errors": 0, "timeouts": 0, "score": 0.9,
                 "connected_secs": 1.2, "idle_ms": 10, "dial_failures": 0,
                 "metadata": {"test-mesh-node": "1", "n": 2}
             }, {
-                "node_id": "cc", "state": "known", "direction": null, "addr": null,
+                "node_id": "cc", "state": "routed", "via": "bb", "hops": 2,
+                "direction": null, "addr": null,
                 "listen": ["tcp://127.0.0.1:4"], "rtt_ms": null, "srtt_ms": null,
                 "errors": 0, "timeouts": 0, "score": 0, "connected_secs": null,
                 "idle_ms": null, "dial_failures": 2, "metadata": {}
