@@ -438,6 +438,12 @@ impl Inner {
     ) -> (u64, oneshot::Receiver<Result<Bytes, ConcernsError>>) {
         let (tx, rx) = oneshot::channel();
         let mut pending = lock(&self.pending);
+        // Checked under the lock that shutdown clears the map under (after
+        // cancelling): a request is either refused here or failed there.
+        if self.cancel.is_cancelled() {
+            drop(tx);
+            return (0, rx);
+        }
         let mut id = self.next_request.fetch_add(1, Ordering::Relaxed);
         while id == 0 || pending.contains_key(&id) {
             id = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -459,15 +465,16 @@ impl Inner {
         rx: oneshot::Receiver<Result<Bytes, ConcernsError>>,
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
-        let r = tokio::select! {
-            _ = self.cancel.cancelled() => Err(ConcernsError::Shutdown),
-            r = tokio::time::timeout(timeout, rx) => match r {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(ConcernsError::Shutdown),
-                Err(_) => Err(ConcernsError::Timeout(timeout)),
-            },
+        // Shutdown fails every waiting request by dropping its sender.
+        let r = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ConcernsError::Shutdown),
+            Err(_) => Err(ConcernsError::Timeout(timeout)),
         };
-        lock(&self.pending).remove(&id);
+        if r.is_err() {
+            // Answered requests were taken out of the map by their answer.
+            lock(&self.pending).remove(&id);
+        }
         r
     }
 
@@ -480,6 +487,9 @@ impl Inner {
         priority: Priority,
     ) -> Result<Bytes, ConcernsError> {
         let (id, rx) = self.new_request(peer, false);
+        if id == 0 {
+            return Err(ConcernsError::Shutdown);
+        }
         let sent = self
             .send_direct(peer, command, id, ConcernKind::Request, payload, priority)
             .await;
@@ -503,6 +513,9 @@ impl Inner {
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
         let (id, rx) = self.new_request(node, true);
+        if id == 0 {
+            return Err(ConcernsError::Shutdown);
+        }
         let started = tokio::time::Instant::now();
         let sent = tokio::time::timeout(
             timeout,

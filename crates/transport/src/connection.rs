@@ -773,6 +773,8 @@ const KEEP_READ_BUFFER: usize = 16 * 1024;
 const DIRECT_PENDING_LIMIT: usize = 256 * 1024;
 /// Frames the reader handles, its answers gathered, before it writes them.
 const CORK_FRAMES: usize = 64;
+/// Frames the reader handles in a burst between two readings of the clock.
+const CLOCK_FRAMES: usize = 32;
 
 /// The write side of the stream, shared by the writer task and by the
 /// reader, which writes the answers it produced while handling a burst of
@@ -875,6 +877,8 @@ impl Shared {
             return;
         }
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let now = self.nanos_since_start(Instant::now());
+        self.last_sent_nanos.store(now, Ordering::Relaxed);
         match w.poll_drain(&mut cx) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => {
@@ -912,8 +916,6 @@ impl Shared {
         let bytes = w.encode(&msg);
         self.frames_sent.fetch_add(1, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
-        let now = self.nanos_since_start(Instant::now());
-        self.last_sent_nanos.store(now, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1298,6 +1300,10 @@ async fn read_loop(
     let mut large_frame_seen = false;
     // Frames handled since the reader corked the write side (see `corked`).
     let mut corked = 0usize;
+    // The clock is read when the reader wakes and every CLOCK_FRAMES frames
+    // of a burst, not for every frame: it only dates the last sign of life.
+    let mut now = Instant::now();
+    let mut unclocked = 0usize;
     loop {
         // The fast path below never waits, so it must not be where a
         // streaming peer keeps an aborted connection's reader alive.
@@ -1308,7 +1314,14 @@ async fn read_loop(
         // a read buffer that a large frame left behind, so an idle connection
         // stays small without costing a reallocation per frame when busy.
         let next = match futures_util::FutureExt::now_or_never(reader.next()) {
-            Some(next) => next,
+            Some(next) => {
+                unclocked += 1;
+                if unclocked >= CLOCK_FRAMES {
+                    now = Instant::now();
+                    unclocked = 0;
+                }
+                next
+            }
             None => {
                 // About to wait: write the answers gathered meanwhile.
                 if corked > 0 {
@@ -1320,7 +1333,7 @@ async fn read_loop(
                     *buf = BytesMut::with_capacity(crate::handshake::READ_BUFFER);
                     large_frame_seen = false;
                 }
-                tokio::select! {
+                let next = tokio::select! {
                     biased;
                     _ = &mut cancelled => break,
                     // A sink waiting to take over gets the queued messages
@@ -1330,7 +1343,10 @@ async fn read_loop(
                         continue;
                     }
                     next = reader.next() => next,
-                }
+                };
+                now = Instant::now();
+                unclocked = 0;
+                next
             }
         };
         let msg = match next {
@@ -1355,7 +1371,6 @@ async fn read_loop(
             }
             Some(Ok(msg)) => msg,
         };
-        let now = Instant::now();
         shared.frames_received.fetch_add(1, Ordering::Relaxed);
         let decoded = reader.decoder().decoded_bytes();
         let frame_len = decoded - shared.bytes_received.swap(decoded, Ordering::Relaxed);
@@ -1373,7 +1388,7 @@ async fn read_loop(
                 // the peer will ping again.
                 let _ = shared.push(pong, Priority::Control);
             }
-            Message::Pong(p) => shared.on_pong(p.nonce, now),
+            Message::Pong(p) => shared.on_pong(p.nonce, Instant::now()),
             Message::Disconnect(d) => {
                 debug!(reason = ?d.reason_or_unspecified(), message = %d.message, "peer disconnected");
                 shared.abort(CloseReason::Remote {

@@ -191,6 +191,22 @@ pub(crate) async fn handshake(
     }
 }
 
+/// The stream's read and write halves. A TCP stream splits into halves that
+/// share nothing but the socket; any other stream is split by tokio, whose
+/// halves take a lock on every read and write.
+fn split_stream(stream: BoxStream) -> Result<(BoxRead, BoxWrite), TransportError> {
+    if !(stream.as_ref() as &dyn std::any::Any).is::<tokio::net::TcpStream>() {
+        let (read, write) = tokio::io::split(stream);
+        return Ok((Box::new(read), Box::new(write)));
+    }
+    let any: Box<dyn std::any::Any> = stream;
+    let tcp = any
+        .downcast::<tokio::net::TcpStream>()
+        .map_err(|_| TransportError::Protocol("the stream changed type while split".into()))?;
+    let (read, write) = tcp.into_split();
+    Ok((Box::new(read), Box::new(write)))
+}
+
 async fn exchange(
     stream: BoxStream,
     config: &Config,
@@ -198,7 +214,7 @@ async fn exchange(
     initiator: bool,
     admit: Admission<'_>,
 ) -> Result<Handshaken, TransportError> {
-    let (mut read, mut write) = tokio::io::split(stream);
+    let (mut read, mut write) = split_stream(stream)?;
 
     // 1. Preamble, both ways at once. Nobody waits for the other's preamble
     // before sending what comes next (Noise message 1, or the initiator's
@@ -228,7 +244,7 @@ async fn exchange(
                     write.flush().await?;
                 }
                 read_preamble(&mut read, config.security).await?;
-                (Box::new(read), Box::new(write), None)
+                (read, write, None)
             }
             Security::Noise => {
                 let psk = noise::derive_psk(config.network_key.as_ref());

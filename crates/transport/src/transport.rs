@@ -12,7 +12,13 @@ use crate::{Address, TransportError};
 /// Implemented for every `AsyncRead + AsyncWrite + Send + Unpin + 'static`
 /// type: TCP streams, in-memory pipes, and (later) encrypted wrappers of
 /// either. The framing above never knows which one it has.
-pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug + 'static {}
+///
+/// (`Any` lets the handshake recognise a TCP stream and split it into halves
+/// that need no lock between them.)
+pub trait ByteStream:
+    AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug + std::any::Any + 'static
+{
+}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug + 'static> ByteStream for T {}
 
