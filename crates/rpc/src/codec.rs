@@ -4,6 +4,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// Bytes reserved before encoding a value with postcard.
+const ENCODE_CAPACITY: usize = 256;
+
 /// The encoding of a call's arguments and outcome, chosen by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 #[non_exhaustive]
@@ -36,7 +39,9 @@ impl Codec {
     /// Encodes `value`.
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, String> {
         match self {
-            Codec::Postcard => postcard::to_stdvec(value)
+            // Room for a typical call up front: postcard writes byte by byte,
+            // and growing a vector from empty costs several reallocations.
+            Codec::Postcard => postcard::to_extend(value, Vec::with_capacity(ENCODE_CAPACITY))
                 .map(Bytes::from)
                 .map_err(|e| e.to_string()),
             Codec::Json => serde_json::to_vec(value)
