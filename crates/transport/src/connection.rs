@@ -775,6 +775,10 @@ const DIRECT_PENDING_LIMIT: usize = 256 * 1024;
 const CORK_FRAMES: usize = 64;
 /// Frames the reader handles in a burst between two readings of the clock.
 const CLOCK_FRAMES: usize = 32;
+/// Frames the reader handles per unit of tokio's cooperative budget: with
+/// the default budget of 128 units, a reader that never has to wait yields
+/// after about 2 000 frames (a few ms of handlers at most).
+const BUDGET_FRAMES: usize = 16;
 
 /// The write side of the stream, shared by the writer task and by the
 /// reader, which writes the answers it produced while handling a burst of
@@ -1304,6 +1308,8 @@ async fn read_loop(
     // of a burst, not for every frame: it only dates the last sign of life.
     let mut now = Instant::now();
     let mut unclocked = 0usize;
+    // Frames handled since the reader last spent a unit of tokio's budget.
+    let mut budgeted = 0usize;
     loop {
         // The fast path below never waits, so it must not be where a
         // streaming peer keeps an aborted connection's reader alive.
@@ -1429,6 +1435,21 @@ async fn read_loop(
                 if corked >= CORK_FRAMES {
                     shared.uncork();
                     corked = 0;
+                }
+                // A peer that streams without pause must not keep this
+                // worker thread to itself: one unit of tokio's cooperative
+                // budget per BUDGET_FRAMES frames (reads alone count per read
+                // call, and one read can carry hundreds of frames handled
+                // right here).
+                budgeted += 1;
+                if budgeted >= BUDGET_FRAMES {
+                    budgeted = 0;
+                    if corked > 0 && !tokio::task::coop::has_budget_remaining() {
+                        // About to yield: the answers gathered go out first.
+                        shared.uncork();
+                        corked = 0;
+                    }
+                    tokio::task::coop::consume_budget().await;
                 }
             }
         }
