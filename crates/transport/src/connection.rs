@@ -911,7 +911,10 @@ impl Shared {
         let Ok(mut w) = self.write.try_lock() else {
             return Err(msg);
         };
-        if self.queued.load(Ordering::Acquire) != 0
+        // The cork is checked again under the lock, which `uncork` holds
+        // while lifting it: a frame added here is always drained by it.
+        if !self.corked.load(Ordering::Acquire)
+            || self.queued.load(Ordering::Acquire) != 0
             || w.failed
             || w.pending_bytes + w.scratch.len() >= DIRECT_PENDING_LIMIT
         {
@@ -956,8 +959,10 @@ impl Shared {
 
     /// The reader pauses: writes the answers it gathered.
     fn uncork(&self) {
-        self.corked.store(false, Ordering::Release);
+        // Under the lock: a sender that saw the flag set and appended under
+        // the same lock did so before this, so its frame is drained here.
         let mut w = lock(&self.write);
+        self.corked.store(false, Ordering::Release);
         self.drain_here(&mut w);
     }
 }
