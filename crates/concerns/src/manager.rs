@@ -196,6 +196,9 @@ pub(crate) struct Job {
     pub(crate) priority: Priority,
 }
 
+/// Routed error answers being sent at once, at most; more are dropped.
+const MAX_ERROR_TASKS: usize = 256;
+
 /// Concern frame flags owned by this layer: the lane a frame was sent on
 /// (0 normal, 1 control, 2 bulk), so that a reply can take the request's.
 const LANE_FLAGS: u32 = 0b11;
@@ -258,6 +261,10 @@ pub(crate) struct Inner {
     next_request: AtomicU64,
     waiting: Mutex<HashMap<u32, Waiting>>,
     unknown: AtomicU64,
+    /// Error answers dropped because they could not go out at once.
+    unsent_errors: AtomicU64,
+    /// Tasks sending routed error answers now.
+    error_tasks: AtomicUsize,
     flood: OnceLock<Arc<Flood>>,
     routing: OnceLock<Arc<Routing>>,
     topics: OnceLock<Arc<Topics>>,
@@ -762,32 +769,52 @@ impl Inner {
         }
     }
 
-    /// Answers `job` with an error, at once if its lane has room, else from
-    /// a task.
+    /// Answers `job` with an error without waiting: a direct request on its
+    /// connection if the lane has room (else the answer is dropped: the
+    /// sender is not reading, or floods us, and will time out), a routed one
+    /// from a task, at most [`MAX_ERROR_TASKS`] at once.
+    ///
+    /// Never a task per refused request: a peer that floods requests while
+    /// not reading must not make this node pile up tasks or buffers.
     fn answer_soon(self: &Arc<Self>, job: Job, code: ErrorCode, message: String) {
         if job.reply == ReplyPath::None {
             return;
         }
         let payload = error_payload(code, message);
         if job.reply == ReplyPath::Direct {
-            if let Some(conn) = &job.conn {
-                let frame = Frame {
-                    command: job.command,
-                    request_id: job.request_id,
-                    kind: ConcernKind::Error as i32,
-                    ttl: 0,
-                    flags: lane_flags(job.priority),
-                    payload: payload.clone(),
-                };
-                if conn.try_send(Message::Concern(frame), job.priority).is_ok() {
-                    return;
-                }
+            let frame = Frame {
+                command: job.command,
+                request_id: job.request_id,
+                kind: ConcernKind::Error as i32,
+                ttl: 0,
+                flags: lane_flags(job.priority),
+                payload,
+            };
+            let msg = Message::Concern(frame);
+            let sent = match &job.conn {
+                Some(conn) => conn.try_send(msg, job.priority).map_err(|e| e.to_string()),
+                None => self
+                    .peers
+                    .try_send(&job.from, msg, job.priority)
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = sent {
+                self.unsent_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(to = %job.from.short(), command = job.command, error = %e, "error answer dropped");
             }
+            return;
+        }
+        if self.error_tasks.fetch_add(1, Ordering::AcqRel) >= MAX_ERROR_TASKS {
+            self.error_tasks.fetch_sub(1, Ordering::AcqRel);
+            self.unsent_errors.fetch_add(1, Ordering::Relaxed);
+            debug!(to = %job.from.short(), command = job.command, "routed error answer dropped: too many pending");
+            return;
         }
         let this = self.clone();
         self.tracker.spawn(async move {
             let lane = job.priority;
             this.answer(&job, ConcernKind::Error, payload, lane).await;
+            this.error_tasks.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
@@ -920,6 +947,8 @@ impl ConcernsBuilder {
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(rand::random::<u64>() >> 1),
             waiting: Mutex::new(HashMap::new()),
+            unsent_errors: AtomicU64::new(0),
+            error_tasks: AtomicUsize::new(0),
             unknown: AtomicU64::new(0),
             flood: OnceLock::new(),
             routing: OnceLock::new(),
@@ -1124,6 +1153,13 @@ impl Concerns {
     /// Requests for command ids nobody handles here, since start.
     pub fn unknown_commands(&self) -> u64 {
         self.inner.unknown.load(Ordering::Relaxed)
+    }
+
+    /// Error answers (unknown command, overloaded, shutting down) dropped
+    /// since start because they could not go out at once: the asker's lane
+    /// was full, or too many routed ones were on their way.
+    pub fn unsent_errors(&self) -> u64 {
+        self.inner.unsent_errors.load(Ordering::Relaxed)
     }
 
     /// Stops: no more requests are taken, every concern's `on_stop` runs,

@@ -776,3 +776,84 @@ async fn a_senders_share_is_per_lane() {
     all.extend(clients);
     stop(all).await;
 }
+
+/// A peer that floods requests while never reading its answers: once the
+/// answers fill the stream and the lane, further error answers are dropped
+/// and counted (not queued, not a task each), and the node keeps answering
+/// a polite peer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_its_answers_costs_only_counted_drops() {
+    const UNKNOWN: u32 = 0x999;
+    const FLOOD: u64 = 12_000;
+    let net = MemNetwork::new();
+    // The server's lanes are short, so that its answers back up quickly.
+    let config = Config::new("lanes-test")
+        .with_insecure_plaintext()
+        .with_keepalive(None, None)
+        .with_lane_capacity(8, 8, 8);
+    let endpoint = Endpoint::new(config, net.transport("s"));
+    endpoint.listen(&"mem://s".parse().unwrap()).await.unwrap();
+    let peers = PeerManager::start(endpoint, PeersConfig::default()).unwrap();
+    let server = Concerns::builder(peers)
+        .only(vec![Arc::new(Gated::new())])
+        .start()
+        .await
+        .unwrap();
+
+    // The rude peer: a bare connection whose answers nobody reads.
+    let rude = Endpoint::new(
+        Config::new("lanes-test")
+            .with_insecure_plaintext()
+            .with_keepalive(None, None)
+            .with_inbound_capacity(1),
+        net.transport("rude"),
+    );
+    let conn = within("the rude dial", rude.connect(&"mem://s".parse().unwrap()))
+        .await
+        .unwrap();
+    for n in 1..=FLOOD {
+        let ask = Message::Concern(meshwork_concerns::wire::proto::Concern {
+            command: UNKNOWN,
+            request_id: n,
+            kind: ConcernKind::Request as i32,
+            ttl: 0,
+            flags: 0,
+            payload: Bytes::new(),
+        });
+        within("a rude request", conn.send(ask, Priority::Normal))
+            .await
+            .unwrap();
+    }
+    wait_until("the server to read every rude request", || {
+        server.unknown_commands() == FLOOD
+    })
+    .await;
+    let dropped = server.unsent_errors();
+    assert!(
+        dropped > 0 && dropped < FLOOD,
+        "{dropped} of {FLOOD} error answers dropped"
+    );
+
+    // A polite peer is still answered at once.
+    let polite = node(
+        &net,
+        "polite",
+        &["mem://s"],
+        ConcernsConfig::default(),
+        vec![],
+    )
+    .await;
+    polite.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    let sid = server.peers().node_id().clone();
+    let answer = within(
+        "the polite request",
+        polite.context(GATED).request(&sid, "hello", 5 * S),
+    )
+    .await
+    .expect("the polite peer is answered");
+    assert_eq!(text(&answer), "hello");
+
+    drop(conn);
+    rude.shutdown().await;
+    stop(vec![server, polite]).await;
+}
