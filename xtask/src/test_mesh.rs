@@ -177,6 +177,9 @@ const EPHEMERAL_KEYS: usize = 10;
 const EPHEMERAL_TTL: Duration = Duration::from_secs(3);
 /// How long after the ttl a dead node's ephemeral keys may linger.
 const EPHEMERAL_SLACK: Duration = Duration::from_secs(3);
+/// How far a node's clock may trail the harness's when an expiry it set is
+/// compared with the harness's clock.
+const CLOCK_SKEW: Duration = Duration::from_millis(100);
 /// How long writes may take to reach every node, replicas to agree after a
 /// heal, or a late joiner to catch up.
 const KV_TIMEOUT: Duration = Duration::from_secs(10);
@@ -3128,9 +3131,12 @@ fn check_ephemeral(mesh: &mut Mesh, owner: usize, members: &[usize]) -> Result<S
         .kv_get(mesh.admin(owner), &keys[0])?
         .with_context(|| format!("node {owner} does not hold {} it just wrote", keys[0]))?;
     let slack = EPHEMERAL_SLACK.as_millis() as u64;
+    // The node's clock is its own reading of the wall clock (a monotonic
+    // clock from a wall-clock start), which may trail ours by a few ms.
+    let skew = CLOCK_SKEW.as_millis() as u64;
     ensure!(
         e.expires_at_ms
-            .is_some_and(|at| at >= put_at + ttl_ms && at <= unix_ms() + ttl_ms + slack)
+            .is_some_and(|at| at + skew >= put_at + ttl_ms && at <= unix_ms() + ttl_ms + slack)
             && e.lease.as_ref().is_some_and(|l| l.owner == id),
         "node {owner}: GET /kv/{} shows {e:?}; expected expires_at_ms about {ttl_ms} ms from \
          now and a lease of its own",

@@ -69,19 +69,21 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 /// test clock (`tokio::time::pause`).
 #[derive(Debug, Clone)]
 pub struct SystemClock {
-    base_ms: u64,
+    /// The wall clock at `base`, in µs (kept finer than ms so that the
+    /// reading is cut to ms once, not twice).
+    base_us: u64,
     base: Instant,
 }
 
 impl SystemClock {
     /// A clock reading the wall clock now.
     pub fn new() -> Self {
-        let base_ms = SystemTime::now()
+        let base_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
+            .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         SystemClock {
-            base_ms,
+            base_us,
             base: Instant::now(),
         }
     }
@@ -95,7 +97,7 @@ impl Default for SystemClock {
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        self.base_ms + self.base.elapsed().as_millis() as u64
+        (self.base_us + self.base.elapsed().as_micros() as u64) / 1000
     }
 }
 
