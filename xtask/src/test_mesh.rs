@@ -3621,53 +3621,6 @@ fn call_counters(mesh: &Mesh, nodes: &[usize]) -> Result<BTreeMap<usize, CallCou
         .collect()
 }
 
-/// Makes every node of `callers` that is not a neighbour of `provider`
-/// learn a route to it without searching for one: `provider` asks for a
-/// node that does not exist (`POST /request/<unknown id>`), and the route
-/// query it floods leaves the way back to `provider` at every node it
-/// passes. Nobody answers such a query.
-///
-/// Works around a deadlock in meshwork-concerns' route search (the one
-/// `meshwork demo` works around too): when two `RouteFound` answers to one
-/// search arrive together, the searcher holds the `watch` read guard
-/// returned by `wait_for` while it locks the `searches` mutex, and the
-/// handler of the second answer holds that mutex while it waits for the
-/// watch's write lock, so two worker threads block for good and the node
-/// stops. Remove once the search is fixed.
-fn teach_routes(mesh: &mut Mesh, provider: usize, callers: &[usize]) -> Result<()> {
-    let path = format!("/request/{}?timeout_ms=200", unknown_id());
-    let (code, body) = mesh
-        .http
-        .post_text(mesh.admin(provider), &path, "route", HTTP_TIMEOUT)
-        .with_context(|| format!("node {provider}: POST {path}"))?;
-    ensure!(
-        code == 404,
-        "node {provider}: POST {path} (no such node) answered {code}: {body}"
-    );
-    let id = mesh.id(provider).to_owned();
-    mesh.poll_until(
-        &format!(
-            "nodes {} to know a way to node {provider}",
-            node_list(callers)
-        ),
-        Poll::Only(callers),
-        DELIVERY_TIMEOUT,
-        |_, snap| {
-            for &i in callers {
-                let s = snap.status(i)?;
-                let neighbour = s.peer(&id).is_some_and(Peer::is_linked);
-                if i != provider && !neighbour && !s.routes.iter().any(|r| r.target == id) {
-                    return Err(Wait::Pending(format!(
-                        "node {i} has no route to node {provider}"
-                    )));
-                }
-            }
-            Ok(())
-        },
-    )?;
-    Ok(())
-}
-
 fn scenario_rpc(mesh: &mut Mesh) -> Result<String> {
     ensure!(mesh.is_alive(0), "node 0 is not running");
     let members: Vec<usize> = mesh.alive().collect();
@@ -3694,14 +3647,6 @@ fn check_rpc(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Result<Stri
         .iter()
         .map(|&i| (i, reach_of(&lists, i, &provider_id)))
         .collect();
-    let routed: Vec<usize> = reaches
-        .iter()
-        .filter(|(_, r)| r.as_str() == "routed")
-        .map(|(&i, _)| i)
-        .collect();
-    if !routed.is_empty() {
-        teach_routes(mesh, provider, &routed)?;
-    }
     let before = call_counters(mesh, &callers)?;
     let served_before = mesh
         .http

@@ -374,9 +374,6 @@ impl Demo {
             return Ok(());
         };
         let target = self.nodes[b].node_id().clone();
-        if distance > 1 {
-            self.teach_route(a, b).await?;
-        }
         let message = format!("ping from #{a}");
         let started = Instant::now();
         // In a task, with a deadline of our own: a library call that never
@@ -415,38 +412,6 @@ impl Demo {
         let line = route_line(a, b, distance, route, took);
         self.screen.print(&format!("routed request: {line}\n\n"));
         self.report.push(("routed request".into(), line));
-        Ok(())
-    }
-
-    /// Makes node `a` learn a route to node `b` without searching for one.
-    ///
-    /// Works around a deadlock in meshwork-concerns' route search (two
-    /// `RouteFound` answers to one search, the second arriving as the
-    /// searcher wakes up, can block two threads for good; 2 runs in 60 of
-    /// this demo hung). `b` floods a route query for a node that does not
-    /// exist: nobody answers it, and every node it passes learns the way
-    /// back to `b`. Remove once the search is fixed.
-    async fn teach_route(&self, a: usize, b: usize) -> anyhow::Result<()> {
-        let nobody = meshwork::transport::Identity::generate().node_id().clone();
-        let ctx = self.nodes[b].concerns().context(echo::ECHO_COMMAND);
-        // The query goes out at once; the search itself gives up after its
-        // timeout (3 s), in the background.
-        tokio::spawn(async move {
-            let _ = ctx.send_to(&nobody, Vec::new()).await;
-        });
-        let target = self.nodes[b].node_id();
-        let deadline = Instant::now() + MESSAGE_TIMEOUT;
-        while !self.nodes[a]
-            .concerns()
-            .routes()
-            .iter()
-            .any(|r| &r.target == target)
-        {
-            if Instant::now() >= deadline {
-                bail!("node {a} learnt no route to node {b}");
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
         Ok(())
     }
 
@@ -659,9 +624,6 @@ impl Demo {
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
         let listed_after = started.elapsed();
-        if listed.reach == "routed" {
-            self.teach_route(c, p).await?;
-        }
 
         let client = self.nodes[c]
             .rpc()
