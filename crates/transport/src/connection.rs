@@ -1247,13 +1247,16 @@ impl Inlet {
                 sink.deliver(&self.handle, msg);
                 return Ok(());
             }
-            let Some(queue) = self.queue.clone() else {
+            let Some(queue) = &self.queue else {
                 return Ok(());
             };
             let sent = match queue.try_send(msg) {
                 Ok(()) => Ok(()),
                 Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
                 Err(mpsc::error::TrySendError::Full(full)) => {
+                    // Only here, waiting, is the sender cloned (the borrow of
+                    // `self` must end before the sink can be taken over).
+                    let queue = queue.clone();
                     let shared = &self.handle.shared;
                     // Answers gathered so far must not wait for the room.
                     shared.uncork();
