@@ -211,6 +211,25 @@ pub(crate) fn lane_flags(priority: Priority) -> u32 {
     }
 }
 
+/// A Concern frame for a neighbour, sent on `priority`'s lane (which its
+/// flags name).
+fn direct_frame(
+    command: u32,
+    request_id: u64,
+    kind: ConcernKind,
+    priority: Priority,
+    payload: Bytes,
+) -> Message {
+    Message::Concern(Frame {
+        command,
+        request_id,
+        kind: kind as i32,
+        ttl: 0,
+        flags: lane_flags(priority),
+        payload,
+    })
+}
+
 fn lane_of(flags: u32) -> Priority {
     match flags & LANE_FLAGS {
         1 => Priority::Control,
@@ -404,16 +423,9 @@ impl Inner {
         payload: Bytes,
         priority: Priority,
     ) -> Result<(), ConcernsError> {
-        let frame = Frame {
-            command,
-            request_id,
-            kind: kind as i32,
-            ttl: 0,
-            flags: lane_flags(priority),
-            payload,
-        };
+        let frame = direct_frame(command, request_id, kind, priority, payload);
         self.peers
-            .send(peer, Message::Concern(frame), priority)
+            .send(peer, frame, priority)
             .await
             .map_err(ConcernsError::from)
     }
@@ -425,16 +437,9 @@ impl Inner {
         command: u32,
         payload: Bytes,
     ) -> Result<(), ConcernsError> {
-        let frame = Frame {
-            command,
-            request_id: 0,
-            kind: ConcernKind::Request as i32,
-            ttl: 0,
-            flags: 0,
-            payload,
-        };
+        let frame = direct_frame(command, 0, ConcernKind::Request, Priority::Normal, payload);
         self.peers
-            .try_send(peer, Message::Concern(frame), Priority::Normal)
+            .try_send(peer, frame, Priority::Normal)
             .map_err(ConcernsError::from)
     }
 
@@ -732,15 +737,8 @@ impl Inner {
         let r = match (job.reply, &job.conn) {
             (ReplyPath::None, _) => return,
             (ReplyPath::Direct, Some(conn)) => {
-                let frame = Frame {
-                    command: job.command,
-                    request_id: job.request_id,
-                    kind: kind as i32,
-                    ttl: 0,
-                    flags: lane_flags(priority),
-                    payload,
-                };
-                conn.send(Message::Concern(frame), priority)
+                let frame = direct_frame(job.command, job.request_id, kind, priority, payload);
+                conn.send(frame, priority)
                     .await
                     .map_err(|e| ConcernsError::Dropped(e.to_string()))
             }
@@ -782,15 +780,8 @@ impl Inner {
         }
         let payload = error_payload(code, message);
         if job.reply == ReplyPath::Direct {
-            let frame = Frame {
-                command: job.command,
-                request_id: job.request_id,
-                kind: ConcernKind::Error as i32,
-                ttl: 0,
-                flags: lane_flags(job.priority),
-                payload,
-            };
-            let msg = Message::Concern(frame);
+            let kind = ConcernKind::Error;
+            let msg = direct_frame(job.command, job.request_id, kind, job.priority, payload);
             let sent = match &job.conn {
                 Some(conn) => conn.try_send(msg, job.priority).map_err(|e| e.to_string()),
                 None => self
