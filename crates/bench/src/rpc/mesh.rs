@@ -8,16 +8,15 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use meshwork::Node;
-use meshwork::concerns::{BoxError, Concern, Context, Reply};
+use meshwork::concerns::Context;
 use meshwork::transport::Address;
-use meshwork::wire::NodeId;
 
 use super::{CALL_TIMEOUT, PAYLOAD, Plan, check_echo};
+use crate::concerns::{ECHO, Echo as EchoConcern};
 use crate::transport::{DEPTH, NETWORK, Window, WindowCounter};
 
 /// The service's name.
@@ -39,33 +38,6 @@ struct Echoer;
 impl Echo for Echoer {
     async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
         data
-    }
-}
-
-/// The echo concern's command id.
-const ECHO_CONCERN: u32 = 7;
-
-/// Answers every request with its own payload (default concurrency).
-#[derive(Debug)]
-struct EchoConcern;
-
-#[async_trait]
-impl Concern for EchoConcern {
-    fn command(&self) -> u32 {
-        ECHO_CONCERN
-    }
-
-    fn name(&self) -> &str {
-        "echo"
-    }
-
-    async fn on_request(
-        &self,
-        _ctx: &Context,
-        _from: &NodeId,
-        payload: Bytes,
-    ) -> Result<Option<Reply>, BoxError> {
-        Ok(Some(Reply::new(payload)))
     }
 }
 
@@ -144,7 +116,7 @@ impl Pair {
 
     /// The client's context of the echo concern.
     fn concern(&self) -> Context {
-        self.client.concerns().context(ECHO_CONCERN)
+        self.client.concerns().context(ECHO)
     }
 
     /// Shuts both nodes down.
