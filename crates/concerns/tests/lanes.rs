@@ -645,6 +645,38 @@ async fn the_concurrency_limit_holds_with_inline_starts_on_many_threads() {
     stop(all).await;
 }
 
+/// From `ctx` (a client of `server`, whose only slot `gated` holds shut):
+/// a "gate" request that starts and blocks, then `waiting` normal requests
+/// that queue behind it, each seen queued before the next is sent. The
+/// calls, by name.
+async fn fill_share(
+    server: &Concerns,
+    gated: &Gated,
+    ctx: &Context,
+    waiting: [&str; 2],
+) -> Vec<(String, JoinHandle<Result<Bytes, ConcernsError>>)> {
+    let sid = server.peers().node_id().clone();
+    let mut calls = vec![(
+        "gate".to_string(),
+        spawn_request(ctx, &sid, "gate", Priority::Normal),
+    )];
+    wait_until("the gated request to start", || {
+        gated.started() == ["gate"] && stats_of(server, GATED).in_flight == 1
+    })
+    .await;
+    for (queued, name) in waiting.into_iter().enumerate() {
+        calls.push((
+            name.to_string(),
+            spawn_request(ctx, &sid, name, Priority::Normal),
+        ));
+        wait_until(&format!("{name} to be queued"), || {
+            stats_of(server, GATED).queued == queued + 1
+        })
+        .await;
+    }
+    calls
+}
+
 /// One request running and two waiting fill a sender's share: its next
 /// request is refused "overloaded" at once, while another sender's is still
 /// taken; when the slot frees up, every accepted request is answered.
@@ -662,24 +694,7 @@ async fn a_full_sender_queue_is_refused_at_once_and_the_rest_are_served() {
     let sid = server.peers().node_id().clone();
     let ctx = clients[0].context(GATED);
 
-    let mut calls = vec![(
-        "gate".to_string(),
-        spawn_request(&ctx, &sid, "gate", Priority::Normal),
-    )];
-    wait_until("the gated request to start", || {
-        gated.started() == ["gate"] && stats_of(&server, GATED).in_flight == 1
-    })
-    .await;
-    for (queued, name) in ["queued 0", "queued 1"].into_iter().enumerate() {
-        calls.push((
-            name.to_string(),
-            spawn_request(&ctx, &sid, name, Priority::Normal),
-        ));
-        wait_until(&format!("{name} to be queued"), || {
-            stats_of(&server, GATED).queued == queued + 1
-        })
-        .await;
-    }
+    let mut calls = fill_share(&server, &gated, &ctx, ["queued 0", "queued 1"]).await;
 
     let t = Instant::now();
     let refused = within("the refusal", ctx.request(&sid, "one too many", GUARD)).await;
@@ -741,24 +756,16 @@ async fn a_senders_share_is_per_lane() {
     let sid = server.peers().node_id().clone();
     let ctx = clients[0].context(GATED);
 
-    let mut calls = vec![spawn_request(&ctx, &sid, "gate", Priority::Normal)];
-    wait_until("the gated request to start", || {
-        stats_of(&server, GATED).in_flight == 1
-    })
-    .await;
-    for (queued, name) in ["normal 0", "normal 1"].into_iter().enumerate() {
-        calls.push(spawn_request(&ctx, &sid, name, Priority::Normal));
-        wait_until(&format!("{name} to be queued"), || {
-            stats_of(&server, GATED).queued == queued + 1
-        })
-        .await;
-    }
+    let mut calls = fill_share(&server, &gated, &ctx, ["normal 0", "normal 1"]).await;
     // The normal share (2) is taken: one more normal request is refused.
     let refused = spawn_request(&ctx, &sid, "normal 2", Priority::Normal);
     let refused = within("normal 2", refused).await.expect("the request task");
     assert!(is_overloaded(&refused), "{refused:?}");
     // A control request from the same sender still gets in.
-    calls.push(spawn_request(&ctx, &sid, "control", Priority::Control));
+    calls.push((
+        "control".to_string(),
+        spawn_request(&ctx, &sid, "control", Priority::Control),
+    ));
     wait_until("the control request to be queued", || {
         stats_of(&server, GATED).queued == 3
     })
@@ -766,11 +773,11 @@ async fn a_senders_share_is_per_lane() {
     let stats = stats_of(&server, GATED);
     assert_eq!((stats.queued, stats.dropped), (3, 1), "{stats:?}");
     gated.gate.add_permits(1);
-    for call in calls {
-        within("a queued request", call)
+    for (name, call) in calls {
+        within(&name, call)
             .await
             .expect("the request task")
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
     }
     let mut all = vec![server];
     all.extend(clients);
