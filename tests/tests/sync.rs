@@ -1037,6 +1037,34 @@ async fn an_ephemeral_key_survives_a_partition_while_its_owner_runs() {
     stop([owner, other]).await;
 }
 
+/// Node "a" with `identity` (as `meshwork node --key` gives) and node "b"
+/// seeded with it, linked.
+async fn keyed_pair(net: &MemNetwork, cfg: &SyncConfig, identity: &Identity) -> (Node, Node) {
+    let a = builder(net, "a", cfg)
+        .identity(identity.clone())
+        .start()
+        .await
+        .unwrap();
+    let b = builder(net, "b", cfg)
+        .seed(Address::mem("a"))
+        .start()
+        .await
+        .unwrap();
+    b.wait_for_peers(1, 5 * S).await.unwrap();
+    (a, b)
+}
+
+/// Node "a" started again with `identity` and a fresh replica, seeded with
+/// "b".
+async fn restart_keyed(net: &MemNetwork, cfg: &SyncConfig, identity: Identity) -> Node {
+    builder(net, "a", cfg)
+        .identity(identity)
+        .seed(Address::mem("b"))
+        .start()
+        .await
+        .unwrap()
+}
+
 /// A node restarted with the same identity (`meshwork node --key`) and a
 /// fresh replica does not keep alive the ephemeral keys of its previous
 /// run: it never set them, so they vanish within their ttl.
@@ -1045,29 +1073,14 @@ async fn a_restarted_node_does_not_refresh_its_previous_runs_ephemeral_keys() {
     let net = MemNetwork::new();
     let cfg = sync_config();
     let identity = Identity::generate();
-    let a = builder(&net, "a", &cfg)
-        .identity(identity.clone())
-        .start()
-        .await
-        .unwrap();
-    let b = builder(&net, "b", &cfg)
-        .seed(Address::mem("a"))
-        .start()
-        .await
-        .unwrap();
-    b.wait_for_peers(1, 5 * S).await.unwrap();
+    let (a, b) = keyed_pair(&net, &cfg, &identity).await;
     let ttl = 2 * S;
     a.sync().set_ephemeral("svc/old", "v1", ttl).await.unwrap();
     a.sync().confirm("svc/old", 5 * S).await.unwrap();
 
     crash(&net, "a", &["b"], &a).await;
     net.heal();
-    let restarted = builder(&net, "a", &cfg)
-        .identity(identity)
-        .seed(Address::mem("b"))
-        .start()
-        .await
-        .unwrap();
+    let restarted = restart_keyed(&net, &cfg, identity).await;
     assert_eq!(restarted.node_id(), a.node_id());
     restarted.wait_for_peers(1, 5 * S).await.unwrap();
 
@@ -1089,29 +1102,14 @@ async fn a_restarted_nodes_write_wins_over_its_own_older_value() {
     let net = MemNetwork::new();
     let cfg = sync_config();
     let identity = Identity::generate();
-    let a = builder(&net, "a", &cfg)
-        .identity(identity.clone())
-        .start()
-        .await
-        .unwrap();
-    let b = builder(&net, "b", &cfg)
-        .seed(Address::mem("a"))
-        .start()
-        .await
-        .unwrap();
-    b.wait_for_peers(1, 5 * S).await.unwrap();
+    let (a, b) = keyed_pair(&net, &cfg, &identity).await;
     a.sync().set("config", "before restart").await.unwrap();
     a.sync().confirm("config", 5 * S).await.unwrap();
 
     crash(&net, "a", &["b"], &a).await;
     net.heal();
     sleep(S).await;
-    let restarted = builder(&net, "a", &cfg)
-        .identity(identity)
-        .seed(Address::mem("b"))
-        .start()
-        .await
-        .unwrap();
+    let restarted = restart_keyed(&net, &cfg, identity).await;
     // Written at once, before the restarted node has heard from b.
     let v = restarted
         .sync()
