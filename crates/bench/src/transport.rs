@@ -383,6 +383,26 @@ pub(crate) struct Window {
     pub(crate) length: Duration,
 }
 
+/// Keeps [`DEPTH`] calls made by `call` in flight from one task, making a
+/// new one as each completes, and checks each result with `check`; replies
+/// per second within `window`.
+pub(crate) async fn keep_in_flight<F: Future>(
+    window: Window,
+    mut call: impl FnMut() -> F,
+    mut check: impl FnMut(F::Output) -> Result<()>,
+) -> Result<f64> {
+    let mut pending: futures_util::stream::FuturesUnordered<F> =
+        (0..DEPTH).map(|_| call()).collect();
+    let mut counter = WindowCounter::new(window);
+    while let Some(reply) = pending.next().await {
+        check(reply)?;
+        if counter.reply() {
+            pending.push(call());
+        }
+    }
+    counter.rate()
+}
+
 /// Counts replies within a [`Window`].
 pub(crate) struct WindowCounter {
     window: Window,

@@ -31,8 +31,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt as _, StreamExt as _};
+use futures_util::FutureExt as _;
 use meshwork_concerns::Concerns;
 use meshwork_peers::{PeerManager, PeersConfig};
 use meshwork_transport::{Address, Config, Endpoint, TcpTransport};
@@ -42,7 +41,7 @@ use super::{BENCH, ECHO, Echo, PAYLOAD, REQUEST_TIMEOUT, check_echo, median_micr
 use crate::harness::{Options, Run, Samples, rotate};
 use crate::report::{Better, Figure};
 use crate::transport::{
-    DEPTH, NETWORK, Window, WindowCounter, mesh_pipelined, mesh_rtt, payload, raw_pipelined,
+    DEPTH, NETWORK, Window, keep_in_flight, mesh_pipelined, mesh_rtt, payload, raw_pipelined,
     raw_rtt,
 };
 
@@ -354,16 +353,12 @@ async fn pipelined_on(pair: &TcpPair, size: usize, window: Window) -> Result<f64
     let payload = payload(size);
     let ctx = pair.client.context(ECHO);
     let server = pair.server_id();
-    let call = || ctx.request(&server, payload.clone(), REQUEST_TIMEOUT);
-    let mut in_flight: FuturesUnordered<_> = (0..DEPTH).map(|_| call()).collect();
-    let mut counter = WindowCounter::new(window);
-    while let Some(reply) = in_flight.next().await {
-        check_echo(&reply.context("concern request")?, size)?;
-        if counter.reply() {
-            in_flight.push(call());
-        }
-    }
-    counter.rate()
+    keep_in_flight(
+        window,
+        || ctx.request(&server, payload.clone(), REQUEST_TIMEOUT),
+        |reply| check_echo(&reply.context("concern request")?, size),
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -9,15 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
-use futures_util::stream::FuturesUnordered;
 use meshwork::Node;
 use meshwork::concerns::Context;
 use meshwork::transport::Address;
 
 use super::{CALL_TIMEOUT, PAYLOAD, Plan, check_echo};
 use crate::concerns::{ECHO, Echo as EchoConcern};
-use crate::transport::{DEPTH, NETWORK, Window, WindowCounter};
+use crate::transport::{NETWORK, Window, keep_in_flight};
 
 /// The service's name.
 const SERVICE: &str = "echo";
@@ -192,7 +190,7 @@ async fn seq_on(pair: &Pair, via: Via, plan: Plan) -> Result<Vec<Duration>> {
     Ok(samples)
 }
 
-/// [`DEPTH`] calls in flight; calls per second.
+/// [`DEPTH`](crate::transport::DEPTH) calls in flight; calls per second.
 pub(crate) async fn in_flight(plaintext: bool, via: Via, window: Window) -> Result<f64> {
     let pair = Pair::start(plaintext).await?;
     let result = match via {
@@ -203,36 +201,28 @@ pub(crate) async fn in_flight(plaintext: bool, via: Via, window: Window) -> Resu
     result
 }
 
-/// [`DEPTH`] requests in flight through the echo concern on a running pair.
+/// [`DEPTH`](crate::transport::DEPTH) requests in flight through the echo concern on a running pair.
 async fn requests_in_flight_on(pair: &Pair, window: Window) -> Result<f64> {
     let ctx = pair.concern();
     let payload = Bytes::from(vec![0xa5u8; PAYLOAD]);
-    let call = || pair.request(&ctx, &payload);
-    let mut pending: FuturesUnordered<_> = (0..DEPTH).map(|_| call()).collect();
-    let mut counter = WindowCounter::new(window);
-    while let Some(reply) = pending.next().await {
-        check_echo(&reply?)?;
-        if counter.reply() {
-            pending.push(call());
-        }
-    }
-    counter.rate()
+    keep_in_flight(
+        window,
+        || pair.request(&ctx, &payload),
+        |reply| check_echo(&reply?),
+    )
+    .await
 }
 
 /// The calls of [`in_flight`] through the RPC service on a running pair.
 async fn in_flight_on(pair: &Pair, window: Window) -> Result<f64> {
     let client = pair.echo();
     let payload = vec![0xa5u8; PAYLOAD];
-    let call = || client.echo(payload.clone());
-    let mut pending: FuturesUnordered<_> = (0..DEPTH).map(|_| call()).collect();
-    let mut counter = WindowCounter::new(window);
-    while let Some(reply) = pending.next().await {
-        check_echo(&reply.context("rpc call")?)?;
-        if counter.reply() {
-            pending.push(call());
-        }
-    }
-    counter.rate()
+    keep_in_flight(
+        window,
+        || client.echo(payload.clone()),
+        |reply| check_echo(&reply.context("rpc call")?),
+    )
+    .await
 }
 
 #[cfg(test)]

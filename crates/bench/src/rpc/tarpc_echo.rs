@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
-use futures_util::stream::FuturesUnordered;
 use tarpc::server::{BaseChannel, Channel as _};
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -18,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use super::{CALL_TIMEOUT, PAYLOAD, Plan, check_echo};
-use crate::transport::{DEPTH, Window, WindowCounter};
+use crate::transport::{Window, keep_in_flight};
 
 /// What tarpc's service macro generates is public; it is used here only.
 #[allow(unreachable_pub, missing_docs)]
@@ -153,7 +152,7 @@ async fn seq_on(client: &EchoClient, plan: Plan) -> Result<Vec<Duration>> {
     Ok(samples)
 }
 
-/// [`DEPTH`] calls in flight; calls per second.
+/// [`DEPTH`](crate::transport::DEPTH) calls in flight; calls per second.
 pub(crate) async fn in_flight(window: Window) -> Result<f64> {
     let pair = Pair::start().await?;
     let result = in_flight_on(&pair.client, window).await;
@@ -164,16 +163,12 @@ pub(crate) async fn in_flight(window: Window) -> Result<f64> {
 /// The calls of [`in_flight`] on a connected client.
 async fn in_flight_on(client: &EchoClient, window: Window) -> Result<f64> {
     let payload = vec![0xa5u8; PAYLOAD];
-    let call = || client.echo(ctx(), payload.clone());
-    let mut pending: FuturesUnordered<_> = (0..DEPTH).map(|_| call()).collect();
-    let mut counter = WindowCounter::new(window);
-    while let Some(reply) = pending.next().await {
-        check_echo(&reply.context("tarpc call")?)?;
-        if counter.reply() {
-            pending.push(call());
-        }
-    }
-    counter.rate()
+    keep_in_flight(
+        window,
+        || client.echo(ctx(), payload.clone()),
+        |reply| check_echo(&reply.context("tarpc call")?),
+    )
+    .await
 }
 
 #[cfg(test)]
