@@ -772,7 +772,13 @@ const KEEP_READ_BUFFER: usize = 16 * 1024;
 /// ready) before it must queue on its lane instead.
 const DIRECT_PENDING_LIMIT: usize = 256 * 1024;
 /// Frames the reader handles, its answers gathered, before it writes them.
-const CORK_FRAMES: usize = 64;
+///
+/// Small on purpose: the peer starts on the first answers while this side
+/// handles the rest, so both ends work at once. With 64 requests in flight
+/// through a concern, 8 gave about 520 k/s where 64 gave 390 k/s, 16 gave
+/// 430 k/s and 4 gave 480 k/s; bare endpoints measured the same with 8 and
+/// 64 (one write call per 8 frames costs them nothing measurable).
+const CORK_FRAMES: usize = 8;
 /// Frames the reader handles in a burst between two readings of the clock.
 const CLOCK_FRAMES: usize = 32;
 /// Frames the reader handles per unit of tokio's cooperative budget: with
