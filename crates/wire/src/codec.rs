@@ -92,10 +92,79 @@ pub fn encode_frame(msg: &Message, max_frame_len: usize) -> Result<Bytes, WireEr
 }
 
 fn put_frame(msg: &Message, len: usize, dst: &mut BytesMut) {
+    if let Message::Concern(c) = msg {
+        let (head, n) = concern_head(c);
+        dst.reserve(n + c.payload.len());
+        dst.extend_from_slice(&head[..n]);
+        dst.extend_from_slice(&c.payload);
+        return;
+    }
     dst.reserve(LENGTH_PREFIX_LEN + len);
     // `len <= max_frame_len <= u32::MAX` was checked by the caller.
     dst.put_u32(len as u32);
     msg.encode(dst);
+}
+
+/// Room for a Concern frame's bytes before its payload: the prefix (4), the
+/// Envelope's key and length (1 + 10), then the Concern's fields, each a key
+/// and a varint (1 + 10 at most), and the payload's key and length (1 + 10).
+const CONCERN_HEAD_MAX: usize = LENGTH_PREFIX_LEN + 11 + 5 * 11 + 11;
+
+/// Appends `v` as a protobuf varint at `out[*at..]`.
+fn put_varint(out: &mut [u8; CONCERN_HEAD_MAX], at: &mut usize, mut v: u64) {
+    while v >= 0x80 {
+        out[*at] = (v as u8) | 0x80;
+        v >>= 7;
+        *at += 1;
+    }
+    out[*at] = v as u8;
+    *at += 1;
+}
+
+/// A Concern frame's bytes up to its payload, built on the stack: prefix,
+/// Envelope key and length, the Concern's fields in tag order with defaults
+/// omitted, and the payload's key and length. Byte for byte what prost
+/// writes (a test checks it), without a call into the buffer per byte:
+/// this is the frame every request and reply is.
+fn concern_head(c: &crate::proto::Concern) -> ([u8; CONCERN_HEAD_MAX], usize) {
+    use prost::encoding::{WireType, encoded_len_varint};
+    // Single-byte keys: tag << 3 | wire type, for tags 1 to 6.
+    const fn key(tag: u8, wire: WireType) -> u8 {
+        tag << 3 | wire as u8
+    }
+    let mut fields = [0u8; CONCERN_HEAD_MAX];
+    let mut n = 0;
+    let varints = [
+        (1, u64::from(c.command)),
+        (2, c.request_id),
+        // int32: a negative value is sign-extended to ten bytes, as prost does.
+        (3, i64::from(c.kind) as u64),
+        (4, u64::from(c.ttl)),
+        (5, u64::from(c.flags)),
+    ];
+    for (tag, v) in varints {
+        if v != 0 {
+            fields[n] = key(tag, WireType::Varint);
+            n += 1;
+            put_varint(&mut fields, &mut n, v);
+        }
+    }
+    if !c.payload.is_empty() {
+        fields[n] = key(6, WireType::LengthDelimited);
+        n += 1;
+        put_varint(&mut fields, &mut n, c.payload.len() as u64);
+    }
+    let body_len = n + c.payload.len();
+    let frame_len = 1 + encoded_len_varint(body_len as u64) + body_len;
+    let mut head = [0u8; CONCERN_HEAD_MAX];
+    // `frame_len <= max_frame_len <= u32::MAX` was checked by the caller.
+    head[..LENGTH_PREFIX_LEN].copy_from_slice(&(frame_len as u32).to_be_bytes());
+    let mut at = LENGTH_PREFIX_LEN;
+    head[at] = key(6, WireType::LengthDelimited);
+    at += 1;
+    put_varint(&mut head, &mut at, body_len as u64);
+    head[at..at + n].copy_from_slice(&fields[..n]);
+    (head, at + n)
 }
 
 /// Appends one message as a complete frame to `dst`, except that the payload
@@ -106,38 +175,14 @@ fn put_frame(msg: &Message, len: usize, dst: &mut BytesMut) {
 /// produces. The caller checks its size limit first (`msg.encoded_len()`),
 /// which must not exceed [`MAX_FRAME_LEN_LIMIT`].
 pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> Option<Bytes> {
-    let len = msg.encoded_len();
     match msg {
         Message::Concern(c) if c.payload.len() >= split_at && split_at > 0 => {
-            use prost::encoding::{WireType, encode_key, encode_varint, int32, uint32, uint64};
-            let body_len = c.encoded_len();
-            dst.reserve(LENGTH_PREFIX_LEN + len - c.payload.len());
-            dst.put_u32(len as u32);
-            // Envelope field 6 (concern), length-delimited.
-            encode_key(6, WireType::LengthDelimited, dst);
-            encode_varint(body_len as u64, dst);
-            // Concern fields in tag order, defaults omitted, as prost does.
-            if c.command != 0 {
-                uint32::encode(1, &c.command, dst);
-            }
-            if c.request_id != 0 {
-                uint64::encode(2, &c.request_id, dst);
-            }
-            if c.kind != 0 {
-                int32::encode(3, &c.kind, dst);
-            }
-            if c.ttl != 0 {
-                uint32::encode(4, &c.ttl, dst);
-            }
-            if c.flags != 0 {
-                uint32::encode(5, &c.flags, dst);
-            }
-            encode_key(6, WireType::LengthDelimited, dst);
-            encode_varint(c.payload.len() as u64, dst);
+            let (head, n) = concern_head(c);
+            dst.extend_from_slice(&head[..n]);
             Some(c.payload.clone())
         }
         _ => {
-            put_frame(msg, len, dst);
+            put_frame(msg, msg.encoded_len(), dst);
             None
         }
     }
@@ -145,10 +190,79 @@ pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> 
 
 /// Decodes and validates one frame body (without its prefix).
 pub fn decode_frame(body: Bytes, limits: &Limits) -> Result<Message, WireError> {
-    let envelope = Envelope::decode(body)?;
-    let msg = envelope.body.ok_or(WireError::EmptyEnvelope)?;
+    let msg = match simple_concern(&body) {
+        Some(c) => Message::Concern(c),
+        None => Envelope::decode(body)?
+            .body
+            .ok_or(WireError::EmptyEnvelope)?,
+    };
     validate(&msg, limits)?;
     Ok(msg)
+}
+
+/// Reads a protobuf varint at `buf[*at..]`: `None` if it runs past the end
+/// or past ten bytes, or overflows 64 bits (what prost refuses too).
+fn read_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let b = *buf.get(*at)?;
+        *at += 1;
+        if i == 9 && b > 1 {
+            return None;
+        }
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The Concern in `body` if the body is one in its plain form: the
+/// Envelope's field 6 covering the whole body, and in it only the
+/// Concern's own fields with their own wire types, in any order, repeats
+/// allowed (the last wins, as in protobuf). The payload is a slice of
+/// `body`, not a copy.
+///
+/// `None` for anything else (unknown fields, other messages, malformed
+/// bytes): the caller decodes it with prost, which says what is wrong. So
+/// this path gives exactly prost's result, only sooner, for the frame
+/// every request and reply is.
+fn simple_concern(body: &Bytes) -> Option<crate::proto::Concern> {
+    let buf = &body[..];
+    if buf.first() != Some(&0x32) {
+        return None;
+    }
+    let mut at = 1;
+    let len = read_varint(buf, &mut at)?;
+    if len != (buf.len() - at) as u64 {
+        return None;
+    }
+    let mut c = crate::proto::Concern::default();
+    while at < buf.len() {
+        let key = buf[at];
+        at += 1;
+        match key {
+            // Tags 1 to 5, varints; int32 and uint32 keep the low 32 bits.
+            0x08 => c.command = read_varint(buf, &mut at)? as u32,
+            0x10 => c.request_id = read_varint(buf, &mut at)?,
+            0x18 => c.kind = read_varint(buf, &mut at)? as i32,
+            0x20 => c.ttl = read_varint(buf, &mut at)? as u32,
+            0x28 => c.flags = read_varint(buf, &mut at)? as u32,
+            // Tag 6, length-delimited: the payload.
+            0x32 => {
+                let n = read_varint(buf, &mut at)?;
+                let end = at.checked_add(usize::try_from(n).ok()?)?;
+                if end > buf.len() {
+                    return None;
+                }
+                c.payload = body.slice(at..end);
+                at = end;
+            }
+            _ => return None,
+        }
+    }
+    Some(c)
 }
 
 impl Decoder for FrameCodec {
@@ -493,6 +607,82 @@ mod tests {
                 joined.extend_from_slice(&t);
             }
             prop_assert_eq!(joined, whole.to_vec());
+        }
+
+        #[test]
+        fn concern_frames_are_what_prost_writes(
+            command in any::<u32>(),
+            request_id in any::<u64>(),
+            kind in any::<i32>(),
+            ttl in any::<u32>(),
+            flags in any::<u32>(),
+            payload in vec(any::<u8>(), 0..300),
+        ) {
+            let msg = Message::Concern(Concern {
+                command, request_id, kind, ttl, flags, payload: payload.into(),
+            });
+            let envelope = Envelope { body: Some(msg.clone()) };
+            let mut expected = (envelope.encoded_len() as u32).to_be_bytes().to_vec();
+            envelope.encode(&mut expected).unwrap();
+            prop_assert_eq!(encode_frame(&msg, usize::MAX).unwrap().to_vec(), expected);
+        }
+    }
+
+    proptest! {
+        /// Whatever the fast path reads, prost reads the same; it may only
+        /// pass on (to prost) what it does not read.
+        #[test]
+        fn the_concern_fast_path_agrees_with_prost(
+            fields in vec((prop_oneof![
+                Just(0x08u8), Just(0x10), Just(0x18), Just(0x20), Just(0x28), Just(0x32),
+                any::<u8>(),
+            ], vec(any::<u8>(), 0..12)), 0..6),
+            canonical in any::<bool>(),
+            msg in message(),
+        ) {
+            // Keys (mostly the Concern's) with arbitrary bytes after each,
+            // inside a well-formed Envelope field 6; and real frames.
+            let fields: Vec<u8> = fields
+                .into_iter()
+                .flat_map(|(key, rest)| std::iter::once(key).chain(rest))
+                .collect();
+            let mut body = vec![0x32];
+            prost::encoding::encode_varint(fields.len() as u64, &mut body);
+            body.extend_from_slice(&fields);
+            if canonical {
+                let frame = encode_frame(&msg, usize::MAX).unwrap();
+                body = frame[LENGTH_PREFIX_LEN..].to_vec();
+            }
+            let body = Bytes::from(body);
+            if let Some(c) = simple_concern(&body) {
+                let by_prost = Envelope::decode(body.clone()).unwrap().body;
+                prop_assert_eq!(by_prost, Some(Message::Concern(c)));
+            } else if canonical {
+                prop_assert!(!matches!(msg, Message::Concern(_)), "a Concern was not read");
+            }
+        }
+    }
+
+    #[test]
+    fn varints_are_read_as_prost_reads_them() {
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0x80],
+            vec![0x7f],
+            vec![0xff; 9],
+            vec![0x80, 0x00],
+        ];
+        for last in [0x00, 0x01, 0x02, 0x7f, 0x80] {
+            let mut ten = vec![0xff; 9];
+            ten.push(last);
+            cases.push(ten);
+        }
+        cases.push(vec![0xff; 11]);
+        for case in cases {
+            let mut at = 0;
+            let ours = read_varint(&case, &mut at);
+            let theirs = prost::encoding::decode_varint(&mut &case[..]).ok();
+            assert_eq!(ours, theirs, "{case:02x?}");
         }
     }
 
