@@ -394,10 +394,18 @@ const MAX_LISTED: usize = 1024;
 /// One provider's registry entry, parsed.
 #[derive(Debug)]
 struct Listing {
-    /// Its key in the synced map.
-    key: String,
     node_id: NodeId,
     record: ServiceRecord,
+    /// When the entry expires unless refreshed, on the synced map's clock
+    /// (`None`: never).
+    expires_at_ms: Option<u64>,
+}
+
+impl Listing {
+    /// Whether the entry is still live at `now_ms` (as the map decides).
+    fn live(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_none_or(|t| now_ms < t)
+    }
 }
 
 /// The registry entries of one service as they were when the synced map had
@@ -763,31 +771,32 @@ impl Rpc {
             .map(|l| l.listings.clone());
         if let Some(listings) = cached {
             // The same entries; only time can have expired some.
-            if listings.iter().all(|l| sync.contains_key(&l.key)) {
+            let now = sync.now_ms();
+            if listings.iter().all(|l| l.live(now)) {
                 return listings;
             }
             return listings
                 .iter()
-                .filter(|l| sync.contains_key(&l.key))
+                .filter(|l| l.live(now))
                 .map(|l| Listing {
-                    key: l.key.clone(),
                     node_id: l.node_id.clone(),
                     record: l.record.clone(),
+                    expires_at_ms: l.expires_at_ms,
                 })
                 .collect();
         }
         let prefix = format!("{REGISTRY_PREFIX}{name}/");
         let listings: Arc<[Listing]> = sync
-            .prefixed(&prefix)
+            .prefixed_entries(&prefix)
             .into_iter()
-            .filter_map(|(k, v)| {
-                let key = String::from_utf8(k.to_vec()).ok()?;
+            .filter_map(|(k, e)| {
+                let key = std::str::from_utf8(&k).ok()?;
                 let node_id = NodeId::from_hex(&key[prefix.len()..]).ok()?;
-                let record: ServiceRecord = serde_json::from_slice(&v).ok()?;
+                let record: ServiceRecord = serde_json::from_slice(&e.value).ok()?;
                 Some(Listing {
-                    key,
                     node_id,
                     record,
+                    expires_at_ms: e.expires_at_ms,
                 })
             })
             .collect();
@@ -869,72 +878,85 @@ impl Rpc {
         check_service_name(service).map_err(|e| e.map_app(|n| match n {}))?;
         let started = Instant::now();
         let deadline_at = started + o.deadline;
-        // Few providers: a list is cheaper than a set.
+        // Providers that failed, for the attempts after (few: a list).
         let mut tried: Vec<NodeId> = Vec::new();
         let mut last: Option<RpcError<Bytes>> = None;
+        let mut now = started;
         for attempt in 0..=self.inner.config.max_retries {
-            // The registry, nearest first (as `providers` lists it).
             let listings = self.listed(service);
-            let mut providers: Vec<(Reach, &Listing)> = listings
-                .iter()
-                .map(|l| (self.reach(&l.node_id), l))
-                .collect();
-            providers.sort_by_key(|p| p.0);
-            if providers.is_empty() {
+            if listings.is_empty() {
                 return Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())));
             }
-            let fitting: Vec<(Reach, &Listing)> = providers
-                .iter()
-                .filter(|(_, l)| o.version == 0 || l.record.version == o.version)
-                .filter(|(_, l)| !tried.contains(&l.node_id))
-                .copied()
-                .collect();
-            if fitting.is_empty() {
+            let fits = |l: &Listing| {
+                (o.version == 0 || l.record.version == o.version) && !tried.contains(&l.node_id)
+            };
+            let fitting = listings.iter().filter(|l| fits(l)).count();
+            if fitting == 0 {
                 if let Some(e) = last {
                     return Err(e);
                 }
+                // The version of the nearest provider (as `providers` lists).
+                let nearest = listings
+                    .iter()
+                    .min_by_key(|l| self.reach(&l.node_id))
+                    .map_or(0, |l| l.record.version);
                 return Err(RpcError::VersionMismatch {
                     service: service.into(),
                     wanted: o.version,
-                    served: providers[0].1.record.version,
+                    served: nearest,
                 });
             }
-            let now = Instant::now();
-            let chosen = {
-                let stats = lock(&self.inner.stats);
-                let cands: Vec<(Reach, f64)> = fitting
-                    .iter()
-                    .map(|(reach, l)| {
-                        let cost = stats.get(&l.node_id).map_or(1.0, |s| s.cost(now));
-                        (*reach, cost)
-                    })
-                    .collect();
-                choose(&cands, &mut rand::rng()).map(|i| (fitting[i].1.node_id.clone(), cands[i].0))
-            };
-            let Some((node, reach)) = chosen else {
-                return Err(RpcError::NoProvider(service.into()));
+            let (node, reach) = {
+                // One look at the stats: the costs, then the chosen
+                // provider's call counted in flight.
+                let mut stats = lock(&self.inner.stats);
+                let chosen = if fitting == 1 {
+                    listings
+                        .iter()
+                        .find(|l| fits(l))
+                        .map(|l| (l, self.reach(&l.node_id)))
+                } else {
+                    let cands: Vec<(Reach, f64, &Listing)> = listings
+                        .iter()
+                        .filter(|l| fits(l))
+                        .map(|l| {
+                            let cost = stats.get(&l.node_id).map_or(1.0, |s| s.cost(now));
+                            (self.reach(&l.node_id), cost, l)
+                        })
+                        .collect();
+                    let pairs: Vec<(Reach, f64)> = cands.iter().map(|c| (c.0, c.1)).collect();
+                    choose(&pairs, &mut rand::rng()).map(|i| (cands[i].2, cands[i].0))
+                };
+                let Some((listing, reach)) = chosen else {
+                    return Err(RpcError::NoProvider(service.into()));
+                };
+                if reach != Reach::Local {
+                    update_stats(&mut stats, &listing.node_id, |s| s.in_flight += 1);
+                }
+                (listing.node_id.clone(), reach)
             };
             let remaining = deadline_at.saturating_duration_since(now);
             if remaining.is_zero() {
+                self.unsent(&node, reach);
                 return Err(RpcError::Timeout(o.deadline));
             }
             if attempt > 0 {
                 self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
             }
-            tried.push(node.clone());
             // An idempotent call may be retried after a timeout: share the
             // time left between this attempt and the ones that could follow
             // (as many as there are untried providers, within the budget).
             let budget = if o.idempotent {
                 let left = (self.inner.config.max_retries - attempt) as usize;
-                let slots = left.min(fitting.len() - 1) as u32 + 1;
+                let slots = left.min(fitting - 1) as u32 + 1;
                 remaining / slots
             } else {
                 remaining
             };
-            let (result, retry) = self
-                .attempt(&node, reach, service, method, args.clone(), o, budget)
+            let (result, retry, ended) = self
+                .attempt(&node, reach, service, method, args.clone(), o, budget, now)
                 .await;
+            now = ended;
             match result {
                 Ok(b) => return Ok(b),
                 Err(e) => {
@@ -947,6 +969,7 @@ impl Rpc {
                         return Err(e);
                     }
                     debug!(service, method, provider = %node.short(), error = ?e, "retrying on another provider");
+                    tried.push(node);
                     last = Some(e);
                 }
             }
@@ -954,6 +977,18 @@ impl Rpc {
         Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())))
     }
 
+    /// A call counted in flight to `node` was not sent after all.
+    fn unsent(&self, node: &NodeId, reach: Reach) {
+        if reach != Reach::Local
+            && let Some(s) = lock(&self.inner.stats).get_mut(node)
+        {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// One try of a call at `node`, counted in flight there by the caller
+    /// (unless local) since `sent`. Returns the result, whether another
+    /// provider may be tried, and when it ended.
     #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
@@ -964,29 +999,31 @@ impl Rpc {
         args: Bytes,
         o: CallOptions,
         remaining: Duration,
-    ) -> (Result<Bytes, RpcError<Bytes>>, Retry) {
+        sent: Instant,
+    ) -> (Result<Bytes, RpcError<Bytes>>, Retry, Instant) {
         let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
-        let call = proto::Call {
-            call_id,
-            service: service.to_string(),
-            method: method.to_string(),
-            args,
-            codec: o.codec.to_wire(),
-            budget_ms: remaining.as_millis().max(1) as u64,
-            version: o.version,
-        };
-        let sent = Instant::now();
+        let budget_ms = remaining.as_millis().max(1) as u64;
         let result = if reach == Reach::Local {
+            let call = proto::Call {
+                call_id,
+                service: service.to_string(),
+                method: method.to_string(),
+                args,
+                codec: o.codec.to_wire(),
+                budget_ms,
+                version: o.version,
+            };
             Ok(self.inner.server.run(node, call).await)
         } else {
-            lock(&self.inner.stats)
-                .entry(node.clone())
-                .or_default()
-                .in_flight += 1;
-            let payload = proto::RpcMessage {
-                body: Some(Body::Call(call)),
-            }
-            .encode_to_vec();
+            let payload = encode_call(&CallRef {
+                call_id,
+                service,
+                method,
+                args: &args,
+                codec: o.codec.to_wire(),
+                budget_ms,
+                version: o.version,
+            });
             let mut guard = CancelOnDrop {
                 ctx: self.inner.ctx.clone(),
                 peer: node.clone(),
@@ -1006,9 +1043,6 @@ impl Rpc {
             // leaves the guard armed, so the provider stops the work.
             guard.armed = matches!(reply, Err(ConcernsError::Timeout(_)));
             drop(guard);
-            if let Some(s) = lock(&self.inner.stats).get_mut(node) {
-                s.in_flight = s.in_flight.saturating_sub(1);
-            }
             reply.and_then(|b| {
                 proto::RpcMessage::decode(b)
                     .ok()
@@ -1033,16 +1067,100 @@ impl Rpc {
             }
         };
         {
+            // One look at the stats: out of flight, and how it went.
             let mut stats = lock(&self.inner.stats);
-            let s = stats.entry(node.clone()).or_default();
-            match &r {
-                Ok(_) | Err(RpcError::Application(_)) => s.success(now - sent),
-                Err(_) if retry != Retry::Never => s.failure(now),
-                Err(_) => {}
-            }
+            update_stats(&mut stats, node, |s| {
+                if reach != Reach::Local {
+                    s.in_flight = s.in_flight.saturating_sub(1);
+                }
+                match &r {
+                    Ok(_) | Err(RpcError::Application(_)) => s.success(now - sent),
+                    Err(_) if retry != Retry::Never => s.failure(now),
+                    Err(_) => {}
+                }
+            });
         }
-        (r, retry)
+        (r, retry, now)
     }
+}
+
+/// Updates `node`'s stats with `f`, made if new: no key clone when they
+/// exist (the usual case), unlike `entry`.
+fn update_stats(
+    stats: &mut HashMap<NodeId, ProviderStats>,
+    node: &NodeId,
+    f: impl FnOnce(&mut ProviderStats),
+) {
+    match stats.get_mut(node) {
+        Some(s) => f(s),
+        None => {
+            let mut s = ProviderStats::default();
+            f(&mut s);
+            stats.insert(node.clone(), s);
+        }
+    }
+}
+
+/// A [`proto::Call`] with borrowed strings and arguments.
+struct CallRef<'a> {
+    call_id: u64,
+    service: &'a str,
+    method: &'a str,
+    args: &'a Bytes,
+    codec: u32,
+    budget_ms: u64,
+    version: u32,
+}
+
+/// `RpcMessage { call }` encoded, byte for byte what prost writes for the
+/// owned [`proto::Call`], without copying the names into Strings first.
+fn encode_call(c: &CallRef<'_>) -> Vec<u8> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let varint = |tag: u32, v: u64| {
+        if v == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(v)
+        }
+    };
+    let bytes = |tag: u32, len: usize| {
+        if len == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(len as u64) + len
+        }
+    };
+    let body = varint(1, c.call_id)
+        + bytes(2, c.service.len())
+        + bytes(3, c.method.len())
+        + bytes(4, c.args.len())
+        + varint(5, u64::from(c.codec))
+        + varint(6, c.budget_ms)
+        + varint(7, u64::from(c.version));
+    let mut out = Vec::with_capacity(key_len(1) + encoded_len_varint(body as u64) + body);
+    encode_key(1, WireType::LengthDelimited, &mut out);
+    encode_varint(body as u64, &mut out);
+    let put_varint = |out: &mut Vec<u8>, tag: u32, v: u64| {
+        if v != 0 {
+            encode_key(tag, WireType::Varint, out);
+            encode_varint(v, out);
+        }
+    };
+    let put_bytes = |out: &mut Vec<u8>, tag: u32, b: &[u8]| {
+        if !b.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(b.len() as u64, out);
+            out.extend_from_slice(b);
+        }
+    };
+    put_varint(&mut out, 1, c.call_id);
+    put_bytes(&mut out, 2, c.service.as_bytes());
+    put_bytes(&mut out, 3, c.method.as_bytes());
+    put_bytes(&mut out, 4, c.args);
+    put_varint(&mut out, 5, u64::from(c.codec));
+    put_varint(&mut out, 6, c.budget_ms);
+    put_varint(&mut out, 7, u64::from(c.version));
+    out
 }
 
 /// An untyped client of one service: what a generated typed client wraps.
@@ -1110,6 +1228,50 @@ impl Client {
                     Err(why) => RpcError::Decode(why),
                 },
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn a_call_is_encoded_as_prost_encodes_it(
+            call_id in any::<u64>(),
+            service in "[a-z.]{0,12}",
+            method in "[a-z_]{0,12}",
+            args in proptest::collection::vec(any::<u8>(), 0..200),
+            codec in 0u32..3,
+            budget_ms in prop_oneof![Just(0u64), any::<u64>()],
+            version in prop_oneof![Just(0u32), any::<u32>()],
+        ) {
+            let args = Bytes::from(args);
+            let ours = encode_call(&CallRef {
+                call_id,
+                service: &service,
+                method: &method,
+                args: &args,
+                codec,
+                budget_ms,
+                version,
+            });
+            let theirs = proto::RpcMessage {
+                body: Some(Body::Call(proto::Call {
+                    call_id,
+                    service,
+                    method,
+                    args,
+                    codec,
+                    budget_ms,
+                    version,
+                })),
+            }
+            .encode_to_vec();
+            prop_assert_eq!(ours, theirs);
         }
     }
 }

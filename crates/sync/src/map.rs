@@ -623,6 +623,12 @@ impl SyncMap {
         })
     }
 
+    /// The map's clock (ms since the Unix epoch): what expiries and leases
+    /// are measured against, e.g. [`EntryInfo::expires_at_ms`].
+    pub fn now_ms(&self) -> u64 {
+        self.inner.now()
+    }
+
     /// True if `key` holds a value.
     pub fn contains_key(&self, key: impl AsRef<[u8]>) -> bool {
         let now = self.inner.now();
