@@ -398,24 +398,33 @@ impl ConnectionHandle {
         match shared.push(msg, priority) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
+            // Boxed: the wait (a timer and a queue slot) would otherwise
+            // make every caller's future larger, full lane or not.
             Err(mpsc::error::TrySendError::Full(msg)) => {
-                let timeout = shared.send_timeout;
-                let lane = &shared.lanes[priority as usize];
-                // Counted while it waits, so no direct write overtakes it.
-                shared.queued.fetch_add(1, Ordering::AcqRel);
-                let r = tokio::time::timeout(timeout, lane.send(msg)).await;
-                if !matches!(r, Ok(Ok(()))) {
-                    shared.queued.fetch_sub(1, Ordering::AcqRel);
-                }
-                match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(TransportError::NotConnected),
-                    Err(_) => Err(TransportError::Timeout {
-                        what: "send queue",
-                        after: timeout,
-                    }),
-                }
+                Box::pin(self.wait_send(msg, priority)).await
             }
+        }
+    }
+
+    /// [`send`](Self::send) when the lane is full: waits for room, up to the
+    /// send timeout.
+    async fn wait_send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        let timeout = shared.send_timeout;
+        let lane = &shared.lanes[priority as usize];
+        // Counted while it waits, so no direct write overtakes it.
+        shared.queued.fetch_add(1, Ordering::AcqRel);
+        let r = tokio::time::timeout(timeout, lane.send(msg)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(TransportError::NotConnected),
+            Err(_) => Err(TransportError::Timeout {
+                what: "send queue",
+                after: timeout,
+            }),
         }
     }
 
