@@ -324,8 +324,6 @@ pub(crate) fn decode_error(payload: &[u8]) -> ConcernsError {
 }
 
 impl Inner {
-    /// Spawns a task that ends with the layer (it must watch `cancel` or
-    /// end by itself).
     /// Fails the direct requests waiting on `peer`, which has left: their
     /// answers cannot come any more.
     pub(crate) fn peer_left(&self, peer: &NodeId) {
@@ -343,6 +341,8 @@ impl Inner {
         }
     }
 
+    /// Spawns a task that ends with the layer (it must watch `cancel` or
+    /// end by itself).
     pub(crate) fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
         let cancel = self.cancel.clone();
         self.tracker.spawn(async move {
@@ -473,21 +473,15 @@ impl Inner {
 
     async fn wait_reply(
         &self,
-        id: u64,
         rx: oneshot::Receiver<Result<Bytes, ConcernsError>>,
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
         // Shutdown fails every waiting request by dropping its sender.
-        let r = match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ConcernsError::Shutdown),
             Err(_) => Err(ConcernsError::Timeout(timeout)),
-        };
-        if r.is_err() {
-            // Answered requests were taken out of the map by their answer.
-            lock(&self.pending).remove(&id);
         }
-        r
     }
 
     pub(crate) async fn request_direct(
@@ -502,14 +496,17 @@ impl Inner {
         if id == 0 {
             return Err(ConcernsError::Shutdown);
         }
-        let sent = self
-            .send_direct(peer, command, id, ConcernKind::Request, payload, priority)
-            .await;
-        if let Err(e) = sent {
-            lock(&self.pending).remove(&id);
-            return Err(e);
-        }
-        let r = self.wait_reply(id, rx, timeout).await;
+        let mut waiting = Waiter {
+            inner: self,
+            id,
+            armed: true,
+        };
+        self.send_direct(peer, command, id, ConcernKind::Request, payload, priority)
+            .await?;
+        let r = self.wait_reply(rx, timeout).await;
+        // An answer took the request out of the map already.
+        waiting.armed = r.is_err();
+        drop(waiting);
         if matches!(r, Err(ConcernsError::Timeout(_))) {
             self.peers.report_timeout(peer);
         }
@@ -528,19 +525,22 @@ impl Inner {
         if id == 0 {
             return Err(ConcernsError::Shutdown);
         }
+        let mut waiting = Waiter {
+            inner: self,
+            id,
+            armed: true,
+        };
         let started = tokio::time::Instant::now();
-        let sent = tokio::time::timeout(
+        tokio::time::timeout(
             timeout,
             routing.send(self, node, command, id, ConcernKind::Request, payload),
         )
         .await
-        .unwrap_or(Err(ConcernsError::Timeout(timeout)));
-        if let Err(e) = sent {
-            lock(&self.pending).remove(&id);
-            return Err(e);
-        }
+        .unwrap_or(Err(ConcernsError::Timeout(timeout)))?;
         let left = timeout.saturating_sub(started.elapsed());
-        self.wait_reply(id, rx, left).await
+        let r = self.wait_reply(rx, left).await;
+        waiting.armed = r.is_err();
+        r
     }
 
     /// A reply or error frame (direct or routed) arrived from `from`.
@@ -840,6 +840,25 @@ impl Inner {
                 reg.counters.replies.fetch_add(1, Ordering::Relaxed);
             }
             self.answer(&job, kind, payload, priority).await;
+        }
+    }
+}
+
+/// A request in the pending map, taken out when its caller stops waiting
+/// without an answer: on an error, and when the caller drops the request's
+/// future (a select, a deadline of its own), which would otherwise leave it
+/// there for good if the peer never answers.
+struct Waiter<'a> {
+    inner: &'a Inner,
+    id: u64,
+    /// Still in the map as far as this caller knows.
+    armed: bool,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(&self.inner.pending).remove(&self.id);
         }
     }
 }
@@ -1151,6 +1170,12 @@ impl Concerns {
     /// was full, or too many routed ones were on their way.
     pub fn unsent_errors(&self) -> u64 {
         self.inner.unsent_errors.load(Ordering::Relaxed)
+    }
+
+    /// Requests of this node waiting for their answer now (direct and
+    /// routed).
+    pub fn pending_requests(&self) -> usize {
+        lock(&self.inner.pending).len()
     }
 
     /// Stops: no more requests are taken, every concern's `on_stop` runs,

@@ -3,7 +3,8 @@
 //! requests are served control first, then normal, then bulk; answers take
 //! the request's lane unless the handler picks another; handlers that answer
 //! without awaiting are answered inline on the connection's reader; the
-//! concurrency limit and the per-sender queues hold.
+//! concurrency limit and the per-sender queues hold; a request given up
+//! leaves nothing pending.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -184,6 +185,14 @@ impl Concern for Gated {
     }
 }
 
+/// A server "s" running the gated concern, and one client.
+async fn gated_star(net: &MemNetwork) -> (Gated, Concerns, Vec<Concerns>) {
+    let gated = Gated::new();
+    let concerns: Vec<Arc<dyn Concern>> = vec![Arc::new(gated.clone())];
+    let (server, clients) = star(net, ConcernsConfig::default(), concerns, 1).await;
+    (gated, server, clients)
+}
+
 /// Sends `payload` from `ctx` to `to` on `lane` in a task of its own.
 fn spawn_request(
     ctx: &Context,
@@ -201,14 +210,7 @@ fn spawn_request(
 #[tokio::test(start_paused = true)]
 async fn control_overtakes_normal_which_overtakes_bulk_while_waiting() {
     let net = MemNetwork::new();
-    let gated = Gated::new();
-    let (server, clients) = star(
-        &net,
-        ConcernsConfig::default(),
-        vec![Arc::new(gated.clone())],
-        1,
-    )
-    .await;
+    let (gated, server, clients) = gated_star(&net).await;
     let sid = server.peers().node_id().clone();
     let ctx = clients[0].context(GATED);
 
@@ -491,6 +493,40 @@ async fn inline_and_awaiting_handlers_both_answer_and_the_counters_balance() {
         (25, 25, 0, 0),
         "{stats:?}"
     );
+    let mut all = vec![server];
+    all.extend(clients);
+    stop(all).await;
+}
+
+/// A caller that stops waiting leaves no pending request behind: not when
+/// it drops the request (a deadline of its own) while the handler still
+/// works and the answer never comes in time, not when the request times out;
+/// and the late answers, when they come, are ignored.
+#[tokio::test(start_paused = true)]
+async fn a_request_given_up_leaves_nothing_pending() {
+    let net = MemNetwork::new();
+    let (gated, server, clients) = gated_star(&net).await;
+    let sid = server.peers().node_id().clone();
+    let client = &clients[0];
+    let ctx = client.context(GATED);
+
+    let dropped = timeout(50 * MS, ctx.request(&sid, "gate-dropped", GUARD)).await;
+    assert!(dropped.is_err(), "the handler is held at the gate");
+    assert_eq!(client.pending_requests(), 0, "a dropped request");
+
+    let timed_out = ctx.request(&sid, "gate-timeout", 100 * MS).await;
+    assert!(
+        matches!(timed_out, Err(ConcernsError::Timeout(_))),
+        "{timed_out:?}"
+    );
+    assert_eq!(client.pending_requests(), 0, "a timed-out request");
+
+    // Both gated requests now finish and answer; nobody waits for them.
+    gated.gate.add_permits(2);
+    let reply = within("a later request", ctx.request(&sid, "after", GUARD)).await;
+    assert_eq!(reply.unwrap(), Bytes::from("after"));
+    assert_eq!(gated.started(), ["gate-dropped", "gate-timeout", "after"]);
+    assert_eq!(client.pending_requests(), 0, "an answered request");
     let mut all = vec![server];
     all.extend(clients);
     stop(all).await;
