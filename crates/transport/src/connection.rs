@@ -149,6 +149,9 @@ pub struct ConnectionStats {
     pub idle_for: Duration,
     /// Time since the handshake completed.
     pub age: Duration,
+    /// Messages waiting to be written: on the send lanes, or waiting for
+    /// room on one.
+    pub queued: usize,
 }
 
 struct Shared {
@@ -355,6 +358,22 @@ impl Shared {
     }
 }
 
+/// Takes a message waiting for room back out of [`Shared::queued`] unless it
+/// made it onto its lane. A count left behind would keep every later sender
+/// off the direct path for good.
+struct Uncount<'a> {
+    queued: &'a AtomicUsize,
+    armed: bool,
+}
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// A cheap, cloneable handle to send on and close a connection.
 #[derive(Clone)]
 pub struct ConnectionHandle {
@@ -412,12 +431,17 @@ impl ConnectionHandle {
         let shared = &self.shared;
         let timeout = shared.send_timeout;
         let lane = &shared.lanes[priority as usize];
-        // Counted while it waits, so no direct write overtakes it.
+        // Counted while it waits, so no direct write overtakes it; uncounted
+        // again unless it made it onto the lane (where the writer uncounts
+        // it): when the wait fails, and when the caller drops this future.
         shared.queued.fetch_add(1, Ordering::AcqRel);
+        let mut waiting = Uncount {
+            queued: &shared.queued,
+            armed: true,
+        };
         let r = tokio::time::timeout(timeout, lane.send(msg)).await;
-        if !matches!(r, Ok(Ok(()))) {
-            shared.queued.fetch_sub(1, Ordering::AcqRel);
-        }
+        waiting.armed = !matches!(r, Ok(Ok(())));
+        drop(waiting);
         match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(TransportError::NotConnected),
@@ -557,6 +581,7 @@ impl ConnectionHandle {
             smoothed_rtt,
             idle_for: s.since(&s.last_received_nanos, now),
             age: now.saturating_duration_since(s.established),
+            queued: s.queued.load(Ordering::Acquire),
         }
     }
 

@@ -36,6 +36,7 @@ on_both_transports!(
     a_slow_consumer_is_not_mistaken_for_a_silent_peer,
     idle_timeout_fires_while_streaming_to_a_silent_peer,
     oversized_local_hello_is_a_local_error,
+    a_send_given_up_while_waiting_for_room_leaves_no_trace,
 );
 
 fn concern(n: u64, payload: &'static [u8]) -> Message {
@@ -610,6 +611,42 @@ async fn idle_timeout_fires_while_streaming_to_a_silent_peer(net: Net) {
     assert_eq!(conn.close_reason(), Some(CloseReason::IdleTimeout));
     streamer.await.unwrap();
     sink.await.unwrap();
+    server.shutdown().await;
+}
+
+/// A send that waits for room on a full lane and is dropped by its caller
+/// is not sent and leaves nothing counted: once the peer has read the rest,
+/// nothing is queued.
+async fn a_send_given_up_while_waiting_for_room_leaves_no_trace(net: Net) {
+    // The server's reader stops at a full inbound queue of 1, the stream
+    // fills up, the client's writer blocks, and its one-slot lane fills.
+    let server_cfg = config().with_inbound_capacity(1).with_keepalive(None, None);
+    let client_cfg = config()
+        .with_lane_capacity(4, 1, 4)
+        .with_keepalive(None, None);
+    let (server, addr) = net.listening("server", server_cfg).await;
+    let client = net.dialer("client", client_cfg);
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+    const KIB: &[u8] = &[7; 1024];
+    let mut sent = 0;
+    loop {
+        let send = conn.send(concern(sent, KIB), Priority::Normal);
+        match tokio::time::timeout(Duration::from_millis(100), send).await {
+            Ok(r) => r.unwrap(),
+            // It waited for room and is given up: dropped.
+            Err(_) => break,
+        }
+        sent += 1;
+        assert!(sent < 50_000, "the lane never filled");
+    }
+    for n in 0..sent {
+        assert_eq!(incoming.recv().await.unwrap(), concern(n, KIB));
+    }
+    eventually("nothing is left queued", || conn.stats().queued == 0).await;
+    let more = incoming.recv_timeout(Duration::from_millis(100)).await;
+    assert!(more.is_err(), "the given-up message was sent: {more:?}");
+    client.shutdown().await;
     server.shutdown().await;
 }
 
