@@ -105,6 +105,8 @@ pub struct Provider {
     pub reach: &'static str,
     /// Smoothed round trip of our calls to it, if any succeeded.
     pub latency: Option<Duration>,
+    /// Our calls to it that are waiting for their answer now.
+    pub in_flight: u32,
 }
 
 /// Counters of one service served here.
@@ -738,6 +740,7 @@ impl Rpc {
                         Reach::Routed => "routed",
                     },
                     latency: stats.get(&l.node_id).and_then(|s| s.ewma),
+                    in_flight: stats.get(&l.node_id).map_or(0, |s| s.in_flight),
                 };
                 (reach, provider)
             })
@@ -954,7 +957,7 @@ impl Rpc {
                 remaining
             };
             let (result, retry, ended) = self
-                .attempt(&node, reach, service, method, args.clone(), o, budget, now)
+                .attempt(&node, reach, service, method, args.clone(), o, budget)
                 .await;
             now = ended;
             match result {
@@ -977,7 +980,8 @@ impl Rpc {
         Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())))
     }
 
-    /// A call counted in flight to `node` was not sent after all.
+    /// A call counted in flight to `node` was not sent after all, or its
+    /// caller gave up on it.
     fn unsent(&self, node: &NodeId, reach: Reach) {
         if reach != Reach::Local
             && let Some(s) = lock(&self.inner.stats).get_mut(node)
@@ -987,8 +991,8 @@ impl Rpc {
     }
 
     /// One try of a call at `node`, counted in flight there by the caller
-    /// (unless local) since `sent`. Returns the result, whether another
-    /// provider may be tried, and when it ended.
+    /// (unless local). Returns the result, whether another provider may be
+    /// tried, and when it ended.
     #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
@@ -999,8 +1003,15 @@ impl Rpc {
         args: Bytes,
         o: CallOptions,
         remaining: Duration,
-        sent: Instant,
     ) -> (Result<Bytes, RpcError<Bytes>>, Retry, Instant) {
+        // Out of flight however this ends, also when the caller drops the
+        // call meanwhile (disarmed below, where the outcome is recorded).
+        let mut flight = InFlight {
+            rpc: self,
+            node,
+            armed: reach != Reach::Local,
+        };
+        let sent = Instant::now();
         let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let budget_ms = remaining.as_millis().max(1) as u64;
         let result = if reach == Reach::Local {
@@ -1069,6 +1080,7 @@ impl Rpc {
         {
             // One look at the stats: out of flight, and how it went.
             let mut stats = lock(&self.inner.stats);
+            flight.armed = false;
             update_stats(&mut stats, node, |s| {
                 if reach != Reach::Local {
                     s.in_flight = s.in_flight.saturating_sub(1);
@@ -1081,6 +1093,22 @@ impl Rpc {
             });
         }
         (r, retry, now)
+    }
+}
+
+/// A call counted in flight to a provider: uncounted if its caller drops
+/// it before the outcome is recorded (which uncounts it otherwise).
+struct InFlight<'a> {
+    rpc: &'a Rpc,
+    node: &'a NodeId,
+    armed: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.rpc.unsent(self.node, Reach::Neighbour);
+        }
     }
 }
 

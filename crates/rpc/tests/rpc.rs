@@ -858,6 +858,11 @@ async fn dropping_a_call_cancels_it_on_the_provider() {
     assert_eq!(probe.finished(), 0);
     assert_eq!(served(b, "calc").cancelled, 3);
     assert_eq!(served(b, "calc").in_flight, 0);
+    // The caller does not count them in flight either (which would make
+    // the provider look busy to its choice for good).
+    let seen = a.rpc().providers("calc");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].in_flight, 0, "{seen:?}");
     stop(nodes).await;
 }
 
