@@ -259,20 +259,53 @@ async fn random_mesh(net: &MemNetwork, n: usize, seed: u64) -> Vec<TestNode> {
     random_mesh_max(net, n, 4, seed).await
 }
 
+/// A random mesh of `n` nodes holding at most `max` peers each, in one
+/// piece. Node ids are random, so a seed does not fix the mesh, and with few
+/// peers per node it can form in pieces (each piece full, nobody learning
+/// of the other); these tests need one piece, so a split mesh is built
+/// again from the next seed (printed).
 async fn random_mesh_max(net: &MemNetwork, n: usize, max: usize, seed: u64) -> Vec<TestNode> {
+    for attempt in 0..5u64 {
+        let seed = seed + 1000 * attempt;
+        let nodes = try_random_mesh(net, n, max, seed, &format!("r{attempt}-")).await;
+        let deadline = Instant::now() + 10 * S;
+        loop {
+            if distances(&nodes).iter().flatten().all(Option::is_some) {
+                return nodes;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            sleep(100 * MS).await;
+        }
+        eprintln!("seed {seed}: the mesh formed in pieces; building another");
+        stop(nodes).await;
+    }
+    panic!("no mesh in one piece from seed {seed} and the four after it");
+}
+
+/// The nodes `{prefix}0` to `{prefix}{n-1}`, each seeded with two earlier
+/// ones picked by `seed`, once every node has 2 peers.
+async fn try_random_mesh(
+    net: &MemNetwork,
+    n: usize,
+    max: usize,
+    seed: u64,
+    prefix: &str,
+) -> Vec<TestNode> {
     eprintln!("random mesh of {n} nodes, seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut nodes = Vec::new();
     for i in 0..n {
         let mut seeds = Vec::new();
         for _ in 0..2.min(i) {
-            seeds.push(format!("mem://r{}", rng.random_range(0..i)));
+            seeds.push(format!("mem://{prefix}{}", rng.random_range(0..i)));
         }
         let cfg = seeded(&seeds)
             .with_min_peers(2)
             .with_max_peers(max)
             .with_rng_seed(seed + i as u64);
-        nodes.push(start(net, &format!("r{i}"), cfg).await);
+        nodes.push(start(net, &format!("{prefix}{i}"), cfg).await);
     }
     let deadline = Instant::now() + 60 * S;
     while nodes
