@@ -51,7 +51,9 @@ impl Context {
         Instant::now()
     }
 
-    /// Sends a request to a neighbour and waits for its reply.
+    /// Sends a request to a neighbour and waits for its reply, for at most
+    /// `timeout` from this call (waiting for room on a busy connection
+    /// counts).
     ///
     /// Errors: [`NotConnected`](ConcernsError::NotConnected) /
     /// [`Unresponsive`](ConcernsError::Unresponsive) at once,

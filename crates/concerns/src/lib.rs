@@ -82,6 +82,7 @@ mod error;
 mod fair;
 mod flood;
 mod manager;
+mod pending;
 mod route;
 mod routing;
 mod seen;

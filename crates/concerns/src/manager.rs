@@ -39,6 +39,7 @@ use tracing::{debug, warn};
 
 use crate::fair::FairQueue;
 use crate::flood::Flood;
+use crate::pending::{Outcome, Requests};
 use crate::routing::Routing;
 use crate::topics::{Subscription, Topics};
 use crate::{Concern, ConcernsError, Context, Reply, Route};
@@ -264,19 +265,12 @@ impl Waiting {
     }
 }
 
-struct Pending {
-    /// Who must answer (a reply from anyone else is not for this request).
-    expect: NodeId,
-    /// Whether a routed "unreachable" from an intermediate node counts.
-    routed: bool,
-    tx: oneshot::Sender<Result<Bytes, ConcernsError>>,
-}
-
 pub(crate) struct Inner {
     pub(crate) peers: PeerManager,
     pub(crate) config: ConcernsConfig,
     registry: RwLock<HashMap<u32, Arc<Registered>>>,
-    pending: Mutex<HashMap<u64, Pending>>,
+    /// Requests of this node waiting for their answers.
+    pending: Arc<Requests>,
     next_request: AtomicU64,
     waiting: Mutex<HashMap<u32, Waiting>>,
     unknown: AtomicU64,
@@ -327,17 +321,9 @@ impl Inner {
     /// Fails the direct requests waiting on `peer`, which has left: their
     /// answers cannot come any more.
     pub(crate) fn peer_left(&self, peer: &NodeId) {
-        let lost: Vec<Pending> = {
-            let mut pending = lock(&self.pending);
-            let ids: Vec<u64> = pending
-                .iter()
-                .filter(|(_, p)| !p.routed && p.expect == *peer)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter().filter_map(|id| pending.remove(id)).collect()
-        };
+        let lost = self.pending.take_where(|p| !p.routed && p.expect == *peer);
         for p in lost {
-            let _ = p.tx.send(Err(ConcernsError::ConnectionLost(peer.clone())));
+            p.finish(Err(ConcernsError::ConnectionLost(peer.clone())));
         }
     }
 
@@ -443,45 +429,29 @@ impl Inner {
             .map_err(ConcernsError::from)
     }
 
+    /// Registers a request to `expect` that times out after `timeout`;
+    /// `None` once the layer shuts down.
     fn new_request(
         &self,
         expect: &NodeId,
         routed: bool,
-    ) -> (u64, oneshot::Receiver<Result<Bytes, ConcernsError>>) {
-        let (tx, rx) = oneshot::channel();
-        let mut pending = lock(&self.pending);
-        // Checked under the lock that shutdown clears the map under (after
+        timeout: Duration,
+    ) -> Option<(u64, oneshot::Receiver<Outcome>)> {
+        // Asked under the lock that shutdown clears the map under (after
         // cancelling): a request is either refused here or failed there.
-        if self.cancel.is_cancelled() {
-            drop(tx);
-            return (0, rx);
-        }
-        let mut id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        while id == 0 || pending.contains_key(&id) {
-            id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        }
-        pending.insert(
-            id,
-            Pending {
-                expect: expect.clone(),
-                routed,
-                tx,
-            },
-        );
-        (id, rx)
+        self.pending.insert(
+            || self.next_request.fetch_add(1, Ordering::Relaxed),
+            expect,
+            routed,
+            timeout,
+            || self.cancel.is_cancelled(),
+        )
     }
 
-    async fn wait_reply(
-        &self,
-        rx: oneshot::Receiver<Result<Bytes, ConcernsError>>,
-        timeout: Duration,
-    ) -> Result<Bytes, ConcernsError> {
+    /// The answer to a registered request, or its timeout (the sweeper's).
+    async fn wait_reply(rx: oneshot::Receiver<Outcome>) -> Outcome {
         // Shutdown fails every waiting request by dropping its sender.
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ConcernsError::Shutdown),
-            Err(_) => Err(ConcernsError::Timeout(timeout)),
-        }
+        rx.await.unwrap_or(Err(ConcernsError::Shutdown))
     }
 
     pub(crate) async fn request_direct(
@@ -492,10 +462,9 @@ impl Inner {
         timeout: Duration,
         priority: Priority,
     ) -> Result<Bytes, ConcernsError> {
-        let (id, rx) = self.new_request(peer, false);
-        if id == 0 {
-            return Err(ConcernsError::Shutdown);
-        }
+        let (id, rx) = self
+            .new_request(peer, false, timeout)
+            .ok_or(ConcernsError::Shutdown)?;
         let mut waiting = Waiter {
             inner: self,
             id,
@@ -503,7 +472,7 @@ impl Inner {
         };
         self.send_direct(peer, command, id, ConcernKind::Request, payload, priority)
             .await?;
-        let r = self.wait_reply(rx, timeout).await;
+        let r = Self::wait_reply(rx).await;
         // An answer took the request out of the map already.
         waiting.armed = r.is_err();
         drop(waiting);
@@ -521,24 +490,22 @@ impl Inner {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
-        let (id, rx) = self.new_request(node, true);
-        if id == 0 {
-            return Err(ConcernsError::Shutdown);
-        }
+        let (id, rx) = self
+            .new_request(node, true, timeout)
+            .ok_or(ConcernsError::Shutdown)?;
         let mut waiting = Waiter {
             inner: self,
             id,
             armed: true,
         };
-        let started = tokio::time::Instant::now();
+        // The route search has its own end: the request's deadline.
         tokio::time::timeout(
             timeout,
             routing.send(self, node, command, id, ConcernKind::Request, payload),
         )
         .await
         .unwrap_or(Err(ConcernsError::Timeout(timeout)))?;
-        let left = timeout.saturating_sub(started.elapsed());
-        let r = self.wait_reply(rx, left).await;
+        let r = Self::wait_reply(rx).await;
         waiting.armed = r.is_err();
         r
     }
@@ -556,25 +523,18 @@ impl Inner {
             ConcernKind::Reply => Ok(payload.clone()),
             _ => Err(decode_error(&payload)),
         };
-        let waiter = {
-            let mut pending = lock(&self.pending);
-            let matches = pending.get(&id).is_some_and(|p| {
-                p.expect == *from
-                    || (p.routed
-                        && matches!(
-                            result,
-                            Err(ConcernsError::Remote {
-                                code: ErrorCode::Unreachable,
-                                ..
-                            })
-                        ))
-            });
-            if matches { pending.remove(&id) } else { None }
-        };
+        let unreachable = matches!(
+            result,
+            Err(ConcernsError::Remote {
+                code: ErrorCode::Unreachable,
+                ..
+            })
+        );
+        let waiter = self
+            .pending
+            .take_if(id, |p| p.expect == *from || (p.routed && unreachable));
         match waiter {
-            Some(p) => {
-                let _ = p.tx.send(result);
-            }
+            Some(p) => p.finish(result),
             None => {
                 if kind != ConcernKind::Reply {
                     debug!(command, id, from = %from.short(), error = ?result.err(), "unawaited error reply");
@@ -858,7 +818,7 @@ struct Waiter<'a> {
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         if self.armed {
-            lock(&self.inner.pending).remove(&self.id);
+            self.inner.pending.remove(self.id);
         }
     }
 }
@@ -954,7 +914,7 @@ impl ConcernsBuilder {
             peers: self.peers,
             config: self.config,
             registry: RwLock::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
+            pending: Arc::new(Requests::new()),
             next_request: AtomicU64::new(rand::random::<u64>() >> 1),
             waiting: Mutex::new(HashMap::new()),
             unsent_errors: AtomicU64::new(0),
@@ -990,6 +950,8 @@ impl ConcernsBuilder {
             .peers
             .set_inbound_handler(Arc::new(handler))
             .map_err(|e| ConcernsError::Peers(e.to_string()))?;
+        let requests = concerns.inner.pending.clone();
+        concerns.inner.spawn(async move { requests.sweep().await });
         // Requests waiting on a neighbour that leaves fail at once instead
         // of waiting out their timeouts.
         let mut events = concerns.inner.peers.events();
@@ -1175,7 +1137,7 @@ impl Concerns {
     /// Requests of this node waiting for their answer now (direct and
     /// routed).
     pub fn pending_requests(&self) -> usize {
-        lock(&self.inner.pending).len()
+        self.inner.pending.len()
     }
 
     /// Stops: no more requests are taken, every concern's `on_stop` runs,
@@ -1215,7 +1177,7 @@ impl Concerns {
         for job in waiting {
             inner.answer_soon(job, ErrorCode::ShuttingDown, "node shutting down".into());
         }
-        lock(&inner.pending).clear();
+        inner.pending.clear();
         inner.tracker.close();
         inner.tracker.wait().await;
     }
