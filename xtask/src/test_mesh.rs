@@ -68,7 +68,7 @@
 //!   503 `disconnected` or `overloaded`, 422 `application` (with `application`: the method's
 //!   error as JSON; the demo's `fail` gives `{"refused":{"message":..}}`), 400 `decode`.
 //!   `GET /rpc/{service}/providers` answers `{"service","providers":[{"node_id","reach",
-//!   "version","methods","latency_ms"}]}`, `reach` one of [`RPC_REACHES`]. `/status` has
+//!   "version","methods","latency_ms","in_flight"}]}`, `reach` one of [`RPC_REACHES`]. `/status` has
 //!   `"served":[{"name","version","methods","calls","errors","overloaded","cancelled",
 //!   "in_flight"}]` and `"calls":{"calls","failures","retries"}`.
 //!
@@ -3829,9 +3829,12 @@ fn check_rpc_route(mesh: &mut Mesh, line: &[usize]) -> Result<String> {
     let providers = mesh.http.rpc_providers(mesh.admin(first), service)?;
     let latency = providers.first().and_then(|p| p.latency_ms);
     ensure!(
-        providers.len() == 1 && providers[0].reach == "routed" && latency.is_some(),
+        providers.len() == 1
+            && providers[0].reach == "routed"
+            && latency.is_some()
+            && providers[0].in_flight == 0,
         "node {first} lists {providers:?} after two answered calls; expected node {last}, \
-         routed, with a latency"
+         routed, with a latency and no call in flight"
     );
     Ok(format!(
         "line {} formed in {}; node {last} serves {service}, listed along the line within {} \
@@ -6442,6 +6445,8 @@ struct RpcProvider {
     version: u64,
     methods: Vec<String>,
     latency_ms: Option<f64>,
+    /// The node's calls to it waiting for their answer.
+    in_flight: u64,
 }
 
 /// `GET /rpc/{service}/providers`: the providers, for `service`.
@@ -6463,6 +6468,7 @@ fn parse_providers(v: &Value, service: &str) -> Result<Vec<RpcProvider>> {
             version: u64_field(p, "version")?,
             methods: str_list(p, "methods")?,
             latency_ms: opt_num_field(p, "latency_ms")?,
+            in_flight: u64_field(p, "in_flight")?,
         })
     })
 }
@@ -6935,8 +6941,9 @@ mod tests {
 
         let v = serde_json::json!({"service": "demo", "providers": [
             {"node_id": "aa", "reach": "routed", "version": 1, "methods": ["echo"],
-             "latency_ms": null},
-            {"node_id": "bb", "reach": "local", "version": 2, "methods": [], "latency_ms": 0.5}
+             "latency_ms": null, "in_flight": 0},
+            {"node_id": "bb", "reach": "local", "version": 2, "methods": [], "latency_ms": 0.5,
+             "in_flight": 3}
         ]});
         let list = parse_providers(&v, "demo").unwrap();
         assert_eq!(
@@ -6946,13 +6953,20 @@ mod tests {
                 reach: "routed".into(),
                 version: 1,
                 methods: vec!["echo".into()],
-                latency_ms: None
+                latency_ms: None,
+                in_flight: 0
             }
         );
-        assert_eq!(list[1].latency_ms, Some(0.5));
+        assert_eq!((list[1].latency_ms, list[1].in_flight), (Some(0.5), 3));
         assert!(parse_providers(&v, "other").is_err());
         let mut bad = v.clone();
         bad["providers"][0]["reach"] = "far".into();
+        assert!(parse_providers(&bad, "demo").is_err());
+        let mut bad = v.clone();
+        bad["providers"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("in_flight");
         assert!(parse_providers(&bad, "demo").is_err());
         let lists = BTreeMap::from([(3, list)]);
         assert_eq!(reach_of(&lists, 3, "aa"), "routed");

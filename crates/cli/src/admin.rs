@@ -19,7 +19,7 @@
 //! | GET | `/kv?prefix=P` | 200 `{"items":[{"key","value","version","writer"}...],"count":n}`: the keys starting with `P` (default: all), sorted |
 //! | GET | `/kv-digest` | 200 `{"digest":"<16 hex digits>","keys":n,"entries":n}`: a hash of the whole replica (tombstones and leases included): equal digests, equal replicas |
 //! | POST | `/rpc/{service}/{method}?deadline_ms=N&idempotent=B&version=V` | body = the arguments as a JSON array (empty: none); calls the method from this node in JSON through [`Rpc::call_raw`](meshwork::rpc::Rpc::call_raw) (`deadline_ms` 1 to 600000, default `--rpc-deadline-ms`; `idempotent=true` allows a retry on another provider after a timeout; `version` 0, the default, takes any): 200 `{"result":<json>,"elapsed_ms":x}` |
-//! | GET | `/rpc/{service}/providers` | 200 `{"service":name,"providers":[{"node_id","reach","version","methods","latency_ms"}]}`: the registry's providers, nearest first (`reach` `local`, `neighbour` or `routed`; `latency_ms` the smoothed round trip of this node's calls to it, null before one succeeded) |
+//! | GET | `/rpc/{service}/providers` | 200 `{"service":name,"providers":[{"node_id","reach","version","methods","latency_ms","in_flight"}]}`: the registry's providers, nearest first (`reach` `local`, `neighbour` or `routed`; `latency_ms` the smoothed round trip of this node's calls to it, null before one succeeded; `in_flight` its calls from this node waiting for their answer now) |
 //! | POST | `/shutdown` | 202 `{"shutting_down":true}`, then a graceful shutdown |
 //! | any | anything else | 404 (405 for a known path) |
 //!
@@ -1492,6 +1492,8 @@ pub(crate) struct ProviderJson {
     /// Smoothed round trip of this node's calls to it, null before one
     /// succeeded.
     pub(crate) latency_ms: Option<f64>,
+    /// This node's calls to it waiting for their answer now.
+    pub(crate) in_flight: u32,
 }
 
 fn provider_json(p: &Provider) -> ProviderJson {
@@ -1501,6 +1503,7 @@ fn provider_json(p: &Provider) -> ProviderJson {
         version: p.record.version,
         methods: p.record.methods.clone(),
         latency_ms: p.latency.map(ms),
+        in_flight: p.in_flight,
     }
 }
 
@@ -3025,7 +3028,8 @@ mod tests {
                 "reach": "neighbour",
                 "version": 1,
                 "methods": ["echo", "add", "fail", "sleep", "whoami"],
-                "latency_ms": null
+                "latency_ms": null,
+                "in_flight": 0
             }]})
         );
         let (_, on_b) = get_json(b.addr, "/rpc/demo/providers").await;
@@ -3054,6 +3058,15 @@ mod tests {
         let (_, body) = get_json(a.addr, "/rpc/demo/providers").await;
         let latency = body["providers"][0]["latency_ms"].as_f64();
         assert!(latency.is_some_and(|l| l > 0.0), "{body}");
+        // A call on its way counts in flight until its answer.
+        let slow = tokio::spawn(post_body(a.addr, "/rpc/demo/sleep", "[300]"));
+        wait_get(a.addr, "/rpc/demo/providers", "a call in flight", |_, p| {
+            p["providers"][0]["in_flight"] == 1
+        })
+        .await;
+        assert_eq!(slow.await.unwrap().0, 200);
+        let (_, body) = get_json(a.addr, "/rpc/demo/providers").await;
+        assert_eq!(body["providers"][0]["in_flight"], 0, "{body}");
 
         // The application error, typed, as JSON.
         let (code, body) = post_body(a.addr, "/rpc/demo/fail", r#"["boom"]"#).await;
@@ -3129,8 +3142,8 @@ mod tests {
             "{body}"
         );
 
-        // The counters: b served echo, add x3, whoami x2, fail, the two
-        // decode failures, and providers (refused: no such method, like
+        // The counters: b served echo, add x3, whoami x2, sleep, fail, the
+        // two decode failures, and providers (refused: no such method, like
         // nope and the version mismatches, before it counts).
         let (_, status) = get_json(b.addr, "/status").await;
         assert_eq!(
@@ -3139,7 +3152,7 @@ mod tests {
                 "name": "demo",
                 "version": 1,
                 "methods": ["echo", "add", "fail", "sleep", "whoami"],
-                "calls": 9,
+                "calls": 10,
                 "errors": 3,
                 "overloaded": 0,
                 "cancelled": 0,
@@ -3152,12 +3165,12 @@ mod tests {
         );
         let (_, status) = get_json(a.addr, "/status").await;
         assert_eq!(status["served"], json!([]));
-        // 5 answered; fail, the refusals that reached call_raw (no
+        // 6 answered; fail, the refusals that reached call_raw (no
         // provider, unknown method, 2 decode, 2 version, the bad name) and
         // the method `providers` failed.
         assert_eq!(
             status["calls"],
-            json!({"calls": 14, "failures": 9, "retries": 0})
+            json!({"calls": 15, "failures": 9, "retries": 0})
         );
         stop_all([b, a]).await;
     }
