@@ -32,14 +32,13 @@ use meshwork_peers::wire::proto::{Concern as Frame, ConcernError, ConcernKind, E
 use meshwork_peers::wire::{Message, NodeId};
 use meshwork_peers::{ConcernFrame, InboundHandler, PeerEvent, PeerManager, PeersError};
 use prost::Message as _;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::fair::FairQueue;
 use crate::flood::Flood;
-use crate::pending::{Outcome, Requests};
+use crate::pending::{Awaiting, Requests};
 use crate::routing::Routing;
 use crate::topics::{Subscription, Topics};
 use crate::{Concern, ConcernsError, Context, Reply, Route};
@@ -430,28 +429,24 @@ impl Inner {
     }
 
     /// Registers a request to `expect` that times out after `timeout`;
-    /// `None` once the layer shuts down.
+    /// [`ConcernsError::Shutdown`] once the layer shuts down.
     fn new_request(
         &self,
         expect: &NodeId,
         routed: bool,
         timeout: Duration,
-    ) -> Option<(u64, oneshot::Receiver<Outcome>)> {
+    ) -> Result<Awaiting<'_>, ConcernsError> {
         // Asked under the lock that shutdown clears the map under (after
         // cancelling): a request is either refused here or failed there.
-        self.pending.insert(
-            || self.next_request.fetch_add(1, Ordering::Relaxed),
-            expect,
-            routed,
-            timeout,
-            || self.cancel.is_cancelled(),
-        )
-    }
-
-    /// The answer to a registered request, or its timeout (the sweeper's).
-    async fn wait_reply(rx: oneshot::Receiver<Outcome>) -> Outcome {
-        // Shutdown fails every waiting request by dropping its sender.
-        rx.await.unwrap_or(Err(ConcernsError::Shutdown))
+        self.pending
+            .insert(
+                || self.next_request.fetch_add(1, Ordering::Relaxed),
+                expect,
+                routed,
+                timeout,
+                || self.cancel.is_cancelled(),
+            )
+            .ok_or(ConcernsError::Shutdown)
     }
 
     pub(crate) async fn request_direct(
@@ -462,20 +457,11 @@ impl Inner {
         timeout: Duration,
         priority: Priority,
     ) -> Result<Bytes, ConcernsError> {
-        let (id, rx) = self
-            .new_request(peer, false, timeout)
-            .ok_or(ConcernsError::Shutdown)?;
-        let mut waiting = Waiter {
-            inner: self,
-            id,
-            armed: true,
-        };
+        let waiting = self.new_request(peer, false, timeout)?;
+        let id = waiting.id();
         self.send_direct(peer, command, id, ConcernKind::Request, payload, priority)
             .await?;
-        let r = Self::wait_reply(rx).await;
-        // An answer took the request out of the map already.
-        waiting.armed = r.is_err();
-        drop(waiting);
+        let r = waiting.outcome().await;
         if matches!(r, Err(ConcernsError::Timeout(_))) {
             self.peers.report_timeout(peer);
         }
@@ -490,14 +476,8 @@ impl Inner {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
-        let (id, rx) = self
-            .new_request(node, true, timeout)
-            .ok_or(ConcernsError::Shutdown)?;
-        let mut waiting = Waiter {
-            inner: self,
-            id,
-            armed: true,
-        };
+        let waiting = self.new_request(node, true, timeout)?;
+        let id = waiting.id();
         // The route search has its own end: the request's deadline.
         tokio::time::timeout(
             timeout,
@@ -505,9 +485,7 @@ impl Inner {
         )
         .await
         .unwrap_or(Err(ConcernsError::Timeout(timeout)))?;
-        let r = Self::wait_reply(rx).await;
-        waiting.armed = r.is_err();
-        r
+        waiting.outcome().await
     }
 
     /// A reply or error frame (direct or routed) arrived from `from`.
@@ -800,25 +778,6 @@ impl Inner {
                 reg.counters.replies.fetch_add(1, Ordering::Relaxed);
             }
             self.answer(&job, kind, payload, priority).await;
-        }
-    }
-}
-
-/// A request in the pending map, taken out when its caller stops waiting
-/// without an answer: on an error, and when the caller drops the request's
-/// future (a select, a deadline of its own), which would otherwise leave it
-/// there for good if the peer never answers.
-struct Waiter<'a> {
-    inner: &'a Inner,
-    id: u64,
-    /// Still in the map as far as this caller knows.
-    armed: bool,
-}
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.inner.pending.remove(self.id);
         }
     }
 }

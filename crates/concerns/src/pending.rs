@@ -82,10 +82,10 @@ impl Requests {
         routed: bool,
         timeout: Duration,
         refuse: impl FnOnce() -> bool,
-    ) -> Option<(u64, oneshot::Receiver<Outcome>)> {
+    ) -> Option<Awaiting<'_>> {
         let (tx, rx) = oneshot::channel();
         let deadline = Instant::now() + timeout;
-        let wake = {
+        let (id, earlier) = {
             let mut t = self.lock();
             if refuse() {
                 return None;
@@ -108,10 +108,14 @@ impl Requests {
             }
             (id, earlier)
         };
-        if wake.1 {
+        if earlier {
             self.rearm.notify_one();
         }
-        Some((wake.0, rx))
+        Some(Awaiting {
+            requests: self,
+            id,
+            rx: Some(rx),
+        })
     }
 
     /// Takes request `id` out if `matches` says so.
@@ -126,11 +130,6 @@ impl Requests {
         } else {
             None
         }
-    }
-
-    /// Forgets request `id` (its caller stopped waiting).
-    pub(crate) fn remove(&self, id: u64) {
-        self.lock().map.remove(&id);
     }
 
     /// Takes out every request `matches` says so of.
@@ -192,6 +191,44 @@ impl Requests {
     }
 }
 
+/// A caller's registered request. Dropped before its outcome arrived (an
+/// error on the way, or the caller's own deadline or `select!` dropping the
+/// request's future), it takes the request out of the map, which would
+/// otherwise keep it for good if the peer never answers.
+pub(crate) struct Awaiting<'a> {
+    requests: &'a Requests,
+    id: u64,
+    /// Until the outcome arrived.
+    rx: Option<oneshot::Receiver<Outcome>>,
+}
+
+impl Awaiting<'_> {
+    /// The request id to send.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The answer, the sweeper's timeout, or `Shutdown` if the map was
+    /// cleared.
+    pub(crate) async fn outcome(mut self) -> Outcome {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(ConcernsError::Shutdown);
+        };
+        let r = rx.await.unwrap_or(Err(ConcernsError::Shutdown));
+        // Whoever sent the outcome took the request out of the map.
+        self.rx = None;
+        r
+    }
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        if self.rx.is_some() {
+            self.requests.lock().map.remove(&self.id);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -214,11 +251,7 @@ mod tests {
         (requests, move || ids.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn ask(
-        r: &Requests,
-        ids: impl FnMut() -> u64,
-        timeout: Duration,
-    ) -> (u64, oneshot::Receiver<Outcome>) {
+    fn ask(r: &Requests, ids: impl FnMut() -> u64, timeout: Duration) -> Awaiting<'_> {
         r.insert(ids, &node(1), false, timeout, || false)
             .expect("not refused")
     }
@@ -227,8 +260,7 @@ mod tests {
     async fn a_request_times_out_at_its_deadline_not_before() {
         let (r, ids) = running();
         let start = Instant::now();
-        let (_, rx) = ask(&r, ids, 100 * MS);
-        let outcome = rx.await.expect("the sweeper answers");
+        let outcome = ask(&r, ids, 100 * MS).outcome().await;
         assert!(matches!(outcome, Err(ConcernsError::Timeout(t)) if t == 100 * MS));
         assert_eq!(Instant::now() - start, 100 * MS);
         assert_eq!(r.len(), 0);
@@ -238,30 +270,39 @@ mod tests {
     async fn an_earlier_deadline_registered_later_wakes_the_sweeper() {
         let (r, ids) = running();
         let start = Instant::now();
-        let (_, slow) = ask(&r, ids.clone(), 10_000 * MS);
+        let slow = ask(&r, ids.clone(), 10_000 * MS);
         tokio::task::yield_now().await; // the sweeper sleeps to 10 s
-        let (_, fast) = ask(&r, ids, 50 * MS);
-        assert!(matches!(fast.await, Ok(Err(ConcernsError::Timeout(_)))));
+        let fast = ask(&r, ids, 50 * MS);
+        assert!(matches!(
+            fast.outcome().await,
+            Err(ConcernsError::Timeout(_))
+        ));
         assert_eq!(Instant::now() - start, 50 * MS);
         assert_eq!(r.len(), 1, "the slow one still waits");
-        assert!(matches!(slow.await, Ok(Err(ConcernsError::Timeout(_)))));
+        assert!(matches!(
+            slow.outcome().await,
+            Err(ConcernsError::Timeout(_))
+        ));
         assert_eq!(Instant::now() - start, 10_000 * MS);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn answered_and_forgotten_requests_never_time_out() {
+    async fn answered_and_dropped_requests_never_time_out() {
         let (r, ids) = running();
-        let (a, rx_a) = ask(&r, ids.clone(), 100 * MS);
-        let (b, _rx_b) = ask(&r, ids.clone(), 100 * MS);
-        let (_, rx_c) = ask(&r, ids, 300 * MS);
-        r.take_if(a, |p| p.expect == node(1))
+        let a = ask(&r, ids.clone(), 100 * MS);
+        let b = ask(&r, ids.clone(), 100 * MS);
+        let c = ask(&r, ids, 300 * MS);
+        r.take_if(a.id(), |p| p.expect == node(1))
             .expect("waiting")
             .finish(Ok(Bytes::from("answer")));
-        r.remove(b);
-        let answer = rx_a.await.expect("answered");
+        // Its caller stops waiting: it leaves the map at once (a left when
+        // answered).
+        drop(b);
+        assert_eq!(r.len(), 1);
+        let answer = a.outcome().await;
         assert!(matches!(answer, Ok(ref b) if b == "answer"), "{answer:?}");
         // The sweeper wakes at 100 ms to nothing due, then times out c.
-        assert!(matches!(rx_c.await, Ok(Err(ConcernsError::Timeout(_)))));
+        assert!(matches!(c.outcome().await, Err(ConcernsError::Timeout(_))));
         assert_eq!(r.len(), 0);
     }
 
@@ -272,8 +313,19 @@ mod tests {
         assert_eq!(r.len(), 0);
         // 0 and ids in use are skipped.
         let mut seq = [0u64, 7, 7, 8].into_iter();
-        let (first, _rx1) = ask(&r, || seq.next().unwrap_or(9), 10 * MS);
-        let (second, _rx2) = ask(&r, || seq.next().unwrap_or(9), 10 * MS);
-        assert_eq!((first, second), (7, 8));
+        let first = ask(&r, || seq.next().unwrap_or(9), 10 * MS);
+        let second = ask(&r, || seq.next().unwrap_or(9), 10 * MS);
+        assert_eq!((first.id(), second.id()), (7, 8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cleared_table_ends_its_requests_with_shutdown() {
+        let (r, ids) = running();
+        let waiting = ask(&r, ids, 100 * MS);
+        r.clear();
+        assert!(matches!(
+            waiting.outcome().await,
+            Err(ConcernsError::Shutdown)
+        ));
     }
 }
