@@ -93,16 +93,21 @@ pub fn encode_frame(msg: &Message, max_frame_len: usize) -> Result<Bytes, WireEr
 
 fn put_frame(msg: &Message, len: usize, dst: &mut BytesMut) {
     if let Message::Concern(c) = msg {
-        let (head, n) = concern_head(c);
-        dst.reserve(n + c.payload.len());
-        dst.extend_from_slice(&head[..n]);
-        dst.extend_from_slice(&c.payload);
+        put_concern(c, dst);
         return;
     }
     dst.reserve(LENGTH_PREFIX_LEN + len);
     // `len <= max_frame_len <= u32::MAX` was checked by the caller.
     dst.put_u32(len as u32);
     msg.encode(dst);
+}
+
+/// Appends a Concern frame, payload included.
+fn put_concern(c: &crate::proto::Concern, dst: &mut BytesMut) {
+    let (head, n) = concern_head(c);
+    dst.reserve(n + c.payload.len());
+    dst.extend_from_slice(&head[..n]);
+    dst.extend_from_slice(&c.payload);
 }
 
 /// Room for a Concern frame's bytes before its payload: the prefix (4), the
@@ -180,6 +185,11 @@ pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> 
             let (head, n) = concern_head(c);
             dst.extend_from_slice(&head[..n]);
             Some(c.payload.clone())
+        }
+        // No length to compute first: the head is built with it.
+        Message::Concern(c) => {
+            put_concern(c, dst);
+            None
         }
         _ => {
             put_frame(msg, msg.encoded_len(), dst);
