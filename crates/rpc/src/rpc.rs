@@ -938,9 +938,16 @@ impl Rpc {
                 }
                 (listing.node_id.clone(), reach)
             };
+            // Uncounts the call unless the attempt records its outcome
+            // (which uncounts it too): an early return here, or the caller
+            // dropping the call meanwhile.
+            let flight = InFlight {
+                rpc: self,
+                node: &node,
+                armed: reach != Reach::Local,
+            };
             let remaining = deadline_at.saturating_duration_since(now);
             if remaining.is_zero() {
-                self.unsent(&node, reach);
                 return Err(RpcError::Timeout(o.deadline));
             }
             if attempt > 0 {
@@ -957,7 +964,7 @@ impl Rpc {
                 remaining
             };
             let (result, retry, ended) = self
-                .attempt(&node, reach, service, method, args.clone(), o, budget)
+                .attempt(flight, reach, service, method, args.clone(), o, budget)
                 .await;
             now = ended;
             match result {
@@ -980,23 +987,13 @@ impl Rpc {
         Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())))
     }
 
-    /// A call counted in flight to `node` was not sent after all, or its
-    /// caller gave up on it.
-    fn unsent(&self, node: &NodeId, reach: Reach) {
-        if reach != Reach::Local
-            && let Some(s) = lock(&self.inner.stats).get_mut(node)
-        {
-            s.in_flight = s.in_flight.saturating_sub(1);
-        }
-    }
-
-    /// One try of a call at `node`, counted in flight there by the caller
-    /// (unless local). Returns the result, whether another provider may be
-    /// tried, and when it ended.
+    /// One try of a call at `flight`'s node, counted in flight there by
+    /// the caller (unless local). Returns the result, whether another
+    /// provider may be tried, and when it ended.
     #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
-        node: &NodeId,
+        mut flight: InFlight<'_>,
         reach: Reach,
         service: &str,
         method: &str,
@@ -1004,13 +1001,7 @@ impl Rpc {
         o: CallOptions,
         remaining: Duration,
     ) -> (Result<Bytes, RpcError<Bytes>>, Retry, Instant) {
-        // Out of flight however this ends, also when the caller drops the
-        // call meanwhile (disarmed below, where the outcome is recorded).
-        let mut flight = InFlight {
-            rpc: self,
-            node,
-            armed: reach != Reach::Local,
-        };
+        let node = flight.node;
         let sent = Instant::now();
         let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let budget_ms = remaining.as_millis().max(1) as u64;
@@ -1106,8 +1097,10 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.rpc.unsent(self.node, Reach::Neighbour);
+        if self.armed
+            && let Some(s) = lock(&self.rpc.inner.stats).get_mut(self.node)
+        {
+            s.in_flight = s.in_flight.saturating_sub(1);
         }
     }
 }
