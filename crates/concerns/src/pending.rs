@@ -133,15 +133,8 @@ impl Requests {
     }
 
     /// Takes out every request `matches` says so of.
-    pub(crate) fn take_where(&self, mut matches: impl FnMut(&Pending) -> bool) -> Vec<Pending> {
-        let mut t = self.lock();
-        let ids: Vec<u64> = t
-            .map
-            .iter()
-            .filter(|(_, p)| matches(p))
-            .map(|(id, _)| *id)
-            .collect();
-        ids.iter().filter_map(|id| t.map.remove(id)).collect()
+    pub(crate) fn take_where(&self, matches: impl FnMut(&Pending) -> bool) -> Vec<Pending> {
+        take_matching(&mut self.lock().map, matches)
     }
 
     /// Drops every request: their callers see their answer channel closed.
@@ -156,15 +149,9 @@ impl Requests {
     /// Fails the requests whose deadline is at or before `now` with
     /// [`ConcernsError::Timeout`], and arms the next deadline.
     fn expire(&self, now: Instant) {
-        let due: Vec<Pending> = {
+        let due = {
             let mut t = self.lock();
-            let ids: Vec<u64> = t
-                .map
-                .iter()
-                .filter(|(_, p)| p.deadline <= now)
-                .map(|(id, _)| *id)
-                .collect();
-            let due = ids.iter().filter_map(|id| t.map.remove(id)).collect();
+            let due = take_matching(&mut t.map, |p| p.deadline <= now);
             t.armed = t.map.values().map(|p| p.deadline).min();
             due
         };
@@ -189,6 +176,19 @@ impl Requests {
             }
         }
     }
+}
+
+/// Takes the requests `matches` says so of out of `map`.
+fn take_matching(
+    map: &mut HashMap<u64, Pending>,
+    mut matches: impl FnMut(&Pending) -> bool,
+) -> Vec<Pending> {
+    let ids: Vec<u64> = map
+        .iter()
+        .filter(|(_, p)| matches(p))
+        .map(|(id, _)| *id)
+        .collect();
+    ids.iter().filter_map(|id| map.remove(id)).collect()
 }
 
 /// A caller's registered request. Dropped before its outcome arrived (an
