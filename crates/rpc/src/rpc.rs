@@ -1071,9 +1071,9 @@ impl Rpc {
         {
             // One look at the stats: out of flight, and how it went.
             let mut stats = lock(&self.inner.stats);
-            flight.armed = false;
+            let counted = std::mem::replace(&mut flight.armed, false);
             update_stats(&mut stats, node, |s| {
-                if reach != Reach::Local {
+                if counted {
                     s.in_flight = s.in_flight.saturating_sub(1);
                 }
                 match &r {
