@@ -78,9 +78,48 @@ impl Context {
         timeout: Duration,
         priority: Priority,
     ) -> Result<Bytes, ConcernsError> {
+        self.direct(peer, payload.into(), timeout, priority, true)
+            .await
+    }
+
+    /// [`request_with`](Self::request_with) for work that may legitimately
+    /// outlast its deadline: running out of `deadline` is not counted
+    /// against the peer. A slow handler is not a failing peer, and a peer
+    /// that stops answering altogether is found by the heartbeats anyway;
+    /// what [`request`](Self::request) counts is meant for protocol
+    /// exchanges a healthy peer always answers quickly. RPC calls (whose
+    /// deadline is the caller's budget for the method) go this way, so a
+    /// caller that gives a slow method a short deadline cannot get its
+    /// provider banned.
+    pub async fn request_with_deadline(
+        &self,
+        peer: &NodeId,
+        payload: impl Into<Bytes>,
+        deadline: Duration,
+        priority: Priority,
+    ) -> Result<Bytes, ConcernsError> {
+        self.direct(peer, payload.into(), deadline, priority, false)
+            .await
+    }
+
+    async fn direct(
+        &self,
+        peer: &NodeId,
+        payload: Bytes,
+        timeout: Duration,
+        priority: Priority,
+        blame_timeout: bool,
+    ) -> Result<Bytes, ConcernsError> {
         let r = self
             .inner
-            .request_direct(self.command, peer, payload.into(), timeout, priority)
+            .request_direct(
+                self.command,
+                peer,
+                payload,
+                timeout,
+                priority,
+                blame_timeout,
+            )
             .await;
         self.inner.notify(self.command, peer, r.as_ref().err());
         r

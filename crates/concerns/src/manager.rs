@@ -456,13 +456,14 @@ impl Inner {
         payload: Bytes,
         timeout: Duration,
         priority: Priority,
+        blame_timeout: bool,
     ) -> Result<Bytes, ConcernsError> {
         let waiting = self.new_request(peer, false, timeout)?;
         let id = waiting.id();
         self.send_direct(peer, command, id, ConcernKind::Request, payload, priority)
             .await?;
         let r = waiting.outcome().await;
-        if matches!(r, Err(ConcernsError::Timeout(_))) {
+        if blame_timeout && matches!(r, Err(ConcernsError::Timeout(_))) {
             self.peers.report_timeout(peer);
         }
         r

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use meshwork_concerns::peers::{PeerManager, PeersConfig};
+use meshwork_concerns::transport::Priority;
 use meshwork_concerns::transport::mem::MemNetwork;
 use meshwork_concerns::transport::{Config, Endpoint};
 use meshwork_concerns::wire::NodeId;
@@ -196,6 +197,15 @@ async fn request_reply_and_every_kind_of_failure() {
         ctx.request(&stranger, "x", S).await,
         Err(ConcernsError::NotConnected(_))
     ));
+
+    // A slow handler past a deadline for its work: a timeout, but not the
+    // peer's fault.
+    let err = ctx
+        .request_with_deadline(b.id(), "slow", 5 * MS, Priority::Normal)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConcernsError::Timeout(_)), "{err:?}");
+    assert_eq!(a.concerns.peers().by_id(b.id()).unwrap().timeouts, 0);
 
     // A silent peer: the request times out, and the peer manager counts it.
     net.partition(&["a"], &["b"]);

@@ -271,6 +271,10 @@ impl Server {
             ))),
         });
         let cancelled = cancel.is_cancelled();
+        // A method that watches the token ends on its own once cancelled,
+        // and may win the race above against the token itself: its answer
+        // goes to nobody, and the call counts as stopped either way.
+        let result = if cancelled { None } else { result };
         running.finished = result.is_some();
         drop(running);
         match result {
@@ -1038,7 +1042,7 @@ impl Rpc {
             } else {
                 self.inner
                     .ctx
-                    .request_with(node, payload, remaining, Priority::Normal)
+                    .request_with_deadline(node, payload, remaining, Priority::Normal)
                     .await
             };
             // Answered, or not delivered: nothing to cancel. A timeout

@@ -70,6 +70,9 @@ trait Calc {
     /// The same, marked idempotent.
     #[idempotent]
     async fn sleep_idempotent(&self, ms: u64) -> String;
+    /// Waits for its call's cancellation token, then answers at once (as
+    /// a method that stops on its own terms does).
+    async fn until_cancelled(&self) -> bool;
 }
 
 /// The same service name at version 2: a client built for it must not call
@@ -245,6 +248,12 @@ impl Calc for Imp {
     async fn sleep_idempotent(&self, ms: u64) -> String {
         self.slow(ms).await
     }
+    async fn until_cancelled(&self) -> bool {
+        self.count();
+        let cx = call_context().expect("a method being served has a call context");
+        cx.cancel.cancelled().await;
+        true
+    }
 }
 
 struct ImpV2;
@@ -277,6 +286,25 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "{what}: not in time");
         sleep(10 * MS).await;
     }
+}
+
+/// Nodes "a" and "b", b serving the test service as "calc", and a's client
+/// for it (default deadline).
+async fn calc_pair(net: &MemNetwork) -> (Vec<Node>, Arc<Probe>, CalcClient) {
+    let nodes = mesh(
+        net,
+        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
+    )
+    .await;
+    let (imp, probe) = Imp::new("b");
+    nodes[1]
+        .rpc()
+        .serve("calc", CalcServer::new(imp))
+        .await
+        .unwrap();
+    wait_listed(&[&nodes[0]], "calc", &nodes[1]).await;
+    let calc: CalcClient = nodes[0].rpc().client("calc");
+    (nodes, probe, calc)
 }
 
 /// Nodes on `hosts`, each seeded with the first, all connected to each
@@ -360,16 +388,8 @@ fn options(deadline: Duration) -> CallOptions {
 #[tokio::test(start_paused = true)]
 async fn typed_results_and_application_errors_round_trip() {
     let net = MemNetwork::new();
-    let nodes = mesh(
-        &net,
-        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
-    )
-    .await;
+    let (nodes, probe, calc) = calc_pair(&net).await;
     let (a, b) = (&nodes[0], &nodes[1]);
-    let (imp, probe) = Imp::new("b");
-    b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
-    wait_listed(&[a], "calc", b).await;
-    let calc: CalcClient = a.rpc().client("calc");
 
     assert_eq!(calc.add(2, 3).await, Ok(5));
     assert_eq!(calc.div(84, 2).await, Ok(42));
@@ -452,7 +472,8 @@ async fn typed_results_and_application_errors_round_trip() {
             "panics",
             "whoami",
             "sleep",
-            "sleep_idempotent"
+            "sleep_idempotent",
+            "until_cancelled"
         ]
     );
     // Application errors are failures for the caller's counters too.
@@ -863,6 +884,44 @@ async fn dropping_a_call_cancels_it_on_the_provider() {
     let seen = a.rpc().providers("calc");
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].in_flight, 0, "{seen:?}");
+    stop(nodes).await;
+}
+
+/// A method that returns as soon as its token fires races the RPC layer's
+/// own wait on that token: whichever wins, the call is counted cancelled
+/// (the demo's `sleep` is such a method; test-mesh counts on this).
+#[tokio::test(start_paused = true)]
+async fn a_method_that_stops_itself_on_cancel_is_counted_cancelled() {
+    let net = MemNetwork::new();
+    let (nodes, probe, calc) = calc_pair(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // The race goes either way by chance: several rounds each way.
+    for round in 1..=12u64 {
+        let r = if round % 2 == 0 {
+            // Dropped by the caller: a cancel message.
+            tokio::time::timeout(100 * MS, calc.until_cancelled())
+                .await
+                .ok()
+        } else {
+            // Out of time on the provider too.
+            Some(calc.clone().with_deadline(100 * MS).until_cancelled().await)
+        };
+        assert!(
+            matches!(r, None | Some(Err(RpcError::Timeout(_)))),
+            "round {round}: {r:?}"
+        );
+        wait_until("the provider counts the call stopped", || {
+            let s = served(b, "calc");
+            s.in_flight == 0 && s.calls == round
+        })
+        .await;
+        let s = served(b, "calc");
+        assert_eq!((s.cancelled, s.errors), (round, 0), "round {round}: {s:?}");
+    }
+    assert_eq!(probe.calls(), 12);
+    // Slow methods out of their deadlines are not the provider's failures:
+    // nothing was counted against it, so it was never banned.
+    assert_eq!(a.peers().by_id(b.node_id()).unwrap().timeouts, 0);
     stop(nodes).await;
 }
 
@@ -1397,7 +1456,7 @@ async fn the_registry_follows_serving_stopping_and_shutdown() {
     wait_listed(&[a, c], "calc", b).await;
     let record = &a.rpc().providers("calc")[0].record;
     assert_eq!(record.version, 1);
-    assert_eq!(record.methods.len(), 12);
+    assert_eq!(record.methods.len(), 13);
     let calc: CalcClient = a.rpc().client("calc");
     assert_eq!(calc.add(1, 2).await, Ok(3));
 
