@@ -460,8 +460,14 @@ impl Inner {
     ) -> Result<Bytes, ConcernsError> {
         let waiting = self.new_request(peer, false, timeout)?;
         let id = waiting.id();
-        self.send_direct(peer, command, id, ConcernKind::Request, payload, priority)
-            .await?;
+        let frame = direct_frame(command, id, ConcernKind::Request, priority, payload);
+        // A lone request is written at once by this task; with others in
+        // flight the connection's writer gathers them into fewer writes.
+        if waiting.alone() {
+            self.peers.send_eager(peer, frame, priority).await?;
+        } else {
+            self.peers.send(peer, frame, priority).await?;
+        }
         let r = waiting.outcome().await;
         if blame_timeout && matches!(r, Err(ConcernsError::Timeout(_))) {
             self.peers.report_timeout(peer);

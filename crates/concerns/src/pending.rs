@@ -85,7 +85,7 @@ impl Requests {
     ) -> Option<Awaiting<'_>> {
         let (tx, rx) = oneshot::channel();
         let deadline = Instant::now() + timeout;
-        let (id, earlier) = {
+        let (id, earlier, alone) = {
             let mut t = self.lock();
             if refuse() {
                 return None;
@@ -106,7 +106,7 @@ impl Requests {
             if earlier {
                 t.armed = Some(deadline);
             }
-            (id, earlier)
+            (id, earlier, t.map.len() == 1)
         };
         if earlier {
             self.rearm.notify_one();
@@ -114,6 +114,7 @@ impl Requests {
         Some(Awaiting {
             requests: self,
             id,
+            alone,
             rx: Some(rx),
         })
     }
@@ -198,6 +199,8 @@ fn take_matching(
 pub(crate) struct Awaiting<'a> {
     requests: &'a Requests,
     id: u64,
+    /// No other request of this node was waiting when this one was made.
+    alone: bool,
     /// Until the outcome arrived.
     rx: Option<oneshot::Receiver<Outcome>>,
 }
@@ -206,6 +209,12 @@ impl Awaiting<'_> {
     /// The request id to send.
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// True if no other request of this node was waiting when this one was
+    /// made: a lone request, worth writing at once rather than batching.
+    pub(crate) fn alone(&self) -> bool {
+        self.alone
     }
 
     /// The answer, the sweeper's timeout, or `Shutdown` if the map was

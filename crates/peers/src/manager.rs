@@ -281,11 +281,35 @@ impl PeerManager {
         message: Message,
         priority: Priority,
     ) -> Result<(), PeersError> {
+        self.send_inner(peer, message, priority, false).await
+    }
+
+    /// [`send`](Self::send) for a lone, latency-bound message: written at
+    /// once from the calling task when the connection is quiet (see
+    /// [`ConnectionHandle::send_eager`](meshwork_transport::ConnectionHandle::send_eager)).
+    pub async fn send_eager(
+        &self,
+        peer: &NodeId,
+        message: Message,
+        priority: Priority,
+    ) -> Result<(), PeersError> {
+        self.send_inner(peer, message, priority, true).await
+    }
+
+    async fn send_inner(
+        &self,
+        peer: &NodeId,
+        message: Message,
+        priority: Priority,
+        eager: bool,
+    ) -> Result<(), PeersError> {
         let handle = self.route(peer)?;
-        handle
-            .send(message, priority)
-            .await
-            .map_err(|e| Self::map_send(peer, e))
+        let sent = if eager {
+            handle.send_eager(message, priority).await
+        } else {
+            handle.send(message, priority).await
+        };
+        sent.map_err(|e| Self::map_send(peer, e))
     }
 
     /// Like [`send`](Self::send) but never waits: a full lane is an error.

@@ -412,9 +412,31 @@ impl ConnectionHandle {
     /// Cancel safety: dropping the future before it completes means the frame
     /// was not queued.
     pub async fn send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
+        self.send_inner(msg, priority, false).await
+    }
+
+    /// [`send`](Self::send) for a lone, latency-bound message (a request
+    /// with nothing else in flight): when the connection is quiet (nothing
+    /// queued or being written) the frame is written from the calling task
+    /// at once instead of by the connection's writer task, which saves a
+    /// task wake-up per message (on loopback about 0.7 µs of a 5 µs round
+    /// trip). Otherwise, and for [`Priority::Bulk`], it is exactly `send`.
+    ///
+    /// Not for streams of messages: each would be its own write call,
+    /// where `send` lets the writer gather them into one.
+    pub async fn send_eager(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
+        self.send_inner(msg, priority, true).await
+    }
+
+    async fn send_inner(
+        &self,
+        msg: Message,
+        priority: Priority,
+        eager: bool,
+    ) -> Result<(), TransportError> {
         self.check(&msg)?;
         let shared = &self.shared;
-        match shared.push(msg, priority) {
+        match shared.push(msg, priority, eager) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
             // Boxed: the wait (a timer and a queue slot) would otherwise
@@ -456,7 +478,7 @@ impl ConnectionHandle {
     /// [`TransportError::QueueFull`].
     pub fn try_send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
         self.check(&msg)?;
-        match self.shared.push(msg, priority) {
+        match self.shared.push(msg, priority, false) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
             Err(mpsc::error::TrySendError::Full(_)) => Err(TransportError::QueueFull("send")),
@@ -966,21 +988,58 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes `msg` directly if it can, else queues it on its lane.
+    /// Writes `msg` directly if it can (and, when `eager`, at once if the
+    /// connection is quiet), else queues it on its lane.
     fn push(
         &self,
         msg: Message,
         priority: Priority,
+        eager: bool,
     ) -> Result<(), mpsc::error::TrySendError<Message>> {
         // Bulk frames always take their lane, so that nothing gathered
         // directly can hold up a later control frame.
         if priority == Priority::Bulk {
             return self.enqueue(msg, priority);
         }
-        match self.try_direct(msg) {
+        let msg = match self.try_direct(msg) {
+            Ok(()) => return Ok(()),
+            Err(msg) => msg,
+        };
+        if !eager {
+            return self.enqueue(msg, priority);
+        }
+        match self.try_write_now(msg) {
             Ok(()) => Ok(()),
             Err(msg) => self.enqueue(msg, priority),
         }
+    }
+
+    /// Writes `msg` from the calling task, now, if the connection is quiet:
+    /// nothing queued, nothing pending in the write half, neither the
+    /// writer nor a reader's burst at it. Saves the hop to the writer task
+    /// (a wake-up and a poll) for a lone message; a stream of them would
+    /// cost a write call each, which is why only
+    /// [`send_eager`](ConnectionHandle::send_eager) asks for it.
+    fn try_write_now(&self, msg: Message) -> Result<(), Message> {
+        if self.queued.load(Ordering::Acquire) != 0 || self.corked.load(Ordering::Acquire) {
+            return Err(msg);
+        }
+        let Ok(mut w) = self.write.try_lock() else {
+            return Err(msg);
+        };
+        if self.queued.load(Ordering::Acquire) != 0
+            || self.corked.load(Ordering::Acquire)
+            || w.writer_draining
+            || w.failed
+            || !w.is_idle()
+        {
+            return Err(msg);
+        }
+        let bytes = w.encode(&msg);
+        self.frames_sent.fetch_add(1, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        self.drain_here(&mut w);
+        Ok(())
     }
 
     /// Queues `msg` on its lane for the writer task.
@@ -1440,7 +1499,7 @@ async fn read_loop(
                 });
                 // A full control lane means we are already busy answering;
                 // the peer will ping again.
-                let _ = shared.push(pong, Priority::Control);
+                let _ = shared.push(pong, Priority::Control, false);
             }
             Message::Pong(p) => shared.on_pong(p.nonce, Instant::now()),
             Message::Disconnect(d) => {

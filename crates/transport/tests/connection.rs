@@ -37,6 +37,7 @@ on_both_transports!(
     idle_timeout_fires_while_streaming_to_a_silent_peer,
     oversized_local_hello_is_a_local_error,
     a_send_given_up_while_waiting_for_room_leaves_no_trace,
+    an_eager_send_writes_at_once_on_a_quiet_connection_and_never_overtakes,
 );
 
 fn concern(n: u64, payload: &'static [u8]) -> Message {
@@ -646,6 +647,54 @@ async fn a_send_given_up_while_waiting_for_room_leaves_no_trace(net: Net) {
     eventually("nothing is left queued", || conn.stats().queued == 0).await;
     let more = incoming.recv_timeout(Duration::from_millis(100)).await;
     assert!(more.is_err(), "the given-up message was sent: {more:?}");
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// `send_eager` on a quiet connection is written by the caller before it
+/// returns (no hop to the writer task); behind queued frames it takes its
+/// turn like `send`.
+async fn an_eager_send_writes_at_once_on_a_quiet_connection_and_never_overtakes(net: Net) {
+    let quiet = || config().with_keepalive(None, None);
+    let (server, addr) = net.listening("server", quiet()).await;
+    let client = net.dialer("client", quiet());
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+    eventually("the handshake's frames are out", || {
+        conn.stats().queued == 0
+    })
+    .await;
+
+    for n in 0..3u64 {
+        let before = conn.stats().frames_sent;
+        conn.send_eager(concern(n, b"lone"), Priority::Normal)
+            .await
+            .unwrap();
+        assert_eq!(
+            conn.stats().frames_sent,
+            before + 1,
+            "frame {n} not written at once"
+        );
+        assert_eq!(incoming.recv().await.unwrap(), concern(n, b"lone"));
+    }
+
+    // Bursts of queued frames, each followed by an eager one: order holds.
+    let mut next = 3u64;
+    for _ in 0..20 {
+        for _ in 0..50 {
+            conn.send(concern(next, b"queued"), Priority::Normal)
+                .await
+                .unwrap();
+            next += 1;
+        }
+        conn.send_eager(concern(next, b"queued"), Priority::Normal)
+            .await
+            .unwrap();
+        next += 1;
+    }
+    for n in 3..next {
+        assert_eq!(incoming.recv().await.unwrap(), concern(n, b"queued"));
+    }
     client.shutdown().await;
     server.shutdown().await;
 }
