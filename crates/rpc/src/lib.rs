@@ -110,7 +110,7 @@ pub use rpc::{
     CallOptions, CallStats, Client, MAX_SERVICE_NAME, Provider, REGISTRY_PREFIX, RPC, Rpc,
     RpcConfig, ServedStats, ServiceRecord, check_service_name,
 };
-pub use service::{CallContext, Service, ServiceClient, ServiceError, call_context};
+pub use service::{CallCancel, CallContext, Service, ServiceClient, ServiceError, call_context};
 
 /// What the `#[service]` macro's expansion refers to. Not a stable API.
 #[doc(hidden)]

@@ -2,7 +2,7 @@
 //! provider choice, deadlines, cancellation and failover.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -18,12 +18,11 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::balance::{ProviderStats, Reach, choose};
 use crate::proto::{self, FailureCode, outcome, rpc_message::Body};
-use crate::service::{CALL, CallContext};
+use crate::service::{CALL, CallCancel, CallContext};
 use crate::{Codec, RpcError, Service, ServiceClient, ServiceError};
 
 /// The RPC concern's command id.
@@ -158,9 +157,11 @@ struct Served {
 /// concerns layer's context, or the two would keep each other alive).
 pub(crate) struct Server {
     served: RwLock<HashMap<String, Arc<Served>>>,
-    running: Mutex<HashMap<(NodeId, u64), CancellationToken>>,
+    running: Mutex<HashMap<(NodeId, u64), CallCancel>>,
     default_budget: Duration,
-    shutdown: CancellationToken,
+    /// Set once when the node's RPC layer shuts down (a flag, not a token:
+    /// it is checked a few times per call and never awaited).
+    shutdown: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -176,6 +177,10 @@ fn failure(code: FailureCode, message: impl Into<String>) -> outcome::Result {
 }
 
 impl Server {
+    fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
     fn lookup(&self, name: &str) -> Option<Arc<Served>> {
         self.served
             .read()
@@ -186,7 +191,7 @@ impl Server {
 
     /// Runs one call and says how it ended.
     async fn run(&self, caller: &NodeId, call: proto::Call) -> outcome::Result {
-        if self.shutdown.is_cancelled() {
+        if self.shutting_down() {
             return failure(FailureCode::ShuttingDown, "shutting down");
         }
         let Some(served) = self.lookup(&call.service) else {
@@ -219,12 +224,12 @@ impl Server {
         // A token of its own, not a child of `shutdown` (a child registers
         // with its parent under the parent's lock, which every call would
         // contend for): shutdown cancels the running calls through the map.
-        let cancel = CancellationToken::new();
+        let cancel = CallCancel::new();
         let key = (caller.clone(), call.call_id);
         lock(&self.running).insert(key.clone(), cancel.clone());
         // Checked after registering: a shutdown either saw this call in the
         // map or is seen here.
-        if self.shutdown.is_cancelled() {
+        if self.shutting_down() {
             cancel.cancel();
         }
         // Cleans up however this call ends, including when this future is
@@ -291,7 +296,7 @@ impl Server {
             // Stopped: the node shuts down (the call did not complete; the
             // caller may go elsewhere), the caller cancelled (nobody waits),
             // or it ran out of time (the caller is about to give up too).
-            None if self.shutdown.is_cancelled() => failure(
+            None if self.shutting_down() => failure(
                 FailureCode::Interrupted,
                 "the provider shut down during the call",
             ),
@@ -313,7 +318,7 @@ struct Running<'a> {
     server: &'a Server,
     served: &'a Served,
     key: (NodeId, u64),
-    cancel: CancellationToken,
+    cancel: CallCancel,
     finished: bool,
 }
 
@@ -596,7 +601,7 @@ impl Rpc {
             served: RwLock::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             default_budget: config.deadline,
-            shutdown: CancellationToken::new(),
+            shutdown: AtomicBool::new(false),
         });
         concerns
             .add(RpcConcern {
@@ -708,9 +713,9 @@ impl Rpc {
                 .await;
         }
         let server = &self.inner.server;
-        server.shutdown.cancel();
+        server.shutdown.store(true, Ordering::SeqCst);
         // Calls running now stop (each has its own token; see `run`).
-        let running: Vec<CancellationToken> = lock(&server.running).values().cloned().collect();
+        let running: Vec<CallCancel> = lock(&server.running).values().cloned().collect();
         for token in running {
             token.cancel();
         }
