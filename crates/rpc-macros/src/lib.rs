@@ -46,6 +46,12 @@ use syn::{
 ///   `Result<T, RpcError>` (`E = NoError`) otherwise. `with_deadline(d)`
 ///   sets the deadline of its calls. It implements
 ///   `meshwork_rpc::ServiceClient`.
+/// - **Byte vectors as byte strings**: an argument or (ok) result written
+///   `Vec<u8>` (or `std::vec::Vec<u8>`, `alloc::vec::Vec<u8>`) is encoded
+///   with `serde_bytes`, one copy instead of one serde call per byte. Both
+///   codecs give the same bytes as a plain `Vec<u8>` would, so it is only
+///   faster, never different on the wire. Nested ones (`Vec<Vec<u8>>`,
+///   `Option<Vec<u8>>`, fields of your structs) are left to you.
 ///
 /// # Rules (each broken one is a compile error saying so)
 ///
@@ -158,6 +164,48 @@ fn result_parts(ty: &Type) -> Option<(Type, Type)> {
     });
     let (t, e) = (types.next()?, types.next()?);
     types.next().is_none().then_some((t, e))
+}
+
+/// True for `Vec<u8>` (also spelled `std::vec::Vec<u8>` or
+/// `alloc::vec::Vec<u8>`): such values are encoded as one byte string
+/// (serde's `serialize_bytes`) rather than a sequence of `u8`s, which the
+/// codecs write and read one element at a time. postcard and JSON give the
+/// same bytes either way, so callers and providers built before agree.
+fn is_byte_vec(ty: &Type) -> bool {
+    let Type::Path(p) = ty else { return false };
+    if p.qself.is_some() {
+        return false;
+    }
+    let names: Vec<String> = p
+        .path
+        .segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect();
+    let path_ok = matches!(
+        names
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["Vec"] | ["std" | "alloc", "vec", "Vec"]
+    );
+    if !path_ok {
+        return false;
+    }
+    let Some(last) = p.path.segments.last() else {
+        return false;
+    };
+    let PathArguments::AngleBracketed(a) = &last.arguments else {
+        return false;
+    };
+    let mut args = a.args.iter();
+    match (args.next(), args.next()) {
+        (Some(GenericArgument::Type(Type::Path(u))), None) => {
+            u.qself.is_none() && u.path.is_ident("u8")
+        }
+        _ => false,
+    }
 }
 
 fn parse_method(item: &TraitItem) -> syn::Result<Method> {
@@ -331,18 +379,37 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
         let decode = if idents.is_empty() {
             quote!()
         } else {
+            // Byte vectors are read as one byte string, then unwrapped.
+            let wire_types = types.iter().map(|t| {
+                if is_byte_vec(t) {
+                    quote!(#k::__private::serde_bytes::ByteBuf)
+                } else {
+                    quote!(#t)
+                }
+            });
+            let unwrap = m
+                .args
+                .iter()
+                .filter(|(_, t)| is_byte_vec(t))
+                .map(|(n, _)| quote!(let #n = #n.into_vec();));
             quote! {
-                let (#(#idents,)*): (#(#types,)*) = __meshwork_codec
+                let (#(#idents,)*): (#(#wire_types,)*) = __meshwork_codec
                     .decode(&__meshwork_args)
                     .map_err(#k::ServiceError::Decode)?;
+                #(#unwrap)*
             }
         };
         let call = quote!(self.0.#name(#(#idents),*).await);
+        let ok_type = m.fallible.as_ref().map_or(&m.output, |(t, _)| t);
+        let encode_ok = if is_byte_vec(ok_type) {
+            quote!(__meshwork_codec.encode(#k::__private::serde_bytes::Bytes::new(&__meshwork_v)))
+        } else {
+            quote!(__meshwork_codec.encode(&__meshwork_v))
+        };
         let finish = if m.fallible.is_some() {
             quote! {
                 match #call {
-                    ::core::result::Result::Ok(__meshwork_v) => __meshwork_codec
-                        .encode(&__meshwork_v)
+                    ::core::result::Result::Ok(__meshwork_v) => #encode_ok
                         .map_err(#k::ServiceError::Internal),
                     ::core::result::Result::Err(__meshwork_e) => ::core::result::Result::Err(
                         #k::ServiceError::Application(
@@ -356,9 +423,7 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
         } else {
             quote! {
                 let __meshwork_v = #call;
-                __meshwork_codec
-                    .encode(&__meshwork_v)
-                    .map_err(#k::ServiceError::Internal)
+                #encode_ok.map_err(#k::ServiceError::Internal)
             }
         };
         quote! {
@@ -373,23 +438,41 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
         let (name, attrs) = (&m.name, &m.attrs);
         let lit = name.to_string();
         let params = m.args.iter().map(|(n, t)| quote!(#n: #t));
-        let idents: Vec<&Ident> = m.args.iter().map(|(n, _)| n).collect();
         let idempotent = m.idempotent;
-        let (ok, err) = match &m.fallible {
-            Some((t, e)) => (quote!(#t), quote!(#e)),
-            None => {
-                let o = &m.output;
-                (quote!(#o), quote!(#k::NoError))
+        let (ok_type, err) = match &m.fallible {
+            Some((t, e)) => (t, quote!(#e)),
+            None => (&m.output, quote!(#k::NoError)),
+        };
+        // Byte vectors go as one byte string each way (see `is_byte_vec`).
+        let wire_args = m.args.iter().map(|(n, t)| {
+            if is_byte_vec(t) {
+                quote!(#k::__private::serde_bytes::Bytes::new(&#n))
+            } else {
+                quote!(&#n)
+            }
+        });
+        let call = if is_byte_vec(ok_type) {
+            quote! {
+                self.client
+                    .call::<_, #k::__private::serde_bytes::ByteBuf, #err>(
+                        #lit, &(#(#wire_args,)*), #idempotent,
+                    )
+                    .await
+                    .map(#k::__private::serde_bytes::ByteBuf::into_vec)
+            }
+        } else {
+            quote! {
+                self.client
+                    .call::<_, #ok_type, #err>(#lit, &(#(#wire_args,)*), #idempotent)
+                    .await
             }
         };
         quote! {
             #(#attrs)*
             pub async fn #name(&self, #(#params),*)
-                -> ::core::result::Result<#ok, #k::RpcError<#err>>
+                -> ::core::result::Result<#ok_type, #k::RpcError<#err>>
             {
-                self.client
-                    .call::<_, #ok, #err>(#lit, &(#(#idents,)*), #idempotent)
-                    .await
+                #call
             }
         }
     });

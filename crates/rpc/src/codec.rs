@@ -75,4 +75,26 @@ mod tests {
         assert_eq!(Codec::from_wire(7), None);
         assert_eq!(&Codec::Json.encode(&(1, 2)).unwrap()[..], b"[1,2]");
     }
+
+    proptest::proptest! {
+        /// The `#[service]` macro sends `Vec<u8>` values as byte strings
+        /// (`serde_bytes`): both codecs must write exactly what a sequence
+        /// of `u8`s gives, and read either form, so clients and providers
+        /// built before the change still agree.
+        #[test]
+        fn byte_strings_are_wire_compatible_with_byte_sequences(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            n in proptest::prelude::any::<i64>(),
+        ) {
+            for codec in [Codec::Postcard, Codec::Json] {
+                let as_seq = codec.encode(&(&data, n)).unwrap();
+                let as_bytes = codec.encode(&(serde_bytes::Bytes::new(&data), n)).unwrap();
+                proptest::prop_assert_eq!(&as_seq, &as_bytes);
+                let (back, m): (serde_bytes::ByteBuf, i64) = codec.decode(&as_seq).unwrap();
+                proptest::prop_assert_eq!((back.into_vec(), m), (data.clone(), n));
+                let (back, m): (Vec<u8>, i64) = codec.decode(&as_bytes).unwrap();
+                proptest::prop_assert_eq!((back, m), (data.clone(), n));
+            }
+        }
+    }
 }

@@ -118,4 +118,5 @@ pub mod __private {
     pub use async_trait::async_trait;
     pub use bytes::Bytes;
     pub use serde;
+    pub use serde_bytes;
 }
