@@ -1418,11 +1418,6 @@ async fn read_loop(
     // Frames handled since the reader last spent a unit of tokio's budget.
     let mut budgeted = 0usize;
     loop {
-        // The fast path below never waits, so it must not be where a
-        // streaming peer keeps an aborted connection's reader alive.
-        if shared.cancel.is_cancelled() {
-            break;
-        }
         // While data keeps coming, read on; just before waiting for more, drop
         // a read buffer that a large frame left behind, so an idle connection
         // stays small without costing a reallocation per frame when busy.
@@ -1430,6 +1425,13 @@ async fn read_loop(
             Some(next) => {
                 unclocked += 1;
                 if unclocked >= CLOCK_FRAMES {
+                    // The fast path never waits, so it must not be where a
+                    // streaming peer keeps an aborted connection's reader
+                    // alive: checked here, every CLOCK_FRAMES frames (the
+                    // check takes the token's lock, too dear per frame).
+                    if shared.cancel.is_cancelled() {
+                        break;
+                    }
                     now = Instant::now();
                     unclocked = 0;
                 }
