@@ -32,6 +32,7 @@ use meshwork_peers::wire::proto::{Concern as Frame, ConcernError, ConcernKind, E
 use meshwork_peers::wire::{Message, NodeId};
 use meshwork_peers::{ConcernFrame, InboundHandler, PeerEvent, PeerManager, PeersError};
 use prost::Message as _;
+use rustc_hash::FxHashMap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -267,7 +268,8 @@ impl Waiting {
 pub(crate) struct Inner {
     pub(crate) peers: PeerManager,
     pub(crate) config: ConcernsConfig,
-    registry: RwLock<HashMap<u32, Arc<Registered>>>,
+    /// By command id (ours to register): FxHash, looked up per message.
+    registry: RwLock<FxHashMap<u32, Arc<Registered>>>,
     /// Requests of this node waiting for their answers.
     pending: Arc<Requests>,
     next_request: AtomicU64,
@@ -889,7 +891,7 @@ impl ConcernsBuilder {
         let inner = Arc::new(Inner {
             peers: self.peers,
             config: self.config,
-            registry: RwLock::new(HashMap::new()),
+            registry: RwLock::new(FxHashMap::default()),
             pending: Arc::new(Requests::new()),
             next_request: AtomicU64::new(rand::random::<u64>() >> 1),
             waiting: Mutex::new(HashMap::new()),

@@ -12,12 +12,12 @@
 //! deadline in one pass over the waiting requests (answered ones are gone
 //! from the map, so at most one wake-up per timeout period finds nothing).
 
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use meshwork_peers::wire::NodeId;
+use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
@@ -45,7 +45,9 @@ impl Pending {
 }
 
 struct Table {
-    map: HashMap<u64, Pending>,
+    /// Keyed by our own request ids: FxHash, not SipHash (a peer cannot
+    /// choose which keys go in, so there is nothing to flood).
+    map: FxHashMap<u64, Pending>,
     /// The deadline the sweeper sleeps until (`None`: it waits for one).
     armed: Option<Instant>,
 }
@@ -61,7 +63,7 @@ impl Requests {
     pub(crate) fn new() -> Self {
         Requests {
             table: Mutex::new(Table {
-                map: HashMap::new(),
+                map: FxHashMap::default(),
                 armed: None,
             }),
             rearm: Notify::new(),
@@ -181,7 +183,7 @@ impl Requests {
 
 /// Takes the requests `matches` says so of out of `map`.
 fn take_matching(
-    map: &mut HashMap<u64, Pending>,
+    map: &mut FxHashMap<u64, Pending>,
     mut matches: impl FnMut(&Pending) -> bool,
 ) -> Vec<Pending> {
     let ids: Vec<u64> = map
