@@ -1,6 +1,6 @@
 //! What a concern can do: send, request, broadcast, route, publish.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +11,7 @@ use meshwork_peers::wire::proto::{ConcernKind, ErrorCode};
 use tokio::time::Instant;
 
 use crate::ConcernsError;
-use crate::manager::Inner;
+use crate::manager::{Inner, Registered};
 
 /// A concern's handle on the node: everything it sends goes out under its
 /// command id. Cheap to clone.
@@ -19,6 +19,10 @@ use crate::manager::Inner;
 pub struct Context {
     pub(crate) inner: Arc<Inner>,
     pub(crate) command: u32,
+    /// The concern registered for `command`, once it is (concerns are
+    /// never removed): its delivery callbacks run for every message sent,
+    /// without a registry lookup each time.
+    pub(crate) registered: OnceLock<Arc<Registered>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -30,6 +34,19 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// Runs the concern's delivery callback for a message to `to`.
+    fn notify(&self, to: &NodeId, error: Option<&ConcernsError>) {
+        let reg = match self.registered.get() {
+            Some(reg) => reg,
+            None => match self.inner.registered(self.command) {
+                Some(reg) => self.registered.get_or_init(|| reg),
+                // Not (yet) registered: nobody to tell.
+                None => return,
+            },
+        };
+        Inner::notify(reg, to, error);
+    }
+
     /// The command id messages from this context carry.
     pub fn command(&self) -> u32 {
         self.command
@@ -121,7 +138,7 @@ impl Context {
                 blame_timeout,
             )
             .await;
-        self.inner.notify(self.command, peer, r.as_ref().err());
+        self.notify(peer, r.as_ref().err());
         r
     }
 
@@ -155,7 +172,7 @@ impl Context {
                 priority,
             )
             .await;
-        self.inner.notify(self.command, peer, r.as_ref().err());
+        self.notify(peer, r.as_ref().err());
         r
     }
 
@@ -190,7 +207,7 @@ impl Context {
                 payload.into(),
             )
             .await;
-        self.inner.notify(self.command, node, r.as_ref().err());
+        self.notify(node, r.as_ref().err());
         r
     }
 
@@ -217,7 +234,7 @@ impl Context {
             }
             r => r,
         };
-        self.inner.notify(self.command, node, r.as_ref().err());
+        self.notify(node, r.as_ref().err());
         r
     }
 

@@ -164,7 +164,7 @@ struct Counters {
     queued: AtomicUsize,
 }
 
-struct Registered {
+pub(crate) struct Registered {
     concern: Arc<dyn Concern>,
     name: String,
     max_concurrency: usize,
@@ -354,10 +354,11 @@ impl Inner {
         Context {
             inner: self.clone(),
             command,
+            registered: OnceLock::new(),
         }
     }
 
-    fn registered(&self, command: u32) -> Option<Arc<Registered>> {
+    pub(crate) fn registered(&self, command: u32) -> Option<Arc<Registered>> {
         self.registry
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -398,10 +399,8 @@ impl Inner {
     }
 
     /// Tells the sending concern what became of a message.
-    pub(crate) fn notify(&self, command: u32, to: &NodeId, error: Option<&ConcernsError>) {
-        let Some(reg) = self.registered(command) else {
-            return;
-        };
+    /// Tells `reg`'s concern how a message it sent to `to` fared.
+    pub(crate) fn notify(reg: &Registered, to: &NodeId, error: Option<&ConcernsError>) {
         match error {
             None => reg.concern.on_sent(to),
             Some(e) if e.is_send_failure() => reg.concern.on_send_failed(to, e),
