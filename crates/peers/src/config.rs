@@ -30,6 +30,7 @@ pub struct PeersConfig {
     pub(crate) outbound_reserved: usize,
     pub(crate) heartbeat: HeartbeatTiming,
     pub(crate) max_error_count: u32,
+    pub(crate) failure_memory: Duration,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) max_dial_failures: u32,
@@ -60,6 +61,7 @@ impl Default for PeersConfig {
                 dead_after: Duration::from_secs(30),
             },
             max_error_count: 5,
+            failure_memory: Duration::from_secs(600),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
             max_dial_failures: 8,
@@ -147,10 +149,22 @@ impl PeersConfig {
     }
 
     /// Errors or timeouts ([`report_error`](crate::PeerManager::report_error),
-    /// [`report_timeout`](crate::PeerManager::report_timeout)) after which a
-    /// peer is disconnected and banned for the longest backoff (default 5).
+    /// [`report_timeout`](crate::PeerManager::report_timeout)) within the
+    /// [failure memory](Self::with_failure_memory) after which a peer is
+    /// disconnected and banned for the longest backoff (default 5; errors
+    /// and timeouts count apart).
     pub fn with_max_error_count(mut self, n: u32) -> Self {
         self.max_error_count = n;
+        self
+    }
+
+    /// How long a reported error or timeout counts against its peer
+    /// (default 10 minutes): a sliding window, so `max_error_count` failures
+    /// within it ban the peer, while sporadic ones on a link that stays up
+    /// for days never add up. The peer's score and `least_failed` also see
+    /// only the failures within it.
+    pub fn with_failure_memory(mut self, memory: Duration) -> Self {
+        self.failure_memory = memory;
         self
     }
 
@@ -290,6 +304,9 @@ impl PeersConfig {
         }
         if self.max_error_count == 0 {
             return bad("max_error_count must be at least 1".into());
+        }
+        if self.failure_memory.is_zero() {
+            return bad("failure_memory must be longer than zero".into());
         }
         if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
             return bad("backoff needs 0 < min <= max".into());

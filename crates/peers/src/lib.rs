@@ -25,7 +25,7 @@
 //! - **Quality and selection**: error and timeout counts
 //!   ([`report_error`](PeerManager::report_error),
 //!   [`report_timeout`](PeerManager::report_timeout)) disconnect a peer at a
-//!   maximum; a score combines RTT, failures and uptime;
+//!   maximum within a sliding window (10 minutes by default); a score combines RTT, failures and uptime;
 //!   [`least_failed`](PeerManager::least_failed) and
 //!   [`by_metadata`](PeerManager::by_metadata) choose at random weighted by
 //!   score.

@@ -6,7 +6,7 @@
 //! driver ([`crate::manager`]) performs: dial, ping, send, close, publish an
 //! event. This is what the unit tests below drive with explicit time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use meshwork_transport::{Address, CloseReason, Direction};
@@ -121,8 +121,11 @@ struct Entry {
     ever_connected: bool,
     lost_at: Option<Instant>,
     banned_until: Option<Instant>,
-    errors: u32,
-    timeouts: u32,
+    /// When errors and timeouts were reported, oldest first; those older
+    /// than `failure_memory` no longer count (at most `max_error_count` of
+    /// each are kept).
+    errors: VecDeque<Instant>,
+    timeouts: VecDeque<Instant>,
     metadata: HashMap<String, String>,
     link: Option<Link>,
     dialing: Option<DialId>,
@@ -141,8 +144,8 @@ impl Entry {
             ever_connected: false,
             lost_at: None,
             banned_until: None,
-            errors: 0,
-            timeouts: 0,
+            errors: VecDeque::new(),
+            timeouts: VecDeque::new(),
             metadata: HashMap::new(),
             link: None,
             dialing: None,
@@ -188,9 +191,22 @@ impl Entry {
             && !blocked.contains(&self.id)
     }
 
-    fn snapshot(&self, now: Instant) -> PeerSnapshot {
+    /// The errors and timeouts reported within the last `memory` at `now`.
+    fn failures(&self, now: Instant, memory: Duration) -> (u32, u32) {
+        let recent = |q: &VecDeque<Instant>| {
+            let n = q
+                .iter()
+                .filter(|at| now.saturating_duration_since(**at) < memory)
+                .count();
+            u32::try_from(n).unwrap_or(u32::MAX)
+        };
+        (recent(&self.errors), recent(&self.timeouts))
+    }
+
+    fn snapshot(&self, now: Instant, memory: Duration) -> PeerSnapshot {
         let link = self.link.as_ref();
         let connected_for = link.map(|l| now.saturating_duration_since(l.connected_at));
+        let (errors, timeouts) = self.failures(now, memory);
         PeerSnapshot {
             node_id: self.id.clone(),
             state: self.state,
@@ -200,10 +216,10 @@ impl Entry {
             metadata: self.metadata.clone(),
             rtt: link.and_then(|l| l.rtt),
             smoothed_rtt: link.and_then(|l| l.srtt),
-            errors: self.errors,
-            timeouts: self.timeouts,
+            errors,
+            timeouts,
             score: match connected_for {
-                Some(up) => score(link.and_then(|l| l.srtt), self.errors, self.timeouts, up),
+                Some(up) => score(link.and_then(|l| l.srtt), errors, timeouts, up),
                 None => 0.0,
             },
             connected_for,
@@ -744,14 +760,24 @@ impl Pool {
     pub(crate) fn report(&mut self, peer: &NodeId, timeout: bool, now: Instant) -> Option<u32> {
         let max = self.cfg.max_error_count;
         let timing = self.cfg.heartbeat;
+        let memory = self.cfg.failure_memory;
         let e = self.entries.get_mut(peer)?;
-        let count = if timeout {
-            e.timeouts += 1;
-            e.timeouts
+        let q = if timeout {
+            &mut e.timeouts
         } else {
-            e.errors += 1;
-            e.errors
+            &mut e.errors
         };
+        // Only the failures within the memory count; no more than the
+        // maximum are ever needed.
+        while q
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) >= memory)
+            || q.len() >= max as usize
+        {
+            q.pop_front();
+        }
+        q.push_back(now);
+        let count = u32::try_from(q.len()).unwrap_or(u32::MAX);
         if let Some(link) = e.link.as_mut() {
             link.heartbeat.reset(&timing);
         }
@@ -764,8 +790,8 @@ impl Pool {
             if let Some(e) = self.entries.get_mut(peer) {
                 penalty = e.backoff.penalty(jitter);
                 e.next_attempt = now + penalty;
-                e.errors = 0;
-                e.timeouts = 0;
+                e.errors.clear();
+                e.timeouts.clear();
             }
             let d = Disconnect::new(DisconnectReason::Banned, format!("too many {what}"));
             self.ban_with(peer, penalty, d, now);
@@ -1177,7 +1203,11 @@ impl Pool {
 
     /// Every known peer, connected ones first, then by id.
     pub(crate) fn snapshot(&self, now: Instant) -> Vec<PeerSnapshot> {
-        let mut all: Vec<PeerSnapshot> = self.entries.values().map(|e| e.snapshot(now)).collect();
+        let mut all: Vec<PeerSnapshot> = self
+            .entries
+            .values()
+            .map(|e| e.snapshot(now, self.cfg.failure_memory))
+            .collect();
         all.sort_by(|a, b| {
             (!a.state.is_linked(), &a.node_id).cmp(&(!b.state.is_linked(), &b.node_id))
         });
@@ -1186,7 +1216,9 @@ impl Pool {
 
     /// One peer.
     pub(crate) fn peer(&self, id: &NodeId, now: Instant) -> Option<PeerSnapshot> {
-        self.entries.get(id).map(|e| e.snapshot(now))
+        self.entries
+            .get(id)
+            .map(|e| e.snapshot(now, self.cfg.failure_memory))
     }
 
     /// A responsive peer passing `filter`, chosen at random weighted by
@@ -1202,7 +1234,7 @@ impl Pool {
             .entries
             .values()
             .filter(|e| e.state == PeerState::Connected)
-            .map(|e| e.snapshot(now))
+            .map(|e| e.snapshot(now, self.cfg.failure_memory))
             .filter(|s| filter(s))
             .collect();
         if least_failed {

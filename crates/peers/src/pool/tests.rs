@@ -448,6 +448,47 @@ fn too_many_errors_disconnect_and_back_off() {
 }
 
 #[test]
+fn failures_spread_over_a_long_life_never_add_up_to_a_ban() {
+    let memory = 60 * S;
+    let mut h = Harness::new(0, cfg().with_max_error_count(3).with_failure_memory(memory));
+    h.connect(7, 1, Direction::Outbound);
+    // One of each, then quiet for the memory: forgotten.
+    assert_eq!(h.pool.report(&id(1), true, h.now), Some(1));
+    assert_eq!(h.pool.report(&id(1), false, h.now), Some(1));
+    h.advance(memory - MS);
+    let p = h.pool.peer(&id(1), h.now).unwrap();
+    assert_eq!(
+        (p.errors, p.timeouts),
+        (1, 1),
+        "still remembered just before"
+    );
+    assert!(p.score < h.pool.peer(&id(1), h.now + 2 * MS).unwrap().score);
+    h.advance(MS);
+    let p = h.pool.peer(&id(1), h.now).unwrap();
+    assert_eq!((p.errors, p.timeouts), (0, 0), "forgotten at the memory");
+    // A timeout every 35 s for ten minutes: never more than two within a
+    // minute, so never three.
+    let mut counts = Vec::new();
+    for _ in 0..18 {
+        h.advance(35 * S);
+        h.poll();
+        counts.push(h.pool.report(&id(1), true, h.now).unwrap());
+    }
+    assert_eq!(counts[0], 1);
+    assert!(counts[1..].iter().all(|c| *c == 2), "{counts:?}");
+    assert!(closes(&h.pool.take_actions()).is_empty());
+    assert_eq!(h.state(1), Some(PeerState::Connected));
+    // Three within the memory ban (errors and timeouts count apart).
+    h.advance(MS);
+    assert_eq!(h.pool.report(&id(1), false, h.now), Some(1));
+    assert_eq!(h.pool.report(&id(1), true, h.now), Some(3));
+    assert_eq!(
+        closes(&h.pool.take_actions()),
+        vec![(7, DisconnectReason::Banned)]
+    );
+}
+
+#[test]
 fn score_orders_peers_and_selection_spreads_by_weight() {
     let mut h = Harness::new(0, cfg().with_max_peers(8));
     for n in 1..=3 {
