@@ -23,6 +23,9 @@ use crate::{BoxError, Concern, Context, Reply};
 
 pub(crate) struct Flood {
     seen: Mutex<SeenCache<(NodeId, u64)>>,
+    /// The most hops a message is relayed from here on, whatever TTL it
+    /// arrived with (this node's `flood_ttl`).
+    max_ttl: u32,
     sent: AtomicU64,
     delivered: AtomicU64,
     relayed: AtomicU64,
@@ -34,6 +37,7 @@ impl Flood {
     pub(crate) fn new(cfg: &ConcernsConfig) -> Self {
         Flood {
             seen: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
+            max_ttl: cfg.flood_ttl,
             sent: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             relayed: AtomicU64::new(0),
@@ -130,9 +134,12 @@ impl Concern for Flood {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        if f.ttl > 1 {
+        // A peer's TTL is capped by ours: a forged huge one must not keep a
+        // message going round once the seen-caches have forgotten it.
+        let ttl = f.ttl.min(self.max_ttl);
+        if ttl > 1 {
             let next = Flooded {
-                ttl: f.ttl - 1,
+                ttl: ttl - 1,
                 ..f.clone()
             };
             let n = self.relay(&ctx.inner, &next, &[from, &origin]);

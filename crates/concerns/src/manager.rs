@@ -46,6 +46,9 @@ use crate::{Concern, ConcernsError, Context, Reply, Route};
 
 /// Command ids from here up belong to meshwork's built-in concerns.
 pub const RESERVED_COMMANDS: u32 = 0xFFFF_0000;
+/// Requests for unknown commands logged as warnings; later ones at debug
+/// level (all are counted).
+const UNKNOWN_WARNINGS: u64 = 16;
 /// The flood concern's command id.
 pub const FLOOD: u32 = 0xFFFF_0001;
 /// The routing concern's command id.
@@ -556,6 +559,16 @@ impl Inner {
         if self.stopping() {
             return Err(ConcernsError::Shutdown);
         }
+        // A carrier inside a carrier would be unwrapped and sent on again
+        // one layer at a time, a fresh message id each: a frame of N nested
+        // floods costs every node O(N^2) copies and relays. Nothing of ours
+        // nests them.
+        if job.command == FLOOD || job.command == ROUTING {
+            return Err(ConcernsError::Dropped(format!(
+                "a flooded or routed message may not carry command {:#x}",
+                job.command
+            )));
+        }
         self.submit(job);
         Ok(())
     }
@@ -598,8 +611,13 @@ impl Inner {
     fn submit(self: &Arc<Self>, job: Job) {
         let command = job.command;
         let Some(reg) = self.registered(command) else {
-            self.unknown.fetch_add(1, Ordering::Relaxed);
-            warn!(command = format_args!("{command:#x}"), from = %job.from.short(), "request for an unknown command");
+            // Logged loudly only the first few times: a peer sending such
+            // requests in bulk must not flood the log (the count goes on).
+            if self.unknown.fetch_add(1, Ordering::Relaxed) < UNKNOWN_WARNINGS {
+                warn!(command = format_args!("{command:#x}"), from = %job.from.short(), "request for an unknown command");
+            } else {
+                debug!(command = format_args!("{command:#x}"), from = %job.from.short(), "request for an unknown command");
+            }
             let msg = format!("no concern for command {command:#x}");
             self.answer_soon(job, ErrorCode::UnknownCommand, msg);
             return;

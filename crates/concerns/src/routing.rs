@@ -223,6 +223,12 @@ impl Routing {
     }
 
     fn on_query(&self, inner: &Arc<Inner>, from: &NodeId, q: RouteQuery) -> Result<(), BoxError> {
+        // A forged TTL above ours would claim the origin is one hop away
+        // (see `hops_travelled`) and win every route to it.
+        let q = RouteQuery {
+            ttl: q.ttl.min(self.max_hops),
+            ..q
+        };
         let origin = NodeId::from_bytes(q.origin.clone())?;
         let target = NodeId::from_bytes(q.target.clone())?;
         let me = inner.peers.node_id();
@@ -291,6 +297,10 @@ impl Routing {
         from: &NodeId,
         r: Routed,
     ) -> Result<(), BoxError> {
+        let r = Routed {
+            ttl: r.ttl.min(self.max_hops),
+            ..r
+        };
         let origin = NodeId::from_bytes(r.origin.clone())?;
         let target = NodeId::from_bytes(r.target.clone())?;
         let kind = ConcernKind::try_from(r.kind).unwrap_or(ConcernKind::Unspecified);

@@ -15,7 +15,11 @@ use meshwork_concerns::transport::mem::MemNetwork;
 use meshwork_concerns::transport::{Config, Endpoint};
 use meshwork_concerns::wire::NodeId;
 use meshwork_concerns::wire::proto::ErrorCode;
-use meshwork_concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
+use meshwork_concerns::wire::proto::Flooded;
+use meshwork_concerns::{
+    BoxError, Concern, Concerns, ConcernsConfig, ConcernsError, Context, FLOOD, Reply,
+};
+use prost::Message as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::{Instant, sleep};
@@ -71,6 +75,15 @@ impl Probe {
     fn count_from(&self, from: &NodeId) -> usize {
         self.got.lock().unwrap().get(from).map_or(0, |v| v.len())
     }
+    fn count_payload(&self, what: &[u8]) -> usize {
+        self.got
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .filter(|p| &p[..] == what)
+            .count()
+    }
     fn total(&self) -> usize {
         self.got.lock().unwrap().values().map(|v| v.len()).sum()
     }
@@ -91,6 +104,15 @@ impl TestNode {
 }
 
 async fn start(net: &MemNetwork, name: &str, peers: PeersConfig) -> TestNode {
+    start_with(net, name, peers, ConcernsConfig::default()).await
+}
+
+async fn start_with(
+    net: &MemNetwork,
+    name: &str,
+    peers: PeersConfig,
+    config: ConcernsConfig,
+) -> TestNode {
     let transport = Config::new("concerns-test")
         .with_insecure_plaintext()
         .with_keepalive(None, None);
@@ -109,6 +131,7 @@ async fn start(net: &MemNetwork, name: &str, peers: PeersConfig) -> TestNode {
     .unwrap();
     let probe = Probe::default();
     let concerns = Concerns::builder(peers)
+        .config(config)
         .concern(probe.clone())
         .start()
         .await
@@ -364,6 +387,14 @@ async fn a_broadcast_reaches_every_node_of_a_sparse_mesh_exactly_once() {
 
 /// Nodes in a line: each knows only the previous one and holds 2 peers.
 async fn line(net: &MemNetwork, n: usize) -> Vec<TestNode> {
+    line_with(net, n, ConcernsConfig::default).await
+}
+
+async fn line_with(
+    net: &MemNetwork,
+    n: usize,
+    config: impl Fn() -> ConcernsConfig,
+) -> Vec<TestNode> {
     let mut nodes = Vec::new();
     for i in 0..n {
         let seeds = if i == 0 {
@@ -372,7 +403,7 @@ async fn line(net: &MemNetwork, n: usize) -> Vec<TestNode> {
             vec![format!("mem://l{}", i - 1)]
         };
         let cfg = seeded(&seeds).with_min_peers(1).with_max_peers(2);
-        nodes.push(start(net, &format!("l{i}"), cfg).await);
+        nodes.push(start_with(net, &format!("l{i}"), cfg, config()).await);
     }
     let deadline = Instant::now() + 30 * S;
     while nodes[1..n - 1]
@@ -383,6 +414,76 @@ async fn line(net: &MemNetwork, n: usize) -> Vec<TestNode> {
         sleep(100 * MS).await;
     }
     nodes
+}
+
+/// What a hostile neighbour can put in a Flood frame is contained: a TTL
+/// above the receiver's own is cut to it, and a flood carrying another
+/// flood (which each node would unwrap and send on again, one layer at a
+/// time) is relayed as one message but its cargo is delivered nowhere.
+#[tokio::test(start_paused = true)]
+async fn forged_flood_frames_are_contained() {
+    let net = MemNetwork::new();
+    let nodes = line_with(&net, 4, || ConcernsConfig::default().with_flood_ttl(2)).await;
+    let liar = nodes[0].concerns.context(FLOOD);
+    let to = nodes[1].id().clone();
+    let fake = NodeId::from_bytes(vec![9; 32]).unwrap();
+    let got = |i: usize, what: &[u8]| nodes[i].probe.count_payload(what);
+
+    // A TTL of u32::MAX: l1 and l2 deliver (two hops, l2 relays no more).
+    let far = Flooded {
+        origin: fake.as_bytes().clone(),
+        message_id: 1,
+        command: PROBE,
+        payload: Bytes::from_static(b"far"),
+        ttl: u32::MAX,
+    };
+    liar.send(&to, far.encode_to_vec()).await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while got(2, b"far") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the forged flood never reached l2"
+        );
+        sleep(10 * MS).await;
+    }
+    sleep(S).await;
+    assert_eq!((got(1, b"far"), got(2, b"far"), got(3, b"far")), (1, 1, 0));
+
+    // A flood inside a flood: relayed once, its cargo delivered nowhere.
+    let inner = Flooded {
+        origin: fake.as_bytes().clone(),
+        message_id: 3,
+        command: PROBE,
+        payload: Bytes::from_static(b"nested"),
+        ttl: 2,
+    };
+    let outer = Flooded {
+        origin: fake.as_bytes().clone(),
+        message_id: 2,
+        command: FLOOD,
+        payload: inner.encode_to_vec().into(),
+        ttl: 2,
+    };
+    let errors_before = flood_errors(&nodes[2]);
+    liar.send(&to, outer.encode_to_vec()).await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while flood_errors(&nodes[2]) == errors_before {
+        assert!(Instant::now() < deadline, "l2 never saw the nested flood");
+        sleep(10 * MS).await;
+    }
+    sleep(S).await;
+    assert!((0..4).all(|i| got(i, b"nested") == 0));
+    stop(nodes).await;
+}
+
+/// Requests the flood concern of `node` failed (it refuses what it cannot
+/// deliver).
+fn flood_errors(node: &TestNode) -> u64 {
+    node.concerns
+        .stats()
+        .into_iter()
+        .find(|s| s.command == FLOOD)
+        .map_or(0, |s| s.errors)
 }
 
 #[tokio::test(start_paused = true)]
