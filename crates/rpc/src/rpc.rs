@@ -617,7 +617,11 @@ impl Rpc {
                 config,
                 stats: Mutex::new(HashMap::new()),
                 registry: Mutex::new(HashMap::new()),
-                next_call: AtomicU64::new(1),
+                // From a random start: a Cancel names the caller and the
+                // call id, and the caller's id is only as good as the path
+                // it came by (a flooded or routed message says who sent it,
+                // unverified). Ids counting from 1 were easy to guess.
+                next_call: AtomicU64::new(rand::random::<u64>() >> 1),
                 counters: ClientCounters::default(),
             }),
         })
