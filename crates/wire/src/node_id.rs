@@ -16,6 +16,11 @@ impl NodeId {
     pub const MAX_LEN: usize = 64;
 
     /// Wraps bytes as a node id, refusing an empty or over-long one.
+    ///
+    /// The bytes are copied: an id decoded from a frame is a slice of the
+    /// frame's buffer, and keeping that slice (in an address book, a
+    /// seen-cache, a route table) would keep the whole buffer, up to the
+    /// frame limit, alive with it.
     pub fn from_bytes(bytes: impl Into<Bytes>) -> Result<Self, WireError> {
         let bytes = bytes.into();
         if bytes.is_empty() {
@@ -27,7 +32,7 @@ impl NodeId {
                 format!("{} bytes, at most {} allowed", bytes.len(), Self::MAX_LEN),
             ));
         }
-        Ok(NodeId(bytes))
+        Ok(NodeId(Bytes::copy_from_slice(&bytes)))
     }
 
     /// Parses the hex form printed by `Display`.
@@ -77,6 +82,19 @@ impl fmt::Debug for NodeId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_does_not_keep_the_buffer_it_was_read_from() {
+        let frame = Bytes::from(vec![7u8; 1 << 20]);
+        let id = NodeId::from_bytes(frame.slice(100..132)).unwrap();
+        let start = frame.as_ptr() as usize;
+        let at = id.as_bytes().as_ptr() as usize;
+        assert!(
+            !(start..start + frame.len()).contains(&at),
+            "the id still points into the frame"
+        );
+        assert_eq!(id.as_bytes(), &frame.slice(100..132));
+    }
 
     #[test]
     fn hex_round_trip() {
