@@ -46,6 +46,11 @@ use crate::{Concern, ConcernsError, Context, Reply, Route};
 
 /// Command ids from here up belong to meshwork's built-in concerns.
 pub const RESERVED_COMMANDS: u32 = 0xFFFF_0000;
+/// A concern's lane queues at most this many senders' worth of requests
+/// (`per_sender_queue` each) in all: senders of flooded and routed requests
+/// are whatever the messages claim, so a peer could otherwise invent a new
+/// one per message.
+const QUEUED_SENDERS: usize = 64;
 /// Requests for unknown commands logged as warnings; later ones at debug
 /// level (all are counted).
 const UNKNOWN_WARNINGS: u64 = 16;
@@ -252,7 +257,9 @@ struct Waiting {
 impl Waiting {
     fn new(per_sender: usize) -> Self {
         Waiting {
-            lanes: std::array::from_fn(|_| FairQueue::new(per_sender)),
+            lanes: std::array::from_fn(|_| {
+                FairQueue::new(per_sender, per_sender.saturating_mul(QUEUED_SENDERS))
+            }),
             running: 0,
         }
     }
