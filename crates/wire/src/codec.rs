@@ -202,12 +202,33 @@ pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> 
 pub fn decode_frame(body: Bytes, limits: &Limits) -> Result<Message, WireError> {
     let msg = match simple_concern(&body) {
         Some(c) => Message::Concern(c),
-        None => Envelope::decode(body)?
-            .body
-            .ok_or(WireError::EmptyEnvelope)?,
+        None => {
+            let max = limits.max_control_frame_len();
+            if body.len() > max && !single_concern(&body) {
+                return Err(WireError::invalid(
+                    "frame",
+                    format!(
+                        "{} bytes, more than any message but a Concern can take ({max})",
+                        body.len()
+                    ),
+                ));
+            }
+            Envelope::decode(body)?
+                .body
+                .ok_or(WireError::EmptyEnvelope)?
+        }
     };
     validate(&msg, limits)?;
     Ok(msg)
+}
+
+/// True if `body` is one Envelope field 6 (a Concern) covering it all,
+/// whatever the Concern holds: such a frame decodes into scalars and one
+/// byte slice, never into more than its size.
+fn single_concern(body: &[u8]) -> bool {
+    let mut at = 1;
+    body.first() == Some(&0x32)
+        && read_varint(body, &mut at).is_some_and(|len| len == (body.len() - at) as u64)
 }
 
 /// Reads a protobuf varint at `buf[*at..]`: `None` if it runs past the end
@@ -427,6 +448,74 @@ mod tests {
         ));
         assert!(encode_frame(&msg, 1024).is_err());
         assert!(encode_frame(&msg, 4096).is_ok());
+    }
+
+    /// `field` (tag `tag`, wire type 2) holding `inner`.
+    fn field(tag: u8, inner: &[u8]) -> Vec<u8> {
+        let mut out = vec![(tag << 3) | 2];
+        let mut len = inner.len() as u64;
+        loop {
+            let b = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                out.push(b);
+                break;
+            }
+            out.push(b | 0x80);
+        }
+        out.extend_from_slice(inner);
+        out
+    }
+
+    #[test]
+    fn a_control_frame_too_big_for_any_is_refused_before_decoding() {
+        let limits = Limits::default();
+        let max = limits.max_control_frame_len();
+        // A Discovered of empty PeerInfos (2 bytes each on the wire).
+        let empties: Vec<u8> = [0x0a, 0x00].repeat(max / 2 + 1);
+        let body = Bytes::from(field(4, &empties));
+        let err = decode_frame(body, &limits).unwrap_err().to_string();
+        assert!(err.contains("more than any message but a Concern"), "{err}");
+        // Hidden behind a small Concern (the last field of a oneof wins).
+        let small = Concern {
+            command: 1,
+            request_id: 1,
+            kind: ConcernKind::Request as i32,
+            payload: Bytes::from_static(b"x"),
+            ..Default::default()
+        };
+        let mut both = field(6, &small.encode_to_vec());
+        both.extend_from_slice(&field(4, &empties));
+        let err = decode_frame(Bytes::from(both), &limits).unwrap_err().to_string();
+        assert!(err.contains("more than any message but a Concern"), "{err}");
+        // The largest Discovered the limits allow still decodes.
+        let peer = PeerInfo {
+            node_id: Bytes::from(vec![1; crate::NodeId::MAX_LEN]),
+            addrs: vec!["a".repeat(limits.max_addr_len); limits.max_addrs],
+        };
+        let full = Message::Discovered(Discovered {
+            peers: vec![peer; limits.max_discovered_peers],
+        });
+        let frame = encode_frame(&full, DEFAULT_MAX_FRAME_LEN).unwrap();
+        assert!(frame.len() - 4 <= max, "{} > {max}", frame.len() - 4);
+        assert_eq!(decode_frame(frame.slice(4..), &limits).unwrap(), full);
+    }
+
+    #[test]
+    fn a_big_concern_with_fields_we_do_not_know_still_decodes() {
+        let limits = Limits::default();
+        let payload = Bytes::from(vec![7; limits.max_control_frame_len() * 2]);
+        let c = Concern {
+            command: 9,
+            request_id: 3,
+            kind: ConcernKind::Request as i32,
+            payload: payload.clone(),
+            ..Default::default()
+        };
+        let mut inner = c.encode_to_vec();
+        inner.extend_from_slice(&[0x78, 0x01]); // field 15, a varint: unknown
+        let msg = decode_frame(Bytes::from(field(6, &inner)), &limits).unwrap();
+        assert_eq!(msg, Message::Concern(c));
     }
 
     #[test]

@@ -40,6 +40,31 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The longest frame body any message but a Concern can take within
+    /// these limits (a Discovered, Hello or Disconnect at its largest, with
+    /// room for every tag and length prefix). Longer frames that are not a
+    /// single Concern are refused before they are decoded: decoding comes
+    /// before the counts are checked, and a frame of empty entries decodes
+    /// into many times its size (2 wire bytes, 56 bytes of memory each).
+    pub fn max_control_frame_len(&self) -> usize {
+        // A tag and a length prefix, generously.
+        const FIELD: usize = 8;
+        let addrs = self.max_addrs.saturating_mul(self.max_addr_len + FIELD);
+        let peer = NodeId::MAX_LEN + FIELD + addrs + FIELD;
+        let hello = (self.max_network_id_len + NodeId::MAX_LEN + 8 * FIELD)
+            .saturating_add(addrs)
+            .saturating_add(
+                self.max_metadata_entries
+                    .saturating_mul(2 * self.max_metadata_len + 3 * FIELD),
+            );
+        let discovered = self.max_discovered_peers.saturating_mul(peer) + FIELD;
+        let disconnect = (self.max_text_len + 4 * FIELD)
+            .saturating_add(self.max_alternatives.saturating_mul(peer));
+        hello.max(discovered).max(disconnect) + FIELD
+    }
+}
+
 fn check_len(field: &'static str, len: usize, max: usize, unit: &str) -> Result<(), WireError> {
     if len > max {
         return Err(WireError::invalid(
@@ -51,11 +76,10 @@ fn check_len(field: &'static str, len: usize, max: usize, unit: &str) -> Result<
 }
 
 fn check_node_id(field: &'static str, id: &bytes::Bytes) -> Result<(), WireError> {
-    NodeId::from_bytes(id.clone()).map_err(|e| match e {
-        WireError::Invalid { reason, .. } => WireError::Invalid { field, reason },
-        other => other,
-    })?;
-    Ok(())
+    if id.is_empty() {
+        return Err(WireError::invalid(field, "empty"));
+    }
+    check_len(field, id.len(), NodeId::MAX_LEN, "bytes")
 }
 
 fn check_addrs(field: &'static str, addrs: &[String], limits: &Limits) -> Result<(), WireError> {
