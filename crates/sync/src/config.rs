@@ -38,6 +38,7 @@ pub struct SyncConfig {
     pub(crate) chunk_entries: usize,
     pub(crate) chunk_bytes: usize,
     pub(crate) request_timeout: Duration,
+    pub(crate) round_timeout: Duration,
     pub(crate) watch_capacity: usize,
     pub(crate) max_rounds: usize,
     pub(crate) clock: Arc<dyn Clock>,
@@ -60,6 +61,7 @@ impl Default for SyncConfig {
             chunk_entries: 2048,
             chunk_bytes: 256 * 1024,
             request_timeout: Duration::from_secs(10),
+            round_timeout: Duration::from_secs(60),
             watch_capacity: 1024,
             max_rounds: 1,
             clock: Arc::new(SystemClock::new()),
@@ -125,6 +127,15 @@ impl SyncConfig {
         self
     }
 
+    /// Timeout of a whole anti-entropy round with one peer (default 60 s).
+    /// Rounds run one at a time by default, so this bounds how long one
+    /// slow or hostile peer can hold up anti-entropy with the others; what
+    /// a round merged before it ran out stays, and later rounds carry on.
+    pub fn with_round_timeout(mut self, timeout: Duration) -> Self {
+        self.round_timeout = timeout;
+        self
+    }
+
     /// The physical clock (default: [`SystemClock`]).
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
@@ -164,6 +175,9 @@ impl SyncConfig {
         }
         if self.anti_entropy_interval.is_zero() || self.sweep_interval.is_zero() {
             return bad("intervals must be above zero");
+        }
+        if self.round_timeout.is_zero() {
+            return bad("the round timeout must be above zero");
         }
         if self.max_key_len == 0 || self.max_value_len == 0 {
             return bad("size limits must be above zero");

@@ -14,6 +14,18 @@ use sha2::{Digest, Sha256};
 use crate::Stamp;
 use crate::proto;
 
+/// The largest lease epoch accepted from a peer. Honest epochs count the
+/// claims of one key (one per lapsed or released lease) and never come near;
+/// refusing larger ones leaves 2^62 local claims of headroom, so the next
+/// epoch (`epoch + 1`) of a received entry never reaches `u64::MAX`.
+pub(crate) const MAX_EPOCH: u64 = 1 << 62;
+
+/// The longest time to live (and lease) in ms, about 146 million years:
+/// accepted from peers, and what longer local settings are cut to. Any
+/// stamp's time (at most 2^48 ms) plus this stays within the range of
+/// times the wire carries (`i64` ms), so `at + ttl_ms` cannot overflow.
+pub(crate) const MAX_SPAN_MS: u64 = 1 << 62;
+
 /// The latest write to a key that a replica knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -166,6 +178,12 @@ impl Entry {
         if p.deleted && !p.value.is_empty() {
             return Err("a tombstone with a value".into());
         }
+        if p.epoch > MAX_EPOCH {
+            return Err(format!("lease epoch {} (limit {MAX_EPOCH})", p.epoch));
+        }
+        if p.ttl_ms > MAX_SPAN_MS {
+            return Err(format!("ttl of {} ms (limit {MAX_SPAN_MS})", p.ttl_ms));
+        }
         let stamp = Stamp::from_u64(p.stamp);
         let claim = p
             .stamp
@@ -192,10 +210,16 @@ impl Entry {
         } else {
             NodeId::from_bytes(p.writer).map_err(|e| e.to_string())?
         };
+        // Copied: decoded, they are slices of the received frame, and a
+        // stored slice keeps the whole frame (up to 16 MiB) alive with it.
         Ok((
-            p.key,
+            Bytes::copy_from_slice(&p.key),
             Entry {
-                value: if p.deleted { None } else { Some(p.value) },
+                value: if p.deleted {
+                    None
+                } else {
+                    Some(Bytes::copy_from_slice(&p.value))
+                },
                 stamp,
                 writer,
                 epoch: p.epoch,
@@ -211,6 +235,31 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_received_entry_does_not_keep_its_frame() {
+        let frame = Bytes::from(vec![5u8; 1 << 20]);
+        let p = proto::Entry {
+            key: frame.slice(10..20),
+            value: frame.slice(20..120),
+            stamp: Stamp::new(1_000_000, 0).as_u64(),
+            ..Default::default()
+        };
+        let (key, e) = Entry::from_proto(p, &id(1), 64, 1024).unwrap();
+        let inside = |b: &Bytes| {
+            let start = frame.as_ptr() as usize;
+            (start..start + frame.len()).contains(&(b.as_ptr() as usize))
+        };
+        assert!(!inside(&key), "the key points into the frame");
+        assert!(
+            !inside(e.value.as_ref().unwrap()),
+            "the value points into the frame"
+        );
+        assert_eq!(
+            (key, e.value.unwrap()),
+            (frame.slice(10..20), frame.slice(20..120))
+        );
+    }
 
     fn id(n: u8) -> NodeId {
         NodeId::from_bytes(vec![n; 32]).unwrap()
@@ -287,5 +336,24 @@ mod tests {
         p.key = Bytes::from_static(b"k");
         p.deleted = true;
         assert!(Entry::from_proto(p, &id(3), 8, 64).is_err());
+    }
+
+    #[test]
+    fn epochs_and_ttls_past_their_limits_are_refused() {
+        let key = Bytes::from_static(b"k");
+        let mut e = entry(3, 100, MAX_EPOCH, 100);
+        e.ttl_ms = MAX_SPAN_MS;
+        e.expires_at = 100 + MAX_SPAN_MS;
+        assert!(Entry::from_proto(e.to_proto(&key, &id(3)), &id(3), 8, 8).is_ok());
+        // A peer's epoch at u64::MAX would make the next claim overflow.
+        let mut p = entry(3, 100, u64::MAX, 100).to_proto(&key, &id(3));
+        assert!(Entry::from_proto(p.clone(), &id(3), 8, 8).is_err());
+        p.epoch = MAX_EPOCH + 1;
+        assert!(Entry::from_proto(p, &id(3), 8, 8).is_err());
+        // A ttl of u64::MAX would overflow `at + ttl_ms`.
+        let mut p = e.to_proto(&key, &id(3));
+        p.epoch = 1;
+        p.ttl_ms = u64::MAX;
+        assert!(Entry::from_proto(p, &id(3), 8, 8).is_err());
     }
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::entry::MAX_SPAN_MS;
 use crate::proto::{self, sync_message::Body};
 use crate::replica::{BUCKETS, Replica, ReplicaConfig, Write};
 use crate::tree::Tree;
@@ -26,6 +27,16 @@ use crate::{Change, ChangeKind, Entry, Lease, Stamp, SyncConfig, SyncError};
 
 /// The sync concern's command id.
 pub const SYNC: u32 = 0xFFFF_0100;
+
+/// The most chunks one anti-entropy round pulls from a peer. A chunk that
+/// says more follow carries at least one entry, and at the default limits
+/// up to 2048 entries or 256 KiB, so this moves up to 2M entries or 256 MiB
+/// in a round: far more than rounds repair between writes. A bigger
+/// difference (a late joiner to a huge map) takes further rounds, which
+/// start from the buckets that still differ. Without a bound, a peer
+/// answering "more" forever would keep the round, and with it the rounds
+/// permit, and the memory of what it sent, growing without end.
+const MAX_PULLS_PER_ROUND: usize = 1024;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -40,6 +51,7 @@ struct Counters {
     rounds: AtomicU64,
     rounds_equal: AtomicU64,
     round_failures: AtomicU64,
+    rounds_cut: AtomicU64,
     pulled: AtomicU64,
     sent: AtomicU64,
     lease_lost: AtomicU64,
@@ -78,6 +90,10 @@ pub struct SyncStats {
     pub rounds_equal: u64,
     /// Rounds that failed (peer gone, timeout).
     pub round_failures: u64,
+    /// Rounds cut short by the peer's chunks: a resume point that did not
+    /// move forward (a broken or hostile peer; the round fails), or more
+    /// chunks than one round pulls (1024: the rest waits for later rounds).
+    pub rounds_cut: u64,
     /// Entries received by anti-entropy pulls.
     pub pulled: u64,
     /// Entries sent by anti-entropy pushes.
@@ -202,21 +218,34 @@ impl Inner {
 
     /// A push from neighbour `from`: apply and pass on along the tree the
     /// first time; prune the link on a duplicate.
+    ///
+    /// Pushes travel neighbour to neighbour. One whose sender is not a
+    /// neighbour came through the flood or routing concern (`from` is then
+    /// the origin it claims): its entries are applied like any others, but
+    /// it does not touch the tree or the pushes seen, and is not passed on.
     async fn on_push(&self, ctx: &Context, from: &NodeId, push: proto::Push, payload: Bytes) {
+        let Ok(origin) = NodeId::from_bytes(push.origin.clone()) else {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if !ctx.peers().is_neighbour(from) {
+            debug!(peer = %from.short(), "a push not from a neighbour: tree left alone");
+            if origin != *ctx.node_id() {
+                self.apply(&origin, push.entries);
+            }
+            return;
+        }
         let first = lock(&self.tree).first_time(push.id, tokio::time::Instant::now());
         if !first {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-            if lock(&self.tree).prune(from) {
+            let neighbours = ctx.peers().neighbours();
+            if lock(&self.tree).prune(from, &neighbours) {
                 let _ = send(ctx, from, Body::Prune(proto::Prune {})).await;
             }
             return;
         }
         // Whoever pushes to us is on our tree.
         lock(&self.tree).graft(from);
-        let Ok(origin) = NodeId::from_bytes(push.origin.clone()) else {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
         if origin == *ctx.node_id() {
             return;
         }
@@ -351,8 +380,15 @@ impl Concern for SyncConcern {
                 self.inner.on_push(ctx, from, push, payload).await;
                 Ok(None)
             }
+            // Tree maintenance concerns the link to a neighbour: from anyone
+            // else (through the flood or routing concern) it is ignored.
+            Some(Body::Prune(_) | Body::Graft(_)) if !ctx.peers().is_neighbour(from) => {
+                debug!(peer = %from.short(), "tree message not from a neighbour ignored");
+                Ok(None)
+            }
             Some(Body::Prune(_)) => {
-                lock(&self.inner.tree).prune(from);
+                let neighbours = ctx.peers().neighbours();
+                lock(&self.inner.tree).prune(from, &neighbours);
                 Ok(None)
             }
             Some(Body::Graft(_)) => {
@@ -400,7 +436,7 @@ impl SyncMap {
             me,
             ReplicaConfig {
                 leasing: config.leasing,
-                lease_ms: config.lease.as_millis() as u64,
+                lease_ms: span_ms(config.lease),
                 tombstone_grace_ms: config.tombstone_grace.as_millis() as u64,
                 max_skew_ms: config.max_clock_skew.as_millis() as u64,
             },
@@ -538,7 +574,7 @@ impl SyncMap {
         ttl: Duration,
     ) -> Result<Stamp, SyncError> {
         let key = Bytes::copy_from_slice(key.as_ref());
-        let ttl_ms = (ttl.as_millis() as u64).max(1);
+        let ttl_ms = span_ms(ttl).max(1);
         Ok(self
             .write(key, Some(value.into()), Write::Ephemeral { ttl_ms })
             .await?
@@ -752,6 +788,7 @@ impl SyncMap {
             rounds: r(&c.rounds),
             rounds_equal: r(&c.rounds_equal),
             round_failures: r(&c.round_failures),
+            rounds_cut: r(&c.rounds_cut),
             pulled: r(&c.pulled),
             sent: r(&c.sent),
             lease_lost: r(&c.lease_lost),
@@ -825,7 +862,12 @@ impl SyncMap {
             .acquire()
             .await
             .map_err(|_| SyncError::Shutdown)?;
-        let r = self.round(peer).await;
+        // A whole round is bounded, not only each request: a peer that
+        // answers slowly but forever must not hold the rounds permit.
+        let limit = self.inner.cfg.round_timeout;
+        let r = tokio::time::timeout(limit, self.round(peer))
+            .await
+            .unwrap_or(Err(SyncError::Concerns(ConcernsError::Timeout(limit))));
         let c = &self.inner.counters;
         c.rounds.fetch_add(1, Ordering::Relaxed);
         match &r {
@@ -893,16 +935,21 @@ impl SyncMap {
         let mut pulled = 0u64;
         let mut changed = false;
         let mut after: Option<(u32, Bytes)> = None;
+        let mut pulls = 0;
+        // Set when the round stops pulling at the limit: the first bucket
+        // not pulled in full.
+        let mut cut_at: Option<u32> = None;
         loop {
             let pull = proto::Pull {
                 buckets: differ.clone(),
                 resume: after.is_some(),
                 after_bucket: after.as_ref().map_or(0, |a| a.0),
-                after_key: after.map(|a| a.1).unwrap_or_default(),
+                after_key: after.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
             };
             let Body::Chunk(chunk) = self.ask(peer, Body::Pull(pull), Priority::Bulk).await? else {
                 return Err(bad_reply());
             };
+            pulls += 1;
             pulled += chunk.entries.len() as u64;
             let entries = self.inner.decode(peer, chunk.entries);
             for (k, e) in &entries {
@@ -914,8 +961,44 @@ impl SyncMap {
             if !chunk.more {
                 break;
             }
-            after = Some((chunk.next_bucket, chunk.next_key));
+            let next = (chunk.next_bucket, chunk.next_key);
+            // Chunks follow the (bucket, key) order: a resume point that
+            // does not move strictly forward would pull forever.
+            if after.as_ref().is_some_and(|a| next <= *a) {
+                self.inner
+                    .counters
+                    .rounds_cut
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    peer = %peer.short(),
+                    bucket = next.0,
+                    "anti-entropy round ended: the peer's chunks do not move forward"
+                );
+                return Err(SyncError::Concerns(ConcernsError::Decode(
+                    "sync chunk: the resume point does not move forward".into(),
+                )));
+            }
+            if pulls >= MAX_PULLS_PER_ROUND {
+                self.inner
+                    .counters
+                    .rounds_cut
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    peer = %peer.short(),
+                    pulls,
+                    bucket = next.0,
+                    "anti-entropy round stops pulling at its limit"
+                );
+                cut_at = Some(next.0);
+                break;
+            }
+            after = Some(next);
         }
+        // Only the buckets pulled in full can be compared with ours.
+        let differ: Vec<u32> = match cut_at {
+            Some(cut) => differ.into_iter().filter(|&b| b < cut).collect(),
+            None => differ,
+        };
         // A peer far behind us (a late joiner) pulls what it lacks in its
         // own round; pushing it too would send the map twice, or once per
         // neighbour that connects to it.
@@ -977,6 +1060,12 @@ impl SyncMap {
         }
         Ok(Some((pulled, sent)))
     }
+}
+
+/// A lease or time to live in ms, cut to [`MAX_SPAN_MS`] (so that adding
+/// it to a time cannot overflow, and peers accept it).
+fn span_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).map_or(MAX_SPAN_MS, |ms| ms.min(MAX_SPAN_MS))
 }
 
 fn bad_reply() -> SyncError {
@@ -1155,3 +1244,6 @@ async fn anti_entropy(map: SyncMap) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

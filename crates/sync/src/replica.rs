@@ -254,12 +254,21 @@ impl Replica {
                     });
                 }
                 Some(e) if e.lease_live(at) => (e.epoch, e.claim),
-                Some(e) => (e.epoch + 1, stamp),
+                // The next epoch. Epochs above `MAX_EPOCH` are refused from
+                // peers, so honest claims never get near u64::MAX; should
+                // one get there, it is the last epoch: later claims stay in
+                // it and rank by claim stamp like rival claims (the earliest
+                // keeps the key everywhere), instead of panicking or
+                // wrapping to 0, which would make the key unclaimable.
+                Some(e) => (e.epoch.saturating_add(1), stamp),
             }
         };
         let (value, lease_until, expires_at, ttl_ms) = match what {
-            Write::Set => (value, at + self.cfg.lease_ms, 0, 0),
-            Write::Ephemeral { ttl_ms } => (value, at + ttl_ms, at + ttl_ms, ttl_ms),
+            Write::Set => (value, at.saturating_add(self.cfg.lease_ms), 0, 0),
+            Write::Ephemeral { ttl_ms } => {
+                let until = at.saturating_add(ttl_ms);
+                (value, until, until, ttl_ms)
+            }
             Write::Delete => (None, at, 0, 0),
             Write::Release => {
                 let Some(e) = current.filter(|e| !e.is_deleted() && !e.expired(at)) else {
@@ -328,12 +337,14 @@ impl Replica {
                     lease_until: if current.is_deleted() {
                         at
                     } else if current.ttl_ms != 0 {
-                        at + current.ttl_ms
+                        // Saturating: the ttl came from a peer (checked in
+                        // `Entry::from_proto`, but this must not panic).
+                        at.saturating_add(current.ttl_ms)
                     } else {
-                        at + self.cfg.lease_ms
+                        at.saturating_add(self.cfg.lease_ms)
                     },
                     expires_at: if current.ttl_ms != 0 {
-                        at + current.ttl_ms
+                        at.saturating_add(current.ttl_ms)
                     } else {
                         0
                     },
@@ -483,7 +494,7 @@ impl Replica {
     pub(crate) fn refresh_due(&mut self, now_ms: u64) -> Vec<(Bytes, Bytes, u64)> {
         // Refresh by the fastest clock heard from, so that a node whose
         // clock runs ahead does not see our keys expire between refreshes.
-        let now_ms = now_ms + self.hlc.ahead(now_ms);
+        let now_ms = now_ms.saturating_add(self.hlc.ahead(now_ms));
         let mut due = Vec::new();
         let mut lost = Vec::new();
         for (k, (v, ttl)) in &self.own_ephemeral {
@@ -494,7 +505,7 @@ impl Replica {
                 }
                 Some(e) if e.writer == self.me && !e.is_deleted() && !e.expired(now_ms) => {
                     let left = e.expires_at.saturating_sub(now_ms);
-                    if left * 3 <= e.ttl_ms * 2 {
+                    if left.saturating_mul(3) <= e.ttl_ms.saturating_mul(2) {
                         due.push((k.clone(), v.clone(), *ttl));
                     }
                 }

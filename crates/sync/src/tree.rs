@@ -57,8 +57,15 @@ impl Tree {
         true
     }
 
-    /// `peer`'s link stops carrying pushes. True if it was eager.
-    pub(crate) fn prune(&mut self, peer: &NodeId) -> bool {
+    /// `peer`'s link stops carrying pushes. True if it was eager. Only
+    /// links to `neighbours` (the current ones) are kept lazy: a peer that is
+    /// not one is ignored, and links to neighbours gone since are forgotten,
+    /// so the lazy set never holds more ids than the node has neighbours.
+    pub(crate) fn prune(&mut self, peer: &NodeId, neighbours: &[NodeId]) -> bool {
+        if !neighbours.contains(peer) {
+            return false;
+        }
+        self.lazy.retain(|p| neighbours.contains(p));
         self.lazy.insert(peer.clone())
     }
 
@@ -118,16 +125,34 @@ mod tests {
         let mut t = Tree::new(16, Duration::from_secs(10));
         let all = [id(1), id(2), id(3)];
         assert_eq!(t.eager(&all, &[&id(3)]).count(), 2);
-        assert!(t.prune(&id(1)));
-        assert!(!t.prune(&id(1)));
+        assert!(t.prune(&id(1), &all));
+        assert!(!t.prune(&id(1), &all));
         assert_eq!(
             t.eager(&all, &[]).cloned().collect::<Vec<_>>(),
             vec![id(2), id(3)]
         );
         assert!(t.graft(&id(1)));
         assert_eq!(t.eager(&all, &[]).count(), 3);
-        t.prune(&id(2));
+        t.prune(&id(2), &all);
         t.reset();
         assert_eq!(t.lazy_count(), 0);
+    }
+
+    #[test]
+    fn only_neighbours_are_pruned_and_the_lazy_set_stays_within_them() {
+        let mut t = Tree::new(16, Duration::from_secs(10));
+        let all = [id(1), id(2)];
+        // Ids that are not neighbours (sent through flood or routing) are
+        // ignored, however many.
+        for n in 10..=255 {
+            assert!(!t.prune(&id(n), &all));
+        }
+        assert_eq!(t.lazy_count(), 0);
+        assert!(t.prune(&id(1), &all));
+        assert!(t.prune(&id(2), &all));
+        assert_eq!(t.lazy_count(), 2);
+        // Neighbour 1 left: pruning 2 again forgets it.
+        assert!(!t.prune(&id(2), &[id(2)]));
+        assert_eq!(t.lazy_count(), 1);
     }
 }

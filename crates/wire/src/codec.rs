@@ -486,7 +486,9 @@ mod tests {
         };
         let mut both = field(6, &small.encode_to_vec());
         both.extend_from_slice(&field(4, &empties));
-        let err = decode_frame(Bytes::from(both), &limits).unwrap_err().to_string();
+        let err = decode_frame(Bytes::from(both), &limits)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("more than any message but a Concern"), "{err}");
         // The largest Discovered the limits allow still decodes.
         let peer = PeerInfo {

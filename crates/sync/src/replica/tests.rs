@@ -469,3 +469,40 @@ proptest! {
         prop_assert_eq!(owners(&a), owners(&b));
     }
 }
+
+#[test]
+fn a_claim_after_the_last_epoch_saturates_instead_of_overflowing() {
+    // An entry at epoch u64::MAX (peers' are refused above MAX_EPOCH; this
+    // one comes straight in) whose lease lapsed: the next claim stays in
+    // the last epoch instead of panicking or wrapping to 0.
+    let mut b = replica(2, true);
+    let mut last = set(&mut replica(1, true), "k", "a", 1_000).unwrap();
+    last.epoch = u64::MAX;
+    b.apply(k("k"), last, 1_000).unwrap();
+    let e = set(&mut b, "k", "b", 1_000 + LEASE + 1).unwrap();
+    assert_eq!((e.epoch, e.writer), (u64::MAX, id(2)));
+}
+
+#[test]
+fn a_rebased_write_with_a_huge_ttl_saturates_instead_of_overflowing() {
+    // Two entries under our own id, the later one with a ttl of u64::MAX
+    // (peers' are refused above MAX_SPAN_MS; these come straight in). The
+    // earlier claim wins, and our later write is re-issued in it.
+    let mut a = replica(1, true);
+    let mut current = set(&mut replica(1, true), "k", "later", 2_000).unwrap();
+    current.claim = Stamp::new(1_500, 0);
+    current.ttl_ms = u64::MAX;
+    current.expires_at = u64::MAX;
+    current.lease_until = u64::MAX;
+    a.apply(k("k"), current, 2_000).unwrap();
+    let earlier = set(&mut replica(1, true), "k", "earlier", 1_000).unwrap();
+    a.apply(k("k"), earlier, 2_001).unwrap();
+    let rebased = a.take_rebased();
+    assert_eq!(rebased.len(), 1);
+    let (_, e) = &rebased[0];
+    assert_eq!(e.value, Some(k("later")));
+    assert_eq!(e.claim, Stamp::new(1_000, 0));
+    assert_eq!((e.lease_until, e.expires_at), (u64::MAX, u64::MAX));
+    // Refreshing it does not overflow either.
+    assert!(a.refresh_due(2_002).is_empty());
+}

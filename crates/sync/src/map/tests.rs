@@ -1,0 +1,298 @@
+//! The driver against a hostile peer, on the in-memory network and tokio's
+//! paused clock: node `a` runs a [`SyncMap`], node `b` answers the sync
+//! command with whatever the test makes it say, or sends forged frames.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::AtomicU64;
+
+use meshwork_concerns::FLOOD;
+use meshwork_concerns::peers::{PeerManager, PeersConfig};
+use meshwork_concerns::transport::mem::MemNetwork;
+use meshwork_concerns::transport::{Config, Endpoint};
+use meshwork_concerns::wire::proto::Flooded;
+use tokio::time::{Instant, sleep};
+
+use super::*;
+use crate::replica::bucket_of;
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+
+/// How the hostile peer answers pulls.
+#[derive(Debug, Clone, Copy)]
+enum Chunks {
+    /// "More" with the same resume point every time.
+    Stuck,
+    /// "More" with a resume point one step further every time.
+    Forward,
+    /// Like `Forward`, each answer 9 s late (within the request timeout).
+    Slow,
+}
+
+/// A peer that says its replica differs in every bucket and answers every
+/// pull with an empty chunk and "more", until `stop_after` pulls (so that a
+/// round without a bound still ends and the test can count).
+#[derive(Clone)]
+struct Hostile {
+    chunks: Chunks,
+    stop_after: u64,
+    pulls: Arc<AtomicU64>,
+    /// Keys pushed back to it by anti-entropy.
+    got: Arc<Mutex<Vec<Bytes>>>,
+}
+
+/// The bucket the hostile peer's chunks resume in: the buckets before it
+/// count as pulled in full.
+const RESUME_BUCKET: u32 = 200;
+
+impl Hostile {
+    fn new(chunks: Chunks, stop_after: u64) -> Self {
+        Hostile {
+            chunks,
+            stop_after,
+            pulls: Arc::default(),
+            got: Arc::default(),
+        }
+    }
+
+    fn pulls(&self) -> u64 {
+        self.pulls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Concern for Hostile {
+    fn command(&self) -> u32 {
+        SYNC
+    }
+
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        _from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        let body = match proto::SyncMessage::decode(payload)?.body {
+            Some(Body::Digest(_)) => Body::Answer(proto::DigestAnswer {
+                equal: false,
+                buckets: vec![7; BUCKETS],
+                entries: 0,
+            }),
+            Some(Body::Pull(_)) => {
+                let n = self.pulls.fetch_add(1, Ordering::SeqCst) + 1;
+                let next_key = match self.chunks {
+                    Chunks::Stuck => Bytes::from_static(b"k"),
+                    Chunks::Forward => Bytes::copy_from_slice(&n.to_be_bytes()),
+                    Chunks::Slow => {
+                        sleep(9 * S).await;
+                        Bytes::copy_from_slice(&n.to_be_bytes())
+                    }
+                };
+                Body::Chunk(proto::Chunk {
+                    entries: Vec::new(),
+                    more: n < self.stop_after,
+                    next_bucket: RESUME_BUCKET,
+                    next_key,
+                })
+            }
+            Some(Body::Entries(e)) => {
+                lock(&self.got).extend(e.entries.into_iter().map(|e| e.key));
+                Body::Ack(proto::Ack { applied: 0 })
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(Reply::new(
+            proto::SyncMessage { body: Some(body) }.encode_to_vec(),
+        )))
+    }
+}
+
+struct Pair {
+    a: SyncMap,
+    a_concerns: Concerns,
+    b: Concerns,
+}
+
+async fn concerns(net: &MemNetwork, name: &str, seeds: &[&str], sync: Option<Hostile>) -> Concerns {
+    let config = Config::new("sync-test")
+        .with_insecure_plaintext()
+        .with_keepalive(None, None);
+    let endpoint = Endpoint::new(config, net.transport(name));
+    endpoint
+        .listen(&format!("mem://{name}").parse().unwrap())
+        .await
+        .unwrap();
+    let peers = PeersConfig::default().with_seeds(seeds.iter().map(|s| s.parse().unwrap()));
+    let peers = PeerManager::start(endpoint, peers).unwrap();
+    let mut builder = Concerns::builder(peers);
+    if let Some(hostile) = sync {
+        builder = builder.concern(hostile);
+    }
+    builder.start().await.unwrap()
+}
+
+/// `a` with a sync map, `b` its neighbour with `hostile` on the sync
+/// command, if any. The map starts once they are connected, with rounds
+/// far apart: the tests run every round themselves.
+async fn pair(net: &MemNetwork, hostile: Option<Hostile>) -> Pair {
+    let a_concerns = concerns(net, "a", &[], None).await;
+    let b = concerns(net, "b", &["mem://a"], hostile).await;
+    a_concerns.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    b.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    let config = SyncConfig::default().with_anti_entropy_interval(Duration::from_secs(3600));
+    let a = SyncMap::start(&a_concerns, config).await.unwrap();
+    Pair { a, a_concerns, b }
+}
+
+impl Pair {
+    fn b_id(&self) -> NodeId {
+        self.b.peers().node_id().clone()
+    }
+
+    async fn stop(self) {
+        self.a.shutdown().await;
+        for c in [&self.a_concerns, &self.b] {
+            c.shutdown().await;
+            c.peers().shutdown().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_round_ends_when_the_peers_chunks_do_not_move_forward() {
+    let net = MemNetwork::new();
+    let hostile = Hostile::new(Chunks::Stuck, 5_000);
+    let p = pair(&net, Some(hostile.clone())).await;
+    let r = p.a.sync_with(&p.b_id()).await;
+    assert!(
+        matches!(r, Err(SyncError::Concerns(ConcernsError::Decode(_)))),
+        "{r:?}"
+    );
+    // The first chunk sets the resume point; the second repeats it.
+    assert_eq!(hostile.pulls(), 2);
+    let stats = p.a.stats();
+    assert_eq!(
+        (stats.rounds, stats.round_failures, stats.rounds_cut),
+        (1, 1, 1)
+    );
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_round_pulls_at_most_its_limit_and_pushes_back_only_whole_buckets() {
+    let net = MemNetwork::new();
+    let hostile = Hostile::new(Chunks::Forward, 3 * MAX_PULLS_PER_ROUND as u64);
+    let p = pair(&net, Some(hostile.clone())).await;
+    // One key in a bucket the peer's chunks went past, one in a bucket they
+    // did not finish.
+    let key_in = |pred: &dyn Fn(usize) -> bool| {
+        (0..)
+            .map(|i| format!("key-{i}"))
+            .find(|k| pred(bucket_of(k.as_bytes())))
+            .unwrap()
+    };
+    let before = key_in(&|b| b < RESUME_BUCKET as usize);
+    let after = key_in(&|b| b >= RESUME_BUCKET as usize);
+    p.a.set(&before, "v").await.unwrap();
+    p.a.set(&after, "v").await.unwrap();
+
+    let r = p.a.sync_with(&p.b_id()).await;
+    assert_eq!(r.unwrap(), (0, 1));
+    assert_eq!(hostile.pulls(), MAX_PULLS_PER_ROUND as u64);
+    assert_eq!(*lock(&hostile.got), vec![Bytes::from(before)]);
+    let stats = p.a.stats();
+    assert_eq!(
+        (stats.rounds, stats.round_failures, stats.rounds_cut),
+        (1, 0, 1)
+    );
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_endless_round_ends_at_the_round_timeout() {
+    let net = MemNetwork::new();
+    let hostile = Hostile::new(Chunks::Slow, 200);
+    let p = pair(&net, Some(hostile.clone())).await;
+    let limit = p.a.config().round_timeout;
+    let start = Instant::now();
+    let r = p.a.sync_with(&p.b_id()).await;
+    assert!(
+        matches!(r, Err(SyncError::Concerns(ConcernsError::Timeout(t))) if t == limit),
+        "{r:?}"
+    );
+    assert!(start.elapsed() < limit + S, "{:?}", start.elapsed());
+    assert!(hostile.pulls() < 10, "{}", hostile.pulls());
+    assert_eq!(p.a.stats().round_failures, 1);
+    p.stop().await;
+}
+
+/// A sync message from `origin`, flooded by `b` to `a` (one hop).
+async fn flood_from(p: &Pair, origin: &NodeId, id: u64, body: Body) {
+    let flooded = Flooded {
+        origin: origin.as_bytes().clone(),
+        message_id: id,
+        command: SYNC,
+        payload: proto::SyncMessage { body: Some(body) }
+            .encode_to_vec()
+            .into(),
+        ttl: 1,
+    };
+    let a = p.a.node_id().clone();
+    p.b.context(FLOOD)
+        .send(&a, flooded.encode_to_vec())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_neighbours_prune_or_graft_links_of_the_tree() {
+    let net = MemNetwork::new();
+    let p = pair(&net, None).await;
+    let b = p.b_id();
+    let fake = |n: u8| NodeId::from_bytes(vec![n; 32]).unwrap();
+
+    // Prunes from nodes that are not neighbours, through the flood concern.
+    for n in 1..=100u8 {
+        flood_from(&p, &fake(n), 1, Body::Prune(proto::Prune {})).await;
+    }
+    // A push seen twice from a node that is not a neighbour.
+    for id in [2, 3] {
+        let push = proto::Push {
+            id: 42,
+            origin: fake(200).as_bytes().clone(),
+            entries: Vec::new(),
+        };
+        flood_from(&p, &fake(200), id, Body::Push(push)).await;
+    }
+    sleep(S).await;
+    assert_eq!(p.a.stats().lazy_links, 0);
+    assert_eq!(p.a.stats().duplicates, 0);
+
+    // The neighbour prunes and grafts its own link.
+    let sync = p.b.context(SYNC);
+    let a = p.a.node_id().clone();
+    let prune = proto::SyncMessage {
+        body: Some(Body::Prune(proto::Prune {})),
+    };
+    sync.send(&a, prune.encode_to_vec()).await.unwrap();
+    sleep(S).await;
+    assert_eq!(p.a.stats().lazy_links, 1);
+    assert_eq!(
+        lock(&p.a.inner.tree)
+            .eager(std::slice::from_ref(&b), &[])
+            .count(),
+        0
+    );
+    // A graft through the flood from another node leaves it lazy.
+    flood_from(&p, &fake(7), 2, Body::Graft(proto::Graft {})).await;
+    sleep(S).await;
+    assert_eq!(p.a.stats().lazy_links, 1);
+    let graft = proto::SyncMessage {
+        body: Some(Body::Graft(proto::Graft {})),
+    };
+    sync.send(&a, graft.encode_to_vec()).await.unwrap();
+    sleep(100 * MS).await;
+    assert_eq!(p.a.stats().lazy_links, 0);
+    p.stop().await;
+}
