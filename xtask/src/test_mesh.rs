@@ -5495,6 +5495,7 @@ const SYNC_COUNTERS: &[&str] = &[
     "rounds",
     "rounds_equal",
     "round_failures",
+    "rounds_cut",
     "pulled",
     "sent",
     "lease_lost",
@@ -6606,7 +6607,7 @@ mod tests {
                 "leasing": true, "keys": 3, "entries": 4, "digest": "00ab00cd00ef0012",
                 "writes": 1, "applied": 2, "stale": 0, "refused": 0, "pushes": 1,
                 "pushed_entries": 1, "push_failures": 0, "rounds": 5, "rounds_equal": 4,
-                "round_failures": 0, "pulled": 2, "sent": 0, "lease_lost": 1
+                "round_failures": 0, "rounds_cut": 0, "pulled": 2, "sent": 0, "lease_lost": 1
             },
             "served": [{
                 "name": "demo", "version": 1, "methods": ["echo", "add"], "calls": 5,

@@ -534,6 +534,8 @@ pub(crate) struct SyncJson {
     pub(crate) rounds_equal: u64,
     /// Rounds that failed (peer gone, timeout).
     pub(crate) round_failures: u64,
+    /// Rounds cut short by the peer's chunks (no progress, or the pull limit).
+    pub(crate) rounds_cut: u64,
     /// Entries received by anti-entropy.
     pub(crate) pulled: u64,
     /// Entries sent by anti-entropy.
@@ -563,6 +565,7 @@ fn sync_json(s: &SyncStats, leasing: bool) -> SyncJson {
         rounds: s.rounds,
         rounds_equal: s.rounds_equal,
         round_failures: s.round_failures,
+        rounds_cut: s.rounds_cut,
         pulled: s.pulled,
         sent: s.sent,
         lease_lost: s.lease_lost,
@@ -1828,6 +1831,7 @@ mod tests {
                 rounds: 11,
                 rounds_equal: 12,
                 round_failures: 13,
+                rounds_cut: 17,
                 pulled: 14,
                 sent: 15,
                 lease_lost: 16,
@@ -1990,6 +1994,7 @@ mod tests {
                     "rounds": 11,
                     "rounds_equal": 12,
                     "round_failures": 13,
+                    "rounds_cut": 17,
                     "pulled": 14,
                     "sent": 15,
                     "lease_lost": 16
@@ -2821,7 +2826,7 @@ mod tests {
         assert_eq!(sync["leasing"], true);
         assert_eq!((&sync["keys"], &sync["writes"]), (&json!(5), &json!(5)));
         assert!(sync["pushes"].as_u64().unwrap() >= 1, "{sync}");
-        assert_eq!(sync.as_object().unwrap().len(), 17, "{sync}");
+        assert_eq!(sync.as_object().unwrap().len(), 18, "{sync}");
         let (_, status) = get_json(addr_b, "/status").await;
         assert_eq!(status["sync"]["applied"], 5, "{status}");
 
