@@ -1338,21 +1338,24 @@ impl Inlet {
 
     /// Passes `msg` on; waits (or takes a sink over) while the queue is full.
     /// `Err` when the connection was cancelled meanwhile.
-    async fn put(&mut self, msg: Message, cancelled: &CancellationToken) -> Result<(), ()> {
+    /// `Ok(true)` when it had to wait for room.
+    async fn put(&mut self, msg: Message, cancelled: &CancellationToken) -> Result<bool, ()> {
         let mut msg = msg;
+        let mut waited = false;
         loop {
             self.take_handoff();
             if let Some(sink) = &self.sink {
                 sink.deliver(&self.handle, msg);
-                return Ok(());
+                return Ok(waited);
             }
             let Some(queue) = &self.queue else {
-                return Ok(());
+                return Ok(waited);
             };
             let sent = match queue.try_send(msg) {
                 Ok(()) => Ok(()),
                 Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
                 Err(mpsc::error::TrySendError::Full(full)) => {
+                    waited = true;
                     // Only here, waiting, is the sender cloned (the borrow of
                     // `self` must end before the sink can be taken over).
                     let queue = queue.clone();
@@ -1386,7 +1389,7 @@ impl Inlet {
                 self.delivered_to_nobody = true;
                 debug!("receiver dropped; discarding incoming messages");
             }
-            return Ok(());
+            return Ok(waited);
         }
     }
 }
@@ -1538,8 +1541,17 @@ async fn read_loop(
                     shared.corked.store(true, Ordering::Release);
                 }
                 corked += 1;
-                if inlet.put(msg, &shared.cancel).await.is_err() {
-                    break;
+                match inlet.put(msg, &shared.cancel).await {
+                    Err(()) => break,
+                    // It waited for room, maybe for long: the clock reading
+                    // the next frames would be dated with is stale, and would
+                    // make the peer look silent to the idle check (which
+                    // kept it alive while we waited).
+                    Ok(true) => {
+                        now = Instant::now();
+                        unclocked = 0;
+                    }
+                    Ok(false) => {}
                 }
                 if corked >= CORK_FRAMES {
                     shared.uncork();
