@@ -15,9 +15,9 @@ use meshwork_concerns::transport::mem::MemNetwork;
 use meshwork_concerns::transport::{Config, Endpoint};
 use meshwork_concerns::wire::NodeId;
 use meshwork_concerns::wire::proto::ErrorCode;
-use meshwork_concerns::wire::proto::Flooded;
+use meshwork_concerns::wire::proto::{Flooded, RouteMessage, RouteQuery, route_message};
 use meshwork_concerns::{
-    BoxError, Concern, Concerns, ConcernsConfig, ConcernsError, Context, FLOOD, Reply,
+    BoxError, Concern, Concerns, ConcernsConfig, ConcernsError, Context, FLOOD, ROUTING, Reply,
 };
 use prost::Message as _;
 use rand::rngs::StdRng;
@@ -473,6 +473,46 @@ async fn forged_flood_frames_are_contained() {
     }
     sleep(S).await;
     assert!((0..4).all(|i| got(i, b"nested") == 0));
+    stop(nodes).await;
+}
+
+/// A route query with a forged TTL above the maximum hop count is taken
+/// as if it had the maximum: each further node counts the hops it really
+/// travelled, instead of every node believing the origin one hop away.
+#[tokio::test(start_paused = true)]
+async fn a_forged_route_query_ttl_is_capped() {
+    let net = MemNetwork::new();
+    let nodes = line(&net, 4).await;
+    let fake = NodeId::from_bytes(vec![9; 32]).unwrap();
+    let nowhere = NodeId::from_bytes(vec![8; 32]).unwrap();
+    let query = RouteMessage {
+        body: Some(route_message::Body::Query(RouteQuery {
+            query_id: 1,
+            origin: fake.as_bytes().clone(),
+            target: nowhere.as_bytes().clone(),
+            ttl: u32::MAX,
+        })),
+    };
+    nodes[0]
+        .concerns
+        .context(ROUTING)
+        .send(nodes[1].id(), query.encode_to_vec())
+        .await
+        .unwrap();
+    let hops = |i: usize| {
+        nodes[i]
+            .concerns
+            .routes()
+            .into_iter()
+            .find(|r| r.target == fake)
+            .map(|r| r.hops)
+    };
+    let deadline = Instant::now() + 5 * S;
+    while hops(3).is_none() {
+        assert!(Instant::now() < deadline, "the query never reached l3");
+        sleep(10 * MS).await;
+    }
+    assert_eq!((hops(1), hops(2), hops(3)), (Some(1), Some(2), Some(3)));
     stop(nodes).await;
 }
 
