@@ -408,7 +408,6 @@ impl Inner {
         Ok(flood.broadcast(self, TOPICS, body, self.config.flood_ttl))
     }
 
-    /// Tells the sending concern what became of a message.
     /// Tells `reg`'s concern how a message it sent to `to` fared.
     pub(crate) fn notify(reg: &Registered, to: &NodeId, error: Option<&ConcernsError>) {
         match error {

@@ -958,38 +958,51 @@ impl Shared {
         }
     }
 
-    /// While the reader handles a burst, adds `msg` to the write half's
-    /// pending bytes, for the reader to write when it pauses: if nothing is
+    /// Puts `msg` in the write half instead of its lane, if nothing is
     /// queued on the lanes (so it overtakes nothing) and the write half is
-    /// free. Returns `msg` back when it must go through its lane instead.
+    /// free, in one of two cases; returns `msg` back otherwise.
     ///
-    /// Only then: a sender that wrote every frame itself would give up the
-    /// writer's batching (one write call per frame), which costs more than
-    /// the wake-up it saves when many requests are in flight.
-    fn try_direct(&self, msg: Message) -> Result<(), Message> {
-        if !self.corked.load(Ordering::Acquire) || self.queued.load(Ordering::Acquire) != 0 {
+    /// - While the reader handles a burst (corked), the frame joins the
+    ///   pending bytes for the reader to write when it pauses.
+    /// - Otherwise, only when `eager` (a lone message, see
+    ///   [`send_eager`](ConnectionHandle::send_eager)) and the connection is
+    ///   quiet (nothing pending, the writer not at it), the frame is written
+    ///   now by the calling task, saving the hop to the writer task.
+    ///
+    /// Not for every frame: a sender that wrote each frame itself would give
+    /// up the writer's batching (one write call per frame), which costs more
+    /// than the wake-up it saves when many requests are in flight.
+    fn try_direct(&self, msg: Message, eager: bool) -> Result<(), Message> {
+        if self.queued.load(Ordering::Acquire) != 0
+            || !(eager || self.corked.load(Ordering::Acquire))
+        {
             return Err(msg);
         }
         let Ok(mut w) = self.write.try_lock() else {
             return Err(msg);
         };
-        // The cork is checked again under the lock, which `uncork` holds
-        // while lifting it: a frame added here is always drained by it.
-        if !self.corked.load(Ordering::Acquire)
-            || self.queued.load(Ordering::Acquire) != 0
-            || w.failed
-            || w.pending_bytes + w.scratch.len() >= DIRECT_PENDING_LIMIT
-        {
+        // The cork is read again under the lock, which `uncork` holds while
+        // lifting it: a frame added while corked is always drained by it.
+        let corked = self.corked.load(Ordering::Acquire);
+        let room = if corked {
+            w.pending_bytes + w.scratch.len() < DIRECT_PENDING_LIMIT
+        } else {
+            eager && !w.writer_draining && w.is_idle()
+        };
+        if !room || w.failed || self.queued.load(Ordering::Acquire) != 0 {
             return Err(msg);
         }
         let bytes = w.encode(&msg);
         self.frames_sent.fetch_add(1, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        if !corked {
+            self.drain_here(&mut w);
+        }
         Ok(())
     }
 
-    /// Writes `msg` directly if it can (and, when `eager`, at once if the
-    /// connection is quiet), else queues it on its lane.
+    /// Writes `msg` directly if it can (see [`try_direct`](Self::try_direct)),
+    /// else queues it on its lane.
     fn push(
         &self,
         msg: Message,
@@ -1001,45 +1014,10 @@ impl Shared {
         if priority == Priority::Bulk {
             return self.enqueue(msg, priority);
         }
-        let msg = match self.try_direct(msg) {
-            Ok(()) => return Ok(()),
-            Err(msg) => msg,
-        };
-        if !eager {
-            return self.enqueue(msg, priority);
-        }
-        match self.try_write_now(msg) {
+        match self.try_direct(msg, eager) {
             Ok(()) => Ok(()),
             Err(msg) => self.enqueue(msg, priority),
         }
-    }
-
-    /// Writes `msg` from the calling task, now, if the connection is quiet:
-    /// nothing queued, nothing pending in the write half, neither the
-    /// writer nor a reader's burst at it. Saves the hop to the writer task
-    /// (a wake-up and a poll) for a lone message; a stream of them would
-    /// cost a write call each, which is why only
-    /// [`send_eager`](ConnectionHandle::send_eager) asks for it.
-    fn try_write_now(&self, msg: Message) -> Result<(), Message> {
-        if self.queued.load(Ordering::Acquire) != 0 || self.corked.load(Ordering::Acquire) {
-            return Err(msg);
-        }
-        let Ok(mut w) = self.write.try_lock() else {
-            return Err(msg);
-        };
-        if self.queued.load(Ordering::Acquire) != 0
-            || self.corked.load(Ordering::Acquire)
-            || w.writer_draining
-            || w.failed
-            || !w.is_idle()
-        {
-            return Err(msg);
-        }
-        let bytes = w.encode(&msg);
-        self.frames_sent.fetch_add(1, Ordering::Relaxed);
-        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
-        self.drain_here(&mut w);
-        Ok(())
     }
 
     /// Queues `msg` on its lane for the writer task.
