@@ -77,26 +77,26 @@ impl Context {
     /// [`Timeout`](ConcernsError::Timeout) (also counted against the peer in
     /// the peer manager), or the remote's [`Remote`](ConcernsError::Remote)
     /// error.
-    pub async fn request(
+    pub fn request(
         &self,
         peer: &NodeId,
         payload: impl Into<Bytes>,
         timeout: Duration,
-    ) -> Result<Bytes, ConcernsError> {
-        self.request_with(peer, payload, timeout, Priority::Normal)
-            .await
+    ) -> impl Future<Output = Result<Bytes, ConcernsError>> + Send {
+        // These forwarders are not `async fn`s: each such layer would store
+        // its arguments again in the future every request carries.
+        self.direct(peer, payload.into(), timeout, Priority::Normal, true)
     }
 
     /// [`request`](Self::request) on a chosen lane.
-    pub async fn request_with(
+    pub fn request_with(
         &self,
         peer: &NodeId,
         payload: impl Into<Bytes>,
         timeout: Duration,
         priority: Priority,
-    ) -> Result<Bytes, ConcernsError> {
+    ) -> impl Future<Output = Result<Bytes, ConcernsError>> + Send {
         self.direct(peer, payload.into(), timeout, priority, true)
-            .await
     }
 
     /// [`request_with`](Self::request_with) for work that may legitimately
@@ -108,38 +108,43 @@ impl Context {
     /// deadline is the caller's budget for the method) go this way, so a
     /// caller that gives a slow method a short deadline cannot get its
     /// provider banned.
-    pub async fn request_with_deadline(
+    pub fn request_with_deadline(
         &self,
         peer: &NodeId,
         payload: impl Into<Bytes>,
         deadline: Duration,
         priority: Priority,
-    ) -> Result<Bytes, ConcernsError> {
+    ) -> impl Future<Output = Result<Bytes, ConcernsError>> + Send {
         self.direct(peer, payload.into(), deadline, priority, false)
-            .await
     }
 
-    async fn direct(
+    #[allow(clippy::manual_async_fn)] // an async block on purpose: see the comment inside
+    fn direct(
         &self,
         peer: &NodeId,
         payload: Bytes,
         timeout: Duration,
         priority: Priority,
         blame_timeout: bool,
-    ) -> Result<Bytes, ConcernsError> {
-        let r = self
-            .inner
-            .request_direct(
-                self.command,
-                peer,
-                payload,
-                timeout,
-                priority,
-                blame_timeout,
-            )
-            .await;
-        self.notify(peer, r.as_ref().err());
-        r
+    ) -> impl Future<Output = Result<Bytes, ConcernsError>> + Send {
+        // `async move` blocks down to the connection: an `async fn` stores
+        // its arguments twice in its future, and every request's future
+        // carries all of these.
+        async move {
+            let r = self
+                .inner
+                .request_direct(
+                    self.command,
+                    peer,
+                    payload,
+                    timeout,
+                    priority,
+                    blame_timeout,
+                )
+                .await;
+            self.notify(peer, r.as_ref().err());
+            r
+        }
     }
 
     /// Sends a one-way message to a neighbour. Returns when it is queued on

@@ -469,7 +469,8 @@ impl Inner {
             .ok_or(ConcernsError::Shutdown)
     }
 
-    pub(crate) async fn request_direct(
+    #[allow(clippy::manual_async_fn)] // an async block on purpose, as in `Context::direct`
+    pub(crate) fn request_direct(
         &self,
         command: u32,
         peer: &NodeId,
@@ -477,22 +478,25 @@ impl Inner {
         timeout: Duration,
         priority: Priority,
         blame_timeout: bool,
-    ) -> Result<Bytes, ConcernsError> {
-        let waiting = self.new_request(peer, false, timeout)?;
-        let id = waiting.id();
-        let frame = direct_frame(command, id, ConcernKind::Request, priority, payload);
-        // A lone request is written at once by this task; with others in
-        // flight the connection's writer gathers them into fewer writes.
-        if waiting.alone() {
-            self.peers.send_eager(peer, frame, priority).await?;
-        } else {
-            self.peers.send(peer, frame, priority).await?;
+    ) -> impl Future<Output = Result<Bytes, ConcernsError>> + Send {
+        async move {
+            let waiting = self.new_request(peer, false, timeout)?;
+            let id = waiting.id();
+            let frame = direct_frame(command, id, ConcernKind::Request, priority, payload);
+            // A lone request is written at once by this task; with others in
+            // flight the connection's writer gathers them into fewer writes.
+            let eager = waiting.alone();
+            if let Some(frame) = self.peers.offer(peer, frame, priority, eager)? {
+                // The lane is full: wait for room. Boxed: rare, and the
+                // wait would otherwise make every request's future larger.
+                Box::pin(self.peers.send(peer, frame, priority)).await?;
+            }
+            let r = waiting.outcome().await;
+            if blame_timeout && matches!(r, Err(ConcernsError::Timeout(_))) {
+                self.peers.report_timeout(peer);
+            }
+            r
         }
-        let r = waiting.outcome().await;
-        if blame_timeout && matches!(r, Err(ConcernsError::Timeout(_))) {
-            self.peers.report_timeout(peer);
-        }
-        r
     }
 
     pub(crate) async fn request_routed(

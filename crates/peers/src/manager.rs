@@ -275,41 +275,66 @@ impl PeerManager {
     /// [`PeersError::Unresponsive`] while it is silent (only heartbeats go to
     /// it then), and [`PeersError::Transport`] when the lane stayed full or
     /// the message is too large.
-    pub async fn send(
+    pub fn send(
         &self,
         peer: &NodeId,
         message: Message,
         priority: Priority,
-    ) -> Result<(), PeersError> {
-        self.send_inner(peer, message, priority, false).await
+    ) -> impl Future<Output = Result<(), PeersError>> + Send {
+        // Not an `async fn` forwarding to `send_inner`: that layer would
+        // store the message again in every caller's future.
+        self.send_inner(peer, message, priority, false)
     }
 
     /// [`send`](Self::send) for a lone, latency-bound message: written at
     /// once from the calling task when the connection is quiet (see
     /// [`ConnectionHandle::send_eager`](meshwork_transport::ConnectionHandle::send_eager)).
-    pub async fn send_eager(
+    pub fn send_eager(
         &self,
         peer: &NodeId,
         message: Message,
         priority: Priority,
-    ) -> Result<(), PeersError> {
-        self.send_inner(peer, message, priority, true).await
+    ) -> impl Future<Output = Result<(), PeersError>> + Send {
+        self.send_inner(peer, message, priority, true)
     }
 
-    async fn send_inner(
+    #[allow(clippy::manual_async_fn)] // an async block on purpose: see the comment inside
+    fn send_inner(
         &self,
         peer: &NodeId,
         message: Message,
         priority: Priority,
         eager: bool,
-    ) -> Result<(), PeersError> {
+    ) -> impl Future<Output = Result<(), PeersError>> + Send {
+        // An `async move` block: an `async fn` would store the message
+        // twice in the future.
+        async move {
+            let handle = self.route(peer)?;
+            let sent = if eager {
+                handle.send_eager(message, priority).await
+            } else {
+                handle.send(message, priority).await
+            };
+            sent.map_err(|e| Self::map_send(peer, e))
+        }
+    }
+
+    /// [`send`](Self::send) (or [`send_eager`](Self::send_eager) when
+    /// `eager`) as far as it goes without waiting: `Ok(None)` when the
+    /// message was taken, `Ok(Some(message))` when the peer's lane is full
+    /// (nothing queued; wait with `send`). See
+    /// [`ConnectionHandle::offer`](meshwork_transport::ConnectionHandle::offer).
+    pub fn offer(
+        &self,
+        peer: &NodeId,
+        message: Message,
+        priority: Priority,
+        eager: bool,
+    ) -> Result<Option<Message>, PeersError> {
         let handle = self.route(peer)?;
-        let sent = if eager {
-            handle.send_eager(message, priority).await
-        } else {
-            handle.send(message, priority).await
-        };
-        sent.map_err(|e| Self::map_send(peer, e))
+        handle
+            .offer(message, priority, eager)
+            .map_err(|e| Self::map_send(peer, e))
     }
 
     /// Like [`send`](Self::send) but never waits: a full lane is an error.

@@ -41,11 +41,13 @@ use syn::{
 ///   its result; an `Err(e)` of a method returning `Result<T, E>` is encoded
 ///   as the application error. Serve it with `rpc.serve("calc", ..)`.
 /// - **`CalcClient`**: obtained with `rpc.client::<CalcClient>("calc")`; one
-///   async method per trait method with the same arguments, returning
-///   `Result<T, RpcError<E>>` for a method returning `Result<T, E>`, and
-///   `Result<T, RpcError>` (`E = NoError`) otherwise. `with_deadline(d)`
-///   sets the deadline of its calls. It implements
-///   `meshwork_rpc::ServiceClient`.
+///   method per trait method with the same arguments, returning a `Send`
+///   future (`impl Future<Output = ..> + Send + '_`, borrowing only the
+///   client) of `Result<T, RpcError<E>>` for a method returning
+///   `Result<T, E>`, and of `Result<T, RpcError>` (`E = NoError`)
+///   otherwise. The arguments are encoded when the method is called; the
+///   call goes out when the future is first polled. `with_deadline(d)` sets
+///   the deadline of its calls. It implements `meshwork_rpc::ServiceClient`.
 /// - **Byte vectors as byte strings**: an argument or (ok) result written
 ///   `Vec<u8>` (or `std::vec::Vec<u8>`, `alloc::vec::Vec<u8>`) is encoded
 ///   with `serde_bytes`, one copy instead of one serde call per byte. Both
@@ -444,35 +446,44 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
             None => (&m.output, quote!(#k::NoError)),
         };
         // Byte vectors go as one byte string each way (see `is_byte_vec`).
-        let wire_args = m.args.iter().map(|(n, t)| {
-            if is_byte_vec(t) {
-                quote!(#k::__private::serde_bytes::Bytes::new(&#n))
-            } else {
-                quote!(&#n)
-            }
-        });
-        let call = if is_byte_vec(ok_type) {
-            quote! {
-                self.client
-                    .call::<_, #k::__private::serde_bytes::ByteBuf, #err>(
-                        #lit, &(#(#wire_args,)*), #idempotent,
-                    )
-                    .await
-                    .map(#k::__private::serde_bytes::ByteBuf::into_vec)
-            }
+        let wire_args: Vec<_> = m
+            .args
+            .iter()
+            .map(|(n, t)| {
+                if is_byte_vec(t) {
+                    quote!(#k::__private::serde_bytes::Bytes::new(&#n))
+                } else {
+                    quote!(&#n)
+                }
+            })
+            .collect();
+        // The arguments are encoded when the method is called, so the
+        // returned future borrows only `self` (and stays small).
+        let encoded = quote! {
+            let __meshwork_args = #k::Codec::Postcard.encode(&(#(#wire_args,)*));
+        };
+        let (wire_ok, finish) = if is_byte_vec(ok_type) {
+            (
+                quote!(#k::__private::serde_bytes::ByteBuf),
+                quote!(#k::__private::serde_bytes::ByteBuf::into_vec),
+            )
         } else {
-            quote! {
-                self.client
-                    .call::<_, #ok_type, #err>(#lit, &(#(#wire_args,)*), #idempotent)
-                    .await
-            }
+            (quote!(#ok_type), quote!(::core::convert::identity))
+        };
+        let body = quote! {
+            #encoded
+            self.client.call_encoded::<#wire_ok, #err, #ok_type>(
+                #lit, __meshwork_args, #idempotent, #finish,
+            )
         };
         quote! {
             #(#attrs)*
-            pub async fn #name(&self, #(#params),*)
-                -> ::core::result::Result<#ok_type, #k::RpcError<#err>>
+            pub fn #name(&self, #(#params),*)
+                -> impl ::core::future::Future<
+                    Output = ::core::result::Result<#ok_type, #k::RpcError<#err>>,
+                > + ::core::marker::Send + '_
             {
-                #call
+                #body
             }
         }
     });

@@ -2,6 +2,7 @@
 //! provider choice, deadlines, cancellation and failover.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -540,15 +541,15 @@ fn outcome_error(
 }
 
 /// Sends a Cancel for a call that is dropped while waiting.
-struct CancelOnDrop {
-    ctx: Context,
-    peer: NodeId,
+struct CancelOnDrop<'a> {
+    ctx: &'a Context,
+    peer: &'a NodeId,
     call_id: u64,
     routed: bool,
     armed: bool,
 }
 
-impl Drop for CancelOnDrop {
+impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
@@ -869,156 +870,170 @@ impl Rpc {
     /// `options.codec` (a tuple of the arguments; in JSON, an array), and
     /// returns the encoded result. An application error comes back encoded
     /// too. For tools and the admin API; typed clients use this underneath.
-    pub async fn call_raw(
+    #[allow(clippy::manual_async_fn)] // an async block on purpose: see the comment inside
+    pub fn call_raw(
         &self,
         service: &str,
         method: &str,
         args: Bytes,
         options: CallOptions,
-    ) -> Result<Bytes, RpcError<Bytes>> {
-        self.inner.counters.calls.fetch_add(1, Ordering::Relaxed);
-        let r = self.call_inner(service, method, args, options).await;
-        if r.is_err() {
-            self.inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+    ) -> impl Future<Output = Result<Bytes, RpcError<Bytes>>> + Send {
+        // `async move` blocks rather than `async fn`s on the way down to
+        // `attempt`: an `async fn` stores its arguments twice in its
+        // future, and a call's future is allocated whole wherever it is
+        // spawned or pushed (past about 1 KiB, glibc's allocator takes its
+        // slow path for it).
+        async move {
+            self.inner.counters.calls.fetch_add(1, Ordering::Relaxed);
+            let r = self.call_inner(service, method, &args, options).await;
+            if r.is_err() {
+                self.inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            r
         }
-        r
     }
 
-    async fn call_inner(
+    #[allow(clippy::manual_async_fn)] // an async block on purpose, as in `call_raw`
+    fn call_inner(
         &self,
         service: &str,
         method: &str,
-        args: Bytes,
+        args: &Bytes,
         o: CallOptions,
-    ) -> Result<Bytes, RpcError<Bytes>> {
-        check_service_name(service).map_err(|e| e.map_app(|n| match n {}))?;
-        let started = Instant::now();
-        let deadline_at = started + o.deadline;
-        // Providers that failed, for the attempts after (few: a list).
-        let mut tried: Vec<NodeId> = Vec::new();
-        let mut last: Option<RpcError<Bytes>> = None;
-        let mut now = started;
-        for attempt in 0..=self.inner.config.max_retries {
-            let listings = self.listed(service);
-            if listings.is_empty() {
-                return Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())));
-            }
-            let fits = |l: &Listing| {
-                (o.version == 0 || l.record.version == o.version) && !tried.contains(&l.node_id)
-            };
-            let fitting = listings.iter().filter(|l| fits(l)).count();
-            if fitting == 0 {
-                if let Some(e) = last {
-                    return Err(e);
+    ) -> impl Future<Output = Result<Bytes, RpcError<Bytes>>> + Send {
+        async move {
+            check_service_name(service).map_err(|e| e.map_app(|n| match n {}))?;
+            let started = Instant::now();
+            let deadline_at = started + o.deadline;
+            // Providers that failed, for the attempts after (few: a list).
+            let mut tried: Vec<NodeId> = Vec::new();
+            // Boxed: only retries have one, and every call's future holds it.
+            let mut last: Option<Box<RpcError<Bytes>>> = None;
+            let mut now = started;
+            for attempt in 0..=self.inner.config.max_retries {
+                let listings = self.listed(service);
+                if listings.is_empty() {
+                    return Err(last.map_or_else(|| RpcError::NoProvider(service.into()), |e| *e));
                 }
-                // The version of the nearest provider (as `providers` lists).
-                let nearest = listings
-                    .iter()
-                    .min_by_key(|l| self.reach(&l.node_id))
-                    .map_or(0, |l| l.record.version);
-                return Err(RpcError::VersionMismatch {
-                    service: service.into(),
-                    wanted: o.version,
-                    served: nearest,
-                });
-            }
-            let (node, reach) = {
-                // One look at the stats: the costs, then the chosen
-                // provider's call counted in flight.
-                let mut stats = lock(&self.inner.stats);
-                let chosen = if fitting == 1 {
-                    listings
-                        .iter()
-                        .find(|l| fits(l))
-                        .map(|l| (l, self.reach(&l.node_id)))
-                } else {
-                    let cands: Vec<(Reach, f64, &Listing)> = listings
-                        .iter()
-                        .filter(|l| fits(l))
-                        .map(|l| {
-                            let cost = stats.get(&l.node_id).map_or(1.0, |s| s.cost(now));
-                            (self.reach(&l.node_id), cost, l)
-                        })
-                        .collect();
-                    let pairs: Vec<(Reach, f64)> = cands.iter().map(|c| (c.0, c.1)).collect();
-                    choose(&pairs, &mut rand::rng()).map(|i| (cands[i].2, cands[i].0))
+                let fits = |l: &Listing| {
+                    (o.version == 0 || l.record.version == o.version) && !tried.contains(&l.node_id)
                 };
-                let Some((listing, reach)) = chosen else {
-                    return Err(RpcError::NoProvider(service.into()));
-                };
-                if reach != Reach::Local {
-                    update_stats(&mut stats, &listing.node_id, |s| s.in_flight += 1);
-                }
-                (listing.node_id.clone(), reach)
-            };
-            // Uncounts the call unless the attempt records its outcome
-            // (which uncounts it too): an early return here, or the caller
-            // dropping the call meanwhile.
-            let flight = InFlight {
-                rpc: self,
-                node: &node,
-                armed: reach != Reach::Local,
-            };
-            let remaining = deadline_at.saturating_duration_since(now);
-            if remaining.is_zero() {
-                return Err(RpcError::Timeout(o.deadline));
-            }
-            if attempt > 0 {
-                self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-            }
-            // An idempotent call may be retried after a timeout: share the
-            // time left between this attempt and the ones that could follow
-            // (as many as there are untried providers, within the budget).
-            let budget = if o.idempotent {
-                let left = (self.inner.config.max_retries - attempt) as usize;
-                let slots = left.min(fitting - 1) as u32 + 1;
-                remaining / slots
-            } else {
-                remaining
-            };
-            let (result, retry, ended) = self
-                .attempt(flight, reach, service, method, args.clone(), o, budget)
-                .await;
-            now = ended;
-            match result {
-                Ok(b) => return Ok(b),
-                Err(e) => {
-                    let again = match retry {
-                        Retry::Always => true,
-                        Retry::IfIdempotent => o.idempotent,
-                        Retry::Never => false,
-                    };
-                    if !again {
-                        return Err(e);
+                let fitting = listings.iter().filter(|l| fits(l)).count();
+                if fitting == 0 {
+                    if let Some(e) = last {
+                        return Err(*e);
                     }
-                    debug!(service, method, provider = %node.short(), error = ?e, "retrying on another provider");
-                    tried.push(node);
-                    last = Some(e);
+                    // The version of the nearest provider (as `providers` lists).
+                    let nearest = listings
+                        .iter()
+                        .min_by_key(|l| self.reach(&l.node_id))
+                        .map_or(0, |l| l.record.version);
+                    return Err(RpcError::VersionMismatch {
+                        service: service.into(),
+                        wanted: o.version,
+                        served: nearest,
+                    });
+                }
+                let (node, reach) = {
+                    // One look at the stats: the costs, then the chosen
+                    // provider's call counted in flight.
+                    let mut stats = lock(&self.inner.stats);
+                    let chosen = if fitting == 1 {
+                        listings
+                            .iter()
+                            .find(|l| fits(l))
+                            .map(|l| (l, self.reach(&l.node_id)))
+                    } else {
+                        let cands: Vec<(Reach, f64, &Listing)> = listings
+                            .iter()
+                            .filter(|l| fits(l))
+                            .map(|l| {
+                                let cost = stats.get(&l.node_id).map_or(1.0, |s| s.cost(now));
+                                (self.reach(&l.node_id), cost, l)
+                            })
+                            .collect();
+                        let pairs: Vec<(Reach, f64)> = cands.iter().map(|c| (c.0, c.1)).collect();
+                        choose(&pairs, &mut rand::rng()).map(|i| (cands[i].2, cands[i].0))
+                    };
+                    let Some((listing, reach)) = chosen else {
+                        return Err(RpcError::NoProvider(service.into()));
+                    };
+                    if reach != Reach::Local {
+                        update_stats(&mut stats, &listing.node_id, |s| s.in_flight += 1);
+                    }
+                    (listing.node_id.clone(), reach)
+                };
+                // Uncounts the call unless the attempt records its outcome
+                // (which uncounts it too): an early return here, or the caller
+                // dropping the call meanwhile.
+                let flight = InFlight {
+                    rpc: self,
+                    node: &node,
+                    armed: reach != Reach::Local,
+                };
+                let remaining = deadline_at.saturating_duration_since(now);
+                if remaining.is_zero() {
+                    return Err(RpcError::Timeout(o.deadline));
+                }
+                if attempt > 0 {
+                    self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                // An idempotent call may be retried after a timeout: share the
+                // time left between this attempt and the ones that could follow
+                // (as many as there are untried providers, within the budget).
+                let budget = if o.idempotent {
+                    let left = (self.inner.config.max_retries - attempt) as usize;
+                    let slots = left.min(fitting - 1) as u32 + 1;
+                    remaining / slots
+                } else {
+                    remaining
+                };
+                let (result, retry, ended) = self
+                    .attempt(flight, reach, service, method, args.clone(), o, budget)
+                    .await;
+                now = ended;
+                match result {
+                    Ok(b) => return Ok(b),
+                    Err(e) => {
+                        let again = match retry {
+                            Retry::Always => true,
+                            Retry::IfIdempotent => o.idempotent,
+                            Retry::Never => false,
+                        };
+                        if !again {
+                            return Err(e);
+                        }
+                        debug!(service, method, provider = %node.short(), error = ?e, "retrying on another provider");
+                        tried.push(node);
+                        last = Some(Box::new(e));
+                    }
                 }
             }
+            Err(last.map_or_else(|| RpcError::NoProvider(service.into()), |e| *e))
         }
-        Err(last.unwrap_or_else(|| RpcError::NoProvider(service.into())))
     }
 
     /// One try of a call at `flight`'s node, counted in flight there by
     /// the caller (unless local). Returns the result, whether another
     /// provider may be tried, and when it ended.
     #[allow(clippy::too_many_arguments)]
-    async fn attempt(
-        &self,
-        mut flight: InFlight<'_>,
+    fn attempt<'a>(
+        &'a self,
+        mut flight: InFlight<'a>,
         reach: Reach,
-        service: &str,
-        method: &str,
+        service: &'a str,
+        method: &'a str,
         args: Bytes,
         o: CallOptions,
         remaining: Duration,
-    ) -> (Result<Bytes, RpcError<Bytes>>, Retry, Instant) {
+    ) -> impl Future<Output = (Result<Bytes, RpcError<Bytes>>, Retry, Instant)> + Send + 'a {
         let node = flight.node;
         let sent = Instant::now();
         let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let budget_ms = remaining.as_millis().max(1) as u64;
-        let result = if reach == Reach::Local {
+        // Prepared before the future: it then holds the encoded call (or
+        // the local call's boxed future), not everything it is made from.
+        let work = if reach == Reach::Local {
             let call = proto::Call {
                 call_id,
                 service: service.to_string(),
@@ -1028,9 +1043,11 @@ impl Rpc {
                 budget_ms,
                 version: o.version,
             };
-            Ok(self.inner.server.run(node, call).await)
+            // Boxed: rare, and the served call's future would otherwise make
+            // every remote call's future larger too.
+            Work::Local(Box::pin(self.inner.server.run(node, call)))
         } else {
-            let payload = encode_call(&CallRef {
+            Work::Remote(encode_call(&CallRef {
                 call_id,
                 service,
                 method,
@@ -1038,66 +1055,82 @@ impl Rpc {
                 codec: o.codec.to_wire(),
                 budget_ms,
                 version: o.version,
-            });
-            let mut guard = CancelOnDrop {
-                ctx: self.inner.ctx.clone(),
-                peer: node.clone(),
-                call_id,
-                routed: reach == Reach::Routed,
-                armed: true,
-            };
-            let reply = if reach == Reach::Routed {
-                self.inner.ctx.request_to(node, payload, remaining).await
-            } else {
-                self.inner
-                    .ctx
-                    .request_with_deadline(node, payload, remaining, Priority::Normal)
-                    .await
-            };
-            // Answered, or not delivered: nothing to cancel. A timeout
-            // leaves the guard armed, so the provider stops the work.
-            guard.armed = matches!(reply, Err(ConcernsError::Timeout(_)));
-            drop(guard);
-            reply.and_then(|b| {
-                proto::RpcMessage::decode(b)
-                    .ok()
-                    .and_then(|m| match m.body {
-                        Some(Body::Outcome(o)) => o.result,
-                        _ => None,
+            }))
+        };
+        async move {
+            let result = match work {
+                Work::Local(run) => Ok(run.await),
+                Work::Remote(payload) => {
+                    let mut guard = CancelOnDrop {
+                        ctx: &self.inner.ctx,
+                        peer: node,
+                        call_id,
+                        routed: reach == Reach::Routed,
+                        armed: true,
+                    };
+                    let reply = if reach == Reach::Routed {
+                        // Boxed: neighbours are the usual case.
+                        Box::pin(self.inner.ctx.request_to(node, payload, remaining)).await
+                    } else {
+                        self.inner
+                            .ctx
+                            .request_with_deadline(node, payload, remaining, Priority::Normal)
+                            .await
+                    };
+                    // Answered, or not delivered: nothing to cancel. A timeout
+                    // leaves the guard armed, so the provider stops the work.
+                    guard.armed = matches!(reply, Err(ConcernsError::Timeout(_)));
+                    drop(guard);
+                    reply.and_then(|b| {
+                        proto::RpcMessage::decode(b)
+                            .ok()
+                            .and_then(|m| match m.body {
+                                Some(Body::Outcome(o)) => o.result,
+                                _ => None,
+                            })
+                            .ok_or_else(|| ConcernsError::Decode("rpc outcome".into()))
                     })
-                    .ok_or_else(|| ConcernsError::Decode("rpc outcome".into()))
-            })
-        };
-        let now = Instant::now();
-        let (r, retry) = match result {
-            Ok(outcome::Result::Ok(b)) => (Ok(b), Retry::Never),
-            Ok(outcome::Result::AppError(b)) => (Err(RpcError::Application(b)), Retry::Never),
-            Ok(outcome::Result::Failure(f)) => {
-                let (e, r) = outcome_error(f, service, o.version, o.deadline);
-                (Err(e), r)
-            }
-            Err(e) => {
-                let (e, r) = attempt_error(e, o.deadline);
-                (Err(e), r)
-            }
-        };
-        {
-            // One look at the stats: out of flight, and how it went.
-            let mut stats = lock(&self.inner.stats);
-            let counted = std::mem::replace(&mut flight.armed, false);
-            update_stats(&mut stats, node, |s| {
-                if counted {
-                    s.in_flight = s.in_flight.saturating_sub(1);
                 }
-                match &r {
-                    Ok(_) | Err(RpcError::Application(_)) => s.success(now - sent),
-                    Err(_) if retry != Retry::Never => s.failure(now),
-                    Err(_) => {}
+            };
+            let now = Instant::now();
+            let (r, retry) = match result {
+                Ok(outcome::Result::Ok(b)) => (Ok(b), Retry::Never),
+                Ok(outcome::Result::AppError(b)) => (Err(RpcError::Application(b)), Retry::Never),
+                Ok(outcome::Result::Failure(f)) => {
+                    let (e, r) = outcome_error(f, service, o.version, o.deadline);
+                    (Err(e), r)
                 }
-            });
+                Err(e) => {
+                    let (e, r) = attempt_error(e, o.deadline);
+                    (Err(e), r)
+                }
+            };
+            {
+                // One look at the stats: out of flight, and how it went.
+                let mut stats = lock(&self.inner.stats);
+                let counted = std::mem::replace(&mut flight.armed, false);
+                update_stats(&mut stats, node, |s| {
+                    if counted {
+                        s.in_flight = s.in_flight.saturating_sub(1);
+                    }
+                    match &r {
+                        Ok(_) | Err(RpcError::Application(_)) => s.success(now - sent),
+                        Err(_) if retry != Retry::Never => s.failure(now),
+                        Err(_) => {}
+                    }
+                });
+            }
+            (r, retry, now)
         }
-        (r, retry, now)
     }
+}
+
+/// What one attempt of a call does, prepared before its future.
+enum Work<'a> {
+    /// Runs the service here.
+    Local(Pin<Box<dyn Future<Output = outcome::Result> + Send + 'a>>),
+    /// Sends this encoded call to the provider.
+    Remote(Vec<u8>),
 }
 
 /// A call counted in flight to a provider: uncounted if its caller drops
@@ -1197,6 +1230,9 @@ fn encode_call(c: &CallRef<'_>) -> Vec<u8> {
     out
 }
 
+/// The codec of typed clients' calls.
+const CLIENT_CODEC: Codec = Codec::Postcard;
+
 /// An untyped client of one service: what a generated typed client wraps.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -1230,38 +1266,64 @@ impl Client {
 
     /// Calls `method` with `args` (a tuple of the arguments) and decodes
     /// its result, or its application error `E`.
-    pub async fn call<A, R, E>(
+    ///
+    /// The arguments are encoded here, when the call is made; the call
+    /// itself starts when the future is first polled.
+    pub fn call<A, R, E>(
         &self,
         method: &'static str,
         args: &A,
         idempotent: bool,
-    ) -> Result<R, RpcError<E>>
+    ) -> impl Future<Output = Result<R, RpcError<E>>> + Send + use<'_, A, R, E>
     where
         A: Serialize + ?Sized,
         R: serde::de::DeserializeOwned,
         E: serde::de::DeserializeOwned,
     {
-        let codec = Codec::Postcard;
-        let args = codec.encode(args).map_err(RpcError::Decode)?;
+        let args = CLIENT_CODEC.encode(args);
+        self.call_encoded(method, args, idempotent, std::convert::identity)
+    }
+
+    /// [`call`](Self::call) with the arguments already encoded (with
+    /// [`Codec::Postcard`], the codec of typed clients), and the decoded
+    /// result passed through `finish`. What the code of `#[service]` calls:
+    /// the future it returns does not borrow the arguments. Not part of the
+    /// stable API.
+    #[doc(hidden)]
+    pub fn call_encoded<R, E, T>(
+        &self,
+        method: &'static str,
+        args: Result<Bytes, String>,
+        idempotent: bool,
+        finish: fn(R) -> T,
+    ) -> impl Future<Output = Result<T, RpcError<E>>> + Send
+    where
+        R: serde::de::DeserializeOwned,
+        E: serde::de::DeserializeOwned,
+    {
+        let codec = CLIENT_CODEC;
         let options = CallOptions {
             deadline: self.deadline,
             version: self.version,
             idempotent,
             codec,
         };
-        match self
-            .rpc
-            .call_raw(&self.service, method, args, options)
-            .await
-        {
-            Ok(bytes) => codec.decode(&bytes).map_err(RpcError::Decode),
-            Err(e) => Err(match e.split_app() {
-                Ok(other) => other,
-                Err(bytes) => match codec.decode::<E>(&bytes) {
-                    Ok(app) => RpcError::Application(app),
-                    Err(why) => RpcError::Decode(why),
-                },
-            }),
+        async move {
+            let args = args.map_err(RpcError::Decode)?;
+            match self
+                .rpc
+                .call_raw(&self.service, method, args, options)
+                .await
+            {
+                Ok(bytes) => codec.decode(&bytes).map(finish).map_err(RpcError::Decode),
+                Err(e) => Err(match e.split_app() {
+                    Ok(other) => other,
+                    Err(bytes) => match codec.decode::<E>(&bytes) {
+                        Ok(app) => RpcError::Application(app),
+                        Err(why) => RpcError::Decode(why),
+                    },
+                }),
+            }
         }
     }
 }

@@ -411,8 +411,15 @@ impl ConnectionHandle {
     ///
     /// Cancel safety: dropping the future before it completes means the frame
     /// was not queued.
-    pub async fn send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
-        self.send_inner(msg, priority, false).await
+    pub fn send(
+        &self,
+        msg: Message,
+        priority: Priority,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        // Not an `async fn` forwarding to `send_inner`: each such layer
+        // stores the message again in the future, which every caller's
+        // future then carries.
+        self.send_inner(msg, priority, false)
     }
 
     /// [`send`](Self::send) for a lone, latency-bound message (a request
@@ -424,25 +431,34 @@ impl ConnectionHandle {
     ///
     /// Not for streams of messages: each would be its own write call,
     /// where `send` lets the writer gather them into one.
-    pub async fn send_eager(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
-        self.send_inner(msg, priority, true).await
+    pub fn send_eager(
+        &self,
+        msg: Message,
+        priority: Priority,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.send_inner(msg, priority, true)
     }
 
-    async fn send_inner(
+    #[allow(clippy::manual_async_fn)] // an async block on purpose: see the comment inside
+    fn send_inner(
         &self,
         msg: Message,
         priority: Priority,
         eager: bool,
-    ) -> Result<(), TransportError> {
-        self.check(&msg)?;
-        let shared = &self.shared;
-        match shared.push(msg, priority, eager) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
-            // Boxed: the wait (a timer and a queue slot) would otherwise
-            // make every caller's future larger, full lane or not.
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                Box::pin(self.wait_send(msg, priority)).await
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        // An `async move` block rather than an `async fn`, whose arguments
+        // are stored twice in its future (once as passed, once moved into
+        // the body); nothing happens before the first poll either way.
+        async move {
+            self.check(&msg)?;
+            match self.shared.push(msg, priority, eager) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
+                // Boxed: the wait (a timer and a queue slot) would otherwise
+                // make every caller's future larger, full lane or not.
+                Err(mpsc::error::TrySendError::Full(msg)) => {
+                    Box::pin(self.wait_send(msg, priority)).await
+                }
             }
         }
     }
@@ -482,6 +498,26 @@ impl ConnectionHandle {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
             Err(mpsc::error::TrySendError::Full(_)) => Err(TransportError::QueueFull("send")),
+        }
+    }
+
+    /// [`send`](Self::send) (or [`send_eager`](Self::send_eager) when
+    /// `eager`) as far as it goes without waiting: `Ok(None)` when the
+    /// message was taken, `Ok(Some(msg))`, the message given back and
+    /// nothing queued, when its lane is full. The caller can then wait with
+    /// `send`, and keeps the waiting machinery out of its own future unless
+    /// it needs it.
+    pub fn offer(
+        &self,
+        msg: Message,
+        priority: Priority,
+        eager: bool,
+    ) -> Result<Option<Message>, TransportError> {
+        self.check(&msg)?;
+        match self.shared.push(msg, priority, eager) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
+            Err(mpsc::error::TrySendError::Full(msg)) => Ok(Some(msg)),
         }
     }
 
