@@ -2,6 +2,8 @@
 //! provider choice, deadlines, cancellation and failover.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -17,7 +19,6 @@ use meshwork_sync::concerns::wire::proto::ErrorCode;
 use meshwork_sync::concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -146,7 +147,8 @@ struct Served {
     name: String,
     methods: Vec<&'static str>,
     version: u32,
-    limit: Semaphore,
+    /// Calls it may run at once.
+    limit: usize,
     calls: AtomicU64,
     errors: AtomicU64,
     overloaded: AtomicU64,
@@ -157,7 +159,10 @@ struct Served {
 /// The serving side, shared with the concern (which must not hold the
 /// concerns layer's context, or the two would keep each other alive).
 pub(crate) struct Server {
-    served: RwLock<HashMap<String, Arc<Served>>>,
+    /// Fx-hashed: looked up on every call, keyed by names served here.
+    served: RwLock<FxHashMap<String, Arc<Served>>>,
+    /// Calls that had to wait, for Cancels and shutdown. SipHash: the call
+    /// ids are the callers' choice.
     running: Mutex<HashMap<(NodeId, u64), CallCancel>>,
     default_budget: Duration,
     /// Set once when the node's RPC layer shuts down (a flag, not a token:
@@ -211,34 +216,28 @@ impl Server {
         let Some(codec) = Codec::from_wire(call.codec) else {
             return failure(FailureCode::Decode, format!("unknown codec {}", call.codec));
         };
-        let Ok(_permit) = served.limit.try_acquire() else {
+        // The concurrency limit is the in-flight count itself (a counter,
+        // not a semaphore: nothing ever waits for a slot, and a semaphore's
+        // release takes a lock).
+        if served.in_flight.fetch_add(1, Ordering::AcqRel) >= served.limit {
+            served.in_flight.fetch_sub(1, Ordering::AcqRel);
             served.overloaded.fetch_add(1, Ordering::Relaxed);
             return failure(FailureCode::Overloaded, served.name.clone());
-        };
+        }
         served.calls.fetch_add(1, Ordering::Relaxed);
-        served.in_flight.fetch_add(1, Ordering::Relaxed);
         let budget = if call.budget_ms == 0 {
             self.default_budget
         } else {
             Duration::from_millis(call.budget_ms)
         };
-        // A token of its own, not a child of `shutdown` (a child registers
-        // with its parent under the parent's lock, which every call would
-        // contend for): shutdown cancels the running calls through the map.
         let cancel = CallCancel::new();
-        let key = (caller.clone(), call.call_id);
-        lock(&self.running).insert(key.clone(), cancel.clone());
-        // Checked after registering: a shutdown either saw this call in the
-        // map or is seen here.
-        if self.shutting_down() {
-            cancel.cancel();
-        }
-        // Cleans up however this call ends, including when this future is
-        // dropped (a local caller that gave up).
+        // Uncounts the call and counts it cancelled unless it finished,
+        // however this future ends (including when it is dropped: a local
+        // caller that gave up).
         let mut running = Running {
             server: self,
             served: &served,
-            key,
+            key: None,
             cancel: cancel.clone(),
             finished: false,
         };
@@ -254,19 +253,34 @@ impl Server {
         );
         let finished = {
             let mut work = std::pin::pin!(work);
-            // Most methods answer at once: no timer and no cancellation
-            // waiter for them.
-            let first = if cancel.is_cancelled() {
-                None
-            } else {
-                (&mut work).now_or_never()
-            };
-            match first {
+            // Most methods answer at once: no timer, no cancellation waiter
+            // and no entry in the running calls for them (a Cancel can only
+            // come after the answer, and a shutdown waits for nothing).
+            match (&mut work).now_or_never() {
                 Some(r) => Some(r),
-                None => tokio::select! {
-                    r = tokio::time::timeout(budget, &mut work) => r.ok(),
-                    _ = cancel.cancelled() => None,
-                },
+                None => {
+                    // It waits: from now on a Cancel or a shutdown can stop
+                    // it, through the running calls. A token of its own, not
+                    // a child of a shutdown token (a child registers with
+                    // its parent under the parent's lock, which every call
+                    // would contend for).
+                    let key = (caller.clone(), call.call_id);
+                    lock(&self.running).insert(key.clone(), cancel.clone());
+                    running.key = Some(key);
+                    // Checked after registering: a shutdown either saw this
+                    // call in the map or is seen here.
+                    if self.shutting_down() {
+                        cancel.cancel();
+                    }
+                    if cancel.is_cancelled() {
+                        None
+                    } else {
+                        tokio::select! {
+                            r = tokio::time::timeout(budget, &mut work) => r.ok(),
+                            _ = cancel.cancelled() => None,
+                        }
+                    }
+                }
             }
         };
         let result = finished.map(|r| match r {
@@ -318,15 +332,19 @@ impl Server {
 struct Running<'a> {
     server: &'a Server,
     served: &'a Served,
-    key: (NodeId, u64),
+    /// Its entry in the running calls, once it has one (only calls that
+    /// wait do).
+    key: Option<(NodeId, u64)>,
     cancel: CallCancel,
     finished: bool,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        lock(&self.server.running).remove(&self.key);
-        self.served.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(key) = &self.key {
+            lock(&self.server.running).remove(key);
+        }
+        self.served.in_flight.fetch_sub(1, Ordering::AcqRel);
         if !self.finished {
             self.served.cancelled.fetch_add(1, Ordering::Relaxed);
             // Tells a method that watches the token (on a deadline, or when
@@ -392,11 +410,13 @@ struct Inner {
     sync: SyncMap,
     ctx: Context,
     config: RpcConfig,
-    stats: Mutex<HashMap<NodeId, ProviderStats>>,
+    /// Fx-hashed: touched twice per call, and holds only providers found
+    /// in the registry.
+    stats: Mutex<FxHashMap<NodeId, ProviderStats>>,
     next_call: AtomicU64,
     counters: ClientCounters,
     /// The registry entries of each service asked for, parsed.
-    registry: Mutex<HashMap<String, Listed>>,
+    registry: Mutex<FxHashMap<String, Listed>>,
 }
 
 /// Services whose parsed registry entries are kept at most: past this, the
@@ -599,7 +619,7 @@ impl Rpc {
         config: RpcConfig,
     ) -> Result<Rpc, RpcError> {
         let server = Arc::new(Server {
-            served: RwLock::new(HashMap::new()),
+            served: RwLock::new(FxHashMap::default()),
             running: Mutex::new(HashMap::new()),
             default_budget: config.deadline,
             shutdown: AtomicBool::new(false),
@@ -616,8 +636,8 @@ impl Rpc {
                 sync: sync.clone(),
                 ctx: concerns.context(RPC),
                 config,
-                stats: Mutex::new(HashMap::new()),
-                registry: Mutex::new(HashMap::new()),
+                stats: Mutex::new(FxHashMap::default()),
+                registry: Mutex::new(FxHashMap::default()),
                 // From a random start: a Cancel names the caller and the
                 // call id, and the caller's id is only as good as the path
                 // it came by (a flooded or routed message says who sent it,
@@ -646,7 +666,7 @@ impl Rpc {
             name: name.to_string(),
             methods: methods.clone(),
             version,
-            limit: Semaphore::new(self.inner.config.concurrency),
+            limit: self.inner.config.concurrency,
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
@@ -1154,7 +1174,7 @@ impl Drop for InFlight<'_> {
 /// Updates `node`'s stats with `f`, made if new: no key clone when they
 /// exist (the usual case), unlike `entry`.
 fn update_stats(
-    stats: &mut HashMap<NodeId, ProviderStats>,
+    stats: &mut FxHashMap<NodeId, ProviderStats>,
     node: &NodeId,
     f: impl FnOnce(&mut ProviderStats),
 ) {
