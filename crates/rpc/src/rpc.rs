@@ -1039,7 +1039,7 @@ impl Rpc {
     #[allow(clippy::too_many_arguments)]
     fn attempt<'a>(
         &'a self,
-        mut flight: InFlight<'a>,
+        flight: InFlight<'a>,
         reach: Reach,
         service: &'a str,
         method: &'a str,
@@ -1078,6 +1078,10 @@ impl Rpc {
             }))
         };
         async move {
+            // The whole guard into the future: used only through a field, it
+            // would be captured as that field alone and dropped (uncounting
+            // the call) as soon as this function returns.
+            let mut flight = flight;
             let result = match work {
                 Work::Local(run) => Ok(run.await),
                 Work::Remote(payload) => {

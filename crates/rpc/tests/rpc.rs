@@ -887,6 +887,26 @@ async fn dropping_a_call_cancels_it_on_the_provider() {
     stop(nodes).await;
 }
 
+/// The caller counts a call in flight at its provider from the request to
+/// the answer (what its choice between providers weighs).
+#[tokio::test(start_paused = true)]
+async fn a_call_counts_in_flight_until_its_answer() {
+    let net = MemNetwork::new();
+    let (nodes, _probe, calc) = calc_pair(&net).await;
+    let a = &nodes[0];
+    let in_flight = || a.rpc().providers("calc")[0].in_flight;
+    let call = {
+        let calc = calc.clone();
+        tokio::spawn(async move { calc.sleep(1_000).await })
+    };
+    wait_until("the call counted in flight", || in_flight() == 1).await;
+    sleep(500 * MS).await;
+    assert_eq!(in_flight(), 1, "still waiting for the answer");
+    assert_eq!(call.await.unwrap().unwrap(), "b");
+    assert_eq!(in_flight(), 0);
+    stop(nodes).await;
+}
+
 /// A method that returns as soon as its token fires races the RPC layer's
 /// own wait on that token: whichever wins, the call is counted cancelled
 /// (the demo's `sleep` is such a method; test-mesh counts on this).
