@@ -37,6 +37,7 @@ on_both_transports!(
     idle_timeout_fires_while_streaming_to_a_silent_peer,
     oversized_local_hello_is_a_local_error,
     a_send_given_up_while_waiting_for_room_leaves_no_trace,
+    an_offer_to_a_full_lane_gives_the_message_back,
     an_eager_send_writes_at_once_on_a_quiet_connection_and_never_overtakes,
 );
 
@@ -647,6 +648,47 @@ async fn a_send_given_up_while_waiting_for_room_leaves_no_trace(net: Net) {
     eventually("nothing is left queued", || conn.stats().queued == 0).await;
     let more = incoming.recv_timeout(Duration::from_millis(100)).await;
     assert!(more.is_err(), "the given-up message was sent: {more:?}");
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// `offer` takes messages while there is room and gives one back, queueing
+/// nothing, when its lane is full; the caller can then `send` it, in order.
+async fn an_offer_to_a_full_lane_gives_the_message_back(net: Net) {
+    // As above: the server reads one frame at a time into a queue of 1, so
+    // the stream, then the client's one-slot lane, fill up.
+    let server_cfg = config().with_inbound_capacity(1).with_keepalive(None, None);
+    let client_cfg = config()
+        .with_lane_capacity(4, 1, 4)
+        .with_keepalive(None, None);
+    let (server, addr) = net.listening("server", server_cfg).await;
+    let client = net.dialer("client", client_cfg);
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+    const KIB: &[u8] = &[7; 1024];
+    let mut sent = 0;
+    let back = loop {
+        match conn.offer(concern(sent, KIB), Priority::Normal, false) {
+            Ok(None) => sent += 1,
+            Ok(Some(msg)) => break msg,
+            Err(e) => panic!("offer failed: {e}"),
+        }
+        assert!(sent < 50_000, "the lane never filled");
+        // Let the writer take what it can before the next offer.
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(back, concern(sent, KIB), "not the message offered");
+    // Given back, then sent by the caller: it comes after all the others.
+    let send = {
+        let h = conn.handle();
+        tokio::spawn(async move { h.send(back, Priority::Normal).await })
+    };
+    for n in 0..=sent {
+        assert_eq!(incoming.recv().await.unwrap(), concern(n, KIB));
+    }
+    send.await.unwrap().unwrap();
+    let more = incoming.recv_timeout(Duration::from_millis(100)).await;
+    assert!(more.is_err(), "a message arrived twice: {more:?}");
     client.shutdown().await;
     server.shutdown().await;
 }
