@@ -718,30 +718,43 @@ impl Inner {
         payload: Bytes,
         priority: Priority,
     ) {
+        // Every wait below is boxed: this future is part of every request's
+        // (boxed whole when its handler has to wait), and the usual answer,
+        // on the connection the request came in on, is queued without one.
         let r = match (job.reply, &job.conn) {
             (ReplyPath::None, _) => return,
             (ReplyPath::Direct, Some(conn)) => {
                 let frame = direct_frame(job.command, job.request_id, kind, priority, payload);
-                conn.send(frame, priority)
-                    .await
-                    .map_err(|e| ConcernsError::Dropped(e.to_string()))
+                match conn.offer(frame, priority, false) {
+                    Ok(None) => Ok(()),
+                    // The lane is full: wait for room.
+                    Ok(Some(frame)) => Box::pin(conn.send(frame, priority)).await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| ConcernsError::Dropped(e.to_string()))
             }
             (ReplyPath::Direct, None) => {
-                self.send_direct(
+                Box::pin(self.send_direct(
                     &job.from,
                     job.command,
                     job.request_id,
                     kind,
                     payload,
                     priority,
-                )
+                ))
                 .await
             }
             (ReplyPath::Routed, _) => match self.routing() {
                 Ok(routing) => {
-                    routing
-                        .send(self, &job.from, job.command, job.request_id, kind, payload)
-                        .await
+                    Box::pin(routing.send(
+                        self,
+                        &job.from,
+                        job.command,
+                        job.request_id,
+                        kind,
+                        payload,
+                    ))
+                    .await
                 }
                 Err(e) => Err(e),
             },
