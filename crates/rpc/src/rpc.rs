@@ -211,9 +211,9 @@ impl Server {
                 version: served.version,
             });
         }
-        if !served.methods.contains(&call.method.as_str()) {
+        let Some(&method) = served.methods.iter().find(|m| **m == call.method) else {
             return failure(FailureCode::UnknownMethod, call.method);
-        }
+        };
         let Some(codec) = Codec::from_wire(call.codec) else {
             return failure(FailureCode::Decode, format!("unknown codec {}", call.codec));
         };
@@ -244,12 +244,12 @@ impl Server {
         };
         let cx = CallContext {
             caller: caller.clone(),
-            method: call.method.clone(),
+            method,
             cancel: cancel.clone(),
         };
         let work = CALL.scope(
             cx,
-            std::panic::AssertUnwindSafe(served.service.call(&call.method, codec, call.args))
+            std::panic::AssertUnwindSafe(served.service.call(method, codec, call.args))
                 .catch_unwind(),
         );
         let finished = {
@@ -1018,7 +1018,7 @@ impl Rpc {
                     remaining
                 };
                 let (result, retry, ended) = self
-                    .attempt(flight, reach, service, method, args.clone(), o, budget)
+                    .attempt(flight, reach, service, method, args.clone(), o, budget, now)
                     .await;
                 now = ended;
                 match result {
@@ -1043,8 +1043,9 @@ impl Rpc {
     }
 
     /// One try of a call at `flight`'s node, counted in flight there by
-    /// the caller (unless local). Returns the result, whether another
-    /// provider may be tried, and when it ended.
+    /// the caller (unless local), starting at `sent` (the caller's latest
+    /// reading of the clock: one read fewer per call). Returns the result,
+    /// whether another provider may be tried, and when it ended.
     #[allow(clippy::too_many_arguments)]
     fn attempt<'a>(
         &'a self,
@@ -1055,9 +1056,9 @@ impl Rpc {
         args: Bytes,
         o: CallOptions,
         remaining: Duration,
+        sent: Instant,
     ) -> impl Future<Output = (Result<Bytes, RpcError<Bytes>>, Retry, Instant)> + Send + 'a {
         let node = flight.node;
-        let sent = Instant::now();
         let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let budget_ms = remaining.as_millis().max(1) as u64;
         // Prepared before the future: it then holds the encoded call (or

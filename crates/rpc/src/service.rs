@@ -60,8 +60,8 @@ pub trait ServiceClient: Sized {
 pub struct CallContext {
     /// The calling node.
     pub caller: NodeId,
-    /// The method.
-    pub method: String,
+    /// The method (its name as the service lists it).
+    pub method: &'static str,
     /// Cancelled when the caller cancels, or the deadline passes.
     pub cancel: CallCancel,
 }
