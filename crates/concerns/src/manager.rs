@@ -18,7 +18,6 @@
 //! Handlers are isolated: an error or a panic becomes an error reply and a
 //! count.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -177,6 +176,9 @@ pub(crate) struct Registered {
     name: String,
     max_concurrency: usize,
     counters: Counters,
+    /// Its requests running and waiting for room: its own lock, taken
+    /// twice per request (no map of all concerns' queues to look up).
+    waiting: Mutex<Waiting>,
 }
 
 /// How the answer to a request goes back.
@@ -283,7 +285,6 @@ pub(crate) struct Inner {
     /// Requests of this node waiting for their answers.
     pending: Arc<Requests>,
     next_request: AtomicU64,
-    waiting: Mutex<HashMap<u32, Waiting>>,
     unknown: AtomicU64,
     /// Error answers dropped because they could not go out at once.
     unsent_errors: AtomicU64,
@@ -633,10 +634,7 @@ impl Inner {
             return;
         };
         let job = {
-            let mut waiting = lock(&self.waiting);
-            let w = waiting
-                .entry(command)
-                .or_insert_with(|| Waiting::new(self.config.per_sender_queue));
+            let mut w = lock(&reg.waiting);
             if w.running < reg.max_concurrency && w.len() == 0 {
                 w.running += 1;
                 reg.counters.in_flight.store(w.running, Ordering::Relaxed);
@@ -645,7 +643,7 @@ impl Inner {
                 let lane = job.priority as usize;
                 let pushed = w.lanes[lane].push(job.from.clone(), job);
                 reg.counters.queued.store(w.len(), Ordering::Relaxed);
-                drop(waiting);
+                drop(w);
                 if let Err(job) = pushed {
                     reg.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     let msg = format!("{} is overloaded", reg.name);
@@ -669,9 +667,7 @@ impl Inner {
     /// A finished request's slot: the next waiting request of the concern,
     /// which takes the slot over, or `None` (the slot is given back).
     fn next_job(&self, reg: &Registered) -> Option<Job> {
-        let command = reg.concern.command();
-        let mut waiting = lock(&self.waiting);
-        let w = waiting.get_mut(&command)?;
+        let mut w = lock(&reg.waiting);
         let next = w.pop();
         if next.is_none() {
             w.running = w.running.saturating_sub(1);
@@ -934,7 +930,6 @@ impl ConcernsBuilder {
             registry: RwLock::new(FxHashMap::default()),
             pending: Arc::new(Requests::new()),
             next_request: AtomicU64::new(rand::random::<u64>() >> 1),
-            waiting: Mutex::new(HashMap::new()),
             unsent_errors: AtomicU64::new(0),
             error_tasks: AtomicUsize::new(0),
             unknown: AtomicU64::new(0),
@@ -1025,6 +1020,7 @@ impl Concerns {
                 max_concurrency: concern.max_concurrency().max(1),
                 concern,
                 counters: Counters::default(),
+                waiting: Mutex::new(Waiting::new(self.inner.config.per_sender_queue)),
             }),
         );
         Ok(())
@@ -1188,9 +1184,13 @@ impl Concerns {
         }
         // Whatever still waits gets a clear answer.
         let waiting: Vec<Job> = {
-            let mut all = lock(&inner.waiting);
-            all.values_mut()
-                .flat_map(|w| std::iter::from_fn(|| w.pop()).collect::<Vec<_>>())
+            let registry = inner.registry.read().unwrap_or_else(|e| e.into_inner());
+            registry
+                .values()
+                .flat_map(|reg| {
+                    let mut w = lock(&reg.waiting);
+                    std::iter::from_fn(|| w.pop()).collect::<Vec<_>>()
+                })
                 .collect()
         };
         for job in waiting {

@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
+
 use meshwork_transport::{
     CloseReason, Connection, ConnectionHandle, Deliver, Endpoint, Priority, TransportError,
 };
@@ -66,7 +68,10 @@ struct Inner {
     config: PeersConfig,
     pool: Mutex<Pool>,
     handles: Mutex<HashMap<ConnId, ConnectionHandle>>,
-    routes: Mutex<HashMap<NodeId, Route>>,
+    /// The neighbours' connections, looked up for every message sent:
+    /// FxHash (at most `max_peers` keys, so a peer choosing its id to
+    /// collide cannot make lookups long).
+    routes: Mutex<FxHashMap<NodeId, Route>>,
     events: broadcast::Sender<PeerEvent>,
     inbound_tx: mpsc::Sender<Inbound>,
     inbound_rx: Mutex<Option<mpsc::Receiver<Inbound>>>,
@@ -177,7 +182,7 @@ impl PeerManager {
             config,
             pool: Mutex::new(pool),
             handles: Mutex::new(HashMap::new()),
-            routes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(FxHashMap::default()),
             events,
             inbound_tx,
             inbound_rx: Mutex::new(Some(inbound_rx)),
