@@ -220,8 +220,15 @@ impl Server {
         // The concurrency limit is the in-flight count itself (a counter,
         // not a semaphore: nothing ever waits for a slot, and a semaphore's
         // release takes a lock).
-        if served.in_flight.fetch_add(1, Ordering::AcqRel) >= served.limit {
-            served.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // Taken only while below the limit, so the count never passes it
+        // (a refused call does not make a concurrent one look over it).
+        let limit = served.limit;
+        let took = served
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            });
+        if took.is_err() {
             served.overloaded.fetch_add(1, Ordering::Relaxed);
             return failure(FailureCode::Overloaded, served.name.clone());
         }
@@ -416,9 +423,10 @@ struct Inner {
     sync: SyncMap,
     ctx: Context,
     config: RpcConfig,
-    /// Fx-hashed: touched twice per call, and holds only providers found
-    /// in the registry.
-    stats: Mutex<FxHashMap<NodeId, ProviderStats>>,
+    /// By provider. SipHash: any node can list providers under ids of its
+    /// choosing in the registry, and unseeded FxHash has easy full
+    /// collisions. At most [`MAX_STATS`] entries.
+    stats: Mutex<HashMap<NodeId, ProviderStats>>,
     next_call: AtomicU64,
     counters: ClientCounters,
     /// The registry entries of each service asked for, parsed.
@@ -642,7 +650,7 @@ impl Rpc {
                 sync: sync.clone(),
                 ctx: concerns.context(RPC),
                 config,
-                stats: Mutex::new(FxHashMap::default()),
+                stats: Mutex::new(HashMap::new()),
                 registry: Mutex::new(FxHashMap::default()),
                 // From a random start: a Cancel names the caller and the
                 // call id, and the caller's id is only as good as the path
@@ -1018,7 +1026,7 @@ impl Rpc {
                     remaining
                 };
                 let (result, retry, ended) = self
-                    .attempt(flight, reach, service, method, args.clone(), o, budget, now)
+                    .attempt(flight, reach, service, method, args.clone(), o, budget)
                     .await;
                 now = ended;
                 match result {
@@ -1043,9 +1051,8 @@ impl Rpc {
     }
 
     /// One try of a call at `flight`'s node, counted in flight there by
-    /// the caller (unless local), starting at `sent` (the caller's latest
-    /// reading of the clock: one read fewer per call). Returns the result,
-    /// whether another provider may be tried, and when it ended.
+    /// the caller (unless local). Returns the result, whether another
+    /// provider may be tried, and when it ended.
     #[allow(clippy::too_many_arguments)]
     fn attempt<'a>(
         &'a self,
@@ -1056,9 +1063,11 @@ impl Rpc {
         args: Bytes,
         o: CallOptions,
         remaining: Duration,
-        sent: Instant,
     ) -> impl Future<Output = (Result<Bytes, RpcError<Bytes>>, Retry, Instant)> + Send + 'a {
         let node = flight.node;
+        // Read here, not taken from the caller: the registry read and the
+        // choice before it must not count in the provider's latency.
+        let sent = Instant::now();
         let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let budget_ms = remaining.as_millis().max(1) as u64;
         // Prepared before the future: it then holds the encoded call (or
@@ -1185,16 +1194,24 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Providers whose stats are kept at most: past this, those with no call in
+/// flight are forgotten (the registry can list any number of providers, and
+/// any node can add some).
+const MAX_STATS: usize = 4096;
+
 /// Updates `node`'s stats with `f`, made if new: no key clone when they
 /// exist (the usual case), unlike `entry`.
 fn update_stats(
-    stats: &mut FxHashMap<NodeId, ProviderStats>,
+    stats: &mut HashMap<NodeId, ProviderStats>,
     node: &NodeId,
     f: impl FnOnce(&mut ProviderStats),
 ) {
     match stats.get_mut(node) {
         Some(s) => f(s),
         None => {
+            if stats.len() >= MAX_STATS {
+                stats.retain(|_, s| s.in_flight > 0);
+            }
             let mut s = ProviderStats::default();
             f(&mut s);
             stats.insert(node.clone(), s);
@@ -1371,6 +1388,30 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn id(n: u32) -> NodeId {
+        NodeId::from_bytes(n.to_be_bytes().to_vec()).expect("a valid id")
+    }
+
+    /// Providers listed in bulk (any node can list some) do not grow the
+    /// stats without bound; those with calls in flight are kept.
+    #[test]
+    fn provider_stats_stay_bounded() {
+        let mut stats = HashMap::new();
+        for n in 0..MAX_STATS as u32 {
+            update_stats(&mut stats, &id(n), |s| {
+                s.in_flight = u32::from(n % 100 == 0)
+            });
+        }
+        assert_eq!(stats.len(), MAX_STATS);
+        update_stats(&mut stats, &id(u32::MAX), |s| s.in_flight = 1);
+        let busy = MAX_STATS.div_ceil(100);
+        assert_eq!(stats.len(), busy + 1);
+        assert!(stats.values().all(|s| s.in_flight == 1));
+        // Known providers are updated in place, whatever the size.
+        update_stats(&mut stats, &id(0), |s| s.in_flight += 1);
+        assert_eq!(stats[&id(0)].in_flight, 2);
+    }
 
     proptest! {
         #[test]
