@@ -1,7 +1,7 @@
 //! The RPC runtime: serving, the registry in the synced map, calling with
 //! provider choice, deadlines, cancellation and failover.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 use std::pin::Pin;
@@ -157,14 +157,56 @@ struct Served {
     in_flight: AtomicUsize,
 }
 
+/// Cancels that named no waiting call are remembered, the latest this
+/// many: the call may not be registered yet.
+const EARLY_CANCELS: usize = 64;
+
+/// The calls being served that had to wait, and recent Cancels that found
+/// none.
+#[derive(Default)]
+struct Calls {
+    /// By caller and call id. SipHash: the call ids are the callers' choice.
+    waiting: HashMap<(NodeId, u64), CallCancel>,
+    /// Cancels for calls not (or no longer) waiting, oldest first. A call
+    /// registers only once its first poll did not finish it, and a Cancel
+    /// handled meanwhile on another worker (a call that was queued, or a
+    /// routed one) would otherwise be lost and the call run to its
+    /// deadline. Most are for calls already answered, and age out.
+    early: VecDeque<(NodeId, u64)>,
+}
+
+impl Calls {
+    /// Registers a waiting call; cancels it at once if its Cancel came
+    /// first.
+    fn register(&mut self, key: (NodeId, u64), cancel: &CallCancel) {
+        if let Some(i) = self.early.iter().position(|k| *k == key) {
+            self.early.remove(i);
+            cancel.cancel();
+        }
+        self.waiting.insert(key, cancel.clone());
+    }
+
+    /// A Cancel from `key.0` for its call `key.1`.
+    fn cancel(&mut self, key: (NodeId, u64)) {
+        match self.waiting.remove(&key) {
+            Some(token) => token.cancel(),
+            None => {
+                if self.early.len() >= EARLY_CANCELS {
+                    self.early.pop_front();
+                }
+                self.early.push_back(key);
+            }
+        }
+    }
+}
+
 /// The serving side, shared with the concern (which must not hold the
 /// concerns layer's context, or the two would keep each other alive).
 pub(crate) struct Server {
     /// Fx-hashed: looked up on every call, keyed by names served here.
     served: RwLock<FxHashMap<String, Arc<Served>>>,
-    /// Calls that had to wait, for Cancels and shutdown. SipHash: the call
-    /// ids are the callers' choice.
-    running: Mutex<HashMap<(NodeId, u64), CallCancel>>,
+    /// Calls that had to wait, for Cancels and shutdown.
+    running: Mutex<Calls>,
     default_budget: Duration,
     /// Set once when the node's RPC layer shuts down (a flag, not a token:
     /// it is checked a few times per call and never awaited).
@@ -268,12 +310,14 @@ impl Server {
                 Some(r) => Some(r),
                 None => {
                     // It waits: from now on a Cancel or a shutdown can stop
-                    // it, through the running calls. A token of its own, not
+                    // it, through the running calls (a Cancel that came
+                    // during the first poll is remembered there, and stops
+                    // it at once). A token of its own, not
                     // a child of a shutdown token (a child registers with
                     // its parent under the parent's lock, which every call
                     // would contend for).
                     let key = (caller.clone(), call.call_id);
-                    lock(&self.running).insert(key.clone(), cancel.clone());
+                    lock(&self.running).register(key.clone(), &cancel);
                     running.key = Some(key);
                     // Checked after registering: a shutdown either saw this
                     // call in the map or is seen here.
@@ -334,9 +378,7 @@ impl Server {
     }
 
     fn cancel(&self, caller: &NodeId, call_id: u64) {
-        if let Some(token) = lock(&self.running).remove(&(caller.clone(), call_id)) {
-            token.cancel();
-        }
+        lock(&self.running).cancel((caller.clone(), call_id));
     }
 }
 
@@ -355,7 +397,7 @@ struct Running<'a> {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         if let Some(key) = &self.key {
-            lock(&self.server.running).remove(key);
+            lock(&self.server.running).waiting.remove(key);
         }
         self.served.in_flight.fetch_sub(1, Ordering::AcqRel);
         if !self.finished {
@@ -634,7 +676,7 @@ impl Rpc {
     ) -> Result<Rpc, RpcError> {
         let server = Arc::new(Server {
             served: RwLock::new(FxHashMap::default()),
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(Calls::default()),
             default_budget: config.deadline,
             shutdown: AtomicBool::new(false),
         });
@@ -754,7 +796,7 @@ impl Rpc {
         let server = &self.inner.server;
         server.shutdown.store(true, Ordering::SeqCst);
         // Calls running now stop (each has its own token; see `run`).
-        let running: Vec<CallCancel> = lock(&server.running).values().cloned().collect();
+        let running: Vec<CallCancel> = lock(&server.running).waiting.values().cloned().collect();
         for token in running {
             token.cancel();
         }
@@ -1391,6 +1433,42 @@ mod tests {
 
     fn id(n: u32) -> NodeId {
         NodeId::from_bytes(n.to_be_bytes().to_vec()).expect("a valid id")
+    }
+
+    /// A Cancel that comes before its call registers (handled on another
+    /// worker during the call's first poll) still stops it; Cancels for
+    /// calls that never register are forgotten after a while.
+    #[test]
+    fn a_cancel_before_its_call_registers_still_stops_it() {
+        let mut calls = Calls::default();
+        // Registered first: cancelled and gone.
+        let waiting = CallCancel::new();
+        calls.register((id(1), 7), &waiting);
+        calls.cancel((id(1), 7));
+        assert!(waiting.is_cancelled());
+        assert!(calls.waiting.is_empty() && calls.early.is_empty());
+        // Cancel first: the call is cancelled as it registers.
+        calls.cancel((id(1), 8));
+        let late = CallCancel::new();
+        calls.register((id(1), 8), &late);
+        assert!(late.is_cancelled());
+        assert!(calls.early.is_empty());
+        // Another caller's Cancel with the same call id stops nothing.
+        calls.cancel((id(2), 9));
+        let other = CallCancel::new();
+        calls.register((id(1), 9), &other);
+        assert!(!other.is_cancelled());
+        // Remembered Cancels are bounded; the oldest go first.
+        for n in 0..2 * EARLY_CANCELS as u64 {
+            calls.cancel((id(3), n));
+        }
+        assert_eq!(calls.early.len(), EARLY_CANCELS);
+        let old = CallCancel::new();
+        calls.register((id(3), 0), &old);
+        assert!(!old.is_cancelled(), "a forgotten Cancel stopped a call");
+        let recent = CallCancel::new();
+        calls.register((id(3), 2 * EARLY_CANCELS as u64 - 1), &recent);
+        assert!(recent.is_cancelled());
     }
 
     /// Providers listed in bulk (any node can list some) do not grow the
