@@ -18,12 +18,16 @@
 //! moment). A graceful close is the exception by design: it flushes every
 //! queued frame first and writes the Disconnect last.
 //!
-//! One shortcut past the writer task: while the reader hands a burst of
-//! frames to a [`Deliver`] sink, control and normal frames sent meanwhile
-//! with the lanes empty (typically answers computed right on the reader)
-//! are encoded into the write half at once, and the reader writes them all
-//! in one go when it pauses. An echo-like exchange then costs no task
-//! switch on the answering side.
+//! Shortcuts past the lanes: a control or normal frame sent while the lanes
+//! are empty is encoded into the write half at once (behind nothing, so it
+//! overtakes nothing), up to 256 KiB pending, and the writer task is woken
+//! to write it with whatever else gathers meanwhile. While the reader hands
+//! a burst of frames to a [`Deliver`] sink, such frames (typically answers
+//! computed right on the reader) are left for the reader, which writes them
+//! all in one go when it pauses: an echo-like exchange then costs no task
+//! switch on the answering side. And a lone message sent with
+//! [`send_eager`](ConnectionHandle::send_eager) on a quiet connection is
+//! written by its sender.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -995,23 +999,23 @@ impl Shared {
     }
 
     /// Puts `msg` in the write half instead of its lane, if nothing is
-    /// queued on the lanes (so it overtakes nothing) and the write half is
-    /// free, in one of two cases; returns `msg` back otherwise.
+    /// queued on the lanes (so it overtakes nothing), the write half is
+    /// free and holds less than [`DIRECT_PENDING_LIMIT`] bytes; returns
+    /// `msg` back otherwise. Then:
     ///
-    /// - While the reader handles a burst (corked), the frame joins the
-    ///   pending bytes for the reader to write when it pauses.
-    /// - Otherwise, only when `eager` (a lone message, see
+    /// - while the reader handles a burst (corked), the frame waits for the
+    ///   reader to write it with the rest when it pauses;
+    /// - when `eager` (a lone message, see
     ///   [`send_eager`](ConnectionHandle::send_eager)) and the connection is
-    ///   quiet (nothing pending, the writer not at it), the frame is written
-    ///   now by the calling task, saving the hop to the writer task.
-    ///
-    /// Not for every frame: a sender that wrote each frame itself would give
-    /// up the writer's batching (one write call per frame), which costs more
-    /// than the wake-up it saves when many requests are in flight.
+    ///   quiet (nothing pending, the writer not at it), the calling task
+    ///   writes it now, saving the hop to the writer task;
+    /// - otherwise the writer task is woken to write it, with whatever else
+    ///   gathers meanwhile: one write call for many frames, as from the
+    ///   lanes, without the queue (a sender that wrote every frame itself
+    ///   would make one write call per frame, which with many requests in
+    ///   flight cost more than the wake-ups it saves).
     fn try_direct(&self, msg: Message, eager: bool) -> Result<(), Message> {
-        if self.queued.load(Ordering::Acquire) != 0
-            || !(eager || self.corked.load(Ordering::Acquire))
-        {
+        if self.queued.load(Ordering::Acquire) != 0 {
             return Err(msg);
         }
         let Ok(mut w) = self.write.try_lock() else {
@@ -1020,19 +1024,19 @@ impl Shared {
         // The cork is read again under the lock, which `uncork` holds while
         // lifting it: a frame added while corked is always drained by it.
         let corked = self.corked.load(Ordering::Acquire);
-        let room = if corked {
-            w.pending_bytes + w.scratch.len() < DIRECT_PENDING_LIMIT
-        } else {
-            eager && !w.writer_draining && w.is_idle()
-        };
+        let now = eager && !corked && !w.writer_draining && w.is_idle();
+        let room = now || w.pending_bytes + w.scratch.len() < DIRECT_PENDING_LIMIT;
         if !room || w.failed || self.queued.load(Ordering::Acquire) != 0 {
             return Err(msg);
         }
         let bytes = w.encode(&msg);
         self.frames_sent.fetch_add(1, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
-        if !corked {
+        if now {
             self.drain_here(&mut w);
+        } else if !corked {
+            drop(w);
+            self.write_kick.notify_one();
         }
         Ok(())
     }

@@ -38,6 +38,7 @@ on_both_transports!(
     oversized_local_hello_is_a_local_error,
     a_send_given_up_while_waiting_for_room_leaves_no_trace,
     an_offer_to_a_full_lane_gives_the_message_back,
+    concurrent_senders_keep_their_order_through_direct_writes_and_full_lanes,
     an_eager_send_writes_at_once_on_a_quiet_connection_and_never_overtakes,
 );
 
@@ -689,6 +690,67 @@ async fn an_offer_to_a_full_lane_gives_the_message_back(net: Net) {
     send.await.unwrap().unwrap();
     let more = incoming.recv_timeout(Duration::from_millis(100)).await;
     assert!(more.is_err(), "a message arrived twice: {more:?}");
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// A send on a quiet connection goes straight into the write half (no
+/// lane); once a lane holds anything, sends queue behind it. Several tasks
+/// sending at once, with the lane filling and draining as the peer reads in
+/// spurts, each see their frames arrive in the order they sent them.
+async fn concurrent_senders_keep_their_order_through_direct_writes_and_full_lanes(net: Net) {
+    let quiet = || config().with_keepalive(None, None);
+    let (server, addr) = net
+        .listening("server", quiet().with_inbound_capacity(4))
+        .await;
+    let client = net.dialer("client", quiet().with_lane_capacity(4, 2, 4));
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+    eventually("the handshake's frames are out", || {
+        conn.stats().queued == 0
+    })
+    .await;
+    // Quiet: taken at once, nothing left on a lane.
+    let before = conn.stats().frames_sent;
+    conn.send(concern(0, b"x"), Priority::Normal).await.unwrap();
+    assert_eq!(conn.stats().frames_sent, before + 1, "not written directly");
+    assert_eq!(conn.stats().queued, 0);
+    assert_eq!(incoming.recv().await.unwrap(), concern(0, b"x"));
+
+    const SENDERS: u64 = 4;
+    const EACH: u64 = 2_000;
+    const KIB: &[u8] = &[1; 1024];
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|t| {
+            let h = conn.handle();
+            tokio::spawn(async move {
+                for n in 0..EACH {
+                    h.send(concern(t << 32 | n, KIB), Priority::Normal)
+                        .await
+                        .unwrap();
+                    if n % 7 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut next = [0u64; SENDERS as usize];
+    for i in 0..SENDERS * EACH {
+        let Message::Concern(c) = incoming.recv().await.unwrap() else {
+            panic!("not a concern frame");
+        };
+        let (t, n) = ((c.request_id >> 32) as usize, c.request_id & 0xffff_ffff);
+        assert_eq!(n, next[t], "sender {t} out of order");
+        next[t] += 1;
+        // Read in spurts, so the stream and the lanes fill up now and then.
+        if i % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
     client.shutdown().await;
     server.shutdown().await;
 }
