@@ -3,8 +3,13 @@
 //! figures `cargo xtask bench` gives run on tokio's default runtime).
 //!
 //! ```text
-//! cargo run --release -p meshwork-bench --example cpu_per_call -- MODE [SECS]
+//! cargo run --release -p meshwork-bench --example cpu_per_call -- MODE [SECS] [WORKERS]
 //! ```
+//!
+//! WORKERS (default 0: the one-thread runtime) runs the same on a
+//! multi-thread runtime with that many workers, the calls made from a task
+//! on it as in `cargo xtask bench`: what the hand-offs between threads cost
+//! shows as CPU above wall time.
 //!
 //! MODE is `rpc-seq` (one RPC call at a time), `rpc-64` (64 in flight),
 //! `concern-seq` or `concern-64` (the same through an echo concern, the
@@ -138,69 +143,89 @@ fn main() -> Result<()> {
         "rpc-64" => (true, DEPTH),
         "concern-seq" => (false, 1),
         "concern-64" => (false, DEPTH),
-        _ => bail!("usage: cpu_per_call rpc-seq|rpc-64|concern-seq|concern-64 [SECS]"),
+        _ => bail!("usage: cpu_per_call rpc-seq|rpc-64|concern-seq|concern-64 [SECS] [WORKERS]"),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let workers: usize = match args.next() {
+        Some(s) => s.parse().context("WORKERS")?,
+        None => 0,
+    };
+    if workers == 0 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(run(mode, rpc, depth, secs));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()?;
+    // Spawned, so the calls start on a worker thread as the bench's runs do
+    // (the future given to `block_on` runs on the main thread instead).
     runtime.block_on(async move {
-        let server = node(None).await?;
-        let seed = server
-            .listen_addrs()
-            .first()
-            .cloned()
-            .context("no listen address")?;
-        let client = node(Some(seed)).await?;
-        server.rpc().serve("echo", EchoServer::new(Echoer)).await?;
-        let ready = Instant::now() + Duration::from_secs(10);
-        while !client
-            .rpc()
-            .providers("echo")
-            .iter()
-            .any(|p| p.reach == "neighbour")
-        {
-            if Instant::now() > ready {
-                bail!("the client never saw the service");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let data = vec![7u8; 64];
-        let payload = Bytes::from(data.clone());
-        let echo: EchoClient = client.rpc().client("echo");
-        let ctx = client.concerns().context(ECHO);
-        let to = server.node_id().clone();
-        // What `drive` allocates per call (glibc's allocator takes a slower
-        // path past about 1 KiB).
-        let future_size = if rpc {
-            std::mem::size_of_val(&echo.echo(data.clone()))
-        } else {
-            std::mem::size_of_val(&ctx.request(&to, payload.clone(), Duration::from_secs(5)))
-        };
-        let (cpu0, wall0) = (cpu_time()?, Instant::now());
-        let end = wall0 + Duration::from_secs_f64(secs);
-        let done = if rpc {
-            drive(depth, end, || async {
-                echo.echo(data.clone()).await.map(drop).context("rpc call")
-            })
-            .await?
-        } else {
-            drive(depth, end, || async {
-                ctx.request(&to, payload.clone(), Duration::from_secs(5))
-                    .await
-                    .map(drop)
-                    .context("concern request")
-            })
-            .await?
-        };
-        let (cpu, wall) = (cpu_time()? - cpu0, wall0.elapsed());
-        let per = |d: Duration| d.as_secs_f64() * 1e6 / done as f64;
-        println!(
-            "{mode}: {done} calls, {:.3} us wall and {:.3} us CPU per call \
-             (a call's future: {future_size} bytes)",
-            per(wall),
-            per(cpu)
-        );
-        futures_util::future::join(client.shutdown(), server.shutdown()).await;
-        Ok(())
+        tokio::spawn(run(mode, rpc, depth, secs))
+            .await
+            .context("the run panicked")?
     })
+}
+
+/// Two nodes, then calls in `mode` for `secs` seconds; prints the figures.
+async fn run(mode: String, rpc: bool, depth: usize, secs: f64) -> Result<()> {
+    let server = node(None).await?;
+    let seed = server
+        .listen_addrs()
+        .first()
+        .cloned()
+        .context("no listen address")?;
+    let client = node(Some(seed)).await?;
+    server.rpc().serve("echo", EchoServer::new(Echoer)).await?;
+    let ready = Instant::now() + Duration::from_secs(10);
+    while !client
+        .rpc()
+        .providers("echo")
+        .iter()
+        .any(|p| p.reach == "neighbour")
+    {
+        if Instant::now() > ready {
+            bail!("the client never saw the service");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let data = vec![7u8; 64];
+    let payload = Bytes::from(data.clone());
+    let echo: EchoClient = client.rpc().client("echo");
+    let ctx = client.concerns().context(ECHO);
+    let to = server.node_id().clone();
+    // What `drive` allocates per call (glibc's allocator takes a slower
+    // path past about 1 KiB).
+    let future_size = if rpc {
+        std::mem::size_of_val(&echo.echo(data.clone()))
+    } else {
+        std::mem::size_of_val(&ctx.request(&to, payload.clone(), Duration::from_secs(5)))
+    };
+    let (cpu0, wall0) = (cpu_time()?, Instant::now());
+    let end = wall0 + Duration::from_secs_f64(secs);
+    let done = if rpc {
+        drive(depth, end, || async {
+            echo.echo(data.clone()).await.map(drop).context("rpc call")
+        })
+        .await?
+    } else {
+        drive(depth, end, || async {
+            ctx.request(&to, payload.clone(), Duration::from_secs(5))
+                .await
+                .map(drop)
+                .context("concern request")
+        })
+        .await?
+    };
+    let (cpu, wall) = (cpu_time()? - cpu0, wall0.elapsed());
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / done as f64;
+    println!(
+        "{mode}: {done} calls, {:.3} us wall and {:.3} us CPU per call \
+         (a call's future: {future_size} bytes)",
+        per(wall),
+        per(cpu)
+    );
+    futures_util::future::join(client.shutdown(), server.shutdown()).await;
+    Ok(())
 }
