@@ -454,15 +454,11 @@ impl ConnectionHandle {
         // are stored twice in its future (once as passed, once moved into
         // the body); nothing happens before the first poll either way.
         async move {
-            self.check(&msg)?;
-            match self.shared.push(msg, priority, eager) {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
+            match self.offer(msg, priority, eager)? {
+                None => Ok(()),
                 // Boxed: the wait (a timer and a queue slot) would otherwise
                 // make every caller's future larger, full lane or not.
-                Err(mpsc::error::TrySendError::Full(msg)) => {
-                    Box::pin(self.wait_send(msg, priority)).await
-                }
+                Some(msg) => Box::pin(self.wait_send(msg, priority)).await,
             }
         }
     }
@@ -497,11 +493,9 @@ impl ConnectionHandle {
     /// Like [`send`](Self::send) but never waits: a full lane is
     /// [`TransportError::QueueFull`].
     pub fn try_send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
-        self.check(&msg)?;
-        match self.shared.push(msg, priority, false) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(TransportError::QueueFull("send")),
+        match self.offer(msg, priority, false)? {
+            None => Ok(()),
+            Some(_) => Err(TransportError::QueueFull("send")),
         }
     }
 
@@ -1034,7 +1028,9 @@ impl Shared {
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
         if now {
             self.drain_here(&mut w);
-        } else if !corked {
+        } else if !corked && !w.writer_draining {
+            // (A writer already draining takes these bytes in the same go:
+            // it stops only once nothing is pending, under this lock.)
             drop(w);
             self.write_kick.notify_one();
         }

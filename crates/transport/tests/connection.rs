@@ -617,12 +617,18 @@ async fn idle_timeout_fires_while_streaming_to_a_silent_peer(net: Net) {
     server.shutdown().await;
 }
 
-/// A send that waits for room on a full lane and is dropped by its caller
-/// is not sent and leaves nothing counted: once the peer has read the rest,
-/// nothing is queued.
-async fn a_send_given_up_while_waiting_for_room_leaves_no_trace(net: Net) {
-    // The server's reader stops at a full inbound queue of 1, the stream
-    // fills up, the client's writer blocks, and its one-slot lane fills.
+/// A client connected to a server whose reader stops at a full inbound
+/// queue of 1 (while nobody reads it): the stream fills up, the client's
+/// writer blocks, and its one-slot normal lane fills. Server, client, the
+/// client's connection and the server's end.
+async fn clogging_pair(
+    net: &Net,
+) -> (
+    meshwork_transport::Endpoint,
+    meshwork_transport::Endpoint,
+    meshwork_transport::Connection,
+    meshwork_transport::Connection,
+) {
     let server_cfg = config().with_inbound_capacity(1).with_keepalive(None, None);
     let client_cfg = config()
         .with_lane_capacity(4, 1, 4)
@@ -630,7 +636,15 @@ async fn a_send_given_up_while_waiting_for_room_leaves_no_trace(net: Net) {
     let (server, addr) = net.listening("server", server_cfg).await;
     let client = net.dialer("client", client_cfg);
     let conn = client.connect(&addr).await.unwrap();
-    let mut incoming = server.accept().await.unwrap();
+    let incoming = server.accept().await.unwrap();
+    (server, client, conn, incoming)
+}
+
+/// A send that waits for room on a full lane and is dropped by its caller
+/// is not sent and leaves nothing counted: once the peer has read the rest,
+/// nothing is queued.
+async fn a_send_given_up_while_waiting_for_room_leaves_no_trace(net: Net) {
+    let (server, client, conn, mut incoming) = clogging_pair(&net).await;
     const KIB: &[u8] = &[7; 1024];
     let mut sent = 0;
     loop {
@@ -656,16 +670,7 @@ async fn a_send_given_up_while_waiting_for_room_leaves_no_trace(net: Net) {
 /// `offer` takes messages while there is room and gives one back, queueing
 /// nothing, when its lane is full; the caller can then `send` it, in order.
 async fn an_offer_to_a_full_lane_gives_the_message_back(net: Net) {
-    // As above: the server reads one frame at a time into a queue of 1, so
-    // the stream, then the client's one-slot lane, fill up.
-    let server_cfg = config().with_inbound_capacity(1).with_keepalive(None, None);
-    let client_cfg = config()
-        .with_lane_capacity(4, 1, 4)
-        .with_keepalive(None, None);
-    let (server, addr) = net.listening("server", server_cfg).await;
-    let client = net.dialer("client", client_cfg);
-    let conn = client.connect(&addr).await.unwrap();
-    let mut incoming = server.accept().await.unwrap();
+    let (server, client, conn, mut incoming) = clogging_pair(&net).await;
     const KIB: &[u8] = &[7; 1024];
     let mut sent = 0;
     let back = loop {
