@@ -243,6 +243,26 @@ const FAILOVER_GRACE: Duration = Duration::from_secs(1);
 /// One call in three of the stream sleeps this long, so that calls are
 /// running when the provider dies.
 const FAILOVER_SLEEP_MS: u64 = 50;
+/// The service the `soak` scenario calls.
+const SOAK_SERVICE: &str = "tm.soak";
+/// How long the `soak` scenario loads the mesh unless told (`--soak-secs`).
+const DEFAULT_SOAK: Duration = Duration::from_secs(10);
+/// The longest `--soak-secs`: a day.
+const MAX_SOAK_SECS: u64 = 24 * 60 * 60;
+/// Each `soak` thread PUTs a key every this many echo calls ...
+const SOAK_PUT_EVERY: usize = 5;
+/// ... cycling through this many keys of its own ...
+const SOAK_KEYS: usize = 100;
+/// ... and broadcasts every this many.
+const SOAK_BROADCAST_EVERY: usize = 50;
+/// The RSS samples the `soak` scenario takes over its load, about.
+const SOAK_SAMPLES: u32 = 30;
+/// A node's RSS may reach this many times its RSS after the first third
+/// of the load (a leak of a few hundred bytes per operation passes it
+/// within minutes), ...
+const SOAK_GROWTH_LIMIT: u64 = 4;
+/// ... and never this many KiB.
+const SOAK_RSS_LIMIT_KIB: u64 = 256 * 1024;
 
 /// The peer states `/status` may report.
 const PEER_STATES: &[&str] = &[
@@ -266,7 +286,7 @@ const MIN_NODES: usize = 2;
 const MAX_NODES: usize = 64;
 
 const HELP: &str = "\
-cargo xtask test-mesh [--nodes N] [--scenario NAME]... [--release] [--keep-logs]
+cargo xtask test-mesh [--nodes N] [--scenario NAME]... [--soak-secs S] [--release] [--keep-logs]
 
 Builds the node (`cargo build -p meshwork-cli`), starts N `meshwork node`
 processes on loopback (node 0 first, the others seeded with node 0's address),
@@ -276,6 +296,8 @@ every node down. Exits non-zero if any scenario fails.
 OPTIONS:
     --nodes N           Number of nodes, 2..=64 (default 5)
     --scenario NAME     Run only this scenario (repeatable; default: all)
+    --soak-secs S       How long the `soak` scenario loads the mesh, 1..=86400
+                        (default 10); e.g. `--scenario soak --soak-secs 600`
     --release           Build and test the release binary
     --keep-logs         Keep the node logs even when everything passes
                         (they are always kept on failure)
@@ -299,6 +321,8 @@ pub(crate) struct Options {
     pub(crate) keep_logs: bool,
     /// Use this binary instead of building `meshwork-cli`.
     pub(crate) node_bin: Option<PathBuf>,
+    /// How long the `soak` scenario keeps the mesh under load.
+    pub(crate) soak: Duration,
 }
 
 impl Default for Options {
@@ -309,6 +333,7 @@ impl Default for Options {
             release: false,
             keep_logs: false,
             node_bin: None,
+            soak: DEFAULT_SOAK,
         }
     }
 }
@@ -431,6 +456,16 @@ const SCENARIOS: &[Scenario] = &[
         run: scenario_rpc_failover,
     },
     Scenario {
+        name: "soak",
+        about: "a new node serves the demo service; for --soak-secs (default 10) one thread \
+                per other node keeps calling echo through that node's admin API, PUTs one of \
+                100 keys of its own every 5th call and broadcasts every 50th: no operation \
+                fails, afterwards every node has the same /kv-digest within 10 s, and no \
+                node's resident memory (VmRSS) passes 4× what it was after the first third \
+                of the load, nor 256 MiB",
+        run: scenario_soak,
+    },
+    Scenario {
         name: "network-key",
         about: "a node with a network key (from `meshwork keygen --network-key`) seeding node 0, \
                 which has none, never appears in node 0's /status for 3 s, node 0 counts \
@@ -541,6 +576,18 @@ fn parse_args(args: &[String]) -> Result<Option<Options>> {
             }
             "--scenario" => opts.scenarios.push(value("--scenario")?),
             "--node-bin" => opts.node_bin = Some(PathBuf::from(value("--node-bin")?)),
+            "--soak-secs" => {
+                let v = value("--soak-secs")?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|_| usage(format!("test-mesh: --soak-secs: `{v}` is not a number")))?;
+                if !(1..=MAX_SOAK_SECS).contains(&secs) {
+                    return Err(usage(format!(
+                        "test-mesh: --soak-secs must be between 1 and {MAX_SOAK_SECS}, got {secs}"
+                    )));
+                }
+                opts.soak = Duration::from_secs(secs);
+            }
             "--release" if inline.is_none() => opts.release = true,
             "--keep-logs" if inline.is_none() => opts.keep_logs = true,
             _ => return Err(usage(format!("test-mesh: unexpected argument `{arg}`"))),
@@ -607,7 +654,7 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
         log_dir.display()
     );
 
-    let outcome = run_scenarios(&bin, opts.nodes, &network, &log_dir, &scenarios);
+    let outcome = run_scenarios(&bin, opts, &network, &log_dir, &scenarios);
     match outcome {
         Ok(()) => {
             if opts.keep_logs {
@@ -630,14 +677,16 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
 /// Starts the mesh and runs the scenarios; always stops every node.
 fn run_scenarios(
     bin: &Path,
-    nodes: usize,
+    opts: &Options,
     network: &str,
     log_dir: &Path,
     scenarios: &[&'static Scenario],
 ) -> Result<()> {
     let started = Instant::now();
+    let nodes = opts.nodes;
     let limits = PeerLimits::for_mesh(nodes);
     let mut mesh = Mesh::new(bin, network, log_dir, limits);
+    mesh.soak = opts.soak;
     mesh.start(nodes)?;
     println!(
         "test-mesh: {nodes} nodes ready in {}",
@@ -4046,15 +4095,22 @@ fn check_rpc_errors(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Resu
     ))
 }
 
-fn scenario_rpc_failover(mesh: &mut Mesh) -> Result<String> {
+/// The running nodes once they form one connected mesh, and their listen
+/// addresses: seeded with all of them, a new provider is a neighbour of
+/// most.
+fn members_and_seeds(mesh: &mut Mesh) -> Result<(Vec<usize>, Vec<String>)> {
     ensure!(mesh.is_alive(0), "node 0 is not running");
     let members: Vec<usize> = mesh.alive().collect();
     wait_connected(mesh, &members)?;
-    // Seeded with every node: the providers are neighbours of most of them.
     let seeds: Vec<String> = members
         .iter()
         .map(|&i| mesh.nodes[i].ready.listen[0].clone())
         .collect();
+    Ok((members, seeds))
+}
+
+fn scenario_rpc_failover(mesh: &mut Mesh) -> Result<String> {
+    let (members, seeds) = members_and_seeds(mesh)?;
     let mut providers = Vec::new();
     let mut result = Ok(String::new());
     for _ in 0..2 {
@@ -4316,6 +4372,217 @@ fn check_rpc_failover(mesh: &mut Mesh, providers: &[usize], members: &[usize]) -
     ))
 }
 
+/// `soak`: a provider of its own, load from every other node, then the
+/// checks (see the registry).
+fn scenario_soak(mesh: &mut Mesh) -> Result<String> {
+    let (members, seeds) = members_and_seeds(mesh)?;
+    let provider = spawn_provider(mesh, &seeds, Some(SOAK_SERVICE))?;
+    let result = check_soak(mesh, provider, &members);
+    let stopped = mesh.stop_all(&[provider]);
+    let summary = result?;
+    stopped.context("stopping the provider of the soak scenario")?;
+    Ok(summary)
+}
+
+/// What the `soak` threads did, together.
+#[derive(Default)]
+struct SoakCounts {
+    calls: std::sync::atomic::AtomicU64,
+    puts: std::sync::atomic::AtomicU64,
+    broadcasts: std::sync::atomic::AtomicU64,
+    /// The first operation that failed, if any: it stops every thread.
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+impl SoakCounts {
+    fn failed(&self) -> bool {
+        self.failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn fail(&self, what: String) {
+        self.failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(what);
+    }
+}
+
+/// One RSS reading of every node, `at` into the load.
+struct RssSample {
+    at: Duration,
+    /// KiB, by position in the scenario's node list; `None` where it could
+    /// not be read.
+    kib: Vec<Option<u64>>,
+}
+
+/// A process's resident memory in KiB, from `/proc/{pid}/status`.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// One `soak` thread: echo calls through `admin`, a PUT every
+/// [`SOAK_PUT_EVERY`] of them and a broadcast every
+/// [`SOAK_BROADCAST_EVERY`], until `stop` or a failure.
+fn soak_worker(admin: &str, keys: &str, stop: &std::sync::atomic::AtomicBool, counts: &SoakCounts) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let http = Http::new();
+    let mut n = 0usize;
+    while !stop.load(Relaxed) && !counts.failed() {
+        let payload = format!("soak {n}");
+        let args = serde_json::json!([payload]);
+        match http.rpc_call(admin, SOAK_SERVICE, "echo", "", &args, RPC_DEADLINE) {
+            Ok(RpcAnswer::Result { result, .. }) if result.as_str() == Some(&payload) => {
+                counts.calls.fetch_add(1, Relaxed);
+            }
+            Ok(answer) => {
+                return counts.fail(format!("{admin} echo: {}", answer.describe()));
+            }
+            Err(e) => return counts.fail(format!("{admin} echo: {e:#}")),
+        }
+        if n % SOAK_PUT_EVERY == 0 {
+            let key = format!("{keys}{}", (n / SOAK_PUT_EVERY) % SOAK_KEYS);
+            if let Err(e) = http.kv_set(admin, &key, &format!("value {n}")) {
+                return counts.fail(format!("{admin}: {e:#}"));
+            }
+            counts.puts.fetch_add(1, Relaxed);
+        }
+        if n % SOAK_BROADCAST_EVERY == 0 {
+            if let Err(e) = http.send_message(admin, "/broadcast", &payload) {
+                return counts.fail(format!("{admin} broadcast: {e:#}"));
+            }
+            counts.broadcasts.fetch_add(1, Relaxed);
+        }
+        n += 1;
+    }
+}
+
+/// Loads the mesh for `mesh.soak` from every node of `members` (one
+/// thread each) while sampling every node's RSS, then checks the replicas
+/// and the memory.
+fn check_soak(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Result<String> {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    wait_providers(mesh, members, SOAK_SERVICE, &[provider])?;
+    let all: Vec<usize> = members.iter().copied().chain([provider]).collect();
+    let pids: Vec<u32> = all.iter().map(|&i| mesh.nodes[i].child.id()).collect();
+    let admins: Vec<String> = members.iter().map(|&i| mesh.admin(i).to_owned()).collect();
+    let prefix = kv_prefix("soak");
+    let length = mesh.soak;
+    let interval =
+        (length / SOAK_SAMPLES).clamp(Duration::from_millis(200), Duration::from_secs(10));
+    let stop = AtomicBool::new(false);
+    let counts = SoakCounts::default();
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    thread::scope(|scope| {
+        for (t, admin) in admins.iter().enumerate() {
+            let (stop, counts) = (&stop, &counts);
+            let keys = format!("{prefix}{t}.");
+            scope.spawn(move || soak_worker(admin, &keys, stop, counts));
+        }
+        loop {
+            let at = t0.elapsed();
+            let kib: Vec<Option<u64>> = pids.iter().map(|&pid| rss_kib(pid)).collect();
+            samples.push(RssSample { at, kib });
+            if at >= length || counts.failed() {
+                break;
+            }
+            if let Err(e) = mesh.check_unexpected_exits() {
+                counts.fail(format!("{e:#}"));
+                break;
+            }
+            thread::sleep(interval.min(length - at));
+        }
+        stop.store(true, Relaxed);
+    });
+    let took = t0.elapsed();
+    if let Some(failure) = counts
+        .failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        bail!("after {}: {failure}", fmt_duration(took));
+    }
+    let (calls, puts, broadcasts) = (
+        counts.calls.load(Relaxed),
+        counts.puts.load(Relaxed),
+        counts.broadcasts.load(Relaxed),
+    );
+    ensure!(calls > 0, "no call completed in {}", fmt_duration(took));
+    let digest = mesh.poll_fn_until(
+        &format!(
+            "nodes {} to agree on /kv-digest after the load",
+            node_list(&all)
+        ),
+        KV_TIMEOUT,
+        |mesh| same_digest(mesh, &all),
+    )?;
+    let memory = check_soak_memory(&all, &samples, length)?;
+    let ops = calls + puts + broadcasts;
+    Ok(format!(
+        "node {provider} serves {SOAK_SERVICE}; {} threads (through nodes {}) made {calls} echo \
+         calls, {puts} PUTs and {broadcasts} broadcasts in {} ({:.0} operations/s), none \
+         failed; every node then had /kv-digest {} ({} keys); RSS in MiB (start, after the \
+         first third, peak after it, end): {memory}",
+        admins.len(),
+        node_list(members),
+        fmt_duration(took),
+        ops as f64 / took.as_secs_f64(),
+        digest.digest,
+        digest.keys,
+    ))
+}
+
+/// Checks every node's RSS samples against its RSS after the first third
+/// of the load (see [`SOAK_GROWTH_LIMIT`]); describes them, node by node.
+fn check_soak_memory(nodes: &[usize], samples: &[RssSample], length: Duration) -> Result<String> {
+    let mib = |k: u64| k as f64 / 1024.0;
+    let mut described = Vec::new();
+    for (p, &i) in nodes.iter().enumerate() {
+        let series: Vec<(Duration, u64)> = samples
+            .iter()
+            .filter_map(|s| s.kib[p].map(|k| (s.at, k)))
+            .collect();
+        let (Some(&(_, start)), Some(&(_, end))) = (series.first(), series.last()) else {
+            described.push(format!("node {i} n/a"));
+            continue;
+        };
+        // The first reading at or after a third of the load: the node has
+        // warmed up (buffers, caches, allocator arenas) by then.
+        let warm = series
+            .iter()
+            .find(|(at, _)| *at >= length / 3)
+            .map_or(end, |&(_, k)| k);
+        let peak = series
+            .iter()
+            .filter(|(at, _)| *at >= length / 3)
+            .map(|&(_, k)| k)
+            .max()
+            .unwrap_or(end);
+        ensure!(
+            peak <= SOAK_RSS_LIMIT_KIB && peak <= warm.saturating_mul(SOAK_GROWTH_LIMIT),
+            "node {i}'s RSS reached {:.1} MiB, from {:.1} MiB after the first third of the load \
+             (limits: {SOAK_GROWTH_LIMIT}× that, {:.0} MiB): {series:?}",
+            mib(peak),
+            mib(warm),
+            mib(SOAK_RSS_LIMIT_KIB),
+        );
+        described.push(format!(
+            "node {i} {:.1} {:.1} {:.1} {:.1}",
+            mib(start),
+            mib(warm),
+            mib(peak),
+            mib(end)
+        ));
+    }
+    Ok(described.join(", "))
+}
+
 // ---------------------------------------------------------------------------
 // Peer limits and the graph of connected peers
 // ---------------------------------------------------------------------------
@@ -4524,6 +4791,8 @@ struct Mesh {
     nodes: Vec<Node>,
     /// The last `/status` of each node, for the result table.
     snapshot: Snapshot,
+    /// How long the `soak` scenario loads the mesh (`--soak-secs`).
+    soak: Duration,
 }
 
 impl Drop for Mesh {
@@ -4581,6 +4850,7 @@ impl Mesh {
             limits,
             nodes: Vec::new(),
             snapshot: Snapshot::default(),
+            soak: DEFAULT_SOAK,
         }
     }
 
@@ -6492,9 +6762,13 @@ mod tests {
         assert_eq!(opts.nodes, 3);
         assert_eq!(opts.scenarios, ["handshake", "graceful-shutdown"]);
         assert!(opts.release && opts.keep_logs);
-        let opts = parse_args(&args("--nodes=64")).unwrap().unwrap();
+        let opts = parse_args(&args("--nodes=64 --soak-secs 600"))
+            .unwrap()
+            .unwrap();
         assert_eq!(opts.nodes, 64);
-        assert_eq!(parse_args(&[]).unwrap().unwrap().nodes, DEFAULT_NODES);
+        assert_eq!(opts.soak, Duration::from_secs(600));
+        let opts = parse_args(&[]).unwrap().unwrap();
+        assert_eq!((opts.nodes, opts.soak), (DEFAULT_NODES, DEFAULT_SOAK));
     }
 
     #[test]
@@ -6506,10 +6780,48 @@ mod tests {
             "--nodes",
             "--scenario nope",
             "--release=yes",
+            "--soak-secs 0",
+            "--soak-secs 86401",
+            "--soak-secs ten",
             "--frobnicate",
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn soak_memory_may_settle_but_not_keep_growing() {
+        let length = Duration::from_secs(9);
+        let samples = |kib: &[u64]| -> Vec<RssSample> {
+            kib.iter()
+                .enumerate()
+                .map(|(s, &k)| RssSample {
+                    at: Duration::from_secs(s as u64),
+                    kib: vec![Some(k), None],
+                })
+                .collect()
+        };
+        // Warming up fast, then flat: fine, whatever the start.
+        let settled = samples(&[
+            8_000, 30_000, 35_000, 40_000, 41_000, 40_000, 41_000, 40_500, 41_000, 41_000,
+        ]);
+        let described = check_soak_memory(&[0, 7], &settled, length).unwrap();
+        assert_eq!(described, "node 0 7.8 39.1 40.0 40.0, node 7 n/a");
+        // Past 4× the RSS after a third of the load (second 3): a leak.
+        let leaking = samples(&[
+            8_000, 9_000, 9_500, 10_000, 15_000, 20_000, 30_000, 40_001, 41_000, 45_000,
+        ]);
+        let e = check_soak_memory(&[0, 7], &leaking, length).unwrap_err();
+        assert!(
+            e.to_string().contains("node 0's RSS reached 43.9 MiB"),
+            "{e}"
+        );
+        // Past the ceiling, however it started.
+        let huge = samples(&[
+            200_000, 200_000, 200_000, 250_000, 270_000, 270_000, 270_000, 270_000, 270_000,
+            270_000,
+        ]);
+        assert!(check_soak_memory(&[0, 7], &huge, length).is_err());
     }
 
     #[test]
