@@ -746,6 +746,92 @@ async fn a_provider_that_does_not_serve_the_service_says_so() {
     stop(nodes).await;
 }
 
+/// What a hostile (or broken) neighbour can put in the RPC concern's
+/// requests: bytes that are no message, messages only a provider sends,
+/// calls with an unknown codec, undecodable arguments, huge names, and a
+/// storm of Cancels for calls that never were. Each gets an error (or, for
+/// a Cancel, nothing), none reaches the service, and the provider goes on
+/// serving with nothing left in flight.
+#[tokio::test(start_paused = true)]
+async fn a_neighbour_sending_malformed_rpc_messages_gets_errors_and_serving_goes_on() {
+    use meshwork::concerns::ConcernsError;
+    use meshwork_rpc::proto::{self, rpc_message::Body};
+    use prost::Message as _;
+
+    let net = MemNetwork::new();
+    let (nodes, probe, calc) = calc_pair(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let raw = a.concerns().context(meshwork_rpc::RPC);
+    let ask = |payload: Vec<u8>| raw.request(b.node_id(), payload, 5 * S);
+    let call = |service: &str, method: &str, args: &[u8], codec: u32| {
+        proto::RpcMessage {
+            body: Some(Body::Call(proto::Call {
+                call_id: 7,
+                service: service.into(),
+                method: method.into(),
+                args: Bytes::copy_from_slice(args),
+                codec,
+                budget_ms: 1_000,
+                version: 0,
+            })),
+        }
+        .encode_to_vec()
+    };
+    let failure = |reply: Result<Bytes, ConcernsError>| -> (proto::FailureCode, String) {
+        let reply = reply.expect("an outcome");
+        match proto::RpcMessage::decode(reply).unwrap().body {
+            Some(Body::Outcome(proto::Outcome {
+                result: Some(proto::outcome::Result::Failure(f)),
+            })) => (f.code(), f.message),
+            other => panic!("not a failure: {other:?}"),
+        }
+    };
+
+    // Not a message at all, and a message only a provider sends: the
+    // handler refuses them, the caller gets an error answer at once.
+    let started = Instant::now();
+    for junk in [
+        vec![0xff; 40],
+        proto::RpcMessage {
+            body: Some(Body::Outcome(proto::Outcome { result: None })),
+        }
+        .encode_to_vec(),
+        proto::RpcMessage { body: None }.encode_to_vec(),
+    ] {
+        assert!(
+            matches!(ask(junk).await, Err(ConcernsError::Remote { .. })),
+            "junk answered otherwise"
+        );
+    }
+    assert!(started.elapsed() < 50 * MS);
+    // Calls the provider can name the fault of.
+    let (code, _) = failure(ask(call("calc", "add", b"[1,2]", 9)).await);
+    assert_eq!(code, proto::FailureCode::Decode);
+    let (code, _) = failure(ask(call("calc", "add", b"\xff\xff", 0)).await);
+    assert_eq!(code, proto::FailureCode::Decode);
+    let (code, _) = failure(ask(call("calc", "add", b"[1]", 1)).await);
+    assert_eq!(code, proto::FailureCode::Decode);
+    let (code, _) = failure(ask(call("calc", &"m".repeat(100_000), b"[]", 1)).await);
+    assert_eq!(code, proto::FailureCode::UnknownMethod);
+    let (code, _) = failure(ask(call(&"s".repeat(100_000), "add", b"[]", 1)).await);
+    assert_eq!(code, proto::FailureCode::UnknownService);
+    // Cancels for calls that never were: quietly nothing, however many.
+    for call_id in 0..10_000 {
+        let cancel = proto::RpcMessage {
+            body: Some(Body::Cancel(proto::Cancel { call_id })),
+        };
+        let reply = ask(cancel.encode_to_vec()).await.unwrap();
+        assert!(reply.is_empty());
+    }
+
+    assert_eq!(probe.calls(), 0, "nothing malformed reached the service");
+    assert_eq!(calc.add(40, 2).await, Ok(42));
+    assert_eq!(probe.calls(), 1);
+    let s = served(b, "calc");
+    assert_eq!((s.in_flight, s.cancelled), (0, 0));
+    stop(nodes).await;
+}
+
 // ---------------------------------------------------------------------------
 // Deadlines and cancellation
 
