@@ -448,11 +448,11 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "rpc-failover",
         about: "two new nodes serve the demo service under one name, both seeded with the node \
-                that has the fewest peers; that node, a neighbour of both, makes 200 calls (whoami and sleep(50) idempotent, echo not) on 4 threads, one every \
-                10 ms, and a provider is killed (-9) midway while it runs calls: every call \
-                answers within its deadline_ms (2000) plus 2 s, at most the 4 in flight at the \
-                kill fail and only with disconnected or timeout, and whoami after the kill names \
-                the survivor",
+                that has the fewest peers; that node, a neighbour of both, makes 200 calls \
+                (whoami and sleep(50) idempotent, echo not) on 4 threads, one every 10 ms, and \
+                a provider is killed (-9) midway while it runs calls: every call answers within \
+                its deadline_ms (2000) plus 2 s, at most the 4 in flight at the kill fail and \
+                only with disconnected or timeout, and whoami after the kill names the survivor",
         run: scenario_rpc_failover,
     },
     Scenario {
@@ -4096,8 +4096,8 @@ fn check_rpc_errors(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Resu
 }
 
 /// The running nodes once they form one connected mesh, and their listen
-/// addresses: seeded with all of them, a new provider is a neighbour of
-/// most.
+/// addresses (to seed a new node with all of them: it links to a few and
+/// finds the rest by discovery).
 fn members_and_seeds(mesh: &mut Mesh) -> Result<(Vec<usize>, Vec<String>)> {
     ensure!(mesh.is_alive(0), "node 0 is not running");
     let members: Vec<usize> = mesh.alive().collect();
