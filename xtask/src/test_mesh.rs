@@ -243,6 +243,19 @@ const FAILOVER_GRACE: Duration = Duration::from_secs(1);
 /// One call in three of the stream sleeps this long, so that calls are
 /// running when the provider dies.
 const FAILOVER_SLEEP_MS: u64 = 50;
+/// The service the `churn` scenario's stable provider serves ...
+const CHURN_SERVICE: &str = "tm.churn";
+/// ... and the one its short-lived nodes serve.
+const CHURNER_SERVICE: &str = "tm.churner";
+/// Rounds of `churn`: each starts this many nodes, ...
+const CHURN_ROUNDS: usize = 6;
+const CHURNERS_PER_ROUND: usize = 3;
+/// ... lets them run this long, then kills one in two (-9) and shuts the
+/// others down.
+const CHURN_LIFETIME: Duration = Duration::from_millis(500);
+/// Time for every node to forget the short-lived nodes' registry entries:
+/// the registry ttl (10 s) for the killed ones, plus slack.
+const CHURN_REGISTRY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The service the `soak` scenario calls.
 const SOAK_SERVICE: &str = "tm.soak";
 /// How long the `soak` scenario loads the mesh unless told (`--soak-secs`).
@@ -454,6 +467,17 @@ const SCENARIOS: &[Scenario] = &[
                 its deadline_ms (2000) plus 2 s, at most the 4 in flight at the kill fail and \
                 only with disconnected or timeout, and whoami after the kill names the survivor",
         run: scenario_rpc_failover,
+    },
+    Scenario {
+        name: "churn",
+        about: "a new node serves the demo service; while one thread per other node keeps \
+                calling it (with PUTs and broadcasts, as in `soak`), 6 rounds of 3 new nodes \
+                with fresh identities, each serving a service of their own, join and leave \
+                after 0.5 s (kill -9 for one in two, POST /shutdown for the others): no \
+                operation fails, no node lists any of them within 20 s, their registry entries \
+                are gone from every node within 15 s, and the others are one connected mesh \
+                again",
+        run: scenario_churn,
     },
     Scenario {
         name: "soak",
@@ -4395,6 +4419,147 @@ fn check_rpc_failover(
     ))
 }
 
+/// `churn`: a stable provider, load from every other node, and nodes
+/// coming and going meanwhile (see the registry).
+fn scenario_churn(mesh: &mut Mesh) -> Result<String> {
+    let (members, seeds) = members_and_seeds(mesh)?;
+    let provider = spawn_provider(mesh, &seeds, Some(CHURN_SERVICE))?;
+    let result = check_churn(mesh, provider, &members, &seeds);
+    let stopped = mesh.stop_all(&[provider]);
+    let summary = result?;
+    stopped.context("stopping the provider of the churn scenario")?;
+    Ok(summary)
+}
+
+/// Starts, then kills or stops, [`CHURN_ROUNDS`] rounds of
+/// [`CHURNERS_PER_ROUND`] nodes (each seeded with one of `seeds`) while
+/// `counts` shows no failure; their indexes and how many were killed.
+fn churn_rounds(
+    mesh: &mut Mesh,
+    seeds: &[String],
+    counts: &SoakCounts,
+) -> Result<(Vec<usize>, usize)> {
+    let mut churners = Vec::new();
+    let mut killed = 0;
+    for round in 0..CHURN_ROUNDS {
+        if counts.failed() {
+            break;
+        }
+        let mut batch = Vec::new();
+        for k in 0..CHURNERS_PER_ROUND {
+            let seed = &seeds[(round * CHURNERS_PER_ROUND + k) % seeds.len()];
+            let args = [
+                OsString::from("--serve-demo"),
+                OsString::from(CHURNER_SERVICE),
+            ];
+            batch.push(mesh.spawn_with(std::slice::from_ref(seed), &args)?);
+        }
+        for &i in &batch {
+            mesh.wait_ready(i)?;
+        }
+        churners.extend(&batch);
+        thread::sleep(CHURN_LIFETIME);
+        for (k, &i) in batch.iter().enumerate() {
+            if (round * CHURNERS_PER_ROUND + k) % 2 == 0 {
+                mesh.kill(i);
+                killed += 1;
+            } else {
+                mesh.stop(i)?;
+            }
+        }
+    }
+    Ok((churners, killed))
+}
+
+/// Loads the mesh from every node of `members` (one thread each, as in
+/// `soak`) while [`churn_rounds`] runs, then checks that the short-lived
+/// nodes left no trace but tombstones.
+fn check_churn(
+    mesh: &mut Mesh,
+    provider: usize,
+    members: &[usize],
+    seeds: &[String],
+) -> Result<String> {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    wait_providers(mesh, members, CHURN_SERVICE, &[provider])?;
+    let admins: Vec<String> = members.iter().map(|&i| mesh.admin(i).to_owned()).collect();
+    let prefix = kv_prefix("churn");
+    let stop = AtomicBool::new(false);
+    let counts = SoakCounts::default();
+    let t0 = Instant::now();
+    let churned = thread::scope(|scope| {
+        for (t, admin) in admins.iter().enumerate() {
+            let (stop, counts) = (&stop, &counts);
+            let keys = format!("{prefix}{t}.");
+            scope.spawn(move || soak_worker(admin, CHURN_SERVICE, &keys, stop, counts));
+        }
+        let churned = churn_rounds(mesh, seeds, &counts);
+        stop.store(true, Relaxed);
+        churned
+    });
+    let took = t0.elapsed();
+    let (churners, killed) = churned?;
+    counts.check(took)?;
+    let ids: Vec<String> = churners.iter().map(|&i| mesh.id(i).to_owned()).collect();
+    let ended = Instant::now();
+    mesh.poll_until(
+        "no node to list the short-lived nodes",
+        Poll::Only(members),
+        REPAIR_TIMEOUT,
+        |_, snap| {
+            let mut still = Vec::new();
+            for (&c, id) in churners.iter().zip(&ids) {
+                for how in still_listing(snap, members, id)? {
+                    still.push(format!("{how} lists node {c}"));
+                }
+            }
+            if still.is_empty() {
+                Ok(())
+            } else {
+                Err(Wait::Pending(still.join(", ")))
+            }
+        },
+    )?;
+    let forgotten = ended.elapsed();
+    mesh.poll_fn_until(
+        &format!("no node to list a provider of {CHURNER_SERVICE}"),
+        CHURN_REGISTRY_TIMEOUT,
+        |mesh| {
+            for &i in members {
+                let listed = providers_wait(mesh, i, CHURNER_SERVICE)?;
+                if !listed.is_empty() {
+                    return Err(Wait::Pending(format!(
+                        "node {i} lists {} provider(s) of {CHURNER_SERVICE}",
+                        listed.len()
+                    )));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let unlisted = ended.elapsed();
+    let stayed: Vec<usize> = members.iter().copied().chain([provider]).collect();
+    wait_connected(mesh, &stayed)?;
+    Ok(format!(
+        "node {provider} serves {CHURN_SERVICE}; {} nodes with fresh identities came and went \
+         ({CHURN_ROUNDS} rounds of {CHURNERS_PER_ROUND}, {} each; {killed} killed -9, {} shut \
+         down) in {}; meanwhile {} threads made {} echo calls, {} PUTs and {} broadcasts, none \
+         failed; no node listed them {} after the last left, none listed their service after \
+         {}, and nodes {} are one connected mesh",
+        churners.len(),
+        fmt_duration(CHURN_LIFETIME),
+        churners.len() - killed,
+        fmt_duration(took),
+        admins.len(),
+        counts.calls.load(Relaxed),
+        counts.puts.load(Relaxed),
+        counts.broadcasts.load(Relaxed),
+        fmt_duration(forgotten),
+        fmt_duration(unlisted),
+        node_list(&stayed),
+    ))
+}
+
 /// `soak`: a provider of its own, load from every other node, then the
 /// checks (see the registry).
 fn scenario_soak(mesh: &mut Mesh) -> Result<String> {
@@ -4425,6 +4590,20 @@ impl SoakCounts {
             .is_some()
     }
 
+    /// The first failure, if any, as an error (`took`: how long the
+    /// threads ran).
+    fn check(&self, took: Duration) -> Result<()> {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            Some(failure) => bail!("after {}: {failure}", fmt_duration(took)),
+            None => Ok(()),
+        }
+    }
+
     fn fail(&self, what: String) {
         self.failure
             .lock()
@@ -4448,17 +4627,23 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// One `soak` thread: echo calls through `admin`, a PUT every
+/// One `soak` (or `churn`) thread: echo calls of `service` through `admin`, a PUT every
 /// [`SOAK_PUT_EVERY`] of them and a broadcast every
 /// [`SOAK_BROADCAST_EVERY`], until `stop` or a failure.
-fn soak_worker(admin: &str, keys: &str, stop: &std::sync::atomic::AtomicBool, counts: &SoakCounts) {
+fn soak_worker(
+    admin: &str,
+    service: &str,
+    keys: &str,
+    stop: &std::sync::atomic::AtomicBool,
+    counts: &SoakCounts,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     let http = Http::new();
     let mut n = 0usize;
     while !stop.load(Relaxed) && !counts.failed() {
         let payload = format!("soak {n}");
         let args = serde_json::json!([payload]);
-        match http.rpc_call(admin, SOAK_SERVICE, "echo", "", &args, RPC_DEADLINE) {
+        match http.rpc_call(admin, service, "echo", "", &args, RPC_DEADLINE) {
             Ok(RpcAnswer::Result { result, .. }) if result.as_str() == Some(&payload) => {
                 counts.calls.fetch_add(1, Relaxed);
             }
@@ -4505,7 +4690,7 @@ fn check_soak(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Result<Str
         for (t, admin) in admins.iter().enumerate() {
             let (stop, counts) = (&stop, &counts);
             let keys = format!("{prefix}{t}.");
-            scope.spawn(move || soak_worker(admin, &keys, stop, counts));
+            scope.spawn(move || soak_worker(admin, SOAK_SERVICE, &keys, stop, counts));
         }
         loop {
             let at = t0.elapsed();
@@ -4523,14 +4708,7 @@ fn check_soak(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Result<Str
         stop.store(true, Relaxed);
     });
     let took = t0.elapsed();
-    if let Some(failure) = counts
-        .failure
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take()
-    {
-        bail!("after {}: {failure}", fmt_duration(took));
-    }
+    counts.check(took)?;
     let (calls, puts, broadcasts) = (
         counts.calls.load(Relaxed),
         counts.puts.load(Relaxed),
