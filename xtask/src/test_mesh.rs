@@ -4483,8 +4483,8 @@ fn check_churn(
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     let lists = wait_providers(mesh, members, CHURN_SERVICE, &[provider])?;
     // Only the provider's neighbours call it: a routed call may go through
-    // a short-lived node, and fail when it dies under the call (a failure
-    // of the relay, which no retry can mend with one provider).
+    // a short-lived node, and when that dies under the call the answer
+    // comes back only if the provider finds another route in time.
     let provider_id = mesh.id(provider).to_owned();
     let callers: Vec<usize> = members
         .iter()

@@ -66,6 +66,10 @@ impl Concern for Probe {
                 sleep(10 * MS).await;
                 Ok(Some(Reply::new(payload)))
             }
+            Some(b'w') => {
+                sleep(10 * S).await;
+                Ok(Some(Reply::new(payload)))
+            }
             _ => Ok(Some(Reply::new(payload))),
         }
     }
@@ -386,6 +390,14 @@ async fn a_broadcast_reaches_every_node_of_a_sparse_mesh_exactly_once() {
 }
 
 /// Nodes in a line: each knows only the previous one and holds 2 peers.
+/// Whether `a` has `b` as a linked peer.
+fn linked(a: &TestNode, b: &TestNode) -> bool {
+    a.concerns
+        .peers()
+        .by_id(b.id())
+        .is_some_and(|p| p.state.is_linked())
+}
+
 async fn line(net: &MemNetwork, n: usize) -> Vec<TestNode> {
     line_with(net, n, ConcernsConfig::default).await
 }
@@ -531,13 +543,7 @@ async fn a_request_routed_across_eight_hops_and_its_reply_come_back() {
     let net = MemNetwork::new();
     let nodes = line(&net, 9).await;
     let (first, last) = (&nodes[0], &nodes[8]);
-    assert!(
-        first
-            .concerns
-            .peers()
-            .by_id(last.id())
-            .is_none_or(|p| !p.state.is_linked())
-    );
+    assert!(!linked(first, last), "the ends are not neighbours");
     let reply = first
         .ctx()
         .request_to(last.id(), "far", 5 * S)
@@ -569,6 +575,33 @@ async fn a_request_routed_across_eight_hops_and_its_reply_come_back() {
     assert!(matches!(err, ConcernsError::Unreachable(_)), "{err:?}");
     assert!(started.elapsed() <= 4 * S, "{:?}", started.elapsed());
     net.heal();
+    stop(nodes).await;
+}
+
+/// A routed request outlives the relay it went through: the answer comes
+/// back by whatever route the far end finds when it is ready (here a direct
+/// link the two ends form once the relay is gone), within the request's
+/// timeout. A request is not failed when its first hop leaves, unlike a
+/// direct one when its peer does: the answer may still come another way.
+#[tokio::test(start_paused = true)]
+async fn a_routed_request_outlives_its_relay_when_another_path_forms() {
+    let net = MemNetwork::new();
+    let mut nodes = line(&net, 3).await;
+    let relay = nodes.remove(1);
+    let (first, last) = (&nodes[0], &nodes[1]);
+    let ctx = first.ctx();
+    let target = last.id().clone();
+    // 'w': the far handler waits 10 s before it answers.
+    let asked = tokio::spawn(async move { ctx.request_to(&target, "wait", 30 * S).await });
+    while last.probe.count_payload(b"wait") == 0 {
+        sleep(MS).await;
+    }
+    assert!(!linked(first, last), "the ends are not neighbours");
+    stop(vec![relay]).await;
+    let reply = asked.await.unwrap().unwrap();
+    assert_eq!(reply, Bytes::from("wait"));
+    assert!(first.concerns.peers().is_neighbour(last.id()));
+    assert_eq!(last.probe.count_payload(b"wait"), 1, "handled once");
     stop(nodes).await;
 }
 
