@@ -4437,7 +4437,7 @@ fn scenario_churn(mesh: &mut Mesh) -> Result<String> {
 fn churn_rounds(
     mesh: &mut Mesh,
     seeds: &[String],
-    counts: &SoakCounts,
+    counts: &LoadCounts,
 ) -> Result<(Vec<usize>, usize)> {
     let mut churners = Vec::new();
     let mut killed = 0;
@@ -4480,7 +4480,7 @@ fn check_churn(
     members: &[usize],
     seeds: &[String],
 ) -> Result<String> {
-    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::atomic::Ordering::Relaxed;
     let lists = wait_providers(mesh, members, CHURN_SERVICE, &[provider])?;
     // Only the provider's neighbours call it: a routed call may go through
     // a short-lived node, and when that dies under the call the answer
@@ -4496,21 +4496,9 @@ fn check_churn(
         "no node lists node {provider} as a neighbour: {lists:?}"
     );
     let admins: Vec<String> = callers.iter().map(|&i| mesh.admin(i).to_owned()).collect();
-    let prefix = kv_prefix("churn");
-    let stop = AtomicBool::new(false);
-    let counts = SoakCounts::default();
-    let t0 = Instant::now();
-    let churned = thread::scope(|scope| {
-        for (t, admin) in admins.iter().enumerate() {
-            let (stop, counts) = (&stop, &counts);
-            let keys = format!("{prefix}{t}.");
-            scope.spawn(move || soak_worker(admin, CHURN_SERVICE, &keys, stop, counts));
-        }
-        let churned = churn_rounds(mesh, seeds, &counts);
-        stop.store(true, Relaxed);
-        churned
+    let (churned, took, counts) = under_load(&admins, CHURN_SERVICE, "churn", |counts| {
+        churn_rounds(mesh, seeds, counts)
     });
-    let took = t0.elapsed();
     let (churners, killed) = churned?;
     counts.check(took)?;
     let ids: Vec<String> = churners.iter().map(|&i| mesh.id(i).to_owned()).collect();
@@ -4585,9 +4573,9 @@ fn scenario_soak(mesh: &mut Mesh) -> Result<String> {
     Ok(summary)
 }
 
-/// What the `soak` threads did, together.
+/// What the load threads of `soak` and `churn` did, together.
 #[derive(Default)]
-struct SoakCounts {
+struct LoadCounts {
     calls: std::sync::atomic::AtomicU64,
     puts: std::sync::atomic::AtomicU64,
     broadcasts: std::sync::atomic::AtomicU64,
@@ -4595,7 +4583,7 @@ struct SoakCounts {
     failure: std::sync::Mutex<Option<String>>,
 }
 
-impl SoakCounts {
+impl LoadCounts {
     fn failed(&self) -> bool {
         self.failure
             .lock()
@@ -4640,15 +4628,15 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// One `soak` (or `churn`) thread: echo calls of `service` through `admin`, a PUT every
-/// [`SOAK_PUT_EVERY`] of them and a broadcast every
+/// One load thread of `soak` or `churn`: echo calls of `service` through
+/// `admin`, a PUT every [`SOAK_PUT_EVERY`] of them and a broadcast every
 /// [`SOAK_BROADCAST_EVERY`], until `stop` or a failure.
-fn soak_worker(
+fn load_worker(
     admin: &str,
     service: &str,
     keys: &str,
     stop: &std::sync::atomic::AtomicBool,
-    counts: &SoakCounts,
+    counts: &LoadCounts,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let http = Http::new();
@@ -4682,29 +4670,49 @@ fn soak_worker(
     }
 }
 
+/// Runs `during` while one thread per address of `admins` loads the mesh
+/// through it ([`load_worker`] on `service`, keys under a prefix of `tag`),
+/// then stops them: what `during` gave, how long the load lasted and what
+/// the threads did.
+fn under_load<T>(
+    admins: &[String],
+    service: &str,
+    tag: &str,
+    during: impl FnOnce(&LoadCounts) -> T,
+) -> (T, Duration, LoadCounts) {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let prefix = kv_prefix(tag);
+    let stop = AtomicBool::new(false);
+    let counts = LoadCounts::default();
+    let t0 = Instant::now();
+    let out = thread::scope(|scope| {
+        for (t, admin) in admins.iter().enumerate() {
+            let (stop, counts) = (&stop, &counts);
+            let keys = format!("{prefix}{t}.");
+            scope.spawn(move || load_worker(admin, service, &keys, stop, counts));
+        }
+        let out = during(&counts);
+        stop.store(true, Relaxed);
+        out
+    });
+    (out, t0.elapsed(), counts)
+}
+
 /// Loads the mesh for `mesh.soak` from every node of `members` (one
 /// thread each) while sampling every node's RSS, then checks the replicas
 /// and the memory.
 fn check_soak(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Result<String> {
-    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::atomic::Ordering::Relaxed;
     wait_providers(mesh, members, SOAK_SERVICE, &[provider])?;
     let all: Vec<usize> = members.iter().copied().chain([provider]).collect();
     let pids: Vec<u32> = all.iter().map(|&i| mesh.nodes[i].child.id()).collect();
     let admins: Vec<String> = members.iter().map(|&i| mesh.admin(i).to_owned()).collect();
-    let prefix = kv_prefix("soak");
     let length = mesh.soak;
     let interval =
         (length / SOAK_SAMPLES).clamp(Duration::from_millis(200), Duration::from_secs(10));
-    let stop = AtomicBool::new(false);
-    let counts = SoakCounts::default();
-    let mut samples = Vec::new();
-    let t0 = Instant::now();
-    thread::scope(|scope| {
-        for (t, admin) in admins.iter().enumerate() {
-            let (stop, counts) = (&stop, &counts);
-            let keys = format!("{prefix}{t}.");
-            scope.spawn(move || soak_worker(admin, SOAK_SERVICE, &keys, stop, counts));
-        }
+    let (samples, took, counts) = under_load(&admins, SOAK_SERVICE, "soak", |counts| {
+        let t0 = Instant::now();
+        let mut samples = Vec::new();
         loop {
             let at = t0.elapsed();
             let kib: Vec<Option<u64>> = pids.iter().map(|&pid| rss_kib(pid)).collect();
@@ -4718,9 +4726,8 @@ fn check_soak(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Result<Str
             }
             thread::sleep(interval.min(length - at));
         }
-        stop.store(true, Relaxed);
+        samples
     });
-    let took = t0.elapsed();
     counts.check(took)?;
     let (calls, puts, broadcasts) = (
         counts.calls.load(Relaxed),
