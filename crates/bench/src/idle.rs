@@ -374,7 +374,9 @@ async fn child_measure(plaintext: bool, plan: Plan) -> Result<(Statm, Statm)> {
             stats.open_connections
         );
         ensure!(
-            stats.rejected_busy == 0 && stats.handshakes_failed == 0,
+            stats.rejected_busy == 0
+                && stats.evicted_handshakes == 0
+                && stats.handshakes_failed == 0,
             "the {name} turned connections away: {stats:?}"
         );
     }

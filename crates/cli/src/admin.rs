@@ -379,6 +379,9 @@ pub(crate) struct StatusJson {
     pub(crate) handshake_failures: BTreeMap<&'static str, u64>,
     /// Incoming streams closed at once because too many handshakes were pending.
     pub(crate) rejected_busy: u64,
+    /// Pending incoming handshakes evicted to admit a newcomer (a host
+    /// holding more of them, or one silent for half the handshake timeout).
+    pub(crate) evicted_handshakes: u64,
     /// Where it accepts connections.
     pub(crate) listen: Vec<String>,
     /// The metadata it sends to peers (`--meta`).
@@ -723,6 +726,7 @@ pub(crate) fn status_json(
         handshakes_ok: stats.handshakes_ok,
         handshake_failures: stats.failures.clone(),
         rejected_busy: stats.rejected_busy,
+        evicted_handshakes: stats.evicted_handshakes,
         listen: status.listen.iter().map(|a| a.to_string()).collect(),
         metadata: status.metadata.clone().into_iter().collect(),
         uptime_secs: status.uptime.as_secs_f64(),
@@ -1871,6 +1875,7 @@ mod tests {
             handshakes_ok: 5,
             handshakes_failed: 3,
             rejected_busy: 7,
+            evicted_handshakes: 2,
             open_connections: 1,
         };
         let limits = Limits {
@@ -1905,6 +1910,7 @@ mod tests {
                 "handshakes_ok": 5,
                 "handshake_failures": {"crypto": 2, "not_allowed": 1},
                 "rejected_busy": 7,
+                "evicted_handshakes": 2,
                 "listen": ["tcp://127.0.0.1:7000"],
                 "metadata": {"role": "seed"},
                 "uptime_secs": 1.5,

@@ -223,8 +223,11 @@ impl Config {
         self
     }
 
-    /// Incoming connections allowed in the handshake at once; more are
-    /// closed right after accept (default 64, at least 1).
+    /// Incoming connections allowed in the handshake at once (default 64, at
+    /// least 1). When all are taken, a newcomer evicts the oldest pending
+    /// handshake of a host holding more of them than the newcomer's host,
+    /// or else one pending for half the handshake timeout; if neither
+    /// exists it is closed right after accept.
     pub fn with_max_pending_handshakes(mut self, n: usize) -> Self {
         self.max_pending_handshakes = n.max(1);
         self

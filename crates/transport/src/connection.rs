@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::handshake::{BoxRead, BoxWrite, Handshaken};
-use crate::{Address, Config, TransportError};
+use crate::{Address, Config, TransportError, lock};
 
 /// Which outgoing lane a frame takes. Lower lanes are always served first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -243,10 +243,6 @@ struct CloseState {
 struct PendingPing {
     sent: Instant,
     waiter: Option<oneshot::Sender<Duration>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Cuts a Disconnect text to the protocol's default limit, on a char boundary.

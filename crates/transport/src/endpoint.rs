@@ -8,17 +8,18 @@ use std::time::Duration;
 
 use meshwork_wire::NodeId;
 use meshwork_wire::proto::DisconnectReason;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::addr::{Host, local_host_ip};
+use crate::admission::{Admission, PendingHandshakes, Slot, Source};
 use crate::connection::{Connection, ConnectionHandle, Direction};
 use crate::handshake::{handshake, local_hello};
 use crate::transport::{BoxStream, Listener, Transport};
-use crate::{Address, Config, TransportError};
+use crate::{Address, Config, TransportError, lock};
 
 /// Counters of an endpoint's handshakes, for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,8 +30,13 @@ pub struct EndpointStats {
     pub handshakes_ok: u64,
     /// Handshakes that failed or were refused, both directions.
     pub handshakes_failed: u64,
-    /// Incoming streams closed at once because too many handshakes were pending.
+    /// Incoming streams closed at once because too many handshakes were
+    /// pending and none could be evicted.
     pub rejected_busy: u64,
+    /// Pending incoming handshakes closed to make room for a newcomer: from
+    /// a host holding more pending handshakes than the newcomer's, or
+    /// waiting for more than half the handshake timeout.
+    pub evicted_handshakes: u64,
     /// Connections currently open.
     pub open_connections: usize,
 }
@@ -43,7 +49,7 @@ struct Inner {
     next_id: AtomicU64,
     incoming_tx: mpsc::Sender<Connection>,
     incoming_rx: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
-    handshake_slots: Arc<Semaphore>,
+    pending: Arc<PendingHandshakes>,
     /// Fired first on shutdown: stop accepting and dialling.
     stopping: CancellationToken,
     /// Fired once connections were closed: ends every task.
@@ -52,6 +58,7 @@ struct Inner {
     handshakes_ok: AtomicU64,
     handshakes_failed: AtomicU64,
     rejected_busy: AtomicU64,
+    evicted_handshakes: AtomicU64,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     bans: Mutex<HashMap<NodeId, Instant>>,
 }
@@ -112,7 +119,8 @@ impl Endpoint {
     /// Like [`new`](Self::new) with a shared transport.
     pub fn with_transport(config: Config, transport: Arc<dyn Transport>) -> Self {
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
-        let slots = Arc::new(Semaphore::new(config.max_pending_handshakes));
+        let pending =
+            PendingHandshakes::new(config.max_pending_handshakes, config.handshake_timeout);
         Endpoint {
             inner: Arc::new(Inner {
                 config,
@@ -122,13 +130,14 @@ impl Endpoint {
                 next_id: AtomicU64::new(1),
                 incoming_tx,
                 incoming_rx: tokio::sync::Mutex::new(incoming_rx),
-                handshake_slots: slots,
+                pending,
                 stopping: CancellationToken::new(),
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 handshakes_ok: AtomicU64::new(0),
                 handshakes_failed: AtomicU64::new(0),
                 rejected_busy: AtomicU64::new(0),
+                evicted_handshakes: AtomicU64::new(0),
                 failures: Mutex::new(BTreeMap::new()),
                 bans: Mutex::new(HashMap::new()),
             }),
@@ -198,33 +207,43 @@ impl Endpoint {
                     continue;
                 }
             };
-            let Ok(permit) = inner.handshake_slots.clone().try_acquire_owned() else {
+            let Some((slot, how)) = inner.pending.admit(Source::of(&remote), Instant::now()) else {
                 inner.rejected_busy.fetch_add(1, Ordering::Relaxed);
                 debug!(%remote, "too many pending handshakes; closing incoming stream");
                 drop(stream);
                 continue;
             };
+            if how == Admission::Evicted {
+                inner.evicted_handshakes.fetch_add(1, Ordering::Relaxed);
+                debug!(%remote, "pending handshakes full; evicted one to admit this stream");
+            }
             let this = self.clone();
             let span = info_span!("inbound", %remote);
-            inner.tracker.spawn(
-                async move {
-                    this.accept_one(stream, remote).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
+            inner
+                .tracker
+                .spawn(this.accept_one(stream, remote, slot).instrument(span));
         }
     }
 
-    async fn accept_one(&self, stream: BoxStream, remote: Address) {
+    /// Runs one incoming handshake; `slot` (its pending-handshake slot) is
+    /// held until the application takes the connection.
+    async fn accept_one(self, stream: BoxStream, remote: Address, mut slot: Slot) {
         let inner = &self.inner;
         let hello = local_hello(&inner.config, self.advertised());
         let admit = |id: &NodeId| self.admit(id);
+        let evicted = slot.evicted().clone();
         let result = tokio::select! {
             _ = inner.stopping.cancelled() => return,
+            _ = evicted.cancelled() => {
+                info!(%remote, "incoming handshake evicted to admit another");
+                return;
+            }
             r = handshake(stream, &inner.config, hello, false, &admit) => r,
         };
         match result {
+            Ok(hs) if !slot.settle() => {
+                info!(%remote, peer = %hs.node_id.short(), "incoming handshake evicted as it completed");
+            }
             Ok(hs) => {
                 inner.handshakes_ok.fetch_add(1, Ordering::Relaxed);
                 let conn = self.register(hs, remote.clone(), Direction::Inbound);
@@ -408,6 +427,7 @@ impl Endpoint {
             handshakes_ok: inner.handshakes_ok.load(Ordering::Relaxed),
             handshakes_failed: inner.handshakes_failed.load(Ordering::Relaxed),
             rejected_busy: inner.rejected_busy.load(Ordering::Relaxed),
+            evicted_handshakes: inner.evicted_handshakes.load(Ordering::Relaxed),
             failures: lock(&inner.failures).clone(),
             open_connections: lock(&inner.connections).len(),
         }
@@ -436,8 +456,4 @@ impl Endpoint {
         lock(&inner.listen_addrs).clear();
         info!(node = %self.node_id().short(), "endpoint shut down");
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

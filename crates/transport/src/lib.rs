@@ -69,6 +69,7 @@
 //! ```
 
 mod addr;
+mod admission;
 mod config;
 mod connection;
 mod endpoint;
@@ -94,3 +95,9 @@ pub use error::TransportError;
 pub use identity::{Identity, NetworkKey};
 pub use tcp::TcpTransport;
 pub use transport::{BoxStream, ByteStream, Listener, Transport};
+
+/// Locks `m`, ignoring poisoning: every critical section in this crate
+/// leaves its data consistent, so a panic elsewhere does not spoil it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

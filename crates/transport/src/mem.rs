@@ -54,7 +54,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -65,17 +65,13 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 use crate::transport::{BoxStream, Listener, Transport};
-use crate::{Address, TransportError};
+use crate::{Address, TransportError, lock};
 
 /// Bytes one direction of a stream holds before writers must wait.
 pub const PIPE_CAPACITY: usize = 256 * 1024;
 
 /// Dialled streams a listener holds before further dials are refused.
 pub const ACCEPT_BACKLOG: usize = 128;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn io_err(kind: io::ErrorKind, msg: String) -> TransportError {
     TransportError::Io(io::Error::new(kind, msg))

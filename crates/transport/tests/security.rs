@@ -13,7 +13,7 @@ use common::*;
 use meshwork_transport::{Config, Identity, NetworkKey, Priority, Security, TransportError};
 use meshwork_wire::Message;
 use meshwork_wire::proto::{Concern, ConcernKind, DisconnectReason};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 on_both_transports!(
     matching_nodes_see_each_others_real_ids,
@@ -200,8 +200,11 @@ async fn a_connection_flood_is_shed(net: Net) {
     }
     assert!(flood.len() >= 100, "only {} streams opened", flood.len());
     let opened = flood.len() as u64;
+    // Shed: closed at once, or admitted by evicting an older one (each
+    // in-memory dialler is a host of its own; over TCP all are 127.0.0.1).
     eventually("the excess was shed", || {
-        server.stats().rejected_busy >= opened - 8
+        let st = server.stats();
+        st.rejected_busy + st.evicted_handshakes >= opened - 8
     })
     .await;
     // The eight in the handshake time out; then good peers get in again.
@@ -306,5 +309,87 @@ async fn a_banned_node_is_closed_and_refused_until_the_ban_expires(net: Net) {
     assert!(!server.is_banned(rogue.node_id()));
     let _again = rogue.connect(&addr).await.expect("ban expired");
     rogue.shutdown().await;
+    server.shutdown().await;
+}
+
+/// One host holding every pending-handshake slot with silent streams does
+/// not keep another host out: the newcomer evicts the hog's oldest.
+#[tokio::test(start_paused = true)]
+async fn a_host_holding_every_handshake_slot_yields_one_to_another_host() {
+    let net = Net::mem();
+    let (server, addr) = net.listening("server", config()).await;
+    let mut hog = Vec::new();
+    for _ in 0..64 {
+        hog.push(net.raw("hog", &addr).await);
+    }
+    // The hog's next streams are refused: it is the top holder and its
+    // handshakes are fresh.
+    let mut refused = Vec::new();
+    for _ in 0..10 {
+        refused.push(net.raw("hog", &addr).await);
+    }
+    eventually("the hog's excess refused", || {
+        server.stats().rejected_busy == 10
+    })
+    .await;
+    assert_eq!(server.stats().evicted_handshakes, 0);
+
+    let good = net.dialer("good", config());
+    let started = tokio::time::Instant::now();
+    let conn = good.connect(&addr).await.expect("another host gets in");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.stats().evicted_handshakes, 1);
+    assert_eq!(server.accept().await.unwrap().node_id(), good.node_id());
+    // The evicted stream was closed; the other 63 still wait.
+    let mut open = 0;
+    for s in &mut hog {
+        // Past the server's preamble: open streams go quiet, the evicted one ends.
+        let mut chunk = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(10), s.read(&mut chunk)).await {
+                Err(_) => open += 1,
+                Ok(Ok(n)) if n > 0 => continue,
+                Ok(_) => {}
+            }
+            break;
+        }
+    }
+    assert_eq!(open, 63);
+    drop(conn);
+    good.shutdown().await;
+    server.shutdown().await;
+}
+
+/// Under pressure a handshake gets half its timeout: a newcomer from the
+/// same host (as every node is on one loopback) evicts a stream that has
+/// been silent that long.
+#[tokio::test(start_paused = true)]
+async fn a_stale_handshake_makes_room_when_every_slot_is_taken() {
+    let net = Net::mem();
+    let cfg = config().with_max_pending_handshakes(4);
+    let (server, addr) = net.listening("server", cfg).await;
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(net.raw("shared-host", &addr).await);
+    }
+    let early = net.dialer("shared-host", config());
+    let err = early.connect(&addr).await.expect_err("no room yet");
+    assert!(
+        !matches!(err, TransportError::Timeout { .. }),
+        "closed at once: {err}"
+    );
+    assert_eq!(server.stats().rejected_busy, 1);
+
+    tokio::time::sleep(Duration::from_secs(5)).await; // half the 10 s timeout
+    let late = net.dialer("shared-host", config());
+    let _conn = late.connect(&addr).await.expect("a stale one makes room");
+    assert_eq!(server.stats().evicted_handshakes, 1);
+    assert_eq!(server.accept().await.unwrap().node_id(), late.node_id());
+    early.shutdown().await;
+    late.shutdown().await;
     server.shutdown().await;
 }
