@@ -13,7 +13,8 @@
 //!   `{"event":"ready","node_id":"<hex>","listen":["tcp://..."],"admin":"127.0.0.1:PORT"}`;
 //!   logs go to stderr.
 //! * `GET /status` returns `{"node_id","network_id","security","handshakes_ok",
-//!   "handshake_failures":{"<cause>":N,...},"rejected_busy","listen","uptime_secs","connections":[
+//!   "handshake_failures":{"<cause>":N,...},"rejected_busy","evicted_handshakes",
+//!   "pending_handshakes","listen","uptime_secs","connections":[
 //!   {"node_id","addr","direction","listen_addrs","rtt_ms","smoothed_rtt_ms","age_secs",
 //!   "frames_sent","frames_received"}],"pool":{"connected","inbound","outbound",
 //!   "pending_dials","known","dropped_inbound","min_peers","max_peers"},"peers":[
@@ -95,6 +96,9 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 
 use crate::{cargo, display_cmd, fmt_duration, target_dir, usage};
+
+mod hog;
+use hog::{Hog, HogCounts};
 
 /// How long a node may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -508,6 +512,16 @@ const SCENARIOS: &[Scenario] = &[
                 never has more than 2 connected peers and ends with exactly 2; the dialers \
                 learn each other from its refusals and the 7 form one connected graph",
         run: scenario_limits,
+    },
+    Scenario {
+        name: "handshake-hog",
+        about: "a new node with no seeds; one host holds 64 silent TCP connections to it (all \
+                its handshake slots; 8 more from that host are refused at once) and reopens \
+                any it closes: a node seeded only with it still becomes its peer within 3 s \
+                when the hog is another host (127.0.0.2), and within 10 s when it is the \
+                newcomer's own host (127.0.0.1: a stale handshake goes after 5 s, half the \
+                handshake timeout); the node counts the evictions",
+        run: scenario_handshake_hog,
     },
     Scenario {
         name: "kill",
@@ -1580,6 +1594,151 @@ fn check_peer_limit(snap: &Snapshot, i: usize, max: usize, peak: &mut Peak) -> R
         )));
     }
     Ok(())
+}
+
+/// Silent streams a hog holds: every handshake slot of a node.
+const HOG_STREAMS: usize = 64;
+/// Streams beyond those that must be refused at once.
+const HOG_EXTRA: usize = 8;
+/// How soon a node joins while another host hogs its seed's slots.
+const HOG_OTHER_HOST_JOIN: Duration = Duration::from_secs(3);
+/// How soon a node joins while its own host hogs its seed's slots: half the
+/// default handshake timeout (10 s) plus dial backoff (`--backoff-max-ms`).
+const HOG_SAME_HOST_JOIN: Duration = Duration::from_secs(10);
+
+fn scenario_handshake_hog(mesh: &mut Mesh) -> Result<String> {
+    let target = mesh.spawn_with(&[], &[])?;
+    let mut group = vec![target];
+    let result = check_handshake_hog(mesh, &mut group);
+    let stopped = mesh.stop_all(&group);
+    let summary = result?;
+    stopped.context("stopping the nodes of the handshake-hog scenario")?;
+    Ok(summary)
+}
+
+/// `group[0]` is the hogged node (not ready yet); the newcomers are pushed
+/// onto `group`.
+fn check_handshake_hog(mesh: &mut Mesh, group: &mut Vec<usize>) -> Result<String> {
+    let target = group[0];
+    mesh.wait_ready(target)?;
+    let seed = mesh.nodes[target].ready.listen[0].clone();
+    let addr: SocketAddr = seed
+        .strip_prefix("tcp://")
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("node {target} listens on {seed:?}, not tcp://IP:PORT"))?;
+    let phases = [
+        (
+            "another host",
+            IpAddr::from([127, 0, 0, 2]),
+            HOG_OTHER_HOST_JOIN,
+        ),
+        (
+            "the newcomer's host",
+            IpAddr::from([127, 0, 0, 1]),
+            HOG_SAME_HOST_JOIN,
+        ),
+    ];
+    let mut parts = Vec::new();
+    for (whose, from, limit) in phases {
+        let hog = Hog::start(addr, from, HOG_STREAMS).with_context(|| {
+            format!("the hog on {from} (127.0.0.2 is a loopback address on Linux)")
+        })?;
+        let joined = hogged_join(mesh, group, &seed, &hog, limit);
+        let counts = hog.stop();
+        let (took, evicted) = joined.with_context(|| format!("with {whose} ({from}) hogging"))?;
+        parts.push(describe_hog(whose, from, took, evicted, counts));
+    }
+    Ok(format!("node {target}: {}", parts.join("; ")))
+}
+
+/// While `hog` holds the slots of `group[0]`: the hog's extra streams are
+/// refused, and a new node seeded with `seed` becomes a peer within `limit`.
+/// Returns how long that took and the evictions counted meanwhile.
+fn hogged_join(
+    mesh: &mut Mesh,
+    group: &mut Vec<usize>,
+    seed: &str,
+    hog: &Hog,
+    limit: Duration,
+) -> Result<(Duration, u64)> {
+    let target = group[0];
+    let before = mesh.poll_until(
+        &format!("node {target} to hold the hog's {HOG_STREAMS} streams in the handshake"),
+        Poll::Only(&[target]),
+        SCENARIO_TIMEOUT,
+        |_, snap| {
+            let s = snap.status(target)?;
+            if s.pending_handshakes >= HOG_STREAMS as u64 {
+                Ok(s.clone())
+            } else {
+                Err(Wait::Pending(format!(
+                    "{} pending handshakes",
+                    s.pending_handshakes
+                )))
+            }
+        },
+    )?;
+    let extra = (0..HOG_EXTRA)
+        .map(|_| hog.extra())
+        .collect::<Result<Vec<_>>>()?;
+    mesh.poll_until(
+        &format!("node {target} to refuse {HOG_EXTRA} more streams from the hog at once"),
+        Poll::Only(&[target]),
+        SCENARIO_TIMEOUT,
+        |_, snap| {
+            let s = snap.status(target)?;
+            let refused = s.rejected_busy.saturating_sub(before.rejected_busy);
+            if s.evicted_handshakes != before.evicted_handshakes {
+                return Err(Wait::Fatal(format!(
+                    "the hog's own streams evicted {} of its others",
+                    s.evicted_handshakes - before.evicted_handshakes
+                )));
+            }
+            if refused >= HOG_EXTRA as u64 {
+                Ok(())
+            } else {
+                Err(Wait::Pending(format!("{refused} refused")))
+            }
+        },
+    )?;
+    drop(extra);
+    let spawned = Instant::now();
+    let newcomer = mesh.spawn_with(&[seed.to_owned()], &[])?;
+    group.push(newcomer);
+    mesh.wait_ready(newcomer)?;
+    let id = mesh.nodes[newcomer].ready.node_id.clone();
+    let after = mesh.poll_until(
+        &format!("node {newcomer}, seeded only with node {target}, to become its peer"),
+        Poll::Only(&[target]),
+        limit.saturating_sub(spawned.elapsed()),
+        |_, snap| {
+            let s = snap.status(target)?;
+            match s.peer(&id) {
+                Some(p) if p.is_linked() => Ok(s.clone()),
+                Some(p) => Err(Wait::Pending(format!("node {newcomer} is {}", p.state))),
+                None => Err(Wait::Pending(format!("node {newcomer} is unknown"))),
+            }
+        },
+    )?;
+    let evicted = after
+        .evicted_handshakes
+        .saturating_sub(before.evicted_handshakes);
+    ensure!(
+        evicted >= 1,
+        "node {newcomer} got in, but node {target} counted no eviction: were the slots full?"
+    );
+    Ok((spawned.elapsed(), evicted))
+}
+
+fn describe_hog(whose: &str, from: IpAddr, took: Duration, evicted: u64, c: HogCounts) -> String {
+    format!(
+        "with {whose} ({from}) holding all {HOG_STREAMS} handshake slots ({HOG_EXTRA} more \
+         refused; {} streams opened, {} closed by the node), a new node became its peer after \
+         {} ({evicted} eviction(s))",
+        c.opened,
+        c.closed,
+        fmt_duration(took)
+    )
 }
 
 fn scenario_partition(mesh: &mut Mesh) -> Result<String> {
@@ -5892,6 +6051,10 @@ struct Status {
     /// Failed handshakes by cause, e.g. `"crypto"`.
     handshake_failures: BTreeMap<String, u64>,
     rejected_busy: u64,
+    /// Pending incoming handshakes evicted to admit a newcomer.
+    evicted_handshakes: u64,
+    /// Incoming handshakes holding a slot now.
+    pending_handshakes: u64,
     listen: Vec<String>,
     uptime_secs: f64,
     connections: Vec<Connection>,
@@ -6183,6 +6346,8 @@ fn parse_status(v: &Value) -> Result<Status> {
         handshakes_ok: u64_field(v, "handshakes_ok")?,
         handshake_failures,
         rejected_busy: u64_field(v, "rejected_busy")?,
+        evicted_handshakes: u64_field(v, "evicted_handshakes")?,
+        pending_handshakes: u64_field(v, "pending_handshakes")?,
         listen: str_list(v, "listen")?,
         uptime_secs: num_field(v, "uptime_secs")?,
         connections,
@@ -7105,6 +7270,7 @@ mod tests {
         let v = serde_json::json!({
             "node_id": "aa", "network_id": "n", "security": "noise", "handshakes_ok": 2,
             "handshake_failures": {"crypto": 3}, "rejected_busy": 0,
+            "evicted_handshakes": 1, "pending_handshakes": 2,
             "listen": ["tcp://127.0.0.1:1"], "uptime_secs": 1.5,
             "connections": [{
                 "node_id": "bb", "addr": "tcp://127.0.0.1:2", "direction": "inbound",

@@ -382,6 +382,8 @@ pub(crate) struct StatusJson {
     /// Pending incoming handshakes evicted to admit a newcomer (a host
     /// holding more of them, or one silent for half the handshake timeout).
     pub(crate) evicted_handshakes: u64,
+    /// Incoming handshakes holding one of the 64 slots now.
+    pub(crate) pending_handshakes: usize,
     /// Where it accepts connections.
     pub(crate) listen: Vec<String>,
     /// The metadata it sends to peers (`--meta`).
@@ -727,6 +729,7 @@ pub(crate) fn status_json(
         handshake_failures: stats.failures.clone(),
         rejected_busy: stats.rejected_busy,
         evicted_handshakes: stats.evicted_handshakes,
+        pending_handshakes: stats.pending_handshakes,
         listen: status.listen.iter().map(|a| a.to_string()).collect(),
         metadata: status.metadata.clone().into_iter().collect(),
         uptime_secs: status.uptime.as_secs_f64(),
@@ -1876,6 +1879,7 @@ mod tests {
             handshakes_failed: 3,
             rejected_busy: 7,
             evicted_handshakes: 2,
+            pending_handshakes: 3,
             open_connections: 1,
         };
         let limits = Limits {
@@ -1911,6 +1915,7 @@ mod tests {
                 "handshake_failures": {"crypto": 2, "not_allowed": 1},
                 "rejected_busy": 7,
                 "evicted_handshakes": 2,
+                "pending_handshakes": 3,
                 "listen": ["tcp://127.0.0.1:7000"],
                 "metadata": {"role": "seed"},
                 "uptime_secs": 1.5,

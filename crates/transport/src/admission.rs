@@ -166,8 +166,9 @@ impl PendingHandshakes {
         (now.saturating_duration_since(oldest.started) >= self.stale_after).then_some(*id)
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    /// Slots in use: handshakes in progress, and completed ones not yet
+    /// taken by the application.
+    pub(crate) fn len(&self) -> usize {
         let t = crate::lock(&self.table);
         t.pending.len() + t.settled
     }

@@ -37,6 +37,9 @@ pub struct EndpointStats {
     /// a host holding more pending handshakes than the newcomer's, or
     /// waiting for more than half the handshake timeout.
     pub evicted_handshakes: u64,
+    /// Incoming handshakes holding a slot now (in progress, or completed
+    /// and not yet accepted), of at most `max_pending_handshakes`.
+    pub pending_handshakes: usize,
     /// Connections currently open.
     pub open_connections: usize,
 }
@@ -428,6 +431,7 @@ impl Endpoint {
             handshakes_failed: inner.handshakes_failed.load(Ordering::Relaxed),
             rejected_busy: inner.rejected_busy.load(Ordering::Relaxed),
             evicted_handshakes: inner.evicted_handshakes.load(Ordering::Relaxed),
+            pending_handshakes: inner.pending.len(),
             failures: lock(&inner.failures).clone(),
             open_connections: lock(&inner.connections).len(),
         }
