@@ -1615,6 +1615,7 @@ async fn a_killed_provider_leaves_the_registry_within_its_ttl() {
     )
     .await;
     let (a, b, doomed) = (&nodes[0], &nodes[1], &nodes[2]);
+    let held_before = a.sync().stats().entries;
     let (imp, _probe) = Imp::new("doomed");
     doomed
         .rpc()
@@ -1639,6 +1640,16 @@ async fn a_killed_provider_leaves_the_registry_within_its_ttl() {
         Err(RpcError::NoProvider("calc".into()))
     );
     assert_eq!(started.elapsed(), Duration::ZERO);
+    // Its registry entry is an expiry tombstone now, forgotten a ttl plus
+    // twice the clock skew allowed (60 s by default) after the expiry, not
+    // after the 24 h grace of deletes.
+    for n in [a, b] {
+        assert_eq!(n.sync().stats().entries, held_before + 1, "the tombstone");
+    }
+    sleep(ttl + 2 * 60 * S + S).await;
+    for n in [a, b] {
+        assert_eq!(n.sync().stats().entries, held_before, "forgotten");
+    }
     net.heal();
     stop(nodes).await;
 }

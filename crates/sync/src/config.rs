@@ -85,9 +85,11 @@ impl SyncConfig {
         self
     }
 
-    /// How long tombstones are kept (default 24 hours). A node cut off for
-    /// longer than this can bring a deleted key back; keep it longer than
-    /// any partition you expect to heal.
+    /// How long tombstones of deletes are kept (default 24 hours). A node
+    /// cut off for longer than this can bring a deleted key back; keep it
+    /// longer than any partition you expect to heal. Tombstones of expired
+    /// ephemeral entries go sooner: one ttl plus twice the clock skew
+    /// allowed after the expiry (at most this grace).
     pub fn with_tombstone_grace(mut self, grace: Duration) -> Self {
         self.tombstone_grace = grace;
         self

@@ -88,6 +88,19 @@ struct Bucket {
     hash: u64,
 }
 
+/// The tombstone an expired ephemeral entry becomes, the same on every
+/// replica: stamped at its expiry (or just after its own stamp), with the
+/// lease lapsed then, and keeping its ttl and expiry, which mark it as an
+/// expiry (collected sooner than a delete, see `Replica::collect_at`).
+fn expiry_tombstone(e: &Entry, leasing: bool) -> Entry {
+    Entry {
+        value: None,
+        stamp: Stamp::new(e.expires_at, 0).max(e.stamp.next()),
+        lease_until: if leasing { e.expires_at } else { 0 },
+        ..e.clone()
+    }
+}
+
 /// Settings of a replica.
 #[derive(Debug, Clone)]
 pub(crate) struct ReplicaConfig {
@@ -313,6 +326,15 @@ impl Replica {
         if entry.is_deleted() && self.collectable(&entry, now_ms) {
             return Ok(Vec::new());
         }
+        // An expired entry whose expiry would be collected already: every
+        // replica has swept it (or will, by its own clock), so it is as
+        // good as collected and must not come back.
+        if !entry.is_deleted()
+            && entry.expired(now_ms)
+            && self.collectable(&expiry_tombstone(&entry, self.cfg.leasing), now_ms)
+        {
+            return Ok(Vec::new());
+        }
         if let Some(current) = self.entry(&key) {
             if !entry.beats(current, self.cfg.leasing) {
                 return Ok(Vec::new());
@@ -343,7 +365,9 @@ impl Replica {
                     } else {
                         at.saturating_add(self.cfg.lease_ms)
                     },
-                    expires_at: if current.ttl_ms != 0 {
+                    expires_at: if current.is_deleted() {
+                        current.expires_at
+                    } else if current.ttl_ms != 0 {
                         at.saturating_add(current.ttl_ms)
                     } else {
                         0
@@ -363,21 +387,35 @@ impl Replica {
     }
 
     fn collectable(&self, tombstone: &Entry, now_ms: u64) -> bool {
-        tombstone
-            .stamp
-            .millis()
-            .saturating_add(self.cfg.tombstone_grace_ms)
-            <= now_ms
+        self.collect_at(tombstone) <= now_ms
+    }
+
+    /// When `tombstone` may be forgotten. A delete's, after the grace
+    /// period: until then an older value cannot come back. An expiry's (it
+    /// keeps the expired entry's ttl, see [`expiry_tombstone`]) one ttl
+    /// plus twice the clock skew allowed after the expiry: every older
+    /// version of the key expired by then on every replica's clock, and
+    /// `apply` refuses expired entries that old, so nothing can bring the
+    /// key back but a new write. Ephemeral keys of nodes that come and go
+    /// (an RPC registry under churn) are then forgotten within seconds,
+    /// not kept for the grace period.
+    fn collect_at(&self, tombstone: &Entry) -> u64 {
+        let grace = if tombstone.ttl_ms != 0 {
+            tombstone
+                .ttl_ms
+                .saturating_add(self.cfg.max_skew_ms.saturating_mul(2))
+                .min(self.cfg.tombstone_grace_ms)
+        } else {
+            self.cfg.tombstone_grace_ms
+        };
+        tombstone.stamp.millis().saturating_add(grace)
     }
 
     /// Stores `entry` (already known to win) and says what changed.
     fn put(&mut self, key: Bytes, entry: Entry, now_ms: u64) -> Vec<Change> {
         if entry.is_deleted() {
-            let at = entry
-                .stamp
-                .millis()
-                .saturating_add(self.cfg.tombstone_grace_ms);
-            self.deadlines.insert((at, key.clone()));
+            self.deadlines
+                .insert((self.collect_at(&entry), key.clone()));
         } else if entry.expires_at != 0 {
             self.deadlines.insert((entry.expires_at, key.clone()));
         }
@@ -458,14 +496,7 @@ impl Replica {
         }
         let mut changes = Vec::new();
         for (k, e) in expired {
-            let tombstone = Entry {
-                value: None,
-                stamp: Stamp::new(e.expires_at, 0).max(e.stamp.next()),
-                lease_until: if self.cfg.leasing { e.expires_at } else { 0 },
-                expires_at: 0,
-                ttl_ms: 0,
-                ..e
-            };
+            let tombstone = expiry_tombstone(&e, self.cfg.leasing);
             self.put(k.clone(), tombstone.clone(), now_ms);
             changes.push(Change {
                 key: k,

@@ -506,3 +506,77 @@ fn a_rebased_write_with_a_huge_ttl_saturates_instead_of_overflowing() {
     // Refreshing it does not overflow either.
     assert!(a.refresh_due(2_002).is_empty());
 }
+
+#[test]
+fn an_expiry_is_forgotten_a_ttl_after_it_and_the_key_does_not_come_back() {
+    const TTL: u64 = 3_000;
+    const SKEW: u64 = 60_000; // as `replica` sets it
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    let (live, _) = a
+        .write(
+            k("svc"),
+            Some(k("up")),
+            Write::Ephemeral { ttl_ms: TTL },
+            1_000,
+        )
+        .unwrap();
+    b.apply(k("svc"), live.clone(), 1_000).unwrap();
+    b.sweep(4_000);
+    let tomb = b.entry(b"svc").unwrap().clone();
+    assert!(tomb.is_deleted());
+    assert_eq!(
+        (tomb.ttl_ms, tomb.expires_at),
+        (TTL, 4_000),
+        "marked an expiry"
+    );
+    // It crosses the wire as it is.
+    let (_, back) = Entry::from_proto(tomb.to_proto(&k("svc"), &id(2)), &id(2), 64, 64).unwrap();
+    assert_eq!(back, tomb);
+
+    let forget = 4_000 + TTL + 2 * SKEW;
+    b.sweep(forget - 1);
+    assert_eq!(b.entries(), 1);
+    b.sweep(forget);
+    assert_eq!(
+        (b.entries(), b.root()),
+        (0, 0),
+        "forgotten long before the grace"
+    );
+    // Neither the tombstone nor the expired value is taken back.
+    assert!(b.apply(k("svc"), tomb, forget).unwrap().is_empty());
+    assert!(b.apply(k("svc"), live, forget).unwrap().is_empty());
+    assert_eq!(b.entries(), 0);
+    // An expired value that recent is still taken (and swept as usual).
+    let (late, _) = a
+        .write(
+            k("late"),
+            Some(k("v")),
+            Write::Ephemeral { ttl_ms: TTL },
+            forget,
+        )
+        .unwrap();
+    b.apply(k("late"), late, forget + TTL + 1).unwrap();
+    assert!(b.entry(b"late").is_some());
+    // A new claim of the forgotten key starts afresh.
+    let fresh = set(&mut b, "svc", "again", forget + 1).unwrap();
+    assert_eq!((fresh.epoch, fresh.writer), (1, id(2)));
+}
+
+#[test]
+fn a_delete_is_kept_for_the_whole_grace_even_of_an_ephemeral_key() {
+    let mut a = replica(1, true);
+    a.write(
+        k("svc"),
+        Some(k("up")),
+        Write::Ephemeral { ttl_ms: 3_000 },
+        1_000,
+    )
+    .unwrap();
+    let (tomb, _) = a.write(k("svc"), None, Write::Delete, 2_000).unwrap();
+    assert_eq!(tomb.ttl_ms, 0, "a delete, not an expiry");
+    a.sweep(2_000 + 600_000 - 1);
+    assert_eq!(a.entries(), 1);
+    a.sweep(2_000 + 600_000);
+    assert_eq!(a.entries(), 0);
+}
