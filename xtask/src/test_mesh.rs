@@ -136,6 +136,9 @@ const NODE_TIMINGS: &[(&str, &str)] = &[
     ("--backoff-max-ms", "1000"),
     ("--discovery-ms", "1000"),
     ("--anti-entropy-ms", "500"),
+    // One machine, one clock: tombstones of expired registry entries go
+    // their ttl (10 s) plus 2 s after the expiry (`churn` checks it).
+    ("--max-clock-skew-ms", "1000"),
 ];
 /// How long a broadcast, publication or request may take to be recorded by
 /// the nodes it is meant for.
@@ -260,6 +263,9 @@ const CHURN_LIFETIME: Duration = Duration::from_millis(500);
 /// Time for every node to forget the short-lived nodes' registry entries:
 /// the registry ttl (10 s) for the killed ones, plus slack.
 const CHURN_REGISTRY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time after that for every node to forget the tombstones of those
+/// entries: the registry ttl plus twice the clock skew (1 s), plus slack.
+const CHURN_TOMBSTONE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The service the `soak` scenario calls.
 const SOAK_SERVICE: &str = "tm.soak";
 /// How long the `soak` scenario loads the mesh unless told (`--soak-secs`).
@@ -479,8 +485,9 @@ const SCENARIOS: &[Scenario] = &[
                 with fresh identities, each serving a service of their own, join and leave \
                 after 0.5 s (kill -9 for one in two, POST /shutdown for the others): no \
                 operation fails, no node lists any of them within 20 s, their registry entries \
-                are gone from every node within 15 s, and the others are one connected mesh \
-                again",
+                are gone from every node within 15 s and the tombstones of those entries within \
+                20 s more (ttl 10 s plus twice the --max-clock-skew-ms of 1 s test-mesh sets), \
+                and the others are one connected mesh again",
         run: scenario_churn,
     },
     Scenario {
@@ -4655,6 +4662,12 @@ fn check_churn(
         "no node lists node {provider} as a neighbour: {lists:?}"
     );
     let admins: Vec<String> = callers.iter().map(|&i| mesh.admin(i).to_owned()).collect();
+    let tombstones_before = mesh.poll_until(
+        "the nodes' /status before the churn",
+        Poll::Only(members),
+        SCENARIO_TIMEOUT,
+        |_, snap| tombstones(snap, members),
+    )?;
     let (churned, took, counts) = under_load(&admins, CHURN_SERVICE, "churn", |counts| {
         churn_rounds(mesh, seeds, counts)
     });
@@ -4698,6 +4711,26 @@ fn check_churn(
         },
     )?;
     let unlisted = ended.elapsed();
+    let tombstones_after = mesh.poll_until(
+        "every node to forget the tombstones of the short-lived nodes' registry entries",
+        Poll::Only(members),
+        CHURN_TOMBSTONE_TIMEOUT,
+        |_, snap| {
+            let now = tombstones(snap, members)?;
+            let left: Vec<String> = members
+                .iter()
+                .zip(now.iter().zip(&tombstones_before))
+                .filter(|(_, (n, b))| n > b)
+                .map(|(i, (n, b))| format!("node {i} holds {n} tombstones (had {b})"))
+                .collect();
+            if left.is_empty() {
+                Ok(now)
+            } else {
+                Err(Wait::Pending(left.join(", ")))
+            }
+        },
+    )?;
+    let collected = ended.elapsed();
     let stayed: Vec<usize> = members.iter().copied().chain([provider]).collect();
     wait_connected(mesh, &stayed)?;
     Ok(format!(
@@ -4705,7 +4738,8 @@ fn check_churn(
          ({CHURN_ROUNDS} rounds of {CHURNERS_PER_ROUND}, {} each; {killed} killed -9, {} shut \
          down) in {}; meanwhile nodes {} (the provider's neighbours) made {} echo calls, {} PUTs and {} broadcasts, none \
          failed; no node listed them {} after the last left, none listed their service after \
-         {}, and nodes {} are one connected mesh",
+         {}, every node had forgotten the tombstones of their registry entries after {} \
+         (tombstones per node {}, before {}), and nodes {} are one connected mesh",
         churners.len(),
         fmt_duration(CHURN_LIFETIME),
         churners.len() - killed,
@@ -4716,8 +4750,29 @@ fn check_churn(
         counts.broadcasts.load(Relaxed),
         fmt_duration(forgotten),
         fmt_duration(unlisted),
+        fmt_duration(collected),
+        join_counts(&tombstones_after),
+        join_counts(&tombstones_before),
         node_list(&stayed),
     ))
+}
+
+/// `1/0/2`.
+fn join_counts(counts: &[u64]) -> String {
+    let all: Vec<String> = counts.iter().map(u64::to_string).collect();
+    all.join("/")
+}
+
+/// Entries minus live keys (tombstones, and expired entries not swept yet)
+/// of each node of `nodes`, by `/status` `sync`.
+fn tombstones(snap: &Snapshot, nodes: &[usize]) -> Result<Vec<u64>, Wait> {
+    nodes
+        .iter()
+        .map(|&i| {
+            let s = snap.status(i)?;
+            Ok(s.sync.entries.saturating_sub(s.sync.keys))
+        })
+        .collect()
 }
 
 /// `soak`: a provider of its own, load from every other node, then the

@@ -150,6 +150,14 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_name = "MS", default_value_t = 2_000, value_parser = millis())]
     anti_entropy_ms: u64,
 
+    /// The clock skew the replicated map allows between nodes, in ms:
+    /// writes stamped further ahead of this node's clock are refused, and
+    /// tombstones of expired ephemeral keys (a departed RPC provider's
+    /// registry entry) are forgotten their ttl plus twice this after the
+    /// expiry. Lower it only where clocks are kept in step (NTP).
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = millis())]
+    max_clock_skew_ms: u64,
+
     /// Serve the built-in demo service under NAME (default `demo`): `echo`,
     /// `add` (a counter), `fail` (a typed error), `sleep` and `whoami`. Any
     /// node calls it with admin `POST /rpc/NAME/METHOD`. A name is 1 to 200
@@ -193,12 +201,13 @@ impl NodeArgs {
     }
 
     /// The settings of the replicated map: `--no-leasing`, `--lease-secs`,
-    /// `--anti-entropy-ms`.
+    /// `--anti-entropy-ms`, `--max-clock-skew-ms`.
     pub(crate) fn sync_settings(&self) -> SyncConfig {
         SyncConfig::default()
             .with_leasing(!self.no_leasing)
             .with_lease(Duration::from_secs(self.lease_secs))
             .with_anti_entropy_interval(Duration::from_millis(self.anti_entropy_ms))
+            .with_max_clock_skew(Duration::from_millis(self.max_clock_skew_ms))
     }
 
     /// The settings of the RPC layer: `--rpc-deadline-ms`,
@@ -730,6 +739,7 @@ mod tests {
         let a = parse(&[]).unwrap();
         assert!(!a.no_leasing);
         assert_eq!((a.lease_secs, a.anti_entropy_ms), (3_600, 2_000));
+        assert_eq!(a.sync_settings().max_clock_skew(), Duration::from_secs(60));
         assert!(a.sync_settings().leasing());
         assert_eq!(
             a.sync_settings().hello_metadata(),
@@ -743,6 +753,9 @@ mod tests {
         assert_eq!(c.hello_metadata(), ("meshwork.sync.leasing", "off"));
         assert_eq!(a.anti_entropy_ms, 500);
 
+        let a = parse(&["--max-clock-skew-ms", "1000"]).unwrap();
+        assert_eq!(a.sync_settings().max_clock_skew(), Duration::from_secs(1));
+
         let a = parse(&["--lease-secs", "60"]).unwrap();
         assert_eq!(a.lease_secs, 60);
         assert!(a.validate().is_ok());
@@ -752,6 +765,7 @@ mod tests {
             &["--lease-secs", "31536001"],
             &["--anti-entropy-ms", "0"],
             &["--anti-entropy-ms", "soon"],
+            &["--max-clock-skew-ms", "0"],
         ] {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");

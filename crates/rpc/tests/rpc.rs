@@ -1598,6 +1598,19 @@ async fn the_registry_follows_serving_stopping_and_shutdown() {
     let (imp, _) = Imp::new("late");
     let err = b.rpc().serve("late", CalcServer::new(imp)).await;
     assert!(matches!(err, Err(RpcError::Local(_))), "{err:?}");
+
+    // b's deleted registry key is a tombstone on a and c for a ttl plus
+    // twice the clock skew allowed (60 s by default), not for the 24 h
+    // grace of deletes: a provider's own ephemeral key ends like an expiry.
+    for n in [a, c] {
+        let st = n.sync().stats();
+        assert_eq!((st.keys, st.entries), (1, 2), "c's key and b's tombstone");
+    }
+    sleep(10 * S + 2 * 60 * S + S).await;
+    for n in [a, c] {
+        let st = n.sync().stats();
+        assert_eq!((st.keys, st.entries), (1, 1), "the tombstone forgotten");
+    }
     stop(vec![a.clone(), c.clone()]).await;
 }
 

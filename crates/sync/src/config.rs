@@ -96,7 +96,8 @@ impl SyncConfig {
     }
 
     /// Writes stamped further ahead of our clock than this are refused
-    /// (default 60 s).
+    /// (default 60 s). Tombstones of expired ephemeral entries are kept
+    /// their ttl plus twice this.
     pub fn with_max_clock_skew(mut self, skew: Duration) -> Self {
         self.max_clock_skew = skew;
         self
@@ -159,9 +160,14 @@ impl SyncConfig {
         self.anti_entropy_interval
     }
 
-    /// How long tombstones are kept.
+    /// How long tombstones of deletes are kept.
     pub fn tombstone_grace(&self) -> Duration {
         self.tombstone_grace
+    }
+
+    /// How far ahead of our clock a write's stamp may be.
+    pub fn max_clock_skew(&self) -> Duration {
+        self.max_clock_skew
     }
 
     /// The Hello metadata entry that must match across the mesh.

@@ -282,7 +282,17 @@ impl Replica {
                 let until = at.saturating_add(ttl_ms);
                 (value, until, until, ttl_ms)
             }
-            Write::Delete => (None, at, 0, 0),
+            // Deleting our own live ephemeral key ends it early, like an
+            // expiry (ttl kept, collected as soon): nobody else can have
+            // written it under our lease, so no rival value can come back.
+            Write::Delete => match &current {
+                Some(e)
+                    if self.cfg.leasing && e.ttl_ms != 0 && !e.is_deleted() && !e.expired(at) =>
+                {
+                    (None, at, at, e.ttl_ms)
+                }
+                _ => (None, at, 0, 0),
+            },
             Write::Release => {
                 let Some(e) = current.filter(|e| !e.is_deleted() && !e.expired(at)) else {
                     return Err(SyncError::NotFound(key));
@@ -326,12 +336,12 @@ impl Replica {
         if entry.is_deleted() && self.collectable(&entry, now_ms) {
             return Ok(Vec::new());
         }
-        // An expired entry whose expiry would be collected already: every
-        // replica has swept it (or will, by its own clock), so it is as
-        // good as collected and must not come back.
+        // An entry expired on every replica's clock: each has swept it into
+        // a tombstone or collected that already, so it is as good as
+        // collected and must not come back.
         if !entry.is_deleted()
-            && entry.expired(now_ms)
-            && self.collectable(&expiry_tombstone(&entry, self.cfg.leasing), now_ms)
+            && entry.expires_at != 0
+            && entry.expires_at.saturating_add(self.two_skews()) <= now_ms
         {
             return Ok(Vec::new());
         }
@@ -386,24 +396,31 @@ impl Replica {
         std::mem::take(&mut self.rebased)
     }
 
+    /// Twice the clock skew allowed: once that long after an instant by
+    /// one replica's clock, it has passed on every replica's clock.
+    fn two_skews(&self) -> u64 {
+        self.cfg.max_skew_ms.saturating_mul(2)
+    }
+
     fn collectable(&self, tombstone: &Entry, now_ms: u64) -> bool {
         self.collect_at(tombstone) <= now_ms
     }
 
     /// When `tombstone` may be forgotten. A delete's, after the grace
     /// period: until then an older value cannot come back. An expiry's (it
-    /// keeps the expired entry's ttl, see [`expiry_tombstone`]) one ttl
-    /// plus twice the clock skew allowed after the expiry: every older
-    /// version of the key expired by then on every replica's clock, and
-    /// `apply` refuses expired entries that old, so nothing can bring the
-    /// key back but a new write. Ephemeral keys of nodes that come and go
+    /// keeps the expired entry's ttl, see [`expiry_tombstone`]; so does the
+    /// delete of an own ephemeral key) one ttl plus twice the clock skew
+    /// allowed after its stamp: every older version of the key (each
+    /// expiring within a ttl of its own stamp) has expired by then on
+    /// every replica's clock, and `apply` refuses entries expired that
+    /// long, so nothing can bring the key back but a new write. Ephemeral keys of nodes that come and go
     /// (an RPC registry under churn) are then forgotten within seconds,
     /// not kept for the grace period.
     fn collect_at(&self, tombstone: &Entry) -> u64 {
         let grace = if tombstone.ttl_ms != 0 {
             tombstone
                 .ttl_ms
-                .saturating_add(self.cfg.max_skew_ms.saturating_mul(2))
+                .saturating_add(self.two_skews())
                 .min(self.cfg.tombstone_grace_ms)
         } else {
             self.cfg.tombstone_grace_ms

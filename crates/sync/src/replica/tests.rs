@@ -26,6 +26,12 @@ fn k(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
+fn ephemeral(r: &mut Replica, key: &str, value: &str, ttl_ms: u64, now: u64) -> Entry {
+    r.write(k(key), Some(k(value)), Write::Ephemeral { ttl_ms }, now)
+        .unwrap()
+        .0
+}
+
 fn set(r: &mut Replica, key: &str, value: &str, now: u64) -> Result<Entry, SyncError> {
     r.write(k(key), Some(k(value)), Write::Set, now)
         .map(|(e, _)| e)
@@ -178,14 +184,7 @@ fn deletes_win_over_older_values_and_are_collected_after_the_grace() {
 fn ephemeral_entries_expire_into_the_same_tombstone_everywhere() {
     let mut a = replica(1, true);
     let mut b = replica(2, true);
-    let (e, _) = a
-        .write(
-            k("svc"),
-            Some(k("up")),
-            Write::Ephemeral { ttl_ms: 3_000 },
-            1_000,
-        )
-        .unwrap();
+    let e = ephemeral(&mut a, "svc", "up", 3_000, 1_000);
     assert_eq!((e.expires_at, e.lease_until), (4_000, 4_000));
     b.apply(k("svc"), e, 1_000).unwrap();
     // Refresh falls due a third of the way through.
@@ -212,26 +211,13 @@ fn ephemeral_entries_expire_into_the_same_tombstone_everywhere() {
 fn an_owner_brings_back_its_ephemeral_key_after_an_expiry_it_did_not_see() {
     let mut a = replica(1, true);
     let mut b = replica(2, true);
-    let (e, _) = a
-        .write(
-            k("svc"),
-            Some(k("up")),
-            Write::Ephemeral { ttl_ms: 3_000 },
-            1_000,
-        )
-        .unwrap();
+    let e = ephemeral(&mut a, "svc", "up", 3_000, 1_000);
     b.apply(k("svc"), e, 1_000).unwrap();
     // Cut off: a refreshes at 2 000 but b never hears of it, and expires the
     // key into a tombstone at 4 000.
     let due = a.refresh_due(2_000);
     assert_eq!(due.len(), 1);
-    a.write(
-        k("svc"),
-        Some(k("up")),
-        Write::Ephemeral { ttl_ms: 3_000 },
-        2_000,
-    )
-    .unwrap();
+    ephemeral(&mut a, "svc", "up", 3_000, 2_000);
     b.sweep(4_100);
     let tomb = b.entry(b"svc").unwrap().clone();
     assert!(tomb.is_deleted());
@@ -242,14 +228,7 @@ fn an_owner_brings_back_its_ephemeral_key_after_an_expiry_it_did_not_see() {
     // rewrite is a new claim that wins everywhere.
     let due = a.refresh_due(4_300);
     assert_eq!(due, vec![(k("svc"), k("up"), 3_000)]);
-    let (back, _) = a
-        .write(
-            k("svc"),
-            Some(k("up")),
-            Write::Ephemeral { ttl_ms: 3_000 },
-            4_300,
-        )
-        .unwrap();
+    let back = ephemeral(&mut a, "svc", "up", 3_000, 4_300);
     assert_eq!(back.epoch, 2);
     b.apply(k("svc"), back, 4_300).unwrap();
     assert_eq!(b.get(b"svc", 4_300).unwrap().writer, id(1));
@@ -265,8 +244,7 @@ fn an_owner_brings_back_its_ephemeral_key_after_an_expiry_it_did_not_see() {
     assert!(a.refresh_due(8_002).is_empty());
     assert!(a.refresh_due(20_000).is_empty());
     let mut d = replica(4, true);
-    d.write(k("x"), Some(k("v")), Write::Ephemeral { ttl_ms: 1_000 }, 0)
-        .unwrap();
+    ephemeral(&mut d, "x", "v", 1_000, 0);
     d.write(k("x"), None, Write::Delete, 10).unwrap();
     assert!(d.refresh_due(5_000).is_empty());
 }
@@ -513,14 +491,7 @@ fn an_expiry_is_forgotten_a_ttl_after_it_and_the_key_does_not_come_back() {
     const SKEW: u64 = 60_000; // as `replica` sets it
     let mut a = replica(1, true);
     let mut b = replica(2, true);
-    let (live, _) = a
-        .write(
-            k("svc"),
-            Some(k("up")),
-            Write::Ephemeral { ttl_ms: TTL },
-            1_000,
-        )
-        .unwrap();
+    let live = ephemeral(&mut a, "svc", "up", TTL, 1_000);
     b.apply(k("svc"), live.clone(), 1_000).unwrap();
     b.sweep(4_000);
     let tomb = b.entry(b"svc").unwrap().clone();
@@ -548,14 +519,7 @@ fn an_expiry_is_forgotten_a_ttl_after_it_and_the_key_does_not_come_back() {
     assert!(b.apply(k("svc"), live, forget).unwrap().is_empty());
     assert_eq!(b.entries(), 0);
     // An expired value that recent is still taken (and swept as usual).
-    let (late, _) = a
-        .write(
-            k("late"),
-            Some(k("v")),
-            Write::Ephemeral { ttl_ms: TTL },
-            forget,
-        )
-        .unwrap();
+    let late = ephemeral(&mut a, "late", "v", TTL, forget);
     b.apply(k("late"), late, forget + TTL + 1).unwrap();
     assert!(b.entry(b"late").is_some());
     // A new claim of the forgotten key starts afresh.
@@ -564,16 +528,39 @@ fn an_expiry_is_forgotten_a_ttl_after_it_and_the_key_does_not_come_back() {
 }
 
 #[test]
-fn a_delete_is_kept_for_the_whole_grace_even_of_an_ephemeral_key() {
+fn deleting_an_own_ephemeral_key_is_forgotten_as_soon_as_an_expiry() {
     let mut a = replica(1, true);
-    a.write(
-        k("svc"),
-        Some(k("up")),
-        Write::Ephemeral { ttl_ms: 3_000 },
-        1_000,
-    )
-    .unwrap();
-    let (tomb, _) = a.write(k("svc"), None, Write::Delete, 2_000).unwrap();
+    let mut b = replica(2, true);
+    let live = ephemeral(&mut a, "svc", "up", 3_000, 1_000);
+    b.apply(k("svc"), live.clone(), 1_000).unwrap();
+    let (tomb, changes) = a.write(k("svc"), None, Write::Delete, 2_000).unwrap();
+    assert!(matches!(changes[0].kind, ChangeKind::Deleted));
+    assert_eq!(
+        (tomb.ttl_ms, tomb.expires_at),
+        (3_000, 2_000),
+        "an early expiry"
+    );
+    b.apply(k("svc"), tomb.clone(), 2_000).unwrap();
+    assert!(b.get(b"svc", 2_000).is_none());
+    assert!(a.refresh_due(2_500).is_empty(), "no longer kept alive");
+    let forget = 2_000 + 3_000 + 2 * 60_000;
+    for r in [&mut a, &mut b] {
+        r.sweep(forget - 1);
+        assert_eq!(r.entries(), 1);
+        r.sweep(forget);
+        assert_eq!(r.entries(), 0);
+        // The value it deleted cannot come back: it expired long ago.
+        assert!(r.apply(k("svc"), live.clone(), forget).unwrap().is_empty());
+        assert!(r.apply(k("svc"), tomb.clone(), forget).unwrap().is_empty());
+        assert_eq!(r.entries(), 0);
+    }
+}
+
+#[test]
+fn a_delete_of_a_plain_key_is_kept_for_the_whole_grace() {
+    let mut a = replica(1, true);
+    set(&mut a, "k", "v", 1_000).unwrap();
+    let (tomb, _) = a.write(k("k"), None, Write::Delete, 2_000).unwrap();
     assert_eq!(tomb.ttl_ms, 0, "a delete, not an expiry");
     a.sweep(2_000 + 600_000 - 1);
     assert_eq!(a.entries(), 1);
