@@ -6194,10 +6194,13 @@ struct SyncStatus {
 const SYNC_COUNTERS: &[&str] = &[
     "keys",
     "entries",
+    "bytes",
+    "max_bytes",
     "writes",
     "applied",
     "stale",
     "refused",
+    "refused_full",
     "pushes",
     "pushed_entries",
     "push_failures",
@@ -7358,8 +7361,9 @@ mod tests {
             "subscriptions": ["t"],
             "unknown_commands": 0,
             "sync": {
-                "leasing": true, "keys": 3, "entries": 4, "digest": "00ab00cd00ef0012",
-                "writes": 1, "applied": 2, "stale": 0, "refused": 0, "pushes": 1,
+                "leasing": true, "keys": 3, "entries": 4, "bytes": 900, "max_bytes": 1000,
+                "digest": "00ab00cd00ef0012",
+                "writes": 1, "applied": 2, "stale": 0, "refused": 0, "refused_full": 0, "pushes": 1,
                 "pushed_entries": 1, "push_failures": 0, "rounds": 5, "rounds_equal": 4,
                 "round_failures": 0, "rounds_cut": 0, "pulled": 2, "sent": 0, "lease_lost": 1
             },

@@ -250,6 +250,11 @@ impl ApiError {
             SyncError::TooLarge(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).with_code("too_large")
             }
+            SyncError::Full { limit, .. } => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+                    .with_code("full")
+                    .with_field("max_bytes", *limit)
+            }
             SyncError::NotConfirmed { peers, missing, .. } => {
                 let missing: Vec<serde_json::Value> =
                     missing.iter().map(|id| id.to_string().into()).collect();
@@ -517,6 +522,10 @@ pub(crate) struct SyncJson {
     pub(crate) keys: usize,
     /// Entries held, tombstones included.
     pub(crate) entries: usize,
+    /// What the entries cost in memory, of at most `max_bytes`.
+    pub(crate) bytes: usize,
+    /// The replica's byte budget (`--kv-max-mib`).
+    pub(crate) max_bytes: usize,
     /// A hash of the whole replica, 16 hex digits (as `GET /kv-digest`).
     pub(crate) digest: String,
     /// Writes made on this node.
@@ -525,8 +534,11 @@ pub(crate) struct SyncJson {
     pub(crate) applied: u64,
     /// Entries from peers that lost to what the replica held.
     pub(crate) stale: u64,
-    /// Entries from peers refused (stamped too far ahead, malformed).
+    /// Entries from peers refused (stamped too far ahead, malformed, no
+    /// room).
     pub(crate) refused: u64,
+    /// Of those, refused because the replica was at its byte budget.
+    pub(crate) refused_full: u64,
     /// Eager pushes (floods) sent.
     pub(crate) pushes: u64,
     /// Entries those pushes carried.
@@ -559,11 +571,14 @@ fn sync_json(s: &SyncStats, leasing: bool) -> SyncJson {
         leasing,
         keys: s.keys,
         entries: s.entries,
+        bytes: s.bytes,
+        max_bytes: s.max_bytes,
         digest: digest_hex(s.digest),
         writes: s.writes,
         applied: s.applied,
         stale: s.stale,
         refused: s.refused,
+        refused_full: s.refused_full,
         pushes: s.pushes,
         pushed_entries: s.pushed_entries,
         push_failures: s.push_failures,
@@ -1827,11 +1842,14 @@ mod tests {
             sync: SyncStats {
                 keys: 2,
                 entries: 3,
+                bytes: 600,
+                max_bytes: 1024,
                 digest: 0x00ab_cdef_0123_4567,
                 writes: 4,
                 applied: 5,
                 stale: 6,
                 refused: 7,
+                refused_full: 1,
                 pushes: 8,
                 pushed_entries: 9,
                 push_failures: 10,
@@ -1994,11 +2012,14 @@ mod tests {
                     "leasing": true,
                     "keys": 2,
                     "entries": 3,
+                    "bytes": 600,
+                    "max_bytes": 1024,
                     "digest": "00abcdef01234567",
                     "writes": 4,
                     "applied": 5,
                     "stale": 6,
                     "refused": 7,
+                    "refused_full": 1,
                     "pushes": 8,
                     "pushed_entries": 9,
                     "push_failures": 10,
@@ -2837,7 +2858,7 @@ mod tests {
         assert_eq!(sync["leasing"], true);
         assert_eq!((&sync["keys"], &sync["writes"]), (&json!(5), &json!(5)));
         assert!(sync["pushes"].as_u64().unwrap() >= 1, "{sync}");
-        assert_eq!(sync.as_object().unwrap().len(), 18, "{sync}");
+        assert_eq!(sync.as_object().unwrap().len(), 21, "{sync}");
         let (_, status) = get_json(addr_b, "/status").await;
         assert_eq!(status["sync"]["applied"], 5, "{status}");
 
@@ -2944,6 +2965,13 @@ mod tests {
         assert_eq!((e.status.as_u16(), e.code), (504, "timeout"));
         assert_eq!(e.extra["peers"], 3);
         assert_eq!(e.extra["missing"], json!(["abababab"]));
+        let full = SyncError::Full {
+            key: "k".into(),
+            limit: 1 << 20,
+        };
+        let e = ApiError::from_sync(&full);
+        assert_eq!((e.status.as_u16(), e.code), (507, "full"));
+        assert_eq!(e.extra["max_bytes"], 1 << 20);
         for (e, status, code) in [
             (SyncError::NotFound("k".into()), 404, "not_found"),
             (SyncError::TooLarge("big".into()), 400, "too_large"),

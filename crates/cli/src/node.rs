@@ -158,6 +158,14 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = millis())]
     max_clock_skew_ms: u64,
 
+    /// The most this node's replica of the map holds, in MiB (keys and
+    /// values, tombstones included, plus about 200 bytes per entry). When
+    /// full, writes of new keys answer 507 and new keys from peers are
+    /// refused (counted in /status `sync.refused_full`).
+    #[arg(long, value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    kv_max_mib: u64,
+
     /// Serve the built-in demo service under NAME (default `demo`): `echo`,
     /// `add` (a counter), `fail` (a typed error), `sleep` and `whoami`. Any
     /// node calls it with admin `POST /rpc/NAME/METHOD`. A name is 1 to 200
@@ -201,13 +209,14 @@ impl NodeArgs {
     }
 
     /// The settings of the replicated map: `--no-leasing`, `--lease-secs`,
-    /// `--anti-entropy-ms`, `--max-clock-skew-ms`.
+    /// `--anti-entropy-ms`, `--max-clock-skew-ms`, `--kv-max-mib`.
     pub(crate) fn sync_settings(&self) -> SyncConfig {
         SyncConfig::default()
             .with_leasing(!self.no_leasing)
             .with_lease(Duration::from_secs(self.lease_secs))
             .with_anti_entropy_interval(Duration::from_millis(self.anti_entropy_ms))
             .with_max_clock_skew(Duration::from_millis(self.max_clock_skew_ms))
+            .with_max_bytes(usize::try_from(self.kv_max_mib << 20).unwrap_or(usize::MAX))
     }
 
     /// The settings of the RPC layer: `--rpc-deadline-ms`,
@@ -753,6 +762,10 @@ mod tests {
         assert_eq!(c.hello_metadata(), ("meshwork.sync.leasing", "off"));
         assert_eq!(a.anti_entropy_ms, 500);
 
+        assert_eq!(a.sync_settings().max_bytes(), 256 << 20);
+        let a = parse(&["--kv-max-mib", "1"]).unwrap();
+        assert_eq!(a.sync_settings().max_bytes(), 1 << 20);
+
         let a = parse(&["--max-clock-skew-ms", "1000"]).unwrap();
         assert_eq!(a.sync_settings().max_clock_skew(), Duration::from_secs(1));
 
@@ -766,6 +779,7 @@ mod tests {
             &["--anti-entropy-ms", "0"],
             &["--anti-entropy-ms", "soon"],
             &["--max-clock-skew-ms", "0"],
+            &["--kv-max-mib", "0"],
         ] {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");

@@ -32,6 +32,7 @@ pub struct SyncConfig {
     pub(crate) sweep_interval: Duration,
     pub(crate) max_key_len: usize,
     pub(crate) max_value_len: usize,
+    pub(crate) max_bytes: usize,
     pub(crate) push_queue: usize,
     pub(crate) push_batch: usize,
     pub(crate) push_batch_bytes: usize,
@@ -55,6 +56,7 @@ impl Default for SyncConfig {
             sweep_interval: Duration::from_millis(250),
             max_key_len: 1024,
             max_value_len: 1 << 20,
+            max_bytes: 256 << 20,
             push_queue: 4096,
             push_batch: 256,
             push_batch_bytes: 64 * 1024,
@@ -122,6 +124,24 @@ impl SyncConfig {
         self.max_key_len = key;
         self.max_value_len = value;
         self
+    }
+
+    /// The most a replica holds, in bytes (default 256 MiB): keys and
+    /// values, tombstones included, plus about 200 bytes per entry. At the
+    /// budget, a local write of a new key or a larger value fails with
+    /// [`SyncError::Full`](crate::SyncError::Full) and such entries from
+    /// peers are refused (counted in `SyncStats::refused_full`); updates
+    /// that do not grow the replica and deletes go on. So no member can
+    /// make every replica grow without bound; the price is that a full
+    /// replica stops converging on new keys until room is made.
+    pub fn with_max_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// The most a replica holds, in bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     /// Timeout of each anti-entropy or confirm request (default 10 s).

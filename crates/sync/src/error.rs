@@ -24,6 +24,15 @@ pub enum SyncError {
     /// A key or value is empty or over the configured limit.
     #[error("{0}")]
     TooLarge(String),
+    /// The replica is at its byte budget (`SyncConfig::with_max_bytes`):
+    /// a new key or a larger value does not fit until others are deleted.
+    #[error("the replica is full: {} does not fit in its {limit} bytes", show(key))]
+    Full {
+        /// The key.
+        key: Bytes,
+        /// The budget, in bytes.
+        limit: usize,
+    },
     /// Not every peer confirmed a write in time.
     #[error("{} of {} peers did not confirm within {after:?}", missing.len(), peers)]
     NotConfirmed {

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use crate::entry::MAX_SPAN_MS;
 use crate::proto::{self, sync_message::Body};
-use crate::replica::{BUCKETS, Replica, ReplicaConfig, Write};
+use crate::replica::{BUCKETS, Refused, Replica, ReplicaConfig, Write};
 use crate::tree::Tree;
 use crate::{Change, ChangeKind, Entry, Lease, Stamp, SyncConfig, SyncError};
 
@@ -38,12 +38,18 @@ pub const SYNC: u32 = 0xFFFF_0100;
 /// permit, and the memory of what it sent, growing without end.
 const MAX_PULLS_PER_ROUND: usize = 1024;
 
+/// How often a full replica says so in the log.
+const FULL_LOG_EVERY: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Default)]
 struct Counters {
     writes: AtomicU64,
     applied: AtomicU64,
     stale: AtomicU64,
     refused: AtomicU64,
+    refused_full: AtomicU64,
+    /// When refusals for want of room were last logged.
+    full_logged: Mutex<Option<tokio::time::Instant>>,
     pushes: AtomicU64,
     duplicates: AtomicU64,
     pushed_entries: AtomicU64,
@@ -64,6 +70,11 @@ pub struct SyncStats {
     pub keys: usize,
     /// Entries held, tombstones included.
     pub entries: usize,
+    /// What the entries cost in memory (keys, values and about 200 bytes
+    /// each), of at most [`max_bytes`](Self::max_bytes).
+    pub bytes: usize,
+    /// The replica's byte budget (`SyncConfig::with_max_bytes`).
+    pub max_bytes: usize,
     /// The replica's digest ([`SyncMap::digest`]).
     pub digest: u64,
     /// Local writes.
@@ -72,8 +83,11 @@ pub struct SyncStats {
     pub applied: u64,
     /// Entries from peers that lost to what we hold (already seen or older).
     pub stale: u64,
-    /// Entries from peers refused (stamped too far ahead, malformed).
+    /// Entries from peers refused (stamped too far ahead, malformed, or no
+    /// room).
     pub refused: u64,
+    /// Of those, refused because the replica was at its byte budget.
+    pub refused_full: u64,
     /// Eager pushes of local writes sent (one per batch).
     pub pushes: u64,
     /// Pushes received again (each prunes a link of the tree).
@@ -182,6 +196,7 @@ impl Inner {
     fn merge(&self, entries: Vec<(Bytes, Entry)>) -> u32 {
         let now = self.now();
         let mut applied = 0;
+        let mut full = 0;
         let mut changes = Vec::new();
         let rebased = {
             let mut replica = lock(&self.replica);
@@ -194,13 +209,14 @@ impl Inner {
                         applied += 1;
                         changes.extend(c);
                     }
-                    Err(ahead) => {
+                    Err(Refused::Ahead(ahead)) => {
                         self.counters.refused.fetch_add(1, Ordering::Relaxed);
                         debug!(
                             ahead_ms = ahead.ahead_ms,
                             "refused an entry stamped in the future"
                         );
                     }
+                    Err(Refused::Full) => full += 1,
                 }
             }
             replica.take_rebased()
@@ -212,8 +228,31 @@ impl Inner {
         self.counters
             .applied
             .fetch_add(u64::from(applied), Ordering::Relaxed);
+        self.count_full(full);
         self.publish(changes);
         applied
+    }
+
+    /// Counts `n` entries refused for want of room, with a warning at most
+    /// once a minute.
+    fn count_full(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let c = &self.counters;
+        c.refused.fetch_add(n, Ordering::Relaxed);
+        let total = c.refused_full.fetch_add(n, Ordering::Relaxed) + n;
+        let now = tokio::time::Instant::now();
+        let mut logged = lock(&c.full_logged);
+        if logged.is_none_or(|at| now.duration_since(at) >= FULL_LOG_EVERY) {
+            *logged = Some(now);
+            warn!(
+                max_bytes = self.cfg.max_bytes,
+                refused = total,
+                "the replica is full: refusing new keys from peers, so it no longer converges \
+                 (raise max_bytes, or delete keys)"
+            );
+        }
     }
 
     /// A push from neighbour `from`: apply and pass on along the tree the
@@ -439,6 +478,7 @@ impl SyncMap {
                 lease_ms: span_ms(config.lease),
                 tombstone_grace_ms: config.tombstone_grace.as_millis() as u64,
                 max_skew_ms: config.max_clock_skew.as_millis() as u64,
+                max_bytes: config.max_bytes,
             },
         );
         let (push_tx, push_rx) = mpsc::channel(config.push_queue.max(1));
@@ -768,18 +808,21 @@ impl SyncMap {
     pub fn stats(&self) -> SyncStats {
         let c = &self.inner.counters;
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (entries, digest) = {
+        let (entries, bytes, digest) = {
             let replica = lock(&self.inner.replica);
-            (replica.entries(), replica.root())
+            (replica.entries(), replica.bytes(), replica.root())
         };
         SyncStats {
             keys: self.len(),
             entries,
+            bytes,
+            max_bytes: self.inner.cfg.max_bytes,
             digest,
             writes: r(&c.writes),
             applied: r(&c.applied),
             stale: r(&c.stale),
             refused: r(&c.refused),
+            refused_full: r(&c.refused_full),
             pushes: r(&c.pushes),
             duplicates: r(&c.duplicates),
             lazy_links: lock(&self.inner.tree).lazy_count(),

@@ -108,6 +108,26 @@ pub(crate) struct ReplicaConfig {
     pub(crate) lease_ms: u64,
     pub(crate) tombstone_grace_ms: u64,
     pub(crate) max_skew_ms: u64,
+    /// The most the replica may hold, by [`stored_size`].
+    pub(crate) max_bytes: usize,
+}
+
+/// Bytes an entry is taken to cost besides its key and value: the entry
+/// itself, its digest hash, its place in the bucket, key set and deadlines.
+pub(crate) const ENTRY_OVERHEAD: usize = 192;
+
+/// What an entry for `key` is taken to cost in memory.
+pub(crate) fn stored_size(key: &[u8], entry: &Entry) -> usize {
+    key.len() + entry.value.as_ref().map_or(0, |v| v.len()) + ENTRY_OVERHEAD
+}
+
+/// Why `Replica::apply` refused an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Stamped too far ahead of our clock.
+    Ahead(TooFarAhead),
+    /// Storing it would take the replica over its byte budget.
+    Full,
 }
 
 /// Every key's latest entry.
@@ -119,6 +139,8 @@ pub(crate) struct Replica {
     buckets: Vec<Bucket>,
     root: u64,
     entries: usize,
+    /// What the entries held cost, by [`stored_size`].
+    bytes: usize,
     /// This node's ephemeral keys: value and ttl. The node keeps them alive
     /// for as long as it runs, even through an expiry it did not see.
     own_ephemeral: HashMap<Bytes, (Bytes, u64)>,
@@ -143,6 +165,7 @@ impl Replica {
             buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
             root: 0,
             entries: 0,
+            bytes: 0,
             own_ephemeral: HashMap::new(),
             rebased: Vec::new(),
             deadlines: std::collections::BTreeSet::new(),
@@ -208,6 +231,19 @@ impl Replica {
     }
 
     /// Entries held, tombstones included.
+    /// What the entries held cost, by [`stored_size`]: at most the budget.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// True if storing `entry` for `key` keeps the replica within its byte
+    /// budget (anything that does not grow it always does).
+    fn fits(&self, key: &[u8], entry: &Entry) -> bool {
+        let old = self.entry(key).map_or(0, |e| stored_size(key, e));
+        let new = stored_size(key, entry);
+        new <= old || self.bytes - old + new <= self.cfg.max_bytes
+    }
+
     pub(crate) fn entries(&self) -> usize {
         self.entries
     }
@@ -310,6 +346,12 @@ impl Replica {
             expires_at,
             ttl_ms,
         };
+        if !self.fits(&key, &entry) {
+            return Err(SyncError::Full {
+                key,
+                limit: self.cfg.max_bytes,
+            });
+        }
         match (what, &entry.value) {
             (Write::Ephemeral { ttl_ms }, Some(v)) => {
                 self.own_ephemeral.insert(key.clone(), (v.clone(), ttl_ms));
@@ -331,8 +373,10 @@ impl Replica {
         key: Bytes,
         entry: Entry,
         now_ms: u64,
-    ) -> Result<Vec<Change>, TooFarAhead> {
-        self.hlc.observe(entry.stamp, now_ms)?;
+    ) -> Result<Vec<Change>, Refused> {
+        self.hlc
+            .observe(entry.stamp, now_ms)
+            .map_err(Refused::Ahead)?;
         if entry.is_deleted() && self.collectable(&entry, now_ms) {
             return Ok(Vec::new());
         }
@@ -388,6 +432,9 @@ impl Replica {
                 return Ok(self.put(key, rebased, now_ms));
             }
         }
+        if !self.fits(&key, &entry) {
+            return Err(Refused::Full);
+        }
         Ok(self.put(key, entry, now_ms))
     }
 
@@ -437,13 +484,16 @@ impl Replica {
             self.deadlines.insert((entry.expires_at, key.clone()));
         }
         let hash = entry.hash(&key);
+        let size = stored_size(&key, &entry);
         let bucket = &mut self.buckets[bucket_of(&key)];
         let old = bucket.entries.insert(key.clone(), (entry.clone(), hash));
         bucket.hash ^= hash;
         self.root ^= hash;
-        if let Some((_, old_hash)) = &old {
+        self.bytes += size;
+        if let Some((old_entry, old_hash)) = &old {
             bucket.hash ^= old_hash;
             self.root ^= old_hash;
+            self.bytes -= stored_size(&key, old_entry);
         } else {
             self.entries += 1;
             self.keys.insert(key.clone());
@@ -524,9 +574,10 @@ impl Replica {
         }
         for k in collect {
             let bucket = &mut self.buckets[bucket_of(&k)];
-            if let Some((_, hash)) = bucket.entries.remove(&k) {
+            if let Some((e, hash)) = bucket.entries.remove(&k) {
                 bucket.hash ^= hash;
                 self.root ^= hash;
+                self.bytes -= stored_size(&k, &e);
                 self.entries -= 1;
                 self.keys.remove(&k);
             }

@@ -136,11 +136,16 @@ async fn concerns(net: &MemNetwork, name: &str, seeds: &[&str], sync: Option<Hos
 /// command, if any. The map starts once they are connected, with rounds
 /// far apart: the tests run every round themselves.
 async fn pair(net: &MemNetwork, hostile: Option<Hostile>) -> Pair {
+    let config = SyncConfig::default().with_anti_entropy_interval(Duration::from_secs(3600));
+    pair_with(net, hostile, config).await
+}
+
+/// [`pair`] with `a`'s map on `config`.
+async fn pair_with(net: &MemNetwork, hostile: Option<Hostile>, config: SyncConfig) -> Pair {
     let a_concerns = concerns(net, "a", &[], None).await;
     let b = concerns(net, "b", &["mem://a"], hostile).await;
     a_concerns.peers().wait_for_peers(1, 5 * S).await.unwrap();
     b.peers().wait_for_peers(1, 5 * S).await.unwrap();
-    let config = SyncConfig::default().with_anti_entropy_interval(Duration::from_secs(3600));
     let a = SyncMap::start(&a_concerns, config).await.unwrap();
     Pair { a, a_concerns, b }
 }
@@ -294,5 +299,76 @@ async fn only_neighbours_prune_or_graft_links_of_the_tree() {
     sync.send(&a, graft.encode_to_vec()).await.unwrap();
     sleep(100 * MS).await;
     assert_eq!(p.a.stats().lazy_links, 0);
+    p.stop().await;
+}
+
+/// A member pushing more than a replica's byte budget: the replica keeps
+/// what fits, refuses (and counts) the rest, says `Full` to local writes
+/// of new keys, and goes on with everything else.
+#[tokio::test(start_paused = true)]
+async fn a_member_filling_the_map_meets_the_byte_budget() {
+    let net = MemNetwork::new();
+    let budget = 64 * 1024;
+    let config = SyncConfig::default()
+        .with_anti_entropy_interval(Duration::from_secs(3600))
+        .with_max_bytes(budget);
+    let p = pair_with(&net, None, config).await;
+    p.a.set("mine", "v").await.unwrap();
+    let origin = p.b_id();
+    let mut writer = Replica::new(
+        origin.clone(),
+        ReplicaConfig {
+            leasing: true,
+            lease_ms: 60_000,
+            tombstone_grace_ms: 600_000,
+            max_skew_ms: 60_000,
+            max_bytes: usize::MAX,
+        },
+    );
+    let now = p.a.now_ms();
+    let entries: Vec<proto::Entry> = (0..200)
+        .map(|i| {
+            let key = Bytes::from(format!("junk/{i:03}"));
+            let (e, _) = writer
+                .write(
+                    key.clone(),
+                    Some(Bytes::from(vec![7; 1024])),
+                    Write::Set,
+                    now,
+                )
+                .unwrap();
+            e.to_proto(&key, &origin)
+        })
+        .collect();
+    let sync = p.b.context(SYNC);
+    let a = p.a.node_id().clone();
+    for (n, chunk) in entries.chunks(50).enumerate() {
+        let push = proto::Push {
+            id: n as u64 + 1,
+            origin: origin.as_bytes().clone(),
+            entries: chunk.to_vec(),
+        };
+        let msg = proto::SyncMessage {
+            body: Some(Body::Push(push)),
+        };
+        sync.send(&a, msg.encode_to_vec()).await.unwrap();
+    }
+    sleep(S).await;
+    let st = p.a.stats();
+    assert!(st.bytes <= budget, "{} of {budget}", st.bytes);
+    assert_eq!(st.max_bytes, budget);
+    let junk = p.a.prefixed("junk/").len();
+    assert!(junk > 40 && junk < 200, "{junk} kept");
+    assert_eq!(
+        junk as u64 + st.refused_full,
+        200,
+        "each one kept or refused"
+    );
+    assert_eq!(st.refused, st.refused_full);
+    // Local writes of new keys fail clearly; the rest goes on.
+    let err = p.a.set("new", vec![0u8; 2048]).await;
+    assert!(matches!(err, Err(SyncError::Full { .. })), "{err:?}");
+    p.a.set("mine", "w").await.unwrap();
+    assert_eq!(p.a.get_str("mine").as_deref(), Some("w"));
     p.stop().await;
 }

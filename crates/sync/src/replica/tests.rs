@@ -11,6 +11,10 @@ fn id(n: u8) -> NodeId {
 }
 
 fn replica(n: u8, leasing: bool) -> Replica {
+    budgeted(n, leasing, usize::MAX)
+}
+
+fn budgeted(n: u8, leasing: bool, max_bytes: usize) -> Replica {
     Replica::new(
         id(n),
         ReplicaConfig {
@@ -18,6 +22,7 @@ fn replica(n: u8, leasing: bool) -> Replica {
             lease_ms: LEASE,
             tombstone_grace_ms: 600_000,
             max_skew_ms: 60_000,
+            max_bytes,
         },
     )
 }
@@ -566,4 +571,54 @@ fn a_delete_of_a_plain_key_is_kept_for_the_whole_grace() {
     assert_eq!(a.entries(), 1);
     a.sweep(2_000 + 600_000);
     assert_eq!(a.entries(), 0);
+}
+
+#[test]
+fn a_replica_stays_within_its_byte_budget() {
+    // Room for three entries of a 1-byte key and a 100-byte value.
+    let one = 1 + 100 + ENTRY_OVERHEAD;
+    let mut a = budgeted(1, true, 3 * one);
+    let mut writer = replica(2, true);
+    let v = |b: u8| Bytes::from(vec![b; 100]);
+    let theirs: Vec<(Bytes, Entry)> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|key| {
+            let (e, _) = writer.write(k(key), Some(v(1)), Write::Set, 1_000).unwrap();
+            (k(key), e)
+        })
+        .collect();
+    for (key, e) in &theirs[..2] {
+        a.apply(key.clone(), e.clone(), 1_000).unwrap();
+    }
+    set(&mut a, "x", &"x".repeat(100), 1_000).unwrap();
+    assert_eq!(a.bytes(), 3 * one);
+    // Full: a new key is refused, from a peer or from here, and nothing changes.
+    let root = a.root();
+    assert_eq!(
+        a.apply(theirs[2].0.clone(), theirs[2].1.clone(), 1_000),
+        Err(Refused::Full)
+    );
+    assert!(matches!(
+        set(&mut a, "y", "v", 1_000),
+        Err(SyncError::Full { .. })
+    ));
+    assert_eq!((a.root(), a.entries(), a.bytes()), (root, 3, 3 * one));
+    // An update that does not grow it goes on; one that grows it does not.
+    set(&mut a, "x", &"z".repeat(100), 2_000).unwrap();
+    assert!(matches!(
+        set(&mut a, "x", &"z".repeat(101), 2_000),
+        Err(SyncError::Full { .. })
+    ));
+    // A delete makes room once its tombstone is collected.
+    a.write(k("x"), None, Write::Delete, 3_000).unwrap();
+    assert_eq!(a.bytes(), 2 * one + 1 + ENTRY_OVERHEAD);
+    assert_eq!(
+        a.apply(theirs[2].0.clone(), theirs[2].1.clone(), 3_000),
+        Err(Refused::Full)
+    );
+    a.sweep(3_000 + 600_000);
+    assert_eq!(a.bytes(), 2 * one);
+    a.apply(theirs[3].0.clone(), theirs[3].1.clone(), 3_000 + 600_000)
+        .unwrap();
+    assert_eq!((a.entries(), a.bytes()), (3, 3 * one));
 }
