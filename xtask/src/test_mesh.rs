@@ -566,6 +566,15 @@ const SCENARIOS: &[Scenario] = &[
         run: scenario_kv_kill,
     },
     Scenario {
+        name: "kv-full",
+        about: "a new node started with --kv-max-mib 1 while node 0 PUTs 400 keys of 4000 \
+                bytes (1.6 MB): every other node lists all 400 within 10 s; the small node \
+                holds what fits (/status sync.bytes at most its max_bytes, refused_full \
+                counting the rest), answers a PUT of a new key with 507 full, and stays \
+                connected",
+        run: scenario_kv_full,
+    },
+    Scenario {
         name: "graceful-shutdown",
         about: "POST /shutdown to the last node: it exits 0 within 10 s and every node that \
                 listed it (usually node 0 among them) stops listing it within 5 s",
@@ -3328,6 +3337,117 @@ fn scenario_kv_kill(mesh: &mut Mesh) -> Result<String> {
     let result = check_ephemeral(mesh, owner, &members);
     mesh.kill(owner);
     result
+}
+
+/// Keys node 0 writes in `kv-full`, and their size.
+const FULL_KEYS: usize = 400;
+const FULL_VALUE_LEN: usize = 4000;
+
+fn scenario_kv_full(mesh: &mut Mesh) -> Result<String> {
+    ensure!(mesh.is_alive(0), "node 0 is not running");
+    let members: Vec<usize> = mesh.alive().collect();
+    wait_connected(mesh, &members)?;
+    let seed = mesh.nodes[0].ready.listen[0].clone();
+    let small = mesh.spawn_with(
+        &[seed],
+        &[OsString::from("--kv-max-mib"), OsString::from("1")],
+    )?;
+    let result = check_kv_full(mesh, small, &members);
+    let stopped = mesh.stop_all(&[small]);
+    let summary = result?;
+    stopped.context("stopping the small node of kv-full")?;
+    Ok(summary)
+}
+
+/// Node 0 writes more than node `small` (new, `--kv-max-mib 1`) holds.
+fn check_kv_full(mesh: &mut Mesh, small: usize, members: &[usize]) -> Result<String> {
+    mesh.wait_ready(small)?;
+    let small_id = mesh.id(small).to_owned();
+    mesh.poll_until(
+        &format!("node 0 to list node {small} as a connected peer"),
+        Poll::Only(&[0]),
+        SCENARIO_TIMEOUT,
+        |_, snap| match snap.status(0)?.peer(&small_id) {
+            Some(p) if p.is_linked() => Ok(()),
+            _ => Err(Wait::Pending(format!(
+                "node {small} not connected to node 0"
+            ))),
+        },
+    )?;
+    let prefix = kv_prefix("full");
+    let value = "f".repeat(FULL_VALUE_LEN);
+    let started = Instant::now();
+    for k in 0..FULL_KEYS {
+        mesh.http
+            .kv_set(mesh.admin(0), &format!("{prefix}{k:03}"), &value)
+            .with_context(|| format!("node 0: PUT key {k}"))?;
+    }
+    let others: Vec<usize> = members.iter().copied().filter(|&i| i != 0).collect();
+    mesh.poll_fn_until(
+        &format!("every node but node {small} to list the {FULL_KEYS} keys"),
+        KV_TIMEOUT,
+        |mesh| {
+            for &i in &others {
+                let n = mesh
+                    .http
+                    .kv_list(mesh.admin(i), &prefix)
+                    .map_err(|e| Wait::Pending(format!("node {i}: {e:#}")))?
+                    .len();
+                if n != FULL_KEYS {
+                    return Err(Wait::Pending(format!("node {i} lists {n} of the keys")));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let converged = started.elapsed();
+    let sync = mesh.poll_until(
+        &format!("node {small} to refuse what does not fit"),
+        Poll::Only(&[small]),
+        KV_TIMEOUT,
+        |_, snap| {
+            let s = &snap.status(small)?.sync;
+            if s.bytes > s.max_bytes || s.max_bytes != 1 << 20 {
+                return Err(Wait::Fatal(format!(
+                    "node {small} (--kv-max-mib 1) holds {} bytes of max_bytes {}",
+                    s.bytes, s.max_bytes
+                )));
+            }
+            if s.refused_full == 0 {
+                return Err(Wait::Pending(format!("node {small} refused nothing yet")));
+            }
+            Ok(s.clone())
+        },
+    )?;
+    let held = mesh.http.kv_list(mesh.admin(small), &prefix)?.len();
+    ensure!(
+        held > FULL_KEYS / 4 && held < FULL_KEYS,
+        "node {small} holds {held} of the {FULL_KEYS} keys in 1 MiB"
+    );
+    let (code, body) =
+        mesh.http
+            .kv_put(mesh.admin(small), &format!("{prefix}new"), &value, None)?;
+    ensure!(
+        code == 507 && body["code"] == "full",
+        "node {small}: PUT of a new key to a full replica answered HTTP {code}: {body}"
+    );
+    mesh.check_now(
+        &format!("node {small} to stay connected"),
+        Poll::Only(&[0]),
+        |_, snap| match snap.status(0)?.peer(&small_id) {
+            Some(p) if p.is_linked() => Ok(()),
+            _ => Err(Wait::Fatal(format!("node 0 lost node {small}"))),
+        },
+    )?;
+    Ok(format!(
+        "node 0 wrote {FULL_KEYS} keys of {FULL_VALUE_LEN} bytes; every other node listed them \
+         all after {}; node {small} (--kv-max-mib 1) holds {held} of them, {} of {} bytes, \
+         refused {} entries, answered a new PUT 507 full, and stayed connected",
+        fmt_duration(converged),
+        sync.bytes,
+        sync.max_bytes,
+        sync.refused_full
+    ))
 }
 
 /// Node `owner` (new, seeded with node 0) writes ephemeral keys; the
@@ -6185,6 +6305,11 @@ struct SyncStatus {
     leasing: bool,
     keys: u64,
     entries: u64,
+    /// What the replica holds, of at most `max_bytes`.
+    bytes: u64,
+    max_bytes: u64,
+    /// Entries from peers refused for want of room.
+    refused_full: u64,
     /// 16 hex digits, as `GET /kv-digest`.
     digest: String,
     lease_lost: u64,
@@ -6223,6 +6348,9 @@ fn parse_sync_status(v: &Value) -> Result<SyncStatus> {
             .context("`leasing` is not a boolean")?,
         keys: u64_field(v, "keys")?,
         entries: u64_field(v, "entries")?,
+        bytes: u64_field(v, "bytes")?,
+        max_bytes: u64_field(v, "max_bytes")?,
+        refused_full: u64_field(v, "refused_full")?,
         digest: hex_digest(v)?,
         lease_lost: u64_field(v, "lease_lost")?,
     })
@@ -7397,6 +7525,9 @@ mod tests {
                 leasing: true,
                 keys: 3,
                 entries: 4,
+                bytes: 900,
+                max_bytes: 1000,
+                refused_full: 0,
                 digest: "00ab00cd00ef0012".into(),
                 lease_lost: 1,
             }
