@@ -491,12 +491,15 @@ pub(crate) struct ConcernJson {
     pub(crate) errors: u64,
     /// Of those, panics.
     pub(crate) panics: u64,
-    /// Requests refused because their sender's queue was full.
+    /// Requests refused because their sender's queue, or the byte budget,
+    /// was full.
     pub(crate) dropped: u64,
     /// Requests running now.
     pub(crate) in_flight: usize,
     /// Requests waiting now.
     pub(crate) queued: usize,
+    /// Bytes of large requests (4 KiB or more) held now.
+    pub(crate) held_bytes: usize,
 }
 
 /// One route in [`StatusJson`].
@@ -784,6 +787,7 @@ fn concern_json(c: &ConcernStats) -> ConcernJson {
         dropped: c.dropped,
         in_flight: c.in_flight,
         queued: c.queued,
+        held_bytes: c.held_bytes,
     }
 }
 
@@ -1832,6 +1836,7 @@ mod tests {
                 dropped: 2,
                 in_flight: 3,
                 queued: 4,
+                held_bytes: 5,
             }],
             routes: vec![Route {
                 target: known,
@@ -2005,7 +2010,8 @@ mod tests {
                     "panics": 1,
                     "dropped": 2,
                     "in_flight": 3,
-                    "queued": 4
+                    "queued": 4,
+                    "held_bytes": 5
                 }],
                 "routes": [{"target": "04", "next_hop": "010203", "hops": 2, "age_ms": 2.5}],
                 "sync": {

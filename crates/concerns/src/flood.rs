@@ -154,6 +154,7 @@ impl Concern for Flood {
             reply: ReplyPath::None,
             conn: None,
             priority: meshwork_peers::transport::Priority::Normal,
+            held: None,
         };
         ctx.inner.deliver_local(job)?;
         Ok(None)

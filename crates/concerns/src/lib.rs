@@ -76,6 +76,7 @@
 //! # Ok(())
 //! # }
 //! ```
+mod budget;
 mod concern;
 mod context;
 mod error;

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::budget::{ByteBudget, Held};
 use crate::fair::FairQueue;
 use crate::flood::Flood;
 use crate::pending::{Awaiting, Requests};
@@ -72,6 +73,8 @@ pub struct ConcernsConfig {
     pub(crate) route_capacity: usize,
     pub(crate) route_timeout: Duration,
     pub(crate) subscription_queue: usize,
+    pub(crate) request_bytes_per_sender: usize,
+    pub(crate) request_bytes: usize,
 }
 
 impl Default for ConcernsConfig {
@@ -86,6 +89,8 @@ impl Default for ConcernsConfig {
             route_capacity: 4096,
             route_timeout: Duration::from_secs(3),
             subscription_queue: 256,
+            request_bytes_per_sender: 32 << 20,
+            request_bytes: 256 << 20,
         }
     }
 }
@@ -96,6 +101,19 @@ impl ConcernsConfig {
     /// bulk or normal requests never locks a sender's control requests out.
     pub fn with_per_sender_queue(mut self, n: usize) -> Self {
         self.per_sender_queue = n.max(1);
+        self
+    }
+
+    /// Bytes of requests of 4 KiB or more that one concern holds, waiting
+    /// or running: at most `per_sender` from one sender and `per_concern`
+    /// in all (default 32 MiB and 256 MiB). Beyond, a request is answered
+    /// "overloaded" at once. A sender holding none always gets one in,
+    /// and so does a concern holding none, whatever its size. Counts and
+    /// concurrency bound how many requests a node holds; this bounds their
+    /// size, which peers choose (up to the 16 MiB frame limit).
+    pub fn with_request_bytes(mut self, per_sender: usize, per_concern: usize) -> Self {
+        self.request_bytes_per_sender = per_sender;
+        self.request_bytes = per_concern;
         self
     }
 
@@ -158,6 +176,9 @@ pub struct ConcernStats {
     pub in_flight: usize,
     /// Requests waiting now.
     pub queued: usize,
+    /// Bytes of the large requests (4 KiB or more) it holds now, waiting
+    /// or running ([`ConcernsConfig::with_request_bytes`]).
+    pub held_bytes: usize,
 }
 
 #[derive(Default)]
@@ -176,6 +197,8 @@ pub(crate) struct Registered {
     name: String,
     max_concurrency: usize,
     counters: Counters,
+    /// Bytes of large requests held, per sender and in all.
+    budget: Arc<ByteBudget>,
     /// Its requests running and waiting for room: its own lock, taken
     /// twice per request (no map of all concerns' queues to look up).
     waiting: Mutex<Waiting>,
@@ -205,6 +228,9 @@ pub(crate) struct Job {
     /// The lane the request came on: it waits in that lane's queue, and its
     /// reply takes that lane unless the handler picks another.
     pub(crate) priority: Priority,
+    /// Its share of its concern's byte budget, once admitted (boxed: most
+    /// requests are small and hold none, and a job is moved around).
+    pub(crate) held: Option<Box<Held>>,
 }
 
 /// Routed error answers being sent at once, at most; more are dropped.
@@ -303,7 +329,7 @@ pub(crate) struct Inner {
     tracker: TaskTracker,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -601,6 +627,7 @@ impl Inner {
                     reply,
                     conn: Some(conn.clone()),
                     priority: lane_of(f.flags),
+                    held: None,
                 };
                 if self.stopping() {
                     let msg = "node shutting down".to_string();
@@ -619,7 +646,7 @@ impl Inner {
 
     /// Starts `job` now if its concern has room and nothing waits, else
     /// queues it on its lane (or refuses it: the sender's queue is full).
-    fn submit(self: &Arc<Self>, job: Job) {
+    fn submit(self: &Arc<Self>, mut job: Job) {
         let command = job.command;
         let Some(reg) = self.registered(command) else {
             // Logged loudly only the first few times: a peer sending such
@@ -633,6 +660,15 @@ impl Inner {
             self.answer_soon(job, ErrorCode::UnknownCommand, msg);
             return;
         };
+        match reg.budget.admit(&job.from, job.payload.len()) {
+            Ok(held) => job.held = held.map(Box::new),
+            Err(_) => {
+                reg.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                let msg = format!("{} holds too many request bytes", reg.name);
+                self.answer_soon(job, ErrorCode::Overloaded, msg);
+                return;
+            }
+        }
         let job = {
             let mut w = lock(&reg.waiting);
             if w.running < reg.max_concurrency && w.len() == 0 {
@@ -1020,6 +1056,10 @@ impl Concerns {
                 max_concurrency: concern.max_concurrency().max(1),
                 concern,
                 counters: Counters::default(),
+                budget: ByteBudget::new(
+                    self.inner.config.request_bytes_per_sender,
+                    self.inner.config.request_bytes,
+                ),
                 waiting: Mutex::new(Waiting::new(self.inner.config.per_sender_queue)),
             }),
         );
@@ -1130,6 +1170,7 @@ impl Concerns {
                     dropped: c.dropped.load(Ordering::Relaxed),
                     in_flight: c.in_flight.load(Ordering::Relaxed),
                     queued: c.queued.load(Ordering::Relaxed),
+                    held_bytes: r.budget.held(),
                 }
             })
             .collect();

@@ -327,6 +327,7 @@ impl Routing {
                     reply,
                     conn: None,
                     priority: Priority::Normal,
+                    held: None,
                 };
                 inner.deliver_local(job)?;
             } else {

@@ -900,3 +900,66 @@ async fn a_peer_that_never_reads_its_answers_costs_only_counted_drops() {
     rude.shutdown().await;
     stop(vec![server, polite]).await;
 }
+
+/// Large requests count against a byte budget per sender and per concern:
+/// past it they are refused "overloaded" at once, however short the queues,
+/// and the bytes are given back as requests end.
+#[tokio::test(start_paused = true)]
+async fn large_requests_are_refused_past_the_byte_budget() {
+    const KIB64: usize = 64 * 1024;
+    let net = MemNetwork::new();
+    let gated = Gated::new();
+    let (server, clients) = star(
+        &net,
+        ConcernsConfig::default().with_request_bytes(4 * KIB64, 8 * KIB64),
+        vec![Arc::new(gated.clone())],
+        3,
+    )
+    .await;
+    let sid = server.peers().node_id().clone();
+    let large = |tag: &str| format!("gate {tag} {}", "x".repeat(KIB64 - 6 - tag.len()));
+    assert_eq!(large("c0-0").len(), KIB64);
+    let mut admitted = Vec::new();
+    let mut refused = 0;
+    // Senders 0, 1 and 2 send 6, 2 and 3: sender 0 gets its share of 4 (one
+    // running, three waiting), sender 1 both, sender 2 what is left of the
+    // concern's 8.
+    for (c, n) in [(0, 6), (1, 2), (2, 3)] {
+        let ctx = clients[c].context(GATED);
+        for k in 0..n {
+            let call = spawn_request(&ctx, &sid, &large(&format!("c{c}-{k}")), Priority::Normal);
+            // One at a time, so that the outcome is the budget's, not a race.
+            let settled = |s: &ConcernStats| s.in_flight + s.queued + s.dropped as usize;
+            let before = stats_of(&server, GATED);
+            wait_until("the request to be taken or refused", || {
+                settled(&stats_of(&server, GATED)) == settled(&before) + 1
+            })
+            .await;
+            if stats_of(&server, GATED).dropped > before.dropped {
+                let r = within("the refusal", call).await.unwrap();
+                assert!(is_overloaded(&r), "{r:?}");
+                refused += 1;
+            } else {
+                admitted.push(call);
+            }
+        }
+    }
+    assert_eq!((admitted.len(), refused), (8, 3));
+    let stats = stats_of(&server, GATED);
+    assert_eq!((stats.held_bytes, stats.dropped), (8 * KIB64, 3));
+    // Small requests are not counted: the budget does not stop them.
+    let small = spawn_request(&clients[0].context(GATED), &sid, "small", Priority::Normal);
+    wait_until("the small request to be queued", || {
+        stats_of(&server, GATED).queued == 8
+    })
+    .await;
+    gated.gate.add_permits(100);
+    for call in admitted {
+        within("an admitted request", call).await.unwrap().unwrap();
+    }
+    assert_eq!(within("small", small).await.unwrap().unwrap(), "small");
+    assert_eq!(stats_of(&server, GATED).held_bytes, 0);
+    let mut all = vec![server];
+    all.extend(clients);
+    stop(all).await;
+}
