@@ -569,8 +569,8 @@ const SCENARIOS: &[Scenario] = &[
         name: "kv-full",
         about: "a new node started with --kv-max-mib 1 while node 0 PUTs 400 keys of 4000 \
                 bytes (1.6 MB): every other node lists all 400 within 10 s; the small node \
-                holds what fits (/status sync.bytes at most its max_bytes, refused_full \
-                counting the rest), answers a PUT of a new key with 507 full, and stays \
+                holds what fits (/status sync.bytes at most its max_bytes, not all 400 keys, \
+                refused_full counting the rest), answers a PUT of a new key with 507 full, and stays \
                 connected",
         run: scenario_kv_full,
     },
@@ -3419,10 +3419,12 @@ fn check_kv_full(mesh: &mut Mesh, small: usize, members: &[usize]) -> Result<Str
             Ok(s.clone())
         },
     )?;
+    // What fits depends on what the map held before (the other scenarios'
+    // keys): all that is sure is that not all 400 did.
     let held = mesh.http.kv_list(mesh.admin(small), &prefix)?.len();
     ensure!(
-        held > FULL_KEYS / 4 && held < FULL_KEYS,
-        "node {small} holds {held} of the {FULL_KEYS} keys in 1 MiB"
+        held < FULL_KEYS,
+        "node {small} holds all {FULL_KEYS} keys in 1 MiB"
     );
     let (code, body) =
         mesh.http

@@ -238,14 +238,14 @@ impl Endpoint {
         let result = tokio::select! {
             _ = inner.stopping.cancelled() => return,
             _ = evicted.cancelled() => {
-                info!(%remote, "incoming handshake evicted to admit another");
+                debug!(%remote, "incoming handshake evicted to admit another");
                 return;
             }
             r = handshake(stream, &inner.config, hello, false, &admit) => r,
         };
         match result {
             Ok(hs) if !slot.settle() => {
-                info!(%remote, peer = %hs.node_id.short(), "incoming handshake evicted as it completed");
+                debug!(%remote, peer = %hs.node_id.short(), "incoming handshake evicted as it completed");
             }
             Ok(hs) => {
                 inner.handshakes_ok.fetch_add(1, Ordering::Relaxed);
