@@ -63,6 +63,7 @@ pub struct Config {
     pub(crate) limits: Limits,
     pub(crate) lane_capacity: [usize; 3],
     pub(crate) inbound_capacity: usize,
+    pub(crate) max_queued_bytes: usize,
     pub(crate) max_pending_handshakes: usize,
     pub(crate) max_outstanding_pings: usize,
 }
@@ -90,6 +91,7 @@ impl Config {
             limits: Limits::default(),
             lane_capacity: [256, 1024, 64],
             inbound_capacity: 1024,
+            max_queued_bytes: 32 << 20,
             max_pending_handshakes: 64,
             max_outstanding_pings: 16,
         }
@@ -220,6 +222,17 @@ impl Config {
     /// reading from the socket (default 1024, at least 1).
     pub fn with_inbound_capacity(mut self, frames: usize) -> Self {
         self.inbound_capacity = frames.max(1);
+        self
+    }
+
+    /// Bytes of large messages (4 KiB or more) a connection's send lanes
+    /// hold at most (default 32 MiB; one such message is always taken when
+    /// none is queued). Past it `send` waits, like for a full lane, and
+    /// `try_send` gives [`TransportError::QueueFull`](crate::TransportError::QueueFull): a peer that reads
+    /// slowly while asking for large answers holds this much memory at
+    /// most, not the lanes' lengths times the frame limit.
+    pub fn with_max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.max_queued_bytes = bytes;
         self
     }
 

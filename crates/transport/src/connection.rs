@@ -156,11 +156,24 @@ pub struct ConnectionStats {
     /// Messages waiting to be written: on the send lanes, or waiting for
     /// room on one.
     pub queued: usize,
+    /// Bytes of the large messages (4 KiB or more) on the send lanes, of
+    /// at most `Config::with_max_queued_bytes`.
+    pub queued_bytes: usize,
 }
+
+/// Messages at least this large count against a connection's queued-bytes
+/// budget; smaller ones are bounded by the lanes' lengths alone.
+const COUNTED_FRAME: usize = 4096;
 
 struct Shared {
     info: ConnectionInfo,
     lanes: [mpsc::Sender<Message>; 3],
+    /// Bytes of large messages on the lanes (see [`COUNTED_FRAME`]).
+    queued_bytes: AtomicUsize,
+    max_queued_bytes: usize,
+    /// Notified when the writer takes large messages off the lanes, and
+    /// when the connection ends.
+    room: Notify,
     max_frame_len: usize,
     send_timeout: Duration,
     close_timeout: Duration,
@@ -358,6 +371,21 @@ impl Shared {
     }
 }
 
+/// Gives back the queued bytes a waiting sender took, unless its message
+/// made it onto its lane (`len` 0).
+struct Reserved<'a> {
+    shared: &'a Shared,
+    len: usize,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            self.shared.release_bytes(self.len);
+        }
+    }
+}
+
 /// Takes a message waiting for room back out of [`Shared::queued`] unless it
 /// made it onto its lane. A count left behind would keep every later sender
 /// off the direct path for good.
@@ -459,11 +487,16 @@ impl ConnectionHandle {
         }
     }
 
-    /// [`send`](Self::send) when the lane is full: waits for room, up to the
-    /// send timeout.
+    /// [`send`](Self::send) when the lane (or, for a large message, the
+    /// queued-bytes budget) is full: waits for room, up to the send timeout.
     async fn wait_send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
         let shared = &self.shared;
         let timeout = shared.send_timeout;
+        let deadline = Instant::now() + timeout;
+        let timed_out = || TransportError::Timeout {
+            what: "send queue",
+            after: timeout,
+        };
         let lane = &shared.lanes[priority as usize];
         // Counted while it waits, so no direct write overtakes it; uncounted
         // again unless it made it onto the lane (where the writer uncounts
@@ -473,16 +506,36 @@ impl ConnectionHandle {
             queued: &shared.queued,
             armed: true,
         };
-        let r = tokio::time::timeout(timeout, lane.send(msg)).await;
-        waiting.armed = !matches!(r, Ok(Ok(())));
+        let len = msg.encoded_len();
+        let mut bytes = Reserved { shared, len: 0 };
+        while !shared.reserve_bytes(len) {
+            let room = shared.room.notified();
+            tokio::pin!(room);
+            // Registered before the check: a release in between wakes it.
+            room.as_mut().enable();
+            if shared.closing.load(Ordering::Acquire) || shared.cancel.is_cancelled() {
+                return Err(TransportError::NotConnected);
+            }
+            if shared.reserve_bytes(len) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return Err(timed_out());
+            }
+        }
+        bytes.len = len;
+        let r = tokio::time::timeout_at(deadline, lane.send(msg)).await;
+        let sent = matches!(r, Ok(Ok(())));
+        waiting.armed = !sent;
         drop(waiting);
+        if sent {
+            // On the lane now: the writer gives the bytes back.
+            bytes.len = 0;
+        }
         match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(TransportError::NotConnected),
-            Err(_) => Err(TransportError::Timeout {
-                what: "send queue",
-                after: timeout,
-            }),
+            Err(_) => Err(timed_out()),
         }
     }
 
@@ -507,16 +560,17 @@ impl ConnectionHandle {
         priority: Priority,
         eager: bool,
     ) -> Result<Option<Message>, TransportError> {
-        self.check(&msg)?;
-        match self.shared.push(msg, priority, eager) {
+        let len = self.check(&msg)?;
+        match self.shared.push(msg, priority, eager, len) {
             Ok(()) => Ok(None),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
             Err(mpsc::error::TrySendError::Full(msg)) => Ok(Some(msg)),
         }
     }
 
-    /// Refuses messages once closing, and messages over the frame limit.
-    fn check(&self, msg: &Message) -> Result<(), TransportError> {
+    /// Refuses messages once closing, and messages over the frame limit;
+    /// the encoded length otherwise.
+    fn check(&self, msg: &Message) -> Result<usize, TransportError> {
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(TransportError::NotConnected);
         }
@@ -525,7 +579,7 @@ impl ConnectionHandle {
         if len > max {
             return Err(WireError::FrameTooLarge { len, max }.into());
         }
-        Ok(())
+        Ok(len)
     }
 
     /// Sends a Ping and waits for its Pong; returns the round-trip time.
@@ -634,6 +688,7 @@ impl ConnectionHandle {
             idle_for: s.since(&s.last_received_nanos, now),
             age: now.saturating_duration_since(s.established),
             queued: s.queued.load(Ordering::Acquire),
+            queued_bytes: s.queued_bytes.load(Ordering::Acquire),
         }
     }
 
@@ -788,6 +843,9 @@ impl Connection {
                 hello: hs.hello,
             },
             lanes: [control_tx, normal_tx, bulk_tx],
+            queued_bytes: AtomicUsize::new(0),
+            max_queued_bytes: config.max_queued_bytes,
+            room: Notify::new(),
             max_frame_len: config.max_frame_len,
             send_timeout: config.send_timeout,
             close_timeout: config.close_timeout,
@@ -1040,30 +1098,70 @@ impl Shared {
         msg: Message,
         priority: Priority,
         eager: bool,
+        len: usize,
     ) -> Result<(), mpsc::error::TrySendError<Message>> {
         // Bulk frames always take their lane, so that nothing gathered
         // directly can hold up a later control frame.
         if priority == Priority::Bulk {
-            return self.enqueue(msg, priority);
+            return self.enqueue(msg, priority, len);
         }
         match self.try_direct(msg, eager) {
             Ok(()) => Ok(()),
-            Err(msg) => self.enqueue(msg, priority),
+            Err(msg) => self.enqueue(msg, priority, len),
         }
     }
 
-    /// Queues `msg` on its lane for the writer task.
+    /// Queues `msg` (`len` bytes encoded) on its lane for the writer task;
+    /// `Full` when the lane is, or when a large message finds the
+    /// queued-bytes budget taken.
     fn enqueue(
         &self,
         msg: Message,
         priority: Priority,
+        len: usize,
     ) -> Result<(), mpsc::error::TrySendError<Message>> {
+        if !self.reserve_bytes(len) {
+            return Err(mpsc::error::TrySendError::Full(msg));
+        }
         self.queued.fetch_add(1, Ordering::AcqRel);
         let r = self.lanes[priority as usize].try_send(msg);
         if r.is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.release_bytes(len);
         }
         r
+    }
+
+    /// Takes `len` bytes of the queued-bytes budget for a large message
+    /// (small ones take none); false when that would pass the budget. An
+    /// empty budget always takes one, whatever its size.
+    fn reserve_bytes(&self, len: usize) -> bool {
+        if len < COUNTED_FRAME {
+            return true;
+        }
+        let mut held = self.queued_bytes.load(Ordering::Acquire);
+        loop {
+            if held > 0 && held + len > self.max_queued_bytes {
+                return false;
+            }
+            match self.queued_bytes.compare_exchange_weak(
+                held,
+                held + len,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Gives back what [`reserve_bytes`](Self::reserve_bytes) took.
+    fn release_bytes(&self, len: usize) {
+        if len >= COUNTED_FRAME {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.room.notify_waiters();
+        }
     }
 
     /// The reader pauses: writes the answers it gathered.
@@ -1166,6 +1264,8 @@ impl Writer {
         };
         drop(io);
         drop(self);
+        // Senders waiting for queued bytes find the connection gone.
+        shared.room.notify_waiters();
         shared.task_ended();
     }
 
@@ -1259,8 +1359,22 @@ impl Writer {
             if w.failed {
                 return WriteOutcome::Cancelled;
             }
+            let mut released = 0;
             for msg in self.batch.drain(..) {
-                total += w.encode(&msg);
+                let n = w.encode(&msg);
+                total += n;
+                // Large ones came from the lanes (pings and the Disconnect
+                // are small): their bytes go back to the budget.
+                if n as usize >= COUNTED_FRAME {
+                    let len = msg.encoded_len();
+                    if len >= COUNTED_FRAME {
+                        released += len;
+                    }
+                }
+            }
+            if released > 0 {
+                shared.queued_bytes.fetch_sub(released, Ordering::AcqRel);
+                shared.room.notify_waiters();
             }
             // Encoded under the lock: from here a sender may write directly
             // again without overtaking these.
@@ -1514,7 +1628,8 @@ async fn read_loop(
                 });
                 // A full control lane means we are already busy answering;
                 // the peer will ping again.
-                let _ = shared.push(pong, Priority::Control, false);
+                // A Pong is small: it never counts against the queued bytes.
+                let _ = shared.push(pong, Priority::Control, false, 0);
             }
             Message::Pong(p) => shared.on_pong(p.nonce, Instant::now()),
             Message::Disconnect(d) => {

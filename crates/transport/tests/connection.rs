@@ -37,6 +37,7 @@ on_both_transports!(
     idle_timeout_fires_while_streaming_to_a_silent_peer,
     oversized_local_hello_is_a_local_error,
     a_send_given_up_while_waiting_for_room_leaves_no_trace,
+    large_messages_to_a_slow_reader_are_bounded_in_bytes,
     an_offer_to_a_full_lane_gives_the_message_back,
     concurrent_senders_keep_their_order_through_direct_writes_and_full_lanes,
     an_eager_send_writes_at_once_on_a_quiet_connection_and_never_overtakes,
@@ -668,6 +669,76 @@ async fn a_send_given_up_while_waiting_for_room_leaves_no_trace(net: Net) {
     eventually("nothing is left queued", || conn.stats().queued == 0).await;
     let more = incoming.recv_timeout(Duration::from_millis(100)).await;
     assert!(more.is_err(), "the given-up message was sent: {more:?}");
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// Large messages to a peer that stops reading fill the queued-bytes budget,
+/// not the lanes (1024 messages of 64 KiB would be 64 MiB): past it
+/// `try_send` is refused and `send` waits, while small messages still go;
+/// once the peer reads, everything arrives in order and the budget empties.
+async fn large_messages_to_a_slow_reader_are_bounded_in_bytes(net: Net) {
+    const BUDGET: usize = 512 * 1024;
+    let big = || bytes::Bytes::from(vec![9u8; 64 * 1024]);
+    let server_cfg = config().with_inbound_capacity(1).with_keepalive(None, None);
+    let client_cfg = config()
+        .with_max_queued_bytes(BUDGET)
+        .with_send_timeout(Duration::from_millis(200))
+        .with_keepalive(None, None);
+    let (server, addr) = net.listening("server", server_cfg).await;
+    let client = net.dialer("client", client_cfg);
+    let conn = client.connect(&addr).await.unwrap();
+    let mut incoming = server.accept().await.unwrap();
+    // The server reads nothing: the stream and then the budget fill up.
+    let mut sent = 0u64;
+    let refused = loop {
+        match conn.try_send(concern_frame(sent, big()), Priority::Normal) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 1000, "never refused: {:?}", conn.stats());
+        assert!(conn.stats().queued_bytes <= BUDGET, "{:?}", conn.stats());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert!(matches!(refused, TransportError::QueueFull(_)), "{refused}");
+    let stats = conn.stats();
+    assert!(stats.queued_bytes > BUDGET - 64 * 1024, "{stats:?}");
+    assert!(
+        stats.queued < 1024 / 2,
+        "the lane is far from full: {stats:?}"
+    );
+    // `send` waits for room in the budget, up to the send timeout.
+    let waited = conn
+        .send(concern_frame(sent, big()), Priority::Normal)
+        .await;
+    assert!(
+        matches!(waited, Err(TransportError::Timeout { .. })),
+        "{waited:?}"
+    );
+    // A small message still goes.
+    conn.try_send(concern_frame(sent, &b"small"[..]), Priority::Normal)
+        .unwrap();
+    // The peer reads: all arrive, in order, and the budget empties.
+    let late = {
+        let h = conn.handle();
+        tokio::spawn(async move {
+            h.send(concern_frame(sent + 1, big()), Priority::Normal)
+                .await
+        })
+    };
+    for n in 0..sent {
+        assert_eq!(incoming.recv().await.unwrap(), concern_frame(n, big()));
+    }
+    assert_eq!(
+        incoming.recv().await.unwrap(),
+        concern_frame(sent, &b"small"[..])
+    );
+    assert_eq!(
+        incoming.recv().await.unwrap(),
+        concern_frame(sent + 1, big())
+    );
+    late.await.unwrap().unwrap();
+    eventually("the budget to empty", || conn.stats().queued_bytes == 0).await;
     client.shutdown().await;
     server.shutdown().await;
 }
