@@ -1515,10 +1515,7 @@ fn scenario_limits(mesh: &mut Mesh) -> Result<String> {
     let limited = mesh.spawn_with(&[], &limited_limits.args())?;
     let mut group = vec![limited];
     let result = check_limits(mesh, &mut group);
-    let stopped = mesh.stop_all(&group);
-    let summary = result?;
-    stopped.context("stopping the nodes of the limits scenario")?;
-    Ok(summary)
+    mesh.finish(&group, "the nodes of the limits scenario", result)
 }
 
 /// The most the limited node was seen with.
@@ -1649,10 +1646,7 @@ fn scenario_handshake_hog(mesh: &mut Mesh) -> Result<String> {
     let target = mesh.spawn_with(&[], &[])?;
     let mut group = vec![target];
     let result = check_handshake_hog(mesh, &mut group);
-    let stopped = mesh.stop_all(&group);
-    let summary = result?;
-    stopped.context("stopping the nodes of the handshake-hog scenario")?;
-    Ok(summary)
+    mesh.finish(&group, "the nodes of the handshake-hog scenario", result)
 }
 
 /// `group[0]` is the hogged node (not ready yet); the newcomers are pushed
@@ -2274,10 +2268,7 @@ fn scenario_route(mesh: &mut Mesh) -> Result<String> {
     let mut line = Vec::new();
     let result =
         spawn_line(mesh, &mut line, |_| Vec::new()).and_then(|()| check_route(mesh, &line));
-    let stopped = mesh.stop_all(&line);
-    let summary = result?;
-    stopped.context("stopping the nodes of the route scenario")?;
-    Ok(summary)
+    mesh.finish(&line, "the nodes of the route scenario", result)
 }
 
 /// `line` is a line of new nodes: requests along it, and to nowhere.
@@ -2436,10 +2427,7 @@ fn scenario_topics(mesh: &mut Mesh) -> Result<String> {
             .collect()
     })
     .and_then(|()| check_topics(mesh, &line));
-    let stopped = mesh.stop_all(&line);
-    let summary = result?;
-    stopped.context("stopping the nodes of the topics scenario")?;
-    Ok(summary)
+    mesh.finish(&line, "the nodes of the topics scenario", result)
 }
 
 /// `line` is a line of new nodes subscribed as [`LINE_SUBSCRIPTIONS`] says:
@@ -3376,10 +3364,7 @@ fn scenario_kv_full(mesh: &mut Mesh) -> Result<String> {
         &[OsString::from("--kv-max-mib"), OsString::from("1")],
     )?;
     let result = check_kv_full(mesh, small, &members);
-    let stopped = mesh.stop_all(&[small]);
-    let summary = result?;
-    stopped.context("stopping the small node of kv-full")?;
-    Ok(summary)
+    mesh.finish(&[small], "the small node of kv-full", result)
 }
 
 /// Node 0 writes more than node `small` (new, `--kv-max-mib 1`) holds.
@@ -4124,10 +4109,7 @@ fn scenario_rpc_route(mesh: &mut Mesh) -> Result<String> {
         }
     })
     .and_then(|()| check_rpc_route(mesh, &line));
-    let stopped = mesh.stop_all(&line);
-    let summary = result?;
-    stopped.context("stopping the nodes of the rpc-route scenario")?;
-    Ok(summary)
+    mesh.finish(&line, "the nodes of the rpc-route scenario", result)
 }
 
 /// `line` is a line of new nodes whose last one serves the demo service:
@@ -4480,10 +4462,11 @@ fn scenario_rpc_failover(mesh: &mut Mesh) -> Result<String> {
     if result.is_ok() {
         result = check_rpc_failover(mesh, &providers, &members, caller);
     }
-    let stopped = mesh.stop_all(&providers);
-    let summary = result?;
-    stopped.context("stopping the surviving provider of the rpc-failover scenario")?;
-    Ok(summary)
+    mesh.finish(
+        &providers,
+        "the surviving provider of the rpc-failover scenario",
+        result,
+    )
 }
 
 /// One call of the `rpc-failover` stream.
@@ -4736,10 +4719,7 @@ fn scenario_churn(mesh: &mut Mesh) -> Result<String> {
     let (members, seeds) = members_and_seeds(mesh)?;
     let provider = spawn_provider(mesh, &seeds, Some(CHURN_SERVICE))?;
     let result = check_churn(mesh, provider, &members, &seeds);
-    let stopped = mesh.stop_all(&[provider]);
-    let summary = result?;
-    stopped.context("stopping the provider of the churn scenario")?;
-    Ok(summary)
+    mesh.finish(&[provider], "the provider of the churn scenario", result)
 }
 
 /// Starts, then kills or stops, [`CHURN_ROUNDS`] rounds of
@@ -4926,10 +4906,7 @@ fn scenario_soak(mesh: &mut Mesh) -> Result<String> {
     let (members, seeds) = members_and_seeds(mesh)?;
     let provider = spawn_provider(mesh, &seeds, Some(SOAK_SERVICE))?;
     let result = check_soak(mesh, provider, &members);
-    let stopped = mesh.stop_all(&[provider]);
-    let summary = result?;
-    stopped.context("stopping the provider of the soak scenario")?;
-    Ok(summary)
+    mesh.finish(&[provider], "the provider of the soak scenario", result)
 }
 
 /// What the load threads of `soak` and `churn` did, together.
@@ -5537,6 +5514,16 @@ impl Mesh {
                 )
             }
         }
+    }
+
+    /// Stops `nodes` (those a scenario started itself) and returns the
+    /// scenario's `result`; if that succeeded, what stopping them failed
+    /// with, if anything (`what` names them).
+    fn finish(&mut self, nodes: &[usize], what: &str, result: Result<String>) -> Result<String> {
+        let stopped = self.stop_all(nodes);
+        let summary = result?;
+        stopped.with_context(|| format!("stopping {what}"))?;
+        Ok(summary)
     }
 
     /// Stops the `nodes` like [`Mesh::stop`], all at once: asks each to shut
