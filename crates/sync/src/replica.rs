@@ -236,10 +236,10 @@ impl Replica {
         self.bytes
     }
 
-    /// True if storing `entry` for `key` keeps the replica within its byte
-    /// budget (anything that does not grow it always does).
-    fn fits(&self, key: &[u8], entry: &Entry) -> bool {
-        let old = self.entry(key).map_or(0, |e| stored_size(key, e));
+    /// True if storing `entry` for `key` in place of what costs `old` keeps
+    /// the replica within its byte budget (anything that does not grow it
+    /// always does).
+    fn fits(&self, old: usize, key: &[u8], entry: &Entry) -> bool {
         let new = stored_size(key, entry);
         new <= old || self.bytes - old + new <= self.cfg.max_bytes
     }
@@ -271,6 +271,7 @@ impl Replica {
         // Judged by the write's own stamp, which is at least now.
         let at = stamp.millis();
         let current = self.entry(&key).cloned();
+        let old_size = current.as_ref().map_or(0, |e| stored_size(&key, e));
         if what == Write::Release {
             // Only a live value can be released, and only by its owner.
             match &current {
@@ -346,7 +347,7 @@ impl Replica {
             expires_at,
             ttl_ms,
         };
-        if !self.fits(&key, &entry) {
+        if !self.fits(old_size, &key, &entry) {
             return Err(SyncError::Full {
                 key,
                 limit: self.cfg.max_bytes,
@@ -389,7 +390,9 @@ impl Replica {
         {
             return Ok(Vec::new());
         }
-        if let Some(current) = self.entry(&key) {
+        let current = self.entry(&key);
+        let old_size = current.map_or(0, |e| stored_size(&key, e));
+        if let Some(current) = current {
             if !entry.beats(current, self.cfg.leasing) {
                 return Ok(Vec::new());
             }
@@ -432,7 +435,7 @@ impl Replica {
                 return Ok(self.put(key, rebased, now_ms));
             }
         }
-        if !self.fits(&key, &entry) {
+        if !self.fits(old_size, &key, &entry) {
             return Err(Refused::Full);
         }
         Ok(self.put(key, entry, now_ms))

@@ -478,18 +478,23 @@ impl ConnectionHandle {
         // are stored twice in its future (once as passed, once moved into
         // the body); nothing happens before the first poll either way.
         async move {
-            match self.offer(msg, priority, eager)? {
+            match self.try_push(msg, priority, eager)? {
                 None => Ok(()),
                 // Boxed: the wait (a timer and a queue slot) would otherwise
                 // make every caller's future larger, full lane or not.
-                Some(msg) => Box::pin(self.wait_send(msg, priority)).await,
+                Some((msg, len)) => Box::pin(self.wait_send(msg, priority, len)).await,
             }
         }
     }
 
     /// [`send`](Self::send) when the lane (or, for a large message, the
     /// queued-bytes budget) is full: waits for room, up to the send timeout.
-    async fn wait_send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
+    async fn wait_send(
+        &self,
+        msg: Message,
+        priority: Priority,
+        len: usize,
+    ) -> Result<(), TransportError> {
         let shared = &self.shared;
         let timeout = shared.send_timeout;
         let deadline = Instant::now() + timeout;
@@ -506,7 +511,6 @@ impl ConnectionHandle {
             queued: &shared.queued,
             armed: true,
         };
-        let len = msg.encoded_len();
         let mut bytes = Reserved { shared, len: 0 };
         while !shared.reserve_bytes(len) {
             let room = shared.room.notified();
@@ -560,11 +564,22 @@ impl ConnectionHandle {
         priority: Priority,
         eager: bool,
     ) -> Result<Option<Message>, TransportError> {
+        Ok(self.try_push(msg, priority, eager)?.map(|(msg, _)| msg))
+    }
+
+    /// [`offer`](Self::offer), giving back the encoded length with the
+    /// message, for the wait that follows.
+    fn try_push(
+        &self,
+        msg: Message,
+        priority: Priority,
+        eager: bool,
+    ) -> Result<Option<(Message, usize)>, TransportError> {
         let len = self.check(&msg)?;
         match self.shared.push(msg, priority, eager, len) {
             Ok(()) => Ok(None),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
-            Err(mpsc::error::TrySendError::Full(msg)) => Ok(Some(msg)),
+            Err(mpsc::error::TrySendError::Full(msg)) => Ok(Some((msg, len))),
         }
     }
 
