@@ -3,17 +3,21 @@
 //! figures `cargo xtask bench` gives run on tokio's default runtime).
 //!
 //! ```text
-//! cargo run --release -p meshwork-bench --example cpu_per_call -- MODE [SECS] [WORKERS]
+//! cargo run --release -p meshwork-bench --example cpu_per_call -- MODE [SECS] [WORKERS] [--child]
 //! ```
 //!
 //! WORKERS (default 0: the one-thread runtime) runs the same on a
 //! multi-thread runtime with that many workers, the calls made from a task
 //! on it as in `cargo xtask bench`: what the hand-offs between threads cost
-//! shows as CPU above wall time.
+//! shows as CPU above wall time. `--child` runs the server node in a child
+//! process (on a runtime of the same kind), as two nodes of a real mesh
+//! run; the child's CPU time counts too.
 //!
 //! MODE is `rpc-seq` (one RPC call at a time), `rpc-64` (64 in flight),
 //! `concern-seq` or `concern-64` (the same through an echo concern, the
-//! layer RPC rides on). Two nodes over loopback TCP with the default
+//! layer RPC rides on), or `raw-64` (the benches' baseline: tokio's
+//! length-delimited frames echoed over loopback TCP, 64 in flight, each
+//! side writing what it gathered once nothing more is ready to read). Two nodes over loopback TCP with the default
 //! configuration (Noise), 64-byte payloads, SECS seconds (default 2). It
 //! prints the wall time and the process's CPU time (user + system, from
 //! `/proc/self/stat`) per call, and the size of one call's future. Compare
@@ -89,9 +93,26 @@ async fn node(seed: Option<Address>) -> Result<Node> {
     Ok(builder.start().await?)
 }
 
+/// The server node, serving the echo service; and its address.
+async fn server_node() -> Result<(Node, Address)> {
+    let server = node(None).await?;
+    server.rpc().serve("echo", EchoServer::new(Echoer)).await?;
+    let addr = server
+        .listen_addrs()
+        .first()
+        .cloned()
+        .context("no listen address")?;
+    Ok((server, addr))
+}
+
 /// User plus system CPU time of this process so far.
 fn cpu_time() -> Result<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    stat_cpu("/proc/self/stat")
+}
+
+/// User plus system CPU time of the process whose stat file is `path`.
+fn stat_cpu(path: &str) -> Result<Duration> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name (which is in parentheses and may hold
     // spaces): utime and stime are the 12th and 13th of them.
     let rest = stat
@@ -132,52 +153,73 @@ where
 }
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `--child`, anywhere: the server node runs in a child process.
+    let child = args.iter().any(|a| a == "--child");
+    args.retain(|a| a != "--child");
+    let mut args = args.into_iter();
     let mode = args.next().unwrap_or_default();
+    if mode == "serve" {
+        return serve_main(args.next());
+    }
     let secs: f64 = match args.next() {
         Some(s) => s.parse().context("SECS")?,
         None => 2.0,
-    };
-    let (rpc, depth) = match mode.as_str() {
-        "rpc-seq" => (true, 1),
-        "rpc-64" => (true, DEPTH),
-        "concern-seq" => (false, 1),
-        "concern-64" => (false, DEPTH),
-        _ => bail!("usage: cpu_per_call rpc-seq|rpc-64|concern-seq|concern-64 [SECS] [WORKERS]"),
     };
     let workers: usize = match args.next() {
         Some(s) => s.parse().context("WORKERS")?,
         None => 0,
     };
-    if workers == 0 {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        return runtime.block_on(run(mode, rpc, depth, secs));
+    if mode == "raw-64" {
+        return raw_main(&mode, secs, workers);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()?;
+    let (rpc, depth) = match mode.as_str() {
+        "rpc-seq" => (true, 1),
+        "rpc-64" => (true, DEPTH),
+        "concern-seq" => (false, 1),
+        "concern-64" => (false, DEPTH),
+        _ => bail!(
+            "usage: cpu_per_call rpc-seq|rpc-64|concern-seq|concern-64|raw-64 \
+             [SECS] [WORKERS] [--child]"
+        ),
+    };
+    let server = child.then_some(workers);
+    if workers == 0 {
+        return runtime(0)?.block_on(run(mode, rpc, depth, secs, server));
+    }
     // Spawned, so the calls start on a worker thread as the bench's runs do
     // (the future given to `block_on` runs on the main thread instead).
-    runtime.block_on(async move {
-        tokio::spawn(run(mode, rpc, depth, secs))
+    runtime(workers)?.block_on(async move {
+        tokio::spawn(run(mode, rpc, depth, secs, server))
             .await
             .context("the run panicked")?
     })
 }
 
 /// Two nodes, then calls in `mode` for `secs` seconds; prints the figures.
-async fn run(mode: String, rpc: bool, depth: usize, secs: f64) -> Result<()> {
-    let server = node(None).await?;
-    let seed = server
-        .listen_addrs()
-        .first()
-        .cloned()
-        .context("no listen address")?;
+/// With `child` (its worker count), the server node runs in a child
+/// process, whose CPU time counts too.
+async fn run(mode: String, rpc: bool, depth: usize, secs: f64, child: Option<usize>) -> Result<()> {
+    let (server, mut process, seed, server_id) = if let Some(workers) = child {
+        let mut process = std::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg(workers.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(process.stdout.take().context("child stdout")?),
+            &mut line,
+        )?;
+        let (addr, id) = line.trim().split_once(' ').context("child's line")?;
+        (None, Some(process), addr.parse()?, NodeId::from_hex(id)?)
+    } else {
+        let (server, seed) = server_node().await?;
+        let id = server.node_id().clone();
+        (Some(server), None, seed, id)
+    };
     let client = node(Some(seed)).await?;
-    server.rpc().serve("echo", EchoServer::new(Echoer)).await?;
     let ready = Instant::now() + Duration::from_secs(10);
     while !client
         .rpc()
@@ -194,7 +236,7 @@ async fn run(mode: String, rpc: bool, depth: usize, secs: f64) -> Result<()> {
     let payload = Bytes::from(data.clone());
     let echo: EchoClient = client.rpc().client("echo");
     let ctx = client.concerns().context(ECHO);
-    let to = server.node_id().clone();
+    let to = server_id;
     // What `drive` allocates per call (glibc's allocator takes a slower
     // path past about 1 KiB).
     let future_size = if rpc {
@@ -202,7 +244,8 @@ async fn run(mode: String, rpc: bool, depth: usize, secs: f64) -> Result<()> {
     } else {
         std::mem::size_of_val(&ctx.request(&to, payload.clone(), Duration::from_secs(5)))
     };
-    let (cpu0, wall0) = (cpu_time()?, Instant::now());
+    let child_pid = process.as_ref().map(|p| p.id());
+    let (cpu0, wall0) = (cpu_time()? + child_cpu(child_pid)?, Instant::now());
     let end = wall0 + Duration::from_secs_f64(secs);
     let done = if rpc {
         drive(depth, end, || async {
@@ -218,14 +261,140 @@ async fn run(mode: String, rpc: bool, depth: usize, secs: f64) -> Result<()> {
         })
         .await?
     };
-    let (cpu, wall) = (cpu_time()? - cpu0, wall0.elapsed());
+    let (cpu, wall) = (cpu_time()? + child_cpu(child_pid)? - cpu0, wall0.elapsed());
     let per = |d: Duration| d.as_secs_f64() * 1e6 / done as f64;
     println!(
-        "{mode}: {done} calls, {:.3} us wall and {:.3} us CPU per call \
+        "{mode}{}: {done} calls, {:.3} us wall and {:.3} us CPU per call \
          (a call's future: {future_size} bytes)",
+        if child.is_some() {
+            " (server in a child process)"
+        } else {
+            ""
+        },
         per(wall),
         per(cpu)
     );
-    futures_util::future::join(client.shutdown(), server.shutdown()).await;
+    client.shutdown().await;
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
+    if let Some(mut p) = process.take() {
+        drop(p.stdin.take());
+        p.wait()?;
+    }
     Ok(())
+}
+
+/// CPU time of the child process `pid`, if any.
+fn child_cpu(pid: Option<u32>) -> Result<Duration> {
+    match pid {
+        None => Ok(Duration::ZERO),
+        Some(pid) => stat_cpu(&format!("/proc/{pid}/stat")),
+    }
+}
+
+/// `serve [WORKERS]`: the server node of `--child`, in the child process:
+/// prints its address and node id, then serves until stdin closes.
+fn serve_main(workers: Option<String>) -> Result<()> {
+    let workers: usize = match workers {
+        Some(s) => s.parse().context("WORKERS")?,
+        None => 0,
+    };
+    runtime(workers)?.block_on(async {
+        let (server, addr) = server_node().await?;
+        println!("{addr} {}", server.node_id());
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut sink);
+        })
+        .await?;
+        server.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+/// A runtime of `workers` worker threads (0: the one-thread runtime).
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+    Ok(if workers == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()?
+    })
+}
+
+/// `raw-64`: the bench's baseline, length-delimited frames over loopback
+/// TCP echoed back, `DEPTH` in flight, each side writing whatever it has
+/// gathered when nothing more is ready to read.
+fn raw_main(mode: &str, secs: f64, workers: usize) -> Result<()> {
+    let done = runtime(workers)?.block_on(async move {
+        tokio::spawn(raw_run(secs))
+            .await
+            .context("the run panicked")?
+    })?;
+    let (calls, cpu, wall) = done;
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / calls as f64;
+    println!(
+        "{mode}: {calls} calls, {:.3} us wall and {:.3} us CPU per call",
+        per(wall),
+        per(cpu)
+    );
+    Ok(())
+}
+
+type Raw =
+    tokio_util::codec::Framed<tokio::net::TcpStream, tokio_util::codec::LengthDelimitedCodec>;
+
+async fn raw_run(secs: f64) -> Result<(u64, Duration, Duration)> {
+    use futures_util::{FutureExt as _, SinkExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let mut framed: Raw = tokio_util::codec::Framed::new(stream, Default::default());
+        while let Some(frame) = framed.next().await {
+            framed.feed(frame?.freeze()).await?;
+            while let Some(Some(frame)) = framed.next().now_or_never() {
+                framed.feed(frame?.freeze()).await?;
+            }
+            SinkExt::<Bytes>::flush(&mut framed).await?;
+        }
+        anyhow::Ok(())
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut client: Raw = tokio_util::codec::Framed::new(stream, Default::default());
+    let payload = Bytes::from(vec![7u8; 64]);
+    let (cpu0, wall0) = (cpu_time()?, Instant::now());
+    let end = wall0 + Duration::from_secs_f64(secs);
+    for _ in 0..DEPTH {
+        client.feed(payload.clone()).await?;
+    }
+    SinkExt::<Bytes>::flush(&mut client).await?;
+    let (mut in_flight, mut done) = (DEPTH, 0u64);
+    while in_flight > 0 {
+        let reply = match client.next().now_or_never() {
+            Some(reply) => reply,
+            None => {
+                SinkExt::<Bytes>::flush(&mut client).await?;
+                client.next().await
+            }
+        };
+        reply.context("server closed")??;
+        in_flight -= 1;
+        done += 1;
+        if Instant::now() < end {
+            client.feed(payload.clone()).await?;
+            in_flight += 1;
+        }
+    }
+    let (cpu, wall) = (cpu_time()? - cpu0, wall0.elapsed());
+    drop(client);
+    server.await.context("the echo task panicked")??;
+    Ok((done, cpu, wall))
 }
