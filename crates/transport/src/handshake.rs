@@ -279,8 +279,15 @@ async fn exchange(
     // before answering, so a refusal reaches the dialer as the first frame.
     // This costs no round trip: the initiator's Hello follows its last Noise
     // message, or its preamble, without waiting.
+    // Until its Hello is accepted the peer may only send a Hello or a
+    // Disconnect: a longer frame is refused before any room is reserved
+    // for it (the limit is lifted below, once the peer is admitted).
     let codec = FrameCodec::new()
-        .with_max_frame_len(config.max_frame_len)
+        .with_max_frame_len(
+            config
+                .max_frame_len
+                .min(config.limits.max_handshake_frame_len()),
+        )
         .with_limits(config.limits.clone());
     // Small to start with: an idle connection should cost little, and the
     // codec reserves room for a whole frame once it sees its length.
@@ -301,6 +308,7 @@ async fn exchange(
     });
     match checked {
         Ok(node_id) => {
+            reader.decoder_mut().set_max_frame_len(config.max_frame_len);
             if !initiator {
                 writer.write_all(&frame).await?;
                 writer.flush().await?;
@@ -452,39 +460,50 @@ mod tests {
         );
     }
 
-    /// A peer that authenticates with its own key but claims another node's
-    /// id in its Hello is refused with a protocol error.
-    #[tokio::test]
-    async fn forged_node_id_is_refused() {
-        use crate::mem::MemNetwork;
+    /// A server endpoint on `net`, and the two halves of a stream from
+    /// `host` that has completed the Noise handshake with it (as anyone can)
+    /// and has not sent its Hello yet.
+    async fn authenticated_stranger(
+        net: &crate::mem::MemNetwork,
+        host: &str,
+    ) -> (crate::Endpoint, BoxRead, BoxWrite) {
         use crate::{Endpoint, Identity, Transport};
 
-        let net = MemNetwork::new();
         let server = Endpoint::new(Config::new("n"), net.transport("server"));
         let addr = server
             .listen(&"mem://server".parse().unwrap())
             .await
             .unwrap();
-
-        let (stream, _) = net.transport("forger").dial(&addr).await.unwrap();
+        let (stream, _) = net.transport(host).dial(&addr).await.unwrap();
         let (mut read, mut write) = tokio::io::split(stream);
         let ours = preamble(Security::Noise);
         write.write_all(&ours).await.unwrap();
         let mut theirs = [0u8; PREAMBLE_LEN];
         read.read_exact(&mut theirs).await.unwrap();
-        let forger = Identity::generate();
         let (state, _) = noise::handshake(
             &mut read,
             &mut write,
             true,
-            &forger,
+            &Identity::generate(),
             &noise::derive_psk(None),
             &ours,
             None,
         )
         .await
         .unwrap();
-        let (r, mut w) = noise::split(read, write, state);
+        let (r, w) = noise::split(read, write, state);
+        (server, Box::new(r), Box::new(w))
+    }
+
+    /// A peer that authenticates with its own key but claims another node's
+    /// id in its Hello is refused with a protocol error.
+    #[tokio::test]
+    async fn forged_node_id_is_refused() {
+        use crate::Identity;
+        use crate::mem::MemNetwork;
+
+        let net = MemNetwork::new();
+        let (server, r, mut w) = authenticated_stranger(&net, "forger").await;
 
         let victim = Identity::generate();
         let mut forged = local_hello(&Config::new("n"), vec![]);
@@ -513,6 +532,44 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(2), counted)
             .await
             .expect("failure counted");
+        server.shutdown().await;
+    }
+
+    /// Before its Hello is accepted, a peer's frame may be no longer than
+    /// the longest Hello: announcing a longer one (here 1 MiB, well under
+    /// the 16 MiB allowed afterwards) is refused at once, before the node
+    /// reserves room for it or waits out the handshake timeout for its body.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_longer_than_any_hello_is_refused_during_the_handshake() {
+        use crate::mem::MemNetwork;
+
+        let net = MemNetwork::new();
+        let (server, r, mut w) = authenticated_stranger(&net, "stranger").await;
+        let announced = 1usize << 20;
+        assert!(announced > Config::new("n").limits.max_handshake_frame_len());
+        assert!(announced < Config::new("n").max_frame_len);
+        w.write_all(&(announced as u32).to_be_bytes())
+            .await
+            .unwrap();
+        w.write_all(&[0u8; 1024]).await.unwrap();
+        w.flush().await.unwrap();
+
+        let mut reader = FramedRead::new(r, FrameCodec::new());
+        // Well inside the handshake timeout (10 s), which a node waiting
+        // for the body would wait out.
+        let refusal = tokio::time::timeout(std::time::Duration::from_secs(1), reader.next())
+            .await
+            .expect("refused at once, not after the handshake timeout");
+        match refusal {
+            Some(Ok(Message::Disconnect(d))) => {
+                assert_eq!(
+                    d.reason_or_unspecified(),
+                    meshwork_wire::proto::DisconnectReason::ProtocolError
+                );
+                assert!(d.message.contains(&announced.to_string()), "{}", d.message);
+            }
+            other => panic!("expected Disconnect(protocol error), got {other:?}"),
+        }
         server.shutdown().await;
     }
 

@@ -52,6 +52,13 @@ impl FrameCodec {
         self
     }
 
+    /// Changes the largest frame accepted from now on (clamped like
+    /// [`with_max_frame_len`](Self::with_max_frame_len)): a handshake reads
+    /// the peer's Hello under a small limit, then lifts it.
+    pub fn set_max_frame_len(&mut self, max: usize) {
+        self.max_frame_len = max.min(MAX_FRAME_LEN_LIMIT);
+    }
+
     /// Sets the field limits applied to decoded messages.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
@@ -501,6 +508,44 @@ mod tests {
         let frame = encode_frame(&full, DEFAULT_MAX_FRAME_LEN).unwrap();
         assert!(frame.len() - 4 <= max, "{} > {max}", frame.len() - 4);
         assert_eq!(decode_frame(frame.slice(4..), &limits).unwrap(), full);
+    }
+
+    #[test]
+    fn the_largest_hello_and_disconnect_fit_the_handshake_limit() {
+        let limits = Limits::default();
+        let max = limits.max_handshake_frame_len();
+        let addrs = vec!["a".repeat(limits.max_addr_len); limits.max_addrs];
+        // Distinct keys (a map), every key and value at its longest.
+        let metadata = (0..limits.max_metadata_entries)
+            .map(|i| {
+                let key = format!("{i:0>width$}", width = limits.max_metadata_len);
+                (key, "v".repeat(limits.max_metadata_len))
+            })
+            .collect();
+        let hello = Message::Hello(Box::new(Hello {
+            protocol_version: u32::MAX,
+            network_id: "n".repeat(limits.max_network_id_len),
+            node_id: Bytes::from(vec![1; crate::NodeId::MAX_LEN]),
+            listen_addrs: addrs.clone(),
+            metadata,
+            capabilities: u64::MAX,
+        }));
+        let peer = PeerInfo {
+            node_id: Bytes::from(vec![1; crate::NodeId::MAX_LEN]),
+            addrs,
+        };
+        let disconnect = Message::Disconnect(Disconnect {
+            reason: DisconnectReason::TooManyPeers as i32,
+            message: "m".repeat(limits.max_text_len),
+            alternatives: vec![peer; limits.max_alternatives],
+        });
+        for msg in [hello, disconnect] {
+            let frame = encode_frame(&msg, DEFAULT_MAX_FRAME_LEN).unwrap();
+            assert!(frame.len() - 4 <= max, "{} > {max}", frame.len() - 4);
+            assert_eq!(decode_frame(frame.slice(4..), &limits).unwrap(), msg);
+        }
+        // Far below a full frame: that is the point of it.
+        assert!(max < 256 * 1024, "{max}");
     }
 
     #[test]

@@ -48,22 +48,41 @@ impl Limits {
     /// before the counts are checked, and a frame of empty entries decodes
     /// into many times its size (2 wire bytes, 56 bytes of memory each).
     pub fn max_control_frame_len(&self) -> usize {
-        // A tag and a length prefix, generously.
-        const FIELD: usize = 8;
-        let addrs = self.max_addrs.saturating_mul(self.max_addr_len + FIELD);
-        let peer = NodeId::MAX_LEN + FIELD + addrs + FIELD;
+        let discovered = self.max_discovered_peers.saturating_mul(self.peer_len()) + FIELD;
+        self.max_handshake_frame_len().max(discovered + FIELD)
+    }
+
+    /// The longest frame body a peer may send during the handshake, where
+    /// only a Hello or a Disconnect (a refusal) is expected. Until a peer's
+    /// Hello is accepted its frames are held to this, so that a stranger
+    /// who completed the Noise handshake (anyone can) cannot make the node
+    /// reserve a full frame's buffer (16 MiB by default) per pending
+    /// handshake.
+    pub fn max_handshake_frame_len(&self) -> usize {
         let hello = (self.max_network_id_len + NodeId::MAX_LEN + 8 * FIELD)
-            .saturating_add(addrs)
+            .saturating_add(self.addrs_len())
             .saturating_add(
                 self.max_metadata_entries
                     .saturating_mul(2 * self.max_metadata_len + 3 * FIELD),
             );
-        let discovered = self.max_discovered_peers.saturating_mul(peer) + FIELD;
         let disconnect = (self.max_text_len + 4 * FIELD)
-            .saturating_add(self.max_alternatives.saturating_mul(peer));
-        hello.max(discovered).max(disconnect) + FIELD
+            .saturating_add(self.max_alternatives.saturating_mul(self.peer_len()));
+        hello.max(disconnect) + FIELD
+    }
+
+    /// A list of addresses at its longest.
+    fn addrs_len(&self) -> usize {
+        self.max_addrs.saturating_mul(self.max_addr_len + FIELD)
+    }
+
+    /// A PeerInfo at its longest.
+    fn peer_len(&self) -> usize {
+        (NodeId::MAX_LEN + 2 * FIELD).saturating_add(self.addrs_len())
     }
 }
+
+/// A tag and a length prefix, generously.
+const FIELD: usize = 8;
 
 fn check_len(field: &'static str, len: usize, max: usize, unit: &str) -> Result<(), WireError> {
     if len > max {
