@@ -80,6 +80,7 @@ mod entry;
 mod error;
 mod hlc;
 mod map;
+mod message;
 mod replica;
 mod tree;
 

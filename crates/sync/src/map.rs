@@ -413,7 +413,9 @@ impl Concern for SyncConcern {
         from: &NodeId,
         payload: Bytes,
     ) -> Result<Option<Reply>, BoxError> {
-        let msg = proto::SyncMessage::decode(payload.clone())?;
+        // Bounded: a peer's message of many tiny entries must not become
+        // a gigabyte of structs before one of them is checked.
+        let msg = crate::message::decode(payload.clone())?;
         match msg.body {
             Some(Body::Push(push)) => {
                 self.inner.on_push(ctx, from, push, payload).await;
@@ -869,7 +871,7 @@ impl SyncMap {
                     .await
                     .is_ok_and(|b| {
                         matches!(
-                            proto::SyncMessage::decode(b).ok().and_then(|m| m.body),
+                            crate::message::decode(b).ok().and_then(|m| m.body),
                             Some(Body::Ack(_))
                         )
                     });
@@ -935,7 +937,7 @@ impl SyncMap {
             .ctx
             .request_with(peer, payload, self.inner.cfg.request_timeout, priority)
             .await?;
-        proto::SyncMessage::decode(reply)
+        crate::message::decode(reply)
             .ok()
             .and_then(|m| m.body)
             .ok_or_else(|| {

@@ -302,6 +302,20 @@ async fn only_neighbours_prune_or_graft_links_of_the_tree() {
     p.stop().await;
 }
 
+/// A replica of `origin`'s own, to make the entries it pushes.
+fn member_replica(origin: &NodeId) -> Replica {
+    Replica::new(
+        origin.clone(),
+        ReplicaConfig {
+            leasing: true,
+            lease_ms: 60_000,
+            tombstone_grace_ms: 600_000,
+            max_skew_ms: 60_000,
+            max_bytes: usize::MAX,
+        },
+    )
+}
+
 /// A member pushing more than a replica's byte budget: the replica keeps
 /// what fits, refuses (and counts) the rest, says `Full` to local writes
 /// of new keys, and goes on with everything else.
@@ -315,16 +329,7 @@ async fn a_member_filling_the_map_meets_the_byte_budget() {
     let p = pair_with(&net, None, config).await;
     p.a.set("mine", "v").await.unwrap();
     let origin = p.b_id();
-    let mut writer = Replica::new(
-        origin.clone(),
-        ReplicaConfig {
-            leasing: true,
-            lease_ms: 60_000,
-            tombstone_grace_ms: 600_000,
-            max_skew_ms: 60_000,
-            max_bytes: usize::MAX,
-        },
-    );
+    let mut writer = member_replica(&origin);
     let now = p.a.now_ms();
     let entries: Vec<proto::Entry> = (0..200)
         .map(|i| {
@@ -370,5 +375,50 @@ async fn a_member_filling_the_map_meets_the_byte_budget() {
     assert!(matches!(err, Err(SyncError::Full { .. })), "{err:?}");
     p.a.set("mine", "w").await.unwrap();
     assert_eq!(p.a.get_str("mine").as_deref(), Some("w"));
+    p.stop().await;
+}
+
+/// A member sending a message of more entries than any node sends (empty
+/// ones, 2 bytes each on the wire) gets an error back before they are
+/// decoded; the map goes on taking ordinary pushes from it.
+#[tokio::test(start_paused = true)]
+async fn a_message_of_too_many_entries_is_refused_before_decoding() {
+    let net = MemNetwork::new();
+    let p = pair(&net, None).await;
+    let origin = p.b_id();
+    let sync = p.b.context(SYNC);
+    let a = p.a.node_id().clone();
+    let push = |entries: Vec<proto::Entry>| {
+        proto::SyncMessage {
+            body: Some(Body::Push(proto::Push {
+                id: entries.len() as u64,
+                origin: origin.as_bytes().clone(),
+                entries,
+            })),
+        }
+        .encode_to_vec()
+    };
+    let flood = push(vec![
+        proto::Entry::default();
+        crate::message::MAX_ENTRIES + 1
+    ]);
+    let err = sync.request(&a, flood, 5 * S).await.unwrap_err();
+    assert!(err.to_string().contains("entries, at most"), "{err}");
+    // An ordinary push from the same member still applies.
+    let mut writer = member_replica(&origin);
+    let key = Bytes::from_static(b"fine");
+    let (e, _) = writer
+        .write(
+            key.clone(),
+            Some(Bytes::from_static(b"v")),
+            Write::Set,
+            p.a.now_ms(),
+        )
+        .unwrap();
+    sync.send(&a, push(vec![e.to_proto(&key, &origin)]))
+        .await
+        .unwrap();
+    sleep(S).await;
+    assert_eq!(p.a.get_str("fine").as_deref(), Some("v"));
     p.stop().await;
 }
