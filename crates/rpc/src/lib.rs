@@ -107,8 +107,8 @@ pub use codec::Codec;
 pub use error::{NoError, RpcError};
 pub use meshwork_rpc_macros::service;
 pub use rpc::{
-    CallOptions, CallStats, Client, MAX_SERVICE_NAME, Provider, REGISTRY_PREFIX, RPC, Rpc,
-    RpcConfig, ServedStats, ServiceRecord, check_service_name,
+    CallOptions, CallStats, Client, MAX_METHODS, MAX_PROVIDERS, MAX_RECORD_BYTES, MAX_SERVICE_NAME,
+    Provider, REGISTRY_PREFIX, RPC, Rpc, RpcConfig, ServedStats, ServiceRecord, check_service_name,
 };
 pub use service::{CallCancel, CallContext, Service, ServiceClient, ServiceError, call_context};
 

@@ -479,6 +479,20 @@ struct Inner {
 /// cache starts over (a caller naming ever new services).
 const MAX_LISTED: usize = 1024;
 
+/// Registry entries longer than this are not parsed, and not listed: a
+/// record is a version and method names (16 KiB holds hundreds of them),
+/// and any member can write entries under any name. Without a bound, one
+/// entry of a megabyte of empty names parses into 8 MB of strings, on
+/// every caller of that service, again after each change to the map.
+pub const MAX_RECORD_BYTES: usize = 16 * 1024;
+/// Providers of one service that are parsed and listed at most (the first
+/// in key order, which is by node id): what a caller reads and parses for
+/// one call is bounded too.
+pub const MAX_PROVIDERS: usize = 1024;
+/// Methods a registry entry may list; one with more is not listed (what is
+/// kept of an entry stays within a few times its size).
+pub const MAX_METHODS: usize = 1024;
+
 /// One provider's registry entry, parsed.
 #[derive(Debug)]
 struct Listing {
@@ -882,10 +896,15 @@ impl Rpc {
         let listings: Arc<[Listing]> = sync
             .prefixed_entries(&prefix)
             .into_iter()
+            .filter(|(_, e)| e.value.len() <= MAX_RECORD_BYTES)
+            .take(MAX_PROVIDERS)
             .filter_map(|(k, e)| {
                 let key = std::str::from_utf8(&k).ok()?;
                 let node_id = NodeId::from_hex(&key[prefix.len()..]).ok()?;
                 let record: ServiceRecord = serde_json::from_slice(&e.value).ok()?;
+                if record.methods.len() > MAX_METHODS {
+                    return None;
+                }
                 Some(Listing {
                     node_id,
                     record,

@@ -17,10 +17,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use meshwork::transport::Address;
 use meshwork::transport::mem::MemNetwork;
+use meshwork::wire::NodeId;
 use meshwork::{Node, NodeBuilder};
 use meshwork_rpc::{
-    CallOptions, Codec, MAX_SERVICE_NAME, REGISTRY_PREFIX, RpcConfig, RpcError, ServiceRecord,
-    call_context, check_service_name, service,
+    CallOptions, Codec, MAX_METHODS, MAX_RECORD_BYTES, MAX_SERVICE_NAME, REGISTRY_PREFIX,
+    RpcConfig, RpcError, ServiceRecord, call_context, check_service_name, service,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, sleep};
@@ -743,6 +744,60 @@ async fn a_provider_that_does_not_serve_the_service_says_so() {
         Err(RpcError::UnknownService("ghost".into()))
     );
     assert!(started.elapsed() < 50 * MS);
+    stop(nodes).await;
+}
+
+/// Registry entries any member can write under a service's name, too big
+/// to be a record (a megabyte of empty method names would parse into 8 MB
+/// of strings on every caller, after every change to the map): they are
+/// neither parsed nor listed, and calls go to the real provider.
+#[tokio::test(start_paused = true)]
+async fn oversized_registry_entries_are_not_listed() {
+    let net = MemNetwork::new();
+    let (nodes, _probe, calc) = calc_pair(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let fake = |n: u8| NodeId::from_bytes(vec![n; 32]).unwrap();
+    let junk = [
+        // One long method name: over the byte bound.
+        ServiceRecord {
+            version: 1,
+            methods: vec!["m".repeat(MAX_RECORD_BYTES)],
+        },
+        // Within the byte bound, but more methods than allowed.
+        ServiceRecord {
+            version: 1,
+            methods: vec![String::new(); MAX_METHODS + 1],
+        },
+    ];
+    for (n, record) in junk.iter().enumerate() {
+        let key = format!("{REGISTRY_PREFIX}calc/{}", fake(n as u8 + 1));
+        let value = serde_json::to_vec(record).unwrap();
+        a.sync().set(&key, value).await.unwrap();
+    }
+    // A fitting one under a fake id is listed (the bounds are what differ).
+    let fitting = ServiceRecord {
+        version: 1,
+        methods: vec!["add".into()],
+    };
+    let key = format!("{REGISTRY_PREFIX}calc/{}", fake(9));
+    a.sync()
+        .set(&key, serde_json::to_vec(&fitting).unwrap())
+        .await
+        .unwrap();
+    let mut listed: Vec<NodeId> = a
+        .rpc()
+        .providers("calc")
+        .into_iter()
+        .map(|p| p.node_id)
+        .collect();
+    listed.sort();
+    let mut expected = vec![b.node_id().clone(), fake(9)];
+    expected.sort();
+    assert_eq!(listed, expected);
+    // Calls still reach the real provider (the fitting fake one fails over).
+    for _ in 0..10 {
+        assert_eq!(calc.add(2, 3).await, Ok(5));
+    }
     stop(nodes).await;
 }
 
