@@ -11,6 +11,7 @@ use std::ops::Bound;
 use bytes::Bytes;
 use meshwork_concerns::wire::NodeId;
 
+use crate::entry::MAX_EPOCH;
 use crate::hlc::{Hlc, TooFarAhead};
 use crate::{Entry, Stamp, SyncError};
 
@@ -304,13 +305,23 @@ impl Replica {
                     });
                 }
                 Some(e) if e.lease_live(at) => (e.epoch, e.claim),
-                // The next epoch. Epochs above `MAX_EPOCH` are refused from
-                // peers, so honest claims never get near u64::MAX; should
-                // one get there, it is the last epoch: later claims stay in
-                // it and rank by claim stamp like rival claims (the earliest
-                // keeps the key everywhere), instead of panicking or
-                // wrapping to 0, which would make the key unclaimable.
-                Some(e) => (e.epoch.saturating_add(1), stamp),
+                // `MAX_EPOCH` is the last epoch peers accept (honest claims
+                // never get near it: only a forged entry does). A claim past
+                // it would be refused by every other replica while this one
+                // kept it, splitting the map for good; and a new claim in
+                // the last epoch ranks after the holder's earlier one, so it
+                // would be overturned everywhere. The key stays with whoever
+                // holds it in the last epoch: its owner writes on in its
+                // claim, anyone else is told the lease is held for good.
+                Some(e) if e.epoch >= MAX_EPOCH && e.writer == self.me => (e.epoch, e.claim),
+                Some(e) if e.epoch >= MAX_EPOCH => {
+                    return Err(SyncError::LeaseHeld {
+                        key,
+                        owner: e.writer.clone(),
+                        until_ms: u64::MAX,
+                    });
+                }
+                Some(e) => (e.epoch + 1, stamp),
             }
         };
         let (value, lease_until, expires_at, ttl_ms) = match what {

@@ -454,16 +454,34 @@ proptest! {
 }
 
 #[test]
-fn a_claim_after_the_last_epoch_saturates_instead_of_overflowing() {
-    // An entry at epoch u64::MAX (peers' are refused above MAX_EPOCH; this
-    // one comes straight in) whose lease lapsed: the next claim stays in
-    // the last epoch instead of panicking or wrapping to 0.
+fn a_key_in_the_last_epoch_stays_with_its_holder() {
+    // A (forged) entry in the last epoch peers accept, its lease lapsed: a
+    // claim past it would be refused by every other replica, and one in it
+    // would be overturned by the holder's earlier claim. Another node is
+    // told the lease is held for good; the holder writes on.
+    let mut holder = replica(1, true);
+    let mut last = set(&mut holder, "k", "a", 1_000).unwrap();
+    last.epoch = MAX_EPOCH;
+    assert!(
+        Entry::from_proto(last.to_proto(&k("k"), &id(1)), &id(1), 1024, 1 << 20).is_ok(),
+        "peers accept the last epoch"
+    );
     let mut b = replica(2, true);
-    let mut last = set(&mut replica(1, true), "k", "a", 1_000).unwrap();
-    last.epoch = u64::MAX;
-    b.apply(k("k"), last, 1_000).unwrap();
-    let e = set(&mut b, "k", "b", 1_000 + LEASE + 1).unwrap();
-    assert_eq!((e.epoch, e.writer), (u64::MAX, id(2)));
+    b.apply(k("k"), last.clone(), 1_000).unwrap();
+    let err = set(&mut b, "k", "b", 1_000 + LEASE + 1).unwrap_err();
+    assert!(
+        matches!(&err, SyncError::LeaseHeld { owner, until_ms: u64::MAX, .. } if *owner == id(1)),
+        "{err:?}"
+    );
+    assert_eq!(b.entry(&k("k")).unwrap().value.as_deref(), Some(&b"a"[..]));
+    // The holder's own write, after its lease lapsed, stays in its claim
+    // and wins on every replica.
+    let mut holder = replica(1, true);
+    holder.apply(k("k"), last, 1_000).unwrap();
+    let e = set(&mut holder, "k", "a2", 1_000 + LEASE + 1).unwrap();
+    assert_eq!((e.epoch, &e.writer), (MAX_EPOCH, &id(1)));
+    b.apply(k("k"), e, 1_000 + LEASE + 1).unwrap();
+    assert_eq!(b.entry(&k("k")).unwrap().value.as_deref(), Some(&b"a2"[..]));
 }
 
 #[test]
