@@ -417,6 +417,12 @@ pub(crate) struct StatusJson {
     pub(crate) subscriptions: Vec<String>,
     /// Requests for command ids nobody handles here, since start.
     pub(crate) unknown_commands: u64,
+    /// Answers dropped since start: the asker's lane stayed full for a
+    /// second (`Concerns::unsent_answers`).
+    pub(crate) unsent_answers: u64,
+    /// Error answers dropped since start: they could not go out at once
+    /// (`Concerns::unsent_errors`).
+    pub(crate) unsent_errors: u64,
     /// Services served here (`--serve-demo`), by name, with their counters.
     pub(crate) served: Vec<ServedJson>,
     /// Counters of the RPC calls this node made.
@@ -604,6 +610,10 @@ pub(crate) struct ConcernsInfo {
     pub(crate) subscriptions: Vec<String>,
     /// `Concerns::unknown_commands`.
     pub(crate) unknown_commands: u64,
+    /// `Concerns::unsent_answers`.
+    pub(crate) unsent_answers: u64,
+    /// `Concerns::unsent_errors`.
+    pub(crate) unsent_errors: u64,
 }
 
 /// The pool in [`StatusJson`].
@@ -771,6 +781,8 @@ pub(crate) fn status_json(
         builtin,
         subscriptions,
         unknown_commands: concerns.unknown_commands,
+        unsent_answers: concerns.unsent_answers,
+        unsent_errors: concerns.unsent_errors,
         served: status.served.iter().map(served_json).collect(),
         calls: calls_json(&status.calls),
     }
@@ -892,6 +904,8 @@ async fn status(State(state): State<AdminState>) -> Json<StatusJson> {
         builtin: node.concerns().builtin_stats(),
         subscriptions: state.subscriptions.to_vec(),
         unknown_commands: node.concerns().unknown_commands(),
+        unsent_answers: node.concerns().unsent_answers(),
+        unsent_errors: node.concerns().unsent_errors(),
     };
     Json(status_json(
         &node.status(),
@@ -1918,6 +1932,8 @@ mod tests {
             ],
             subscriptions: vec!["b".into(), "a".into()],
             unknown_commands: 9,
+            unsent_answers: 4,
+            unsent_errors: 5,
         };
         let json = serde_json::to_value(status_json(
             &status,
@@ -2044,6 +2060,8 @@ mod tests {
                 },
                 "subscriptions": ["a", "b"],
                 "unknown_commands": 9,
+                "unsent_answers": 4,
+                "unsent_errors": 5,
                 "served": [{
                     "name": "demo",
                     "version": 1,

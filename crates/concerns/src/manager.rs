@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use meshwork_peers::transport::ConnectionHandle;
-use meshwork_peers::transport::Priority;
+use meshwork_peers::transport::{Priority, TransportError};
 use meshwork_peers::wire::proto::{Concern as Frame, ConcernError, ConcernKind, ErrorCode};
 use meshwork_peers::wire::{Message, NodeId};
 use meshwork_peers::{ConcernFrame, InboundHandler, PeerEvent, PeerManager, PeersError};
@@ -235,6 +235,9 @@ pub(crate) struct Job {
 
 /// Routed error answers being sent at once, at most; more are dropped.
 const MAX_ERROR_TASKS: usize = 256;
+/// How long an answer waits for room on the asker's full lane before it is
+/// dropped (counted in [`Concerns::unsent_answers`]).
+pub(crate) const ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// Concern frame flags owned by this layer: the lane a frame was sent on
 /// (0 normal, 1 control, 2 bulk), so that a reply can take the request's.
@@ -280,7 +283,17 @@ struct Waiting {
     lanes: [FairQueue<NodeId, Job>; 3],
     /// Requests of this concern running now.
     running: usize,
+    /// Where [`pop`](Self::pop) is in [`LANE_TURNS`].
+    turn: usize,
 }
+
+/// Which lane gets the next turn, in a cycle of 8 turns: 4 for control, 3
+/// for normal, 1 for bulk. A lane whose turn it is but that is empty gives
+/// the turn to the first lane with work, in priority order. Served strictly in priority order,
+/// one peer sending everything on the control lane (the sender picks the
+/// lane) kept every other peer's normal requests waiting until they timed
+/// out, and their senders then blamed, and banned, this node.
+const LANE_TURNS: [usize; 8] = [0, 1, 0, 1, 0, 2, 0, 1];
 
 impl Waiting {
     fn new(per_sender: usize) -> Self {
@@ -289,6 +302,7 @@ impl Waiting {
                 FairQueue::new(per_sender, per_sender.saturating_mul(QUEUED_SENDERS))
             }),
             running: 0,
+            turn: 0,
         }
     }
 
@@ -296,7 +310,14 @@ impl Waiting {
         self.lanes.iter().map(FairQueue::len).sum()
     }
 
+    /// The next request: from the lane whose turn it is (see
+    /// [`LANE_TURNS`]), round robin between senders within a lane.
     fn pop(&mut self) -> Option<Job> {
+        let lane = LANE_TURNS[self.turn % LANE_TURNS.len()];
+        self.turn = self.turn.wrapping_add(1);
+        if let Some((_, job)) = self.lanes[lane].pop() {
+            return Some(job);
+        }
         self.lanes
             .iter_mut()
             .find_map(|q| q.pop().map(|(_, job)| job))
@@ -314,6 +335,8 @@ pub(crate) struct Inner {
     unknown: AtomicU64,
     /// Error answers dropped because they could not go out at once.
     unsent_errors: AtomicU64,
+    /// Answers dropped after waiting [`ANSWER_WAIT`] for room.
+    unsent_answers: AtomicU64,
     /// Tasks sending routed error answers now.
     error_tasks: AtomicUsize,
     flood: OnceLock<Arc<Flood>>,
@@ -759,8 +782,23 @@ impl Inner {
                 let frame = direct_frame(job.command, job.request_id, kind, priority, payload);
                 match conn.offer(frame, priority, false) {
                     Ok(None) => Ok(()),
-                    // The lane is full: wait for room.
-                    Ok(Some(frame)) => Box::pin(conn.send(frame, priority)).await,
+                    // The lane is full: wait for room, a little. The wait
+                    // holds one of the concern's slots, and a peer that
+                    // does not read its answers must not hold them all for
+                    // the send timeout.
+                    Ok(Some(frame)) => {
+                        let send = conn.send(frame, priority);
+                        match Box::pin(tokio::time::timeout(ANSWER_WAIT, send)).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                self.unsent_answers.fetch_add(1, Ordering::Relaxed);
+                                Err(TransportError::Timeout {
+                                    what: "room for an answer",
+                                    after: ANSWER_WAIT,
+                                })
+                            }
+                        }
+                    }
                     Err(e) => Err(e),
                 }
                 .map_err(|e| ConcernsError::Dropped(e.to_string()))
@@ -967,6 +1005,7 @@ impl ConcernsBuilder {
             pending: Arc::new(Requests::new()),
             next_request: AtomicU64::new(rand::random::<u64>() >> 1),
             unsent_errors: AtomicU64::new(0),
+            unsent_answers: AtomicU64::new(0),
             error_tasks: AtomicUsize::new(0),
             unknown: AtomicU64::new(0),
             flood: OnceLock::new(),
@@ -1188,6 +1227,12 @@ impl Concerns {
     /// was full, or too many routed ones were on their way.
     pub fn unsent_errors(&self) -> u64 {
         self.inner.unsent_errors.load(Ordering::Relaxed)
+    }
+
+    /// Answers dropped since start because the asker's lane stayed full
+    /// for a second (it does not read what it asked for).
+    pub fn unsent_answers(&self) -> u64 {
+        self.inner.unsent_answers.load(Ordering::Relaxed)
     }
 
     /// Requests of this node waiting for their answer now (direct and

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::manager::{ConcernsConfig, Inner, Job, ROUTING, ReplyPath, error_payload};
+use crate::manager::{ANSWER_WAIT, ConcernsConfig, Inner, Job, ROUTING, ReplyPath, error_payload};
 use crate::route::RouteTable;
 use crate::seen::SeenCache;
 use crate::{BoxError, Concern, ConcernsError, Context, Reply, Route};
@@ -60,6 +60,8 @@ pub(crate) struct Routing {
     delivered: AtomicU64,
     unreachable: AtomicU64,
     searches_started: AtomicU64,
+    /// Routed messages not forwarded: the next hop's lane stayed full.
+    dropped: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,6 +84,7 @@ impl Routing {
             delivered: AtomicU64::new(0),
             unreachable: AtomicU64::new(0),
             searches_started: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +104,7 @@ impl Routing {
             ("forwarded", get(&self.forwarded)),
             ("delivered", get(&self.delivered)),
             ("unreachable", get(&self.unreachable)),
+            ("dropped", get(&self.dropped)),
         ]
     }
 
@@ -362,20 +366,26 @@ impl Routing {
             ttl: r.ttl - 1,
             ..r
         }));
-        match inner
-            .send_direct(
-                &next,
-                ROUTING,
-                0,
-                ConcernKind::Request,
-                fwd,
-                Priority::Normal,
-            )
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) => {
+        // Waits for room on the next hop's lane a little only (as answers
+        // do): the wait holds one of the routing concern's slots, and a next
+        // hop that does not read must not hold them all for the send timeout.
+        let send = inner.send_direct(
+            &next,
+            ROUTING,
+            0,
+            ConcernKind::Request,
+            fwd,
+            Priority::Normal,
+        );
+        match tokio::time::timeout(ANSWER_WAIT, send).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
                 debug!(next = %next.short(), error = %e, "routed message not forwarded");
+                Ok(())
+            }
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                debug!(next = %next.short(), "routed message not forwarded: its lane stayed full");
                 Ok(())
             }
         }

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use meshwork_concerns::peers::{ConcernFrame, InboundHandler, PeerManager, PeersConfig};
 use meshwork_concerns::transport::mem::MemNetwork;
-use meshwork_concerns::transport::{Config, ConnectionHandle, Endpoint, Priority};
+use meshwork_concerns::transport::{Config, Connection, ConnectionHandle, Endpoint, Priority};
 use meshwork_concerns::wire::proto::{ConcernError, ConcernKind, ErrorCode};
 use meshwork_concerns::wire::{Message, NodeId};
 use meshwork_concerns::{
@@ -820,16 +820,10 @@ async fn a_senders_share_is_per_lane() {
     stop(all).await;
 }
 
-/// A peer that floods requests while never reading its answers: once the
-/// answers fill the stream and the lane, further error answers are dropped
-/// and counted (not queued, not a task each), and the node keeps answering
-/// a polite peer at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_never_reads_its_answers_costs_only_counted_drops() {
-    const UNKNOWN: u32 = 0x999;
-    const FLOOD: u64 = 12_000;
-    let net = MemNetwork::new();
-    // The server's lanes are short, so that its answers back up quickly.
+/// A server "s" running the gated concern, with short lanes (8 frames
+/// each, so that its answers back up quickly), and a rude peer: a bare
+/// endpoint connected to it whose answers nobody reads.
+async fn rude_peer(net: &MemNetwork) -> (Concerns, Endpoint, Connection) {
     let config = Config::new("lanes-test")
         .with_insecure_plaintext()
         .with_keepalive(None, None)
@@ -842,8 +836,6 @@ async fn a_peer_that_never_reads_its_answers_costs_only_counted_drops() {
         .start()
         .await
         .unwrap();
-
-    // The rude peer: a bare connection whose answers nobody reads.
     let rude = Endpoint::new(
         Config::new("lanes-test")
             .with_insecure_plaintext()
@@ -854,6 +846,33 @@ async fn a_peer_that_never_reads_its_answers_costs_only_counted_drops() {
     let conn = within("the rude dial", rude.connect(&"mem://s".parse().unwrap()))
         .await
         .unwrap();
+    (server, rude, conn)
+}
+
+/// A plain node "polite" connected to "s".
+async fn polite_peer(net: &MemNetwork) -> Concerns {
+    let polite = node(
+        net,
+        "polite",
+        &["mem://s"],
+        ConcernsConfig::default(),
+        vec![],
+    )
+    .await;
+    polite.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    polite
+}
+
+/// A peer that floods requests while never reading its answers: once the
+/// answers fill the stream and the lane, further error answers are dropped
+/// and counted (not queued, not a task each), and the node keeps answering
+/// a polite peer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_its_answers_costs_only_counted_drops() {
+    const UNKNOWN: u32 = 0x999;
+    const FLOOD: u64 = 12_000;
+    let net = MemNetwork::new();
+    let (server, rude, conn) = rude_peer(&net).await;
     for n in 1..=FLOOD {
         let ask = Message::Concern(meshwork_concerns::wire::proto::Concern {
             command: UNKNOWN,
@@ -878,15 +897,7 @@ async fn a_peer_that_never_reads_its_answers_costs_only_counted_drops() {
     );
 
     // A polite peer is still answered at once.
-    let polite = node(
-        &net,
-        "polite",
-        &["mem://s"],
-        ConcernsConfig::default(),
-        vec![],
-    )
-    .await;
-    polite.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    let polite = polite_peer(&net).await;
     let sid = server.peers().node_id().clone();
     let answer = within(
         "the polite request",
@@ -896,6 +907,60 @@ async fn a_peer_that_never_reads_its_answers_costs_only_counted_drops() {
     .expect("the polite peer is answered");
     assert_eq!(text(&answer), "hello");
 
+    drop(conn);
+    rude.shutdown().await;
+    stop(vec![server, polite]).await;
+}
+
+/// A peer that never reads its answers and sends every request on the
+/// control lane: its answers wait for room on its full lane a second at
+/// most (holding the concern's only slot meanwhile), and its control
+/// requests do not take every turn, so another peer's normal requests are
+/// still answered in time. Before, each such answer held the slot for the
+/// send timeout (10 s) and control requests were always served first: the
+/// polite peer's requests timed out, and it would have blamed (and, after
+/// five, banned) the server.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_reads_cannot_starve_another_peers_requests() {
+    let net = MemNetwork::new();
+    let (server, rude, conn) = rude_peer(&net).await;
+    let polite = polite_peer(&net).await;
+    let sid = server.peers().node_id().clone();
+    // The rude peer keeps the gated concern's queue full of control-lane
+    // requests (echoed at once: 4 MiB of answers, far more than the
+    // in-memory stream holds) while never reading the answers.
+    let rude_sender = conn.handle();
+    let kib = Bytes::from(vec![b'x'; 1024]);
+    let flood = tokio::spawn(async move {
+        for n in 1..=4_000u64 {
+            let ask = Message::Concern(meshwork_concerns::wire::proto::Concern {
+                command: GATED,
+                request_id: n,
+                kind: ConcernKind::Request as i32,
+                ttl: 0,
+                flags: 1, // the control lane
+                payload: kib.clone(),
+            });
+            if rude_sender.send(ask, Priority::Normal).await.is_err() {
+                break;
+            }
+        }
+    });
+    wait_until("the rude answers to back up", || {
+        server.unsent_answers() > 0
+    })
+    .await;
+    // Each waits for the slot behind at most a few rude answers' second.
+    for i in 0..5 {
+        let answer = polite
+            .context(GATED)
+            .request(&sid, format!("polite {i}"), 5 * S)
+            .await
+            .unwrap_or_else(|e| panic!("polite request {i}: {e:?}"));
+        assert_eq!(text(&answer), format!("polite {i}"));
+    }
+    assert!(server.unsent_answers() > 0);
+    flood.abort();
     drop(conn);
     rude.shutdown().await;
     stop(vec![server, polite]).await;

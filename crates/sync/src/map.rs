@@ -37,6 +37,9 @@ pub const SYNC: u32 = 0xFFFF_0100;
 /// answering "more" forever would keep the round, and with it the rounds
 /// permit, and the memory of what it sent, growing without end.
 const MAX_PULLS_PER_ROUND: usize = 1024;
+/// How long a push relayed along the tree waits for room on a neighbour's
+/// full lane before that neighbour is skipped.
+const RELAY_WAIT: Duration = Duration::from_secs(1);
 
 /// How often a full replica says so in the log.
 const FULL_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -303,9 +306,14 @@ impl Inner {
             .collect();
         let mut sent = 0;
         for peer in targets {
-            match ctx.send(&peer, payload.clone()).await {
-                Ok(()) => sent += 1,
-                Err(e) => debug!(peer = %peer.short(), error = %e, "push not sent"),
+            // A little wait for room only: relaying holds one of the sync
+            // concern's slots, and a neighbour that does not read must not
+            // hold them all for the send timeout (anti-entropy repairs what
+            // it missed).
+            match tokio::time::timeout(RELAY_WAIT, ctx.send(&peer, payload.clone())).await {
+                Ok(Ok(())) => sent += 1,
+                Ok(Err(e)) => debug!(peer = %peer.short(), error = %e, "push not sent"),
+                Err(_) => debug!(peer = %peer.short(), "push not sent: its lane stayed full"),
             }
         }
         sent
