@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use meshwork_sync::SyncMap;
+use meshwork_sync::concerns::peers::{PeerEvent, PeersError};
 use meshwork_sync::concerns::transport::Priority;
 use meshwork_sync::concerns::wire::NodeId;
 use meshwork_sync::concerns::wire::proto::ErrorCode;
@@ -45,6 +46,7 @@ pub struct RpcConfig {
     pub(crate) registry_ttl: Duration,
     pub(crate) max_retries: u32,
     pub(crate) concurrency: usize,
+    pub(crate) max_budget: Duration,
 }
 
 impl Default for RpcConfig {
@@ -54,6 +56,7 @@ impl Default for RpcConfig {
             registry_ttl: Duration::from_secs(10),
             max_retries: 2,
             concurrency: 256,
+            max_budget: Duration::from_secs(300),
         }
     }
 }
@@ -83,6 +86,16 @@ impl RpcConfig {
     /// are answered `Overloaded` at once.
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
+        self
+    }
+
+    /// The longest a call served here may run (default 5 min), whatever
+    /// time its caller gives it: past this it is stopped and answered
+    /// `Deadline`. Callers choose their budget, and a caller that asked for
+    /// years and went away (or was never a neighbour, so its departure is
+    /// not seen) would otherwise hold the service's slots that long.
+    pub fn with_max_budget(mut self, max: Duration) -> Self {
+        self.max_budget = max.max(Duration::from_millis(1));
         self
     }
 }
@@ -208,6 +221,8 @@ pub(crate) struct Server {
     /// Calls that had to wait, for Cancels and shutdown.
     running: Mutex<Calls>,
     default_budget: Duration,
+    /// The most time a call is given, whatever its caller asks.
+    max_budget: Duration,
     /// Set once when the node's RPC layer shuts down (a flag, not a token:
     /// it is checked a few times per call and never awaited).
     shutdown: AtomicBool,
@@ -279,7 +294,8 @@ impl Server {
             self.default_budget
         } else {
             Duration::from_millis(call.budget_ms)
-        };
+        }
+        .min(self.max_budget);
         let cancel = CallCancel::new();
         // Uncounts the call and counts it cancelled unless it finished,
         // however this future ends (including when it is dropped: a local
@@ -380,6 +396,24 @@ impl Server {
     fn cancel(&self, caller: &NodeId, call_id: u64) {
         lock(&self.running).cancel((caller.clone(), call_id));
     }
+
+    /// The neighbour `caller` left: its calls waiting here are stopped (it
+    /// failed them on its side when the link went, and cannot send a
+    /// Cancel). Without this, a peer could start calls with a long budget
+    /// and leave, holding the service's slots.
+    fn caller_left(&self, caller: &NodeId) {
+        let running = lock(&self.running);
+        let mut stopped = 0;
+        for ((from, _), cancel) in &running.waiting {
+            if from == caller {
+                cancel.cancel();
+                stopped += 1;
+            }
+        }
+        if stopped > 0 {
+            debug!(caller = %caller.short(), stopped, "calls of a caller that left stopped");
+        }
+    }
 }
 
 /// One call being served: unregisters it and updates the counters when it
@@ -425,6 +459,26 @@ impl Concern for RpcConcern {
 
     fn max_concurrency(&self) -> usize {
         4096
+    }
+
+    async fn on_start(&self, ctx: &Context) {
+        // Calls of a neighbour that leaves stop with it.
+        let mut events = ctx.peers().events();
+        let server = Arc::downgrade(&self.server);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(PeerEvent::Disconnected { peer, .. }) => {
+                        let Some(server) = server.upgrade() else {
+                            break;
+                        };
+                        server.caller_left(&peer);
+                    }
+                    Ok(_) | Err(PeersError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        });
     }
 
     async fn on_request(
@@ -692,6 +746,7 @@ impl Rpc {
             served: RwLock::new(FxHashMap::default()),
             running: Mutex::new(Calls::default()),
             default_budget: config.deadline,
+            max_budget: config.max_budget,
             shutdown: AtomicBool::new(false),
         });
         concerns

@@ -946,6 +946,60 @@ async fn a_deadline_ends_the_call_on_both_sides() {
     stop(nodes).await;
 }
 
+/// A caller that gives a call an hour and leaves (its node crashed: no
+/// Cancel comes) does not hold the provider's slot: the call stops as soon
+/// as the provider sees the neighbour go.
+#[tokio::test(start_paused = true)]
+async fn the_calls_of_a_caller_that_leaves_stop_with_it() {
+    let net = MemNetwork::new();
+    let (nodes, probe, calc) = calc_pair(&net).await;
+    let b = &nodes[1];
+    let calc = calc.with_deadline(3600 * S);
+    let call = tokio::spawn(async move { calc.sleep(3_600_000).await });
+    wait_until("the call runs", || served(b, "calc").in_flight == 1).await;
+    kill(&net, "a", &["b"]);
+    let left = Instant::now();
+    wait_until("the provider stops the call", || {
+        served(b, "calc").in_flight == 0
+    })
+    .await;
+    assert!(left.elapsed() < 2 * S, "stopped after {:?}", left.elapsed());
+    // The method's future was dropped and its token fired.
+    assert_eq!((probe.dropped(), probe.token_cancelled()), (1, 1));
+    assert_eq!(served(b, "calc").cancelled, 1);
+    call.abort();
+    stop(nodes).await;
+}
+
+/// Whatever time a caller gives a call, the provider runs it no longer
+/// than its own maximum (`with_max_budget`), then answers Deadline.
+#[tokio::test(start_paused = true)]
+async fn a_provider_runs_a_call_no_longer_than_its_max_budget() {
+    let net = MemNetwork::new();
+    let max = 2 * S;
+    let nodes = mesh(
+        &net,
+        &[
+            ("a", RpcConfig::default()),
+            ("b", RpcConfig::default().with_max_budget(max)),
+        ],
+    )
+    .await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (imp, probe) = Imp::new("b");
+    b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
+    wait_listed(&[a], "calc", b).await;
+    let calc: CalcClient = a.rpc().client::<CalcClient>("calc").with_deadline(3600 * S);
+    let started = Instant::now();
+    let r = calc.sleep(600_000).await;
+    let took = started.elapsed();
+    assert!(matches!(r, Err(RpcError::Timeout(_))), "{r:?}");
+    assert!(took >= max && took < max + S, "ended after {took:?}");
+    assert_eq!((probe.started(), probe.finished()), (1, 0));
+    assert_eq!(served(b, "calc").in_flight, 0);
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_default_deadline_comes_from_the_config() {
     let net = MemNetwork::new();
