@@ -1287,3 +1287,59 @@ impl Concerns {
         inner.tracker.wait().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(from: u8, request_id: u64, priority: Priority) -> Job {
+        Job {
+            command: 1,
+            from: NodeId::from_bytes(vec![from; 32]).expect("a valid id"),
+            request_id,
+            payload: Bytes::new(),
+            reply: ReplyPath::None,
+            conn: None,
+            priority,
+            held: None,
+        }
+    }
+
+    fn push(w: &mut Waiting, j: Job) {
+        let lane = j.priority as usize;
+        assert!(w.lanes[lane].push(j.from.clone(), j).is_ok());
+    }
+
+    /// With every lane full, 8 turns give control 4, normal 3 and bulk 1;
+    /// an empty lane's turn goes to the first lane with work.
+    #[test]
+    fn lanes_take_turns_and_empty_ones_give_theirs_away() {
+        let mut w = Waiting::new(64);
+        for n in 0..16 {
+            push(&mut w, job(1, n, Priority::Control));
+            push(&mut w, job(2, n, Priority::Normal));
+            push(&mut w, job(3, n, Priority::Bulk));
+        }
+        let lanes: Vec<Priority> = (0..16).map(|_| w.pop().unwrap().priority).collect();
+        for cycle in lanes.chunks(8) {
+            let count = |p| cycle.iter().filter(|l| **l == p).count();
+            assert_eq!(
+                (
+                    count(Priority::Control),
+                    count(Priority::Normal),
+                    count(Priority::Bulk)
+                ),
+                (4, 3, 1),
+                "{lanes:?}"
+            );
+        }
+        // Only normal work left after the control lane empties: every turn
+        // goes to it, in order.
+        let mut w = Waiting::new(64);
+        for n in 0..4 {
+            push(&mut w, job(2, n, Priority::Normal));
+        }
+        let ids: Vec<u64> = std::iter::from_fn(|| w.pop().map(|j| j.request_id)).collect();
+        assert_eq!(ids, [0, 1, 2, 3]);
+    }
+}
