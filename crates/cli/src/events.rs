@@ -16,6 +16,12 @@ use tokio::time::Instant;
 
 /// The log keeps this many events, the newest.
 pub(crate) const EVENT_CAPACITY: usize = 1000;
+/// Bytes of a message's payload an event keeps (the rest is counted in
+/// `bytes`, not kept). Any peer can send a message as large as a frame
+/// (16 MiB) to the echo concern, and a flood takes it to every node: kept
+/// whole, 1000 of them were up to 48 GB per node (invalid UTF-8 triples
+/// when shown as text).
+pub(crate) const EVENT_PAYLOAD: usize = 1024;
 
 /// How a message reached this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -40,8 +46,11 @@ pub(crate) struct Event {
     pub(crate) from: String,
     /// The topic of a publication, else null.
     pub(crate) topic: Option<String>,
-    /// The message, as UTF-8 (invalid bytes become U+FFFD).
+    /// The message's first [`EVENT_PAYLOAD`] bytes, as UTF-8 (invalid bytes,
+    /// and a character the cut splits, become U+FFFD).
     pub(crate) payload: String,
+    /// The message's whole length in bytes.
+    pub(crate) bytes: usize,
     /// When it arrived, in ms since the node started.
     pub(crate) at_ms: u64,
 }
@@ -91,7 +100,9 @@ impl EventLog {
             kind,
             from: from.to_string(),
             topic: topic.map(str::to_string),
-            payload: String::from_utf8_lossy(payload).into_owned(),
+            payload: String::from_utf8_lossy(&payload[..payload.len().min(EVENT_PAYLOAD)])
+                .into_owned(),
+            bytes: payload.len(),
             at_ms,
         };
         if ring.events.len() == self.capacity {
@@ -153,9 +164,9 @@ mod tests {
             json,
             json!([
                 {"seq": 1, "kind": "broadcast", "from": "01010101", "topic": null,
-                 "payload": "hi", "at_ms": at(0)},
+                 "payload": "hi", "bytes": 2, "at_ms": at(0)},
                 {"seq": 2, "kind": "publication", "from": "02020202", "topic": "news",
-                 "payload": "\u{fffd}ok", "at_ms": at(1)},
+                 "payload": "\u{fffd}ok", "bytes": 3, "at_ms": at(1)},
             ])
         );
         let (events, next) = log.since(1);
@@ -164,6 +175,26 @@ mod tests {
         assert_eq!(log.since(99), (vec![], 2));
         assert_eq!(log.count(EventKind::Broadcast, "hi"), 1);
         assert_eq!(log.count(EventKind::Request, "hi"), 0);
+    }
+
+    #[test]
+    fn events_keep_the_start_of_large_payloads_only() {
+        let log = EventLog::with_capacity(4);
+        // 1 MiB of bytes that are not UTF-8: each would become 3 bytes.
+        let big = vec![0x80u8; 1 << 20];
+        for _ in 0..4 {
+            log.record(EventKind::Broadcast, &id(1), None, &big);
+        }
+        let (events, _) = log.since(0);
+        for e in &events {
+            assert_eq!(e.bytes, 1 << 20);
+            assert_eq!(e.payload.chars().count(), EVENT_PAYLOAD);
+            assert!(e.payload.len() <= 3 * EVENT_PAYLOAD);
+        }
+        // Within the bound, a payload is kept whole.
+        let text = "x".repeat(EVENT_PAYLOAD);
+        log.record(EventKind::Request, &id(2), None, text.as_bytes());
+        assert_eq!(log.count(EventKind::Request, &text), 1);
     }
 
     #[test]
