@@ -327,7 +327,15 @@ impl Replica {
         let (value, lease_until, expires_at, ttl_ms) = match what {
             Write::Set => (value, at.saturating_add(self.cfg.lease_ms), 0, 0),
             Write::Ephemeral { ttl_ms } => {
-                let until = at.saturating_add(ttl_ms);
+                // Its time to live counts from the fastest clock heard from,
+                // as its refreshes are timed (`refresh_due`): counted from
+                // our stamp alone, a lead of more than a third of the ttl
+                // left every refresh due again at once, and owners rewrote
+                // their keys at every sweep for minutes after one entry
+                // stamped ahead arrived. (A key then outlives a dead owner
+                // by that lead on slower clocks, at most the allowed skew.)
+                let fastest = now_ms.saturating_add(self.hlc.ahead(now_ms));
+                let until = at.max(fastest).saturating_add(ttl_ms);
                 (value, until, until, ttl_ms)
             }
             // Deleting our own live ephemeral key ends it early, like an

@@ -212,6 +212,36 @@ fn ephemeral_entries_expire_into_the_same_tombstone_everywhere() {
     assert_eq!(b.get(b"svc", 5_000).unwrap().writer, id(3));
 }
 
+/// One entry stamped ahead (within the allowed skew) must not make an
+/// owner rewrite its ephemeral keys at every sweep: refreshes stay at one
+/// per third of the ttl, measured by the fastest clock heard from.
+#[test]
+fn an_entry_stamped_ahead_does_not_make_refreshes_run_hot() {
+    let mut a = replica(1, true);
+    let mut other = replica(2, true);
+    let ttl = 10_000;
+    ephemeral(&mut a, "svc", "up", ttl, 1_000);
+    // 59 s ahead of a's clock.
+    let ahead = set(&mut other, "x", "y", 60_000).unwrap();
+    a.apply(k("x"), ahead, 1_000).unwrap();
+    // Five minutes of sweeps every 250 ms, rewriting whatever is due.
+    let mut rewrites = 0;
+    for tick in 1..=1_200u64 {
+        let now = 1_000 + tick * 250;
+        for (key, value, ttl) in a.refresh_due(now) {
+            a.write(key, Some(value), Write::Ephemeral { ttl_ms: ttl }, now)
+                .unwrap();
+            rewrites += 1;
+        }
+        let e = a.entry(b"svc").unwrap();
+        assert!(!e.expired(now + a.hlc.ahead(now)), "expired at {now}");
+    }
+    // A third of 10 s: at most about 90 in 300 s (fewer while the lead
+    // decays, as keys were written to last longer); every sweep would be
+    // 1 200.
+    assert!((30..=100).contains(&rewrites), "{rewrites} rewrites");
+}
+
 #[test]
 fn an_owner_brings_back_its_ephemeral_key_after_an_expiry_it_did_not_see() {
     let mut a = replica(1, true);
