@@ -718,7 +718,11 @@ impl Pool {
                 continue;
             };
             e.seen = now;
-            if e.link.is_none() && e.dialing.is_none() && e.addrs != addrs {
+            // The addresses of a node we were connected to came from its
+            // own Hello: hearsay does not replace them (a hostile peer
+            // pointing the nodes we know at its own listeners was how it
+            // captured a pool's outbound dials).
+            if e.link.is_none() && e.dialing.is_none() && !e.ever_connected && e.addrs != addrs {
                 e.addrs = addrs.clone();
             }
             if !known {
@@ -1111,14 +1115,25 @@ impl Pool {
         if want > 0 {
             // With no peer at all, seeds come first; otherwise a random mix,
             // so that a mesh seeded by one node does not all pile onto it.
+            // Either way, nodes we were connected to before come before
+            // nodes only heard of (the book can be filled with hearsay; a
+            // pool whose outbound dials go to hearsay alone can be captured
+            // by whoever tells the most).
+            let (tried, heard): (Vec<NodeId>, Vec<NodeId>) = entries
+                .iter()
+                .cloned()
+                .partition(|id| self.entries.get(id).is_some_and(|e| e.ever_connected));
             let mut order: Vec<Result<usize, NodeId>> = Vec::new();
             if c.linked == 0 {
                 order.extend(seeds.iter().map(|&i| Ok(i)));
-                order.extend(entries.iter().cloned().map(Err));
+                order.extend(tried.into_iter().map(Err));
+                order.extend(heard.into_iter().map(Err));
             } else {
-                order.extend(entries.iter().cloned().map(Err));
-                order.extend(seeds.iter().map(|&i| Ok(i)));
-                order.shuffle(&mut self.rng);
+                let mut rest: Vec<Result<usize, NodeId>> = heard.into_iter().map(Err).collect();
+                rest.extend(seeds.iter().map(|&i| Ok(i)));
+                rest.shuffle(&mut self.rng);
+                order.extend(tried.into_iter().map(Err));
+                order.extend(rest);
             }
             for pick in order {
                 if started == want {

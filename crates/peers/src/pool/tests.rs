@@ -722,3 +722,45 @@ fn gossip_cannot_flush_peers_we_were_connected_to() {
         "only the first 32 of each message are read"
     );
 }
+
+/// A peer that tells us about the nodes we know, pointing them at its own
+/// listeners, and about many more: the addresses of nodes we were
+/// connected to stay theirs, and when a dial slot opens, nodes we were
+/// connected to are dialled before hearsay.
+#[test]
+fn hearsay_neither_redirects_known_peers_nor_goes_before_them() {
+    let mut h = Harness::new(0, cfg().with_min_peers(1).with_max_peers(2));
+    // Node 1 was a peer; its link broke long ago (no lost-peer redial).
+    h.connect(1, 1, Direction::Outbound);
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.connect(2, 2, Direction::Outbound);
+    h.advance(3600 * S);
+    h.poll();
+    h.pool.take_actions();
+    // The liar: node 1 "moved" to its listener, plus 30 nodes of its own.
+    let mut lies = vec![PeerInfo {
+        node_id: id(1).as_bytes().clone(),
+        addrs: vec!["mem://liar".into()],
+    }];
+    lies.extend((100..130u8).map(|n| PeerInfo {
+        node_id: id(n).as_bytes().clone(),
+        addrs: vec!["mem://liar".into()],
+    }));
+    h.pool.on_discovered(&lies, h.now);
+    h.pool.take_actions();
+    assert_eq!(
+        h.pool.peer(&id(1), h.now).unwrap().addrs,
+        vec![addr(1)],
+        "a known peer keeps the address it gave us"
+    );
+    // Peer 2 leaves too: the dials that follow go to nodes 1 and 2, not to
+    // any of the 30 the liar named.
+    h.pool.on_closed(2, CloseReason::Eof, h.now);
+    h.advance(3600 * S);
+    let d = dials(&h.poll());
+    assert!(!d.is_empty());
+    assert!(
+        d.iter().all(|(_, a)| *a == addr(1) || *a == addr(2)),
+        "{d:?}"
+    );
+}
