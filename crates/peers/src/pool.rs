@@ -119,6 +119,8 @@ struct Entry {
     next_attempt: Instant,
     dial_failures: u32,
     ever_connected: bool,
+    /// When its first link in this run was made.
+    first_linked: Option<Instant>,
     lost_at: Option<Instant>,
     banned_until: Option<Instant>,
     /// When errors and timeouts were reported, oldest first; those older
@@ -142,6 +144,7 @@ impl Entry {
             next_attempt: now,
             dial_failures: 0,
             ever_connected: false,
+            first_linked: None,
             lost_at: None,
             banned_until: None,
             errors: VecDeque::new(),
@@ -485,7 +488,8 @@ impl Pool {
             .entries
             .get(&info.node)
             .is_some_and(|e| e.link.is_some());
-        if full && !linked {
+        let full = full && !linked && !self.make_room_for(&info, now);
+        if full {
             self.refused += 1;
             let id = info.node.clone();
             let mut d = refuse(DisconnectReason::TooManyPeers, "too many peers");
@@ -595,6 +599,7 @@ impl Pool {
             heartbeat: Heartbeat::new(&cfg.heartbeat),
         });
         entry.ever_connected = true;
+        entry.first_linked.get_or_insert(now);
         entry.dial_failures = 0;
         entry.backoff.reset();
         entry.lost_at = None;
@@ -801,6 +806,41 @@ impl Pool {
             self.ban_with(peer, penalty, d, now);
         }
         Some(count)
+    }
+
+    /// A node we have known longer than one of our inbound peers dials in
+    /// while the inbound slots are full: the inbound peer known the shortest
+    /// time gives up its slot to it. True when a slot was freed. Without
+    /// this, whoever filled the inbound slots (one host can mint identities
+    /// and reconnect each as soon as it is refused) kept out every node we
+    /// were connected to before, for good.
+    fn make_room_for(&mut self, info: &LinkInfo, now: Instant) -> bool {
+        if info.direction != Direction::Inbound {
+            return false;
+        }
+        let Some(since) = self.entries.get(&info.node).and_then(|e| e.first_linked) else {
+            return false;
+        };
+        let youngest = self
+            .entries
+            .values()
+            .filter(|e| {
+                e.link
+                    .as_ref()
+                    .is_some_and(|l| l.direction == Direction::Inbound)
+            })
+            .filter_map(|e| e.first_linked.map(|t| (t, e.id.clone())))
+            .filter(|(t, _)| *t > since)
+            .max_by_key(|(t, _)| *t);
+        let Some((_, victim)) = youngest else {
+            return false;
+        };
+        let d = Disconnect::new(
+            DisconnectReason::TooManyPeers,
+            "slot given to a peer known longer",
+        );
+        self.close_link(&victim, d, false, now);
+        true
     }
 
     /// Closes `peer`'s connections on our initiative and records it as

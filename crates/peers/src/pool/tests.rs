@@ -764,3 +764,37 @@ fn hearsay_neither_redirects_known_peers_nor_goes_before_them() {
         "{d:?}"
     );
 }
+
+/// The inbound slots are full of nodes met since; a node we were connected
+/// to before dials in: the inbound peer known the shortest time gives up
+/// its slot. Those met later cannot take a slot from those met earlier.
+#[test]
+fn a_peer_known_longer_takes_the_inbound_slot_of_the_newest() {
+    // max 4 with 2 reserved for outbound: 2 inbound slots.
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Inbound);
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.advance(S);
+    h.connect(10, 10, Direction::Inbound);
+    h.advance(S);
+    h.connect(11, 11, Direction::Inbound);
+    h.pool.take_actions();
+    assert_eq!(h.pool.counts().inbound, 2);
+    // Node 1 is back: node 11 (the newest) makes room.
+    h.advance(S);
+    let acts = h.connect(2, 1, Direction::Inbound);
+    assert_eq!(
+        closes(&acts),
+        vec![(11, DisconnectReason::TooManyPeers)],
+        "{acts:?}"
+    );
+    assert_eq!(h.state(1), Some(PeerState::Connected));
+    assert_eq!(h.state(11).map(|s| s == PeerState::Connected), Some(false));
+    // Node 11 dials back in: nobody newer holds a slot, so it is refused.
+    let acts = h.connect(12, 11, Direction::Inbound);
+    assert_eq!(closes(&acts), vec![(12, DisconnectReason::TooManyPeers)]);
+    // A stranger is refused too.
+    let acts = h.connect(13, 20, Direction::Inbound);
+    assert_eq!(closes(&acts), vec![(13, DisconnectReason::TooManyPeers)]);
+    assert_eq!(h.pool.counts().inbound, 2);
+}
