@@ -124,4 +124,9 @@ pub trait Concern: Send + Sync + 'static {
     /// A message this concern sent to `to` was dropped because a queue was
     /// full.
     fn on_dropped(&self, _to: &NodeId) {}
+
+    /// The neighbour `peer` left (its connection closed): work kept for it
+    /// or through it (routes, calls it started) can go. Called on the
+    /// layer's event task: keep it short.
+    fn on_peer_left(&self, _peer: &NodeId) {}
 }

@@ -100,8 +100,8 @@ pub use concern::{Concern, Reply};
 pub use context::Context;
 pub use error::{BoxError, ConcernsError};
 pub use manager::{
-    ConcernStats, Concerns, ConcernsBuilder, ConcernsConfig, FLOOD, RESERVED_COMMANDS, ROUTING,
-    TOPICS,
+    ConcernStats, Concerns, ConcernsBuilder, ConcernsConfig, FLOOD, FORWARD_WAIT,
+    RESERVED_COMMANDS, ROUTING, TOPICS,
 };
 pub use route::Route;
 pub use topics::{MAX_TOPIC_LEN, Publication, Subscription};

@@ -235,9 +235,12 @@ pub(crate) struct Job {
 
 /// Routed error answers being sent at once, at most; more are dropped.
 const MAX_ERROR_TASKS: usize = 256;
-/// How long an answer waits for room on the asker's full lane before it is
-/// dropped (counted in [`Concerns::unsent_answers`]).
-pub(crate) const ANSWER_WAIT: Duration = Duration::from_secs(1);
+/// How long what a node sends on another's behalf (an answer, a routed
+/// frame passed on, a relayed push) waits for room on a full lane before it
+/// is dropped: the wait holds one of a concern's slots, and a peer that
+/// does not read must not hold them all for the send timeout. Dropped
+/// answers are counted in [`Concerns::unsent_answers`].
+pub const FORWARD_WAIT: Duration = Duration::from_secs(1);
 
 /// Concern frame flags owned by this layer: the lane a frame was sent on
 /// (0 normal, 1 control, 2 bulk), so that a reply can take the request's.
@@ -289,10 +292,11 @@ struct Waiting {
 
 /// Which lane gets the next turn, in a cycle of 8 turns: 4 for control, 3
 /// for normal, 1 for bulk. A lane whose turn it is but that is empty gives
-/// the turn to the first lane with work, in priority order. Served strictly in priority order,
-/// one peer sending everything on the control lane (the sender picks the
-/// lane) kept every other peer's normal requests waiting until they timed
-/// out, and their senders then blamed, and banned, this node.
+/// the turn to the first lane with work, in priority order. Served
+/// strictly in priority order, one peer sending everything on the control
+/// lane (the sender picks the lane) kept every other peer's normal
+/// requests waiting until they timed out, and their senders then blamed,
+/// and banned, this node.
 const LANE_TURNS: [usize; 8] = [0, 1, 0, 1, 0, 2, 0, 1];
 
 impl Waiting {
@@ -335,7 +339,7 @@ pub(crate) struct Inner {
     unknown: AtomicU64,
     /// Error answers dropped because they could not go out at once.
     unsent_errors: AtomicU64,
-    /// Answers dropped after waiting [`ANSWER_WAIT`] for room.
+    /// Answers dropped after waiting [`FORWARD_WAIT`] for room.
     unsent_answers: AtomicU64,
     /// Tasks sending routed error answers now.
     error_tasks: AtomicUsize,
@@ -396,6 +400,12 @@ impl Inner {
         for p in lost {
             p.finish(Err(ConcernsError::ConnectionLost(peer.clone())));
         }
+        for reg in self.all_registered() {
+            let hook = AssertUnwindSafe(|| reg.concern.on_peer_left(peer));
+            if std::panic::catch_unwind(hook).is_err() {
+                reg.counters.panics.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Spawns a task that ends with the layer (it must watch `cancel` or
@@ -416,6 +426,16 @@ impl Inner {
             command,
             registered: OnceLock::new(),
         }
+    }
+
+    /// Every concern registered now (taken out of the registry's lock).
+    fn all_registered(&self) -> Vec<Arc<Registered>> {
+        self.registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn registered(&self, command: u32) -> Option<Arc<Registered>> {
@@ -788,13 +808,13 @@ impl Inner {
                     // the send timeout.
                     Ok(Some(frame)) => {
                         let send = conn.send(frame, priority);
-                        match Box::pin(tokio::time::timeout(ANSWER_WAIT, send)).await {
+                        match Box::pin(tokio::time::timeout(FORWARD_WAIT, send)).await {
                             Ok(r) => r,
                             Err(_) => {
                                 self.unsent_answers.fetch_add(1, Ordering::Relaxed);
                                 Err(TransportError::Timeout {
                                     what: "room for an answer",
-                                    after: ANSWER_WAIT,
+                                    after: FORWARD_WAIT,
                                 })
                             }
                         }
@@ -1042,7 +1062,7 @@ impl ConcernsBuilder {
         let requests = concerns.inner.pending.clone();
         concerns.inner.spawn(async move { requests.sweep().await });
         // Requests waiting on a neighbour that leaves fail at once instead
-        // of waiting out their timeouts.
+        // of waiting out their timeouts, and each concern hears of it.
         let mut events = concerns.inner.peers.events();
         let weak = Arc::downgrade(&concerns.inner);
         concerns.inner.spawn(async move {
@@ -1251,14 +1271,7 @@ impl Concerns {
             return;
         }
         inner.cancel.cancel();
-        let all: Vec<Arc<Registered>> = inner
-            .registry
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for reg in all {
+        for reg in inner.all_registered() {
             let ctx = inner.context(reg.concern.command());
             if AssertUnwindSafe(reg.concern.on_stop(&ctx))
                 .catch_unwind()

@@ -26,13 +26,12 @@ use meshwork_peers::wire::proto::route_message::Body;
 use meshwork_peers::wire::proto::{
     ConcernKind, ErrorCode, RouteFound, RouteMessage, RouteQuery, Routed,
 };
-use meshwork_peers::{PeerEvent, PeersError};
 use prost::Message as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::manager::{ANSWER_WAIT, ConcernsConfig, Inner, Job, ROUTING, ReplyPath, error_payload};
+use crate::manager::{ConcernsConfig, FORWARD_WAIT, Inner, Job, ROUTING, ReplyPath, error_payload};
 use crate::route::RouteTable;
 use crate::seen::SeenCache;
 use crate::{BoxError, Concern, ConcernsError, Context, Reply, Route};
@@ -377,7 +376,7 @@ impl Routing {
             fwd,
             Priority::Normal,
         );
-        match tokio::time::timeout(ANSWER_WAIT, send).await {
+        match tokio::time::timeout(FORWARD_WAIT, send).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 debug!(next = %next.short(), error = %e, "routed message not forwarded");
@@ -406,24 +405,9 @@ impl Concern for Routing {
         64
     }
 
-    async fn on_start(&self, ctx: &Context) {
+    fn on_peer_left(&self, peer: &NodeId) {
         // Routes through a neighbour that leaves are dead.
-        let mut events = ctx.peers().events();
-        let inner = Arc::downgrade(&ctx.inner);
-        ctx.inner.spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(PeerEvent::Disconnected { peer, .. }) => {
-                        let Some(inner) = inner.upgrade() else { break };
-                        if let Ok(r) = inner.routing() {
-                            lock(&r.table).forget_via(&peer);
-                        }
-                    }
-                    Ok(_) | Err(PeersError::Lagged(_)) => {}
-                    Err(_) => break,
-                }
-            }
-        });
+        lock(&self.table).forget_via(peer);
     }
 
     async fn on_request(

@@ -14,7 +14,6 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use meshwork_sync::SyncMap;
-use meshwork_sync::concerns::peers::{PeerEvent, PeersError};
 use meshwork_sync::concerns::transport::Priority;
 use meshwork_sync::concerns::wire::NodeId;
 use meshwork_sync::concerns::wire::proto::ErrorCode;
@@ -461,24 +460,9 @@ impl Concern for RpcConcern {
         4096
     }
 
-    async fn on_start(&self, ctx: &Context) {
+    fn on_peer_left(&self, peer: &NodeId) {
         // Calls of a neighbour that leaves stop with it.
-        let mut events = ctx.peers().events();
-        let server = Arc::downgrade(&self.server);
-        tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(PeerEvent::Disconnected { peer, .. }) => {
-                        let Some(server) = server.upgrade() else {
-                            break;
-                        };
-                        server.caller_left(&peer);
-                    }
-                    Ok(_) | Err(PeersError::Lagged(_)) => {}
-                    Err(_) => break,
-                }
-            }
-        });
+        self.server.caller_left(peer);
     }
 
     async fn on_request(

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use meshwork_concerns::peers::{PeerEvent, PeersError};
 use meshwork_concerns::transport::Priority;
 use meshwork_concerns::wire::NodeId;
-use meshwork_concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
+use meshwork_concerns::{BoxError, Concern, Concerns, ConcernsError, Context, FORWARD_WAIT, Reply};
 use prost::Message as _;
 use rand::seq::IndexedRandom;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
@@ -37,9 +37,6 @@ pub const SYNC: u32 = 0xFFFF_0100;
 /// answering "more" forever would keep the round, and with it the rounds
 /// permit, and the memory of what it sent, growing without end.
 const MAX_PULLS_PER_ROUND: usize = 1024;
-/// How long a push relayed along the tree waits for room on a neighbour's
-/// full lane before that neighbour is skipped.
-const RELAY_WAIT: Duration = Duration::from_secs(1);
 
 /// How often a full replica says so in the log.
 const FULL_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -306,11 +303,10 @@ impl Inner {
             .collect();
         let mut sent = 0;
         for peer in targets {
-            // A little wait for room only: relaying holds one of the sync
-            // concern's slots, and a neighbour that does not read must not
-            // hold them all for the send timeout (anti-entropy repairs what
-            // it missed).
-            match tokio::time::timeout(RELAY_WAIT, ctx.send(&peer, payload.clone())).await {
+            // Waits for room as anything sent on another's behalf does
+            // (`FORWARD_WAIT`); anti-entropy repairs what a skipped
+            // neighbour missed.
+            match tokio::time::timeout(FORWARD_WAIT, ctx.send(&peer, payload.clone())).await {
                 Ok(Ok(())) => sent += 1,
                 Ok(Err(e)) => debug!(peer = %peer.short(), error = %e, "push not sent"),
                 Err(_) => debug!(peer = %peer.short(), "push not sent: its lane stayed full"),

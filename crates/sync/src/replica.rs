@@ -334,8 +334,7 @@ impl Replica {
                 // their keys at every sweep for minutes after one entry
                 // stamped ahead arrived. (A key then outlives a dead owner
                 // by that lead on slower clocks, at most the allowed skew.)
-                let fastest = now_ms.saturating_add(self.hlc.ahead(now_ms));
-                let until = at.max(fastest).saturating_add(ttl_ms);
+                let until = at.max(self.fastest_clock(now_ms)).saturating_add(ttl_ms);
                 (value, until, until, ttl_ms)
             }
             // Deleting our own live ephemeral key ends it early, like an
@@ -615,7 +614,7 @@ impl Replica {
     pub(crate) fn refresh_due(&mut self, now_ms: u64) -> Vec<(Bytes, Bytes, u64)> {
         // Refresh by the fastest clock heard from, so that a node whose
         // clock runs ahead does not see our keys expire between refreshes.
-        let now_ms = now_ms.saturating_add(self.hlc.ahead(now_ms));
+        let now_ms = self.fastest_clock(now_ms);
         let mut due = Vec::new();
         let mut lost = Vec::new();
         for (k, (v, ttl)) in &self.own_ephemeral {
@@ -637,6 +636,13 @@ impl Replica {
             self.own_ephemeral.remove(&k);
         }
         due
+    }
+
+    /// What the fastest clock heard from reads when ours reads `now_ms`:
+    /// ephemeral keys are timed by it, so that they do not expire early on
+    /// a node whose clock runs ahead.
+    fn fastest_clock(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_add(self.hlc.ahead(now_ms))
     }
 
     /// Stops keeping `key` alive (another node holds it now).
