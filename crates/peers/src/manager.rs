@@ -592,6 +592,10 @@ impl Inner {
                             debug!(%addr, error = %e, "dial failed");
                             let failure = classify(&e);
                             this.with_pool(|p, now| p.on_dial_failed(dial, failure, now));
+                            // The slot is free: try the next candidate now
+                            // rather than at the next tick (each failed entry
+                            // waits out its backoff, so this cannot spin).
+                            this.wake.notify_one();
                         }
                     }
                 });

@@ -1158,10 +1158,18 @@ impl Pool {
             // Either way, nodes we were connected to before come before
             // nodes only heard of (the book can be filled with hearsay; a
             // pool whose outbound dials go to hearsay alone can be captured
-            // by whoever tells the most).
-            let (tried, heard): (Vec<NodeId>, Vec<NodeId>) = entries
-                .iter()
-                .cloned()
+            // by whoever tells the most), as long as their dials have not
+            // failed since. Entries whose dials fail come last, fewest
+            // failures first: departed peers are kept (to rejoin healed
+            // partitions) and, retried at every backoff, they would
+            // otherwise keep the pool from ever dialling a live node.
+            let failures = |id: &NodeId| self.entries.get(id).map_or(0, |e| e.dial_failures);
+            let (fresh, mut failing): (Vec<NodeId>, Vec<NodeId>) =
+                entries.iter().cloned().partition(|id| failures(id) == 0);
+            // A stable sort of a shuffled list: ties stay in random order.
+            failing.sort_by_key(|id| failures(id));
+            let (tried, heard): (Vec<NodeId>, Vec<NodeId>) = fresh
+                .into_iter()
                 .partition(|id| self.entries.get(id).is_some_and(|e| e.ever_connected));
             let mut order: Vec<Result<usize, NodeId>> = Vec::new();
             if c.linked == 0 {
@@ -1175,6 +1183,7 @@ impl Pool {
                 order.extend(tried.into_iter().map(Err));
                 order.extend(rest);
             }
+            order.extend(failing.into_iter().map(Err));
             for pick in order {
                 if started == want {
                     break;

@@ -798,3 +798,36 @@ fn a_peer_known_longer_takes_the_inbound_slot_of_the_newest() {
     assert_eq!(closes(&acts), vec![(13, DisconnectReason::TooManyPeers)]);
     assert_eq!(h.pool.counts().inbound, 2);
 }
+
+/// Twenty peers we were connected to have gone for good and are retried at
+/// every backoff: a node only heard of is still dialled at the next poll
+/// (they used to go first whatever their failures, and kept it waiting for
+/// ever: the test-mesh `kill` scenario once timed out on it).
+#[test]
+fn departed_peers_do_not_keep_a_live_node_from_being_dialled() {
+    let mut h = Harness::new(0, cfg().with_backoff(100 * MS, S));
+    h.connect(1, 1, Direction::Outbound);
+    for n in 10..30u8 {
+        h.connect(u64::from(n), n, Direction::Outbound);
+        h.pool.on_closed(u64::from(n), CloseReason::Eof, h.now);
+    }
+    h.pool.take_actions();
+    // A minute of failing redials: every dial is refused at once.
+    for _ in 0..240 {
+        h.advance(250 * MS);
+        for (d, _) in dials(&h.poll()) {
+            h.pool.on_dial_failed(d, DialFailure::Transient, h.now);
+        }
+    }
+    h.pool.on_discovered(
+        &[PeerInfo {
+            node_id: id(99).as_bytes().clone(),
+            addrs: vec![addr(99).to_string()],
+        }],
+        h.now,
+    );
+    h.pool.take_actions();
+    h.advance(250 * MS);
+    let d = dials(&h.poll());
+    assert!(d.iter().any(|(_, a)| *a == addr(99)), "{d:?}");
+}
