@@ -35,6 +35,7 @@ pub struct PeersConfig {
     pub(crate) backoff_max: Duration,
     pub(crate) max_dial_failures: u32,
     pub(crate) lost_peer_retry: Duration,
+    pub(crate) feeler_interval: Duration,
     pub(crate) discovery_interval: Duration,
     pub(crate) discovery_sample: usize,
     pub(crate) address_book_capacity: usize,
@@ -66,6 +67,7 @@ impl Default for PeersConfig {
             backoff_max: Duration::from_secs(60),
             max_dial_failures: 8,
             lost_peer_retry: Duration::from_secs(600),
+            feeler_interval: Duration::from_secs(60),
             discovery_interval: Duration::from_secs(30),
             discovery_sample: 16,
             address_book_capacity: 1024,
@@ -189,6 +191,16 @@ impl PeersConfig {
     /// a healed partition.
     pub fn with_lost_peer_retry(mut self, window: Duration) -> Self {
         self.lost_peer_retry = window;
+        self
+    }
+
+    /// How often, past that window, one lost peer is redialled ("feeler";
+    /// default every 60 s, one dial at a time, only while below
+    /// `max_peers`). Without it the halves of a partition longer than the
+    /// window would stay apart for good once each half is back at
+    /// `min_peers`. `Duration::ZERO` turns feelers off.
+    pub fn with_feeler_interval(mut self, interval: Duration) -> Self {
+        self.feeler_interval = interval;
         self
     }
 

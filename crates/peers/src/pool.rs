@@ -271,6 +271,7 @@ pub(crate) struct Pool {
     dials: HashMap<DialId, Dial>,
     next_dial: DialId,
     next_discovery: Instant,
+    next_feeler: Instant,
     blocked: HashSet<NodeId>,
     refused: u64,
     shutting_down: bool,
@@ -335,6 +336,7 @@ impl Pool {
         }
         Pool {
             next_discovery: now + cfg.discovery_interval,
+            next_feeler: now + cfg.feeler_interval,
             cfg,
             local,
             local_addrs,
@@ -1200,18 +1202,38 @@ impl Pool {
         // Peers whose link broke recently are redialled while there is room,
         // even above min_peers: that is what rejoins a healed partition.
         let window = self.cfg.lost_peer_retry;
-        for id in entries {
+        let lost_for = |e: &Entry| {
+            (e.dialing.is_none() && e.link.is_none())
+                .then_some(e.lost_at?)
+                .map(|t| now.saturating_duration_since(t))
+        };
+        for id in &entries {
             if started >= room {
                 break;
             }
-            let lost = self.entries.get(&id).is_some_and(|e| {
-                e.dialing.is_none()
-                    && e.link.is_none()
-                    && e.lost_at
-                        .is_some_and(|t| now.saturating_duration_since(t) < window)
-            });
-            if lost && self.dial_entry(&id) {
+            let lost = self
+                .entries
+                .get(id)
+                .and_then(lost_for)
+                .is_some_and(|d| d < window);
+            if lost && self.dial_entry(id) {
                 started += 1;
+            }
+        }
+        // Past the window, a feeler: one of those peers is redialled per
+        // interval, so that the halves of a longer partition meet again too
+        // (at the cost of one dial per interval to a peer that is gone).
+        let every = self.cfg.feeler_interval;
+        if !every.is_zero() && started < room && now >= self.next_feeler {
+            self.next_feeler = now + every;
+            let old = entries.iter().find(|id| {
+                self.entries
+                    .get(*id)
+                    .and_then(lost_for)
+                    .is_some_and(|d| d >= window)
+            });
+            if let Some(id) = old.cloned() {
+                self.dial_entry(&id);
             }
         }
     }

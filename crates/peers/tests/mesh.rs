@@ -116,14 +116,20 @@ async fn a_hundred_nodes_seeded_with_one_form_one_connected_graph() {
     shutdown_all(nodes).await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn halves_of_a_partition_rejoin_after_heal() {
+/// Twenty nodes split into halves of ten for `apart`, then healed: they
+/// must be one healthy mesh again within `rejoin`. Returns how long that
+/// took.
+async fn partition_and_heal(
+    config: impl Fn() -> PeersConfig,
+    apart: Duration,
+    rejoin: Duration,
+) -> Duration {
     let net = MemNetwork::new();
     let (min, max) = (3, 8);
     let names: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
     let mut nodes = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let mut c = config(min, max);
+        let mut c = config();
         if i > 0 {
             c = c.with_seed(addr(&names[0]));
         }
@@ -136,6 +142,7 @@ async fn halves_of_a_partition_rejoin_after_heal() {
         names[10..].iter().map(|s| s.as_str()).collect(),
     );
     net.partition(&left, &right);
+    let cut = Instant::now();
     // Links across go silent, die, and each half keeps itself above min.
     settle(60 * S, || {
         let adj = adjacency(&nodes);
@@ -147,11 +154,32 @@ async fn halves_of_a_partition_rejoin_after_heal() {
     })
     .await;
     assert!(reachable(&adjacency(&nodes)) <= 10, "the halves are apart");
+    sleep(apart.saturating_sub(cut.elapsed())).await;
+    assert!(reachable(&adjacency(&nodes)) <= 10, "the halves are apart");
 
     net.heal();
-    let took = settle(120 * S, || healthy(&nodes, min, max)).await;
-    eprintln!("rejoined {took:?} after heal (simulated)");
+    let took = settle(rejoin, || healthy(&nodes, min, max)).await;
     shutdown_all(nodes).await;
+    took
+}
+
+#[tokio::test(start_paused = true)]
+async fn halves_of_a_partition_rejoin_after_heal() {
+    let took = partition_and_heal(|| config(3, 8), 60 * S, 120 * S).await;
+    eprintln!("rejoined {took:?} after heal (simulated)");
+}
+
+/// Past the lost-peer window (a minute here) only the feelers dial across:
+/// one per node per interval (20 s here) is enough to join the halves.
+#[tokio::test(start_paused = true)]
+async fn halves_of_a_partition_longer_than_the_lost_peer_window_rejoin() {
+    let config = || {
+        config(3, 8)
+            .with_lost_peer_retry(60 * S)
+            .with_feeler_interval(20 * S)
+    };
+    let took = partition_and_heal(config, 300 * S, 60 * S).await;
+    eprintln!("rejoined {took:?} after heal (simulated)");
 }
 
 #[tokio::test(start_paused = true)]

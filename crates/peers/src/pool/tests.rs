@@ -831,3 +831,55 @@ fn departed_peers_do_not_keep_a_live_node_from_being_dialled() {
     let d = dials(&h.poll());
     assert!(d.iter().any(|(_, a)| *a == addr(99)), "{d:?}");
 }
+
+/// A peer lost longer ago than the lost-peer window is redialled by the
+/// feeler, one per interval, even with the pool at min_peers: what joins
+/// the halves of a partition that outlasted the window.
+#[test]
+fn a_feeler_redials_one_long_lost_peer_per_interval() {
+    let mut h = Harness::new(
+        0,
+        cfg()
+            .with_min_peers(1)
+            .with_lost_peer_retry(60 * S)
+            .with_feeler_interval(30 * S),
+    );
+    for n in 1..=4u8 {
+        h.connect(u64::from(n), n, Direction::Outbound);
+    }
+    // Peers 2 and 3 are cut off; every redial within the window fails.
+    h.pool.on_closed(2, CloseReason::Eof, h.now);
+    h.pool.on_closed(3, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+    let mut tried = 0;
+    for _ in 0..240 {
+        h.advance(250 * MS);
+        for (d, _) in dials(&h.poll()) {
+            tried += 1;
+            h.pool.on_dial_failed(d, DialFailure::Transient, h.now);
+        }
+    }
+    assert!(tried > 2, "redialled within the window");
+    // Past the window: one dial per feeler interval, however many are lost.
+    let mut feelers = Vec::new();
+    for _ in 0..(4 * 120) {
+        h.advance(250 * MS);
+        for (d, a) in dials(&h.poll()) {
+            feelers.push((h.now, a));
+            h.pool.on_dial_failed(d, DialFailure::Transient, h.now);
+        }
+    }
+    assert!((3..=5).contains(&feelers.len()), "{feelers:?}");
+    for w in feelers.windows(2) {
+        assert!(w[1].0 - w[0].0 >= 30 * S, "{feelers:?}");
+    }
+    // The partition heals: the next feeler connects, and the link is kept.
+    h.advance(30 * S);
+    let d = dials(&h.poll());
+    assert_eq!(d.len(), 1, "{d:?}");
+    let n = if d[0].1 == addr(2) { 2 } else { 3 };
+    h.pool
+        .on_dial_ok(d[0].0, 10, info(n, Direction::Outbound), h.now);
+    h.pool.take_actions();
+    assert_eq!(h.state(n), Some(PeerState::Connected));
+}
