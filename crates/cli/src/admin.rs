@@ -631,6 +631,9 @@ pub(crate) struct PoolJson {
     pub(crate) known: usize,
     /// Connections refused because the pool was full, since start.
     pub(crate) refused: u64,
+    /// `Discovered` messages dropped unread (a peer sending more than 8 at
+    /// once or one a second after that).
+    pub(crate) ignored_discovered: u64,
     /// Messages for the layers above dropped because nobody took them.
     pub(crate) dropped_inbound: u64,
     /// The pool dials known peers while it has fewer (`--min-peers`).
@@ -768,6 +771,7 @@ pub(crate) fn status_json(
             pending_dials: pool.pending_dials,
             known: pool.known,
             refused: pool.refused,
+            ignored_discovered: pool.ignored_discovered,
             dropped_inbound: pool.dropped_inbound,
             min_peers: limits.min_peers,
             max_peers: limits.max_peers,
@@ -1803,6 +1807,7 @@ mod tests {
                 pending_dials: 2,
                 known: 1,
                 refused: 5,
+                ignored_discovered: 4,
                 dropped_inbound: 3,
             },
             peers: vec![
@@ -1965,6 +1970,7 @@ mod tests {
                     "pending_dials": 2,
                     "known": 1,
                     "refused": 5,
+                    "ignored_discovered": 4,
                     "dropped_inbound": 3,
                     "min_peers": 4,
                     "max_peers": 16

@@ -53,6 +53,9 @@ pub struct PoolStats {
     /// Connections refused because the pool was full (Disconnect(too many
     /// peers)), since start.
     pub refused: u64,
+    /// `Discovered` messages dropped unread because their peer sent more
+    /// than 8 at once or more than one a second after that, since start.
+    pub ignored_discovered: u64,
     /// Concern messages dropped because nobody took the inbound queue.
     pub dropped_inbound: u64,
 }
@@ -437,6 +440,7 @@ impl PeerManager {
             pending_dials: c.pending_dials,
             known: c.known,
             refused: c.refused,
+            ignored_discovered: c.ignored_discovered,
             dropped_inbound: self.inner.dropped_inbound.load(Ordering::Relaxed),
         }
     }
@@ -771,8 +775,10 @@ impl Deliver for PeerSink {
         match msg {
             Message::Concern(message) => inner.concern(&self.from, conn, message),
             Message::Discovered(d) => {
-                inner.with_pool(|p, now| p.on_discovered(&d.peers, now));
-                inner.wake.notify_one();
+                let from = &self.from;
+                if inner.with_pool(|p, now| p.on_discovered_from(from, &d.peers, now)) {
+                    inner.wake.notify_one();
+                }
             }
             Message::Disconnect(d) => {
                 // The close itself is reported when the stream ends.

@@ -33,6 +33,12 @@ pub(crate) const BLOCK_FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 
 
 /// Entries read from one Discovered (or one refusal's alternatives).
 const MAX_DISCOVERED_READ: usize = 32;
+/// `Discovered` messages read from one peer: a burst of this many, then one
+/// per [`DISCOVERED_EVERY`]; the rest are dropped unread. Honest peers send
+/// one per discovery interval (30 s by default) and one on connecting; each
+/// message read costs a pass over the address book and a wake-up of the pool.
+const DISCOVERED_BURST: u32 = 8;
+const DISCOVERED_EVERY: Duration = Duration::from_secs(1);
 
 /// What the handshake told us about a new connection.
 #[derive(Debug, Clone)]
@@ -107,6 +113,10 @@ struct Link {
     rtt: Option<Duration>,
     srtt: Option<Duration>,
     heartbeat: Heartbeat,
+    /// When its next `Discovered` message is due under the rate limit (a
+    /// generic cell rate: the message is read if this is at most the burst
+    /// ahead of now).
+    discovered_due: Instant,
 }
 
 #[derive(Debug)]
@@ -257,6 +267,7 @@ pub(crate) struct Counts {
     pub(crate) pending_dials: usize,
     pub(crate) known: usize,
     pub(crate) refused: u64,
+    pub(crate) ignored_discovered: u64,
 }
 
 /// The peer manager's state machine.
@@ -274,6 +285,7 @@ pub(crate) struct Pool {
     next_feeler: Instant,
     blocked: HashSet<NodeId>,
     refused: u64,
+    ignored_discovered: u64,
     shutting_down: bool,
     rng: StdRng,
     actions: Vec<Action>,
@@ -347,6 +359,7 @@ impl Pool {
             next_dial: 1,
             blocked: HashSet::new(),
             refused: 0,
+            ignored_discovered: 0,
             shutting_down: false,
             rng,
             actions: Vec::new(),
@@ -366,6 +379,7 @@ impl Pool {
         let mut c = Counts {
             pending_dials: self.dials.len(),
             refused: self.refused,
+            ignored_discovered: self.ignored_discovered,
             ..Counts::default()
         };
         for e in self.entries.values() {
@@ -599,6 +613,7 @@ impl Pool {
             rtt: None,
             srtt: None,
             heartbeat: Heartbeat::new(&cfg.heartbeat),
+            discovered_due: now,
         });
         entry.ever_connected = true;
         entry.first_linked.get_or_insert(now);
@@ -702,6 +717,27 @@ impl Pool {
         self.actions.push(route);
         self.actions
             .push(Action::Event(PeerEvent::Disconnected { peer: id, reason }));
+    }
+
+    /// A peer sent `Discovered`: read if the peer is within its rate
+    /// ([`DISCOVERED_BURST`]); `false` if dropped unread.
+    pub(crate) fn on_discovered_from(
+        &mut self,
+        from: &NodeId,
+        peers: &[PeerInfo],
+        now: Instant,
+    ) -> bool {
+        let Some(link) = self.entries.get_mut(from).and_then(|e| e.link.as_mut()) else {
+            return false;
+        };
+        let due = link.discovered_due.max(now) + DISCOVERED_EVERY;
+        if due.saturating_duration_since(now) > DISCOVERED_EVERY * DISCOVERED_BURST {
+            self.ignored_discovered += 1;
+            return false;
+        }
+        link.discovered_due = due;
+        self.on_discovered(peers, now);
+        true
     }
 
     /// A peer told us about other nodes (Discovered, or the alternatives of

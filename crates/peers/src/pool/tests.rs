@@ -883,3 +883,43 @@ fn a_feeler_redials_one_long_lost_peer_per_interval() {
     h.pool.take_actions();
     assert_eq!(h.state(n), Some(PeerState::Connected));
 }
+
+/// One peer sending `Discovered` without pause gets a burst of 8 read, then
+/// one a second; the rest are dropped unread and counted. Another peer's
+/// are read meanwhile.
+#[test]
+fn discovered_messages_are_read_at_a_bounded_rate_per_peer() {
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Inbound);
+    h.connect(2, 2, Direction::Inbound);
+    let one = |n: u32| {
+        vec![PeerInfo {
+            node_id: NodeId::from_bytes([n.to_be_bytes().as_slice(), &[7; 28]].concat())
+                .unwrap()
+                .as_bytes()
+                .clone(),
+            addrs: vec![format!("mem://x{n}")],
+        }]
+    };
+    let mut read = 0;
+    for n in 0..100 {
+        if h.pool.on_discovered_from(&id(1), &one(n), h.now) {
+            read += 1;
+        }
+    }
+    assert_eq!(read, 8);
+    assert_eq!(h.pool.counts().ignored_discovered, 92);
+    assert!(h.pool.on_discovered_from(&id(2), &one(1000), h.now));
+    // Ten seconds of it: ten more read.
+    for n in 0..1000 {
+        h.advance(10 * MS);
+        if h.pool.on_discovered_from(&id(1), &one(2000 + n), h.now) {
+            read += 1;
+        }
+    }
+    assert_eq!(read, 18);
+    // 8 + 1 + 10 new nodes, plus the two peers.
+    assert_eq!(h.pool.counts().known + h.pool.counts().linked, 21);
+    // Not from a peer we are linked to: not read.
+    assert!(!h.pool.on_discovered_from(&id(9), &one(5000), h.now));
+}
