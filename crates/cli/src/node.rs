@@ -99,6 +99,18 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = millis())]
     discovery_ms: u64,
 
+    /// For how long, in ms, a peer whose connection broke is redialled even
+    /// above --min-peers (what rejoins a healed partition).
+    #[arg(long, value_name = "MS", default_value_t = 600_000, value_parser = millis())]
+    lost_peer_retry_ms: u64,
+
+    /// Past --lost-peer-retry-ms, one lost peer is redialled every this many
+    /// ms (a feeler: what rejoins the halves of a longer partition); 0 turns
+    /// feelers off.
+    #[arg(long, value_name = "MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_MILLIS))]
+    feeler_ms: u64,
+
     /// The node's key file: loaded if it exists, else created (mode 0600)
     /// with a new key. The node id is the key's public half, so it stays the
     /// same across restarts. A file that is corrupt or readable by other
@@ -247,6 +259,8 @@ impl NodeArgs {
             )
             .with_backoff(BACKOFF_MIN.min(backoff_max), backoff_max)
             .with_discovery(ms(self.discovery_ms), DISCOVERY_SAMPLE)
+            .with_lost_peer_retry(ms(self.lost_peer_retry_ms))
+            .with_feeler_interval(ms(self.feeler_ms))
     }
 }
 
@@ -661,6 +675,10 @@ mod tests {
             "300",
             "--discovery-ms",
             "700",
+            "--lost-peer-retry-ms",
+            "5000",
+            "--feeler-ms",
+            "0",
             "--subscribe",
             "news",
             "--subscribe",
@@ -677,6 +695,7 @@ mod tests {
             (250, 1000, 2000)
         );
         assert_eq!((a.backoff_max_ms, a.discovery_ms), (300, 700));
+        assert_eq!((a.lost_peer_retry_ms, a.feeler_ms), (5000, 0));
         assert!(a.validate().is_ok());
         let c = a.peer_settings(PeersConfig::default());
         assert_eq!((c.min_peers(), c.max_peers()), (2, 5));
@@ -693,6 +712,7 @@ mod tests {
             (2_000, 15_000, 30_000)
         );
         assert_eq!((a.backoff_max_ms, a.discovery_ms), (60_000, 30_000));
+        assert_eq!((a.lost_peer_retry_ms, a.feeler_ms), (600_000, 60_000));
     }
 
     #[test]
