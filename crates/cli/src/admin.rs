@@ -3195,7 +3195,7 @@ mod tests {
             assert!(body["error"].is_string(), "{body}");
         }
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(5),
             "{:?}",
             started.elapsed()
         );
@@ -3280,7 +3280,7 @@ mod tests {
         let started = Instant::now();
         let (code, body) = post_body(addr, "/rpc/demo/sleep", "[5000]").await;
         assert_eq!((code, &body["code"]), (504, &json!("timeout")), "{body}");
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(started.elapsed() < Duration::from_secs(4));
         wait_status(b.addr, "the second call cancelled at b", |s| {
             s["served"][0]["cancelled"] == 2 && s["served"][0]["in_flight"] == 0
         })
