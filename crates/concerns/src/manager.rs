@@ -335,7 +335,6 @@ pub(crate) struct Inner {
     registry: RwLock<FxHashMap<u32, Arc<Registered>>>,
     /// Requests of this node waiting for their answers.
     pending: Arc<Requests>,
-    next_request: AtomicU64,
     unknown: AtomicU64,
     /// Error answers dropped because they could not go out at once.
     unsent_errors: AtomicU64,
@@ -523,6 +522,7 @@ impl Inner {
     fn new_request(
         &self,
         expect: &NodeId,
+        command: u32,
         routed: bool,
         timeout: Duration,
     ) -> Result<Awaiting<'_>, ConcernsError> {
@@ -530,8 +530,11 @@ impl Inner {
         // cancelling): a request is either refused here or failed there.
         self.pending
             .insert(
-                || self.next_request.fetch_add(1, Ordering::Relaxed),
+                // Unpredictable: an id is all a forged answer would need
+                // to guess (with the sender and the command, both public).
+                rand::random::<u64>,
                 expect,
+                command,
                 routed,
                 timeout,
                 || self.stopping(),
@@ -550,7 +553,7 @@ impl Inner {
         blame_timeout: bool,
     ) -> impl Future<Output = Result<Bytes, ConcernsError>> + Send {
         async move {
-            let waiting = self.new_request(peer, false, timeout)?;
+            let waiting = self.new_request(peer, command, false, timeout)?;
             let id = waiting.id();
             let frame = direct_frame(command, id, ConcernKind::Request, priority, payload);
             // A lone request is written at once by this task; with others in
@@ -577,7 +580,7 @@ impl Inner {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
-        let waiting = self.new_request(node, true, timeout)?;
+        let waiting = self.new_request(node, command, true, timeout)?;
         let id = waiting.id();
         // The route search has its own end: the request's deadline.
         tokio::time::timeout(
@@ -586,13 +589,22 @@ impl Inner {
         )
         .await
         .unwrap_or(Err(ConcernsError::Timeout(timeout)))?;
-        waiting.outcome().await
+        let r = waiting.outcome().await;
+        if matches!(r, Err(ConcernsError::Timeout(_))) {
+            // The route may be a black hole (a member can claim routes it
+            // then drops): the next request searches again.
+            routing.forget(node);
+        }
+        r
     }
 
-    /// A reply or error frame (direct or routed) arrived from `from`.
+    /// A reply or error frame arrived from `from`: on a direct connection
+    /// from that neighbour, or (`routed`) in a routed message whose origin
+    /// says it is `from` (anyone on the way can claim that).
     pub(crate) fn resolve(
         self: &Arc<Self>,
         from: &NodeId,
+        routed: bool,
         command: u32,
         id: u64,
         kind: ConcernKind,
@@ -609,9 +621,15 @@ impl Inner {
                 ..
             })
         );
-        let waiter = self
-            .pending
-            .take_if(id, |p| p.expect == *from || (p.routed && unreachable));
+        // An answer counts only for a request of its command sent the way
+        // it came (a routed answer claiming to be from a neighbour we asked
+        // directly is someone else's), and request ids are random: a member
+        // cannot answer for another node by guessing them.
+        let waiter = self.pending.take_if(id, |p| {
+            p.command == command
+                && p.routed == routed
+                && (p.expect == *from || (routed && unreachable))
+        });
         match waiter {
             Some(p) => p.finish(result),
             None => {
@@ -680,7 +698,7 @@ impl Inner {
                 self.submit(job);
             }
             Ok(kind @ (ConcernKind::Reply | ConcernKind::Error)) => {
-                self.resolve(from, f.command, f.request_id, kind, f.payload);
+                self.resolve(from, false, f.command, f.request_id, kind, f.payload);
             }
             // The wire layer refuses other kinds before they get here.
             _ => {}
@@ -1023,7 +1041,6 @@ impl ConcernsBuilder {
             config: self.config,
             registry: RwLock::new(FxHashMap::default()),
             pending: Arc::new(Requests::new()),
-            next_request: AtomicU64::new(rand::random::<u64>() >> 1),
             unsent_errors: AtomicU64::new(0),
             unsent_answers: AtomicU64::new(0),
             error_tasks: AtomicUsize::new(0),

@@ -30,7 +30,11 @@ pub(crate) type Outcome = Result<Bytes, ConcernsError>;
 pub(crate) struct Pending {
     /// Who must answer (a reply from anyone else is not for this request).
     pub(crate) expect: NodeId,
-    /// Whether a routed "unreachable" from an intermediate node counts.
+    /// The command asked (an answer for another is not for this request).
+    pub(crate) command: u32,
+    /// Whether it was sent routed: then only a routed answer counts (and a
+    /// routed "unreachable" from an intermediate node); else only one on a
+    /// direct connection from `expect`.
     pub(crate) routed: bool,
     tx: oneshot::Sender<Outcome>,
     deadline: Instant,
@@ -81,6 +85,7 @@ impl Requests {
         &self,
         mut next_id: impl FnMut() -> u64,
         expect: &NodeId,
+        command: u32,
         routed: bool,
         timeout: Duration,
         refuse: impl FnOnce() -> bool,
@@ -98,6 +103,7 @@ impl Requests {
             }
             let p = Pending {
                 expect: expect.clone(),
+                command,
                 routed,
                 tx,
                 deadline,
@@ -263,7 +269,7 @@ mod tests {
     }
 
     fn ask(r: &Requests, ids: impl FnMut() -> u64, timeout: Duration) -> Awaiting<'_> {
-        r.insert(ids, &node(1), false, timeout, || false)
+        r.insert(ids, &node(1), 1, false, timeout, || false)
             .expect("not refused")
     }
 
@@ -320,7 +326,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_refused_request_is_not_registered_and_ids_are_unique() {
         let (r, _) = running();
-        assert!(r.insert(|| 5, &node(1), false, MS, || true).is_none());
+        assert!(r.insert(|| 5, &node(1), 1, false, MS, || true).is_none());
         assert_eq!(r.len(), 0);
         // 0 and ids in use are skipped.
         let mut seq = [0u64, 7, 7, 8].into_iter();

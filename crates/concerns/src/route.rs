@@ -49,14 +49,14 @@ impl RouteTable {
     }
 
     /// Records that `target` is `hops` away through `next_hop`. A live
-    /// shorter route is kept; an equal or better one, or a refresh through
-    /// the same hop, replaces it.
+    /// route as short or shorter through another hop is kept; a shorter
+    /// one, or a refresh through the same hop, replaces it.
     pub(crate) fn learn(&mut self, target: &NodeId, next_hop: &NodeId, hops: u32, now: Instant) {
         if target == next_hop {
             return; // a neighbour needs no route
         }
         if let Some(e) = self.routes.get(target) {
-            let keep = self.live(e, now) && e.next_hop != *next_hop && e.hops < hops;
+            let keep = self.live(e, now) && e.next_hop != *next_hop && e.hops <= hops;
             if keep {
                 return;
             }
@@ -83,6 +83,20 @@ impl RouteTable {
                 learned: now,
             },
         );
+    }
+
+    /// [`learn`](Self::learn), unless a live route to `target` through
+    /// another hop is known (a refresh through the same hop is taken).
+    pub(crate) fn learn_if_unknown(
+        &mut self,
+        target: &NodeId,
+        next_hop: &NodeId,
+        hops: u32,
+        now: Instant,
+    ) {
+        if self.next_hop(target, now).is_none_or(|h| h == *next_hop) {
+            self.learn(target, next_hop, hops, now);
+        }
     }
 
     /// The next hop towards `target`, if a live route is known.

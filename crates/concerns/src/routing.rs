@@ -38,7 +38,7 @@ use crate::{BoxError, Concern, ConcernsError, Context, Reply, Route};
 
 /// Removes a search's entry when its first searcher is done or dropped.
 struct SearchGuard<'a> {
-    searches: &'a Mutex<HashMap<NodeId, watch::Sender<bool>>>,
+    searches: &'a Mutex<HashMap<NodeId, Search>>,
     target: NodeId,
 }
 
@@ -48,11 +48,17 @@ impl Drop for SearchGuard<'_> {
     }
 }
 
+/// A search in progress: its query, and a watch that flips when found.
+struct Search {
+    query_id: u64,
+    found: watch::Sender<bool>,
+}
+
 pub(crate) struct Routing {
     table: Mutex<RouteTable>,
     queries: Mutex<SeenCache<(NodeId, u64)>>,
-    /// Searches in progress, by target: a watch that flips when found.
-    searches: Mutex<HashMap<NodeId, watch::Sender<bool>>>,
+    /// Searches in progress, by target.
+    searches: Mutex<HashMap<NodeId, Search>>,
     max_hops: u32,
     search_timeout: Duration,
     forwarded: AtomicU64,
@@ -123,6 +129,13 @@ impl Routing {
         self.max_hops.saturating_sub(ttl).saturating_add(1)
     }
 
+    /// The hops from a message's origin when a neighbour other than the
+    /// origin handed it over: at least 2, whatever TTL it claims (a fresh
+    /// TTL would claim 1 and win every route to the origin).
+    fn hops_relayed(&self, ttl: u32) -> u32 {
+        self.hops_travelled(ttl).max(2)
+    }
+
     /// Sends a message to `target` by its route, searching for one first if
     /// none is known.
     pub(crate) async fn send(
@@ -174,13 +187,14 @@ impl Routing {
     /// Floods a query for `target` (or joins one in progress) and waits for
     /// a route, at most the search timeout.
     async fn search(&self, inner: &Arc<Inner>, target: &NodeId) -> Result<NodeId, ConcernsError> {
+        let query_id: u64 = rand::random();
         let (mut rx, first) = {
             let mut searches = lock(&self.searches);
             match searches.get(target) {
-                Some(tx) => (tx.subscribe(), false),
+                Some(s) => (s.found.subscribe(), false),
                 None => {
-                    let (tx, rx) = watch::channel(false);
-                    searches.insert(target.clone(), tx);
+                    let (found, rx) = watch::channel(false);
+                    searches.insert(target.clone(), Search { query_id, found });
                     (rx, true)
                 }
             }
@@ -196,7 +210,7 @@ impl Routing {
             self.searches_started.fetch_add(1, Ordering::Relaxed);
             let me = inner.peers.node_id();
             let query = RouteQuery {
-                query_id: rand::random(),
+                query_id,
                 origin: me.as_bytes().clone(),
                 target: target.as_bytes().clone(),
                 ttl: self.max_hops,
@@ -239,7 +253,7 @@ impl Routing {
         if origin == *me || !lock(&self.queries).insert((origin.clone(), q.query_id), now) {
             return Ok(());
         }
-        lock(&self.table).learn(&origin, from, self.hops_travelled(q.ttl), now);
+        lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);
         let hops = if target == *me {
             Some(0)
         } else if target != *from && Self::is_neighbour(inner, &target) {
@@ -271,22 +285,40 @@ impl Routing {
         Ok(())
     }
 
+    /// A route answer. Only answers to a query this node made (its search
+    /// for that target is running) or relayed (seen, from someone else) are
+    /// taken, and "I am the target" (0 hops) only from the target itself: an
+    /// unsolicited answer was one message to black-hole a route for its
+    /// lifetime.
     fn on_found(&self, inner: &Arc<Inner>, from: &NodeId, f: RouteFound) -> Result<(), BoxError> {
         let origin = NodeId::from_bytes(f.origin.clone())?;
         let target = NodeId::from_bytes(f.target.clone())?;
+        if f.hops == 0 && *from != target {
+            return Err("a route answer claiming to be the target from another node".into());
+        }
         let hops = f.hops.saturating_add(1);
         if hops > self.max_hops {
             return Ok(());
         }
-        lock(&self.table).learn(&target, from, hops, Instant::now());
-        if origin == *inner.peers.node_id() {
+        let me = inner.peers.node_id();
+        let now = Instant::now();
+        if origin == *me {
             // Send outside the lock (see `search`).
-            let tx = lock(&self.searches).get(&target).cloned();
-            if let Some(tx) = tx {
-                tx.send_replace(true);
-            }
+            let found = lock(&self.searches)
+                .get(&target)
+                .filter(|s| s.query_id == f.query_id)
+                .map(|s| s.found.clone());
+            let Some(found) = found else {
+                return Ok(()); // not asked, or asked and answered already
+            };
+            lock(&self.table).learn(&target, from, hops, now);
+            found.send_replace(true);
             return Ok(());
         }
+        if !lock(&self.queries).contains(&(origin.clone(), f.query_id), now) {
+            return Ok(());
+        }
+        lock(&self.table).learn(&target, from, hops, now);
         if let Some(next) = self.next_hop(inner, &origin) {
             let back = RouteFound { hops, ..f };
             inner.try_send_direct(&next, ROUTING, encode(Body::Found(back)))?;
@@ -312,7 +344,15 @@ impl Routing {
         }
         let me = inner.peers.node_id();
         if origin != *from {
-            lock(&self.table).learn(&origin, from, self.hops_travelled(r.ttl), Instant::now());
+            // The way back, for the answer, when the query that found this
+            // node's route did not pass here. It never replaces a live
+            // route: the origin a routed message claims is not checked.
+            lock(&self.table).learn_if_unknown(
+                &origin,
+                from,
+                self.hops_relayed(r.ttl),
+                Instant::now(),
+            );
         }
         if target == *me {
             self.delivered.fetch_add(1, Ordering::Relaxed);
@@ -334,7 +374,7 @@ impl Routing {
                 };
                 inner.deliver_local(job)?;
             } else {
-                inner.resolve(&origin, r.command, r.request_id, kind, r.payload);
+                inner.resolve(&origin, true, r.command, r.request_id, kind, r.payload);
             }
             return Ok(());
         }

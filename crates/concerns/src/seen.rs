@@ -52,6 +52,13 @@ impl<K: Hash + Eq + Clone> SeenCache<K> {
         true
     }
 
+    /// Whether `key` is remembered (inserted less than the ttl ago).
+    pub(crate) fn contains(&self, key: &K, now: Instant) -> bool {
+        self.seen
+            .get(key)
+            .is_some_and(|at| now.saturating_duration_since(*at) < self.ttl)
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.seen.len()

@@ -1028,3 +1028,104 @@ async fn large_requests_are_refused_past_the_byte_budget() {
     all.extend(clients);
     stop(all).await;
 }
+
+/// Answers that are not the asked node's own do not end a request: a
+/// routed answer claiming to be from a neighbour asked directly (any member
+/// can claim any origin), a direct answer from another neighbour, and one
+/// for another command. Request ids are random, so such answers would have
+/// to guess them; here the test hands the attacker the id.
+#[tokio::test(start_paused = true)]
+async fn only_the_asked_node_answers_a_request() {
+    use meshwork_concerns::ROUTING;
+    use meshwork_concerns::wire::proto::{RouteMessage, Routed, route_message::Body};
+    const ASK: u32 = 77;
+    let net = MemNetwork::new();
+    let h_peers = bare_peers(&net, "h", &[]).await;
+    let h = Concerns::builder(h_peers).start().await.unwrap();
+    let t = bare_peers(&net, "t", &["mem://h"]).await;
+    let (tx, mut asked) = mpsc::unbounded_channel();
+    t.set_inbound_handler(Arc::new(Recorder(tx))).unwrap();
+    let m = bare_peers(&net, "m", &["mem://h"]).await;
+    m.set_inbound_handler(Arc::new(Recorder(mpsc::unbounded_channel().0)))
+        .unwrap();
+    t.wait_for_peers(1, 5 * S).await.unwrap();
+    m.wait_for_peers(1, 5 * S).await.unwrap();
+    h.peers().wait_for_peers(2, 5 * S).await.unwrap();
+    let (hid, tid) = (h.peers().node_id().clone(), t.node_id().clone());
+
+    let ctx = h.context(ASK);
+    let call = {
+        let tid = tid.clone();
+        tokio::spawn(async move { ctx.request(&tid, "question", 10 * S).await })
+    };
+    let first = within("the request at t", asked.recv()).await.unwrap();
+    let answer = |command, payload: &'static str| ConcernFrame {
+        command,
+        request_id: first.request_id,
+        kind: ConcernKind::Reply as i32,
+        ttl: 0,
+        flags: 0,
+        payload: Bytes::from(payload),
+    };
+    // The attacker m: a routed reply "from t", and a direct one.
+    let routed = RouteMessage {
+        body: Some(Body::Routed(Routed {
+            origin: tid.as_bytes().clone(),
+            target: hid.as_bytes().clone(),
+            command: ASK,
+            request_id: first.request_id,
+            kind: ConcernKind::Reply as i32,
+            payload: Bytes::from("spoofed routed"),
+            ttl: 8,
+        })),
+    };
+    let carrier = ConcernFrame {
+        command: ROUTING,
+        request_id: 0,
+        kind: ConcernKind::Request as i32,
+        ttl: 0,
+        flags: 0,
+        payload: routed.encode_to_vec().into(),
+    };
+    m.send(&hid, Message::Concern(carrier), Priority::Normal)
+        .await
+        .unwrap();
+    m.send(
+        &hid,
+        Message::Concern(answer(ASK, "spoofed direct")),
+        Priority::Normal,
+    )
+    .await
+    .unwrap();
+    // t itself, for another command, then the real answer.
+    t.send(
+        &hid,
+        Message::Concern(answer(ASK + 1, "wrong command")),
+        Priority::Normal,
+    )
+    .await
+    .unwrap();
+    sleep(100 * MS).await;
+    assert!(!call.is_finished(), "a spoofed answer ended the request");
+    t.send(
+        &hid,
+        Message::Concern(answer(ASK, "the answer")),
+        Priority::Normal,
+    )
+    .await
+    .unwrap();
+    let got = within("the answer", call).await.unwrap().unwrap();
+    assert_eq!(got, Bytes::from("the answer"));
+
+    // Ids do not follow one another.
+    let ctx = h.context(ASK);
+    let tid2 = tid.clone();
+    let again = tokio::spawn(async move { ctx.request(&tid2, "q", S).await });
+    let second = within("the second request", asked.recv()).await.unwrap();
+    assert_ne!(second.request_id, first.request_id.wrapping_add(1));
+    let _ = within("the second request's end", again).await;
+    h.shutdown().await;
+    for p in [h.peers(), &t, &m] {
+        p.shutdown().await;
+    }
+}

@@ -15,7 +15,9 @@ use meshwork_concerns::transport::mem::MemNetwork;
 use meshwork_concerns::transport::{Config, Endpoint};
 use meshwork_concerns::wire::NodeId;
 use meshwork_concerns::wire::proto::ErrorCode;
-use meshwork_concerns::wire::proto::{Flooded, RouteMessage, RouteQuery, route_message};
+use meshwork_concerns::wire::proto::{
+    ConcernKind, Flooded, RouteFound, RouteMessage, RouteQuery, Routed, route_message,
+};
 use meshwork_concerns::{
     BoxError, Concern, Concerns, ConcernsConfig, ConcernsError, Context, FLOOD, ROUTING, Reply,
 };
@@ -490,7 +492,9 @@ async fn forged_flood_frames_are_contained() {
 
 /// A route query with a forged TTL above the maximum hop count is taken
 /// as if it had the maximum: each further node counts the hops it really
-/// travelled, instead of every node believing the origin one hop away.
+/// travelled, instead of every node believing the origin one hop away. The
+/// first node counts 2: the origin is not the neighbour that handed the
+/// query over, whatever the TTL says.
 #[tokio::test(start_paused = true)]
 async fn a_forged_route_query_ttl_is_capped() {
     let net = MemNetwork::new();
@@ -524,7 +528,7 @@ async fn a_forged_route_query_ttl_is_capped() {
         assert!(Instant::now() < deadline, "the query never reached l3");
         sleep(10 * MS).await;
     }
-    assert_eq!((hops(1), hops(2), hops(3)), (Some(1), Some(2), Some(3)));
+    assert_eq!((hops(1), hops(2), hops(3)), (Some(2), Some(2), Some(3)));
     stop(nodes).await;
 }
 
@@ -1072,4 +1076,107 @@ async fn builder_refuses_duplicates_and_only_leaves_the_builtins_out() {
     concerns.shutdown().await;
     assert_eq!(hooks.seen("stop"), 1);
     peers.shutdown().await;
+}
+
+/// A member m, neighbour of a, lies about the way to c (a - b - c): a
+/// routed message "from c" makes a route through m only while a knows no
+/// other, a request lost on it forgets it (the next one searches again), and
+/// route answers nobody asked for, or "I am c" from another node, are not
+/// taken. Before, one such answer sent a's traffic for c into m for the
+/// route's lifetime (60 s).
+#[tokio::test(start_paused = true)]
+async fn a_member_cannot_black_hole_a_route_for_long() {
+    let net = MemNetwork::new();
+    let a = start(&net, "a", seeded(&[]).with_min_peers(1).with_max_peers(8)).await;
+    let b = start(
+        &net,
+        "b",
+        seeded(&["mem://a".into()])
+            .with_min_peers(1)
+            .with_max_peers(2),
+    )
+    .await;
+    let c = start(
+        &net,
+        "c",
+        seeded(&["mem://b".into()])
+            .with_min_peers(1)
+            .with_max_peers(1),
+    )
+    .await;
+    let transport = Config::new("concerns-test")
+        .with_insecure_plaintext()
+        .with_keepalive(None, None);
+    let endpoint = Endpoint::new(transport, net.transport("m"));
+    endpoint.listen(&"mem://m".parse().unwrap()).await.unwrap();
+    let m = PeerManager::start(endpoint, seeded(&["mem://a".into()])).unwrap();
+    m.wait_for_peers(1, 5 * S).await.unwrap();
+    c.concerns.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    a.concerns.peers().wait_for_peers(2, 5 * S).await.unwrap();
+    assert!(!linked(&a, &c));
+    let route_to_c = || {
+        a.concerns
+            .routes()
+            .into_iter()
+            .find(|r| r.target == *c.id())
+            .map(|r| r.next_hop)
+    };
+    let lie = |body| {
+        let payload = RouteMessage { body: Some(body) }.encode_to_vec();
+        meshwork_concerns::wire::Message::Concern(meshwork_concerns::peers::ConcernFrame {
+            command: ROUTING,
+            request_id: 0,
+            kind: ConcernKind::Request as i32,
+            ttl: 0,
+            flags: 0,
+            payload: payload.into(),
+        })
+    };
+    let from_c = || {
+        route_message::Body::Routed(Routed {
+            origin: c.id().as_bytes().clone(),
+            target: a.id().as_bytes().clone(),
+            command: PROBE,
+            request_id: 12345,
+            kind: ConcernKind::Reply as i32,
+            payload: Bytes::from("x"),
+            ttl: 16,
+        })
+    };
+
+    // With no route known, a takes the way the message came...
+    m.send(a.id(), lie(from_c()), Priority::Normal)
+        .await
+        .unwrap();
+    sleep(10 * MS).await;
+    assert_eq!(route_to_c().as_ref(), Some(m.node_id()));
+    // ...m drops the request: it times out, and the route is forgotten.
+    let lost = a.ctx().request_to(c.id(), "lost", S).await;
+    assert!(matches!(lost, Err(ConcernsError::Timeout(_))), "{lost:?}");
+    assert_eq!(route_to_c(), None);
+    // The next request finds the way through b.
+    let ok = a.ctx().request_to(c.id(), "found", 5 * S).await.unwrap();
+    assert_eq!(ok, Bytes::from("found"));
+    assert_eq!(route_to_c().as_ref(), Some(b.id()));
+
+    // Now m claims c is itself (0 hops), or its neighbour (1 hop), in
+    // answer to nothing, and sends more "from c": the route stays.
+    for hops in [0, 1] {
+        let found = route_message::Body::Found(RouteFound {
+            query_id: 1,
+            origin: a.id().as_bytes().clone(),
+            target: c.id().as_bytes().clone(),
+            hops,
+        });
+        m.send(a.id(), lie(found), Priority::Normal).await.unwrap();
+    }
+    m.send(a.id(), lie(from_c()), Priority::Normal)
+        .await
+        .unwrap();
+    sleep(10 * MS).await;
+    assert_eq!(route_to_c().as_ref(), Some(b.id()));
+    let ok = a.ctx().request_to(c.id(), "still", 5 * S).await.unwrap();
+    assert_eq!(ok, Bytes::from("still"));
+    m.shutdown().await;
+    stop(vec![a, b, c]).await;
 }
