@@ -13,7 +13,7 @@ const FAILURE_HALF_LIFE: Duration = Duration::from_secs(5);
 /// What a caller remembers about one provider.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ProviderStats {
-    /// Smoothed round trip of successful calls (EWMA, 1/4 weight).
+    /// Smoothed round trip of answered calls (EWMA, 1/4 weight).
     pub(crate) ewma: Option<Duration>,
     /// Failures, decayed over time.
     failures: f64,
@@ -35,15 +35,16 @@ impl ProviderStats {
         }
     }
 
-    /// A call succeeded in `rtt`.
-    pub(crate) fn success(&mut self, rtt: Duration) {
+    /// A call was answered (successfully or not) in `rtt`.
+    pub(crate) fn answered(&mut self, rtt: Duration) {
         self.ewma = Some(match self.ewma {
             Some(old) => (old * 3 + rtt) / 4,
             None => rtt,
         });
     }
 
-    /// A call failed (not delivered, timed out, overloaded).
+    /// A call failed (not delivered, timed out, overloaded, or answered with
+    /// a failure).
     pub(crate) fn failure(&mut self, now: Instant) {
         self.failures = self.decayed(now) + 1.0;
         self.updated = Some(now);
@@ -141,7 +142,7 @@ mod tests {
     fn failures_raise_the_cost_and_fade() {
         let t0 = Instant::now();
         let mut s = ProviderStats::default();
-        s.success(Duration::from_micros(100));
+        s.answered(Duration::from_micros(100));
         let healthy = s.cost(t0);
         s.failure(t0);
         s.failure(t0);

@@ -507,7 +507,6 @@ struct Inner {
     /// choosing in the registry, and unseeded FxHash has easy full
     /// collisions. At most [`MAX_STATS`] entries.
     stats: Mutex<HashMap<NodeId, ProviderStats>>,
-    next_call: AtomicU64,
     counters: ClientCounters,
     /// The registry entries of each service asked for, parsed.
     registry: Mutex<FxHashMap<String, Listed>>,
@@ -751,7 +750,6 @@ impl Rpc {
                 // call id, and the caller's id is only as good as the path
                 // it came by (a flooded or routed message says who sent it,
                 // unverified). Ids counting from 1 were easy to guess.
-                next_call: AtomicU64::new(rand::random::<u64>() >> 1),
                 counters: ClientCounters::default(),
             }),
         })
@@ -1168,7 +1166,10 @@ impl Rpc {
         // Read here, not taken from the caller: the registry read and the
         // choice before it must not count in the provider's latency.
         let sent = Instant::now();
-        let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
+        // Random: a Cancel names its call by (caller, id), and the caller a
+        // routed Cancel claims is not checked; counted ids were guessed by
+        // a member that cancelled other nodes' calls (audit round three).
+        let call_id: u64 = rand::random();
         let budget_ms = remaining.as_millis().max(1) as u64;
         // Prepared before the future: it then holds the encoded call (or
         // the local call's boxed future), not everything it is made from.
@@ -1236,6 +1237,8 @@ impl Rpc {
                 }
             };
             let now = Instant::now();
+            // The provider answered (with anything): its round trip counts.
+            let answered = result.is_ok();
             let (r, retry) = match result {
                 Ok(outcome::Result::Ok(b)) => (Ok(b), Retry::Never),
                 Ok(outcome::Result::AppError(b)) => (Err(RpcError::Application(b)), Retry::Never),
@@ -1256,10 +1259,15 @@ impl Rpc {
                     if counted {
                         s.in_flight = s.in_flight.saturating_sub(1);
                     }
-                    match &r {
-                        Ok(_) | Err(RpcError::Application(_)) => s.success(now - sent),
-                        Err(_) if retry != Retry::Never => s.failure(now),
-                        Err(_) => {}
+                    if answered {
+                        s.answered(now - sent);
+                    }
+                    // Every failure counts against the provider, retried or
+                    // not: a provider that answers every call at once with
+                    // an internal error (as quick as no answer at all) used
+                    // to win every choice it was in.
+                    if !matches!(r, Ok(_) | Err(RpcError::Application(_))) {
+                        s.failure(now);
                     }
                 });
             }
