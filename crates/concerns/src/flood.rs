@@ -22,7 +22,8 @@ use crate::seen::SeenCache;
 use crate::{BoxError, Concern, Context, Reply};
 
 pub(crate) struct Flood {
-    seen: Mutex<SeenCache<(NodeId, u64)>>,
+    /// By (origin, message id), owned by the neighbour that brought it.
+    seen: Mutex<SeenCache<(NodeId, u64), NodeId>>,
     /// The most hops a message is relayed from here on, whatever TTL it
     /// arrived with (this node's `flood_ttl`).
     max_ttl: u32,
@@ -46,11 +47,13 @@ impl Flood {
         }
     }
 
-    fn first_time(&self, origin: &NodeId, id: u64) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((origin.clone(), id), Instant::now())
+    /// Whether `(origin, id)`, brought by `from`, is new.
+    fn first_time(&self, origin: &NodeId, id: u64, from: &NodeId) -> bool {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            (origin.clone(), id),
+            from,
+            Instant::now(),
+        )
     }
 
     /// Sends `f` to every responsive neighbour but those in `except`.
@@ -81,7 +84,7 @@ impl Flood {
     ) -> u64 {
         let me = inner.peers.node_id().clone();
         let mut id = rand::random::<u64>();
-        while !self.first_time(&me, id) {
+        while !self.first_time(&me, id, &me) {
             id = rand::random();
         }
         let f = Flooded {
@@ -130,7 +133,7 @@ impl Concern for Flood {
     ) -> Result<Option<Reply>, BoxError> {
         let f = Flooded::decode(payload)?;
         let origin = NodeId::from_bytes(f.origin.clone())?;
-        if origin == *ctx.node_id() || !self.first_time(&origin, f.message_id) {
+        if origin == *ctx.node_id() || !self.first_time(&origin, f.message_id, from) {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }

@@ -56,7 +56,8 @@ struct Search {
 
 pub(crate) struct Routing {
     table: Mutex<RouteTable>,
-    queries: Mutex<SeenCache<(NodeId, u64)>>,
+    /// By (origin, query id), owned by the neighbour that brought it.
+    queries: Mutex<SeenCache<(NodeId, u64), NodeId>>,
     /// Searches in progress, by target.
     searches: Mutex<HashMap<NodeId, Search>>,
     max_hops: u32,
@@ -215,7 +216,7 @@ impl Routing {
                 target: target.as_bytes().clone(),
                 ttl: self.max_hops,
             };
-            lock(&self.queries).insert((me.clone(), query.query_id), Instant::now());
+            lock(&self.queries).insert((me.clone(), query.query_id), me, Instant::now());
             let body = encode(Body::Query(query));
             for p in inner.peers.neighbours() {
                 let _ = inner.try_send_direct(&p, ROUTING, body.clone());
@@ -250,7 +251,7 @@ impl Routing {
         let target = NodeId::from_bytes(q.target.clone())?;
         let me = inner.peers.node_id();
         let now = Instant::now();
-        if origin == *me || !lock(&self.queries).insert((origin.clone(), q.query_id), now) {
+        if origin == *me || !lock(&self.queries).insert((origin.clone(), q.query_id), from, now) {
             return Ok(());
         }
         lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);

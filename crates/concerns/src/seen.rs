@@ -6,49 +6,77 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Remembers keys for `ttl`, at most `capacity` of them (the oldest go
-/// first). `insert` says whether a key is new, which is how a flooded
-/// message is delivered and relayed once per node.
+/// Remembers keys for `ttl`, at most `capacity` of them. `insert` says
+/// whether a key is new, which is how a flooded message is delivered and
+/// relayed once per node.
+///
+/// Each key is put down to an owner (the neighbour it came from). When
+/// full, the owner holding the most entries loses its oldest: one peer
+/// sending many fresh keys pushes out its own, not the keys others brought.
+/// (Oldest first across all owners let a member evict every id with 65 536
+/// made-up floods and then replay an honest broadcast, delivered twice.)
 #[derive(Debug)]
-pub(crate) struct SeenCache<K> {
+pub(crate) struct SeenCache<K, O> {
     seen: HashMap<K, Instant>,
-    order: VecDeque<(K, Instant)>,
+    /// By owner, oldest first; an entry whose key was seen again later
+    /// (after expiring) is stale and skipped.
+    order: HashMap<O, VecDeque<(K, Instant)>>,
     capacity: usize,
     ttl: Duration,
 }
 
-impl<K: Hash + Eq + Clone> SeenCache<K> {
+impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone> SeenCache<K, O> {
     pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
         SeenCache {
             seen: HashMap::new(),
-            order: VecDeque::new(),
+            order: HashMap::new(),
             capacity: capacity.max(1),
             ttl,
         }
     }
 
-    fn expire(&mut self, now: Instant) {
-        while let Some((key, at)) = self.order.front() {
-            if now.saturating_duration_since(*at) < self.ttl && self.order.len() < self.capacity {
+    /// Forgets one entry of the owner holding the most (expired or not);
+    /// false if there was none.
+    fn make_room(&mut self) -> bool {
+        let Some(owner) = self
+            .order
+            .iter()
+            .max_by_key(|(_, q)| q.len())
+            .map(|(o, _)| o.clone())
+        else {
+            return false;
+        };
+        let Some(queue) = self.order.get_mut(&owner) else {
+            return false;
+        };
+        let mut removed = false;
+        while let Some((key, at)) = queue.pop_front() {
+            if self.seen.get(&key) == Some(&at) {
+                self.seen.remove(&key);
+                removed = true;
                 break;
             }
-            if self.seen.get(key) == Some(at) {
-                self.seen.remove(key);
-            }
-            self.order.pop_front();
         }
+        if queue.is_empty() {
+            self.order.remove(&owner);
+        }
+        // A queue of stale entries only: the next largest goes next time.
+        removed || !self.order.is_empty()
     }
 
-    /// Records `key`; true if it was not already remembered.
-    pub(crate) fn insert(&mut self, key: K, now: Instant) -> bool {
-        self.expire(now);
-        if let Some(at) = self.seen.get(&key) {
-            if now.saturating_duration_since(*at) < self.ttl {
-                return false;
-            }
+    /// Records `key`, brought by `owner`; true if it was not already
+    /// remembered.
+    pub(crate) fn insert(&mut self, key: K, owner: &O, now: Instant) -> bool {
+        match self.seen.get(&key) {
+            Some(at) if now.saturating_duration_since(*at) < self.ttl => return false,
+            Some(_) => {}
+            None => while self.seen.len() >= self.capacity && self.make_room() {},
         }
         self.seen.insert(key.clone(), now);
-        self.order.push_back((key, now));
+        self.order
+            .entry(owner.clone())
+            .or_default()
+            .push_back((key, now));
         true
     }
 
@@ -75,11 +103,13 @@ mod tests {
     fn a_key_is_new_once_until_it_expires() {
         let t0 = Instant::now();
         let mut c = SeenCache::new(100, 10 * S);
-        assert!(c.insert("a", t0));
-        assert!(!c.insert("a", t0 + 5 * S));
-        assert!(c.insert("b", t0 + 5 * S));
-        assert!(c.insert("a", t0 + 10 * S), "expired");
-        assert!(!c.insert("b", t0 + 14 * S));
+        assert!(c.insert("a", &1, t0));
+        assert!(!c.insert("a", &2, t0 + 5 * S));
+        assert!(c.insert("b", &1, t0 + 5 * S));
+        assert!(c.contains(&"b", t0 + 5 * S));
+        assert!(c.insert("a", &2, t0 + 10 * S), "expired");
+        assert!(!c.insert("b", &1, t0 + 14 * S));
+        assert!(!c.contains(&"b", t0 + 15 * S));
     }
 
     #[test]
@@ -87,15 +117,44 @@ mod tests {
         let t0 = Instant::now();
         let mut c = SeenCache::new(3, 100 * S);
         for k in 0..3 {
-            assert!(c.insert(k, t0));
+            assert!(c.insert(k, &1, t0));
         }
-        assert!(c.insert(3, t0), "room is made");
+        assert!(c.insert(3, &1, t0), "room is made");
         assert_eq!(c.len(), 3);
-        assert!(c.insert(0, t0), "the oldest was forgotten");
-        assert!(!c.insert(3, t0), "the newest was not");
+        assert!(c.insert(0, &1, t0), "the oldest was forgotten");
+        assert!(!c.insert(3, &1, t0), "the newest was not");
         for k in 10..10_000 {
-            c.insert(k, t0);
+            c.insert(k, &1, t0);
         }
         assert_eq!(c.len(), 3);
+    }
+
+    /// One owner bringing ever new keys pushes out its own, not the keys
+    /// of the others: those stay seen until they expire.
+    #[test]
+    fn a_full_cache_forgets_the_biggest_owners_keys_first() {
+        let t0 = Instant::now();
+        let mut c = SeenCache::new(100, 100 * S);
+        for k in 0..10 {
+            assert!(c.insert(k, &"honest", t0));
+        }
+        for k in 1000..100_000 {
+            assert!(c.insert(k, &"flooder", t0 + S));
+        }
+        assert_eq!(c.len(), 100);
+        for k in 0..10 {
+            assert!(
+                !c.insert(k, &"flooder", t0 + 2 * S),
+                "key {k} was forgotten"
+            );
+        }
+        // A key re-seen after expiry (a stale entry left behind) is not
+        // lost when room is made.
+        assert!(c.insert(0, &"other", t0 + 101 * S));
+        for k in 200_000..200_500 {
+            c.insert(k, &"flooder", t0 + 102 * S);
+        }
+        assert!(!c.insert(0, &"flooder", t0 + 103 * S));
+        assert_eq!(c.len(), 100);
     }
 }

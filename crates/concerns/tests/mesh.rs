@@ -1180,3 +1180,47 @@ async fn a_member_cannot_black_hole_a_route_for_long() {
     m.shutdown().await;
     stop(vec![a, b, c]).await;
 }
+
+/// A member that fills a node's seen-cache with made-up floods (TTL 1:
+/// relayed nowhere) pushes out its own entries, not the id of a broadcast
+/// another neighbour brought: replayed then, it is not delivered again.
+/// (Oldest first across all neighbours, 65 536 such floods got an honest
+/// broadcast delivered twice on every node: audit round three.)
+#[tokio::test(start_paused = true)]
+async fn a_flooded_seen_cache_does_not_deliver_a_replay_again() {
+    let net = MemNetwork::new();
+    let config = || ConcernsConfig::default().with_seen_cache(64, 120 * S);
+    let nodes = line_with(&net, 3, config).await;
+    let id = nodes[2].ctx().broadcast("honest", 4).await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while nodes[0].probe.count_payload(b"honest") == 0 {
+        assert!(Instant::now() < deadline, "the broadcast never arrived");
+        sleep(10 * MS).await;
+    }
+    let liar = nodes[0].concerns.context(FLOOD);
+    let to = nodes[1].id().clone();
+    for n in 0..1000u64 {
+        let junk = Flooded {
+            origin: NodeId::from_bytes(n.to_be_bytes().repeat(4))
+                .unwrap()
+                .as_bytes()
+                .clone(),
+            message_id: n,
+            command: 4242,
+            payload: Bytes::new(),
+            ttl: 1,
+        };
+        liar.send(&to, junk.encode_to_vec()).await.unwrap();
+    }
+    let replay = Flooded {
+        origin: nodes[2].id().as_bytes().clone(),
+        message_id: id,
+        command: PROBE,
+        payload: Bytes::from_static(b"honest"),
+        ttl: 4,
+    };
+    liar.send(&to, replay.encode_to_vec()).await.unwrap();
+    sleep(S).await;
+    assert_eq!(nodes[1].probe.count_payload(b"honest"), 1);
+    stop(nodes).await;
+}
