@@ -149,6 +149,10 @@ pub(crate) struct Inner {
     tree: Mutex<Tree>,
     /// Peers with a round of ours queued or running (one at a time each).
     in_rounds: Mutex<std::collections::HashSet<NodeId>>,
+    /// When each peer's pulls are next within their rate (generic cell
+    /// rate, in bytes: a pull is answered while this is at most the burst
+    /// ahead of now). Entries go when the peer leaves.
+    pull_due: Mutex<HashMap<NodeId, tokio::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -350,6 +354,15 @@ impl Inner {
                 if p.buckets.len() > BUCKETS || p.buckets.windows(2).any(|w| w[0] >= w[1]) {
                     return Err("pull: buckets must be ascending and at most 256".into());
                 }
+                let now = tokio::time::Instant::now();
+                let per_byte = Duration::from_secs(1).as_secs_f64() / self.cfg.pull_rate as f64;
+                let burst = Duration::from_secs_f64(self.cfg.pull_burst as f64 * per_byte);
+                let due = lock(&self.pull_due)
+                    .get(from)
+                    .map_or(now, |d| (*d).max(now));
+                if due.saturating_duration_since(now) > burst {
+                    return Err("pull: over this node's rate for a peer; try later".into());
+                }
                 let after = p.resume.then_some((p.after_bucket, p.after_key));
                 let (entries, next) = lock(&self.replica).chunk(
                     &p.buckets,
@@ -369,6 +382,8 @@ impl Inner {
                     next_key,
                 });
                 let bytes = proto::SyncMessage { body: Some(body) }.encode_to_vec();
+                let cost = Duration::from_secs_f64(bytes.len() as f64 * per_byte);
+                lock(&self.pull_due).insert(from.clone(), due + cost);
                 return Ok(Some(Reply::new(bytes).with_priority(Priority::Bulk)));
             }
             Some(
@@ -409,6 +424,10 @@ impl Concern for SyncConcern {
 
     async fn on_stop(&self, _ctx: &Context) {
         self.inner.cancel.cancel();
+    }
+
+    fn on_peer_left(&self, peer: &NodeId) {
+        lock(&self.inner.pull_due).remove(peer);
     }
 
     async fn on_request(
@@ -501,6 +520,7 @@ impl SyncMap {
             cascade: Notify::new(),
             tree: std::sync::Mutex::new(Tree::new(65_536, Duration::from_secs(120))),
             in_rounds: std::sync::Mutex::new(std::collections::HashSet::new()),
+            pull_due: Mutex::new(HashMap::new()),
         });
         concerns
             .add(SyncConcern {

@@ -422,3 +422,44 @@ async fn a_message_of_too_many_entries_is_refused_before_decoding() {
     assert_eq!(p.a.get_str("fine").as_deref(), Some("v"));
     p.stop().await;
 }
+
+/// A peer pulling every bucket again and again is answered up to the pull
+/// rate (a burst, then bytes per second), then with an error until time
+/// has passed; what it may pull comes back with time.
+#[tokio::test(start_paused = true)]
+async fn pulls_are_answered_up_to_a_rate_per_peer() {
+    let net = MemNetwork::new();
+    let config = SyncConfig::default()
+        .with_anti_entropy_interval(Duration::from_secs(3600))
+        .with_pull_rate(100_000, 150_000);
+    let p = pair_with(&net, None, config).await;
+    for i in 0..100 {
+        p.a.set(format!("key{i}"), vec![7u8; 1000]).await.unwrap();
+    }
+    let sync = p.b.context(SYNC);
+    let a = p.a.node_id().clone();
+    let pull = proto::SyncMessage {
+        body: Some(Body::Pull(proto::Pull {
+            buckets: (0..BUCKETS as u32).collect(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    // About 103 KB a pull (1.03 s at this rate): the first two are
+    // answered (a pull is answered while the peer is at most the burst,
+    // 1.5 s, ahead, and charged after), then none.
+    let mut answered = 0;
+    for _ in 0..10 {
+        if sync.request(&a, pull.clone(), 5 * S).await.is_ok() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 2);
+    let err = sync.request(&a, pull.clone(), 5 * S).await.unwrap_err();
+    assert!(err.to_string().contains("rate"), "{err}");
+    // 1.1 s later the peer is less than the burst ahead: one more pull.
+    sleep(S + 100 * MS).await;
+    assert!(sync.request(&a, pull.clone(), 5 * S).await.is_ok());
+    assert!(sync.request(&a, pull, 5 * S).await.is_err());
+    p.stop().await;
+}
