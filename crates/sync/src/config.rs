@@ -38,8 +38,8 @@ pub struct SyncConfig {
     pub(crate) push_batch_bytes: usize,
     pub(crate) chunk_entries: usize,
     pub(crate) chunk_bytes: usize,
-    pub(crate) pull_rate: u64,
-    pub(crate) pull_burst: u64,
+    pub(crate) repair_rate: u64,
+    pub(crate) repair_burst: u64,
     pub(crate) request_timeout: Duration,
     pub(crate) round_timeout: Duration,
     pub(crate) watch_capacity: usize,
@@ -64,8 +64,8 @@ impl Default for SyncConfig {
             push_batch_bytes: 64 * 1024,
             chunk_entries: 2048,
             chunk_bytes: 256 * 1024,
-            pull_rate: 16 << 20,
-            pull_burst: 32 << 20,
+            repair_rate: 16 << 20,
+            repair_burst: 32 << 20,
             request_timeout: Duration::from_secs(10),
             round_timeout: Duration::from_secs(60),
             watch_capacity: 1024,
@@ -148,14 +148,15 @@ impl SyncConfig {
         self.max_bytes
     }
 
-    /// How many bytes of entries one peer's pulls are answered with: a
-    /// burst of `burst`, then `per_second` (default 16 MiB/s after 32 MiB).
-    /// A pull beyond that gets an error, and the puller's next round
-    /// resumes. Pulls of all 256 buckets, 390 bytes each, made a node send
-    /// one peer 6 GB in 15 s at 65% of a core.
-    pub fn with_pull_rate(mut self, per_second: u64, burst: u64) -> Self {
-        self.pull_rate = per_second;
-        self.pull_burst = burst;
+    /// How many bytes of anti-entropy (answers to its pulls, entries pushed
+    /// back to it) one peer is sent: a burst of `burst`, then `per_second`
+    /// (default 16 MiB/s after 32 MiB). A pull beyond that gets an error,
+    /// and the puller's next round resumes; a round stops pushing back.
+    /// Pulls of all 256 buckets, 390 bytes each, made a node send one peer
+    /// 6 GB in 15 s at 65% of a core.
+    pub fn with_repair_rate(mut self, per_second: u64, burst: u64) -> Self {
+        self.repair_rate = per_second;
+        self.repair_burst = burst;
         self
     }
 
@@ -213,8 +214,8 @@ impl SyncConfig {
     /// Refuses contradictory settings.
     pub fn validate(&self) -> Result<(), SyncError> {
         let bad = |m: &str| Err(SyncError::Config(m.into()));
-        if self.pull_rate == 0 || self.pull_burst == 0 {
-            return bad("pull rate and burst must be above zero");
+        if self.repair_rate == 0 || self.repair_burst == 0 {
+            return bad("repair rate and burst must be above zero");
         }
         if self.leasing && self.lease.is_zero() {
             return bad("lease must be above zero");

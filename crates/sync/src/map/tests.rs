@@ -40,6 +40,8 @@ struct Hostile {
     pulls: Arc<AtomicU64>,
     /// Keys pushed back to it by anti-entropy.
     got: Arc<Mutex<Vec<Bytes>>>,
+    /// How many entries it says it holds.
+    claims: u64,
 }
 
 /// The bucket the hostile peer's chunks resume in: the buckets before it
@@ -53,6 +55,7 @@ impl Hostile {
             stop_after,
             pulls: Arc::default(),
             got: Arc::default(),
+            claims: 0,
         }
     }
 
@@ -77,7 +80,7 @@ impl Concern for Hostile {
             Some(Body::Digest(_)) => Body::Answer(proto::DigestAnswer {
                 equal: false,
                 buckets: vec![7; BUCKETS],
-                entries: 0,
+                entries: self.claims,
             }),
             Some(Body::Pull(_)) => {
                 let n = self.pulls.fetch_add(1, Ordering::SeqCst) + 1;
@@ -431,7 +434,7 @@ async fn pulls_are_answered_up_to_a_rate_per_peer() {
     let net = MemNetwork::new();
     let config = SyncConfig::default()
         .with_anti_entropy_interval(Duration::from_secs(3600))
-        .with_pull_rate(100_000, 150_000);
+        .with_repair_rate(100_000, 150_000);
     let p = pair_with(&net, None, config).await;
     for i in 0..100 {
         p.a.set(format!("key{i}"), vec![7u8; 1000]).await.unwrap();
@@ -461,5 +464,38 @@ async fn pulls_are_answered_up_to_a_rate_per_peer() {
     sleep(S + 100 * MS).await;
     assert!(sync.request(&a, pull.clone(), 5 * S).await.is_ok());
     assert!(sync.request(&a, pull, 5 * S).await.is_err());
+    p.stop().await;
+}
+
+/// A peer claiming a huge map but sending none (every bucket differs, every
+/// chunk empty) is pushed back the whole of ours at every round it gets
+/// from us, unless the pushes stay within its repair rate: here a chunk,
+/// then nothing until time has passed. (The audit started rounds at will
+/// and took 807 MB in 15 s.)
+#[tokio::test(start_paused = true)]
+async fn entries_pushed_back_stay_within_the_peers_repair_rate() {
+    let net = MemNetwork::new();
+    let mut hostile = Hostile::new(Chunks::Forward, 1);
+    hostile.claims = 1 << 40;
+    let config = SyncConfig::default()
+        .with_anti_entropy_interval(Duration::from_secs(3600))
+        .with_repair_rate(100_000, 150_000);
+    let p = pair_with(&net, Some(hostile.clone()), config).await;
+    for i in 0..1000 {
+        p.a.set(format!("key{i}"), vec![7u8; 1000]).await.unwrap();
+    }
+    let got = || lock(&hostile.got).len();
+    let (_, first) = p.a.sync_with(&p.b_id()).await.unwrap();
+    assert!(first > 0 && first < 1000, "{first}");
+    assert_eq!(got() as u64, first);
+    // At once again: nothing more.
+    assert_eq!(p.a.sync_with(&p.b_id()).await.unwrap(), (0, 0));
+    // Some seconds later, another chunk, and never more than the rate
+    // allows in all.
+    sleep(5 * S).await;
+    let (_, second) = p.a.sync_with(&p.b_id()).await.unwrap();
+    assert!(second > 0, "{second}");
+    let bytes = got() * 1050;
+    assert!(bytes < 150_000 + 7 * 100_000 + 300_000, "{bytes}");
     p.stop().await;
 }
