@@ -376,7 +376,7 @@ impl Inner {
                     return Err("pull: buckets must be ascending and at most 256".into());
                 }
                 if !self.within_repair_rate(from) {
-                    return Err("pull: over this node's repair rate for a peer; try later".into());
+                    return Err(OVER_REPAIR_RATE.into());
                 }
                 let after = p.resume.then_some((p.after_bucket, p.after_key));
                 let (entries, next) = lock(&self.replica).chunk(
@@ -476,6 +476,15 @@ impl Concern for SyncConcern {
             body => self.inner.answer(from, proto::SyncMessage { body }),
         }
     }
+}
+
+/// The error a pull gets beyond the puller's repair rate: the puller waits
+/// [`REPAIR_RATE_WAIT`] and asks again (within its round's timeout).
+const OVER_REPAIR_RATE: &str = "pull: over this node's repair rate for the peer, ask again later";
+const REPAIR_RATE_WAIT: Duration = Duration::from_millis(500);
+
+fn over_repair_rate(e: &SyncError) -> bool {
+    matches!(e, SyncError::Concerns(ConcernsError::Remote { message, .. }) if message == OVER_REPAIR_RATE)
 }
 
 /// The replicated map of one node. Cheap to clone; every clone is the same
@@ -1029,7 +1038,19 @@ impl SyncMap {
                 after_bucket: after.as_ref().map_or(0, |a| a.0),
                 after_key: after.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
             };
-            let Body::Chunk(chunk) = self.ask(peer, Body::Pull(pull), Priority::Bulk).await? else {
+            // Beyond our repair rate at the peer, wait and ask again (an
+            // honest peer's large map comes at that rate; the round's
+            // timeout bounds the whole).
+            let reply = loop {
+                match self
+                    .ask(peer, Body::Pull(pull.clone()), Priority::Bulk)
+                    .await
+                {
+                    Err(e) if over_repair_rate(&e) => tokio::time::sleep(REPAIR_RATE_WAIT).await,
+                    r => break r?,
+                }
+            };
+            let Body::Chunk(chunk) = reply else {
                 return Err(bad_reply());
             };
             pulls += 1;
