@@ -224,6 +224,8 @@ pub(crate) struct Job {
     pub(crate) payload: Bytes,
     pub(crate) reply: ReplyPath,
     /// The connection a direct request came on: its answer goes back there.
+    /// For a routed request, the connection of the neighbour it came
+    /// through: its answer goes that way if no route to its origin is known.
     pub(crate) conn: Option<ConnectionHandle>,
     /// The lane the request came on: it waits in that lane's queue, and its
     /// reply takes that lane unless the handler picks another.
@@ -852,11 +854,12 @@ impl Inner {
                 ))
                 .await
             }
-            (ReplyPath::Routed, _) => match self.routing() {
+            (ReplyPath::Routed, conn) => match self.routing() {
                 Ok(routing) => {
-                    Box::pin(routing.send(
+                    Box::pin(routing.send_via(
                         self,
                         &job.from,
+                        conn.as_ref().map(|c| c.node_id()),
                         job.command,
                         job.request_id,
                         kind,

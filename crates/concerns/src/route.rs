@@ -85,17 +85,14 @@ impl RouteTable {
         );
     }
 
-    /// [`learn`](Self::learn), unless a live route to `target` through
-    /// another hop is known (a refresh through the same hop is taken).
-    pub(crate) fn learn_if_unknown(
-        &mut self,
-        target: &NodeId,
-        next_hop: &NodeId,
-        hops: u32,
-        now: Instant,
-    ) {
-        if self.next_hop(target, now).is_none_or(|h| h == *next_hop) {
-            self.learn(target, next_hop, hops, now);
+    /// Confirms a live route to `target` through `next_hop` (traffic came
+    /// back that way): it lives on. Nothing else changes.
+    pub(crate) fn refresh(&mut self, target: &NodeId, next_hop: &NodeId, now: Instant) {
+        let ttl = self.ttl;
+        if let Some(e) = self.routes.get_mut(target) {
+            if e.next_hop == *next_hop && now.saturating_duration_since(e.learned) < ttl {
+                e.learned = now;
+            }
         }
     }
 

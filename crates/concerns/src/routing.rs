@@ -60,6 +60,9 @@ pub(crate) struct Routing {
     queries: Mutex<SeenCache<(NodeId, u64), NodeId>>,
     /// Searches in progress, by target.
     searches: Mutex<HashMap<NodeId, Search>>,
+    /// The way back of routed requests passed on, by (origin, request id):
+    /// the neighbour each came from, owned by it. Answers go back that way.
+    breadcrumbs: Mutex<SeenCache<(NodeId, u64), NodeId, NodeId>>,
     max_hops: u32,
     search_timeout: Duration,
     forwarded: AtomicU64,
@@ -84,6 +87,7 @@ impl Routing {
             table: Mutex::new(RouteTable::new(cfg.route_ttl, cfg.route_capacity)),
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             searches: Mutex::new(HashMap::new()),
+            breadcrumbs: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             max_hops: cfg.max_hops,
             search_timeout: cfg.route_timeout,
             forwarded: AtomicU64::new(0),
@@ -148,11 +152,29 @@ impl Routing {
         kind: ConcernKind,
         payload: Bytes,
     ) -> Result<(), ConcernsError> {
+        self.send_via(inner, target, None, command, request_id, kind, payload)
+            .await
+    }
+
+    /// [`send`](Self::send), by the neighbour `back` (the one a request
+    /// came through) if no route to `target` is known.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_via(
+        &self,
+        inner: &Arc<Inner>,
+        target: &NodeId,
+        back: Option<&NodeId>,
+        command: u32,
+        request_id: u64,
+        kind: ConcernKind,
+        payload: Bytes,
+    ) -> Result<(), ConcernsError> {
         let me = inner.peers.node_id();
         if target == me {
             return Err(ConcernsError::Unreachable(target.clone()));
         }
-        let next = match self.next_hop(inner, target) {
+        let back = back.filter(|b| Self::is_neighbour(inner, b)).cloned();
+        let next = match back.or_else(|| self.next_hop(inner, target)) {
             Some(n) => n,
             None => self.search(inner, target).await?,
         };
@@ -345,15 +367,11 @@ impl Routing {
         }
         let me = inner.peers.node_id();
         if origin != *from {
-            // The way back, for the answer, when the query that found this
-            // node's route did not pass here. It never replaces a live
-            // route: the origin a routed message claims is not checked.
-            lock(&self.table).learn_if_unknown(
-                &origin,
-                from,
-                self.hops_relayed(r.ttl),
-                Instant::now(),
-            );
+            // Traffic from the origin confirms a route to it through the
+            // same neighbour; it never makes one (the origin a routed
+            // message claims is not checked: a member sending frames "from
+            // X" took over the route to X of any node that had none).
+            lock(&self.table).refresh(&origin, from, Instant::now());
         }
         if target == *me {
             self.delivered.fetch_add(1, Ordering::Relaxed);
@@ -369,7 +387,11 @@ impl Routing {
                     request_id: r.request_id,
                     payload: r.payload,
                     reply,
-                    conn: None,
+                    // The way it came: the answer goes back through that
+                    // neighbour when no route to the origin is known (the
+                    // search may have been answered by a neighbour of ours,
+                    // and the query never passed here).
+                    conn: inner.peers.connection(from),
                     priority: Priority::Normal,
                     held: None,
                 };
@@ -379,10 +401,30 @@ impl Routing {
             }
             return Ok(());
         }
-        let next = if r.ttl > 1 {
+        let now = Instant::now();
+        let next = if r.ttl <= 1 {
+            None
+        } else if kind == ConcernKind::Request {
+            if r.request_id != 0 && origin != *from {
+                // Its answer comes back this way.
+                lock(&self.breadcrumbs).insert_value(
+                    (origin.clone(), r.request_id),
+                    from.clone(),
+                    from,
+                    now,
+                );
+            }
             self.next_hop(inner, &target)
         } else {
-            None
+            // An answer: back the way its request came, if it passed here
+            // (routes are learnt from queries only, and the request may
+            // have taken routes the query did not teach everyone on the
+            // way back), else by the route table.
+            let back = lock(&self.breadcrumbs)
+                .get(&(target.clone(), r.request_id), now)
+                .filter(|b| Self::is_neighbour(inner, b))
+                .cloned();
+            back.or_else(|| self.next_hop(inner, &target))
         };
         let Some(next) = next else {
             self.unreachable.fetch_add(1, Ordering::Relaxed);

@@ -15,9 +15,13 @@ use tokio::time::Instant;
 /// sending many fresh keys pushes out its own, not the keys others brought.
 /// (Oldest first across all owners let a member evict every id with 65 536
 /// made-up floods and then replay an honest broadcast, delivered twice.)
+///
+/// A value may be kept with each key ([`insert_value`](Self::insert_value),
+/// [`get`](Self::get)): the routing concern keeps the way back of routed
+/// requests this way.
 #[derive(Debug)]
-pub(crate) struct SeenCache<K, O> {
-    seen: HashMap<K, Instant>,
+pub(crate) struct SeenCache<K, O, V = ()> {
+    seen: HashMap<K, (Instant, V)>,
     /// By owner, oldest first; an entry whose key was seen again later
     /// (after expiring) is stale and skipped.
     order: HashMap<O, VecDeque<(K, Instant)>>,
@@ -25,7 +29,15 @@ pub(crate) struct SeenCache<K, O> {
     ttl: Duration,
 }
 
-impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone> SeenCache<K, O> {
+impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone> SeenCache<K, O, ()> {
+    /// Records `key`, brought by `owner`; true if it was not already
+    /// remembered.
+    pub(crate) fn insert(&mut self, key: K, owner: &O, now: Instant) -> bool {
+        self.insert_value(key, (), owner, now)
+    }
+}
+
+impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone, V> SeenCache<K, O, V> {
     pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
         SeenCache {
             seen: HashMap::new(),
@@ -51,7 +63,7 @@ impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone> SeenCache<K, O> {
         };
         let mut removed = false;
         while let Some((key, at)) = queue.pop_front() {
-            if self.seen.get(&key) == Some(&at) {
+            if self.seen.get(&key).map(|(t, _)| t) == Some(&at) {
                 self.seen.remove(&key);
                 removed = true;
                 break;
@@ -64,15 +76,15 @@ impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone> SeenCache<K, O> {
         removed || !self.order.is_empty()
     }
 
-    /// Records `key`, brought by `owner`; true if it was not already
-    /// remembered.
-    pub(crate) fn insert(&mut self, key: K, owner: &O, now: Instant) -> bool {
+    /// Records `key` with `value`, brought by `owner`; true if it was not
+    /// already remembered (then the value is not replaced).
+    pub(crate) fn insert_value(&mut self, key: K, value: V, owner: &O, now: Instant) -> bool {
         match self.seen.get(&key) {
-            Some(at) if now.saturating_duration_since(*at) < self.ttl => return false,
+            Some((at, _)) if now.saturating_duration_since(*at) < self.ttl => return false,
             Some(_) => {}
             None => while self.seen.len() >= self.capacity && self.make_room() {},
         }
-        self.seen.insert(key.clone(), now);
+        self.seen.insert(key.clone(), (now, value));
         self.order
             .entry(owner.clone())
             .or_default()
@@ -82,9 +94,15 @@ impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone> SeenCache<K, O> {
 
     /// Whether `key` is remembered (inserted less than the ttl ago).
     pub(crate) fn contains(&self, key: &K, now: Instant) -> bool {
+        self.get(key, now).is_some()
+    }
+
+    /// The value kept with `key`, if it is remembered.
+    pub(crate) fn get(&self, key: &K, now: Instant) -> Option<&V> {
         self.seen
             .get(key)
-            .is_some_and(|at| now.saturating_duration_since(*at) < self.ttl)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < self.ttl)
+            .map(|(_, v)| v)
     }
 
     #[cfg(test)]
