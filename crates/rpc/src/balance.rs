@@ -50,6 +50,12 @@ impl ProviderStats {
         self.updated = Some(now);
     }
 
+    /// Whether it failed recently (at least half a failure left after
+    /// decay: one failure counts for about 5 s).
+    pub(crate) fn failing(&self, now: Instant) -> bool {
+        self.decayed(now) >= 0.5
+    }
+
     /// Lower is better: latency (unknown counts as fast, so new providers
     /// get tried), times calls in flight, times recent failures.
     pub(crate) fn cost(&self, now: Instant) -> f64 {
@@ -69,13 +75,25 @@ pub(crate) enum Reach {
     Routed,
 }
 
-/// Picks one of `candidates` (`(reach, cost)`): the nearest reach class
-/// present, then the cheaper of two random picks within it. `None` if
-/// there are none.
-pub(crate) fn choose(candidates: &[(Reach, f64)], rng: &mut impl Rng) -> Option<usize> {
-    let best = candidates.iter().map(|(r, _)| *r).min()?;
+/// Picks one of `candidates` (`(reach, cost, failing)`): those that did not
+/// fail recently if there are any, then the nearest reach class present,
+/// then the cheaper of two random picks within it. `None` if there are
+/// none.
+///
+/// Failing providers sit out first, whatever their cost: a provider that
+/// fails every call at once is as fast as any, and against a provider slow
+/// to answer (one latency figure for all its methods) no multiple of its
+/// latency made it lose (a third of the calls still failed in the audit's
+/// re-run), nor could any when two such providers were drawn together.
+pub(crate) fn choose(candidates: &[(Reach, f64, bool)], rng: &mut impl Rng) -> Option<usize> {
+    let healthy = candidates.iter().any(|c| !c.2);
+    let eligible = |i: usize| !healthy || !candidates[i].2;
+    let best = (0..candidates.len())
+        .filter(|&i| eligible(i))
+        .map(|i| candidates[i].0)
+        .min()?;
     let pool: Vec<usize> = (0..candidates.len())
-        .filter(|&i| candidates[i].0 == best)
+        .filter(|&i| eligible(i) && candidates[i].0 == best)
         .collect();
     if pool.len() == 1 {
         return Some(pool[0]);
@@ -103,16 +121,19 @@ mod tests {
     fn nearer_reach_wins_whatever_the_cost() {
         let mut rng = StdRng::seed_from_u64(1);
         let c = [
-            (Reach::Routed, 1.0),
-            (Reach::Neighbour, 1e9),
-            (Reach::Routed, 0.5),
+            (Reach::Routed, 1.0, false),
+            (Reach::Neighbour, 1e9, false),
+            (Reach::Routed, 0.5, false),
         ];
         for _ in 0..50 {
             assert_eq!(choose(&c, &mut rng), Some(1));
         }
         assert_eq!(choose(&[], &mut rng), None);
         assert_eq!(
-            choose(&[(Reach::Local, 5.0), (Reach::Neighbour, 1.0)], &mut rng),
+            choose(
+                &[(Reach::Local, 5.0, false), (Reach::Neighbour, 1.0, false)],
+                &mut rng
+            ),
             Some(0)
         );
     }
@@ -120,15 +141,18 @@ mod tests {
     #[test]
     fn two_choices_prefer_the_faster_provider() {
         let mut rng = StdRng::seed_from_u64(7);
-        let c = [(Reach::Neighbour, 100.0), (Reach::Neighbour, 10.0)];
+        let c = [
+            (Reach::Neighbour, 100.0, false),
+            (Reach::Neighbour, 10.0, false),
+        ];
         for _ in 0..50 {
             assert_eq!(choose(&c, &mut rng), Some(1));
         }
         // With three, the slowest is never picked and the fastest most often.
         let c = [
-            (Reach::Neighbour, 100.0),
-            (Reach::Neighbour, 10.0),
-            (Reach::Neighbour, 50.0),
+            (Reach::Neighbour, 100.0, false),
+            (Reach::Neighbour, 10.0, false),
+            (Reach::Neighbour, 50.0, false),
         ];
         let mut picks = [0; 3];
         for _ in 0..300 {
@@ -136,6 +160,29 @@ mod tests {
         }
         assert_eq!(picks[0], 0);
         assert!(picks[1] > picks[2], "{picks:?}");
+    }
+
+    #[test]
+    fn providers_failing_recently_sit_out_while_others_do_not() {
+        let mut rng = StdRng::seed_from_u64(3);
+        // Two fast failing ones (one a neighbour), a slow healthy routed one.
+        let c = [
+            (Reach::Neighbour, 1.0, true),
+            (Reach::Neighbour, 2.0, true),
+            (Reach::Routed, 1e6, false),
+        ];
+        for _ in 0..50 {
+            assert_eq!(choose(&c, &mut rng), Some(2));
+        }
+        // All failing: the usual choice among them.
+        let c = [(Reach::Neighbour, 1.0, true), (Reach::Routed, 0.5, true)];
+        assert_eq!(choose(&c, &mut rng), Some(0));
+        // One failure sits a provider out for about 5 s.
+        let t0 = Instant::now();
+        let mut s = ProviderStats::default();
+        s.failure(t0);
+        assert!(s.failing(t0 + Duration::from_secs(4)));
+        assert!(!s.failing(t0 + Duration::from_secs(6)));
     }
 
     #[test]

@@ -1077,16 +1077,19 @@ impl Rpc {
                             .find(|l| fits(l))
                             .map(|l| (l, self.reach(&l.node_id)))
                     } else {
-                        let cands: Vec<(Reach, f64, &Listing)> = listings
+                        let cands: Vec<(Reach, f64, bool, &Listing)> = listings
                             .iter()
                             .filter(|l| fits(l))
                             .map(|l| {
-                                let cost = stats.get(&l.node_id).map_or(1.0, |s| s.cost(now));
-                                (self.reach(&l.node_id), cost, l)
+                                let s = stats.get(&l.node_id);
+                                let cost = s.map_or(1.0, |s| s.cost(now));
+                                let failing = s.is_some_and(|s| s.failing(now));
+                                (self.reach(&l.node_id), cost, failing, l)
                             })
                             .collect();
-                        let pairs: Vec<(Reach, f64)> = cands.iter().map(|c| (c.0, c.1)).collect();
-                        choose(&pairs, &mut rand::rng()).map(|i| (cands[i].2, cands[i].0))
+                        let triples: Vec<(Reach, f64, bool)> =
+                            cands.iter().map(|c| (c.0, c.1, c.2)).collect();
+                        choose(&triples, &mut rand::rng()).map(|i| (cands[i].3, cands[i].0))
                     };
                     let Some((listing, reach)) = chosen else {
                         return Err(RpcError::NoProvider(service.into()));

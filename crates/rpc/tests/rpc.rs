@@ -1540,7 +1540,15 @@ async fn an_idempotent_call_is_retried_elsewhere_after_a_timeout() {
     assert_eq!(caller.rpc().call_stats().retries, 0);
     assert_eq!(healthy_probe.started(), 0);
 
-    // Idempotent: retried on the healthy provider, within the deadline.
+    // The timeout counts as a failure: for about 5 s the stuck provider
+    // sits out while the healthy one answers.
+    let before = healthy_probe.calls();
+    assert_eq!(calc.add(1, 1).await, Ok(2));
+    assert_eq!(healthy_probe.calls(), before + 1);
+    sleep(6 * S).await;
+
+    // Idempotent, the stuck provider preferred again: retried on the
+    // healthy provider, within the deadline.
     let started = Instant::now();
     let r = calc.sleep_idempotent(10).await;
     let took = started.elapsed();
@@ -1920,9 +1928,11 @@ impl meshwork_rpc::Service for Failing {
 }
 
 /// A provider that fails every call at once (as quick as any answer can
-/// be) is steered away from like one that times out: it used to win every
-/// choice it was in, its failures uncounted (audit round three: 73 of 100
-/// calls failed with one such provider beside two honest ones).
+/// be) sits out while it fails, even beside a provider slow to answer: it
+/// used to win every choice it was in, its failures uncounted (audit round
+/// three: 73 of 100 calls failed with one such provider beside two honest
+/// ones), and, counted but only raising its cost, still a third of them
+/// once the honest provider's latency figure was high (the re-run).
 #[tokio::test(start_paused = true)]
 async fn a_provider_failing_every_call_is_steered_away_from() {
     use meshwork_rpc::Service as _;
@@ -1938,18 +1948,26 @@ async fn a_provider_failing_every_call_is_steered_away_from() {
     nodes[2].rpc().serve("calc", fake).await.unwrap();
     wait_listed(&[&nodes[0]], "calc", &nodes[2]).await;
     let calc: CalcClient = nodes[0].rpc().client("calc");
+    // The honest provider is slow to answer some methods: its latency
+    // figure (one for all methods) is then far above the fake's.
+    for _ in 0..3 {
+        let r = calc.sleep(1000).await;
+        assert!(matches!(r.as_deref(), Ok("honest")) || r.is_err(), "{r:?}");
+    }
+    let warm = faked.load(Ordering::SeqCst);
     let mut failed = 0;
     for i in 0..100 {
         if calc.add(i, 1).await.is_err() {
             failed += 1;
         }
     }
-    let faked = faked.load(Ordering::SeqCst);
+    let faked = faked.load(Ordering::SeqCst) - warm;
+    assert!(warm <= 3);
     assert_eq!(failed, faked, "every call the fake got failed, no other");
     assert!(
         faked <= 10,
         "{faked} of 100 calls went to the failing provider"
     );
-    assert_eq!(honest.calls() + faked, 100);
+    assert!(honest.calls() >= 90);
     stop(nodes).await;
 }
