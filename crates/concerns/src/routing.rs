@@ -6,10 +6,16 @@
 //!   neighbour of it, answers `RouteFound`, which walks back along the
 //!   learnt path; every node on the way learns the next hop to the target.
 //! - A `Routed` message then goes hop by hop by the route table. Every hop
-//!   also learns the way back to the message's origin, so the reply finds
-//!   its way even when the query was answered by a neighbour of the target.
+//!   remembers the neighbour a request came from (by origin and request
+//!   id), and its answer goes back that way: the request may have followed
+//!   routes the origin's query never taught the hops on the way back.
+//!   Routed frames only keep alive a route through their sender; they never
+//!   make or change one (the origin they claim is not checked).
+//! - Route answers are taken only for queries seen; "0 hops" only from the
+//!   target itself.
 //! - A hop with no route (or out of TTL) answers a request with an error
-//!   `UNREACHABLE` routed back to the origin, which forgets the route.
+//!   `UNREACHABLE` routed back to the origin, which forgets the route; so
+//!   does a routed request that times out.
 //! - Routes expire, and those through a neighbour that disconnects are
 //!   dropped at once.
 
