@@ -486,9 +486,19 @@ async fn ephemeral_keys_live_while_the_owner_runs_and_vanish_after_it_crashes() 
 
 #[tokio::test(start_paused = true)]
 async fn a_leasing_mismatch_is_refused_at_the_handshake() {
+    refused_at_the_handshake(sync_config(), sync_config().with_leasing(false)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clock_skew_mismatch_is_refused_at_the_handshake() {
+    let skew = sync_config().max_clock_skew();
+    let other = sync_config().with_max_clock_skew(skew / 2);
+    refused_at_the_handshake(sync_config(), other).await;
+}
+
+/// Nodes a and c on `on`, b on `off`, all seeded with a: b is refused.
+async fn refused_at_the_handshake(on: SyncConfig, off: SyncConfig) {
     let net = MemNetwork::new();
-    let on = sync_config();
-    let off = sync_config().with_leasing(false);
     let a = builder(&net, "a", &on).start().await.unwrap();
     let b = builder(&net, "b", &off)
         .seed(Address::mem("a"))

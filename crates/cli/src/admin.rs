@@ -2117,8 +2117,8 @@ mod tests {
         assert_eq!(status["listen"][0], a.listen_addrs()[0].to_string());
         assert_eq!(
             status["metadata"],
-            json!({"role": "a", "meshwork.sync.leasing": "on"}),
-            "the Hello metadata, with the leasing mode peers must share"
+            json!({"role": "a", "meshwork.sync.leasing": "on", "meshwork.sync.max_clock_skew_ms": "60000"}),
+            "the Hello metadata, with the sync settings peers must share"
         );
         assert!(status["uptime_secs"].as_f64().unwrap() > 0.0);
         let conns = status["connections"].as_array().unwrap();
@@ -2190,7 +2190,7 @@ mod tests {
         assert_eq!(p["dial_failures"], 0);
         assert_eq!(
             p["metadata"],
-            json!({"role": "b", "meshwork.sync.leasing": "on"})
+            json!({"role": "b", "meshwork.sync.leasing": "on", "meshwork.sync.max_clock_skew_ms": "60000"})
         );
 
         // b dialled a, its seed; b keeps the default limits.
@@ -2200,7 +2200,7 @@ mod tests {
         assert_eq!(p["addr"], "mem://a");
         assert_eq!(
             p["metadata"],
-            json!({"role": "a", "meshwork.sync.leasing": "on"})
+            json!({"role": "a", "meshwork.sync.leasing": "on", "meshwork.sync.max_clock_skew_ms": "60000"})
         );
         assert_eq!(status["pool"]["outbound"], 1, "{status}");
         assert_eq!(status["pool"]["min_peers"], 4);

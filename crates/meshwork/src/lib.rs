@@ -266,8 +266,9 @@ impl NodeBuilder {
     pub async fn start(mut self) -> Result<Node, Error> {
         self.peers.validate()?;
         self.sync.validate()?;
-        let (key, value) = self.sync.hello_metadata();
-        self.config = self.config.with_required_metadata(key, value);
+        for (key, value) in self.sync.required_metadata() {
+            self.config = self.config.with_required_metadata(key, value);
+        }
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(TcpTransport::new()));

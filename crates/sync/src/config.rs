@@ -10,6 +10,13 @@ use crate::hlc::{Clock, SystemClock};
 /// differs are refused (`INCOMPATIBLE_SETTINGS`).
 pub const LEASING_METADATA: &str = "meshwork.sync.leasing";
 
+/// The Hello metadata key that carries `max_clock_skew` in ms; peers whose
+/// value differs are refused too. Replicas with different skews collect
+/// expiry tombstones at different times, and one refuses as collected what
+/// the others still hold: their digests differ until all have collected
+/// them (minutes, in the third hostile-peer audit).
+pub const CLOCK_SKEW_METADATA: &str = "meshwork.sync.max_clock_skew_ms";
+
 /// Settings of the sync layer, with defaults and chained setters.
 ///
 /// ```
@@ -206,9 +213,25 @@ impl SyncConfig {
         self.max_clock_skew
     }
 
-    /// The Hello metadata entry that must match across the mesh.
+    /// The Hello metadata entry that must match across the mesh: the
+    /// leasing mode. See [`required_metadata`](Self::required_metadata) for
+    /// all of them.
     pub fn hello_metadata(&self) -> (&'static str, &'static str) {
         (LEASING_METADATA, if self.leasing { "on" } else { "off" })
+    }
+
+    /// Every Hello metadata entry that must match across the mesh: the
+    /// leasing mode and the clock skew allowed (what the `meshwork` facade
+    /// requires of its peers).
+    pub fn required_metadata(&self) -> [(&'static str, String); 2] {
+        let (key, value) = self.hello_metadata();
+        [
+            (key, value.to_string()),
+            (
+                CLOCK_SKEW_METADATA,
+                self.max_clock_skew.as_millis().to_string(),
+            ),
+        ]
     }
 
     /// Refuses contradictory settings.

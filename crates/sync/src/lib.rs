@@ -93,7 +93,7 @@ pub mod proto {
 /// The concerns layer underneath, for the layers above.
 pub use meshwork_concerns as concerns;
 
-pub use config::{LEASING_METADATA, SyncConfig};
+pub use config::{CLOCK_SKEW_METADATA, LEASING_METADATA, SyncConfig};
 pub use entry::Entry;
 pub use error::SyncError;
 pub use hlc::{Clock, ManualClock, Stamp, SystemClock};
