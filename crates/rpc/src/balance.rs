@@ -21,6 +21,10 @@ pub(crate) struct ProviderStats {
     updated: Option<Instant>,
     /// Calls sent to it now.
     pub(crate) in_flight: u32,
+    /// Failures since its last success: each weighs twice the one before
+    /// (up to 2^10), so a provider that keeps failing sits out longer and
+    /// longer (about 5 s more each time) instead of every 8 s.
+    streak: u32,
 }
 
 impl ProviderStats {
@@ -46,8 +50,14 @@ impl ProviderStats {
     /// A call failed (not delivered, timed out, overloaded, or answered with
     /// a failure).
     pub(crate) fn failure(&mut self, now: Instant) {
-        self.failures = self.decayed(now) + 1.0;
+        self.failures = self.decayed(now) + f64::from(1u32 << self.streak.min(10));
+        self.streak = self.streak.saturating_add(1);
         self.updated = Some(now);
+    }
+
+    /// A call succeeded: failures to come weigh one again.
+    pub(crate) fn succeeded(&mut self) {
+        self.streak = 0;
     }
 
     /// Whether it failed recently (at least half a failure left after
@@ -177,12 +187,30 @@ mod tests {
         // All failing: the usual choice among them.
         let c = [(Reach::Neighbour, 1.0, true), (Reach::Routed, 0.5, true)];
         assert_eq!(choose(&c, &mut rng), Some(0));
-        // One failure sits a provider out for about 5 s.
+        // One failure sits a provider out for about 5 s; each failure in
+        // a row longer; a success starts over.
         let t0 = Instant::now();
         let mut s = ProviderStats::default();
-        s.failure(t0);
-        assert!(s.failing(t0 + Duration::from_secs(4)));
-        assert!(!s.failing(t0 + Duration::from_secs(6)));
+        let sit_out = |s: &ProviderStats, from: Instant| {
+            (1..1000u64)
+                .map(|n| Duration::from_millis(100 * n))
+                .find(|d| !s.failing(from + *d))
+                .unwrap()
+        };
+        let mut at = t0;
+        let mut outs = Vec::new();
+        for _ in 0..4 {
+            s.failure(at);
+            let out = sit_out(&s, at);
+            outs.push(out.as_secs_f64().round() as u64);
+            at += out;
+        }
+        assert_eq!(outs[0], 5, "{outs:?}");
+        assert!(outs.windows(2).all(|w| w[1] > w[0]), "{outs:?}");
+        assert!(outs[3] >= 15, "{outs:?}");
+        s.succeeded();
+        s.failure(at);
+        assert!(sit_out(&s, at) < Duration::from_secs(10), "{outs:?}");
     }
 
     #[test]

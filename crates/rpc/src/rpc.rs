@@ -1269,7 +1269,9 @@ impl Rpc {
                     // not: a provider that answers every call at once with
                     // an internal error (as quick as no answer at all) used
                     // to win every choice it was in.
-                    if !matches!(r, Ok(_) | Err(RpcError::Application(_))) {
+                    if matches!(r, Ok(_) | Err(RpcError::Application(_))) {
+                        s.succeeded();
+                    } else {
                         s.failure(now);
                     }
                 });
