@@ -1029,6 +1029,13 @@ async fn large_requests_are_refused_past_the_byte_budget() {
     stop(all).await;
 }
 
+/// Sends `frame` from `from` to `to` on the normal lane.
+async fn say(from: &PeerManager, to: &NodeId, frame: ConcernFrame) {
+    from.send(to, Message::Concern(frame), Priority::Normal)
+        .await
+        .unwrap();
+}
+
 /// Answers that are not the asked node's own do not end a request: a
 /// routed answer claiming to be from a neighbour asked directly (any member
 /// can claim any origin), a direct answer from another neighbour, and one
@@ -1087,33 +1094,13 @@ async fn only_the_asked_node_answers_a_request() {
         flags: 0,
         payload: routed.encode_to_vec().into(),
     };
-    m.send(&hid, Message::Concern(carrier), Priority::Normal)
-        .await
-        .unwrap();
-    m.send(
-        &hid,
-        Message::Concern(answer(ASK, "spoofed direct")),
-        Priority::Normal,
-    )
-    .await
-    .unwrap();
+    say(&m, &hid, carrier).await;
+    say(&m, &hid, answer(ASK, "spoofed direct")).await;
     // t itself, for another command, then the real answer.
-    t.send(
-        &hid,
-        Message::Concern(answer(ASK + 1, "wrong command")),
-        Priority::Normal,
-    )
-    .await
-    .unwrap();
+    say(&t, &hid, answer(ASK + 1, "wrong command")).await;
     sleep(100 * MS).await;
     assert!(!call.is_finished(), "a spoofed answer ended the request");
-    t.send(
-        &hid,
-        Message::Concern(answer(ASK, "the answer")),
-        Priority::Normal,
-    )
-    .await
-    .unwrap();
+    say(&t, &hid, answer(ASK, "the answer")).await;
     let got = within("the answer", call).await.unwrap().unwrap();
     assert_eq!(got, Bytes::from("the answer"));
 

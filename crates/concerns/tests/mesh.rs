@@ -119,16 +119,8 @@ async fn start_with(
     peers: PeersConfig,
     config: ConcernsConfig,
 ) -> TestNode {
-    let transport = Config::new("concerns-test")
-        .with_insecure_plaintext()
-        .with_keepalive(None, None);
-    let endpoint = Endpoint::new(transport, net.transport(name));
-    endpoint
-        .listen(&format!("mem://{name}").parse().unwrap())
-        .await
-        .unwrap();
     let peers = PeerManager::start(
-        endpoint,
+        listening(net, name).await,
         peers
             .with_heartbeat(S, 5 * S, 10 * S)
             .with_backoff(100 * MS, 2 * S)
@@ -925,6 +917,11 @@ impl Concern for Hooks {
 
 /// A peer manager for `name` on `net`, seeded with `seeds`, nothing above it.
 async fn bare_peers(net: &MemNetwork, name: &str, seeds: &[String]) -> PeerManager {
+    PeerManager::start(listening(net, name).await, seeded(seeds)).unwrap()
+}
+
+/// An endpoint of the tests' network listening on `mem://name`.
+async fn listening(net: &MemNetwork, name: &str) -> Endpoint {
     let transport = Config::new("concerns-test")
         .with_insecure_plaintext()
         .with_keepalive(None, None);
@@ -933,7 +930,7 @@ async fn bare_peers(net: &MemNetwork, name: &str, seeds: &[String]) -> PeerManag
         .listen(&format!("mem://{name}").parse().unwrap())
         .await
         .unwrap();
-    PeerManager::start(endpoint, seeded(seeds)).unwrap()
+    endpoint
 }
 
 #[tokio::test(start_paused = true)]
@@ -1107,12 +1104,7 @@ async fn a_member_cannot_black_hole_a_route_for_long() {
             .with_max_peers(1),
     )
     .await;
-    let transport = Config::new("concerns-test")
-        .with_insecure_plaintext()
-        .with_keepalive(None, None);
-    let endpoint = Endpoint::new(transport, net.transport("m"));
-    endpoint.listen(&"mem://m".parse().unwrap()).await.unwrap();
-    let m = PeerManager::start(endpoint, seeded(&["mem://a".into()])).unwrap();
+    let m = bare_peers(&net, "m", &["mem://a".into()]).await;
     m.wait_for_peers(1, 5 * S).await.unwrap();
     c.concerns.peers().wait_for_peers(1, 5 * S).await.unwrap();
     a.concerns.peers().wait_for_peers(2, 5 * S).await.unwrap();
