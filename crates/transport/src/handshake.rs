@@ -239,11 +239,19 @@ async fn exchange(
                             .into(),
                     ));
                 }
-                if initiator {
-                    write.write_all(&frame).await?;
-                    write.flush().await?;
-                }
+                let sent = if initiator {
+                    match write.write_all(&frame).await {
+                        Ok(()) => write.flush().await,
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    Ok(())
+                };
+                // A peer refusing our preamble may have closed before our
+                // Hello went out: its preamble, already sent, says why
+                // (rather than the broken pipe our write ran into).
                 read_preamble(&mut read, config.security).await?;
+                sent?;
                 (read, write, None)
             }
             Security::Noise => {
