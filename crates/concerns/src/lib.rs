@@ -24,7 +24,9 @@
 //!   - *routing* ([`Context::send_to`], [`Context::request_to`]): reach a
 //!     node that is not a neighbour; routes are found by asking around
 //!     (TTL-bounded, deduplicated, loop-free), cached with expiry, and
-//!     replies come back the same way; [`Concerns::routes`] lists them;
+//!     replies come back the same way; [`Concerns::routes`] lists them.
+//!     Routed messages are sealed by their origin for their target (the
+//!     nodes on the way cannot read, alter, forge or replay them);
 //!   - *topics* ([`Concerns::subscribe`], [`Concerns::publish`]): every
 //!     subscriber in the mesh receives each publication once.
 //!
@@ -84,6 +86,7 @@ mod fair;
 mod flood;
 mod manager;
 mod pending;
+mod replay;
 mod route;
 mod routing;
 mod seen;

@@ -72,6 +72,7 @@ pub struct ConcernsConfig {
     pub(crate) route_ttl: Duration,
     pub(crate) route_capacity: usize,
     pub(crate) route_timeout: Duration,
+    pub(crate) routed_window: Duration,
     pub(crate) subscription_queue: usize,
     pub(crate) request_bytes_per_sender: usize,
     pub(crate) request_bytes: usize,
@@ -88,6 +89,7 @@ impl Default for ConcernsConfig {
             route_ttl: Duration::from_secs(60),
             route_capacity: 4096,
             route_timeout: Duration::from_secs(3),
+            routed_window: Duration::from_secs(300),
             subscription_queue: 256,
             request_bytes_per_sender: 32 << 20,
             request_bytes: 256 << 20,
@@ -144,6 +146,17 @@ impl ConcernsConfig {
         self.max_hops = max_hops.max(1);
         self.route_ttl = route_ttl;
         self.route_timeout = search_timeout;
+        self
+    }
+
+    /// How far from this node's clock a routed request for it may be stamped
+    /// (default 5 minutes; at least 1 s). Each request is remembered while
+    /// its stamp is within this window, so that one sent again by a node on
+    /// its way is refused; one stamped outside it is refused too, and its
+    /// origin told why. Nodes whose clocks differ by more cannot make
+    /// routed requests to each other (direct ones are not affected).
+    pub fn with_routed_window(mut self, window: Duration) -> Self {
+        self.routed_window = window.max(Duration::from_secs(1));
         self
     }
 

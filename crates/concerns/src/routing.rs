@@ -18,15 +18,21 @@
 //!   does a routed request that times out.
 //! - Routes expire, and those through a neighbour that disconnects are
 //!   dropped at once.
+//! - A routed message's payload is sealed by its origin for its target
+//!   with the key the two share ([`PairKey`]), bound to its header (origin,
+//!   target, command, request id, kind, stamp). The hops on the way can
+//!   drop it but not read, alter or forge it; the target refuses what does
+//!   not open, and requests it has seen already or stamped outside its
+//!   clock window (see `replay`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use meshwork_peers::transport::Priority;
+use meshwork_peers::transport::{PairKey, Priority};
 use meshwork_peers::wire::NodeId;
 use meshwork_peers::wire::proto::route_message::Body;
 use meshwork_peers::wire::proto::{
@@ -38,6 +44,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::manager::{ConcernsConfig, FORWARD_WAIT, Inner, Job, ROUTING, ReplyPath, error_payload};
+use crate::replay::{ReplayGuard, Verdict};
 use crate::route::RouteTable;
 use crate::seen::SeenCache;
 use crate::{BoxError, Concern, ConcernsError, Context, Reply, Route};
@@ -71,12 +78,84 @@ pub(crate) struct Routing {
     breadcrumbs: Mutex<SeenCache<(NodeId, u64), NodeId, NodeId>>,
     max_hops: u32,
     search_timeout: Duration,
+    /// How far from our clock a routed request may be stamped.
+    window: Duration,
     forwarded: AtomicU64,
     delivered: AtomicU64,
     unreachable: AtomicU64,
     searches_started: AtomicU64,
     /// Routed messages not forwarded: the next hop's lane stayed full.
     dropped: AtomicU64,
+    /// Keys shared with the origins and targets of routed messages.
+    keys: Mutex<KeyCache>,
+    /// The nonces of routed requests taken, to refuse them sent again.
+    replay: Mutex<ReplayGuard>,
+    /// The clock routed messages are stamped with.
+    clock: WallClock,
+    /// Routed messages for this node that did not open (forged, altered,
+    /// or from an origin whose key could not be made).
+    refused: AtomicU64,
+    /// Routed requests for this node refused as seen before.
+    replayed: AtomicU64,
+    /// Routed requests for this node stamped outside the clock window.
+    stale: AtomicU64,
+}
+
+/// Keys kept at most; past this, an arbitrary one is dropped (made again
+/// when needed).
+const KEY_CACHE: usize = 4096;
+/// New keys made per second for messages that arrive, after a burst of as
+/// many: each costs an X25519 operation, and node ids are free to mint.
+const NEW_KEYS_PER_SEC: f64 = 256.0;
+
+/// The keys this node shares with others, made on first use.
+struct KeyCache {
+    keys: HashMap<NodeId, PairKey>,
+    /// Keys that may still be made for arriving messages now (a token
+    /// bucket of [`NEW_KEYS_PER_SEC`]), and when it was last filled.
+    tokens: f64,
+    filled: Instant,
+}
+
+/// Milliseconds since the Unix epoch: the wall clock read once at start,
+/// advanced by tokio's clock (monotonic, and paused tests drive it).
+struct WallClock {
+    start_ms: u64,
+    start: Instant,
+}
+
+impl WallClock {
+    fn new() -> Self {
+        let start_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        WallClock {
+            start_ms,
+            start: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// What a routed message's seal is bound to: every field but the payload
+/// and the TTL (which each hop lowers).
+fn seal_ad(r: &Routed) -> Vec<u8> {
+    const LABEL: &[u8] = b"meshwork routed v1";
+    let mut ad = Vec::with_capacity(LABEL.len() + 2 + r.origin.len() + r.target.len() + 24);
+    ad.extend_from_slice(LABEL);
+    // Ids are at most 64 bytes: one length byte each keeps the parts apart.
+    ad.push(r.origin.len() as u8);
+    ad.extend_from_slice(&r.origin);
+    ad.push(r.target.len() as u8);
+    ad.extend_from_slice(&r.target);
+    ad.extend_from_slice(&r.command.to_be_bytes());
+    ad.extend_from_slice(&r.request_id.to_be_bytes());
+    ad.extend_from_slice(&r.kind.to_be_bytes());
+    ad.extend_from_slice(&r.sent_at_ms.to_be_bytes());
+    ad
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,12 +175,166 @@ impl Routing {
             breadcrumbs: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             max_hops: cfg.max_hops,
             search_timeout: cfg.route_timeout,
+            window: cfg.routed_window,
             forwarded: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             unreachable: AtomicU64::new(0),
             searches_started: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            keys: Mutex::new(KeyCache {
+                keys: HashMap::new(),
+                tokens: NEW_KEYS_PER_SEC,
+                filled: Instant::now(),
+            }),
+            replay: Mutex::new(ReplayGuard::new(
+                cfg.routed_window.as_millis() as u64,
+                cfg.seen_capacity,
+            )),
+            clock: WallClock::new(),
+            refused: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
         }
+    }
+
+    /// The key shared with `node`, made if need be. `arriving`: for a
+    /// message that came in, whose origin anyone can make up; those keys
+    /// are made at a bounded rate. `None` if `node` is not a usable key or
+    /// the rate is spent.
+    fn key(&self, inner: &Inner, node: &NodeId, arriving: bool) -> Option<PairKey> {
+        let mut cache = lock(&self.keys);
+        if let Some(k) = cache.keys.get(node) {
+            return Some(k.clone());
+        }
+        if arriving {
+            let now = Instant::now();
+            let refill =
+                now.saturating_duration_since(cache.filled).as_secs_f64() * NEW_KEYS_PER_SEC;
+            cache.tokens = (cache.tokens + refill).min(NEW_KEYS_PER_SEC);
+            cache.filled = now;
+            if cache.tokens < 1.0 {
+                debug!(node = %node.short(), "routed message dropped: too many new keys a second");
+                return None;
+            }
+            cache.tokens -= 1.0;
+        }
+        let key = match inner.peers.endpoint().config().identity().pair_key(node) {
+            Ok(k) => k,
+            Err(e) => {
+                debug!(node = %node.short(), error = %e, "no key shared with this node");
+                return None;
+            }
+        };
+        if cache.keys.len() >= KEY_CACHE
+            && let Some(any) = cache.keys.keys().next().cloned()
+        {
+            cache.keys.remove(&any);
+        }
+        cache.keys.insert(node.clone(), key.clone());
+        Some(key)
+    }
+
+    /// A routed message from this node to `target`, its payload sealed.
+    #[allow(clippy::too_many_arguments)]
+    fn sealed(
+        &self,
+        inner: &Inner,
+        target: &NodeId,
+        command: u32,
+        request_id: u64,
+        kind: ConcernKind,
+        payload: &[u8],
+        ttl: u32,
+    ) -> Option<Routed> {
+        let key = self.key(inner, target, false)?;
+        let mut r = Routed {
+            origin: inner.peers.node_id().as_bytes().clone(),
+            target: target.as_bytes().clone(),
+            command,
+            request_id,
+            kind: kind as i32,
+            payload: Bytes::new(),
+            ttl,
+            sent_at_ms: self.clock.now_ms(),
+        };
+        r.payload = key.seal(&seal_ad(&r), payload);
+        Some(r)
+    }
+
+    /// Opens a routed message for this node from `origin`; for a request,
+    /// also checks it is not a replay. `Err` (counted) if it is refused,
+    /// with what to tell the origin, if anything.
+    fn open(
+        &self,
+        inner: &Inner,
+        origin: &NodeId,
+        r: &Routed,
+        kind: ConcernKind,
+    ) -> Result<Bytes, Option<String>> {
+        let opened = self
+            .key(inner, origin, true)
+            .and_then(|k| k.open(&seal_ad(r), &r.payload).ok());
+        let (Some(payload), Some(nonce)) = (opened, PairKey::nonce_of(&r.payload)) else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            debug!(origin = %origin.short(), command = r.command, "routed message does not open: dropped");
+            return Err(None);
+        };
+        if kind != ConcernKind::Request {
+            // An answer is taken once, by a request waiting under a random
+            // id: a replay finds nobody waiting.
+            return Ok(payload);
+        }
+        let verdict = lock(&self.replay).check(origin, nonce, r.sent_at_ms, self.clock.now_ms());
+        match verdict {
+            Verdict::Fresh => Ok(payload),
+            Verdict::Replayed => {
+                self.replayed.fetch_add(1, Ordering::Relaxed);
+                debug!(origin = %origin.short(), command = r.command, "routed request seen before: dropped");
+                Err(None)
+            }
+            Verdict::Stale { off_ms } => {
+                self.stale.fetch_add(1, Ordering::Relaxed);
+                debug!(origin = %origin.short(), off_ms, "routed request stamped outside the clock window: dropped");
+                // Told (sealed): an origin whose clock is off learns why
+                // instead of waiting for its timeout.
+                Err(Some(format!(
+                    "request stamped {:.1} s {} this node's clock, beyond the {:?} allowed",
+                    off_ms.unsigned_abs() as f64 / 1e3,
+                    if off_ms < 0 { "behind" } else { "ahead of" },
+                    self.window,
+                )))
+            }
+        }
+    }
+
+    /// Answers the routed request `r` from `origin` with an error of our
+    /// own, back through `from`, the neighbour it came from.
+    fn bounce(
+        &self,
+        inner: &Inner,
+        from: &NodeId,
+        origin: &NodeId,
+        r: &Routed,
+        code: ErrorCode,
+        message: String,
+    ) -> Result<(), BoxError> {
+        if r.request_id == 0 {
+            return Ok(());
+        }
+        let payload = error_payload(code, message);
+        let back = self.sealed(
+            inner,
+            origin,
+            r.command,
+            r.request_id,
+            ConcernKind::Error,
+            &payload,
+            self.max_hops,
+        );
+        if let Some(back) = back {
+            inner.try_send_direct(from, ROUTING, encode(Body::Routed(back)))?;
+        }
+        Ok(())
     }
 
     pub(crate) fn routes(&self) -> Vec<Route> {
@@ -121,6 +354,9 @@ impl Routing {
             ("delivered", get(&self.delivered)),
             ("unreachable", get(&self.unreachable)),
             ("dropped", get(&self.dropped)),
+            ("refused", get(&self.refused)),
+            ("replayed", get(&self.replayed)),
+            ("stale", get(&self.stale)),
         ]
     }
 
@@ -184,15 +420,17 @@ impl Routing {
             Some(n) => n,
             None => self.search(inner, target).await?,
         };
-        let routed = Routed {
-            origin: me.as_bytes().clone(),
-            target: target.as_bytes().clone(),
-            command,
-            request_id,
-            kind: kind as i32,
-            payload,
-            ttl: self.max_hops,
-        };
+        let routed = self
+            .sealed(
+                inner,
+                target,
+                command,
+                request_id,
+                kind,
+                &payload,
+                self.max_hops,
+            )
+            .ok_or_else(|| ConcernsError::Unreachable(target.clone()))?;
         let body = encode(Body::Routed(routed));
         inner
             .send_direct(
@@ -380,6 +618,13 @@ impl Routing {
             lock(&self.table).refresh(&origin, from, Instant::now());
         }
         if target == *me {
+            let payload = match self.open(inner, &origin, &r, kind) {
+                Ok(p) => p,
+                Err(Some(why)) => {
+                    return self.bounce(inner, from, &origin, &r, ErrorCode::BadRequest, why);
+                }
+                Err(None) => return Ok(()),
+            };
             self.delivered.fetch_add(1, Ordering::Relaxed);
             if kind == ConcernKind::Request {
                 let reply = if r.request_id == 0 {
@@ -391,7 +636,7 @@ impl Routing {
                     command: r.command,
                     from: origin,
                     request_id: r.request_id,
-                    payload: r.payload,
+                    payload,
                     reply,
                     // The way it came: the answer goes back through that
                     // neighbour when no route to the origin is known (the
@@ -403,7 +648,7 @@ impl Routing {
                 };
                 inner.deliver_local(job)?;
             } else {
-                inner.resolve(&origin, true, r.command, r.request_id, kind, r.payload);
+                inner.resolve(&origin, true, r.command, r.request_id, kind, payload);
             }
             return Ok(());
         }
@@ -434,18 +679,10 @@ impl Routing {
         };
         let Some(next) = next else {
             self.unreachable.fetch_add(1, Ordering::Relaxed);
-            if kind == ConcernKind::Request && r.request_id != 0 {
+            if kind == ConcernKind::Request {
                 // Tell the origin, by the way the message came.
-                let back = Routed {
-                    origin: me.as_bytes().clone(),
-                    target: r.origin,
-                    command: r.command,
-                    request_id: r.request_id,
-                    kind: ConcernKind::Error as i32,
-                    payload: error_payload(ErrorCode::Unreachable, format!("no route to {target}")),
-                    ttl: self.max_hops,
-                };
-                inner.try_send_direct(from, ROUTING, encode(Body::Routed(back)))?;
+                let why = format!("no route to {target}");
+                self.bounce(inner, from, &origin, &r, ErrorCode::Unreachable, why)?;
             }
             return Ok(());
         };

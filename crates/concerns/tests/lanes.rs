@@ -34,16 +34,12 @@ const S: Duration = Duration::from_secs(1);
 /// failure (paused clock: only reached when something is stuck).
 const GUARD: Duration = Duration::from_secs(10);
 
+mod support;
+use support::{listening, routing_frame};
+
 /// A peer manager for `name` on `net`, seeded with `seeds`, nothing above it.
 async fn bare_peers(net: &MemNetwork, name: &str, seeds: &[&str]) -> PeerManager {
-    let transport = Config::new("lanes-test")
-        .with_insecure_plaintext()
-        .with_keepalive(None, None);
-    let endpoint = Endpoint::new(transport, net.transport(name));
-    endpoint
-        .listen(&format!("mem://{name}").parse().unwrap())
-        .await
-        .unwrap();
+    let endpoint = listening(net, name).await;
     let seeds = seeds.iter().map(|a| a.parse().unwrap());
     PeerManager::start(endpoint, PeersConfig::default().with_seeds(seeds)).unwrap()
 }
@@ -824,7 +820,7 @@ async fn a_senders_share_is_per_lane() {
 /// each, so that its answers back up quickly), and a rude peer: a bare
 /// endpoint connected to it whose answers nobody reads.
 async fn rude_peer(net: &MemNetwork) -> (Concerns, Endpoint, Connection) {
-    let config = Config::new("lanes-test")
+    let config = Config::new("concerns-test")
         .with_insecure_plaintext()
         .with_keepalive(None, None)
         .with_lane_capacity(8, 8, 8);
@@ -837,7 +833,7 @@ async fn rude_peer(net: &MemNetwork) -> (Concerns, Endpoint, Connection) {
         .await
         .unwrap();
     let rude = Endpoint::new(
-        Config::new("lanes-test")
+        Config::new("concerns-test")
             .with_insecure_plaintext()
             .with_keepalive(None, None)
             .with_inbound_capacity(1),
@@ -1043,8 +1039,7 @@ async fn say(from: &PeerManager, to: &NodeId, frame: ConcernFrame) {
 /// to guess them; here the test hands the attacker the id.
 #[tokio::test(start_paused = true)]
 async fn only_the_asked_node_answers_a_request() {
-    use meshwork_concerns::ROUTING;
-    use meshwork_concerns::wire::proto::{RouteMessage, Routed, route_message::Body};
+    use meshwork_concerns::wire::proto::{Routed, route_message::Body};
     const ASK: u32 = 77;
     let net = MemNetwork::new();
     let h_peers = bare_peers(&net, "h", &[]).await;
@@ -1075,25 +1070,16 @@ async fn only_the_asked_node_answers_a_request() {
         payload: Bytes::from(payload),
     };
     // The attacker m: a routed reply "from t", and a direct one.
-    let routed = RouteMessage {
-        body: Some(Body::Routed(Routed {
-            origin: tid.as_bytes().clone(),
-            target: hid.as_bytes().clone(),
-            command: ASK,
-            request_id: first.request_id,
-            kind: ConcernKind::Reply as i32,
-            payload: Bytes::from("spoofed routed"),
-            ttl: 8,
-        })),
-    };
-    let carrier = ConcernFrame {
-        command: ROUTING,
-        request_id: 0,
-        kind: ConcernKind::Request as i32,
-        ttl: 0,
-        flags: 0,
-        payload: routed.encode_to_vec().into(),
-    };
+    let carrier = routing_frame(Body::Routed(Routed {
+        origin: tid.as_bytes().clone(),
+        target: hid.as_bytes().clone(),
+        command: ASK,
+        request_id: first.request_id,
+        kind: ConcernKind::Reply as i32,
+        payload: Bytes::from("spoofed routed"),
+        ttl: 8,
+        sent_at_ms: 0,
+    }));
     say(&m, &hid, carrier).await;
     say(&m, &hid, answer(ASK, "spoofed direct")).await;
     // t itself, for another command, then the real answer.

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use meshwork_concerns::peers::{PeerManager, PeersConfig};
 use meshwork_concerns::transport::Priority;
 use meshwork_concerns::transport::mem::MemNetwork;
-use meshwork_concerns::transport::{Config, Endpoint};
 use meshwork_concerns::wire::NodeId;
 use meshwork_concerns::wire::proto::ErrorCode;
 use meshwork_concerns::wire::proto::{
@@ -28,6 +27,9 @@ use tokio::time::{Instant, sleep};
 
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
+
+mod support;
+use support::{listening, routing_frame};
 
 /// Echoes, fails, panics or sleeps, by the first payload byte; counts what
 /// it got from whom.
@@ -920,19 +922,6 @@ async fn bare_peers(net: &MemNetwork, name: &str, seeds: &[String]) -> PeerManag
     PeerManager::start(listening(net, name).await, seeded(seeds)).unwrap()
 }
 
-/// An endpoint of the tests' network listening on `mem://name`.
-async fn listening(net: &MemNetwork, name: &str) -> Endpoint {
-    let transport = Config::new("concerns-test")
-        .with_insecure_plaintext()
-        .with_keepalive(None, None);
-    let endpoint = Endpoint::new(transport, net.transport(name));
-    endpoint
-        .listen(&format!("mem://{name}").parse().unwrap())
-        .await
-        .unwrap();
-    endpoint
-}
-
 #[tokio::test(start_paused = true)]
 async fn lifecycle_hooks_delivery_callbacks_and_lanes() {
     use meshwork_concerns::transport::Priority;
@@ -1116,17 +1105,7 @@ async fn a_member_cannot_black_hole_a_route_for_long() {
             .find(|r| r.target == *c.id())
             .map(|r| r.next_hop)
     };
-    let lie = |body| {
-        let payload = RouteMessage { body: Some(body) }.encode_to_vec();
-        meshwork_concerns::wire::Message::Concern(meshwork_concerns::peers::ConcernFrame {
-            command: ROUTING,
-            request_id: 0,
-            kind: ConcernKind::Request as i32,
-            ttl: 0,
-            flags: 0,
-            payload: payload.into(),
-        })
-    };
+    let lie = |body| meshwork_concerns::wire::Message::Concern(routing_frame(body));
     let from_c = || {
         route_message::Body::Routed(Routed {
             origin: c.id().as_bytes().clone(),
@@ -1136,6 +1115,7 @@ async fn a_member_cannot_black_hole_a_route_for_long() {
             kind: ConcernKind::Reply as i32,
             payload: Bytes::from("x"),
             ttl: 16,
+            sent_at_ms: 0,
         })
     };
 

@@ -78,6 +78,7 @@ mod handshake;
 mod identity;
 pub mod mem;
 pub mod noise;
+mod pairkey;
 mod tcp;
 mod transport;
 
@@ -93,6 +94,7 @@ pub use connection::{
 pub use endpoint::{Endpoint, EndpointStats};
 pub use error::TransportError;
 pub use identity::{Identity, NetworkKey};
+pub use pairkey::{PairKey, SEAL_OVERHEAD};
 pub use tcp::TcpTransport;
 pub use transport::{BoxStream, ByteStream, Listener, Transport};
 

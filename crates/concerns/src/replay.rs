@@ -1,0 +1,223 @@
+//! Replay detection for routed requests: the seal (see `routing`) proves
+//! who made a message, not that it is new, and every node on its way saw
+//! it go by and could send it again.
+//!
+//! A routed request carries its origin's clock (ms since the Unix epoch)
+//! and a random nonce, both under the seal. The target takes a request only
+//! if its stamp is within a window of its own clock and its nonce was not
+//! seen from that origin; nonces are kept until their stamp leaves the
+//! window, so a replay is either remembered or too old.
+//!
+//! Memory is bounded: past `capacity` nonces, the origin holding the most
+//! loses its oldest, and its *floor* rises to that nonce's stamp. Requests
+//! from that origin stamped at or below its floor are refused, since the
+//! guard can no longer tell whether they are new. So an origin sending more
+//! than the guard holds within the window only costs itself its late
+//! requests, and never lets a replay through.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use meshwork_peers::wire::NodeId;
+
+/// The nonce of a sealed message.
+pub(crate) type Nonce = [u8; 24];
+
+/// What the guard makes of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Not seen before, within the window: take it.
+    Fresh,
+    /// Seen before, or at or below its origin's floor.
+    Replayed,
+    /// Stamped `off_ms` from our clock (negative: behind it), outside the
+    /// window.
+    Stale { off_ms: i64 },
+}
+
+#[derive(Default)]
+struct Origin {
+    nonces: HashSet<Nonce>,
+    /// In arrival order, with their stamps.
+    order: VecDeque<(u64, Nonce)>,
+    /// Stamps at or below this are refused (see the module docs).
+    floor: u64,
+}
+
+/// The nonces of recent routed requests, by origin.
+pub(crate) struct ReplayGuard {
+    window_ms: u64,
+    capacity: usize,
+    origins: HashMap<NodeId, Origin>,
+    len: usize,
+    /// When the guard last dropped what left the window.
+    swept_at: u64,
+}
+
+impl ReplayGuard {
+    /// Takes requests stamped within `window_ms` of our clock; remembers at
+    /// most `capacity` nonces.
+    pub(crate) fn new(window_ms: u64, capacity: usize) -> Self {
+        ReplayGuard {
+            window_ms: window_ms.max(1),
+            capacity: capacity.max(1),
+            origins: HashMap::new(),
+            len: 0,
+            swept_at: 0,
+        }
+    }
+
+    /// Judges a request from `origin` stamped `stamp` (its clock) with
+    /// `nonce`, at `now` (our clock, same unit); records it when fresh.
+    pub(crate) fn check(&mut self, origin: &NodeId, nonce: Nonce, stamp: u64, now: u64) -> Verdict {
+        let off_ms = stamp as i64 - now as i64;
+        if off_ms.unsigned_abs() > self.window_ms {
+            return Verdict::Stale { off_ms };
+        }
+        if now.saturating_sub(self.swept_at) >= self.window_ms / 4 {
+            self.sweep(now);
+        }
+        if let Some(o) = self.origins.get(origin)
+            && (stamp <= o.floor || o.nonces.contains(&nonce))
+        {
+            return Verdict::Replayed;
+        }
+        while self.len >= self.capacity && self.evict_one() {}
+        let o = self.origins.entry(origin.clone()).or_default();
+        o.nonces.insert(nonce);
+        o.order.push_back((stamp, nonce));
+        self.len += 1;
+        Verdict::Fresh
+    }
+
+    /// Forgets the oldest nonce of the origin holding the most, raising its
+    /// floor; false if there is none.
+    fn evict_one(&mut self) -> bool {
+        let Some(o) = self.origins.values_mut().max_by_key(|o| o.order.len()) else {
+            return false;
+        };
+        let Some((stamp, nonce)) = o.order.pop_front() else {
+            return false;
+        };
+        o.nonces.remove(&nonce);
+        o.floor = o.floor.max(stamp);
+        self.len -= 1;
+        true
+    }
+
+    /// Drops nonces (and floors) whose stamps left the window: a request
+    /// stamped that early is refused as stale anyway.
+    fn sweep(&mut self, now: u64) {
+        self.swept_at = now;
+        let horizon = now.saturating_sub(self.window_ms);
+        let mut removed = 0;
+        self.origins.retain(|_, o| {
+            // Arrival order is about stamp order; one stamped late behind
+            // an early one waits for it, which only keeps it longer.
+            while o.order.front().is_some_and(|(s, _)| *s < horizon) {
+                if let Some((_, n)) = o.order.pop_front() {
+                    o.nonces.remove(&n);
+                    removed += 1;
+                }
+            }
+            !o.order.is_empty() || o.floor >= horizon
+        });
+        self.len -= removed;
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: u8) -> NodeId {
+        NodeId::from_bytes(vec![n; 32]).unwrap()
+    }
+
+    fn nonce(n: u32) -> Nonce {
+        let mut b = [0u8; 24];
+        b[..4].copy_from_slice(&n.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_request_is_taken_once_within_the_window() {
+        let mut g = ReplayGuard::new(1_000, 100);
+        let now = 50_000;
+        assert_eq!(g.check(&node(1), nonce(1), now, now), Verdict::Fresh);
+        assert_eq!(
+            g.check(&node(1), nonce(1), now, now + 10),
+            Verdict::Replayed
+        );
+        // The same nonce from another origin is another message.
+        assert_eq!(g.check(&node(2), nonce(1), now, now), Verdict::Fresh);
+        // Clocks apart by up to the window, either way.
+        assert_eq!(
+            g.check(&node(1), nonce(2), now - 1_000, now),
+            Verdict::Fresh
+        );
+        assert_eq!(
+            g.check(&node(1), nonce(3), now + 1_000, now),
+            Verdict::Fresh
+        );
+        assert_eq!(
+            g.check(&node(1), nonce(4), now - 1_001, now),
+            Verdict::Stale { off_ms: -1_001 }
+        );
+        assert_eq!(
+            g.check(&node(1), nonce(5), now + 5_000, now),
+            Verdict::Stale { off_ms: 5_000 }
+        );
+        // Replayed once its stamp left the window: stale, though forgotten.
+        assert_eq!(
+            g.check(&node(1), nonce(1), now, now + 1_001),
+            Verdict::Stale { off_ms: -1_001 }
+        );
+        g.sweep(now + 2_000);
+        assert_eq!(g.len(), 1, "only the one stamped in the future is kept");
+    }
+
+    /// Past its capacity the guard forgets the biggest origin's oldest
+    /// nonces and refuses that origin's requests stamped as early: what it
+    /// forgot can never be replayed, and other origins are not affected.
+    #[test]
+    fn a_full_guard_refuses_what_it_forgot_of_the_biggest_origin_only() {
+        let mut g = ReplayGuard::new(60_000, 10);
+        let t = 100_000;
+        for i in 0..3 {
+            assert_eq!(g.check(&node(1), nonce(i), t + i as u64, t), Verdict::Fresh);
+        }
+        for i in 0..20 {
+            assert_eq!(
+                g.check(&node(9), nonce(i), t + i as u64, t + 20),
+                Verdict::Fresh
+            );
+        }
+        assert_eq!(g.len(), 10);
+        // node 9's first 13 were forgotten; each one is refused, and so is a
+        // new one stamped as early (it cannot be told from a replay).
+        for i in 0..13 {
+            assert_eq!(
+                g.check(&node(9), nonce(i), t + i as u64, t + 30),
+                Verdict::Replayed
+            );
+        }
+        assert_eq!(
+            g.check(&node(9), nonce(99), t + 5, t + 30),
+            Verdict::Replayed
+        );
+        assert_eq!(g.check(&node(9), nonce(98), t + 50, t + 50), Verdict::Fresh);
+        // node 1's are all still remembered, and it is not held back.
+        for i in 0..3 {
+            assert_eq!(
+                g.check(&node(1), nonce(i), t + i as u64, t + 30),
+                Verdict::Replayed
+            );
+        }
+        assert_eq!(g.check(&node(1), nonce(50), t + 1, t + 30), Verdict::Fresh);
+    }
+}

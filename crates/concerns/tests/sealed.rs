@@ -1,0 +1,254 @@
+//! Routed traffic is sealed end to end (protocol.md 10.3): a member relaying
+//! between two nodes can drop their messages, but not read, alter, forge or
+//! replay them. The relay here is a bare peer manager driven by the test,
+//! on the in-memory network with a paused clock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use meshwork_concerns::peers::{ConcernFrame, InboundHandler, PeerManager, PeersConfig};
+use meshwork_concerns::transport::mem::MemNetwork;
+use meshwork_concerns::transport::{ConnectionHandle, Priority};
+use meshwork_concerns::wire::proto::route_message::Body;
+use meshwork_concerns::wire::proto::{ConcernKind, RouteFound, RouteMessage, Routed};
+use meshwork_concerns::wire::{Message, NodeId};
+use meshwork_concerns::{
+    BoxError, Concern, Concerns, ConcernsConfig, ConcernsError, Context, ROUTING, Reply,
+};
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout};
+
+mod support;
+use support::{listening, routing_frame};
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+const ASK: u32 = 90;
+/// t's clock window for routed requests.
+const WINDOW: Duration = Duration::from_secs(30);
+
+/// Answers every request with "re: " and its payload, counting them.
+struct Answering(Arc<AtomicUsize>);
+
+#[async_trait]
+impl Concern for Answering {
+    fn command(&self) -> u32 {
+        ASK
+    }
+    async fn on_request(
+        &self,
+        _ctx: &Context,
+        _from: &NodeId,
+        payload: Bytes,
+    ) -> Result<Option<Reply>, BoxError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(Reply::new([b"re: ", &payload[..]].concat())))
+    }
+}
+
+/// Passes every Concern frame the relay receives to the test.
+struct Tap(mpsc::UnboundedSender<ConcernFrame>);
+
+impl InboundHandler for Tap {
+    fn on_concern(&self, _from: &NodeId, _conn: &ConnectionHandle, message: ConcernFrame) {
+        let _ = self.0.send(message);
+    }
+}
+
+fn seeded(seeds: &[&str], max: usize) -> PeersConfig {
+    PeersConfig::default()
+        .with_seeds(seeds.iter().map(|s| s.parse().unwrap()))
+        .with_min_peers(1)
+        .with_max_peers(max)
+}
+
+/// The next routing message the relay got.
+async fn next_routing(frames: &mut mpsc::UnboundedReceiver<ConcernFrame>) -> Body {
+    loop {
+        let frame = timeout(10 * S, frames.recv())
+            .await
+            .expect("the relay got nothing")
+            .unwrap();
+        if frame.command == ROUTING {
+            return RouteMessage::decode(frame.payload).unwrap().body.unwrap();
+        }
+    }
+}
+
+/// `body` sent by the relay to `to`.
+async fn say(m: &PeerManager, to: &NodeId, body: Body) {
+    let frame = Message::Concern(routing_frame(body));
+    m.send(to, frame, Priority::Normal).await.unwrap();
+}
+
+/// `r` sent by the relay to `to`, as it passes routed messages on.
+async fn relay(m: &PeerManager, to: &NodeId, r: Routed) {
+    say(m, to, Body::Routed(r)).await;
+}
+
+fn routing_stat(node: &Concerns, name: &str) -> u64 {
+    node.builtin_stats()
+        .into_iter()
+        .find(|(c, k, _)| *c == "routing" && *k == name)
+        .map_or(0, |(_, _, v)| v)
+}
+
+/// h — m — t, with m the only way between h and t. m sees h's request go
+/// by and tries everything a relay can: it changes the payload, the stamp,
+/// the command; it answers for t, in clear and sealed with its own key; it
+/// sends the request twice. Only the request as sealed reaches t's handler,
+/// once, and only t's answer ends h's request.
+#[tokio::test(start_paused = true)]
+async fn a_relay_can_neither_read_alter_forge_nor_replay_routed_traffic() {
+    let net = MemNetwork::new();
+    let m_peers = PeerManager::start(listening(&net, "m").await, seeded(&[], 4)).unwrap();
+    let (tap, mut frames) = mpsc::unbounded_channel();
+    m_peers.set_inbound_handler(Arc::new(Tap(tap))).unwrap();
+    let h_peers = PeerManager::start(listening(&net, "h").await, seeded(&["mem://m"], 1)).unwrap();
+    let h = Concerns::builder(h_peers).start().await.unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let t_peers = PeerManager::start(listening(&net, "t").await, seeded(&["mem://m"], 1)).unwrap();
+    let t = Concerns::builder(t_peers)
+        .config(ConcernsConfig::default().with_routed_window(WINDOW))
+        .concern(Answering(handled.clone()))
+        .start()
+        .await
+        .unwrap();
+    m_peers.wait_for_peers(2, 5 * S).await.unwrap();
+    let (hid, tid) = (h.peers().node_id().clone(), t.peers().node_id().clone());
+
+    let ctx = h.context(ASK);
+    let call = {
+        let tid = tid.clone();
+        tokio::spawn(async move { ctx.request_to(&tid, "the secret question", 20 * S).await })
+    };
+    // h asks around for t; m says t is its neighbour (true).
+    let Body::Query(q) = next_routing(&mut frames).await else {
+        panic!("expected h's route query");
+    };
+    let found = RouteFound {
+        query_id: q.query_id,
+        origin: q.origin,
+        target: q.target,
+        hops: 1,
+    };
+    say(&m_peers, &hid, Body::Found(found)).await;
+    let Body::Routed(request) = next_routing(&mut frames).await else {
+        panic!("expected h's routed request");
+    };
+    // Not readable on the way.
+    let secret = b"the secret question";
+    assert!(
+        !request.payload.windows(secret.len()).any(|w| w == secret),
+        "the payload travels in clear"
+    );
+
+    // Altered copies do not reach t's handler.
+    let mut flipped = request.payload.to_vec();
+    flipped[30] ^= 1;
+    let altered = [
+        Routed {
+            payload: flipped.into(),
+            ..request.clone()
+        },
+        Routed {
+            sent_at_ms: request.sent_at_ms + 1,
+            ..request.clone()
+        },
+        Routed {
+            command: ASK + 1,
+            ..request.clone()
+        },
+        Routed {
+            request_id: request.request_id ^ 1,
+            ..request.clone()
+        },
+    ];
+    for r in altered {
+        relay(&m_peers, &tid, r).await;
+    }
+    sleep(50 * MS).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+    assert_eq!(routing_stat(&t, "refused"), 4);
+
+    // Answers made up by m, for the request it saw: in clear, and sealed
+    // with the key m shares with h.
+    let forged = Routed {
+        origin: tid.as_bytes().clone(),
+        target: hid.as_bytes().clone(),
+        command: ASK,
+        request_id: request.request_id,
+        kind: ConcernKind::Reply as i32,
+        payload: Bytes::from("forged in clear"),
+        ttl: 8,
+        sent_at_ms: request.sent_at_ms,
+    };
+    let mine = m_peers
+        .endpoint()
+        .config()
+        .identity()
+        .pair_key(&hid)
+        .unwrap();
+    let resealed = Routed {
+        payload: mine.seal(b"whatever m likes", b"forged and sealed"),
+        ..forged.clone()
+    };
+    relay(&m_peers, &hid, forged).await;
+    relay(&m_peers, &hid, resealed).await;
+    sleep(50 * MS).await;
+    assert!(!call.is_finished(), "a forged answer ended the request");
+    assert_eq!(routing_stat(&h, "refused"), 2);
+
+    // The request as sealed is handled, once however often it is sent.
+    for _ in 0..3 {
+        relay(&m_peers, &tid, request.clone()).await;
+    }
+    let Body::Routed(answer) = next_routing(&mut frames).await else {
+        panic!("expected t's routed answer");
+    };
+    sleep(50 * MS).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    assert_eq!(routing_stat(&t, "replayed"), 2);
+    relay(&m_peers, &hid, answer.clone()).await;
+    let got = timeout(10 * S, call).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, Bytes::from("re: the secret question"));
+    // The answer again finds nobody waiting.
+    relay(&m_peers, &hid, answer).await;
+
+    // A request recorded now and sent once the guard's window is past is
+    // refused as stale, and its origin told (sealed) why.
+    let ctx = h.context(ASK);
+    let late = {
+        let tid = tid.clone();
+        tokio::spawn(async move { ctx.request_to(&tid, "late", 3 * WINDOW).await })
+    };
+    let Body::Routed(request) = next_routing(&mut frames).await else {
+        panic!("expected h's second routed request");
+    };
+    sleep(WINDOW + S).await;
+    relay(&m_peers, &tid, request).await;
+    let Body::Routed(refusal) = next_routing(&mut frames).await else {
+        panic!("expected t's refusal");
+    };
+    assert_eq!(refusal.kind, ConcernKind::Error as i32);
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    assert_eq!(routing_stat(&t, "stale"), 1);
+    relay(&m_peers, &hid, refusal).await;
+    let err = timeout(10 * S, late).await.unwrap().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, ConcernsError::Remote { message, .. } if message.contains("behind")),
+        "{err}"
+    );
+
+    h.shutdown().await;
+    t.shutdown().await;
+    for p in [h.peers(), t.peers(), &m_peers] {
+        p.shutdown().await;
+    }
+}
