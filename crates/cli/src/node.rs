@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use meshwork::Node;
-use meshwork::concerns::MAX_TOPIC_LEN;
+use meshwork::concerns::{ConcernsConfig, MAX_TOPIC_LEN};
 use meshwork::peers::PeersConfig;
 use meshwork::rpc::{RpcConfig, check_service_name};
 use meshwork::sync::SyncConfig;
@@ -170,6 +170,15 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = millis())]
     max_clock_skew_ms: u64,
 
+    /// How far from this node's clock a request routed to it (from a node
+    /// that is not a neighbour, RPC calls included) may be stamped, in ms:
+    /// outside it the request is refused and its caller told, and within
+    /// it each request is taken once. Nodes whose clocks differ by more
+    /// cannot call each other through routes.
+    #[arg(long, value_name = "MS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=MAX_MILLIS))]
+    routed_window_ms: u64,
+
     /// The most this node's replica of the map holds, in MiB (keys and
     /// values, tombstones included, plus about 200 bytes per entry). When
     /// full, writes of new keys answer 507 and new keys from peers are
@@ -229,6 +238,11 @@ impl NodeArgs {
             .with_anti_entropy_interval(Duration::from_millis(self.anti_entropy_ms))
             .with_max_clock_skew(Duration::from_millis(self.max_clock_skew_ms))
             .with_max_bytes(usize::try_from(self.kv_max_mib << 20).unwrap_or(usize::MAX))
+    }
+
+    /// The settings of the concerns layer: `--routed-window-ms`.
+    pub(crate) fn concerns_settings(&self) -> ConcernsConfig {
+        ConcernsConfig::default().with_routed_window(Duration::from_millis(self.routed_window_ms))
     }
 
     /// The settings of the RPC layer: `--rpc-deadline-ms`,
@@ -465,6 +479,7 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     }
     builder = builder
         .peers(|c| args.peer_settings(c))
+        .concerns_config(args.concerns_settings())
         .sync_config(args.sync_settings())
         .rpc_config(args.rpc_settings());
     if args.no_leasing {
@@ -789,6 +804,17 @@ mod tests {
         let a = parse(&["--max-clock-skew-ms", "1000"]).unwrap();
         assert_eq!(a.sync_settings().max_clock_skew(), Duration::from_secs(1));
 
+        let a = parse(&[]).unwrap();
+        assert_eq!(
+            a.concerns_settings().routed_window(),
+            Duration::from_secs(300)
+        );
+        let a = parse(&["--routed-window-ms", "90000"]).unwrap();
+        assert_eq!(
+            a.concerns_settings().routed_window(),
+            Duration::from_secs(90)
+        );
+
         let a = parse(&["--lease-secs", "60"]).unwrap();
         assert_eq!(a.lease_secs, 60);
         assert!(a.validate().is_ok());
@@ -799,6 +825,7 @@ mod tests {
             &["--anti-entropy-ms", "0"],
             &["--anti-entropy-ms", "soon"],
             &["--max-clock-skew-ms", "0"],
+            &["--routed-window-ms", "999"],
             &["--kv-max-mib", "0"],
         ] {
             let e = parse(bad).unwrap_err();

@@ -160,6 +160,11 @@ impl ConcernsConfig {
         self
     }
 
+    /// See [`with_routed_window`](Self::with_routed_window).
+    pub fn routed_window(&self) -> Duration {
+        self.routed_window
+    }
+
     /// Messages kept for a slow topic subscriber (default 256); more are
     /// dropped and counted.
     pub fn with_subscription_queue(mut self, n: usize) -> Self {
