@@ -101,20 +101,90 @@ pub(crate) struct Routing {
     stale: AtomicU64,
 }
 
-/// Keys kept at most; past this, an arbitrary one is dropped (made again
-/// when needed).
+/// Keys kept at most; past this, the one used longest ago is dropped (made
+/// again when needed).
 const KEY_CACHE: usize = 4096;
 /// New keys made per second for messages that arrive, after a burst of as
-/// many: each costs an X25519 operation, and node ids are free to mint.
-const NEW_KEYS_PER_SEC: f64 = 256.0;
+/// many: each costs an X25519 operation (about 65 µs), and node ids are
+/// free to mint. At most this many in all...
+const NEW_KEYS_PER_SEC: f64 = 512.0;
+/// ...and this many for the messages one neighbour hands over, so that a
+/// member sending messages from made-up origins spends its own share, not
+/// the keys of the origins others bring.
+const NEW_KEYS_PER_NEIGHBOUR: f64 = 128.0;
+
+/// A token bucket: `rate` a second, as many at once.
+struct Bucket {
+    tokens: f64,
+    filled: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64, now: Instant) -> Self {
+        Bucket {
+            tokens: rate,
+            filled: now,
+        }
+    }
+
+    /// Whether a token is left now (then it is taken).
+    fn take(&mut self, rate: f64, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.filled).as_secs_f64() * rate;
+        self.tokens = (self.tokens + refill).min(rate);
+        self.filled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
 
 /// The keys this node shares with others, made on first use.
 struct KeyCache {
-    keys: HashMap<NodeId, PairKey>,
-    /// Keys that may still be made for arriving messages now (a token
-    /// bucket of [`NEW_KEYS_PER_SEC`]), and when it was last filled.
-    tokens: f64,
-    filled: Instant,
+    /// With when each was last used (a count of uses).
+    keys: HashMap<NodeId, (PairKey, u64)>,
+    uses: u64,
+    /// Keys that may still be made for arriving messages, in all and by
+    /// the neighbour that handed the message over.
+    all: Bucket,
+    by_neighbour: HashMap<NodeId, Bucket>,
+}
+
+impl KeyCache {
+    /// Whether a key may be made now for a message `via` handed over.
+    fn may_make(&mut self, via: &NodeId) -> bool {
+        let now = Instant::now();
+        if self.by_neighbour.len() > KEY_CACHE {
+            // Neighbours come and go: forget the buckets of those gone
+            // quiet (a full bucket is what a new one starts with anyway).
+            self.by_neighbour
+                .retain(|_, b| now.saturating_duration_since(b.filled) < Duration::from_secs(1));
+        }
+        let mine = self
+            .by_neighbour
+            .entry(via.clone())
+            .or_insert_with(|| Bucket::full(NEW_KEYS_PER_NEIGHBOUR, now));
+        // The neighbour's share first: a spent one leaves the others' alone.
+        mine.take(NEW_KEYS_PER_NEIGHBOUR, now) && self.all.take(NEW_KEYS_PER_SEC, now)
+    }
+
+    fn insert(&mut self, node: &NodeId, key: PairKey) {
+        if self.keys.len() >= KEY_CACHE {
+            // The least recently used goes: keys of origins that keep
+            // talking stay, whatever a flood of made-up ones brings.
+            let oldest = self
+                .keys
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(n, _)| n.clone());
+            if let Some(oldest) = oldest {
+                self.keys.remove(&oldest);
+            }
+        }
+        self.uses += 1;
+        self.keys.insert(node.clone(), (key, self.uses));
+    }
 }
 
 /// Milliseconds since the Unix epoch: the wall clock read once at start,
@@ -183,8 +253,9 @@ impl Routing {
             dropped: AtomicU64::new(0),
             keys: Mutex::new(KeyCache {
                 keys: HashMap::new(),
-                tokens: NEW_KEYS_PER_SEC,
-                filled: Instant::now(),
+                uses: 0,
+                all: Bucket::full(NEW_KEYS_PER_SEC, Instant::now()),
+                by_neighbour: HashMap::new(),
             }),
             replay: Mutex::new(ReplayGuard::new(
                 cfg.routed_window.as_millis() as u64,
@@ -197,26 +268,24 @@ impl Routing {
         }
     }
 
-    /// The key shared with `node`, made if need be. `arriving`: for a
-    /// message that came in, whose origin anyone can make up; those keys
-    /// are made at a bounded rate. `None` if `node` is not a usable key or
-    /// the rate is spent.
-    fn key(&self, inner: &Inner, node: &NodeId, arriving: bool) -> Option<PairKey> {
+    /// The key shared with `node`, made if need be. `via`: the neighbour
+    /// that handed over the message it is for (whose origin, or whatever
+    /// node it names, anyone can make up); such keys are made at a bounded
+    /// rate. `None` for the messages this node starts. `None` back if `node`
+    /// is not a usable key or the rate is spent.
+    fn key(&self, inner: &Inner, node: &NodeId, via: Option<&NodeId>) -> Option<PairKey> {
         let mut cache = lock(&self.keys);
-        if let Some(k) = cache.keys.get(node) {
+        cache.uses += 1;
+        let uses = cache.uses;
+        if let Some((k, used)) = cache.keys.get_mut(node) {
+            *used = uses;
             return Some(k.clone());
         }
-        if arriving {
-            let now = Instant::now();
-            let refill =
-                now.saturating_duration_since(cache.filled).as_secs_f64() * NEW_KEYS_PER_SEC;
-            cache.tokens = (cache.tokens + refill).min(NEW_KEYS_PER_SEC);
-            cache.filled = now;
-            if cache.tokens < 1.0 {
-                debug!(node = %node.short(), "routed message dropped: too many new keys a second");
-                return None;
-            }
-            cache.tokens -= 1.0;
+        if let Some(via) = via
+            && !cache.may_make(via)
+        {
+            debug!(node = %node.short(), via = %via.short(), "routed message dropped: too many new keys a second");
+            return None;
         }
         let key = match inner.peers.endpoint().config().identity().pair_key(node) {
             Ok(k) => k,
@@ -225,28 +294,25 @@ impl Routing {
                 return None;
             }
         };
-        if cache.keys.len() >= KEY_CACHE
-            && let Some(any) = cache.keys.keys().next().cloned()
-        {
-            cache.keys.remove(&any);
-        }
-        cache.keys.insert(node.clone(), key.clone());
+        cache.insert(node, key.clone());
         Some(key)
     }
 
     /// A routed message from this node to `target`, its payload sealed.
+    /// `via`: as for [`key`](Self::key), when `target` comes from a message
+    /// that arrived (an error sent back to its origin).
     #[allow(clippy::too_many_arguments)]
     fn sealed(
         &self,
         inner: &Inner,
         target: &NodeId,
+        via: Option<&NodeId>,
         command: u32,
         request_id: u64,
         kind: ConcernKind,
         payload: &[u8],
-        ttl: u32,
     ) -> Option<Routed> {
-        let key = self.key(inner, target, false)?;
+        let key = self.key(inner, target, via)?;
         let mut r = Routed {
             origin: inner.peers.node_id().as_bytes().clone(),
             target: target.as_bytes().clone(),
@@ -254,7 +320,7 @@ impl Routing {
             request_id,
             kind: kind as i32,
             payload: Bytes::new(),
-            ttl,
+            ttl: self.max_hops,
             sent_at_ms: self.clock.now_ms(),
         };
         r.payload = key.seal(&seal_ad(&r), payload);
@@ -267,12 +333,13 @@ impl Routing {
     fn open(
         &self,
         inner: &Inner,
+        from: &NodeId,
         origin: &NodeId,
         r: &Routed,
         kind: ConcernKind,
     ) -> Result<Bytes, Option<String>> {
         let opened = self
-            .key(inner, origin, true)
+            .key(inner, origin, Some(from))
             .and_then(|k| k.open(&seal_ad(r), &r.payload).ok());
         let (Some(payload), Some(nonce)) = (opened, PairKey::nonce_of(&r.payload)) else {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -325,11 +392,11 @@ impl Routing {
         let back = self.sealed(
             inner,
             origin,
+            Some(from),
             r.command,
             r.request_id,
             ConcernKind::Error,
             &payload,
-            self.max_hops,
         );
         if let Some(back) = back {
             inner.try_send_direct(from, ROUTING, encode(Body::Routed(back)))?;
@@ -421,15 +488,7 @@ impl Routing {
             None => self.search(inner, target).await?,
         };
         let routed = self
-            .sealed(
-                inner,
-                target,
-                command,
-                request_id,
-                kind,
-                &payload,
-                self.max_hops,
-            )
+            .sealed(inner, target, None, command, request_id, kind, &payload)
             .ok_or_else(|| ConcernsError::Unreachable(target.clone()))?;
         let body = encode(Body::Routed(routed));
         inner
@@ -618,7 +677,7 @@ impl Routing {
             lock(&self.table).refresh(&origin, from, Instant::now());
         }
         if target == *me {
-            let payload = match self.open(inner, &origin, &r, kind) {
+            let payload = match self.open(inner, from, &origin, &r, kind) {
                 Ok(p) => p,
                 Err(Some(why)) => {
                     return self.bounce(inner, from, &origin, &r, ErrorCode::BadRequest, why);
@@ -750,5 +809,76 @@ impl Concern for Routing {
             None => return Err("empty route message".into()),
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshwork_peers::transport::Identity;
+
+    use super::*;
+
+    fn empty_cache() -> KeyCache {
+        KeyCache {
+            keys: HashMap::new(),
+            uses: 0,
+            all: Bucket::full(NEW_KEYS_PER_SEC, Instant::now()),
+            by_neighbour: HashMap::new(),
+        }
+    }
+
+    fn node(i: usize) -> NodeId {
+        NodeId::from_bytes(i.to_be_bytes().repeat(4)).unwrap()
+    }
+
+    /// A full cache drops the key used longest ago: origins that keep
+    /// talking keep theirs, whatever number of one-off origins come by.
+    #[test]
+    fn a_full_key_cache_drops_the_key_used_longest_ago() {
+        let me = Identity::generate();
+        let key = me.pair_key(Identity::generate().node_id()).unwrap();
+        let mut cache = empty_cache();
+        for i in 0..KEY_CACHE {
+            cache.insert(&node(i), key.clone());
+        }
+        // Node 0 keeps talking (as `Routing::key` marks a use).
+        let touch = |c: &mut KeyCache, i: usize| {
+            c.uses += 1;
+            let uses = c.uses;
+            c.keys.get_mut(&node(i)).unwrap().1 = uses;
+        };
+        touch(&mut cache, 0);
+        cache.insert(&node(KEY_CACHE), key.clone());
+        assert_eq!(cache.keys.len(), KEY_CACHE);
+        assert!(cache.keys.contains_key(&node(0)));
+        assert!(!cache.keys.contains_key(&node(1)), "the oldest unused goes");
+        for i in KEY_CACHE + 1..KEY_CACHE + 100 {
+            touch(&mut cache, 0);
+            cache.insert(&node(i), key.clone());
+        }
+        assert!(cache.keys.contains_key(&node(0)));
+        assert!(!cache.keys.contains_key(&node(100)));
+        assert!(cache.keys.contains_key(&node(101)));
+    }
+
+    /// Each neighbour has its own share of new keys a second, within a
+    /// share for all.
+    #[tokio::test(start_paused = true)]
+    async fn new_keys_are_rationed_by_neighbour_then_in_all() {
+        let mut cache = empty_cache();
+        let n = |b: usize| node(b);
+        let granted = |c: &mut KeyCache, via: &NodeId, tries: usize| {
+            (0..tries).filter(|_| c.may_make(via)).count()
+        };
+        let share = NEW_KEYS_PER_NEIGHBOUR as usize;
+        assert_eq!(granted(&mut cache, &n(1), 1000), share);
+        assert_eq!(granted(&mut cache, &n(2), 1000), share);
+        // The neighbours' shares add up past the share for all.
+        let all = NEW_KEYS_PER_SEC as usize;
+        let rest: usize = (3..10).map(|b| granted(&mut cache, &n(b), 1000)).sum();
+        assert_eq!(2 * share + rest, all);
+        // A second later, each share is back.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(granted(&mut cache, &n(1), 1000), share);
     }
 }

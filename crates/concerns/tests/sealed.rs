@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use meshwork_concerns::peers::{ConcernFrame, InboundHandler, PeerManager, PeersConfig};
 use meshwork_concerns::transport::mem::MemNetwork;
-use meshwork_concerns::transport::{ConnectionHandle, Priority};
+use meshwork_concerns::transport::{ConnectionHandle, Identity, Priority};
 use meshwork_concerns::wire::proto::route_message::Body;
 use meshwork_concerns::wire::proto::{ConcernKind, RouteFound, RouteMessage, Routed};
 use meshwork_concerns::wire::{Message, NodeId};
@@ -251,4 +251,110 @@ async fn a_relay_can_neither_read_alter_forge_nor_replay_routed_traffic() {
     for p in [h.peers(), t.peers(), &m_peers] {
         p.shutdown().await;
     }
+}
+
+/// `r` from `from` (any identity) sealed for its target as protocol.md
+/// 10.3.1 lays it out, written here independently of the implementation.
+fn seal_as(from: &Identity, target: &NodeId, mut r: Routed, plaintext: &[u8]) -> Routed {
+    let mut ad = b"meshwork routed v1".to_vec();
+    ad.push(r.origin.len() as u8);
+    ad.extend_from_slice(&r.origin);
+    ad.push(r.target.len() as u8);
+    ad.extend_from_slice(&r.target);
+    ad.extend_from_slice(&r.command.to_be_bytes());
+    ad.extend_from_slice(&r.request_id.to_be_bytes());
+    ad.extend_from_slice(&r.kind.to_be_bytes());
+    ad.extend_from_slice(&r.sent_at_ms.to_be_bytes());
+    r.payload = from.pair_key(target).unwrap().seal(&ad, plaintext);
+    r
+}
+
+/// A member that keeps sending routed requests from made-up origins (each a
+/// fresh key pair, so each costs the target a key) spends its own share of
+/// the keys the target makes a second, not everyone's: an honest node that
+/// starts talking to the target meanwhile, through another neighbour, gets
+/// its requests through. (With one budget for all, the flood kept every new
+/// origin out.) Its own made-up requests do open, up to its share.
+#[tokio::test(start_paused = true)]
+async fn made_up_origins_spend_their_neighbours_share_of_new_keys_only() {
+    let net = MemNetwork::new();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let t_peers = PeerManager::start(listening(&net, "t").await, seeded(&[], 4)).unwrap();
+    let t = Concerns::builder(t_peers)
+        .concern(Answering(handled.clone()))
+        .start()
+        .await
+        .unwrap();
+    let b_peers = PeerManager::start(listening(&net, "b").await, seeded(&["mem://t"], 2)).unwrap();
+    let b = Concerns::builder(b_peers).start().await.unwrap();
+    let h_peers = PeerManager::start(listening(&net, "h").await, seeded(&["mem://b"], 1)).unwrap();
+    let h = Concerns::builder(h_peers).start().await.unwrap();
+    let m = PeerManager::start(listening(&net, "m").await, seeded(&["mem://t"], 1)).unwrap();
+    m.set_inbound_handler(Arc::new(Tap(mpsc::unbounded_channel().0)))
+        .unwrap();
+    m.wait_for_peers(1, 5 * S).await.unwrap();
+    h.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    b.peers().wait_for_peers(2, 5 * S).await.unwrap();
+    let tid = t.peers().node_id().clone();
+
+    // m: 100 requests from fresh origins every 100 ms, 1000 a second (more
+    // than the target makes keys for in all), for as
+    // long as the test runs.
+    let flood = {
+        let (m, tid) = (m.clone(), tid.clone());
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            loop {
+                for _ in 0..100 {
+                    let fake = Identity::generate();
+                    let r = Routed {
+                        origin: fake.node_id().as_bytes().clone(),
+                        target: tid.as_bytes().clone(),
+                        command: ASK,
+                        request_id: 0,
+                        kind: ConcernKind::Request as i32,
+                        payload: Bytes::new(),
+                        ttl: 8,
+                        sent_at_ms: unix_ms(),
+                    };
+                    relay(&m, &tid, seal_as(&fake, &tid, r, b"made up")).await;
+                    sent += 1;
+                }
+                sleep(100 * MS).await;
+                if sent > 100_000 {
+                    break;
+                }
+            }
+        })
+    };
+    sleep(2 * S).await;
+    let made_up = handled.load(Ordering::SeqCst);
+    assert!(
+        (128..=128 + 2 * 128 + 10).contains(&made_up),
+        "{made_up} made-up requests handled in 2 s"
+    );
+    for i in 0..5 {
+        let got = h
+            .context(ASK)
+            .request_to(&tid, format!("honest {i}"), 5 * S)
+            .await
+            .unwrap_or_else(|e| panic!("honest request {i}: {e}"));
+        assert_eq!(got, Bytes::from(format!("re: honest {i}")));
+    }
+    assert!(routing_stat(&t, "refused") > 500);
+    flood.abort();
+    for c in [h, b, t] {
+        c.shutdown().await;
+        c.peers().shutdown().await;
+    }
+    m.shutdown().await;
+}
+
+/// The wall clock in ms since the Unix epoch, read as the routing concern
+/// does (its start, advanced by tokio's paused clock: close enough here).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
