@@ -273,7 +273,9 @@ impl ApiError {
     /// The answer to a failed call into the concerns layer.
     fn from_concerns(e: &ConcernsError) -> Self {
         let (status, code) = match e {
-            ConcernsError::Unreachable(_) => (StatusCode::NOT_FOUND, "unreachable"),
+            ConcernsError::Unreachable(_) | ConcernsError::RouteLost(_) => {
+                (StatusCode::NOT_FOUND, "unreachable")
+            }
             ConcernsError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ConcernsError::Remote { .. } => (StatusCode::BAD_GATEWAY, "remote"),
             ConcernsError::NotConnected(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_connected"),
@@ -3029,6 +3031,7 @@ mod tests {
         };
         for (e, status, code) in [
             (ConcernsError::Unreachable(id.clone()), 404, "unreachable"),
+            (ConcernsError::RouteLost(id.clone()), 404, "unreachable"),
             (
                 ConcernsError::Timeout(Duration::from_secs(1)),
                 504,

@@ -112,6 +112,11 @@ pub trait Concern: Send + Sync + 'static {
     ) -> Result<Option<Reply>, BoxError>;
 
     /// A reply nobody was waiting for (late, or to a one-way send).
+    ///
+    /// The same reply may come more than once: a node on the way of a
+    /// routed answer can record it and send it again (it cannot alter or
+    /// forge one, protocol.md 10.3.1), and only the first finds its request
+    /// waiting. Treat what arrives here as possibly repeated.
     async fn on_reply(&self, _ctx: &Context, _from: &NodeId, _payload: Bytes) {}
 
     /// A message this concern sent was queued on the connection to `to`.

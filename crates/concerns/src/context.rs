@@ -218,6 +218,10 @@ impl Context {
 
     /// Sends a request to any node through the routing concern and waits
     /// for its reply, which comes back the same way.
+    ///
+    /// [`ConcernsError::Unreachable`] when no route was found (nothing was
+    /// sent), [`ConcernsError::RouteLost`] when a node on the way reported
+    /// it had none (the request may have arrived all the same).
     pub async fn request_to(
         &self,
         node: &NodeId,
@@ -235,7 +239,7 @@ impl Context {
                 ..
             }) => {
                 routing.forget(node);
-                Err(ConcernsError::Unreachable(node.clone()))
+                Err(ConcernsError::RouteLost(node.clone()))
             }
             r => r,
         };

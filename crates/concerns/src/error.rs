@@ -21,9 +21,16 @@ pub enum ConcernsError {
     /// The peer is connected but silent; only heartbeats go to it.
     #[error("peer {0} is unresponsive")]
     Unresponsive(NodeId),
-    /// No route to this node was found (or the route broke on the way).
+    /// No route to this node was found: the message was not sent.
     #[error("no route to {0}")]
     Unreachable(NodeId),
+    /// A routed request was sent, and a node on its way answered that it
+    /// had no route on to this node. The request may still have arrived: an
+    /// honest node says so when a route broke, but any node on the way can
+    /// say it of a request it passed on, so the request is not known to be
+    /// undelivered (retry only what is safe to run twice).
+    #[error("a node on the way to {0} had no route on")]
+    RouteLost(NodeId),
     /// No answer within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
@@ -78,6 +85,7 @@ impl ConcernsError {
             ConcernsError::NotConnected(_)
                 | ConcernsError::Unresponsive(_)
                 | ConcernsError::Unreachable(_)
+                | ConcernsError::RouteLost(_)
                 | ConcernsError::Shutdown
         )
     }

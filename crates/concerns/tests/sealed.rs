@@ -15,7 +15,9 @@ use meshwork_concerns::peers::{ConcernFrame, InboundHandler, PeerManager, PeersC
 use meshwork_concerns::transport::mem::MemNetwork;
 use meshwork_concerns::transport::{ConnectionHandle, Identity, Priority};
 use meshwork_concerns::wire::proto::route_message::Body;
-use meshwork_concerns::wire::proto::{ConcernKind, RouteFound, RouteMessage, Routed};
+use meshwork_concerns::wire::proto::{
+    ConcernError, ConcernKind, ErrorCode, RouteFound, RouteMessage, Routed,
+};
 use meshwork_concerns::wire::{Message, NodeId};
 use meshwork_concerns::{
     BoxError, Concern, Concerns, ConcernsConfig, ConcernsError, Context, ROUTING, Reply,
@@ -87,6 +89,29 @@ async fn say(m: &PeerManager, to: &NodeId, body: Body) {
     m.send(to, frame, Priority::Normal).await.unwrap();
 }
 
+/// The relay answers `h`'s route query (the target is its neighbour:
+/// true) and returns the routed request that follows.
+async fn route_through(
+    m: &PeerManager,
+    frames: &mut mpsc::UnboundedReceiver<ConcernFrame>,
+    h: &NodeId,
+) -> Routed {
+    let Body::Query(q) = next_routing(frames).await else {
+        panic!("expected h's route query");
+    };
+    let found = RouteFound {
+        query_id: q.query_id,
+        origin: q.origin,
+        target: q.target,
+        hops: 1,
+    };
+    say(m, h, Body::Found(found)).await;
+    let Body::Routed(request) = next_routing(frames).await else {
+        panic!("expected h's routed request");
+    };
+    request
+}
+
 /// `r` sent by the relay to `to`, as it passes routed messages on.
 async fn relay(m: &PeerManager, to: &NodeId, r: Routed) {
     say(m, to, Body::Routed(r)).await;
@@ -129,19 +154,7 @@ async fn a_relay_can_neither_read_alter_forge_nor_replay_routed_traffic() {
         tokio::spawn(async move { ctx.request_to(&tid, "the secret question", 20 * S).await })
     };
     // h asks around for t; m says t is its neighbour (true).
-    let Body::Query(q) = next_routing(&mut frames).await else {
-        panic!("expected h's route query");
-    };
-    let found = RouteFound {
-        query_id: q.query_id,
-        origin: q.origin,
-        target: q.target,
-        hops: 1,
-    };
-    say(&m_peers, &hid, Body::Found(found)).await;
-    let Body::Routed(request) = next_routing(&mut frames).await else {
-        panic!("expected h's routed request");
-    };
+    let request = route_through(&m_peers, &mut frames, &hid).await;
     // Not readable on the way.
     let secret = b"the secret question";
     assert!(
@@ -221,6 +234,41 @@ async fn a_relay_can_neither_read_alter_forge_nor_replay_routed_traffic() {
     // The answer again finds nobody waiting.
     relay(&m_peers, &hid, answer).await;
 
+    // m passes a request on and also answers it "no route on" itself,
+    // sealed as from m (any hop may say so): h learns that the route was
+    // lost on the way, not that the request was never delivered.
+    let ctx = h.context(ASK);
+    let lost = {
+        let tid = tid.clone();
+        tokio::spawn(async move { ctx.request_to(&tid, "lost?", 20 * S).await })
+    };
+    let Body::Routed(request) = next_routing(&mut frames).await else {
+        panic!("expected h's routed request");
+    };
+    relay(&m_peers, &tid, request.clone()).await;
+    let no_route = ConcernError {
+        code: ErrorCode::Unreachable as i32,
+        message: "no route on".into(),
+    }
+    .encode_to_vec();
+    let mut lie = Routed {
+        origin: m_peers.node_id().as_bytes().clone(),
+        target: hid.as_bytes().clone(),
+        kind: ConcernKind::Error as i32,
+        sent_at_ms: unix_ms(),
+        ..request
+    };
+    lie = seal_as(m_peers.endpoint().config().identity(), &hid, lie, &no_route);
+    relay(&m_peers, &hid, lie).await;
+    let err = timeout(10 * S, lost).await.unwrap().unwrap().unwrap_err();
+    assert!(matches!(err, ConcernsError::RouteLost(_)), "{err:?}");
+    sleep(50 * MS).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 2, "it did arrive");
+    let Body::Routed(late_answer) = next_routing(&mut frames).await else {
+        panic!("expected t's answer");
+    };
+    assert_eq!(late_answer.kind, ConcernKind::Reply as i32);
+
     // A request recorded now and sent once the guard's window is past is
     // refused as stale, and its origin told (sealed) why.
     let ctx = h.context(ASK);
@@ -228,16 +276,15 @@ async fn a_relay_can_neither_read_alter_forge_nor_replay_routed_traffic() {
         let tid = tid.clone();
         tokio::spawn(async move { ctx.request_to(&tid, "late", 3 * WINDOW).await })
     };
-    let Body::Routed(request) = next_routing(&mut frames).await else {
-        panic!("expected h's second routed request");
-    };
+    // (h forgot its route when told it was lost: it asks again.)
+    let request = route_through(&m_peers, &mut frames, &hid).await;
     sleep(WINDOW + S).await;
     relay(&m_peers, &tid, request).await;
     let Body::Routed(refusal) = next_routing(&mut frames).await else {
         panic!("expected t's refusal");
     };
     assert_eq!(refusal.kind, ConcernKind::Error as i32);
-    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    assert_eq!(handled.load(Ordering::SeqCst), 2);
     assert_eq!(routing_stat(&t, "stale"), 1);
     relay(&m_peers, &hid, refusal).await;
     let err = timeout(10 * S, late).await.unwrap().unwrap().unwrap_err();

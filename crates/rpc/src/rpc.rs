@@ -605,6 +605,13 @@ fn attempt_error(e: ConcernsError, deadline: Duration) -> (RpcError<Bytes>, Retr
             RpcError::Disconnected(format!("no route to {}", n.short())),
             Retry::Always,
         ),
+        // A node on the way said it had no route on: maybe true, maybe a
+        // relay that passed the call on and lies (audit round four: every
+        // `add` ran twice). The call may have run.
+        ConcernsError::RouteLost(n) => (
+            RpcError::Disconnected(format!("the route to {} broke on the way", n.short())),
+            Retry::IfIdempotent,
+        ),
         ConcernsError::Dropped(m) => (RpcError::Disconnected(m), Retry::Always),
         // Sent, then the provider left: it may have run the call.
         ConcernsError::ConnectionLost(n) => (
@@ -1504,6 +1511,23 @@ mod tests {
 
     fn id(n: u32) -> NodeId {
         NodeId::from_bytes(n.to_be_bytes().to_vec()).expect("a valid id")
+    }
+
+    /// Only what was certainly not delivered is retried whatever the
+    /// method; a route reported lost on the way may have delivered the call
+    /// (a relay can pass it on and say so: audit round four ran every `add`
+    /// twice), so only idempotent calls go elsewhere.
+    #[test]
+    fn a_route_lost_on_the_way_retries_idempotent_calls_only() {
+        let d = Duration::from_secs(1);
+        let retry = |e| attempt_error(e, d).1;
+        assert_eq!(retry(ConcernsError::Unreachable(id(1))), Retry::Always);
+        assert_eq!(retry(ConcernsError::NotConnected(id(1))), Retry::Always);
+        assert_eq!(retry(ConcernsError::RouteLost(id(1))), Retry::IfIdempotent);
+        assert_eq!(
+            retry(ConcernsError::ConnectionLost(id(1))),
+            Retry::IfIdempotent
+        );
     }
 
     /// A Cancel that comes before its call registers (handled on another
