@@ -167,6 +167,18 @@ struct Served {
     overloaded: AtomicU64,
     cancelled: AtomicU64,
     in_flight: AtomicUsize,
+    /// Calls taken past half the limit, by caller (see [`Served::share`]).
+    /// SipHash: callers are whoever calls.
+    holders: Mutex<HashMap<NodeId, usize>>,
+}
+
+impl Served {
+    /// The calls one caller may hold past half the limit: a quarter of it
+    /// (at least one). One caller can so take at most three quarters of the
+    /// slots, however fast it calls, and a quarter stays for the others.
+    fn share(&self) -> usize {
+        (self.limit / 4).max(1)
+    }
 }
 
 /// Cancels that named no waiting call are remembered, the latest this
@@ -284,9 +296,24 @@ impl Server {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
             });
-        if took.is_err() {
+        let Ok(before) = took else {
             served.overloaded.fetch_add(1, Ordering::Relaxed);
             return failure(FailureCode::Overloaded, served.name.clone());
+        };
+        // Past half the limit each caller gets its share only: one caller
+        // kept every slot busy for as long as it liked (a lock is taken
+        // only here, when the service is busy).
+        let held = before >= limit / 2;
+        if held {
+            let mut holders = lock(&served.holders);
+            let mine = holders.entry(caller.clone()).or_insert(0);
+            if *mine >= served.share() {
+                drop(holders);
+                served.in_flight.fetch_sub(1, Ordering::AcqRel);
+                served.overloaded.fetch_add(1, Ordering::Relaxed);
+                return failure(FailureCode::Overloaded, served.name.clone());
+            }
+            *mine += 1;
         }
         served.calls.fetch_add(1, Ordering::Relaxed);
         let budget = if call.budget_ms == 0 {
@@ -302,6 +329,8 @@ impl Server {
         let mut running = Running {
             server: self,
             served: &served,
+            caller,
+            held,
             key: None,
             cancel: cancel.clone(),
             finished: false,
@@ -420,6 +449,9 @@ impl Server {
 struct Running<'a> {
     server: &'a Server,
     served: &'a Served,
+    caller: &'a NodeId,
+    /// Counted in the caller's share ([`Served::holders`]).
+    held: bool,
     /// Its entry in the running calls, once it has one (only calls that
     /// wait do).
     key: Option<(NodeId, u64)>,
@@ -431,6 +463,15 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         if let Some(key) = &self.key {
             lock(&self.server.running).waiting.remove(key);
+        }
+        if self.held {
+            let mut holders = lock(&self.served.holders);
+            if let Some(n) = holders.get_mut(self.caller) {
+                *n -= 1;
+                if *n == 0 {
+                    holders.remove(self.caller);
+                }
+            }
         }
         self.served.in_flight.fetch_sub(1, Ordering::AcqRel);
         if !self.finished {
@@ -786,6 +827,7 @@ impl Rpc {
             overloaded: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            holders: Mutex::new(HashMap::new()),
         });
         {
             let mut all = self

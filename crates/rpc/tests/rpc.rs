@@ -1221,6 +1221,57 @@ async fn the_concurrency_limit_answers_overloaded_at_once() {
     stop(nodes).await;
 }
 
+/// One caller cannot hold every slot of a service: past half the limit each
+/// caller gets a quarter of it, so another caller's calls still run while
+/// the first keeps the service as busy as it may. (Before, one caller's
+/// slow calls answered everyone else `Overloaded`.)
+#[tokio::test(start_paused = true)]
+async fn one_caller_cannot_hold_every_slot_of_a_service() {
+    let net = MemNetwork::new();
+    let nodes = mesh(
+        &net,
+        &[
+            ("a", RpcConfig::default().with_max_retries(0)),
+            ("b", RpcConfig::default().with_concurrency(8)),
+            ("c", RpcConfig::default().with_max_retries(0)),
+        ],
+    )
+    .await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (imp, probe) = Imp::new("b");
+    b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
+    wait_listed(&[a, c], "calc", b).await;
+    let from_a: CalcClient = a.rpc().client("calc");
+    let hog = tokio::spawn(async move {
+        let calls = (0..12).map(|_| from_a.sleep(2000));
+        futures_util::future::join_all(calls).await
+    });
+    sleep(100 * MS).await;
+    // 4 below half the limit, then a's quarter (2): 6 running.
+    assert_eq!(probe.started(), 6);
+    let from_c: CalcClient = c.rpc().client("calc");
+    let calls = (0..2).map(|_| from_c.sleep(10));
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r, Ok("b".into()));
+    }
+    let hogged = hog.await.unwrap();
+    let ok = hogged.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 6, "{hogged:?}");
+    assert!(
+        hogged
+            .iter()
+            .all(|r| r.is_ok() || *r == Err(RpcError::Overloaded("calc".into())))
+    );
+    assert_eq!(served(b, "calc").in_flight, 0);
+    // The shares came back: a gets its 6 again.
+    let from_a: CalcClient = a.rpc().client("calc");
+    let calls = (0..6).map(|_| from_a.sleep(10));
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r, Ok("b".into()));
+    }
+    stop(nodes).await;
+}
+
 /// With two providers, a call refused as overloaded by one is retried on
 /// the other; only when both are full does the caller get `Overloaded`.
 #[tokio::test(start_paused = true)]
