@@ -1,22 +1,37 @@
 //! The flood concern: a message for every node of the mesh, delivered and
 //! relayed once per node (py2p's waterfall, ChaskiNode's propagate).
 //!
-//! The origin sends a `Flooded { origin, message_id, command, payload, ttl }`
-//! to each neighbour. A node that has not seen `(origin, message_id)` before
-//! remembers it (a bounded, expiring [`SeenCache`]), relays it with
-//! `ttl - 1` to every neighbour except the one it came from and the origin,
-//! and hands the payload to its own concern for `command`.
+//! The origin sends a `Flooded { origin, message_id, command, payload, ttl,
+//! sent_at_ms, signature }` to each neighbour. A node that has not seen
+//! `(origin, message_id)` before checks the stamp and the origin's signature,
+//! remembers it (a bounded, expiring [`SeenCache`]), relays it with `ttl - 1`
+//! to every neighbour except the one it came from and the origin, and hands
+//! the payload to its own concern for `command`.
+//!
+//! The signature (XEdDSA under the origin's node id, over every field but
+//! the TTL) is what lets a node trust `origin` although the message reached
+//! it through others: no member can broadcast or publish in another's name,
+//! nor alter what it relays. Every node checks before it relays, so a
+//! neighbour handing over a flood whose signature does not hold made it up:
+//! it is banned. The stamp bounds replays: a flood stamped further from this
+//! node's clock than half the seen-cache lifetime is dropped, so one that
+//! was recorded cannot be delivered again once the cache has forgotten it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use meshwork_peers::transport::{Identity, VerifyingKey};
 use meshwork_peers::wire::NodeId;
 use meshwork_peers::wire::proto::Flooded;
 use prost::Message as _;
 use tokio::time::Instant;
+use tracing::{debug, warn};
 
+use crate::clock::WallClock;
 use crate::manager::{ConcernsConfig, FLOOD, Inner, Job, ReplyPath};
 use crate::seen::SeenCache;
 use crate::{BoxError, Concern, Context, Reply};
@@ -32,6 +47,45 @@ pub(crate) struct Flood {
     relayed: AtomicU64,
     duplicates: AtomicU64,
     dropped: AtomicU64,
+    /// Origins' keys in the form that checks signatures (bounded).
+    keys: Mutex<HashMap<NodeId, VerifyingKey>>,
+    clock: WallClock,
+    /// How far from this node's clock a flood may be stamped, in ms.
+    window_ms: u64,
+    /// Floods whose signature did not hold (their bringers were banned).
+    forged: AtomicU64,
+    /// Floods stamped outside the window.
+    stale: AtomicU64,
+}
+
+/// Origins whose signature-checking keys are kept; past it one is dropped.
+const KEY_CACHE: usize = 4096;
+/// How long a neighbour that handed over a forged flood is refused.
+const FORGER_BAN: Duration = Duration::from_secs(600);
+/// Domain separation: a signature made for a flood serves no other purpose.
+const SIGNED_LABEL: &[u8] = b"meshwork flood v1";
+
+/// Signs `flooded` as `identity`, whose node id its `origin` must be: sets
+/// its `signature` over every other field but `ttl` (see the protocol spec,
+/// section "Flood"). For tools and tests that make Flood frames by hand;
+/// [`Context::broadcast`] signs its own.
+pub fn sign_flooded(identity: &Identity, flooded: &mut Flooded) {
+    flooded.signature = Bytes::copy_from_slice(&identity.sign(&signed_bytes(flooded)));
+}
+
+/// The bytes a flood's signature covers: every field but the TTL (which
+/// each hop lowers) and the signature.
+fn signed_bytes(f: &Flooded) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNED_LABEL.len() + 1 + f.origin.len() + 20 + f.payload.len());
+    m.extend_from_slice(SIGNED_LABEL);
+    // Ids are at most 64 bytes: one length byte keeps the parts apart.
+    m.push(f.origin.len() as u8);
+    m.extend_from_slice(&f.origin);
+    m.extend_from_slice(&f.message_id.to_be_bytes());
+    m.extend_from_slice(&f.command.to_be_bytes());
+    m.extend_from_slice(&f.sent_at_ms.to_be_bytes());
+    m.extend_from_slice(&f.payload);
+    m
 }
 
 impl Flood {
@@ -44,7 +98,43 @@ impl Flood {
             relayed: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            keys: Mutex::new(HashMap::new()),
+            clock: WallClock::new(),
+            window_ms: (cfg.seen_ttl / 2).as_millis().max(1) as u64,
+            forged: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
         }
+    }
+
+    /// Whether `(origin, id)` was seen (without recording it).
+    fn seen(&self, origin: &NodeId, id: u64) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(origin.clone(), id), Instant::now())
+    }
+
+    /// Checks `f`'s signature by `origin`.
+    fn signed_by(&self, origin: &NodeId, f: &Flooded) -> bool {
+        let key = {
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            match keys.get(origin) {
+                Some(k) => k.clone(),
+                None => {
+                    let Ok(k) = VerifyingKey::from_node_id(origin) else {
+                        return false;
+                    };
+                    if keys.len() >= KEY_CACHE
+                        && let Some(any) = keys.keys().next().cloned()
+                    {
+                        keys.remove(&any);
+                    }
+                    keys.insert(origin.clone(), k.clone());
+                    k
+                }
+            }
+        };
+        key.verify(&signed_bytes(f), &f.signature).is_ok()
     }
 
     /// Whether `(origin, id)`, brought by `from`, is new.
@@ -87,13 +177,16 @@ impl Flood {
         while !self.first_time(&me, id, &me) {
             id = rand::random();
         }
-        let f = Flooded {
+        let mut f = Flooded {
             origin: me.as_bytes().clone(),
             message_id: id,
             command,
             payload,
             ttl: ttl.max(1),
+            sent_at_ms: self.clock.now_ms(),
+            signature: Bytes::new(),
         };
+        sign_flooded(inner.peers.endpoint().config().identity(), &mut f);
         self.sent.fetch_add(1, Ordering::Relaxed);
         self.relay(inner, &f, &[]);
         id
@@ -107,6 +200,8 @@ impl Flood {
             ("relayed", get(&self.relayed)),
             ("duplicates", get(&self.duplicates)),
             ("dropped", get(&self.dropped)),
+            ("forged", get(&self.forged)),
+            ("stale", get(&self.stale)),
         ]
     }
 }
@@ -133,7 +228,26 @@ impl Concern for Flood {
     ) -> Result<Option<Reply>, BoxError> {
         let f = Flooded::decode(payload)?;
         let origin = NodeId::from_bytes(f.origin.clone())?;
-        if origin == *ctx.node_id() || !self.first_time(&origin, f.message_id, from) {
+        if origin == *ctx.node_id() || self.seen(&origin, f.message_id) {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let off_ms = i128::from(f.sent_at_ms) - i128::from(self.clock.now_ms());
+        if off_ms.unsigned_abs() > u128::from(self.window_ms) {
+            // Not the bringer's fault: its clock may differ from ours.
+            self.stale.fetch_add(1, Ordering::Relaxed);
+            debug!(origin = %origin.short(), off_ms, "flood stamped outside the clock window: dropped");
+            return Ok(None);
+        }
+        if !self.signed_by(&origin, &f) {
+            // Every node checks before it relays: the bringer made it up.
+            self.forged.fetch_add(1, Ordering::Relaxed);
+            warn!(from = %from.short(), origin = %origin.short(), "flood with a bad signature: dropped, its bringer banned");
+            ctx.inner.peers.ban(from, FORGER_BAN);
+            return Ok(None);
+        }
+        if !self.first_time(&origin, f.message_id, from) {
+            // Another copy got through the checks meanwhile.
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }

@@ -79,6 +79,7 @@
 //! # }
 //! ```
 mod budget;
+mod clock;
 mod concern;
 mod context;
 mod error;
@@ -102,6 +103,7 @@ pub use meshwork_peers::wire;
 pub use concern::{Concern, Reply};
 pub use context::Context;
 pub use error::{BoxError, ConcernsError};
+pub use flood::sign_flooded;
 pub use manager::{
     ConcernStats, Concerns, ConcernsBuilder, ConcernsConfig, FLOOD, FORWARD_WAIT,
     RESERVED_COMMANDS, ROUTING, TOPICS,

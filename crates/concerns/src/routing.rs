@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -43,6 +43,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::clock::WallClock;
 use crate::manager::{ConcernsConfig, FORWARD_WAIT, Inner, Job, ROUTING, ReplyPath, error_payload};
 use crate::replay::{ReplayGuard, Verdict};
 use crate::route::RouteTable;
@@ -184,29 +185,6 @@ impl KeyCache {
         }
         self.uses += 1;
         self.keys.insert(node.clone(), (key, self.uses));
-    }
-}
-
-/// Milliseconds since the Unix epoch: the wall clock read once at start,
-/// advanced by tokio's clock (monotonic, and paused tests drive it).
-struct WallClock {
-    start_ms: u64,
-    start: Instant,
-}
-
-impl WallClock {
-    fn new() -> Self {
-        let start_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        WallClock {
-            start_ms,
-            start: Instant::now(),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.start_ms + self.start.elapsed().as_millis() as u64
     }
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use meshwork_concerns::peers::{PeerManager, PeersConfig};
-use meshwork_concerns::transport::Priority;
 use meshwork_concerns::transport::mem::MemNetwork;
+use meshwork_concerns::transport::{Identity, Priority};
 use meshwork_concerns::wire::NodeId;
 use meshwork_concerns::wire::proto::ErrorCode;
 use meshwork_concerns::wire::proto::{
@@ -19,6 +19,7 @@ use meshwork_concerns::wire::proto::{
 };
 use meshwork_concerns::{
     BoxError, Concern, Concerns, ConcernsConfig, ConcernsError, Context, FLOOD, ROUTING, Reply,
+    sign_flooded,
 };
 use prost::Message as _;
 use rand::rngs::StdRng;
@@ -29,7 +30,7 @@ const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
 
 mod support;
-use support::{listening, routing_frame};
+use support::{builtin_stat, flood_frame, listening, routing_frame};
 
 /// Echoes, fails, panics or sleeps, by the first payload byte; counts what
 /// it got from whom.
@@ -424,27 +425,22 @@ async fn line_with(
     nodes
 }
 
-/// What a hostile neighbour can put in a Flood frame is contained: a TTL
-/// above the receiver's own is cut to it, and a flood carrying another
-/// flood (which each node would unwrap and send on again, one layer at a
-/// time) is relayed as one message but its cargo is delivered nowhere.
+/// What a hostile neighbour can put in a Flood frame of its own is
+/// contained: a TTL above the receiver's own is cut to it, and a flood
+/// carrying another flood (which each node would unwrap and send on again,
+/// one layer at a time) is relayed as one message but its cargo is
+/// delivered nowhere.
 #[tokio::test(start_paused = true)]
 async fn forged_flood_frames_are_contained() {
     let net = MemNetwork::new();
     let nodes = line_with(&net, 4, || ConcernsConfig::default().with_flood_ttl(2)).await;
     let liar = nodes[0].concerns.context(FLOOD);
+    let me = identity(&nodes[0]);
     let to = nodes[1].id().clone();
-    let fake = NodeId::from_bytes(vec![9; 32]).unwrap();
     let got = |i: usize, what: &[u8]| nodes[i].probe.count_payload(what);
 
     // A TTL of u32::MAX: l1 and l2 deliver (two hops, l2 relays no more).
-    let far = Flooded {
-        origin: fake.as_bytes().clone(),
-        message_id: 1,
-        command: PROBE,
-        payload: Bytes::from_static(b"far"),
-        ttl: u32::MAX,
-    };
+    let far = flood_frame(me, 1, PROBE, &b"far"[..], u32::MAX);
     liar.send(&to, far.encode_to_vec()).await.unwrap();
     let deadline = Instant::now() + 5 * S;
     while got(2, b"far") == 0 {
@@ -458,20 +454,8 @@ async fn forged_flood_frames_are_contained() {
     assert_eq!((got(1, b"far"), got(2, b"far"), got(3, b"far")), (1, 1, 0));
 
     // A flood inside a flood: relayed once, its cargo delivered nowhere.
-    let inner = Flooded {
-        origin: fake.as_bytes().clone(),
-        message_id: 3,
-        command: PROBE,
-        payload: Bytes::from_static(b"nested"),
-        ttl: 2,
-    };
-    let outer = Flooded {
-        origin: fake.as_bytes().clone(),
-        message_id: 2,
-        command: FLOOD,
-        payload: inner.encode_to_vec().into(),
-        ttl: 2,
-    };
+    let inner = flood_frame(me, 3, PROBE, &b"nested"[..], 2);
+    let outer = flood_frame(me, 2, FLOOD, inner.encode_to_vec(), 2);
     let errors_before = flood_errors(&nodes[2]);
     liar.send(&to, outer.encode_to_vec()).await.unwrap();
     let deadline = Instant::now() + 5 * S;
@@ -481,6 +465,89 @@ async fn forged_flood_frames_are_contained() {
     }
     sleep(S).await;
     assert!((0..4).all(|i| got(i, b"nested") == 0));
+    stop(nodes).await;
+}
+
+fn identity(node: &TestNode) -> &Identity {
+    node.concerns.peers().endpoint().config().identity()
+}
+
+/// Flood counter `name` of `node`.
+fn flood_stat(node: &TestNode, name: &str) -> u64 {
+    builtin_stat(&node.concerns, "flood", name)
+}
+
+/// Floods travel through other nodes, yet no member can broadcast in
+/// another's name or alter what it relays: a flood not signed by its
+/// origin is delivered nowhere, and the neighbour that handed it over is
+/// banned (every node checks before it relays, so that neighbour made it
+/// up). A flood stamped outside the clock window is dropped without
+/// blame, as the bringer's clock may be the one that is off.
+#[tokio::test(start_paused = true)]
+async fn a_flood_in_another_nodes_name_is_dropped_and_its_bringer_banned() {
+    let net = MemNetwork::new();
+    let nodes = line(&net, 4).await;
+    let (liar, victim) = (&nodes[0], &nodes[3]);
+    let to = nodes[1].id().clone();
+    let send = |f: Flooded| {
+        let ctx = liar.concerns.context(FLOOD);
+        let to = to.clone();
+        async move { ctx.send(&to, f.encode_to_vec()).await }
+    };
+    let got = |what: &[u8]| {
+        (0..4)
+            .map(|i| nodes[i].probe.count_payload(what))
+            .sum::<usize>()
+    };
+
+    // Stale: signed by the liar itself, stamped 10 minutes ago.
+    let mut old = flood_frame(identity(liar), 7, PROBE, &b"old"[..], 4);
+    old.sent_at_ms -= 600_000;
+    sign_flooded(identity(liar), &mut old);
+    send(old).await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while flood_stat(&nodes[1], "stale") == 0 {
+        assert!(Instant::now() < deadline, "the stale flood was not counted");
+        sleep(10 * MS).await;
+    }
+    assert!(nodes[1].concerns.peers().is_neighbour(liar.id()));
+
+    // The victim's own broadcast, altered by the liar on the way.
+    let mut altered = flood_frame(identity(victim), 8, PROBE, &b"pay 1"[..], 4);
+    altered.payload = Bytes::from_static(b"pay 9");
+    // And one in the victim's name, signed by the liar; and one unsigned.
+    let mut posing = flood_frame(identity(liar), 9, PROBE, &b"posing"[..], 4);
+    posing.origin = victim.id().as_bytes().clone();
+    let mut unsigned = flood_frame(identity(victim), 10, PROBE, &b"unsigned"[..], 4);
+    unsigned.signature = Bytes::new();
+    for f in [altered, posing, unsigned] {
+        // The first gets the liar banned: the rest may find no connection.
+        let _ = send(f).await;
+    }
+    let deadline = Instant::now() + 5 * S;
+    while nodes[1].concerns.peers().is_neighbour(liar.id()) {
+        assert!(Instant::now() < deadline, "the liar was not banned");
+        sleep(10 * MS).await;
+    }
+    sleep(S).await;
+    // Those already on their way when the ban came are refused too.
+    let forged = flood_stat(&nodes[1], "forged");
+    assert!((1..=3).contains(&forged), "{forged} counted forged");
+    for what in [&b"old"[..], b"pay 1", b"pay 9", b"posing", b"unsigned"] {
+        assert_eq!(
+            got(what),
+            0,
+            "{:?} was delivered",
+            String::from_utf8_lossy(what)
+        );
+    }
+    // Honest floods still flow, the victim's included.
+    victim.ctx().broadcast("still here", 4).await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while nodes[1].probe.count_payload(b"still here") == 0 {
+        assert!(Instant::now() < deadline, "an honest broadcast was lost");
+        sleep(10 * MS).await;
+    }
     stop(nodes).await;
 }
 
@@ -930,7 +997,6 @@ async fn bare_peers(net: &MemNetwork, name: &str, seeds: &[String]) -> PeerManag
 
 #[tokio::test(start_paused = true)]
 async fn lifecycle_hooks_delivery_callbacks_and_lanes() {
-    use meshwork_concerns::transport::Priority;
     let net = MemNetwork::new();
     let (ha, hb) = (Hooks::default(), Hooks::default());
     let pa = bare_peers(&net, "a", &[]).await;
@@ -1167,8 +1233,8 @@ async fn a_member_cannot_black_hole_a_route_for_long() {
     stop(vec![a, b, c]).await;
 }
 
-/// A member that fills a node's seen-cache with made-up floods (TTL 1:
-/// relayed nowhere) pushes out its own entries, not the id of a broadcast
+/// A member that fills a node's seen-cache with floods (TTL 1: relayed
+/// nowhere) pushes out its own entries, not the id of a broadcast
 /// another neighbour brought: replayed then, it is not delivered again.
 /// (Oldest first across all neighbours, 65 536 such floods got an honest
 /// broadcast delivered twice on every node: audit round three.)
@@ -1183,28 +1249,15 @@ async fn a_flooded_seen_cache_does_not_deliver_a_replay_again() {
         assert!(Instant::now() < deadline, "the broadcast never arrived");
         sleep(10 * MS).await;
     }
+    // The liar fills nodes[1]'s cache with floods of its own (signed: it
+    // cannot make up other origins), then replays the honest one.
     let liar = nodes[0].concerns.context(FLOOD);
     let to = nodes[1].id().clone();
     for n in 0..1000u64 {
-        let junk = Flooded {
-            origin: NodeId::from_bytes(n.to_be_bytes().repeat(4))
-                .unwrap()
-                .as_bytes()
-                .clone(),
-            message_id: n,
-            command: 4242,
-            payload: Bytes::new(),
-            ttl: 1,
-        };
+        let junk = flood_frame(identity(&nodes[0]), n, 4242, Bytes::new(), 1);
         liar.send(&to, junk.encode_to_vec()).await.unwrap();
     }
-    let replay = Flooded {
-        origin: nodes[2].id().as_bytes().clone(),
-        message_id: id,
-        command: PROBE,
-        payload: Bytes::from_static(b"honest"),
-        ttl: 4,
-    };
+    let replay = flood_frame(identity(&nodes[2]), id, PROBE, &b"honest"[..], 4);
     liar.send(&to, replay.encode_to_vec()).await.unwrap();
     sleep(S).await;
     assert_eq!(nodes[1].probe.count_payload(b"honest"), 1);

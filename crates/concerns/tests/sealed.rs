@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout};
 
 mod support;
-use support::{listening, routing_frame};
+use support::{builtin_stat, listening, routing_frame};
 
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
@@ -118,10 +118,7 @@ async fn relay(m: &PeerManager, to: &NodeId, r: Routed) {
 }
 
 fn routing_stat(node: &Concerns, name: &str) -> u64 {
-    node.builtin_stats()
-        .into_iter()
-        .find(|(c, k, _)| *c == "routing" && *k == name)
-        .map_or(0, |(_, _, v)| v)
+    builtin_stat(node, "routing", name)
 }
 
 /// h — m — t, with m the only way between h and t. m sees h's request go

@@ -130,6 +130,10 @@ pub enum TransportError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A signature (see [`verify`](crate::verify)) does not hold: the
+    /// message was altered, or the claimed signer did not sign it.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
 }
 
 impl TransportError {
@@ -176,6 +180,7 @@ impl TransportError {
             TransportError::NotAllowed(_) => "not_allowed",
             TransportError::Banned(_) => "banned",
             TransportError::KeyFile { .. } => "key_file",
+            TransportError::BadSignature(_) => "bad_signature",
         }
     }
 }

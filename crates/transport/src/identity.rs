@@ -15,6 +15,7 @@ use meshwork_wire::NodeId;
 use sha2::{Digest, Sha256};
 
 use crate::TransportError;
+use crate::signature::SigningKey;
 
 /// A node's long-term key pair. `Debug` never prints the secret.
 #[derive(Clone)]
@@ -22,6 +23,8 @@ pub struct Identity {
     secret: [u8; 32],
     public: [u8; 32],
     node_id: NodeId,
+    /// The same secret in the form that signs (see [`Identity::sign`]).
+    signing: SigningKey,
 }
 
 impl fmt::Debug for Identity {
@@ -47,6 +50,7 @@ impl Identity {
         let node_id = NodeId::from_bytes(public.to_vec())
             .unwrap_or_else(|_| unreachable!("a 32-byte id is valid"));
         Identity {
+            signing: SigningKey::new(&secret),
             secret,
             public,
             node_id,
@@ -65,6 +69,10 @@ impl Identity {
 
     pub(crate) fn secret_key(&self) -> &[u8; 32] {
         &self.secret
+    }
+
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.signing
     }
 
     /// Loads the identity from `path`, or creates the file (mode 0600) with a

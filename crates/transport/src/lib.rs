@@ -79,6 +79,7 @@ mod identity;
 pub mod mem;
 pub mod noise;
 mod pairkey;
+mod signature;
 mod tcp;
 mod transport;
 
@@ -95,6 +96,7 @@ pub use endpoint::{Endpoint, EndpointStats};
 pub use error::TransportError;
 pub use identity::{Identity, NetworkKey};
 pub use pairkey::{PairKey, SEAL_OVERHEAD};
+pub use signature::{SIGNATURE_LEN, Signature, VerifyingKey, verify};
 pub use tcp::TcpTransport;
 pub use transport::{BoxStream, ByteStream, Listener, Transport};
 

@@ -6,11 +6,11 @@
 
 use std::sync::atomic::AtomicU64;
 
-use meshwork_concerns::FLOOD;
 use meshwork_concerns::peers::{PeerManager, PeersConfig};
 use meshwork_concerns::transport::mem::MemNetwork;
-use meshwork_concerns::transport::{Config, Endpoint};
+use meshwork_concerns::transport::{Config, Endpoint, Identity};
 use meshwork_concerns::wire::proto::Flooded;
+use meshwork_concerns::{FLOOD, sign_flooded};
 use tokio::time::{Instant, sleep};
 
 use super::*;
@@ -235,17 +235,24 @@ async fn a_slow_endless_round_ends_at_the_round_timeout() {
     p.stop().await;
 }
 
-/// A sync message from `origin`, flooded by `b` to `a` (one hop).
-async fn flood_from(p: &Pair, origin: &NodeId, id: u64, body: Body) {
-    let flooded = Flooded {
-        origin: origin.as_bytes().clone(),
+/// A sync message from `origin` (a member that is not a neighbour of `a`),
+/// signed by it and flooded by `b` to `a` (one hop).
+async fn flood_from(p: &Pair, origin: &Identity, id: u64, body: Body) {
+    let mut flooded = Flooded {
+        origin: origin.node_id().as_bytes().clone(),
         message_id: id,
         command: SYNC,
         payload: proto::SyncMessage { body: Some(body) }
             .encode_to_vec()
             .into(),
         ttl: 1,
+        sent_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+        signature: Bytes::new(),
     };
+    sign_flooded(origin, &mut flooded);
     let a = p.a.node_id().clone();
     p.b.context(FLOOD)
         .send(&a, flooded.encode_to_vec())
@@ -258,7 +265,7 @@ async fn only_neighbours_prune_or_graft_links_of_the_tree() {
     let net = MemNetwork::new();
     let p = pair(&net, None).await;
     let b = p.b_id();
-    let fake = |n: u8| NodeId::from_bytes(vec![n; 32]).unwrap();
+    let fake = |n: u8| Identity::from_secret([n; 32]);
 
     // Prunes from nodes that are not neighbours, through the flood concern.
     for n in 1..=100u8 {
@@ -268,7 +275,7 @@ async fn only_neighbours_prune_or_graft_links_of_the_tree() {
     for id in [2, 3] {
         let push = proto::Push {
             id: 42,
-            origin: fake(200).as_bytes().clone(),
+            origin: fake(200).node_id().as_bytes().clone(),
             entries: Vec::new(),
         };
         flood_from(&p, &fake(200), id, Body::Push(push)).await;
