@@ -7,8 +7,8 @@
 //! | POST | `/peers/{id}/disconnect` | 200 `{"disconnected":"<id>"}`; 404 when that peer is not connected |
 //! | POST | `/peers/{id}/block` | 200 `{"blocked":"<id>"}`: its connection ends and handshakes with it are refused until unblocked |
 //! | POST | `/peers/{id}/unblock` | 200 `{"unblocked":"<id>"}` |
-//! | POST | `/broadcast` | body = message; floods it to the echo concern (command 0x100) of every node, TTL 16: 200 `{"message_id":n}` |
-//! | POST | `/publish/{topic}` | body = message; publishes it on `topic`: 200 `{"message_id":n}`; 400 for a topic that is empty or over 256 bytes |
+//! | POST | `/broadcast` | body = message; floods it to the echo concern (command 0x100) of every node, TTL 16: 200 `{"message_id":n}`; 503 `no_neighbours` when no peer is connected (it would reach nobody) |
+//! | POST | `/publish/{topic}` | body = message; publishes it on `topic`: 200 `{"message_id":n}`; 400 for a topic that is empty or over 256 bytes; 503 `no_neighbours` as `/broadcast` |
 //! | POST | `/request/{id}?timeout_ms=N` | body = message; asks node `id`'s echo concern, routed if it is not a neighbour (`timeout_ms` 1 to 600000, default 5000): 200 `{"reply":text,"elapsed_ms":x}` |
 //! | GET | `/events?since=SEQ` | 200 `{"events":[...],"next":n}`: the deliveries recorded after `SEQ` (default 0), see [`EventLog`] |
 //! | GET | `/kv/{key}` | 200 [`KvEntryJson`]: the key's value (UTF-8, invalid bytes replaced), version, writer, lease and expiry; 404 when it holds no value |
@@ -282,7 +282,10 @@ impl ApiError {
             ConcernsError::Unresponsive(_) => (StatusCode::SERVICE_UNAVAILABLE, "unresponsive"),
             ConcernsError::Dropped(_) => (StatusCode::SERVICE_UNAVAILABLE, "dropped"),
             ConcernsError::Shutdown => (StatusCode::SERVICE_UNAVAILABLE, "shutdown"),
-            ConcernsError::Decode(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ConcernsError::NoNeighbours => (StatusCode::SERVICE_UNAVAILABLE, "no_neighbours"),
+            ConcernsError::Decode(_) | ConcernsError::InvalidArgument(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let mut error = ApiError::new(status, e.to_string()).with_code(code);
@@ -3047,6 +3050,12 @@ mod tests {
             (ConcernsError::Dropped("full".into()), 503, "dropped"),
             (ConcernsError::Shutdown, 503, "shutdown"),
             (ConcernsError::Decode("topic".into()), 400, "bad_request"),
+            (
+                ConcernsError::InvalidArgument("ttl".into()),
+                400,
+                "bad_request",
+            ),
+            (ConcernsError::NoNeighbours, 503, "no_neighbours"),
             (ConcernsError::NotInstalled("flood"), 500, "internal"),
         ] {
             let error = ApiError::from_concerns(&e);

@@ -182,16 +182,25 @@ impl Context {
     }
 
     /// Sends `payload` to every node of the mesh (through the flood
-    /// concern), to travel at most `ttl` hops. Each node delivers it once to
-    /// its concern for this command; the sender does not deliver it to
-    /// itself. Returns the message id.
+    /// concern), to travel at most `ttl` hops (1 or more; a node's own
+    /// maximum, `ConcernsConfig::with_flood_ttl`, caps it on the way). Each
+    /// node delivers it once to its concern for this command; the sender
+    /// does not deliver it to itself. Returns the message id.
+    ///
+    /// Best effort, at the time of the call: it goes to the neighbours
+    /// connected now, and on from them. [`ConcernsError::NoNeighbours`]
+    /// when there were none (a node that has just started, or whose peer
+    /// has just connected, may not count it yet: see
+    /// `PeerManager::wait_for_peers`), [`ConcernsError::InvalidArgument`]
+    /// for a TTL of 0 or a command id of the flood or routing concern
+    /// (which no node would deliver), [`ConcernsError::Shutdown`] once the
+    /// layer is stopping.
     pub async fn broadcast(
         &self,
         payload: impl Into<Bytes>,
         ttl: u32,
     ) -> Result<u64, ConcernsError> {
-        let flood = self.inner.flood()?;
-        Ok(flood.broadcast(&self.inner, self.command, payload.into(), ttl))
+        self.inner.broadcast(self.command, payload.into(), ttl)
     }
 
     /// Sends a one-way message to any node, neighbour or not, through the
@@ -249,6 +258,9 @@ impl Context {
 
     /// Publishes `payload` on `topic`: every node of the mesh subscribed to
     /// it receives it once (the publisher's own subscriptions excepted).
+    /// Fails as [`broadcast`](Self::broadcast) does, and with
+    /// [`ConcernsError::InvalidArgument`] for a topic that is empty or longer
+    /// than [`MAX_TOPIC_LEN`](crate::MAX_TOPIC_LEN) bytes.
     pub async fn publish(
         &self,
         topic: &str,

@@ -62,6 +62,15 @@ pub enum ConcernsError {
     /// The concerns layer is shut down.
     #[error("the concerns layer is shut down")]
     Shutdown,
+    /// A broadcast or publication found no neighbour to take it: this node
+    /// has no connected peer now (or every one's queue was full), so it
+    /// reached nobody.
+    #[error("no neighbour took the message: it reached nobody")]
+    NoNeighbours,
+    /// An argument the call cannot take (an empty topic, a TTL of 0, a
+    /// command id reserved for the built-in concerns).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
 }
 
 impl From<PeersError> for ConcernsError {

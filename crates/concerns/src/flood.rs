@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use crate::clock::WallClock;
 use crate::manager::{ConcernsConfig, FLOOD, Inner, Job, ReplyPath};
 use crate::seen::SeenCache;
-use crate::{BoxError, Concern, Context, Reply};
+use crate::{BoxError, Concern, ConcernsError, Context, Reply};
 
 pub(crate) struct Flood {
     /// By (origin, message id), owned by the neighbour that brought it.
@@ -164,14 +164,15 @@ impl Flood {
         n
     }
 
-    /// Starts a flood from this node; returns its message id.
+    /// Starts a flood from this node; returns its message id, or
+    /// `NoNeighbours` if no neighbour took it.
     pub(crate) fn broadcast(
         &self,
         inner: &Arc<Inner>,
         command: u32,
         payload: Bytes,
         ttl: u32,
-    ) -> u64 {
+    ) -> Result<u64, ConcernsError> {
         let me = inner.peers.node_id().clone();
         let mut id = rand::random::<u64>();
         while !self.first_time(&me, id, &me) {
@@ -187,9 +188,11 @@ impl Flood {
             signature: Bytes::new(),
         };
         sign_flooded(inner.peers.endpoint().config().identity(), &mut f);
+        if self.relay(inner, &f, &[]) == 0 {
+            return Err(ConcernsError::NoNeighbours);
+        }
         self.sent.fetch_add(1, Ordering::Relaxed);
-        self.relay(inner, &f, &[]);
-        id
+        Ok(id)
     }
 
     pub(crate) fn stats(&self) -> Vec<(&'static str, u64)> {

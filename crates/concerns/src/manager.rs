@@ -491,10 +491,41 @@ impl Inner {
         topic: &str,
         payload: Bytes,
     ) -> Result<u64, ConcernsError> {
-        let topics = self.topics()?;
+        let body = self.topics()?.encode(topic, payload)?;
+        self.flood_from_here(TOPICS, body, self.config.flood_ttl)
+    }
+
+    /// Starts a flood of `payload` for `command` (see [`Context::broadcast`]).
+    pub(crate) fn broadcast(
+        self: &Arc<Self>,
+        command: u32,
+        payload: Bytes,
+        ttl: u32,
+    ) -> Result<u64, ConcernsError> {
+        if command == FLOOD || command == ROUTING {
+            return Err(ConcernsError::InvalidArgument(format!(
+                "command {command:#x} is a carrier: a flood of it is delivered nowhere"
+            )));
+        }
+        if ttl == 0 {
+            return Err(ConcernsError::InvalidArgument(
+                "a broadcast travels at least 1 hop (ttl 0)".into(),
+            ));
+        }
+        self.flood_from_here(command, payload, ttl)
+    }
+
+    fn flood_from_here(
+        self: &Arc<Self>,
+        command: u32,
+        payload: Bytes,
+        ttl: u32,
+    ) -> Result<u64, ConcernsError> {
         let flood = self.flood()?;
-        let body = topics.encode(topic, payload)?;
-        Ok(flood.broadcast(self, TOPICS, body, self.config.flood_ttl))
+        if self.stopping() {
+            return Err(ConcernsError::Shutdown);
+        }
+        flood.broadcast(self, command, payload, ttl)
     }
 
     /// Tells `reg`'s concern how a message it sent to `to` fared.
@@ -1217,7 +1248,8 @@ impl Concerns {
         self.inner.topics()?.subscribe(topic)
     }
 
-    /// Publishes on `topic` (see [`Context::publish`]).
+    /// Publishes on `topic` (see [`Context::publish`], which fails the same
+    /// way).
     pub fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<u64, ConcernsError> {
         self.inner.publish(topic, payload.into())
     }

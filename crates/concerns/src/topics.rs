@@ -86,7 +86,7 @@ impl Drop for Subscription {
 
 fn check_topic(topic: &str) -> Result<(), ConcernsError> {
     if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
-        return Err(ConcernsError::Decode(format!(
+        return Err(ConcernsError::InvalidArgument(format!(
             "a topic is 1 to {MAX_TOPIC_LEN} bytes, not {}",
             topic.len()
         )));

@@ -744,9 +744,50 @@ async fn topics_reach_every_subscriber_once_neighbour_or_not() {
     assert!(origin.is_none());
     assert!(matches!(
         nodes[0].concerns.subscribe(""),
-        Err(ConcernsError::Decode(_))
+        Err(ConcernsError::InvalidArgument(_))
     ));
     stop(nodes).await;
+}
+
+/// A broadcast or publication that cannot reach anyone says so instead of
+/// returning an id: no neighbour yet, a TTL of 0, a carrier's command id
+/// (delivered nowhere), a stopped layer.
+#[tokio::test(start_paused = true)]
+async fn a_broadcast_that_would_reach_nobody_is_an_error() {
+    let net = MemNetwork::new();
+    let alone = start(&net, "alone", PeersConfig::default()).await;
+    let r = alone.ctx().broadcast("x", 4).await;
+    assert!(matches!(r, Err(ConcernsError::NoNeighbours)), "{r:?}");
+    let r = alone.concerns.publish("t", "x");
+    assert!(matches!(r, Err(ConcernsError::NoNeighbours)), "{r:?}");
+    assert_eq!(flood_stat(&alone, "sent"), 0);
+
+    let other = start(&net, "other", seeded(&["mem://alone".into()])).await;
+    let deadline = Instant::now() + 5 * S;
+    while alone.concerns.peers().neighbours().is_empty() {
+        assert!(Instant::now() < deadline, "no connection");
+        sleep(10 * MS).await;
+    }
+    let r = alone.ctx().broadcast("x", 0).await;
+    assert!(matches!(r, Err(ConcernsError::InvalidArgument(_))), "{r:?}");
+    for carrier in [FLOOD, ROUTING] {
+        let r = alone.concerns.context(carrier).broadcast("x", 4).await;
+        assert!(matches!(r, Err(ConcernsError::InvalidArgument(_))), "{r:?}");
+    }
+    alone.ctx().broadcast("ok", 4).await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while other.probe.count_payload(b"ok") == 0 {
+        assert!(Instant::now() < deadline, "the broadcast never arrived");
+        sleep(10 * MS).await;
+    }
+    assert_eq!(other.probe.total(), 1);
+
+    alone.concerns.shutdown().await;
+    let r = alone.ctx().broadcast("late", 4).await;
+    assert!(matches!(r, Err(ConcernsError::Shutdown)), "{r:?}");
+    let r = alone.concerns.publish("t", "late");
+    assert!(matches!(r, Err(ConcernsError::Shutdown)), "{r:?}");
+    stop(vec![alone, other]).await;
 }
 
 #[tokio::test(start_paused = true)]
