@@ -100,6 +100,10 @@ pub use meshwork_peers::transport;
 /// The wire layer, for the layers above.
 pub use meshwork_peers::wire;
 
+/// Re-exported: [`Concern`] implementations need the macro and the type.
+pub use async_trait::async_trait;
+/// Re-exported: payloads are `Bytes`.
+pub use bytes::Bytes;
 pub use concern::{Concern, Reply};
 pub use context::Context;
 pub use error::{BoxError, ConcernsError};

@@ -58,6 +58,79 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Messages: broadcasts, topics, requests
+//!
+//! Topics need no code of your own ([`Concerns::subscribe`],
+//! [`Concerns::publish`]). Broadcasts and requests are for a
+//! [`Concern`]: a handler of one command id, added to
+//! every node that should receive them (ids from `0xFFFF_0000` up are
+//! meshwork's own). Broadcasts and publications are best effort: they go
+//! to the peers connected when they are sent, and fail with
+//! [`ConcernsError::NoNeighbours`]
+//! when there are none.
+//!
+//! ```
+//! use std::time::Duration;
+//! use meshwork::concerns::{BoxError, Bytes, Concern, Context, Reply, async_trait};
+//! use meshwork::{Node, transport::mem::MemNetwork, wire::NodeId};
+//! use tokio::sync::mpsc;
+//!
+//! /// Hands every message for command 0x100 to a channel.
+//! struct Inbox(mpsc::Sender<Bytes>);
+//!
+//! #[async_trait]
+//! impl Concern for Inbox {
+//!     fn command(&self) -> u32 {
+//!         0x100
+//!     }
+//!     async fn on_request(
+//!         &self,
+//!         _ctx: &Context,
+//!         _from: &NodeId,
+//!         payload: Bytes,
+//!     ) -> Result<Option<Reply>, BoxError> {
+//!         let _ = self.0.try_send(payload); // a full inbox drops it
+//!         Ok(None) // no reply (a request would get Some(Reply::new(..)))
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let net = MemNetwork::new();
+//! let (tx, mut inbox) = mpsc::channel(16);
+//! let a = Node::builder("example")
+//!     .transport(net.transport("a"))
+//!     .listen("mem://a".parse()?)
+//!     .start()
+//!     .await?;
+//! let b = Node::builder("example")
+//!     .transport(net.transport("b"))
+//!     .listen("mem://b".parse()?)
+//!     .seed("mem://a".parse()?)
+//!     .concern(Inbox(tx))
+//!     .start()
+//!     .await?;
+//! // The sender must count the link itself (b may see it first).
+//! a.wait_for_peers(1, Duration::from_secs(5)).await?;
+//!
+//! let mut news = b.concerns().subscribe("news")?;
+//! a.concerns().context(0x100).broadcast("to every node", 16).await?;
+//! a.concerns().publish("news", "to subscribers")?;
+//! let wait = Duration::from_secs(5);
+//! assert_eq!(tokio::time::timeout(wait, inbox.recv()).await?, Some("to every node".into()));
+//! let got = tokio::time::timeout(wait, news.recv()).await?.expect("subscribed");
+//! assert_eq!((got.origin, got.payload), (a.node_id().clone(), "to subscribers".into()));
+//! for node in [a, b] {
+//!     node.shutdown().await;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Services are called the same way from any node; one served elsewhere a
+//! moment ago is listed once its registry entry arrives
+//! ([`Rpc::wait_for_provider`](rpc::Rpc::wait_for_provider)).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -345,6 +418,10 @@ struct NodeInner {
 }
 
 /// A running mesh node. Cheap to clone; every clone is the same node.
+///
+/// Dropping the handles does not stop it: its tasks go on serving the mesh
+/// until [`shutdown`](Node::shutdown), which tells its peers and waits for
+/// the layers to stop.
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<NodeInner>,

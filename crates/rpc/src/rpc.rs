@@ -13,11 +13,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
-use meshwork_sync::SyncMap;
 use meshwork_sync::concerns::transport::Priority;
 use meshwork_sync::concerns::wire::NodeId;
 use meshwork_sync::concerns::wire::proto::ErrorCode;
 use meshwork_sync::concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
+use meshwork_sync::{SyncError, SyncMap};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -911,6 +911,35 @@ impl Rpc {
             version: C::VERSION,
             deadline: self.inner.config.deadline,
         })
+    }
+
+    /// Waits until the registry lists at least one provider of `name`, at
+    /// most `timeout`, and returns them (nearest first). A service served
+    /// on another node a moment ago may not be listed here yet: its
+    /// registry entry is on its way through the mesh, and a call made
+    /// before it arrives fails with [`RpcError::NoProvider`] at once (a
+    /// call never waits for a provider to appear). Also
+    /// [`RpcError::NoProvider`] if none is listed within `timeout`;
+    /// [`RpcError::Local`] if the layer shuts down meanwhile.
+    pub async fn wait_for_provider(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Vec<Provider>, RpcError> {
+        let deadline = Instant::now() + timeout;
+        // Watch before looking, so that an entry landing in between wakes us.
+        let mut changes = self.inner.sync.watch(format!("{REGISTRY_PREFIX}{name}/"));
+        loop {
+            let found = self.providers(name);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => return Err(RpcError::NoProvider(name.to_string())),
+                Ok(Ok(_) | Err(SyncError::Lagged(_))) => {}
+                Ok(Err(e)) => return Err(RpcError::Local(e.to_string())),
+            }
+        }
     }
 
     /// The providers of `name` in the registry, nearest first.

@@ -334,6 +334,15 @@ async fn mesh(net: &MemNetwork, hosts: &[(&str, RpcConfig)]) -> Vec<Node> {
     nodes
 }
 
+/// Nodes "a" and "b", default settings, connected.
+async fn two_nodes(net: &MemNetwork) -> Vec<Node> {
+    mesh(
+        net,
+        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
+    )
+    .await
+}
+
 /// Waits until every node of `others` lists `provider` for `name`.
 async fn wait_listed(others: &[&Node], name: &str, provider: &Node) {
     wait_until(&format!("{name} listed everywhere"), || {
@@ -497,11 +506,7 @@ async fn typed_results_and_application_errors_round_trip() {
 #[tokio::test(start_paused = true)]
 async fn raw_calls_in_json_and_every_refusal_of_the_provider() {
     let net = MemNetwork::new();
-    let nodes = mesh(
-        &net,
-        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
-    )
-    .await;
+    let nodes = two_nodes(&net).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let (imp, probe) = Imp::new("b");
     b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
@@ -615,11 +620,7 @@ async fn raw_calls_in_json_and_every_refusal_of_the_provider() {
 #[tokio::test(start_paused = true)]
 async fn no_provider_is_an_immediate_error() {
     let net = MemNetwork::new();
-    let nodes = mesh(
-        &net,
-        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
-    )
-    .await;
+    let nodes = two_nodes(&net).await;
     let a = &nodes[0];
     assert!(a.rpc().providers("nobody").is_empty());
     let started = Instant::now();
@@ -637,6 +638,37 @@ async fn no_provider_is_an_immediate_error() {
     // No timer ran: not even a millisecond of the (paused) clock passed.
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(a.rpc().call_stats().failures, 2);
+    stop(nodes).await;
+}
+
+/// A service served a moment ago elsewhere: waiting for its provider
+/// returns once the registry entry lands, and the call then goes through;
+/// a name nobody serves waits out the timeout, and says no provider.
+#[tokio::test(start_paused = true)]
+async fn waiting_for_a_provider_returns_once_it_is_listed() {
+    let net = MemNetwork::new();
+    let nodes = two_nodes(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let waiting = {
+        let rpc = a.rpc().clone();
+        tokio::spawn(async move { rpc.wait_for_provider("calc", 5 * S).await })
+    };
+    sleep(100 * MS).await;
+    assert!(!waiting.is_finished());
+    let (imp, _probe) = Imp::new("b");
+    let served_at = Instant::now();
+    b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
+    let found = waiting.await.unwrap().unwrap();
+    assert!(served_at.elapsed() < S, "{:?}", served_at.elapsed());
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].node_id, *b.node_id());
+    let client: CalcClient = a.rpc().client("calc");
+    assert_eq!(client.add(1, 2).await, Ok(3));
+
+    let started = Instant::now();
+    let none = a.rpc().wait_for_provider("nobody", 2 * S).await;
+    assert_eq!(none.unwrap_err(), RpcError::NoProvider("nobody".into()));
+    assert!(started.elapsed() >= 2 * S, "{:?}", started.elapsed());
     stop(nodes).await;
 }
 
@@ -721,11 +753,7 @@ async fn versions_are_kept_apart() {
 #[tokio::test(start_paused = true)]
 async fn a_provider_that_does_not_serve_the_service_says_so() {
     let net = MemNetwork::new();
-    let nodes = mesh(
-        &net,
-        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
-    )
-    .await;
+    let nodes = two_nodes(&net).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let record = ServiceRecord {
         version: 1,
@@ -893,11 +921,7 @@ async fn a_neighbour_sending_malformed_rpc_messages_gets_errors_and_serving_goes
 #[tokio::test(start_paused = true)]
 async fn a_deadline_ends_the_call_on_both_sides() {
     let net = MemNetwork::new();
-    let nodes = mesh(
-        &net,
-        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
-    )
-    .await;
+    let nodes = two_nodes(&net).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let (imp, probe) = Imp::new("b");
     b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
@@ -1028,11 +1052,7 @@ async fn the_default_deadline_comes_from_the_config() {
 #[tokio::test(start_paused = true)]
 async fn dropping_a_call_cancels_it_on_the_provider() {
     let net = MemNetwork::new();
-    let nodes = mesh(
-        &net,
-        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
-    )
-    .await;
+    let nodes = two_nodes(&net).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let (imp, probe) = Imp::new("b");
     b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
@@ -1877,11 +1897,7 @@ async fn a_call_to_a_killed_provider_before_the_registry_forgets_it_fails_fast()
 #[tokio::test(start_paused = true)]
 async fn dotted_names_work_and_invalid_names_are_refused() {
     let net = MemNetwork::new();
-    let nodes = mesh(
-        &net,
-        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
-    )
-    .await;
+    let nodes = two_nodes(&net).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let names = ["storage.blobs", "storage.blobs.v2", "storage", "a-b_c.D9"];
     for (i, name) in names.iter().enumerate() {
