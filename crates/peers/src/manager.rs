@@ -495,12 +495,22 @@ impl PeerManager {
         lock(&self.inner.pool).blocked()
     }
 
-    /// Waits until at least `n` peers are connected.
+    /// Waits until at least `n` peers are connected: `Timeout` after
+    /// `timeout`, `Shutdown` at once if the manager shuts down (or has).
     pub async fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<(), PeersError> {
         let mut rx = self.inner.connected.subscribe();
-        match tokio::time::timeout(timeout, rx.wait_for(|c| *c >= n)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(PeersError::Shutdown),
+        let cancel = &self.inner.cancel;
+        let reached = async {
+            tokio::select! {
+                biased;
+                r = rx.wait_for(|c| *c >= n) => r.is_ok(),
+                // Nothing connects any more: waiting on would only time out.
+                () = cancel.cancelled() => false,
+            }
+        };
+        match tokio::time::timeout(timeout, reached).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(PeersError::Shutdown),
             Err(_) => Err(PeersError::Timeout {
                 what: "peers",
                 after: timeout,

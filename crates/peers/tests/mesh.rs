@@ -390,6 +390,26 @@ async fn messages_events_and_a_graceful_goodbye() {
     a.shutdown().await;
 }
 
+/// Waiting for peers ends at once when the manager shuts down, during the
+/// wait or before it, instead of running out its timeout.
+#[tokio::test(start_paused = true)]
+async fn waiting_for_peers_ends_with_the_manager() {
+    let net = MemNetwork::new();
+    let a = node(&net, "a", config(1, 4)).await;
+    let started = Instant::now();
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.wait_for_peers(1, 60 * S).await })
+    };
+    tokio::time::sleep(S).await;
+    a.shutdown().await;
+    let r = waiting.await.unwrap();
+    assert!(matches!(r, Err(PeersError::Shutdown)), "{r:?}");
+    let r = a.wait_for_peers(1, 60 * S).await;
+    assert!(matches!(r, Err(PeersError::Shutdown)), "{r:?}");
+    assert!(started.elapsed() < 2 * S, "{:?}", started.elapsed());
+}
+
 #[tokio::test(start_paused = true)]
 async fn too_many_errors_disconnect_a_peer_and_selection_skips_it() {
     let net = MemNetwork::new();

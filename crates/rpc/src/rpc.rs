@@ -1114,6 +1114,9 @@ impl Rpc {
         async move {
             self.inner.counters.calls.fetch_add(1, Ordering::Relaxed);
             check_service_name(service).map_err(|e| e.map_app(|n| match n {}))?;
+            if self.inner.server.shutting_down() {
+                return Err(RpcError::Local("the RPC layer is shut down".into()));
+            }
             let started = Instant::now();
             let deadline_at = started + o.deadline;
             // Providers that failed, for the attempts after (few: a list).

@@ -672,6 +672,29 @@ async fn waiting_for_a_provider_returns_once_it_is_listed() {
     stop(nodes).await;
 }
 
+/// Once its node shuts down, a client's calls fail at once as local
+/// errors, whether or not the registry still lists a provider.
+#[tokio::test(start_paused = true)]
+async fn calls_after_shutdown_fail_locally() {
+    let net = MemNetwork::new();
+    let nodes = two_nodes(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (imp, _probe) = Imp::new("b");
+    b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
+    wait_listed(&[a], "calc", b).await;
+    let client: CalcClient = a.rpc().client("calc");
+    a.shutdown().await;
+    for name in ["calc", "nobody"] {
+        let r = a
+            .rpc()
+            .call_raw(name, "add", Bytes::from_static(b"[1,2]"), options(S))
+            .await;
+        assert!(matches!(r, Err(RpcError::Local(_))), "{name}: {r:?}");
+    }
+    assert!(matches!(client.add(1, 2).await, Err(RpcError::Local(_))));
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn versions_are_kept_apart() {
     let net = MemNetwork::new();
