@@ -205,7 +205,10 @@ impl Demo {
              every link is encrypted and authenticated ({NOISE_PARAMS}); \
              a node id is the node's X25519 public key\n\
              every node holds a replica of one key-value map; a write leases its key to the writer\n\
-             a node serves a typed service, which the node farthest from it calls\n\n",
+             a node serves a typed service, which the node farthest from it calls\n\
+             broadcasts are signed by their sender; routed messages are sealed for their target\n\
+             tables: \"peers\" counts connected peers, \"known\" nodes heard of but not connected, \
+             \"route\" nodes reached through others\n\n",
             self.count,
             HEARTBEAT.as_millis(),
             self.limits.min,
@@ -291,7 +294,9 @@ impl Demo {
                 ));
                 self.report.push((
                     "peers".into(),
-                    format!("{links}; every node has {peers} (min {min}); graph connected"),
+                    format!(
+                        "{links} when formed; every node has {peers} (min {min}); graph connected"
+                    ),
                 ));
                 self.report
                     .push(("time to form".into(), fmt_duration(took)));
