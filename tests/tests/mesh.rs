@@ -184,6 +184,11 @@ async fn another_network_never_joins() {
     // Seeds are never given up, but are retried with backoff.
     let failed = seed.endpoint().stats().handshakes_failed;
     assert!((10..=60).contains(&failed), "{failed} failed handshakes");
+    // Both sides' status says why, with no logs needed.
+    for (node, reason) in [(&seed, "wrong_network"), (&stranger, "refused_by_peer")] {
+        let why = &node.status().handshakes.failures;
+        assert!(why.get(reason).is_some_and(|&n| n > 0), "{why:?}");
+    }
     stranger.shutdown().await;
     seed.shutdown().await;
 }

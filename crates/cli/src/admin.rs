@@ -72,7 +72,7 @@ use meshwork::concerns::{ConcernStats, ConcernsError, Route};
 use meshwork::peers::PeerSnapshot;
 use meshwork::rpc::{CallOptions, CallStats, Codec, Provider, RpcError, ServedStats};
 use meshwork::sync::{EntryInfo, SyncError, SyncStats};
-use meshwork::transport::{Direction, EndpointStats, Security};
+use meshwork::transport::{Direction, Security};
 use meshwork::wire::NodeId;
 use meshwork::wire::proto::ErrorCode;
 use meshwork::{ConnectionStatus, Node, NodeStatus};
@@ -743,7 +743,6 @@ impl Limits {
 pub(crate) fn status_json(
     status: &NodeStatus,
     security: Security,
-    stats: &EndpointStats,
     limits: Limits,
     concerns: &ConcernsInfo,
     leasing: bool,
@@ -761,11 +760,11 @@ pub(crate) fn status_json(
         node_id: status.node_id.to_string(),
         network_id: status.network_id.clone(),
         security: security.name(),
-        handshakes_ok: stats.handshakes_ok,
-        handshake_failures: stats.failures.clone(),
-        rejected_busy: stats.rejected_busy,
-        evicted_handshakes: stats.evicted_handshakes,
-        pending_handshakes: stats.pending_handshakes,
+        handshakes_ok: status.handshakes.handshakes_ok,
+        handshake_failures: status.handshakes.failures.clone(),
+        rejected_busy: status.handshakes.rejected_busy,
+        evicted_handshakes: status.handshakes.evicted_handshakes,
+        pending_handshakes: status.handshakes.pending_handshakes,
         listen: status.listen.iter().map(|a| a.to_string()).collect(),
         metadata: status.metadata.clone().into_iter().collect(),
         uptime_secs: status.uptime.as_secs_f64(),
@@ -919,7 +918,6 @@ async fn status(State(state): State<AdminState>) -> Json<StatusJson> {
     Json(status_json(
         &node.status(),
         endpoint.config().security(),
-        &endpoint.stats(),
         Limits::of(node),
         &concerns,
         node.sync().leasing(),
@@ -1620,6 +1618,7 @@ mod tests {
     use crate::echo::{Echo, TopicRecorder};
     use meshwork::NodeBuilder;
     use meshwork::peers::{PeerEvent, PeerState, PeersConfig, PoolStats};
+    use meshwork::transport::EndpointStats;
     use meshwork::transport::mem::MemNetwork;
     use serde_json::{Value, json};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1919,15 +1918,15 @@ mod tests {
                 frames_sent: 3,
                 frames_received: 4,
             }],
-        };
-        let stats = EndpointStats {
-            failures: [("crypto", 2), ("not_allowed", 1)].into(),
-            handshakes_ok: 5,
-            handshakes_failed: 3,
-            rejected_busy: 7,
-            evicted_handshakes: 2,
-            pending_handshakes: 3,
-            open_connections: 1,
+            handshakes: EndpointStats {
+                failures: [("crypto", 2), ("not_allowed", 1)].into(),
+                handshakes_ok: 5,
+                handshakes_failed: 3,
+                rejected_busy: 7,
+                evicted_handshakes: 2,
+                pending_handshakes: 3,
+                open_connections: 1,
+            },
         };
         let limits = Limits {
             min_peers: 4,
@@ -1948,7 +1947,6 @@ mod tests {
         let json = serde_json::to_value(status_json(
             &status,
             Security::Noise,
-            &stats,
             limits,
             &concerns,
             true,
@@ -2087,9 +2085,11 @@ mod tests {
             })
         );
         let plain = status_json(
-            &status,
+            &NodeStatus {
+                handshakes: EndpointStats::default(),
+                ..status
+            },
             Security::InsecurePlaintext,
-            &EndpointStats::default(),
             limits,
             &ConcernsInfo::default(),
             false,

@@ -1537,6 +1537,7 @@ mod tests {
             served: Vec::new(),
             calls: Default::default(),
             connections: vec![],
+            handshakes: Default::default(),
         }
     }
 

@@ -141,7 +141,7 @@ use meshwork_peers::{PeerManager, PeerSnapshot, PeersConfig, PeersError, PoolSta
 use meshwork_rpc::{CallStats, Rpc, RpcConfig, RpcError, ServedStats};
 use meshwork_sync::{SyncConfig, SyncError, SyncMap, SyncStats};
 use meshwork_transport::{
-    Address, Config, Direction, Endpoint, TcpTransport, Transport, TransportError,
+    Address, Config, Direction, Endpoint, EndpointStats, TcpTransport, Transport, TransportError,
 };
 use meshwork_wire::NodeId;
 use tokio::time::Instant;
@@ -467,6 +467,10 @@ pub struct NodeStatus {
     /// Every open transport connection, oldest first (during a duplicate
     /// resolution or a refusal there can briefly be more than peers).
     pub connections: Vec<ConnectionStatus>,
+    /// Handshakes and admission: why peers that never connect failed, by
+    /// reason (e.g. `crypto` for another network key or security mode,
+    /// `wrong_network`, `incompatible_settings`).
+    pub handshakes: EndpointStats,
 }
 
 /// One connection in a [`NodeStatus`].
@@ -561,6 +565,7 @@ impl Node {
             .collect();
         let peers = self.peers();
         NodeStatus {
+            handshakes: ep.stats(),
             node_id: self.node_id().clone(),
             network_id: ep.config().network_id().to_string(),
             listen: self.listen_addrs(),
