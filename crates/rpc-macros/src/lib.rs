@@ -394,9 +394,10 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
                 .iter()
                 .filter(|(_, t)| is_byte_vec(t))
                 .map(|(n, _)| quote!(let #n = #n.into_vec();));
+            let arity = idents.len();
             quote! {
                 let (#(#idents,)*): (#(#wire_types,)*) = __meshwork_codec
-                    .decode(&__meshwork_args)
+                    .decode_args(&__meshwork_args, #arity)
                     .map_err(#k::ServiceError::Decode)?;
                 #(#unwrap)*
             }

@@ -57,6 +57,31 @@ impl Codec {
             Codec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
         }
     }
+
+    /// Decodes the argument tuple `T` of a method taking `arity`
+    /// arguments; in JSON, an array of the wrong length is told as such
+    /// (serde's own message for it is about trailing characters or an
+    /// early end). Used by the code `#[service]` generates.
+    pub fn decode_args<T: DeserializeOwned>(self, bytes: &[u8], arity: usize) -> Result<T, String> {
+        self.decode(bytes).map_err(|e| {
+            if self != Codec::Json {
+                return e;
+            }
+            let plural = if arity == 1 { "" } else { "s" };
+            match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(serde_json::Value::Array(a)) if a.len() != arity => {
+                    format!(
+                        "expected {arity} argument{plural} (a JSON array), got {}",
+                        a.len()
+                    )
+                }
+                Ok(v) if !v.is_array() => {
+                    format!("the arguments are a JSON array of {arity} value{plural}, not {v}")
+                }
+                _ => e,
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -74,6 +99,32 @@ mod tests {
         }
         assert_eq!(Codec::from_wire(7), None);
         assert_eq!(&Codec::Json.encode(&(1, 2)).unwrap()[..], b"[1,2]");
+    }
+
+    #[test]
+    fn a_json_argument_list_of_the_wrong_length_says_so() {
+        let two = |b: &[u8]| Codec::Json.decode_args::<(i64, String)>(b, 2);
+        assert_eq!(two(br#"[1,"x"]"#), Ok((1, "x".into())));
+        assert_eq!(
+            two(br#"[1,"x",3]"#).unwrap_err(),
+            "expected 2 arguments (a JSON array), got 3"
+        );
+        assert_eq!(
+            two(b"[1]").unwrap_err(),
+            "expected 2 arguments (a JSON array), got 1"
+        );
+        assert_eq!(
+            Codec::Json.decode_args::<(i64,)>(b"5", 1).unwrap_err(),
+            "the arguments are a JSON array of 1 value, not 5"
+        );
+        // The right length with a wrong type keeps serde's message.
+        assert!(two(br#"["x",1]"#).unwrap_err().contains("invalid type"));
+        assert!(two(b"[1,").is_err());
+        assert!(
+            Codec::Postcard
+                .decode_args::<(i64, String)>(b"\xff", 2)
+                .is_err()
+        );
     }
 
     proptest::proptest! {
