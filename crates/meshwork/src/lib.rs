@@ -13,6 +13,8 @@
 //! | 4 | `meshwork-sync`: the replicated key-value map with leases | [`sync`] |
 //! | 5 | `meshwork-rpc`: typed services callable from any node | [`rpc`], [`service`] |
 //!
+//! The [`guide`] walks through each layer with complete examples.
+//!
 //! Every node runs every layer: [`Node::sync`] is its replicated map,
 //! [`Node::rpc`] serves and calls services. A node keeps
 //! between `min_peers` and `max_peers` peers, found from its seeds and then
@@ -146,6 +148,12 @@ use meshwork_transport::{
 use meshwork_wire::NodeId;
 use tokio::time::Instant;
 use tracing::info;
+
+/// A guide for users: nodes, messages, the replicated map and services,
+/// each with a complete example (the text of `docs/guide.md`, whose
+/// examples run as this crate's doc tests).
+#[doc = include_str!("../../../docs/guide.md")]
+pub mod guide {}
 
 pub use meshwork_concerns as concerns;
 pub use meshwork_peers as peers;
