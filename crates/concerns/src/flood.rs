@@ -60,6 +60,8 @@ pub(crate) struct Flood {
 
 /// Origins whose signature-checking keys are kept; past it one is dropped.
 const KEY_CACHE: usize = 4096;
+/// Stale floods logged as warnings; later ones only at debug level.
+const STALE_WARNINGS: u64 = 8;
 /// How long a neighbour that handed over a forged flood is refused.
 const FORGER_BAN: Duration = Duration::from_secs(600);
 /// Domain separation: a signature made for a flood serves no other purpose.
@@ -238,8 +240,14 @@ impl Concern for Flood {
         let off_ms = i128::from(f.sent_at_ms) - i128::from(self.clock.now_ms());
         if off_ms.unsigned_abs() > u128::from(self.window_ms) {
             // Not the bringer's fault: its clock may differ from ours.
-            self.stale.fetch_add(1, Ordering::Relaxed);
-            debug!(origin = %origin.short(), off_ms, "flood stamped outside the clock window: dropped");
+            let seen = self.stale.fetch_add(1, Ordering::Relaxed);
+            // Usually clocks that disagree, which the operator must fix: said
+            // loudly the first few times (not more: anyone can send these).
+            if seen < STALE_WARNINGS {
+                warn!(origin = %origin.short(), off_ms, window_ms = self.window_ms, "flood stamped outside the clock window: dropped (are the two nodes' clocks in sync?)");
+            } else {
+                debug!(origin = %origin.short(), off_ms, "flood stamped outside the clock window: dropped");
+            }
             return Ok(None);
         }
         if !self.signed_by(&origin, &f) {
