@@ -398,7 +398,8 @@ const SCENARIOS: &[Scenario] = &[
         about: "POST /broadcast from a node farthest from some other (fewest peers on a tie): \
                 every other node's /events \
                 records it exactly once (kind broadcast, from the origin, same payload) within \
-                10 s and still once 1 s later; the origin records nothing",
+                10 s and still once 1 s later; the origin records nothing, and no node counts a \
+                forged or stale flood (signatures and stamps hold between processes)",
         run: scenario_flood,
     },
     Scenario {
@@ -2252,11 +2253,24 @@ fn scenario_flood(mesh: &mut Mesh) -> Result<String> {
         DUPLICATE_WINDOW,
         |mesh, log| delivery.check(mesh, log, &receivers, &[origin]),
     )?;
+    // Floods are signed and stamped: between honest nodes on one clock, no
+    // check may ever fail (a failure bans the neighbour that relayed it).
+    for &i in &members {
+        let status = mesh.http.status(&mesh.nodes[i].ready.admin)?;
+        for counter in ["forged", "stale"] {
+            let n = status.builtin["flood"][counter].as_u64().unwrap_or(0);
+            ensure!(
+                n == 0,
+                "node {i} counted {n} {counter} flood(s) from honest nodes; expected none"
+            );
+        }
+    }
     let farthest = graph.distances(origin).into_values().max().unwrap_or(0);
     Ok(format!(
         "node {origin} ({} peer(s)) broadcast message {message_id}: each of the {} other \
          node(s), up to {farthest} hop(s) away, recorded it once within {}, and still once {} \
-         later ({polls} polls); node {origin} recorded nothing",
+         later ({polls} polls); node {origin} recorded nothing; no node counted a forged or \
+         stale flood",
         graph.degree(origin),
         receivers.len(),
         fmt_duration(reached),
