@@ -127,7 +127,10 @@ impl ConcernsConfig {
 
     /// The flood dedup cache: entries and how long each is kept (default
     /// 65 536 and 120 s). A flood must die out (its TTL) well within that
-    /// time, or it could be delivered twice.
+    /// time, or it could be delivered twice. Floods stamped further than
+    /// half that time from this node's clock are dropped (counted `stale`),
+    /// so that one recorded and sent again after the cache forgot it is
+    /// refused: nodes whose clocks differ by more cannot flood each other.
     pub fn with_seen_cache(mut self, capacity: usize, ttl: Duration) -> Self {
         self.seen_capacity = capacity.max(1);
         self.seen_ttl = ttl;
