@@ -63,9 +63,11 @@ pub enum ConcernsError {
     #[error("the concerns layer is shut down")]
     Shutdown,
     /// A broadcast or publication found no neighbour to take it: this node
-    /// has no connected peer now (or every one's queue was full), so it
-    /// reached nobody.
-    #[error("no neighbour took the message: it reached nobody")]
+    /// has no connected peer now, or every one's queue was full (a peer that
+    /// stopped reading), so it reached nobody.
+    #[error(
+        "no neighbour took the message (none is connected, or every one's queue is full): it reached nobody"
+    )]
     NoNeighbours,
     /// An argument the call cannot take (an empty topic, a TTL of 0, a
     /// command id reserved for the built-in concerns).

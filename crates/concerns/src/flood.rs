@@ -33,12 +33,21 @@ use tracing::{debug, warn};
 
 use crate::clock::WallClock;
 use crate::manager::{ConcernsConfig, FLOOD, Inner, Job, ReplyPath};
-use crate::seen::SeenCache;
+use crate::replay::{ReplayGuard, Verdict};
 use crate::{BoxError, Concern, ConcernsError, Context, Reply};
 
 pub(crate) struct Flood {
-    /// By (origin, message id), owned by the neighbour that brought it.
-    seen: Mutex<SeenCache<(NodeId, u64), NodeId>>,
+    /// Message ids by origin, while their stamps are in the window; when
+    /// full, the origin holding the most loses its oldest and refuses
+    /// what it stamped before (see `replay`). Keyed by origin, which the
+    /// signature proves: whoever hands floods over, only their origins pay
+    /// for them (keyed by the neighbour that brought them, filler relayed
+    /// by an honest node pushed out that node's other floods: audit round
+    /// five).
+    seen: Mutex<ReplayGuard<u64>>,
+    /// Neighbours banned for a forged flood, until when: what they had sent
+    /// before the ban cut them off is dropped unread.
+    forgers: Mutex<HashMap<NodeId, Instant>>,
     /// The most hops a message is relayed from here on, whatever TTL it
     /// arrived with (this node's `flood_ttl`).
     max_ttl: u32,
@@ -62,6 +71,8 @@ pub(crate) struct Flood {
 const KEY_CACHE: usize = 4096;
 /// Stale floods logged as warnings; later ones only at debug level.
 const STALE_WARNINGS: u64 = 8;
+/// Forged floods logged as warnings; later ones only at debug level.
+const FORGED_WARNINGS: u64 = 16;
 /// How long a neighbour that handed over a forged flood is refused.
 const FORGER_BAN: Duration = Duration::from_secs(600);
 /// Domain separation: a signature made for a flood serves no other purpose.
@@ -93,7 +104,11 @@ fn signed_bytes(f: &Flooded) -> Vec<u8> {
 impl Flood {
     pub(crate) fn new(cfg: &ConcernsConfig) -> Self {
         Flood {
-            seen: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
+            seen: Mutex::new(ReplayGuard::new(
+                (cfg.seen_ttl / 2).as_millis().max(1) as u64,
+                cfg.seen_capacity,
+            )),
+            forgers: Mutex::new(HashMap::new()),
             max_ttl: cfg.flood_ttl,
             sent: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -108,12 +123,48 @@ impl Flood {
         }
     }
 
-    /// Whether `(origin, id)` was seen (without recording it).
-    fn seen(&self, origin: &NodeId, id: u64) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&(origin.clone(), id), Instant::now())
+    /// What the replay guard makes of `f` from `origin`; records it if
+    /// `record` and fresh.
+    fn judge(&self, origin: &NodeId, f: &Flooded, record: bool) -> Verdict {
+        let now = self.clock.now_ms();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if record {
+            seen.check(origin, f.message_id, f.sent_at_ms, now)
+        } else {
+            seen.peek(origin, f.message_id, f.sent_at_ms, now)
+        }
+    }
+
+    /// Whether `from` was banned for a forged flood and still is.
+    fn is_forger(&self, from: &NodeId) -> bool {
+        let forgers = self.forgers.lock().unwrap_or_else(|e| e.into_inner());
+        forgers
+            .get(from)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// Bans `from`, which handed over a forged flood.
+    fn ban_forger(&self, ctx: &Context, from: &NodeId, origin: &NodeId) {
+        let n = self.forged.fetch_add(1, Ordering::Relaxed);
+        // Every node checks before it relays: the bringer made it up. Said
+        // loudly the first few times only: fresh ids cost an attacker little.
+        if n < FORGED_WARNINGS {
+            warn!(from = %from.short(), origin = %origin.short(), "flood with a bad signature: dropped, its bringer banned");
+        } else {
+            debug!(from = %from.short(), origin = %origin.short(), "flood with a bad signature: dropped, its bringer banned");
+        }
+        {
+            let now = Instant::now();
+            let mut forgers = self.forgers.lock().unwrap_or_else(|e| e.into_inner());
+            if forgers.len() >= KEY_CACHE {
+                forgers.retain(|_, until| now < *until);
+                if forgers.len() >= KEY_CACHE {
+                    forgers.clear();
+                }
+            }
+            forgers.insert(from.clone(), now + FORGER_BAN);
+        }
+        ctx.inner.peers.ban(from, FORGER_BAN);
     }
 
     /// Checks `f`'s signature by `origin`.
@@ -137,15 +188,6 @@ impl Flood {
             }
         };
         key.verify(&signed_bytes(f), &f.signature).is_ok()
-    }
-
-    /// Whether `(origin, id)`, brought by `from`, is new.
-    fn first_time(&self, origin: &NodeId, id: u64, from: &NodeId) -> bool {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            (origin.clone(), id),
-            from,
-            Instant::now(),
-        )
     }
 
     /// Sends `f` to every responsive neighbour but those in `except`.
@@ -176,10 +218,9 @@ impl Flood {
         ttl: u32,
     ) -> Result<u64, ConcernsError> {
         let me = inner.peers.node_id().clone();
-        let mut id = rand::random::<u64>();
-        while !self.first_time(&me, id, &me) {
-            id = rand::random();
-        }
+        // Ours are never judged here (a node drops floods from itself), so
+        // they are not recorded: a random id is all they need.
+        let id = rand::random::<u64>();
         let mut f = Flooded {
             origin: me.as_bytes().clone(),
             message_id: id,
@@ -231,33 +272,41 @@ impl Concern for Flood {
         from: &NodeId,
         payload: Bytes,
     ) -> Result<Option<Reply>, BoxError> {
+        if self.is_forger(from) {
+            // Sent before its ban cut it off.
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         let f = Flooded::decode(payload)?;
         let origin = NodeId::from_bytes(f.origin.clone())?;
-        if origin == *ctx.node_id() || self.seen(&origin, f.message_id) {
+        if origin == *ctx.node_id() {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        let off_ms = i128::from(f.sent_at_ms) - i128::from(self.clock.now_ms());
-        if off_ms.unsigned_abs() > u128::from(self.window_ms) {
-            // Not the bringer's fault: its clock may differ from ours.
-            let seen = self.stale.fetch_add(1, Ordering::Relaxed);
-            // Usually clocks that disagree, which the operator must fix: said
-            // loudly the first few times (not more: anyone can send these).
-            if seen < STALE_WARNINGS {
-                warn!(origin = %origin.short(), off_ms, window_ms = self.window_ms, "flood stamped outside the clock window: dropped (are the two nodes' clocks in sync?)");
-            } else {
-                debug!(origin = %origin.short(), off_ms, "flood stamped outside the clock window: dropped");
+        match self.judge(&origin, &f, false) {
+            Verdict::Fresh => {}
+            Verdict::Replayed => {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
             }
-            return Ok(None);
+            Verdict::Stale { off_ms } => {
+                // Not the bringer's fault: its clock may differ from ours.
+                let seen = self.stale.fetch_add(1, Ordering::Relaxed);
+                // Usually clocks that disagree, which the operator must fix: said
+                // loudly the first few times (not more: anyone can send these).
+                if seen < STALE_WARNINGS {
+                    warn!(origin = %origin.short(), off_ms, window_ms = self.window_ms, "flood stamped outside the clock window: dropped (are the two nodes' clocks in sync?)");
+                } else {
+                    debug!(origin = %origin.short(), off_ms, "flood stamped outside the clock window: dropped");
+                }
+                return Ok(None);
+            }
         }
         if !self.signed_by(&origin, &f) {
-            // Every node checks before it relays: the bringer made it up.
-            self.forged.fetch_add(1, Ordering::Relaxed);
-            warn!(from = %from.short(), origin = %origin.short(), "flood with a bad signature: dropped, its bringer banned");
-            ctx.inner.peers.ban(from, FORGER_BAN);
+            self.ban_forger(ctx, from, &origin);
             return Ok(None);
         }
-        if !self.first_time(&origin, f.message_id, from) {
+        if self.judge(&origin, &f, true) != Verdict::Fresh {
             // Another copy got through the checks meanwhile.
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(None);

@@ -1,19 +1,25 @@
-//! Replay detection for routed requests: the seal (see `routing`) proves
-//! who made a message, not that it is new, and every node on its way saw
-//! it go by and could send it again.
+//! Replay detection for messages whose origin is proven (routed requests,
+//! sealed; floods, signed): the proof says who made a message, not that it
+//! is new, and every node on its way saw it go by and could send it again.
 //!
-//! A routed request carries its origin's clock (ms since the Unix epoch)
-//! and a random nonce, both under the seal. The target takes a request only
-//! if its stamp is within a window of its own clock and its nonce was not
-//! seen from that origin; nonces are kept until their stamp leaves the
-//! window, so a replay is either remembered or too old.
+//! Such a message carries its origin's clock (ms since the Unix epoch) and a
+//! nonce (random for routed requests, the message id for floods), both
+//! under the proof. A node takes a message only if its stamp is within a
+//! window of its own clock and its nonce was not seen from that origin;
+//! nonces are kept until their stamp leaves the window, so a replay is
+//! either remembered or too old.
 //!
 //! Memory is bounded: past `capacity` nonces, the origin holding the most
-//! loses its oldest, and its *floor* rises to that nonce's stamp. Requests
+//! loses its oldest, and its *floor* rises to that nonce's stamp. Messages
 //! from that origin stamped at or below its floor are refused, since the
 //! guard can no longer tell whether they are new. So an origin sending more
 //! than the guard holds within the window only costs itself its late
-//! requests, and never lets a replay through.
+//! messages, and never lets a replay through. Origins left with a floor and
+//! no nonce are kept until the floor leaves the window, at most `capacity`
+//! more of them: past that they are forgotten and a *global* floor rises to
+//! the highest of their floors, below which every origin's messages are
+//! refused (many made-up origins then cost everyone their late messages,
+//! never a second delivery).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -34,20 +40,32 @@ pub(crate) enum Verdict {
     Stale { off_ms: i64 },
 }
 
-#[derive(Default)]
-struct Origin {
-    nonces: HashSet<Nonce>,
+struct Origin<N> {
+    nonces: HashSet<N>,
     /// In arrival order, with their stamps.
-    order: VecDeque<(u64, Nonce)>,
+    order: VecDeque<(u64, N)>,
     /// Stamps at or below this are refused (see the module docs).
     floor: u64,
 }
 
-/// The nonces of recent routed requests, by origin.
-pub(crate) struct ReplayGuard {
+impl<N> Default for Origin<N> {
+    fn default() -> Self {
+        Origin {
+            nonces: HashSet::new(),
+            order: VecDeque::new(),
+            floor: 0,
+        }
+    }
+}
+
+/// The nonces of recent messages, by origin.
+pub(crate) struct ReplayGuard<N = Nonce> {
     window_ms: u64,
     capacity: usize,
-    origins: HashMap<NodeId, Origin>,
+    origins: HashMap<NodeId, Origin<N>>,
+    /// Stamps at or below this are refused from every origin: the highest
+    /// floor of the origins forgotten (see the module docs).
+    global_floor: u64,
     /// The origins holding nonces, by how many: the one holding the most
     /// is found at once (a scan of 65 536 one-nonce origins took 210 µs
     /// per request: audit round four).
@@ -57,23 +75,34 @@ pub(crate) struct ReplayGuard {
     swept_at: u64,
 }
 
-impl ReplayGuard {
-    /// Takes requests stamped within `window_ms` of our clock; remembers at
+impl<N: Copy + Eq + std::hash::Hash> ReplayGuard<N> {
+    /// Takes messages stamped within `window_ms` of our clock; remembers at
     /// most `capacity` nonces.
     pub(crate) fn new(window_ms: u64, capacity: usize) -> Self {
         ReplayGuard {
             window_ms: window_ms.max(1),
             capacity: capacity.max(1),
             origins: HashMap::new(),
+            global_floor: 0,
             by_count: BTreeMap::new(),
             len: 0,
             swept_at: 0,
         }
     }
 
-    /// Judges a request from `origin` stamped `stamp` (its clock) with
+    /// Judges a message from `origin` stamped `stamp` (its clock) with
     /// `nonce`, at `now` (our clock, same unit); records it when fresh.
-    pub(crate) fn check(&mut self, origin: &NodeId, nonce: Nonce, stamp: u64, now: u64) -> Verdict {
+    pub(crate) fn check(&mut self, origin: &NodeId, nonce: N, stamp: u64, now: u64) -> Verdict {
+        let verdict = self.peek(origin, nonce, stamp, now);
+        if verdict == Verdict::Fresh {
+            self.record(origin, nonce, stamp);
+        }
+        verdict
+    }
+
+    /// Judges as [`check`](Self::check) does, without recording: for a
+    /// message whose proof is checked next, and recorded only if it holds.
+    pub(crate) fn peek(&mut self, origin: &NodeId, nonce: N, stamp: u64, now: u64) -> Verdict {
         // In i128: stamps are whatever a peer sends, up to u64::MAX.
         let off = i128::from(stamp) - i128::from(now);
         if off.unsigned_abs() > u128::from(self.window_ms) {
@@ -83,19 +112,48 @@ impl ReplayGuard {
         if now.saturating_sub(self.swept_at) >= self.window_ms / 4 {
             self.sweep(now);
         }
+        if stamp <= self.global_floor {
+            return Verdict::Replayed;
+        }
         if let Some(o) = self.origins.get(origin)
             && (stamp <= o.floor || o.nonces.contains(&nonce))
         {
             return Verdict::Replayed;
         }
+        Verdict::Fresh
+    }
+
+    /// Records a nonce [`peek`](Self::peek) just found fresh.
+    fn record(&mut self, origin: &NodeId, nonce: N, stamp: u64) {
         while self.len >= self.capacity && self.evict_one() {}
+        if self.origins.len() >= 2 * self.capacity {
+            self.forget_floors();
+        }
         let o = self.origins.entry(origin.clone()).or_default();
-        o.nonces.insert(nonce);
+        // Eviction just now may have raised this origin's floor past it:
+        // then it is not recorded (and was judged fresh a moment before
+        // the floor rose, which is what any earlier arrival would get).
+        if stamp <= o.floor || !o.nonces.insert(nonce) {
+            return;
+        }
         o.order.push_back((stamp, nonce));
         let count = o.order.len();
         self.len += 1;
         self.recount(origin, count - 1, count);
-        Verdict::Fresh
+    }
+
+    /// Forgets the origins that hold a floor and no nonce, raising the
+    /// global floor to the highest of their floors.
+    fn forget_floors(&mut self) {
+        let mut highest = self.global_floor;
+        self.origins.retain(|_, o| {
+            let keep = !o.order.is_empty();
+            if !keep {
+                highest = highest.max(o.floor);
+            }
+            keep
+        });
+        self.global_floor = highest;
     }
 
     /// Moves `origin` from holding `old` nonces to holding `new` in
@@ -184,6 +242,51 @@ mod tests {
         let mut b = [0u8; 24];
         b[..4].copy_from_slice(&n.to_be_bytes());
         b
+    }
+
+    #[test]
+    fn peek_judges_without_recording() {
+        let mut g = ReplayGuard::new(1_000, 100);
+        let now = 50_000;
+        assert_eq!(g.peek(&node(1), nonce(1), now, now), Verdict::Fresh);
+        assert_eq!(g.peek(&node(1), nonce(1), now, now), Verdict::Fresh);
+        assert_eq!(g.len(), 0);
+        assert_eq!(g.check(&node(1), nonce(1), now, now), Verdict::Fresh);
+        assert_eq!(g.peek(&node(1), nonce(1), now, now), Verdict::Replayed);
+        assert_eq!(g.len(), 1);
+    }
+
+    /// Made-up origins, one message each, past what the guard holds: it
+    /// never holds more than its capacity of nonces nor twice that of
+    /// origins, and a replay of any of them is refused, remembered, under
+    /// its origin's floor, or under the floor of all.
+    #[test]
+    fn made_up_origins_past_the_bound_raise_a_floor_for_all() {
+        let mut g = ReplayGuard::new(10_000, 4);
+        let now = 50_000;
+        assert_eq!(g.check(&node(1), nonce(1), now - 100, now), Verdict::Fresh);
+        for n in 2..40u8 {
+            let stamp = now + u64::from(n);
+            assert_eq!(g.check(&node(n), nonce(1), stamp, now), Verdict::Fresh);
+            assert!(g.len() <= 4);
+            assert!(g.origins.len() <= 8, "{}", g.origins.len());
+        }
+        assert!(g.global_floor > 0);
+        assert_eq!(
+            g.check(&node(1), nonce(1), now - 100, now),
+            Verdict::Replayed
+        );
+        for n in 2..40u8 {
+            let stamp = now + u64::from(n);
+            assert_eq!(
+                g.check(&node(n), nonce(1), stamp, now),
+                Verdict::Replayed,
+                "{n}"
+            );
+        }
+        // Messages stamped after all of those are still taken.
+        assert_eq!(g.check(&node(99), nonce(1), now + 100, now), Verdict::Fresh);
+        assert_eq!(g.check(&node(1), nonce(2), now + 101, now), Verdict::Fresh);
     }
 
     #[test]

@@ -530,9 +530,9 @@ async fn a_flood_in_another_nodes_name_is_dropped_and_its_bringer_banned() {
         sleep(10 * MS).await;
     }
     sleep(S).await;
-    // Those already on their way when the ban came are refused too.
-    let forged = flood_stat(&nodes[1], "forged");
-    assert!((1..=3).contains(&forged), "{forged} counted forged");
+    // Those already on their way when the ban came are dropped unread (not
+    // checked, not logged: audit round five).
+    assert_eq!(flood_stat(&nodes[1], "forged"), 1);
     for what in [&b"old"[..], b"pay 1", b"pay 9", b"posing", b"unsigned"] {
         assert_eq!(
             got(what),
@@ -1274,6 +1274,64 @@ async fn a_member_cannot_black_hole_a_route_for_long() {
     stop(vec![a, b, c]).await;
 }
 
+/// Seen-cache tests: a line of `n` nodes remembering 64 floods each, after
+/// node `origin` broadcast "honest" and node `watch` delivered it; returns
+/// the nodes and the broadcast's id.
+async fn line_after_a_broadcast(
+    net: &MemNetwork,
+    n: usize,
+    origin: usize,
+    watch: usize,
+) -> (Vec<TestNode>, u64) {
+    let config = || ConcernsConfig::default().with_seen_cache(64, 120 * S);
+    let nodes = line_with(net, n, config).await;
+    let id = nodes[origin].ctx().broadcast("honest", 4).await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while nodes[watch].probe.count_payload(b"honest") == 0 {
+        assert!(Instant::now() < deadline, "the broadcast never arrived");
+        sleep(10 * MS).await;
+    }
+    (nodes, id)
+}
+
+/// Node `from` sends node `to` 1000 floods of its own with `ttl`.
+async fn send_filler(nodes: &[TestNode], from: usize, to: usize, ttl: u32) {
+    let ctx = nodes[from].concerns.context(FLOOD);
+    for n in 0..1000u64 {
+        let junk = flood_frame(identity(&nodes[from]), n, 4242, Bytes::new(), ttl);
+        ctx.send(nodes[to].id(), junk.encode_to_vec())
+            .await
+            .unwrap();
+    }
+}
+
+/// As in `a_flooded_seen_cache_does_not_deliver_a_replay_again`, with the
+/// filler passed on by an honest node: l0 floods l1
+/// with its own floods (TTL 3), which l1 relays to l2, the way l1's own
+/// broadcast came. Judged by who handed entries over, l1's broadcast went
+/// with the filler and l3 could replay it to l2 (audit round five: 70 000
+/// floods through an honest relay, and the victim and the node behind it
+/// delivered a broadcast twice). Judged by their origin, which signatures
+/// now prove, the filler pushes out only the filler's own entries.
+#[tokio::test(start_paused = true)]
+async fn filler_relayed_by_an_honest_node_does_not_let_a_replay_through() {
+    let net = MemNetwork::new();
+    let (nodes, id) = line_after_a_broadcast(&net, 4, 1, 3).await;
+    send_filler(&nodes, 0, 1, 3).await;
+    sleep(S).await;
+    let replay = flood_frame(identity(&nodes[1]), id, PROBE, &b"honest"[..], 4);
+    let replayer = nodes[3].concerns.context(FLOOD);
+    replayer
+        .send(nodes[2].id(), replay.encode_to_vec())
+        .await
+        .unwrap();
+    sleep(S).await;
+    for i in [0, 2, 3] {
+        assert_eq!(nodes[i].probe.count_payload(b"honest"), 1, "node {i}");
+    }
+    stop(nodes).await;
+}
+
 /// A member that fills a node's seen-cache with floods (TTL 1: relayed
 /// nowhere) pushes out its own entries, not the id of a broadcast
 /// another neighbour brought: replayed then, it is not delivered again.
@@ -1282,24 +1340,15 @@ async fn a_member_cannot_black_hole_a_route_for_long() {
 #[tokio::test(start_paused = true)]
 async fn a_flooded_seen_cache_does_not_deliver_a_replay_again() {
     let net = MemNetwork::new();
-    let config = || ConcernsConfig::default().with_seen_cache(64, 120 * S);
-    let nodes = line_with(&net, 3, config).await;
-    let id = nodes[2].ctx().broadcast("honest", 4).await.unwrap();
-    let deadline = Instant::now() + 5 * S;
-    while nodes[0].probe.count_payload(b"honest") == 0 {
-        assert!(Instant::now() < deadline, "the broadcast never arrived");
-        sleep(10 * MS).await;
-    }
+    let (nodes, id) = line_after_a_broadcast(&net, 3, 2, 0).await;
     // The liar fills nodes[1]'s cache with floods of its own (signed: it
     // cannot make up other origins), then replays the honest one.
-    let liar = nodes[0].concerns.context(FLOOD);
-    let to = nodes[1].id().clone();
-    for n in 0..1000u64 {
-        let junk = flood_frame(identity(&nodes[0]), n, 4242, Bytes::new(), 1);
-        liar.send(&to, junk.encode_to_vec()).await.unwrap();
-    }
+    send_filler(&nodes, 0, 1, 1).await;
     let replay = flood_frame(identity(&nodes[2]), id, PROBE, &b"honest"[..], 4);
-    liar.send(&to, replay.encode_to_vec()).await.unwrap();
+    let liar = nodes[0].concerns.context(FLOOD);
+    liar.send(nodes[1].id(), replay.encode_to_vec())
+        .await
+        .unwrap();
     sleep(S).await;
     assert_eq!(nodes[1].probe.count_payload(b"honest"), 1);
     stop(nodes).await;
