@@ -19,8 +19,9 @@
 //! - **Built-in concerns** (installed unless
 //!   [`ConcernsBuilder::only`] says otherwise):
 //!   - *flood* ([`Context::broadcast`]): a message for every node, with a
-//!     hop TTL and a bounded, expiring seen-cache, so each node delivers and
-//!     relays it once;
+//!     hop TTL, signed by its origin (no node can broadcast in another's
+//!     name or alter what it relays) and deduplicated by origin while its
+//!     stamp is fresh, so each node delivers and relays it once;
 //!   - *routing* ([`Context::send_to`], [`Context::request_to`]): reach a
 //!     node that is not a neighbour; routes are found by asking around
 //!     (TTL-bounded, deduplicated, loop-free), cached with expiry, and
@@ -28,7 +29,8 @@
 //!     Routed messages are sealed by their origin for their target (the
 //!     nodes on the way cannot read, alter, forge or replay them);
 //!   - *topics* ([`Concerns::subscribe`], [`Concerns::publish`]): every
-//!     subscriber in the mesh receives each publication once.
+//!     subscriber in the mesh receives each publication once, except the
+//!     publisher's own subscriptions (a publication travels as a flood).
 //!
 //! `docs/protocol.md` (section 10) specifies the payloads and rules.
 //!
