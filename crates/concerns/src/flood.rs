@@ -65,14 +65,45 @@ pub(crate) struct Flood {
     forged: AtomicU64,
     /// Floods stamped outside the window.
     stale: AtomicU64,
+    /// Floods a banned forger had sent before its ban took effect.
+    from_banned: AtomicU64,
+    stale_warnings: WarnBudget,
+    forged_warnings: WarnBudget,
 }
 
 /// Origins whose signature-checking keys are kept; past it one is dropped.
 const KEY_CACHE: usize = 4096;
-/// Stale floods logged as warnings; later ones only at debug level.
-const STALE_WARNINGS: u64 = 8;
-/// Forged floods logged as warnings; later ones only at debug level.
-const FORGED_WARNINGS: u64 = 16;
+/// Stale or forged floods logged as warnings per [`WARNING_PERIOD`]; the
+/// rest only at debug level (anyone can send them, and log lines cost).
+const WARNINGS_PER_PERIOD: u64 = 8;
+const WARNING_PERIOD: Duration = Duration::from_secs(600);
+
+/// Counts warnings in periods of [`WARNING_PERIOD`]: a few each period,
+/// so that one burst early on cannot silence later ones for good.
+struct WarnBudget {
+    period: AtomicU64,
+    used: AtomicU64,
+    start: Instant,
+}
+
+impl WarnBudget {
+    fn new() -> Self {
+        WarnBudget {
+            period: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    /// Whether this one may be a warning.
+    fn take(&self) -> bool {
+        let period = (self.start.elapsed().as_secs() / WARNING_PERIOD.as_secs()) + 1;
+        if self.period.swap(period, Ordering::Relaxed) != period {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        self.used.fetch_add(1, Ordering::Relaxed) < WARNINGS_PER_PERIOD
+    }
+}
 /// How long a neighbour that handed over a forged flood is refused.
 const FORGER_BAN: Duration = Duration::from_secs(600);
 /// Domain separation: a signature made for a flood serves no other purpose.
@@ -120,6 +151,9 @@ impl Flood {
             window_ms: (cfg.seen_ttl / 2).as_millis().max(1) as u64,
             forged: AtomicU64::new(0),
             stale: AtomicU64::new(0),
+            from_banned: AtomicU64::new(0),
+            stale_warnings: WarnBudget::new(),
+            forged_warnings: WarnBudget::new(),
         }
     }
 
@@ -145,10 +179,10 @@ impl Flood {
 
     /// Bans `from`, which handed over a forged flood.
     fn ban_forger(&self, ctx: &Context, from: &NodeId, origin: &NodeId) {
-        let n = self.forged.fetch_add(1, Ordering::Relaxed);
+        self.forged.fetch_add(1, Ordering::Relaxed);
         // Every node checks before it relays: the bringer made it up. Said
-        // loudly the first few times only: fresh ids cost an attacker little.
-        if n < FORGED_WARNINGS {
+        // loudly a few times a period only: fresh ids cost an attacker little.
+        if self.forged_warnings.take() {
             warn!(from = %from.short(), origin = %origin.short(), "flood with a bad signature: dropped, its bringer banned");
         } else {
             debug!(from = %from.short(), origin = %origin.short(), "flood with a bad signature: dropped, its bringer banned");
@@ -246,6 +280,7 @@ impl Flood {
             ("relayed", get(&self.relayed)),
             ("duplicates", get(&self.duplicates)),
             ("dropped", get(&self.dropped)),
+            ("from_banned", get(&self.from_banned)),
             ("forged", get(&self.forged)),
             ("stale", get(&self.stale)),
         ]
@@ -274,7 +309,7 @@ impl Concern for Flood {
     ) -> Result<Option<Reply>, BoxError> {
         if self.is_forger(from) {
             // Sent before its ban cut it off.
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.from_banned.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
         let f = Flooded::decode(payload)?;
@@ -291,10 +326,10 @@ impl Concern for Flood {
             }
             Verdict::Stale { off_ms } => {
                 // Not the bringer's fault: its clock may differ from ours.
-                let seen = self.stale.fetch_add(1, Ordering::Relaxed);
+                self.stale.fetch_add(1, Ordering::Relaxed);
                 // Usually clocks that disagree, which the operator must fix: said
-                // loudly the first few times (not more: anyone can send these).
-                if seen < STALE_WARNINGS {
+                // loudly a few times a period (not more: anyone can send these).
+                if self.stale_warnings.take() {
                     warn!(origin = %origin.short(), off_ms, window_ms = self.window_ms, "flood stamped outside the clock window: dropped (are the two nodes' clocks in sync?)");
                 } else {
                     debug!(origin = %origin.short(), off_ms, "flood stamped outside the clock window: dropped");
@@ -335,5 +370,22 @@ impl Concern for Flood {
         };
         ctx.inner.deliver_local(job)?;
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_few_warnings_a_period_however_many_come() {
+        let budget = WarnBudget::new();
+        let burst = (0..100).filter(|_| budget.take()).count();
+        assert_eq!(burst as u64, WARNINGS_PER_PERIOD);
+        tokio::time::sleep(WARNING_PERIOD / 2).await;
+        assert!(!budget.take());
+        tokio::time::sleep(WARNING_PERIOD / 2).await;
+        let later = (0..100).filter(|_| budget.take()).count();
+        assert_eq!(later as u64, WARNINGS_PER_PERIOD);
     }
 }
