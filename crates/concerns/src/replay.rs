@@ -17,13 +17,16 @@
 //! messages, and never lets a replay through. Origins left with a floor and
 //! no nonce are kept until the floor leaves the window, at most `capacity`
 //! more of them: past that they are forgotten, each floor folded into one
-//! of `capacity` *buckets* (at least 1024), chosen by a keyed hash of the
-//! origin that other nodes cannot predict. Messages of any origin stamped at
-//! or below its bucket's floor are refused. Many made-up origins thus cost
-//! the origins that share their buckets their late messages, never a
-//! second delivery; one floor for all let made-up origins stamped ahead
-//! block every origin's messages for as long (audit round five, follow-up:
-//! 135 000 of them stamped 55 s ahead stopped every broadcast for 55 s).
+//! of `4 × capacity` *buckets* (at least 1024), chosen by a keyed hash of
+//! the origin that other nodes cannot predict, and no more than a second
+//! ahead of our clock. Messages of any origin stamped at or below its
+//! bucket's floor are refused. Many made-up origins thus cost the origins
+//! that share their buckets (about a fifth per round of forgetting) their
+//! messages of that second, never a second delivery of a message stamped
+//! no later than a second ahead. One floor for all, folded in whole, let
+//! made-up origins stamped ahead block every origin's messages for as long
+//! (audit round five, follow-up: 135 000 of them stamped 55 s ahead stopped
+//! every broadcast for 55 s).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -35,6 +38,11 @@ pub(crate) type Nonce = [u8; 24];
 
 /// Buckets of forgotten floors, at the least.
 const MIN_BUCKETS: usize = 1024;
+/// Buckets per nonce of capacity: one round of forgetting (about
+/// `capacity` origins) raises about a fifth of them.
+const BUCKETS_PER_NONCE: usize = 4;
+/// How far past our clock a forgotten floor may hold a bucket (ms).
+const FOLD_AHEAD_MS: u64 = 1_000;
 
 /// What the guard makes of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +102,8 @@ impl<N: Copy + Eq + std::hash::Hash> ReplayGuard<N> {
             window_ms: window_ms.max(1),
             capacity: capacity.max(1),
             origins: HashMap::new(),
-            buckets: vec![0; capacity.max(MIN_BUCKETS)],
+            // Zeroed pages cost no memory until a bucket is raised.
+            buckets: vec![0; capacity.saturating_mul(BUCKETS_PER_NONCE).max(MIN_BUCKETS)],
             salt: rand::random(),
             by_count: BTreeMap::new(),
             len: 0,
@@ -107,7 +116,7 @@ impl<N: Copy + Eq + std::hash::Hash> ReplayGuard<N> {
     pub(crate) fn check(&mut self, origin: &NodeId, nonce: N, stamp: u64, now: u64) -> Verdict {
         let verdict = self.peek(origin, nonce, stamp, now);
         if verdict == Verdict::Fresh {
-            self.record(origin, nonce, stamp);
+            self.record(origin, nonce, stamp, now);
         }
         verdict
     }
@@ -136,10 +145,10 @@ impl<N: Copy + Eq + std::hash::Hash> ReplayGuard<N> {
     }
 
     /// Records a nonce [`peek`](Self::peek) just found fresh.
-    fn record(&mut self, origin: &NodeId, nonce: N, stamp: u64) {
+    fn record(&mut self, origin: &NodeId, nonce: N, stamp: u64, now: u64) {
         while self.len >= self.capacity && self.evict_one() {}
         if self.origins.len() >= 2 * self.capacity {
-            self.forget_floors();
+            self.forget_floors(now);
         }
         let o = self.origins.entry(origin.clone()).or_default();
         // Eviction just now may have raised this origin's floor past it:
@@ -154,9 +163,9 @@ impl<N: Copy + Eq + std::hash::Hash> ReplayGuard<N> {
         self.recount(origin, count - 1, count);
     }
 
-    /// Forgets the origins that hold a floor and no nonce, raising the
-    /// global floor to the highest of their floors.
-    fn forget_floors(&mut self) {
+    /// Forgets the origins that hold a floor and no nonce, folding their
+    /// floors into their buckets (see the module docs).
+    fn forget_floors(&mut self, now: u64) {
         let mut forgotten = Vec::new();
         self.origins.retain(|origin, o| {
             let keep = !o.order.is_empty();
@@ -165,9 +174,16 @@ impl<N: Copy + Eq + std::hash::Hash> ReplayGuard<N> {
             }
             keep
         });
+        // A floor ahead of our clock is folded in as no more than a second
+        // ahead: made-up origins stamped up to the window ahead would
+        // otherwise hold their buckets' honest origins back for that long
+        // (55 s in audit round five). What that lets through is a replay of
+        // a forgotten message stamped over a second ahead: one of a member
+        // whose clock runs ahead, or of a made-up origin.
+        let cap = now.saturating_add(FOLD_AHEAD_MS);
         for (origin, floor) in forgotten {
             let b = self.bucket(&origin);
-            self.buckets[b] = self.buckets[b].max(floor);
+            self.buckets[b] = self.buckets[b].max(floor.min(cap));
         }
     }
 
@@ -311,10 +327,11 @@ mod tests {
         assert_eq!(g.check(&node(1), nonce(2), now + 101, now), Verdict::Fresh);
     }
 
-    /// Made-up origins stamped ahead of our clock, forgotten, raise the
-    /// floors of their buckets only: an origin in another bucket still
-    /// gets its messages stamped now through (with one floor for all,
-    /// every origin's were refused until the made-up stamps passed).
+    /// Made-up origins stamped 55 s ahead of our clock, forgotten, raise
+    /// the floors of their buckets only, and by a second at most: an origin
+    /// in another bucket still gets its messages stamped now through, and
+    /// two seconds later every origin does (with one floor for all, folded
+    /// in whole, every origin's were refused for 55 s).
     #[test]
     fn forgotten_origins_stamped_ahead_block_only_their_buckets() {
         let mut g = ReplayGuard::new(60_000, 64);
@@ -329,6 +346,8 @@ mod tests {
         }
         let raised = g.buckets.iter().filter(|&&f| f > now).count();
         assert!(raised > 0 && raised < g.buckets.len() / 2, "{raised}");
+        // Folded in at most a second ahead, not 55 s.
+        assert!(g.buckets.iter().all(|&f| f <= now + FOLD_AHEAD_MS));
         // Honest origins in untouched buckets are not held back; those in
         // raised ones are (late messages lost, never a replay let in).
         let mut free = 0;
@@ -344,6 +363,14 @@ mod tests {
             }
         }
         assert!(free > 32, "{free} of 64 honest origins got through");
+        // Two seconds on, no bucket holds back a new origin (judged without
+        // recording: recording would forget more made-up origins, whose
+        // floors go in at most a second ahead of that moment).
+        let later = now + 2 * FOLD_AHEAD_MS;
+        for n in 100..164u8 {
+            let verdict = g.peek(&node(n), nonce(9), later, later);
+            assert_eq!(verdict, Verdict::Fresh, "origin {n}");
+        }
     }
 
     #[test]
