@@ -45,9 +45,6 @@ pub(crate) struct Flood {
     /// by an honest node pushed out that node's other floods: audit round
     /// five).
     seen: Mutex<ReplayGuard<u64>>,
-    /// Neighbours banned for a forged flood, until when: what they had sent
-    /// before the ban cut them off is dropped unread.
-    forgers: Mutex<HashMap<NodeId, Instant>>,
     /// The most hops a message is relayed from here on, whatever TTL it
     /// arrived with (this node's `flood_ttl`).
     max_ttl: u32,
@@ -65,7 +62,7 @@ pub(crate) struct Flood {
     forged: AtomicU64,
     /// Floods stamped outside the window.
     stale: AtomicU64,
-    /// Floods a banned forger had sent before its ban took effect.
+    /// Floods a banned neighbour had sent before its ban took effect.
     from_banned: AtomicU64,
     stale_warnings: WarnBudget,
     forged_warnings: WarnBudget,
@@ -139,7 +136,6 @@ impl Flood {
                 (cfg.seen_ttl / 2).as_millis().max(1) as u64,
                 cfg.seen_capacity,
             )),
-            forgers: Mutex::new(HashMap::new()),
             max_ttl: cfg.flood_ttl,
             sent: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -169,14 +165,6 @@ impl Flood {
         }
     }
 
-    /// Whether `from` was banned for a forged flood and still is.
-    fn is_forger(&self, from: &NodeId) -> bool {
-        let forgers = self.forgers.lock().unwrap_or_else(|e| e.into_inner());
-        forgers
-            .get(from)
-            .is_some_and(|until| Instant::now() < *until)
-    }
-
     /// Bans `from`, which handed over a forged flood.
     fn ban_forger(&self, ctx: &Context, from: &NodeId, origin: &NodeId) {
         self.forged.fetch_add(1, Ordering::Relaxed);
@@ -186,17 +174,6 @@ impl Flood {
             warn!(from = %from.short(), origin = %origin.short(), "flood with a bad signature: dropped, its bringer banned");
         } else {
             debug!(from = %from.short(), origin = %origin.short(), "flood with a bad signature: dropped, its bringer banned");
-        }
-        {
-            let now = Instant::now();
-            let mut forgers = self.forgers.lock().unwrap_or_else(|e| e.into_inner());
-            if forgers.len() >= KEY_CACHE {
-                forgers.retain(|_, until| now < *until);
-                if forgers.len() >= KEY_CACHE {
-                    forgers.clear();
-                }
-            }
-            forgers.insert(from.clone(), now + FORGER_BAN);
         }
         ctx.inner.peers.ban(from, FORGER_BAN);
     }
@@ -307,8 +284,8 @@ impl Concern for Flood {
         from: &NodeId,
         payload: Bytes,
     ) -> Result<Option<Reply>, BoxError> {
-        if self.is_forger(from) {
-            // Sent before its ban cut it off.
+        if ctx.inner.peers.is_banned(from) {
+            // Sent before its ban cut it off (a forger's, or any other's).
             self.from_banned.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }

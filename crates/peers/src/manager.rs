@@ -470,6 +470,12 @@ impl PeerManager {
         self.inner.with_pool(|p, now| p.ban(peer, duration, now));
     }
 
+    /// Whether `peer` is banned now (by [`ban`](Self::ban), or by the pool
+    /// for too many errors). Cheap: for checks on every message.
+    pub fn is_banned(&self, peer: &NodeId) -> bool {
+        lock(&self.inner.pool).is_banned(peer, Instant::now())
+    }
+
     /// Lifts a ban.
     pub fn unban(&self, peer: &NodeId) {
         self.inner.with_pool(|p, _| p.unban(peer));

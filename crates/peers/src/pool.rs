@@ -1337,6 +1337,14 @@ impl Pool {
     }
 
     /// One peer.
+    /// Whether `id` is banned now.
+    pub(crate) fn is_banned(&self, id: &NodeId, now: Instant) -> bool {
+        self.entries
+            .get(id)
+            .and_then(|e| e.banned_until)
+            .is_some_and(|until| now < until)
+    }
+
     pub(crate) fn peer(&self, id: &NodeId, now: Instant) -> Option<PeerSnapshot> {
         self.entries
             .get(id)

@@ -643,11 +643,13 @@ fn bans_expire() {
     h.pool.ban(&id(1), 10 * S, h.now);
     h.pool.take_actions();
     assert_eq!(h.state(1), Some(PeerState::Banned));
+    assert!(h.pool.is_banned(&id(1), h.now) && !h.pool.is_banned(&id(2), h.now));
     assert_eq!(
         closes(&h.connect(2, 1, Direction::Inbound)),
         vec![(2, DisconnectReason::Banned)]
     );
     h.advance(11 * S);
+    assert!(!h.pool.is_banned(&id(1), h.now));
     h.poll();
     assert_eq!(h.state(1).map(|s| s != PeerState::Banned), Some(true));
 }
