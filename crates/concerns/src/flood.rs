@@ -28,12 +28,12 @@ use meshwork_peers::transport::{Identity, VerifyingKey};
 use meshwork_peers::wire::NodeId;
 use meshwork_peers::wire::proto::Flooded;
 use prost::Message as _;
-use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::clock::WallClock;
 use crate::manager::{ConcernsConfig, FLOOD, Inner, Job, ReplyPath};
 use crate::replay::{ReplayGuard, Verdict};
+use crate::warn::WarnBudget;
 use crate::{BoxError, Concern, ConcernsError, Context, Reply};
 
 pub(crate) struct Flood {
@@ -70,37 +70,6 @@ pub(crate) struct Flood {
 
 /// Origins whose signature-checking keys are kept; past it one is dropped.
 const KEY_CACHE: usize = 4096;
-/// Stale or forged floods logged as warnings per [`WARNING_PERIOD`]; the
-/// rest only at debug level (anyone can send them, and log lines cost).
-const WARNINGS_PER_PERIOD: u64 = 8;
-const WARNING_PERIOD: Duration = Duration::from_secs(600);
-
-/// Counts warnings in periods of [`WARNING_PERIOD`]: a few each period,
-/// so that one burst early on cannot silence later ones for good.
-struct WarnBudget {
-    period: AtomicU64,
-    used: AtomicU64,
-    start: Instant,
-}
-
-impl WarnBudget {
-    fn new() -> Self {
-        WarnBudget {
-            period: AtomicU64::new(0),
-            used: AtomicU64::new(0),
-            start: Instant::now(),
-        }
-    }
-
-    /// Whether this one may be a warning.
-    fn take(&self) -> bool {
-        let period = (self.start.elapsed().as_secs() / WARNING_PERIOD.as_secs()) + 1;
-        if self.period.swap(period, Ordering::Relaxed) != period {
-            self.used.store(0, Ordering::Relaxed);
-        }
-        self.used.fetch_add(1, Ordering::Relaxed) < WARNINGS_PER_PERIOD
-    }
-}
 /// How long a neighbour that handed over a forged flood is refused.
 const FORGER_BAN: Duration = Duration::from_secs(600);
 /// Domain separation: a signature made for a flood serves no other purpose.
@@ -347,22 +316,5 @@ impl Concern for Flood {
         };
         ctx.inner.deliver_local(job)?;
         Ok(None)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn a_few_warnings_a_period_however_many_come() {
-        let budget = WarnBudget::new();
-        let burst = (0..100).filter(|_| budget.take()).count();
-        assert_eq!(burst as u64, WARNINGS_PER_PERIOD);
-        tokio::time::sleep(WARNING_PERIOD / 2).await;
-        assert!(!budget.take());
-        tokio::time::sleep(WARNING_PERIOD / 2).await;
-        let later = (0..100).filter(|_| budget.take()).count();
-        assert_eq!(later as u64, WARNINGS_PER_PERIOD);
     }
 }

@@ -94,6 +94,7 @@ mod route;
 mod routing;
 mod seen;
 mod topics;
+mod warn;
 
 /// The peer manager underneath, for the layers above.
 pub use meshwork_peers as peers;

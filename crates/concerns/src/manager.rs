@@ -42,6 +42,7 @@ use crate::flood::Flood;
 use crate::pending::{Awaiting, Requests};
 use crate::routing::Routing;
 use crate::topics::{Subscription, Topics};
+use crate::warn::WarnBudget;
 use crate::{Concern, ConcernsError, Context, Reply, Route};
 
 /// Command ids from here up belong to meshwork's built-in concerns.
@@ -51,9 +52,6 @@ pub const RESERVED_COMMANDS: u32 = 0xFFFF_0000;
 /// are whatever the messages claim, so a peer could otherwise invent a new
 /// one per message.
 const QUEUED_SENDERS: usize = 64;
-/// Requests for unknown commands logged as warnings; later ones at debug
-/// level (all are counted).
-const UNKNOWN_WARNINGS: u64 = 16;
 /// The flood concern's command id.
 pub const FLOOD: u32 = 0xFFFF_0001;
 /// The routing concern's command id.
@@ -359,6 +357,7 @@ pub(crate) struct Inner {
     /// Requests of this node waiting for their answers.
     pending: Arc<Requests>,
     unknown: AtomicU64,
+    unknown_warnings: WarnBudget,
     /// Error answers dropped because they could not go out at once.
     unsent_errors: AtomicU64,
     /// Answers dropped after waiting [`FORWARD_WAIT`] for room.
@@ -764,9 +763,10 @@ impl Inner {
     fn submit(self: &Arc<Self>, mut job: Job) {
         let command = job.command;
         let Some(reg) = self.registered(command) else {
-            // Logged loudly only the first few times: a peer sending such
+            // Logged loudly a few times a period: a peer sending such
             // requests in bulk must not flood the log (the count goes on).
-            if self.unknown.fetch_add(1, Ordering::Relaxed) < UNKNOWN_WARNINGS {
+            self.unknown.fetch_add(1, Ordering::Relaxed);
+            if self.unknown_warnings.take() {
                 warn!(command = format_args!("{command:#x}"), from = %job.from.short(), "request for an unknown command");
             } else {
                 debug!(command = format_args!("{command:#x}"), from = %job.from.short(), "request for an unknown command");
@@ -1100,6 +1100,7 @@ impl ConcernsBuilder {
             unsent_answers: AtomicU64::new(0),
             error_tasks: AtomicUsize::new(0),
             unknown: AtomicU64::new(0),
+            unknown_warnings: WarnBudget::new(),
             flood: OnceLock::new(),
             routing: OnceLock::new(),
             topics: OnceLock::new(),
