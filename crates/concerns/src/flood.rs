@@ -55,7 +55,7 @@ pub(crate) struct Flood {
     dropped: AtomicU64,
     /// Origins' keys in the form that checks signatures (bounded).
     keys: Mutex<HashMap<NodeId, VerifyingKey>>,
-    clock: WallClock,
+    clock: Arc<WallClock>,
     /// How far from this node's clock a flood may be stamped, in ms.
     window_ms: u64,
     /// Floods whose signature did not hold (their bringers were banned).
@@ -99,7 +99,7 @@ fn signed_bytes(f: &Flooded) -> Vec<u8> {
 }
 
 impl Flood {
-    pub(crate) fn new(cfg: &ConcernsConfig) -> Self {
+    pub(crate) fn new(cfg: &ConcernsConfig, clock: Arc<WallClock>) -> Self {
         Flood {
             seen: Mutex::new(ReplayGuard::new(
                 (cfg.seen_ttl / 2).as_millis().max(1) as u64,
@@ -112,7 +112,7 @@ impl Flood {
             duplicates: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             keys: Mutex::new(HashMap::new()),
-            clock: WallClock::new(),
+            clock,
             window_ms: (cfg.seen_ttl / 2).as_millis().max(1) as u64,
             forged: AtomicU64::new(0),
             stale: AtomicU64::new(0),

@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::budget::{ByteBudget, Held};
+use crate::clock::WallClock;
 use crate::fair::FairQueue;
 use crate::flood::Flood;
 use crate::pending::{Awaiting, Requests};
@@ -1113,8 +1114,11 @@ impl ConcernsBuilder {
         let mut all = self.concerns;
         if self.builtins {
             let cfg = &concerns.inner.config;
-            let flood = Arc::new(Flood::new(cfg));
-            let routing = Arc::new(Routing::new(cfg));
+            // One clock for all stamps, so that both follow a step of the
+            // system clock at once.
+            let clock = Arc::new(WallClock::new());
+            let flood = Arc::new(Flood::new(cfg, clock.clone()));
+            let routing = Arc::new(Routing::new(cfg, clock));
             let topics = Arc::new(Topics::new(cfg));
             let _ = concerns.inner.flood.set(flood.clone());
             let _ = concerns.inner.routing.set(routing.clone());

@@ -92,7 +92,7 @@ pub(crate) struct Routing {
     /// The nonces of routed requests taken, to refuse them sent again.
     replay: Mutex<ReplayGuard>,
     /// The clock routed messages are stamped with.
-    clock: WallClock,
+    clock: Arc<WallClock>,
     /// Routed messages for this node that did not open (forged, altered,
     /// or from an origin whose key could not be made).
     refused: AtomicU64,
@@ -215,7 +215,7 @@ fn encode(body: Body) -> Bytes {
 }
 
 impl Routing {
-    pub(crate) fn new(cfg: &ConcernsConfig) -> Self {
+    pub(crate) fn new(cfg: &ConcernsConfig, clock: Arc<WallClock>) -> Self {
         Routing {
             table: Mutex::new(RouteTable::new(cfg.route_ttl, cfg.route_capacity)),
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
@@ -239,7 +239,7 @@ impl Routing {
                 cfg.routed_window.as_millis() as u64,
                 cfg.seen_capacity,
             )),
-            clock: WallClock::new(),
+            clock,
             refused: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             stale: AtomicU64::new(0),
