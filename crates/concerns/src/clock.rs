@@ -12,56 +12,75 @@ const STEP_MS: i64 = 1_000;
 /// How often (by tokio's clock) the system clock is looked at.
 const CHECK_EVERY_MS: u64 = 1_000;
 
-/// Milliseconds since the Unix epoch: the wall clock read at start,
-/// advanced by tokio's clock (monotonic, and paused tests drive it), plus
-/// any step the system clock has made since.
+/// Watches the system clock for steps: moves it made beyond the monotonic
+/// clock (`std::time::Instant`), as when it is set by hand or by NTP.
 ///
-/// The step matters: a node started before its clock was set (a machine
-/// that boots before NTP has run) would otherwise stamp and judge every
-/// flood and routed request by the wrong time until restarted (audit round
-/// five). A step is what the system clock moved beyond the monotonic
-/// clock (`std::time::Instant`, which paused tests do not touch), so the
-/// paused clock of tests never looks like one.
-pub(crate) struct WallClock {
-    start_ms: u64,
+/// A node keeps its own time as the wall clock read at start advanced by
+/// tokio's clock (monotonic, and paused tests drive it). Alone, that time
+/// never learns that the system clock was set after the node started: a
+/// machine that boots before NTP has run would stamp and judge messages by
+/// the wrong time until the node restarts (hostile-peer audit, round five).
+/// Adding [`step_ms`](Self::step_ms) (or
+/// [`forward_step_ms`](Self::forward_step_ms)) fixes that. The system
+/// clock is looked at once a second of tokio's clock at most, and moves of
+/// at most a second are not steps. Paused tests move tokio's clock only, so
+/// they never look like a step.
+#[derive(Debug)]
+pub struct ClockSteps {
     start: Instant,
     system_start: SystemTime,
     monotonic_start: StdInstant,
-    /// The system clock's step since start, in ms (applied to stamps).
+    /// The step since start, in ms, as last taken in.
     step_ms: AtomicI64,
+    /// The largest step taken in so far (never below 0).
+    forward_ms: AtomicI64,
     /// When (ms of tokio's clock since start) the system clock was last
     /// looked at.
     checked_at: AtomicU64,
 }
 
-impl WallClock {
-    pub(crate) fn new() -> Self {
-        let system_start = SystemTime::now();
-        let start_ms = system_start
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        WallClock {
-            start_ms,
+impl ClockSteps {
+    /// Watches for steps from now on.
+    pub fn new() -> Self {
+        Self::since(SystemTime::now())
+    }
+
+    /// Watches for steps since the system clock read `system_start`,
+    /// taken to be now by the monotonic clock: a `system_start` an hour
+    /// ago reads as the system clock having been set an hour forward.
+    pub fn since(system_start: SystemTime) -> Self {
+        ClockSteps {
             start: Instant::now(),
             system_start,
             monotonic_start: StdInstant::now(),
             step_ms: AtomicI64::new(0),
+            forward_ms: AtomicI64::new(0),
             checked_at: AtomicU64::new(0),
         }
     }
 
-    pub(crate) fn now_ms(&self) -> u64 {
-        let elapsed = self.start.elapsed().as_millis() as u64;
-        if elapsed.saturating_sub(self.checked_at.load(Ordering::Relaxed)) >= CHECK_EVERY_MS {
-            self.checked_at.store(elapsed, Ordering::Relaxed);
-            self.follow_system_clock();
-        }
-        let step = self.step_ms.load(Ordering::Relaxed);
-        (self.start_ms + elapsed).saturating_add_signed(step)
+    /// How far the system clock was set since start (negative: back), in
+    /// ms, as of the last look.
+    pub fn step_ms(&self) -> i64 {
+        self.look();
+        self.step_ms.load(Ordering::Relaxed)
     }
 
-    /// Takes in a step of the system clock of more than [`STEP_MS`].
-    fn follow_system_clock(&self) {
+    /// The furthest forward the system clock has been set since start, in
+    /// ms (0 if only ever back): for a time that must never go back.
+    pub fn forward_step_ms(&self) -> i64 {
+        self.look();
+        self.forward_ms.load(Ordering::Relaxed)
+    }
+
+    /// Looks at the system clock if a second of tokio's clock has passed
+    /// since the last look, and takes in a step of more than [`STEP_MS`].
+    fn look(&self) {
+        let elapsed = self.start.elapsed().as_millis() as u64;
+        if elapsed.saturating_sub(self.checked_at.load(Ordering::Relaxed)) < CHECK_EVERY_MS {
+            return;
+        }
+        self.checked_at.store(elapsed, Ordering::Relaxed);
         let monotonic = self.monotonic_start.elapsed().as_millis() as i64;
         let system = match SystemTime::now().duration_since(self.system_start) {
             Ok(d) => d.as_millis() as i64,
@@ -71,20 +90,46 @@ impl WallClock {
         let old = self.step_ms.load(Ordering::Relaxed);
         if (step - old).abs() > STEP_MS {
             self.step_ms.store(step, Ordering::Relaxed);
-            info!(
-                step_ms = step - old,
-                "the system clock was set: message stamps follow it"
-            );
+            self.forward_ms.fetch_max(step, Ordering::Relaxed);
+            info!(step_ms = step - old, "the system clock was set");
+        }
+    }
+}
+
+impl Default for ClockSteps {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Milliseconds since the Unix epoch: the wall clock read at start,
+/// advanced by tokio's clock, plus any step the system clock has made
+/// since ([`ClockSteps`]), back or forward.
+pub(crate) struct WallClock {
+    start_ms: u64,
+    start: Instant,
+    steps: ClockSteps,
+}
+
+impl WallClock {
+    pub(crate) fn new() -> Self {
+        Self::with_steps(ClockSteps::new())
+    }
+
+    fn with_steps(steps: ClockSteps) -> Self {
+        let start_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        WallClock {
+            start_ms,
+            start: Instant::now(),
+            steps,
         }
     }
 
-    #[cfg(test)]
-    fn with_system_start(system_start: SystemTime) -> Self {
-        let clock = WallClock::new();
-        WallClock {
-            system_start,
-            ..clock
-        }
+    pub(crate) fn now_ms(&self) -> u64 {
+        let elapsed = self.start.elapsed().as_millis() as u64;
+        (self.start_ms + elapsed).saturating_add_signed(self.steps.step_ms())
     }
 }
 
@@ -106,11 +151,27 @@ mod tests {
         // A clock whose system start lies 70 s in the future: as if the
         // system clock had been set back 70 s since. Stamps follow once it
         // is looked at (at most a second of tokio's clock later).
-        let stepped = WallClock::with_system_start(SystemTime::now() + Duration::from_secs(70));
+        let stepped = WallClock::with_steps(ClockSteps::since(
+            SystemTime::now() + Duration::from_secs(70),
+        ));
         let before = stepped.now_ms();
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let after = stepped.now_ms();
         let moved = after as i64 - before as i64;
         assert!((-68_600..=-68_400).contains(&moved), "{moved}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forward_steps_are_kept_and_backward_ones_are_not() {
+        // Set 70 s forward, then (as seen from another start) 70 s back.
+        let forward = ClockSteps::since(SystemTime::now() - Duration::from_secs(70));
+        let back = ClockSteps::since(SystemTime::now() + Duration::from_secs(70));
+        assert_eq!(forward.step_ms(), 0, "looked at no sooner than a second in");
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let near = |v: i64, want: i64| (v - want).abs() <= 200;
+        assert!(near(forward.step_ms(), 70_000), "{}", forward.step_ms());
+        assert!(near(forward.forward_step_ms(), 70_000));
+        assert!(near(back.step_ms(), -70_000), "{}", back.step_ms());
+        assert_eq!(back.forward_step_ms(), 0);
     }
 }

@@ -107,6 +107,7 @@ pub use meshwork_peers::wire;
 pub use async_trait::async_trait;
 /// Re-exported: payloads are `Bytes`.
 pub use bytes::Bytes;
+pub use clock::ClockSteps;
 pub use concern::{Concern, Reply};
 pub use context::Context;
 pub use error::{BoxError, ConcernsError};

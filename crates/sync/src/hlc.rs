@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use meshwork_concerns::ClockSteps;
 use tokio::time::Instant;
 
 /// A hybrid logical clock stamp: milliseconds since the Unix epoch in the
@@ -64,20 +65,35 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     fn now_ms(&self) -> u64;
 }
 
-/// The default clock: the wall clock read once at start, advanced by
-/// tokio's monotonic clock. It never goes backwards, and follows a paused
-/// test clock (`tokio::time::pause`).
+/// The default clock: the wall clock read at start, advanced by tokio's
+/// monotonic clock, plus how far the system clock has been set forward
+/// since ([`ClockSteps::forward_step_ms`]). It never goes backwards, and
+/// follows a paused test clock (`tokio::time::pause`).
+///
+/// A forward step is followed so that a node started before its clock was
+/// set (a machine without a battery-backed clock, booting before NTP has
+/// run) does not judge expiry by the wrong time until it restarts. A step
+/// back is not: going back would let an expired entry reappear and break
+/// the order of this node's stamps, so the clock keeps its pace and stays
+/// ahead by the step (see sync.md, "Clocks").
 #[derive(Debug, Clone)]
 pub struct SystemClock {
     /// The wall clock at `base`, in µs (kept finer than ms so that the
     /// reading is cut to ms once, not twice).
     base_us: u64,
     base: Instant,
+    steps: Arc<ClockSteps>,
 }
 
 impl SystemClock {
     /// A clock reading the wall clock now.
     pub fn new() -> Self {
+        Self::with_steps(ClockSteps::new())
+    }
+
+    /// A clock reading the wall clock now, told of the system clock's steps
+    /// by `steps`.
+    pub fn with_steps(steps: ClockSteps) -> Self {
         let base_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -85,6 +101,7 @@ impl SystemClock {
         SystemClock {
             base_us,
             base: Instant::now(),
+            steps: Arc::new(steps),
         }
     }
 }
@@ -97,7 +114,8 @@ impl Default for SystemClock {
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        (self.base_us + self.base.elapsed().as_micros() as u64) / 1000
+        let forward = self.steps.forward_step_ms().max(0) as u64;
+        (self.base_us + self.base.elapsed().as_micros() as u64) / 1000 + forward
     }
 }
 
@@ -199,6 +217,23 @@ impl Hlc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_system_clock_follows_steps_forward_and_never_goes_back() {
+        let set_forward = SystemClock::with_steps(ClockSteps::since(
+            SystemTime::now() - std::time::Duration::from_secs(3_600),
+        ));
+        let set_back = SystemClock::with_steps(ClockSteps::since(
+            SystemTime::now() + std::time::Duration::from_secs(3_600),
+        ));
+        let (f0, b0) = (set_forward.now_ms(), set_back.now_ms());
+        tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+        let moved = set_forward.now_ms() - f0;
+        assert!((3_601_300..=3_601_700).contains(&moved), "{moved}");
+        // Set back: it keeps its pace instead.
+        let moved = set_back.now_ms() - b0;
+        assert!((1_500..=1_510).contains(&moved), "{moved}");
+    }
 
     #[test]
     fn stamps_increase_even_when_the_clock_stands_still_or_steps_back() {
