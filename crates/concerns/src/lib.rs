@@ -117,4 +117,5 @@ pub use manager::{
     RESERVED_COMMANDS, ROUTING, TOPICS,
 };
 pub use route::Route;
+pub use routing::sign_route_found;
 pub use topics::{MAX_TOPIC_LEN, Publication, Subscription};

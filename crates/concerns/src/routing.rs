@@ -2,17 +2,24 @@
 //!
 //! - To find `target`, the origin floods a `RouteQuery` (bounded by its TTL
 //!   and deduplicated by `(origin, query_id)`, so it is loop-free). Every
-//!   node it passes learns the way back to the origin. The target, or a
-//!   neighbour of it, answers `RouteFound`, which walks back along the
-//!   learnt path; every node on the way learns the next hop to the target.
+//!   node it passes learns the way back to the origin. The target answers
+//!   `RouteFound`, which walks back along the learnt path; every node on
+//!   the way learns the next hop to the target.
+//! - Only the target answers, and it signs its answer (XEdDSA under its node
+//!   id, over the query id, origin and target). A neighbour of the target
+//!   passes the query to it rather than answering for it. Every node checks
+//!   the signature before it learns the route or passes the answer on, so
+//!   a member can no longer claim a way to a node it cannot reach and draw
+//!   its traffic into a black hole; the neighbour that hands over an answer
+//!   whose signature does not hold made it up, and is banned.
 //! - A `Routed` message then goes hop by hop by the route table. Every hop
 //!   remembers the neighbour a request came from (by origin and request
 //!   id), and its answer goes back that way: the request may have followed
 //!   routes the origin's query never taught the hops on the way back.
 //!   Routed frames only keep alive a route through their sender; they never
 //!   make or change one (the origin they claim is not checked).
-//! - Route answers are taken only for queries seen; "0 hops" only from the
-//!   target itself.
+//! - Route answers are taken only for queries seen, once per neighbour;
+//!   "0 hops" only from the target itself.
 //! - A hop with no route (or out of TTL) answers a request with an error
 //!   `UNREACHABLE` routed back to the origin, which forgets the route; so
 //!   does a routed request that times out.
@@ -32,7 +39,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use meshwork_peers::transport::{PairKey, Priority};
+use meshwork_peers::transport::{Identity, PairKey, Priority, verify};
 use meshwork_peers::wire::NodeId;
 use meshwork_peers::wire::proto::route_message::Body;
 use meshwork_peers::wire::proto::{
@@ -41,13 +48,14 @@ use meshwork_peers::wire::proto::{
 use prost::Message as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::clock::WallClock;
 use crate::manager::{ConcernsConfig, FORWARD_WAIT, Inner, Job, ROUTING, ReplyPath, error_payload};
 use crate::replay::{ReplayGuard, Verdict};
 use crate::route::RouteTable;
 use crate::seen::SeenCache;
+use crate::warn::WarnBudget;
 use crate::{BoxError, Concern, ConcernsError, Context, Reply, Route};
 
 /// Removes a search's entry when its first searcher is done or dropped.
@@ -72,6 +80,9 @@ pub(crate) struct Routing {
     table: Mutex<RouteTable>,
     /// By (origin, query id), owned by the neighbour that brought it.
     queries: Mutex<SeenCache<(NodeId, u64), NodeId>>,
+    /// Answers taken, by (origin, query id, the neighbour that brought
+    /// it): a repeat is dropped before its signature costs a check.
+    answers: Mutex<SeenCache<(NodeId, u64, NodeId), NodeId>>,
     /// Searches in progress, by target.
     searches: Mutex<HashMap<NodeId, Search>>,
     /// The way back of routed requests passed on, by (origin, request id):
@@ -100,6 +111,45 @@ pub(crate) struct Routing {
     replayed: AtomicU64,
     /// Routed requests for this node stamped outside the clock window.
     stale: AtomicU64,
+    /// Route answers whose signature did not hold (their bringers were
+    /// banned).
+    forged: AtomicU64,
+    forged_warnings: WarnBudget,
+}
+
+/// How long a neighbour that handed over a forged route answer is refused
+/// (as one that hands over a forged flood).
+const FORGER_BAN: Duration = Duration::from_secs(600);
+/// Domain separation: a route answer's signature serves no other purpose.
+const FOUND_LABEL: &[u8] = b"meshwork route found v1";
+
+/// The bytes a route answer's signature covers: every field but `hops`
+/// (which each hop raises) and the signature.
+fn found_bytes(f: &RouteFound) -> Vec<u8> {
+    let mut m = labelled_ends(FOUND_LABEL, &f.origin, &f.target, 8);
+    m.extend_from_slice(&f.query_id.to_be_bytes());
+    m
+}
+
+/// `label`, then `origin` and `target` each after its length, with room
+/// for `more` bytes: how signed and sealed routing messages begin.
+fn labelled_ends(label: &[u8], origin: &[u8], target: &[u8], more: usize) -> Vec<u8> {
+    let mut m = Vec::with_capacity(label.len() + 2 + origin.len() + target.len() + more);
+    m.extend_from_slice(label);
+    // Ids are at most 64 bytes: one length byte each keeps the parts apart.
+    m.push(origin.len() as u8);
+    m.extend_from_slice(origin);
+    m.push(target.len() as u8);
+    m.extend_from_slice(target);
+    m
+}
+
+/// Signs `found` as `identity`, whose node id its `target` must be: sets
+/// its `signature` (see the protocol spec, section "Routing"). For tools
+/// and tests that answer route queries by hand; the routing concern signs
+/// its own.
+pub fn sign_route_found(identity: &Identity, found: &mut RouteFound) {
+    found.signature = Bytes::copy_from_slice(&identity.sign(&found_bytes(found)));
 }
 
 /// Keys kept at most; past this, the one used longest ago is dropped (made
@@ -192,13 +242,7 @@ impl KeyCache {
 /// and the TTL (which each hop lowers).
 fn seal_ad(r: &Routed) -> Vec<u8> {
     const LABEL: &[u8] = b"meshwork routed v1";
-    let mut ad = Vec::with_capacity(LABEL.len() + 2 + r.origin.len() + r.target.len() + 24);
-    ad.extend_from_slice(LABEL);
-    // Ids are at most 64 bytes: one length byte each keeps the parts apart.
-    ad.push(r.origin.len() as u8);
-    ad.extend_from_slice(&r.origin);
-    ad.push(r.target.len() as u8);
-    ad.extend_from_slice(&r.target);
+    let mut ad = labelled_ends(LABEL, &r.origin, &r.target, 24);
     ad.extend_from_slice(&r.command.to_be_bytes());
     ad.extend_from_slice(&r.request_id.to_be_bytes());
     ad.extend_from_slice(&r.kind.to_be_bytes());
@@ -219,6 +263,7 @@ impl Routing {
         Routing {
             table: Mutex::new(RouteTable::new(cfg.route_ttl, cfg.route_capacity)),
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
+            answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             searches: Mutex::new(HashMap::new()),
             breadcrumbs: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             max_hops: cfg.max_hops,
@@ -243,6 +288,8 @@ impl Routing {
             refused: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             stale: AtomicU64::new(0),
+            forged: AtomicU64::new(0),
+            forged_warnings: WarnBudget::new(),
         }
     }
 
@@ -402,6 +449,7 @@ impl Routing {
             ("refused", get(&self.refused)),
             ("replayed", get(&self.replayed)),
             ("stale", get(&self.stale)),
+            ("forged", get(&self.forged)),
         ]
     }
 
@@ -558,21 +606,27 @@ impl Routing {
             return Ok(());
         }
         lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);
-        let hops = if target == *me {
-            Some(0)
-        } else if target != *from && Self::is_neighbour(inner, &target) {
-            Some(1)
-        } else {
-            None
-        };
-        if let Some(hops) = hops {
-            let found = RouteFound {
+        if target == *me {
+            let mut found = RouteFound {
                 query_id: q.query_id,
                 origin: q.origin,
                 target: q.target,
-                hops,
+                hops: 0,
+                signature: Bytes::new(),
             };
+            sign_route_found(inner.peers.endpoint().config().identity(), &mut found);
             inner.try_send_direct(from, ROUTING, encode(Body::Found(found)))?;
+            return Ok(());
+        }
+        if target != *from && Self::is_neighbour(inner, &target) {
+            // Only the target's word is taken: pass the query to it alone,
+            // also on the query's last hop (a neighbour's own answer used
+            // to end it here).
+            let next = encode(Body::Query(RouteQuery {
+                ttl: q.ttl.saturating_sub(1).max(1),
+                ..q
+            }));
+            let _ = inner.try_send_direct(&target, ROUTING, next);
             return Ok(());
         }
         if q.ttl > 1 {
@@ -591,9 +645,11 @@ impl Routing {
 
     /// A route answer. Only answers to a query this node made (its search
     /// for that target is running) or relayed (seen, from someone else) are
-    /// taken, and "I am the target" (0 hops) only from the target itself: an
-    /// unsolicited answer was one message to black-hole a route for its
-    /// lifetime.
+    /// taken, once from each neighbour, signed by the target, and "I am the
+    /// target" (0 hops) only from the target itself: an unsolicited answer
+    /// was one message to black-hole a route for its lifetime, and an
+    /// answer for the target from its "neighbour" one for as long as the
+    /// member gave it.
     fn on_found(&self, inner: &Arc<Inner>, from: &NodeId, f: RouteFound) -> Result<(), BoxError> {
         let origin = NodeId::from_bytes(f.origin.clone())?;
         let target = NodeId::from_bytes(f.target.clone())?;
@@ -615,11 +671,16 @@ impl Routing {
             let Some(found) = found else {
                 return Ok(()); // not asked, or asked and answered already
             };
+            if !self.signed_answer(inner, from, &origin, &target, &f, now) {
+                return Ok(());
+            }
             lock(&self.table).learn(&target, from, hops, now);
             found.send_replace(true);
             return Ok(());
         }
-        if !lock(&self.queries).contains(&(origin.clone(), f.query_id), now) {
+        if !lock(&self.queries).contains(&(origin.clone(), f.query_id), now)
+            || !self.signed_answer(inner, from, &origin, &target, &f, now)
+        {
             return Ok(());
         }
         lock(&self.table).learn(&target, from, hops, now);
@@ -628,6 +689,38 @@ impl Routing {
             inner.try_send_direct(&next, ROUTING, encode(Body::Found(back)))?;
         }
         Ok(())
+    }
+
+    /// Whether `f`, handed over by `from`, is the first answer to its
+    /// query from that neighbour and signed by its target. A bad signature
+    /// bans `from`: every node checks before it passes an answer on, so the
+    /// neighbour that handed it over made it up.
+    fn signed_answer(
+        &self,
+        inner: &Inner,
+        from: &NodeId,
+        origin: &NodeId,
+        target: &NodeId,
+        f: &RouteFound,
+        now: Instant,
+    ) -> bool {
+        let first =
+            lock(&self.answers).insert((origin.clone(), f.query_id, from.clone()), from, now);
+        if !first {
+            return false;
+        }
+        if verify(target, &found_bytes(f), &f.signature).is_ok() {
+            return true;
+        }
+        self.forged.fetch_add(1, Ordering::Relaxed);
+        // Said loudly a few times a period only: fresh ids cost little.
+        if self.forged_warnings.take() {
+            warn!(from = %from.short(), target = %target.short(), "route answer not signed by its target: dropped, its bringer banned");
+        } else {
+            debug!(from = %from.short(), target = %target.short(), "route answer not signed by its target: dropped, its bringer banned");
+        }
+        inner.peers.ban(from, FORGER_BAN);
+        false
     }
 
     async fn on_routed(

@@ -1253,6 +1253,7 @@ async fn a_member_cannot_black_hole_a_route_for_long() {
             origin: a.id().as_bytes().clone(),
             target: c.id().as_bytes().clone(),
             hops,
+            signature: Bytes::new(),
         });
         m.send(a.id(), lie(found), Priority::Normal).await.unwrap();
     }

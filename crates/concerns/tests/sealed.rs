@@ -89,23 +89,24 @@ async fn say(m: &PeerManager, to: &NodeId, body: Body) {
     m.send(to, frame, Priority::Normal).await.unwrap();
 }
 
-/// The relay answers `h`'s route query (the target is its neighbour:
-/// true) and returns the routed request that follows.
+/// The relay passes `h`'s route query on to its neighbour `t`, hands
+/// `t`'s signed answer back to `h`, and returns the routed request that
+/// follows.
 async fn route_through(
     m: &PeerManager,
     frames: &mut mpsc::UnboundedReceiver<ConcernFrame>,
     h: &NodeId,
+    t: &NodeId,
 ) -> Routed {
     let Body::Query(q) = next_routing(frames).await else {
         panic!("expected h's route query");
     };
-    let found = RouteFound {
-        query_id: q.query_id,
-        origin: q.origin,
-        target: q.target,
-        hops: 1,
+    say(m, t, Body::Query(q)).await;
+    let Body::Found(found) = next_routing(frames).await else {
+        panic!("expected t's route answer");
     };
-    say(m, h, Body::Found(found)).await;
+    assert_eq!(found.hops, 0);
+    say(m, h, Body::Found(RouteFound { hops: 1, ..found })).await;
     let Body::Routed(request) = next_routing(frames).await else {
         panic!("expected h's routed request");
     };
@@ -150,8 +151,8 @@ async fn a_relay_can_neither_read_alter_forge_nor_replay_routed_traffic() {
         let tid = tid.clone();
         tokio::spawn(async move { ctx.request_to(&tid, "the secret question", 20 * S).await })
     };
-    // h asks around for t; m says t is its neighbour (true).
-    let request = route_through(&m_peers, &mut frames, &hid).await;
+    // h asks around for t; m passes the query on and t's answer back.
+    let request = route_through(&m_peers, &mut frames, &hid, &tid).await;
     // Not readable on the way.
     let secret = b"the secret question";
     assert!(
@@ -274,7 +275,7 @@ async fn a_relay_can_neither_read_alter_forge_nor_replay_routed_traffic() {
         tokio::spawn(async move { ctx.request_to(&tid, "late", 3 * WINDOW).await })
     };
     // (h forgot its route when told it was lost: it asks again.)
-    let request = route_through(&m_peers, &mut frames, &hid).await;
+    let request = route_through(&m_peers, &mut frames, &hid, &tid).await;
     sleep(WINDOW + S).await;
     relay(&m_peers, &tid, request).await;
     let Body::Routed(refusal) = next_routing(&mut frames).await else {
@@ -392,6 +393,77 @@ async fn made_up_origins_spend_their_neighbours_share_of_new_keys_only() {
         c.peers().shutdown().await;
     }
     m.shutdown().await;
+}
+
+/// a — b — c, with m, a member beside a that cannot reach c, and the way
+/// through b slow (50 ms a hop). m answers a's query for c at once with "c
+/// is my neighbour", which is what a neighbour's answer used to be: a took
+/// the first answer, sent its request into m and waited for its timeout.
+/// Now only c's signed word makes a route: m's answer is refused, m banned,
+/// and the request goes through b.
+#[tokio::test(start_paused = true)]
+async fn a_route_answer_not_signed_by_its_target_is_refused_and_its_bringer_banned() {
+    let net = MemNetwork::new();
+    net.set_latency("a", "b", 50 * MS);
+    let node = |name: &'static str, seeds: &'static [&'static str], max| {
+        let net = net.clone();
+        async move { PeerManager::start(listening(&net, name).await, seeded(seeds, max)).unwrap() }
+    };
+    let a = Concerns::builder(node("a", &[], 4).await)
+        .start()
+        .await
+        .unwrap();
+    let b = Concerns::builder(node("b", &["mem://a"], 2).await)
+        .start()
+        .await
+        .unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let c = Concerns::builder(node("c", &["mem://b"], 1).await)
+        .concern(Answering(handled.clone()))
+        .start()
+        .await
+        .unwrap();
+    let m_peers = node("m", &["mem://a"], 1).await;
+    let (tap, mut frames) = mpsc::unbounded_channel();
+    m_peers.set_inbound_handler(Arc::new(Tap(tap))).unwrap();
+    m_peers.wait_for_peers(1, 5 * S).await.unwrap();
+    c.peers().wait_for_peers(1, 5 * S).await.unwrap();
+    a.peers().wait_for_peers(2, 5 * S).await.unwrap();
+    let (aid, bid) = (a.peers().node_id().clone(), b.peers().node_id().clone());
+    let (cid, mid) = (c.peers().node_id().clone(), m_peers.node_id().clone());
+    assert!(!a.peers().is_neighbour(&cid));
+
+    let ctx = a.context(ASK);
+    let call = {
+        let cid = cid.clone();
+        tokio::spawn(async move { ctx.request_to(&cid, "hello", 5 * S).await })
+    };
+    let Body::Query(q) = next_routing(&mut frames).await else {
+        panic!("expected a's route query");
+    };
+    assert_eq!(q.target, *cid.as_bytes());
+    let lie = RouteFound {
+        query_id: q.query_id,
+        origin: q.origin,
+        target: q.target,
+        hops: 1,
+        signature: Bytes::new(),
+    };
+    say(&m_peers, &aid, Body::Found(lie)).await;
+
+    let reply = timeout(10 * S, call).await.unwrap().unwrap();
+    assert_eq!(reply.unwrap(), Bytes::from("re: hello"));
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    let route = a.routes().into_iter().find(|r| r.target == cid).unwrap();
+    assert_eq!(route.next_hop, bid);
+    assert!(a.peers().is_banned(&mid));
+    assert_eq!(routing_stat(&a, "forged"), 1);
+
+    for n in [a, b, c] {
+        n.shutdown().await;
+        n.peers().shutdown().await;
+    }
+    m_peers.shutdown().await;
 }
 
 /// The wall clock in ms since the Unix epoch, read as the routing concern
