@@ -117,5 +117,5 @@ pub use manager::{
     RESERVED_COMMANDS, ROUTING, TOPICS,
 };
 pub use route::Route;
-pub use routing::sign_route_found;
+pub use routing::{sign_route_found, sign_route_query};
 pub use topics::{MAX_TOPIC_LEN, Publication, Subscription};

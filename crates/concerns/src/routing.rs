@@ -2,7 +2,10 @@
 //!
 //! - To find `target`, the origin floods a `RouteQuery` (bounded by its TTL
 //!   and deduplicated by `(origin, query_id)`, so it is loop-free). Every
-//!   node it passes learns the way back to the origin. The target answers
+//!   node it passes learns the way back to the origin, once it has checked
+//!   the query's stamp (within half the seen-cache lifetime of its clock)
+//!   and the origin's signature: a query "from" a node made up by a member
+//!   drew the traffic for that node into the member. The target answers
 //!   `RouteFound`, which walks back along the learnt path; every node on
 //!   the way learns the next hop to the target.
 //! - Only the target answers, and it signs its answer (XEdDSA under its node
@@ -111,9 +114,13 @@ pub(crate) struct Routing {
     replayed: AtomicU64,
     /// Routed requests for this node stamped outside the clock window.
     stale: AtomicU64,
-    /// Route answers whose signature did not hold (their bringers were
-    /// banned).
+    /// Route queries and answers whose signature did not hold (their
+    /// bringers were banned).
     forged: AtomicU64,
+    /// Route queries stamped outside the window.
+    stale_queries: AtomicU64,
+    /// How far from this node's clock a route query may be stamped, in ms.
+    query_window_ms: u64,
     forged_warnings: WarnBudget,
 }
 
@@ -122,6 +129,25 @@ pub(crate) struct Routing {
 const FORGER_BAN: Duration = Duration::from_secs(600);
 /// Domain separation: a route answer's signature serves no other purpose.
 const FOUND_LABEL: &[u8] = b"meshwork route found v1";
+/// The same for route queries.
+const QUERY_LABEL: &[u8] = b"meshwork route query v1";
+
+/// The bytes a route query's signature covers: every field but `ttl`
+/// (which each hop lowers) and the signature.
+fn query_bytes(q: &RouteQuery) -> Vec<u8> {
+    let mut m = labelled_ends(QUERY_LABEL, &q.origin, &q.target, 16);
+    m.extend_from_slice(&q.query_id.to_be_bytes());
+    m.extend_from_slice(&q.sent_at_ms.to_be_bytes());
+    m
+}
+
+/// Signs `query` as `identity`, whose node id its `origin` must be: sets
+/// its `signature` (see the protocol spec, section "Routing"). For tools
+/// and tests that make route queries by hand; the routing concern signs
+/// its own.
+pub fn sign_route_query(identity: &Identity, query: &mut RouteQuery) {
+    query.signature = Bytes::copy_from_slice(&identity.sign(&query_bytes(query)));
+}
 
 /// The bytes a route answer's signature covers: every field but `hops`
 /// (which each hop raises) and the signature.
@@ -290,6 +316,8 @@ impl Routing {
             stale: AtomicU64::new(0),
             forged: AtomicU64::new(0),
             forged_warnings: WarnBudget::new(),
+            stale_queries: AtomicU64::new(0),
+            query_window_ms: (cfg.seen_ttl / 2).as_millis() as u64,
         }
     }
 
@@ -450,6 +478,7 @@ impl Routing {
             ("replayed", get(&self.replayed)),
             ("stale", get(&self.stale)),
             ("forged", get(&self.forged)),
+            ("stale_queries", get(&self.stale_queries)),
         ]
     }
 
@@ -561,12 +590,15 @@ impl Routing {
         if first {
             self.searches_started.fetch_add(1, Ordering::Relaxed);
             let me = inner.peers.node_id();
-            let query = RouteQuery {
+            let mut query = RouteQuery {
                 query_id,
                 origin: me.as_bytes().clone(),
                 target: target.as_bytes().clone(),
                 ttl: self.max_hops,
+                sent_at_ms: self.clock.now_ms(),
+                signature: Bytes::new(),
             };
+            sign_route_query(inner.peers.endpoint().config().identity(), &mut query);
             lock(&self.queries).insert((me.clone(), query.query_id), me, Instant::now());
             let body = encode(Body::Query(query));
             for p in inner.peers.neighbours() {
@@ -602,7 +634,23 @@ impl Routing {
         let target = NodeId::from_bytes(q.target.clone())?;
         let me = inner.peers.node_id();
         let now = Instant::now();
-        if origin == *me || !lock(&self.queries).insert((origin.clone(), q.query_id), from, now) {
+        let key = (origin.clone(), q.query_id);
+        if origin == *me || lock(&self.queries).contains(&key, now) {
+            return Ok(());
+        }
+        let off = i128::from(self.clock.now_ms()) - i128::from(q.sent_at_ms);
+        if off.unsigned_abs() > u128::from(self.query_window_ms) {
+            // A replay of one recorded earlier (its id forgotten), or a
+            // clock far off: nobody banned.
+            self.stale_queries.fetch_add(1, Ordering::Relaxed);
+            debug!(origin = %origin.short(), off_ms = %off, "route query stamped outside the window: dropped");
+            return Ok(());
+        }
+        if verify(&origin, &query_bytes(&q), &q.signature).is_err() {
+            self.ban_forger(inner, from, "route query not signed by its origin", &origin);
+            return Ok(());
+        }
+        if !lock(&self.queries).insert(key, from, now) {
             return Ok(());
         }
         lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);
@@ -712,15 +760,22 @@ impl Routing {
         if verify(target, &found_bytes(f), &f.signature).is_ok() {
             return true;
         }
+        self.ban_forger(inner, from, "route answer not signed by its target", target);
+        false
+    }
+
+    /// Bans `from`, which handed over a query or answer whose signature
+    /// (by `signer`) did not hold: every node checks before it passes them
+    /// on, so `from` made it up.
+    fn ban_forger(&self, inner: &Inner, from: &NodeId, what: &str, signer: &NodeId) {
         self.forged.fetch_add(1, Ordering::Relaxed);
         // Said loudly a few times a period only: fresh ids cost little.
         if self.forged_warnings.take() {
-            warn!(from = %from.short(), target = %target.short(), "route answer not signed by its target: dropped, its bringer banned");
+            warn!(from = %from.short(), signer = %signer.short(), "{what}: dropped, its bringer banned");
         } else {
-            debug!(from = %from.short(), target = %target.short(), "route answer not signed by its target: dropped, its bringer banned");
+            debug!(from = %from.short(), signer = %signer.short(), "{what}: dropped, its bringer banned");
         }
         inner.peers.ban(from, FORGER_BAN);
-        false
     }
 
     async fn on_routed(

@@ -16,7 +16,7 @@ use meshwork_concerns::transport::mem::MemNetwork;
 use meshwork_concerns::transport::{ConnectionHandle, Identity, Priority};
 use meshwork_concerns::wire::proto::route_message::Body;
 use meshwork_concerns::wire::proto::{
-    ConcernError, ConcernKind, ErrorCode, RouteFound, RouteMessage, Routed,
+    ConcernError, ConcernKind, ErrorCode, RouteFound, RouteMessage, RouteQuery, Routed,
 };
 use meshwork_concerns::wire::{Message, NodeId};
 use meshwork_concerns::{
@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout};
 
 mod support;
-use support::{builtin_stat, listening, routing_frame};
+use support::{builtin_stat, listening, routing_frame, unix_ms};
 
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
@@ -395,50 +395,94 @@ async fn made_up_origins_spend_their_neighbours_share_of_new_keys_only() {
     m.shutdown().await;
 }
 
-/// a — b — c, with m, a member beside a that cannot reach c, and the way
-/// through b slow (50 ms a hop). m answers a's query for c at once with "c
-/// is my neighbour", which is what a neighbour's answer used to be: a took
-/// the first answer, sent its request into m and waited for its timeout.
-/// Now only c's signed word makes a route: m's answer is refused, m banned,
-/// and the request goes through b.
+/// a — b — c, with m, a member beside a that cannot reach c (a bare peer
+/// manager whose frames the test reads), and the way through b slow (50 ms
+/// a hop). c answers ASK requests.
+struct Beside {
+    a: Concerns,
+    b: Concerns,
+    c: Concerns,
+    m: PeerManager,
+    frames: mpsc::UnboundedReceiver<ConcernFrame>,
+    handled: Arc<AtomicUsize>,
+}
+
+impl Beside {
+    async fn start() -> Beside {
+        let net = MemNetwork::new();
+        net.set_latency("a", "b", 50 * MS);
+        let node = |name: &'static str, seeds: &'static [&'static str], max| {
+            let net = net.clone();
+            async move { PeerManager::start(listening(&net, name).await, seeded(seeds, max)).unwrap() }
+        };
+        let a = Concerns::builder(node("a", &[], 4).await)
+            .start()
+            .await
+            .unwrap();
+        let b = Concerns::builder(node("b", &["mem://a"], 2).await)
+            .start()
+            .await
+            .unwrap();
+        let handled = Arc::new(AtomicUsize::new(0));
+        let c = Concerns::builder(node("c", &["mem://b"], 1).await)
+            .concern(Answering(handled.clone()))
+            .start()
+            .await
+            .unwrap();
+        let m = node("m", &["mem://a"], 1).await;
+        let (tap, frames) = mpsc::unbounded_channel();
+        m.set_inbound_handler(Arc::new(Tap(tap))).unwrap();
+        m.wait_for_peers(1, 5 * S).await.unwrap();
+        c.peers().wait_for_peers(1, 5 * S).await.unwrap();
+        a.peers().wait_for_peers(2, 5 * S).await.unwrap();
+        assert!(!a.peers().is_neighbour(c.peers().node_id()));
+        Beside {
+            a,
+            b,
+            c,
+            m,
+            frames,
+            handled,
+        }
+    }
+
+    /// a's request to c gets c's answer; a's route to c goes through b,
+    /// and m is banned for what it sent.
+    async fn check_honest_way(&self) {
+        let cid = self.c.peers().node_id();
+        let reply = self.a.context(ASK).request_to(cid, "hello", 5 * S).await;
+        assert_eq!(reply.unwrap(), Bytes::from("re: hello"));
+        assert_eq!(self.handled.load(Ordering::SeqCst), 1);
+        let route = self.a.routes().into_iter().find(|r| r.target == *cid);
+        assert_eq!(route.unwrap().next_hop, *self.b.peers().node_id());
+        assert!(self.a.peers().is_banned(self.m.node_id()));
+        assert_eq!(routing_stat(&self.a, "forged"), 1);
+    }
+
+    async fn stop(self) {
+        for n in [self.a, self.b, self.c] {
+            n.shutdown().await;
+            n.peers().shutdown().await;
+        }
+        self.m.shutdown().await;
+    }
+}
+
+/// m answers a's query for c at once with "c is my neighbour", which is
+/// what a neighbour's answer used to be: a took the first answer, sent its
+/// request into m and waited for its timeout. Now only c's signed word
+/// makes a route: m's answer is refused, m banned, and the request goes
+/// through b.
 #[tokio::test(start_paused = true)]
 async fn a_route_answer_not_signed_by_its_target_is_refused_and_its_bringer_banned() {
-    let net = MemNetwork::new();
-    net.set_latency("a", "b", 50 * MS);
-    let node = |name: &'static str, seeds: &'static [&'static str], max| {
-        let net = net.clone();
-        async move { PeerManager::start(listening(&net, name).await, seeded(seeds, max)).unwrap() }
-    };
-    let a = Concerns::builder(node("a", &[], 4).await)
-        .start()
-        .await
-        .unwrap();
-    let b = Concerns::builder(node("b", &["mem://a"], 2).await)
-        .start()
-        .await
-        .unwrap();
-    let handled = Arc::new(AtomicUsize::new(0));
-    let c = Concerns::builder(node("c", &["mem://b"], 1).await)
-        .concern(Answering(handled.clone()))
-        .start()
-        .await
-        .unwrap();
-    let m_peers = node("m", &["mem://a"], 1).await;
-    let (tap, mut frames) = mpsc::unbounded_channel();
-    m_peers.set_inbound_handler(Arc::new(Tap(tap))).unwrap();
-    m_peers.wait_for_peers(1, 5 * S).await.unwrap();
-    c.peers().wait_for_peers(1, 5 * S).await.unwrap();
-    a.peers().wait_for_peers(2, 5 * S).await.unwrap();
-    let (aid, bid) = (a.peers().node_id().clone(), b.peers().node_id().clone());
-    let (cid, mid) = (c.peers().node_id().clone(), m_peers.node_id().clone());
-    assert!(!a.peers().is_neighbour(&cid));
-
-    let ctx = a.context(ASK);
+    let mut x = Beside::start().await;
+    let (aid, cid) = (x.a.peers().node_id().clone(), x.c.peers().node_id().clone());
+    let ctx = x.a.context(ASK);
     let call = {
         let cid = cid.clone();
-        tokio::spawn(async move { ctx.request_to(&cid, "hello", 5 * S).await })
+        tokio::spawn(async move { ctx.request_to(&cid, "first", 5 * S).await })
     };
-    let Body::Query(q) = next_routing(&mut frames).await else {
+    let Body::Query(q) = next_routing(&mut x.frames).await else {
         panic!("expected a's route query");
     };
     assert_eq!(q.target, *cid.as_bytes());
@@ -449,28 +493,32 @@ async fn a_route_answer_not_signed_by_its_target_is_refused_and_its_bringer_bann
         hops: 1,
         signature: Bytes::new(),
     };
-    say(&m_peers, &aid, Body::Found(lie)).await;
-
+    say(&x.m, &aid, Body::Found(lie)).await;
     let reply = timeout(10 * S, call).await.unwrap().unwrap();
-    assert_eq!(reply.unwrap(), Bytes::from("re: hello"));
-    assert_eq!(handled.load(Ordering::SeqCst), 1);
-    let route = a.routes().into_iter().find(|r| r.target == cid).unwrap();
-    assert_eq!(route.next_hop, bid);
-    assert!(a.peers().is_banned(&mid));
-    assert_eq!(routing_stat(&a, "forged"), 1);
-
-    for n in [a, b, c] {
-        n.shutdown().await;
-        n.peers().shutdown().await;
-    }
-    m_peers.shutdown().await;
+    assert_eq!(reply.unwrap(), Bytes::from("re: first"));
+    x.handled.store(0, Ordering::SeqCst);
+    x.check_honest_way().await;
+    x.stop().await;
 }
 
-/// The wall clock in ms since the Unix epoch, read as the routing concern
-/// does (its start, advanced by tokio's paused clock: close enough here).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+/// m sends a a route query "from c", stamped now, with a signature c never
+/// made: a took it as the way back to c, 2 hops through m (better than the
+/// way through b), and sent its traffic for c into m until a request timed
+/// out. Now a refuses it and bans m, and its request goes through b.
+#[tokio::test(start_paused = true)]
+async fn a_route_query_not_signed_by_its_origin_is_refused_and_its_bringer_banned() {
+    let x = Beside::start().await;
+    let aid = x.a.peers().node_id().clone();
+    let lie = RouteQuery {
+        query_id: 7,
+        origin: x.c.peers().node_id().as_bytes().clone(),
+        target: NodeId::from_bytes(vec![8; 32]).unwrap().as_bytes().clone(),
+        ttl: 16,
+        sent_at_ms: unix_ms(),
+        signature: Bytes::from(vec![7; 64]),
+    };
+    say(&x.m, &aid, Body::Query(lie)).await;
+    sleep(100 * MS).await;
+    x.check_honest_way().await;
+    x.stop().await;
 }

@@ -29,6 +29,16 @@ pub(crate) async fn listening(net: &MemNetwork, name: &str) -> Endpoint {
     endpoint
 }
 
+/// The wall clock in ms since the Unix epoch, as the concerns stamp their
+/// messages (their start, advanced by tokio's paused clock: close enough
+/// here).
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// A routing concern frame carrying `body`, as one neighbour sends another.
 pub(crate) fn routing_frame(body: Body) -> ConcernFrame {
     ConcernFrame {
@@ -56,10 +66,7 @@ pub(crate) fn flood_frame(
         command,
         payload: payload.into(),
         ttl,
-        sent_at_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64,
+        sent_at_ms: unix_ms(),
         signature: Bytes::new(),
     };
     sign_flooded(origin, &mut f);
