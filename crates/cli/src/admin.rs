@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/health` | 200 `ok` |
 //! | GET | `/status` | 200 [`StatusJson`] |
-//! | POST | `/peers/{id}/disconnect` | 200 `{"disconnected":"<id>"}`; 404 when that peer is not connected |
+//! | POST | `/peers/{id}/disconnect` | 200 `{"disconnected":"<id>"}`; 404 when that peer is not connected; 400 for this node's own id |
 //! | POST | `/peers/{id}/block` | 200 `{"blocked":"<id>"}`: its connection ends and handshakes with it are refused until unblocked |
 //! | POST | `/peers/{id}/unblock` | 200 `{"unblocked":"<id>"}` |
 //! | POST | `/broadcast` | body = message; floods it to the echo concern (command 0x100) of every node, TTL 16: 200 `{"message_id":n}`; 503 `no_neighbours` when no peer is connected (it would reach nobody) |
@@ -23,7 +23,13 @@
 //! | POST | `/shutdown` | 202 `{"shutting_down":true}`, then a graceful shutdown |
 //! | any | anything else | 404 (405 for a known path) |
 //!
-//! `{id}` is a node id in hex (as in `/status`); anything else is a 400.
+//! `{id}` is a node id, 64 hex digits (as in `/status`; another length only
+//! for an id this node knows of); anything else is a 400. Block and unblock
+//! take any well-formed id, known or not (a block can be set up before the
+//! peer appears). Request bodies are at most 2 MiB: a larger one answers 413
+//! `too_large`. Keys under `rpc/services/` are the RPC registry, kept by the
+//! nodes that serve each service: `PUT`, `DELETE` and `release` of them
+//! answer 403 `reserved` (reading them is fine).
 //! `{key}` is the key as UTF-8 text, percent-encoded where needed (`a%2Fb`
 //! is the key `a/b`). A `version` is the write's hybrid-logical-clock stamp
 //! (ms since the Unix epoch << 16 | counter): it only grows along a key's
@@ -63,7 +69,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -191,6 +197,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/shutdown", post(shutdown))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -924,15 +931,74 @@ async fn status(State(state): State<AdminState>) -> Json<StatusJson> {
     ))
 }
 
-/// Parses the `{id}` of a `/peers/{id}/...` path.
-fn parse_peer(id: Result<Path<String>, PathRejection>) -> Result<NodeId, ApiError> {
+/// Hex digits of a node id: a node's X25519 public key.
+const NODE_ID_HEX_DIGITS: usize = 64;
+
+/// Parses the `{id}` of a `/peers/{id}/...` or `/request/{id}` path: 64
+/// hex digits (a public key, as every authenticated node has), or any
+/// other id this node knows of (a peer of an `--insecure` mesh may claim
+/// an id of another length). A mistyped id is refused here rather than
+/// blocked, unblocked or asked for in vain.
+fn parse_peer(node: &Node, id: Result<Path<String>, PathRejection>) -> Result<NodeId, ApiError> {
     let Path(id) = id.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    NodeId::from_hex(&id).map_err(|e| {
+    let parsed = NodeId::from_hex(&id.to_ascii_lowercase()).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("{id:?} is not a node id (hex, as in /status): {e}"),
+            format!(
+                "{id:?} is not a node id ({NODE_ID_HEX_DIGITS} hex digits, as in /status): {e}"
+            ),
         )
+    })?;
+    if id.len() != NODE_ID_HEX_DIGITS && node.peers().by_id(&parsed).is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{id:?} is not a node id: {NODE_ID_HEX_DIGITS} hex digits (as in /status), got {}",
+                id.len()
+            ),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// The largest request body the admin API reads (2 MiB; a value of the
+/// replicated map is at most 1 MiB). Larger bodies answer 413 `too_large`.
+pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// A request body, or the JSON error for one that could not be read (413
+/// `too_large` over [`MAX_BODY_BYTES`]).
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over the admin API's limit of {MAX_BODY_BYTES} bytes"),
+            )
+            .with_code("too_large")
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
+        }
     })
+}
+
+/// Refuses writes to the RPC registry (`rpc/services/...`): its entries are
+/// written and refreshed by the nodes that serve the services, and one
+/// overwritten or deleted by hand would hide a live service from the whole
+/// mesh or list a dead one forever.
+fn check_writable(key: &str) -> Result<(), ApiError> {
+    if key.starts_with(meshwork::rpc::REGISTRY_PREFIX) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "keys under {:?} are the RPC registry, kept by the nodes serving each \
+                 service; stop or serve the service instead (GET /rpc/{{service}}/providers \
+                 lists them)",
+                meshwork::rpc::REGISTRY_PREFIX
+            ),
+        )
+        .with_code("reserved"));
+    }
+    Ok(())
 }
 
 /// The body of `POST /peers/{id}/disconnect`.
@@ -947,7 +1013,13 @@ async fn disconnect_peer(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Disconnected>, ApiError> {
-    let peer = parse_peer(id)?;
+    let peer = parse_peer(&state.node, id)?;
+    if &peer == state.node.node_id() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{peer} is this node's own id"),
+        ));
+    }
     if !state.node.peers().disconnect(&peer) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -972,7 +1044,7 @@ async fn block_peer(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Blocked>, ApiError> {
-    let peer = parse_peer(id)?;
+    let peer = parse_peer(&state.node, id)?;
     if &peer == state.node.node_id() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -998,7 +1070,7 @@ async fn unblock_peer(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Unblocked>, ApiError> {
-    let peer = parse_peer(id)?;
+    let peer = parse_peer(&state.node, id)?;
     state.node.peers().unblock(&peer);
     info!(peer = %peer.short(), "peer unblocked through the admin API");
     Ok(Json(Unblocked {
@@ -1015,8 +1087,9 @@ struct MessageId {
 /// Floods the body to the echo concern of every other node.
 async fn broadcast(
     State(state): State<AdminState>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MessageId>, ApiError> {
+    let body = read_body(body)?;
     let message_id = echo::broadcast(&state.node, &body)
         .await
         .map_err(|e| ApiError::from_concerns(&e))?;
@@ -1027,9 +1100,10 @@ async fn broadcast(
 async fn publish(
     State(state): State<AdminState>,
     topic: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MessageId>, ApiError> {
     let Path(topic) = topic.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let body = read_body(body)?;
     let message_id = state
         .node
         .concerns()
@@ -1065,9 +1139,10 @@ async fn request(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
     query: Result<Query<RequestQuery>, QueryRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RequestReply>, ApiError> {
-    let target = parse_peer(id)?;
+    let target = parse_peer(&state.node, id)?;
+    let body = read_body(body)?;
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let timeout_ms = check_timeout_ms(query.timeout_ms)?;
     let node = &state.node;
@@ -1238,15 +1313,9 @@ async fn kv_put(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<KvVersion>, ApiError> {
     let key = parse_key(key)?;
+    check_writable(&key)?;
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let value = body.map_err(|e| {
-        let error = ApiError::new(StatusCode::BAD_REQUEST, e.body_text());
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            error.with_code("too_large")
-        } else {
-            error
-        }
-    })?;
+    let value = read_body(body)?;
     let sync = state.node.sync();
     let written = match query.ttl_ms {
         None => sync.set(&key, value).await,
@@ -1279,6 +1348,7 @@ async fn kv_delete(
     key: Result<Path<String>, PathRejection>,
 ) -> Result<Json<KvDeleted>, ApiError> {
     let key = parse_key(key)?;
+    check_writable(&key)?;
     match state.node.sync().remove(&key).await {
         Ok(true) => Ok(Json(KvDeleted { deleted: true })),
         Ok(false) => Err(no_value(&key)),
@@ -1299,6 +1369,7 @@ async fn kv_release(
     key: Result<Path<String>, PathRejection>,
 ) -> Result<Json<KvReleased>, ApiError> {
     let key = parse_key(key)?;
+    check_writable(&key)?;
     match state.node.sync().release(&key).await {
         Ok(version) => Ok(Json(KvReleased {
             released: true,
@@ -1462,7 +1533,7 @@ async fn rpc_call_providers(
 /// The arguments of a call: the body, a JSON array (an empty body is
 /// `[]`).
 fn rpc_args(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    let body = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let body = read_body(body)?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Bytes::from_static(b"[]"));
     }
@@ -2221,14 +2292,27 @@ mod tests {
         let (addr, _shutdown) = serve(&a).await;
         let mut events = a.peers().events();
 
-        for bad in ["zz", "abc", "not-hex"] {
-            let (code, body) = post_json(addr, &format!("/peers/{bad}/disconnect")).await;
-            assert_eq!(code, 400, "{bad}: {body}");
-            assert!(
-                body["error"].as_str().unwrap().contains("node id"),
-                "{body}"
-            );
+        // A node id is 64 hex digits: a typo (one pair too many or too few)
+        // is refused, by block as well, rather than acted on in vain.
+        let (long, short) = ("ab".repeat(33), "ab".repeat(31));
+        for bad in ["zz", "abc", "not-hex", &long, &short] {
+            for action in ["disconnect", "block", "unblock"] {
+                let (code, body) = post_json(addr, &format!("/peers/{bad}/{action}")).await;
+                assert_eq!(code, 400, "{action} {bad}: {body}");
+                assert!(
+                    body["error"].as_str().unwrap().contains("node id"),
+                    "{body}"
+                );
+            }
         }
+        for action in ["disconnect", "block"] {
+            let (code, body) = post_json(addr, &format!("/peers/{}/{action}", a.node_id())).await;
+            assert_eq!(code, 400, "{action} of itself: {body}");
+            assert!(body["error"].as_str().unwrap().contains("own id"), "{body}");
+        }
+        let upper = b.node_id().to_string().to_ascii_uppercase();
+        let (code, body) = post_json(addr, &format!("/peers/{upper}/unblock")).await;
+        assert_eq!(code, 200, "upper-case hex is the same id: {body}");
         let stranger = "ab".repeat(32);
         let (code, body) = post_json(addr, &format!("/peers/{stranger}/disconnect")).await;
         assert_eq!(code, 404, "{body}");
@@ -2900,12 +2984,36 @@ mod tests {
         // Bad input.
         let long_key = format!("/kv/{}", "k".repeat(1025));
         let too_long_value = vec![b'v'; (1 << 20) + 1];
+        let over_body_limit = vec![b'v'; MAX_BODY_BYTES + 1];
         for (method, path, body, code, kind) in [
             ("PUT", "/kv/x?ttl_ms=0", &b"v"[..], 400, "bad_request"),
             ("PUT", "/kv/x?ttl_ms=86400001", b"v", 400, "bad_request"),
             ("PUT", "/kv/x?ttl_ms=soon", b"v", 400, "bad_request"),
             ("PUT", long_key.as_str(), b"v", 400, "too_large"),
             ("PUT", "/kv/x", &too_long_value, 400, "too_large"),
+            ("PUT", "/kv/x", &over_body_limit, 413, "too_large"),
+            ("POST", "/broadcast", &over_body_limit, 413, "too_large"),
+            (
+                "PUT",
+                "/kv/rpc%2Fservices%2Fdemo%2Fab",
+                b"v",
+                403,
+                "reserved",
+            ),
+            (
+                "DELETE",
+                "/kv/rpc%2Fservices%2Fdemo%2Fab",
+                b"",
+                403,
+                "reserved",
+            ),
+            (
+                "POST",
+                "/kv/rpc%2Fservices%2Fdemo%2Fab/release",
+                b"",
+                403,
+                "reserved",
+            ),
             ("PUT", "/kv/", b"v", 400, "too_large"),
             ("GET", "/kv/%FF", b"", 400, "bad_request"),
             (

@@ -85,7 +85,7 @@ const RPC_REFUSAL: &str = "no, thank you";
 /// Options of `meshwork demo`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {
-    /// Number of nodes to start.
+    /// Number of nodes to start, 2 to 64.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..=64))]
     nodes: u16,
 
@@ -939,11 +939,12 @@ impl Demo {
         let links = Mesh::of(&self.statuses).links.len();
         let value = match rtt_stats(&mut samples) {
             Some((median, min, max)) => format!(
-                "median {}, min {}, max {} ({} samples: {links} links, both ends)",
+                "median {}, min {}, max {} ({}: {}, both ends)",
                 fmt_duration(median),
                 fmt_duration(min),
                 fmt_duration(max),
-                samples.len(),
+                count(samples.len(), "sample"),
+                count(links, "link"),
             ),
             None => "no measurement yet (the mesh ran too briefly)".into(),
         };

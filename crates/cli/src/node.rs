@@ -166,7 +166,9 @@ pub(crate) struct NodeArgs {
     /// writes stamped further ahead of this node's clock are refused, and
     /// tombstones of expired ephemeral keys (a departed RPC provider's
     /// registry entry) are forgotten their ttl plus twice this after the
-    /// expiry. Lower it only where clocks are kept in step (NTP).
+    /// expiry. Lower it only where clocks are kept in step (NTP). Every
+    /// node of a mesh must use the same value: peers with another are
+    /// refused at the handshake.
     #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = millis())]
     max_clock_skew_ms: u64,
 

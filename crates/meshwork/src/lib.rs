@@ -170,8 +170,10 @@ pub enum Error {
     /// The transport layer failed (bad address, dial failure, ...).
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// A listener could not be started on `addr`.
-    #[error("cannot listen on {addr}: {source}")]
+    /// A listener could not be started on `addr`; the cause is the error's
+    /// `source()` (not repeated in its message, so that a report of the
+    /// whole chain, such as anyhow's, names it once).
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address that was asked for.
         addr: Address,

@@ -31,7 +31,7 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, trace};
+use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::event::{Inbound, PeerEvent, PeerSnapshot};
 use crate::pool::{Action, ConnId, DialFailure, DialId, LinkInfo, Pool};
@@ -609,8 +609,18 @@ impl Inner {
                     match result {
                         Ok(conn) => this.adopt(conn, Some(dial)),
                         Err(e) => {
-                            debug!(%addr, error = %e, "dial failed");
                             let failure = classify(&e);
+                            // A setting that differs from the peer's (network,
+                            // network key, leasing, ...) needs the operator: say
+                            // so at the default level (once per backoff, at most
+                            // a minute apart). Other failures are routine.
+                            if failure == DialFailure::Incompatible
+                                || matches!(e, TransportError::Crypto(_))
+                            {
+                                warn!(%addr, error = %e, "dial refused: a setting differs from the peer's");
+                            } else {
+                                debug!(%addr, error = %e, "dial failed");
+                            }
                             this.with_pool(|p, now| p.on_dial_failed(dial, failure, now));
                             // The slot is free: try the next candidate now
                             // rather than at the next tick (each failed entry

@@ -72,7 +72,10 @@ pub enum TransportError {
     /// must match ours ([`Config::with_required_metadata`]); we refused it.
     ///
     /// [`Config::with_required_metadata`]: crate::Config::with_required_metadata
-    #[error("peer has {key}={theirs:?}, we require {key}={ours:?}")]
+    #[error(
+        "peer has {key}={}, we require {key}={ours} (every node of a mesh must agree)",
+        .theirs.as_deref().unwrap_or("(unset)")
+    )]
     IncompatibleSettings {
         /// The metadata key.
         key: String,

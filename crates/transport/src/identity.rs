@@ -37,6 +37,7 @@ impl fmt::Debug for Identity {
 
 const KEY_FILE_HEADER: &str =
     "# meshwork node key (X25519 secret). Whoever holds this file is this node.";
+const NETWORK_KEY_HEADER: &str = "# meshwork network key. Every member holds the same file.";
 
 impl Identity {
     /// A fresh random identity.
@@ -96,6 +97,12 @@ impl Identity {
     /// Loads the identity from an existing key file.
     pub fn load(path: &Path) -> Result<Self, TransportError> {
         let text = read_private_file(path)?;
+        if text.lines().any(|l| l.trim() == NETWORK_KEY_HEADER) {
+            return Err(key_error(
+                path,
+                "this is a network key (`meshwork keygen --network-key`), not a node key",
+            ));
+        }
         let hex_line = text
             .lines()
             .map(str::trim)
@@ -141,10 +148,7 @@ impl NetworkKey {
     /// A fresh random key, in the text form [`NetworkKey::load`] reads.
     pub fn generate_text() -> String {
         let bytes: [u8; 32] = rand::random();
-        format!(
-            "# meshwork network key. Every member holds the same file.\n{}\n",
-            hex(&bytes)
-        )
+        format!("{NETWORK_KEY_HEADER}\n{}\n", hex(&bytes))
     }
 
     /// Writes a new random network key to `path` (mode 0600). Fails if the
@@ -159,6 +163,12 @@ impl NetworkKey {
     /// readable by other users.
     pub fn load(path: &Path) -> Result<Self, TransportError> {
         let text = read_private_file(path)?;
+        if text.lines().any(|l| l.trim() == KEY_FILE_HEADER) {
+            return Err(key_error(
+                path,
+                "this is a node key (`meshwork keygen --key`), not a network key",
+            ));
+        }
         let secret: String = text
             .lines()
             .map(str::trim)
@@ -187,6 +197,9 @@ fn key_error(path: &Path, reason: impl Into<String>) -> TransportError {
 
 fn read_private_file(path: &Path) -> Result<String, TransportError> {
     let meta = std::fs::metadata(path).map_err(|e| key_error(path, format!("cannot read: {e}")))?;
+    if meta.is_dir() {
+        return Err(key_error(path, "a directory, not a key file"));
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -296,6 +309,32 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = Identity::load_or_create(&path).unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    /// A node key given as the network key, or the other way round, or a
+    /// directory, is refused with a reason that names the mistake.
+    #[test]
+    fn the_wrong_kind_of_key_file_is_refused() {
+        let node_key = temp_path("node.key");
+        Identity::load_or_create(&node_key).unwrap();
+        let net_key = temp_path("net.key");
+        NetworkKey::create(&net_key).unwrap();
+        let reason = |e: TransportError| match e {
+            TransportError::KeyFile { reason, .. } => reason,
+            other => panic!("not a key file error: {other}"),
+        };
+        let e = reason(Identity::load_or_create(&net_key).unwrap_err());
+        assert!(e.contains("is a network key"), "{e}");
+        let e = reason(NetworkKey::load(&node_key).unwrap_err());
+        assert!(e.contains("is a node key"), "{e}");
+        let dir = node_key.parent().unwrap();
+        for e in [
+            Identity::load_or_create(dir).unwrap_err(),
+            NetworkKey::load(dir).unwrap_err(),
+        ] {
+            let e = reason(e);
+            assert!(e.contains("directory"), "{e}");
+        }
     }
 
     #[test]
