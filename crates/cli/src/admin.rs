@@ -23,7 +23,8 @@
 //! | POST | `/shutdown` | 202 `{"shutting_down":true}`, then a graceful shutdown |
 //! | any | anything else | 404 (405 for a known path) |
 //!
-//! `{id}` is a node id, 64 hex digits (as in `/status`; another length only
+//! An unknown query parameter is a 400 (a typo such as `?ttl=` must not be
+//! ignored). `{id}` is a node id, 64 hex digits (as in `/status`; another length only
 //! for an id this node knows of); anything else is a 400. Block and unblock
 //! take any well-formed id, known or not (a block can be set up before the
 //! peer appears). Request bodies are at most 2 MiB: a larger one answers 413
@@ -1122,6 +1123,7 @@ async fn publish_without_topic() -> ApiError {
 
 /// The query of `POST /request/{id}`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RequestQuery {
     timeout_ms: Option<u64>,
 }
@@ -1196,6 +1198,7 @@ fn has_route(node: &Node, target: &NodeId) -> bool {
 
 /// The query of `GET /events`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct EventsQuery {
     since: Option<u64>,
 }
@@ -1295,6 +1298,7 @@ async fn kv_get(
 
 /// The query of `PUT /kv/{key}`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct KvPutQuery {
     ttl_ms: Option<u64>,
 }
@@ -1413,6 +1417,7 @@ async fn kv_confirm(
 
 /// The query of `GET /kv`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct KvListQuery {
     prefix: Option<String>,
 }
@@ -1493,6 +1498,7 @@ async fn kv_digest(State(state): State<AdminState>) -> Json<KvDigest> {
 
 /// The query of `POST /rpc/{service}/{method}`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RpcQuery {
     deadline_ms: Option<u64>,
     idempotent: Option<bool>,
@@ -1669,9 +1675,18 @@ async fn shutdown(State(state): State<AdminState>) -> (StatusCode, Json<Shutting
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    // `/kv/a/b` is not the key `a/b`: a `/` in a key is percent-encoded.
+    let hint = match path.strip_prefix("/kv/") {
+        Some(rest) if rest.contains('/') => format!(
+            " (a key containing '/' is written percent-encoded: /kv/{})",
+            rest.replace('/', "%2F")
+        ),
+        _ => String::new(),
+    };
     ApiError::new(
         StatusCode::NOT_FOUND,
-        format!("no such endpoint: {method} {}", uri.path()),
+        format!("no such endpoint: {method} {path}{hint}"),
     )
 }
 
@@ -2989,6 +3004,9 @@ mod tests {
             ("PUT", "/kv/x?ttl_ms=0", &b"v"[..], 400, "bad_request"),
             ("PUT", "/kv/x?ttl_ms=86400001", b"v", 400, "bad_request"),
             ("PUT", "/kv/x?ttl_ms=soon", b"v", 400, "bad_request"),
+            ("PUT", "/kv/x?ttl=5", b"v", 400, "bad_request"),
+            ("GET", "/kv?prefx=a", b"", 400, "bad_request"),
+            ("PUT", "/kv/a/b", b"v", 404, "not_found"),
             ("PUT", long_key.as_str(), b"v", 400, "too_large"),
             ("PUT", "/kv/x", &too_long_value, 400, "too_large"),
             ("PUT", "/kv/x", &over_body_limit, 413, "too_large"),
@@ -3034,6 +3052,19 @@ mod tests {
                 &path[..path.len().min(40)]
             );
         }
+        let (_, answer) = send_json(addr_a, "PUT", "/kv/a/b", b"v").await;
+        assert!(
+            answer["error"].as_str().unwrap().contains("/kv/a%2Fb"),
+            "{answer}"
+        );
+        let (_, answer) = send_json(addr_a, "PUT", "/kv/x?ttl=5", b"v").await;
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field `ttl`"),
+            "{answer}"
+        );
         assert_eq!(
             get_json(addr_a, "/kv/x").await.0,
             404,
