@@ -23,6 +23,8 @@
 //! | POST | `/shutdown` | 202 `{"shutting_down":true}`, then a graceful shutdown |
 //! | any | anything else | 404 (405 for a known path) |
 //!
+//! The server ([`crate::http::serve`]) gives a client 10 s to send each
+//! request's head and serves 64 connections at once.
 //! An unknown query parameter is a 400 (a typo such as `?ttl=` must not be
 //! ignored). `{id}` is a node id, 64 hex digits (as in `/status`; another length only
 //! for an id this node knows of); anything else is a 400. Block and unblock
@@ -1832,11 +1834,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let app = router(state);
         let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.stopped().await })
-                .await
-        });
+        tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            stop,
+            crate::http::Limits::default(),
+        ));
         (addr, shutdown)
     }
 

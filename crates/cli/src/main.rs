@@ -21,6 +21,7 @@ mod demo;
 mod demo_service;
 mod echo;
 mod events;
+mod http;
 mod keygen;
 mod node;
 

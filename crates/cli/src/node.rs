@@ -22,6 +22,7 @@ use crate::admin::{self, AdminState, ShutdownSignal};
 use crate::demo_service::{self, DemoService};
 use crate::echo::{Echo, TopicRecorder};
 use crate::events::EventLog;
+use crate::http;
 
 /// How long a graceful shutdown may take before we give up and exit non-zero.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -521,11 +522,7 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let router = admin::router(state);
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let serve = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.stopped().await });
-            if let Err(e) = serve.await {
-                warn!(error = %e, "admin API failed");
-            }
+            http::serve(listener, router, stop, http::Limits::default()).await;
         })
     });
     if let Some(addr) = admin_addr {
