@@ -53,8 +53,14 @@ fn one_graph(nodes: &[&Node], min: usize) -> bool {
 }
 
 /// Polls `cond` on the (paused) clock for up to 30 simulated seconds.
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_within(what, Duration::from_secs(30), cond).await;
+}
+
+/// Polls `cond` every 20 ms for up to `within` (on the paused clock, or on
+/// the real one in the tests over TCP).
+async fn wait_within(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
     while !cond() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -217,7 +223,11 @@ async fn five_nodes_over_tcp() {
             .unwrap();
     }
     let all: Vec<&Node> = nodes.iter().collect();
-    assert!(one_graph(&all, 3));
+    // Two nodes that dial each other at once each keep the connection the
+    // smaller id opened; one of them can read the other's close of the
+    // duplicate before the survivor's handshake ends on its side, and have
+    // no link to that peer for a moment.
+    wait_within("one graph", Duration::from_secs(5), || one_graph(&all, 3)).await;
     // Peers announce their real listen address, learnt through discovery.
     for node in &nodes[1..] {
         let p = nodes[0].peers().by_id(node.node_id()).unwrap();

@@ -95,6 +95,13 @@ impl PeersConfig {
     }
 
     /// The pool dials known peers while it has fewer than `n` (default 4).
+    /// Below `n` with nobody left to dial (no dial in flight), it asks its
+    /// peers for addresses (an empty `Discovered`, which they answer with a
+    /// sample of their address books) rather than wait for their periodic
+    /// sample: 0.5 to 1 s after its last new peer, then twice as far apart
+    /// each time up to the discovery interval
+    /// ([`with_discovery`](Self::with_discovery)), from the start again at
+    /// each new peer.
     pub fn with_min_peers(mut self, n: usize) -> Self {
         self.min_peers = n;
         self
@@ -205,8 +212,10 @@ impl PeersConfig {
     }
 
     /// How often peers are sent a sample of the address book (default 30 s;
-    /// a new peer gets one at once), and how many entries it holds (default
-    /// 16).
+    /// a new peer gets one at once, and a peer that asks gets one in
+    /// answer), and how many entries it holds (default 16). The interval
+    /// also caps the wait between the asks of a node below `min_peers`
+    /// ([`with_min_peers`](Self::with_min_peers)).
     pub fn with_discovery(mut self, interval: Duration, sample: usize) -> Self {
         self.discovery_interval = interval;
         self.discovery_sample = sample;

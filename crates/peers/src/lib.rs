@@ -13,7 +13,8 @@
 //!   on both sides (the one opened by the smaller node id). Addresses that
 //!   turn out to be our own are dropped.
 //! - **Discovery**: a bounded address book, fed by Hellos, by `Discovered`
-//!   lists that peers exchange on connect and periodically, and by the
+//!   lists that peers exchange on connect, periodically, and on the ask of
+//!   a node below `min_peers` with nobody left to dial, and by the
 //!   alternatives of refusals. Connecting to one node of a mesh is enough to
 //!   join it. Peers whose link broke are redialled for a while even above
 //!   `min_peers`, which is what rejoins the halves of a healed partition.

@@ -35,10 +35,17 @@ pub(crate) const BLOCK_FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 
 const MAX_DISCOVERED_READ: usize = 32;
 /// `Discovered` messages read from one peer: a burst of this many, then one
 /// per [`DISCOVERED_EVERY`]; the rest are dropped unread. Honest peers send
-/// one per discovery interval (30 s by default) and one on connecting; each
-/// message read costs a pass over the address book and a wake-up of the pool.
+/// one per discovery interval (30 s by default), one on connecting, one in
+/// answer to each of our asks and, while short of peers, asks of their own
+/// (0.5 to 1 s after each new link, then further apart); each message read
+/// costs a pass over the address book (to read it, or to answer an ask) and
+/// a wake-up of the pool.
 const DISCOVERED_BURST: u32 = 8;
 const DISCOVERED_EVERY: Duration = Duration::from_secs(1);
+/// The first wait before a node below `min_peers` asks its peers for
+/// addresses, jittered into its upper half (0.5 to 1 s after the last new
+/// link); it doubles at each ask up to the discovery interval.
+const ASK_FIRST: Duration = Duration::from_secs(1);
 
 /// What the handshake told us about a new connection.
 #[derive(Debug, Clone)]
@@ -283,6 +290,13 @@ pub(crate) struct Pool {
     next_dial: DialId,
     next_discovery: Instant,
     next_feeler: Instant,
+    /// When a node below `min_peers` with no dial in flight next asks its
+    /// peers for addresses (an empty `Discovered`); see
+    /// [`poll_ask`](Pool::poll_ask).
+    next_ask: Instant,
+    /// The waits between asks: from [`ASK_FIRST`] doubling up to the
+    /// discovery interval, reset by every new link.
+    ask_backoff: Backoff,
     blocked: HashSet<NodeId>,
     refused: u64,
     ignored_discovered: u64,
@@ -349,6 +363,11 @@ impl Pool {
         Pool {
             next_discovery: now + cfg.discovery_interval,
             next_feeler: now + cfg.feeler_interval,
+            next_ask: now,
+            ask_backoff: Backoff::new(
+                ASK_FIRST.min(cfg.discovery_interval),
+                cfg.discovery_interval,
+            ),
             cfg,
             local,
             local_addrs,
@@ -634,6 +653,11 @@ impl Pool {
             let message = Message::Discovered(Discovered { peers: sample });
             self.actions.push(Action::Send { conn, message });
         }
+        // The new peer's own sample may not name anyone new: if we are
+        // still short of peers, ask again soon.
+        self.ask_backoff.reset();
+        let jitter = self.jitter();
+        self.next_ask = now + self.ask_backoff.fail(jitter);
     }
 
     /// A dial failed before or during the handshake.
@@ -720,7 +744,11 @@ impl Pool {
     }
 
     /// A peer sent `Discovered`: read if the peer is within its rate
-    /// ([`DISCOVERED_BURST`]); `false` if dropped unread.
+    /// ([`DISCOVERED_BURST`]); `false` if dropped unread. An empty one is
+    /// an ask (see [`poll_ask`](Self::poll_ask)), answered with a sample of
+    /// the address book like the periodic gossip; asks and lists share the
+    /// rate, so asks cannot make us sample the book more often than lists
+    /// make us read into it.
     pub(crate) fn on_discovered_from(
         &mut self,
         from: &NodeId,
@@ -736,8 +764,25 @@ impl Pool {
             return false;
         }
         link.discovered_due = due;
-        self.on_discovered(peers, now);
+        let conn = link.conn;
+        if peers.is_empty() {
+            self.answer_ask(from, conn);
+        } else {
+            self.on_discovered(peers, now);
+        }
         true
+    }
+
+    /// `from` asked who we know: a sample of the book, as the gossip sends.
+    /// Nothing when we know nobody else: an empty answer would be an ask
+    /// back, and two nodes that know only each other would ask each other
+    /// for ever.
+    fn answer_ask(&mut self, from: &NodeId, conn: ConnId) {
+        let sample = self.sample(from, self.cfg.discovery_sample);
+        if !sample.is_empty() {
+            let message = Message::Discovered(Discovered { peers: sample });
+            self.actions.push(Action::Send { conn, message });
+        }
     }
 
     /// A peer told us about other nodes (Discovered, or the alternatives of
@@ -1021,6 +1066,7 @@ impl Pool {
             self.gossip();
         }
         self.poll_dials(now);
+        self.poll_ask(now);
     }
 
     fn poll_liveness(&mut self, now: Instant, heard: &HashMap<ConnId, Instant>) {
@@ -1098,6 +1144,36 @@ impl Pool {
                 let message = Message::Discovered(Discovered { peers: sample });
                 self.actions.push(Action::Send { conn, message });
             }
+        }
+    }
+
+    /// A node below `min_peers` with no dial in flight has no one left to
+    /// dial: it asks its peers who they know (an empty `Discovered`, which
+    /// they answer with a sample of their books) rather than wait for their
+    /// gossip. Otherwise a node whose seed knew nobody when it joined heard
+    /// of those who joined after it only at the seed's next gossip, a
+    /// discovery interval (30 s) later. The first ask goes 0.5 to 1 s after
+    /// the last new link, the next ones twice as far apart each time, up to
+    /// the discovery interval; a new link starts the schedule again. An ask
+    /// that falls due while a dial is in flight (or at `min_peers`) waits
+    /// until there is none (or the node is below again).
+    fn poll_ask(&mut self, now: Instant) {
+        if now < self.next_ask || !self.dials.is_empty() {
+            return;
+        }
+        let linked: Vec<ConnId> = self
+            .entries
+            .values()
+            .filter_map(|e| e.link.as_ref().map(|l| l.conn))
+            .collect();
+        if linked.is_empty() || linked.len() >= self.cfg.target() {
+            return;
+        }
+        let jitter = self.jitter();
+        self.next_ask = now + self.ask_backoff.fail(jitter);
+        for conn in linked {
+            let message = Message::Discovered(Discovered::default());
+            self.actions.push(Action::Send { conn, message });
         }
     }
 

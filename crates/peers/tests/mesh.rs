@@ -182,6 +182,39 @@ async fn halves_of_a_partition_longer_than_the_lost_peer_window_rejoin() {
     eprintln!("rejoined {took:?} after heal (simulated)");
 }
 
+/// A node below `min_peers` whose seed knew nobody when it joined asks its
+/// peers for addresses instead of waiting for their gossip: it hears of the
+/// nodes that joined the seed after it within seconds, not at the seed's
+/// next gossip, 30 s after the start. Those nodes are content with the seed
+/// alone (one peer, one outbound slot), so they never dial it.
+#[tokio::test(start_paused = true)]
+async fn a_node_below_min_hears_of_later_joiners_without_waiting_for_gossip() {
+    let net = MemNetwork::new();
+    let gossip = 30 * S;
+    let config = |min| config(min, 8).with_discovery(gossip, 16);
+    let seed = node(&net, "seed", config(1)).await;
+    let early = node(&net, "early", config(3).with_seed(addr("seed"))).await;
+    early.wait_for_peers(1, S).await.unwrap();
+    // The seed had nobody to tell it about.
+    assert_eq!(early.peers().len(), 1);
+    let mut nodes = vec![seed, early];
+    for name in ["late1", "late2"] {
+        sleep(2 * S).await;
+        let content = config(1).with_outbound_reserved(1);
+        nodes.push(node(&net, name, content.with_seed(addr("seed"))).await);
+    }
+    let took = settle(10 * S, || nodes[1].stats().connected == 3).await;
+    eprintln!("linked to both later joiners {took:?} after the last joined (simulated)");
+    // It dialled them itself: they, content with the seed, never dial it.
+    assert!(
+        nodes[1]
+            .connected()
+            .iter()
+            .all(|p| p.direction == Some(Direction::Outbound))
+    );
+    shutdown_all(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_silent_peer_goes_unresponsive_then_disconnected_within_the_thresholds() {
     let net = MemNetwork::new();

@@ -925,3 +925,141 @@ fn discovered_messages_are_read_at_a_bounded_rate_per_peer() {
     // Not from a peer we are linked to: not read.
     assert!(!h.pool.on_discovered_from(&id(9), &one(5000), h.now));
 }
+
+/// The connections an action list asks for addresses (an empty
+/// `Discovered`), sorted.
+fn asked(actions: &[Action]) -> Vec<ConnId> {
+    let mut conns: Vec<ConnId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                conn,
+                message: Message::Discovered(d),
+            } if d.peers.is_empty() => Some(*conn),
+            _ => None,
+        })
+        .collect();
+    conns.sort_unstable();
+    conns
+}
+
+/// Polls every 10 ms until an ask goes out (`None` if none within
+/// `within`): when, and to which connections.
+fn next_ask(h: &mut Harness, within: Duration) -> Option<(Instant, Vec<ConnId>)> {
+    let until = h.now + within;
+    while h.now < until {
+        h.advance(10 * MS);
+        let conns = asked(&h.poll());
+        if !conns.is_empty() {
+            return Some((h.now, conns));
+        }
+    }
+    None
+}
+
+/// A node below min with nobody to dial asks its peers for addresses: 0.5
+/// to 1 s after its last new link, then twice as far apart each time up to
+/// the discovery interval (30 s). A new link starts over; at min, or with a
+/// dial in flight, it does not ask.
+#[test]
+fn a_node_below_min_asks_its_peers_sooner_then_less_often() {
+    let mut h = Harness::new(0, cfg().with_min_peers(3));
+    let sample = h.connect(10, 1, Direction::Inbound);
+    assert!(asked(&sample).is_empty());
+    let mut last = h.now;
+    for k in 0..10 {
+        let (at, conns) = next_ask(&mut h, 31 * S).expect("an ask");
+        assert_eq!(conns, [10]);
+        let wait = (S * 2u32.pow(k)).min(30 * S);
+        let gap = at - last;
+        assert!(
+            gap >= wait / 2 && gap <= wait + 10 * MS,
+            "ask {k}: {gap:?} after the last, not in [{:?}, {wait:?}]",
+            wait / 2
+        );
+        last = at;
+    }
+    // A new link: the next ask is 0.5 to 1 s away again, to both peers.
+    h.connect(11, 2, Direction::Inbound);
+    let linked = h.now;
+    let (at, conns) = next_ask(&mut h, 2 * S).expect("an ask");
+    assert_eq!(conns, [10, 11]);
+    assert!(
+        (S / 2..=S + 10 * MS).contains(&(at - linked)),
+        "{:?}",
+        at - linked
+    );
+    // At min: no more asks.
+    h.connect(12, 3, Direction::Outbound);
+    assert_eq!(next_ask(&mut h, 120 * S), None);
+    // Below min again, a lost peer is redialled: no ask while that dial is
+    // in flight, one as soon as it has failed.
+    h.pool.on_closed(12, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+    h.advance(S);
+    let redial = dials(&h.poll());
+    assert_eq!(redial.iter().map(|d| &d.1).collect::<Vec<_>>(), [&addr(3)]);
+    assert_eq!(next_ask(&mut h, 60 * S), None);
+    h.pool
+        .on_dial_failed(redial[0].0, DialFailure::Transient, h.now);
+    assert_eq!(asked(&h.poll()), [10, 11]);
+}
+
+/// An empty `Discovered` is an ask: answered with a sample of the book (not
+/// naming the asker), nothing when there is nobody to name (an empty answer
+/// would ask back), and under the same rate as the other `Discovered`.
+#[test]
+fn an_ask_is_answered_with_a_sample_of_the_book_at_the_discovered_rate() {
+    let mut h = Harness::new(0, cfg());
+    h.connect(10, 1, Direction::Inbound);
+    let answers = |actions: &[Action]| -> Vec<Vec<PeerInfo>> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    conn: 10,
+                    message: Message::Discovered(d),
+                } => Some(d.peers.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(h.pool.on_discovered_from(&id(1), &[], h.now));
+    assert!(answers(&h.pool.take_actions()).is_empty(), "nobody to name");
+
+    let book: Vec<PeerInfo> = (5..=7)
+        .map(|n| PeerInfo {
+            node_id: id(n).as_bytes().clone(),
+            addrs: vec![addr(n).to_string()],
+        })
+        .collect();
+    h.pool.on_discovered(&book, h.now);
+    h.connect(11, 2, Direction::Inbound);
+    assert!(h.pool.on_discovered_from(&id(1), &[], h.now));
+    let got = answers(&h.pool.take_actions());
+    let [answer] = &got[..] else {
+        panic!("one answer: {got:?}")
+    };
+    let mut named: Vec<NodeId> = answer
+        .iter()
+        .map(|p| NodeId::from_bytes(p.node_id.clone()).unwrap())
+        .collect();
+    named.sort();
+    assert_eq!(named, [id(2), id(5), id(6), id(7)]);
+
+    // Two of the burst of 8 are spent: 6 more answered, the rest dropped
+    // unread and counted, with no answer.
+    let mut answered = 0;
+    for _ in 0..100 {
+        h.pool.on_discovered_from(&id(1), &[], h.now);
+        answered += answers(&h.pool.take_actions()).len();
+    }
+    assert_eq!(answered, 6);
+    assert_eq!(h.pool.counts().ignored_discovered, 94);
+    h.advance(S);
+    assert!(h.pool.on_discovered_from(&id(1), &[], h.now));
+    assert_eq!(answers(&h.pool.take_actions()).len(), 1);
+    // Not from a peer we are linked to: not answered.
+    assert!(!h.pool.on_discovered_from(&id(5), &[], h.now));
+    assert!(h.pool.take_actions().is_empty());
+}
