@@ -337,6 +337,52 @@ impl Endpoint {
     /// (e.g. another network key) is [`TransportError::Crypto`]; a peer in
     /// another security mode is [`TransportError::SecurityMismatch`].
     pub async fn connect(&self, addr: &Address) -> Result<Connection, TransportError> {
+        self.dial(addr, None).await
+    }
+
+    /// [`connect`](Self::connect), completed only if the node answering at
+    /// `addr` is `expected`: dial-by-id. Any other node (one that took over
+    /// the address, or someone in the path impersonating the address without
+    /// being able to prove `expected`'s key) is refused during the handshake
+    /// with [`TransportError::UnexpectedPeer`] (it is told `NOT_ALLOWED`).
+    /// With encryption on, the id checked is the one the peer proved it holds
+    /// the key of; in plaintext mode it is only the id the peer claims.
+    ///
+    /// ```
+    /// use meshwork_transport::{Config, Endpoint, Identity, TcpTransport, TransportError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), TransportError> {
+    /// let key = Identity::generate();
+    /// let id = key.node_id().clone();
+    /// let server = Endpoint::new(Config::new("example").with_identity(key), TcpTransport::new());
+    /// let addr = server.listen(&"tcp://127.0.0.1:0".parse()?).await?;
+    ///
+    /// let client = Endpoint::new(Config::new("example"), TcpTransport::new());
+    /// let conn = client.connect_to(&addr, &id).await?;
+    /// assert_eq!(conn.node_id(), &id);
+    ///
+    /// let someone_else = Identity::generate().node_id().clone();
+    /// let refused = client.connect_to(&addr, &someone_else).await;
+    /// assert!(matches!(refused, Err(TransportError::UnexpectedPeer { .. })));
+    /// # client.shutdown().await;
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_to(
+        &self,
+        addr: &Address,
+        expected: &NodeId,
+    ) -> Result<Connection, TransportError> {
+        self.dial(addr, Some(expected)).await
+    }
+
+    async fn dial(
+        &self,
+        addr: &Address,
+        expected: Option<&NodeId>,
+    ) -> Result<Connection, TransportError> {
         let inner = &self.inner;
         if inner.stopping.is_cancelled() {
             return Err(TransportError::Shutdown);
@@ -348,7 +394,13 @@ impl Endpoint {
             r = dial => r.map_err(|_| TransportError::Timeout { what: "dial", after: timeout })??,
         };
         let hello = local_hello(&inner.config, self.advertised());
-        let admit = |id: &NodeId| self.admit(id);
+        let admit = |id: &NodeId| match expected {
+            Some(expected) if id != expected => Err(TransportError::UnexpectedPeer {
+                expected: expected.clone(),
+                found: id.clone(),
+            }),
+            _ => self.admit(id),
+        };
         let result = tokio::select! {
             _ = inner.stopping.cancelled() => return Err(TransportError::Shutdown),
             r = handshake(stream, &inner.config, hello, true, &admit) => r,

@@ -119,6 +119,16 @@ pub enum TransportError {
         /// The id of the key proven in the Noise handshake.
         authenticated: NodeId,
     },
+    /// The node answering a dial-by-id
+    /// ([`Endpoint::connect_to`](crate::Endpoint::connect_to)) is not the one
+    /// expected; we refused it.
+    #[error("expected node {expected} at that address, found {found}")]
+    UnexpectedPeer {
+        /// The id the dial asked for.
+        expected: NodeId,
+        /// The id of the node that answered.
+        found: NodeId,
+    },
     /// The peer is not on our allow list.
     #[error("peer {0:?} is not on the allow list")]
     NotAllowed(NodeId),
@@ -152,7 +162,9 @@ impl TransportError {
             TransportError::Wire(_)
             | TransportError::Protocol(_)
             | TransportError::IdentityMismatch { .. } => DisconnectReason::ProtocolError,
-            TransportError::NotAllowed(_) => DisconnectReason::NotAllowed,
+            TransportError::NotAllowed(_) | TransportError::UnexpectedPeer { .. } => {
+                DisconnectReason::NotAllowed
+            }
             TransportError::Banned(_) => DisconnectReason::Banned,
             _ => DisconnectReason::Other,
         }
@@ -181,6 +193,7 @@ impl TransportError {
             TransportError::NotMeshwork => "not_meshwork",
             TransportError::IdentityMismatch { .. } => "identity_mismatch",
             TransportError::NotAllowed(_) => "not_allowed",
+            TransportError::UnexpectedPeer { .. } => "unexpected_peer",
             TransportError::Banned(_) => "banned",
             TransportError::KeyFile { .. } => "key_file",
             TransportError::BadSignature(_) => "bad_signature",

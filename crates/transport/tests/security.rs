@@ -25,6 +25,7 @@ on_both_transports!(
     plaintext_and_encrypted_nodes_refuse_each_other,
     frames_of_every_size_cross_the_encrypted_channel,
     a_banned_node_is_closed_and_refused_until_the_ban_expires,
+    a_dial_by_id_refuses_any_other_node_at_the_address,
 );
 
 fn keyed(secret: &[u8]) -> Config {
@@ -100,6 +101,41 @@ async fn another_network_key_is_refused(net: Net) {
     eventually("both refusals counted", || failures(&server, "crypto") == 2).await;
     assert!(server.connections().is_empty());
     still_serves_good_peers(&net, &server, keyed(KEY_A)).await;
+    server.shutdown().await;
+}
+
+/// `connect_to`: the node answering must be the one asked for. Another node
+/// at the address (one that took it over, or that only claims it) is
+/// refused during the handshake and told so; nothing is adopted.
+async fn a_dial_by_id_refuses_any_other_node_at_the_address(net: Net) {
+    let server_key = Identity::generate();
+    let (server, addr) = net
+        .listening("server", config().with_identity(server_key.clone()))
+        .await;
+    let client = net.dialer("client", config());
+
+    let expected = Identity::generate().node_id().clone();
+    let err = client.connect_to(&addr, &expected).await.unwrap_err();
+    match &err {
+        TransportError::UnexpectedPeer { expected: e, found } => {
+            assert_eq!((e, found), (&expected, server_key.node_id()));
+        }
+        other => panic!("not UnexpectedPeer: {other:?}"),
+    }
+    assert_eq!(err.label(), "unexpected_peer");
+    eventually("the server was told it is not allowed", || {
+        failures(&server, "refused_by_peer") == 1
+    })
+    .await;
+    assert!(client.connections().is_empty());
+    assert_eq!(client.stats().handshakes_ok, 0);
+
+    let conn = client
+        .connect_to(&addr, server_key.node_id())
+        .await
+        .unwrap();
+    assert_eq!(conn.node_id(), server_key.node_id());
+    client.shutdown().await;
     server.shutdown().await;
 }
 
