@@ -44,9 +44,12 @@ pub(crate) struct NodeArgs {
 
     /// Node to dial at start, and again whenever fewer than --min-peers are
     /// connected and it is not one of them (repeatable). One seed is enough
-    /// to join a mesh: the others are found by discovery.
-    #[arg(long, value_name = "ADDR")]
-    seed: Vec<Address>,
+    /// to join a mesh: the others are found by discovery. Written
+    /// NODE_ID@ADDR (the id as in the seed's ready line, 64 hex digits), only
+    /// that node is accepted at the address: any other that answers there is
+    /// refused.
+    #[arg(long, value_name = "[NODE_ID@]ADDR", value_parser = parse_seed)]
+    seed: Vec<Seed>,
 
     /// Serve the admin HTTP API on HOST:PORT (loopback only unless
     /// --admin-allow-remote); port 0 picks a free port.
@@ -316,6 +319,23 @@ fn parse_admin_addr(s: &str) -> Result<SocketAddr, String> {
     Err("expected HOST:PORT with an IP host, e.g. 127.0.0.1:7100 or [::1]:7100".into())
 }
 
+/// A `--seed`: an address, optionally pinned to a node id.
+#[derive(Debug, Clone, PartialEq)]
+struct Seed {
+    addr: Address,
+    id: Option<NodeId>,
+}
+
+/// Parses `--seed`: `ADDR` or `NODE_ID@ADDR`.
+fn parse_seed(s: &str) -> Result<Seed, String> {
+    let (id, addr) = match s.split_once('@') {
+        Some((id, addr)) => (Some(parse_node_id(id)?), addr),
+        None => (None, s),
+    };
+    let addr = addr.parse::<Address>().map_err(|e| e.to_string())?;
+    Ok(Seed { addr, id })
+}
+
 /// Parses `--allow`: a node id is an X25519 public key, 64 hex digits.
 fn parse_node_id(s: &str) -> Result<NodeId, String> {
     const DIGITS: usize = 2 * 32;
@@ -474,8 +494,11 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     for addr in &args.listen {
         builder = builder.listen(addr.clone());
     }
-    for addr in &args.seed {
-        builder = builder.seed(addr.clone());
+    for seed in &args.seed {
+        builder = match &seed.id {
+            Some(id) => builder.seed_id(seed.addr.clone(), id.clone()),
+            None => builder.seed(seed.addr.clone()),
+        };
     }
     for (k, v) in &args.meta {
         builder = builder.metadata(k.clone(), v.clone());
@@ -700,6 +723,22 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.subscribe, ["news".to_string(), "t".repeat(256)]);
+        assert_eq!(
+            a.seed,
+            [Seed {
+                addr: "tcp://localhost:7000".parse().unwrap(),
+                id: None
+            }]
+        );
+        let id = "AB".repeat(32);
+        let pinned = parse(&["--seed", &format!("{id}@tcp://127.0.0.1:7000")]).unwrap();
+        assert_eq!(
+            pinned.seed,
+            [Seed {
+                addr: "tcp://127.0.0.1:7000".parse().unwrap(),
+                id: Some(NodeId::from_hex(&id.to_ascii_lowercase()).unwrap()),
+            }]
+        );
         assert_eq!(a.listen.len(), 2);
         assert_eq!(a.admin, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(a.meta, vec![("role".to_string(), "a=b".to_string())]);
@@ -760,6 +799,8 @@ mod tests {
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("scheme"), "{e}");
         assert!(parse(&["--seed", "tcp://host"]).is_err());
+        let e = parse(&["--seed", "abcd@tcp://127.0.0.1:7000"]).unwrap_err();
+        assert!(e.to_string().contains("64 hex digits"), "{e}");
         assert!(parse(&["--meta", "=x"]).is_err());
         assert!(parse(&["--heartbeat-ms", "0"]).is_err());
         assert!(parse(&["--dead-ms", "100000000000"]).is_err());

@@ -285,6 +285,13 @@ impl NodeBuilder {
         self
     }
 
+    /// A seed pinned to its node id: only the node `id` is accepted at `addr`
+    /// (see [`PeersConfig::with_seed_id`](peers::PeersConfig::with_seed_id)).
+    pub fn seed_id(mut self, addr: Address, id: wire::NodeId) -> Self {
+        self.peers = self.peers.with_seed_id(addr, id);
+        self
+    }
+
     /// The pool dials known peers while it has fewer than `n` (default 4).
     pub fn min_peers(mut self, n: usize) -> Self {
         self.peers = self.peers.with_min_peers(n);

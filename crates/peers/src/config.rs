@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use meshwork_transport::Address;
+use meshwork_wire::NodeId;
 
 use crate::PeersError;
 use crate::heartbeat::HeartbeatTiming;
@@ -24,6 +25,8 @@ use crate::heartbeat::HeartbeatTiming;
 #[derive(Debug, Clone)]
 pub struct PeersConfig {
     pub(crate) seeds: Vec<Address>,
+    /// Seeds pinned to a node id: every dial of such an address expects it.
+    pub(crate) seed_ids: Vec<(Address, NodeId)>,
     pub(crate) min_peers: usize,
     pub(crate) max_peers: usize,
     pub(crate) max_pending_dials: usize,
@@ -50,6 +53,7 @@ impl Default for PeersConfig {
     fn default() -> Self {
         PeersConfig {
             seeds: Vec::new(),
+            seed_ids: Vec::new(),
             min_peers: 4,
             max_peers: 16,
             max_pending_dials: 8,
@@ -84,6 +88,19 @@ impl PeersConfig {
     /// Adds a seed: an address dialled at start, and again whenever the pool
     /// is below `min_peers` and the seed is not connected.
     pub fn with_seed(mut self, addr: Address) -> Self {
+        self.seeds.push(addr);
+        self
+    }
+
+    /// Adds a seed pinned to a node id (dial-by-id): every dial of `addr`
+    /// completes only if the node answering there is `id`; any other node
+    /// (one that took over the address, or someone on the path with a key of
+    /// its own) is refused during the handshake, logged at `warn` and retried
+    /// with backoff like any refused dial. The id is the seed's public key, as
+    /// its ready line or `meshwork keygen --key` prints it.
+    pub fn with_seed_id(mut self, addr: Address, id: NodeId) -> Self {
+        self.seed_ids.retain(|(a, _)| *a != addr);
+        self.seed_ids.push((addr.clone(), id));
         self.seeds.push(addr);
         self
     }
@@ -261,6 +278,14 @@ impl PeersConfig {
     /// The seeds.
     pub fn seeds(&self) -> &[Address] {
         &self.seeds
+    }
+
+    /// The node id a seed address is pinned to ([`with_seed_id`](Self::with_seed_id)).
+    pub fn seed_id(&self, addr: &Address) -> Option<&NodeId> {
+        self.seed_ids
+            .iter()
+            .find(|(a, _)| a == addr)
+            .map(|(_, id)| id)
     }
 
     /// The minimum pool size.

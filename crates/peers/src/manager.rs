@@ -147,6 +147,7 @@ fn classify(e: &TransportError) -> DialFailure {
         | TransportError::SecurityMismatch { .. }
         | TransportError::NotMeshwork
         | TransportError::NotAllowed(_)
+        | TransportError::UnexpectedPeer { .. }
         | TransportError::Refused {
             reason:
                 DisconnectReason::WrongNetwork
@@ -602,9 +603,15 @@ impl Inner {
             Action::Dial { dial, addr } => {
                 let this = self.clone();
                 self.tracker.spawn(async move {
+                    let connect = async {
+                        match this.config.seed_id(&addr) {
+                            Some(id) => this.endpoint.connect_to(&addr, id).await,
+                            None => this.endpoint.connect(&addr).await,
+                        }
+                    };
                     let result = tokio::select! {
                         _ = this.cancel.cancelled() => Err(TransportError::Shutdown),
-                        r = this.endpoint.connect(&addr) => r,
+                        r = connect => r,
                     };
                     match result {
                         Ok(conn) => this.adopt(conn, Some(dial)),
