@@ -515,6 +515,13 @@ const SCENARIOS: &[Scenario] = &[
         run: scenario_persistent_identity,
     },
     Scenario {
+        name: "pinned-seed",
+        about: "a node started with --seed ID@ADDR naming node 0's address but another \
+                node's id never connects to node 0 for 3 s and counts unexpected_peer \
+                handshake failures; one started with node 0's own id connects",
+        run: scenario_pinned_seed,
+    },
+    Scenario {
         name: "limits",
         about: "a new node with --max-peers 2, dialled by 6 new nodes seeded only with it, \
                 never has more than 2 connected peers and ends with exactly 2; the dialers \
@@ -1127,6 +1134,91 @@ fn check_outsider(
         },
         members.len()
     ))
+}
+
+fn scenario_pinned_seed(mesh: &mut Mesh) -> Result<String> {
+    ensure!(mesh.is_alive(0), "node 0 is not running");
+    let addr = mesh.nodes[0].ready.listen[0].clone();
+    let id0 = mesh.nodes[0].ready.node_id.clone();
+    // Pinned to another node's id (any id but node 0's will do).
+    let other = mesh
+        .alive()
+        .find(|&i| i != 0)
+        .map_or_else(|| "ab".repeat(32), |i| mesh.nodes[i].ready.node_id.clone());
+
+    let fooled = mesh.spawn_with(&[format!("{other}@{addr}")], &[])?;
+    let result = check_pinned_elsewhere(mesh, fooled, &id0);
+    let stopped = mesh.stop(fooled);
+    let refusals = result?;
+    stopped.with_context(|| format!("stopping node {fooled} (seed pinned to another id)"))?;
+
+    let pinned = mesh.spawn_with(&[format!("{id0}@{addr}")], &[])?;
+    let result = mesh.wait_ready(pinned).and_then(|()| {
+        let id = mesh.nodes[pinned].ready.node_id.clone();
+        mesh.poll_until(
+            &format!("node {pinned} (seed pinned to node 0's id) to connect to node 0"),
+            Poll::Only(&[0, pinned]),
+            SCENARIO_TIMEOUT,
+            |_, snap| {
+                let linked = snap.status(0)?.connections.iter().any(|c| c.node_id == id)
+                    && snap
+                        .status(pinned)?
+                        .connections
+                        .iter()
+                        .any(|c| c.node_id == id0);
+                if linked {
+                    Ok(())
+                } else {
+                    Err(Wait::Pending("not connected yet".into()))
+                }
+            },
+        )
+    });
+    let stopped = mesh.stop(pinned);
+    result?;
+    stopped.with_context(|| format!("stopping node {pinned} (seed pinned to node 0)"))?;
+    Ok(format!(
+        "node {fooled} (seed pinned to {}) stayed away from node 0 for {}, refusing it \
+         {refusals} time(s) (unexpected_peer); node {pinned} (pinned to node 0's id) connected",
+        short_id(&other),
+        fmt_duration(OUTSIDER_WINDOW),
+    ))
+}
+
+/// Node `fooled` seeds node 0's address pinned to another id: it must never
+/// connect to node 0 (id `id0`), and count the refusals.
+fn check_pinned_elsewhere(mesh: &mut Mesh, fooled: usize, id0: &str) -> Result<u64> {
+    mesh.wait_ready(fooled)?;
+    let id = mesh.nodes[fooled].ready.node_id.clone();
+    mesh.watch_for(
+        &format!("node {fooled} (seed pinned to another id) to stay away from node 0"),
+        Poll::Only(&[0, fooled]),
+        OUTSIDER_WINDOW,
+        |_, snap| {
+            if snap.status(0)?.connections.iter().any(|c| c.node_id == id)
+                || snap
+                    .status(fooled)?
+                    .connections
+                    .iter()
+                    .any(|c| c.node_id == id0)
+            {
+                return Err(Wait::Fatal(format!(
+                    "node {fooled} connected to node 0 although its seed is pinned to another id"
+                )));
+            }
+            Ok(())
+        },
+    )?;
+    mesh.check_now("after the window", Poll::Only(&[fooled]), |_, snap| {
+        let refused = snap.status(fooled)?.failures("unexpected_peer");
+        if refused == 0 {
+            return Err(Wait::Fatal(format!(
+                "node {fooled} counted no unexpected_peer failure (handshake_failures: {:?})",
+                snap.status(fooled)?.handshake_failures
+            )));
+        }
+        Ok(refused)
+    })
 }
 
 fn scenario_persistent_identity(mesh: &mut Mesh) -> Result<String> {
