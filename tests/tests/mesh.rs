@@ -205,6 +205,7 @@ async fn another_network_never_joins() {
 async fn five_nodes_over_tcp() {
     let tcp = || "tcp://127.0.0.1:0".parse().unwrap();
     let seed = Node::builder(NET).listen(tcp()).start().await.unwrap();
+    let mut events = vec![seed.peers().events()];
     let seed_addr = seed.listen_addrs()[0].clone();
     let mut nodes = vec![seed];
     for _ in 0..4 {
@@ -215,6 +216,7 @@ async fn five_nodes_over_tcp() {
             .start()
             .await
             .unwrap();
+        events.push(node.peers().events());
         nodes.push(node);
     }
     for node in &nodes {
@@ -223,11 +225,21 @@ async fn five_nodes_over_tcp() {
             .unwrap();
     }
     let all: Vec<&Node> = nodes.iter().collect();
-    // Two nodes that dial each other at once each keep the connection the
-    // smaller id opened; one of them can read the other's close of the
-    // duplicate before the survivor's handshake ends on its side, and have
-    // no link to that peer for a moment.
+    // Each node reached 3 peers in turn; they must hold them all at once.
+    // (After crossed dials, one end used to lose its peer for a moment when
+    // it read the close of the duplicate before its copy of the survivor
+    // was through; that peer is now held for the survivor, protocol.md 9.3.)
     wait_within("one graph", Duration::from_secs(5), || one_graph(&all, 3)).await;
+    // No node lost a peer while the mesh formed. Before the hold, about 1
+    // run in 15 had one Disconnected(remote DUPLICATE_CONNECTION) here.
+    for rx in &mut events {
+        while let Ok(Ok(e)) = tokio::time::timeout(Duration::ZERO, rx.recv()).await {
+            assert!(
+                !matches!(e, meshwork::peers::PeerEvent::Disconnected { .. }),
+                "a peer was lost while the mesh formed: {e:?}"
+            );
+        }
+    }
     // Peers announce their real listen address, learnt through discovery.
     for node in &nodes[1..] {
         let p = nodes[0].peers().by_id(node.node_id()).unwrap();

@@ -10,8 +10,10 @@
 //!   share (`max_peers` minus the slots reserved for our own dials) are
 //!   refused with Disconnect(too many peers) naming other peers to try.
 //!   Crossed dials between two nodes resolve to the same single connection
-//!   on both sides (the one opened by the smaller node id). Addresses that
-//!   turn out to be our own are dropped.
+//!   on both sides (the one opened by the smaller node id), and the end
+//!   that learns of the other's choice before its own copy of the survivor
+//!   is through does not lose the peer meanwhile. Addresses that turn out
+//!   to be our own are dropped.
 //! - **Discovery**: a bounded address book, fed by Hellos, by `Discovered`
 //!   lists that peers exchange on connect, periodically, and on the ask of
 //!   a node below `min_peers` with nobody left to dial, and by the

@@ -176,6 +176,7 @@ impl PeerManager {
             config.clone(),
             endpoint.node_id().clone(),
             endpoint.listen_addrs(),
+            endpoint.config().handshake_timeout(),
             now,
         );
         let (events, _) = broadcast::channel(config.event_capacity);

@@ -124,6 +124,22 @@ struct Link {
     /// generic cell rate: the message is read if this is at most the burst
     /// ahead of now).
     discovered_due: Instant,
+    /// Set when the peer closed `conn` as a duplicate while the connection
+    /// it keeps had not reached us yet: the link is held for that survivor
+    /// (see [`Pool::on_closed`]). `conn` is then closed: nothing is sent on
+    /// it, and the peer has no route.
+    held: Option<Held>,
+}
+
+/// A link waiting for the survivor of a duplicate: the peer closed our only
+/// connection with `Disconnect(DUPLICATE_CONNECTION)`, which it sends only
+/// while it keeps another connection with us.
+#[derive(Debug)]
+struct Held {
+    /// When to stop waiting: the peer is lost then, as if at the close.
+    until: Instant,
+    /// How the connection ended (the reason of that late Disconnected).
+    reason: CloseReason,
 }
 
 #[derive(Debug)]
@@ -197,9 +213,19 @@ impl Entry {
     fn route(&self) -> Action {
         Action::Route {
             peer: self.id.clone(),
-            conn: self.link.as_ref().map(|l| l.conn),
+            conn: self.live_link().map(|l| l.conn),
             usable: self.state == PeerState::Connected,
         }
+    }
+
+    /// The link, unless it is held for a survivor (its connection closed).
+    fn live_link(&self) -> Option<&Link> {
+        self.link.as_ref().filter(|l| l.held.is_none())
+    }
+
+    /// True while the link is held for the survivor of a duplicate.
+    fn is_held(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.held.is_some())
     }
 
     fn dialable(&self, now: Instant, blocked: &HashSet<NodeId>) -> bool {
@@ -300,6 +326,9 @@ pub(crate) struct Pool {
     blocked: HashSet<NodeId>,
     refused: u64,
     ignored_discovered: u64,
+    /// How long a link closed by the peer as a duplicate is held for the
+    /// survivor: the transport's handshake timeout.
+    survivor_grace: Duration,
     shutting_down: bool,
     rng: StdRng,
     actions: Vec<Action>,
@@ -336,10 +365,13 @@ fn ewma(old: Option<Duration>, sample: Duration) -> Duration {
 }
 
 impl Pool {
+    /// A pool for node `local` listening on `local_addrs`; `handshake_timeout`
+    /// is the transport's (how long a handshake may take at our end).
     pub(crate) fn new(
         cfg: PeersConfig,
         local: NodeId,
         local_addrs: Vec<Address>,
+        handshake_timeout: Duration,
         now: Instant,
     ) -> Self {
         let rng = match cfg.rng_seed {
@@ -379,6 +411,7 @@ impl Pool {
             blocked: HashSet::new(),
             refused: 0,
             ignored_discovered: 0,
+            survivor_grace: handshake_timeout,
             shutting_down: false,
             rng,
             actions: Vec::new(),
@@ -466,9 +499,14 @@ impl Pool {
                     if *expected != info.node {
                         // Another node answers at that address now.
                         e.addrs.retain(|a| *a != d.addr);
-                        let to = e.idle_state();
-                        e.set_state(to, &mut self.actions);
+                        if e.link.is_none() {
+                            let to = e.idle_state();
+                            e.set_state(to, &mut self.actions);
+                        }
                     }
+                }
+                if *expected != info.node {
+                    self.survivor_failed(expected, now);
                 }
             }
         }
@@ -567,6 +605,20 @@ impl Pool {
             return;
         }
         if let Some(link) = entry.link.as_mut() {
+            if link.held.take().is_some() {
+                // The survivor of the connection the peer closed as a
+                // duplicate: it takes the link over, and the peer, never
+                // lost, gets no event.
+                link.conn = conn;
+                link.direction = info.direction;
+                link.remote_addr = info.remote_addr;
+                link.last_heard = now;
+                link.heartbeat = Heartbeat::new(&cfg.heartbeat);
+                conns.insert(conn, info.node.clone());
+                let route = entry.route();
+                actions.push(route);
+                return;
+            }
             // A second connection between the same two nodes.
             let initiator = |d: Direction, remote: &NodeId| match d {
                 Direction::Outbound => local.clone(),
@@ -633,6 +685,7 @@ impl Pool {
             srtt: None,
             heartbeat: Heartbeat::new(&cfg.heartbeat),
             discovered_due: now,
+            held: None,
         });
         entry.ever_connected = true;
         entry.first_linked.get_or_insert(now);
@@ -673,18 +726,33 @@ impl Pool {
             }
         }
         let jitter = self.jitter();
+        let mut seed_node = None;
         if let Some(seed_addr) = &d.seed {
             if let Some(seed) = self.seeds.iter_mut().find(|s| &s.addr == seed_addr) {
                 seed.dialing = None;
                 seed.next_attempt = now + seed.backoff.fail(jitter);
+                seed_node = seed.node.clone();
             }
         }
-        let Some(id) = d.node else { return };
+        let Some(id) = d.node else {
+            // A seed dial to a node held for its survivor may have been
+            // that survivor.
+            if let Some(n) = seed_node {
+                self.survivor_failed(&n, now);
+            }
+            return;
+        };
         let max_failures = self.cfg.max_dial_failures;
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
         e.dialing = None;
+        if e.link.is_some() {
+            // The peer dialled us meanwhile: its link is what counts, and
+            // it stays as it is (a held link loses its survivor).
+            self.survivor_failed(&id, now);
+            return;
+        }
         if failure != DialFailure::Shutdown {
             e.dial_failures += 1;
             e.next_attempt = now + e.backoff.fail(jitter);
@@ -721,6 +789,38 @@ impl Pool {
             self.actions.push(route);
             return;
         }
+        if matches!(
+            reason,
+            CloseReason::Remote {
+                reason: DisconnectReason::DuplicateConnection,
+                ..
+            }
+        ) {
+            // The peer closed our only connection as a duplicate, which it
+            // does only while it keeps another one with us: that survivor's
+            // handshake has not ended at our end yet (our own dial, or an
+            // inbound one), e.g. after crossed dials. The peer is not lost:
+            // the link is held, without a route, until the survivor takes it
+            // over (on_connection) or fails (our dial to the peer fails, or
+            // the grace ends: the handshake timeout), and only then is the
+            // peer disconnected.
+            link.held = Some(Held {
+                until: now + self.survivor_grace,
+                reason,
+            });
+            let route = e.route();
+            self.actions.push(route);
+            return;
+        }
+        self.unlink(&id, reason, jitter, now);
+    }
+
+    /// `id` lost its link, which ended with `reason`: it is disconnected,
+    /// and redialled after its backoff.
+    fn unlink(&mut self, id: &NodeId, reason: CloseReason, jitter: f64, now: Instant) {
+        let Some(e) = self.entries.get_mut(id) else {
+            return;
+        };
         e.link = None;
         let (lost, wait) = match &reason {
             CloseReason::Remote {
@@ -739,8 +839,42 @@ impl Pool {
         e.set_state(to, &mut self.actions);
         let route = e.route();
         self.actions.push(route);
-        self.actions
-            .push(Action::Event(PeerEvent::Disconnected { peer: id, reason }));
+        self.actions.push(Action::Event(PeerEvent::Disconnected {
+            peer: id.clone(),
+            reason,
+        }));
+    }
+
+    /// The survivor `id`'s held link was waiting for will not come (our
+    /// dial to it failed or reached another node): the peer is lost now,
+    /// for the reason its connection closed. Nothing if the link is not held.
+    fn survivor_failed(&mut self, id: &NodeId, now: Instant) {
+        let Some(e) = self.entries.get_mut(id) else {
+            return;
+        };
+        let Some(held) = e.link.as_mut().and_then(|l| l.held.take()) else {
+            return;
+        };
+        let jitter = self.jitter();
+        self.unlink(id, held.reason, jitter, now);
+    }
+
+    /// Held links whose survivor did not come within the grace: lost.
+    fn poll_held(&mut self, now: Instant) {
+        let expired: Vec<NodeId> = self
+            .entries
+            .values()
+            .filter(|e| {
+                e.link
+                    .as_ref()
+                    .and_then(|l| l.held.as_ref())
+                    .is_some_and(|h| h.until <= now)
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        for id in expired {
+            self.survivor_failed(&id, now);
+        }
     }
 
     /// A peer sent `Discovered`: read if the peer is within its rate
@@ -1059,6 +1193,7 @@ impl Pool {
         if self.shutting_down {
             return;
         }
+        self.poll_held(now);
         self.poll_liveness(now, heard);
         self.poll_bans(now);
         if now >= self.next_discovery {
@@ -1073,7 +1208,7 @@ impl Pool {
         let timing = self.cfg.heartbeat;
         let mut dead = Vec::new();
         for e in self.entries.values_mut() {
-            let Some(link) = e.link.as_mut() else {
+            let Some(link) = e.link.as_mut().filter(|l| l.held.is_none()) else {
                 continue;
             };
             if let Some(t) = heard.get(&link.conn) {
@@ -1439,7 +1574,7 @@ impl Pool {
         let mut pool: Vec<PeerSnapshot> = self
             .entries
             .values()
-            .filter(|e| e.state == PeerState::Connected)
+            .filter(|e| e.state == PeerState::Connected && !e.is_held())
             .map(|e| e.snapshot(now, self.cfg.failure_memory))
             .filter(|s| filter(s))
             .collect();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use meshwork_peers::{PeerEvent, PeerManager, PeerState, PeersConfig, PeersError};
 use meshwork_transport::mem::MemNetwork;
-use meshwork_transport::{CloseReason, Config, Direction, Endpoint, Priority};
+use meshwork_transport::{CloseReason, Config, Direction, Endpoint, Identity, Priority};
 use meshwork_wire::proto::{Concern, ConcernKind, DisconnectReason};
 use meshwork_wire::{Message, NodeId};
 use tokio::time::{Instant, sleep};
@@ -314,6 +314,92 @@ async fn crossed_dials_leave_one_connection_the_same_on_both_sides() {
         assert_eq!(da == Direction::Outbound, a_smaller);
         shutdown_all(vec![a, b]).await;
     }
+}
+
+/// Crossed dials where one end reads the other's close of the duplicate
+/// before the survivor's handshake has ended at its own end. The node `n`
+/// (the smaller id, so its dial survives) dials `e` over a slow link; `e`,
+/// a bare endpoint playing a peer, dials back over the link made fast
+/// again, then closes that duplicate at once, long before `n`'s dial is
+/// through. `n` must not lose `e` meanwhile: no event, and its dial takes
+/// the link over.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_closed_before_the_survivor_arrives_is_no_disconnection() {
+    let net = MemNetwork::new();
+    let (mut small, mut large) = (Identity::generate(), Identity::generate());
+    if small.node_id() > large.node_id() {
+        std::mem::swap(&mut small, &mut large);
+    }
+    let transport = |identity: Identity| {
+        Config::new("mesh-test")
+            .with_insecure_plaintext()
+            .with_keepalive(None, None)
+            .with_identity(identity)
+    };
+    let e = Endpoint::new(transport(large), net.transport("e"));
+    e.listen(&addr("e")).await.unwrap();
+    let e_id = e.node_id().clone();
+    let endpoint = Endpoint::new(transport(small), net.transport("n"));
+    endpoint.listen(&addr("n")).await.unwrap();
+
+    // n dials e at its first tick; every byte of that dial takes 1 s.
+    net.set_latency("n", "e", S);
+    let n = PeerManager::start(endpoint, config(1, 4).with_seed(addr("e"))).unwrap();
+    sleep(300 * Duration::from_millis(1)).await;
+    assert_eq!(n.stats().pending_dials, 1);
+    net.set_latency("n", "e", Duration::ZERO);
+
+    // e dials back (the bytes of n's dial are still on their way) and n
+    // takes that connection.
+    let duplicate = e.connect(&addr("n")).await.unwrap();
+    settle(S, || n.is_neighbour(&e_id)).await;
+    assert_eq!(
+        n.connection(&e_id).unwrap().info().direction,
+        Direction::Inbound
+    );
+    let mut events = n.events();
+    // e keeps the connection n opened (the smaller id's): it closes its
+    // own as the duplicate before n's dial has completed.
+    duplicate
+        .handle()
+        .close(
+            DisconnectReason::DuplicateConnection,
+            "duplicate connection",
+        )
+        .await;
+    sleep(Duration::from_millis(10)).await;
+    assert_eq!(n.stats().pending_dials, 1, "n's dial is not through yet");
+    assert_eq!(n.by_id(&e_id).unwrap().state, PeerState::Connected);
+    assert_eq!(n.stats().connected, 1);
+
+    // n's dial completes: the survivor is the link.
+    let survivor = e.accept().await.unwrap();
+    settle(5 * S, || {
+        n.connection(&e_id)
+            .is_some_and(|c| c.info().direction == Direction::Outbound)
+    })
+    .await;
+    assert_eq!(n.by_id(&e_id).unwrap().state, PeerState::Connected);
+    let mut seen = Vec::new();
+    while let Ok(Ok(ev)) = tokio::time::timeout(Duration::ZERO, events.recv()).await {
+        seen.push(ev);
+    }
+    assert!(seen.is_empty(), "the peer was never lost: {seen:?}");
+    // Traffic flows on the survivor.
+    let hello = Concern {
+        command: 7,
+        kind: ConcernKind::Request as i32,
+        payload: b"hi".to_vec().into(),
+        ..Concern::default()
+    };
+    n.send(&e_id, Message::Concern(hello.clone()), Priority::Normal)
+        .await
+        .unwrap();
+    let mut survivor = survivor;
+    let got = survivor.recv_timeout(S).await.unwrap();
+    assert_eq!(got, Message::Concern(hello));
+    n.shutdown().await;
+    e.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -275,4 +275,10 @@ impl Config {
     pub fn max_frame_len(&self) -> usize {
         self.max_frame_len
     }
+
+    /// Time allowed from an open stream to a checked Hello
+    /// ([`with_handshake_timeout`](Self::with_handshake_timeout)).
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
 }

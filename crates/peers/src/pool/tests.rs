@@ -4,6 +4,8 @@ use super::*;
 
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
+/// The transport's handshake timeout the pools are given (its default).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn id(n: u8) -> NodeId {
     NodeId::from_bytes(vec![n; 32]).unwrap()
@@ -41,7 +43,7 @@ impl Harness {
     fn new(me: u8, cfg: PeersConfig) -> Self {
         let now = Instant::now();
         Harness {
-            pool: Pool::new(cfg, id(me), vec![addr(me)], now),
+            pool: Pool::new(cfg, id(me), vec![addr(me)], HANDSHAKE_TIMEOUT, now),
             now,
         }
     }
@@ -292,6 +294,193 @@ fn crossed_dials_keep_the_same_connection_on_both_sides() {
             assert_eq!(a.state(2), Some(PeerState::Connected));
         }
     }
+}
+
+/// How a connection ends when the peer closes it as a duplicate.
+fn duplicate_closed() -> CloseReason {
+    CloseReason::Remote {
+        reason: DisconnectReason::DuplicateConnection,
+        message: "duplicate connection".to_string(),
+    }
+}
+
+fn pings(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Ping { .. }))
+        .count()
+}
+
+/// After crossed dials both ends keep the connection opened by the smaller
+/// id (node 1's, conn 1 here); node 2's dial (conn 2) linked first at node
+/// 2, and node 1's close of it arrives before conn 1's handshake has ended
+/// at node 2's end. Node 1 is not lost: no event, no backoff, no dial; conn 1
+/// takes the link over when it arrives.
+#[test]
+fn the_peers_close_of_a_duplicate_before_the_survivor_arrives_loses_nothing() {
+    let mut b = Harness::new(2, cfg());
+    b.connect(2, 1, Direction::Outbound);
+    b.pool.on_closed(2, duplicate_closed(), b.now);
+    let actions = b.pool.take_actions();
+    assert!(events(&actions).is_empty(), "{actions:?}");
+    // No route while there is no connection; still linked as far as the
+    // pool's slots and state go.
+    assert_eq!(
+        actions,
+        vec![Action::Route {
+            peer: id(1),
+            conn: None,
+            usable: true
+        }]
+    );
+    assert_eq!(b.state(1), Some(PeerState::Connected));
+    assert_eq!(b.pool.counts().linked, 1);
+    assert!(b.pool.choose(b.now, false, |_| true).is_none());
+    // Ticks meanwhile neither dial the peer nor ping the closed connection.
+    for _ in 0..8 {
+        b.advance(500 * MS);
+        let actions = b.poll();
+        assert!(dials(&actions).is_empty(), "{actions:?}");
+        assert_eq!(pings(&actions), 0, "{actions:?}");
+        assert!(events(&actions).is_empty(), "{actions:?}");
+    }
+    // The survivor arrives: it is the link now, without a word to the
+    // layers above.
+    let actions = b.connect(1, 1, Direction::Inbound);
+    assert!(events(&actions).is_empty(), "{actions:?}");
+    assert!(closes(&actions).is_empty(), "{actions:?}");
+    assert!(actions.contains(&Action::Route {
+        peer: id(1),
+        conn: Some(1),
+        usable: true
+    }));
+    let p = b.pool.peer(&id(1), b.now).unwrap();
+    assert_eq!(p.state, PeerState::Connected);
+    assert_eq!(p.direction, Some(Direction::Inbound));
+    // A real link: its silence is noticed, its end is a disconnection.
+    b.advance(3 * S);
+    assert_eq!(pings(&b.poll_heard(None)), 1);
+    b.pool.on_closed(1, CloseReason::Eof, b.now);
+    let ev = events(&b.pool.take_actions());
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, PeerEvent::Disconnected { peer, .. } if *peer == id(1))),
+        "{ev:?}"
+    );
+}
+
+/// The same at the smaller id's end: the survivor is its own dial, which
+/// completes after the peer's close of the duplicate; or fails, and the
+/// peer is lost then.
+#[test]
+fn a_duplicate_closed_while_our_dial_is_the_survivor_waits_for_that_dial() {
+    for survivor_ok in [true, false] {
+        let mut a = Harness::new(1, cfg());
+        a.pool.on_discovered(
+            &[PeerInfo {
+                node_id: id(2).as_bytes().clone(),
+                addrs: vec![addr(2).to_string()],
+            }],
+            a.now,
+        );
+        let d = dials(&a.poll());
+        assert_eq!(
+            d.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
+            [addr(2)]
+        );
+        // Node 2's dial (conn 2) completes here first, then node 2 closes it.
+        a.connect(2, 2, Direction::Inbound);
+        a.pool.on_closed(2, duplicate_closed(), a.now);
+        assert!(events(&a.pool.take_actions()).is_empty());
+        a.advance(100 * MS);
+        if survivor_ok {
+            a.pool
+                .on_dial_ok(d[0].0, 1, info(2, Direction::Outbound), a.now);
+            let actions = a.pool.take_actions();
+            assert!(events(&actions).is_empty(), "{actions:?}");
+            assert!(actions.contains(&Action::Route {
+                peer: id(2),
+                conn: Some(1),
+                usable: true
+            }));
+            assert_eq!(
+                a.pool.peer(&id(2), a.now).unwrap().direction,
+                Some(Direction::Outbound)
+            );
+        } else {
+            a.pool.on_dial_failed(d[0].0, DialFailure::Transient, a.now);
+            let ev = events(&a.pool.take_actions());
+            assert!(
+                ev.contains(&PeerEvent::Disconnected {
+                    peer: id(2),
+                    reason: duplicate_closed()
+                }),
+                "{ev:?}"
+            );
+            assert_eq!(a.state(2), Some(PeerState::Disconnected));
+            assert_eq!(a.pool.counts().linked, 0);
+            // Lost as a broken link is: redialled after the backoff.
+            assert!(dials(&a.poll()).is_empty());
+            a.advance(S);
+            assert_eq!(dials(&a.poll()).len(), 1);
+        }
+    }
+}
+
+/// A survivor that never comes (its handshake failed at our end, unseen by
+/// the pool) is waited for no longer than the handshake timeout.
+#[test]
+fn a_held_link_whose_survivor_never_comes_is_lost_after_the_handshake_timeout() {
+    let mut b = Harness::new(2, cfg());
+    b.connect(2, 1, Direction::Outbound);
+    b.advance(S);
+    b.pool.on_closed(2, duplicate_closed(), b.now);
+    b.pool.take_actions();
+    b.advance(HANDSHAKE_TIMEOUT - MS);
+    assert!(events(&b.poll()).is_empty());
+    b.advance(MS);
+    let ev = events(&b.poll());
+    assert!(
+        ev.contains(&PeerEvent::Disconnected {
+            peer: id(1),
+            reason: duplicate_closed()
+        }),
+        "{ev:?}"
+    );
+    assert!(ev.contains(&PeerEvent::StateChanged {
+        peer: id(1),
+        from: PeerState::Connected,
+        to: PeerState::Disconnected
+    }));
+    assert_eq!(b.pool.counts().linked, 0);
+    // A connection from it now is a new link, announced as such.
+    let ev = events(&b.connect(3, 1, Direction::Inbound));
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, PeerEvent::Connected { peer, .. } if *peer == id(1))),
+        "{ev:?}"
+    );
+}
+
+/// Our dial to a peer that meanwhile dialled us fails: the link it made
+/// stays as it is (the state said Disconnected while linked).
+#[test]
+fn a_failed_dial_to_a_linked_peer_leaves_the_link_alone() {
+    let mut a = Harness::new(1, cfg());
+    a.pool.on_discovered(
+        &[PeerInfo {
+            node_id: id(2).as_bytes().clone(),
+            addrs: vec![addr(2).to_string()],
+        }],
+        a.now,
+    );
+    let d = dials(&a.poll());
+    a.connect(2, 2, Direction::Inbound);
+    a.pool.on_dial_failed(d[0].0, DialFailure::Transient, a.now);
+    assert!(events(&a.pool.take_actions()).is_empty());
+    assert_eq!(a.state(2), Some(PeerState::Connected));
+    let p = a.pool.peer(&id(2), a.now).unwrap();
+    assert_eq!(p.dial_failures, 0);
 }
 
 #[test]
