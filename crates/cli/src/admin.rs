@@ -649,6 +649,10 @@ pub(crate) struct PoolJson {
     /// `Discovered` messages dropped unread (a peer sending more than 8 at
     /// once or one a second after that).
     pub(crate) ignored_discovered: u64,
+    /// Connections from a node already connected from a place advertising
+    /// other addresses: most likely two nodes sharing one key file (each is
+    /// also logged at warn, once per node per 10 minutes).
+    pub(crate) suspected_twins: u64,
     /// Messages for the layers above dropped because nobody took them.
     pub(crate) dropped_inbound: u64,
     /// The pool dials known peers while it has fewer (`--min-peers`).
@@ -786,6 +790,7 @@ pub(crate) fn status_json(
             known: pool.known,
             refused: pool.refused,
             ignored_discovered: pool.ignored_discovered,
+            suspected_twins: pool.suspected_twins,
             dropped_inbound: pool.dropped_inbound,
             min_peers: limits.min_peers,
             max_peers: limits.max_peers,
@@ -1901,6 +1906,7 @@ mod tests {
                 known: 1,
                 refused: 5,
                 ignored_discovered: 4,
+                suspected_twins: 6,
                 dropped_inbound: 3,
             },
             peers: vec![
@@ -2063,6 +2069,7 @@ mod tests {
                     "known": 1,
                     "refused": 5,
                     "ignored_discovered": 4,
+                    "suspected_twins": 6,
                     "dropped_inbound": 3,
                     "min_peers": 4,
                     "max_peers": 16

@@ -56,6 +56,12 @@ pub struct PoolStats {
     /// `Discovered` messages dropped unread because their peer sent more
     /// than 8 at once or more than one a second after that, since start.
     pub ignored_discovered: u64,
+    /// Connections from a node already connected whose Hello advertised
+    /// listen addresses sharing none with those of the connection it
+    /// already had, since start: most likely two nodes sharing one key
+    /// file (one node id). Each is also logged at `warn`, at most once per
+    /// node per 10 minutes.
+    pub suspected_twins: u64,
     /// Concern messages dropped because nobody took the inbound queue.
     pub dropped_inbound: u64,
 }
@@ -443,6 +449,7 @@ impl PeerManager {
             known: c.known,
             refused: c.refused,
             ignored_discovered: c.ignored_discovered,
+            suspected_twins: c.suspected_twins,
             dropped_inbound: self.inner.dropped_inbound.load(Ordering::Relaxed),
         }
     }
@@ -686,6 +693,27 @@ impl Inner {
                     .spawn(async move { endpoint.ban(&node, duration).await });
             }
             Action::Unban { node } => self.endpoint.unban(&node),
+            Action::TwinSuspected {
+                peer,
+                existing,
+                new,
+            } => {
+                let list = |addrs: &[meshwork_transport::Address]| {
+                    addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                warn!(
+                    peer = %peer,
+                    "node {} is connected from two places advertising different addresses \
+                     ({} vs {}): two nodes may be sharing one key file",
+                    peer.short(),
+                    list(&existing),
+                    list(&new),
+                );
+            }
             // Applied under the lock in with_pool.
             Action::Route { .. } | Action::Event(_) => {}
         }

@@ -42,6 +42,9 @@ const MAX_DISCOVERED_READ: usize = 32;
 /// a wake-up of the pool.
 const DISCOVERED_BURST: u32 = 8;
 const DISCOVERED_EVERY: Duration = Duration::from_secs(1);
+/// A node id connected from two places at once (see
+/// [`Action::TwinSuspected`]) is reported at most once per this long.
+const TWIN_WARN_EVERY: Duration = Duration::from_secs(600);
 /// The first wait before a node below `min_peers` asks its peers for
 /// addresses, jittered into its upper half (0.5 to 1 s after the last new
 /// link); it doubles at each ask up to the discovery interval.
@@ -105,14 +108,27 @@ pub(crate) enum Action {
         usable: bool,
     },
     Event(PeerEvent),
+    /// `peer` connected while already linked, the new connection's Hello
+    /// advertising listen addresses that share none with the link's: most
+    /// likely two nodes sharing one key file (one node id). For a warning
+    /// to the operator, at most once per [`TWIN_WARN_EVERY`] per node.
+    TwinSuspected {
+        peer: NodeId,
+        /// The usable addresses the existing link advertised.
+        existing: Vec<Address>,
+        /// Those the new connection advertises.
+        new: Vec<Address>,
+    },
 }
 
 #[derive(Debug)]
 struct Link {
     conn: ConnId,
     /// More connections from the same initiator, waiting for it to close
-    /// them (at most one is kept).
-    extra: Vec<ConnId>,
+    /// them (at most one is kept), with the addresses each advertised.
+    extra: Vec<(ConnId, Vec<Address>)>,
+    /// The usable listen addresses `conn`'s Hello advertised.
+    listen_addrs: Vec<Address>,
     direction: Direction,
     remote_addr: Address,
     connected_at: Instant,
@@ -164,6 +180,9 @@ struct Entry {
     metadata: HashMap<String, String>,
     link: Option<Link>,
     dialing: Option<DialId>,
+    /// When a connection from two places at once was last reported for
+    /// this node id ([`Action::TwinSuspected`]).
+    twin_warned: Option<Instant>,
 }
 
 impl Entry {
@@ -185,6 +204,7 @@ impl Entry {
             metadata: HashMap::new(),
             link: None,
             dialing: None,
+            twin_warned: None,
         }
     }
 
@@ -301,6 +321,7 @@ pub(crate) struct Counts {
     pub(crate) known: usize,
     pub(crate) refused: u64,
     pub(crate) ignored_discovered: u64,
+    pub(crate) suspected_twins: u64,
 }
 
 /// The peer manager's state machine.
@@ -326,6 +347,9 @@ pub(crate) struct Pool {
     blocked: HashSet<NodeId>,
     refused: u64,
     ignored_discovered: u64,
+    /// Connections from a node id already linked whose advertised
+    /// addresses share none with the link's (see [`Action::TwinSuspected`]).
+    suspected_twins: u64,
     /// How long a link closed by the peer as a duplicate is held for the
     /// survivor: the transport's handshake timeout.
     survivor_grace: Duration,
@@ -411,6 +435,7 @@ impl Pool {
             blocked: HashSet::new(),
             refused: 0,
             ignored_discovered: 0,
+            suspected_twins: 0,
             survivor_grace: handshake_timeout,
             shutting_down: false,
             rng,
@@ -432,6 +457,7 @@ impl Pool {
             pending_dials: self.dials.len(),
             refused: self.refused,
             ignored_discovered: self.ignored_discovered,
+            suspected_twins: self.suspected_twins,
             ..Counts::default()
         };
         for e in self.entries.values() {
@@ -586,13 +612,14 @@ impl Pool {
             conns,
             actions,
             cfg,
+            suspected_twins,
             ..
         } = self;
         let Some(entry) = entries.get_mut(&info.node) else {
             return;
         };
         if !addrs.is_empty() {
-            entry.addrs = addrs;
+            entry.addrs = addrs.clone();
         }
         entry.metadata = info.metadata.clone();
         entry.seen = now;
@@ -605,6 +632,30 @@ impl Pool {
             return;
         }
         if let Some(link) = entry.link.as_mut() {
+            // One process advertises the same listen addresses on all its
+            // connections (crossed dials, redials): a second connection
+            // whose addresses share none with the link's comes from
+            // another place with the same node id, most likely another
+            // node started with a copy of this one's key file. Each end
+            // then keeps replacing one with the other; nothing else would
+            // tell the operator.
+            if !link.listen_addrs.is_empty()
+                && !addrs.is_empty()
+                && !addrs.iter().any(|a| link.listen_addrs.contains(a))
+            {
+                *suspected_twins += 1;
+                let due = entry
+                    .twin_warned
+                    .is_none_or(|t| now.saturating_duration_since(t) >= TWIN_WARN_EVERY);
+                if due {
+                    entry.twin_warned = Some(now);
+                    actions.push(Action::TwinSuspected {
+                        peer: info.node.clone(),
+                        existing: link.listen_addrs.clone(),
+                        new: addrs.clone(),
+                    });
+                }
+            }
             if link.held.take().is_some() {
                 // The survivor of the connection the peer closed as a
                 // duplicate: it takes the link over, and the peer, never
@@ -612,6 +663,7 @@ impl Pool {
                 link.conn = conn;
                 link.direction = info.direction;
                 link.remote_addr = info.remote_addr;
+                link.listen_addrs = addrs;
                 link.last_heard = now;
                 link.heartbeat = Heartbeat::new(&cfg.heartbeat);
                 conns.insert(conn, info.node.clone());
@@ -642,6 +694,7 @@ impl Pool {
                     let old = std::mem::replace(&mut link.conn, conn);
                     link.direction = info.direction;
                     link.remote_addr = info.remote_addr;
+                    link.listen_addrs = addrs;
                     conns.remove(&old);
                     conns.insert(conn, info.node.clone());
                     let route = entry.route();
@@ -664,7 +717,7 @@ impl Pool {
                 });
             } else if link.extra.is_empty() {
                 // The peer dialled twice; it closes one, we keep both until then.
-                link.extra.push(conn);
+                link.extra.push((conn, addrs));
                 conns.insert(conn, info.node.clone());
             } else {
                 actions.push(Action::Close {
@@ -677,6 +730,7 @@ impl Pool {
         entry.link = Some(Link {
             conn,
             extra: Vec::new(),
+            listen_addrs: addrs,
             direction: info.direction,
             remote_addr: info.remote_addr.clone(),
             connected_at: now,
@@ -780,11 +834,12 @@ impl Pool {
             return;
         };
         if link.conn != conn {
-            link.extra.retain(|c| *c != conn);
+            link.extra.retain(|(c, _)| *c != conn);
             return;
         }
-        if let Some(next) = link.extra.pop() {
+        if let Some((next, addrs)) = link.extra.pop() {
             link.conn = next;
+            link.listen_addrs = addrs;
             let route = e.route();
             self.actions.push(route);
             return;
@@ -1069,7 +1124,7 @@ impl Pool {
         let Some(link) = e.link.take() else {
             return;
         };
-        for conn in std::iter::once(link.conn).chain(link.extra) {
+        for conn in std::iter::once(link.conn).chain(link.extra.into_iter().map(|(c, _)| c)) {
             self.conns.remove(&conn);
             self.actions.push(Action::Close {
                 conn,

@@ -402,6 +402,78 @@ async fn a_duplicate_closed_before_the_survivor_arrives_is_no_disconnection() {
     e.shutdown().await;
 }
 
+/// Log lines, for checking what an operator would see.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Two processes started with one key file connect to a node from two
+/// places advertising different addresses: the node says so at `warn`, once,
+/// and counts each such connection.
+#[tokio::test(start_paused = true)]
+async fn one_key_file_on_two_nodes_is_reported() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test's runtime has one thread: the manager's tasks log here too.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let net = MemNetwork::new();
+    let p = node(&net, "p", config(1, 4)).await;
+    let key = Identity::generate();
+    let mut twins = Vec::new();
+    for host in ["t1", "t2"] {
+        let config = Config::new("mesh-test")
+            .with_insecure_plaintext()
+            .with_keepalive(None, None)
+            .with_identity(key.clone());
+        let endpoint = Endpoint::new(config, net.transport(host));
+        endpoint.listen(&addr(host)).await.unwrap();
+        twins.push(endpoint);
+    }
+    let mut conns = Vec::new();
+    for round in 0..2 {
+        for t in &twins {
+            conns.push(t.connect(&addr("p")).await.unwrap());
+            sleep(Duration::from_millis(10)).await;
+        }
+        if round == 0 {
+            assert_eq!(p.stats().suspected_twins, 1);
+        }
+    }
+    assert!(p.stats().suspected_twins >= 2, "{:?}", p.stats());
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warned: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("two nodes may be sharing one key file"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{text}");
+    assert!(warned[0].contains("WARN"), "{text}");
+    assert!(warned[0].contains("(mem://t1 vs mem://t2)"), "{text}");
+    assert!(
+        warned[0].contains(&format!("node {} ", key.node_id().short())),
+        "{text}"
+    );
+    drop(conns);
+    p.shutdown().await;
+    for t in twins {
+        t.shutdown().await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_node_holds_at_max_and_sends_dialers_elsewhere() {
     let net = MemNetwork::new();

@@ -483,6 +483,117 @@ fn a_failed_dial_to_a_linked_peer_leaves_the_link_alone() {
     assert_eq!(p.dial_failures, 0);
 }
 
+fn twin_warnings(actions: &[Action]) -> Vec<(NodeId, Vec<Address>, Vec<Address>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::TwinSuspected {
+                peer,
+                existing,
+                new,
+            } => Some((peer.clone(), existing.clone(), new.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Node 1's id connecting from a place that advertises `listen`.
+fn info_from(direction: Direction, remote: &str, listen: &[&str]) -> LinkInfo {
+    LinkInfo {
+        remote_addr: remote.parse().unwrap(),
+        listen_addrs: listen.iter().map(|a| a.to_string()).collect(),
+        ..info(1, direction)
+    }
+}
+
+/// Two processes with one node id (a copied key file): a second connection
+/// from that id, advertising listen addresses that share none with the
+/// link's, is reported (once per 10 minutes per node) and counted.
+#[test]
+fn one_node_id_connected_from_two_places_is_reported_once_per_ten_minutes() {
+    let mut h = Harness::new(0, cfg());
+    let elsewhere = ["mem://twin", "mem://twin2"];
+    let twin = |h: &mut Harness, conn| {
+        h.pool.on_connection(
+            conn,
+            info_from(Direction::Inbound, "mem://twin", &elsewhere),
+            h.now,
+        );
+        h.pool.take_actions()
+    };
+    h.connect(10, 1, Direction::Inbound);
+    let actions = twin(&mut h, 11);
+    assert_eq!(
+        twin_warnings(&actions),
+        vec![(
+            id(1),
+            vec![addr(1)],
+            elsewhere.iter().map(|a| a.parse().unwrap()).collect()
+        )]
+    );
+    assert_eq!(h.pool.counts().suspected_twins, 1);
+    // The dedup rules are unchanged (the twin is kept as the peer's second
+    // connection, as a redial would be).
+    assert!(closes(&actions).is_empty(), "{actions:?}");
+    assert!(events(&actions).is_empty(), "{actions:?}");
+
+    // Again within 10 minutes: counted, not reported.
+    h.pool.on_closed(11, CloseReason::Eof, h.now);
+    h.advance(9 * 60 * S);
+    assert!(twin_warnings(&twin(&mut h, 12)).is_empty());
+    assert_eq!(h.pool.counts().suspected_twins, 2);
+    // 10 minutes after the report: reported again.
+    h.pool.on_closed(12, CloseReason::Eof, h.now);
+    h.advance(60 * S);
+    assert_eq!(twin_warnings(&twin(&mut h, 13)).len(), 1);
+    assert_eq!(h.pool.counts().suspected_twins, 3);
+}
+
+/// Second connections from one process (crossed dials, a redial, a dial to
+/// another of its addresses) advertise what its link advertised: no report.
+/// Nor when either side advertises nothing usable.
+#[test]
+fn second_connections_from_one_place_are_not_reported_as_twins() {
+    // Crossed dials, either order.
+    for ours_first in [true, false] {
+        let mut h = Harness::new(0, cfg());
+        let mut actions = Vec::new();
+        let order = if ours_first {
+            [(10, Direction::Outbound), (11, Direction::Inbound)]
+        } else {
+            [(11, Direction::Inbound), (10, Direction::Outbound)]
+        };
+        for (conn, dir) in order {
+            actions.extend(h.connect(conn, 1, dir));
+        }
+        assert!(twin_warnings(&actions).is_empty(), "{actions:?}");
+    }
+    let mut h = Harness::new(0, cfg());
+    h.pool.on_connection(
+        10,
+        info_from(Direction::Inbound, "mem://n1", &["mem://n1", "mem://n1b"]),
+        h.now,
+    );
+    // The same node from another remote address, advertising an overlapping
+    // set; then one advertising nothing usable (only our own address).
+    let mut actions = Vec::new();
+    h.pool.on_connection(
+        11,
+        info_from(Direction::Inbound, "mem://nat", &["mem://n1b"]),
+        h.now,
+    );
+    actions.extend(h.pool.take_actions());
+    h.pool.on_closed(11, CloseReason::Eof, h.now);
+    h.pool.on_connection(
+        12,
+        info_from(Direction::Inbound, "mem://nat", &["mem://n0"]),
+        h.now,
+    );
+    actions.extend(h.pool.take_actions());
+    assert!(twin_warnings(&actions).is_empty(), "{actions:?}");
+    assert_eq!(h.pool.counts().suspected_twins, 0);
+}
+
 #[test]
 fn a_second_dial_by_the_same_side_is_closed_by_the_dialer_only() {
     let mut a = Harness::new(1, cfg());
