@@ -589,7 +589,7 @@ impl ConnectionHandle {
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(TransportError::NotConnected);
         }
-        let len = msg.encoded_len();
+        let len = meshwork_wire::encoded_len(msg);
         let max = self.shared.max_frame_len;
         if len > max {
             return Err(WireError::FrameTooLarge { len, max }.into());
@@ -1287,11 +1287,11 @@ impl Writer {
     /// Adds queued messages to the batch, control lane first, up to
     /// [`WRITE_BATCH`] bytes.
     fn fill_batch(&mut self) {
-        let mut size: usize = self.batch.iter().map(Message::encoded_len).sum();
+        let mut size: usize = self.batch.iter().map(meshwork_wire::encoded_len).sum();
         while size < WRITE_BATCH {
             match self.next_ready() {
                 Some(m) => {
-                    size += m.encoded_len();
+                    size += meshwork_wire::encoded_len(&m);
                     self.batch.push(m);
                     self.from_lanes += 1;
                 }
@@ -1381,7 +1381,7 @@ impl Writer {
                 // Large ones came from the lanes (pings and the Disconnect
                 // are small): their bytes go back to the budget.
                 if n as usize >= COUNTED_FRAME {
-                    let len = msg.encoded_len();
+                    let len = meshwork_wire::encoded_len(&msg);
                     if len >= COUNTED_FRAME {
                         released += len;
                     }

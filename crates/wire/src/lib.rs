@@ -60,7 +60,7 @@ pub mod proto {
 
 pub use codec::{
     DEFAULT_MAX_FRAME_LEN, FrameCodec, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_LIMIT, decode_frame,
-    encode_frame, encode_frame_into,
+    encode_frame, encode_frame_into, encoded_len,
 };
 pub use error::WireError;
 pub use node_id::NodeId;
