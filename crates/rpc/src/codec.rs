@@ -4,9 +4,6 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Bytes reserved before encoding a value with postcard.
-const ENCODE_CAPACITY: usize = 256;
-
 /// The encoding of a call's arguments and outcome, chosen by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 #[non_exhaustive]
@@ -39,11 +36,21 @@ impl Codec {
     /// Encodes `value`.
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, String> {
         match self {
-            // Room for a typical call up front: postcard writes byte by byte,
-            // and growing a vector from empty costs several reallocations.
-            Codec::Postcard => postcard::to_extend(value, Vec::with_capacity(ENCODE_CAPACITY))
-                .map(Bytes::from)
-                .map_err(|e| e.to_string()),
+            // The exact size first (postcard only counts, cheaply), then the
+            // value into a vector of just that size: postcard writes byte by
+            // byte, and growing a vector from empty costs several
+            // reallocations; and a vector with room to spare costs one more
+            // allocation to become `Bytes`, a full one none.
+            Codec::Postcard => {
+                let size = postcard::serialize_with_flavor::<T, _, usize>(
+                    value,
+                    postcard::ser_flavors::Size::default(),
+                )
+                .map_err(|e| e.to_string())?;
+                postcard::to_extend(value, Vec::with_capacity(size))
+                    .map(Bytes::from)
+                    .map_err(|e| e.to_string())
+            }
             Codec::Json => serde_json::to_vec(value)
                 .map(Bytes::from)
                 .map_err(|e| e.to_string()),
