@@ -62,21 +62,35 @@ impl ClockSteps {
     /// How far the system clock was set since start (negative: back), in
     /// ms, as of the last look.
     pub fn step_ms(&self) -> i64 {
-        self.look();
+        self.step_ms_at(Instant::now())
+    }
+
+    /// [`step_ms`](Self::step_ms), for a caller that has just read tokio's
+    /// clock (`now`) and so spares this a second read.
+    pub fn step_ms_at(&self, now: Instant) -> i64 {
+        self.look(now);
         self.step_ms.load(Ordering::Relaxed)
     }
 
     /// The furthest forward the system clock has been set since start, in
     /// ms (0 if only ever back): for a time that must never go back.
     pub fn forward_step_ms(&self) -> i64 {
-        self.look();
+        self.forward_step_ms_at(Instant::now())
+    }
+
+    /// [`forward_step_ms`](Self::forward_step_ms), for a caller that has
+    /// just read tokio's clock (`now`) and so spares this a second read
+    /// (a clock read is a good part of what a time stamp costs).
+    pub fn forward_step_ms_at(&self, now: Instant) -> i64 {
+        self.look(now);
         self.forward_ms.load(Ordering::Relaxed)
     }
 
     /// Looks at the system clock if a second of tokio's clock has passed
-    /// since the last look, and takes in a step of more than [`STEP_MS`].
-    fn look(&self) {
-        let elapsed = self.start.elapsed().as_millis() as u64;
+    /// since the last look (tokio's clock reading `now`), and takes in a
+    /// step of more than [`STEP_MS`].
+    fn look(&self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.start).as_millis() as u64;
         if elapsed.saturating_sub(self.checked_at.load(Ordering::Relaxed)) < CHECK_EVERY_MS {
             return;
         }
@@ -128,8 +142,10 @@ impl WallClock {
     }
 
     pub(crate) fn now_ms(&self) -> u64 {
-        let elapsed = self.start.elapsed().as_millis() as u64;
-        (self.start_ms + elapsed).saturating_add_signed(self.steps.step_ms())
+        // One read of tokio's clock for both.
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.start).as_millis() as u64;
+        (self.start_ms + elapsed).saturating_add_signed(self.steps.step_ms_at(now))
     }
 }
 

@@ -114,8 +114,12 @@ impl Default for SystemClock {
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        let forward = self.steps.forward_step_ms().max(0) as u64;
-        (self.base_us + self.base.elapsed().as_micros() as u64) / 1000 + forward
+        // One read of tokio's clock for both (the RPC layer reads this
+        // clock on every call).
+        let now = Instant::now();
+        let forward = self.steps.forward_step_ms_at(now).max(0) as u64;
+        (self.base_us + now.saturating_duration_since(self.base).as_micros() as u64) / 1000
+            + forward
     }
 }
 
