@@ -418,10 +418,10 @@ impl Inner {
     /// Fails the direct requests waiting on `peer`, which has left: their
     /// answers cannot come any more.
     pub(crate) fn peer_left(&self, peer: &NodeId) {
-        let lost = self.pending.take_where(|p| !p.routed && p.expect == *peer);
-        for p in lost {
-            p.finish(Err(ConcernsError::ConnectionLost(peer.clone())));
-        }
+        self.pending.finish_where(
+            |p| !p.routed && p.expect == *peer,
+            || Err(ConcernsError::ConnectionLost(peer.clone())),
+        );
         for reg in self.all_registered() {
             let hook = AssertUnwindSafe(|| reg.concern.on_peer_left(peer));
             if std::panic::catch_unwind(hook).is_err() {
@@ -679,14 +679,18 @@ impl Inner {
         // it came (a routed answer claiming to be from a neighbour we asked
         // directly is someone else's), and request ids are random: a member
         // cannot answer for another node by guessing them.
-        let waiter = self.pending.take_if(id, |p| {
-            p.command == command
-                && p.routed == routed
-                && (p.expect == *from || (routed && unreachable))
-        });
-        match waiter {
-            Some(p) => p.finish(result),
-            None => {
+        let finished = self.pending.finish_if(
+            id,
+            |p| {
+                p.command == command
+                    && p.routed == routed
+                    && (p.expect == *from || (routed && unreachable))
+            },
+            result,
+        );
+        match finished {
+            Ok(()) => {}
+            Err(result) => {
                 if kind != ConcernKind::Reply {
                     debug!(command, id, from = %from.short(), error = ?result.err(), "unawaited error reply");
                     return;
