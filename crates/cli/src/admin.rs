@@ -18,7 +18,7 @@
 //! | POST | `/kv/{key}/confirm?timeout_ms=N` | waits until every connected peer has applied this node's entry for the key (`timeout_ms` as for `/request`): 200 `{"peers":n}`; 504 `timeout` with `peers` and `missing` (ids); 404 |
 //! | GET | `/kv?prefix=P` | 200 `{"items":[{"key","value","version","writer"}...],"count":n}`: the keys starting with `P` (default: all), sorted |
 //! | GET | `/kv-digest` | 200 `{"digest":"<16 hex digits>","keys":n,"entries":n}`: a hash of the whole replica (tombstones and leases included): equal digests, equal replicas |
-//! | POST | `/rpc/{service}/{method}?deadline_ms=N&idempotent=B&version=V` | body = the arguments as a JSON array (empty: none); calls the method from this node in JSON through [`Rpc::call_raw`](meshwork::rpc::Rpc::call_raw) (`deadline_ms` 1 to 600000, default `--rpc-deadline-ms`; `idempotent=true` allows a retry on another provider after a timeout; `version` 0, the default, takes any): 200 `{"result":<json>,"elapsed_ms":x}` |
+//! | POST | `/rpc/{service}/{method}?deadline_ms=N&idempotent=B&version=V&provider=ID` | body = the arguments as a JSON array (empty: none); calls the method from this node in JSON through [`Rpc::call_raw`](meshwork::rpc::Rpc::call_raw) (`deadline_ms` 1 to 600000, default `--rpc-deadline-ms`; `idempotent=true` allows a retry on another provider after a timeout; `version` 0, the default, takes any; `provider` calls that node and no other, 404 `no_provider` at once if it does not serve the service): 200 `{"result":<json>,"elapsed_ms":x}` |
 //! | GET | `/rpc/{service}/providers` | 200 `{"service":name,"providers":[{"node_id","reach","version","methods","latency_ms","in_flight"}]}`: the registry's providers, nearest first (`reach` `local`, `neighbour` or `routed`; `latency_ms` the smoothed round trip of this node's calls to it, null before one succeeded; `in_flight` its calls from this node waiting for their answer now) |
 //! | POST | `/shutdown` | 202 `{"shutting_down":true}`, then a graceful shutdown |
 //! | any | anything else | 404 (405 for a known path) |
@@ -949,6 +949,9 @@ const NODE_ID_HEX_DIGITS: usize = 64;
 /// blocked, unblocked or asked for in vain.
 fn parse_peer(node: &Node, id: Result<Path<String>, PathRejection>) -> Result<NodeId, ApiError> {
     let Path(id) = id.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if id.len() == NODE_ID_HEX_DIGITS {
+        return parse_node_id(&id);
+    }
     let parsed = NodeId::from_hex(&id.to_ascii_lowercase()).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -967,6 +970,22 @@ fn parse_peer(node: &Node, id: Result<Path<String>, PathRejection>) -> Result<No
         ));
     }
     Ok(parsed)
+}
+
+/// A node id given in full: 64 hex digits, either case.
+fn parse_node_id(hex: &str) -> Result<NodeId, ApiError> {
+    let bad = |why: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{hex:?} is not a node id ({NODE_ID_HEX_DIGITS} hex digits, as in /status): {why}"
+            ),
+        )
+    };
+    if hex.len() != NODE_ID_HEX_DIGITS {
+        return Err(bad(format!("{} characters", hex.len())));
+    }
+    NodeId::from_hex(&hex.to_ascii_lowercase()).map_err(|e| bad(e.to_string()))
 }
 
 /// The largest request body the admin API reads (2 MiB; a value of the
@@ -1510,6 +1529,8 @@ struct RpcQuery {
     deadline_ms: Option<u64>,
     idempotent: Option<bool>,
     version: Option<u32>,
+    /// Call this provider (a node id in hex) and no other.
+    provider: Option<String>,
 }
 
 /// The body of `POST /rpc/{service}/{method}`.
@@ -1584,6 +1605,10 @@ async fn call_method(
             ));
         }
     };
+    let provider = match &query.provider {
+        Some(hex) => Some(parse_node_id(hex).map_err(|e| e.with_field("field", "provider"))?),
+        None => None,
+    };
     let args = rpc_args(body)?;
     let options = CallOptions {
         deadline,
@@ -1594,11 +1619,14 @@ async fn call_method(
     let started = Instant::now();
     // If the HTTP client goes away, this future is dropped, and with it the
     // call: the provider is told to stop.
-    let outcome = state
-        .node
-        .rpc()
-        .call_raw(service, method, args, options)
-        .await;
+    let rpc = state.node.rpc();
+    let outcome = match &provider {
+        Some(provider) => {
+            rpc.call_raw_on(provider, service, method, args, options)
+                .await
+        }
+        None => rpc.call_raw(service, method, args, options).await,
+    };
     let elapsed_ms = ms(started.elapsed());
     let bytes = outcome.map_err(|e| ApiError::from_rpc(&e).with_field("elapsed_ms", elapsed_ms))?;
     let result = serde_json::from_slice(&bytes).map_err(|e| {
@@ -3407,6 +3435,30 @@ mod tests {
             status["calls"],
             json!({"calls": 15, "failures": 9, "retries": 0})
         );
+
+        // `provider`: that node and no other.
+        let (code, body) = post_body(
+            a.addr,
+            &format!("/rpc/demo/whoami?provider={}", b_id.to_ascii_uppercase()),
+            "",
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body["result"].to_string().contains(&b_id), "{body}");
+        let a_id = a.node.node_id().to_string();
+        let (code, body) = post_body(
+            a.addr,
+            &format!("/rpc/demo/echo?provider={a_id}"),
+            r#"["x"]"#,
+        )
+        .await;
+        assert_eq!(
+            (code, &body["code"]),
+            (404, &json!("no_provider")),
+            "{body}"
+        );
+        let (code, body) = post_body(a.addr, "/rpc/demo/echo?provider=abcd", r#"["x"]"#).await;
+        assert_eq!((code, &body["field"]), (400, &json!("provider")), "{body}");
         stop_all([b, a]).await;
     }
 

@@ -1048,6 +1048,21 @@ impl Rpc {
             service: Arc::from(name),
             version: C::VERSION,
             deadline: self.inner.config.deadline,
+            provider: None,
+        })
+    }
+
+    /// [`client`](Self::client) whose calls all go to `provider` and no
+    /// other node (ChaskiRemote's `proxy(name, edge)`): no provider choice,
+    /// no failover; [`RpcError::NoProvider`] at once while the registry does
+    /// not list `provider` for `name`.
+    pub fn client_on<C: ServiceClient>(&self, name: &str, provider: NodeId) -> C {
+        C::from_client(Client {
+            rpc: self.clone(),
+            service: Arc::from(name),
+            version: C::VERSION,
+            deadline: self.inner.config.deadline,
+            provider: Some(provider),
         })
     }
 
@@ -1231,8 +1246,36 @@ impl Rpc {
         // twice in its future, and a call's future is allocated whole
         // wherever it is spawned or pushed (past about 1 KiB, glibc's
         // allocator takes its slow path for it).
+        self.call_raw_with(service, method, args, options, None)
+    }
+
+    /// [`call_raw`](Self::call_raw) on one provider only: the call goes to
+    /// `provider` or fails, never to another node (no failover). If the
+    /// registry does not list `provider` for `service` (or not with the
+    /// version asked for), [`RpcError::NoProvider`] at once. For tools and
+    /// tests that must reach a given node; [`Rpc::client_on`] is the typed
+    /// form.
+    pub fn call_raw_on(
+        &self,
+        provider: &NodeId,
+        service: &str,
+        method: &str,
+        args: Bytes,
+        options: CallOptions,
+    ) -> impl Future<Output = Result<Bytes, RpcError<Bytes>>> + Send {
+        self.call_raw_with(service, method, args, options, Some(provider))
+    }
+
+    fn call_raw_with(
+        &self,
+        service: &str,
+        method: &str,
+        args: Bytes,
+        options: CallOptions,
+        provider: Option<&NodeId>,
+    ) -> impl Future<Output = Result<Bytes, RpcError<Bytes>>> + Send {
         let counters = &self.inner.counters;
-        self.call_inner(service, method, args, options)
+        self.call_inner(service, method, args, options, provider)
             .map(move |r| {
                 if r.is_err() {
                     counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -1248,6 +1291,7 @@ impl Rpc {
         method: &str,
         args: Bytes,
         o: CallOptions,
+        provider: Option<&NodeId>,
     ) -> impl Future<Output = Result<Bytes, RpcError<Bytes>>> + Send {
         async move {
             self.inner.counters.calls.fetch_add(1, Ordering::Relaxed);
@@ -1267,8 +1311,18 @@ impl Rpc {
                 if listings.is_empty() {
                     return Err(last.map_or_else(|| RpcError::NoProvider(service.into()), |e| *e));
                 }
+                if let Some(p) = provider {
+                    if !listings.iter().any(|l| &l.node_id == p) {
+                        return Err(last.map_or_else(
+                            || RpcError::NoProvider(format!("{service} on node {}", p.short())),
+                            |e| *e,
+                        ));
+                    }
+                }
                 let fits = |l: &Listing| {
-                    (o.version == 0 || l.record.version == o.version) && !tried.contains(&l.node_id)
+                    (o.version == 0 || l.record.version == o.version)
+                        && !tried.contains(&l.node_id)
+                        && provider.is_none_or(|p| *p == l.node_id)
                 };
                 let fitting = listings.iter().filter(|l| fits(l)).count();
                 if fitting == 0 {
@@ -1639,9 +1693,17 @@ pub struct Client {
     service: Arc<str>,
     version: u32,
     deadline: Duration,
+    /// The one provider calls go to ([`Rpc::client_on`]); `None`: any.
+    provider: Option<NodeId>,
 }
 
 impl Client {
+    /// The provider every call goes to, if the client is pinned to one
+    /// ([`Rpc::client_on`]).
+    pub fn provider(&self) -> Option<&NodeId> {
+        self.provider.as_ref()
+    }
+
     /// The service name.
     pub fn service(&self) -> &str {
         &self.service
@@ -1716,18 +1778,19 @@ impl Client {
                 return Either::Left(futures_util::future::lazy(|_| Err(RpcError::Decode(e))));
             }
         };
-        Either::Right(self.rpc.call_raw(&self.service, method, args, options).map(
-            move |r| match r {
-                Ok(bytes) => codec.decode(&bytes).map(finish).map_err(RpcError::Decode),
-                Err(e) => Err(match e.split_app() {
-                    Ok(other) => other,
-                    Err(bytes) => match codec.decode::<E>(&bytes) {
-                        Ok(app) => RpcError::Application(app),
-                        Err(why) => RpcError::Decode(why),
-                    },
-                }),
-            },
-        ))
+        let call =
+            self.rpc
+                .call_raw_with(&self.service, method, args, options, self.provider.as_ref());
+        Either::Right(call.map(move |r| match r {
+            Ok(bytes) => codec.decode(&bytes).map(finish).map_err(RpcError::Decode),
+            Err(e) => Err(match e.split_app() {
+                Ok(other) => other,
+                Err(bytes) => match codec.decode::<E>(&bytes) {
+                    Ok(app) => RpcError::Application(app),
+                    Err(why) => RpcError::Decode(why),
+                },
+            }),
+        }))
     }
 }
 

@@ -1451,6 +1451,55 @@ async fn two_providers(
     (nodes, probe1, probe2)
 }
 
+/// A client pinned to one provider (`client_on`, ChaskiRemote's
+/// `proxy(name, edge)`) calls only it, even when the caller would prefer
+/// the other; pinned to a node the registry does not list, it fails at
+/// once; when its provider is gone, it fails rather than go elsewhere.
+#[tokio::test(start_paused = true)]
+async fn a_client_pinned_to_a_provider_calls_only_that_provider() {
+    let net = MemNetwork::new();
+    // The caller prefers p1 (nearer).
+    net.set_latency("caller", "p2", 5 * MS);
+    let (nodes, probe1, probe2) = two_providers(&net, "p1", "p2").await;
+    let rpc = nodes[0].rpc();
+    let pinned: CalcClient = rpc
+        .client_on::<CalcClient>("calc", nodes[2].node_id().clone())
+        .with_deadline(S);
+    assert_eq!(pinned.client().provider(), Some(nodes[2].node_id()));
+    for i in 0..20 {
+        assert_eq!(pinned.add(i, 1).await, Ok(i + 1));
+    }
+    assert_eq!((probe1.calls(), probe2.calls()), (0, 20));
+    let raw = rpc
+        .call_raw_on(
+            nodes[2].node_id(),
+            "calc",
+            "whoami",
+            Bytes::from_static(b"[]"),
+            options(S),
+        )
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&raw).contains("p2"), "{raw:?}");
+
+    // A node that serves nothing: no provider, at once.
+    let started = Instant::now();
+    let nobody = rpc.client_on::<CalcClient>("calc", nodes[0].node_id().clone());
+    assert!(matches!(
+        nobody.add(1, 1).await,
+        Err(RpcError::NoProvider(_))
+    ));
+    assert!(started.elapsed() < 10 * MS);
+
+    // Its provider gone: the call fails, p1 is not tried.
+    kill(&net, "p2", &["caller", "p1"]);
+    let r = pinned.add(1, 1).await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(probe1.calls(), 0);
+    net.heal();
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn calls_fail_over_when_a_provider_is_killed() {
     let net = MemNetwork::new();
