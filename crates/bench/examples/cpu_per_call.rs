@@ -15,7 +15,9 @@
 //!
 //! MODE is `rpc-seq` (one RPC call at a time), `rpc-64` (64 in flight),
 //! `concern-seq` or `concern-64` (the same through an echo concern, the
-//! layer RPC rides on), or `raw-64` (the benches' baseline: tokio's
+//! layer RPC rides on), `raw-seq` (the `rpc` bench's sequential baseline:
+//! one 64-byte frame at a time, echoed by tokio's length-delimited codec
+//! over loopback TCP), or `raw-64` (the benches' baseline: tokio's
 //! length-delimited frames echoed over loopback TCP, 64 in flight, each
 //! side writing what it gathered once nothing more is ready to read). Two nodes over loopback TCP with the default
 //! configuration (Noise), 64-byte payloads, SECS seconds (default 2). It
@@ -170,7 +172,7 @@ fn main() -> Result<()> {
         Some(s) => s.parse().context("WORKERS")?,
         None => 0,
     };
-    if mode == "raw-64" {
+    if mode == "raw-64" || mode == "raw-seq" {
         return raw_main(&mode, secs, workers);
     }
     let (rpc, depth) = match mode.as_str() {
@@ -179,7 +181,7 @@ fn main() -> Result<()> {
         "concern-seq" => (false, 1),
         "concern-64" => (false, DEPTH),
         _ => bail!(
-            "usage: cpu_per_call rpc-seq|rpc-64|concern-seq|concern-64|raw-64 \
+            "usage: cpu_per_call rpc-seq|rpc-64|concern-seq|concern-64|raw-seq|raw-64 \
              [SECS] [WORKERS] [--child]"
         ),
     };
@@ -331,8 +333,9 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 /// TCP echoed back, `DEPTH` in flight, each side writing whatever it has
 /// gathered when nothing more is ready to read.
 fn raw_main(mode: &str, secs: f64, workers: usize) -> Result<()> {
+    let depth = if mode == "raw-seq" { 1 } else { DEPTH };
     let done = runtime(workers)?.block_on(async move {
-        tokio::spawn(raw_run(secs))
+        tokio::spawn(raw_run(secs, depth))
             .await
             .context("the run panicked")?
     })?;
@@ -349,7 +352,7 @@ fn raw_main(mode: &str, secs: f64, workers: usize) -> Result<()> {
 type Raw =
     tokio_util::codec::Framed<tokio::net::TcpStream, tokio_util::codec::LengthDelimitedCodec>;
 
-async fn raw_run(secs: f64) -> Result<(u64, Duration, Duration)> {
+async fn raw_run(secs: f64, depth: usize) -> Result<(u64, Duration, Duration)> {
     use futures_util::{FutureExt as _, SinkExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -372,11 +375,11 @@ async fn raw_run(secs: f64) -> Result<(u64, Duration, Duration)> {
     let payload = Bytes::from(vec![7u8; 64]);
     let (cpu0, wall0) = (cpu_time()?, Instant::now());
     let end = wall0 + Duration::from_secs_f64(secs);
-    for _ in 0..DEPTH {
+    for _ in 0..depth {
         client.feed(payload.clone()).await?;
     }
     SinkExt::<Bytes>::flush(&mut client).await?;
-    let (mut in_flight, mut done) = (DEPTH, 0u64);
+    let (mut in_flight, mut done) = (depth, 0u64);
     while in_flight > 0 {
         let reply = match client.next().now_or_never() {
             Some(reply) => reply,
