@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
 use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, Ping, Pong};
 use meshwork_wire::{FrameCodec, Message, NodeId, WireError};
@@ -1011,6 +1011,21 @@ impl WriteHalf {
 
     /// Writes everything pending, then flushes.
     fn poll_drain(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        // Nothing queued before the small frames: written from `scratch`
+        // where they were encoded, not split off into `pending` (which
+        // makes the buffer shared: an allocation and atomic counts per
+        // write). What the stream does not take stays at the front of
+        // `scratch`, still ahead of anything encoded after it.
+        if self.pending.is_empty() {
+            while !self.scratch.is_empty() {
+                let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.scratch))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                self.needs_flush = true;
+                self.scratch.advance(n);
+            }
+        }
         self.seal();
         while let Some(front) = self.pending.front() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &front[self.offset..]))?;

@@ -250,19 +250,21 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
         if self.cipher.len() < 2 + len {
             return Ok(false);
         }
-        self.cipher.advance(2);
-        let msg = self.cipher.split_to(len);
         self.plain.clear();
         self.plain.resize(len - TAG_LEN, 0);
+        // Decrypted where it lies, then skipped: splitting it off would
+        // make the buffer shared (an allocation and atomic counts per
+        // message).
         let n = self
             .state
-            .read_message(self.nonce, &msg, &mut self.plain)
+            .read_message(self.nonce, &self.cipher[2..2 + len], &mut self.plain)
             .map_err(|_| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     "noise message did not authenticate",
                 )
             })?;
+        self.cipher.advance(2 + len);
         self.nonce += 1;
         self.plain.truncate(n);
         release_if_empty(&mut self.cipher);
