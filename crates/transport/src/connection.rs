@@ -1607,14 +1607,21 @@ async fn read_loop(
                 }
                 let next = tokio::select! {
                     biased;
+                    // The stream first: woken by a frame, the reader takes it
+                    // without polling the cancellation (two locks per poll).
+                    // That is polled whenever nothing is ready to read, so a
+                    // cancelled reader stops at its next wait at the latest
+                    // (a streaming peer's frames are checked every
+                    // CLOCK_FRAMES, as above).
+                    next = reader.next() => next,
                     _ = &mut cancelled => break,
                     // A sink waiting to take over gets the queued messages
-                    // now, not with the next frame.
+                    // now, not with the next frame (and before any frame,
+                    // which `put` hands it over first).
                     _ = shared.handoff_notify.notified(), if inlet.sink.is_none() => {
                         inlet.take_handoff();
                         continue;
                     }
-                    next = reader.next() => next,
                 };
                 now = Instant::now();
                 unclocked = 0;
