@@ -1609,10 +1609,11 @@ async fn read_loop(
                     biased;
                     // The stream first: woken by a frame, the reader takes it
                     // without polling the cancellation (two locks per poll).
-                    // That is polled whenever nothing is ready to read, so a
-                    // cancelled reader stops at its next wait at the latest
-                    // (a streaming peer's frames are checked every
-                    // CLOCK_FRAMES, as above).
+                    // That is polled whenever nothing is ready to read, and
+                    // checked every CLOCK_FRAMES frames whichever way they
+                    // came (below): a peer whose frames are always ready when
+                    // the reader gets here cannot keep a cancelled reader
+                    // alive either.
                     next = reader.next() => next,
                     _ = &mut cancelled => break,
                     // A sink waiting to take over gets the queued messages
@@ -1624,7 +1625,13 @@ async fn read_loop(
                     }
                 };
                 now = Instant::now();
-                unclocked = 0;
+                unclocked += 1;
+                if unclocked >= CLOCK_FRAMES {
+                    if shared.cancel.is_cancelled() {
+                        break;
+                    }
+                    unclocked = 0;
+                }
                 next
             }
         };
