@@ -550,22 +550,26 @@ fn encode_outcome(result: outcome::Result) -> Vec<u8> {
     // oneof's field is written even when empty.
     let inner = 1 + encoded_len_varint(ok.len() as u64) + ok.len();
     let mut out = Vec::with_capacity(1 + encoded_len_varint(inner as u64) + inner);
-    let mut put = |key: u8, len: usize| {
-        let mut head = [0u8; 11];
-        head[0] = key;
-        let (mut n, mut v) = (1, len as u64);
-        while v >= 0x80 {
-            head[n] = (v as u8) | 0x80;
-            v >>= 7;
-            n += 1;
-        }
-        head[n] = v as u8;
-        out.extend_from_slice(&head[..=n]);
-    };
-    put(0x1a, inner);
-    put(0x0a, ok.len());
+    put_key_varint(&mut out, 0x1a, inner as u64);
+    put_key_varint(&mut out, 0x0a, ok.len() as u64);
     out.extend_from_slice(&ok);
     out
+}
+
+/// Appends a one-byte protobuf key (tags 1 to 15) and a varint, built on the
+/// stack and appended in one go: prost's `encode_varint` appends to a
+/// vector a byte at a time, each a call of its own.
+fn put_key_varint(out: &mut Vec<u8>, key: u8, mut v: u64) {
+    let mut buf = [0u8; 11];
+    buf[0] = key;
+    let mut n = 1;
+    while v >= 0x80 {
+        buf[n] = (v as u8) | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    buf[n] = v as u8;
+    out.extend_from_slice(&buf[..=n]);
 }
 
 /// The result in `payload` if the payload is an Outcome holding nothing
@@ -1645,22 +1649,9 @@ fn encode_call(c: &CallRef<'_>) -> Vec<u8> {
         + varint(6, c.budget_ms)
         + varint(7, u64::from(c.version));
     let mut out = Vec::with_capacity(key_len(1) + encoded_len_varint(body as u64) + body);
-    // Keys (tags 1 to 7: one byte each) and varints are built on the stack
-    // and appended in one go: prost's `encode_varint` appends to a vector a
-    // byte at a time, each a call of its own.
+    // Keys (tags 1 to 7: one byte each) and varints: `put_key_varint`.
     let key = |tag: u8, wire: WireType| tag << 3 | wire as u8;
-    let put = |out: &mut Vec<u8>, key: u8, v: u64| {
-        let mut buf = [0u8; 11];
-        buf[0] = key;
-        let (mut n, mut v) = (1, v);
-        while v >= 0x80 {
-            buf[n] = (v as u8) | 0x80;
-            v >>= 7;
-            n += 1;
-        }
-        buf[n] = v as u8;
-        out.extend_from_slice(&buf[..=n]);
-    };
+    let put = put_key_varint;
     let put_varint = |out: &mut Vec<u8>, tag: u8, v: u64| {
         if v != 0 {
             put(out, key(tag, WireType::Varint), v);
