@@ -1075,7 +1075,7 @@ fn check_outsider(
         Poll::Only(&[0, outsider]),
         OUTSIDER_WINDOW,
         |mesh, snap| {
-            if snap.status(0)?.connections.iter().any(|c| c.node_id == id) {
+            if snap.status(0)?.lists(&id) {
                 return Err(Wait::Fatal(format!(
                     "node 0 lists node {outsider}, which has a network key node 0 lacks"
                 )));
@@ -1160,12 +1160,7 @@ fn scenario_pinned_seed(mesh: &mut Mesh) -> Result<String> {
             Poll::Only(&[0, pinned]),
             SCENARIO_TIMEOUT,
             |_, snap| {
-                let linked = snap.status(0)?.connections.iter().any(|c| c.node_id == id)
-                    && snap
-                        .status(pinned)?
-                        .connections
-                        .iter()
-                        .any(|c| c.node_id == id0);
+                let linked = snap.status(0)?.lists(&id) && snap.status(pinned)?.lists(&id0);
                 if linked {
                     Ok(())
                 } else {
@@ -1195,13 +1190,7 @@ fn check_pinned_elsewhere(mesh: &mut Mesh, fooled: usize, id0: &str) -> Result<u
         Poll::Only(&[0, fooled]),
         OUTSIDER_WINDOW,
         |_, snap| {
-            if snap.status(0)?.connections.iter().any(|c| c.node_id == id)
-                || snap
-                    .status(fooled)?
-                    .connections
-                    .iter()
-                    .any(|c| c.node_id == id0)
-            {
+            if snap.status(0)?.lists(&id) || snap.status(fooled)?.lists(id0) {
                 return Err(Wait::Fatal(format!(
                     "node {fooled} connected to node 0 although its seed is pinned to another id"
                 )));
@@ -1243,7 +1232,7 @@ fn scenario_persistent_identity(mesh: &mut Mesh) -> Result<String> {
         Poll::Only(&[0]),
         PEER_DROP_TIMEOUT,
         |_, snap| {
-            if snap.status(0)?.connections.iter().any(|c| c.node_id == id) {
+            if snap.status(0)?.lists(&id) {
                 Err(Wait::Pending(format!(
                     "node 0 still lists node {first} after it exited"
                 )))
@@ -1329,7 +1318,7 @@ fn check_keyed_node(
                     "node {i}: /status node_id {own} differs from its ready line's {id}"
                 )));
             }
-            if snap.status(0)?.connections.iter().any(|c| c.node_id == id) {
+            if snap.status(0)?.lists(&id) {
                 Ok(())
             } else {
                 Err(Wait::Pending(format!("node 0 does not list node {i}")))
