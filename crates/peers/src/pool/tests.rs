@@ -74,6 +74,19 @@ impl Harness {
     fn state(&self, n: u8) -> Option<PeerState> {
         self.pool.peer(&id(n), self.now).map(|p| p.state)
     }
+
+    /// Learns of node `n` (as from a `Discovered`) and polls: the dials
+    /// that starts.
+    fn discover_and_dial(&mut self, n: u8) -> Vec<(DialId, Address)> {
+        self.pool.on_discovered(
+            &[PeerInfo {
+                node_id: id(n).as_bytes().clone(),
+                addrs: vec![addr(n).to_string()],
+            }],
+            self.now,
+        );
+        dials(&self.poll())
+    }
 }
 
 fn dials(actions: &[Action]) -> Vec<(DialId, Address)> {
@@ -376,14 +389,7 @@ fn the_peers_close_of_a_duplicate_before_the_survivor_arrives_loses_nothing() {
 fn a_duplicate_closed_while_our_dial_is_the_survivor_waits_for_that_dial() {
     for survivor_ok in [true, false] {
         let mut a = Harness::new(1, cfg());
-        a.pool.on_discovered(
-            &[PeerInfo {
-                node_id: id(2).as_bytes().clone(),
-                addrs: vec![addr(2).to_string()],
-            }],
-            a.now,
-        );
-        let d = dials(&a.poll());
+        let d = a.discover_and_dial(2);
         assert_eq!(
             d.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
             [addr(2)]
@@ -467,14 +473,7 @@ fn a_held_link_whose_survivor_never_comes_is_lost_after_the_handshake_timeout() 
 #[test]
 fn a_failed_dial_to_a_linked_peer_leaves_the_link_alone() {
     let mut a = Harness::new(1, cfg());
-    a.pool.on_discovered(
-        &[PeerInfo {
-            node_id: id(2).as_bytes().clone(),
-            addrs: vec![addr(2).to_string()],
-        }],
-        a.now,
-    );
-    let d = dials(&a.poll());
+    let d = a.discover_and_dial(2);
     a.connect(2, 2, Direction::Inbound);
     a.pool.on_dial_failed(d[0].0, DialFailure::Transient, a.now);
     assert!(events(&a.pool.take_actions()).is_empty());
