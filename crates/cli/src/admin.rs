@@ -939,9 +939,6 @@ async fn status(State(state): State<AdminState>) -> Json<StatusJson> {
     ))
 }
 
-/// Hex digits of a node id: a node's X25519 public key.
-const NODE_ID_HEX_DIGITS: usize = 64;
-
 /// Parses the `{id}` of a `/peers/{id}/...` or `/request/{id}` path: 64
 /// hex digits (a public key, as every authenticated node has), or any
 /// other id this node knows of (a peer of an `--insecure` mesh may claim
@@ -949,43 +946,20 @@ const NODE_ID_HEX_DIGITS: usize = 64;
 /// blocked, unblocked or asked for in vain.
 fn parse_peer(node: &Node, id: Result<Path<String>, PathRejection>) -> Result<NodeId, ApiError> {
     let Path(id) = id.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    if id.len() == NODE_ID_HEX_DIGITS {
-        return parse_node_id(&id);
+    if id.len() != crate::node::NODE_ID_HEX_DIGITS {
+        if let Ok(known) = NodeId::from_hex(&id.to_ascii_lowercase()) {
+            if node.peers().by_id(&known).is_some() {
+                return Ok(known);
+            }
+        }
     }
-    let parsed = NodeId::from_hex(&id.to_ascii_lowercase()).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{id:?} is not a node id ({NODE_ID_HEX_DIGITS} hex digits, as in /status): {e}"
-            ),
-        )
-    })?;
-    if id.len() != NODE_ID_HEX_DIGITS && node.peers().by_id(&parsed).is_none() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{id:?} is not a node id: {NODE_ID_HEX_DIGITS} hex digits (as in /status), got {}",
-                id.len()
-            ),
-        ));
-    }
-    Ok(parsed)
+    parse_node_id(&id)
 }
 
-/// A node id given in full: 64 hex digits, either case.
+/// A node id given in full: 64 hex digits, either case (as `--allow` and
+/// `--seed` take it).
 fn parse_node_id(hex: &str) -> Result<NodeId, ApiError> {
-    let bad = |why: String| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{hex:?} is not a node id ({NODE_ID_HEX_DIGITS} hex digits, as in /status): {why}"
-            ),
-        )
-    };
-    if hex.len() != NODE_ID_HEX_DIGITS {
-        return Err(bad(format!("{} characters", hex.len())));
-    }
-    NodeId::from_hex(&hex.to_ascii_lowercase()).map_err(|e| bad(e.to_string()))
+    crate::node::parse_node_id(hex).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
 }
 
 /// The largest request body the admin API reads (2 MiB; a value of the

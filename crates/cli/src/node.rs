@@ -336,12 +336,14 @@ fn parse_seed(s: &str) -> Result<Seed, String> {
     Ok(Seed { addr, id })
 }
 
+/// Hex digits of a node id: a node's X25519 public key.
+pub(crate) const NODE_ID_HEX_DIGITS: usize = 64;
+
 /// Parses `--allow`: a node id is an X25519 public key, 64 hex digits.
-fn parse_node_id(s: &str) -> Result<NodeId, String> {
-    const DIGITS: usize = 2 * 32;
-    if s.len() != DIGITS || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+pub(crate) fn parse_node_id(s: &str) -> Result<NodeId, String> {
+    if s.len() != NODE_ID_HEX_DIGITS || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(
-            "expected a node id: {DIGITS} hex digits (a node's public key, as printed in \
+            "expected a node id: {NODE_ID_HEX_DIGITS} hex digits (a node's public key, as printed in \
              its ready line or by `meshwork keygen --key`), got {} characters",
             s.chars().count()
         ));
