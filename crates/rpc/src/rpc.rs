@@ -556,20 +556,19 @@ fn encode_outcome(result: outcome::Result) -> Vec<u8> {
     out
 }
 
-/// Appends a one-byte protobuf key (tags 1 to 15) and a varint, built on the
-/// stack and appended in one go: prost's `encode_varint` appends to a
-/// vector a byte at a time, each a call of its own.
+/// Appends a one-byte protobuf key (tags 1 to 15) and a varint. The callers
+/// size `out` exactly first, so each byte is a store, not a call (prost's
+/// `encode_varint` calls into the buffer per byte, and appending a slice
+/// built on the stack costs a `memcpy` call per key, nine per round trip).
+/// No `reserve` here: asking for a varint's worst case near the end of an
+/// exactly sized vector would reallocate it.
 fn put_key_varint(out: &mut Vec<u8>, key: u8, mut v: u64) {
-    let mut buf = [0u8; 11];
-    buf[0] = key;
-    let mut n = 1;
+    out.push(key);
     while v >= 0x80 {
-        buf[n] = (v as u8) | 0x80;
+        out.push((v as u8) | 0x80);
         v >>= 7;
-        n += 1;
     }
-    buf[n] = v as u8;
-    out.extend_from_slice(&buf[..=n]);
+    out.push(v as u8);
 }
 
 /// The result in `payload` if the payload is an Outcome holding nothing
@@ -686,10 +685,14 @@ struct Inner {
     sync: SyncMap,
     ctx: Context,
     config: RpcConfig,
-    /// By provider. SipHash: any node can list providers under ids of its
-    /// choosing in the registry, and unseeded FxHash has easy full
-    /// collisions. At most [`MAX_STATS`] entries.
-    stats: Mutex<HashMap<NodeId, ProviderStats>>,
+    /// By provider: each provider's cell, which its [`Listing`]s share, so
+    /// a call reaches its provider's stats without hashing its id (SipHash,
+    /// twice a call, was about 3% of a sequential call's instructions);
+    /// the map is read when the registry is, to keep a provider's stats
+    /// when its listing is parsed again. SipHash: any node can list
+    /// providers under ids of its choosing in the registry, and unseeded
+    /// FxHash has easy full collisions. At most [`MAX_STATS`] entries.
+    stats: Mutex<HashMap<NodeId, StatsCell>>,
     counters: ClientCounters,
     /// The registry entries of each service asked for, parsed.
     registry: Mutex<FxHashMap<String, Listed>>,
@@ -713,6 +716,10 @@ pub const MAX_PROVIDERS: usize = 1024;
 /// kept of an entry stays within a few times its size).
 pub const MAX_METHODS: usize = 1024;
 
+/// What a caller remembers about one provider, shared by the provider's
+/// listings and the stats map.
+type StatsCell = Arc<Mutex<ProviderStats>>;
+
 /// One provider's registry entry, parsed.
 #[derive(Debug)]
 struct Listing {
@@ -721,6 +728,8 @@ struct Listing {
     /// When the entry expires unless refreshed, on the synced map's clock
     /// (`None`: never).
     expires_at_ms: Option<u64>,
+    /// The provider's stats.
+    stats: StatsCell,
 }
 
 impl Listing {
@@ -1102,11 +1111,11 @@ impl Rpc {
     /// The providers of `name` in the registry, nearest first.
     pub fn providers(&self, name: &str) -> Vec<Provider> {
         let listings = self.listed(name);
-        let stats = lock(&self.inner.stats);
         let mut out: Vec<(Reach, Provider)> = listings
             .iter()
             .map(|l| {
                 let reach = self.reach(&l.node_id);
+                let stats = lock(&l.stats);
                 let provider = Provider {
                     node_id: l.node_id.clone(),
                     record: l.record.clone(),
@@ -1115,8 +1124,8 @@ impl Rpc {
                         Reach::Neighbour => "neighbour",
                         Reach::Routed => "routed",
                     },
-                    latency: stats.get(&l.node_id).and_then(|s| s.ewma),
-                    in_flight: stats.get(&l.node_id).map_or(0, |s| s.in_flight),
+                    latency: stats.ewma,
+                    in_flight: stats.in_flight,
                 };
                 (reach, provider)
             })
@@ -1161,6 +1170,7 @@ impl Rpc {
                     node_id: l.node_id.clone(),
                     record: l.record.clone(),
                     expires_at_ms: l.expires_at_ms,
+                    stats: l.stats.clone(),
                 })
                 .collect();
         }
@@ -1177,11 +1187,18 @@ impl Rpc {
                 if record.methods.len() > MAX_METHODS {
                     return None;
                 }
-                Some(Listing {
+                Some((node_id, record, e.expires_at_ms))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map({
+                let mut stats = lock(&self.inner.stats);
+                move |(node_id, record, expires_at_ms)| Listing {
+                    stats: stats_cell(&mut stats, &node_id),
                     node_id,
                     record,
-                    expires_at_ms: e.expires_at_ms,
-                })
+                    expires_at_ms,
+                }
             })
             .collect();
         let mut registry = lock(&self.inner.registry);
@@ -1303,13 +1320,15 @@ impl Rpc {
             if self.inner.server.shutting_down() {
                 return Err(RpcError::Local("the RPC layer is shut down".into()));
             }
-            let started = Instant::now();
-            let deadline_at = started + o.deadline;
+            // The deadline runs from the first attempt's send (its clock
+            // read serves both). The clock is read here only to choose
+            // among several providers, and after each attempt.
+            let mut deadline_at: Option<Instant> = None;
+            let mut now: Option<Instant> = None;
             // Providers that failed, for the attempts after (few: a list).
             let mut tried: Vec<NodeId> = Vec::new();
             // Boxed: only retries have one, and every call's future holds it.
             let mut last: Option<Box<RpcError<Bytes>>> = None;
-            let mut now = started;
             for attempt in 0..=self.inner.config.max_retries {
                 let listings = self.listed(service);
                 if listings.is_empty() {
@@ -1344,23 +1363,26 @@ impl Rpc {
                         served: nearest,
                     });
                 }
-                let (node, reach) = {
-                    // One look at the stats: the costs, then the chosen
-                    // provider's call counted in flight.
-                    let mut stats = lock(&self.inner.stats);
+                let (listing, reach) = {
+                    // The costs, then the chosen provider's call counted in
+                    // flight. Each provider's stats are locked on their own:
+                    // two callers choosing at the same moment may both see
+                    // a provider's count before the other's call (the
+                    // choice among two is random anyway).
                     let chosen = if fitting == 1 {
                         listings
                             .iter()
                             .find(|l| fits(l))
                             .map(|l| (l, self.reach(&l.node_id)))
                     } else {
+                        let now = *now.get_or_insert_with(Instant::now);
                         let cands: Vec<(Reach, f64, bool, &Listing)> = listings
                             .iter()
                             .filter(|l| fits(l))
                             .map(|l| {
-                                let s = stats.get(&l.node_id);
-                                let cost = s.map_or(1.0, |s| s.cost(now));
-                                let failing = s.is_some_and(|s| s.failing(now));
+                                let s = lock(&l.stats);
+                                let (cost, failing) = (s.cost(now), s.failing(now));
+                                drop(s);
                                 (self.reach(&l.node_id), cost, failing, l)
                             })
                             .collect();
@@ -1372,21 +1394,24 @@ impl Rpc {
                         return Err(RpcError::NoProvider(service.into()));
                     };
                     if reach != Reach::Local {
-                        update_stats(&mut stats, &listing.node_id, |s| s.in_flight += 1);
+                        lock(&listing.stats).in_flight += 1;
                     }
                     // Borrowed from the listings (kept until the attempt
                     // ends): no clone per call, and less in the future.
-                    (&listing.node_id, reach)
+                    (listing, reach)
                 };
+                let node = &listing.node_id;
                 // Uncounts the call unless the attempt records its outcome
                 // (which uncounts it too): an early return here, or the caller
                 // dropping the call meanwhile.
                 let flight = InFlight {
-                    rpc: self,
-                    node,
+                    listing,
                     armed: reach != Reach::Local,
                 };
-                let remaining = deadline_at.saturating_duration_since(now);
+                let remaining = match (deadline_at, now) {
+                    (Some(at), Some(now)) => at.saturating_duration_since(now),
+                    _ => o.deadline,
+                };
                 if remaining.is_zero() {
                     return Err(RpcError::Timeout(o.deadline));
                 }
@@ -1403,10 +1428,11 @@ impl Rpc {
                 } else {
                     remaining
                 };
-                let (result, retry, ended) = self
+                let (result, retry, sent, ended) = self
                     .attempt(flight, reach, service, method, &args, o, budget)
                     .await;
-                now = ended;
+                deadline_at.get_or_insert(sent + o.deadline);
+                now = Some(ended);
                 match result {
                     Ok(b) => return Ok(b),
                     Err(e) => {
@@ -1430,7 +1456,7 @@ impl Rpc {
 
     /// One try of a call at `flight`'s node, counted in flight there by
     /// the caller (unless local). Returns the result, whether another
-    /// provider may be tried, and when it ended.
+    /// provider may be tried, when it was sent and when it ended.
     #[allow(clippy::too_many_arguments)]
     fn attempt<'a>(
         &'a self,
@@ -1441,8 +1467,9 @@ impl Rpc {
         args: &Bytes,
         o: CallOptions,
         remaining: Duration,
-    ) -> impl Future<Output = (Result<Bytes, RpcError<Bytes>>, Retry, Instant)> + Send + 'a {
-        let node = flight.node;
+    ) -> impl Future<Output = (Result<Bytes, RpcError<Bytes>>, Retry, Instant, Instant)> + Send + 'a
+    {
+        let node = &flight.listing.node_id;
         // Read here, not taken from the caller: the registry read and the
         // choice before it must not count in the provider's latency.
         let sent = Instant::now();
@@ -1536,9 +1563,9 @@ impl Rpc {
             };
             {
                 // One look at the stats: out of flight, and how it went.
-                let mut stats = lock(&self.inner.stats);
                 let counted = std::mem::replace(&mut flight.armed, false);
-                update_stats(&mut stats, node, |s| {
+                let mut s = lock(&flight.listing.stats);
+                {
                     if counted {
                         s.in_flight = s.in_flight.saturating_sub(1);
                     }
@@ -1554,9 +1581,9 @@ impl Rpc {
                     } else {
                         s.failure(now);
                     }
-                });
+                }
             }
-            (r, retry, now)
+            (r, retry, sent, now)
         }
     }
 }
@@ -1572,16 +1599,14 @@ enum Work<'a> {
 /// A call counted in flight to a provider: uncounted if its caller drops
 /// it before the outcome is recorded (which uncounts it otherwise).
 struct InFlight<'a> {
-    rpc: &'a Rpc,
-    node: &'a NodeId,
+    listing: &'a Listing,
     armed: bool,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.armed
-            && let Some(s) = lock(&self.rpc.inner.stats).get_mut(self.node)
-        {
+        if self.armed {
+            let mut s = lock(&self.listing.stats);
             s.in_flight = s.in_flight.saturating_sub(1);
         }
     }
@@ -1592,24 +1617,20 @@ impl Drop for InFlight<'_> {
 /// any node can add some).
 const MAX_STATS: usize = 4096;
 
-/// Updates `node`'s stats with `f`, made if new: no key clone when they
-/// exist (the usual case), unlike `entry`.
-fn update_stats(
-    stats: &mut HashMap<NodeId, ProviderStats>,
-    node: &NodeId,
-    f: impl FnOnce(&mut ProviderStats),
-) {
-    match stats.get_mut(node) {
-        Some(s) => f(s),
-        None => {
-            if stats.len() >= MAX_STATS {
-                stats.retain(|_, s| s.in_flight > 0);
-            }
-            let mut s = ProviderStats::default();
-            f(&mut s);
-            stats.insert(node.clone(), s);
-        }
+/// `node`'s stats cell, made if new (no key clone when it exists, the
+/// usual case, unlike `entry`). Past [`MAX_STATS`] the cells of providers
+/// with no call in flight are forgotten first: listings parsed before keep
+/// theirs, and a provider listed again starts afresh.
+fn stats_cell(stats: &mut HashMap<NodeId, StatsCell>, node: &NodeId) -> StatsCell {
+    if let Some(cell) = stats.get(node) {
+        return cell.clone();
     }
+    if stats.len() >= MAX_STATS {
+        stats.retain(|_, c| lock(c).in_flight > 0);
+    }
+    let cell = StatsCell::default();
+    stats.insert(node.clone(), cell.clone());
+    cell
 }
 
 /// A [`proto::Call`] with borrowed strings and arguments.
@@ -1854,18 +1875,18 @@ mod tests {
     fn provider_stats_stay_bounded() {
         let mut stats = HashMap::new();
         for n in 0..MAX_STATS as u32 {
-            update_stats(&mut stats, &id(n), |s| {
-                s.in_flight = u32::from(n % 100 == 0)
-            });
+            lock(&stats_cell(&mut stats, &id(n))).in_flight = u32::from(n % 100 == 0);
         }
         assert_eq!(stats.len(), MAX_STATS);
-        update_stats(&mut stats, &id(u32::MAX), |s| s.in_flight = 1);
+        lock(&stats_cell(&mut stats, &id(u32::MAX))).in_flight = 1;
         let busy = MAX_STATS.div_ceil(100);
         assert_eq!(stats.len(), busy + 1);
-        assert!(stats.values().all(|s| s.in_flight == 1));
-        // Known providers are updated in place, whatever the size.
-        update_stats(&mut stats, &id(0), |s| s.in_flight += 1);
-        assert_eq!(stats[&id(0)].in_flight, 2);
+        assert!(stats.values().all(|c| lock(c).in_flight == 1));
+        // A known provider's cell is the one its listings share.
+        let cell = stats_cell(&mut stats, &id(0));
+        lock(&cell).in_flight += 1;
+        assert_eq!(lock(&stats_cell(&mut stats, &id(0))).in_flight, 2);
+        assert!(Arc::ptr_eq(&cell, &stats[&id(0)]));
     }
 
     proptest! {
