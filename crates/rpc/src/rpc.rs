@@ -1149,6 +1149,13 @@ impl Rpc {
     /// of the last read while the map's digest is unchanged (less any that
     /// expired since), else read and parsed again.
     fn listed(&self, name: &str) -> Arc<[Listing]> {
+        self.listed_at(name, Instant::now()).0
+    }
+
+    /// [`listed`](Self::listed) at `at`, a reading of tokio's clock just
+    /// taken; also whether the entries were read and parsed again (which
+    /// takes a while).
+    fn listed_at(&self, name: &str, at: Instant) -> (Arc<[Listing]>, bool) {
         let sync = &self.inner.sync;
         // Read before the entries: a change landing in between leaves a
         // stale digest beside them, so the next call reads them again.
@@ -1159,11 +1166,11 @@ impl Rpc {
             .map(|l| l.listings.clone());
         if let Some(listings) = cached {
             // The same entries; only time can have expired some.
-            let now = sync.now_ms();
+            let now = sync.now_ms_at(at);
             if listings.iter().all(|l| l.live(now)) {
-                return listings;
+                return (listings, false);
             }
-            return listings
+            let live = listings
                 .iter()
                 .filter(|l| l.live(now))
                 .map(|l| Listing {
@@ -1173,6 +1180,7 @@ impl Rpc {
                     stats: l.stats.clone(),
                 })
                 .collect();
+            return (live, false);
         }
         let prefix = format!("{REGISTRY_PREFIX}{name}/");
         let listings: Arc<[Listing]> = sync
@@ -1212,7 +1220,7 @@ impl Rpc {
                 listings: listings.clone(),
             },
         );
-        listings
+        (listings, true)
     }
 
     /// Every service served here, with its counters.
@@ -1320,9 +1328,10 @@ impl Rpc {
             if self.inner.server.shutting_down() {
                 return Err(RpcError::Local("the RPC layer is shut down".into()));
             }
-            // The deadline runs from the first attempt's send (its clock
-            // read serves both). The clock is read here only to choose
-            // among several providers, and after each attempt.
+            // One reading of the clock before the first attempt serves the
+            // registry's expiry check, the provider choice and the send
+            // time, from which the deadline runs; after each attempt, the
+            // reading of its end serves the next.
             let mut deadline_at: Option<Instant> = None;
             let mut now: Option<Instant> = None;
             // Providers that failed, for the attempts after (few: a list).
@@ -1330,7 +1339,8 @@ impl Rpc {
             // Boxed: only retries have one, and every call's future holds it.
             let mut last: Option<Box<RpcError<Bytes>>> = None;
             for attempt in 0..=self.inner.config.max_retries {
-                let listings = self.listed(service);
+                let at = *now.get_or_insert_with(Instant::now);
+                let (listings, parsed) = self.listed_at(service, at);
                 if listings.is_empty() {
                     return Err(last.map_or_else(|| RpcError::NoProvider(service.into()), |e| *e));
                 }
@@ -1375,7 +1385,7 @@ impl Rpc {
                             .find(|l| fits(l))
                             .map(|l| (l, self.reach(&l.node_id)))
                     } else {
-                        let now = *now.get_or_insert_with(Instant::now);
+                        let now = at;
                         let cands: Vec<(Reach, f64, bool, &Listing)> = listings
                             .iter()
                             .filter(|l| fits(l))
@@ -1408,9 +1418,9 @@ impl Rpc {
                     listing,
                     armed: reach != Reach::Local,
                 };
-                let remaining = match (deadline_at, now) {
-                    (Some(at), Some(now)) => at.saturating_duration_since(now),
-                    _ => o.deadline,
+                let remaining = match deadline_at {
+                    Some(deadline) => deadline.saturating_duration_since(at),
+                    None => o.deadline,
                 };
                 if remaining.is_zero() {
                     return Err(RpcError::Timeout(o.deadline));
@@ -1428,8 +1438,11 @@ impl Rpc {
                 } else {
                     remaining
                 };
-                let (result, retry, sent, ended) = self
-                    .attempt(flight, reach, service, method, &args, o, budget)
+                // Read again after a parse of the registry, which must not
+                // count in the provider's latency.
+                let sent = if parsed { Instant::now() } else { at };
+                let (result, retry, ended) = self
+                    .attempt(flight, reach, service, method, &args, o, budget, sent)
                     .await;
                 deadline_at.get_or_insert(sent + o.deadline);
                 now = Some(ended);
@@ -1455,8 +1468,8 @@ impl Rpc {
     }
 
     /// One try of a call at `flight`'s node, counted in flight there by
-    /// the caller (unless local). Returns the result, whether another
-    /// provider may be tried, when it was sent and when it ended.
+    /// the caller (unless local), sent at `sent`. Returns the result,
+    /// whether another provider may be tried, and when it ended.
     #[allow(clippy::too_many_arguments)]
     fn attempt<'a>(
         &'a self,
@@ -1467,12 +1480,9 @@ impl Rpc {
         args: &Bytes,
         o: CallOptions,
         remaining: Duration,
-    ) -> impl Future<Output = (Result<Bytes, RpcError<Bytes>>, Retry, Instant, Instant)> + Send + 'a
-    {
+        sent: Instant,
+    ) -> impl Future<Output = (Result<Bytes, RpcError<Bytes>>, Retry, Instant)> + Send + 'a {
         let node = &flight.listing.node_id;
-        // Read here, not taken from the caller: the registry read and the
-        // choice before it must not count in the provider's latency.
-        let sent = Instant::now();
         // Random: a Cancel names its call by (caller, id), and the caller a
         // routed Cancel claims is not checked; counted ids were guessed by
         // a member that cancelled other nodes' calls (audit round three).
@@ -1583,7 +1593,7 @@ impl Rpc {
                     }
                 }
             }
-            (r, retry, sent, now)
+            (r, retry, now)
         }
     }
 }

@@ -63,6 +63,14 @@ impl std::fmt::Display for Stamp {
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     /// Now.
     fn now_ms(&self) -> u64;
+
+    /// The time at `at`, a reading of tokio's clock the caller has just
+    /// taken (a caller that needs both spares a second read). A clock that
+    /// does not follow tokio's reads itself: the default.
+    fn now_ms_at(&self, at: Instant) -> u64 {
+        let _ = at;
+        self.now_ms()
+    }
 }
 
 /// The default clock: the wall clock read at start, advanced by tokio's
@@ -114,9 +122,12 @@ impl Default for SystemClock {
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
+        self.now_ms_at(Instant::now())
+    }
+
+    fn now_ms_at(&self, now: Instant) -> u64 {
         // One read of tokio's clock for both (the RPC layer reads this
-        // clock on every call).
-        let now = Instant::now();
+        // clock on every call, and passes the reading it takes anyway).
         let forward = self.steps.forward_step_ms_at(now).max(0) as u64;
         (self.base_us + now.saturating_duration_since(self.base).as_micros() as u64) / 1000
             + forward

@@ -754,6 +754,13 @@ impl SyncMap {
         self.inner.now()
     }
 
+    /// [`now_ms`](Self::now_ms) at `at`, a reading of tokio's clock the
+    /// caller has just taken: the map's clock then need not read it again
+    /// (see [`Clock::now_ms_at`](crate::Clock::now_ms_at)).
+    pub fn now_ms_at(&self, at: tokio::time::Instant) -> u64 {
+        self.inner.cfg.clock.now_ms_at(at)
+    }
+
     /// True if `key` holds a value.
     pub fn contains_key(&self, key: impl AsRef<[u8]>) -> bool {
         let now = self.inner.now();
