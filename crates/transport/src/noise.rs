@@ -19,17 +19,22 @@
 //! The PSK is derived from the network key ([`crate::NetworkKey`]) when one is
 //! configured: a node without the same key fails at the first message, before
 //! the responder does any Diffie-Hellman or reveals its identity.
+//!
+//! `snow` runs the handshake. The transport phase after it is done here with
+//! `ring`'s AES-256-GCM directly, with the keys snow's Split() gives, in place
+//! in the read and write buffers: the same bytes as snow's transport messages
+//! (Noise spec 5.1 and 12.3) without snow's per-message copies and checks.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, Tag, UnboundKey};
 use sha2::{Digest, Sha256};
-use snow::StatelessTransportState;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use zeroize::Zeroizing;
 
 use crate::TransportError;
 use crate::config::Security;
@@ -91,8 +96,110 @@ async fn read_message<R: AsyncRead + Unpin>(
     Ok(len)
 }
 
+/// One direction of the Noise transport phase: the AES-256-GCM key Split()
+/// gave it and the next nonce.
+///
+/// The nonce is 4 zero bytes then the 64-bit counter, big-endian; associated
+/// data is empty; the 16-byte tag follows the ciphertext (Noise spec 5.1 and
+/// 12.3, what snow's `ring` resolver does). The counter's last value,
+/// 2^64-1, is reserved by the spec: once every other one is spent, sealing
+/// and opening fail, and the connection with them, as in snow.
+pub(crate) struct CipherState {
+    key: LessSafeKey,
+    nonce: u64,
+}
+
+impl fmt::Debug for CipherState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CipherState")
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CipherState {
+    fn new(key: &[u8; 32]) -> Result<Self, TransportError> {
+        let key = UnboundKey::new(&AES_256_GCM, key)
+            .map_err(|_| TransportError::Crypto("noise transport key rejected".into()))?;
+        Ok(Self {
+            key: LessSafeKey::new(key),
+            nonce: 0,
+        })
+    }
+
+    /// The nonce for the next message, unless the counter is spent.
+    fn nonce(&self) -> io::Result<Nonce> {
+        if self.nonce == u64::MAX {
+            return Err(io::Error::other(
+                "noise nonces exhausted (2^64-1 messages): the connection must be reopened",
+            ));
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce[4..].copy_from_slice(&self.nonce.to_be_bytes());
+        Ok(Nonce::assume_unique_for_key(nonce))
+    }
+
+    /// Encrypts `in_out` where it lies and returns the tag to append.
+    fn seal_in_place(&mut self, in_out: &mut [u8]) -> io::Result<Tag> {
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(self.nonce()?, Aad::empty(), in_out)
+            .map_err(|_| io::Error::other("noise encryption failed"))?;
+        self.nonce += 1;
+        Ok(tag)
+    }
+
+    /// Authenticates and decrypts `in_out` (ciphertext then tag) where it
+    /// lies; returns the plaintext, the front of `in_out`.
+    fn open_in_place<'a>(&mut self, in_out: &'a mut [u8]) -> io::Result<&'a mut [u8]> {
+        let plain = self
+            .key
+            .open_in_place(self.nonce()?, Aad::empty(), in_out)
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "noise message did not authenticate",
+                )
+            })?;
+        self.nonce += 1;
+        Ok(plain)
+    }
+}
+
+/// Both directions' ciphers after a completed handshake.
+#[derive(Debug)]
+pub(crate) struct TransportCiphers {
+    send: CipherState,
+    receive: CipherState,
+}
+
+impl TransportCiphers {
+    /// Splits a finished handshake into the sending and receiving ciphers
+    /// (the first key is the initiator's to send with). The raw keys are
+    /// wiped once ring has them.
+    fn from_handshake(state: &mut snow::HandshakeState) -> Result<Self, TransportError> {
+        if !state.is_handshake_finished() {
+            return Err(TransportError::Crypto(
+                "noise transport before the handshake finished".into(),
+            ));
+        }
+        let (initiator_key, responder_key) = state.dangerously_get_raw_split();
+        let (initiator_key, responder_key) =
+            (Zeroizing::new(initiator_key), Zeroizing::new(responder_key));
+        let (send, receive) = if state.is_initiator() {
+            (&initiator_key, &responder_key)
+        } else {
+            (&responder_key, &initiator_key)
+        };
+        Ok(Self {
+            send: CipherState::new(send)?,
+            receive: CipherState::new(receive)?,
+        })
+    }
+}
+
 /// Runs the Noise handshake on `read`/`write` and returns the transport
-/// state and the peer's authenticated static key.
+/// ciphers and the peer's authenticated static key.
 pub(crate) async fn handshake<R, W>(
     read: &mut R,
     write: &mut W,
@@ -101,7 +208,7 @@ pub(crate) async fn handshake<R, W>(
     psk: &[u8; 32],
     prologue: &[u8],
     mut peer_preamble: Option<Security>,
-) -> Result<(StatelessTransportState, [u8; 32]), TransportError>
+) -> Result<(TransportCiphers, [u8; 32]), TransportError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -162,36 +269,33 @@ where
         .get_remote_static()
         .and_then(|k| k.try_into().ok())
         .ok_or_else(|| TransportError::Crypto("peer sent no static key".into()))?;
-    let transport = state
-        .into_stateless_transport_mode()
-        .map_err(|e| crypto_err("noise transport", e))?;
-    Ok((transport, remote))
+    Ok((TransportCiphers::from_handshake(&mut state)?, remote))
 }
 
 /// Decrypting read half.
 pub(crate) struct NoiseReader<R> {
     inner: R,
-    state: Arc<StatelessTransportState>,
-    nonce: u64,
-    /// Ciphertext read from `inner` and not yet decrypted.
-    cipher: BytesMut,
-    /// Plaintext decrypted and not yet handed out.
-    plain: BytesMut,
+    cipher: CipherState,
+    /// Bytes read from `inner`. While `plain` is not zero, they start with
+    /// that much of the current message's plaintext (decrypted where it lay)
+    /// and its tag; after those, ciphertext not yet decrypted.
+    buf: BytesMut,
+    /// Plaintext at the front of `buf` not yet handed out.
+    plain: usize,
 }
 
 /// Encrypting write half.
 pub(crate) struct NoiseWriter<W> {
     inner: W,
-    state: Arc<StatelessTransportState>,
-    nonce: u64,
+    cipher: CipherState,
     /// Length-prefixed ciphertext waiting for `inner`.
-    cipher: BytesMut,
+    buf: BytesMut,
 }
 
 impl<R> fmt::Debug for NoiseReader<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NoiseReader")
-            .field("nonce", &self.nonce)
+            .field("nonce", &self.cipher.nonce)
             .finish_non_exhaustive()
     }
 }
@@ -199,7 +303,7 @@ impl<R> fmt::Debug for NoiseReader<R> {
 impl<W> fmt::Debug for NoiseWriter<W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NoiseWriter")
-            .field("nonce", &self.nonce)
+            .field("nonce", &self.cipher.nonce)
             .finish_non_exhaustive()
     }
 }
@@ -208,22 +312,19 @@ impl<W> fmt::Debug for NoiseWriter<W> {
 pub(crate) fn split<R, W>(
     read: R,
     write: W,
-    state: StatelessTransportState,
+    ciphers: TransportCiphers,
 ) -> (NoiseReader<R>, NoiseWriter<W>) {
-    let state = Arc::new(state);
     (
         NoiseReader {
             inner: read,
-            state: state.clone(),
-            nonce: 0,
-            cipher: BytesMut::new(),
-            plain: BytesMut::new(),
+            cipher: ciphers.receive,
+            buf: BytesMut::new(),
+            plain: 0,
         },
         NoiseWriter {
             inner: write,
-            state,
-            nonce: 0,
-            cipher: BytesMut::new(),
+            cipher: ciphers.send,
+            buf: BytesMut::new(),
         },
     )
 }
@@ -235,40 +336,47 @@ fn release_if_empty(buf: &mut BytesMut) {
 }
 
 impl<R: AsyncRead + Unpin> NoiseReader<R> {
-    /// Decrypts the first whole message in `cipher`, if there is one.
+    /// Decrypts the first whole message in `buf` where it lies, if there is
+    /// one, leaving its plaintext at the front. Only called with `plain` 0.
     fn decrypt_one(&mut self) -> io::Result<bool> {
-        if self.cipher.len() < 2 {
+        if self.buf.len() < 2 {
             return Ok(false);
         }
-        let len = u16::from_be_bytes([self.cipher[0], self.cipher[1]]) as usize;
+        let len = u16::from_be_bytes([self.buf[0], self.buf[1]]) as usize;
         if len < TAG_LEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "noise message shorter than its tag",
             ));
         }
-        if self.cipher.len() < 2 + len {
+        if self.buf.len() < 2 + len {
             return Ok(false);
         }
-        self.plain.clear();
-        self.plain.resize(len - TAG_LEN, 0);
-        // Decrypted where it lies, then skipped: splitting it off would
+        // Handed out from here and skipped, never split off: that would
         // make the buffer shared (an allocation and atomic counts per
         // message).
-        let n = self
-            .state
-            .read_message(self.nonce, &self.cipher[2..2 + len], &mut self.plain)
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "noise message did not authenticate",
-                )
-            })?;
-        self.cipher.advance(2 + len);
-        self.nonce += 1;
-        self.plain.truncate(n);
-        release_if_empty(&mut self.cipher);
+        let plain = self.cipher.open_in_place(&mut self.buf[2..2 + len])?.len();
+        self.buf.advance(2);
+        self.plain = plain;
+        if plain == 0 {
+            self.buf.advance(TAG_LEN);
+            release_if_empty(&mut self.buf);
+        }
         Ok(true)
+    }
+
+    /// Hands out as much of the current message's plaintext as `out` takes;
+    /// skips its tag once all of it is out.
+    fn hand_out(&mut self, out: &mut ReadBuf<'_>) {
+        let n = out.remaining().min(self.plain);
+        out.put_slice(&self.buf[..n]);
+        self.plain -= n;
+        if self.plain == 0 {
+            self.buf.advance(n + TAG_LEN);
+            release_if_empty(&mut self.buf);
+        } else {
+            self.buf.advance(n);
+        }
     }
 }
 
@@ -280,11 +388,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for NoiseReader<R> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if !this.plain.is_empty() {
-                let n = buf.remaining().min(this.plain.len());
-                buf.put_slice(&this.plain[..n]);
-                this.plain.advance(n);
-                release_if_empty(&mut this.plain);
+            if this.plain != 0 {
+                this.hand_out(buf);
                 return Poll::Ready(Ok(()));
             }
             if this.decrypt_one()? {
@@ -293,20 +398,19 @@ impl<R: AsyncRead + Unpin> AsyncRead for NoiseReader<R> {
             // Room for exactly the rest of this message once its length is
             // known (at most 64 KiB); a small read until then, so an idle
             // connection does not hold a message-sized buffer.
-            let want = if this.cipher.len() >= 2 {
-                2 + u16::from_be_bytes([this.cipher[0], this.cipher[1]]) as usize
+            let want = if this.buf.len() >= 2 {
+                2 + u16::from_be_bytes([this.buf[0], this.buf[1]]) as usize
             } else {
                 LENGTH_PROBE
             };
-            this.cipher
-                .reserve(want.saturating_sub(this.cipher.len()).max(2));
+            this.buf.reserve(want.saturating_sub(this.buf.len()).max(2));
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut this.inner),
                 cx,
-                &mut this.cipher
+                &mut this.buf
             ))?;
             if n == 0 {
-                return if this.cipher.is_empty() {
+                return if this.buf.is_empty() {
                     Poll::Ready(Ok(()))
                 } else {
                     Poll::Ready(Err(io::Error::new(
@@ -321,14 +425,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for NoiseReader<R> {
 
 impl<W: AsyncWrite + Unpin> NoiseWriter<W> {
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.cipher.is_empty() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.cipher))?;
+        while !self.buf.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.cipher.advance(n);
+            self.buf.advance(n);
         }
-        release_if_empty(&mut self.cipher);
+        release_if_empty(&mut self.buf);
         Poll::Ready(Ok(()))
     }
 }
@@ -340,19 +444,22 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for NoiseWriter<W> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.cipher.len() >= WRITE_HIGH_WATER {
+        if this.buf.len() >= WRITE_HIGH_WATER {
             ready!(this.poll_drain(cx))?;
         }
         let n = buf.len().min(MAX_PLAINTEXT);
-        let start = this.cipher.len();
-        this.cipher.resize(start + 2 + n + TAG_LEN, 0);
-        let written = this
-            .state
-            .write_message(this.nonce, &buf[..n], &mut this.cipher[start + 2..])
-            .map_err(|e| io::Error::other(format!("noise encryption failed: {e}")))?;
-        this.nonce += 1;
-        this.cipher[start..start + 2].copy_from_slice(&(written as u16).to_be_bytes());
-        this.cipher.truncate(start + 2 + written);
+        let start = this.buf.len();
+        this.buf.reserve(2 + n + TAG_LEN);
+        this.buf
+            .extend_from_slice(&((n + TAG_LEN) as u16).to_be_bytes());
+        this.buf.extend_from_slice(&buf[..n]);
+        match this.cipher.seal_in_place(&mut this.buf[start + 2..]) {
+            Ok(tag) => this.buf.extend_from_slice(tag.as_ref()),
+            Err(e) => {
+                this.buf.truncate(start);
+                return Poll::Ready(Err(e));
+            }
+        }
         Poll::Ready(Ok(n))
     }
 
@@ -378,8 +485,8 @@ mod tests {
         psk_a: [u8; 32],
         psk_b: [u8; 32],
     ) -> (
-        Result<(StatelessTransportState, [u8; 32]), TransportError>,
-        Result<(StatelessTransportState, [u8; 32]), TransportError>,
+        Result<(TransportCiphers, [u8; 32]), TransportError>,
+        Result<(TransportCiphers, [u8; 32]), TransportError>,
         Identity,
         Identity,
     ) {
@@ -478,9 +585,166 @@ mod tests {
             assert_eq!(got, data, "len {len}");
         }
         // Idle again: buffers released.
-        assert!(reader.cipher.capacity() <= KEEP_CAPACITY);
-        assert!(reader.plain.capacity() <= KEEP_CAPACITY);
-        assert!(writer.cipher.capacity() <= KEEP_CAPACITY);
+        assert!(reader.buf.capacity() <= KEEP_CAPACITY);
+        assert!(writer.buf.capacity() <= KEEP_CAPACITY);
+    }
+
+    /// An initiator and a responder that have run the whole handshake in
+    /// memory.
+    fn snow_handshake() -> (snow::HandshakeState, snow::HandshakeState) {
+        let psk = derive_psk(None);
+        let build = |initiator: bool| {
+            let identity = Identity::generate();
+            let builder = snow::Builder::new(NOISE_PARAMS.parse().unwrap())
+                .local_private_key(identity.secret_key())
+                .and_then(|b| b.psk(0, &psk))
+                .and_then(|b| b.prologue(b"p"))
+                .unwrap();
+            if initiator {
+                builder.build_initiator().unwrap()
+            } else {
+                builder.build_responder().unwrap()
+            }
+        };
+        let (mut initiator, mut responder) = (build(true), build(false));
+        let (mut msg, mut payload) = ([0u8; 1024], [0u8; 1024]);
+        for step in 0..3 {
+            let (from, to) = if step % 2 == 0 {
+                (&mut initiator, &mut responder)
+            } else {
+                (&mut responder, &mut initiator)
+            };
+            let n = from.write_message(&[], &mut msg).unwrap();
+            to.read_message(&msg[..n], &mut payload).unwrap();
+        }
+        (initiator, responder)
+    }
+
+    /// Nonces the interop tests use: the first ones, past 32 bits, past 63
+    /// bits, and the last usable one.
+    const NONCES: [u64; 6] = [0, 1, 2, (1 << 32) + 3, (1 << 63) + 7, u64::MAX - 1];
+
+    fn seal(cipher: &mut CipherState, nonce: u64, plain: &[u8]) -> Vec<u8> {
+        cipher.nonce = nonce;
+        let mut msg = plain.to_vec();
+        let tag = cipher.seal_in_place(&mut msg).unwrap();
+        msg.extend_from_slice(tag.as_ref());
+        assert_eq!(cipher.nonce, nonce + 1);
+        msg
+    }
+
+    #[test]
+    fn transport_messages_are_snows_both_ways() {
+        let (mut initiator, mut responder) = snow_handshake();
+        // Ours and snow's, for the same side of the same handshake.
+        let ours = [
+            TransportCiphers::from_handshake(&mut initiator).unwrap(),
+            TransportCiphers::from_handshake(&mut responder).unwrap(),
+        ];
+        let snows = [
+            initiator.into_stateless_transport_mode().unwrap(),
+            responder.into_stateless_transport_mode().unwrap(),
+        ];
+        for (side, (mut ours, snow_side)) in ours.into_iter().zip(&snows).enumerate() {
+            let snow_peer = &snows[1 - side];
+            for nonce in NONCES {
+                let plain: Vec<u8> = (0..110u8).map(|i| i ^ nonce as u8 ^ side as u8).collect();
+
+                // Ours sealed: byte for byte what snow writes, and snow's peer reads it.
+                let sealed = seal(&mut ours.send, nonce, &plain);
+                let mut expected = vec![0u8; plain.len() + TAG_LEN];
+                let n = snow_side
+                    .write_message(nonce, &plain, &mut expected)
+                    .unwrap();
+                assert_eq!(sealed, expected[..n], "side {side} nonce {nonce}");
+                let mut read = vec![0u8; plain.len()];
+                let n = snow_peer.read_message(nonce, &sealed, &mut read).unwrap();
+                assert_eq!(read[..n], plain[..]);
+
+                // snow's peer sealed: ours opens it.
+                let mut msg = vec![0u8; plain.len() + TAG_LEN];
+                let n = snow_peer.write_message(nonce, &plain, &mut msg).unwrap();
+                msg.truncate(n);
+                ours.receive.nonce = nonce;
+                assert_eq!(ours.receive.open_in_place(&mut msg).unwrap(), &plain[..]);
+                assert_eq!(ours.receive.nonce, nonce + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn tampered_or_misplaced_messages_do_not_open() {
+        let (mut initiator, mut responder) = snow_handshake();
+        let mut a = TransportCiphers::from_handshake(&mut initiator).unwrap();
+        let mut b = TransportCiphers::from_handshake(&mut responder).unwrap();
+        let sealed = seal(&mut a.send, 5, b"hello, mesh");
+        // A flipped bit in the ciphertext, in the tag, a cut tag, another
+        // nonce, the other direction's key: each an error, the nonce unspent.
+        let mut cases = Vec::new();
+        for at in [0, sealed.len() - 1] {
+            let mut m = sealed.clone();
+            m[at] ^= 0x20;
+            cases.push((m, 5, false));
+        }
+        cases.push((sealed[..sealed.len() - 1].to_vec(), 5, false));
+        cases.push((sealed.clone(), 6, false));
+        cases.push((sealed.clone(), 5, true));
+        for (i, (mut msg, nonce, wrong_direction)) in cases.into_iter().enumerate() {
+            let cipher = if wrong_direction {
+                &mut a.receive
+            } else {
+                &mut b.receive
+            };
+            cipher.nonce = nonce;
+            let err = cipher.open_in_place(&mut msg).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "case {i}");
+            assert_eq!(cipher.nonce, nonce, "case {i}");
+        }
+        b.receive.nonce = 5;
+        let mut msg = sealed;
+        assert_eq!(b.receive.open_in_place(&mut msg).unwrap(), b"hello, mesh");
+    }
+
+    #[tokio::test]
+    async fn the_reserved_last_nonce_fails_the_connection() {
+        let (mut reader, mut writer) = encrypted_pair().await;
+        writer.cipher.nonce = u64::MAX - 1;
+        reader.cipher.nonce = u64::MAX - 1;
+        writer.write_all(b"last").await.unwrap();
+        writer.flush().await.unwrap();
+        let mut got = [0u8; 4];
+        reader.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"last");
+        // Neither side may use 2^64-1: the writer refuses without writing
+        // anything, the reader refuses what arrives.
+        assert!(writer.write_all(b"more").await.is_err());
+        assert!(writer.buf.is_empty());
+        assert_eq!(writer.cipher.nonce, u64::MAX);
+        let mut raw = writer.inner;
+        raw.write_all(&[0, TAG_LEN as u8]).await.unwrap();
+        raw.write_all(&[0; TAG_LEN]).await.unwrap();
+        assert!(reader.read(&mut got).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn small_reads_and_empty_messages_pass_through() {
+        let (mut reader, mut writer) = encrypted_pair().await;
+        // An empty message between two others, each read a byte at a time.
+        for part in [&b"abc"[..], b"", b"defg"] {
+            futures_util::future::poll_fn(|cx| Pin::new(&mut writer).poll_write(cx, part))
+                .await
+                .unwrap();
+        }
+        writer.flush().await.unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        for _ in 0..7 {
+            reader.read_exact(&mut byte).await.unwrap();
+            got.push(byte[0]);
+        }
+        assert_eq!(got, b"abcdefg");
+        assert_eq!(reader.cipher.nonce, 3);
+        assert!(reader.buf.is_empty());
     }
 
     #[tokio::test]
@@ -494,12 +758,10 @@ mod tests {
             handshake(&mut ar, &mut aw, true, &ia, &psk, b"", None),
             handshake(&mut br, &mut bw, false, &ib, &psk, b"", None)
         );
-        let state = ra.unwrap().0;
-        let mut msg = vec![0u8; 64];
-        let n = state.write_message(0, b"hello", &mut msg).unwrap();
+        let mut msg = seal(&mut ra.unwrap().0.send, 0, b"hello");
         msg[5] ^= 1;
-        let mut wire = (n as u16).to_be_bytes().to_vec();
-        wire.extend_from_slice(&msg[..n]);
+        let mut wire = (msg.len() as u16).to_be_bytes().to_vec();
+        wire.extend_from_slice(&msg);
         aw.write_all(&wire).await.unwrap();
         let (mut reader, _) = split(br, bw, rb.unwrap().0);
         let mut out = [0u8; 16];
