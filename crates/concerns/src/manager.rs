@@ -32,6 +32,7 @@ use meshwork_peers::wire::{Message, NodeId};
 use meshwork_peers::{ConcernFrame, InboundHandler, PeerEvent, PeerManager, PeersError};
 use prost::Message as _;
 use rustc_hash::FxHashMap;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -571,15 +572,17 @@ impl Inner {
             .map_err(ConcernsError::from)
     }
 
-    /// Registers a request to `expect` that times out after `timeout`;
-    /// [`ConcernsError::Shutdown`] once the layer shuts down.
+    /// Registers a request to `expect` that times out after `timeout`, with
+    /// the clock reading its deadline counts from (see
+    /// [`Requests::insert`]); [`ConcernsError::Shutdown`] once the layer
+    /// shuts down.
     fn new_request(
         &self,
         expect: &NodeId,
         command: u32,
         routed: bool,
         timeout: Duration,
-    ) -> Result<Awaiting<'_>, ConcernsError> {
+    ) -> Result<(Awaiting<'_>, Instant), ConcernsError> {
         // Asked under the lock that shutdown clears the map under (after
         // cancelling): a request is either refused here or failed there.
         self.pending
@@ -607,12 +610,13 @@ impl Inner {
         blame_timeout: bool,
     ) -> impl Future<Output = Result<Bytes, ConcernsError>> + Send {
         async move {
-            let waiting = self.new_request(peer, command, false, timeout)?;
+            let (waiting, now) = self.new_request(peer, command, false, timeout)?;
             let id = waiting.id();
             let frame = direct_frame(command, id, ConcernKind::Request, priority, payload);
-            // A lone request is written at once by this task; with others in
-            // flight the connection's writer gathers them into fewer writes.
-            let eager = waiting.alone();
+            // A lone request is written at once by this task (dated with
+            // the reading its deadline took); with others in flight the
+            // connection's writer gathers them into fewer writes.
+            let eager = waiting.alone().then_some(now);
             if let Some(frame) = self.peers.offer(peer, frame, priority, eager)? {
                 // The lane is full: wait for room. Boxed: rare, and the
                 // wait would otherwise make every request's future larger.
@@ -634,7 +638,7 @@ impl Inner {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
-        let waiting = self.new_request(node, command, true, timeout)?;
+        let (waiting, _) = self.new_request(node, command, true, timeout)?;
         let id = waiting.id();
         // The route search has its own end: the request's deadline.
         tokio::time::timeout(
@@ -877,7 +881,7 @@ impl Inner {
             (ReplyPath::None, _) => return,
             (ReplyPath::Direct, Some(conn)) => {
                 let frame = direct_frame(job.command, job.request_id, kind, priority, payload);
-                match conn.offer(frame, priority, false) {
+                match conn.offer(frame, priority, None) {
                     Ok(None) => Ok(()),
                     // The lane is full: wait for room, a little. The wait
                     // holds one of the concern's slots, and a peer that

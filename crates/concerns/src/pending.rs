@@ -106,8 +106,10 @@ impl Requests {
     }
 
     /// Registers a request to `expect` that times out after `timeout`, under
-    /// an id from `next_id` not in use (never 0). `None` if `refuse` says so,
-    /// asked under the lock that [`clear`](Self::clear) takes.
+    /// an id from `next_id` not in use (never 0), with the clock reading its
+    /// deadline counts from: the caller dates the request's write with it
+    /// rather than read the clock again. `None` if `refuse` says so, asked
+    /// under the lock that [`clear`](Self::clear) takes.
     pub(crate) fn insert(
         &self,
         mut next_id: impl FnMut() -> u64,
@@ -116,8 +118,9 @@ impl Requests {
         routed: bool,
         timeout: Duration,
         refuse: impl FnOnce() -> bool,
-    ) -> Option<Awaiting<'_>> {
-        let deadline = Instant::now() + timeout;
+    ) -> Option<(Awaiting<'_>, Instant)> {
+        let now = Instant::now();
+        let deadline = now + timeout;
         let (id, earlier, alone) = {
             let mut t = self.lock();
             if refuse() {
@@ -145,12 +148,13 @@ impl Requests {
         if earlier {
             self.rearm.notify_one();
         }
-        Some(Awaiting {
+        let waiting = Awaiting {
             requests: self,
             id,
             alone,
             taken: false,
-        })
+        };
+        Some((waiting, now))
     }
 
     /// Ends request `id` with `outcome` if it still waits and `matches`
@@ -342,6 +346,7 @@ mod tests {
     fn ask(r: &Requests, ids: impl FnMut() -> u64, timeout: Duration) -> Awaiting<'_> {
         r.insert(ids, &node(1), 1, false, timeout, || false)
             .expect("not refused")
+            .0
     }
 
     #[tokio::test(start_paused = true)]

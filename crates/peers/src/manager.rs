@@ -336,16 +336,17 @@ impl PeerManager {
     }
 
     /// [`send`](Self::send) (or [`send_eager`](Self::send_eager) when
-    /// `eager`) as far as it goes without waiting: `Ok(None)` when the
-    /// message was taken, `Ok(Some(message))` when the peer's lane is full
-    /// (nothing queued; wait with `send`). See
+    /// `eager` is given: a clock reading the caller just took, which dates
+    /// a frame written at once) as far as it goes without waiting:
+    /// `Ok(None)` when the message was taken, `Ok(Some(message))` when the
+    /// peer's lane is full (nothing queued; wait with `send`). See
     /// [`ConnectionHandle::offer`](meshwork_transport::ConnectionHandle::offer).
     pub fn offer(
         &self,
         peer: &NodeId,
         message: Message,
         priority: Priority,
-        eager: bool,
+        eager: Option<Instant>,
     ) -> Result<Option<Message>, PeersError> {
         let handle = self.route(peer)?;
         handle

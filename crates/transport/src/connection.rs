@@ -65,6 +65,18 @@ pub enum Priority {
     Bulk = 2,
 }
 
+/// How a message that may skip the lanes is written (see
+/// [`Shared::try_direct`]).
+#[derive(Debug, Clone, Copy)]
+enum Haste {
+    /// By the writer task, gathered with whatever else is sent meanwhile
+    /// (or by the reader, with its answers, while it is corked).
+    Gather,
+    /// By its sender, at once, when the connection is quiet: dated with
+    /// the clock reading given (one the sender just took), else a fresh one.
+    Eager(Option<Instant>),
+}
+
 /// Takes a connection's incoming messages on its reader task, in order, in
 /// place of [`Connection::recv`]; installed with [`Connection::deliver_to`].
 ///
@@ -283,6 +295,11 @@ impl Shared {
         now.saturating_duration_since(self.established).as_nanos() as u64
     }
 
+    /// The clock now, as [`nanos_since_start`](Self::nanos_since_start).
+    fn nanos_now(&self) -> u64 {
+        self.nanos_since_start(Instant::now())
+    }
+
     fn since(&self, nanos: &AtomicU64, now: Instant) -> Duration {
         let then = Duration::from_nanos(nanos.load(Ordering::Relaxed));
         now.saturating_duration_since(self.established + then)
@@ -477,8 +494,13 @@ impl ConnectionHandle {
         // An `async move` block rather than an `async fn`, whose arguments
         // are stored twice in its future (once as passed, once moved into
         // the body); nothing happens before the first poll either way.
+        let haste = if eager {
+            Haste::Eager(None)
+        } else {
+            Haste::Gather
+        };
         async move {
-            match self.try_push(msg, priority, eager)? {
+            match self.try_push(msg, priority, haste)? {
                 None => Ok(()),
                 // Boxed: the wait (a timer and a queue slot) would otherwise
                 // make every caller's future larger, full lane or not.
@@ -546,25 +568,32 @@ impl ConnectionHandle {
     /// Like [`send`](Self::send) but never waits: a full lane is
     /// [`TransportError::QueueFull`].
     pub fn try_send(&self, msg: Message, priority: Priority) -> Result<(), TransportError> {
-        match self.offer(msg, priority, false)? {
+        match self.try_push(msg, priority, Haste::Gather)? {
             None => Ok(()),
             Some(_) => Err(TransportError::QueueFull("send")),
         }
     }
 
     /// [`send`](Self::send) (or [`send_eager`](Self::send_eager) when
-    /// `eager`) as far as it goes without waiting: `Ok(None)` when the
-    /// message was taken, `Ok(Some(msg))`, the message given back and
+    /// `eager` is given) as far as it goes without waiting: `Ok(None)` when
+    /// the message was taken, `Ok(Some(msg))`, the message given back and
     /// nothing queued, when its lane is full. The caller can then wait with
     /// `send`, and keeps the waiting machinery out of its own future unless
     /// it needs it.
+    ///
+    /// `eager` is a reading of the clock the caller has just taken (e.g.
+    /// for the deadline of the request it sends): a frame written at once
+    /// is dated with it, for the keepalive, instead of reading the clock
+    /// again. It must be fresh: a stale one would let the keepalive think
+    /// the link was quiet for longer than it was.
     pub fn offer(
         &self,
         msg: Message,
         priority: Priority,
-        eager: bool,
+        eager: Option<Instant>,
     ) -> Result<Option<Message>, TransportError> {
-        Ok(self.try_push(msg, priority, eager)?.map(|(msg, _)| msg))
+        let haste = eager.map_or(Haste::Gather, |now| Haste::Eager(Some(now)));
+        Ok(self.try_push(msg, priority, haste)?.map(|(msg, _)| msg))
     }
 
     /// [`offer`](Self::offer), giving back the encoded length with the
@@ -573,10 +602,10 @@ impl ConnectionHandle {
         &self,
         msg: Message,
         priority: Priority,
-        eager: bool,
+        haste: Haste,
     ) -> Result<Option<(Message, usize)>, TransportError> {
         let len = self.check(&msg)?;
-        match self.shared.push(msg, priority, eager, len) {
+        match self.shared.push(msg, priority, haste, len) {
             Ok(()) => Ok(None),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TransportError::NotConnected),
             Err(mpsc::error::TrySendError::Full(msg)) => Ok(Some((msg, len))),
@@ -1056,12 +1085,16 @@ impl Shared {
     /// Writes what is pending from the calling task, if the writer task is
     /// not already at it: one try, without waiting. If the stream is not
     /// ready the writer task takes over (with its own waker).
-    fn drain_here(&self, w: &mut WriteHalf) {
+    ///
+    /// `now` ([`nanos_since_start`](Self::nanos_since_start)) dates the
+    /// write for the keepalive: a reading the caller took moments ago (the
+    /// reader's when it woke, a sender's for its request's deadline), so
+    /// that one reading of the clock serves both.
+    fn drain_here(&self, w: &mut WriteHalf, now: u64) {
         if w.writer_draining || w.failed || w.is_idle() {
             return;
         }
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let now = self.nanos_since_start(Instant::now());
         self.last_sent_nanos.store(now, Ordering::Relaxed);
         match w.poll_drain(&mut cx) {
             Poll::Ready(Ok(())) => {}
@@ -1083,7 +1116,7 @@ impl Shared {
     ///
     /// - while the reader handles a burst (corked), the frame waits for the
     ///   reader to write it with the rest when it pauses;
-    /// - when `eager` (a lone message, see
+    /// - when [`Haste::Eager`] (a lone message, see
     ///   [`send_eager`](ConnectionHandle::send_eager)) and the connection is
     ///   quiet (nothing pending, the writer not at it), the calling task
     ///   writes it now, saving the hop to the writer task;
@@ -1092,7 +1125,7 @@ impl Shared {
     ///   lanes, without the queue (a sender that wrote every frame itself
     ///   would make one write call per frame, which with many requests in
     ///   flight cost more than the wake-ups it saves).
-    fn try_direct(&self, msg: Message, eager: bool) -> Result<(), Message> {
+    fn try_direct(&self, msg: Message, haste: Haste) -> Result<(), Message> {
         if self.queued.load(Ordering::Acquire) != 0 {
             return Err(msg);
         }
@@ -1102,6 +1135,7 @@ impl Shared {
         // The cork is read again under the lock, which `uncork` holds while
         // lifting it: a frame added while corked is always drained by it.
         let corked = self.corked.load(Ordering::Acquire);
+        let eager = matches!(haste, Haste::Eager(_));
         let now = eager && !corked && !w.writer_draining && w.is_idle();
         let room = now || w.pending_bytes + w.scratch.len() < DIRECT_PENDING_LIMIT;
         if !room || w.failed || self.queued.load(Ordering::Acquire) != 0 {
@@ -1111,7 +1145,11 @@ impl Shared {
         self.frames_sent.fetch_add(1, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
         if now {
-            self.drain_here(&mut w);
+            let at = match haste {
+                Haste::Eager(Some(at)) => self.nanos_since_start(at),
+                _ => self.nanos_now(),
+            };
+            self.drain_here(&mut w, at);
         } else if !corked && !w.writer_draining {
             // (A writer already draining takes these bytes in the same go:
             // it stops only once nothing is pending, under this lock.)
@@ -1127,7 +1165,7 @@ impl Shared {
         &self,
         msg: Message,
         priority: Priority,
-        eager: bool,
+        haste: Haste,
         len: usize,
     ) -> Result<(), mpsc::error::TrySendError<Message>> {
         // Bulk frames always take their lane, so that nothing gathered
@@ -1135,7 +1173,7 @@ impl Shared {
         if priority == Priority::Bulk {
             return self.enqueue(msg, priority, len);
         }
-        match self.try_direct(msg, eager) {
+        match self.try_direct(msg, haste) {
             Ok(()) => Ok(()),
             Err(msg) => self.enqueue(msg, priority, len),
         }
@@ -1194,13 +1232,14 @@ impl Shared {
         }
     }
 
-    /// The reader pauses: writes the answers it gathered.
-    fn uncork(&self) {
+    /// The reader pauses: writes the answers it gathered, dated `now`
+    /// (the reader's clock reading, see [`drain_here`](Self::drain_here)).
+    fn uncork(&self, now: u64) {
         // Under the lock: a sender that saw the flag set and appended under
         // the same lock did so before this, so its frame is drained here.
         let mut w = lock(&self.write);
         self.corked.store(false, Ordering::Release);
-        self.drain_here(&mut w);
+        self.drain_here(&mut w, now);
     }
 }
 
@@ -1492,8 +1531,14 @@ impl Inlet {
 
     /// Passes `msg` on; waits (or takes a sink over) while the queue is full.
     /// `Err` when the connection was cancelled meanwhile.
-    /// `Ok(true)` when it had to wait for room.
-    async fn put(&mut self, msg: Message, cancelled: &CancellationToken) -> Result<bool, ()> {
+    /// `Ok(true)` when it had to wait for room. `now` is the reader's clock
+    /// reading, which dates the answers it writes before such a wait.
+    async fn put(
+        &mut self,
+        msg: Message,
+        cancelled: &CancellationToken,
+        now: u64,
+    ) -> Result<bool, ()> {
         let mut msg = msg;
         let mut waited = false;
         loop {
@@ -1515,7 +1560,7 @@ impl Inlet {
                     let queue = queue.clone();
                     let shared = &self.handle.shared;
                     // Answers gathered so far must not wait for the room.
-                    shared.uncork();
+                    shared.uncork(now);
                     shared.reader_backpressured.store(true, Ordering::Relaxed);
                     let room = tokio::select! {
                         biased;
@@ -1568,9 +1613,12 @@ async fn read_loop(
     let mut large_frame_seen = false;
     // Frames handled since the reader corked the write side (see `corked`).
     let mut corked = 0usize;
-    // The clock is read when the reader wakes and every CLOCK_FRAMES frames
-    // of a burst, not for every frame: it only dates the last sign of life.
-    let mut now = Instant::now();
+    // The clock is read when the reader wakes (from a wait for the stream,
+    // for room in the inbound queue, or after yielding) and every
+    // CLOCK_FRAMES frames of a burst, not for every frame: it only dates the
+    // last sign of life, and the answers the reader writes (see `uncork`).
+    // Kept as `Shared::nanos_since_start`, the form both are stored in.
+    let mut now = shared.nanos_now();
     let mut unclocked = 0usize;
     // Frames handled since the reader last spent a unit of tokio's budget.
     let mut budgeted = 0usize;
@@ -1589,7 +1637,7 @@ async fn read_loop(
                     if shared.cancel.is_cancelled() {
                         break;
                     }
-                    now = Instant::now();
+                    now = shared.nanos_now();
                     unclocked = 0;
                 }
                 next
@@ -1597,7 +1645,7 @@ async fn read_loop(
             None => {
                 // About to wait: write the answers gathered meanwhile.
                 if corked > 0 {
-                    shared.uncork();
+                    shared.uncork(now);
                     corked = 0;
                 }
                 let buf = reader.read_buffer_mut();
@@ -1621,10 +1669,13 @@ async fn read_loop(
                     // which `put` hands it over first).
                     _ = shared.handoff_notify.notified(), if inlet.sink.is_none() => {
                         inlet.take_handoff();
+                        // Woken: the next frame may come at once, by the
+                        // fast path, which does not read the clock.
+                        now = shared.nanos_now();
                         continue;
                     }
                 };
-                now = Instant::now();
+                now = shared.nanos_now();
                 unclocked += 1;
                 if unclocked >= CLOCK_FRAMES {
                     if shared.cancel.is_cancelled() {
@@ -1661,9 +1712,7 @@ async fn read_loop(
         let decoded = reader.decoder().decoded_bytes();
         let frame_len = decoded - shared.bytes_received.swap(decoded, Ordering::Relaxed);
         large_frame_seen |= frame_len as usize > KEEP_READ_BUFFER;
-        shared
-            .last_received_nanos
-            .store(shared.nanos_since_start(now), Ordering::Relaxed);
+        shared.last_received_nanos.store(now, Ordering::Relaxed);
         match msg {
             Message::Ping(p) => {
                 let pong = Message::Pong(Pong {
@@ -1673,7 +1722,7 @@ async fn read_loop(
                 // A full control lane means we are already busy answering;
                 // the peer will ping again.
                 // A Pong is small: it never counts against the queued bytes.
-                let _ = shared.push(pong, Priority::Control, false, 0);
+                let _ = shared.push(pong, Priority::Control, Haste::Gather, 0);
             }
             Message::Pong(p) => shared.on_pong(p.nonce, Instant::now()),
             Message::Disconnect(d) => {
@@ -1710,20 +1759,20 @@ async fn read_loop(
                     shared.corked.store(true, Ordering::Release);
                 }
                 corked += 1;
-                match inlet.put(msg, &shared.cancel).await {
+                match inlet.put(msg, &shared.cancel, now).await {
                     Err(()) => break,
                     // It waited for room, maybe for long: the clock reading
                     // the next frames would be dated with is stale, and would
                     // make the peer look silent to the idle check (which
                     // kept it alive while we waited).
                     Ok(true) => {
-                        now = Instant::now();
+                        now = shared.nanos_now();
                         unclocked = 0;
                     }
                     Ok(false) => {}
                 }
                 if corked >= CORK_FRAMES {
-                    shared.uncork();
+                    shared.uncork(now);
                     corked = 0;
                 }
                 // A peer that streams without pause must not keep this
@@ -1734,18 +1783,114 @@ async fn read_loop(
                 budgeted += 1;
                 if budgeted >= BUDGET_FRAMES {
                     budgeted = 0;
-                    if corked > 0 && !tokio::task::coop::has_budget_remaining() {
+                    if tokio::task::coop::has_budget_remaining() {
+                        // Takes a unit without yielding.
+                        tokio::task::coop::consume_budget().await;
+                    } else {
                         // About to yield: the answers gathered go out first.
-                        shared.uncork();
-                        corked = 0;
+                        if corked > 0 {
+                            shared.uncork(now);
+                            corked = 0;
+                        }
+                        tokio::task::coop::consume_budget().await;
+                        // Other tasks ran meanwhile, for who knows how long.
+                        now = shared.nanos_now();
+                        unclocked = 0;
                     }
-                    tokio::task::coop::consume_budget().await;
                 }
             }
         }
     }
-    shared.uncork();
+    shared.uncork(shared.nanos_now());
     inlet.close();
     shared.reader_ended.cancel();
     shared.task_ended();
+}
+
+#[cfg(test)]
+mod tests {
+    use meshwork_wire::proto::{Concern, ConcernKind};
+
+    use super::*;
+    use crate::mem::MemNetwork;
+    use crate::{Config, Endpoint};
+
+    /// Answers every Concern right on the reader, through the connection it
+    /// came on: the answer is gathered while the reader is corked, and
+    /// written by `uncork`.
+    struct Echo;
+
+    impl Deliver for Echo {
+        fn deliver(&self, conn: &ConnectionHandle, msg: Message) {
+            if let Message::Concern(c) = msg {
+                let reply = Concern {
+                    kind: ConcernKind::Reply as i32,
+                    ..c
+                };
+                conn.try_send(Message::Concern(reply), Priority::Normal)
+                    .expect("room for the answer");
+            }
+        }
+    }
+
+    fn request(n: u64) -> Message {
+        Message::Concern(Concern {
+            command: 1,
+            request_id: n,
+            kind: ConcernKind::Request as i32,
+            payload: Bytes::from_static(b"ping"),
+            ..Default::default()
+        })
+    }
+
+    /// How long before `now` the connection last received and last sent.
+    fn ages(conn: &ConnectionHandle, now: Instant) -> (Duration, Duration) {
+        let s = &conn.shared;
+        (
+            s.since(&s.last_received_nanos, now),
+            s.since(&s.last_sent_nanos, now),
+        )
+    }
+
+    /// The reader reads the clock once when it wakes, and that reading
+    /// dates both the frame it woke for and the answer a handler gave on
+    /// the reader: after ten silent seconds, neither is dated with the
+    /// reading of the wake before. A request written at once by its sender
+    /// is dated with the reading the sender passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_slept_dates_what_it_reads_and_answers_anew() {
+        let net = MemNetwork::new();
+        // No keepalive: only the test's frames cross the link.
+        let quiet = || Config::new("test-net").with_keepalive(None, None);
+        let server = Endpoint::with_transport(quiet(), Arc::new(net.transport("server")));
+        let addr = server.listen(&Address::mem("server")).await.unwrap();
+        let client = Endpoint::with_transport(quiet(), Arc::new(net.transport("client")));
+        let mut conn = client.connect(&addr).await.unwrap();
+        let incoming = server.accept().await.unwrap().deliver_to(Arc::new(Echo));
+        for n in 1..=3 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let asked = Instant::now();
+            let sent = conn.offer(request(n), Priority::Normal, Some(asked));
+            assert!(matches!(sent, Ok(None)), "{sent:?}");
+            assert_eq!(conn.stats().frames_sent, n, "written at once");
+            let reply = conn.recv().await.unwrap();
+            assert!(matches!(reply, Message::Concern(c) if c.request_id == n));
+            let now = Instant::now();
+            assert_eq!(ages(&incoming, now), (Duration::ZERO, Duration::ZERO));
+            assert_eq!(ages(&conn, now), (Duration::ZERO, Duration::ZERO));
+        }
+        // The sender's reading, not a fresh one, dates the eager write.
+        let earlier = Instant::now() - Duration::from_secs(1);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(matches!(
+            conn.offer(request(4), Priority::Normal, Some(earlier)),
+            Ok(None)
+        ));
+        let now = Instant::now();
+        assert_eq!(ages(&conn, now).1, Duration::from_secs(11));
+        conn.recv().await.unwrap();
+        assert_eq!(ages(&incoming, now), (Duration::ZERO, Duration::ZERO));
+        client.shutdown().await;
+        server.shutdown().await;
+    }
 }

@@ -750,7 +750,7 @@ async fn an_offer_to_a_full_lane_gives_the_message_back(net: Net) {
     const KIB: &[u8] = &[7; 1024];
     let mut sent = 0;
     let back = loop {
-        match conn.offer(concern(sent, KIB), Priority::Normal, false) {
+        match conn.offer(concern(sent, KIB), Priority::Normal, None) {
             Ok(None) => sent += 1,
             Ok(Some(msg)) => break msg,
             Err(e) => panic!("offer failed: {e}"),
