@@ -1,3 +1,5 @@
+use std::ops::Range;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use tokio_util::codec::{Decoder, Encoder};
@@ -111,38 +113,60 @@ fn put_frame(msg: &Message, len: usize, dst: &mut BytesMut) {
 
 /// Appends a Concern frame, payload included.
 fn put_concern(c: &crate::proto::Concern, dst: &mut BytesMut) {
-    let (head, n) = concern_head(c);
-    dst.reserve(n + c.payload.len());
-    dst.extend_from_slice(&head[..n]);
+    let mut head = [0u8; CONCERN_HEAD_MAX];
+    let span = concern_head(c, &mut head);
+    let head = &head[span];
+    dst.reserve(head.len() + c.payload.len());
+    dst.extend_from_slice(head);
     dst.extend_from_slice(&c.payload);
 }
 
-/// Room for a Concern frame's bytes before its payload: the prefix (4), the
-/// Envelope's key and length (1 + 10), then the Concern's fields, each a key
-/// and a varint (1 + 10 at most), and the payload's key and length (1 + 10).
-const CONCERN_HEAD_MAX: usize = LENGTH_PREFIX_LEN + 11 + 5 * 11 + 11;
+/// Where a Concern's fields start in the head buffer of [`concern_head`]:
+/// after room for the prefix (4) and the Envelope's key and length (1 +
+/// 10), which are written right-aligned before them once the fields'
+/// length is known.
+const CONCERN_FIELDS_AT: usize = LENGTH_PREFIX_LEN + 1 + 10;
 
-/// Appends `v` as a protobuf varint at `out[*at..]`.
-fn put_varint(out: &mut [u8; CONCERN_HEAD_MAX], at: &mut usize, mut v: u64) {
-    while v >= 0x80 {
-        out[*at] = (v as u8) | 0x80;
-        v >>= 7;
-        *at += 1;
+/// Room for a Concern frame's bytes before its payload: the prefix and
+/// Envelope key and length ([`CONCERN_FIELDS_AT`]), then the Concern's
+/// fields, each a key and a varint (1 + 10 at most), and the payload's key
+/// and length (1 + 10); rounded up to whole 16-byte words, zeroed with a
+/// few vector stores. [`put_varint`]'s 8-byte store never reaches past
+/// where a ten-byte varint would end.
+const CONCERN_HEAD_MAX: usize = (CONCERN_FIELDS_AT + 5 * 11 + 11).next_multiple_of(16);
+
+/// Writes `v` as a protobuf varint at `out[at..]` and returns the index
+/// just after it.
+///
+/// A varint of more than one byte is written as one 8-byte word (its 7-bit
+/// groups spread in three steps, not a byte at a time: request ids are
+/// random, so nine or ten bytes long, in every request and reply), plus
+/// the ninth and tenth bytes if it has them. Bytes after the varint, up to
+/// `at + 10`, may be overwritten: only the next varint goes there.
+#[inline(always)]
+fn put_varint(out: &mut [u8; CONCERN_HEAD_MAX], at: usize, v: u64) -> usize {
+    if v < 0x80 {
+        out[at] = v as u8;
+        return at + 1;
     }
-    out[*at] = v as u8;
-    *at += 1;
-}
-
-/// The Concern's varint fields by tag, in tag order. int32 `kind`: a
-/// negative value is sign-extended to ten bytes, as prost does.
-fn concern_varints(c: &crate::proto::Concern) -> [(u8, u64); 5] {
-    [
-        (1, u64::from(c.command)),
-        (2, c.request_id),
-        (3, i64::from(c.kind) as u64),
-        (4, u64::from(c.ttl)),
-        (5, u64::from(c.flags)),
-    ]
+    let len = prost::encoding::encoded_len_varint(v);
+    // The low 56 bits: 28-bit halves to 32-bit lanes, 14-bit quarters to
+    // 16-bit lanes, then 7-bit groups to bytes.
+    let x = v & 0x00ff_ffff_ffff_ffff;
+    let x = (x & 0x0fff_ffff) | (x & 0x00ff_ffff_f000_0000) << 4;
+    let x = (x & 0x0000_3fff_0000_3fff) | (x & 0x0fff_c000_0fff_c000) << 2;
+    let x = (x & 0x007f_007f_007f_007f) | (x & 0x3f80_3f80_3f80_3f80) << 1;
+    // A continuation bit on every byte but the last (2 <= len).
+    let more = 0x8080_8080_8080_8080u64 >> (8 * 9usize.saturating_sub(len));
+    out[at..at + 8].copy_from_slice(&(x | more).to_le_bytes());
+    if len > 8 {
+        // Bits 56 to 62 in the ninth byte, bit 63 in the tenth (a 0 past
+        // the end of a nine-byte varint).
+        let top = v >> 63;
+        out[at + 8] = (v >> 56) as u8 & 0x7f | (top as u8) << 7;
+        out[at + 9] = top as u8;
+    }
+    at + len
 }
 
 /// The length of a Concern's encoding (the Envelope's field 6's content),
@@ -162,6 +186,18 @@ fn concern_body_len(c: &crate::proto::Concern) -> usize {
     n
 }
 
+/// The Concern's varint fields by tag, in tag order. int32 `kind`: a
+/// negative value is sign-extended to ten bytes, as prost does.
+fn concern_varints(c: &crate::proto::Concern) -> [(u8, u64); 5] {
+    [
+        (1, u64::from(c.command)),
+        (2, c.request_id),
+        (3, i64::from(c.kind) as u64),
+        (4, u64::from(c.ttl)),
+        (5, u64::from(c.flags)),
+    ]
+}
+
 /// The length of `msg`'s frame body (without the prefix): exactly
 /// `msg.encoded_len()`, worked out without prost's generic code for a
 /// Concern, the frame every request and reply is (its size is checked
@@ -176,42 +212,47 @@ pub fn encoded_len(msg: &Message) -> usize {
     }
 }
 
-/// A Concern frame's bytes up to its payload, built on the stack: prefix,
-/// Envelope key and length, the Concern's fields in tag order with defaults
-/// omitted, and the payload's key and length. Byte for byte what prost
-/// writes (a test checks it), without a call into the buffer per byte:
-/// this is the frame every request and reply is.
-fn concern_head(c: &crate::proto::Concern) -> ([u8; CONCERN_HEAD_MAX], usize) {
+/// Writes a Concern frame's bytes up to its payload into `head` (zeroed,
+/// on the caller's stack) and returns where they are in it: prefix, Envelope key and length, the
+/// Concern's fields in tag order with defaults omitted, and the payload's
+/// key and length. Byte for byte what prost writes (a test checks it),
+/// without a call into the buffer per byte: this is the frame every
+/// request and reply is.
+///
+/// The fields are written first, at [`CONCERN_FIELDS_AT`]; the prefix and
+/// the Envelope's key and length, known only then, go right before them.
+fn concern_head(c: &crate::proto::Concern, head: &mut [u8; CONCERN_HEAD_MAX]) -> Range<usize> {
     use prost::encoding::{WireType, encoded_len_varint};
     // Single-byte keys: tag << 3 | wire type, for tags 1 to 6.
     const fn key(tag: u8, wire: WireType) -> u8 {
         tag << 3 | wire as u8
     }
-    let mut fields = [0u8; CONCERN_HEAD_MAX];
-    let mut n = 0;
+    let mut at = CONCERN_FIELDS_AT;
     for (tag, v) in concern_varints(c) {
         if v != 0 {
-            fields[n] = key(tag, WireType::Varint);
-            n += 1;
-            put_varint(&mut fields, &mut n, v);
+            head[at] = key(tag, WireType::Varint);
+            at = put_varint(head, at + 1, v);
         }
     }
     if !c.payload.is_empty() {
-        fields[n] = key(6, WireType::LengthDelimited);
-        n += 1;
-        put_varint(&mut fields, &mut n, c.payload.len() as u64);
+        head[at] = key(6, WireType::LengthDelimited);
+        at = put_varint(head, at + 1, c.payload.len() as u64);
     }
-    let body_len = n + c.payload.len();
-    let frame_len = 1 + encoded_len_varint(body_len as u64) + body_len;
-    let mut head = [0u8; CONCERN_HEAD_MAX];
+    let body_len = at - CONCERN_FIELDS_AT + c.payload.len();
+    let len_len = encoded_len_varint(body_len as u64);
+    let frame_len = 1 + len_len + body_len;
+    let start = CONCERN_FIELDS_AT - len_len - 1 - LENGTH_PREFIX_LEN;
     // `frame_len <= max_frame_len <= u32::MAX` was checked by the caller.
-    head[..LENGTH_PREFIX_LEN].copy_from_slice(&(frame_len as u32).to_be_bytes());
-    let mut at = LENGTH_PREFIX_LEN;
-    head[at] = key(6, WireType::LengthDelimited);
-    at += 1;
-    put_varint(&mut head, &mut at, body_len as u64);
-    head[at..at + n].copy_from_slice(&fields[..n]);
-    (head, at + n)
+    head[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&(frame_len as u32).to_be_bytes());
+    head[start + LENGTH_PREFIX_LEN] = key(6, WireType::LengthDelimited);
+    // A byte at a time: a word would run over the fields.
+    let mut v = body_len as u64;
+    for b in &mut head[start + LENGTH_PREFIX_LEN + 1..CONCERN_FIELDS_AT] {
+        *b = v as u8 | 0x80;
+        v >>= 7;
+    }
+    head[CONCERN_FIELDS_AT - 1] &= 0x7f;
+    start..at
 }
 
 /// Appends one message as a complete frame to `dst`, except that the payload
@@ -224,8 +265,9 @@ fn concern_head(c: &crate::proto::Concern) -> ([u8; CONCERN_HEAD_MAX], usize) {
 pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> Option<Bytes> {
     match msg {
         Message::Concern(c) if c.payload.len() >= split_at && split_at > 0 => {
-            let (head, n) = concern_head(c);
-            dst.extend_from_slice(&head[..n]);
+            let mut head = [0u8; CONCERN_HEAD_MAX];
+            let span = concern_head(c, &mut head);
+            dst.extend_from_slice(&head[span]);
             Some(c.payload.clone())
         }
         // No length to compute first: the head is built with it.
@@ -242,24 +284,36 @@ pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> 
 
 /// Decodes and validates one frame body (without its prefix).
 pub fn decode_frame(body: Bytes, limits: &Limits) -> Result<Message, WireError> {
-    let msg = match simple_concern(&body) {
-        Some(c) => Message::Concern(c),
-        None => {
-            let max = limits.max_control_frame_len();
-            if body.len() > max && !single_concern(&body) {
-                return Err(WireError::invalid(
-                    "frame",
-                    format!(
-                        "{} bytes, more than any message but a Concern can take ({max})",
-                        body.len()
-                    ),
-                ));
-            }
-            Envelope::decode(body)?
-                .body
-                .ok_or(WireError::EmptyEnvelope)?
+    // A Concern in its plain form needs no more validation than its kind
+    // (FrameCodec::decode does the same on its buffer); anything else goes
+    // to prost and `validate`.
+    match simple_concern(&body) {
+        Some(c) => {
+            validate::check_concern_kind(c.kind)?;
+            let payload = body.slice(c.payload.clone());
+            Ok(Message::Concern(c.with_payload(payload)))
         }
-    };
+        None => decode_other(body, limits),
+    }
+}
+
+/// A frame body that is not a Concern in its plain form, decoded by prost
+/// and validated.
+#[inline(never)]
+fn decode_other(body: Bytes, limits: &Limits) -> Result<Message, WireError> {
+    let max = limits.max_control_frame_len();
+    if body.len() > max && !single_concern(&body) {
+        return Err(WireError::invalid(
+            "frame",
+            format!(
+                "{} bytes, more than any message but a Concern can take ({max})",
+                body.len()
+            ),
+        ));
+    }
+    let msg = Envelope::decode(body)?
+        .body
+        .ok_or(WireError::EmptyEnvelope)?;
     validate(&msg, limits)?;
     Ok(msg)
 }
@@ -276,33 +330,44 @@ fn single_concern(body: &[u8]) -> bool {
 /// Reads a protobuf varint at `buf[*at..]`: `None` if it runs past the end
 /// or past ten bytes, or overflows 64 bits (what prost refuses too).
 ///
-/// With eight bytes at hand, the first eight are read as one word and their
-/// 7-bit groups put together without a branch per byte: request ids are
-/// random, so nine or ten bytes long, in every request and reply.
+/// A one-byte varint (keys' neighbours: kinds, lengths, small values) is
+/// read inline; longer ones eight bytes at a time by [`read_varint_word`].
+#[inline(always)]
 fn read_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let rest = buf.get(*at..)?;
+    match rest.first() {
+        Some(&b) if b < 0x80 => {
+            *at += 1;
+            Some(u64::from(b))
+        }
+        _ => read_varint_word(buf, at),
+    }
+}
+
+/// [`read_varint`] of a varint longer than one byte.
+///
+/// With eight bytes at hand, the first eight are read as one word and their
+/// 7-bit groups put together in three steps, without a branch or a step
+/// per byte: request ids are random, so nine or ten bytes long, in every
+/// request and reply.
+#[inline(always)]
+fn read_varint_word(buf: &[u8], at: &mut usize) -> Option<u64> {
     let rest = buf.get(*at..)?;
     let Some(word) = rest.first_chunk::<8>().map(|w| u64::from_le_bytes(*w)) else {
         return read_varint_slow(buf, at);
     };
-    if word & 0x80 == 0 {
-        *at += 1;
-        return Some(word & 0x7f);
-    }
     // The high bit of each byte that ends the varint, if one of the eight
-    // does; the bytes after the first of them are masked off.
+    // does; the bytes after the first of them are masked off (none is if
+    // none ends it: `ends - 1` is then all ones).
     let ends = !word & 0x8080_8080_8080_8080;
-    let n = ends.trailing_zeros() as usize / 8 + 1;
-    let word = if n < 8 {
-        word & (u64::MAX >> (64 - 8 * n))
-    } else {
-        word
-    };
-    let mut v = 0;
-    for i in 0..8 {
-        v |= ((word >> (8 * i)) & 0x7f) << (7 * i);
-    }
+    let word = word & (ends ^ ends.wrapping_sub(1)) & 0x7f7f_7f7f_7f7f_7f7f;
+    // 7-bit groups to 14 bits in 16-bit lanes, to 28 bits in 32-bit lanes,
+    // to 56 bits.
+    let v = (word & 0x007f_007f_007f_007f) | (word >> 1 & 0x3f80_3f80_3f80_3f80);
+    let v = (v & 0x0000_3fff_0000_3fff) | (v >> 2 & 0x0fff_c000_0fff_c000);
+    let mut v = (v & 0x0fff_ffff) | (v >> 4 & 0x00ff_ffff_f000_0000);
     if ends != 0 {
-        *at += n;
+        *at += (ends.trailing_zeros() as usize + 1) / 8;
         return Some(v);
     }
     // Nine or ten bytes: the ninth gives bits 56 to 62, the tenth bit 63.
@@ -321,6 +386,8 @@ fn read_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
 }
 
 /// [`read_varint`] a byte at a time, near the end of the buffer.
+#[cold]
+#[inline(never)]
 fn read_varint_slow(buf: &[u8], at: &mut usize) -> Option<u64> {
     let mut v = 0u64;
     let mut i = *at;
@@ -339,18 +406,44 @@ fn read_varint_slow(buf: &[u8], at: &mut usize) -> Option<u64> {
     None
 }
 
+/// A Concern read by [`simple_concern`]: its fields but the payload, and
+/// where the payload is in the frame body.
+struct PlainConcern {
+    command: u32,
+    request_id: u64,
+    kind: i32,
+    ttl: u32,
+    flags: u32,
+    payload: Range<usize>,
+}
+
+impl PlainConcern {
+    /// The Concern, with its payload (the bytes at `self.payload`).
+    #[inline(always)]
+    fn with_payload(self, payload: Bytes) -> crate::proto::Concern {
+        crate::proto::Concern {
+            command: self.command,
+            request_id: self.request_id,
+            kind: self.kind,
+            ttl: self.ttl,
+            flags: self.flags,
+            payload,
+        }
+    }
+}
+
 /// The Concern in `body` if the body is one in its plain form: the
 /// Envelope's field 6 covering the whole body, and in it only the
 /// Concern's own fields with their own wire types, in any order, repeats
-/// allowed (the last wins, as in protobuf). The payload is a slice of
-/// `body`, not a copy.
+/// allowed (the last wins, as in protobuf). The payload is given as a
+/// range of `body`, for the caller to slice (not copy).
 ///
 /// `None` for anything else (unknown fields, other messages, malformed
 /// bytes): the caller decodes it with prost, which says what is wrong. So
 /// this path gives exactly prost's result, only sooner, for the frame
 /// every request and reply is.
-fn simple_concern(body: &Bytes) -> Option<crate::proto::Concern> {
-    let buf = &body[..];
+#[inline(always)]
+fn simple_concern(buf: &[u8]) -> Option<PlainConcern> {
     if buf.first() != Some(&0x32) {
         return None;
     }
@@ -359,17 +452,16 @@ fn simple_concern(body: &Bytes) -> Option<crate::proto::Concern> {
     if len != (buf.len() - at) as u64 {
         return None;
     }
-    let mut c = crate::proto::Concern::default();
-    while at < buf.len() {
-        let key = buf[at];
+    // Fields 1 to 5 (varints) by tag - 1, and where the payload is.
+    let mut varints = [0u64; 5];
+    let mut payload = 0..0;
+    while let Some(&key) = buf.get(at) {
         at += 1;
         match key {
-            // Tags 1 to 5, varints; int32 and uint32 keep the low 32 bits.
-            0x08 => c.command = read_varint(buf, &mut at)? as u32,
-            0x10 => c.request_id = read_varint(buf, &mut at)?,
-            0x18 => c.kind = read_varint(buf, &mut at)? as i32,
-            0x20 => c.ttl = read_varint(buf, &mut at)? as u32,
-            0x28 => c.flags = read_varint(buf, &mut at)? as u32,
+            // Tags 1 to 5, wire type 0: one read for all five.
+            0x08 | 0x10 | 0x18 | 0x20 | 0x28 => {
+                varints[usize::from(key >> 3) - 1] = read_varint(buf, &mut at)?;
+            }
             // Tag 6, length-delimited: the payload.
             0x32 => {
                 let n = read_varint(buf, &mut at)?;
@@ -377,13 +469,22 @@ fn simple_concern(body: &Bytes) -> Option<crate::proto::Concern> {
                 if end > buf.len() {
                     return None;
                 }
-                c.payload = body.slice(at..end);
+                payload = at..end;
                 at = end;
             }
             _ => return None,
         }
     }
-    Some(c)
+    // int32 and uint32 keep the low 32 bits, as prost does.
+    let [command, request_id, kind, ttl, flags] = varints;
+    Some(PlainConcern {
+        command: command as u32,
+        request_id,
+        kind: kind as i32,
+        ttl: ttl as u32,
+        flags: flags as u32,
+        payload,
+    })
 }
 
 impl Decoder for FrameCodec {
@@ -409,10 +510,30 @@ impl Decoder for FrameCodec {
             src.reserve(total - src.len());
             return Ok(None);
         }
-        src.advance(LENGTH_PREFIX_LEN);
         self.decoded_bytes += total as u64;
+        if let Some(c) = simple_concern(&src[LENGTH_PREFIX_LEN..total]) {
+            // The payload is split off the buffer itself: no Bytes for the
+            // whole body to slice it from (and drop), and none at all for
+            // an empty payload.
+            if let Err(e) = validate::check_concern_kind(c.kind) {
+                src.advance(total);
+                return Err(e);
+            }
+            let payload = if c.payload.is_empty() {
+                src.advance(total);
+                Bytes::new()
+            } else {
+                src.advance(LENGTH_PREFIX_LEN + c.payload.start);
+                let payload = src.split_to(c.payload.len()).freeze();
+                // Fields may follow the payload.
+                src.advance(len - c.payload.end);
+                payload
+            };
+            return Ok(Some(Message::Concern(c.with_payload(payload))));
+        }
+        src.advance(LENGTH_PREFIX_LEN);
         let body = src.split_to(len).freeze();
-        decode_frame(body, &self.limits).map(Some)
+        decode_other(body, &self.limits).map(Some)
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, WireError> {
@@ -857,20 +978,20 @@ mod tests {
         }
     }
 
-    proptest! {
-        /// Whatever the fast path reads, prost reads the same; it may only
-        /// pass on (to prost) what it does not read.
-        #[test]
-        fn the_concern_fast_path_agrees_with_prost(
-            fields in vec((prop_oneof![
-                Just(0x08u8), Just(0x10), Just(0x18), Just(0x20), Just(0x28), Just(0x32),
-                any::<u8>(),
-            ], vec(any::<u8>(), 0..12)), 0..6),
-            canonical in any::<bool>(),
-            msg in message(),
-        ) {
-            // Keys (mostly the Concern's) with arbitrary bytes after each,
-            // inside a well-formed Envelope field 6; and real frames.
+    /// Frame bodies that look like Concerns: keys (mostly the Concern's)
+    /// with arbitrary bytes after each, inside a well-formed Envelope field
+    /// 6; and real frames of any message, given with the body.
+    fn concern_like_body() -> impl Strategy<Value = (Vec<u8>, Option<Message>)> {
+        let key = prop_oneof![
+            Just(0x08u8),
+            Just(0x10),
+            Just(0x18),
+            Just(0x20),
+            Just(0x28),
+            Just(0x32),
+            any::<u8>(),
+        ];
+        let fields = vec((key, vec(any::<u8>(), 0..12)), 0..6).prop_map(|fields| {
             let fields: Vec<u8> = fields
                 .into_iter()
                 .flat_map(|(key, rest)| std::iter::once(key).chain(rest))
@@ -878,18 +999,93 @@ mod tests {
             let mut body = vec![0x32];
             prost::encoding::encode_varint(fields.len() as u64, &mut body);
             body.extend_from_slice(&fields);
-            if canonical {
-                let frame = encode_frame(&msg, usize::MAX).unwrap();
-                body = frame[LENGTH_PREFIX_LEN..].to_vec();
-            }
+            (body, None)
+        });
+        let real = message().prop_map(|msg| {
+            let frame = encode_frame(&msg, usize::MAX).unwrap();
+            (frame[LENGTH_PREFIX_LEN..].to_vec(), Some(msg))
+        });
+        prop_oneof![fields, real]
+    }
+
+    proptest! {
+        /// Whatever the fast path reads, prost reads the same; it may only
+        /// pass on (to prost) what it does not read.
+        #[test]
+        fn the_concern_fast_path_agrees_with_prost((body, msg) in concern_like_body()) {
             let body = Bytes::from(body);
             if let Some(c) = simple_concern(&body) {
+                let payload = body.slice(c.payload.clone());
+                let c = c.with_payload(payload);
                 let by_prost = Envelope::decode(body.clone()).unwrap().body;
                 prop_assert_eq!(by_prost, Some(Message::Concern(c)));
-            } else if canonical {
+            } else if let Some(msg) = msg {
                 prop_assert!(!matches!(msg, Message::Concern(_)), "a Concern was not read");
             }
         }
+    }
+
+    proptest! {
+        /// The codec reads a Concern straight from its buffer (the payload
+        /// split off it): the same message or error as `decode_frame`,
+        /// which is prost's and `validate`'s, and exactly the frame taken
+        /// from the buffer, whatever the frame holds.
+        #[test]
+        fn the_codec_decodes_what_decode_frame_decodes(
+            (body, _) in concern_like_body(),
+            next in vec(any::<u8>(), 0..8),
+        ) {
+            let mut buf = BytesMut::from(&(body.len() as u32).to_be_bytes()[..]);
+            buf.extend_from_slice(&body);
+            buf.extend_from_slice(&next);
+            let mut codec = FrameCodec::new();
+            let ours = codec.decode(&mut buf);
+            let theirs = decode_frame(Bytes::from(body.clone()), &Limits::default());
+            match (ours, theirs) {
+                (Ok(Some(a)), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => prop_assert!(false, "codec {:?}, decode_frame {:?}", a, b),
+            }
+            prop_assert_eq!(&buf[..], &next[..]);
+            prop_assert_eq!(codec.decoded_bytes(), (LENGTH_PREFIX_LEN + body.len()) as u64);
+        }
+    }
+
+    #[test]
+    fn a_concern_with_fields_after_its_payload_is_read_whole() {
+        let c = Concern {
+            command: 300,
+            request_id: u64::MAX,
+            kind: ConcernKind::Reply as i32,
+            payload: Bytes::from_static(b"payload"),
+            ..Default::default()
+        };
+        let mut inner = c.encode_to_vec();
+        inner.extend_from_slice(&[0x20, 0x05, 0x08, 0x07]); // ttl 5, command 7 (last wins)
+        let body = field(6, &inner);
+        let mut buf = BytesMut::from(&(body.len() as u32).to_be_bytes()[..]);
+        buf.extend_from_slice(&body);
+        let ping = Message::Ping(Ping {
+            nonce: 1,
+            timestamp_micros: 2,
+        });
+        FrameCodec::new().encode(&ping, &mut buf).unwrap();
+        let mut codec = FrameCodec::new();
+        let expected = Concern {
+            command: 7,
+            ttl: 5,
+            ..c
+        };
+        assert_eq!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Message::Concern(expected.clone()))
+        );
+        assert_eq!(
+            decode_frame(Bytes::from(body), &Limits::default()).unwrap(),
+            Message::Concern(expected)
+        );
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(ping));
+        assert!(buf.is_empty());
     }
 
     #[test]
@@ -942,6 +1138,50 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// Every varint length from one byte to ten is written as prost
+        /// writes it, and nothing before it is touched.
+        #[test]
+        fn varints_are_written_as_prost_writes_them(v in any::<u64>(), shift in 0u32..64) {
+            let v = v >> shift;
+            let mut expected = Vec::new();
+            prost::encoding::encode_varint(v, &mut expected);
+            let mut out = [0xaau8; CONCERN_HEAD_MAX];
+            let end = put_varint(&mut out, 3, v);
+            prop_assert_eq!(&out[..3], &[0xaa; 3]);
+            prop_assert_eq!(&out[3..end], &expected[..]);
+        }
+
+        /// Concern frames with fields of every varint length (not mostly
+        /// ten bytes, as `any::<u64>()` gives) are what prost writes, whole
+        /// and split, and the fast length is theirs.
+        #[test]
+        fn concern_frames_of_every_field_length_are_what_prost_writes(
+            values in [any::<u64>(); 5],
+            shifts in proptest::array::uniform5(0u32..64),
+            payload_len in prop_oneof![Just(0usize), 1usize..200, 16_000usize..17_000],
+            split_at in 0usize..300,
+        ) {
+            let v = |i: usize| values[i] >> shifts[i];
+            let msg = Message::Concern(Concern {
+                command: v(0) as u32,
+                request_id: v(1),
+                kind: v(2) as i32,
+                ttl: v(3) as u32,
+                flags: v(4) as u32,
+                payload: vec![5; payload_len].into(),
+            });
+            let envelope = Envelope { body: Some(msg.clone()) };
+            let mut expected = (envelope.encoded_len() as u32).to_be_bytes().to_vec();
+            envelope.encode(&mut expected).unwrap();
+            prop_assert_eq!(encoded_len(&msg), envelope.encoded_len());
+            prop_assert_eq!(&encode_frame(&msg, usize::MAX).unwrap()[..], &expected[..]);
+            let mut head = BytesMut::new();
+            let tail = encode_frame_into(&msg, &mut head, split_at);
+            let mut joined = head.to_vec();
+            joined.extend_from_slice(&tail.unwrap_or_default());
+            prop_assert_eq!(joined, expected);
         }
 
         /// The fast length of a Concern frame is prost's.
