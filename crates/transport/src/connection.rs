@@ -1708,9 +1708,13 @@ async fn read_loop(
             }
             Some(Ok(msg)) => msg,
         };
-        shared.frames_received.fetch_add(1, Ordering::Relaxed);
+        // Only this task writes the received counters: a load and a store
+        // each, not a locked read-modify-write per frame (others only read).
+        let frames = shared.frames_received.load(Ordering::Relaxed);
+        shared.frames_received.store(frames + 1, Ordering::Relaxed);
         let decoded = reader.decoder().decoded_bytes();
-        let frame_len = decoded - shared.bytes_received.swap(decoded, Ordering::Relaxed);
+        let frame_len = decoded - shared.bytes_received.load(Ordering::Relaxed);
+        shared.bytes_received.store(decoded, Ordering::Relaxed);
         large_frame_seen |= frame_len as usize > KEEP_READ_BUFFER;
         shared.last_received_nanos.store(now, Ordering::Relaxed);
         match msg {
