@@ -1183,6 +1183,10 @@ impl Rpc {
             return (live, false);
         }
         let prefix = format!("{REGISTRY_PREFIX}{name}/");
+        // Only a parse of the registry takes the stats map's lock (calls
+        // reach their provider's cell through its listing), so holding it
+        // through the parse keeps nobody waiting.
+        let mut stats = lock(&self.inner.stats);
         let listings: Arc<[Listing]> = sync
             .prefixed_entries(&prefix)
             .into_iter()
@@ -1195,20 +1199,15 @@ impl Rpc {
                 if record.methods.len() > MAX_METHODS {
                     return None;
                 }
-                Some((node_id, record, e.expires_at_ms))
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map({
-                let mut stats = lock(&self.inner.stats);
-                move |(node_id, record, expires_at_ms)| Listing {
+                Some(Listing {
                     stats: stats_cell(&mut stats, &node_id),
                     node_id,
                     record,
-                    expires_at_ms,
-                }
+                    expires_at_ms: e.expires_at_ms,
+                })
             })
             .collect();
+        drop(stats);
         let mut registry = lock(&self.inner.registry);
         if registry.len() >= MAX_LISTED && !registry.contains_key(name) {
             registry.clear();
