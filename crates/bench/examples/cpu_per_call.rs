@@ -20,7 +20,9 @@
 //! over loopback TCP), or `raw-64` (the benches' baseline: tokio's
 //! length-delimited frames echoed over loopback TCP, 64 in flight, each
 //! side writing what it gathered once nothing more is ready to read). Two nodes over loopback TCP with the default
-//! configuration (Noise), 64-byte payloads, SECS seconds (default 2). It
+//! configuration (Noise; plaintext when the environment variable
+//! `CPU_PER_CALL_PLAINTEXT` is set, as the `concerns` bench's main figures
+//! run), 64-byte payloads, SECS seconds (default 2). It
 //! prints the wall time and the process's CPU time (user + system, from
 //! `/proc/self/stat`) per call, and the size of one call's future. Compare
 //! two builds by running them in turn, several times, and taking medians:
@@ -92,6 +94,9 @@ async fn node(seed: Option<Address>) -> Result<Node> {
     if let Some(seed) = seed {
         builder = builder.seed(seed);
     }
+    if std::env::var_os("CPU_PER_CALL_PLAINTEXT").is_some() {
+        builder = builder.insecure_plaintext();
+    }
     Ok(builder.start().await?)
 }
 
@@ -140,6 +145,19 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     let mut done = 0u64;
+    if depth == 1 {
+        // Awaited in turn, as the benches' sequential loops do: a
+        // `FuturesUnordered` of one wakes its task after every poll that
+        // leaves its future pending (it yields once it has polled them
+        // all), and on a multi-thread runtime each such yield wakes an idle
+        // worker that may take the task over, a thread hand-off per call
+        // that is the harness's, not the call's.
+        while Instant::now() < end {
+            call().await?;
+            done += 1;
+        }
+        return Ok(done);
+    }
     let mut calls = FuturesUnordered::new();
     for _ in 0..depth {
         calls.push(call());
