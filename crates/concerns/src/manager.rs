@@ -139,7 +139,9 @@ impl ConcernsConfig {
 
     /// Routing: most hops to a target (default 16), how long a learnt route
     /// lives (default 60 s), and how long a route search may take before the
-    /// target is reported unreachable (default 3 s).
+    /// target is reported unreachable (default 3 s). For as long again after
+    /// a search that found nothing, sends to that target fail at once, unless
+    /// a route to it is learnt or this node's neighbours change meanwhile.
     pub fn with_routing(
         mut self,
         max_hops: u32,

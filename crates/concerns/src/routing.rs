@@ -28,6 +28,11 @@
 //!   does a routed request that times out.
 //! - Routes expire, and those through a neighbour that disconnects are
 //!   dropped at once.
+//! - A search that finds nothing is not made again for one search timeout
+//!   while this node's neighbours stay the same: sends to that target fail
+//!   at once meanwhile (counted `held_back`), so a caller that keeps sending
+//!   to a node that is gone neither waits out a search per send nor floods
+//!   the mesh with a query per send.
 //! - A routed message's payload is sealed by its origin for its target
 //!   with the key the two share ([`PairKey`]), bound to its header (origin,
 //!   target, command, request id, kind, stamp). The hops on the way can
@@ -79,6 +84,29 @@ struct Search {
     found: watch::Sender<bool>,
 }
 
+/// A target whose last search found no route: it is not searched for
+/// again before `until` while this node's neighbours are still those it
+/// had then ([`neighbourhood`]); sends to it fail at once meanwhile.
+struct Unfound {
+    until: Instant,
+    neighbours: u64,
+}
+
+/// Targets remembered as not found, at most: past it the expired go, and
+/// if none has, all (forgetting one only costs a search).
+const MAX_UNFOUND: usize = 1024;
+
+/// A fingerprint of the node's neighbours, whatever their order: it
+/// changes when one comes or goes, and with it the ways a search can take.
+fn neighbourhood(inner: &Inner) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let hasher = BuildHasherDefault::<std::hash::DefaultHasher>::default();
+    let neighbours = inner.peers.neighbours();
+    neighbours
+        .iter()
+        .fold(neighbours.len() as u64, |acc, n| acc ^ hasher.hash_one(n))
+}
+
 pub(crate) struct Routing {
     table: Mutex<RouteTable>,
     /// By (origin, query id), owned by the neighbour that brought it.
@@ -88,6 +116,10 @@ pub(crate) struct Routing {
     answers: Mutex<SeenCache<(NodeId, u64, NodeId), NodeId>>,
     /// Searches in progress, by target.
     searches: Mutex<HashMap<NodeId, Search>>,
+    /// Targets the last search for found no route (see [`Unfound`]): a
+    /// caller that keeps sending to a node that is gone gets its answer at
+    /// once, and the mesh is not flooded with a query per send.
+    unfound: Mutex<HashMap<NodeId, Unfound>>,
     /// The way back of routed requests passed on, by (origin, request id):
     /// the neighbour each came from, owned by it. Answers go back that way.
     breadcrumbs: Mutex<SeenCache<(NodeId, u64), NodeId, NodeId>>,
@@ -99,6 +131,9 @@ pub(crate) struct Routing {
     delivered: AtomicU64,
     unreachable: AtomicU64,
     searches_started: AtomicU64,
+    /// Sends failed at once, their target not found by a search moments
+    /// before ([`Unfound`]).
+    held_back: AtomicU64,
     /// Routed messages not forwarded: the next hop's lane stayed full.
     dropped: AtomicU64,
     /// Keys shared with the origins and targets of routed messages.
@@ -291,6 +326,7 @@ impl Routing {
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             searches: Mutex::new(HashMap::new()),
+            unfound: Mutex::new(HashMap::new()),
             breadcrumbs: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             max_hops: cfg.max_hops,
             search_timeout: cfg.route_timeout,
@@ -299,6 +335,7 @@ impl Routing {
             delivered: AtomicU64::new(0),
             unreachable: AtomicU64::new(0),
             searches_started: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             keys: Mutex::new(KeyCache {
                 keys: HashMap::new(),
@@ -470,6 +507,7 @@ impl Routing {
         vec![
             ("routes", self.routes().len() as u64),
             ("searches", get(&self.searches_started)),
+            ("held_back", get(&self.held_back)),
             ("forwarded", get(&self.forwarded)),
             ("delivered", get(&self.delivered)),
             ("unreachable", get(&self.unreachable)),
@@ -540,6 +578,10 @@ impl Routing {
         let back = back.filter(|b| Self::is_neighbour(inner, b)).cloned();
         let next = match back.or_else(|| self.next_hop(inner, target)) {
             Some(n) => n,
+            None if self.not_found_lately(inner, target) => {
+                self.held_back.fetch_add(1, Ordering::Relaxed);
+                return Err(ConcernsError::Unreachable(target.clone()));
+            }
             None => self.search(inner, target).await?,
         };
         let routed = self
@@ -563,6 +605,48 @@ impl Routing {
                 }
                 e => e,
             })
+    }
+
+    /// True if a search for `target` found no route less than a search
+    /// timeout ago, and this node's neighbours are still the ones it had
+    /// then: a new search would most likely find nothing either.
+    fn not_found_lately(&self, inner: &Inner, target: &NodeId) -> bool {
+        let mut unfound = lock(&self.unfound);
+        let Some(u) = unfound.get(target) else {
+            return false;
+        };
+        if Instant::now() < u.until && u.neighbours == neighbourhood(inner) {
+            return true;
+        }
+        unfound.remove(target);
+        false
+    }
+
+    /// Remembers that a search for `target` found no route (see
+    /// [`Unfound`]).
+    fn not_found(&self, inner: &Inner, target: &NodeId) {
+        let now = Instant::now();
+        let entry = Unfound {
+            until: now + self.search_timeout,
+            neighbours: neighbourhood(inner),
+        };
+        let mut unfound = lock(&self.unfound);
+        if unfound.len() >= MAX_UNFOUND && !unfound.contains_key(target) {
+            unfound.retain(|_, u| u.until > now);
+            if unfound.len() >= MAX_UNFOUND {
+                unfound.clear();
+            }
+        }
+        unfound.insert(target.clone(), entry);
+    }
+
+    /// A route to `target` was learnt: whatever a search found before no
+    /// longer holds.
+    fn found(&self, target: &NodeId) {
+        let mut unfound = lock(&self.unfound);
+        if !unfound.is_empty() {
+            unfound.remove(target);
+        }
     }
 
     /// Floods a query for `target` (or joins one in progress) and waits for
@@ -611,6 +695,13 @@ impl Routing {
         let found = tokio::time::timeout(self.search_timeout, rx.wait_for(|found| *found))
             .await
             .is_ok_and(|r| r.is_ok());
+        // Remembered before the search's entry goes, so that a send coming
+        // in between joins nothing and searches nothing either. Only a
+        // search waited out to its end counts (a caller that gave up
+        // earlier proves nothing).
+        if first && !found {
+            self.not_found(inner, target);
+        }
         drop(_guard);
         match found {
             true => self
@@ -654,6 +745,7 @@ impl Routing {
             return Ok(());
         }
         lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);
+        self.found(&origin);
         if target == *me {
             let mut found = RouteFound {
                 query_id: q.query_id,
@@ -723,6 +815,7 @@ impl Routing {
                 return Ok(());
             }
             lock(&self.table).learn(&target, from, hops, now);
+            self.found(&target);
             found.send_replace(true);
             return Ok(());
         }
@@ -732,6 +825,7 @@ impl Routing {
             return Ok(());
         }
         lock(&self.table).learn(&target, from, hops, now);
+        self.found(&target);
         if let Some(next) = self.next_hop(inner, &origin) {
             let back = RouteFound { hops, ..f };
             inner.try_send_direct(&next, ROUTING, encode(Body::Found(back)))?;

@@ -734,6 +734,52 @@ async fn a_search_cut_short_by_its_callers_timeout_does_not_block_later_ones() {
     stop(nodes).await;
 }
 
+/// A target that a search did not find is not searched for again at once:
+/// sends to it fail straight away for a search timeout, without a query
+/// flooded per send, until this node's neighbours change or the time is up.
+#[tokio::test(start_paused = true)]
+async fn a_target_no_search_found_is_not_searched_for_again_at_once() {
+    let net = MemNetwork::new();
+    let (a, b) = pair(&net).await;
+    let gone = Identity::generate().node_id().clone();
+    let searches = |n: &TestNode| builtin_stat(&n.concerns, "routing", "searches");
+    let held_back = |n: &TestNode| builtin_stat(&n.concerns, "routing", "held_back");
+    let ask = |n: &TestNode| {
+        let ctx = n.ctx();
+        let gone = gone.clone();
+        async move {
+            let started = Instant::now();
+            let err = ctx.request_to(&gone, "anyone?", 10 * S).await.unwrap_err();
+            assert!(matches!(err, ConcernsError::Unreachable(_)), "{err:?}");
+            started.elapsed()
+        }
+    };
+    // The first send searches for the search timeout (3 s by default).
+    let took = ask(&a).await;
+    assert!(took >= 3 * S && took < 4 * S, "{took:?}");
+    assert_eq!((searches(&a), held_back(&a)), (1, 0));
+    // The next ones within that time fail at once, and search nothing.
+    sleep(S).await;
+    for _ in 0..3 {
+        assert_eq!(ask(&a).await, Duration::ZERO);
+    }
+    assert_eq!((searches(&a), held_back(&a)), (1, 3));
+    // Once the time is up, the next send searches again.
+    sleep(2 * S).await;
+    assert!(ask(&a).await >= 3 * S);
+    let failed = Instant::now();
+    assert_eq!((searches(&a), held_back(&a)), (2, 3));
+    // A new neighbour may know a way: the next send searches at once.
+    let c = start(&net, "c", seeded(&["mem://a".into()])).await;
+    while !linked(&a, &c) {
+        sleep(10 * MS).await;
+    }
+    assert!(failed.elapsed() < 3 * S, "{:?}", failed.elapsed());
+    assert!(ask(&a).await >= 3 * S);
+    assert_eq!((searches(&a), held_back(&a)), (3, 3));
+    stop(vec![a, b, c]).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn topics_reach_every_subscriber_once_neighbour_or_not() {
     let net = MemNetwork::new();
