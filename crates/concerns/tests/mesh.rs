@@ -772,6 +772,7 @@ async fn a_target_no_search_found_is_not_searched_for_again_at_once() {
     // A new neighbour may know a way: the next send searches at once.
     let c = start(&net, "c", seeded(&["mem://a".into()])).await;
     while !linked(&a, &c) {
+        assert!(failed.elapsed() < 3 * S, "c did not link to a in time");
         sleep(10 * MS).await;
     }
     assert!(failed.elapsed() < 3 * S, "{:?}", failed.elapsed());
