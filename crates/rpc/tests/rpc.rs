@@ -1737,14 +1737,78 @@ async fn line(net: &MemNetwork, n: usize) -> Vec<Node> {
     nodes
 }
 
+/// A line of `n` nodes, the last serving the test service as "far", listed
+/// by the first; and the service's probe.
+async fn far_provider(net: &MemNetwork, n: usize) -> (Vec<Node>, Arc<Probe>) {
+    let nodes = line(net, n).await;
+    let (imp, probe) = Imp::new("far");
+    nodes[n - 1]
+        .rpc()
+        .serve("far", CalcServer::new(imp))
+        .await
+        .unwrap();
+    wait_listed(&[&nodes[0]], "far", &nodes[n - 1]).await;
+    (nodes, probe)
+}
+
+/// A provider that dies while still listed costs its callers one route
+/// search, not one per call: once a call has searched for it in vain, the
+/// next ones fail at once, typed, until the search back-off lapses (or its
+/// entry expires, or a route to it turns up).
+#[tokio::test(start_paused = true)]
+async fn calls_to_a_dead_routed_provider_stop_searching_after_one_search() {
+    let net = MemNetwork::new();
+    let (nodes, _probe) = far_provider(&net, 3).await;
+    let (first, last) = (&nodes[0], &nodes[2]);
+    let far: CalcClient = first.rpc().client("far");
+    assert_eq!(far.add(1, 1).await, Ok(2));
+    let gone = last.node_id().clone();
+    kill(&net, "l2", &["l0", "l1"]);
+    wait_until("l1 to see l2 gone", || {
+        !nodes[1].peers().is_neighbour(&gone)
+    })
+    .await;
+    let held_back = || {
+        first
+            .concerns()
+            .builtin_stats()
+            .into_iter()
+            .find(|(c, k, _)| *c == "routing" && *k == "held_back")
+            .map_or(0, |(_, _, v)| v)
+    };
+    // The route l0 learnt may take a call to be found broken; then a call
+    // searches for l2, in vain.
+    let mut searched = false;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = far.add(1, 1).await;
+        assert!(r.is_err(), "{r:?}");
+        if started.elapsed() >= 3 * S {
+            searched = true;
+            break;
+        }
+    }
+    assert!(searched, "no call searched for the dead provider");
+    assert_eq!(held_back(), 0);
+    let listed = first.rpc().providers("far");
+    assert!(listed.iter().any(|p| p.node_id == gone), "still listed");
+    // The next calls fail at once, typed, without searching again.
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = far.add(1, 1).await;
+        assert!(matches!(r, Err(RpcError::Disconnected(_))), "{r:?}");
+        assert!(started.elapsed() < 10 * MS, "{:?}", started.elapsed());
+    }
+    assert_eq!(held_back(), 5);
+    net.heal();
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_provider_five_hops_away_is_called_through_the_routing_concern() {
     let net = MemNetwork::new();
-    let nodes = line(&net, 6).await;
+    let (nodes, probe) = far_provider(&net, 6).await;
     let (first, last) = (&nodes[0], &nodes[5]);
-    let (imp, probe) = Imp::new("far");
-    last.rpc().serve("far", CalcServer::new(imp)).await.unwrap();
-    wait_listed(&[first], "far", last).await;
     let providers = first.rpc().providers("far");
     assert_eq!(providers.len(), 1);
     assert_eq!(providers[0].reach, "routed");
