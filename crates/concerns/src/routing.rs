@@ -611,14 +611,23 @@ impl Routing {
     /// timeout ago, and this node's neighbours are still the ones it had
     /// then: a new search would most likely find nothing either.
     fn not_found_lately(&self, inner: &Inner, target: &NodeId) -> bool {
-        let mut unfound = lock(&self.unfound);
-        let Some(u) = unfound.get(target) else {
-            return false;
+        // The peer manager's lock (for the neighbours) is not taken under
+        // this one.
+        let neighbours = {
+            let mut unfound = lock(&self.unfound);
+            match unfound.get(target) {
+                None => return false,
+                Some(u) if Instant::now() < u.until => u.neighbours,
+                Some(_) => {
+                    unfound.remove(target);
+                    return false;
+                }
+            }
         };
-        if Instant::now() < u.until && u.neighbours == neighbourhood(inner) {
+        if neighbours == neighbourhood(inner) {
             return true;
         }
-        unfound.remove(target);
+        lock(&self.unfound).remove(target);
         false
     }
 
