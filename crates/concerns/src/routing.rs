@@ -96,6 +96,56 @@ struct Unfound {
 /// if none has, all (forgetting one only costs a search).
 const MAX_UNFOUND: usize = 1024;
 
+/// The targets recent searches did not find ([`Unfound`]), at most
+/// `max`, with explicit time.
+struct UnfoundTable {
+    map: HashMap<NodeId, Unfound>,
+    max: usize,
+}
+
+impl UnfoundTable {
+    fn new(max: usize) -> Self {
+        UnfoundTable {
+            map: HashMap::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// The neighbours' fingerprint a search for `target` found nothing
+    /// with, if that was less than its back-off before `now` (an expired
+    /// entry goes).
+    fn lately(&mut self, target: &NodeId, now: Instant) -> Option<u64> {
+        match self.map.get(target) {
+            None => None,
+            Some(u) if now < u.until => Some(u.neighbours),
+            Some(_) => {
+                self.map.remove(target);
+                None
+            }
+        }
+    }
+
+    /// Remembers that a search for `target` found nothing at `now`, with
+    /// the neighbours `neighbours`, for `back_off`.
+    fn insert(&mut self, target: &NodeId, neighbours: u64, now: Instant, back_off: Duration) {
+        if self.map.len() >= self.max && !self.map.contains_key(target) {
+            self.map.retain(|_, u| u.until > now);
+            if self.map.len() >= self.max {
+                self.map.clear();
+            }
+        }
+        let until = now + back_off;
+        self.map
+            .insert(target.clone(), Unfound { until, neighbours });
+    }
+
+    fn remove(&mut self, target: &NodeId) {
+        if !self.map.is_empty() {
+            self.map.remove(target);
+        }
+    }
+}
+
 /// A fingerprint of the node's neighbours, whatever their order: it
 /// changes when one comes or goes, and with it the ways a search can take.
 fn neighbourhood(inner: &Inner) -> u64 {
@@ -119,7 +169,7 @@ pub(crate) struct Routing {
     /// Targets the last search for found no route (see [`Unfound`]): a
     /// caller that keeps sending to a node that is gone gets its answer at
     /// once, and the mesh is not flooded with a query per send.
-    unfound: Mutex<HashMap<NodeId, Unfound>>,
+    unfound: Mutex<UnfoundTable>,
     /// The way back of routed requests passed on, by (origin, request id):
     /// the neighbour each came from, owned by it. Answers go back that way.
     breadcrumbs: Mutex<SeenCache<(NodeId, u64), NodeId, NodeId>>,
@@ -326,7 +376,7 @@ impl Routing {
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             searches: Mutex::new(HashMap::new()),
-            unfound: Mutex::new(HashMap::new()),
+            unfound: Mutex::new(UnfoundTable::new(MAX_UNFOUND)),
             breadcrumbs: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             max_hops: cfg.max_hops,
             search_timeout: cfg.route_timeout,
@@ -613,16 +663,8 @@ impl Routing {
     fn not_found_lately(&self, inner: &Inner, target: &NodeId) -> bool {
         // The peer manager's lock (for the neighbours) is not taken under
         // this one.
-        let neighbours = {
-            let mut unfound = lock(&self.unfound);
-            match unfound.get(target) {
-                None => return false,
-                Some(u) if Instant::now() < u.until => u.neighbours,
-                Some(_) => {
-                    unfound.remove(target);
-                    return false;
-                }
-            }
+        let Some(neighbours) = lock(&self.unfound).lately(target, Instant::now()) else {
+            return false;
         };
         if neighbours == neighbourhood(inner) {
             return true;
@@ -634,28 +676,14 @@ impl Routing {
     /// Remembers that a search for `target` found no route (see
     /// [`Unfound`]).
     fn not_found(&self, inner: &Inner, target: &NodeId) {
-        let now = Instant::now();
-        let entry = Unfound {
-            until: now + self.search_timeout,
-            neighbours: neighbourhood(inner),
-        };
-        let mut unfound = lock(&self.unfound);
-        if unfound.len() >= MAX_UNFOUND && !unfound.contains_key(target) {
-            unfound.retain(|_, u| u.until > now);
-            if unfound.len() >= MAX_UNFOUND {
-                unfound.clear();
-            }
-        }
-        unfound.insert(target.clone(), entry);
+        let neighbours = neighbourhood(inner);
+        lock(&self.unfound).insert(target, neighbours, Instant::now(), self.search_timeout);
     }
 
     /// A route to `target` was learnt: whatever a search found before no
     /// longer holds.
     fn found(&self, target: &NodeId) {
-        let mut unfound = lock(&self.unfound);
-        if !unfound.is_empty() {
-            unfound.remove(target);
-        }
+        lock(&self.unfound).remove(target);
     }
 
     /// Floods a query for `target` (or joins one in progress) and waits for
@@ -1058,6 +1086,45 @@ mod tests {
 
     fn node(i: usize) -> NodeId {
         NodeId::from_bytes(i.to_be_bytes().repeat(4)).unwrap()
+    }
+
+    #[test]
+    fn the_unfound_table_forgets_with_time_and_stays_bounded() {
+        let t0 = Instant::now();
+        let back_off = Duration::from_secs(3);
+        let mut t = UnfoundTable::new(3);
+        t.insert(&node(1), 7, t0, back_off);
+        assert_eq!(t.lately(&node(1), t0), Some(7));
+        assert_eq!(
+            t.lately(&node(1), t0 + back_off - Duration::from_millis(1)),
+            Some(7)
+        );
+        assert_eq!(t.lately(&node(2), t0), None);
+        // Expired: gone, and stays gone.
+        assert_eq!(t.lately(&node(1), t0 + back_off), None);
+        assert!(t.map.is_empty());
+        // Full: the expired make room first.
+        t.insert(&node(1), 1, t0, back_off);
+        t.insert(&node(2), 2, t0 + Duration::from_secs(2), back_off);
+        t.insert(&node(3), 3, t0 + Duration::from_secs(2), back_off);
+        t.insert(&node(4), 4, t0 + Duration::from_secs(4), back_off);
+        assert_eq!(t.map.len(), 3);
+        assert_eq!(t.lately(&node(1), t0), None, "the expired one went");
+        assert_eq!(t.lately(&node(4), t0 + Duration::from_secs(4)), Some(4));
+        // Full of live ones: all go, the new one stays.
+        let t4 = t0 + Duration::from_secs(4);
+        t.insert(&node(5), 5, t4, back_off);
+        assert_eq!(t.map.len(), 1);
+        assert_eq!(t.lately(&node(5), t4), Some(5));
+        // A target already in takes no room, and is remembered anew.
+        t.insert(&node(6), 6, t4, back_off);
+        t.insert(&node(7), 7, t4, back_off);
+        t.insert(&node(7), 8, t4, back_off);
+        assert_eq!(t.map.len(), 3);
+        assert_eq!(t.lately(&node(7), t4), Some(8));
+        // A route learnt to it: forgotten.
+        t.remove(&node(7));
+        assert_eq!(t.lately(&node(7), t4), None);
     }
 
     /// A full cache drops the key used longest ago: origins that keep
