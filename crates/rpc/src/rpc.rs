@@ -721,7 +721,7 @@ pub const MAX_METHODS: usize = 1024;
 type StatsCell = Arc<Mutex<ProviderStats>>;
 
 /// One provider's registry entry, parsed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Listing {
     node_id: NodeId,
     record: ServiceRecord,
@@ -1170,16 +1170,7 @@ impl Rpc {
             if listings.iter().all(|l| l.live(now)) {
                 return (listings, false);
             }
-            let live = listings
-                .iter()
-                .filter(|l| l.live(now))
-                .map(|l| Listing {
-                    node_id: l.node_id.clone(),
-                    record: l.record.clone(),
-                    expires_at_ms: l.expires_at_ms,
-                    stats: l.stats.clone(),
-                })
-                .collect();
+            let live = listings.iter().filter(|l| l.live(now)).cloned().collect();
             return (live, false);
         }
         let prefix = format!("{REGISTRY_PREFIX}{name}/");
@@ -1332,13 +1323,12 @@ impl Rpc {
             // time, from which the deadline runs; after each attempt, the
             // reading of its end serves the next.
             let mut deadline_at: Option<Instant> = None;
-            let mut now: Option<Instant> = None;
+            let mut at = Instant::now();
             // Providers that failed, for the attempts after (few: a list).
             let mut tried: Vec<NodeId> = Vec::new();
             // Boxed: only retries have one, and every call's future holds it.
             let mut last: Option<Box<RpcError<Bytes>>> = None;
             for attempt in 0..=self.inner.config.max_retries {
-                let at = *now.get_or_insert_with(Instant::now);
                 let (listings, parsed) = self.listed_at(service, at);
                 if listings.is_empty() {
                     return Err(last.map_or_else(|| RpcError::NoProvider(service.into()), |e| *e));
@@ -1384,13 +1374,12 @@ impl Rpc {
                             .find(|l| fits(l))
                             .map(|l| (l, self.reach(&l.node_id)))
                     } else {
-                        let now = at;
                         let cands: Vec<(Reach, f64, bool, &Listing)> = listings
                             .iter()
                             .filter(|l| fits(l))
                             .map(|l| {
                                 let s = lock(&l.stats);
-                                let (cost, failing) = (s.cost(now), s.failing(now));
+                                let (cost, failing) = (s.cost(at), s.failing(at));
                                 drop(s);
                                 (self.reach(&l.node_id), cost, failing, l)
                             })
@@ -1444,7 +1433,7 @@ impl Rpc {
                     .attempt(flight, reach, service, method, &args, o, budget, sent)
                     .await;
                 deadline_at.get_or_insert(sent + o.deadline);
-                now = Some(ended);
+                at = ended;
                 match result {
                     Ok(b) => return Ok(b),
                     Err(e) => {
@@ -1574,22 +1563,20 @@ impl Rpc {
                 // One look at the stats: out of flight, and how it went.
                 let counted = std::mem::replace(&mut flight.armed, false);
                 let mut s = lock(&flight.listing.stats);
-                {
-                    if counted {
-                        s.in_flight = s.in_flight.saturating_sub(1);
-                    }
-                    if answered {
-                        s.answered(now - sent);
-                    }
-                    // Every failure counts against the provider, retried or
-                    // not: a provider that answers every call at once with
-                    // an internal error (as quick as no answer at all) used
-                    // to win every choice it was in.
-                    if matches!(r, Ok(_) | Err(RpcError::Application(_))) {
-                        s.succeeded();
-                    } else {
-                        s.failure(now);
-                    }
+                if counted {
+                    s.in_flight = s.in_flight.saturating_sub(1);
+                }
+                if answered {
+                    s.answered(now - sent);
+                }
+                // Every failure counts against the provider, retried or
+                // not: a provider that answers every call at once with an
+                // internal error (as quick as no answer at all) used to win
+                // every choice it was in.
+                if matches!(r, Ok(_) | Err(RpcError::Application(_))) {
+                    s.succeeded();
+                } else {
+                    s.failure(now);
                 }
             }
             (r, retry, now)
@@ -1679,7 +1666,7 @@ fn encode_call(c: &CallRef<'_>) -> Vec<u8> {
         + varint(6, c.budget_ms)
         + varint(7, u64::from(c.version));
     let mut out = Vec::with_capacity(key_len(1) + encoded_len_varint(body as u64) + body);
-    // Keys (tags 1 to 7: one byte each) and varints: `put_key_varint`.
+    // Keys (tags 1 to 7: one byte each) and varints.
     let key = |tag: u8, wire: WireType| tag << 3 | wire as u8;
     let put = put_key_varint;
     let put_varint = |out: &mut Vec<u8>, tag: u8, v: u64| {
