@@ -88,7 +88,7 @@ impl FrameCodec {
 /// Useful to encode once on the caller's task and hand the bytes to a writer.
 pub fn encode_frame(msg: &Message, max_frame_len: usize) -> Result<Bytes, WireError> {
     let max_frame_len = max_frame_len.min(MAX_FRAME_LEN_LIMIT);
-    let len = msg.encoded_len();
+    let len = encoded_len(msg);
     if len > max_frame_len {
         return Err(WireError::FrameTooLarge {
             len,
@@ -260,7 +260,7 @@ fn concern_head(c: &crate::proto::Concern, head: &mut [u8; CONCERN_HEAD_MAX]) ->
 /// returned, to be written right after `dst` (zero-copy for large payloads).
 ///
 /// `dst` followed by the returned bytes is exactly what [`encode_frame`]
-/// produces. The caller checks its size limit first (`msg.encoded_len()`),
+/// produces. The caller checks its size limit first ([`encoded_len`]),
 /// which must not exceed [`MAX_FRAME_LEN_LIMIT`].
 pub fn encode_frame_into(msg: &Message, dst: &mut BytesMut, split_at: usize) -> Option<Bytes> {
     match msg {
@@ -551,7 +551,7 @@ impl Encoder<&Message> for FrameCodec {
     type Error = WireError;
 
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), WireError> {
-        let len = msg.encoded_len();
+        let len = encoded_len(msg);
         if len > self.max_frame_len {
             return Err(WireError::FrameTooLarge {
                 len,
