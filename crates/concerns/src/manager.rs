@@ -29,7 +29,7 @@ use meshwork_peers::transport::ConnectionHandle;
 use meshwork_peers::transport::{Priority, TransportError};
 use meshwork_peers::wire::proto::{Concern as Frame, ConcernError, ConcernKind, ErrorCode};
 use meshwork_peers::wire::{Message, NodeId};
-use meshwork_peers::{ConcernFrame, InboundHandler, PeerEvent, PeerManager, PeersError};
+use meshwork_peers::{ConcernFrame, InboundHandler, PeerEvent, PeerManager, PeerState, PeersError};
 use prost::Message as _;
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
@@ -1158,6 +1158,16 @@ impl ConcernsBuilder {
                     Ok(PeerEvent::Disconnected { peer, .. }) => {
                         let Some(inner) = weak.upgrade() else { break };
                         inner.peer_left(&peer);
+                    }
+                    Ok(PeerEvent::StateChanged {
+                        peer,
+                        to: PeerState::Connected,
+                        ..
+                    }) => {
+                        let Some(inner) = weak.upgrade() else { break };
+                        if let Ok(routing) = inner.routing() {
+                            routing.neighbour_joined(&inner, &peer);
+                        }
                     }
                     Ok(_) | Err(PeersError::Lagged(_)) => {}
                     Err(_) => break,

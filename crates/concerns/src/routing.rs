@@ -22,7 +22,13 @@
 //!   Routed frames only keep alive a route through their sender; they never
 //!   make or change one (the origin they claim is not checked).
 //! - Route answers are taken only for queries seen, once per neighbour;
-//!   "0 hops" only from the target itself.
+//!   "0 hops" only from the target itself. The target answers each
+//!   neighbour that brings it a query once (the way the first copy came may
+//!   be gone before the answer goes back).
+//! - A search asks the neighbours the node has when it starts, and each one
+//!   that becomes responsive while it runs (`late_asks`): a node joining the
+//!   mesh starts with none. An answer whose route is gone by the time the
+//!   searcher looks does not end the search.
 //! - A hop with no route (or out of TTL) answers a request with an error
 //!   `UNREACHABLE` routed back to the origin, which forgets the route; so
 //!   does a routed request that times out.
@@ -81,7 +87,11 @@ impl Drop for SearchGuard<'_> {
 /// A search in progress: its query, and a watch that flips when found.
 struct Search {
     query_id: u64,
-    found: watch::Sender<bool>,
+    /// The answers taken so far.
+    found: watch::Sender<u32>,
+    /// The signed query as sent (empty until it is): a neighbour that
+    /// arrives during the search is asked too.
+    query: Bytes,
 }
 
 /// A target whose last search found no route: it is not searched for
@@ -164,6 +174,9 @@ pub(crate) struct Routing {
     /// Answers taken, by (origin, query id, the neighbour that brought
     /// it): a repeat is dropped before its signature costs a check.
     answers: Mutex<SeenCache<(NodeId, u64, NodeId), NodeId>>,
+    /// The queries for this node answered, by origin, query id and the
+    /// neighbour that brought them (each such neighbour is answered once).
+    answered: Mutex<SeenCache<(NodeId, u64, NodeId), NodeId>>,
     /// Searches in progress, by target.
     searches: Mutex<HashMap<NodeId, Search>>,
     /// Targets the last search for found no route (see [`Unfound`]): a
@@ -184,6 +197,9 @@ pub(crate) struct Routing {
     /// Sends failed at once, their target not found by a search moments
     /// before ([`Unfound`]).
     held_back: AtomicU64,
+    /// Queries of searches in progress sent to a neighbour that arrived
+    /// after they started.
+    late_asks: AtomicU64,
     /// Routed messages not forwarded: the next hop's lane stayed full.
     dropped: AtomicU64,
     /// Keys shared with the origins and targets of routed messages.
@@ -375,6 +391,7 @@ impl Routing {
             table: Mutex::new(RouteTable::new(cfg.route_ttl, cfg.route_capacity)),
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
+            answered: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             searches: Mutex::new(HashMap::new()),
             unfound: Mutex::new(UnfoundTable::new(MAX_UNFOUND)),
             breadcrumbs: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
@@ -386,6 +403,7 @@ impl Routing {
             unreachable: AtomicU64::new(0),
             searches_started: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
+            late_asks: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             keys: Mutex::new(KeyCache {
                 keys: HashMap::new(),
@@ -558,6 +576,7 @@ impl Routing {
             ("routes", self.routes().len() as u64),
             ("searches", get(&self.searches_started)),
             ("held_back", get(&self.held_back)),
+            ("late_asks", get(&self.late_asks)),
             ("forwarded", get(&self.forwarded)),
             ("delivered", get(&self.delivered)),
             ("unreachable", get(&self.unreachable)),
@@ -695,8 +714,14 @@ impl Routing {
             match searches.get(target) {
                 Some(s) => (s.found.subscribe(), false),
                 None => {
-                    let (found, rx) = watch::channel(false);
-                    searches.insert(target.clone(), Search { query_id, found });
+                    let (found, rx) = watch::channel(0);
+                    let query = Bytes::new();
+                    let search = Search {
+                        query_id,
+                        found,
+                        query,
+                    };
+                    searches.insert(target.clone(), search);
                     (rx, true)
                 }
             }
@@ -722,16 +747,39 @@ impl Routing {
             sign_route_query(inner.peers.endpoint().config().identity(), &mut query);
             lock(&self.queries).insert((me.clone(), query.query_id), me, Instant::now());
             let body = encode(Body::Query(query));
+            // Kept before the neighbours are asked: one that arrives in
+            // between is asked twice, and drops the second copy as seen.
+            if let Some(s) = lock(&self.searches).get_mut(target) {
+                s.query = body.clone();
+            }
             for p in inner.peers.neighbours() {
                 let _ = inner.try_send_direct(&p, ROUTING, body.clone());
             }
         }
+        // Answers are counted: a route an answer taught may be gone by the
+        // time this task looks (its next hop left at once), and a later
+        // answer, by another way, may still come within the timeout.
         // `wait_for` returns a read guard of the channel: drop it at once,
         // before anything takes the searches lock (`on_found` sends while
         // holding that lock, and the send needs the channel's write lock).
-        let found = tokio::time::timeout(self.search_timeout, rx.wait_for(|found| *found))
+        let wait = async {
+            let mut seen = 0;
+            loop {
+                let answers = match rx.wait_for(|n| *n > seen).await {
+                    Ok(n) => *n,
+                    Err(_) => return None,
+                };
+                if let Some(hop) = self.next_hop(inner, target) {
+                    return Some(hop);
+                }
+                seen = answers;
+            }
+        };
+        let hop = tokio::time::timeout(self.search_timeout, wait)
             .await
-            .is_ok_and(|r| r.is_ok());
+            .ok()
+            .flatten();
+        let found = hop.is_some();
         // Remembered before the search's entry goes, so that a send coming
         // in between joins nothing and searches nothing either. Only a
         // search waited out to its end counts (a caller that gave up
@@ -740,14 +788,27 @@ impl Routing {
             self.not_found(inner, target);
         }
         drop(_guard);
-        match found {
-            true => self
-                .next_hop(inner, target)
-                .ok_or_else(|| ConcernsError::Unreachable(target.clone())),
-            false => {
+        match hop {
+            Some(hop) => Ok(hop),
+            None => {
                 self.unreachable.fetch_add(1, Ordering::Relaxed);
                 Err(ConcernsError::Unreachable(target.clone()))
             }
+        }
+    }
+
+    /// `peer` became a responsive neighbour: it is asked every search in
+    /// progress, which otherwise asked only the neighbours there were when
+    /// it started (none at all, on a node still joining the mesh).
+    pub(crate) fn neighbour_joined(&self, inner: &Inner, peer: &NodeId) {
+        let queries: Vec<Bytes> = lock(&self.searches)
+            .values()
+            .filter(|s| !s.query.is_empty())
+            .map(|s| s.query.clone())
+            .collect();
+        for query in queries {
+            self.late_asks.fetch_add(1, Ordering::Relaxed);
+            let _ = inner.try_send_direct(peer, ROUTING, query);
         }
     }
 
@@ -763,7 +824,18 @@ impl Routing {
         let me = inner.peers.node_id();
         let now = Instant::now();
         let key = (origin.clone(), q.query_id);
-        if origin == *me || lock(&self.queries).contains(&key, now) {
+        if origin == *me {
+            return Ok(());
+        }
+        // The target answers each neighbour that brings it the query, once:
+        // the copy that came first may have come over a link that is gone
+        // before the answer can go back (a neighbour asked while it was
+        // joining, then dropped), while the copies that came after have a
+        // way back. Anyone else passes a query on once.
+        let for_me = target == *me;
+        let seen = lock(&self.queries).contains(&key, now);
+        let answer = (origin.clone(), q.query_id, from.clone());
+        if seen && (!for_me || lock(&self.answered).contains(&answer, now)) {
             return Ok(());
         }
         let off = i128::from(self.clock.now_ms()) - i128::from(q.sent_at_ms);
@@ -778,12 +850,15 @@ impl Routing {
             self.ban_forger(inner, from, "route query not signed by its origin", &origin);
             return Ok(());
         }
-        if !lock(&self.queries).insert(key, from, now) {
+        if !lock(&self.queries).insert(key, from, now) && !for_me {
             return Ok(());
         }
         lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);
         self.found(&origin);
-        if target == *me {
+        if for_me {
+            if !lock(&self.answered).insert(answer, from, now) {
+                return Ok(());
+            }
             let mut found = RouteFound {
                 query_id: q.query_id,
                 origin: q.origin,
@@ -853,7 +928,7 @@ impl Routing {
             }
             lock(&self.table).learn(&target, from, hops, now);
             self.found(&target);
-            found.send_replace(true);
+            found.send_modify(|n| *n = n.saturating_add(1));
             return Ok(());
         }
         if !lock(&self.queries).contains(&(origin.clone(), f.query_id), now)

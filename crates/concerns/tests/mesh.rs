@@ -781,6 +781,44 @@ async fn a_target_no_search_found_is_not_searched_for_again_at_once() {
     stop(vec![a, b, c]).await;
 }
 
+/// A route search asks a neighbour that arrives while it runs: a node still
+/// joining the mesh (no neighbour at all when it sends) reaches its target
+/// once it has a way there, not after the search timeout has run out.
+#[tokio::test(start_paused = true)]
+async fn a_search_asks_a_neighbour_that_arrives_while_it_runs() {
+    let net = MemNetwork::new();
+    // The ends keep one neighbour each: `a` cannot link to `c` itself.
+    let ends = || PeersConfig::default().with_min_peers(1).with_max_peers(1);
+    let a = start(&net, "a", ends()).await;
+    let c = start(&net, "c", ends()).await;
+    net.partition(&["a"], &["b"]);
+    let b = start(&net, "b", seeded(&["mem://a".into(), "mem://c".into()])).await;
+    let deadline = Instant::now() + 5 * S;
+    while !linked(&b, &c) {
+        assert!(Instant::now() < deadline, "b did not link to c");
+        sleep(10 * MS).await;
+    }
+    assert!(a.concerns.peers().neighbours().is_empty());
+    let started = Instant::now();
+    let ask = tokio::spawn({
+        let ctx = a.ctx();
+        let target = c.id().clone();
+        async move { ctx.request_to(&target, "late", 10 * S).await }
+    });
+    // The search has started, and asked nobody.
+    sleep(500 * MS).await;
+    assert_eq!(builtin_stat(&a.concerns, "routing", "searches"), 1);
+    net.heal();
+    let reply = ask.await.unwrap().unwrap();
+    assert_eq!(reply, Bytes::from("late"));
+    // The search timeout is 3 s: the answer came by the late ask.
+    assert!(started.elapsed() < 3 * S, "{:?}", started.elapsed());
+    assert_eq!(builtin_stat(&a.concerns, "routing", "searches"), 1);
+    assert_eq!(builtin_stat(&a.concerns, "routing", "late_asks"), 1);
+    assert_eq!(c.probe.count_from(a.id()), 1);
+    stop(vec![a, b, c]).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn topics_reach_every_subscriber_once_neighbour_or_not() {
     let net = MemNetwork::new();

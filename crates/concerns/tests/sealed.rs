@@ -522,3 +522,60 @@ async fn a_route_query_not_signed_by_its_origin_is_refused_and_its_bringer_banne
     x.check_honest_way().await;
     x.stop().await;
 }
+
+/// A relay beside `t` (a bare peer manager seeded with it) and the routing
+/// frames it receives.
+async fn relay_beside(
+    net: &MemNetwork,
+    name: &str,
+) -> (PeerManager, mpsc::UnboundedReceiver<ConcernFrame>) {
+    let m = PeerManager::start(listening(net, name).await, seeded(&["mem://t"], 1)).unwrap();
+    let (tap, frames) = mpsc::unbounded_channel();
+    m.set_inbound_handler(Arc::new(Tap(tap))).unwrap();
+    m.wait_for_peers(1, 5 * S).await.unwrap();
+    (m, frames)
+}
+
+/// The target answers a query once for each neighbour that brings it, not
+/// only the first: the first copy may have come over a link that is gone
+/// before the answer can go back (a neighbour that was dropped as soon as
+/// it joined), while a later copy has a way back. A neighbour that brings
+/// the query again gets no second answer.
+#[tokio::test(start_paused = true)]
+async fn the_target_answers_each_neighbour_that_brings_a_query_once() {
+    let net = MemNetwork::new();
+    let peers = PeerManager::start(listening(&net, "t").await, seeded(&[], 4)).unwrap();
+    let t = Concerns::builder(peers).start().await.unwrap();
+    let (m1, mut frames1) = relay_beside(&net, "m1").await;
+    let (m2, mut frames2) = relay_beside(&net, "m2").await;
+    let tid = t.peers().node_id().clone();
+    let origin = Identity::generate();
+    let mut query = RouteQuery {
+        query_id: 42,
+        origin: origin.node_id().as_bytes().clone(),
+        target: tid.as_bytes().clone(),
+        ttl: 8,
+        sent_at_ms: unix_ms(),
+        signature: Bytes::new(),
+    };
+    meshwork_concerns::sign_route_query(&origin, &mut query);
+    for (m, frames) in [(&m1, &mut frames1), (&m2, &mut frames2)] {
+        say(m, &tid, Body::Query(query.clone())).await;
+        let Body::Found(found) = next_routing(frames).await else {
+            panic!("expected t's route answer");
+        };
+        assert_eq!((found.query_id, found.hops), (42, 0));
+        assert_eq!(found.target, query.target);
+    }
+    say(&m1, &tid, Body::Query(query.clone())).await;
+    sleep(S).await;
+    assert!(
+        frames1.try_recv().is_err(),
+        "a second answer to one neighbour"
+    );
+    assert_eq!(routing_stat(&t, "forged"), 0);
+    t.shutdown().await;
+    t.peers().shutdown().await;
+    m1.shutdown().await;
+    m2.shutdown().await;
+}
