@@ -71,7 +71,7 @@
 //!   `GET /rpc/{service}/providers` answers `{"service","providers":[{"node_id","reach",
 //!   "version","methods","latency_ms","in_flight"}]}`, `reach` one of [`RPC_REACHES`]. `/status` has
 //!   `"served":[{"name","version","methods","calls","errors","overloaded","cancelled",
-//!   "in_flight"}]` and `"calls":{"calls","failures","retries"}`.
+//!   "in_flight","relisted"}]` and `"calls":{"calls","failures","retries"}`.
 //!
 //! Node 0 starts first; the others get `--seed <node 0's listen address>` and
 //! find the rest of the mesh through it.

@@ -463,6 +463,9 @@ pub(crate) struct ServedJson {
     pub(crate) cancelled: u64,
     /// Calls running now.
     pub(crate) in_flight: usize,
+    /// Times its registry entry was written again after another node had
+    /// taken it.
+    pub(crate) relisted: u64,
 }
 
 /// [`StatusJson`]'s `calls`.
@@ -486,6 +489,7 @@ fn served_json(s: &ServedStats) -> ServedJson {
         overloaded: s.overloaded,
         cancelled: s.cancelled,
         in_flight: s.in_flight,
+        relisted: s.relisted,
     }
 }
 
@@ -1997,6 +2001,7 @@ mod tests {
                 overloaded: 19,
                 cancelled: 20,
                 in_flight: 21,
+                relisted: 25,
             }],
             calls: CallStats {
                 calls: 22,
@@ -2177,7 +2182,8 @@ mod tests {
                     "errors": 18,
                     "overloaded": 19,
                     "cancelled": 20,
-                    "in_flight": 21
+                    "in_flight": 21,
+                    "relisted": 25
                 }],
                 "calls": {"calls": 22, "failures": 23, "retries": 24}
             })
@@ -3393,7 +3399,8 @@ mod tests {
                 "errors": 3,
                 "overloaded": 0,
                 "cancelled": 0,
-                "in_flight": 0
+                "in_flight": 0,
+                "relisted": 0
             }])
         );
         assert_eq!(

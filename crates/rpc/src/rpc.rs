@@ -22,7 +22,7 @@ use meshwork_sync::{SyncError, SyncMap};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::balance::{ProviderStats, Reach, choose};
 use crate::proto::{self, FailureCode, outcome, rpc_message::Body};
@@ -143,6 +143,9 @@ pub struct ServedStats {
     pub cancelled: u64,
     /// Calls running now.
     pub in_flight: usize,
+    /// Times its registry entry was written again after another node had
+    /// taken it (see [`Rpc::serve`]).
+    pub relisted: u64,
 }
 
 /// Counters of the calls this node made.
@@ -168,6 +171,8 @@ struct Served {
     overloaded: AtomicU64,
     cancelled: AtomicU64,
     in_flight: AtomicUsize,
+    /// Times its registry entry was written again (see [`keep_listed`]).
+    relisted: AtomicU64,
     /// Calls taken past half the limit, by caller (see [`Served::share`]).
     /// SipHash: callers are whoever calls.
     holders: Mutex<HashMap<NodeId, usize>>,
@@ -696,6 +701,10 @@ struct Inner {
     counters: ClientCounters,
     /// The registry entries of each service asked for, parsed.
     registry: Mutex<FxHashMap<String, Listed>>,
+    /// Held while this node writes its own registry entries (serving,
+    /// stopping, listing again), so that a service stopped meanwhile is
+    /// not listed again.
+    listing: tokio::sync::Mutex<()>,
 }
 
 /// Services whose parsed registry entries are kept at most: past this, the
@@ -778,6 +787,75 @@ pub fn check_service_name(name: &str) -> Result<(), RpcError> {
         Err(RpcError::Local(format!(
             "invalid service name {name:?}: 1 to {MAX_SERVICE_NAME} letters, digits, '.', '-', '_'"
         )))
+    }
+}
+
+/// The registry value of a service: its [`ServiceRecord`] as JSON.
+fn record_value(version: u32, methods: &[&'static str]) -> Result<Vec<u8>, RpcError> {
+    let record = ServiceRecord {
+        version,
+        methods: methods.iter().map(|m| m.to_string()).collect(),
+    };
+    serde_json::to_vec(&record).map_err(|e| RpcError::Decode(e.to_string()))
+}
+
+/// Keeps this node's services listed while it serves them, checking every
+/// `every`.
+///
+/// The synced map keeps an ephemeral key alive only while no other node
+/// has claimed it, and gives it up for good once one has. No honest node
+/// writes another's registry entry (the key names the provider), but any
+/// member can (entries are not signed, security.md), and a provider whose
+/// entry was taken stayed unlisted, and uncallable, for as long as it ran.
+/// Now it writes its entry again as soon as the map lets it: once the
+/// other claim's lease has lapsed. A claim with a lease of years is not
+/// undone this way; signed entries would be needed for that.
+async fn keep_listed(weak: std::sync::Weak<Inner>, every: Duration) {
+    let mut timer = tokio::time::interval(every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer.tick().await;
+    loop {
+        timer.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.server.shutting_down() {
+            return;
+        }
+        let _listing = inner.listing.lock().await;
+        let served: Vec<Arc<Served>> = inner
+            .server
+            .served
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let me = inner.ctx.node_id().clone();
+        for s in served {
+            let Ok(value) = record_value(s.version, &s.methods) else {
+                continue;
+            };
+            let key = registry_key(&s.name, &me);
+            let listed = inner
+                .sync
+                .entry(&key)
+                .is_some_and(|e| e.writer == me && e.value[..] == value[..]);
+            if listed {
+                continue;
+            }
+            match inner
+                .sync
+                .set_ephemeral(&key, value, inner.config.registry_ttl)
+                .await
+            {
+                Ok(_) => {
+                    s.relisted.fetch_add(1, Ordering::Relaxed);
+                    warn!(service = %s.name, "listed again: another node had taken its registry entry");
+                }
+                Err(e) => {
+                    debug!(service = %s.name, error = %e, "cannot list again yet");
+                }
+            }
+        }
     }
 }
 
@@ -937,7 +1015,7 @@ impl Rpc {
             })
             .await
             .map_err(|e| RpcError::Local(e.to_string()))?;
-        Ok(Rpc {
+        let rpc = Rpc {
             inner: Arc::new(Inner {
                 server,
                 sync: sync.clone(),
@@ -950,8 +1028,12 @@ impl Rpc {
                 // it came by (a flooded or routed message says who sent it,
                 // unverified). Ids counting from 1 were easy to guess.
                 counters: ClientCounters::default(),
+                listing: tokio::sync::Mutex::new(()),
             }),
-        })
+        };
+        let every = (rpc.inner.config.registry_ttl / 3).max(Duration::from_millis(100));
+        tokio::spawn(keep_listed(Arc::downgrade(&rpc.inner), every));
+        Ok(rpc)
     }
 
     /// This node's id.
@@ -963,8 +1045,14 @@ impl Rpc {
     /// ephemeral key of the synced map, refreshed while this node runs).
     /// Only services served this way are reachable; nothing is loaded by
     /// name.
+    ///
+    /// The entry is checked every third of the registry ttl: if another
+    /// node has taken it (only a member that lies does), it is written again
+    /// once that node's lease has lapsed, and counted in
+    /// [`ServedStats::relisted`].
     pub async fn serve(&self, name: &str, service: impl Service) -> Result<(), RpcError> {
         check_service_name(name)?;
+        let _listing = self.inner.listing.lock().await;
         let methods = service.methods();
         let version = service.version();
         let served = Arc::new(Served {
@@ -978,6 +1066,7 @@ impl Rpc {
             overloaded: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            relisted: AtomicU64::new(0),
             holders: Mutex::new(HashMap::new()),
         });
         {
@@ -992,11 +1081,7 @@ impl Rpc {
             }
             all.insert(name.to_string(), served);
         }
-        let record = ServiceRecord {
-            version,
-            methods: methods.iter().map(|m| m.to_string()).collect(),
-        };
-        let value = serde_json::to_vec(&record).map_err(|e| RpcError::Decode(e.to_string()))?;
+        let value = record_value(version, &methods)?;
         let key = registry_key(name, self.node_id());
         if let Err(e) = self
             .inner
@@ -1023,6 +1108,7 @@ impl Rpc {
     /// Stops serving `name` and removes it from the registry. Returns
     /// whether it was served.
     pub async fn stop_serving(&self, name: &str) -> bool {
+        let _listing = self.inner.listing.lock().await;
         let was = self.remove_served(name);
         let key = registry_key(name, self.node_id());
         if let Err(e) = self.inner.sync.remove(&key).await {
@@ -1232,6 +1318,7 @@ impl Rpc {
                 overloaded: s.overloaded.load(Ordering::Relaxed),
                 cancelled: s.cancelled.load(Ordering::Relaxed),
                 in_flight: s.in_flight.load(Ordering::Relaxed),
+                relisted: s.relisted.load(Ordering::Relaxed),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
