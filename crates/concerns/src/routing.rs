@@ -177,6 +177,9 @@ pub(crate) struct Routing {
     /// The queries for this node answered, by origin, query id and the
     /// neighbour that brought them (each such neighbour is answered once).
     answered: Mutex<SeenCache<(NodeId, u64, NodeId), NodeId>>,
+    /// The signed answers of this node to queries for it, encoded, by
+    /// origin and query id: signed once however many neighbours ask.
+    signed_answers: Mutex<SeenCache<(NodeId, u64), NodeId, Bytes>>,
     /// Searches in progress, by target.
     searches: Mutex<HashMap<NodeId, Search>>,
     /// Targets the last search for found no route (see [`Unfound`]): a
@@ -392,6 +395,7 @@ impl Routing {
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             answered: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
+            signed_answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             searches: Mutex::new(HashMap::new()),
             unfound: Mutex::new(UnfoundTable::new(MAX_UNFOUND)),
             breadcrumbs: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
@@ -859,15 +863,27 @@ impl Routing {
             if !lock(&self.answered).insert(answer, from, now) {
                 return Ok(());
             }
-            let mut found = RouteFound {
-                query_id: q.query_id,
-                origin: q.origin,
-                target: q.target,
-                hops: 0,
-                signature: Bytes::new(),
+            // One answer, signed once, for every neighbour that asks: it
+            // says nothing about the way it goes back.
+            let query = (origin, q.query_id);
+            let signed = lock(&self.signed_answers).get(&query, now).cloned();
+            let body = match signed {
+                Some(body) => body,
+                None => {
+                    let mut found = RouteFound {
+                        query_id: q.query_id,
+                        origin: q.origin,
+                        target: q.target,
+                        hops: 0,
+                        signature: Bytes::new(),
+                    };
+                    sign_route_found(inner.peers.endpoint().config().identity(), &mut found);
+                    let body = encode(Body::Found(found));
+                    lock(&self.signed_answers).insert_value(query, body.clone(), from, now);
+                    body
+                }
             };
-            sign_route_found(inner.peers.endpoint().config().identity(), &mut found);
-            inner.try_send_direct(from, ROUTING, encode(Body::Found(found)))?;
+            inner.try_send_direct(from, ROUTING, body)?;
             return Ok(());
         }
         if target != *from && Self::is_neighbour(inner, &target) {

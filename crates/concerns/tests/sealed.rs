@@ -540,7 +540,7 @@ async fn relay_beside(
 /// only the first: the first copy may have come over a link that is gone
 /// before the answer can go back (a neighbour that was dropped as soon as
 /// it joined), while a later copy has a way back. A neighbour that brings
-/// the query again gets no second answer.
+/// the query again gets no second answer. The answer is signed once.
 #[tokio::test(start_paused = true)]
 async fn the_target_answers_each_neighbour_that_brings_a_query_once() {
     let net = MemNetwork::new();
@@ -559,6 +559,7 @@ async fn the_target_answers_each_neighbour_that_brings_a_query_once() {
         signature: Bytes::new(),
     };
     meshwork_concerns::sign_route_query(&origin, &mut query);
+    let mut answers = Vec::new();
     for (m, frames) in [(&m1, &mut frames1), (&m2, &mut frames2)] {
         say(m, &tid, Body::Query(query.clone())).await;
         let Body::Found(found) = next_routing(frames).await else {
@@ -566,7 +567,10 @@ async fn the_target_answers_each_neighbour_that_brings_a_query_once() {
         };
         assert_eq!((found.query_id, found.hops), (42, 0));
         assert_eq!(found.target, query.target);
+        answers.push(found);
     }
+    // Signed once (a signature is randomised: two would differ).
+    assert_eq!(answers[0], answers[1]);
     say(&m1, &tid, Body::Query(query.clone())).await;
     sleep(S).await;
     assert!(
