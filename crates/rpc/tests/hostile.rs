@@ -6,7 +6,8 @@
 //! relayed floods and publications, route queries), and adds RPC calls and
 //! cancels of its own. It then sends the node thousands of mangled copies of
 //! those frames: bytes flipped, cut, inserted, varints set to their largest,
-//! commands and kinds swapped, request ids made up. Each time the node drops
+//! commands and kinds swapped, request ids made up; one in 16 is a mangled
+//! message of the peer layer (Ping, Pong, Discovered, Disconnect). Each time the node drops
 //! it (a ban for a forged signature, say), it comes back under a new
 //! identity.
 //!
@@ -26,7 +27,7 @@ use meshwork::Node;
 use meshwork::concerns::peers::{ConcernFrame, InboundHandler, PeerManager, PeersConfig};
 use meshwork::transport::mem::MemNetwork;
 use meshwork::transport::{Address, Config, ConnectionHandle, Endpoint, Priority};
-use meshwork::wire::proto::ConcernKind;
+use meshwork::wire::proto::{ConcernKind, Disconnect, Discovered, Envelope, PeerInfo, Ping, Pong};
 use meshwork::wire::{Message, NodeId};
 use meshwork_rpc::proto::{Call, Cancel, RpcMessage, rpc_message::Body};
 use meshwork_rpc::sync::proto::{DigestQuery, Pull, SyncMessage, sync_message};
@@ -274,6 +275,7 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
         .unwrap();
     b.concerns().publish("news", "first").unwrap();
     let nowhere = meshwork::transport::Identity::generate().node_id().clone();
+    let nowhere_id = nowhere.clone();
     let search = {
         let ctx = a.concerns().context(50);
         tokio::spawn(async move { ctx.request_to(&nowhere, "anyone?", S).await })
@@ -313,6 +315,32 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
         ..rpc_frame(0, "", "", "")
     });
     let builtins: Vec<u32> = commands.iter().copied().chain([RPC]).collect();
+    let peer_info = |id: &NodeId, addr: &str| PeerInfo {
+        node_id: id.as_bytes().clone(),
+        addrs: vec![addr.into()],
+    };
+    let peer_seeds = [
+        Message::Ping(Ping {
+            nonce: 7,
+            timestamp_micros: 1,
+        }),
+        Message::Pong(Pong {
+            nonce: 7,
+            timestamp_micros: 1,
+        }),
+        Message::Discovered(Discovered {
+            peers: vec![
+                peer_info(b.node_id(), "mem://b"),
+                peer_info(a.node_id(), "mem://a"),
+                peer_info(&nowhere_id, "tcp://127.0.0.1:9"),
+            ],
+        }),
+        Message::Disconnect(Disconnect {
+            reason: 2,
+            message: "too many".into(),
+            alternatives: vec![peer_info(b.node_id(), "mem://b")],
+        }),
+    ];
 
     // Mangle and send.
     let mut m = spy;
@@ -341,8 +369,23 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
         if rng.chance(8) {
             frame.flags = rng.next() as u32 & 0xff;
         }
+        // One in 16 is a message of the peer layer instead, mangled as a
+        // whole envelope (what still decodes is sent).
+        let message = if rng.chance(16) {
+            let seed_message = peer_seeds[rng.below(peer_seeds.len())].clone();
+            let bytes = Envelope {
+                body: Some(seed_message),
+            }
+            .encode_to_vec();
+            match Envelope::decode(mangle(&mut rng, &bytes)) {
+                Ok(Envelope { body: Some(body) }) => body,
+                _ => continue,
+            }
+        } else {
+            Message::Concern(frame)
+        };
         let priority = [Priority::Control, Priority::Normal, Priority::Bulk][rng.below(3)];
-        match m.try_send(a.node_id(), Message::Concern(frame), priority) {
+        match m.try_send(a.node_id(), message, priority) {
             Ok(()) => sent += 1,
             Err(_) if m.is_neighbour(a.node_id()) => sleep(MS).await,
             Err(_) => {
