@@ -835,13 +835,12 @@ async fn keep_listed(weak: std::sync::Weak<Inner>, every: Duration) {
                 continue;
             };
             let key = registry_key(&s.name, &me);
-            let listed = inner
-                .sync
-                .entry(&key)
-                .is_some_and(|e| e.writer == me && e.value[..] == value[..]);
-            if listed {
-                continue;
-            }
+            // Who wrote what is there now (`None`: nothing live).
+            let holder = match inner.sync.entry(&key) {
+                Some(e) if e.writer == me && e.value[..] == value[..] => continue,
+                Some(e) => Some(e.writer),
+                None => None,
+            };
             match inner
                 .sync
                 .set_ephemeral(&key, value, inner.config.registry_ttl)
@@ -849,7 +848,8 @@ async fn keep_listed(weak: std::sync::Weak<Inner>, every: Duration) {
             {
                 Ok(_) => {
                     s.relisted.fetch_add(1, Ordering::Relaxed);
-                    warn!(service = %s.name, "listed again: another node had taken its registry entry");
+                    let by = holder.map(|h| h.short());
+                    warn!(service = %s.name, taken_by = ?by, "registry entry taken or gone: listed again");
                 }
                 Err(e) => {
                     debug!(service = %s.name, error = %e, "cannot list again yet");
