@@ -3,13 +3,13 @@
 //!
 //! The neighbour first listens, as an honest peer would, to what the node
 //! sends it while an honest node works the mesh (sync pushes and digests,
-//! relayed floods and publications, route queries), and adds RPC calls and
-//! cancels of its own. It then sends the node thousands of mangled copies of
-//! those frames: bytes flipped, cut, inserted, varints set to their largest,
-//! commands and kinds swapped, request ids made up; one in 16 is a mangled
-//! message of the peer layer (Ping, Pong, Discovered, Disconnect). Each time the node drops
-//! it (a ban for a forged signature, say), it comes back under a new
-//! identity.
+//! relayed floods and publications, route queries), and adds routed
+//! messages, RPC calls and cancels of its own. It then sends the node
+//! thousands of mangled copies of those frames: bytes flipped, cut,
+//! inserted, varints set to their largest, commands and kinds swapped,
+//! request ids made up; one in 16 is a mangled message of the peer layer
+//! (Ping, Pong, Discovered, Disconnect). Each time the node drops it (a ban
+//! for a forged signature, say), it comes back under a new identity.
 //!
 //! Nothing may panic, anywhere in the process (a panic hook counts them,
 //! also in tasks whose panics tokio would swallow), and afterwards the
@@ -24,10 +24,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use meshwork::Node;
+use meshwork::concerns::ROUTING;
 use meshwork::concerns::peers::{ConcernFrame, InboundHandler, PeerManager, PeersConfig};
 use meshwork::transport::mem::MemNetwork;
 use meshwork::transport::{Address, Config, ConnectionHandle, Endpoint, Priority};
-use meshwork::wire::proto::{ConcernKind, Disconnect, Discovered, Envelope, PeerInfo, Ping, Pong};
+use meshwork::wire::proto::{
+    ConcernKind, Disconnect, Discovered, Envelope, PeerInfo, Ping, Pong, RouteMessage, Routed,
+    route_message,
+};
 use meshwork::wire::{Message, NodeId};
 use meshwork_rpc::proto::{Call, Cancel, RpcMessage, rpc_message::Body};
 use meshwork_rpc::sync::proto::{DigestQuery, Pull, SyncMessage, sync_message};
@@ -303,6 +307,29 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
     let commands: std::collections::BTreeSet<u32> = seeds.iter().map(|f| f.command).collect();
     eprintln!("{} frames heard, commands {commands:x?}", seeds.len());
     assert!(seeds.len() >= 5, "too little traffic to start from");
+    // Routed messages (their seal made up): for a neighbour of the node,
+    // for the node itself, and for a node nobody knows.
+    let now_ms = a.sync().now_ms();
+    for target in [b.node_id(), a.node_id(), &nowhere_id] {
+        let routed = Routed {
+            origin: b.node_id().as_bytes().clone(),
+            target: target.as_bytes().clone(),
+            command: 50,
+            request_id: 9,
+            kind: ConcernKind::Request as i32,
+            payload: vec![0x5a; 56].into(),
+            ttl: 8,
+            sent_at_ms: now_ms,
+        };
+        let body = RouteMessage {
+            body: Some(route_message::Body::Routed(routed)),
+        };
+        seeds.push(ConcernFrame {
+            command: ROUTING,
+            payload: body.encode_to_vec().into(),
+            ..rpc_frame(0, "", "", "")
+        });
+    }
     seeds.push(rpc_frame(1, "adder", "add", "[1,2]"));
     seeds.push(rpc_frame(2, "adder", "nope", "[]"));
     seeds.push(rpc_frame(3, "no.such", "add", "[1,2]"));
