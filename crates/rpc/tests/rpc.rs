@@ -1899,6 +1899,10 @@ async fn the_registry_follows_serving_stopping_and_shutdown() {
         calc.add(1, 2).await,
         Err(RpcError::NoProvider("calc".into()))
     );
+    // And stays so: the check that lists a provider's services again
+    // (every third of the registry ttl) lists only what it serves.
+    sleep(12 * S).await;
+    assert!(a.rpc().providers("calc").is_empty());
 
     // Served again, by b and c; then b shuts down.
     b.rpc()
