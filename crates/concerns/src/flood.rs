@@ -4,7 +4,7 @@
 //! The origin sends a `Flooded { origin, message_id, command, payload, ttl,
 //! sent_at_ms, signature }` to each neighbour. A node that has not seen
 //! `(origin, message_id)` before checks the stamp and the origin's signature,
-//! remembers it (a bounded, expiring [`SeenCache`]), relays it with `ttl - 1`
+//! remembers it (a bounded, expiring [`SeenCache`](crate::seen::SeenCache)), relays it with `ttl - 1`
 //! to every neighbour except the one it came from and the origin, and hands
 //! the payload to its own concern for `command`.
 //!

@@ -23,7 +23,7 @@
 //! Only services that were explicitly served are reachable; nothing is
 //! loaded or run by name. [`Rpc::call_raw`] is the untyped path for tools.
 //!
-//! The [`service`] attribute turns a trait of async methods into a server
+//! The [`service`](macro@service) attribute turns a trait of async methods into a server
 //! adapter (`FooServer`) and a typed client (`FooClient`); see its docs for
 //! exactly what it generates.
 //!

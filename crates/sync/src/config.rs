@@ -140,7 +140,7 @@ impl SyncConfig {
     /// The most a replica holds, in bytes (default 256 MiB): keys and
     /// values, tombstones included, plus about 200 bytes per entry. At the
     /// budget, a local write of a new key or a larger value fails with
-    /// [`SyncError::Full`](crate::SyncError::Full) and such entries from
+    /// [`SyncError::Full`] and such entries from
     /// peers are refused (counted in `SyncStats::refused_full`); updates
     /// that do not grow the replica and deletes go on. So no member can
     /// make every replica grow without bound; the price is that a full
