@@ -376,6 +376,28 @@ async fn watch_sees_remote_sets_and_deletes_under_its_prefix_only() {
     stop([a, b, c]).await;
 }
 
+/// `try_recv` hands over the changes waiting under its prefix without
+/// waiting: a local write's change as soon as the write returns, none for
+/// other prefixes, and `None` once they are taken.
+#[tokio::test(start_paused = true)]
+async fn try_recv_takes_the_waiting_changes_without_waiting() {
+    let net = MemNetwork::new();
+    let cfg = sync_config();
+    let [a, b, c] = trio(&net, &cfg).await;
+    let mut app = a.sync().watch("app/");
+    assert_eq!(app.try_recv().unwrap(), None);
+    a.sync().set("other/y", "2").await.unwrap();
+    assert_eq!(app.try_recv().unwrap(), None);
+    a.sync().set("app/x", "1").await.unwrap();
+    a.sync().set("app/z", "3").await.unwrap();
+    let keys: Vec<Bytes> = std::iter::from_fn(|| app.try_recv().unwrap())
+        .map(|c| c.key)
+        .collect();
+    assert_eq!(keys, ["app/x", "app/z"].map(Bytes::from));
+    assert_eq!(app.try_recv().unwrap(), None);
+    stop([a, b, c]).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn concurrent_claims_in_a_partition_resolve_to_the_first_and_the_loser_is_told() {
     let net = MemNetwork::new();

@@ -1865,6 +1865,46 @@ async fn a_provider_five_hops_away_is_called_through_the_routing_concern() {
 // ---------------------------------------------------------------------------
 // The registry
 
+/// A caller keeps its parsed registry while other keys of the map change
+/// (every write changes the map's digest), and still sees each change to
+/// the registry at once: a provider serving the name again at another
+/// version, between and after writes to other keys.
+#[tokio::test(start_paused = true)]
+async fn the_registry_follows_its_entries_not_the_rest_of_the_map() {
+    let net = MemNetwork::new();
+    let nodes = mesh(
+        &net,
+        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
+    )
+    .await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (imp, _probe) = Imp::new("b");
+    b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
+    wait_listed(&[a], "calc", b).await;
+    let calc: CalcClient = a.rpc().client("calc");
+    for i in 0..20 {
+        a.sync().set(format!("busy/{i}"), "x").await.unwrap();
+        b.sync().set(format!("other/{i}"), "y").await.unwrap();
+        assert_eq!(calc.add(i, 1).await, Ok(i + 1));
+    }
+    let version = |n: &Node| n.rpc().providers("calc").first().map(|p| p.record.version);
+    assert_eq!(version(a), Some(1));
+    // b serves the name again at version 2: a reads the changed entry.
+    assert!(b.rpc().stop_serving("calc").await);
+    b.rpc()
+        .serve("calc", CalcV2Server::new(ImpV2))
+        .await
+        .unwrap();
+    a.sync().set("busy/after", "x").await.unwrap();
+    wait_until("version 2 listed", || version(a) == Some(2)).await;
+    let v2: CalcV2Client = a.rpc().client("calc");
+    assert_eq!(v2.add(1, 2).await, Ok(1003));
+    // The version 1 client is refused for the version it wants.
+    let err = calc.add(1, 2).await.unwrap_err();
+    assert!(matches!(err, RpcError::VersionMismatch { .. }), "{err:?}");
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_registry_follows_serving_stopping_and_shutdown() {
     let net = MemNetwork::new();

@@ -811,7 +811,7 @@ impl SyncMap {
                     value: e.value.clone().unwrap_or_default(),
                     version: e.stamp,
                     writer: e.writer.clone(),
-                    lease: replica.lease(k, now),
+                    lease: replica.lease_of(e, now),
                     expires_at_ms: (e.expires_at != 0).then_some(e.expires_at),
                 };
                 (k.clone(), info)
@@ -1209,6 +1209,22 @@ impl Watch {
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => return Err(SyncError::Lagged(n)),
                 Err(broadcast::error::RecvError::Closed) => return Err(SyncError::Shutdown),
+            }
+        }
+    }
+
+    /// The next change if one is waiting, without waiting (`Ok(None)`:
+    /// none is); errors as [`recv`](Self::recv). A change is waiting here
+    /// as soon as the write or merge that made it returns.
+    pub fn try_recv(&mut self) -> Result<Option<Change>, SyncError> {
+        use broadcast::error::TryRecvError;
+        loop {
+            match self.rx.try_recv() {
+                Ok(c) if c.key.starts_with(&self.prefix) => return Ok(Some(c)),
+                Ok(_) => {}
+                Err(TryRecvError::Empty) => return Ok(None),
+                Err(TryRecvError::Lagged(n)) => return Err(SyncError::Lagged(n)),
+                Err(TryRecvError::Closed) => return Err(SyncError::Shutdown),
             }
         }
     }

@@ -198,7 +198,12 @@ impl Replica {
 
     /// The live lease on `key`, if any.
     pub(crate) fn lease(&self, key: &[u8], now_ms: u64) -> Option<Lease> {
-        let e = self.entry(key)?;
+        self.lease_of(self.entry(key)?, now_ms)
+    }
+
+    /// The live lease of `e` (an entry of this replica), if any: for a
+    /// caller that holds the entry already.
+    pub(crate) fn lease_of(&self, e: &Entry, now_ms: u64) -> Option<Lease> {
         (self.cfg.leasing && e.lease_live(now_ms)).then(|| Lease {
             owner: e.writer.clone(),
             until_ms: e.lease_until,
