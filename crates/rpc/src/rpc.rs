@@ -164,6 +164,8 @@ struct Served {
     name: String,
     methods: Vec<&'static str>,
     version: u32,
+    /// Its registry value: its [`ServiceRecord`] as JSON.
+    record: Bytes,
     /// Calls it may run at once.
     limit: usize,
     calls: AtomicU64,
@@ -823,15 +825,6 @@ pub fn check_service_name(name: &str) -> Result<(), RpcError> {
     }
 }
 
-/// The registry value of a service: its [`ServiceRecord`] as JSON.
-fn record_value(version: u32, methods: &[&'static str]) -> Result<Vec<u8>, RpcError> {
-    let record = ServiceRecord {
-        version,
-        methods: methods.iter().map(|m| m.to_string()).collect(),
-    };
-    serde_json::to_vec(&record).map_err(|e| RpcError::Decode(e.to_string()))
-}
-
 /// Keeps this node's services listed while it serves them, checking every
 /// `every`.
 ///
@@ -864,19 +857,16 @@ async fn keep_listed(weak: std::sync::Weak<Inner>, every: Duration) {
             .collect();
         let me = inner.ctx.node_id().clone();
         for s in served {
-            let Ok(value) = record_value(s.version, &s.methods) else {
-                continue;
-            };
             let key = registry_key(&s.name, &me);
             // Who wrote what is there now (`None`: nothing live).
             let holder = match inner.sync.entry(&key) {
-                Some(e) if e.writer == me && e.value[..] == value[..] => continue,
+                Some(e) if e.writer == me && e.value == s.record => continue,
                 Some(e) => Some(e.writer),
                 None => None,
             };
             match inner
                 .sync
-                .set_ephemeral(&key, value, inner.config.registry_ttl)
+                .set_ephemeral(&key, s.record.clone(), inner.config.registry_ttl)
                 .await
             {
                 Ok(_) => {
@@ -1092,11 +1082,18 @@ impl Rpc {
         let _listing = self.inner.listing.lock().await;
         let methods = service.methods();
         let version = service.version();
+        let record = ServiceRecord {
+            version,
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+        };
+        let record =
+            Bytes::from(serde_json::to_vec(&record).map_err(|e| RpcError::Decode(e.to_string()))?);
         let served = Arc::new(Served {
             service: Arc::new(service),
             name: name.to_string(),
-            methods: methods.clone(),
+            methods,
             version,
+            record: record.clone(),
             limit: self.inner.config.concurrency,
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -1118,12 +1115,11 @@ impl Rpc {
             }
             all.insert(name.to_string(), served);
         }
-        let value = record_value(version, &methods)?;
         let key = registry_key(name, self.node_id());
         if let Err(e) = self
             .inner
             .sync
-            .set_ephemeral(&key, value, self.inner.config.registry_ttl)
+            .set_ephemeral(&key, record, self.inner.config.registry_ttl)
             .await
         {
             self.remove_served(name);
@@ -1289,26 +1285,28 @@ impl Rpc {
         // change it reports a moment after the map made it is not missed).
         let digest = sync.digest();
         let mut generation = None;
-        let cached = {
-            let registry = lock(&self.inner.registry);
-            registry.get(name).and_then(|l| {
-                let same = l.digest == digest || {
-                    let g = lock(&self.inner.registry_changes).generation();
-                    generation = Some(g);
-                    l.generation == g
-                };
-                same.then(|| l.listings.clone())
-            })
-        };
-        if let Some(listings) = cached {
-            // The same entries; only time can have expired some.
-            let now = sync.now_ms_at(at);
-            if listings.iter().all(|l| l.live(now)) {
-                return (listings, false);
+        // The listings kept, and whether they still hold.
+        let kept = lock(&self.inner.registry).get(name).map(|l| {
+            let same = l.digest == digest || {
+                let g = lock(&self.inner.registry_changes).generation();
+                generation = Some(g);
+                l.generation == g
+            };
+            (l.listings.clone(), same)
+        });
+        let before = match kept {
+            Some((listings, true)) => {
+                // The same entries; only time can have expired some.
+                let now = sync.now_ms_at(at);
+                if listings.iter().all(|l| l.live(now)) {
+                    return (listings, false);
+                }
+                let live = listings.iter().filter(|l| l.live(now)).cloned().collect();
+                return (live, false);
             }
-            let live = listings.iter().filter(|l| l.live(now)).cloned().collect();
-            return (live, false);
-        }
+            Some((listings, false)) => Some(listings),
+            None => None,
+        };
         let generation =
             generation.unwrap_or_else(|| lock(&self.inner.registry_changes).generation());
         let prefix = format!("{REGISTRY_PREFIX}{name}/");
@@ -1316,9 +1314,6 @@ impl Rpc {
         // entry whose version has not changed is not parsed again (one
         // provider's refresh made every caller parse every provider's
         // record, about 0.85 us each).
-        let before = lock(&self.inner.registry)
-            .get(name)
-            .map(|l| l.listings.clone());
         let mut before = before.as_deref().unwrap_or(&[]).iter().peekable();
         // Only a read of the registry takes the stats map's lock (calls
         // reach their provider's cell through its listing), so holding it
