@@ -743,7 +743,7 @@ impl SyncMap {
             value: e.value.clone().unwrap_or_default(),
             version: e.stamp,
             writer: e.writer.clone(),
-            lease: replica.lease(key.as_ref(), now),
+            lease: replica.lease_of(e, now),
             expires_at_ms: (e.expires_at != 0).then_some(e.expires_at),
         })
     }
