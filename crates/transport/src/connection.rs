@@ -1,5 +1,5 @@
-//! An established connection: priority lanes out, a bounded queue in, one
-//! reader task and one writer task.
+//! An established connection: priority lanes out, a bounded queue in, a
+//! reader and a writer run by one task.
 //!
 //! ```text
 //!   send(msg, Control) ─┐                          ┌─► Ping → Pong (control lane)
@@ -17,6 +17,12 @@
 //! queued bulk frames (it can wait for the one frame being written at that
 //! moment). A graceful close is the exception by design: it flushes every
 //! queued frame first and writes the Disconnect last.
+//!
+//! The reader and the writer are two futures on one task ([`Both`], each
+//! polled only when woken), as a hand-written echo server does both
+//! directions on one task: they never run at once on two worker threads,
+//! so they never wait for each other on the socket's lock in the kernel,
+//! and a send that wakes the writer does not wake a second worker.
 //!
 //! Shortcuts past the lanes: a control or normal frame sent while the lanes
 //! are empty is encoded into the write half at once (behind nothing, so it
@@ -48,6 +54,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::both::Both;
 use crate::handshake::{BoxRead, BoxWrite, Handshaken};
 use crate::{Address, Config, TransportError, lock};
 
@@ -862,7 +869,8 @@ impl Connection {
         }
     }
 
-    /// Starts the reader and writer tasks for a handshaken stream.
+    /// Starts the connection's task (its reader and writer) for a handshaken
+    /// stream.
     pub(crate) fn spawn(
         hs: Handshaken,
         id: u64,
@@ -937,8 +945,11 @@ impl Connection {
             batch: Vec::new(),
             from_lanes: 0,
         };
-        tracker.spawn(writer.run().instrument(span.clone()));
-        tracker.spawn(read_loop(shared.clone(), hs.reader, inbound_tx).instrument(span));
+        // One task for both directions: the reader and the writer never
+        // run at once on two threads, so they never contend for the
+        // socket, and a send's wake-up of the writer stays on its thread.
+        let reader = read_loop(shared.clone(), hs.reader, inbound_tx);
+        tracker.spawn(Both::new(writer.run(), reader).instrument(span));
         debug!(id, peer = %shared.info.node_id.short(), "connection established");
         Connection {
             handle: ConnectionHandle { shared },

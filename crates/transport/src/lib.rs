@@ -15,7 +15,7 @@
 //!   node id, a forged node id, a node off the allow list or banned is refused
 //!   with a Disconnect carrying the reason;
 //! - [`Connection`]: priority lanes out (control frames never queue behind
-//!   bulk ones), a bounded queue in, one reader and one writer task, Ping/Pong
+//!   bulk ones), a bounded queue in, a reader and a writer on one task, Ping/Pong
 //!   answered and timed, keepalive and idle timeout, graceful close;
 //! - [`Endpoint`]: listeners, dialling, the set of live connections, and a
 //!   shutdown that says goodbye to every peer and waits for every task.
@@ -70,6 +70,7 @@
 
 mod addr;
 mod admission;
+mod both;
 mod config;
 mod connection;
 mod endpoint;
