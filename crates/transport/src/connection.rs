@@ -338,6 +338,20 @@ impl Shared {
         self.cancel.cancel();
     }
 
+    /// Drops the stream's write half (handles may outlive the connection),
+    /// which the peer sees as the end of the stream, and wakes senders
+    /// waiting for queued bytes to find the connection gone.
+    fn drop_write_half(&self) {
+        let io = {
+            let mut w = lock(&self.write);
+            w.failed = true;
+            w.pending.clear();
+            std::mem::replace(&mut w.io, Box::new(tokio::io::sink()))
+        };
+        drop(io);
+        self.room.notify_waiters();
+    }
+
     fn task_ended(&self) {
         if self.tasks_alive.fetch_sub(1, Ordering::AcqRel) == 1 {
             let callback = {
@@ -397,6 +411,39 @@ impl Shared {
 
 /// Gives back the queued bytes a waiting sender took, unless its message
 /// made it onto its lane (`len` 0).
+/// Held by each half of a connection's task (the reader, the writer): if
+/// the half's future is dropped before it finished, as when either half
+/// panics (they share one task) or a runtime shuts down, the connection
+/// still ends as a finished half would end it: closed with a reason, the
+/// reader's end signalled, the stream's write half dropped (the peer sees
+/// the end of the stream), and the half counted as ended, so `closed()`
+/// returns and the endpoint forgets the connection instead of keeping it
+/// half alive.
+struct HalfGuard {
+    shared: Arc<Shared>,
+    reader: bool,
+    /// Cleared by a half that ends normally (it does all this itself).
+    armed: bool,
+}
+
+impl Drop for HalfGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let shared = &self.shared;
+        shared.abort(CloseReason::Io(
+            "the connection's task stopped before the connection ended".into(),
+        ));
+        if self.reader {
+            shared.reader_ended.cancel();
+        } else {
+            shared.drop_write_half();
+        }
+        shared.task_ended();
+    }
+}
+
 struct Reserved<'a> {
     shared: &'a Shared,
     len: usize,
@@ -1275,6 +1322,11 @@ enum WriteOutcome {
 impl Writer {
     async fn run(mut self) {
         let shared = self.shared.clone();
+        let mut guard = HalfGuard {
+            shared: shared.clone(),
+            reader: false,
+            armed: true,
+        };
         let tick_every = match (self.keepalive, self.idle_timeout) {
             (Some(k), Some(i)) => Some(k.min(i / 2)),
             (Some(k), None) => Some(k),
@@ -1336,16 +1388,9 @@ impl Writer {
         // stream's write half is dropped now (handles may outlive the
         // connection), which the peer sees as the end of the stream.
         shared.cancel.cancel();
-        let io = {
-            let mut w = lock(&shared.write);
-            w.failed = true;
-            w.pending.clear();
-            std::mem::replace(&mut w.io, Box::new(tokio::io::sink()))
-        };
-        drop(io);
+        guard.armed = false;
+        shared.drop_write_half();
         drop(self);
-        // Senders waiting for queued bytes find the connection gone.
-        shared.room.notify_waiters();
         shared.task_ended();
     }
 
@@ -1609,6 +1654,11 @@ async fn read_loop(
     mut reader: FramedRead<BoxRead, FrameCodec>,
     inbound: mpsc::Sender<Message>,
 ) {
+    let mut guard = HalfGuard {
+        shared: shared.clone(),
+        reader: true,
+        armed: true,
+    };
     let mut inlet = Inlet {
         queue: Some(inbound),
         sink: None,
@@ -1816,6 +1866,7 @@ async fn read_loop(
             }
         }
     }
+    guard.armed = false;
     shared.uncork(shared.nanos_now());
     inlet.close();
     shared.reader_ended.cancel();
@@ -1856,6 +1907,49 @@ mod tests {
             payload: Bytes::from_static(b"ping"),
             ..Default::default()
         })
+    }
+
+    /// A sink with a bug: it panics on every message.
+    struct Faulty;
+
+    impl Deliver for Faulty {
+        fn deliver(&self, _: &ConnectionHandle, _: Message) {
+            panic!("a bug in the layer above");
+        }
+    }
+
+    /// A panic on a connection's task (here in the sink its reader calls)
+    /// ends the connection as a close would: it counts as ended (`closed`
+    /// returns, the endpoint forgets it) and the peer sees the end of the
+    /// stream, instead of both halves dying silently and the connection
+    /// staying listed, half alive.
+    #[tokio::test]
+    async fn a_panic_on_the_connections_task_ends_the_connection() {
+        let net = MemNetwork::new();
+        let config = || Config::new("test-net");
+        let server = Endpoint::with_transport(config(), Arc::new(net.transport("server")));
+        let addr = server.listen(&Address::mem("server")).await.unwrap();
+        let client = Endpoint::with_transport(config(), Arc::new(net.transport("client")));
+        let mut conn = client.connect(&addr).await.unwrap();
+        let incoming = server.accept().await.unwrap().deliver_to(Arc::new(Faulty));
+        assert_eq!(server.connections().len(), 1);
+        conn.send(request(1), Priority::Normal).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), incoming.closed())
+            .await
+            .expect("the connection whose task panicked ends");
+        assert!(
+            matches!(incoming.close_reason(), Some(CloseReason::Io(_))),
+            "{:?}",
+            incoming.close_reason()
+        );
+        assert!(server.connections().is_empty(), "the endpoint forgot it");
+        let end = tokio::time::timeout(Duration::from_secs(5), conn.recv())
+            .await
+            .expect("the peer sees the end");
+        assert!(end.is_err(), "{end:?}");
+        assert_eq!(conn.close_reason(), Some(CloseReason::Eof));
+        client.shutdown().await;
+        server.shutdown().await;
     }
 
     /// How long before `now` the connection last received and last sent.
