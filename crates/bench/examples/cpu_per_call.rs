@@ -22,7 +22,8 @@
 //! side writing what it gathered once nothing more is ready to read). Two nodes over loopback TCP with the default
 //! configuration (Noise; plaintext when the environment variable
 //! `CPU_PER_CALL_PLAINTEXT` is set, as the `concerns` bench's main figures
-//! run), 64-byte payloads, SECS seconds (default 2). It
+//! run; with `CPU_PER_CALL_PROVIDERS=N`, N more providers of the service
+//! are listed, on made-up nodes the calls never go to), 64-byte payloads, SECS seconds (default 2). It
 //! prints the wall time and the process's CPU time (user + system, from
 //! `/proc/self/stat`) per call, and the size of one call's future. Compare
 //! two builds by running them in turn, several times, and taking medians:
@@ -251,6 +252,29 @@ async fn run(mode: String, rpc: bool, depth: usize, secs: f64, child: Option<usi
             bail!("the client never saw the service");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // More providers of `echo` listed, on made-up nodes nobody can reach:
+    // the calls still go to the server (a neighbour is preferred to any
+    // routed provider), so the figure shows what looking at a longer list
+    // of providers costs each call.
+    let extra: usize = match std::env::var("CPU_PER_CALL_PROVIDERS") {
+        Ok(n) => n.parse().context("CPU_PER_CALL_PROVIDERS")?,
+        Err(_) => 0,
+    };
+    for i in 0..extra {
+        let key = format!("{}echo/{:064x}", meshwork::rpc::REGISTRY_PREFIX, i + 1);
+        let record = br#"{"version":1,"methods":["echo"]}"#.to_vec();
+        client
+            .sync()
+            .set(key, record)
+            .await
+            .context("listing a provider")?;
+    }
+    if extra > 0 {
+        let listed = client.rpc().providers("echo").len();
+        if listed != extra + 1 {
+            bail!("{listed} providers listed, not {}", extra + 1);
+        }
     }
     let data = vec![7u8; 64];
     let payload = Bytes::from(data.clone());

@@ -756,6 +756,47 @@ impl Listing {
     }
 }
 
+/// The live registry entries of one service, in key order, and where each
+/// provider is among them by node id (for a call choosing among many, which
+/// looks its neighbours up there instead of each provider among its
+/// neighbours).
+struct Listings {
+    all: Vec<Listing>,
+    /// Positions in `all`, sorted by node id.
+    by_node: Vec<u32>,
+}
+
+impl Listings {
+    fn new(all: Vec<Listing>) -> Self {
+        let mut by_node: Vec<u32> = (0..all.len() as u32).collect();
+        by_node.sort_by(|&a, &b| all[a as usize].node_id.cmp(&all[b as usize].node_id));
+        Listings { all, by_node }
+    }
+
+    /// The listings of `node` (usually none or one).
+    fn of(&self, node: &NodeId) -> impl Iterator<Item = &Listing> + '_ {
+        let id = |i: &u32| &self.all[*i as usize].node_id;
+        let start = self.by_node.partition_point(|i| id(i) < node);
+        let end = start + self.by_node[start..].partition_point(|i| id(i) == node);
+        self.by_node[start..end]
+            .iter()
+            .map(|&i| &self.all[i as usize])
+    }
+}
+
+impl std::ops::Deref for Listings {
+    type Target = [Listing];
+
+    fn deref(&self) -> &[Listing] {
+        &self.all
+    }
+}
+
+/// Fitting providers past which a call does not weigh every one: it finds
+/// the nearest class from its neighbours' side and compares two drawn from
+/// it ([`Rpc::draw_two`]). Up to this many, weighing each is as cheap.
+const FEW_PROVIDERS: usize = 3;
+
 /// The registry entries of one service as they were when the map had
 /// digest `digest`, at registry generation `generation` ([`RegistryWatch`]):
 /// while either is the same the entries are the same, so they are read
@@ -765,7 +806,7 @@ struct Listed {
     /// The map's digest when they were read.
     digest: u64,
     generation: u64,
-    listings: Arc<[Listing]>,
+    listings: Arc<Listings>,
 }
 
 /// Counts the changes to registry entries, as the synced map reports them
@@ -1253,6 +1294,55 @@ impl Rpc {
         out.into_iter().map(|(_, p)| p).collect()
     }
 
+    /// The choice of [`choose`] among many fitting providers, without
+    /// weighing each: the nearest class present (this node, else the
+    /// neighbours listed, found by looking each neighbour up, else every
+    /// fitting provider), then the cheaper of two drawn from it. `None` when
+    /// a provider drawn failed recently (or the class's only one did):
+    /// [`choose`] then decides, weighing every provider (it lets failing
+    /// providers sit out wherever they are). While both drawn are healthy
+    /// the two are a uniform pair of the class's healthy providers, as
+    /// [`choose`] draws them.
+    fn draw_two<'l>(
+        &self,
+        listings: &'l Listings,
+        fits: &impl Fn(&Listing) -> bool,
+        at: Instant,
+    ) -> Option<(&'l Listing, Reach)> {
+        let mut reach = Reach::Local;
+        let mut class: Vec<&Listing> = listings.of(self.node_id()).filter(|l| fits(l)).collect();
+        if class.is_empty() {
+            reach = Reach::Neighbour;
+            for n in self.inner.ctx.peers().neighbours() {
+                class.extend(listings.of(&n).filter(|l| fits(l)));
+            }
+        }
+        if class.is_empty() {
+            reach = Reach::Routed;
+            class = listings.iter().filter(|l| fits(l)).collect();
+        }
+        let healthy = |l: &Listing| !lock(&l.stats).failing(at);
+        match class.len() {
+            0 => None,
+            1 => healthy(class[0]).then_some((class[0], reach)),
+            n => {
+                let mut rng = rand::rng();
+                let a = rand::Rng::random_range(&mut rng, 0..n);
+                let mut b = rand::Rng::random_range(&mut rng, 0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (class[a], class[b]);
+                let cost = |l: &Listing| {
+                    let s = lock(&l.stats);
+                    (!s.failing(at)).then(|| s.cost(at))
+                };
+                let (ca, cb) = (cost(a)?, cost(b)?);
+                Some((if cb < ca { b } else { a }, reach))
+            }
+        }
+    }
+
     /// Where `node` is from here.
     fn reach(&self, node: &NodeId) -> Reach {
         if node == self.node_id() {
@@ -1267,14 +1357,14 @@ impl Rpc {
     /// The live registry entries of `name`, in key order: the parsed ones
     /// of the last read while no registry entry has changed (less any that
     /// expired since), else read again (parsing only the changed ones).
-    fn listed(&self, name: &str) -> Arc<[Listing]> {
+    fn listed(&self, name: &str) -> Arc<Listings> {
         self.listed_at(name, Instant::now()).0
     }
 
     /// [`listed`](Self::listed) at `at`, a reading of tokio's clock just
     /// taken; also whether the entries were read and parsed again (which
     /// takes a while).
-    fn listed_at(&self, name: &str, at: Instant) -> (Arc<[Listing]>, bool) {
+    fn listed_at(&self, name: &str, at: Instant) -> (Arc<Listings>, bool) {
         let sync = &self.inner.sync;
         // The map's digest first (what a call usually needs: nothing in the
         // map changed since the entries were read), then, when it has
@@ -1302,7 +1392,7 @@ impl Rpc {
                     return (listings, false);
                 }
                 let live = listings.iter().filter(|l| l.live(now)).cloned().collect();
-                return (live, false);
+                return (Arc::new(Listings::new(live)), false);
             }
             Some((listings, false)) => Some(listings),
             None => None,
@@ -1314,12 +1404,16 @@ impl Rpc {
         // entry whose version has not changed is not parsed again (one
         // provider's refresh made every caller parse every provider's
         // record, about 0.85 us each).
-        let mut before = before.as_deref().unwrap_or(&[]).iter().peekable();
+        let mut before = before
+            .as_deref()
+            .map_or(&[][..], |l| &l[..])
+            .iter()
+            .peekable();
         // Only a read of the registry takes the stats map's lock (calls
         // reach their provider's cell through its listing), so holding it
         // through the parse keeps nobody waiting.
         let mut stats = lock(&self.inner.stats);
-        let listings: Arc<[Listing]> = sync
+        let listings: Vec<Listing> = sync
             .prefixed_entries(&prefix)
             .into_iter()
             .filter(|(_, e)| e.value.len() <= MAX_RECORD_BYTES)
@@ -1351,6 +1445,7 @@ impl Rpc {
             })
             .collect();
         drop(stats);
+        let listings = Arc::new(Listings::new(listings));
         let mut registry = lock(&self.inner.registry);
         if registry.len() >= MAX_LISTED && !registry.contains_key(name) {
             registry.clear();
@@ -1522,11 +1617,18 @@ impl Rpc {
                     // two callers choosing at the same moment may both see
                     // a provider's count before the other's call (the
                     // choice among two is random anyway).
+                    let drawn = if fitting > FEW_PROVIDERS {
+                        self.draw_two(&listings, &fits, at)
+                    } else {
+                        None
+                    };
                     let chosen = if fitting == 1 {
                         listings
                             .iter()
                             .find(|l| fits(l))
                             .map(|l| (l, self.reach(&l.node_id)))
+                    } else if drawn.is_some() {
+                        drawn
                     } else {
                         let cands: Vec<(Reach, f64, bool, &Listing)> = listings
                             .iter()
@@ -1964,6 +2066,39 @@ mod tests {
 
     fn id(n: u32) -> NodeId {
         NodeId::from_bytes(n.to_be_bytes().to_vec()).expect("a valid id")
+    }
+
+    /// `Listings::of` finds a node's entries by id whatever their key
+    /// order (a member may list one node twice, say under upper-case hex),
+    /// and nothing for a node not listed.
+    #[test]
+    fn listings_find_a_nodes_entries_by_id() {
+        let listing = |node: u32, key: &str| Listing {
+            node_id: id(node),
+            key: Bytes::from(key.to_owned()),
+            version: Stamp::default(),
+            record: Arc::new(ServiceRecord {
+                version: 1,
+                methods: Vec::new(),
+            }),
+            expires_at_ms: None,
+            stats: StatsCell::default(),
+        };
+        let listings = Listings::new(vec![
+            listing(5, "a"),
+            listing(2, "b"),
+            listing(9, "c"),
+            listing(2, "d"),
+            listing(7, "e"),
+        ]);
+        let keys =
+            |node: u32| -> Vec<Bytes> { listings.of(&id(node)).map(|l| l.key.clone()).collect() };
+        assert_eq!(keys(2), ["b", "d"]);
+        assert_eq!(keys(5), ["a"]);
+        assert_eq!(keys(9), ["c"]);
+        assert!(keys(1).is_empty() && keys(6).is_empty() && keys(10).is_empty());
+        assert_eq!(listings.len(), 5, "derefs to the entries in key order");
+        assert_eq!(listings[1].key, "b");
     }
 
     /// Only what was certainly not delivered is retried whatever the

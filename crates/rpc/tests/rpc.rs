@@ -1359,6 +1359,49 @@ async fn an_overloaded_call_fails_over_to_another_provider() {
 // ---------------------------------------------------------------------------
 // Provider choice and failover
 
+/// With more providers listed than a call weighs one by one (20 made-up
+/// ones nobody can reach, besides three neighbours), a call still goes to
+/// the nearest class, the neighbours, and spreads over them: every call
+/// answered at once, none retried, each neighbour taking a share.
+#[tokio::test(start_paused = true)]
+async fn among_many_listed_providers_calls_go_to_the_neighbours() {
+    let net = MemNetwork::new();
+    let hosts = ["a", "b", "c", "d"].map(|h| (h, RpcConfig::default()));
+    let nodes = mesh(&net, &hosts).await;
+    for node in &nodes[1..] {
+        let (imp, _probe) = Imp::new("p");
+        node.rpc()
+            .serve("calc", CalcServer::new(imp))
+            .await
+            .unwrap();
+        wait_listed(&[&nodes[0]], "calc", node).await;
+    }
+    let record = ServiceRecord {
+        version: 1,
+        methods: vec!["add".into()],
+    };
+    for n in 1..=20u8 {
+        let fake = NodeId::from_bytes(vec![n; 32]).unwrap();
+        let key = format!("{REGISTRY_PREFIX}calc/{fake}");
+        nodes[0]
+            .sync()
+            .set(&key, serde_json::to_vec(&record).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(nodes[0].rpc().providers("calc").len(), 23);
+    let calc: CalcClient = nodes[0].rpc().client("calc");
+    for i in 0..60 {
+        assert_eq!(calc.add(i, 1).await, Ok(i + 1));
+    }
+    let stats = nodes[0].rpc().call_stats();
+    assert_eq!((stats.failures, stats.retries), (0, 0), "{stats:?}");
+    let shares: Vec<u64> = nodes[1..].iter().map(|n| served(n, "calc").calls).collect();
+    assert_eq!(shares.iter().sum::<u64>(), 60, "{shares:?}");
+    assert!(shares.iter().all(|&c| c > 0), "{shares:?}");
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_faster_of_two_providers_gets_most_calls() {
     let net = MemNetwork::new();
