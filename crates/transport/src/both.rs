@@ -86,6 +86,11 @@ impl<F: Future<Output = ()>> Half<F> {
 pub(crate) struct Both<A, B> {
     a: Half<A>,
     b: Half<B>,
+    /// Which half goes first this time: they take turns, as tokio's
+    /// `join!` rotates, since the two share the task's cooperative budget
+    /// (a half that always went first and always had work could spend it
+    /// all on every poll and leave the other none).
+    b_first: bool,
 }
 
 impl<A: Future<Output = ()>, B: Future<Output = ()>> Both<A, B> {
@@ -94,6 +99,7 @@ impl<A: Future<Output = ()>, B: Future<Output = ()>> Both<A, B> {
         Both {
             a: Half::new(a),
             b: Half::new(b),
+            b_first: false,
         }
     }
 }
@@ -104,8 +110,14 @@ impl<A: Future<Output = ()>, B: Future<Output = ()>> Future for Both<A, B> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         // Both halves are boxed: `Both` itself is Unpin.
         let this = self.get_mut();
-        let a_done = this.a.poll(cx.waker());
-        let b_done = this.b.poll(cx.waker());
+        this.b_first = !this.b_first;
+        let (a_done, b_done) = if this.b_first {
+            let b_done = this.b.poll(cx.waker());
+            (this.a.poll(cx.waker()), b_done)
+        } else {
+            let a_done = this.a.poll(cx.waker());
+            (a_done, this.b.poll(cx.waker()))
+        };
         if a_done && b_done {
             Poll::Ready(())
         } else {

@@ -409,11 +409,10 @@ impl Shared {
     }
 }
 
-/// Gives back the queued bytes a waiting sender took, unless its message
-/// made it onto its lane (`len` 0).
 /// Held by each half of a connection's task (the reader, the writer): if
-/// the half's future is dropped before it finished, as when either half
-/// panics (they share one task) or a runtime shuts down, the connection
+/// the half's future is dropped before it finished (made with the future,
+/// so even one never polled), as when either half panics (they share one
+/// task) or a runtime shuts down, the connection
 /// still ends as a finished half would end it: closed with a reason, the
 /// reader's end signalled, the stream's write half dropped (the peer sees
 /// the end of the stream), and the half counted as ended, so `closed()`
@@ -436,6 +435,15 @@ impl Drop for HalfGuard {
             "the connection's task stopped before the connection ended".into(),
         ));
         if self.reader {
+            // A sink handed over later gets what is queued at once; one
+            // waiting for the hand-off now is let go with its queue (not
+            // called: this may run while a panic unwinds).
+            let pending = {
+                let mut slot = lock(&shared.handoff);
+                slot.reader_done = true;
+                slot.pending.take()
+            };
+            drop(pending);
             shared.reader_ended.cancel();
         } else {
             shared.drop_write_half();
@@ -444,6 +452,8 @@ impl Drop for HalfGuard {
     }
 }
 
+/// Gives back the queued bytes a waiting sender took, unless its message
+/// made it onto its lane (`len` 0).
 struct Reserved<'a> {
     shared: &'a Shared,
     len: usize,
@@ -995,8 +1005,14 @@ impl Connection {
         // One task for both directions: the reader and the writer never
         // run at once on two threads, so they never contend for the
         // socket, and a send's wake-up of the writer stays on its thread.
-        let reader = read_loop(shared.clone(), hs.reader, inbound_tx);
-        tracker.spawn(Both::new(writer.run(), reader).instrument(span));
+        let guard = |reader| HalfGuard {
+            shared: shared.clone(),
+            reader,
+            armed: true,
+        };
+        let reader = read_loop(shared.clone(), hs.reader, inbound_tx, guard(true));
+        let writer = writer.run(guard(false));
+        tracker.spawn(Both::new(writer, reader).instrument(span));
         debug!(id, peer = %shared.info.node_id.short(), "connection established");
         Connection {
             handle: ConnectionHandle { shared },
@@ -1320,13 +1336,8 @@ enum WriteOutcome {
 }
 
 impl Writer {
-    async fn run(mut self) {
+    async fn run(mut self, mut guard: HalfGuard) {
         let shared = self.shared.clone();
-        let mut guard = HalfGuard {
-            shared: shared.clone(),
-            reader: false,
-            armed: true,
-        };
         let tick_every = match (self.keepalive, self.idle_timeout) {
             (Some(k), Some(i)) => Some(k.min(i / 2)),
             (Some(k), None) => Some(k),
@@ -1388,9 +1399,10 @@ impl Writer {
         // stream's write half is dropped now (handles may outlive the
         // connection), which the peer sees as the end of the stream.
         shared.cancel.cancel();
-        guard.armed = false;
         shared.drop_write_half();
         drop(self);
+        // Disarmed only now: a panic above still ends the half.
+        guard.armed = false;
         shared.task_ended();
     }
 
@@ -1653,12 +1665,8 @@ async fn read_loop(
     shared: Arc<Shared>,
     mut reader: FramedRead<BoxRead, FrameCodec>,
     inbound: mpsc::Sender<Message>,
+    mut guard: HalfGuard,
 ) {
-    let mut guard = HalfGuard {
-        shared: shared.clone(),
-        reader: true,
-        armed: true,
-    };
     let mut inlet = Inlet {
         queue: Some(inbound),
         sink: None,
@@ -1866,10 +1874,12 @@ async fn read_loop(
             }
         }
     }
-    guard.armed = false;
     shared.uncork(shared.nanos_now());
+    // Hands a waiting sink what is queued: a sink that panics here still
+    // leaves the half to its guard.
     inlet.close();
     shared.reader_ended.cancel();
+    guard.armed = false;
     shared.task_ended();
 }
 
