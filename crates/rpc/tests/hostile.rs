@@ -45,6 +45,11 @@ const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
 /// Mangled frames sent in all (`HOSTILE_FRAMES` for a longer run).
 const FRAMES: usize = 20_000;
+/// Mangled frames between two rounds of fresh honest traffic to hear seeds
+/// from.
+const REFRESH: usize = 5_000;
+/// Seeds heard kept at most (the newest).
+const MAX_HEARD: usize = 512;
 /// Identities the hostile neighbour may go through, per 10 000 frames.
 const IDENTITIES: usize = 100;
 
@@ -235,6 +240,71 @@ fn sync_frame(request_id: u64, body: sync_message::Body) -> ConcernFrame {
     }
 }
 
+/// Seeds of our own making: routed messages stamped now (their seal made
+/// up) for a neighbour of the node, for the node itself and for a node
+/// nobody knows; RPC calls of a method served, one not served, a service
+/// nobody serves; and a Cancel.
+fn made_up(a: &Node, b: &Node, nowhere: &NodeId) -> Vec<ConcernFrame> {
+    let now_ms = a.sync().now_ms();
+    let mut seeds = Vec::new();
+    for target in [b.node_id(), a.node_id(), nowhere] {
+        let routed = Routed {
+            origin: b.node_id().as_bytes().clone(),
+            target: target.as_bytes().clone(),
+            command: 50,
+            request_id: 9,
+            kind: ConcernKind::Request as i32,
+            payload: vec![0x5a; 56].into(),
+            ttl: 8,
+            sent_at_ms: now_ms,
+        };
+        let body = RouteMessage {
+            body: Some(route_message::Body::Routed(routed)),
+        };
+        seeds.push(ConcernFrame {
+            command: ROUTING,
+            payload: body.encode_to_vec().into(),
+            ..rpc_frame(0, "", "", "")
+        });
+    }
+    seeds.push(rpc_frame(1, "adder", "add", "[1,2]"));
+    seeds.push(rpc_frame(2, "adder", "nope", "[]"));
+    seeds.push(rpc_frame(3, "no.such", "add", "[1,2]"));
+    seeds.push(ConcernFrame {
+        payload: RpcMessage {
+            body: Some(Body::Cancel(Cancel { call_id: 1 })),
+        }
+        .encode_to_vec()
+        .into(),
+        ..rpc_frame(0, "", "", "")
+    });
+    seeds
+}
+
+/// The honest traffic the seeds are heard from: b writes keys, broadcasts
+/// and publishes; a searches for a node nobody knows (its route queries
+/// reach the neighbours). Stamped and signed now.
+async fn honest_traffic(a: &Node, b: &Node, round: usize) -> tokio::task::JoinHandle<()> {
+    for i in 0..20 {
+        // Keys of its own each round; a mangled entry may still have taken
+        // one (any member can), which costs the round a key, nothing more.
+        let _ = b.sync().set(format!("k{round}.{i}"), format!("v{i}")).await;
+    }
+    b.concerns()
+        .context(50)
+        .broadcast(format!("hello all, round {round}"), 4)
+        .await
+        .unwrap();
+    b.concerns()
+        .publish("news", format!("news of round {round}"))
+        .unwrap();
+    let nowhere = meshwork::transport::Identity::generate().node_id().clone();
+    let ctx = a.concerns().context(50);
+    tokio::spawn(async move {
+        let _ = ctx.request_to(&nowhere, "anyone?", S).await;
+    })
+}
+
 #[tokio::test(start_paused = true)]
 async fn mangled_frames_from_a_neighbour_break_nothing() {
     let panics = Arc::new(AtomicU64::new(0));
@@ -266,24 +336,8 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
     let spy = neighbour(&net, "m0", &a, &tap)
         .await
         .expect("the spy links");
-    for i in 0..20 {
-        b.sync()
-            .set(format!("k{i}"), format!("v{i}"))
-            .await
-            .unwrap();
-    }
-    b.concerns()
-        .context(50)
-        .broadcast("hello all", 4)
-        .await
-        .unwrap();
-    b.concerns().publish("news", "first").unwrap();
-    let nowhere = meshwork::transport::Identity::generate().node_id().clone();
-    let nowhere_id = nowhere.clone();
-    let search = {
-        let ctx = a.concerns().context(50);
-        tokio::spawn(async move { ctx.request_to(&nowhere, "anyone?", S).await })
-    };
+    let search = honest_traffic(&a, &b, 0).await;
+    let nowhere_id = meshwork::transport::Identity::generate().node_id().clone();
     // Ask for a digest and every bucket, as an anti-entropy round does: the
     // answers are seeds too.
     let asks = [
@@ -303,44 +357,12 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
     // Long enough for anti-entropy rounds too.
     sleep(10 * S).await;
     let _ = search.await;
-    let mut seeds: Vec<ConcernFrame> = tap.lock().unwrap().drain(..).collect();
-    let commands: std::collections::BTreeSet<u32> = seeds.iter().map(|f| f.command).collect();
-    eprintln!("{} frames heard, commands {commands:x?}", seeds.len());
-    assert!(seeds.len() >= 5, "too little traffic to start from");
-    // Routed messages (their seal made up): for a neighbour of the node,
-    // for the node itself, and for a node nobody knows.
-    let now_ms = a.sync().now_ms();
-    for target in [b.node_id(), a.node_id(), &nowhere_id] {
-        let routed = Routed {
-            origin: b.node_id().as_bytes().clone(),
-            target: target.as_bytes().clone(),
-            command: 50,
-            request_id: 9,
-            kind: ConcernKind::Request as i32,
-            payload: vec![0x5a; 56].into(),
-            ttl: 8,
-            sent_at_ms: now_ms,
-        };
-        let body = RouteMessage {
-            body: Some(route_message::Body::Routed(routed)),
-        };
-        seeds.push(ConcernFrame {
-            command: ROUTING,
-            payload: body.encode_to_vec().into(),
-            ..rpc_frame(0, "", "", "")
-        });
-    }
-    seeds.push(rpc_frame(1, "adder", "add", "[1,2]"));
-    seeds.push(rpc_frame(2, "adder", "nope", "[]"));
-    seeds.push(rpc_frame(3, "no.such", "add", "[1,2]"));
-    seeds.push(ConcernFrame {
-        payload: RpcMessage {
-            body: Some(Body::Cancel(Cancel { call_id: 1 })),
-        }
-        .encode_to_vec()
-        .into(),
-        ..rpc_frame(0, "", "", "")
-    });
+    let mut heard: Vec<ConcernFrame> = tap.lock().unwrap().drain(..).collect();
+    let commands: std::collections::BTreeSet<u32> = heard.iter().map(|f| f.command).collect();
+    eprintln!("{} frames heard, commands {commands:x?}", heard.len());
+    assert!(heard.len() >= 5, "too little traffic to start from");
+    let mut seeds = heard.clone();
+    seeds.extend(made_up(&a, &b, &nowhere_id));
     let builtins: Vec<u32> = commands.iter().copied().chain([RPC]).collect();
     let peer_info = |id: &NodeId, addr: &str| PeerInfo {
         node_id: id.as_bytes().clone(),
@@ -373,7 +395,30 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
     let mut m = spy;
     let mut identities = 1;
     let mut sent = 0;
+    let mut rounds = 0;
     while sent < frames {
+        if sent > 0 && sent % REFRESH == 0 && sent / REFRESH > rounds {
+            // Simulated time has moved on (reconnections, pauses): stamps
+            // heard at the start would soon be refused as stale before any
+            // signature is checked. Fresh traffic, heard by the neighbour
+            // of the moment, keeps the seeds current.
+            rounds = sent / REFRESH;
+            tap.lock().unwrap().clear();
+            let search = honest_traffic(&a, &b, rounds).await;
+            sleep(200 * MS).await;
+            search.abort();
+            let fresh: Vec<ConcernFrame> = tap
+                .lock()
+                .unwrap()
+                .drain(..)
+                .filter(|f| f.kind != ConcernKind::Error as i32)
+                .collect();
+            heard.extend(fresh);
+            let keep = heard.len().saturating_sub(MAX_HEARD);
+            heard.drain(..keep);
+            seeds = heard.clone();
+            seeds.extend(made_up(&a, &b, &nowhere_id));
+        }
         let seed_frame = &seeds[rng.below(seeds.len())];
         let mut frame = ConcernFrame {
             payload: if rng.chance(10) {
@@ -442,7 +487,26 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
         }
     }
     m.shutdown().await;
-    eprintln!("{sent} mangled frames sent by {identities} identities");
+    eprintln!(
+        "{sent} mangled frames sent by {identities} identities, {rounds} fresh rounds of seeds"
+    );
+    let judged: Vec<String> = a
+        .concerns()
+        .builtin_stats()
+        .into_iter()
+        .filter(|(_, k, _)| {
+            [
+                "stale",
+                "forged",
+                "duplicates",
+                "delivered",
+                "stale_queries",
+            ]
+            .contains(k)
+        })
+        .map(|(c, k, v)| format!("{c}.{k}={v}"))
+        .collect();
+    eprintln!("judged by the node: {}", judged.join(" "));
     sleep(5 * S).await;
 
     assert_eq!(panics.load(Ordering::SeqCst), 0, "seed {seed}: a panic");
