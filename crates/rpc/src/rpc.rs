@@ -1392,7 +1392,17 @@ impl Rpc {
                     return (listings, false);
                 }
                 let live = listings.iter().filter(|l| l.live(now)).cloned().collect();
-                return (Arc::new(Listings::new(live)), false);
+                let live = Arc::new(Listings::new(live));
+                // Kept in their place (unless a read replaced them
+                // meanwhile): expired entries do not come back, and every
+                // call would otherwise filter and sort them again until a
+                // registry entry changes.
+                if let Some(l) = lock(&self.inner.registry).get_mut(name) {
+                    if Arc::ptr_eq(&l.listings, &listings) {
+                        l.listings = live.clone();
+                    }
+                }
+                return (live, false);
             }
             Some((listings, false)) => Some(listings),
             None => None,
