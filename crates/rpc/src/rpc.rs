@@ -1321,10 +1321,14 @@ impl Rpc {
             reach = Reach::Routed;
             class = listings.iter().filter(|l| fits(l)).collect();
         }
-        let healthy = |l: &Listing| !lock(&l.stats).failing(at);
+        // A healthy provider's cost; `None` for one that failed recently.
+        let cost = |l: &Listing| {
+            let s = lock(&l.stats);
+            (!s.failing(at)).then(|| s.cost(at))
+        };
         match class.len() {
             0 => None,
-            1 => healthy(class[0]).then_some((class[0], reach)),
+            1 => cost(class[0]).map(|_| (class[0], reach)),
             n => {
                 let mut rng = rand::rng();
                 let a = rand::Rng::random_range(&mut rng, 0..n);
@@ -1333,10 +1337,6 @@ impl Rpc {
                     b += 1;
                 }
                 let (a, b) = (class[a], class[b]);
-                let cost = |l: &Listing| {
-                    let s = lock(&l.stats);
-                    (!s.failing(at)).then(|| s.cost(at))
-                };
                 let (ca, cb) = (cost(a)?, cost(b)?);
                 Some((if cb < ca { b } else { a }, reach))
             }
@@ -1627,32 +1627,34 @@ impl Rpc {
                     // two callers choosing at the same moment may both see
                     // a provider's count before the other's call (the
                     // choice among two is random anyway).
-                    let drawn = if fitting > FEW_PROVIDERS {
-                        self.draw_two(&listings, &fits, at)
-                    } else {
-                        None
-                    };
                     let chosen = if fitting == 1 {
                         listings
                             .iter()
                             .find(|l| fits(l))
                             .map(|l| (l, self.reach(&l.node_id)))
-                    } else if drawn.is_some() {
-                        drawn
                     } else {
-                        let cands: Vec<(Reach, f64, bool, &Listing)> = listings
-                            .iter()
-                            .filter(|l| fits(l))
-                            .map(|l| {
-                                let s = lock(&l.stats);
-                                let (cost, failing) = (s.cost(at), s.failing(at));
-                                drop(s);
-                                (self.reach(&l.node_id), cost, failing, l)
-                            })
-                            .collect();
-                        let triples: Vec<(Reach, f64, bool)> =
-                            cands.iter().map(|c| (c.0, c.1, c.2)).collect();
-                        choose(&triples, &mut rand::rng()).map(|i| (cands[i].3, cands[i].0))
+                        // Among many, two drawn from the nearest class
+                        // usually decide; otherwise every one is weighed.
+                        let drawn = if fitting > FEW_PROVIDERS {
+                            self.draw_two(&listings, &fits, at)
+                        } else {
+                            None
+                        };
+                        drawn.or_else(|| {
+                            let cands: Vec<(Reach, f64, bool, &Listing)> = listings
+                                .iter()
+                                .filter(|l| fits(l))
+                                .map(|l| {
+                                    let s = lock(&l.stats);
+                                    let (cost, failing) = (s.cost(at), s.failing(at));
+                                    drop(s);
+                                    (self.reach(&l.node_id), cost, failing, l)
+                                })
+                                .collect();
+                            let triples: Vec<(Reach, f64, bool)> =
+                                cands.iter().map(|c| (c.0, c.1, c.2)).collect();
+                            choose(&triples, &mut rand::rng()).map(|i| (cands[i].3, cands[i].0))
+                        })
                     };
                     let Some((listing, reach)) = chosen else {
                         return Err(RpcError::NoProvider(service.into()));
