@@ -18,7 +18,7 @@ use futures_util::task::AtomicWaker;
 
 /// What one half's waker does: mark the half as woken, then wake the task
 /// that runs both.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Flag {
     /// Set by the half's waker, cleared just before the half is polled.
     woken: AtomicBool,

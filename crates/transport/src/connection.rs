@@ -249,6 +249,16 @@ struct HandoffSlot {
     reader_done: bool,
 }
 
+impl HandoffSlot {
+    /// The reader has ended: marks it so, and gives back a sink still
+    /// waiting for the hand-off, with its queue.
+    fn reader_ended(slot: &Mutex<HandoffSlot>) -> Option<Handoff> {
+        let mut slot = lock(slot);
+        slot.reader_done = true;
+        slot.pending.take()
+    }
+}
+
 /// Hands `sink` every message left in `queued`, in order, and the peer's
 /// Disconnect if it did not fit in the queue.
 fn drain_to(
@@ -438,12 +448,7 @@ impl Drop for HalfGuard {
             // A sink handed over later gets what is queued at once; one
             // waiting for the hand-off now is let go with its queue (not
             // called: this may run while a panic unwinds).
-            let pending = {
-                let mut slot = lock(&shared.handoff);
-                slot.reader_done = true;
-                slot.pending.take()
-            };
-            drop(pending);
+            drop(HandoffSlot::reader_ended(&shared.handoff));
             shared.reader_ended.cancel();
         } else {
             shared.drop_write_half();
@@ -1586,12 +1591,7 @@ impl Inlet {
     /// The reader has ended: a sink that arrived meanwhile still gets what
     /// was queued, and a later one will drain the queue itself.
     fn close(mut self) {
-        let pending = {
-            let mut slot = lock(&self.handle.shared.handoff);
-            slot.reader_done = true;
-            slot.pending.take()
-        };
-        if let Some((sink, mut queued)) = pending {
+        if let Some((sink, mut queued)) = HandoffSlot::reader_ended(&self.handle.shared.handoff) {
             drain_to(&sink, &mut queued, &self.handle);
         }
         self.queue = None;
