@@ -1915,16 +1915,8 @@ async fn a_provider_five_hops_away_is_called_through_the_routing_concern() {
 #[tokio::test(start_paused = true)]
 async fn the_registry_follows_its_entries_not_the_rest_of_the_map() {
     let net = MemNetwork::new();
-    let nodes = mesh(
-        &net,
-        &[("a", RpcConfig::default()), ("b", RpcConfig::default())],
-    )
-    .await;
+    let (nodes, _probe, calc) = calc_pair(&net).await;
     let (a, b) = (&nodes[0], &nodes[1]);
-    let (imp, _probe) = Imp::new("b");
-    b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
-    wait_listed(&[a], "calc", b).await;
-    let calc: CalcClient = a.rpc().client("calc");
     for i in 0..20 {
         a.sync().set(format!("busy/{i}"), "x").await.unwrap();
         b.sync().set(format!("other/{i}"), "y").await.unwrap();
