@@ -250,6 +250,14 @@ const FAILOVER_GRACE: Duration = Duration::from_secs(1);
 /// One call in three of the stream sleeps this long, so that calls are
 /// running when the provider dies.
 const FAILOVER_SLEEP_MS: u64 = 50;
+/// The service the `rpc-partition` scenario's provider serves.
+const RPC_PARTITION_SERVICE: &str = "tm.rpc-partition";
+/// `deadline_ms` of the calls made across the `rpc-partition` cut.
+const PARTITION_CALL_DEADLINE: Duration = Duration::from_secs(3);
+/// Time from the cut for the other half to forget the provider's registry
+/// entry: the registry ttl (10 s) since the provider's last refresh that
+/// reached it, plus slack.
+const PARTITION_FORGET_TIMEOUT: Duration = Duration::from_secs(20);
 /// The service the `churn` scenario's stable provider serves ...
 const CHURN_SERVICE: &str = "tm.churn";
 /// ... and the one its short-lived nodes serve.
@@ -564,6 +572,17 @@ const SCENARIOS: &[Scenario] = &[
                 value, writer and lease owner on every node, each losing writer counted one \
                 lease_lost per key it lost, and no deleted key is back anywhere",
         run: scenario_kv_partition,
+    },
+    Scenario {
+        name: "rpc-partition",
+        about: "a new node serves the demo service as tm.rpc-partition; the halves block each \
+                other, the provider in the first: calls from the first half keep answering, a \
+                call from the second answers a typed error (disconnected, timeout or \
+                no_provider) within its deadline, and within the registry ttl (10 s) plus \
+                slack no node of the second half lists the provider and a call there answers \
+                no_provider at once; after unblocking, every node lists the provider again \
+                and calls from the second half answer, whoami naming the provider",
+        run: scenario_rpc_partition,
     },
     Scenario {
         name: "kv-kill",
@@ -4810,6 +4829,197 @@ fn check_rpc_failover(
 
 /// `churn`: a stable provider, load from every other node, and nodes
 /// coming and going meanwhile (see the registry).
+fn scenario_rpc_partition(mesh: &mut Mesh) -> Result<String> {
+    let (members, seeds) = members_and_seeds(mesh)?;
+    // Seeded with node 0, which is in the provider's half.
+    let provider = spawn_provider(mesh, &seeds[..1], Some(RPC_PARTITION_SERVICE))?;
+    let result = check_rpc_partition(mesh, provider, &members);
+    mesh.finish(
+        &[provider],
+        "the provider of the rpc-partition scenario",
+        result,
+    )
+}
+
+/// Node `provider` serves the demo service as [`RPC_PARTITION_SERVICE`]:
+/// the mesh is cut in two, the provider on node 0's side, and healed.
+fn check_rpc_partition(mesh: &mut Mesh, provider: usize, members: &[usize]) -> Result<String> {
+    let service = RPC_PARTITION_SERVICE;
+    let mut everyone = members.to_vec();
+    everyone.push(provider);
+    wait_providers(mesh, &everyone, service, &[provider])?;
+    let half = members.len() / 2;
+    let mut first = members[..half].to_vec();
+    first.push(provider);
+    let second = members[half..].to_vec();
+
+    let cut_at = Instant::now();
+    let during = check_split(mesh, &first, &second).and_then(|split| {
+        Ok(format!(
+            "{split}; {}",
+            check_cut(mesh, provider, &first, &second, cut_at)?
+        ))
+    });
+    let unblocked_at = Instant::now();
+    let unblocked = set_blocks(mesh, &first, &second, "unblock");
+    let during = during?;
+    unblocked?;
+
+    let provider_id = mesh.id(provider).to_owned();
+    mesh.poll_fn_until(
+        &format!(
+            "nodes {} to call {service} on node {provider} again after unblocking",
+            node_list(&second)
+        ),
+        REPAIR_TIMEOUT,
+        |mesh| {
+            for &i in &second {
+                whoami_across(mesh, i, &provider_id, provider)?;
+            }
+            Ok(())
+        },
+    )?;
+    let healed = unblocked_at.elapsed();
+    wait_providers(mesh, &everyone, service, &[provider])?;
+    Ok(format!(
+        "provider node {provider}; {during}; unblocked: nodes {} called it again after {}, \
+         every node lists it",
+        node_list(&second),
+        fmt_duration(healed)
+    ))
+}
+
+/// The calls while the halves are cut apart (since `cut_at`): the
+/// provider's half keeps calling it; the other half gets a typed error,
+/// then forgets the provider and answers `no_provider` at once.
+fn check_cut(
+    mesh: &mut Mesh,
+    provider: usize,
+    first: &[usize],
+    second: &[usize],
+    cut_at: Instant,
+) -> Result<String> {
+    let service = RPC_PARTITION_SERVICE;
+    let provider_id = mesh.id(provider).to_owned();
+    let near = first[0];
+    let (result, _) = rpc_ok(mesh, near, service, "whoami", &serde_json::json!([]))?;
+    ensure!(
+        result == Value::String(provider_id.clone()),
+        "node {near}: whoami during the cut answered {result}, expected node {provider}'s id"
+    );
+
+    // A call from the far side while it may still list the provider.
+    let far = second[0];
+    let asked = Instant::now();
+    let answer = mesh
+        .http
+        .rpc_call(
+            mesh.admin(far),
+            service,
+            "whoami",
+            "",
+            &serde_json::json!([]),
+            PARTITION_CALL_DEADLINE,
+        )
+        .with_context(|| format!("node {far}: POST /rpc/{service}/whoami across the cut"))?;
+    let took = asked.elapsed();
+    let first_code = match answer {
+        RpcAnswer::Error { code, .. }
+            if ["disconnected", "timeout", "no_provider"].contains(&code.as_str()) =>
+        {
+            code
+        }
+        other => bail!(
+            "node {far}: whoami across the cut answered {}; expected disconnected, timeout or \
+             no_provider",
+            other.describe()
+        ),
+    };
+
+    // The far side forgets the provider once its registry entry expires.
+    let limit = PARTITION_FORGET_TIMEOUT.saturating_sub(cut_at.elapsed());
+    mesh.poll_fn_until(
+        &format!(
+            "nodes {} to stop listing node {provider} as a provider of {service}",
+            node_list(second)
+        ),
+        limit,
+        |mesh| {
+            for &i in second {
+                let list = providers_wait(mesh, i, service)?;
+                if let Some(p) = list.first() {
+                    return Err(Wait::Pending(format!(
+                        "node {i} still lists {} ({})",
+                        mesh.label(&p.node_id),
+                        p.reach
+                    )));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let forgot = cut_at.elapsed();
+    let mut slowest = Duration::ZERO;
+    for &i in second {
+        let (_, took) = rpc_refused(
+            mesh,
+            i,
+            (service, "whoami", ""),
+            &serde_json::json!([]),
+            PARTITION_CALL_DEADLINE,
+            (404, "no_provider"),
+            NO_PROVIDER_LIMIT,
+        )?;
+        slowest = slowest.max(took);
+    }
+    // The provider's own half still lists and calls it.
+    for &i in first.iter().filter(|&&i| i != provider) {
+        if let Err(Wait::Pending(m) | Wait::Fatal(m)) =
+            whoami_across(mesh, i, &provider_id, provider)
+        {
+            bail!("during the cut, in the provider's half: {m}");
+        }
+    }
+    Ok(format!(
+        "across the cut node {far} answered {first_code} in {}; nodes {} forgot the provider \
+         {} after the cut and answered no_provider within {}; nodes {} kept calling it",
+        fmt_duration(took),
+        node_list(second),
+        fmt_duration(forgot),
+        fmt_duration(slowest),
+        node_list(&first[..first.len() - 1])
+    ))
+}
+
+/// Node `i` calls `whoami` on the rpc-partition service: pending unless it
+/// answers, fatal if it names anyone but `provider`.
+fn whoami_across(mesh: &Mesh, i: usize, provider_id: &str, provider: usize) -> Result<(), Wait> {
+    let service = RPC_PARTITION_SERVICE;
+    let answer = mesh
+        .http
+        .rpc_call(
+            mesh.admin(i),
+            service,
+            "whoami",
+            "",
+            &serde_json::json!([]),
+            PARTITION_CALL_DEADLINE,
+        )
+        .map_err(|e| Wait::Pending(format!("node {i}: {e:#}")))?;
+    match answer {
+        RpcAnswer::Result { result, .. } if result == Value::String(provider_id.to_owned()) => {
+            Ok(())
+        }
+        RpcAnswer::Result { result, .. } => Err(Wait::Fatal(format!(
+            "node {i}: whoami answered {result}, expected node {provider}'s id"
+        ))),
+        other => Err(Wait::Pending(format!(
+            "node {i}: whoami answered {}",
+            other.describe()
+        ))),
+    }
+}
+
 fn scenario_churn(mesh: &mut Mesh) -> Result<String> {
     let (members, seeds) = members_and_seeds(mesh)?;
     let provider = spawn_provider(mesh, &seeds, Some(CHURN_SERVICE))?;
