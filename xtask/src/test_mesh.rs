@@ -6033,24 +6033,10 @@ impl Mesh {
         timeout: Duration,
         mut check: impl FnMut(&Mesh, &Snapshot) -> Result<T, Wait>,
     ) -> Result<T> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.check_unexpected_exits()
-                .with_context(|| format!("while waiting for {what}"))?;
-            self.refresh_snapshot_of(which);
-            let reason = match check(self, &self.snapshot) {
-                Ok(t) => return Ok(t),
-                Err(Wait::Fatal(reason)) => bail!("{reason}"),
-                Err(Wait::Pending(reason)) => reason,
-            };
-            if Instant::now() >= deadline {
-                bail!(
-                    "timed out after {} waiting for {what}: {reason}",
-                    fmt_duration(timeout)
-                );
-            }
-            thread::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())));
-        }
+        self.poll_loop(what, timeout, |mesh| {
+            mesh.refresh_snapshot_of(which);
+            check(mesh, &mesh.snapshot)
+        })
     }
 
     /// Fetches `/status` of the `which` nodes once and applies `check`.
@@ -6077,26 +6063,10 @@ impl Mesh {
         duration: Duration,
         mut check: impl FnMut(&Mesh, &Snapshot) -> Result<(), Wait>,
     ) -> Result<usize> {
-        let started = Instant::now();
-        let end = started + duration;
-        let mut polls = 0;
-        loop {
-            self.check_unexpected_exits()
-                .with_context(|| format!("while waiting for {what}"))?;
-            self.refresh_snapshot_of(which);
-            polls += 1;
-            if let Err(Wait::Fatal(reason) | Wait::Pending(reason)) = check(self, &self.snapshot) {
-                bail!(
-                    "{what}: failed after {}: {reason}",
-                    fmt_duration(started.elapsed())
-                );
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(polls);
-            }
-            thread::sleep(POLL_INTERVAL.min(left));
-        }
+        self.watch_loop(what, duration, |mesh| {
+            mesh.refresh_snapshot_of(which);
+            check(mesh, &mesh.snapshot)
+        })
     }
 
     /// `GET /events` of the `nodes`; a failed request is pending.
@@ -6124,23 +6094,9 @@ impl Mesh {
         timeout: Duration,
         mut check: impl FnMut(&Mesh, &EventLog) -> Result<T, Wait>,
     ) -> Result<T> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.check_unexpected_exits()
-                .with_context(|| format!("while waiting for {what}"))?;
-            let reason = match self.fetch_events(nodes).and_then(|log| check(self, &log)) {
-                Ok(t) => return Ok(t),
-                Err(Wait::Fatal(reason)) => bail!("{what}: {reason}"),
-                Err(Wait::Pending(reason)) => reason,
-            };
-            if Instant::now() >= deadline {
-                bail!(
-                    "timed out after {} waiting for {what}: {reason}",
-                    fmt_duration(timeout)
-                );
-            }
-            thread::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())));
-        }
+        self.poll_loop(what, timeout, |mesh| {
+            mesh.fetch_events(nodes).and_then(|log| check(mesh, &log))
+        })
     }
 
     /// Polls `/events` of the `nodes` for all of `duration` and fails as
@@ -6153,27 +6109,9 @@ impl Mesh {
         duration: Duration,
         mut check: impl FnMut(&Mesh, &EventLog) -> Result<(), Wait>,
     ) -> Result<usize> {
-        let started = Instant::now();
-        let end = started + duration;
-        let mut polls = 0;
-        loop {
-            self.check_unexpected_exits()
-                .with_context(|| format!("while waiting for {what}"))?;
-            polls += 1;
-            if let Err(Wait::Fatal(reason) | Wait::Pending(reason)) =
-                self.fetch_events(nodes).and_then(|log| check(self, &log))
-            {
-                bail!(
-                    "{what}: failed after {}: {reason}",
-                    fmt_duration(started.elapsed())
-                );
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(polls);
-            }
-            thread::sleep(POLL_INTERVAL.min(left));
-        }
+        self.watch_loop(what, duration, |mesh| {
+            mesh.fetch_events(nodes).and_then(|log| check(mesh, &log))
+        })
     }
 
     /// Polls `check`, which makes its own admin requests (a failed request
@@ -6185,11 +6123,33 @@ impl Mesh {
         timeout: Duration,
         mut check: impl FnMut(&Mesh) -> Result<T, Wait>,
     ) -> Result<T> {
+        self.poll_loop(what, timeout, |mesh| check(mesh))
+    }
+
+    /// Polls `check` (as [`Mesh::poll_fn_until`]) for all of `duration`
+    /// and fails as soon as it does not hold. Returns the number of polls.
+    fn watch_fn_for(
+        &mut self,
+        what: &str,
+        duration: Duration,
+        mut check: impl FnMut(&Mesh) -> Result<(), Wait>,
+    ) -> Result<usize> {
+        self.watch_loop(what, duration, |mesh| check(mesh))
+    }
+
+    /// What every `poll_*` shares: `step` every [`POLL_INTERVAL`] until it
+    /// holds, it reports a fatal problem, a node dies, or `timeout` passes.
+    fn poll_loop<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut step: impl FnMut(&mut Mesh) -> Result<T, Wait>,
+    ) -> Result<T> {
         let deadline = Instant::now() + timeout;
         loop {
             self.check_unexpected_exits()
                 .with_context(|| format!("while waiting for {what}"))?;
-            let reason = match check(self) {
+            let reason = match step(self) {
                 Ok(t) => return Ok(t),
                 Err(Wait::Fatal(reason)) => bail!("{what}: {reason}"),
                 Err(Wait::Pending(reason)) => reason,
@@ -6204,13 +6164,14 @@ impl Mesh {
         }
     }
 
-    /// Polls `check` (as [`Mesh::poll_fn_until`]) for all of `duration`
-    /// and fails as soon as it does not hold. Returns the number of polls.
-    fn watch_fn_for(
+    /// What every `watch_*` shares: `step` every [`POLL_INTERVAL`] for all
+    /// of `duration`, failing as soon as it does not hold or a node dies.
+    /// Returns the number of polls.
+    fn watch_loop(
         &mut self,
         what: &str,
         duration: Duration,
-        mut check: impl FnMut(&Mesh) -> Result<(), Wait>,
+        mut step: impl FnMut(&mut Mesh) -> Result<(), Wait>,
     ) -> Result<usize> {
         let started = Instant::now();
         let end = started + duration;
@@ -6219,7 +6180,7 @@ impl Mesh {
             self.check_unexpected_exits()
                 .with_context(|| format!("while waiting for {what}"))?;
             polls += 1;
-            if let Err(Wait::Fatal(reason) | Wait::Pending(reason)) = check(self) {
+            if let Err(Wait::Fatal(reason) | Wait::Pending(reason)) = step(self) {
                 bail!(
                     "{what}: failed after {}: {reason}",
                     fmt_duration(started.elapsed())
