@@ -1841,19 +1841,21 @@ fn hogged_join(
     group.push(newcomer);
     mesh.wait_ready(newcomer)?;
     let id = mesh.nodes[newcomer].ready.node_id.clone();
-    let after = mesh.poll_until(
-        &format!("node {newcomer}, seeded only with node {target}, to become its peer"),
-        Poll::Only(&[target]),
-        limit.saturating_sub(spawned.elapsed()),
-        |_, snap| {
-            let s = snap.status(target)?;
-            match s.peer(&id) {
-                Some(p) if p.is_linked() => Ok(s.clone()),
-                Some(p) => Err(Wait::Pending(format!("node {newcomer} is {}", p.state))),
-                None => Err(Wait::Pending(format!("node {newcomer} is unknown"))),
-            }
-        },
-    )?;
+    let after = mesh
+        .poll_until(
+            &format!("node {newcomer}, seeded only with node {target}, to become its peer"),
+            Poll::Only(&[target]),
+            limit.saturating_sub(spawned.elapsed()),
+            |_, snap| {
+                let s = snap.status(target)?;
+                match s.peer(&id) {
+                    Some(p) if p.is_linked() => Ok(s.clone()),
+                    Some(p) => Err(Wait::Pending(format!("node {newcomer} is {}", p.state))),
+                    None => Err(Wait::Pending(format!("node {newcomer} is unknown"))),
+                }
+            },
+        )
+        .map_err(|e| e.context(newcomer_view(mesh, newcomer, target)))?;
     let evicted = after
         .evicted_handshakes
         .saturating_sub(before.evicted_handshakes);
@@ -1862,6 +1864,36 @@ fn hogged_join(
         "node {newcomer} got in, but node {target} counted no eviction: were the slots full?"
     );
     Ok((spawned.elapsed(), evicted))
+}
+
+/// What a newcomer that did not get in sees itself, for the failure
+/// message: its pool, its connections and the peers it knows, and what the
+/// target counted meanwhile.
+fn newcomer_view(mesh: &Mesh, newcomer: usize, target: usize) -> String {
+    let own = match mesh.http.status(mesh.admin(newcomer)) {
+        Ok(s) => {
+            let peers: Vec<String> = s
+                .peers
+                .iter()
+                .map(|p| format!("{} {}", mesh.label(&p.node_id), p.state))
+                .collect();
+            format!(
+                "node {newcomer}'s own /status: pool {:?}; {} connection(s); peers [{}]",
+                s.pool,
+                s.connections.len(),
+                peers.join(", ")
+            )
+        }
+        Err(e) => format!("node {newcomer}'s /status failed: {e:#}"),
+    };
+    let theirs = match mesh.http.status(mesh.admin(target)) {
+        Ok(s) => format!(
+            "node {target}: {} pending handshake(s), {} refused busy, {} evicted, {} handshakes ok",
+            s.pending_handshakes, s.rejected_busy, s.evicted_handshakes, s.handshakes_ok
+        ),
+        Err(e) => format!("node {target}'s /status failed: {e:#}"),
+    };
+    format!("{own}; {theirs}")
 }
 
 fn describe_hog(whose: &str, from: IpAddr, took: Duration, evicted: u64, c: HogCounts) -> String {
