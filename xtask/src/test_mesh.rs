@@ -1733,6 +1733,8 @@ fn check_peer_limit(snap: &Snapshot, i: usize, max: usize, peak: &mut Peak) -> R
     Ok(())
 }
 
+/// Where a hogged node's newcomers listen: a loopback address of its own.
+const NEWCOMER_LISTEN: &str = "tcp://127.0.0.3:0";
 /// Silent streams a hog holds: every handshake slot of a node.
 const HOG_STREAMS: usize = 64;
 /// Streams beyond those that must be refused at once.
@@ -1837,7 +1839,13 @@ fn hogged_join(
     )?;
     drop(extra);
     let spawned = Instant::now();
-    let newcomer = mesh.spawn_with(&[seed.to_owned()], &[])?;
+    // Listening on an address no node of the run has used: on 127.0.0.1 the
+    // newcomer may get the port of a node that left, which the mesh's nodes
+    // still know and dial; linked to them, it has its --min-peers and stops
+    // dialling its seed (a CI run failed so, the newcomer never arriving).
+    // It still dials from 127.0.0.1, the hog's host in the second phase.
+    let listen = [OsString::from("--listen"), OsString::from(NEWCOMER_LISTEN)];
+    let newcomer = mesh.spawn_with(&[seed.to_owned()], &listen)?;
     group.push(newcomer);
     mesh.wait_ready(newcomer)?;
     let id = mesh.nodes[newcomer].ready.node_id.clone();
@@ -5776,14 +5784,12 @@ impl Mesh {
         let log = File::create(&log_path)
             .with_context(|| format!("cannot create {}", log_path.display()))?;
         let mut cmd = Command::new(&self.bin);
-        cmd.args([
-            "node",
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args(["--network", &self.network]);
+        cmd.arg("node");
+        if !extra.iter().any(|arg| arg == "--listen") {
+            cmd.args(["--listen", "tcp://127.0.0.1:0"]);
+        }
+        cmd.args(["--admin", "127.0.0.1:0"])
+            .args(["--network", &self.network]);
         for seed in seeds {
             cmd.args(["--seed", seed]);
         }
