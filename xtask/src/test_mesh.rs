@@ -4940,28 +4940,12 @@ fn check_cut(
     cut_at: Instant,
 ) -> Result<String> {
     let service = RPC_PARTITION_SERVICE;
-    let provider_id = mesh.id(provider).to_owned();
-    let near = first[0];
-    let (result, _) = rpc_ok(mesh, near, service, "whoami", &serde_json::json!([]))?;
-    ensure!(
-        result == Value::String(provider_id.clone()),
-        "node {near}: whoami during the cut answered {result}, expected node {provider}'s id"
-    );
+    provider_half_calls(mesh, provider, first, "as the cut began")?;
 
     // A call from the far side while it may still list the provider.
     let far = second[0];
     let asked = Instant::now();
-    let answer = mesh
-        .http
-        .rpc_call(
-            mesh.admin(far),
-            service,
-            "whoami",
-            "",
-            &serde_json::json!([]),
-            PARTITION_CALL_DEADLINE,
-        )
-        .with_context(|| format!("node {far}: POST /rpc/{service}/whoami across the cut"))?;
+    let answer = whoami(mesh, far).context("across the cut")?;
     let took = asked.elapsed();
     let first_code = match answer {
         RpcAnswer::Error { code, .. }
@@ -5012,14 +4996,7 @@ fn check_cut(
         )?;
         slowest = slowest.max(took);
     }
-    // The provider's own half still lists and calls it.
-    for &i in first.iter().filter(|&&i| i != provider) {
-        if let Err(Wait::Pending(m) | Wait::Fatal(m)) =
-            whoami_across(mesh, i, &provider_id, provider)
-        {
-            bail!("during the cut, in the provider's half: {m}");
-        }
-    }
+    provider_half_calls(mesh, provider, first, "once the other half forgot it")?;
     Ok(format!(
         "across the cut node {far} answered {first_code} in {}; nodes {} forgot the provider \
          {} after the cut and answered no_provider within {}; nodes {} kept calling it",
@@ -5031,12 +5008,25 @@ fn check_cut(
     ))
 }
 
-/// Node `i` calls `whoami` on the rpc-partition service: pending unless it
-/// answers, fatal if it names anyone but `provider`.
-fn whoami_across(mesh: &Mesh, i: usize, provider_id: &str, provider: usize) -> Result<(), Wait> {
+/// Every node of the provider's half (`first`, the provider last) calls
+/// `whoami` and is answered with the provider's id; `when` names the moment
+/// in the error.
+fn provider_half_calls(mesh: &Mesh, provider: usize, first: &[usize], when: &str) -> Result<()> {
+    let provider_id = mesh.id(provider);
+    for &i in first.iter().filter(|&&i| i != provider) {
+        if let Err(Wait::Pending(m) | Wait::Fatal(m)) =
+            whoami_across(mesh, i, provider_id, provider)
+        {
+            bail!("in the provider's half, {when}: {m}");
+        }
+    }
+    Ok(())
+}
+
+/// `POST /rpc/<rpc-partition service>/whoami` from node `i`.
+fn whoami(mesh: &Mesh, i: usize) -> Result<RpcAnswer> {
     let service = RPC_PARTITION_SERVICE;
-    let answer = mesh
-        .http
+    mesh.http
         .rpc_call(
             mesh.admin(i),
             service,
@@ -5045,7 +5035,13 @@ fn whoami_across(mesh: &Mesh, i: usize, provider_id: &str, provider: usize) -> R
             &serde_json::json!([]),
             PARTITION_CALL_DEADLINE,
         )
-        .map_err(|e| Wait::Pending(format!("node {i}: {e:#}")))?;
+        .with_context(|| format!("node {i}: POST /rpc/{service}/whoami"))
+}
+
+/// Node `i` calls `whoami` on the rpc-partition service: pending unless it
+/// answers, fatal if it names anyone but `provider`.
+fn whoami_across(mesh: &Mesh, i: usize, provider_id: &str, provider: usize) -> Result<(), Wait> {
+    let answer = whoami(mesh, i).map_err(|e| Wait::Pending(format!("{e:#}")))?;
     match answer {
         RpcAnswer::Result { result, .. } if result == Value::String(provider_id.to_owned()) => {
             Ok(())
