@@ -136,6 +136,16 @@ async fn partition_and_heal(
         nodes.push(node(&net, name, c).await);
     }
     settle(60 * S, || healthy(&nodes, min, max)).await;
+    // Every node knows every other (from gossip) before the cut: one that
+    // knew only the peers it had, all of them across the cut, would know
+    // nobody in its own half to dial (a run failed so, such a node alone).
+    settle(120 * S, || {
+        nodes.iter().all(|n| {
+            let s = n.stats();
+            s.connected + s.known >= names.len() - 1
+        })
+    })
+    .await;
 
     let (left, right): (Vec<&str>, Vec<&str>) = (
         names[..10].iter().map(|s| s.as_str()).collect(),
