@@ -1158,6 +1158,9 @@ impl ConcernsBuilder {
                     Ok(PeerEvent::Disconnected { peer, .. }) => {
                         let Some(inner) = weak.upgrade() else { break };
                         inner.peer_left(&peer);
+                        if let Ok(routing) = inner.routing() {
+                            routing.neighbour_left(&inner, &peer);
+                        }
                     }
                     Ok(PeerEvent::StateChanged {
                         peer,

@@ -29,6 +29,16 @@
 //!   that becomes responsive while it runs (`late_asks`): a node joining the
 //!   mesh starts with none. An answer whose route is gone by the time the
 //!   searcher looks does not end the search.
+//! - "Not through me" (`RouteNotFound`) makes a search that cannot succeed
+//!   end early, as an echo wave: a node answers it to a neighbour that
+//!   passes it a query it has seen already or can pass to nobody, and, for
+//!   the first copy, once every neighbour it passed the query to has
+//!   answered so (or left). The origin reports the target unreachable as
+//!   soon as every neighbour it asked has answered so (`exhausted`), not
+//!   after the search timeout; a neighbour that leaves without answering
+//!   counts only once another has said no (a node whose one neighbour
+//!   flaps keeps waiting for it). Nodes that stay silent leave the search
+//!   to its timeout, as before.
 //! - A hop with no route (or out of TTL) answers a request with an error
 //!   `UNREACHABLE` routed back to the origin, which forgets the route; so
 //!   does a routed request that times out.
@@ -46,7 +56,7 @@
 //!   not open, and requests it has seen already or stamped outside its
 //!   clock window (see `replay`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -57,7 +67,7 @@ use meshwork_peers::transport::{Identity, PairKey, Priority, verify};
 use meshwork_peers::wire::NodeId;
 use meshwork_peers::wire::proto::route_message::Body;
 use meshwork_peers::wire::proto::{
-    ConcernKind, ErrorCode, RouteFound, RouteMessage, RouteQuery, Routed,
+    ConcernKind, ErrorCode, RouteFound, RouteMessage, RouteNotFound, RouteQuery, Routed,
 };
 use prost::Message as _;
 use tokio::sync::watch;
@@ -84,14 +94,79 @@ impl Drop for SearchGuard<'_> {
     }
 }
 
-/// A search in progress: its query, and a watch that flips when found.
+/// What the waiters of a search see of it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    /// The answers taken so far.
+    answers: u32,
+    /// Every neighbour asked has answered "not through me".
+    exhausted: bool,
+}
+
+/// A search in progress: its query, and a watch of its [`Progress`].
 struct Search {
     query_id: u64,
-    /// The answers taken so far.
-    found: watch::Sender<u32>,
+    progress: watch::Sender<Progress>,
     /// The signed query as sent (empty until it is): a neighbour that
     /// arrives during the search is asked too.
     query: Bytes,
+    /// The neighbours asked (each is asked once).
+    asked: HashSet<NodeId>,
+    /// Those of them whose answer is still awaited.
+    waiting: HashSet<NodeId>,
+    /// Whether one of them has answered "not through me": until then a
+    /// search whose neighbours all left waits for new ones.
+    refused: bool,
+}
+
+impl Search {
+    /// `peer` is out of the search: it answered "not through me" (`said`)
+    /// or left. Whether the search is now exhausted (and was not before).
+    fn strike(&mut self, peer: &NodeId, said: bool) -> bool {
+        if !self.waiting.remove(peer) {
+            return false;
+        }
+        self.refused |= said;
+        self.refused && self.waiting.is_empty()
+    }
+}
+
+/// A query this node passed on (the first copy it got): the neighbour it
+/// came from, and those it went to that have not answered yet. When the
+/// last of them answers "not through me" (or leaves), this node answers
+/// so to the first; a route answer passed back ends it instead.
+struct Wave {
+    parent: NodeId,
+    target: Bytes,
+    waiting: Vec<NodeId>,
+    /// Answered already, either way: nothing more is sent for it.
+    done: bool,
+}
+
+impl Wave {
+    /// `peer` answered "not through me" or left: the answer to send to the
+    /// parent, if that was the last one awaited.
+    fn strike(&mut self, peer: &NodeId, query_id: u64, origin: &NodeId) -> Option<(NodeId, Bytes)> {
+        let at = self.waiting.iter().position(|p| p == peer)?;
+        self.waiting.swap_remove(at);
+        if self.done || !self.waiting.is_empty() {
+            return None;
+        }
+        self.done = true;
+        Some((
+            self.parent.clone(),
+            not_found(query_id, origin.as_bytes().clone(), self.target.clone()),
+        ))
+    }
+}
+
+/// A `RouteNotFound`, encoded.
+fn not_found(query_id: u64, origin: Bytes, target: Bytes) -> Bytes {
+    encode(Body::NotFound(RouteNotFound {
+        query_id,
+        origin,
+        target,
+    }))
 }
 
 /// A target whose last search found no route: it is not searched for
@@ -171,6 +246,10 @@ pub(crate) struct Routing {
     table: Mutex<RouteTable>,
     /// By (origin, query id), owned by the neighbour that brought it.
     queries: Mutex<SeenCache<(NodeId, u64), NodeId>>,
+    /// The queries passed on whose "not through me" is still to come from
+    /// some neighbour, by (origin, query id), owned by the neighbour that
+    /// brought them.
+    waves: Mutex<SeenCache<(NodeId, u64), NodeId, Wave>>,
     /// Answers taken, by (origin, query id, the neighbour that brought
     /// it): a repeat is dropped before its signature costs a check.
     answers: Mutex<SeenCache<(NodeId, u64, NodeId), NodeId>>,
@@ -203,6 +282,9 @@ pub(crate) struct Routing {
     /// Queries of searches in progress sent to a neighbour that arrived
     /// after they started.
     late_asks: AtomicU64,
+    /// Searches ended before their timeout: every neighbour asked answered
+    /// "not through me".
+    exhausted: AtomicU64,
     /// Routed messages not forwarded: the next hop's lane stayed full.
     dropped: AtomicU64,
     /// Keys shared with the origins and targets of routed messages.
@@ -393,6 +475,7 @@ impl Routing {
         Routing {
             table: Mutex::new(RouteTable::new(cfg.route_ttl, cfg.route_capacity)),
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
+            waves: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             answered: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             signed_answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
@@ -408,6 +491,7 @@ impl Routing {
             searches_started: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
             late_asks: AtomicU64::new(0),
+            exhausted: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             keys: Mutex::new(KeyCache {
                 keys: HashMap::new(),
@@ -581,6 +665,7 @@ impl Routing {
             ("searches", get(&self.searches_started)),
             ("held_back", get(&self.held_back)),
             ("late_asks", get(&self.late_asks)),
+            ("exhausted", get(&self.exhausted)),
             ("forwarded", get(&self.forwarded)),
             ("delivered", get(&self.delivered)),
             ("unreachable", get(&self.unreachable)),
@@ -716,14 +801,16 @@ impl Routing {
         let (mut rx, first) = {
             let mut searches = lock(&self.searches);
             match searches.get(target) {
-                Some(s) => (s.found.subscribe(), false),
+                Some(s) => (s.progress.subscribe(), false),
                 None => {
-                    let (found, rx) = watch::channel(0);
-                    let query = Bytes::new();
+                    let (progress, rx) = watch::channel(Progress::default());
                     let search = Search {
                         query_id,
-                        found,
-                        query,
+                        progress,
+                        query: Bytes::new(),
+                        asked: HashSet::new(),
+                        waiting: HashSet::new(),
+                        refused: false,
                     };
                     searches.insert(target.clone(), search);
                     (rx, true)
@@ -751,13 +838,24 @@ impl Routing {
             sign_route_query(inner.peers.endpoint().config().identity(), &mut query);
             lock(&self.queries).insert((me.clone(), query.query_id), me, Instant::now());
             let body = encode(Body::Query(query));
-            // Kept before the neighbours are asked: one that arrives in
-            // between is asked twice, and drops the second copy as seen.
-            if let Some(s) = lock(&self.searches).get_mut(target) {
-                s.query = body.clone();
-            }
-            for p in inner.peers.neighbours() {
-                let _ = inner.try_send_direct(&p, ROUTING, body.clone());
+            // Kept before the neighbours are asked, so that one arriving in
+            // between is asked (once: by whichever comes first).
+            let neighbours = inner.peers.neighbours();
+            let ask: Vec<NodeId> = match lock(&self.searches).get_mut(target) {
+                Some(s) => {
+                    s.query = body.clone();
+                    neighbours
+                        .into_iter()
+                        .filter(|p| s.asked.insert(p.clone()))
+                        .inspect(|p| {
+                            s.waiting.insert(p.clone());
+                        })
+                        .collect()
+                }
+                None => Vec::new(),
+            };
+            for p in ask {
+                self.ask(inner, target, &p, body.clone());
             }
         }
         // Answers are counted: a route an answer taught may be gone by the
@@ -766,17 +864,22 @@ impl Routing {
         // `wait_for` returns a read guard of the channel: drop it at once,
         // before anything takes the searches lock (`on_found` sends while
         // holding that lock, and the send needs the channel's write lock).
+        // A search every neighbour asked has answered "not through me" for
+        // ends at once.
         let wait = async {
             let mut seen = 0;
             loop {
-                let answers = match rx.wait_for(|n| *n > seen).await {
-                    Ok(n) => *n,
+                let progress = match rx.wait_for(|p| p.answers > seen || p.exhausted).await {
+                    Ok(p) => *p,
                     Err(_) => return None,
                 };
                 if let Some(hop) = self.next_hop(inner, target) {
                     return Some(hop);
                 }
-                seen = answers;
+                if progress.exhausted {
+                    return None;
+                }
+                seen = progress.answers;
             }
         };
         let hop = tokio::time::timeout(self.search_timeout, wait)
@@ -786,8 +889,8 @@ impl Routing {
         let found = hop.is_some();
         // Remembered before the search's entry goes, so that a send coming
         // in between joins nothing and searches nothing either. Only a
-        // search waited out to its end counts (a caller that gave up
-        // earlier proves nothing).
+        // search waited out to its end (or exhausted) counts (a caller that
+        // gave up earlier proves nothing).
         if first && !found {
             self.not_found(inner, target);
         }
@@ -805,15 +908,109 @@ impl Routing {
     /// progress, which otherwise asked only the neighbours there were when
     /// it started (none at all, on a node still joining the mesh).
     pub(crate) fn neighbour_joined(&self, inner: &Inner, peer: &NodeId) {
-        let queries: Vec<Bytes> = lock(&self.searches)
-            .values()
-            .filter(|s| !s.query.is_empty())
-            .map(|s| s.query.clone())
+        let queries: Vec<(NodeId, Bytes)> = lock(&self.searches)
+            .iter_mut()
+            .filter_map(|(target, s)| {
+                if s.query.is_empty() || !s.asked.insert(peer.clone()) {
+                    return None;
+                }
+                s.waiting.insert(peer.clone());
+                Some((target.clone(), s.query.clone()))
+            })
             .collect();
-        for query in queries {
+        for (target, query) in queries {
             self.late_asks.fetch_add(1, Ordering::Relaxed);
-            let _ = inner.try_send_direct(peer, ROUTING, query);
+            self.ask(inner, &target, peer, query);
         }
+    }
+
+    /// `peer` is no longer a neighbour: the searches and waves that
+    /// awaited its answer stop waiting for it.
+    pub(crate) fn neighbour_left(&self, inner: &Inner, peer: &NodeId) {
+        self.strike(inner, peer, None);
+    }
+
+    /// Sends the query of this node's search for `target` to `peer`
+    /// (already in its `asked` and `waiting`); one that could not be sent
+    /// is not waited for.
+    fn ask(&self, inner: &Inner, target: &NodeId, peer: &NodeId, query: Bytes) {
+        if inner.try_send_direct(peer, ROUTING, query).is_ok() {
+            return;
+        }
+        if let Some(s) = lock(&self.searches).get_mut(target) {
+            s.asked.remove(peer);
+            s.waiting.remove(peer);
+        }
+    }
+
+    /// Answers "not through me" to `to` for a query.
+    fn answer_none(&self, inner: &Inner, to: &NodeId, q: &RouteQuery) {
+        let body = not_found(q.query_id, q.origin.clone(), q.target.clone());
+        let _ = inner.try_send_direct(to, ROUTING, body);
+    }
+
+    /// `peer` is out of the searches and waves that awaited its answer:
+    /// it answered "not through me" for one (`answer`, with its key), or it
+    /// left (`None`: out of all of them).
+    fn strike(&self, inner: &Inner, peer: &NodeId, answer: Option<(&NodeId, u64, &NodeId)>) {
+        let me = inner.peers.node_id();
+        let mut exhausted = Vec::new();
+        {
+            let mut searches = lock(&self.searches);
+            match answer {
+                Some((origin, query_id, target)) if origin == me => {
+                    if let Some(s) = searches.get_mut(target).filter(|s| s.query_id == query_id) {
+                        if s.strike(peer, true) {
+                            exhausted.push(s.progress.clone());
+                        }
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    for s in searches.values_mut() {
+                        if s.strike(peer, false) {
+                            exhausted.push(s.progress.clone());
+                        }
+                    }
+                }
+            }
+        }
+        // Sent outside the lock (see `search`).
+        for progress in exhausted {
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+            progress.send_modify(|p| p.exhausted = true);
+        }
+        let now = Instant::now();
+        let mut answers = Vec::new();
+        {
+            let mut waves = lock(&self.waves);
+            match answer {
+                Some((origin, query_id, _)) if origin != me => {
+                    let key = (origin.clone(), query_id);
+                    if let Some(w) = waves.get_mut(&key, now) {
+                        answers.extend(w.strike(peer, query_id, origin));
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    for ((origin, query_id), w) in waves.live_mut(now) {
+                        answers.extend(w.strike(peer, *query_id, origin));
+                    }
+                }
+            }
+        }
+        for (parent, body) in answers {
+            let _ = inner.try_send_direct(&parent, ROUTING, body);
+        }
+    }
+
+    /// A neighbour's "not through me" for a query this node made or passed
+    /// to it; taken once, and only from a neighbour the query went to.
+    fn on_not_found(&self, inner: &Inner, from: &NodeId, n: RouteNotFound) -> Result<(), BoxError> {
+        let origin = NodeId::from_bytes(n.origin)?;
+        let target = NodeId::from_bytes(n.target)?;
+        self.strike(inner, from, Some((&origin, n.query_id, &target)));
+        Ok(())
     }
 
     fn on_query(&self, inner: &Arc<Inner>, from: &NodeId, q: RouteQuery) -> Result<(), BoxError> {
@@ -839,7 +1036,12 @@ impl Routing {
         let for_me = target == *me;
         let seen = lock(&self.queries).contains(&key, now);
         let answer = (origin.clone(), q.query_id, from.clone());
-        if seen && (!for_me || lock(&self.answered).contains(&answer, now)) {
+        if seen && !for_me {
+            // Passed on already, by another way.
+            self.answer_none(inner, from, &q);
+            return Ok(());
+        }
+        if seen && lock(&self.answered).contains(&answer, now) {
             return Ok(());
         }
         let off = i128::from(self.clock.now_ms()) - i128::from(q.sent_at_ms);
@@ -854,7 +1056,8 @@ impl Routing {
             self.ban_forger(inner, from, "route query not signed by its origin", &origin);
             return Ok(());
         }
-        if !lock(&self.queries).insert(key, from, now) && !for_me {
+        if !lock(&self.queries).insert(key.clone(), from, now) && !for_me {
+            self.answer_none(inner, from, &q);
             return Ok(());
         }
         lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);
@@ -886,28 +1089,44 @@ impl Routing {
             inner.try_send_direct(from, ROUTING, body)?;
             return Ok(());
         }
+        let mut passed = Vec::new();
         if target != *from && Self::is_neighbour(inner, &target) {
             // Only the target's word is taken: pass the query to it alone,
             // also on the query's last hop (a neighbour's own answer used
             // to end it here).
             let next = encode(Body::Query(RouteQuery {
                 ttl: q.ttl.saturating_sub(1).max(1),
-                ..q
+                ..q.clone()
             }));
-            let _ = inner.try_send_direct(&target, ROUTING, next);
-            return Ok(());
-        }
-        if q.ttl > 1 {
+            if inner.try_send_direct(&target, ROUTING, next).is_ok() {
+                passed.push(target);
+            }
+        } else if q.ttl > 1 {
             let next = encode(Body::Query(RouteQuery {
                 ttl: q.ttl - 1,
-                ..q
+                ..q.clone()
             }));
             for p in inner.peers.neighbours() {
-                if p != *from && p != origin {
-                    let _ = inner.try_send_direct(&p, ROUTING, next.clone());
+                if p != *from
+                    && p != origin
+                    && inner.try_send_direct(&p, ROUTING, next.clone()).is_ok()
+                {
+                    passed.push(p);
                 }
             }
         }
+        if passed.is_empty() {
+            // Out of hops, or nobody else to ask.
+            self.answer_none(inner, from, &q);
+            return Ok(());
+        }
+        let wave = Wave {
+            parent: from.clone(),
+            target: q.target,
+            waiting: passed,
+            done: false,
+        };
+        lock(&self.waves).insert_value(key, wave, from, now);
         Ok(())
     }
 
@@ -935,7 +1154,7 @@ impl Routing {
             let found = lock(&self.searches)
                 .get(&target)
                 .filter(|s| s.query_id == f.query_id)
-                .map(|s| s.found.clone());
+                .map(|s| s.progress.clone());
             let Some(found) = found else {
                 return Ok(()); // not asked, or asked and answered already
             };
@@ -944,7 +1163,7 @@ impl Routing {
             }
             lock(&self.table).learn(&target, from, hops, now);
             self.found(&target);
-            found.send_modify(|n| *n = n.saturating_add(1));
+            found.send_modify(|p| p.answers = p.answers.saturating_add(1));
             return Ok(());
         }
         if !lock(&self.queries).contains(&(origin.clone(), f.query_id), now)
@@ -954,6 +1173,9 @@ impl Routing {
         }
         lock(&self.table).learn(&target, from, hops, now);
         self.found(&target);
+        if let Some(w) = lock(&self.waves).get_mut(&(origin.clone(), f.query_id), now) {
+            w.done = true;
+        }
         if let Some(next) = self.next_hop(inner, &origin) {
             let back = RouteFound { hops, ..f };
             inner.try_send_direct(&next, ROUTING, encode(Body::Found(back)))?;
@@ -1154,6 +1376,7 @@ impl Concern for Routing {
             Some(Body::Query(q)) => self.on_query(&ctx.inner, from, q)?,
             Some(Body::Found(f)) => self.on_found(&ctx.inner, from, f)?,
             Some(Body::Routed(r)) => self.on_routed(&ctx.inner, from, r).await?,
+            Some(Body::NotFound(n)) => self.on_not_found(&ctx.inner, from, n)?,
             None => return Err("empty route message".into()),
         }
         Ok(None)

@@ -105,6 +105,23 @@ impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone, V> SeenCache<K, O, V> {
             .map(|(_, v)| v)
     }
 
+    /// The value kept for `key`, to change, unless it has expired.
+    pub(crate) fn get_mut(&mut self, key: &K, now: Instant) -> Option<&mut V> {
+        self.seen
+            .get_mut(key)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < self.ttl)
+            .map(|(_, v)| v)
+    }
+
+    /// Every key not yet expired at `now`, with its value to change.
+    pub(crate) fn live_mut(&mut self, now: Instant) -> impl Iterator<Item = (&K, &mut V)> {
+        let ttl = self.ttl;
+        self.seen
+            .iter_mut()
+            .filter(move |(_, (at, _))| now.saturating_duration_since(*at) < ttl)
+            .map(|(k, (_, v))| (k, v))
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.seen.len()
