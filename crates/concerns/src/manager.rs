@@ -1159,7 +1159,7 @@ impl ConcernsBuilder {
                         let Some(inner) = weak.upgrade() else { break };
                         inner.peer_left(&peer);
                         if let Ok(routing) = inner.routing() {
-                            routing.neighbour_left(&inner, &peer);
+                            routing.neighbour_left(&peer);
                         }
                     }
                     Ok(PeerEvent::StateChanged {

@@ -33,12 +33,14 @@
 //!   end early, as an echo wave: a node answers it to a neighbour that
 //!   passes it a query it has seen already or can pass to nobody, and, for
 //!   the first copy, once every neighbour it passed the query to has
-//!   answered so (or left). The origin reports the target unreachable as
-//!   soon as every neighbour it asked has answered so (`exhausted`), not
-//!   after the search timeout; a neighbour that leaves without answering
-//!   counts only once another has said no (a node whose one neighbour
-//!   flaps keeps waiting for it). Nodes that stay silent leave the search
-//!   to its timeout, as before.
+//!   answered so. The origin reports the target unreachable as soon as
+//!   every neighbour it asked has answered so (`exhausted`), not after the
+//!   search timeout. A neighbour that leaves before it answers makes the
+//!   wave say nothing more (its part of the mesh may still answer by
+//!   another way), and at the origin is asked again if it comes back (its
+//!   connection may have taken the query with it). Nodes that stay silent
+//!   leave the search to its timeout, as before; an answer that comes after
+//!   its search ended still teaches the route (`late_answers`).
 //! - A hop with no route (or out of TTL) answers a request with an error
 //!   `UNREACHABLE` routed back to the origin, which forgets the route; so
 //!   does a routed request that times out.
@@ -110,53 +112,105 @@ struct Search {
     /// The signed query as sent (empty until it is): a neighbour that
     /// arrives during the search is asked too.
     query: Bytes,
-    /// The neighbours asked (each is asked once).
+    /// The neighbours asked while they stay connected (each once).
     asked: HashSet<NodeId>,
     /// Those of them whose answer is still awaited.
     waiting: HashSet<NodeId>,
-    /// Whether one of them has answered "not through me": until then a
-    /// search whose neighbours all left waits for new ones.
+    /// Neighbours asked that left (or could not be sent the query) before
+    /// they answered: while one of them has not been asked again (when it
+    /// is back), the search is not exhausted. Its way may still bring an
+    /// answer, by another route, and a neighbour that comes back may have
+    /// lost the query with its connection.
+    gone: HashSet<NodeId>,
+    /// Whether a neighbour has answered "not through me": a search that
+    /// has heard nothing is never exhausted (a node joining the mesh waits
+    /// for neighbours to ask).
     refused: bool,
 }
 
 impl Search {
-    /// `peer` is out of the search: it answered "not through me" (`said`)
-    /// or left. Whether the search is now exhausted (and was not before).
-    fn strike(&mut self, peer: &NodeId, said: bool) -> bool {
+    /// `peer` answered "not through me". Whether the search is now
+    /// exhausted: every neighbour asked has answered so, and none left
+    /// without answering.
+    fn refuse(&mut self, peer: &NodeId) -> bool {
         if !self.waiting.remove(peer) {
             return false;
         }
-        self.refused |= said;
-        self.refused && self.waiting.is_empty()
+        self.refused = true;
+        self.waiting.is_empty() && self.gone.is_empty()
     }
+
+    /// `peer` left, or its query could not be sent: it is asked again if it
+    /// comes back, and the search waits for that (or its timeout).
+    fn lose(&mut self, peer: &NodeId) {
+        if self.asked.remove(peer) {
+            self.waiting.remove(peer);
+            self.gone.insert(peer.clone());
+        }
+    }
+
+    /// Whether `peer` is to be asked now (and if so, counts it as asked).
+    fn take_asked(&mut self, peer: &NodeId) -> bool {
+        if self.query.is_empty() || !self.asked.insert(peer.clone()) {
+            return false;
+        }
+        self.gone.remove(peer);
+        self.waiting.insert(peer.clone());
+        true
+    }
+}
+
+/// Where a query this node passed on stands ([`Wave`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaveState {
+    /// Waiting for the neighbours it went to.
+    Open,
+    /// Every one of them answered "not through me", and so did this node.
+    Refused,
+    /// A route answer came back through this node: it says nothing more.
+    Found,
+    /// One of them left before it answered: its part of the mesh may still
+    /// answer by another way, so this node says nothing (the search runs
+    /// to its timeout unless an answer comes).
+    Lost,
 }
 
 /// A query this node passed on (the first copy it got): the neighbour it
 /// came from, and those it went to that have not answered yet. When the
-/// last of them answers "not through me" (or leaves), this node answers
-/// so to the first; a route answer passed back ends it instead.
+/// last of them answers "not through me", this node answers so to the
+/// first.
 struct Wave {
     parent: NodeId,
     target: Bytes,
     waiting: Vec<NodeId>,
-    /// Answered already, either way: nothing more is sent for it.
-    done: bool,
+    state: WaveState,
 }
 
 impl Wave {
-    /// `peer` answered "not through me" or left: the answer to send to the
-    /// parent, if that was the last one awaited.
-    fn strike(&mut self, peer: &NodeId, query_id: u64, origin: &NodeId) -> Option<(NodeId, Bytes)> {
+    /// `peer` answered "not through me" (`said`) or left: the answer to
+    /// send to the parent, if that was the last one awaited.
+    fn strike(
+        &mut self,
+        peer: &NodeId,
+        said: bool,
+        query_id: u64,
+        origin: &NodeId,
+    ) -> Option<(NodeId, Bytes)> {
         let at = self.waiting.iter().position(|p| p == peer)?;
         self.waiting.swap_remove(at);
-        if self.done || !self.waiting.is_empty() {
+        if !said && self.state == WaveState::Open {
+            self.state = WaveState::Lost;
+        }
+        if self.state != WaveState::Open || !self.waiting.is_empty() {
             return None;
         }
-        self.done = true;
-        Some((
-            self.parent.clone(),
-            not_found(query_id, origin.as_bytes().clone(), self.target.clone()),
-        ))
+        self.state = WaveState::Refused;
+        Some((self.parent.clone(), self.refusal(query_id, origin)))
+    }
+
+    /// This node's "not through me" for the query.
+    fn refusal(&self, query_id: u64, origin: &NodeId) -> Bytes {
+        not_found(query_id, origin.as_bytes().clone(), self.target.clone())
     }
 }
 
@@ -285,6 +339,9 @@ pub(crate) struct Routing {
     /// Searches ended before their timeout: every neighbour asked answered
     /// "not through me".
     exhausted: AtomicU64,
+    /// Route answers to this node's queries taken after their search had
+    /// ended (the route is learnt for the next send).
+    late_answers: AtomicU64,
     /// Routed messages not forwarded: the next hop's lane stayed full.
     dropped: AtomicU64,
     /// Keys shared with the origins and targets of routed messages.
@@ -492,6 +549,7 @@ impl Routing {
             held_back: AtomicU64::new(0),
             late_asks: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
+            late_answers: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             keys: Mutex::new(KeyCache {
                 keys: HashMap::new(),
@@ -666,6 +724,7 @@ impl Routing {
             ("held_back", get(&self.held_back)),
             ("late_asks", get(&self.late_asks)),
             ("exhausted", get(&self.exhausted)),
+            ("late_answers", get(&self.late_answers)),
             ("forwarded", get(&self.forwarded)),
             ("delivered", get(&self.delivered)),
             ("unreachable", get(&self.unreachable)),
@@ -810,6 +869,7 @@ impl Routing {
                         query: Bytes::new(),
                         asked: HashSet::new(),
                         waiting: HashSet::new(),
+                        gone: HashSet::new(),
                         refused: false,
                     };
                     searches.insert(target.clone(), search);
@@ -838,20 +898,14 @@ impl Routing {
             sign_route_query(inner.peers.endpoint().config().identity(), &mut query);
             lock(&self.queries).insert((me.clone(), query.query_id), me, Instant::now());
             let body = encode(Body::Query(query));
-            // Kept before the neighbours are asked, so that one arriving in
+            // Kept before the neighbours are read, so that one arriving in
             // between is asked (once: by whichever comes first).
+            if let Some(s) = lock(&self.searches).get_mut(target) {
+                s.query = body.clone();
+            }
             let neighbours = inner.peers.neighbours();
             let ask: Vec<NodeId> = match lock(&self.searches).get_mut(target) {
-                Some(s) => {
-                    s.query = body.clone();
-                    neighbours
-                        .into_iter()
-                        .filter(|p| s.asked.insert(p.clone()))
-                        .inspect(|p| {
-                            s.waiting.insert(p.clone());
-                        })
-                        .collect()
-                }
+                Some(s) => neighbours.into_iter().filter(|p| s.take_asked(p)).collect(),
                 None => Vec::new(),
             };
             for p in ask {
@@ -911,11 +965,8 @@ impl Routing {
         let queries: Vec<(NodeId, Bytes)> = lock(&self.searches)
             .iter_mut()
             .filter_map(|(target, s)| {
-                if s.query.is_empty() || !s.asked.insert(peer.clone()) {
-                    return None;
-                }
-                s.waiting.insert(peer.clone());
-                Some((target.clone(), s.query.clone()))
+                s.take_asked(peer)
+                    .then(|| (target.clone(), s.query.clone()))
             })
             .collect();
         for (target, query) in queries {
@@ -925,21 +976,21 @@ impl Routing {
     }
 
     /// `peer` is no longer a neighbour: the searches and waves that
-    /// awaited its answer stop waiting for it.
-    pub(crate) fn neighbour_left(&self, inner: &Inner, peer: &NodeId) {
-        self.strike(inner, peer, None);
+    /// awaited its answer stop waiting for it, and cannot be exhausted
+    /// (until the searches have asked it again, when it is back).
+    pub(crate) fn neighbour_left(&self, peer: &NodeId) {
+        self.strike(peer);
     }
 
     /// Sends the query of this node's search for `target` to `peer`
     /// (already in its `asked` and `waiting`); one that could not be sent
-    /// is not waited for.
+    /// is taken as gone (see [`Search::lose`]).
     fn ask(&self, inner: &Inner, target: &NodeId, peer: &NodeId, query: Bytes) {
         if inner.try_send_direct(peer, ROUTING, query).is_ok() {
             return;
         }
         if let Some(s) = lock(&self.searches).get_mut(target) {
-            s.asked.remove(peer);
-            s.waiting.remove(peer);
+            s.lose(peer);
         }
     }
 
@@ -949,58 +1000,16 @@ impl Routing {
         let _ = inner.try_send_direct(to, ROUTING, body);
     }
 
-    /// `peer` is out of the searches and waves that awaited its answer:
-    /// it answered "not through me" for one (`answer`, with its key), or it
-    /// left (`None`: out of all of them).
-    fn strike(&self, inner: &Inner, peer: &NodeId, answer: Option<(&NodeId, u64, &NodeId)>) {
-        let me = inner.peers.node_id();
-        let mut exhausted = Vec::new();
-        {
-            let mut searches = lock(&self.searches);
-            match answer {
-                Some((origin, query_id, target)) if origin == me => {
-                    if let Some(s) = searches.get_mut(target).filter(|s| s.query_id == query_id) {
-                        if s.strike(peer, true) {
-                            exhausted.push(s.progress.clone());
-                        }
-                    }
-                }
-                Some(_) => {}
-                None => {
-                    for s in searches.values_mut() {
-                        if s.strike(peer, false) {
-                            exhausted.push(s.progress.clone());
-                        }
-                    }
-                }
-            }
-        }
-        // Sent outside the lock (see `search`).
-        for progress in exhausted {
-            self.exhausted.fetch_add(1, Ordering::Relaxed);
-            progress.send_modify(|p| p.exhausted = true);
-        }
+    /// `peer` left: the searches asked it again when it is back, and the
+    /// waves that awaited it say nothing more (see [`WaveState::Lost`]).
+    fn strike(&self, peer: &NodeId) {
+        lock(&self.searches).values_mut().for_each(|s| s.lose(peer));
         let now = Instant::now();
-        let mut answers = Vec::new();
-        {
-            let mut waves = lock(&self.waves);
-            match answer {
-                Some((origin, query_id, _)) if origin != me => {
-                    let key = (origin.clone(), query_id);
-                    if let Some(w) = waves.get_mut(&key, now) {
-                        answers.extend(w.strike(peer, query_id, origin));
-                    }
-                }
-                Some(_) => {}
-                None => {
-                    for ((origin, query_id), w) in waves.live_mut(now) {
-                        answers.extend(w.strike(peer, *query_id, origin));
-                    }
-                }
+        for ((origin, query_id), w) in lock(&self.waves).live_mut(now) {
+            if w.state == WaveState::Open {
+                // Says nothing: the wave is lost.
+                let _ = w.strike(peer, false, *query_id, origin);
             }
-        }
-        for (parent, body) in answers {
-            let _ = inner.try_send_direct(&parent, ROUTING, body);
         }
     }
 
@@ -1009,7 +1018,20 @@ impl Routing {
     fn on_not_found(&self, inner: &Inner, from: &NodeId, n: RouteNotFound) -> Result<(), BoxError> {
         let origin = NodeId::from_bytes(n.origin)?;
         let target = NodeId::from_bytes(n.target)?;
-        self.strike(inner, from, Some((&origin, n.query_id, &target)));
+        if origin != *inner.peers.node_id() {
+            let key = (origin, n.query_id);
+            self.strike_one(inner, from, &key, true, Instant::now());
+            return Ok(());
+        }
+        let exhausted = lock(&self.searches)
+            .get_mut(&target)
+            .filter(|s| s.query_id == n.query_id)
+            .and_then(|s| s.refuse(from).then(|| s.progress.clone()));
+        // Sent outside the lock (see `search`).
+        if let Some(progress) = exhausted {
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+            progress.send_modify(|p| p.exhausted = true);
+        }
         Ok(())
     }
 
@@ -1037,8 +1059,7 @@ impl Routing {
         let seen = lock(&self.queries).contains(&key, now);
         let answer = (origin.clone(), q.query_id, from.clone());
         if seen && !for_me {
-            // Passed on already, by another way.
-            self.answer_none(inner, from, &q);
+            self.answer_seen(inner, from, &q, now);
             return Ok(());
         }
         if seen && lock(&self.answered).contains(&answer, now) {
@@ -1057,7 +1078,7 @@ impl Routing {
             return Ok(());
         }
         if !lock(&self.queries).insert(key.clone(), from, now) && !for_me {
-            self.answer_none(inner, from, &q);
+            self.answer_seen(inner, from, &q, now);
             return Ok(());
         }
         lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);
@@ -1089,45 +1110,89 @@ impl Routing {
             inner.try_send_direct(from, ROUTING, body)?;
             return Ok(());
         }
-        let mut passed = Vec::new();
-        if target != *from && Self::is_neighbour(inner, &target) {
+        let (next, to) = if target != *from && Self::is_neighbour(inner, &target) {
             // Only the target's word is taken: pass the query to it alone,
             // also on the query's last hop (a neighbour's own answer used
             // to end it here).
-            let next = encode(Body::Query(RouteQuery {
+            let next = RouteQuery {
                 ttl: q.ttl.saturating_sub(1).max(1),
                 ..q.clone()
-            }));
-            if inner.try_send_direct(&target, ROUTING, next).is_ok() {
-                passed.push(target);
-            }
+            };
+            (next, vec![target])
         } else if q.ttl > 1 {
-            let next = encode(Body::Query(RouteQuery {
+            let next = RouteQuery {
                 ttl: q.ttl - 1,
                 ..q.clone()
-            }));
-            for p in inner.peers.neighbours() {
-                if p != *from
-                    && p != origin
-                    && inner.try_send_direct(&p, ROUTING, next.clone()).is_ok()
-                {
-                    passed.push(p);
-                }
-            }
-        }
-        if passed.is_empty() {
+            };
+            let to: Vec<NodeId> = inner
+                .peers
+                .neighbours()
+                .into_iter()
+                .filter(|p| p != from && *p != origin)
+                .collect();
+            (next, to)
+        } else {
+            (q.clone(), Vec::new())
+        };
+        if to.is_empty() {
             // Out of hops, or nobody else to ask.
             self.answer_none(inner, from, &q);
             return Ok(());
         }
+        // The wave is kept before the query goes on: a quick "not through
+        // me" handled on another worker must find it.
         let wave = Wave {
             parent: from.clone(),
             target: q.target,
-            waiting: passed,
-            done: false,
+            waiting: to.clone(),
+            state: WaveState::Open,
         };
-        lock(&self.waves).insert_value(key, wave, from, now);
+        lock(&self.waves).insert_value(key.clone(), wave, from, now);
+        let next = encode(Body::Query(next));
+        for p in to {
+            if inner.try_send_direct(&p, ROUTING, next.clone()).is_err() {
+                // Never sent: not waited for, and nothing to say for it.
+                self.strike_one(inner, &p, &key, true, now);
+            }
+        }
         Ok(())
+    }
+
+    /// A copy of a query this node has seen, from `from`: "not through me"
+    /// (it went on by another way), unless `from` is the neighbour the
+    /// first copy came from and this node's answer to it is still to come
+    /// or was a route answer. After this node's "not through me", `from`
+    /// asks again only if its connection was lost in between (with the
+    /// answer, perhaps): it is answered again.
+    fn answer_seen(&self, inner: &Inner, from: &NodeId, q: &RouteQuery, now: Instant) {
+        let Ok(origin) = NodeId::from_bytes(q.origin.clone()) else {
+            return;
+        };
+        let silent = lock(&self.waves)
+            .get(&(origin, q.query_id), now)
+            .is_some_and(|w| w.parent == *from && w.state != WaveState::Refused);
+        if !silent {
+            self.answer_none(inner, from, q);
+        }
+    }
+
+    /// `peer` answered "not through me" for the query `key` this node
+    /// passed it (`said`), or it could not be sent: this node's own answer
+    /// goes to the wave's parent if that was the last one awaited.
+    fn strike_one(
+        &self,
+        inner: &Inner,
+        peer: &NodeId,
+        key: &(NodeId, u64),
+        said: bool,
+        now: Instant,
+    ) {
+        let answer = lock(&self.waves)
+            .get_mut(key, now)
+            .and_then(|w| w.strike(peer, said, key.1, &key.0));
+        if let Some((parent, body)) = answer {
+            let _ = inner.try_send_direct(&parent, ROUTING, body);
+        }
     }
 
     /// A route answer. Only answers to a query this node made (its search
@@ -1155,15 +1220,26 @@ impl Routing {
                 .get(&target)
                 .filter(|s| s.query_id == f.query_id)
                 .map(|s| s.progress.clone());
-            let Some(found) = found else {
-                return Ok(()); // not asked, or asked and answered already
-            };
+            // An answer to a query of this node whose search has ended (it
+            // timed out, or every neighbour said "not through me" while the
+            // answer went around one that did not wait for it) still
+            // teaches the route, for the next send.
+            let late =
+                found.is_none() && lock(&self.queries).contains(&(origin.clone(), f.query_id), now);
+            if found.is_none() && !late {
+                return Ok(()); // not asked
+            }
             if !self.signed_answer(inner, from, &origin, &target, &f, now) {
                 return Ok(());
             }
             lock(&self.table).learn(&target, from, hops, now);
             self.found(&target);
-            found.send_modify(|p| p.answers = p.answers.saturating_add(1));
+            match found {
+                Some(found) => found.send_modify(|p| p.answers = p.answers.saturating_add(1)),
+                None => {
+                    self.late_answers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             return Ok(());
         }
         if !lock(&self.queries).contains(&(origin.clone(), f.query_id), now)
@@ -1174,7 +1250,7 @@ impl Routing {
         lock(&self.table).learn(&target, from, hops, now);
         self.found(&target);
         if let Some(w) = lock(&self.waves).get_mut(&(origin.clone(), f.query_id), now) {
-            w.done = true;
+            w.state = WaveState::Found;
         }
         if let Some(next) = self.next_hop(inner, &origin) {
             let back = RouteFound { hops, ..f };

@@ -144,6 +144,39 @@ fn seeded(addrs: &[String]) -> PeersConfig {
     PeersConfig::default().with_seeds(addrs.iter().map(|a| a.parse().unwrap()))
 }
 
+/// `name`, seeded with `seeds`, holding `min` to `max` peers.
+async fn start_seeded(
+    net: &MemNetwork,
+    name: &str,
+    seeds: &[&str],
+    min: usize,
+    max: usize,
+) -> TestNode {
+    let seeds: Vec<String> = seeds.iter().map(|s| format!("mem://{s}")).collect();
+    let cfg = seeded(&seeds).with_min_peers(min).with_max_peers(max);
+    start(net, name, cfg).await
+}
+
+/// `from`'s request to `to` (10 s timeout), running in its own task.
+fn spawn_request(
+    from: &TestNode,
+    to: &TestNode,
+    payload: &'static str,
+) -> tokio::task::JoinHandle<Result<Bytes, ConcernsError>> {
+    let ctx = from.ctx();
+    let target = to.id().clone();
+    tokio::spawn(async move { ctx.request_to(&target, payload, 10 * S).await })
+}
+
+/// Waits (30 s of simulated time at most) until each pair is linked.
+async fn wait_linked(pairs: &[(&TestNode, &TestNode)], what: &str) {
+    let deadline = Instant::now() + 30 * S;
+    while !pairs.iter().all(|(a, b)| linked(a, b)) {
+        assert!(Instant::now() < deadline, "{what} did not form");
+        sleep(100 * MS).await;
+    }
+}
+
 async fn stop(nodes: Vec<TestNode>) {
     for n in &nodes {
         n.concerns.shutdown().await;
@@ -841,11 +874,7 @@ async fn a_search_asks_a_neighbour_that_arrives_while_it_runs() {
     }
     assert!(a.concerns.peers().neighbours().is_empty());
     let started = Instant::now();
-    let ask = tokio::spawn({
-        let ctx = a.ctx();
-        let target = c.id().clone();
-        async move { ctx.request_to(&target, "late", 10 * S).await }
-    });
+    let ask = spawn_request(&a, &c, "late");
     // The search has started, and asked nobody.
     sleep(500 * MS).await;
     assert_eq!(builtin_stat(&a.concerns, "routing", "searches"), 1);
@@ -1329,23 +1358,9 @@ async fn builder_refuses_duplicates_and_only_leaves_the_builtins_out() {
 #[tokio::test(start_paused = true)]
 async fn a_member_cannot_black_hole_a_route_for_long() {
     let net = MemNetwork::new();
-    let a = start(&net, "a", seeded(&[]).with_min_peers(1).with_max_peers(8)).await;
-    let b = start(
-        &net,
-        "b",
-        seeded(&["mem://a".into()])
-            .with_min_peers(1)
-            .with_max_peers(2),
-    )
-    .await;
-    let c = start(
-        &net,
-        "c",
-        seeded(&["mem://b".into()])
-            .with_min_peers(1)
-            .with_max_peers(1),
-    )
-    .await;
+    let a = start_seeded(&net, "a", &[], 1, 8).await;
+    let b = start_seeded(&net, "b", &["a"], 1, 2).await;
+    let c = start_seeded(&net, "c", &["b"], 1, 1).await;
     let m = bare_peers(&net, "m", &["mem://a".into()]).await;
     m.wait_for_peers(1, 5 * S).await.unwrap();
     c.concerns.peers().wait_for_peers(1, 5 * S).await.unwrap();
@@ -1493,4 +1508,50 @@ async fn a_flooded_seen_cache_does_not_deliver_a_replay_again() {
     sleep(S).await;
     assert_eq!(nodes[1].probe.count_payload(b"honest"), 1);
     stop(nodes).await;
+}
+
+/// A neighbour whose link resets and comes back during a search does not
+/// make it "unreachable" while the answer is on its way through it. `o`'s
+/// neighbours are `a` (a dead end: "not through me" at once) and `b`, whose
+/// link to the target `t` is slow; the link o-b resets 50 ms in.
+#[tokio::test(start_paused = true)]
+async fn a_neighbour_that_flaps_during_a_search_does_not_make_it_fail() {
+    let net = MemNetwork::new();
+    let t = start_seeded(&net, "t", &[], 1, 1).await;
+    let b = start_seeded(&net, "b", &["t"], 2, 2).await;
+    let o = start_seeded(&net, "o", &["b"], 2, 2).await;
+    let a = start_seeded(&net, "a", &["o"], 1, 1).await;
+    wait_linked(&[(&t, &b), (&b, &o), (&o, &a)], "the line t-b-o-a").await;
+    assert!(!linked(&o, &t));
+    net.set_latency("b", "t", 300 * MS);
+    let ask = spawn_request(&o, &t, "hi");
+    sleep(50 * MS).await;
+    net.drop_link("o", "b");
+    assert_eq!(ask.await.unwrap().unwrap(), Bytes::from("hi"));
+    assert_eq!(builtin_stat(&o.concerns, "routing", "exhausted"), 0);
+    stop(vec![t, b, o, a]).await;
+}
+
+/// A query lost with its connection is sent again when the neighbour comes
+/// back: `o`'s one neighbour `b` (o and t cannot link); the link o-b resets
+/// while the query is in flight on it.
+#[tokio::test(start_paused = true)]
+async fn a_neighbour_that_comes_back_during_a_search_is_asked_again() {
+    let net = MemNetwork::new();
+    let t = start_seeded(&net, "t", &[], 1, 1).await;
+    let b = start_seeded(&net, "b", &["t"], 2, 2).await;
+    let o = start_seeded(&net, "o", &["b"], 1, 1).await;
+    wait_linked(&[(&t, &b), (&b, &o)], "the line t-b-o").await;
+    net.partition(&["o"], &["t"]);
+    net.set_latency("o", "b", 100 * MS);
+    let started = Instant::now();
+    let ask = spawn_request(&o, &t, "hi");
+    sleep(50 * MS).await;
+    net.drop_link("o", "b");
+    net.set_latency("o", "b", Duration::ZERO);
+    assert_eq!(ask.await.unwrap().unwrap(), Bytes::from("hi"));
+    // The search timeout is 3 s: the answer came by the second ask.
+    assert!(started.elapsed() < 3 * S, "{:?}", started.elapsed());
+    assert_eq!(builtin_stat(&o.concerns, "routing", "late_asks"), 1);
+    stop(vec![t, b, o]).await;
 }

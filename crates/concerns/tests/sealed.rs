@@ -16,7 +16,8 @@ use meshwork_concerns::transport::mem::MemNetwork;
 use meshwork_concerns::transport::{ConnectionHandle, Identity, Priority};
 use meshwork_concerns::wire::proto::route_message::Body;
 use meshwork_concerns::wire::proto::{
-    ConcernError, ConcernKind, ErrorCode, RouteFound, RouteMessage, RouteQuery, Routed,
+    ConcernError, ConcernKind, ErrorCode, RouteFound, RouteMessage, RouteNotFound, RouteQuery,
+    Routed,
 };
 use meshwork_concerns::wire::{Message, NodeId};
 use meshwork_concerns::{
@@ -118,6 +119,36 @@ async fn relay(m: &PeerManager, to: &NodeId, r: Routed) {
     say(m, to, Body::Routed(r)).await;
 }
 
+/// h — m — t: m, a bare peer manager between two nodes with the concerns
+/// layer, driven by the test; the frames m receives; h; t, answering
+/// [`ASK`]; and the count of requests t's handler took.
+type ThreeInLine = (
+    PeerManager,
+    mpsc::UnboundedReceiver<ConcernFrame>,
+    Concerns,
+    Concerns,
+    Arc<AtomicUsize>,
+);
+
+/// [`ThreeInLine`], linked up.
+async fn h_m_t(net: &MemNetwork) -> ThreeInLine {
+    let m_peers = PeerManager::start(listening(net, "m").await, seeded(&[], 4)).unwrap();
+    let (tap, frames) = mpsc::unbounded_channel();
+    m_peers.set_inbound_handler(Arc::new(Tap(tap))).unwrap();
+    let h_peers = PeerManager::start(listening(net, "h").await, seeded(&["mem://m"], 1)).unwrap();
+    let h = Concerns::builder(h_peers).start().await.unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let t_peers = PeerManager::start(listening(net, "t").await, seeded(&["mem://m"], 1)).unwrap();
+    let t = Concerns::builder(t_peers)
+        .config(ConcernsConfig::default().with_routed_window(WINDOW))
+        .concern(Answering(handled.clone()))
+        .start()
+        .await
+        .unwrap();
+    m_peers.wait_for_peers(2, 5 * S).await.unwrap();
+    (m_peers, frames, h, t, handled)
+}
+
 fn routing_stat(node: &Concerns, name: &str) -> u64 {
     builtin_stat(node, "routing", name)
 }
@@ -130,20 +161,7 @@ fn routing_stat(node: &Concerns, name: &str) -> u64 {
 #[tokio::test(start_paused = true)]
 async fn a_relay_can_neither_read_alter_forge_nor_replay_routed_traffic() {
     let net = MemNetwork::new();
-    let m_peers = PeerManager::start(listening(&net, "m").await, seeded(&[], 4)).unwrap();
-    let (tap, mut frames) = mpsc::unbounded_channel();
-    m_peers.set_inbound_handler(Arc::new(Tap(tap))).unwrap();
-    let h_peers = PeerManager::start(listening(&net, "h").await, seeded(&["mem://m"], 1)).unwrap();
-    let h = Concerns::builder(h_peers).start().await.unwrap();
-    let handled = Arc::new(AtomicUsize::new(0));
-    let t_peers = PeerManager::start(listening(&net, "t").await, seeded(&["mem://m"], 1)).unwrap();
-    let t = Concerns::builder(t_peers)
-        .config(ConcernsConfig::default().with_routed_window(WINDOW))
-        .concern(Answering(handled.clone()))
-        .start()
-        .await
-        .unwrap();
-    m_peers.wait_for_peers(2, 5 * S).await.unwrap();
+    let (m_peers, mut frames, h, t, handled) = h_m_t(&net).await;
     let (hid, tid) = (h.peers().node_id().clone(), t.peers().node_id().clone());
 
     let ctx = h.context(ASK);
@@ -582,4 +600,76 @@ async fn the_target_answers_each_neighbour_that_brings_a_query_once() {
     t.peers().shutdown().await;
     m1.shutdown().await;
     m2.shutdown().await;
+}
+
+/// h — m — t, with m (driven by the test) the only way. "Not through me"
+/// is taken only from a neighbour asked, for the query it was asked: one
+/// about another query changes nothing. A lying m can end h's search at
+/// once (it could as well drop the query: the search would time out), but
+/// the answer it passes on afterwards still teaches h the route, and the
+/// next request goes through without a new search.
+#[tokio::test(start_paused = true)]
+async fn not_through_me_is_taken_from_the_asked_only_and_a_late_answer_still_counts() {
+    let net = MemNetwork::new();
+    let (m_peers, mut frames, h, t, handled) = h_m_t(&net).await;
+    let (hid, tid) = (h.peers().node_id().clone(), t.peers().node_id().clone());
+
+    let ctx = h.context(ASK);
+    let call = {
+        let (ctx, tid) = (ctx.clone(), tid.clone());
+        tokio::spawn(async move { ctx.request_to(&tid, "first", 20 * S).await })
+    };
+    let Body::Query(q) = next_routing(&mut frames).await else {
+        panic!("expected h's route query");
+    };
+    let refusal = |query_id| {
+        Body::NotFound(RouteNotFound {
+            query_id,
+            origin: q.origin.clone(),
+            target: q.target.clone(),
+        })
+    };
+    // About another query: ignored, the search goes on.
+    say(&m_peers, &hid, refusal(q.query_id ^ 1)).await;
+    sleep(100 * MS).await;
+    assert!(!call.is_finished());
+    assert_eq!(routing_stat(&h, "exhausted"), 0);
+    // About h's query: h's one neighbour asked has said no.
+    say(&m_peers, &hid, refusal(q.query_id)).await;
+    let err = call.await.unwrap().unwrap_err();
+    assert!(matches!(err, ConcernsError::Unreachable(_)), "{err:?}");
+    assert_eq!(routing_stat(&h, "exhausted"), 1);
+
+    // m passes the query on after all, and t's answer back to h.
+    say(&m_peers, &tid, Body::Query(q.clone())).await;
+    let Body::Found(found) = next_routing(&mut frames).await else {
+        panic!("expected t's route answer");
+    };
+    say(&m_peers, &hid, Body::Found(RouteFound { hops: 1, ..found })).await;
+    sleep(100 * MS).await;
+    assert_eq!(routing_stat(&h, "late_answers"), 1);
+    // The next request takes the route at once: no search, none held back.
+    let call = {
+        let tid = tid.clone();
+        tokio::spawn(async move { ctx.request_to(&tid, "second", 20 * S).await })
+    };
+    let Body::Routed(request) = next_routing(&mut frames).await else {
+        panic!("expected h's routed request, not another search");
+    };
+    relay(&m_peers, &tid, request).await;
+    let Body::Routed(answer) = next_routing(&mut frames).await else {
+        panic!("expected t's routed answer");
+    };
+    relay(&m_peers, &hid, answer).await;
+    assert_eq!(call.await.unwrap().unwrap(), Bytes::from("re: second"));
+    assert_eq!(
+        (routing_stat(&h, "searches"), routing_stat(&h, "held_back")),
+        (1, 0)
+    );
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    for node in [h, t] {
+        node.shutdown().await;
+        node.peers().shutdown().await;
+    }
+    m_peers.shutdown().await;
 }
