@@ -1169,7 +1169,11 @@ fn scenario_pinned_seed(mesh: &mut Mesh) -> Result<String> {
         .find(|&i| i != 0)
         .map_or_else(|| "ab".repeat(32), |i| mesh.nodes[i].ready.node_id.clone());
 
-    let fooled = mesh.spawn_with(&[format!("{other}@{addr}")], &[])?;
+    // Listening where no node of the run has (see `LIMITED_LISTEN`): a
+    // node 0 that redialled a departed node's port, reused by this one,
+    // would link to it from its side.
+    let listen = [OsString::from("--listen"), OsString::from(FOOLED_LISTEN)];
+    let fooled = mesh.spawn_with(&[format!("{other}@{addr}")], &listen)?;
     let result = check_pinned_elsewhere(mesh, fooled, &id0);
     let stopped = mesh.stop(fooled);
     let refusals = result?;
@@ -1617,11 +1621,24 @@ fn scenario_limits(mesh: &mut Mesh) -> Result<String> {
         max: LIMITED_MAX_PEERS,
     };
     // No seeds: the limited node and its dialers are a mesh of their own.
-    let limited = mesh.spawn_with(&[], &limited_limits.args())?;
+    // It listens where no node of the run has: on 127.0.0.1 it may get the
+    // port of a node that left (churn's), which the mesh's nodes still know
+    // and redial; two of them then held both its slots, and its dialers
+    // never got in (a run of the whole suite failed so).
+    let mut args = limited_limits.args();
+    args.extend([OsString::from("--listen"), OsString::from(LIMITED_LISTEN)]);
+    let limited = mesh.spawn_with(&[], &args)?;
     let mut group = vec![limited];
     let result = check_limits(mesh, &mut group);
     mesh.finish(&group, "the nodes of the limits scenario", result)
 }
+
+/// Where the `limits` scenario's limited node listens: a loopback address
+/// of its own (see [`NEWCOMER_LISTEN`] for the same reason).
+const LIMITED_LISTEN: &str = "tcp://127.0.0.4:0";
+/// Where the `pinned-seed` scenario's node pinned to another id listens,
+/// for the same reason.
+const FOOLED_LISTEN: &str = "tcp://127.0.0.5:0";
 
 /// The most the limited node was seen with.
 #[derive(Debug, Default)]
