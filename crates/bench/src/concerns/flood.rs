@@ -1,6 +1,8 @@
 //! Flood delivery time to every node of a 100-node in-memory mesh:
 //! `flood_100_nodes` (against direct sends to every node) and
-//! `flood_100_nodes_hops` (against the mesh's hop chain).
+//! `flood_100_nodes_hops` (against the mesh's hop chain); and the time the
+//! same mesh takes to tell that a node nobody has cannot be reached:
+//! `unreachable_100_nodes` (against the flood).
 //!
 //! Every node is an endpoint on a [`MemNetwork`] with the default transport
 //! config (Noise), a peer manager, and the concerns layer (with its
@@ -36,6 +38,13 @@
 //!   each sent when the previous one arrived. No flood can reach the
 //!   farthest node in fewer than `e` hops, so this is the flood with
 //!   nothing paid for fanning out: a latency floor.
+//! - `unreachable` ([`unreachable_run`]): node 50 of the mesh makes a
+//!   routed request ([`Context::request_to`]) to a node id nobody has (a
+//!   new one each time); timed until it fails with `Unreachable`. The route
+//!   search floods its query like a broadcast, and ends once every node has
+//!   answered "not through me" back along the tree the query made, so a
+//!   flood out and the echo back is its floor; without those answers it
+//!   would wait out the search timeout (3 s).
 //!
 //! The flood and unicast runs are the median of several rounds each,
 //! spaced so that the copies of one have died out before the next. The
@@ -46,6 +55,7 @@
 //! with the time half the nodes took.
 //!
 //! [`Context::broadcast`]: meshwork_concerns::Context::broadcast
+//! [`Context::request_to`]: meshwork_concerns::Context::request_to
 //! [`Context::send`]: meshwork_concerns::Context::send
 //! [`MemNetwork`]: meshwork_transport::mem::MemNetwork
 //! [`PeersConfig`]: meshwork_peers::PeersConfig
@@ -61,10 +71,10 @@ use async_trait::async_trait;
 use bytes::{BufMut as _, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use meshwork_concerns::wire::NodeId;
-use meshwork_concerns::{BoxError, Concern, Concerns, Context, Reply};
+use meshwork_concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
 use meshwork_peers::{PeerManager, PeersConfig};
-use meshwork_transport::Endpoint;
 use meshwork_transport::mem::MemNetwork;
+use meshwork_transport::{Endpoint, Identity};
 use tokio::sync::{Mutex, mpsc};
 
 use super::{BENCH, PAYLOAD, median_micros, stop};
@@ -208,11 +218,12 @@ pub(crate) async fn measure(opts: &Options, plan: Plan) -> Result<Vec<Figure>> {
         mutual_links(&mesh.managers)[mesh.origin].len(),
         ecc.map_or_else(|| "-".into(), |e| e.to_string()),
     );
-    let sides = ["unicast", "hops", "flood"];
+    let sides = ["unicast", "hops", "flood", "unreachable"];
     let result = rotate(&metric, "us", opts, RUN_LIMIT, &sides, |side| match side {
         0 => unicast_run(star.clone(), plan.broadcasts).boxed(),
         1 => hops_run(mesh.clone(), plan.sends).boxed(),
-        _ => flood_run(mesh.clone(), plan.broadcasts).boxed(),
+        2 => flood_run(mesh.clone(), plan.broadcasts).boxed(),
+        _ => unreachable_run(mesh.clone(), plan.broadcasts).boxed(),
     })
     .await;
     let counters = mesh.flood_counters();
@@ -250,7 +261,36 @@ pub(crate) async fn measure(opts: &Options, plan: Plan) -> Result<Vec<Figure>> {
             flood,
             ("hops", samples.median(1)),
         ),
+        Figure::compared(
+            BENCH,
+            format!("unreachable_{}_nodes", plan.nodes),
+            "us",
+            Better::Lower,
+            samples.median(3),
+            ("flood", flood),
+        ),
     ])
+}
+
+/// One run of the `unreachable` side: the median over `searches` routed
+/// requests to node ids nobody has of the time until each fails with
+/// `Unreachable`, in µs.
+async fn unreachable_run(mesh: Arc<Mesh>, searches: usize) -> Result<f64> {
+    let ctx = mesh.nodes[mesh.origin].context(RECORD);
+    let mut samples = Vec::with_capacity(searches);
+    for _ in 0..searches {
+        let nobody = Identity::generate().node_id().clone();
+        let start = Instant::now();
+        let outcome = ctx.request_to(&nobody, "anyone?", DELIVERY_LIMIT).await;
+        let took = start.elapsed();
+        match outcome {
+            Err(ConcernsError::Unreachable(_)) => samples.push(took),
+            other => bail!("a request to a node nobody has gave {other:?}, not Unreachable"),
+        }
+        // The "not through me" answers still on their way die out.
+        tokio::time::sleep(SETTLE).await;
+    }
+    median_micros(&mut samples)
 }
 
 /// One run of the `flood` side: the median over `broadcasts` broadcasts of
@@ -575,10 +615,14 @@ mod tests {
         let hops = hops_run(mesh.clone(), 3).await;
         let flood = flood_run(mesh.clone(), 2).await;
         let unicast = unicast_run(star.clone(), 2).await;
+        let unreachable = unreachable_run(mesh.clone(), 2).await;
         mesh.stop().await;
         star.stop().await;
         assert!(hops.unwrap() > 0.0);
         assert!(flood.unwrap() > 0.0);
         assert!(unicast.unwrap() > 0.0);
+        // Well within the search timeout (3 s): every node said no.
+        let unreachable = unreachable.unwrap();
+        assert!(unreachable > 0.0 && unreachable < 2e6, "{unreachable} us");
     }
 }
