@@ -7,7 +7,8 @@
 //! Every node runs the `echo` concern of `meshwork node`. Once the mesh has
 //! formed, node 0 floods a broadcast that every other node must deliver
 //! exactly once, and the two nodes farthest apart exchange a routed
-//! request. Then the replicated map: node 0 writes a key that must reach
+//! request; a request to a node id nobody has must be answered
+//! unreachable. Then the replicated map: node 0 writes a key that must reach
 //! every node, another node's overwrite of it must be refused (node 0 holds
 //! its lease). Then services: a node serves the demo service
 //! ([`demo_service`]) and the node farthest from it (node 0 if it is as
@@ -32,11 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use meshwork::concerns::ConcernsError;
 use meshwork::peers::{PeerSnapshot, PeerState, PeersConfig};
 use meshwork::rpc::RpcError;
 use meshwork::sync::{SyncConfig, SyncError};
 use meshwork::transport::noise::NOISE_PARAMS;
-use meshwork::transport::{Address, Security};
+use meshwork::transport::{Address, Identity, Security};
 use meshwork::wire::NodeId;
 use meshwork::{Node, NodeStatus};
 use tokio::time::Instant;
@@ -417,6 +419,28 @@ impl Demo {
         let line = route_line(a, b, distance, route, took);
         self.screen.print(&format!("routed request: {line}\n\n"));
         self.report.push(("routed request".into(), line));
+
+        // And to a node nobody has: the route search ends once every node
+        // has answered "not through me", not after its timeout.
+        let nobody = Identity::generate().node_id().clone();
+        let started = Instant::now();
+        let request = tokio::spawn({
+            let node = self.nodes[a].clone();
+            async move { echo::request(&node, &nobody, b"anyone?", MESSAGE_TIMEOUT).await }
+        });
+        let what = || format!("request from node {a} to a node nobody has");
+        let Ok(joined) =
+            tokio::time::timeout(MESSAGE_TIMEOUT + Duration::from_secs(1), request).await
+        else {
+            bail!("{} did not return", what());
+        };
+        match joined.with_context(what)? {
+            Err(ConcernsError::Unreachable(_)) => {}
+            other => bail!("{} gave {other:?}, not unreachable", what()),
+        }
+        let line = unreachable_line(a, started.elapsed());
+        self.screen.print(&format!("unreachable: {line}\n\n"));
+        self.report.push(("unreachable".into(), line));
         Ok(())
     }
 
@@ -1230,6 +1254,16 @@ fn route_line(
     format!("{pair}: echoed in {}, {way}", fmt_duration(took))
 }
 
+/// The line of the request to a node nobody has, answered unreachable
+/// after `took`.
+fn unreachable_line(a: usize, took: Duration) -> String {
+    format!(
+        "#{a} -> a node id nobody has: unreachable in {}, once every node answered \
+         \"not through me\" (the route search timeout is 3s)",
+        fmt_duration(took)
+    )
+}
+
 /// The rpc step's line: who serves, how the caller reaches it, what the
 /// two calls gave.
 fn rpc_line(
@@ -1739,6 +1773,11 @@ mod tests {
             route_line(2, 4, 3, Some((None, 3)), ms(12)),
             "#2 -> #4, not neighbours (3 hops apart): echoed in 12ms, route via ?, 3 hops"
         );
+        assert_eq!(
+            unreachable_line(1, ms(2)),
+            "#1 -> a node id nobody has: unreachable in 2.00ms, once every node answered \
+             \"not through me\" (the route search timeout is 3s)"
+        );
     }
 
     #[test]
@@ -1811,6 +1850,7 @@ mod tests {
                 "encryption",
                 "broadcast",
                 "routed request",
+                "unreachable",
                 "kv write",
                 "lease",
                 "rpc",
@@ -1856,6 +1896,12 @@ mod tests {
             row("routed request").contains("not neighbours"),
             "{}",
             row("routed request")
+        );
+        // The step fails unless the request to nobody was unreachable.
+        assert!(
+            row("unreachable").contains("a node id nobody has: unreachable in"),
+            "{}",
+            row("unreachable")
         );
     }
 
