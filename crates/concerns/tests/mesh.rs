@@ -99,6 +99,8 @@ impl Probe {
 }
 
 struct TestNode {
+    /// Its host on the in-memory network.
+    name: String,
     concerns: Concerns,
     probe: Probe,
 }
@@ -137,7 +139,11 @@ async fn start_with(
         .start()
         .await
         .unwrap();
-    TestNode { concerns, probe }
+    TestNode {
+        name: name.to_owned(),
+        concerns,
+        probe,
+    }
 }
 
 fn seeded(addrs: &[String]) -> PeersConfig {
@@ -1554,4 +1560,60 @@ async fn a_neighbour_that_comes_back_during_a_search_is_asked_again() {
     assert!(started.elapsed() < 3 * S, "{:?}", started.elapsed());
     assert_eq!(builtin_stat(&o.concerns, "routing", "late_asks"), 1);
     stop(vec![t, b, o]).await;
+}
+
+/// Searches for nodes that are there never end as "unreachable", whatever
+/// links reset while they run: a neighbour that leaves mid-search silences
+/// its part of the wave (the answer may come another way), and only a "not
+/// through me" from every way ends a search early. In random meshes with
+/// 2 ms links, a link of the origin, one of the target and one anywhere
+/// reset during each search.
+#[tokio::test(start_paused = true)]
+async fn links_that_reset_during_searches_never_make_a_present_node_unreachable() {
+    for seed in [11u64, 12] {
+        let net = MemNetwork::new();
+        net.set_default_latency(2 * MS);
+        let nodes = random_mesh(&net, 30, seed).await;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut answered, mut failed) = (0, 0);
+        for round in 0..8 {
+            let dist = distances(&nodes);
+            let far: Vec<(usize, usize)> = (0..nodes.len())
+                .flat_map(|a| (0..nodes.len()).map(move |b| (a, b)))
+                .filter(|&(a, b)| dist[a][b].is_some_and(|d| d >= 2))
+                .collect();
+            assert!(!far.is_empty(), "no two nodes 2 hops apart (seed {seed})");
+            let (a, b) = far[rng.random_range(0..far.len())];
+            let ask = spawn_request(&nodes[a], &nodes[b], "there?");
+            // A link of the origin, one of the target, one anywhere.
+            for i in [a, b, rng.random_range(0..nodes.len())] {
+                sleep(rng.random_range(0..8u32) * MS).await;
+                let links = nodes[i].concerns.peers().neighbours();
+                if links.is_empty() {
+                    continue;
+                }
+                let j = &links[rng.random_range(0..links.len())];
+                if let Some(peer) = nodes.iter().find(|n| n.id() == j) {
+                    net.drop_link(&nodes[i].name, &peer.name);
+                }
+            }
+            match ask.await.unwrap() {
+                Ok(_) => answered += 1,
+                Err(ConcernsError::Unreachable(_)) => {
+                    panic!("round {round}: {a} -> {b} unreachable (seed {seed})")
+                }
+                Err(_) => failed += 1,
+            }
+            // The pools refill before the next round.
+            sleep(2 * S).await;
+        }
+        let exhausted: u64 = nodes
+            .iter()
+            .map(|n| builtin_stat(&n.concerns, "routing", "exhausted"))
+            .sum();
+        eprintln!("seed {seed}: {answered} answered, {failed} failed otherwise");
+        assert_eq!(exhausted, 0, "seed {seed}");
+        assert!(answered > 0, "seed {seed}");
+        stop(nodes).await;
+    }
 }
