@@ -231,6 +231,14 @@ struct Unfound {
     neighbours: u64,
 }
 
+/// Queries passed on whose "not through me" is still kept track of
+/// ([`Wave`]), at most: a few hundred bytes each (the neighbours awaited),
+/// and a wave matters only while its search runs. Past it the neighbour
+/// that brought the most loses its oldest, which then says nothing (its
+/// search runs to its timeout): queries made up in bulk by a member cost
+/// their own waves.
+const MAX_WAVES: usize = 4096;
+
 /// Targets remembered as not found, at most: past it the expired go, and
 /// if none has, all (forgetting one only costs a search).
 const MAX_UNFOUND: usize = 1024;
@@ -532,7 +540,10 @@ impl Routing {
         Routing {
             table: Mutex::new(RouteTable::new(cfg.route_ttl, cfg.route_capacity)),
             queries: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
-            waves: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
+            waves: Mutex::new(SeenCache::new(
+                cfg.seen_capacity.min(MAX_WAVES),
+                cfg.seen_ttl,
+            )),
             answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             answered: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
             signed_answers: Mutex::new(SeenCache::new(cfg.seen_capacity, cfg.seen_ttl)),
@@ -725,6 +736,7 @@ impl Routing {
             ("late_asks", get(&self.late_asks)),
             ("exhausted", get(&self.exhausted)),
             ("late_answers", get(&self.late_answers)),
+            ("waves", lock(&self.waves).len() as u64),
             ("forwarded", get(&self.forwarded)),
             ("delivered", get(&self.delivered)),
             ("unreachable", get(&self.unreachable)),

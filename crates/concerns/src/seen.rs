@@ -122,7 +122,7 @@ impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone, V> SeenCache<K, O, V> {
             .map(|(k, (_, v))| (k, v))
     }
 
-    #[cfg(test)]
+    /// Keys kept, expired or not (at most the capacity).
     pub(crate) fn len(&self) -> usize {
         self.seen.len()
     }

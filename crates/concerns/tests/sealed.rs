@@ -673,3 +673,56 @@ async fn not_through_me_is_taken_from_the_asked_only_and_a_late_answer_still_cou
     }
     m_peers.shutdown().await;
 }
+
+/// A member that makes up route queries in bulk (each from a new origin,
+/// signed by it, so every one is checked and passed on) makes its
+/// neighbour keep at most 4096 waves ("not through me" still to come),
+/// however many it sends: a few hundred bytes each.
+#[tokio::test(start_paused = true)]
+async fn made_up_route_queries_keep_a_bounded_number_of_waves() {
+    let net = MemNetwork::new();
+    let x_peers = PeerManager::start(listening(&net, "x").await, seeded(&[], 4)).unwrap();
+    let x = Concerns::builder(x_peers).start().await.unwrap();
+    let y_peers = PeerManager::start(listening(&net, "y").await, seeded(&["mem://x"], 1)).unwrap();
+    let y = Concerns::builder(y_peers).start().await.unwrap();
+    let m = PeerManager::start(listening(&net, "m").await, seeded(&["mem://x"], 1)).unwrap();
+    let (tap, mut frames) = mpsc::unbounded_channel();
+    m.set_inbound_handler(Arc::new(Tap(tap))).unwrap();
+    m.wait_for_peers(1, 5 * S).await.unwrap();
+    x.peers().wait_for_peers(2, 5 * S).await.unwrap();
+    let xid = x.peers().node_id().clone();
+    let nobody = Identity::generate().node_id().clone();
+    const SENT: u64 = 5000;
+    for query_id in 0..SENT {
+        let fake = Identity::generate();
+        let mut q = RouteQuery {
+            query_id,
+            origin: fake.node_id().as_bytes().clone(),
+            target: nobody.as_bytes().clone(),
+            ttl: 8,
+            sent_at_ms: unix_ms(),
+            signature: Bytes::new(),
+        };
+        meshwork_concerns::sign_route_query(&fake, &mut q);
+        say(&m, &xid, Body::Query(q)).await;
+        if query_id % 256 == 255 {
+            sleep(10 * MS).await;
+        }
+    }
+    // x passed every query on to y, which answered "not through me" (it has
+    // no one else), and x told m so.
+    let mut refused = 0;
+    while refused < SENT {
+        if let Body::NotFound(_) = next_routing(&mut frames).await {
+            refused += 1;
+        }
+    }
+    let waves = routing_stat(&x, "waves");
+    assert!((4000..=4096).contains(&waves), "{waves} waves kept");
+    assert_eq!(routing_stat(&x, "forged"), 0);
+    for node in [x, y] {
+        node.shutdown().await;
+        node.peers().shutdown().await;
+    }
+    m.shutdown().await;
+}
