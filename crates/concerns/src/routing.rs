@@ -140,11 +140,13 @@ impl Search {
         self.waiting.is_empty() && self.gone.is_empty()
     }
 
-    /// `peer` left, or its query could not be sent: it is asked again if it
-    /// comes back, and the search waits for that (or its timeout).
+    /// `peer` left, or its query could not be sent. If its answer was still
+    /// awaited, it is asked again when it comes back, and the search waits
+    /// for that (or its timeout); its "not through me", if it said so
+    /// already, stands.
     fn lose(&mut self, peer: &NodeId) {
-        if self.asked.remove(peer) {
-            self.waiting.remove(peer);
+        if self.waiting.remove(peer) {
+            self.asked.remove(peer);
             self.gone.insert(peer.clone());
         }
     }
@@ -1012,8 +1014,9 @@ impl Routing {
         let _ = inner.try_send_direct(to, ROUTING, body);
     }
 
-    /// `peer` left: the searches asked it again when it is back, and the
-    /// waves that awaited it say nothing more (see [`WaveState::Lost`]).
+    /// `peer` left: the searches ask it again when it is back (see
+    /// [`Search::lose`]), and the waves that awaited it say nothing more
+    /// (see [`WaveState::Lost`]).
     fn strike(&self, peer: &NodeId) {
         lock(&self.searches).values_mut().for_each(|s| s.lose(peer));
         let now = Instant::now();

@@ -1617,3 +1617,32 @@ async fn links_that_reset_during_searches_never_make_a_present_node_unreachable(
         stop(nodes).await;
     }
 }
+
+/// A neighbour that answered "not through me" and then leaves does not
+/// hold the search back: `o` asks `a` (a dead end: "no" at once) and `b`
+/// (whose one other link, to the dead end `c`, is slow); `a` leaves for
+/// good, then `b` answers "no" too, and the search ends, well before its
+/// timeout (3 s). (`o` needs one peer only: it dials nobody new meanwhile.
+/// A neighbour that comes and goes before it answers, as a peer whose full
+/// pool refuses `o` does, leaves the search to its timeout.)
+#[tokio::test(start_paused = true)]
+async fn a_neighbour_that_said_no_and_left_does_not_hold_the_search_back() {
+    let net = MemNetwork::new();
+    let c = start_seeded(&net, "c", &[], 1, 1).await;
+    let b = start_seeded(&net, "b", &["c"], 2, 2).await;
+    let o = start_seeded(&net, "o", &["b"], 1, 2).await;
+    let a = start_seeded(&net, "a", &["o"], 1, 1).await;
+    wait_linked(&[(&c, &b), (&b, &o), (&o, &a)], "the line c-b-o-a").await;
+    net.set_latency("b", "c", 300 * MS);
+    let nobody = start_seeded(&MemNetwork::new(), "nobody", &[], 1, 1).await;
+    let started = Instant::now();
+    let ask = spawn_request(&o, &nobody, "anyone?");
+    sleep(50 * MS).await;
+    net.partition(&["o"], &["a"]);
+    net.drop_link("o", "a");
+    let err = ask.await.unwrap().unwrap_err();
+    assert!(matches!(err, ConcernsError::Unreachable(_)), "{err:?}");
+    assert!(started.elapsed() < 2 * S, "{:?}", started.elapsed());
+    assert_eq!(builtin_stat(&o.concerns, "routing", "exhausted"), 1);
+    stop(vec![a, b, c, o, nobody]).await;
+}
