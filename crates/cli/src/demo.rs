@@ -1259,7 +1259,8 @@ fn route_line(
 fn unreachable_line(a: usize, took: Duration) -> String {
     format!(
         "#{a} -> a node id nobody has: unreachable in {}, once every node answered \
-         \"not through me\" (the route search timeout is 3s)",
+         \"not through me\" and #{a}'s neighbours had stayed the same for 1s (the route \
+         search timeout is 3s)",
         fmt_duration(took)
     )
 }
@@ -1776,7 +1777,8 @@ mod tests {
         assert_eq!(
             unreachable_line(1, ms(2)),
             "#1 -> a node id nobody has: unreachable in 2.00ms, once every node answered \
-             \"not through me\" (the route search timeout is 3s)"
+             \"not through me\" and #1's neighbours had stayed the same for 1s (the route \
+             search timeout is 3s)"
         );
     }
 

@@ -31,16 +31,19 @@
 //!   searcher looks does not end the search.
 //! - "Not through me" (`RouteNotFound`) makes a search that cannot succeed
 //!   end early, as an echo wave: a node answers it to a neighbour that
-//!   passes it a query it has seen already or can pass to nobody, and, for
-//!   the first copy, once every neighbour it passed the query to has
-//!   answered so. The origin reports the target unreachable as soon as
-//!   every neighbour it asked has answered so (`exhausted`), not after the
-//!   search timeout. A neighbour that leaves before it answers makes the
-//!   wave say nothing more (its part of the mesh may still answer by
-//!   another way), and at the origin is asked again if it comes back (its
-//!   connection may have taken the query with it). Nodes that stay silent
-//!   leave the search to its timeout, as before; an answer that comes after
-//!   its search ended still teaches the route (`late_answers`).
+//!   passes it a query it has seen already or that it can pass to nobody,
+//!   and, for the first copy, once every neighbour it passed the query to
+//!   has answered so. The origin reports the target unreachable once every
+//!   neighbour it asked has answered so and its own neighbourhood has been
+//!   the same for a second ([`SETTLE`]: a neighbour being redialled, or one
+//!   arriving as the node joins, is asked when it comes), not after the
+//!   search timeout (`exhausted`). A neighbour that leaves before it answers
+//!   makes the wave say nothing more (its part of the mesh may still answer
+//!   by another way), and at the origin is asked again if it comes back. A
+//!   node whose first copy came with no hops left says nothing and passes
+//!   on a later copy that has some. Nodes that stay silent leave the search
+//!   to its timeout, as before; an answer that comes after its search
+//!   ended still teaches the route (`late_answers`).
 //! - A hop with no route (or out of TTL) answers a request with an error
 //!   `UNREACHABLE` routed back to the origin, which forgets the route; so
 //!   does a routed request that times out.
@@ -96,19 +99,12 @@ impl Drop for SearchGuard<'_> {
     }
 }
 
-/// What the waiters of a search see of it.
-#[derive(Debug, Clone, Copy, Default)]
-struct Progress {
-    /// The answers taken so far.
-    answers: u32,
-    /// Every neighbour asked has answered "not through me".
-    exhausted: bool,
-}
-
-/// A search in progress: its query, and a watch of its [`Progress`].
+/// A search in progress: its query, and a watch bumped at every change
+/// its waiters may care about (an answer, a "not through me", a neighbour
+/// asked or gone).
 struct Search {
     query_id: u64,
-    progress: watch::Sender<Progress>,
+    progress: watch::Sender<u64>,
     /// The signed query as sent (empty until it is): a neighbour that
     /// arrives during the search is asked too.
     query: Bytes,
@@ -123,32 +119,40 @@ struct Search {
     /// lost the query with its connection.
     gone: HashSet<NodeId>,
     /// Whether a neighbour has answered "not through me": a search that
-    /// has heard nothing is never exhausted (a node joining the mesh waits
-    /// for neighbours to ask).
+    /// has heard nothing is never exhausted.
     refused: bool,
+    /// True until the neighbours the node had at the start have been asked.
+    asking: bool,
 }
 
 impl Search {
-    /// `peer` answered "not through me". Whether the search is now
-    /// exhausted: every neighbour asked has answered so, and none left
-    /// without answering.
+    /// Whether every neighbour asked has answered "not through me" and none
+    /// left without answering (whether the search may end as exhausted
+    /// also depends on this node's neighbourhood: see [`SETTLE`]).
+    fn refused_everywhere(&self) -> bool {
+        self.refused && !self.asking && self.waiting.is_empty() && self.gone.is_empty()
+    }
+
+    /// `peer` answered "not through me": whether it was awaited.
     fn refuse(&mut self, peer: &NodeId) -> bool {
         if !self.waiting.remove(peer) {
             return false;
         }
         self.refused = true;
-        self.waiting.is_empty() && self.gone.is_empty()
+        true
     }
 
     /// `peer` left, or its query could not be sent. If its answer was still
     /// awaited, it is asked again when it comes back, and the search waits
     /// for that (or its timeout); its "not through me", if it said so
     /// already, stands.
-    fn lose(&mut self, peer: &NodeId) {
-        if self.waiting.remove(peer) {
-            self.asked.remove(peer);
-            self.gone.insert(peer.clone());
+    fn lose(&mut self, peer: &NodeId) -> bool {
+        if !self.waiting.remove(peer) {
+            return false;
         }
+        self.asked.remove(peer);
+        self.gone.insert(peer.clone());
+        true
     }
 
     /// Whether `peer` is to be asked now (and if so, counts it as asked).
@@ -161,6 +165,13 @@ impl Search {
         true
     }
 }
+
+/// How long this node's neighbourhood must have stayed the same (no
+/// neighbour come or gone) before a search every neighbour answered "not
+/// through me" for may end: a neighbour whose link broke just before (it
+/// is being redialled), or a node still joining the mesh, may have a way
+/// the others do not, and is asked when it arrives.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Where a query this node passed on stands ([`Wave`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +186,11 @@ enum WaveState {
     /// answer by another way, so this node says nothing (the search runs
     /// to its timeout unless an answer comes).
     Lost,
+    /// The query came with no hops left and was passed to nobody, though
+    /// this node has other neighbours: it says nothing, to anyone (the
+    /// target may be within reach of a copy with hops to spare, which is
+    /// passed on).
+    Cut,
 }
 
 /// A query this node passed on (the first copy it got): the neighbour it
@@ -349,6 +365,8 @@ pub(crate) struct Routing {
     /// Searches ended before their timeout: every neighbour asked answered
     /// "not through me".
     exhausted: AtomicU64,
+    /// When a neighbour last came or went (see [`SETTLE`]).
+    neighbourhood_changed: Mutex<Instant>,
     /// Route answers to this node's queries taken after their search had
     /// ended (the route is learnt for the next send).
     late_answers: AtomicU64,
@@ -562,6 +580,7 @@ impl Routing {
             held_back: AtomicU64::new(0),
             late_asks: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
+            neighbourhood_changed: Mutex::new(Instant::now()),
             late_answers: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             keys: Mutex::new(KeyCache {
@@ -876,7 +895,7 @@ impl Routing {
             match searches.get(target) {
                 Some(s) => (s.progress.subscribe(), false),
                 None => {
-                    let (progress, rx) = watch::channel(Progress::default());
+                    let (progress, rx) = watch::channel(0);
                     let search = Search {
                         query_id,
                         progress,
@@ -885,6 +904,7 @@ impl Routing {
                         waiting: HashSet::new(),
                         gone: HashSet::new(),
                         refused: false,
+                        asking: true,
                     };
                     searches.insert(target.clone(), search);
                     (rx, true)
@@ -919,35 +939,42 @@ impl Routing {
             }
             let neighbours = inner.peers.neighbours();
             let ask: Vec<NodeId> = match lock(&self.searches).get_mut(target) {
-                Some(s) => neighbours.into_iter().filter(|p| s.take_asked(p)).collect(),
+                Some(s) => {
+                    let ask = neighbours.into_iter().filter(|p| s.take_asked(p)).collect();
+                    s.asking = false;
+                    ask
+                }
                 None => Vec::new(),
             };
             for p in ask {
                 self.ask(inner, target, &p, body.clone());
             }
         }
-        // Answers are counted: a route an answer taught may be gone by the
-        // time this task looks (its next hop left at once), and a later
-        // answer, by another way, may still come within the timeout.
-        // `wait_for` returns a read guard of the channel: drop it at once,
-        // before anything takes the searches lock (`on_found` sends while
-        // holding that lock, and the send needs the channel's write lock).
-        // A search every neighbour asked has answered "not through me" for
-        // ends at once.
+        // Woken at every change: a route an answer taught may be gone by
+        // the time this task looks (its next hop left at once), and a later
+        // answer, by another way, may still come within the timeout. A
+        // search every neighbour asked has answered "not through me" for
+        // ends once this node's neighbourhood has settled.
+        let mut exhausted = false;
         let wait = async {
-            let mut seen = 0;
             loop {
-                let progress = match rx.wait_for(|p| p.answers > seen || p.exhausted).await {
-                    Ok(p) => *p,
-                    Err(_) => return None,
-                };
                 if let Some(hop) = self.next_hop(inner, target) {
                     return Some(hop);
                 }
-                if progress.exhausted {
+                let settled_at = self.refused_everywhere_at(target);
+                if settled_at.is_some_and(|at| Instant::now() >= at) {
+                    exhausted = true;
                     return None;
                 }
-                seen = progress.answers;
+                let changed = rx.changed();
+                let gone = match settled_at {
+                    Some(at) => matches!(tokio::time::timeout_at(at, changed).await, Ok(Err(_))),
+                    None => changed.await.is_err(),
+                };
+                if gone {
+                    // The first searcher is done: its route, if any.
+                    return self.next_hop(inner, target);
+                }
             }
         };
         let hop = tokio::time::timeout(self.search_timeout, wait)
@@ -961,6 +988,9 @@ impl Routing {
         // gave up earlier proves nothing).
         if first && !found {
             self.not_found(inner, target);
+            if exhausted {
+                self.exhausted.fetch_add(1, Ordering::Relaxed);
+            }
         }
         drop(_guard);
         match hop {
@@ -972,17 +1002,38 @@ impl Routing {
         }
     }
 
+    /// When the search for `target` may end as exhausted: `None` while some
+    /// neighbour it asked has not answered "not through me", else once this
+    /// node's neighbourhood has been the same for [`SETTLE`].
+    fn refused_everywhere_at(&self, target: &NodeId) -> Option<Instant> {
+        let refused = lock(&self.searches)
+            .get(target)
+            .is_some_and(Search::refused_everywhere);
+        refused.then(|| *lock(&self.neighbourhood_changed) + SETTLE)
+    }
+
+    /// Wakes the waiters of the searches given (outside the searches lock:
+    /// see `search`).
+    fn bump(searches: impl IntoIterator<Item = watch::Sender<u64>>) {
+        for progress in searches {
+            progress.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
     /// `peer` became a responsive neighbour: it is asked every search in
     /// progress, which otherwise asked only the neighbours there were when
     /// it started (none at all, on a node still joining the mesh).
     pub(crate) fn neighbour_joined(&self, inner: &Inner, peer: &NodeId) {
-        let queries: Vec<(NodeId, Bytes)> = lock(&self.searches)
-            .iter_mut()
-            .filter_map(|(target, s)| {
-                s.take_asked(peer)
-                    .then(|| (target.clone(), s.query.clone()))
-            })
-            .collect();
+        *lock(&self.neighbourhood_changed) = Instant::now();
+        let (queries, changed): (Vec<(NodeId, Bytes)>, Vec<watch::Sender<u64>>) =
+            lock(&self.searches)
+                .iter_mut()
+                .filter_map(|(target, s)| {
+                    s.take_asked(peer)
+                        .then(|| ((target.clone(), s.query.clone()), s.progress.clone()))
+                })
+                .unzip();
+        Self::bump(changed);
         for (target, query) in queries {
             self.late_asks.fetch_add(1, Ordering::Relaxed);
             self.ask(inner, &target, peer, query);
@@ -993,6 +1044,7 @@ impl Routing {
     /// awaited its answer stop waiting for it, and cannot be exhausted
     /// (until the searches have asked it again, when it is back).
     pub(crate) fn neighbour_left(&self, peer: &NodeId) {
+        *lock(&self.neighbourhood_changed) = Instant::now();
         self.strike(peer);
     }
 
@@ -1003,9 +1055,10 @@ impl Routing {
         if inner.try_send_direct(peer, ROUTING, query).is_ok() {
             return;
         }
-        if let Some(s) = lock(&self.searches).get_mut(target) {
-            s.lose(peer);
-        }
+        let changed = lock(&self.searches)
+            .get_mut(target)
+            .and_then(|s| s.lose(peer).then(|| s.progress.clone()));
+        Self::bump(changed);
     }
 
     /// Answers "not through me" to `to` for a query.
@@ -1018,7 +1071,11 @@ impl Routing {
     /// [`Search::lose`]), and the waves that awaited it say nothing more
     /// (see [`WaveState::Lost`]).
     fn strike(&self, peer: &NodeId) {
-        lock(&self.searches).values_mut().for_each(|s| s.lose(peer));
+        let changed: Vec<watch::Sender<u64>> = lock(&self.searches)
+            .values_mut()
+            .filter_map(|s| s.lose(peer).then(|| s.progress.clone()))
+            .collect();
+        Self::bump(changed);
         let now = Instant::now();
         for ((origin, query_id), w) in lock(&self.waves).live_mut(now) {
             if w.state == WaveState::Open {
@@ -1038,15 +1095,11 @@ impl Routing {
             self.strike_one(inner, from, &key, true, Instant::now());
             return Ok(());
         }
-        let exhausted = lock(&self.searches)
+        let changed = lock(&self.searches)
             .get_mut(&target)
             .filter(|s| s.query_id == n.query_id)
             .and_then(|s| s.refuse(from).then(|| s.progress.clone()));
-        // Sent outside the lock (see `search`).
-        if let Some(progress) = exhausted {
-            self.exhausted.fetch_add(1, Ordering::Relaxed);
-            progress.send_modify(|p| p.exhausted = true);
-        }
+        Self::bump(changed);
         Ok(())
     }
 
@@ -1073,7 +1126,10 @@ impl Routing {
         let for_me = target == *me;
         let seen = lock(&self.queries).contains(&key, now);
         let answer = (origin.clone(), q.query_id, from.clone());
-        if seen && !for_me {
+        // A copy with hops to spare, after one that came with none: passed
+        // on now, as a first copy.
+        let rescue = seen && !for_me && q.ttl > 1 && self.cut(&key, now);
+        if seen && !for_me && !rescue {
             self.answer_seen(inner, from, &q, now);
             return Ok(());
         }
@@ -1092,7 +1148,7 @@ impl Routing {
             self.ban_forger(inner, from, "route query not signed by its origin", &origin);
             return Ok(());
         }
-        if !lock(&self.queries).insert(key.clone(), from, now) && !for_me {
+        if !lock(&self.queries).insert(key.clone(), from, now) && !for_me && !rescue {
             self.answer_seen(inner, from, &q, now);
             return Ok(());
         }
@@ -1150,8 +1206,24 @@ impl Routing {
             (q.clone(), Vec::new())
         };
         if to.is_empty() {
-            // Out of hops, or nobody else to ask.
-            self.answer_none(inner, from, &q);
+            let others = inner
+                .peers
+                .neighbours()
+                .into_iter()
+                .any(|p| p != *from && p != origin);
+            if q.ttl <= 1 && others {
+                // Out of hops only: a copy with hops to spare may come.
+                let wave = Wave {
+                    parent: from.clone(),
+                    target: q.target,
+                    waiting: Vec::new(),
+                    state: WaveState::Cut,
+                };
+                lock(&self.waves).insert_value(key, wave, from, now);
+            } else {
+                // Nobody else to ask.
+                self.answer_none(inner, from, &q);
+            }
             return Ok(());
         }
         // The wave is kept before the query goes on: a quick "not through
@@ -1162,7 +1234,16 @@ impl Routing {
             waiting: to.clone(),
             state: WaveState::Open,
         };
-        lock(&self.waves).insert_value(key.clone(), wave, from, now);
+        {
+            let mut waves = lock(&self.waves);
+            match waves.get_mut(&key, now) {
+                // A rescued copy's wave replaces the cut one.
+                Some(w) => *w = wave,
+                None => {
+                    waves.insert_value(key.clone(), wave, from, now);
+                }
+            }
+        }
         let next = encode(Body::Query(next));
         for p in to {
             if inner.try_send_direct(&p, ROUTING, next.clone()).is_err() {
@@ -1185,10 +1266,20 @@ impl Routing {
         };
         let silent = lock(&self.waves)
             .get(&(origin, q.query_id), now)
-            .is_some_and(|w| w.parent == *from && w.state != WaveState::Refused);
+            .is_some_and(|w| {
+                w.state == WaveState::Cut || (w.parent == *from && w.state != WaveState::Refused)
+            });
         if !silent {
             self.answer_none(inner, from, q);
         }
+    }
+
+    /// Whether the query `key` came to this node with no hops left and was
+    /// passed to nobody ([`WaveState::Cut`]).
+    fn cut(&self, key: &(NodeId, u64), now: Instant) -> bool {
+        lock(&self.waves)
+            .get(key, now)
+            .is_some_and(|w| w.state == WaveState::Cut)
     }
 
     /// `peer` answered "not through me" for the query `key` this node
@@ -1250,7 +1341,7 @@ impl Routing {
             lock(&self.table).learn(&target, from, hops, now);
             self.found(&target);
             match found {
-                Some(found) => found.send_modify(|p| p.answers = p.answers.saturating_add(1)),
+                Some(found) => Self::bump([found]),
                 None => {
                     self.late_answers.fetch_add(1, Ordering::Relaxed);
                 }

@@ -789,8 +789,9 @@ async fn a_search_for_a_node_nobody_can_reach_ends_once_every_way_is_tried() {
             .unwrap_err();
         let took = started.elapsed();
         assert!(matches!(err, ConcernsError::Unreachable(_)), "{err:?}");
-        // The search timeout is 3 s.
-        assert!(took < S, "{took:?} (seed {seed})");
+        // The search timeout is 3 s; node 7's neighbourhood may have changed
+        // less than a second ago (the settling time).
+        assert!(took <= S + 100 * MS, "{took:?} (seed {seed})");
         let stat = |n: &TestNode, k: &str| builtin_stat(&n.concerns, "routing", k);
         assert_eq!(
             (stat(&nodes[7], "searches"), stat(&nodes[7], "exhausted")),
@@ -832,10 +833,11 @@ async fn a_target_no_search_found_is_not_searched_for_again_at_once() {
     };
     let exhausted = |n: &TestNode| builtin_stat(&n.concerns, "routing", "exhausted");
     // The first send searches; b, a's one neighbour, has nobody else to
-    // ask and answers "not through me": the search ends at once, not after
-    // the search timeout (3 s by default).
+    // ask and answers "not through me": once a's neighbourhood has been the
+    // same for a second (it has just linked to b), the search ends, not
+    // after the search timeout (3 s by default).
     let took = ask(&a).await;
-    assert!(took < 100 * MS, "{took:?}");
+    assert!(took >= 900 * MS && took < 1100 * MS, "{took:?}");
     assert_eq!((searches(&a), held_back(&a), exhausted(&a)), (1, 0, 1));
     // The next ones within the search timeout fail at once, and search
     // nothing.
@@ -844,7 +846,8 @@ async fn a_target_no_search_found_is_not_searched_for_again_at_once() {
         assert_eq!(ask(&a).await, Duration::ZERO);
     }
     assert_eq!((searches(&a), held_back(&a)), (1, 3));
-    // Once the time is up, the next send searches again.
+    // Once the time is up, the next send searches again, and a's
+    // neighbourhood has long been settled: it ends at once.
     sleep(2 * S).await;
     assert!(ask(&a).await < 100 * MS);
     let failed = Instant::now();
@@ -856,7 +859,8 @@ async fn a_target_no_search_found_is_not_searched_for_again_at_once() {
         sleep(10 * MS).await;
     }
     assert!(failed.elapsed() < 3 * S, "{:?}", failed.elapsed());
-    assert!(ask(&a).await < 100 * MS);
+    // c has just arrived: the search ends a second after it did.
+    assert!(ask(&a).await < 1100 * MS);
     assert_eq!((searches(&a), held_back(&a), exhausted(&a)), (3, 3, 3));
     stop(vec![a, b, c]).await;
 }
@@ -1516,6 +1520,18 @@ async fn a_flooded_seen_cache_does_not_deliver_a_replay_again() {
     stop(nodes).await;
 }
 
+/// The line t-b-o-a: `o`'s neighbours are `a`, a dead end ("not through
+/// me" at once), and `b`, the way to `t`.
+async fn line_t_b_o_a(net: &MemNetwork) -> [TestNode; 4] {
+    let t = start_seeded(net, "t", &[], 1, 1).await;
+    let b = start_seeded(net, "b", &["t"], 2, 2).await;
+    let o = start_seeded(net, "o", &["b"], 2, 2).await;
+    let a = start_seeded(net, "a", &["o"], 1, 1).await;
+    wait_linked(&[(&t, &b), (&b, &o), (&o, &a)], "the line t-b-o-a").await;
+    assert!(!linked(&o, &t));
+    [t, b, o, a]
+}
+
 /// A neighbour whose link resets and comes back during a search does not
 /// make it "unreachable" while the answer is on its way through it. `o`'s
 /// neighbours are `a` (a dead end: "not through me" at once) and `b`, whose
@@ -1523,12 +1539,7 @@ async fn a_flooded_seen_cache_does_not_deliver_a_replay_again() {
 #[tokio::test(start_paused = true)]
 async fn a_neighbour_that_flaps_during_a_search_does_not_make_it_fail() {
     let net = MemNetwork::new();
-    let t = start_seeded(&net, "t", &[], 1, 1).await;
-    let b = start_seeded(&net, "b", &["t"], 2, 2).await;
-    let o = start_seeded(&net, "o", &["b"], 2, 2).await;
-    let a = start_seeded(&net, "a", &["o"], 1, 1).await;
-    wait_linked(&[(&t, &b), (&b, &o), (&o, &a)], "the line t-b-o-a").await;
-    assert!(!linked(&o, &t));
+    let [t, b, o, a] = line_t_b_o_a(&net).await;
     net.set_latency("b", "t", 300 * MS);
     let ask = spawn_request(&o, &t, "hi");
     sleep(50 * MS).await;
@@ -1562,18 +1573,19 @@ async fn a_neighbour_that_comes_back_during_a_search_is_asked_again() {
     stop(vec![t, b, o]).await;
 }
 
-/// Searches for nodes that are there never end as "unreachable", whatever
-/// links reset while they run: a neighbour that leaves mid-search silences
-/// its part of the wave (the answer may come another way), and only a "not
-/// through me" from every way ends a search early. In random meshes with
-/// 2 ms links, a link of the origin, one of the target and one anywhere
-/// reset during each search.
+/// Searches for nodes that are there never end early as if nobody had them
+/// (exhausted), whatever links reset while they run: a neighbour that
+/// leaves mid-search silences its part of the wave (the answer may come
+/// another way), and only a "not through me" from every way ends a search
+/// early. In random meshes with 2 ms links, a link of the origin, one of
+/// the target and one anywhere reset during each search; a search whose
+/// answer was lost with a link runs to its timeout, as it always did.
 #[tokio::test(start_paused = true)]
 async fn links_that_reset_during_searches_never_make_a_present_node_unreachable() {
     for seed in [11u64, 12] {
         let net = MemNetwork::new();
-        net.set_default_latency(2 * MS);
         let nodes = random_mesh(&net, 30, seed).await;
+        net.set_default_latency(2 * MS);
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut answered, mut failed) = (0, 0);
         for round in 0..8 {
@@ -1597,13 +1609,15 @@ async fn links_that_reset_during_searches_never_make_a_present_node_unreachable(
                     net.drop_link(&nodes[i].name, &peer.name);
                 }
             }
+            // A search that times out (its answer lost with a link) is
+            // unreachable too, as before "not through me"; an exhausted one
+            // would say the node is not there.
             match ask.await.unwrap() {
                 Ok(_) => answered += 1,
-                Err(ConcernsError::Unreachable(_)) => {
-                    panic!("round {round}: {a} -> {b} unreachable (seed {seed})")
-                }
                 Err(_) => failed += 1,
             }
+            let exhausted = builtin_stat(&nodes[a].concerns, "routing", "exhausted");
+            assert_eq!(exhausted, 0, "round {round}: {a} -> {b} (seed {seed})");
             // The pools refill before the next round.
             sleep(2 * S).await;
         }
@@ -1611,7 +1625,7 @@ async fn links_that_reset_during_searches_never_make_a_present_node_unreachable(
             .iter()
             .map(|n| builtin_stat(&n.concerns, "routing", "exhausted"))
             .sum();
-        eprintln!("seed {seed}: {answered} answered, {failed} failed otherwise");
+        eprintln!("seed {seed}: {answered} answered, {failed} failed");
         assert_eq!(exhausted, 0, "seed {seed}");
         assert!(answered > 0, "seed {seed}");
         stop(nodes).await;
@@ -1645,4 +1659,87 @@ async fn a_neighbour_that_said_no_and_left_does_not_hold_the_search_back() {
     assert!(started.elapsed() < 2 * S, "{:?}", started.elapsed());
     assert_eq!(builtin_stat(&o.concerns, "routing", "exhausted"), 1);
     stop(vec![a, b, c, o, nobody]).await;
+}
+
+/// A neighbour whose link is down when a search starts (it is being
+/// redialled) is asked when it is back: a dead end's "not through me" does
+/// not end the search while this node's neighbourhood has not settled.
+/// Line t-b-o-a, `a` a dead end; the link o-b resets just before `o` asks
+/// for `t`. (From a review of the first version, which answered
+/// unreachable at once.) The search is never exhausted; whether the request
+/// then gets through varies from run to run (3 of 10 here, and 2 of 10
+/// before "not through me" existed, the rest timing out): traffic sent
+/// around the redial of o-b is often lost, which this test leaves alone.
+#[tokio::test(start_paused = true)]
+async fn a_neighbour_reconnecting_when_a_search_starts_is_waited_for() {
+    let net = MemNetwork::new();
+    let [t, b, o, a] = line_t_b_o_a(&net).await;
+    net.drop_link("o", "b");
+    while o.concerns.peers().neighbours().contains(b.id()) {
+        sleep(MS).await;
+    }
+    let started = Instant::now();
+    let reply = spawn_request(&o, &t, "hi").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(builtin_stat(&o.concerns, "routing", "exhausted"), 0);
+    assert_eq!(builtin_stat(&o.concerns, "routing", "late_asks"), 1);
+    match reply {
+        Ok(reply) => assert_eq!(reply, Bytes::from("hi")),
+        // Only after the search timeout (3 s), never early.
+        Err(ConcernsError::Unreachable(_)) => assert!(took >= 3 * S, "{took:?}"),
+        Err(e) => assert!(matches!(e, ConcernsError::Timeout(_)), "{e:?}"),
+    }
+    stop(vec![t, b, o, a]).await;
+}
+
+/// A node whose first copy of a query came with no hops left passes on a
+/// later copy that has some, rather than answering it "not through me":
+/// ring o-a-b-g-f-e-o with a tail b-c-t, at most 4 hops, the link a-b slow,
+/// so b first hears of o's query from g (4 hops round), then from a (1
+/// hop). t is 4 hops from o, through a and b. (From a review: the search
+/// ended as unreachable, and before "not through me" it timed out.)
+#[tokio::test(start_paused = true)]
+async fn a_copy_with_hops_to_spare_is_passed_on_after_one_with_none() {
+    let net = MemNetwork::new();
+    let cfg = || ConcernsConfig::default().with_routing(4, 60 * S, 3 * S);
+    let node = |name: &'static str, seeds: &'static [&'static str], n: usize| {
+        let net = net.clone();
+        async move {
+            let seeds: Vec<String> = seeds.iter().map(|s| format!("mem://{s}")).collect();
+            let peers = seeded(&seeds).with_min_peers(n).with_max_peers(n);
+            start_with(&net, name, peers, cfg()).await
+        }
+    };
+    let t = node("t", &[], 1).await;
+    let c = node("c", &["t"], 2).await;
+    let b = node("b", &["c"], 3).await;
+    let a = node("a", &["b"], 2).await;
+    let o = node("o", &["a"], 2).await;
+    let e = node("e", &["o"], 2).await;
+    let f = node("f", &["e"], 2).await;
+    let g = node("g", &["f", "b"], 2).await;
+    let edges = [
+        (&t, &c),
+        (&c, &b),
+        (&b, &a),
+        (&a, &o),
+        (&o, &e),
+        (&e, &f),
+        (&f, &g),
+        (&g, &b),
+    ];
+    wait_linked(&edges, "the ring and its tail").await;
+    let all = [&t, &c, &b, &a, &o, &e, &f, &g];
+    let links: usize = all
+        .iter()
+        .map(|n| n.concerns.peers().neighbours().len())
+        .sum();
+    assert_eq!(links, 2 * edges.len(), "links beyond the ring and tail");
+    net.set_latency("a", "b", 50 * MS);
+    sleep(2 * S).await;
+    let started = Instant::now();
+    let reply = spawn_request(&o, &t, "hi").await.unwrap();
+    assert_eq!(reply.unwrap(), Bytes::from("hi"));
+    assert!(started.elapsed() < S, "{:?}", started.elapsed());
+    stop(vec![t, c, b, a, o, e, f, g]).await;
 }
