@@ -1040,12 +1040,23 @@ impl Routing {
         }
     }
 
-    /// `peer` is no longer a neighbour: the searches and waves that
-    /// awaited its answer stop waiting for it, and cannot be exhausted
-    /// (until the searches have asked it again, when it is back).
+    /// `peer` is no longer a neighbour: the searches that awaited its
+    /// answer ask it again when it is back (see [`Search::lose`]), and the
+    /// waves that awaited it say nothing more (see [`WaveState::Lost`]).
     pub(crate) fn neighbour_left(&self, peer: &NodeId) {
         *lock(&self.neighbourhood_changed) = Instant::now();
-        self.strike(peer);
+        let changed: Vec<watch::Sender<u64>> = lock(&self.searches)
+            .values_mut()
+            .filter_map(|s| s.lose(peer).then(|| s.progress.clone()))
+            .collect();
+        Self::bump(changed);
+        let now = Instant::now();
+        for ((origin, query_id), w) in lock(&self.waves).live_mut(now) {
+            if w.state == WaveState::Open {
+                // Says nothing: the wave is lost.
+                let _ = w.strike(peer, false, *query_id, origin);
+            }
+        }
     }
 
     /// Sends the query of this node's search for `target` to `peer`
@@ -1067,24 +1078,6 @@ impl Routing {
         let _ = inner.try_send_direct(to, ROUTING, body);
     }
 
-    /// `peer` left: the searches ask it again when it is back (see
-    /// [`Search::lose`]), and the waves that awaited it say nothing more
-    /// (see [`WaveState::Lost`]).
-    fn strike(&self, peer: &NodeId) {
-        let changed: Vec<watch::Sender<u64>> = lock(&self.searches)
-            .values_mut()
-            .filter_map(|s| s.lose(peer).then(|| s.progress.clone()))
-            .collect();
-        Self::bump(changed);
-        let now = Instant::now();
-        for ((origin, query_id), w) in lock(&self.waves).live_mut(now) {
-            if w.state == WaveState::Open {
-                // Says nothing: the wave is lost.
-                let _ = w.strike(peer, false, *query_id, origin);
-            }
-        }
-    }
-
     /// A neighbour's "not through me" for a query this node made or passed
     /// to it; taken once, and only from a neighbour the query went to.
     fn on_not_found(&self, inner: &Inner, from: &NodeId, n: RouteNotFound) -> Result<(), BoxError> {
@@ -1092,7 +1085,7 @@ impl Routing {
         let target = NodeId::from_bytes(n.target)?;
         if origin != *inner.peers.node_id() {
             let key = (origin, n.query_id);
-            self.strike_one(inner, from, &key, true, Instant::now());
+            self.refused_by(inner, from, &key, Instant::now());
             return Ok(());
         }
         let changed = lock(&self.searches)
@@ -1130,7 +1123,7 @@ impl Routing {
         // on now, as a first copy.
         let rescue = seen && !for_me && q.ttl > 1 && self.cut(&key, now);
         if seen && !for_me && !rescue {
-            self.answer_seen(inner, from, &q, now);
+            self.answer_seen(inner, from, &key, &q, now);
             return Ok(());
         }
         if seen && lock(&self.answered).contains(&answer, now) {
@@ -1149,7 +1142,7 @@ impl Routing {
             return Ok(());
         }
         if !lock(&self.queries).insert(key.clone(), from, now) && !for_me && !rescue {
-            self.answer_seen(inner, from, &q, now);
+            self.answer_seen(inner, from, &key, &q, now);
             return Ok(());
         }
         lock(&self.table).learn(&origin, from, self.hops_relayed(q.ttl), now);
@@ -1181,7 +1174,8 @@ impl Routing {
             inner.try_send_direct(from, ROUTING, body)?;
             return Ok(());
         }
-        let (next, to) = if target != *from && Self::is_neighbour(inner, &target) {
+        let to_target = target != *from && Self::is_neighbour(inner, &target);
+        let (next, to) = if to_target {
             // Only the target's word is taken: pass the query to it alone,
             // also on the query's last hop (a neighbour's own answer used
             // to end it here).
@@ -1190,29 +1184,23 @@ impl Routing {
                 ..q.clone()
             };
             (next, vec![target])
-        } else if q.ttl > 1 {
+        } else {
             let next = RouteQuery {
-                ttl: q.ttl - 1,
+                ttl: q.ttl.saturating_sub(1),
                 ..q.clone()
             };
-            let to: Vec<NodeId> = inner
+            let others: Vec<NodeId> = inner
                 .peers
                 .neighbours()
                 .into_iter()
                 .filter(|p| p != from && *p != origin)
                 .collect();
-            (next, to)
-        } else {
-            (q.clone(), Vec::new())
+            (next, others)
         };
-        if to.is_empty() {
-            let others = inner
-                .peers
-                .neighbours()
-                .into_iter()
-                .any(|p| p != *from && p != origin);
-            if q.ttl <= 1 && others {
-                // Out of hops only: a copy with hops to spare may come.
+        // Out of hops, with others to ask: a copy with hops to spare may come.
+        let cut = !to_target && q.ttl <= 1 && !to.is_empty();
+        if to.is_empty() || cut {
+            if cut {
                 let wave = Wave {
                     parent: from.clone(),
                     target: q.target,
@@ -1248,7 +1236,7 @@ impl Routing {
         for p in to {
             if inner.try_send_direct(&p, ROUTING, next.clone()).is_err() {
                 // Never sent: not waited for, and nothing to say for it.
-                self.strike_one(inner, &p, &key, true, now);
+                self.refused_by(inner, &p, &key, now);
             }
         }
         Ok(())
@@ -1260,15 +1248,17 @@ impl Routing {
     /// or was a route answer. After this node's "not through me", `from`
     /// asks again only if its connection was lost in between (with the
     /// answer, perhaps): it is answered again.
-    fn answer_seen(&self, inner: &Inner, from: &NodeId, q: &RouteQuery, now: Instant) {
-        let Ok(origin) = NodeId::from_bytes(q.origin.clone()) else {
-            return;
-        };
-        let silent = lock(&self.waves)
-            .get(&(origin, q.query_id), now)
-            .is_some_and(|w| {
-                w.state == WaveState::Cut || (w.parent == *from && w.state != WaveState::Refused)
-            });
+    fn answer_seen(
+        &self,
+        inner: &Inner,
+        from: &NodeId,
+        key: &(NodeId, u64),
+        q: &RouteQuery,
+        now: Instant,
+    ) {
+        let silent = lock(&self.waves).get(key, now).is_some_and(|w| {
+            w.state == WaveState::Cut || (w.parent == *from && w.state != WaveState::Refused)
+        });
         if !silent {
             self.answer_none(inner, from, q);
         }
@@ -1283,19 +1273,12 @@ impl Routing {
     }
 
     /// `peer` answered "not through me" for the query `key` this node
-    /// passed it (`said`), or it could not be sent: this node's own answer
-    /// goes to the wave's parent if that was the last one awaited.
-    fn strike_one(
-        &self,
-        inner: &Inner,
-        peer: &NodeId,
-        key: &(NodeId, u64),
-        said: bool,
-        now: Instant,
-    ) {
+    /// passed it, or it could not be sent: this node's own answer goes to
+    /// the wave's parent if that was the last one awaited.
+    fn refused_by(&self, inner: &Inner, peer: &NodeId, key: &(NodeId, u64), now: Instant) {
         let answer = lock(&self.waves)
             .get_mut(key, now)
-            .and_then(|w| w.strike(peer, said, key.1, &key.0));
+            .and_then(|w| w.strike(peer, true, key.1, &key.0));
         if let Some((parent, body)) = answer {
             let _ = inner.try_send_direct(&parent, ROUTING, body);
         }
