@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use meshwork::concerns::ConcernsError;
+use meshwork::concerns::{Bytes, ConcernsError};
 use meshwork::peers::{PeerSnapshot, PeerState, PeersConfig};
 use meshwork::rpc::RpcError;
 use meshwork::sync::{SyncConfig, SyncError};
@@ -383,19 +383,11 @@ impl Demo {
         let target = self.nodes[b].node_id().clone();
         let message = format!("ping from #{a}");
         let started = Instant::now();
-        // In a task, with a deadline of our own: a library call that never
-        // returns must not hang the demo.
-        let request = tokio::spawn({
-            let (node, target, message) = (self.nodes[a].clone(), target.clone(), message.clone());
-            async move { echo::request(&node, &target, message.as_bytes(), MESSAGE_TIMEOUT).await }
-        });
         let what = || format!("routed request from node {a} to node {b}");
-        let Ok(joined) =
-            tokio::time::timeout(MESSAGE_TIMEOUT + Duration::from_secs(1), request).await
-        else {
-            bail!("{} did not return", what());
-        };
-        let reply = joined.with_context(what)?.with_context(what)?;
+        let reply = self
+            .echo_request(a, &target, message.as_bytes(), &what())
+            .await?
+            .with_context(what)?;
         let took = started.elapsed();
         if reply != message.as_bytes() {
             bail!("node {b} answered {reply:?} to {message:?}");
@@ -424,24 +416,37 @@ impl Demo {
         // has answered "not through me", not after its timeout.
         let nobody = Identity::generate().node_id().clone();
         let started = Instant::now();
-        let request = tokio::spawn({
-            let node = self.nodes[a].clone();
-            async move { echo::request(&node, &nobody, b"anyone?", MESSAGE_TIMEOUT).await }
-        });
-        let what = || format!("request from node {a} to a node nobody has");
-        let Ok(joined) =
-            tokio::time::timeout(MESSAGE_TIMEOUT + Duration::from_secs(1), request).await
-        else {
-            bail!("{} did not return", what());
-        };
-        match joined.with_context(what)? {
+        let what = format!("request from node {a} to a node nobody has");
+        match self.echo_request(a, &nobody, b"anyone?", &what).await? {
             Err(ConcernsError::Unreachable(_)) => {}
-            other => bail!("{} gave {other:?}, not unreachable", what()),
+            other => bail!("{what} gave {other:?}, not unreachable"),
         }
         let line = unreachable_line(a, started.elapsed());
         self.screen.print(&format!("unreachable: {line}\n\n"));
         self.report.push(("unreachable".into(), line));
         Ok(())
+    }
+
+    /// Node `a`'s echo request to `target`, in a task with a deadline of
+    /// our own: a library call that never returns must not hang the demo.
+    /// `what` names it in errors.
+    async fn echo_request(
+        &self,
+        a: usize,
+        target: &NodeId,
+        message: &[u8],
+        what: &str,
+    ) -> anyhow::Result<Result<Bytes, ConcernsError>> {
+        let request = tokio::spawn({
+            let (node, target, message) = (self.nodes[a].clone(), target.clone(), message.to_vec());
+            async move { echo::request(&node, &target, &message, MESSAGE_TIMEOUT).await }
+        });
+        let Ok(joined) =
+            tokio::time::timeout(MESSAGE_TIMEOUT + Duration::from_secs(1), request).await
+        else {
+            bail!("{what} did not return");
+        };
+        joined.with_context(|| what.to_owned())
     }
 
     /// Step: node 0 writes [`KV_KEY`]; every node must hold the value
