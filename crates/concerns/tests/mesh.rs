@@ -1666,10 +1666,12 @@ async fn a_neighbour_that_said_no_and_left_does_not_hold_the_search_back() {
 /// not end the search while this node's neighbourhood has not settled.
 /// Line t-b-o-a, `a` a dead end; the link o-b resets just before `o` asks
 /// for `t`. (From a review of the first version, which answered
-/// unreachable at once.) The search is never exhausted; whether the request
-/// then gets through varies from run to run (3 of 10 here, and 2 of 10
-/// before "not through me" existed, the rest timing out): traffic sent
-/// around the redial of o-b is often lost, which this test leaves alone.
+/// unreachable at once.) The search is never exhausted, and the request
+/// gets through once o-b is back. It used to get through in 2 or 3 runs of
+/// 10: `o`, short of a peer, also dialled the full `t`, which took the
+/// connection's handshake and then refused it; meanwhile `o` saw `t` as a
+/// neighbour, sent the request straight to it, and `t` handled it but could
+/// not answer. A full node now refuses in the handshake (the pool's gate).
 #[tokio::test(start_paused = true)]
 async fn a_neighbour_reconnecting_when_a_search_starts_is_waited_for() {
     let net = MemNetwork::new();
@@ -1680,15 +1682,10 @@ async fn a_neighbour_reconnecting_when_a_search_starts_is_waited_for() {
     }
     let started = Instant::now();
     let reply = spawn_request(&o, &t, "hi").await.unwrap();
-    let took = started.elapsed();
+    assert_eq!(reply.unwrap(), Bytes::from("hi"));
+    assert!(started.elapsed() < S, "{:?}", started.elapsed());
     assert_eq!(builtin_stat(&o.concerns, "routing", "exhausted"), 0);
     assert_eq!(builtin_stat(&o.concerns, "routing", "late_asks"), 1);
-    match reply {
-        Ok(reply) => assert_eq!(reply, Bytes::from("hi")),
-        // Only after the search timeout (3 s), never early.
-        Err(ConcernsError::Unreachable(_)) => assert!(took >= 3 * S, "{took:?}"),
-        Err(e) => assert!(matches!(e, ConcernsError::Timeout(_)), "{e:?}"),
-    }
     stop(vec![t, b, o, a]).await;
 }
 

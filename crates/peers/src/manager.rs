@@ -23,9 +23,9 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 
 use meshwork_transport::{
-    CloseReason, Connection, ConnectionHandle, Deliver, Endpoint, Priority, TransportError,
+    CloseReason, Connection, ConnectionHandle, Deliver, Endpoint, Gate, Priority, TransportError,
 };
-use meshwork_wire::proto::DisconnectReason;
+use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello};
 use meshwork_wire::{Message, NodeId};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -162,6 +162,10 @@ fn classify(e: &TransportError) -> DialFailure {
                 | DisconnectReason::NotAllowed,
             ..
         } => DialFailure::Incompatible,
+        TransportError::Refused {
+            reason: DisconnectReason::TooManyPeers,
+            ..
+        } => DialFailure::Full,
         TransportError::Shutdown => DialFailure::Shutdown,
         _ => DialFailure::Transient,
     }
@@ -205,6 +209,12 @@ impl PeerManager {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
+        // A dialler the pool has no room for is refused in the handshake,
+        // not right after it (the manager is the endpoint's only acceptor).
+        let gate = PoolGate(Arc::downgrade(&inner));
+        if !inner.endpoint.set_gate(Arc::new(gate)) {
+            warn!("the endpoint already has a gate: a second peer manager on one endpoint");
+        }
         let span = info_span!("peers", node = %inner.endpoint.node_id().short());
         inner
             .tracker
@@ -637,7 +647,13 @@ impl Inner {
                             } else {
                                 debug!(%addr, error = %e, "dial failed");
                             }
-                            this.with_pool(|p, now| p.on_dial_failed(dial, failure, now));
+                            this.with_pool(|p, now| {
+                                p.on_dial_failed(dial, failure, now);
+                                // A full node names some of its peers.
+                                if let TransportError::Refused { alternatives, .. } = &e {
+                                    p.on_discovered(alternatives, now);
+                                }
+                            });
                             // The slot is free: try the next candidate now
                             // rather than at the next tick (each failed entry
                             // waits out its backoff, so this cannot spin).
@@ -733,13 +749,18 @@ impl Inner {
         };
         let span = info_span!("peer", peer = %link.node.short(), conn = id);
         lock(&self.handles).insert(id, conn.handle());
-        self.with_pool(|p, now| match dial {
-            Some(d) => p.on_dial_ok(d, id, link, now),
-            None => p.on_connection(id, link, now),
+        let node = link.node.clone();
+        let admitted = self.with_pool(|p, now| {
+            match dial {
+                Some(d) => p.on_dial_ok(d, id, link, now),
+                None => p.on_connection(id, link, now),
+            }
+            p.is_linked(&node)
         });
         let sink = PeerSink {
             inner: Arc::downgrade(self),
-            from: link_node(&conn),
+            from: node,
+            admitted,
         };
         let handle = conn.deliver_to(Arc::new(sink));
         let this = self.clone();
@@ -807,10 +828,6 @@ impl Inner {
     }
 }
 
-fn link_node(conn: &Connection) -> NodeId {
-    conn.info().node_id.clone()
-}
-
 /// A Concern frame as it arrives.
 pub type ConcernFrame = meshwork_wire::proto::Concern;
 
@@ -828,6 +845,11 @@ pub trait InboundHandler: Send + Sync + 'static {
 struct PeerSink {
     inner: Weak<Inner>,
     from: NodeId,
+    /// Whether `from` was a neighbour once the pool had seen this
+    /// connection. A connection the pool refused (no room, banned, ...)
+    /// hands nothing to the layer above: its sender is no neighbour, and
+    /// no answer could go back to it.
+    admitted: bool,
 }
 
 impl Deliver for PeerSink {
@@ -836,6 +858,9 @@ impl Deliver for PeerSink {
             return;
         };
         match msg {
+            Message::Concern(_) if !self.admitted => {
+                inner.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+            }
             Message::Concern(message) => inner.concern(&self.from, conn, message),
             Message::Discovered(d) => {
                 let from = &self.from;
@@ -848,6 +873,19 @@ impl Deliver for PeerSink {
                 inner.with_pool(|p, now| p.on_discovered(&d.alternatives, now));
             }
             other => debug!(kind = other.kind(), "ignored message"),
+        }
+    }
+}
+
+/// The pool's say in incoming handshakes (see [`Pool::gate`]).
+struct PoolGate(Weak<Inner>);
+
+impl Gate for PoolGate {
+    fn admit(&self, peer: &NodeId, _hello: &Hello) -> Result<(), Disconnect> {
+        match self.0.upgrade() {
+            Some(inner) => lock(&inner.pool).gate(peer, Instant::now()),
+            // Stopping: nobody will take the connection anyway.
+            None => Ok(()),
         }
     }
 }

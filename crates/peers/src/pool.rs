@@ -70,9 +70,18 @@ pub(crate) enum DialFailure {
     Incompatible,
     /// Unreachable, refused, timed out: try again later.
     Transient,
+    /// The node is there but has no room for us: try again later, and
+    /// never forget it for that.
+    Full,
     /// The manager is stopping.
     Shutdown,
 }
+
+/// How long a slot the gate let an incoming handshake through for is held
+/// for it: from the gate to the connection being taken is one write and a
+/// queue, well under this. A handshake that fails after the gate (or a
+/// peer that gives up then) holds its slot no longer.
+const GATE_HOLD: Duration = Duration::from_secs(2);
 
 /// Work for the driver.
 #[derive(Debug, Clone, PartialEq)]
@@ -353,6 +362,11 @@ pub(crate) struct Pool {
     /// How long a link closed by the peer as a duplicate is held for the
     /// survivor: the transport's handshake timeout.
     survivor_grace: Duration,
+    /// Incoming handshakes the gate let through, by node, not yet taken
+    /// (`on_connection`): each holds an inbound slot until it is taken or
+    /// until the time given, so that many diallers at once are not all let
+    /// through to be refused when taken. See [`GATE_HOLD`].
+    gated: HashMap<NodeId, Instant>,
     shutting_down: bool,
     rng: StdRng,
     actions: Vec<Action>,
@@ -437,6 +451,7 @@ impl Pool {
             ignored_discovered: 0,
             suspected_twins: 0,
             survivor_grace: handshake_timeout,
+            gated: HashMap::new(),
             shutting_down: false,
             rng,
             actions: Vec::new(),
@@ -539,6 +554,49 @@ impl Pool {
         self.on_connection(conn, info, now);
     }
 
+    /// Whether `node` is a neighbour (has a link, perhaps held).
+    pub(crate) fn is_linked(&self, node: &NodeId) -> bool {
+        self.entries.get(node).is_some_and(|e| e.link.is_some())
+    }
+
+    /// An incoming handshake from `node` is about to end (see
+    /// [`meshwork_transport::Gate`]): refused now, with some of our peers as
+    /// alternatives, if [`on_connection`](Self::on_connection) would refuse
+    /// it for want of room (or because we are stopping, or it is blocked),
+    /// so that the dialler never holds a connection that closes as it opens.
+    /// Nothing changes in the pool; `on_connection` decides again once the
+    /// connection is taken (a slot may have gone meanwhile).
+    pub(crate) fn gate(&mut self, node: &NodeId, now: Instant) -> Result<(), Disconnect> {
+        if self.shutting_down {
+            return Err(Disconnect::new(
+                DisconnectReason::Shutdown,
+                "node shutting down".to_string(),
+            ));
+        }
+        if self.blocked.contains(node) {
+            return Err(Disconnect::new(
+                DisconnectReason::NotAllowed,
+                "blocked".to_string(),
+            ));
+        }
+        let linked = self.entries.get(node).is_some_and(|e| e.link.is_some());
+        self.gated.retain(|n, until| *until > now && n != node);
+        let held = self.gated.len();
+        let counts = self.counts();
+        let full = counts.inbound + held >= self.cfg.inbound_limit()
+            || counts.linked + held >= self.cfg.max_peers;
+        if !full || linked || self.room_victim(node, Direction::Inbound).is_some() {
+            if !linked {
+                self.gated.insert(node.clone(), now + GATE_HOLD);
+            }
+            return Ok(());
+        }
+        self.refused += 1;
+        let mut d = Disconnect::new(DisconnectReason::TooManyPeers, "too many peers".to_string());
+        d.alternatives = self.alternatives(node);
+        Err(d)
+    }
+
     /// A connection completed its handshake (inbound, or the end of a dial).
     pub(crate) fn on_connection(&mut self, conn: ConnId, info: LinkInfo, now: Instant) {
         let refuse = |reason, message: &str| Disconnect::new(reason, message.to_string());
@@ -567,7 +625,18 @@ impl Pool {
             return;
         }
         let addrs = usable_addrs(&info.listen_addrs, &self.local_addrs);
-        let counts = self.counts();
+        // The slots the gate holds for other incoming handshakes count
+        // against an incoming connection too (not against our own dials,
+        // which the pool started with room for them).
+        self.gated
+            .retain(|n, until| *until > now && *n != info.node);
+        let held = match info.direction {
+            Direction::Inbound => self.gated.len(),
+            Direction::Outbound => 0,
+        };
+        let mut counts = self.counts();
+        counts.inbound += held;
+        counts.linked += held;
         let limit_in = self.cfg.inbound_limit();
         let max = self.cfg.max_peers;
         let local = self.local.clone();
@@ -808,7 +877,9 @@ impl Pool {
             return;
         }
         if failure != DialFailure::Shutdown {
-            e.dial_failures += 1;
+            if failure != DialFailure::Full {
+                e.dial_failures += 1;
+            }
             e.next_attempt = now + e.backoff.fail(jitter);
         }
         let forget = e.addrs.is_empty()
@@ -1087,24 +1158,7 @@ impl Pool {
     /// and reconnect each as soon as it is refused) kept out every node we
     /// were connected to before, for good.
     fn make_room_for(&mut self, info: &LinkInfo, now: Instant) -> bool {
-        if info.direction != Direction::Inbound {
-            return false;
-        }
-        let Some(since) = self.entries.get(&info.node).and_then(|e| e.first_linked) else {
-            return false;
-        };
-        let youngest = self
-            .entries
-            .values()
-            .filter(|e| {
-                e.link
-                    .as_ref()
-                    .is_some_and(|l| l.direction == Direction::Inbound)
-            })
-            .filter_map(|e| e.first_linked.map(|t| (t, e.id.clone())))
-            .filter(|(t, _)| *t > since)
-            .max_by_key(|(t, _)| *t);
-        let Some((_, victim)) = youngest else {
+        let Some(victim) = self.room_victim(&info.node, info.direction) else {
             return false;
         };
         let d = Disconnect::new(
@@ -1113,6 +1167,26 @@ impl Pool {
         );
         self.close_link(&victim, d, false, now);
         true
+    }
+
+    /// The peer whose inbound slot [`make_room_for`](Self::make_room_for)
+    /// would give to `node`, if any.
+    fn room_victim(&self, node: &NodeId, direction: Direction) -> Option<NodeId> {
+        if direction != Direction::Inbound {
+            return None;
+        }
+        let since = self.entries.get(node).and_then(|e| e.first_linked)?;
+        self.entries
+            .values()
+            .filter(|e| {
+                e.link
+                    .as_ref()
+                    .is_some_and(|l| l.direction == Direction::Inbound)
+            })
+            .filter_map(|e| e.first_linked.map(|t| (t, e.id.clone())))
+            .filter(|(t, _)| *t > since)
+            .max_by_key(|(t, _)| *t)
+            .map(|(_, victim)| victim)
     }
 
     /// Closes `peer`'s connections on our initiative and records it as

@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use meshwork_wire::NodeId;
-use meshwork_wire::proto::DisconnectReason;
+use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,24 @@ struct Inner {
     evicted_handshakes: AtomicU64,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     bans: Mutex<HashMap<NodeId, Instant>>,
+    gate: OnceLock<Arc<dyn Gate>>,
+}
+
+/// The application's say, during an incoming handshake, on whether it takes
+/// the peer ([`Endpoint::set_gate`]): a node whose peer table is full
+/// refuses a dialler before the handshake ends, so the dialler never sees a
+/// connection that is closed as soon as it opens (and sends nothing into
+/// it).
+///
+/// Called on the responder only, once the peer passed every protocol check,
+/// the allow list and the bans, before this node's Hello goes out. It must
+/// not block. What it admits can still be refused once the connection is
+/// taken ([`Endpoint::accept`]): another peer may have taken the last slot
+/// in between.
+pub trait Gate: Send + Sync + 'static {
+    /// `Ok` to go on with `peer` (authenticated, its Hello checked), or the
+    /// Disconnect (reason, message, alternatives) it is refused with.
+    fn admit(&self, peer: &NodeId, hello: &Hello) -> Result<(), Disconnect>;
 }
 
 /// One node's presence on a transport: it listens, dials, runs the Hello
@@ -143,6 +161,7 @@ impl Endpoint {
                 evicted_handshakes: AtomicU64::new(0),
                 failures: Mutex::new(BTreeMap::new()),
                 bans: Mutex::new(HashMap::new()),
+                gate: OnceLock::new(),
             }),
         }
     }
@@ -233,7 +252,15 @@ impl Endpoint {
     async fn accept_one(self, stream: BoxStream, remote: Address, mut slot: Slot) {
         let inner = &self.inner;
         let hello = local_hello(&inner.config, self.advertised());
-        let admit = |id: &NodeId| self.admit(id);
+        let admit = |id: &NodeId, hello: Option<&Hello>| {
+            self.admit(id)?;
+            match (hello, self.inner.gate.get()) {
+                (Some(hello), Some(gate)) => gate
+                    .admit(id, hello)
+                    .map_err(|d| TransportError::Declined(Box::new(d))),
+                _ => Ok(()),
+            }
+        };
         let evicted = slot.evicted().clone();
         let result = tokio::select! {
             _ = inner.stopping.cancelled() => return,
@@ -266,6 +293,11 @@ impl Endpoint {
                             .await;
                     }
                 }
+            }
+            Err(e @ TransportError::Declined(_)) => {
+                // Routine: e.g. a full node turning a dialler away.
+                self.count_failure(&e);
+                debug!(%remote, error = %e, "incoming peer declined");
             }
             Err(e) => {
                 self.count_failure(&e);
@@ -394,7 +426,7 @@ impl Endpoint {
             r = dial => r.map_err(|_| TransportError::Timeout { what: "dial", after: timeout })??,
         };
         let hello = local_hello(&inner.config, self.advertised());
-        let admit = |id: &NodeId| match expected {
+        let admit = |id: &NodeId, _: Option<&Hello>| match expected {
             Some(expected) if id != expected => Err(TransportError::UnexpectedPeer {
                 expected: expected.clone(),
                 found: id.clone(),
@@ -421,6 +453,13 @@ impl Endpoint {
     fn count_failure(&self, e: &TransportError) {
         self.inner.handshakes_failed.fetch_add(1, Ordering::Relaxed);
         *lock(&self.inner.failures).entry(e.label()).or_default() += 1;
+    }
+
+    /// Sets the [`Gate`] that incoming handshakes consult; false (and
+    /// nothing changed) if one is set already. The peer manager sets one
+    /// for its pool's limits.
+    pub fn set_gate(&self, gate: Arc<dyn Gate>) -> bool {
+        self.inner.gate.set(gate).is_ok()
     }
 
     /// The admission policy: the allow list, then the ban list.

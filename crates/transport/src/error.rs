@@ -1,7 +1,7 @@
 use std::io;
 use std::time::Duration;
 
-use meshwork_wire::proto::DisconnectReason;
+use meshwork_wire::proto::{Disconnect, DisconnectReason, PeerInfo};
 use meshwork_wire::{NodeId, WireError};
 
 /// Everything the transport layer can fail with.
@@ -51,7 +51,14 @@ pub enum TransportError {
         reason: DisconnectReason,
         /// The peer's explanation.
         message: String,
+        /// Other nodes the peer suggests instead (a full node's refusal
+        /// names some of its own peers).
+        alternatives: Vec<PeerInfo>,
     },
+    /// This node's [`Gate`](crate::Gate) declined an incoming peer during
+    /// the handshake; the peer was sent this Disconnect.
+    #[error("declined ({:?}): {}", .0.reason_or_unspecified(), .0.message)]
+    Declined(Box<Disconnect>),
     /// The remote Hello named another network id; we refused it.
     #[error("peer is on network {theirs:?}, we are on {ours:?}")]
     WrongNetwork {
@@ -166,6 +173,7 @@ impl TransportError {
                 DisconnectReason::NotAllowed
             }
             TransportError::Banned(_) => DisconnectReason::Banned,
+            TransportError::Declined(d) => d.reason_or_unspecified(),
             _ => DisconnectReason::Other,
         }
     }
@@ -181,6 +189,7 @@ impl TransportError {
             TransportError::Timeout { .. } => "timeout",
             TransportError::NotConnected => "not_connected",
             TransportError::Refused { .. } => "refused_by_peer",
+            TransportError::Declined(_) => "declined",
             TransportError::WrongNetwork { .. } => "wrong_network",
             TransportError::IncompatibleVersion { .. } => "incompatible_version",
             TransportError::IncompatibleSettings { .. } => "incompatible_settings",

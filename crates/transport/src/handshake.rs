@@ -170,8 +170,13 @@ pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(
 }
 
 /// Decides whether a peer that passed every protocol check may stay
-/// (allow list, bans). Called with its authenticated node id.
-pub(crate) type Admission<'a> = &'a (dyn Fn(&NodeId) -> Result<(), TransportError> + Sync);
+/// (allow list, bans, and on the responder the application's [`Gate`]).
+/// Called with its authenticated node id, and its Hello once read (the
+/// initiator decides before it has one).
+///
+/// [`Gate`]: crate::Gate
+pub(crate) type Admission<'a> =
+    &'a (dyn Fn(&NodeId, Option<&Hello>) -> Result<(), TransportError> + Sync);
 
 /// Runs the whole handshake on a fresh stream, within the configured timeout.
 pub(crate) async fn handshake(
@@ -272,7 +277,7 @@ async fn exchange(
                 if initiator {
                     // We know who answered: refuse before saying who we are,
                     // so the responder sees a refusal, not a brief connection.
-                    if let Err(err) = admit(&id) {
+                    if let Err(err) = admit(&id, None) {
                         refuse(&mut w, &err, config).await;
                         return Err(err);
                     }
@@ -311,7 +316,7 @@ async fn exchange(
         &config.required_metadata,
     )
     .and_then(|id| {
-        admit(&id)?;
+        admit(&id, Some(&theirs))?;
         Ok(id)
     });
     match checked {
@@ -346,6 +351,7 @@ async fn read_hello(
         Some(Ok(Message::Disconnect(d))) => Err(TransportError::Refused {
             reason: d.reason_or_unspecified(),
             message: d.message,
+            alternatives: d.alternatives,
         }),
         Some(Ok(other)) => {
             let err = TransportError::Protocol(format!(
@@ -369,8 +375,17 @@ async fn read_hello(
 
 /// Best effort: tell the peer why we refuse it, then close our side.
 async fn refuse(writer: &mut BoxWrite, err: &TransportError, config: &Config) {
-    let text = crate::connection::truncate_text(err.to_string());
-    let msg = Message::Disconnect(Disconnect::new(err.disconnect_reason(), text));
+    let msg = match err {
+        TransportError::Declined(d) => {
+            let mut d = (**d).clone();
+            d.message = crate::connection::truncate_text(std::mem::take(&mut d.message));
+            Message::Disconnect(d)
+        }
+        _ => {
+            let text = crate::connection::truncate_text(err.to_string());
+            Message::Disconnect(Disconnect::new(err.disconnect_reason(), text))
+        }
+    };
     if let Ok(frame) = encode_frame(&msg, config.max_frame_len) {
         let _ = writer.write_all(&frame).await;
         let _ = writer.shutdown().await;

@@ -93,7 +93,7 @@ pub use connection::{
     CloseReason, Connection, ConnectionHandle, ConnectionInfo, ConnectionStats, Deliver, Direction,
     Priority,
 };
-pub use endpoint::{Endpoint, EndpointStats};
+pub use endpoint::{Endpoint, EndpointStats, Gate};
 pub use error::TransportError;
 pub use identity::{Identity, NetworkKey};
 pub use pairkey::{PairKey, SEAL_OVERHEAD};

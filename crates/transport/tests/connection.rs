@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 on_both_transports!(
     connect_exchange_and_identify,
     refuses_other_network,
+    a_gate_declines_a_peer_within_the_handshake,
     refuses_other_version,
     refuses_connection_to_self,
     refuses_mismatched_required_metadata,
@@ -95,7 +96,9 @@ async fn refuses_other_network(net: Net) {
     let stranger = net.dialer("stranger", meshwork_transport::Config::new("other-net"));
     let err = stranger.connect(&addr).await.unwrap_err();
     match &err {
-        TransportError::Refused { reason, message } => {
+        TransportError::Refused {
+            reason, message, ..
+        } => {
             assert_eq!(*reason, DisconnectReason::WrongNetwork);
             assert!(message.contains("other-net"), "{message}");
         }
@@ -111,6 +114,75 @@ async fn refuses_other_network(net: Net) {
     })
     .await;
     friend.shutdown().await;
+    server.shutdown().await;
+}
+
+/// Declines every peer but `admitted`, as a full node would, naming one
+/// alternative; remembers the listen addresses of the Hellos it saw.
+struct OnlyOne {
+    admitted: meshwork_wire::NodeId,
+    seen: std::sync::Mutex<Vec<Vec<String>>>,
+}
+
+impl meshwork_transport::Gate for OnlyOne {
+    fn admit(
+        &self,
+        peer: &meshwork_wire::NodeId,
+        hello: &meshwork_wire::proto::Hello,
+    ) -> Result<(), meshwork_wire::proto::Disconnect> {
+        self.seen.lock().unwrap().push(hello.listen_addrs.clone());
+        if *peer == self.admitted {
+            return Ok(());
+        }
+        let mut d = meshwork_wire::proto::Disconnect::new(
+            DisconnectReason::TooManyPeers,
+            "full".to_string(),
+        );
+        d.alternatives = vec![meshwork_wire::proto::PeerInfo {
+            node_id: self.admitted.as_bytes().clone(),
+            addrs: vec!["mem://elsewhere".to_string()],
+        }];
+        Err(d)
+    }
+}
+
+/// The application's gate refuses a dialler before the handshake ends: the
+/// dialler's `connect` fails with the gate's reason and alternatives, the
+/// server never hands that connection to `accept`, and counts it as
+/// declined. A peer the gate admits connects as usual.
+async fn a_gate_declines_a_peer_within_the_handshake(net: Net) {
+    let (server, addr) = net.listening("server", config()).await;
+    let welcome = net.dialer("welcome", config());
+    let gate = std::sync::Arc::new(OnlyOne {
+        admitted: welcome.node_id().clone(),
+        seen: Default::default(),
+    });
+    assert!(server.set_gate(gate.clone()));
+    assert!(!server.set_gate(gate.clone()), "one gate per endpoint");
+
+    let turned_away = net.dialer("turned-away", config());
+    match turned_away.connect(&addr).await.unwrap_err() {
+        TransportError::Refused {
+            reason,
+            message,
+            alternatives,
+        } => {
+            assert_eq!(reason, DisconnectReason::TooManyPeers);
+            assert_eq!(message, "full");
+            assert_eq!(alternatives.len(), 1);
+            assert_eq!(&alternatives[0].node_id, welcome.node_id().as_bytes());
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let _conn = welcome.connect(&addr).await.unwrap();
+    let accepted = server.accept().await.unwrap();
+    assert_eq!(accepted.node_id(), welcome.node_id());
+    let stats = server.stats();
+    assert_eq!(stats.failures.get("declined"), Some(&1), "{stats:?}");
+    assert_eq!(stats.handshakes_ok, 1, "{stats:?}");
+    assert_eq!(gate.seen.lock().unwrap().len(), 2, "one call per dialler");
+    welcome.shutdown().await;
+    turned_away.shutdown().await;
     server.shutdown().await;
 }
 
@@ -141,7 +213,9 @@ async fn refuses_mismatched_required_metadata(net: Net) {
     // Another value: the server refuses the client's Hello with a reason.
     let off = net.dialer("off", leasing("off"));
     match off.connect(&addr).await.unwrap_err() {
-        TransportError::Refused { reason, message } => {
+        TransportError::Refused {
+            reason, message, ..
+        } => {
             assert_eq!(reason, DisconnectReason::IncompatibleSettings);
             assert!(message.contains("meshwork.sync.leasing"), "{message}");
         }

@@ -75,9 +75,8 @@ impl Harness {
         self.pool.peer(&id(n), self.now).map(|p| p.state)
     }
 
-    /// Learns of node `n` (as from a `Discovered`) and polls: the dials
-    /// that starts.
-    fn discover_and_dial(&mut self, n: u8) -> Vec<(DialId, Address)> {
+    /// Learns of node `n`, as from a `Discovered`.
+    fn learn(&mut self, n: u8) {
         self.pool.on_discovered(
             &[PeerInfo {
                 node_id: id(n).as_bytes().clone(),
@@ -85,6 +84,11 @@ impl Harness {
             }],
             self.now,
         );
+    }
+
+    /// Learns of node `n` and polls: the dials that starts.
+    fn discover_and_dial(&mut self, n: u8) -> Vec<(DialId, Address)> {
+        self.learn(n);
         dials(&self.poll())
     }
 }
@@ -224,6 +228,25 @@ fn discovered_nodes_are_dialled_while_below_min() {
     assert!(dials(&h.poll()).is_empty(), "at min, nothing more");
 }
 
+/// `refusal` is a `TOO_MANY_PEERS` naming exactly the nodes `alternatives`.
+fn assert_full_naming(refusal: &Disconnect, alternatives: &[u8]) {
+    assert_eq!(
+        refusal.reason_or_unspecified(),
+        DisconnectReason::TooManyPeers
+    );
+    let mut alts: Vec<_> = refusal
+        .alternatives
+        .iter()
+        .map(|p| p.node_id.clone())
+        .collect();
+    alts.sort();
+    let want: Vec<_> = alternatives
+        .iter()
+        .map(|n| id(*n).as_bytes().clone())
+        .collect();
+    assert_eq!(alts, want);
+}
+
 #[test]
 fn inbound_beyond_the_limit_is_refused_with_alternatives() {
     // max 4, 2 reserved for outbound: 2 inbound at most.
@@ -239,20 +262,7 @@ fn inbound_beyond_the_limit_is_refused_with_alternatives() {
         _ => None,
     });
     let refusal = refusal.expect("third inbound refused");
-    assert_eq!(
-        refusal.reason_or_unspecified(),
-        DisconnectReason::TooManyPeers
-    );
-    let mut alts: Vec<_> = refusal
-        .alternatives
-        .iter()
-        .map(|p| p.node_id.clone())
-        .collect();
-    alts.sort();
-    assert_eq!(
-        alts,
-        vec![id(1).as_bytes().clone(), id(2).as_bytes().clone()]
-    );
+    assert_full_naming(&refusal, &[1, 2]);
     assert_eq!(h.pool.counts().linked, 2);
     assert_eq!(h.pool.counts().refused, 1);
     assert_eq!(
@@ -860,13 +870,7 @@ fn the_address_book_is_bounded() {
 #[test]
 fn never_connected_entries_are_forgotten_after_repeated_failures() {
     let mut h = Harness::new(0, cfg().with_max_dial_failures(3));
-    h.pool.on_discovered(
-        &[PeerInfo {
-            node_id: id(5).as_bytes().clone(),
-            addrs: vec![addr(5).to_string()],
-        }],
-        h.now,
-    );
+    h.learn(5);
     for _ in 0..3 {
         h.advance(20 * S);
         let d = dials(&h.poll());
@@ -874,6 +878,69 @@ fn never_connected_entries_are_forgotten_after_repeated_failures() {
         h.pool.on_dial_failed(d[0].0, DialFailure::Transient, h.now);
     }
     assert!(h.pool.peer(&id(5), h.now).is_none());
+}
+
+#[test]
+fn a_node_that_refuses_for_want_of_room_is_not_forgotten() {
+    let mut h = Harness::new(0, cfg().with_max_dial_failures(3));
+    h.learn(5);
+    let mut waits = Vec::new();
+    for _ in 0..6 {
+        h.advance(20 * S);
+        let d = dials(&h.poll());
+        assert_eq!(d.len(), 1);
+        h.pool.on_dial_failed(d[0].0, DialFailure::Full, h.now);
+        let e = &h.pool.entries[&id(5)];
+        waits.push(e.next_attempt - h.now);
+        assert_eq!(e.dial_failures, 0);
+    }
+    assert_eq!(h.state(5), Some(PeerState::Known));
+    // It is full for now: each refusal waits longer (up to the cap).
+    assert!(waits[5] > waits[0], "{waits:?}");
+}
+
+/// The gate (an incoming handshake) refuses exactly what `on_connection`
+/// would refuse for want of room, changes nothing in the pool but the
+/// refusal count, and names the linked peers as alternatives.
+#[test]
+fn the_gate_refuses_what_the_pool_has_no_room_for() {
+    // max 4, 2 reserved for outbound: 2 inbound at most.
+    let mut h = Harness::new(0, cfg());
+    assert!(h.pool.gate(&id(1), h.now).is_ok());
+    h.connect(1, 1, Direction::Inbound);
+    // The slot let through is held for its handshake: a third dialler at
+    // the same time is refused, until the hold lapses.
+    assert!(h.pool.gate(&id(2), h.now).is_ok());
+    assert!(h.pool.gate(&id(3), h.now).is_err());
+    h.advance(GATE_HOLD);
+    assert!(h.pool.gate(&id(3), h.now).is_ok());
+    h.advance(GATE_HOLD);
+    h.connect(2, 2, Direction::Inbound);
+    let refusal = h.pool.gate(&id(3), h.now).expect_err("no inbound room");
+    assert_full_naming(&refusal, &[1, 2]);
+    assert_eq!(h.pool.counts().refused, 2);
+    assert!(h.pool.take_actions().is_empty(), "the gate acts on nothing");
+    assert!(h.pool.peer(&id(3), h.now).is_none(), "nor learns the node");
+    // A linked peer's second connection goes through (duplicates are
+    // settled once the connection is taken).
+    assert!(h.pool.gate(&id(1), h.now).is_ok());
+    // A peer known longer than the youngest inbound one gets its slot.
+    h.pool.on_closed(2, CloseReason::Eof, h.now);
+    h.advance(S);
+    h.connect(5, 5, Direction::Inbound);
+    assert!(h.pool.gate(&id(2), h.now).is_ok(), "2 was linked before 5");
+    assert!(h.pool.gate(&id(6), h.now).is_err());
+    // Stopping, or blocked: refused with that reason.
+    h.pool.blocked.insert(id(7));
+    h.pool.on_closed(5, CloseReason::Eof, h.now);
+    let blocked = h.pool.gate(&id(7), h.now).expect_err("blocked");
+    assert_eq!(
+        blocked.reason_or_unspecified(),
+        DisconnectReason::NotAllowed
+    );
+    h.pool.shutting_down = true;
+    let stopping = h.pool.gate(&id(8), h.now).expect_err("stopping");
+    assert_eq!(stopping.reason_or_unspecified(), DisconnectReason::Shutdown);
 }
 
 #[test]
