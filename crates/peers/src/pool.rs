@@ -562,7 +562,8 @@ impl Pool {
     /// An incoming handshake from `node` is about to end (see
     /// [`meshwork_transport::Gate`]): refused now, with some of our peers as
     /// alternatives, if [`on_connection`](Self::on_connection) would refuse
-    /// it for want of room (or because we are stopping, or it is blocked),
+    /// it for want of room (or because we are stopping, or it is blocked or
+    /// banned),
     /// so that the dialler never holds a connection that closes as it opens.
     /// Nothing changes in the pool; `on_connection` decides again once the
     /// connection is taken (a slot may have gone meanwhile).
@@ -577,6 +578,16 @@ impl Pool {
             return Err(Disconnect::new(
                 DisconnectReason::NotAllowed,
                 "blocked".to_string(),
+            ));
+        }
+        if self
+            .entries
+            .get(node)
+            .is_some_and(|e| e.banned_until.is_some())
+        {
+            return Err(Disconnect::new(
+                DisconnectReason::Banned,
+                "banned".to_string(),
             ));
         }
         let linked = self.entries.get(node).is_some_and(|e| e.link.is_some());

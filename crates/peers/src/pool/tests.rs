@@ -739,9 +739,11 @@ fn too_many_errors_disconnect_and_back_off() {
     assert_eq!(closes(&actions), vec![(7, DisconnectReason::Banned)]);
     assert_eq!(h.state(1), Some(PeerState::Banned));
     // Kept away for the longest backoff (5..10 s), though below min, and
-    // refused if it dials us.
+    // refused if it dials us (in the handshake, and if taken).
     h.advance(4 * S);
     assert!(dials(&h.poll()).is_empty());
+    let gated = h.pool.gate(&id(1), h.now).expect_err("banned");
+    assert_eq!(gated.reason_or_unspecified(), DisconnectReason::Banned);
     assert_eq!(
         closes(&h.connect(8, 1, Direction::Inbound)),
         vec![(8, DisconnectReason::Banned)]
