@@ -565,8 +565,10 @@ impl Pool {
     /// it for want of room (or because we are stopping, or it is blocked or
     /// banned),
     /// so that the dialler never holds a connection that closes as it opens.
-    /// Nothing changes in the pool; `on_connection` decides again once the
-    /// connection is taken (a slot may have gone meanwhile).
+    /// A peer let through holds its slot for [`GATE_HOLD`] (in `gated`,
+    /// counted by the gate, the dial plan and `on_connection`); nothing else
+    /// changes but the refusal count. `on_connection` decides again once the
+    /// connection is taken (the hold may have lapsed).
     pub(crate) fn gate(&mut self, node: &NodeId, now: Instant) -> Result<(), Disconnect> {
         if self.shutting_down {
             return Err(Disconnect::new(
@@ -594,6 +596,10 @@ impl Pool {
         self.gated.retain(|n, until| *until > now && n != node);
         let held = self.gated.len();
         let counts = self.counts();
+        // Our own dials in flight are not counted: one may be to this very
+        // node (crossed dials, settled as duplicates once both are taken),
+        // or to a node that will refuse it. When one takes the last slot
+        // first, the peer let through here is refused when taken.
         let full = counts.inbound + held >= self.cfg.inbound_limit()
             || counts.linked + held >= self.cfg.max_peers;
         if !full || linked || self.room_victim(node, Direction::Inbound).is_some() {
@@ -645,9 +651,7 @@ impl Pool {
             Direction::Inbound => self.gated.len(),
             Direction::Outbound => 0,
         };
-        let mut counts = self.counts();
-        counts.inbound += held;
-        counts.linked += held;
+        let counts = self.counts();
         let limit_in = self.cfg.inbound_limit();
         let max = self.cfg.max_peers;
         let local = self.local.clone();
@@ -659,15 +663,27 @@ impl Pool {
             });
             return;
         }
-        let full = match info.direction {
-            Direction::Inbound => counts.inbound >= limit_in || counts.linked >= max,
+        // Full by the links alone, and counting the held slots too.
+        let full_with = |held: usize| match info.direction {
+            Direction::Inbound => counts.inbound + held >= limit_in || counts.linked + held >= max,
             Direction::Outbound => counts.linked >= max,
         };
+        let (really_full, held_full) = (full_with(0), full_with(held));
         let linked = self
             .entries
             .get(&info.node)
             .is_some_and(|e| e.link.is_some());
-        let full = full && !linked && !self.make_room_for(&info, now);
+        // A peer known longer takes a slot from the youngest inbound one
+        // only when the links fill every slot; a slot merely held for
+        // another handshake it takes as it is (that handshake, if it ever
+        // ends, may find no room).
+        let full = held_full
+            && !linked
+            && !(if really_full {
+                self.make_room_for(&info, now)
+            } else {
+                self.room_victim(&info.node, info.direction).is_some()
+            });
         if full {
             self.refused += 1;
             let id = info.node.clone();
@@ -1494,7 +1510,9 @@ impl Pool {
 
     fn poll_dials(&mut self, now: Instant) {
         let c = self.counts();
-        let busy = c.linked + c.pending_dials;
+        // Slots the gate holds for incoming handshakes are not ours to dial.
+        self.gated.retain(|_, until| *until > now);
+        let busy = c.linked + c.pending_dials + self.gated.len();
         let room = self
             .cfg
             .max_peers

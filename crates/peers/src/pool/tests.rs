@@ -902,8 +902,9 @@ fn a_node_that_refuses_for_want_of_room_is_not_forgotten() {
 }
 
 /// The gate (an incoming handshake) refuses exactly what `on_connection`
-/// would refuse for want of room, changes nothing in the pool but the
-/// refusal count, and names the linked peers as alternatives.
+/// would refuse for want of room, and names the linked peers as
+/// alternatives; besides the slot it holds for a peer let through, it
+/// changes nothing in the pool but the refusal count.
 #[test]
 fn the_gate_refuses_what_the_pool_has_no_room_for() {
     // max 4, 2 reserved for outbound: 2 inbound at most.
@@ -943,6 +944,61 @@ fn the_gate_refuses_what_the_pool_has_no_room_for() {
     h.pool.shutting_down = true;
     let stopping = h.pool.gate(&id(8), h.now).expect_err("stopping");
     assert_eq!(stopping.reason_or_unspecified(), DisconnectReason::Shutdown);
+}
+
+/// One inbound and three outbound links (max 4), then peer 4 is lost.
+fn three_linked_and_4_lost(h: &mut Harness) {
+    h.connect(1, 1, Direction::Inbound);
+    h.connect(2, 2, Direction::Outbound);
+    h.connect(3, 3, Direction::Outbound);
+    h.connect(4, 4, Direction::Outbound);
+    h.pool.on_closed(4, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+    h.advance(S);
+}
+
+/// A slot the gate holds for an incoming handshake is not dialled for.
+/// (From a review: the dial took it first, and the peer let through was
+/// refused when taken.) Dials in flight, on the other hand, do not make
+/// the gate refuse: one may be to the dialler itself (crossed dials).
+#[test]
+fn a_held_slot_is_not_dialled_for_and_a_crossed_dial_is_let_through() {
+    let mut h = Harness::new(0, cfg());
+    three_linked_and_4_lost(&mut h);
+    assert!(
+        h.pool.gate(&id(9), h.now).is_ok(),
+        "3 of 4 linked, 1 of 2 inbound"
+    );
+    assert!(dials(&h.poll()).is_empty(), "the last slot is held for 9");
+    assert!(closes(&h.connect(11, 9, Direction::Inbound)).is_empty());
+
+    let mut h = Harness::new(0, cfg());
+    three_linked_and_4_lost(&mut h);
+    let d = dials(&h.poll());
+    assert_eq!(d.len(), 1, "the redial of 4 takes the last slot");
+    assert!(
+        h.pool.gate(&id(4), h.now).is_ok(),
+        "4 dials us as we dial it"
+    );
+    assert!(closes(&h.connect(11, 4, Direction::Inbound)).is_empty());
+    assert_eq!(h.state(4), Some(PeerState::Connected));
+}
+
+/// A slot merely held for another handshake (which may never end) does
+/// not make a returning peer evict a live one: it takes the free slot.
+/// (From a review.)
+#[test]
+fn a_held_slot_makes_no_returning_peer_evict_a_live_one() {
+    let mut h = Harness::new(0, cfg()); // 2 inbound at most
+    h.connect(1, 1, Direction::Inbound);
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.advance(S);
+    h.connect(5, 5, Direction::Inbound);
+    h.pool.take_actions();
+    assert!(h.pool.gate(&id(9), h.now).is_ok());
+    assert!(h.pool.gate(&id(1), h.now).is_ok(), "known longer than 5");
+    assert!(closes(&h.connect(6, 1, Direction::Inbound)).is_empty());
+    assert_eq!(h.pool.counts().inbound, 2);
 }
 
 #[test]
