@@ -484,7 +484,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "rpc-failover",
         about: "two new nodes serve the demo service under one name, both seeded with the node \
-                that has the fewest peers; that node, a neighbour of both, makes 200 calls \
+                with the most room for inbound peers; that node, a neighbour of both, makes 200 calls \
                 (whoami and sleep(50) idempotent, echo not) on 4 threads, one every 10 ms, and \
                 a provider is killed (-9) midway while it runs calls: every call answers within \
                 its deadline_ms (2000) plus 2 s, at most the 4 in flight at the kill fail and \
@@ -4604,27 +4604,37 @@ fn members_and_seeds(mesh: &mut Mesh) -> Result<(Vec<usize>, Vec<String>)> {
     Ok((members, seeds))
 }
 
-/// The node of `members` with the fewest connections now.
-fn least_connected(mesh: &Mesh, members: &[usize]) -> Result<usize> {
-    let mut fewest = None;
+/// Inbound slots a node of test-mesh keeps for its own dials (the peer
+/// manager's default `outbound_reserved`, see [`PeerLimits::for_mesh`]).
+const OUTBOUND_RESERVED: u64 = 2;
+
+/// The node of `members` with the most room for inbound peers now: the
+/// fewest of its inbound slots and of all its slots left. (Not the one with
+/// the fewest connections: node 0, everybody's seed, has its inbound slots
+/// full with fewer connections than others, and refuses in the handshake.)
+fn most_inbound_room(mesh: &Mesh, members: &[usize]) -> Result<usize> {
+    let mut best = None;
     for &i in members {
-        let n = mesh.http.status(mesh.admin(i))?.connections.len();
-        if fewest.is_none_or(|(_, m)| n < m) {
-            fewest = Some((i, n));
+        let pool = mesh.http.status(mesh.admin(i))?.pool;
+        let inbound_limit = pool.max_peers.saturating_sub(OUTBOUND_RESERVED);
+        let room = inbound_limit
+            .saturating_sub(pool.inbound)
+            .min(pool.max_peers.saturating_sub(pool.connected));
+        if best.is_none_or(|(_, r)| room > r) {
+            best = Some((i, room));
         }
     }
-    fewest
-        .map(|(i, _)| i)
+    best.map(|(i, _)| i)
         .ok_or_else(|| anyhow!("no node to seed the providers with"))
 }
 
 fn scenario_rpc_failover(mesh: &mut Mesh) -> Result<String> {
     let (members, _) = members_and_seeds(mesh)?;
-    // Both providers are seeded with one node only, the one with the fewest
-    // peers (room for two more), which then has both as neighbours and
-    // makes the calls. (Seeded with every node, a provider links to a few
+    // Both providers are seeded with one node only, the one with the most
+    // room for inbound peers (two more), which then has both as neighbours
+    // and makes the calls. (Seeded with every node, a provider links to a few
     // of them: in a mesh of 16, two providers may share no neighbour.)
-    let caller = least_connected(mesh, &members)?;
+    let caller = most_inbound_room(mesh, &members)?;
     let seeds = [mesh.nodes[caller].ready.listen[0].clone()];
     let mut providers = Vec::new();
     let mut result = Ok(String::new());
