@@ -1637,8 +1637,52 @@ async fn links_that_reset_during_searches_never_make_a_present_node_unreachable(
 /// (whose one other link, to the dead end `c`, is slow); `a` leaves for
 /// good, then `b` answers "no" too, and the search ends, well before its
 /// timeout (3 s). (`o` needs one peer only: it dials nobody new meanwhile.
-/// A neighbour that comes and goes before it answers, as a peer whose full
-/// pool refuses `o` does, leaves the search to its timeout.)
+/// A neighbour that comes and goes before it answers leaves the search to
+/// its timeout.)
+/// A full node that the origin, short of peers, keeps dialling does not
+/// keep its neighbourhood unsettled: it refuses in the handshake, so it
+/// never becomes a neighbour for a moment, and the search for a node nobody
+/// has ends once the dead ends `a` and `b` said "not through me" and a
+/// second passed. (Before the peer manager's gate, `f` joined and left
+/// `o`'s neighbours at each dial, and the search ran to its timeout, 3 s.)
+#[tokio::test(start_paused = true)]
+async fn a_full_node_the_origin_keeps_dialling_does_not_hold_the_search_back() {
+    let net = MemNetwork::new();
+    let g = start_seeded(&net, "g", &[], 1, 1).await;
+    let f = start_seeded(&net, "f", &["g"], 1, 1).await;
+    let a = start_seeded(&net, "a", &[], 1, 1).await;
+    let b = start_seeded(&net, "b", &[], 1, 1).await;
+    wait_linked(&[(&f, &g)], "f-g").await;
+    // Redialling f at least every 300 ms.
+    let seeds = ["mem://a".to_string(), "mem://b".into(), "mem://f".into()];
+    let cfg = seeded(&seeds)
+        .with_min_peers(3)
+        .with_max_peers(3)
+        .with_backoff(100 * MS, 300 * MS);
+    let o = start(&net, "o", cfg).await;
+    wait_linked(&[(&o, &a), (&o, &b)], "a-o-b").await;
+    // The dead ends' "no" takes 1.2 s to come back: o dials f meanwhile.
+    net.set_latency("o", "a", 600 * MS);
+    net.set_latency("o", "b", 600 * MS);
+    sleep(2 * S).await;
+    let nobody = start_seeded(&MemNetwork::new(), "nobody", &[], 1, 1).await;
+    let dials = f.concerns.peers().stats().refused;
+    let started = Instant::now();
+    let err = spawn_request(&o, &nobody, "anyone?")
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, ConcernsError::Unreachable(_)), "{err:?}");
+    assert!(started.elapsed() < 2 * S, "{:?}", started.elapsed());
+    assert_eq!(builtin_stat(&o.concerns, "routing", "exhausted"), 1);
+    assert!(
+        f.concerns.peers().stats().refused > dials,
+        "o did not dial the full f during the search"
+    );
+    assert!(!linked(&o, &f));
+    stop(vec![a, b, f, g, o, nobody]).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_neighbour_that_said_no_and_left_does_not_hold_the_search_back() {
     let net = MemNetwork::new();
