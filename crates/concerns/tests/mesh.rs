@@ -1632,13 +1632,6 @@ async fn links_that_reset_during_searches_never_make_a_present_node_unreachable(
     }
 }
 
-/// A neighbour that answered "not through me" and then leaves does not
-/// hold the search back: `o` asks `a` (a dead end: "no" at once) and `b`
-/// (whose one other link, to the dead end `c`, is slow); `a` leaves for
-/// good, then `b` answers "no" too, and the search ends, well before its
-/// timeout (3 s). (`o` needs one peer only: it dials nobody new meanwhile.
-/// A neighbour that comes and goes before it answers leaves the search to
-/// its timeout.)
 /// A full node that the origin, short of peers, keeps dialling does not
 /// keep its neighbourhood unsettled: it refuses in the handshake, so it
 /// never becomes a neighbour for a moment, and the search for a node nobody
@@ -1685,6 +1678,13 @@ async fn a_full_node_the_origin_keeps_dialling_does_not_hold_the_search_back() {
     stop(vec![a, b, f, g, o, nobody]).await;
 }
 
+/// A neighbour that answered "not through me" and then leaves does not
+/// hold the search back: `o` asks `a` (a dead end: "no" at once) and `b`
+/// (whose one other link, to the dead end `c`, is slow); `a` leaves for
+/// good, then `b` answers "no" too, and the search ends, well before its
+/// timeout (3 s). (`o` needs one peer only: it dials nobody new meanwhile.
+/// A neighbour that comes and goes before it answers leaves the search to
+/// its timeout.)
 #[tokio::test(start_paused = true)]
 async fn a_neighbour_that_said_no_and_left_does_not_hold_the_search_back() {
     let net = MemNetwork::new();
