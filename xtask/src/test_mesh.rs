@@ -536,8 +536,9 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "limits",
         about: "a new node with --max-peers 2, dialled by 6 new nodes seeded only with it, \
-                never has more than 2 connected peers and ends with exactly 2; the dialers \
-                learn each other from its refusals and the 7 form one connected graph",
+                never has more than 2 connected peers and ends with exactly 2, declining the \
+                others in the handshake; the dialers learn each other from its refusals and \
+                the 7 form one connected graph",
         run: scenario_limits,
     },
     Scenario {
@@ -1701,8 +1702,22 @@ fn check_limits(mesh: &mut Mesh, group: &mut Vec<usize>) -> Result<String> {
         },
     )?;
     let settled = started.elapsed();
-    // /status counts no refusals; the dialers' view of their seed shows them:
-    // `disconnected` right after the handshake, with the alternatives.
+    // A full node refuses in the handshake: counted as `declined` in its
+    // /status handshakes. Six dialers seeded only with it, two slots: some
+    // must have been turned away.
+    let declined = mesh.snapshot.statuses.get(limited).and_then(|s| match s {
+        Some(Ok(s)) => Some(s.failures("declined")),
+        _ => None,
+    });
+    let declined = declined.unwrap_or(0);
+    if declined == 0 {
+        bail!(
+            "node {limited} (--max-peers {max}) took {} of {LIMIT_DIALERS} dialers seeded only              with it, yet counts no dialer declined in the handshake",
+            max
+        );
+    }
+    // The dialers' view of their seed: those turned away never saw it
+    // connected (`known`), and went on with the alternatives.
     let limited_id = mesh.nodes[limited].ready.node_id.clone();
     let mut seen_as = BTreeMap::<String, usize>::new();
     for &i in &group[1..] {
@@ -1715,9 +1730,9 @@ fn check_limits(mesh: &mut Mesh, group: &mut Vec<usize>) -> Result<String> {
     neighbours.sort_unstable();
     Ok(format!(
         "node {limited} (--max-peers {max}) never had more than {} connected peer(s) in {} polls \
-         (/status connections peaked at {}) and ended with exactly {max} (nodes {}); its \
-         {LIMIT_DIALERS} dialers see it as {}; they formed one connected mesh with it after {}: \
-         {} links, degrees {}",
+         (/status connections peaked at {}) and ended with exactly {max} (nodes {}), having \
+         declined {declined} dial(s) in the handshake; its {LIMIT_DIALERS} dialers see it as {}; \
+         they formed one connected mesh with it after {}: {} links, degrees {}",
         peak.linked,
         peak.polls,
         peak.connections,
