@@ -563,8 +563,8 @@ impl Pool {
     /// [`meshwork_transport::Gate`]): refused now, with some of our peers as
     /// alternatives, if [`on_connection`](Self::on_connection) would refuse
     /// it for want of room (or because we are stopping, or it is blocked or
-    /// banned),
-    /// so that the dialler never holds a connection that closes as it opens.
+    /// banned), so that the dialler never holds a connection that closes as
+    /// it opens.
     /// A peer let through holds its slot for [`GATE_HOLD`] (in `gated`,
     /// counted by the gate, the dial plan and `on_connection`); nothing else
     /// changes but the refusal count. `on_connection` decides again once the
