@@ -14,6 +14,7 @@ use meshwork_wire::{Message, NodeId};
 use tokio::time::{Instant, sleep};
 
 const S: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
 
 fn addr(name: &str) -> meshwork_transport::Address {
     format!("mem://{name}").parse().unwrap()
@@ -554,6 +555,51 @@ async fn a_full_node_holds_at_max_and_sends_dialers_elsewhere() {
         "a dialer was connected to the full hub, then refused"
     );
     shutdown_all(nodes).await;
+}
+
+/// A connection the pool refuses when it takes it hands nothing to the
+/// layer above. `p` (one slot) dials `r` over a slow link; meanwhile `q`
+/// dials `p` and takes the slot, so `p` closes its own dial to `r` once it
+/// completes. `r`, which let `p` in, sends it a message at once: it reaches
+/// `p` on the refused connection and is dropped (counted), not delivered.
+#[tokio::test(start_paused = true)]
+async fn a_connection_refused_when_taken_delivers_nothing() {
+    let net = MemNetwork::new();
+    net.set_latency("p", "r", 100 * MS);
+    let r = node(&net, "r", config(1, 4)).await;
+    let mut r_events = r.events();
+    let p = node(&net, "p", config(1, 1).with_seed(addr("r"))).await;
+    let mut inbox = p.take_inbound().unwrap();
+    let q = node(&net, "q", config(1, 4).with_seed(addr("p"))).await;
+    let msg = Concern {
+        command: 7,
+        request_id: 1,
+        kind: ConcernKind::Request as i32,
+        payload: b"from r".to_vec().into(),
+        ..Concern::default()
+    };
+    // r sends as soon as it sees p connected.
+    let sent = loop {
+        match tokio::time::timeout(5 * S, r_events.recv()).await {
+            Ok(Ok(PeerEvent::Connected { peer, .. })) if peer == *p.node_id() => {
+                break r
+                    .send(p.node_id(), Message::Concern(msg.clone()), Priority::Normal)
+                    .await;
+            }
+            Ok(Ok(_) | Err(PeersError::Lagged(_))) => {}
+            other => panic!("r never saw p connect: {other:?}"),
+        }
+    };
+    assert!(sent.is_ok(), "{sent:?}");
+    sleep(S).await;
+    assert!(
+        p.by_id(q.node_id()).is_some_and(|x| x.state.is_linked()),
+        "q took p's slot"
+    );
+    assert!(!p.by_id(r.node_id()).is_some_and(|x| x.state.is_linked()));
+    assert!(inbox.try_recv().is_err(), "r's message was delivered");
+    assert_eq!(p.stats().dropped_inbound, 1);
+    shutdown_all(vec![p, q, r]).await;
 }
 
 #[tokio::test(start_paused = true)]
