@@ -657,6 +657,9 @@ pub(crate) struct PoolJson {
     /// other addresses: most likely two nodes sharing one key file (each is
     /// also logged at warn, once per node per 10 minutes).
     pub(crate) suspected_twins: u64,
+    /// Dials of a full pool to a peer it lost, to give it its youngest
+    /// link's slot (rejoining the halves of a saturated mesh).
+    pub(crate) swaps: u64,
     /// Messages for the layers above dropped because nobody took them.
     pub(crate) dropped_inbound: u64,
     /// The pool dials known peers while it has fewer (`--min-peers`).
@@ -795,6 +798,7 @@ pub(crate) fn status_json(
             refused: pool.refused,
             ignored_discovered: pool.ignored_discovered,
             suspected_twins: pool.suspected_twins,
+            swaps: pool.swaps,
             dropped_inbound: pool.dropped_inbound,
             min_peers: limits.min_peers,
             max_peers: limits.max_peers,
@@ -1913,6 +1917,7 @@ mod tests {
                 refused: 5,
                 ignored_discovered: 4,
                 suspected_twins: 6,
+                swaps: 7,
                 dropped_inbound: 3,
             },
             peers: vec![
@@ -2077,6 +2082,7 @@ mod tests {
                     "refused": 5,
                     "ignored_discovered": 4,
                     "suspected_twins": 6,
+                    "swaps": 7,
                     "dropped_inbound": 3,
                     "min_peers": 4,
                     "max_peers": 16

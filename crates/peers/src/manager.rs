@@ -62,7 +62,12 @@ pub struct PoolStats {
     /// file (one node id). Each is also logged at `warn`, at most once per
     /// node per 10 minutes.
     pub suspected_twins: u64,
-    /// Concern messages dropped because nobody took the inbound queue.
+    /// Dials a full pool made to a peer it lost, linked before its
+    /// youngest link, to give that peer the youngest link's slot (what joins
+    /// the halves of a saturated mesh again after a partition), since start.
+    pub swaps: u64,
+    /// Concern messages dropped: nobody took the inbound queue, it was full,
+    /// or they came on a connection the pool refused.
     pub dropped_inbound: u64,
 }
 
@@ -461,6 +466,7 @@ impl PeerManager {
             refused: c.refused,
             ignored_discovered: c.ignored_discovered,
             suspected_twins: c.suspected_twins,
+            swaps: c.swaps,
             dropped_inbound: self.inner.dropped_inbound.load(Ordering::Relaxed),
         }
     }
@@ -881,9 +887,9 @@ impl Deliver for PeerSink {
 struct PoolGate(Weak<Inner>);
 
 impl Gate for PoolGate {
-    fn admit(&self, peer: &NodeId, _hello: &Hello) -> Result<(), Disconnect> {
+    fn admit(&self, peer: &NodeId, hello: &Hello) -> Result<(), Disconnect> {
         match self.0.upgrade() {
-            Some(inner) => lock(&inner.pool).gate(peer, Instant::now()),
+            Some(inner) => lock(&inner.pool).gate(peer, &hello.listen_addrs, Instant::now()),
             // Stopping: nobody will take the connection anyway.
             None => Ok(()),
         }

@@ -13,7 +13,7 @@ use meshwork_transport::{Address, CloseReason, Direction};
 use meshwork_wire::proto::{Disconnect, DisconnectReason, Discovered, PeerInfo};
 use meshwork_wire::{Message, NodeId};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
@@ -331,6 +331,7 @@ pub(crate) struct Counts {
     pub(crate) refused: u64,
     pub(crate) ignored_discovered: u64,
     pub(crate) suspected_twins: u64,
+    pub(crate) swaps: u64,
 }
 
 /// The peer manager's state machine.
@@ -346,6 +347,9 @@ pub(crate) struct Pool {
     next_dial: DialId,
     next_discovery: Instant,
     next_feeler: Instant,
+    /// When a full pool next dials a lost peer it knew before its youngest
+    /// link, to take that link's place (see [`poll_swap`](Pool::poll_swap)).
+    next_swap: Instant,
     /// When a node below `min_peers` with no dial in flight next asks its
     /// peers for addresses (an empty `Discovered`); see
     /// [`poll_ask`](Pool::poll_ask).
@@ -355,6 +359,8 @@ pub(crate) struct Pool {
     ask_backoff: Backoff,
     blocked: HashSet<NodeId>,
     refused: u64,
+    /// Dials of a full pool to a lost peer (see `poll_swap`), since start.
+    swaps: u64,
     ignored_discovered: u64,
     /// Connections from a node id already linked whose advertised
     /// addresses share none with the link's (see [`Action::TwinSuspected`]).
@@ -433,6 +439,7 @@ impl Pool {
         Pool {
             next_discovery: now + cfg.discovery_interval,
             next_feeler: now + cfg.feeler_interval,
+            next_swap: now + cfg.feeler_interval,
             next_ask: now,
             ask_backoff: Backoff::new(
                 ASK_FIRST.min(cfg.discovery_interval),
@@ -448,6 +455,7 @@ impl Pool {
             next_dial: 1,
             blocked: HashSet::new(),
             refused: 0,
+            swaps: 0,
             ignored_discovered: 0,
             suspected_twins: 0,
             survivor_grace: handshake_timeout,
@@ -473,6 +481,7 @@ impl Pool {
             refused: self.refused,
             ignored_discovered: self.ignored_discovered,
             suspected_twins: self.suspected_twins,
+            swaps: self.swaps,
             ..Counts::default()
         };
         for e in self.entries.values() {
@@ -566,10 +575,19 @@ impl Pool {
     /// banned), so that the dialler never holds a connection that closes as
     /// it opens.
     /// A peer let through holds its slot for [`GATE_HOLD`] (in `gated`,
-    /// counted by the gate, the dial plan and `on_connection`); nothing else
-    /// changes but the refusal count. `on_connection` decides again once the
-    /// connection is taken (the hold may have lapsed).
-    pub(crate) fn gate(&mut self, node: &NodeId, now: Instant) -> Result<(), Disconnect> {
+    /// counted by the gate, the dial plan and `on_connection`);
+    /// `on_connection` decides again once the connection is taken (the hold
+    /// may have lapsed). A peer refused for want of room is learnt, with
+    /// the addresses its Hello gave (`listen_addrs`), as `on_connection`
+    /// learns one it refuses: a node with a free outbound slot may then dial
+    /// it. (Without that, a newcomer refused by every node of a saturated
+    /// mesh stayed alone: nobody knew it, though some had room to dial.)
+    pub(crate) fn gate(
+        &mut self,
+        node: &NodeId,
+        listen_addrs: &[String],
+        now: Instant,
+    ) -> Result<(), Disconnect> {
         if self.shutting_down {
             return Err(Disconnect::new(
                 DisconnectReason::Shutdown,
@@ -611,6 +629,15 @@ impl Pool {
         self.refused += 1;
         let mut d = Disconnect::new(DisconnectReason::TooManyPeers, "too many peers".to_string());
         d.alternatives = self.alternatives(node);
+        let addrs = usable_addrs(listen_addrs, &self.local_addrs);
+        if self.ensure_entry(node, now) {
+            if let Some(e) = self.entries.get_mut(node) {
+                if !addrs.is_empty() {
+                    e.addrs = addrs;
+                }
+                e.seen = now;
+            }
+        }
         Err(d)
     }
 
@@ -1196,19 +1223,22 @@ impl Pool {
         true
     }
 
-    /// The peer whose inbound slot [`make_room_for`](Self::make_room_for)
-    /// would give to `node`, if any.
+    /// The peer whose slot [`make_room_for`](Self::make_room_for) would
+    /// give to `node`, if any: the one linked most recently, after `node`
+    /// was first; for an inbound `node`, among the inbound peers only. (An
+    /// outbound connection finds the pool full only after a swap dial, see
+    /// [`poll_swap`](Self::poll_swap), or when an inbound peer took the slot
+    /// while the dial was in flight.)
     fn room_victim(&self, node: &NodeId, direction: Direction) -> Option<NodeId> {
-        if direction != Direction::Inbound {
-            return None;
-        }
         let since = self.entries.get(node).and_then(|e| e.first_linked)?;
         self.entries
             .values()
-            .filter(|e| {
-                e.link
+            .filter(|e| match direction {
+                Direction::Inbound => e
+                    .link
                     .as_ref()
-                    .is_some_and(|l| l.direction == Direction::Inbound)
+                    .is_some_and(|l| l.direction == Direction::Inbound),
+                Direction::Outbound => e.live_link().is_some(),
             })
             .filter_map(|e| e.first_linked.map(|t| (t, e.id.clone())))
             .filter(|(t, _)| *t > since)
@@ -1519,6 +1549,9 @@ impl Pool {
             .saturating_sub(busy)
             .min(self.cfg.max_pending_dials.saturating_sub(c.pending_dials));
         if room == 0 {
+            if c.pending_dials == 0 && c.linked >= self.cfg.max_peers {
+                self.poll_swap(now);
+            }
             return;
         }
         let mut want = self.cfg.target().saturating_sub(busy);
@@ -1640,6 +1673,46 @@ impl Pool {
             if let Some(id) = old.cloned() {
                 self.dial_entry(&id);
             }
+        }
+    }
+
+    /// A full pool dials nobody, so once the halves of a saturated mesh
+    /// have refilled their pools inside themselves, a heal alone would not
+    /// join them again. Once per feeler interval, a full pool dials one
+    /// peer it lost (at any age) that it was linked to before its youngest
+    /// link was made; if the dial succeeds, the peer takes that link's slot
+    /// (`on_connection`, [`room_victim`](Self::room_victim)), and the peer
+    /// takes ours the same way if it is full. A dial that fails changes
+    /// nothing.
+    fn poll_swap(&mut self, now: Instant) {
+        let every = self.cfg.feeler_interval;
+        if every.is_zero() || now < self.next_swap {
+            return;
+        }
+        self.next_swap = now + every;
+        let Some(youngest) = self
+            .entries
+            .values()
+            .filter(|e| e.live_link().is_some())
+            .filter_map(|e| e.first_linked)
+            .max()
+        else {
+            return;
+        };
+        let mut lost: Vec<NodeId> = self
+            .entries
+            .values()
+            .filter(|e| {
+                e.lost_at.is_some()
+                    && e.first_linked.is_some_and(|t| t < youngest)
+                    && e.dialable(now, &self.blocked)
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        lost.sort();
+        if let Some(id) = lost.choose(&mut self.rng).cloned() {
+            self.swaps += 1;
+            self.dial_entry(&id);
         }
     }
 

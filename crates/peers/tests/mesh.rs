@@ -193,6 +193,53 @@ async fn halves_of_a_partition_longer_than_the_lost_peer_window_rejoin() {
     eprintln!("rejoined {took:?} after heal (simulated)");
 }
 
+/// Ten nodes whose pools fill up (`min_peers` = `max_peers` = 4) are split in halves of five until each half is a
+/// complete graph of full pools, then healed: nobody has room to dial
+/// across, but full pools swap their youngest link for a peer they lost
+/// that they knew longer, and the halves are one mesh again. (With swaps
+/// off, `with_feeler_interval(ZERO)`, they stay apart.)
+#[tokio::test(start_paused = true)]
+async fn halves_of_a_saturated_mesh_rejoin_after_heal() {
+    let net = MemNetwork::new();
+    let names: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        // No inbound share: every half can become a complete graph of full
+        // pools (with 2 of 4 slots kept for dials, two nodes each needing
+        // one more link can only dial each other, and both refuse).
+        let mut c = config(4, 4)
+            .with_outbound_reserved(0)
+            .with_feeler_interval(20 * S);
+        for other in names.iter().filter(|o| *o != name).take(i) {
+            c = c.with_seed(addr(other));
+        }
+        nodes.push(node(&net, name, c).await);
+    }
+    settle(120 * S, || reachable(&adjacency(&nodes)) == 10).await;
+    let (left, right): (Vec<&str>, Vec<&str>) = (
+        names[..5].iter().map(|s| s.as_str()).collect(),
+        names[5..].iter().map(|s| s.as_str()).collect(),
+    );
+    let crossing = |adj: &[BTreeSet<usize>]| {
+        adj.iter()
+            .enumerate()
+            .any(|(i, p)| p.iter().any(|&j| (i < 5) != (j < 5)))
+    };
+    assert!(crossing(&adjacency(&nodes)), "no link across to lose");
+    net.partition(&left, &right);
+    settle(120 * S, || {
+        !crossing(&adjacency(&nodes)) && nodes.iter().all(|n| n.stats().connected == 4)
+    })
+    .await;
+    net.heal();
+    let took = settle(120 * S, || reachable(&adjacency(&nodes)) == 10).await;
+    let swaps: u64 = nodes.iter().map(|n| n.stats().swaps).sum();
+    eprintln!("one mesh {took:?} after the heal; {swaps} swap dials");
+    assert!(swaps > 0);
+    assert!(nodes.iter().all(|n| n.stats().connected <= 4));
+    shutdown_all(nodes).await;
+}
+
 /// A node below `min_peers` whose seed knew nobody when it joined asks its
 /// peers for addresses instead of waiting for their gossip: it hears of the
 /// nodes that joined the seed after it within seconds, not at the seed's

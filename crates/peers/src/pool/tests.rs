@@ -742,7 +742,10 @@ fn too_many_errors_disconnect_and_back_off() {
     // refused if it dials us (in the handshake, and if taken).
     h.advance(4 * S);
     assert!(dials(&h.poll()).is_empty());
-    let gated = h.pool.gate(&id(1), h.now).expect_err("banned");
+    let gated = h
+        .pool
+        .gate(&id(1), &[addr(1).to_string()], h.now)
+        .expect_err("banned");
     assert_eq!(gated.reason_or_unspecified(), DisconnectReason::Banned);
     assert_eq!(
         closes(&h.connect(8, 1, Direction::Inbound)),
@@ -909,40 +912,55 @@ fn a_node_that_refuses_for_want_of_room_is_not_forgotten() {
 fn the_gate_refuses_what_the_pool_has_no_room_for() {
     // max 4, 2 reserved for outbound: 2 inbound at most.
     let mut h = Harness::new(0, cfg());
-    assert!(h.pool.gate(&id(1), h.now).is_ok());
+    assert!(h.pool.gate(&id(1), &[addr(1).to_string()], h.now).is_ok());
     h.connect(1, 1, Direction::Inbound);
     // The slot let through is held for its handshake: a third dialler at
     // the same time is refused, until the hold lapses.
-    assert!(h.pool.gate(&id(2), h.now).is_ok());
-    assert!(h.pool.gate(&id(3), h.now).is_err());
+    assert!(h.pool.gate(&id(2), &[addr(2).to_string()], h.now).is_ok());
+    assert!(h.pool.gate(&id(3), &[addr(3).to_string()], h.now).is_err());
     h.advance(GATE_HOLD);
-    assert!(h.pool.gate(&id(3), h.now).is_ok());
+    assert!(h.pool.gate(&id(3), &[addr(3).to_string()], h.now).is_ok());
     h.advance(GATE_HOLD);
     h.connect(2, 2, Direction::Inbound);
-    let refusal = h.pool.gate(&id(3), h.now).expect_err("no inbound room");
+    let refusal = h
+        .pool
+        .gate(&id(3), &[addr(3).to_string()], h.now)
+        .expect_err("no inbound room");
     assert_full_naming(&refusal, &[1, 2]);
     assert_eq!(h.pool.counts().refused, 2);
     assert!(h.pool.take_actions().is_empty(), "the gate acts on nothing");
-    assert!(h.pool.peer(&id(3), h.now).is_none(), "nor learns the node");
+    // The node refused is learnt, with its address, as one refused when
+    // taken is: whoever has room to dial may dial it.
+    assert_eq!(h.state(3), Some(PeerState::Known));
+    assert_eq!(h.pool.entries[&id(3)].addrs, vec![addr(3)]);
     // A linked peer's second connection goes through (duplicates are
     // settled once the connection is taken).
-    assert!(h.pool.gate(&id(1), h.now).is_ok());
+    assert!(h.pool.gate(&id(1), &[addr(1).to_string()], h.now).is_ok());
     // A peer known longer than the youngest inbound one gets its slot.
     h.pool.on_closed(2, CloseReason::Eof, h.now);
     h.advance(S);
     h.connect(5, 5, Direction::Inbound);
-    assert!(h.pool.gate(&id(2), h.now).is_ok(), "2 was linked before 5");
-    assert!(h.pool.gate(&id(6), h.now).is_err());
+    assert!(
+        h.pool.gate(&id(2), &[addr(2).to_string()], h.now).is_ok(),
+        "2 was linked before 5"
+    );
+    assert!(h.pool.gate(&id(6), &[addr(6).to_string()], h.now).is_err());
     // Stopping, or blocked: refused with that reason.
     h.pool.blocked.insert(id(7));
     h.pool.on_closed(5, CloseReason::Eof, h.now);
-    let blocked = h.pool.gate(&id(7), h.now).expect_err("blocked");
+    let blocked = h
+        .pool
+        .gate(&id(7), &[addr(7).to_string()], h.now)
+        .expect_err("blocked");
     assert_eq!(
         blocked.reason_or_unspecified(),
         DisconnectReason::NotAllowed
     );
     h.pool.shutting_down = true;
-    let stopping = h.pool.gate(&id(8), h.now).expect_err("stopping");
+    let stopping = h
+        .pool
+        .gate(&id(8), &[addr(8).to_string()], h.now)
+        .expect_err("stopping");
     assert_eq!(stopping.reason_or_unspecified(), DisconnectReason::Shutdown);
 }
 
@@ -966,7 +984,7 @@ fn a_held_slot_is_not_dialled_for_and_a_crossed_dial_is_let_through() {
     let mut h = Harness::new(0, cfg());
     three_linked_and_4_lost(&mut h);
     assert!(
-        h.pool.gate(&id(9), h.now).is_ok(),
+        h.pool.gate(&id(9), &[addr(9).to_string()], h.now).is_ok(),
         "3 of 4 linked, 1 of 2 inbound"
     );
     assert!(dials(&h.poll()).is_empty(), "the last slot is held for 9");
@@ -977,7 +995,7 @@ fn a_held_slot_is_not_dialled_for_and_a_crossed_dial_is_let_through() {
     let d = dials(&h.poll());
     assert_eq!(d.len(), 1, "the redial of 4 takes the last slot");
     assert!(
-        h.pool.gate(&id(4), h.now).is_ok(),
+        h.pool.gate(&id(4), &[addr(4).to_string()], h.now).is_ok(),
         "4 dials us as we dial it"
     );
     assert!(closes(&h.connect(11, 4, Direction::Inbound)).is_empty());
@@ -995,10 +1013,65 @@ fn a_held_slot_makes_no_returning_peer_evict_a_live_one() {
     h.advance(S);
     h.connect(5, 5, Direction::Inbound);
     h.pool.take_actions();
-    assert!(h.pool.gate(&id(9), h.now).is_ok());
-    assert!(h.pool.gate(&id(1), h.now).is_ok(), "known longer than 5");
+    assert!(h.pool.gate(&id(9), &[addr(9).to_string()], h.now).is_ok());
+    assert!(
+        h.pool.gate(&id(1), &[addr(1).to_string()], h.now).is_ok(),
+        "known longer than 5"
+    );
     assert!(closes(&h.connect(6, 1, Direction::Inbound)).is_empty());
     assert_eq!(h.pool.counts().inbound, 2);
+}
+
+/// A full pool dials nobody, except once per feeler interval a peer it lost
+/// that it was linked to before its youngest link; if that dial gets
+/// through, the lost peer takes the youngest link's slot. (What joins the
+/// halves of a saturated mesh after a partition; a dial that fails changes
+/// nothing.)
+#[test]
+fn a_full_pool_swaps_its_youngest_link_for_a_lost_older_peer() {
+    let mut h = Harness::new(0, cfg().with_feeler_interval(20 * S)); // max 4
+    h.connect(1, 1, Direction::Outbound);
+    h.advance(S);
+    h.connect(2, 2, Direction::Outbound);
+    h.advance(S);
+    h.connect(3, 3, Direction::Inbound);
+    h.pool.on_closed(1, CloseReason::Eof, h.now); // 1 is lost
+    h.advance(S);
+    h.connect(4, 4, Direction::Inbound);
+    h.advance(S);
+    h.connect(5, 5, Direction::Outbound); // full: 2, 3, 4, 5; 5 the youngest
+    assert!(
+        dials(&h.poll()).is_empty(),
+        "full: no dial before the interval"
+    );
+    h.advance(16 * S);
+    let d = dials(&h.poll());
+    assert_eq!(d, vec![(d[0].0, addr(1))], "the lost, older peer");
+    assert_eq!(h.pool.counts().swaps, 1);
+    // The dial fails: nothing changes, and no other dial until the next
+    // interval.
+    h.pool.on_dial_failed(d[0].0, DialFailure::Transient, h.now);
+    assert!(closes(&h.pool.take_actions()).is_empty());
+    h.advance(10 * S);
+    assert!(dials(&h.poll()).is_empty());
+    assert_eq!(h.pool.counts().linked, 4);
+    // The next one gets through: 1 takes the slot of 5, linked last.
+    h.advance(10 * S);
+    let d = dials(&h.poll());
+    assert_eq!(d.len(), 1);
+    h.pool
+        .on_dial_ok(d[0].0, 10, info(1, Direction::Outbound), h.now);
+    assert_eq!(
+        closes(&h.pool.take_actions()),
+        vec![(5, DisconnectReason::TooManyPeers)]
+    );
+    assert_eq!(h.state(1), Some(PeerState::Connected));
+    assert_ne!(h.state(5), Some(PeerState::Connected));
+    assert_eq!(h.pool.counts().linked, 4);
+    // No lost peer older than every link is left: no more swaps.
+    h.advance(60 * S);
+    assert!(dials(&h.poll()).is_empty());
+    assert_eq!(h.pool.counts().swaps, 2);
 }
 
 #[test]
