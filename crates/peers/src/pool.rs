@@ -696,16 +696,16 @@ impl Pool {
             Direction::Outbound => counts.linked >= max,
         };
         let (really_full, held_full) = (full_with(0), full_with(held));
-        let linked = self
-            .entries
-            .get(&info.node)
-            .is_some_and(|e| e.link.is_some());
-        // A peer known longer takes a slot from the youngest inbound one
-        // only when the links fill every slot; a slot merely held for
-        // another handshake it takes as it is (that handshake, if it ever
-        // ends, may find no room).
+        let (linked, banned) = self.entries.get(&info.node).map_or((false, false), |e| {
+            (e.link.is_some(), e.banned_until.is_some())
+        });
+        // A peer known longer takes a slot from the youngest one only when
+        // the links fill every slot; a slot merely held for another
+        // handshake it takes as it is (that handshake, if it ever ends, may
+        // find no room). A banned peer takes nothing: it is refused below.
         let full = held_full
             && !linked
+            && !banned
             && !(if really_full {
                 self.make_room_for(&info, now)
             } else {
@@ -1224,26 +1224,38 @@ impl Pool {
     }
 
     /// The peer whose slot [`make_room_for`](Self::make_room_for) would
-    /// give to `node`, if any: the one linked most recently, after `node`
-    /// was first; for an inbound `node`, among the inbound peers only. (An
-    /// outbound connection finds the pool full only after a swap dial, see
-    /// [`poll_swap`](Self::poll_swap), or when an inbound peer took the slot
-    /// while the dial was in flight.)
+    /// give to `node`, if any: the one first linked most recently, after
+    /// `node` was; among the inbound peers, and for an outbound `node` among
+    /// the outbound ones if no inbound peer is younger (the slots we chose
+    /// ourselves are what keeps a node from being surrounded, so they go
+    /// last). An outbound connection finds the pool full only after a swap
+    /// dial (see [`poll_swap`](Self::poll_swap)), or when an inbound peer
+    /// took the slot while the dial was in flight.
     fn room_victim(&self, node: &NodeId, direction: Direction) -> Option<NodeId> {
         let since = self.entries.get(node).and_then(|e| e.first_linked)?;
-        self.entries
-            .values()
-            .filter(|e| match direction {
-                Direction::Inbound => e
-                    .link
-                    .as_ref()
-                    .is_some_and(|l| l.direction == Direction::Inbound),
-                Direction::Outbound => e.live_link().is_some(),
-            })
-            .filter_map(|e| e.first_linked.map(|t| (t, e.id.clone())))
-            .filter(|(t, _)| *t > since)
-            .max_by_key(|(t, _)| *t)
-            .map(|(_, victim)| victim)
+        let youngest = |dir: Direction| {
+            self.entries
+                .values()
+                .filter(|e| match dir {
+                    Direction::Inbound => e
+                        .link
+                        .as_ref()
+                        .is_some_and(|l| l.direction == Direction::Inbound),
+                    Direction::Outbound => e
+                        .live_link()
+                        .is_some_and(|l| l.direction == Direction::Outbound),
+                })
+                .filter_map(|e| e.first_linked.map(|t| (t, e.id.clone())))
+                .filter(|(t, _)| *t > since)
+                .max_by_key(|(t, _)| *t)
+                .map(|(_, victim)| victim)
+        };
+        match direction {
+            Direction::Inbound => youngest(Direction::Inbound),
+            Direction::Outbound => {
+                youngest(Direction::Inbound).or_else(|| youngest(Direction::Outbound))
+            }
+        }
     }
 
     /// Closes `peer`'s connections on our initiative and records it as
@@ -1689,7 +1701,10 @@ impl Pool {
         if every.is_zero() || now < self.next_swap {
             return;
         }
-        self.next_swap = now + every;
+        // Jittered (half to one and a half intervals), so that nodes that
+        // started together do not dial each other in step.
+        let jitter = self.jitter();
+        self.next_swap = now + every.mul_f64(0.5 + jitter);
         let Some(youngest) = self
             .entries
             .values()

@@ -1022,24 +1022,32 @@ fn a_held_slot_makes_no_returning_peer_evict_a_live_one() {
     assert_eq!(h.pool.counts().inbound, 2);
 }
 
-/// A full pool dials nobody, except once per feeler interval a peer it lost
-/// that it was linked to before its youngest link; if that dial gets
-/// through, the lost peer takes the youngest link's slot. (What joins the
-/// halves of a saturated mesh after a partition; a dial that fails changes
-/// nothing.)
-#[test]
-fn a_full_pool_swaps_its_youngest_link_for_a_lost_older_peer() {
-    let mut h = Harness::new(0, cfg().with_feeler_interval(20 * S)); // max 4
+/// A full pool (max 4, feelers every 20 s) linked in turn to 1 (out), 2
+/// (out), 3 (in), then 4 (in) and 5 (out) after 1 was lost.
+fn full_with_1_lost() -> Harness {
+    let mut h = Harness::new(0, cfg().with_feeler_interval(20 * S));
     h.connect(1, 1, Direction::Outbound);
     h.advance(S);
     h.connect(2, 2, Direction::Outbound);
     h.advance(S);
     h.connect(3, 3, Direction::Inbound);
-    h.pool.on_closed(1, CloseReason::Eof, h.now); // 1 is lost
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
     h.advance(S);
     h.connect(4, 4, Direction::Inbound);
     h.advance(S);
-    h.connect(5, 5, Direction::Outbound); // full: 2, 3, 4, 5; 5 the youngest
+    h.connect(5, 5, Direction::Outbound);
+    h
+}
+
+/// A full pool dials nobody, except once per feeler interval (jittered) a
+/// peer it lost that it was linked to before its youngest link; if that
+/// dial gets through, the lost peer takes the slot of the youngest inbound
+/// peer linked after it (of an outbound one only if there is none: those we
+/// chose go last). What joins the halves of a saturated mesh after a
+/// partition; a dial that fails changes nothing.
+#[test]
+fn a_full_pool_swaps_its_youngest_link_for_a_lost_older_peer() {
+    let mut h = full_with_1_lost();
     assert!(
         dials(&h.poll()).is_empty(),
         "full: no dial before the interval"
@@ -1049,29 +1057,52 @@ fn a_full_pool_swaps_its_youngest_link_for_a_lost_older_peer() {
     assert_eq!(d, vec![(d[0].0, addr(1))], "the lost, older peer");
     assert_eq!(h.pool.counts().swaps, 1);
     // The dial fails: nothing changes, and no other dial until the next
-    // interval.
+    // interval (10 to 30 s away).
     h.pool.on_dial_failed(d[0].0, DialFailure::Transient, h.now);
     assert!(closes(&h.pool.take_actions()).is_empty());
-    h.advance(10 * S);
+    h.advance(9 * S);
     assert!(dials(&h.poll()).is_empty());
     assert_eq!(h.pool.counts().linked, 4);
-    // The next one gets through: 1 takes the slot of 5, linked last.
-    h.advance(10 * S);
+    // The next one gets through: 1 takes the slot of 4, the youngest
+    // inbound peer (5, outbound, is younger but was our choice).
+    h.advance(21 * S);
     let d = dials(&h.poll());
     assert_eq!(d.len(), 1);
     h.pool
         .on_dial_ok(d[0].0, 10, info(1, Direction::Outbound), h.now);
     assert_eq!(
         closes(&h.pool.take_actions()),
-        vec![(5, DisconnectReason::TooManyPeers)]
+        vec![(4, DisconnectReason::TooManyPeers)]
     );
     assert_eq!(h.state(1), Some(PeerState::Connected));
-    assert_ne!(h.state(5), Some(PeerState::Connected));
+    assert_ne!(h.state(4), Some(PeerState::Connected));
+    assert_eq!(h.state(5), Some(PeerState::Connected));
     assert_eq!(h.pool.counts().linked, 4);
     // No lost peer older than every link is left: no more swaps.
     h.advance(60 * S);
     assert!(dials(&h.poll()).is_empty());
     assert_eq!(h.pool.counts().swaps, 2);
+}
+
+/// A banned peer answering a dial of a full pool takes no one's slot: it
+/// is refused as banned, and the links stay. (From a review: the youngest
+/// link was closed for it first.)
+#[test]
+fn a_banned_peer_answering_a_dial_of_a_full_pool_evicts_nobody() {
+    let mut h = full_with_1_lost();
+    h.advance(20 * S);
+    let d = dials(&h.poll());
+    assert_eq!(d, vec![(d[0].0, addr(1))]);
+    h.pool.ban(&id(1), 60 * S, h.now);
+    h.pool.take_actions();
+    h.pool
+        .on_dial_ok(d[0].0, 10, info(1, Direction::Outbound), h.now);
+    assert_eq!(
+        closes(&h.pool.take_actions()),
+        vec![(10, DisconnectReason::Banned)]
+    );
+    assert_eq!(h.state(4), Some(PeerState::Connected));
+    assert_eq!(h.pool.counts().linked, 4);
 }
 
 #[test]
