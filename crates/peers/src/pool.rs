@@ -579,7 +579,8 @@ impl Pool {
     /// `on_connection` decides again once the connection is taken (the hold
     /// may have lapsed). A peer refused for want of room is learnt, with
     /// the addresses its Hello gave (`listen_addrs`), as `on_connection`
-    /// learns one it refuses: a node with a free outbound slot may then dial
+    /// learns one it refuses, if the address book has room for it without
+    /// forgetting anyone: a node with a free outbound slot may then dial
     /// it. (Without that, a newcomer refused by every node of a saturated
     /// mesh stayed alone: nobody knew it, though some had room to dial.)
     pub(crate) fn gate(
@@ -629,8 +630,12 @@ impl Pool {
         self.refused += 1;
         let mut d = Disconnect::new(DisconnectReason::TooManyPeers, "too many peers".to_string());
         d.alternatives = self.alternatives(node);
+        // Learnt only into room in the book: a host minting identities
+        // refused at handshake rate must not push out what gossip taught.
+        let idle = self.entries.values().filter(|e| e.link.is_none()).count();
+        let room = self.entries.contains_key(node) || idle < self.cfg.address_book_capacity;
         let addrs = usable_addrs(listen_addrs, &self.local_addrs);
-        if self.ensure_entry(node, now) {
+        if room && self.ensure_entry(node, now) {
             if let Some(e) = self.entries.get_mut(node) {
                 if !addrs.is_empty() {
                     e.addrs = addrs;

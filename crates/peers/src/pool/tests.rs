@@ -844,6 +844,35 @@ fn score_orders_peers_and_selection_spreads_by_weight() {
     );
 }
 
+/// Dialers refused in the handshake are learnt only into room in the
+/// book: a host minting identities cannot push out what gossip taught.
+/// (From a review.)
+#[test]
+fn dialers_refused_in_the_handshake_push_nobody_out_of_the_book() {
+    // max 4, 2 inbound at most; a book of 10.
+    let mut h = Harness::new(0, cfg().with_address_book_capacity(10));
+    h.connect(1, 1, Direction::Inbound);
+    h.connect(2, 2, Direction::Inbound);
+    for n in 3..=10u8 {
+        h.learn(n);
+    }
+    // Room for two more: the first two refused are learnt, then nobody.
+    for n in 100..=150u8 {
+        assert!(h.pool.gate(&id(n), &[addr(n).to_string()], h.now).is_err());
+    }
+    let known: Vec<NodeId> = h
+        .pool
+        .snapshot(h.now)
+        .into_iter()
+        .map(|p| p.node_id)
+        .collect();
+    for n in 3..=10u8 {
+        assert!(known.contains(&id(n)), "gossip-learnt {n} pushed out");
+    }
+    assert!(known.contains(&id(100)) && known.contains(&id(101)));
+    assert!(!known.contains(&id(102)));
+}
+
 #[test]
 fn the_address_book_is_bounded() {
     let mut h = Harness::new(0, cfg().with_address_book_capacity(10));
