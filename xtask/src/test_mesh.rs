@@ -1705,11 +1705,10 @@ fn check_limits(mesh: &mut Mesh, group: &mut Vec<usize>) -> Result<String> {
     // A full node refuses in the handshake: counted as `declined` in its
     // /status handshakes. Six dialers seeded only with it, two slots: some
     // must have been turned away.
-    let declined = mesh.snapshot.statuses.get(limited).and_then(|s| match s {
-        Some(Ok(s)) => Some(s.failures("declined")),
-        _ => None,
-    });
-    let declined = declined.unwrap_or(0);
+    let declined = mesh
+        .snapshot
+        .status(limited)
+        .map_or(0, |s| s.failures("declined"));
     if declined == 0 {
         bail!(
             "node {limited} (--max-peers {max}) took {} of {LIMIT_DIALERS} dialers seeded only              with it, yet counts no dialer declined in the handshake",

@@ -634,16 +634,25 @@ impl Pool {
         // refused at handshake rate must not push out what gossip taught.
         let idle = self.entries.values().filter(|e| e.link.is_none()).count();
         let room = self.entries.contains_key(node) || idle < self.cfg.address_book_capacity;
-        let addrs = usable_addrs(listen_addrs, &self.local_addrs);
         if room && self.ensure_entry(node, now) {
-            if let Some(e) = self.entries.get_mut(node) {
-                if !addrs.is_empty() {
-                    e.addrs = addrs;
-                }
-                e.seen = now;
-            }
+            let addrs = usable_addrs(listen_addrs, &self.local_addrs);
+            self.note_refused(node, addrs, now);
         }
         Err(d)
+    }
+
+    /// `node` (with an entry) was refused for want of room: its addresses,
+    /// as it gave them, and when it was seen, so that a node with room to
+    /// dial may dial it; it stays idle.
+    fn note_refused(&mut self, node: &NodeId, addrs: Vec<Address>, now: Instant) {
+        if let Some(e) = self.entries.get_mut(node) {
+            if !addrs.is_empty() {
+                e.addrs = addrs;
+            }
+            e.seen = now;
+            let to = e.idle_state();
+            e.set_state(to, &mut self.actions);
+        }
     }
 
     /// A connection completed its handshake (inbound, or the end of a dial).
@@ -725,14 +734,7 @@ impl Pool {
                 conn,
                 disconnect: d,
             });
-            if let Some(e) = self.entries.get_mut(&id) {
-                if !addrs.is_empty() {
-                    e.addrs = addrs;
-                }
-                e.seen = now;
-                let to = e.idle_state();
-                e.set_state(to, &mut self.actions);
-            }
+            self.note_refused(&id, addrs, now);
             return;
         }
         let Pool {
