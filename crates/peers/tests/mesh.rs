@@ -30,6 +30,17 @@ async fn node(net: &MemNetwork, name: &str, config: PeersConfig) -> PeerManager 
     PeerManager::start(endpoint, config).unwrap()
 }
 
+/// A Concern request (command 7, id 1) carrying `payload`.
+fn request(payload: &[u8]) -> Concern {
+    Concern {
+        command: 7,
+        request_id: 1,
+        kind: ConcernKind::Request as i32,
+        payload: payload.to_vec().into(),
+        ..Concern::default()
+    }
+}
+
 fn config(min: usize, max: usize) -> PeersConfig {
     PeersConfig::default()
         .with_min_peers(min)
@@ -618,13 +629,7 @@ async fn a_connection_refused_when_taken_delivers_nothing() {
     let p = node(&net, "p", config(1, 1).with_seed(addr("r"))).await;
     let mut inbox = p.take_inbound().unwrap();
     let q = node(&net, "q", config(1, 4).with_seed(addr("p"))).await;
-    let msg = Concern {
-        command: 7,
-        request_id: 1,
-        kind: ConcernKind::Request as i32,
-        payload: b"from r".to_vec().into(),
-        ..Concern::default()
-    };
+    let msg = request(b"from r");
     // r sends as soon as it sees p connected.
     let sent = loop {
         match tokio::time::timeout(5 * S, r_events.recv()).await {
@@ -669,13 +674,7 @@ async fn messages_events_and_a_graceful_goodbye() {
         "{connected:?}"
     );
 
-    let msg = Concern {
-        command: 7,
-        request_id: 1,
-        kind: ConcernKind::Request as i32,
-        payload: b"hi".to_vec().into(),
-        ..Concern::default()
-    };
+    let msg = request(b"hi");
     a.send(b.node_id(), Message::Concern(msg.clone()), Priority::Normal)
         .await
         .unwrap();
