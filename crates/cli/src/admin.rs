@@ -660,6 +660,10 @@ pub(crate) struct PoolJson {
     /// Dials of a full pool to a peer it lost, to give it its youngest
     /// link's slot (rejoining the halves of a saturated mesh).
     pub(crate) swaps: u64,
+    /// Outbound links closed to give their slot back to an inbound dialler
+    /// (the pool was full only because its own dials took slots of the
+    /// inbound share).
+    pub(crate) reclaims: u64,
     /// Messages for the layers above dropped because nobody took them.
     pub(crate) dropped_inbound: u64,
     /// The pool dials known peers while it has fewer (`--min-peers`).
@@ -799,6 +803,7 @@ pub(crate) fn status_json(
             ignored_discovered: pool.ignored_discovered,
             suspected_twins: pool.suspected_twins,
             swaps: pool.swaps,
+            reclaims: pool.reclaims,
             dropped_inbound: pool.dropped_inbound,
             min_peers: limits.min_peers,
             max_peers: limits.max_peers,
@@ -1918,6 +1923,7 @@ mod tests {
                 ignored_discovered: 4,
                 suspected_twins: 6,
                 swaps: 7,
+                reclaims: 8,
                 dropped_inbound: 3,
             },
             peers: vec![
@@ -2083,6 +2089,7 @@ mod tests {
                     "ignored_discovered": 4,
                     "suspected_twins": 6,
                     "swaps": 7,
+                    "reclaims": 8,
                     "dropped_inbound": 3,
                     "min_peers": 4,
                     "max_peers": 16

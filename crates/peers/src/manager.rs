@@ -66,6 +66,12 @@ pub struct PoolStats {
     /// youngest link, to give that peer the youngest link's slot (what joins
     /// the halves of a saturated mesh again after a partition), since start.
     pub swaps: u64,
+    /// Outbound links closed to give their slot back to an inbound
+    /// dialler: the pool was full only because more of its links than
+    /// `outbound_reserved` were its own dials, while its inbound share had
+    /// room (what lets a node short of peers in when `min_peers` is close
+    /// to `max_peers`), since start.
+    pub reclaims: u64,
     /// Concern messages dropped: nobody took the inbound queue, it was full,
     /// or they came on a connection the pool refused.
     pub dropped_inbound: u64,
@@ -467,6 +473,7 @@ impl PeerManager {
             ignored_discovered: c.ignored_discovered,
             suspected_twins: c.suspected_twins,
             swaps: c.swaps,
+            reclaims: c.reclaims,
             dropped_inbound: self.inner.dropped_inbound.load(Ordering::Relaxed),
         }
     }
@@ -892,6 +899,12 @@ impl Gate for PoolGate {
             Some(inner) => lock(&inner.pool).gate(peer, &hello.listen_addrs, Instant::now()),
             // Stopping: nobody will take the connection anyway.
             None => Ok(()),
+        }
+    }
+
+    fn release(&self, peer: &NodeId) {
+        if let Some(inner) = self.0.upgrade() {
+            lock(&inner.pool).release_gate(peer);
         }
     }
 }

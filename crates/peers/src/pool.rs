@@ -177,8 +177,16 @@ struct Entry {
     next_attempt: Instant,
     dial_failures: u32,
     ever_connected: bool,
+    /// Its addresses came from its own Hello, as a dialler the gate refused:
+    /// hearsay does not replace them (as for `ever_connected`).
+    addrs_from_hello: bool,
     /// When its first link in this run was made.
     first_linked: Option<Instant>,
+    /// Whether we ever dialled it and got through, in this run: only such
+    /// peers are dialled by a swap (see [`Pool::poll_swap`]), so a node
+    /// cannot draw a full pool's swaps (and its slots) to itself by
+    /// having dialled in once.
+    chosen: bool,
     lost_at: Option<Instant>,
     banned_until: Option<Instant>,
     /// When errors and timeouts were reported, oldest first; those older
@@ -206,6 +214,8 @@ impl Entry {
             dial_failures: 0,
             ever_connected: false,
             first_linked: None,
+            chosen: false,
+            addrs_from_hello: false,
             lost_at: None,
             banned_until: None,
             errors: VecDeque::new(),
@@ -332,6 +342,7 @@ pub(crate) struct Counts {
     pub(crate) ignored_discovered: u64,
     pub(crate) suspected_twins: u64,
     pub(crate) swaps: u64,
+    pub(crate) reclaims: u64,
 }
 
 /// The peer manager's state machine.
@@ -350,6 +361,12 @@ pub(crate) struct Pool {
     /// When a full pool next dials a lost peer it knew before its youngest
     /// link, to take that link's place (see [`poll_swap`](Pool::poll_swap)).
     next_swap: Instant,
+    /// When the pool may next close a link to make room for an inbound
+    /// peer (a slot taken back, or a peer known longer): at most one such
+    /// eviction per feeler interval, so that a peer reconnecting in a loop,
+    /// or nodes short of peers taking slots from one another, cannot churn
+    /// the pool.
+    next_eviction: Instant,
     /// When a node below `min_peers` with no dial in flight next asks its
     /// peers for addresses (an empty `Discovered`); see
     /// [`poll_ask`](Pool::poll_ask).
@@ -361,6 +378,9 @@ pub(crate) struct Pool {
     refused: u64,
     /// Dials of a full pool to a lost peer (see `poll_swap`), since start.
     swaps: u64,
+    /// Outbound links closed to give their slot back to an inbound dialler
+    /// (see `reclaim_victim`), since start.
+    reclaims: u64,
     ignored_discovered: u64,
     /// Connections from a node id already linked whose advertised
     /// addresses share none with the link's (see [`Action::TwinSuspected`]).
@@ -440,6 +460,7 @@ impl Pool {
             next_discovery: now + cfg.discovery_interval,
             next_feeler: now + cfg.feeler_interval,
             next_swap: now + cfg.feeler_interval,
+            next_eviction: now,
             next_ask: now,
             ask_backoff: Backoff::new(
                 ASK_FIRST.min(cfg.discovery_interval),
@@ -456,6 +477,7 @@ impl Pool {
             blocked: HashSet::new(),
             refused: 0,
             swaps: 0,
+            reclaims: 0,
             ignored_discovered: 0,
             suspected_twins: 0,
             survivor_grace: handshake_timeout,
@@ -482,6 +504,7 @@ impl Pool {
             ignored_discovered: self.ignored_discovered,
             suspected_twins: self.suspected_twins,
             swaps: self.swaps,
+            reclaims: self.reclaims,
             ..Counts::default()
         };
         for e in self.entries.values() {
@@ -621,7 +644,13 @@ impl Pool {
         // first, the peer let through here is refused when taken.
         let full = counts.inbound + held >= self.cfg.inbound_limit()
             || counts.linked + held >= self.cfg.max_peers;
-        if !full || linked || self.room_victim(node, Direction::Inbound).is_some() {
+        let may_evict = now >= self.next_eviction;
+        if !full
+            || linked
+            || (may_evict
+                && (self.reclaim_victim(held).is_some()
+                    || self.room_victim(node, Direction::Inbound).is_some()))
+        {
             if !linked {
                 self.gated.insert(node.clone(), now + GATE_HOLD);
             }
@@ -641,6 +670,14 @@ impl Pool {
         Err(d)
     }
 
+    /// The handshake of `node`, let through by the gate, came to nothing:
+    /// the slot held for it is free again at once rather than when the hold
+    /// lapses (a peer stopping after the gate would otherwise keep a slot
+    /// for 2 s per handshake, and a few of them every inbound slot).
+    pub(crate) fn release_gate(&mut self, node: &NodeId) {
+        self.gated.remove(node);
+    }
+
     /// `node` (with an entry) was refused for want of room: its addresses,
     /// as it gave them, and when it was seen, so that a node with room to
     /// dial may dial it; it stays idle.
@@ -648,6 +685,7 @@ impl Pool {
         if let Some(e) = self.entries.get_mut(node) {
             if !addrs.is_empty() {
                 e.addrs = addrs;
+                e.addrs_from_hello = true;
             }
             e.seen = now;
             let to = e.idle_state();
@@ -723,7 +761,14 @@ impl Pool {
             && !(if really_full {
                 self.make_room_for(&info, now)
             } else {
-                self.room_victim(&info.node, info.direction).is_some()
+                match info.direction {
+                    Direction::Inbound => {
+                        now >= self.next_eviction
+                            && (self.reclaim_victim(held).is_some()
+                                || self.room_victim(&info.node, info.direction).is_some())
+                    }
+                    Direction::Outbound => self.room_victim(&info.node, info.direction).is_some(),
+                }
             });
         if full {
             self.refused += 1;
@@ -873,6 +918,7 @@ impl Pool {
         });
         entry.ever_connected = true;
         entry.first_linked.get_or_insert(now);
+        entry.chosen |= info.direction == Direction::Outbound;
         entry.dial_failures = 0;
         entry.backoff.reset();
         entry.lost_at = None;
@@ -1131,7 +1177,12 @@ impl Pool {
             // own Hello: hearsay does not replace them (a hostile peer
             // pointing the nodes we know at its own listeners was how it
             // captured a pool's outbound dials).
-            if e.link.is_none() && e.dialing.is_none() && !e.ever_connected && e.addrs != addrs {
+            if e.link.is_none()
+                && e.dialing.is_none()
+                && !e.ever_connected
+                && !e.addrs_from_hello
+                && e.addrs != addrs
+            {
                 e.addrs = addrs.clone();
             }
             if !known {
@@ -1219,23 +1270,79 @@ impl Pool {
     /// and reconnect each as soon as it is refused) kept out every node we
     /// were connected to before, for good.
     fn make_room_for(&mut self, info: &LinkInfo, now: Instant) -> bool {
-        let Some(victim) = self.room_victim(&info.node, info.direction) else {
-            return false;
+        let known_longer = "slot given to a peer known longer";
+        let (victim, message) = match info.direction {
+            Direction::Inbound => {
+                if now < self.next_eviction {
+                    return false;
+                }
+                let victim = if let Some(victim) = self.reclaim_victim(0) {
+                    self.reclaims += 1;
+                    (victim, "slot given back to an inbound peer")
+                } else if let Some(victim) = self.room_victim(&info.node, info.direction) {
+                    (victim, known_longer)
+                } else {
+                    return false;
+                };
+                let jitter = self.jitter();
+                self.next_eviction = now + self.eviction_interval().mul_f64(0.5 + jitter);
+                victim
+            }
+            Direction::Outbound => match self.room_victim(&info.node, info.direction) {
+                Some(victim) => (victim, known_longer),
+                None => return false,
+            },
         };
-        let d = Disconnect::new(
-            DisconnectReason::TooManyPeers,
-            "slot given to a peer known longer",
-        );
+        let d = Disconnect::new(DisconnectReason::TooManyPeers, message);
         self.close_link(&victim, d, false, now);
         true
+    }
+
+    /// The least time between two links closed to make room for inbound
+    /// peers: the feeler interval (jittered from half to one and a half of
+    /// it), or a minute if feelers are off.
+    fn eviction_interval(&self) -> Duration {
+        match self.cfg.feeler_interval {
+            d if d.is_zero() => Duration::from_secs(60),
+            d => d,
+        }
+    }
+
+    /// The outbound peer whose slot an inbound dialler takes back when the
+    /// pool is full only because our own dials borrowed slots of the inbound
+    /// share: fewer than `inbound_limit` links (with the `held` slots the
+    /// gate holds for handshakes) are inbound, more than the reserved number
+    /// are outbound. The youngest outbound link goes (by first link); the
+    /// reserved ones always stay. Without this, pools whose `min_peers` is
+    /// close to `max_peers` get stuck: a node short of peers finds every
+    /// other node full, some of them with more outbound links than they
+    /// reserve and room in their inbound share that nobody can use.
+    fn reclaim_victim(&self, held: usize) -> Option<NodeId> {
+        let c = self.counts();
+        let reserved = self.cfg.reserved_outbound();
+        // With no slot reserved (`outbound_reserved` 0, or `max_peers` 1)
+        // the pool has no shares: nothing was borrowed, nothing goes back.
+        if reserved == 0 || c.inbound + held >= self.cfg.inbound_limit() || c.outbound <= reserved {
+            return None;
+        }
+        self.entries
+            .values()
+            .filter(|e| {
+                e.live_link()
+                    .is_some_and(|l| l.direction == Direction::Outbound)
+            })
+            .filter_map(|e| e.first_linked.map(|t| (t, e.id.clone())))
+            .max_by_key(|(t, _)| *t)
+            .map(|(_, victim)| victim)
     }
 
     /// The peer whose slot [`make_room_for`](Self::make_room_for) would
     /// give to `node`, if any: the one first linked most recently, after
     /// `node` was; among the inbound peers, and for an outbound `node` among
-    /// the outbound ones if no inbound peer is younger (the slots we chose
-    /// ourselves are what keeps a node from being surrounded, so they go
-    /// last). An outbound connection finds the pool full only after a swap
+    /// the outbound ones if no inbound peer is younger and more than the
+    /// reserved number are outbound (the slots we chose ourselves are what
+    /// keeps a node from being surrounded, so they go last, and the reserved
+    /// ones never). An outbound connection finds the pool full only after a swap
     /// dial (see [`poll_swap`](Self::poll_swap)), or when an inbound peer
     /// took the slot while the dial was in flight.
     fn room_victim(&self, node: &NodeId, direction: Direction) -> Option<NodeId> {
@@ -1259,9 +1366,13 @@ impl Pool {
         };
         match direction {
             Direction::Inbound => youngest(Direction::Inbound),
-            Direction::Outbound => {
-                youngest(Direction::Inbound).or_else(|| youngest(Direction::Outbound))
-            }
+            // The reserved outbound links are never given up: whoever could
+            // make us dial it (a swap) would otherwise take them one by one.
+            Direction::Outbound => youngest(Direction::Inbound).or_else(|| {
+                (self.counts().outbound > self.cfg.reserved_outbound())
+                    .then(|| youngest(Direction::Outbound))
+                    .flatten()
+            }),
         }
     }
 
@@ -1559,9 +1670,15 @@ impl Pool {
 
     fn poll_dials(&mut self, now: Instant) {
         let c = self.counts();
-        // Slots the gate holds for incoming handshakes are not ours to dial.
+        // Slots the gate holds for incoming handshakes are not ours to dial,
+        // as far as the inbound share has room (a peer let through to take
+        // a slot from someone needs none, and must not stop our dials).
         self.gated.retain(|_, until| *until > now);
-        let busy = c.linked + c.pending_dials + self.gated.len();
+        let held = self
+            .gated
+            .len()
+            .min(self.cfg.inbound_limit().saturating_sub(c.inbound));
+        let busy = c.linked + c.pending_dials + held;
         let room = self
             .cfg
             .max_peers
@@ -1698,8 +1815,8 @@ impl Pool {
     /// A full pool dials nobody, so once the halves of a saturated mesh
     /// have refilled their pools inside themselves, a heal alone would not
     /// join them again. Once per feeler interval, a full pool dials one
-    /// peer it lost (at any age) that it was linked to before its youngest
-    /// link was made; if the dial succeeds, the peer takes that link's slot
+    /// peer it lost (at any age) that it had dialled itself and was linked
+    /// to before its youngest link was made; if the dial succeeds, the peer takes that link's slot
     /// (`on_connection`, [`room_victim`](Self::room_victim)), and the peer
     /// takes ours the same way if it is full. A dial that fails changes
     /// nothing.
@@ -1726,6 +1843,7 @@ impl Pool {
             .values()
             .filter(|e| {
                 e.lost_at.is_some()
+                    && e.chosen
                     && e.first_linked.is_some_and(|t| t < youngest)
                     && e.dialable(now, &self.blocked)
             })

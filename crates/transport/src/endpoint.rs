@@ -82,6 +82,15 @@ pub trait Gate: Send + Sync + 'static {
     /// `Ok` to go on with `peer` (authenticated, its Hello checked), or the
     /// Disconnect (reason, message, alternatives) it is refused with.
     fn admit(&self, peer: &NodeId, hello: &Hello) -> Result<(), Disconnect>;
+
+    /// The handshake of a `peer` this gate admitted failed or was cut short
+    /// (the peer closed, stalled past the timeout, or the node is stopping):
+    /// no connection will come of it, so whatever the gate set aside for it
+    /// can go. Not called for a handshake that completed, even if the
+    /// connection is then never taken.
+    fn release(&self, peer: &NodeId) {
+        let _ = peer;
+    }
 }
 
 /// One node's presence on a transport: it listens, dials, runs the Hello
@@ -252,26 +261,42 @@ impl Endpoint {
     async fn accept_one(self, stream: BoxStream, remote: Address, mut slot: Slot) {
         let inner = &self.inner;
         let hello = local_hello(&inner.config, self.advertised());
+        // The peer the gate admitted, told when its handshake comes to
+        // nothing (so that an attacker stopping after the gate holds no
+        // slot of the application's).
+        let admitted: Mutex<Option<NodeId>> = Mutex::new(None);
+        let release = || {
+            if let (Some(id), Some(gate)) = (lock(&admitted).take(), inner.gate.get()) {
+                gate.release(&id);
+            }
+        };
         let admit = |id: &NodeId, hello: Option<&Hello>| {
             self.admit(id)?;
             match (hello, self.inner.gate.get()) {
-                (Some(hello), Some(gate)) => gate
-                    .admit(id, hello)
-                    .map_err(|d| TransportError::Declined(Box::new(d))),
+                (Some(hello), Some(gate)) => {
+                    gate.admit(id, hello)
+                        .map_err(|d| TransportError::Declined(Box::new(d)))?;
+                    *lock(&admitted) = Some(id.clone());
+                    Ok(())
+                }
                 _ => Ok(()),
             }
         };
         let evicted = slot.evicted().clone();
         let result = tokio::select! {
-            _ = inner.stopping.cancelled() => return,
+            _ = inner.stopping.cancelled() => return release(),
             _ = evicted.cancelled() => {
                 debug!(%remote, "incoming handshake evicted to admit another");
-                return;
+                return release();
             }
             r = handshake(stream, &inner.config, hello, false, &admit) => r,
         };
+        if result.is_err() {
+            release();
+        }
         match result {
             Ok(hs) if !slot.settle() => {
+                release();
                 debug!(%remote, peer = %hs.node_id.short(), "incoming handshake evicted as it completed");
             }
             Ok(hs) => {

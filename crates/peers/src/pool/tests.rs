@@ -1,5 +1,7 @@
 //! The pool driven by hand: explicit time, no sockets.
 
+use std::collections::BTreeSet;
+
 use super::*;
 
 const MS: Duration = Duration::from_millis(1);
@@ -69,6 +71,21 @@ impl Harness {
     fn connect(&mut self, conn: ConnId, n: u8, direction: Direction) -> Vec<Action> {
         self.pool.on_connection(conn, info(n, direction), self.now);
         self.pool.take_actions()
+    }
+
+    /// Node `n` (at `addr(n)`) at the gate.
+    fn gate(&mut self, n: u8) -> Result<(), Disconnect> {
+        self.pool.gate(&id(n), &[addr(n).to_string()], self.now)
+    }
+
+    /// Links 1 and 2 (dialled by us), then 3 and 4 (dialled in): with
+    /// `cfg()`, a full pool of two outbound and two inbound links.
+    fn fill(&mut self) {
+        self.connect(1, 1, Direction::Outbound);
+        self.connect(2, 2, Direction::Outbound);
+        self.connect(3, 3, Direction::Inbound);
+        self.connect(4, 4, Direction::Inbound);
+        self.pool.take_actions();
     }
 
     fn state(&self, n: u8) -> Option<PeerState> {
@@ -1004,6 +1021,46 @@ fn three_linked_and_4_lost(h: &mut Harness) {
     h.advance(S);
 }
 
+/// A pool full only because its own dials borrowed slots of the inbound
+/// share gives the youngest of them back to an inbound dialler, down to the
+/// reserved number of outbound links, and no further.
+#[test]
+fn an_inbound_dialler_takes_back_a_slot_our_dials_borrowed() {
+    // max 4, 2 kept for outbound: 2 inbound at most.
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Inbound);
+    for n in 2..=4 {
+        h.advance(S);
+        h.connect(n.into(), n, Direction::Outbound);
+    }
+    h.pool.take_actions();
+    assert_eq!(h.pool.counts().linked, 4);
+    // 1 inbound of 2, 3 outbound of 2 reserved: one slot was borrowed.
+    assert!(h.gate(9).is_ok());
+    assert!(h.gate(10).is_err(), "the one borrowed slot is held for 9");
+    assert_eq!(
+        closes(&h.connect(9, 9, Direction::Inbound)),
+        vec![(4, DisconnectReason::TooManyPeers)],
+        "the youngest outbound link goes"
+    );
+    assert_eq!(h.state(9), Some(PeerState::Connected));
+    assert_eq!(h.state(2), Some(PeerState::Connected));
+    assert_eq!(h.state(3), Some(PeerState::Connected));
+    let c = h.pool.counts();
+    assert_eq!((c.linked, c.inbound, c.outbound, c.reclaims), (4, 2, 2, 1));
+    // 4 was closed on our initiative: not lost, not redialled or swapped
+    // back.
+    assert_ne!(h.state(4), Some(PeerState::Connected));
+    // Now the inbound share is full, and the reserved outbound links stay.
+    h.advance(GATE_HOLD);
+    assert!(h.gate(10).is_err());
+    assert_eq!(
+        closes(&h.connect(10, 10, Direction::Inbound)),
+        vec![(10, DisconnectReason::TooManyPeers)]
+    );
+    assert_eq!(h.pool.counts().reclaims, 1);
+}
+
 /// A slot the gate holds for an incoming handshake is not dialled for.
 /// (From a review: the dial took it first, and the peer let through was
 /// refused when taken.) Dials in flight, on the other hand, do not make
@@ -1619,4 +1676,173 @@ fn an_ask_is_answered_with_a_sample_of_the_book_at_the_discovered_rate() {
     // Not from a peer we are linked to: not answered.
     assert!(!h.pool.on_discovered_from(&id(5), &[], h.now));
     assert!(h.pool.take_actions().is_empty());
+}
+
+// Found by a hostile-peer review of the gate and swaps (2026-12-05): each
+// of these failed before its fix.
+
+/// Links `n` and loses it at once (its connection ends with EOF, as when a
+/// process is killed).
+fn link_and_lose(h: &mut Harness, conn: ConnId, n: u8, direction: Direction) {
+    h.connect(conn, n, direction);
+    h.pool.on_closed(conn, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+}
+
+fn linked_ids(h: &Harness) -> BTreeSet<u8> {
+    h.pool
+        .entries
+        .values()
+        .filter(|e| e.link.is_some())
+        .map(|e| e.id.as_bytes()[0])
+        .collect()
+}
+
+/// Identities an attacker had linked before a full node's honest peers
+/// came back: before, each one dialling in took an honest inbound slot at
+/// once, and the node's swaps dialled the others (at the addresses their
+/// own Hellos gave) and gave them its outbound slots one by one, until
+/// every link was the attacker's (in 20-52 s, for good). Now one inbound
+/// slot goes per feeler interval, swaps dial only peers the node dialled
+/// itself, and the reserved outbound links are never given up.
+#[test]
+fn old_identities_cannot_take_a_full_nodes_reserved_outbound_links() {
+    // max 4: 2 inbound, 2 reserved outbound; feelers (and swaps) every 20 s.
+    let mut h = Harness::new(0, cfg().with_feeler_interval(20 * S));
+    link_and_lose(&mut h, 100, 100, Direction::Inbound);
+    link_and_lose(&mut h, 101, 101, Direction::Inbound);
+    link_and_lose(&mut h, 102, 102, Direction::Inbound);
+    // One we dialled ourselves once.
+    link_and_lose(&mut h, 103, 103, Direction::Outbound);
+    h.advance(S);
+    h.fill();
+    // 100 and 101 dial in at once: one honest inbound slot goes, not two.
+    assert!(h.gate(100).is_ok());
+    assert_eq!(closes(&h.connect(200, 100, Direction::Inbound)).len(), 1);
+    assert!(h.gate(101).is_err());
+    assert_eq!(
+        closes(&h.connect(201, 101, Direction::Inbound)),
+        vec![(201, DisconnectReason::TooManyPeers)]
+    );
+    // Swaps for 10 minutes: only 103 is dialled (102 only ever dialled in).
+    let mut dialled = BTreeSet::new();
+    let mut conn = 300;
+    for _ in 0..600 {
+        h.advance(S);
+        for (dial, a) in dials(&h.poll()) {
+            let n = (100..=103u8).find(|n| addr(*n) == a).expect("an old id");
+            dialled.insert(n);
+            h.pool
+                .on_dial_ok(dial, conn, info(n, Direction::Outbound), h.now);
+            h.pool.take_actions();
+            conn += 1;
+        }
+        // The attacker's ids keep dialling in.
+        for n in [101u8, 102] {
+            if h.gate(n).is_ok() {
+                h.connect(conn, n, Direction::Inbound);
+                conn += 1;
+            }
+        }
+    }
+    assert_eq!(dialled, BTreeSet::from([103]));
+    let linked = linked_ids(&h);
+    assert!(
+        linked.contains(&1) && linked.contains(&2),
+        "the reserved outbound links stay: {linked:?}"
+    );
+    assert_eq!(h.pool.counts().linked, 4);
+}
+
+/// One old identity reconnecting once a second, an honest newcomer taking
+/// its slot each time it leaves: before, it evicted an honest inbound peer
+/// at every reconnect (30 in 30 s); now once per feeler interval at most.
+#[test]
+fn a_peer_known_longer_reconnecting_in_a_loop_evicts_once_per_interval() {
+    let mut h = Harness::new(0, cfg().with_feeler_interval(60 * S));
+    link_and_lose(&mut h, 100, 100, Direction::Inbound);
+    h.advance(S);
+    h.fill();
+    let (mut evicted, mut conn) = (0, 1000);
+    for i in 0..30u8 {
+        h.advance(S);
+        if h.gate(100).is_err() {
+            continue;
+        }
+        evicted += closes(&h.connect(conn, 100, Direction::Inbound))
+            .iter()
+            .filter(|(c, _)| *c != conn)
+            .count();
+        conn += 1;
+        if let Some(c) = h.pool.entries[&id(100)].link.as_ref().map(|l| l.conn) {
+            h.pool.on_closed(c, CloseReason::Eof, h.now);
+        }
+        let newcomer = 10 + i;
+        assert!(h.pool.gate(&id(newcomer), &[], h.now).is_ok());
+        assert!(closes(&h.connect(conn, newcomer, Direction::Inbound)).is_empty());
+        conn += 1;
+    }
+    assert_eq!(evicted, 1, "honest links evicted in 30 s");
+}
+
+/// A handshake let through by the gate that comes to nothing (the peer
+/// stopped right after its Hello) frees its slot at once, so a peer that
+/// does that once a second holds no slot (before, each held one for 2 s:
+/// 360 of 360 dials were refused in 2 minutes, old peers' too).
+#[test]
+fn a_handshake_that_comes_to_nothing_frees_the_slot_it_held() {
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Outbound);
+    h.connect(2, 2, Direction::Outbound);
+    h.pool.take_actions();
+    let mut admitted = 0;
+    for t in 0..120u8 {
+        h.advance(S);
+        for a in [200u8, 201] {
+            assert!(h.pool.gate(&id(a), &[], h.now).is_ok(), "t={t}");
+            h.pool.release_gate(&id(a));
+        }
+        if h.pool.gate(&id(50 + t % 50), &[], h.now).is_ok() {
+            admitted += 1;
+            h.pool.release_gate(&id(50 + t % 50));
+        }
+    }
+    assert_eq!(admitted, 120);
+}
+
+/// A peer known longer let through the gate while the inbound share is
+/// full holds no slot our own dials need: before, one such handshake every
+/// 2 s kept a full node's lost outbound slot empty.
+#[test]
+fn a_peer_let_through_to_take_a_slot_stops_none_of_our_dials() {
+    let mut h = Harness::new(0, cfg());
+    link_and_lose(&mut h, 100, 100, Direction::Inbound);
+    h.advance(S);
+    h.fill();
+    // Outbound 2 is lost: its slot is to be redialled.
+    h.pool.on_closed(2, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+    assert!(
+        h.pool.gate(&id(100), &[], h.now).is_ok(),
+        "known longer than 3 and 4"
+    );
+    assert_eq!(dials(&h.poll()).len(), 1);
+}
+
+/// The addresses a refused dialler gave in its own Hello are not replaced
+/// by hearsay: before, any peer's `Discovered` could point the later dial
+/// of that node at an address of its choosing.
+#[test]
+fn hearsay_does_not_replace_what_the_gate_learnt_from_a_hello() {
+    let mut h = Harness::new(0, cfg());
+    h.fill();
+    assert!(h.gate(7).is_err());
+    h.pool.on_discovered(
+        &[PeerInfo {
+            node_id: id(7).as_bytes().clone(),
+            addrs: vec![addr(66).to_string()],
+        }],
+        h.now,
+    );
+    assert_eq!(h.pool.entries[&id(7)].addrs, vec![addr(7)]);
 }
