@@ -596,7 +596,19 @@ impl Inner {
                     false
                 }
                 Action::Event(e) => {
-                    trace!(event = ?e, "peer event");
+                    // What an operator watching the log at the default
+                    // level wants to see: who came and went, and why.
+                    match e {
+                        PeerEvent::Connected {
+                            peer,
+                            direction,
+                            addr,
+                        } => info!(peer = %peer.short(), ?direction, %addr, "peer connected"),
+                        PeerEvent::Disconnected { peer, reason } => {
+                            info!(peer = %peer.short(), ?reason, "peer disconnected");
+                        }
+                        _ => trace!(event = ?e, "peer event"),
+                    }
                     let _ = self.events.send(e.clone());
                     false
                 }
@@ -656,7 +668,14 @@ impl Inner {
                             if failure == DialFailure::Incompatible
                                 || matches!(e, TransportError::Crypto(_))
                             {
-                                warn!(%addr, error = %e, "dial refused: a setting differs from the peer's");
+                                warn!(%addr, error = %e, "dial refused: this needs the operator (network, keys, settings, allow list or pinned id)");
+                            } else if this.config.seeds().contains(&addr)
+                                && *this.connected.borrow() == 0
+                            {
+                                // Alone, and a seed does not answer (wrong
+                                // address, down, nothing listening): at the
+                                // default level, once per backoff.
+                                warn!(%addr, error = %e, "cannot reach seed; no peer yet (retrying)");
                             } else {
                                 debug!(%addr, error = %e, "dial failed");
                             }

@@ -1051,15 +1051,22 @@ impl Pool {
     /// `id` lost its link, which ended with `reason`: it is disconnected,
     /// and redialled after its backoff.
     fn unlink(&mut self, id: &NodeId, reason: CloseReason, jitter: f64, now: Instant) {
+        let seed = self.seeds.iter().any(|s| s.node.as_ref() == Some(id));
         let Some(e) = self.entries.get_mut(id) else {
             return;
         };
         e.link = None;
         let (lost, wait) = match &reason {
+            // A node that shut down is likely gone for a while, unless it
+            // is a seed: those are restarted, and others wait on them.
             CloseReason::Remote {
                 reason: DisconnectReason::Shutdown,
                 ..
-            } => (false, e.backoff.penalty(jitter)),
+            } if !seed => (false, e.backoff.penalty(jitter)),
+            CloseReason::Remote {
+                reason: DisconnectReason::Shutdown,
+                ..
+            } => (false, e.backoff.fail(jitter)),
             CloseReason::Remote {
                 reason: DisconnectReason::TooManyPeers | DisconnectReason::Banned,
                 ..
@@ -1872,6 +1879,12 @@ impl Pool {
             return false;
         };
         if e.link.is_some() || e.dialing.is_some() || e.addrs.is_empty() {
+            return false;
+        }
+        // A seed's node known by its id may be due twice, as a seed and as
+        // an entry: one dial.
+        let seed_dialling = |s: &Seed| s.dialing.is_some() && s.node.as_ref() == Some(id);
+        if self.seeds.iter().any(seed_dialling) {
             return false;
         }
         // Rotate through the addresses as dials fail.

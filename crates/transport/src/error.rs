@@ -45,7 +45,7 @@ pub enum TransportError {
     #[error("not connected")]
     NotConnected,
     /// The remote side refused the handshake with a Disconnect.
-    #[error("refused by peer ({reason:?}): {message}")]
+    #[error("refused by peer ({reason:?}), which says: {message}")]
     Refused {
         /// The reason the peer gave.
         reason: DisconnectReason,
@@ -157,6 +157,37 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// The text of the Disconnect we send when we refuse a handshake with
+    /// this error: addressed to the peer, so that its log reads right
+    /// ("refused by peer ..., which says: you are on network ...").
+    pub(crate) fn to_peer(&self) -> String {
+        match self {
+            TransportError::WrongNetwork { ours, theirs } => {
+                format!("you are on network {theirs:?}, we are on {ours:?}")
+            }
+            TransportError::IncompatibleVersion { ours, theirs } => {
+                format!("you speak protocol version {theirs}, we speak {ours}")
+            }
+            TransportError::IncompatibleSettings { key, ours, theirs } => format!(
+                "you have {key}={}, we require {key}={ours} (every node of a mesh must agree)",
+                theirs.as_deref().unwrap_or("(unset)")
+            ),
+            TransportError::SecurityMismatch { ours, theirs } => {
+                format!("you use security mode {theirs}, we use {ours}")
+            }
+            TransportError::IdentityMismatch {
+                claimed,
+                authenticated,
+            } => format!("you claim node id {claimed:?} but authenticated as {authenticated:?}"),
+            TransportError::UnexpectedPeer { expected, found } => {
+                format!("we expected node {expected} at this address, not {found}")
+            }
+            TransportError::NotAllowed(_) => "you are not on our allow list".to_string(),
+            TransportError::Banned(_) => "you are banned here".to_string(),
+            other => other.to_string(),
+        }
+    }
+
     /// The Disconnect reason we send when we refuse a handshake with this error.
     pub(crate) fn disconnect_reason(&self) -> DisconnectReason {
         match self {

@@ -382,7 +382,7 @@ async fn refuse(writer: &mut BoxWrite, err: &TransportError, config: &Config) {
             Message::Disconnect(d)
         }
         _ => {
-            let text = crate::connection::truncate_text(err.to_string());
+            let text = crate::connection::truncate_text(err.to_peer());
             Message::Disconnect(Disconnect::new(err.disconnect_reason(), text))
         }
     };

@@ -250,14 +250,40 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn temp_path(name: &str) -> std::path::PathBuf {
+    /// A path `name` in a fresh directory of its own, removed with the
+    /// directory (and the key file in it) when dropped.
+    fn temp_path(name: &str) -> TempPath {
         let dir = std::env::temp_dir().join(format!(
             "meshwork-identity-{}-{}",
             std::process::id(),
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+        TempPath(dir.join(name))
+    }
+
+    struct TempPath(std::path::PathBuf);
+
+    impl std::ops::Deref for TempPath {
+        type Target = Path;
+
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for TempPath {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 
     #[test]

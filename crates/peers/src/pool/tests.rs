@@ -161,6 +161,36 @@ fn dials_seeds_and_backs_off_with_jitter() {
     assert_eq!(dials(&h.poll()).len(), 2, "and at most 100 ms");
 }
 
+/// A peer that said it shut down is redialled no sooner than the longest
+/// backoff, unless it is a seed: a restarted seed is back within seconds
+/// (a newcomer found its seed back 30-60 s after a restart).
+#[test]
+fn a_seed_that_shut_down_is_redialled_on_the_usual_backoff() {
+    let mut h = Harness::new(0, cfg().with_seed(addr(1)));
+    let d = dials(&h.poll());
+    assert_eq!(d, vec![(d[0].0, addr(1))]);
+    h.pool
+        .on_dial_ok(d[0].0, 1, info(1, Direction::Outbound), h.now);
+    h.connect(2, 2, Direction::Inbound);
+    let shutdown = || CloseReason::Remote {
+        reason: DisconnectReason::Shutdown,
+        message: "node shutting down".to_string(),
+    };
+    h.pool.on_closed(1, shutdown(), h.now);
+    h.pool.on_closed(2, shutdown(), h.now);
+    h.pool.take_actions();
+    h.advance(S);
+    let d = dials(&h.poll());
+    assert_eq!(d, vec![(d[0].0, addr(1))], "the seed, not 2");
+    // The seed is still down: its backoff grows as for any failure.
+    h.pool.on_dial_failed(d[0].0, DialFailure::Transient, h.now);
+    h.advance(S);
+    assert_eq!(dials(&h.poll()).len(), 1);
+    // 2 waits out the longest backoff (10 s here).
+    h.advance(3 * S);
+    assert!(dials(&h.poll()).iter().all(|(_, a)| *a != addr(2)));
+}
+
 #[test]
 fn a_seed_that_is_ourselves_is_dropped() {
     let mut h = Harness::new(0, cfg().with_seed(addr(0)).with_seed(addr(5)));
