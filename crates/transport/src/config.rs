@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use meshwork_wire::{DEFAULT_MAX_FRAME_LEN, Limits, NodeId};
 
+use crate::Address;
 use crate::identity::{Identity, NetworkKey};
 
 /// How the bytes of a connection are protected.
@@ -66,6 +67,7 @@ pub struct Config {
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_pending_handshakes: usize,
     pub(crate) max_outstanding_pings: usize,
+    pub(crate) advertised: Vec<Address>,
 }
 
 impl Config {
@@ -94,6 +96,7 @@ impl Config {
             max_queued_bytes: 32 << 20,
             max_pending_handshakes: 64,
             max_outstanding_pings: 16,
+            advertised: Vec::new(),
         }
     }
 
@@ -140,6 +143,19 @@ impl Config {
         self.metadata.insert(key.clone(), value.into());
         if !self.required_metadata.contains(&key) {
             self.required_metadata.push(key);
+        }
+        self
+    }
+
+    /// Advertises `addr` to peers (in the Hello, and so in their gossip)
+    /// instead of the addresses the endpoint's listeners are bound to; call
+    /// it once per address. For a node that peers must dial at another
+    /// address than the one it binds: listening on `0.0.0.0` (advertised
+    /// otherwise as the IP the host name resolves to, often a loopback one),
+    /// behind a port forward, or by a DNS name.
+    pub fn with_advertised_addr(mut self, addr: Address) -> Self {
+        if !self.advertised.contains(&addr) {
+            self.advertised.push(addr);
         }
         self
     }

@@ -185,10 +185,14 @@ impl Endpoint {
         &self.inner.config
     }
 
-    /// Addresses we listen on, as advertised to peers in the Hello. A
-    /// listener bound to `0.0.0.0` or `[::]` is advertised with the local
-    /// host's IP ([`local_host_ip`]).
+    /// Addresses we listen on, as advertised to peers in the Hello: those
+    /// set with [`Config::with_advertised_addr`] if any, else the
+    /// listeners' own, a listener bound to `0.0.0.0` or `[::]` advertised
+    /// with the local host's IP ([`local_host_ip`]).
     pub fn listen_addrs(&self) -> Vec<Address> {
+        if !self.inner.config.advertised.is_empty() {
+            return self.inner.config.advertised.clone();
+        }
         lock(&self.inner.listen_addrs).clone()
     }
 

@@ -19,6 +19,7 @@ on_both_transports!(
     connect_exchange_and_identify,
     refuses_other_network,
     a_gate_declines_a_peer_within_the_handshake,
+    advertised_addresses_replace_the_listeners_in_the_hello,
     refuses_other_version,
     refuses_connection_to_self,
     refuses_mismatched_required_metadata,
@@ -187,6 +188,24 @@ async fn a_gate_declines_a_peer_within_the_handshake(net: Net) {
     assert_eq!(gate.seen.lock().unwrap().len(), 2, "one call per dialler");
     welcome.shutdown().await;
     turned_away.shutdown().await;
+    server.shutdown().await;
+}
+
+/// A node told what to advertise (listening on 0.0.0.0, behind a port
+/// forward) gives peers that instead of its listener's address.
+async fn advertised_addresses_replace_the_listeners_in_the_hello(net: Net) {
+    let public: meshwork_transport::Address = "tcp://127.0.0.9:7000".parse().unwrap();
+    let (server, addr) = net
+        .listening("server", config().with_advertised_addr(public.clone()))
+        .await;
+    assert_eq!(server.listen_addrs(), vec![public.clone()]);
+    let client = net.dialer("client", config());
+    let to_server = client.connect(&addr).await.unwrap();
+    assert_eq!(
+        to_server.info().hello.listen_addrs,
+        vec![public.to_string()]
+    );
+    client.shutdown().await;
     server.shutdown().await;
 }
 
