@@ -25,9 +25,11 @@
 //!
 //! The server ([`crate::http::serve`]) gives a client 10 s to send each
 //! request's head and serves 64 connections at once.
-//! An unknown query parameter is a 400 (a typo such as `?ttl=` must not be
-//! ignored). `{id}` is a node id, 64 hex digits (as in `/status`; another length only
-//! for an id this node knows of); anything else is a 400. Block and unblock
+//! An unknown query parameter is a 400 `bad_request` on every route, and
+//! the request is not carried out (a typo such as `?ttl=` must not be
+//! ignored; `POST /shutdown?now=1` does not shut down). `{id}` is a node
+//! id, 64 hex digits (as in `/status`; another length only for an id this
+//! node knows of); anything else is a 400. Block and unblock
 //! take any well-formed id, known or not (a block can be set up before the
 //! peer appears). Request bodies are at most 2 MiB: a larger one answers 413
 //! `too_large`. Keys under `rpc/services/` are the RPC registry, kept by the
@@ -49,8 +51,9 @@
 //! or `shutdown`, 400 `bad_request` (bad id, this node's own id, bad
 //! `timeout_ms`). The `/kv` endpoints answer 409 `lease_held` (with `owner`,
 //! the holder's id, and `until_ms`, when its lease lapses in ms since the
-//! Unix epoch) when another node holds the key's lease, 400 `too_large` for
-//! an empty or oversized key or an oversized value, 503 `shutdown`.
+//! Unix epoch) when another node holds the key's lease, 400 `bad_request`
+//! for an empty key (`/kv/`, `/kv//release`), 400 `too_large` for a key
+//! over 1024 bytes or a value over 1 MiB, 503 `shutdown`.
 //! `POST /rpc` answers with the call error's label as the `code` (see
 //! [`ApiError::from_rpc`]) and `elapsed_ms`: 404 `no_provider` (at once: no
 //! node serves the name), `unknown_service`, `unknown_method`; 504
@@ -62,17 +65,20 @@
 //! query); 500 `internal` (the method panicked). Other codes: `not_found`,
 //! `method_not_allowed`, `internal`.
 //!
-//! To add an endpoint: write a handler taking `State<AdminState>` and
-//! returning `Result<Json<T>, ApiError>`, and add one `.route(...)` line in
-//! [`router`].
+//! To add an endpoint: write a handler taking `State<AdminState>` and an
+//! [`ApiQuery`] (`ApiQuery<NoQuery>` when it takes no parameters) and
+//! returning `Result<Json<T>, ApiError>`, add one `.route(...)` line in
+//! [`router`], and add the route to the test
+//! `every_route_refuses_unknown_query_parameters`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -85,6 +91,7 @@ use meshwork::transport::{Direction, Security};
 use meshwork::wire::NodeId;
 use meshwork::wire::proto::ErrorCode;
 use meshwork::{ConnectionStatus, Node, NodeStatus};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -929,11 +936,34 @@ fn connection_json(c: &ConnectionStatus) -> ConnectionJson {
     }
 }
 
-async fn health() -> &'static str {
+/// The query string of a request, parsed into `T`: a struct of the route's
+/// parameters with `#[serde(deny_unknown_fields)]`, or [`NoQuery`] for a
+/// route without any. Every handler takes one, so an unknown parameter (a
+/// typo such as `?ttl=`) is a 400 `bad_request` on every route, before the
+/// handler does anything.
+struct ApiQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(query) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        Ok(ApiQuery(query))
+    }
+}
+
+/// The query of a route that takes no parameters: any is refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoQuery {}
+
+async fn health(_: ApiQuery<NoQuery>) -> &'static str {
     "ok"
 }
 
-async fn status(State(state): State<AdminState>) -> Json<StatusJson> {
+async fn status(State(state): State<AdminState>, _: ApiQuery<NoQuery>) -> Json<StatusJson> {
     let node = &state.node;
     let endpoint = node.endpoint();
     let concerns = ConcernsInfo {
@@ -1026,6 +1056,7 @@ struct Disconnected {
 async fn disconnect_peer(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
+    _: ApiQuery<NoQuery>,
 ) -> Result<Json<Disconnected>, ApiError> {
     let peer = parse_peer(&state.node, id)?;
     if &peer == state.node.node_id() {
@@ -1057,6 +1088,7 @@ struct Blocked {
 async fn block_peer(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
+    _: ApiQuery<NoQuery>,
 ) -> Result<Json<Blocked>, ApiError> {
     let peer = parse_peer(&state.node, id)?;
     if &peer == state.node.node_id() {
@@ -1083,6 +1115,7 @@ struct Unblocked {
 async fn unblock_peer(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
+    _: ApiQuery<NoQuery>,
 ) -> Result<Json<Unblocked>, ApiError> {
     let peer = parse_peer(&state.node, id)?;
     state.node.peers().unblock(&peer);
@@ -1101,6 +1134,7 @@ struct MessageId {
 /// Floods the body to the echo concern of every other node.
 async fn broadcast(
     State(state): State<AdminState>,
+    _: ApiQuery<NoQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MessageId>, ApiError> {
     let body = read_body(body)?;
@@ -1114,6 +1148,7 @@ async fn broadcast(
 async fn publish(
     State(state): State<AdminState>,
     topic: Result<Path<String>, PathRejection>,
+    _: ApiQuery<NoQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MessageId>, ApiError> {
     let Path(topic) = topic.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -1153,12 +1188,11 @@ struct RequestReply {
 async fn request(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
-    query: Result<Query<RequestQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<RequestQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RequestReply>, ApiError> {
     let target = parse_peer(&state.node, id)?;
     let body = read_body(body)?;
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let timeout_ms = check_timeout_ms(query.timeout_ms)?;
     let node = &state.node;
     if &target == node.node_id() {
@@ -1228,19 +1262,30 @@ struct EventsJson {
 /// The deliveries recorded after `since`.
 async fn events(
     State(state): State<AdminState>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<EventsJson>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let (events, next) = state.events.since(query.since.unwrap_or(0));
     Ok(Json(EventsJson { events, next }))
 }
 
 // The replicated map: /kv and /kv-digest.
 
-/// Parses the `{key}` of a `/kv/{key}...` path (percent-decoded by axum).
+/// Parses the `{key}` of a `/kv/{key}...` path (percent-decoded by axum);
+/// an empty one (`/kv//release`) is refused.
 fn parse_key(key: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(key) = key.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if key.is_empty() {
+        return Err(empty_key());
+    }
     Ok(key)
+}
+
+/// The 400 of an empty key.
+fn empty_key() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "empty key: a key is 1 to 1024 bytes, /kv/{key}",
+    )
 }
 
 /// Bytes as text: UTF-8, invalid bytes replaced.
@@ -1301,6 +1346,7 @@ fn no_value(key: &str) -> ApiError {
 async fn kv_get(
     State(state): State<AdminState>,
     key: Result<Path<String>, PathRejection>,
+    _: ApiQuery<NoQuery>,
 ) -> Result<Json<KvEntryJson>, ApiError> {
     let key = parse_key(key)?;
     match state.node.sync().entry(&key) {
@@ -1326,12 +1372,11 @@ struct KvVersion {
 async fn kv_put(
     State(state): State<AdminState>,
     key: Result<Path<String>, PathRejection>,
-    query: Result<Query<KvPutQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<KvPutQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<KvVersion>, ApiError> {
     let key = parse_key(key)?;
     check_writable(&key)?;
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let value = read_body(body)?;
     let sync = state.node.sync();
     let written = match query.ttl_ms {
@@ -1363,6 +1408,7 @@ struct KvDeleted {
 async fn kv_delete(
     State(state): State<AdminState>,
     key: Result<Path<String>, PathRejection>,
+    _: ApiQuery<NoQuery>,
 ) -> Result<Json<KvDeleted>, ApiError> {
     let key = parse_key(key)?;
     check_writable(&key)?;
@@ -1384,6 +1430,7 @@ struct KvReleased {
 async fn kv_release(
     State(state): State<AdminState>,
     key: Result<Path<String>, PathRejection>,
+    _: ApiQuery<NoQuery>,
 ) -> Result<Json<KvReleased>, ApiError> {
     let key = parse_key(key)?;
     check_writable(&key)?;
@@ -1408,10 +1455,9 @@ struct KvConfirmed {
 async fn kv_confirm(
     State(state): State<AdminState>,
     key: Result<Path<String>, PathRejection>,
-    query: Result<Query<RequestQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<RequestQuery>,
 ) -> Result<Json<KvConfirmed>, ApiError> {
     let key = parse_key(key)?;
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let timeout_ms = check_timeout_ms(query.timeout_ms)?;
     match state
         .node
@@ -1454,9 +1500,8 @@ struct KvList {
 /// The keys starting with `prefix`, sorted, with values and versions.
 async fn kv_list(
     State(state): State<AdminState>,
-    query: Result<Query<KvListQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<KvListQuery>,
 ) -> Result<Json<KvList>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let sync = state.node.sync();
     let prefix = query.prefix.unwrap_or_default();
     // Each entry is read again for its version: a key deleted in between
@@ -1482,11 +1527,7 @@ async fn kv_list(
 
 /// `/kv/`: the key is empty.
 async fn kv_without_key() -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "a key is 1 to 1024 bytes: /kv/{key}",
-    )
-    .with_code("too_large")
+    empty_key()
 }
 
 /// The body of `GET /kv-digest`.
@@ -1498,7 +1539,7 @@ struct KvDigest {
 }
 
 /// A hash of the replica, to compare nodes.
-async fn kv_digest(State(state): State<AdminState>) -> Json<KvDigest> {
+async fn kv_digest(State(state): State<AdminState>, _: ApiQuery<NoQuery>) -> Json<KvDigest> {
     let stats = state.node.sync().stats();
     Json(KvDigest {
         digest: digest_hex(stats.digest),
@@ -1531,7 +1572,7 @@ struct RpcResult {
 async fn rpc_call(
     State(state): State<AdminState>,
     path: Result<Path<(String, String)>, PathRejection>,
-    query: Result<Query<RpcQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<RpcQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RpcResult>, ApiError> {
     let Path((service, method)) =
@@ -1543,7 +1584,7 @@ async fn rpc_call(
 async fn rpc_call_providers(
     State(state): State<AdminState>,
     service: Result<Path<String>, PathRejection>,
-    query: Result<Query<RpcQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<RpcQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RpcResult>, ApiError> {
     let Path(service) =
@@ -1578,10 +1619,9 @@ async fn call_method(
     state: &AdminState,
     service: &str,
     method: &str,
-    query: Result<Query<RpcQuery>, QueryRejection>,
+    query: RpcQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RpcResult>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let deadline = match query.deadline_ms {
         None => state.rpc_deadline,
         Some(d) if (1..=MAX_REQUEST_TIMEOUT_MS).contains(&d) => Duration::from_millis(d),
@@ -1615,7 +1655,18 @@ async fn call_method(
         None => rpc.call_raw(service, method, args, options).await,
     };
     let elapsed_ms = ms(started.elapsed());
-    let bytes = outcome.map_err(|e| ApiError::from_rpc(&e).with_field("elapsed_ms", elapsed_ms))?;
+    let bytes = outcome.map_err(|e| {
+        let mut error = ApiError::from_rpc(&e);
+        if let (RpcError::NoProvider(_), Some(provider)) = (&e, &provider) {
+            // The error names the service only (the caller named the
+            // node): say which node had none.
+            error.message = format!(
+                "no provider for service {service:?} on node {}",
+                provider.short()
+            );
+        }
+        error.with_field("elapsed_ms", elapsed_ms)
+    })?;
     let result = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1667,6 +1718,7 @@ struct ProvidersJson {
 async fn rpc_providers(
     State(state): State<AdminState>,
     service: Result<Path<String>, PathRejection>,
+    _: ApiQuery<NoQuery>,
 ) -> Result<Json<ProvidersJson>, ApiError> {
     let Path(service) =
         service.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -1685,7 +1737,10 @@ struct ShuttingDown {
     shutting_down: bool,
 }
 
-async fn shutdown(State(state): State<AdminState>) -> (StatusCode, Json<ShuttingDown>) {
+async fn shutdown(
+    State(state): State<AdminState>,
+    _: ApiQuery<NoQuery>,
+) -> (StatusCode, Json<ShuttingDown>) {
     info!("shutdown requested through the admin API");
     state.shutdown.trigger();
     (
@@ -2481,6 +2536,72 @@ mod tests {
         node.shutdown().await;
     }
 
+    /// Every route answers 400 `bad_request` to an unknown query parameter,
+    /// before doing anything: nothing is blocked, written, sent or shut
+    /// down. Add each new route here.
+    #[tokio::test]
+    async fn every_route_refuses_unknown_query_parameters() {
+        let (a, b) = two_nodes().await;
+        let (addr, shutdown) = serve(&a).await;
+        let peer = b.node_id().to_string();
+        let peer_path = |action: &str| format!("/peers/{peer}/{action}");
+        let request_path = format!("/request/{peer}?timeout=100");
+        let routes = [
+            ("GET", "/health?x=1".to_string()),
+            ("GET", "/status?verbose=1".to_string()),
+            ("POST", peer_path("disconnect?x=1")),
+            ("POST", peer_path("block?for_ms=100")),
+            ("POST", peer_path("unblock?x=1")),
+            ("POST", "/broadcast?ttl=1".to_string()),
+            ("POST", "/publish/news?ttl=1".to_string()),
+            ("POST", request_path),
+            ("GET", "/events?sinc=1".to_string()),
+            ("GET", "/kv?x=1".to_string()),
+            ("PUT", "/kv/k?ttl=1000".to_string()),
+            ("GET", "/kv/k?x=1".to_string()),
+            ("DELETE", "/kv/k?x=1".to_string()),
+            ("POST", "/kv/k/release?x=1".to_string()),
+            ("POST", "/kv/k/confirm?timeout=1".to_string()),
+            ("GET", "/kv-digest?x=1".to_string()),
+            ("POST", "/rpc/demo/echo?deadline=1".to_string()),
+            ("GET", "/rpc/demo/providers?x=1".to_string()),
+            ("POST", "/rpc/demo/providers?x=1".to_string()),
+            ("POST", "/shutdown?now=1".to_string()),
+        ];
+        for (method, path) in &routes {
+            let (code, body) = request_with_body(addr, method, path, b"[]").await;
+            let answer: Value =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            assert_eq!(
+                (code, &answer["code"]),
+                (400, &json!("bad_request")),
+                "{method} {path}: {answer}"
+            );
+            assert!(
+                answer["error"].as_str().unwrap().contains("unknown field"),
+                "{method} {path}: {answer}"
+            );
+        }
+        // Nothing was done.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), shutdown.stopped())
+                .await
+                .is_err(),
+            "POST /shutdown?now=1 must not shut down"
+        );
+        assert_eq!(request(addr, "GET", "/health").await, (200, "ok".into()));
+        assert!(a.peers().blocked().is_empty());
+        assert!(
+            a.peers()
+                .by_id(b.node_id())
+                .is_some_and(|p| p.state == PeerState::Connected)
+        );
+        assert_eq!(get_json(addr, "/kv/k").await.0, 404, "nothing was written");
+        assert_eq!(get_json(addr, "/events").await.1["next"], 0);
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+
     // Messaging: broadcast, publish, request, events. Every node runs the
     // echo concern of `meshwork node` unless said otherwise.
 
@@ -3063,7 +3184,11 @@ mod tests {
                 403,
                 "reserved",
             ),
-            ("PUT", "/kv/", b"v", 400, "too_large"),
+            ("PUT", "/kv/", b"v", 400, "bad_request"),
+            ("GET", "/kv/", b"", 400, "bad_request"),
+            ("DELETE", "/kv/", b"", 400, "bad_request"),
+            ("POST", "/kv//release", b"", 400, "bad_request"),
+            ("POST", "/kv//confirm", b"", 400, "bad_request"),
             ("GET", "/kv/%FF", b"", 400, "bad_request"),
             (
                 "POST",
@@ -3086,6 +3211,11 @@ mod tests {
         let (_, answer) = send_json(addr_a, "PUT", "/kv/a/b", b"v").await;
         assert!(
             answer["error"].as_str().unwrap().contains("/kv/a%2Fb"),
+            "{answer}"
+        );
+        let (_, answer) = get_json(addr_a, "/kv/").await;
+        assert!(
+            answer["error"].as_str().unwrap().starts_with("empty key"),
             "{answer}"
         );
         let (_, answer) = send_json(addr_a, "PUT", "/kv/x?ttl=5", b"v").await;
@@ -3450,6 +3580,14 @@ mod tests {
             (code, &body["code"]),
             (404, &json!("no_provider")),
             "{body}"
+        );
+        assert_eq!(
+            body["error"],
+            format!(
+                "no provider for service \"demo\" on node {}",
+                a.node.node_id().short()
+            ),
+            "the node is outside the name's quotes"
         );
         let (code, body) = post_body(a.addr, "/rpc/demo/echo?provider=abcd", r#"["x"]"#).await;
         assert_eq!((code, &body["field"]), (400, &json!("provider")), "{body}");

@@ -13,7 +13,7 @@ use meshwork::concerns::{ConcernsConfig, MAX_TOPIC_LEN};
 use meshwork::peers::PeersConfig;
 use meshwork::rpc::{RpcConfig, check_service_name};
 use meshwork::sync::SyncConfig;
-use meshwork::transport::{Address, Identity, NetworkKey};
+use meshwork::transport::{Address, Host, Identity, NetworkKey};
 use meshwork::wire::NodeId;
 use serde::Serialize;
 use tracing::{info, warn};
@@ -41,6 +41,13 @@ pub(crate) struct NodeArgs {
     /// Address to accept peers on (repeatable); port 0 picks a free port.
     #[arg(long, value_name = "ADDR", default_value = "tcp://127.0.0.1:7000")]
     listen: Vec<Address>,
+
+    /// Address to give peers instead of the --listen addresses (repeatable):
+    /// what they should dial when this node listens on 0.0.0.0 (advertised
+    /// otherwise as the IP its host name resolves to), behind a port
+    /// forward, or under a DNS name.
+    #[arg(long, value_name = "ADDR", value_parser = parse_advertised)]
+    advertise: Vec<Address>,
 
     /// Node to dial at start, and again whenever fewer than --min-peers are
     /// connected and it is not one of them (repeatable). One seed is enough
@@ -226,6 +233,22 @@ impl NodeArgs {
                 ));
             }
         }
+        if let Some(admin) = self.admin {
+            let admin_addr = Address::tcp(admin);
+            if let Some(listen) = self.listen.iter().find(|l| same_endpoint(&admin_addr, l)) {
+                return Err(format!(
+                    "--admin and --listen use the same address ({admin} and {listen}): \
+                     the admin API needs a port of its own"
+                ));
+            }
+        }
+        if let Some((seed, listen)) = seed_on_own_address(&self.seed, &self.listen) {
+            return Err(format!(
+                "--seed {} is this node's own --listen address {listen}: a node cannot seed \
+                 itself; give the address of another node of the mesh",
+                seed.addr
+            ));
+        }
         if self.network.is_empty() {
             return Err("--network must not be empty".into());
         }
@@ -326,14 +349,84 @@ struct Seed {
     id: Option<NodeId>,
 }
 
-/// Parses `--seed`: `ADDR` or `NODE_ID@ADDR`.
+/// Parses `--seed`: `ADDR` or `NODE_ID@ADDR`. Port 0 is refused: it means
+/// "any free port" only when listening, and no node can be dialled there.
+fn parse_advertised(s: &str) -> Result<Address, String> {
+    let addr = s.parse::<Address>().map_err(|e| e.to_string())?;
+    if let Address::Tcp { port: 0, .. } = addr {
+        return Err(format!(
+            "peers cannot dial port 0 ({addr}): advertise the port this node listens on"
+        ));
+    }
+    Ok(addr)
+}
+
 fn parse_seed(s: &str) -> Result<Seed, String> {
     let (id, addr) = match s.split_once('@') {
         Some((id, addr)) => (Some(parse_node_id(id)?), addr),
         None => (None, s),
     };
     let addr = addr.parse::<Address>().map_err(|e| e.to_string())?;
+    if let Address::Tcp { port: 0, .. } = addr {
+        return Err(format!(
+            "a seed cannot be dialled on port 0 ({addr}): port 0 means \"any free port\" \
+             only for --listen; give the port the seed node listens on (its ready line \
+             lists it)"
+        ));
+    }
     Ok(Seed { addr, id })
+}
+
+/// True when `a` and `b` may be the same socket: two in-memory addresses
+/// of one name, or TCP addresses with one port (not 0: unknown until
+/// bound) whose hosts are the same, where one is a wildcard (`0.0.0.0`,
+/// `[::]`), or `localhost` and a loopback address. Other host names are
+/// not resolved, so they match only themselves.
+fn same_endpoint(a: &Address, b: &Address) -> bool {
+    match (a, b) {
+        (Address::Mem(a), Address::Mem(b)) => a == b,
+        (
+            Address::Tcp {
+                host: host_a,
+                port: port_a,
+            },
+            Address::Tcp {
+                host: host_b,
+                port: port_b,
+            },
+        ) => port_a == port_b && *port_a != 0 && same_host(host_a, host_b),
+        _ => false,
+    }
+}
+
+/// The host part of [`same_endpoint`].
+fn same_host(a: &Host, b: &Host) -> bool {
+    let local = |h: &Host| match h {
+        Host::Ip(ip) => ip.is_loopback() || ip.is_unspecified(),
+        Host::Name(name) => name == "localhost",
+    };
+    match (a, b) {
+        _ if a == b => true,
+        (Host::Ip(ip), _) | (_, Host::Ip(ip)) if ip.is_unspecified() => true,
+        (Host::Name(name), other) | (other, Host::Name(name)) if name == "localhost" => {
+            local(other)
+        }
+        _ => false,
+    }
+}
+
+/// The first seed that is one of `listen` (see [`same_endpoint`]), with
+/// that listen address.
+fn seed_on_own_address<'a>(
+    seeds: &'a [Seed],
+    listen: &'a [Address],
+) -> Option<(&'a Seed, &'a Address)> {
+    seeds.iter().find_map(|seed| {
+        listen
+            .iter()
+            .find(|l| same_endpoint(&seed.addr, l))
+            .map(|l| (seed, l))
+    })
 }
 
 /// Hex digits of a node id: a node's X25519 public key.
@@ -496,6 +589,12 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     for addr in &args.listen {
         builder = builder.listen(addr.clone());
     }
+    let advertised = args.advertise.clone();
+    builder = builder.configure(|c| {
+        advertised
+            .into_iter()
+            .fold(c, |c, a| c.with_advertised_addr(a))
+    });
     for seed in &args.seed {
         builder = match &seed.id {
             Some(id) => builder.seed_id(seed.addr.clone(), id.clone()),
@@ -517,6 +616,19 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
         format!("cannot start the node (listening on {})", listen.join(", "))
     })?;
+
+    // A --listen on port 0 got its port only now: a seed may turn out to be
+    // this node (validate() refused the ones it could see).
+    let bound = node.listen_addrs();
+    if let Some((seed, listen)) = seed_on_own_address(&args.seed, &bound) {
+        warn!(
+            seed = %seed.addr,
+            listen = %listen,
+            "--seed {} is this node's own listen address (the port picked for --listen \
+             port 0): dialling it reaches only this node, so that seed is dropped",
+            seed.addr
+        );
+    }
 
     let topics = match TopicRecorder::start(&node, &args.subscribe, &events) {
         Ok(t) => t,
@@ -1005,6 +1117,169 @@ mod tests {
         let keys = load_keys(&parse(&["--network-key", net.to_str().unwrap()]).unwrap()).unwrap();
         assert!(keys.network_key.is_some());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_seed_on_port_0_is_refused() {
+        for seed in [
+            "tcp://127.0.0.1:0",
+            "tcp://localhost:0",
+            &format!("{}@tcp://[::1]:0", "ab".repeat(32)),
+        ] {
+            let e = parse(&["--seed", seed]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{seed}");
+            assert!(e.to_string().contains("port 0"), "{seed}: {e}");
+        }
+        assert!(parse(&["--seed", "tcp://127.0.0.1:1"]).is_ok());
+    }
+
+    #[test]
+    fn advertised_addresses_must_be_dialable() {
+        let e = parse(&["--advertise", "tcp://127.0.0.1:0"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("port 0"), "{e}");
+        let a = parse(&[
+            "--advertise",
+            "tcp://node-1.example.org:7000",
+            "--advertise",
+            "tcp://127.0.0.1:7000",
+        ])
+        .unwrap();
+        assert_eq!(a.advertise.len(), 2);
+    }
+
+    #[test]
+    fn admin_and_listen_must_not_share_an_address() {
+        for argv in [
+            &[
+                "--listen",
+                "tcp://127.0.0.1:27011",
+                "--admin",
+                "127.0.0.1:27011",
+            ][..],
+            &[
+                "--listen",
+                "tcp://0.0.0.0:27011",
+                "--admin",
+                "127.0.0.1:27011",
+            ],
+            &[
+                "--listen",
+                "tcp://localhost:27011",
+                "--admin",
+                "localhost:27011",
+            ],
+            &["--listen", "tcp://[::1]:27011", "--admin", "[::1]:27011"],
+            &[
+                "--listen",
+                "tcp://127.0.0.1:7000",
+                "--listen",
+                "tcp://127.0.0.1:27011",
+                "--admin",
+                "127.0.0.1:27011",
+            ],
+        ] {
+            let e = parse(argv).unwrap().validate().unwrap_err();
+            assert!(
+                e.contains("--admin and --listen use the same address"),
+                "{argv:?}: {e}"
+            );
+        }
+        for argv in [
+            &[
+                "--listen",
+                "tcp://127.0.0.1:27011",
+                "--admin",
+                "127.0.0.1:27012",
+            ][..],
+            &["--listen", "tcp://127.0.0.1:0", "--admin", "127.0.0.1:0"],
+            &[
+                "--listen",
+                "tcp://127.0.0.2:27011",
+                "--admin",
+                "127.0.0.1:27011",
+            ],
+            &[
+                "--listen",
+                "tcp://[::1]:27011",
+                "--admin",
+                "127.0.0.1:27011",
+            ],
+        ] {
+            let a = parse(argv).unwrap();
+            assert!(a.validate().is_ok(), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_cannot_seed_itself() {
+        let id = "ab".repeat(32);
+        let pinned = format!("{id}@tcp://127.0.0.1:7000");
+        for argv in [
+            &["--seed", "tcp://127.0.0.1:7000"][..],
+            &[
+                "--listen",
+                "tcp://0.0.0.0:7000",
+                "--seed",
+                "tcp://127.0.0.1:7000",
+            ],
+            &[
+                "--listen",
+                "tcp://127.0.0.1:7000",
+                "--seed",
+                "tcp://localhost:7000",
+            ],
+            &["--seed", "tcp://127.0.0.1:7001", "--seed", &pinned],
+        ] {
+            let e = parse(argv).unwrap().validate().unwrap_err();
+            assert!(
+                e.contains("is this node's own --listen address"),
+                "{argv:?}: {e}"
+            );
+        }
+        for argv in [
+            &["--seed", "tcp://127.0.0.1:7001"][..],
+            &[
+                "--listen",
+                "tcp://127.0.0.1:0",
+                "--seed",
+                "tcp://127.0.0.1:7000",
+            ],
+            &[
+                "--listen",
+                "tcp://127.0.0.1:7000",
+                "--seed",
+                "tcp://127.0.0.2:7000",
+            ],
+            &[
+                "--listen",
+                "tcp://127.0.0.1:7000",
+                "--seed",
+                "tcp://example.com:7000",
+            ],
+        ] {
+            let a = parse(argv).unwrap();
+            assert!(a.validate().is_ok(), "{argv:?}");
+        }
+        // With --listen on port 0 the port is known once bound: `run` warns
+        // then, checking the bound addresses the same way.
+        let a = parse(&[
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--seed",
+            "tcp://127.0.0.1:40123",
+        ])
+        .unwrap();
+        let bound: Vec<Address> = vec!["tcp://127.0.0.1:40123".parse().unwrap()];
+        let (seed, listen) = seed_on_own_address(&a.seed, &bound).unwrap();
+        assert_eq!((&seed.addr, listen), (&bound[0], &bound[0]));
+        assert!(seed_on_own_address(&a.seed, &a.listen).is_none());
+        let mem: Vec<Address> = vec!["mem://a".parse().unwrap()];
+        let mem_seed = [Seed {
+            addr: "mem://a".parse().unwrap(),
+            id: None,
+        }];
+        assert!(seed_on_own_address(&mem_seed, &mem).is_some());
     }
 
     #[test]

@@ -811,9 +811,11 @@ impl Pool {
             // connections (crossed dials, redials): a second connection
             // whose addresses share none with the link's comes from
             // another place with the same node id, most likely another
-            // node started with a copy of this one's key file. Each end
-            // then keeps replacing one with the other; nothing else would
-            // tell the operator.
+            // node started with a copy of this one's key file. The rules
+            // below then keep both (the second as a duplicate its sender
+            // never closes) or replace one with the other, and messages
+            // for the id take one of them; nothing else would tell the
+            // operator.
             if !link.listen_addrs.is_empty()
                 && !addrs.is_empty()
                 && !addrs.iter().any(|a| link.listen_addrs.contains(a))

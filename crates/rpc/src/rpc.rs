@@ -1594,10 +1594,10 @@ impl Rpc {
                 }
                 if let Some(p) = provider {
                     if !listings.iter().any(|l| &l.node_id == p) {
-                        return Err(last.map_or_else(
-                            || RpcError::NoProvider(format!("{service} on node {}", p.short())),
-                            |e| *e,
-                        ));
+                        // The service's name only: the caller named the node.
+                        return Err(
+                            last.map_or_else(|| RpcError::NoProvider(service.into()), |e| *e)
+                        );
                     }
                 }
                 let fits = |l: &Listing| {
