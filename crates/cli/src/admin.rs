@@ -421,6 +421,9 @@ pub(crate) struct StatusJson {
     pub(crate) pool: PoolJson,
     /// Every known peer, connected ones first.
     pub(crate) peers: Vec<PeerJson>,
+    /// The seeds (`--seed`), as given: who answered at each, whether it is
+    /// connected, and why the last dials failed.
+    pub(crate) seeds: Vec<SeedJson>,
     /// Peers blocked through `POST /peers/{id}/block`, hex, sorted.
     pub(crate) blocked: Vec<String>,
     /// Open connections, oldest first.
@@ -769,6 +772,27 @@ impl Limits {
     }
 }
 
+/// One seed in `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct SeedJson {
+    /// The address given with `--seed`.
+    pub(crate) addr: String,
+    /// The node that answered there last, hex (absent until one did).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) node_id: Option<String>,
+    /// Whether that node is connected now.
+    pub(crate) connected: bool,
+    /// Dials of the address that failed in a row.
+    pub(crate) failures: u32,
+    /// Why the last failed dial failed (absent once one succeeds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) last_error: Option<String>,
+    /// Milliseconds until the next dial, when one is due (not connected, no
+    /// dial in flight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) next_dial_ms: Option<u64>,
+}
+
 /// Converts a node snapshot, its security mode, its handshake counters
 /// (`node.endpoint().stats()`), its pool limits, the rest of its concerns
 /// layer and its leasing mode to the JSON form.
@@ -816,6 +840,20 @@ pub(crate) fn status_json(
             max_peers: limits.max_peers,
         },
         peers: peers_json(&status.peers, &status.routes),
+        seeds: status
+            .seeds
+            .iter()
+            .map(|s| SeedJson {
+                addr: s.addr.to_string(),
+                node_id: s.node_id.as_ref().map(|id| id.to_string()),
+                connected: s.connected,
+                failures: s.failures,
+                last_error: s.last_error.clone(),
+                next_dial_ms: s
+                    .next_dial_in
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            })
+            .collect(),
         blocked,
         connections: status.connections.iter().map(connection_json).collect(),
         concerns: status.concerns.iter().map(concern_json).collect(),
@@ -1780,7 +1818,7 @@ mod tests {
     use crate::demo_service::DemoService;
     use crate::echo::{Echo, TopicRecorder};
     use meshwork::NodeBuilder;
-    use meshwork::peers::{PeerEvent, PeerState, PeersConfig, PoolStats};
+    use meshwork::peers::{PeerEvent, PeerState, PeersConfig, PoolStats, SeedSnapshot};
     use meshwork::transport::EndpointStats;
     use meshwork::transport::mem::MemNetwork;
     use serde_json::{Value, json};
@@ -2015,6 +2053,24 @@ mod tests {
                     dial_failures: 3,
                 },
             ],
+            seeds: vec![
+                SeedSnapshot {
+                    addr: "tcp://127.0.0.1:7001".parse().unwrap(),
+                    node_id: Some(peer.clone()),
+                    connected: true,
+                    failures: 0,
+                    last_error: None,
+                    next_dial_in: None,
+                },
+                SeedSnapshot {
+                    addr: "tcp://127.0.0.1:7009".parse().unwrap(),
+                    node_id: None,
+                    connected: false,
+                    failures: 4,
+                    last_error: Some("Connection refused (os error 111)".into()),
+                    next_dial_in: Some(Duration::from_millis(2500)),
+                },
+            ],
             blocked: vec![known.clone(), peer.clone()],
             concerns: vec![ConcernStats {
                 command: 0x100,
@@ -2184,6 +2240,16 @@ mod tests {
                     "dial_failures": 3,
                     "metadata": {}
                 }],
+                "seeds": [
+                    {"addr": "tcp://127.0.0.1:7001", "node_id": "010203", "connected": true, "failures": 0},
+                    {
+                        "addr": "tcp://127.0.0.1:7009",
+                        "connected": false,
+                        "failures": 4,
+                        "last_error": "Connection refused (os error 111)",
+                        "next_dial_ms": 2500
+                    }
+                ],
                 "blocked": ["010203", "04"],
                 "connections": [{
                     "node_id": "010203",

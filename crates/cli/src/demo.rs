@@ -1571,6 +1571,7 @@ mod tests {
             uptime: Duration::from_secs(1),
             pool: Default::default(),
             peers,
+            seeds: vec![],
             blocked: vec![],
             concerns: vec![],
             routes: vec![],

@@ -139,7 +139,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshwork_concerns::{Concern, ConcernStats, Concerns, ConcernsConfig, ConcernsError, Route};
-use meshwork_peers::{PeerManager, PeerSnapshot, PeersConfig, PeersError, PoolStats};
+use meshwork_peers::{PeerManager, PeerSnapshot, PeersConfig, PeersError, PoolStats, SeedSnapshot};
 use meshwork_rpc::{CallStats, Rpc, RpcConfig, RpcError, ServedStats};
 use meshwork_sync::{SyncConfig, SyncError, SyncMap, SyncStats};
 use meshwork_transport::{
@@ -469,6 +469,8 @@ pub struct NodeStatus {
     pub pool: PoolStats,
     /// Every known peer with its state and quality, connected ones first.
     pub peers: Vec<PeerSnapshot>,
+    /// The seeds, as configured: who answers at each and why dials failed.
+    pub seeds: Vec<SeedSnapshot>,
     /// Peers blocked by fault injection.
     pub blocked: Vec<NodeId>,
     /// Every concern with its counters.
@@ -590,6 +592,7 @@ impl Node {
             uptime: self.inner.started.elapsed(),
             pool: peers.stats(),
             peers: peers.peers(),
+            seeds: peers.seeds(),
             blocked: peers.blocked(),
             concerns: self.inner.concerns.stats(),
             routes: self.inner.concerns.routes(),

@@ -138,3 +138,22 @@ pub struct PeerSnapshot {
     /// Dials that failed in a row.
     pub dial_failures: u32,
 }
+
+/// One seed as the manager sees it at a moment: whether it answers, and
+/// why not (what an operator whose node does not join looks at first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedSnapshot {
+    /// The seed's address, as configured.
+    pub addr: Address,
+    /// The node that answered there last, if any did.
+    pub node_id: Option<NodeId>,
+    /// Whether that node is connected now.
+    pub connected: bool,
+    /// Dials of this address that failed in a row.
+    pub failures: u32,
+    /// Why the last failed dial failed.
+    pub last_error: Option<String>,
+    /// When it is dialled next, if it is due for a dial (not connected, no
+    /// dial in flight): from now.
+    pub next_dial_in: Option<Duration>,
+}

@@ -91,5 +91,5 @@ pub use meshwork_wire as wire;
 
 pub use config::PeersConfig;
 pub use error::PeersError;
-pub use event::{Inbound, PeerEvent, PeerSnapshot, PeerState};
+pub use event::{Inbound, PeerEvent, PeerSnapshot, PeerState, SeedSnapshot};
 pub use manager::{ConcernFrame, InboundHandler, PeerEvents, PeerManager, PoolStats};

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, trace, warn};
 
-use crate::event::{Inbound, PeerEvent, PeerSnapshot};
+use crate::event::{Inbound, PeerEvent, PeerSnapshot, SeedSnapshot};
 use crate::pool::{Action, ConnId, DialFailure, DialId, LinkInfo, Pool};
 use crate::{PeersConfig, PeersError};
 
@@ -414,6 +414,12 @@ impl PeerManager {
         lock(&self.inner.pool).snapshot(Instant::now())
     }
 
+    /// The seeds, in the order configured: the node that answered at each,
+    /// whether it is connected, and why the last dials failed.
+    pub fn seeds(&self) -> Vec<SeedSnapshot> {
+        lock(&self.inner.pool).seed_snapshots(Instant::now())
+    }
+
     /// The peers with a live connection.
     pub fn connected(&self) -> Vec<PeerSnapshot> {
         let mut all = self.peers();
@@ -680,7 +686,7 @@ impl Inner {
                                 debug!(%addr, error = %e, "dial failed");
                             }
                             this.with_pool(|p, now| {
-                                p.on_dial_failed(dial, failure, now);
+                                p.on_dial_failed_with(dial, failure, Some(e.to_string()), now);
                                 // A full node names some of its peers.
                                 if let TransportError::Refused { alternatives, .. } = &e {
                                     p.on_discovered(alternatives, now);

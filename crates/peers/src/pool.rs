@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::config::PeersConfig;
-use crate::event::{PeerEvent, PeerSnapshot, PeerState};
+use crate::event::{PeerEvent, PeerSnapshot, PeerState, SeedSnapshot};
 use crate::heartbeat::{Heartbeat, Liveness};
 use crate::score::{score, weighted_choice};
 
@@ -321,6 +321,9 @@ struct Seed {
     backoff: Backoff,
     next_attempt: Instant,
     dialing: Option<DialId>,
+    /// Dials that failed in a row, and why the last one did.
+    failures: u32,
+    last_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -454,6 +457,8 @@ impl Pool {
                 backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
                 next_attempt: now,
                 dialing: None,
+                failures: 0,
+                last_error: None,
             });
         }
         Pool {
@@ -564,6 +569,8 @@ impl Pool {
                     seed.dialing = None;
                     seed.node = Some(info.node.clone());
                     seed.backoff.reset();
+                    seed.failures = 0;
+                    seed.last_error = None;
                 }
             }
             if let Some(expected) = &d.node {
@@ -946,7 +953,19 @@ impl Pool {
     }
 
     /// A dial failed before or during the handshake.
+    #[cfg(test)]
     pub(crate) fn on_dial_failed(&mut self, dial: DialId, failure: DialFailure, now: Instant) {
+        self.on_dial_failed_with(dial, failure, None, now);
+    }
+
+    /// A dial failed, with the error's text (kept for a seed's status).
+    pub(crate) fn on_dial_failed_with(
+        &mut self,
+        dial: DialId,
+        failure: DialFailure,
+        error: Option<String>,
+        now: Instant,
+    ) {
         let Some(d) = self.dials.remove(&dial) else {
             return;
         };
@@ -963,6 +982,8 @@ impl Pool {
             if let Some(seed) = self.seeds.iter_mut().find(|s| &s.addr == seed_addr) {
                 seed.dialing = None;
                 seed.next_attempt = now + seed.backoff.fail(jitter);
+                seed.failures += 1;
+                seed.last_error = error;
                 seed_node = seed.node.clone();
             }
         }
@@ -1919,6 +1940,31 @@ impl Pool {
     }
 
     // ----- queries -----------------------------------------------------
+
+    /// The seeds, in the order configured.
+    pub(crate) fn seed_snapshots(&self, now: Instant) -> Vec<SeedSnapshot> {
+        self.seeds
+            .iter()
+            .map(|s| {
+                let connected = s.node.as_ref().is_some_and(|n| self.is_linked(n));
+                // A seed whose node is known follows that node's backoff.
+                let due = s
+                    .node
+                    .as_ref()
+                    .and_then(|n| self.entries.get(n))
+                    .map_or(s.next_attempt, |e| s.next_attempt.max(e.next_attempt));
+                SeedSnapshot {
+                    addr: s.addr.clone(),
+                    node_id: s.node.clone(),
+                    connected,
+                    failures: s.failures,
+                    last_error: s.last_error.clone(),
+                    next_dial_in: (!connected && s.dialing.is_none())
+                        .then(|| due.saturating_duration_since(now)),
+                }
+            })
+            .collect()
+    }
 
     /// Every known peer, connected ones first, then by id.
     pub(crate) fn snapshot(&self, now: Instant) -> Vec<PeerSnapshot> {

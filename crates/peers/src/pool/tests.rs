@@ -161,6 +161,38 @@ fn dials_seeds_and_backs_off_with_jitter() {
     assert_eq!(dials(&h.poll()).len(), 2, "and at most 100 ms");
 }
 
+/// A seed's status says why it does not answer, and when it is tried
+/// again; once it answers, which node it is.
+#[test]
+fn a_seeds_status_says_why_its_dials_fail() {
+    let mut h = Harness::new(0, cfg().with_seed(addr(1)));
+    let seed = |h: &Harness| h.pool.seed_snapshots(h.now).remove(0);
+    assert_eq!(seed(&h).next_dial_in, Some(Duration::ZERO), "due at once");
+    let d = dials(&h.poll());
+    assert_eq!(seed(&h).next_dial_in, None, "being dialled");
+    let refused = "Connection refused (os error 111)".to_string();
+    h.pool
+        .on_dial_failed_with(d[0].0, DialFailure::Transient, Some(refused.clone()), h.now);
+    let s = seed(&h);
+    assert_eq!(
+        (s.failures, s.last_error, s.connected),
+        (1, Some(refused), false)
+    );
+    assert!(
+        s.next_dial_in
+            .is_some_and(|d| d > Duration::ZERO && d <= 100 * MS)
+    );
+    h.advance(S);
+    let d = dials(&h.poll());
+    h.pool
+        .on_dial_ok(d[0].0, 1, info(1, Direction::Outbound), h.now);
+    let s = seed(&h);
+    assert_eq!(s.addr, addr(1));
+    assert_eq!(s.node_id, Some(id(1)));
+    assert_eq!((s.failures, s.last_error, s.connected), (0, None, true));
+    assert_eq!(s.next_dial_in, None);
+}
+
 /// A peer that said it shut down is redialled no sooner than the longest
 /// backoff, unless it is a seed: a restarted seed is back within seconds
 /// (a newcomer found its seed back 30-60 s after a restart).
