@@ -529,8 +529,9 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "pinned-seed",
         about: "a node started with --seed ID@ADDR naming node 0's address but another \
-                node's id never connects to node 0 for 3 s and counts unexpected_peer \
-                handshake failures; one started with node 0's own id connects",
+                node's id never connects to node 0 for 3 s, counts unexpected_peer \
+                handshake failures and says why in its /status seeds; one started with \
+                node 0's own id connects",
         run: scenario_pinned_seed,
     },
     Scenario {
@@ -1202,7 +1203,8 @@ fn scenario_pinned_seed(mesh: &mut Mesh) -> Result<String> {
     stopped.with_context(|| format!("stopping node {pinned} (seed pinned to node 0)"))?;
     Ok(format!(
         "node {fooled} (seed pinned to {}) stayed away from node 0 for {}, refusing it \
-         {refusals} time(s) (unexpected_peer); node {pinned} (pinned to node 0's id) connected",
+         {refusals} time(s) (unexpected_peer; its /status seeds say why); node {pinned} \
+         (pinned to node 0's id) connected",
         short_id(&other),
         fmt_duration(OUTSIDER_WINDOW),
     ))
@@ -1226,12 +1228,29 @@ fn check_pinned_elsewhere(mesh: &mut Mesh, fooled: usize, id0: &str) -> Result<u
             Ok(())
         },
     )?;
+    let addr0 = mesh.nodes[0].ready.listen[0].clone();
     mesh.check_now("after the window", Poll::Only(&[fooled]), |_, snap| {
-        let refused = snap.status(fooled)?.failures("unexpected_peer");
+        let status = snap.status(fooled)?;
+        let refused = status.failures("unexpected_peer");
         if refused == 0 {
             return Err(Wait::Fatal(format!(
                 "node {fooled} counted no unexpected_peer failure (handshake_failures: {:?})",
-                snap.status(fooled)?.handshake_failures
+                status.handshake_failures
+            )));
+        }
+        // Its /status says why the seed does not answer.
+        let says_why = status.seeds.iter().any(|s| {
+            s.addr == addr0
+                && !s.connected
+                && s.failures > 0
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("expected node"))
+        });
+        if !says_why {
+            return Err(Wait::Fatal(format!(
+                "node {fooled}'s /status seeds do not say why {addr0} is refused: {:?}",
+                status.seeds
             )));
         }
         Ok(refused)
@@ -6604,6 +6623,8 @@ struct Status {
     peers: Vec<Peer>,
     /// Ids of the blocked nodes.
     blocked: Vec<String>,
+    /// The node's `--seed`s and how its dials of them went.
+    seeds: Vec<SeedStatus>,
     /// Every concern's counters, the built-in ones included.
     concerns: Vec<ConcernStats>,
     routes: Vec<Route>,
@@ -6620,6 +6641,37 @@ struct Status {
     served: Vec<ServedService>,
     /// Counters of the RPC calls the node made.
     calls: CallCounters,
+}
+
+/// One entry of `/status`'s `seeds`.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct SeedStatus {
+    addr: String,
+    node_id: Option<String>,
+    connected: bool,
+    failures: u64,
+    last_error: Option<String>,
+}
+
+fn parse_seed_status(v: &Value) -> Result<SeedStatus> {
+    let opt_str = |name: &str| -> Result<Option<String>> {
+        match v.get(name) {
+            None => Ok(None),
+            Some(f) => f
+                .as_str()
+                .map(|s| Some(s.to_owned()))
+                .with_context(|| format!("`{name}` is not a string")),
+        }
+    };
+    Ok(SeedStatus {
+        addr: str_field(v, "addr")?,
+        node_id: opt_str("node_id")?,
+        connected: field(v, "connected")?
+            .as_bool()
+            .context("`connected` is not a boolean")?,
+        failures: u64_field(v, "failures")?,
+        last_error: opt_str("last_error")?,
+    })
 }
 
 /// One entry of `/status`'s `served`.
@@ -6906,6 +6958,7 @@ fn parse_status(v: &Value) -> Result<Status> {
         pool: parse_pool(field(v, "pool")?).context("pool")?,
         peers,
         blocked: str_list(v, "blocked")?,
+        seeds: list_field(v, "seeds", parse_seed_status)?,
         concerns: list_field(v, "concerns", parse_concern_stats)?,
         routes: list_field(v, "routes", parse_route)?,
         builtin: parse_builtin(field(v, "builtin")?).context("builtin")?,
