@@ -7872,7 +7872,7 @@ mod tests {
 
     #[test]
     fn status_json() {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "node_id": "aa", "network_id": "n", "security": "noise", "handshakes_ok": 2,
             "handshake_failures": {"crypto": 3}, "rejected_busy": 0,
             "evicted_handshakes": 1, "pending_handshakes": 2,
@@ -7920,6 +7920,12 @@ mod tests {
             }],
             "calls": {"calls": 7, "failures": 2, "retries": 1}
         });
+        // Apart: one literal that large exceeds the macro's recursion limit.
+        v["seeds"] = serde_json::json!([
+            {"addr": "tcp://127.0.0.1:2", "node_id": "bb", "connected": true, "failures": 0},
+            {"addr": "tcp://127.0.0.1:9", "connected": false, "failures": 3,
+             "last_error": "refused", "next_dial_ms": 1500}
+        ]);
         let s = parse_status(&v).unwrap();
         let echo = s.concern(ECHO_COMMAND).unwrap();
         assert_eq!(
@@ -7938,6 +7944,25 @@ mod tests {
         );
         assert_eq!(s.builtin["flood"]["seen"], 3);
         assert_eq!(s.subscriptions, ["t"]);
+        assert_eq!(
+            s.seeds,
+            [
+                SeedStatus {
+                    addr: "tcp://127.0.0.1:2".into(),
+                    node_id: Some("bb".into()),
+                    connected: true,
+                    failures: 0,
+                    last_error: None,
+                },
+                SeedStatus {
+                    addr: "tcp://127.0.0.1:9".into(),
+                    node_id: None,
+                    connected: false,
+                    failures: 3,
+                    last_error: Some("refused".into()),
+                },
+            ]
+        );
         assert_eq!(
             s.sync,
             SyncStatus {
@@ -8059,6 +8084,7 @@ mod tests {
             "pool",
             "peers",
             "blocked",
+            "seeds",
             "concerns",
             "routes",
             "builtin",
