@@ -45,7 +45,8 @@ pub(crate) struct NodeArgs {
     /// Address to give peers instead of the --listen addresses (repeatable):
     /// what they should dial when this node listens on 0.0.0.0 (advertised
     /// otherwise as the IP its host name resolves to), behind a port
-    /// forward, or under a DNS name.
+    /// forward, or under a DNS name. `/status` lists these as `listen`;
+    /// the ready line lists the bound addresses.
     #[arg(long, value_name = "ADDR", value_parser = parse_advertised)]
     advertise: Vec<Address>,
 
@@ -349,8 +350,7 @@ struct Seed {
     id: Option<NodeId>,
 }
 
-/// Parses `--seed`: `ADDR` or `NODE_ID@ADDR`. Port 0 is refused: it means
-/// "any free port" only when listening, and no node can be dialled there.
+/// Parses `--advertise`: an address peers can dial (not port 0).
 fn parse_advertised(s: &str) -> Result<Address, String> {
     let addr = s.parse::<Address>().map_err(|e| e.to_string())?;
     if let Address::Tcp { port: 0, .. } = addr {
@@ -361,6 +361,8 @@ fn parse_advertised(s: &str) -> Result<Address, String> {
     Ok(addr)
 }
 
+/// Parses `--seed`: `ADDR` or `NODE_ID@ADDR`. Port 0 is refused: it means
+/// "any free port" only when listening, and no node can be dialled there.
 fn parse_seed(s: &str) -> Result<Seed, String> {
     let (id, addr) = match s.split_once('@') {
         Some((id, addr)) => (Some(parse_node_id(id)?), addr),
@@ -415,6 +417,30 @@ fn same_host(a: &Host, b: &Host) -> bool {
     }
 }
 
+/// True when dialling `seed` may reach this node's listener `listen`: as
+/// [`same_endpoint`], except that a wildcard listener (`0.0.0.0`, `[::]`)
+/// is reached only through a local host (loopback, wildcard, `localhost`),
+/// not through any other host on the same port.
+fn seed_reaches_listener(seed: &Address, listen: &Address) -> bool {
+    match (seed, listen) {
+        (Address::Tcp { host: sh, port: sp }, Address::Tcp { host: lh, port: lp }) => {
+            let local = |h: &Host| match h {
+                Host::Ip(ip) => ip.is_loopback() || ip.is_unspecified(),
+                Host::Name(name) => name == "localhost",
+            };
+            let wildcard = |h: &Host| matches!(h, Host::Ip(ip) if ip.is_unspecified());
+            sp == lp
+                && *sp != 0
+                && if wildcard(lh) || wildcard(sh) {
+                    local(sh) && local(lh)
+                } else {
+                    same_host(sh, lh)
+                }
+        }
+        _ => same_endpoint(seed, listen),
+    }
+}
+
 /// The first seed that is one of `listen` (see [`same_endpoint`]), with
 /// that listen address.
 fn seed_on_own_address<'a>(
@@ -424,7 +450,7 @@ fn seed_on_own_address<'a>(
     seeds.iter().find_map(|seed| {
         listen
             .iter()
-            .find(|l| same_endpoint(&seed.addr, l))
+            .find(|l| seed_reaches_listener(&seed.addr, l))
             .map(|l| (seed, l))
     })
 }
@@ -619,7 +645,7 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
 
     // A --listen on port 0 got its port only now: a seed may turn out to be
     // this node (validate() refused the ones it could see).
-    let bound = node.listen_addrs();
+    let bound = node.endpoint().bound_addrs();
     if let Some((seed, listen)) = seed_on_own_address(&args.seed, &bound) {
         warn!(
             seed = %seed.addr,
@@ -712,7 +738,12 @@ fn print_ready(node: &Node, admin: Option<SocketAddr>) -> anyhow::Result<()> {
     let ready = Ready {
         event: "ready",
         node_id: node.node_id().to_string(),
-        listen: node.listen_addrs().iter().map(|a| a.to_string()).collect(),
+        listen: node
+            .endpoint()
+            .bound_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
         admin: admin.map(|a| a.to_string()),
     };
     let line = serde_json::to_string(&ready)?;
@@ -1208,6 +1239,20 @@ mod tests {
         ] {
             let a = parse(argv).unwrap();
             assert!(a.validate().is_ok(), "{argv:?}");
+        }
+    }
+
+    /// Review: every node of a deployment listening on 0.0.0.0:7000 and
+    /// seeded with another host on the same port is refused at start.
+    #[test]
+    fn a_wildcard_listener_may_seed_another_host_on_the_same_port() {
+        for seed in [
+            "tcp://192.0.2.10:7000",
+            "tcp://seed-1.example.org:7000",
+            "tcp://[2001:db8::1]:7000",
+        ] {
+            let a = parse(&["--listen", "tcp://0.0.0.0:7000", "--seed", seed]).unwrap();
+            assert_eq!(a.validate(), Ok(()), "{seed}");
         }
     }
 

@@ -529,7 +529,8 @@ impl Node {
         self.inner.peers.node_id()
     }
 
-    /// Where this node accepts connections.
+    /// Where this node accepts connections, as peers are told
+    /// ([`Endpoint::listen_addrs`]: the advertised addresses, if any).
     pub fn listen_addrs(&self) -> Vec<Address> {
         self.endpoint().listen_addrs()
     }

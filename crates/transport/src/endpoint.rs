@@ -193,6 +193,13 @@ impl Endpoint {
         if !self.inner.config.advertised.is_empty() {
             return self.inner.config.advertised.clone();
         }
+        self.bound_addrs()
+    }
+
+    /// Addresses the listeners are bound to (the port a listen address of
+    /// port 0 picked included), whatever is advertised; one bound to
+    /// `0.0.0.0` or `[::]` as the local host's IP ([`local_host_ip`]).
+    pub fn bound_addrs(&self) -> Vec<Address> {
         lock(&self.inner.listen_addrs).clone()
     }
 

@@ -199,6 +199,11 @@ async fn advertised_addresses_replace_the_listeners_in_the_hello(net: Net) {
         .listening("server", config().with_advertised_addr(public.clone()))
         .await;
     assert_eq!(server.listen_addrs(), vec![public.clone()]);
+    assert_eq!(
+        server.bound_addrs(),
+        vec![addr.clone()],
+        "what it is bound to"
+    );
     let client = net.dialer("client", config());
     let to_server = client.connect(&addr).await.unwrap();
     assert_eq!(
