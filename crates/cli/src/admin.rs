@@ -50,8 +50,10 @@
 //! e.g. `unknown_command`), 503 `not_connected`, `unresponsive`, `dropped`
 //! or `shutdown`, 400 `bad_request` (bad id, this node's own id, bad
 //! `timeout_ms`). The `/kv` endpoints answer 409 `lease_held` (with `owner`,
-//! the holder's id, and `until_ms`, when its lease lapses in ms since the
-//! Unix epoch) when another node holds the key's lease, 400 `bad_request`
+//! the holder's id, `until_ms`, when its lease lapses in ms since the Unix
+//! epoch, and a `hint` when the holder is not connected, as when it was this
+//! node before a restart without `--key`) when another node holds the key's
+//! lease, 400 `bad_request`
 //! for an empty key (`/kv/`, `/kv//release`), 400 `too_large` for a key
 //! over 1024 bytes or a value over 1 MiB, 503 `shutdown`.
 //! `POST /rpc` answers with the call error's label as the `code` (see
@@ -772,6 +774,26 @@ impl Limits {
     }
 }
 
+/// [`ApiError::from_sync`], with a hint when a lease is held by a node
+/// this one has no link to: most often this very node before a restart
+/// without `--key` (a new id each start), whose old id keeps its leases
+/// until they lapse.
+fn kv_error(node: &Node, e: &SyncError) -> ApiError {
+    let error = ApiError::from_sync(e);
+    match e {
+        SyncError::LeaseHeld { owner, .. }
+            if !node.peers().connected().iter().any(|p| &p.node_id == owner) =>
+        {
+            error.with_field(
+                "hint",
+                "the owner is not connected to this node: if it was a node restarted \
+                 without --key (a new id at each start), its lease lapses at until_ms",
+            )
+        }
+        _ => error,
+    }
+}
+
 /// One seed in `GET /status`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct SeedJson {
@@ -1430,7 +1452,7 @@ async fn kv_put(
             ));
         }
     };
-    let version = written.map_err(|e| ApiError::from_sync(&e))?;
+    let version = written.map_err(|e| kv_error(&state.node, &e))?;
     Ok(Json(KvVersion {
         version: version.as_u64(),
     }))
@@ -1453,7 +1475,7 @@ async fn kv_delete(
     match state.node.sync().remove(&key).await {
         Ok(true) => Ok(Json(KvDeleted { deleted: true })),
         Ok(false) => Err(no_value(&key)),
-        Err(e) => Err(ApiError::from_sync(&e)),
+        Err(e) => Err(kv_error(&state.node, &e)),
     }
 }
 
@@ -1478,7 +1500,7 @@ async fn kv_release(
             version: version.as_u64(),
         })),
         Err(SyncError::NotFound(_)) => Err(no_value(&key)),
-        Err(e) => Err(ApiError::from_sync(&e)),
+        Err(e) => Err(kv_error(&state.node, &e)),
     }
 }
 
@@ -3048,6 +3070,7 @@ mod tests {
             .as_millis() as u64;
         assert!(body["until_ms"].as_u64().unwrap() > now, "{body}");
         assert!(body["error"].as_str().unwrap().contains("leased"), "{body}");
+        assert_eq!(body["hint"], Value::Null, "the owner is connected: {body}");
     }
 
     /// A key written on `a` reaches `b`, which may not overwrite, delete or
@@ -3135,7 +3158,26 @@ mod tests {
             assert_eq!(code, 404, "{method} {path}: {body}");
             assert_eq!(body["code"], "not_found", "{method} {path}: {body}");
         }
+
+        // A key whose owner is gone (a node restarted without --key comes
+        // back as another id): the 409 says what may be going on.
+        let (code, body) = send_json(addr_b, "PUT", "/kv/kept", b"b's").await;
+        assert_eq!(code, 200, "{body}");
+        wait_get(addr_a, "/kv/kept", "b's key at a", |code, _| code == 200).await;
         b.shutdown().await;
+        wait_get(addr_a, "/status", "b gone from a", |_, s| {
+            s["pool"]["connected"] == 0
+        })
+        .await;
+        let (code, body) = send_json(addr_a, "PUT", "/kv/kept", b"a's").await;
+        assert_eq!((code, &body["code"]), (409, &json!("lease_held")), "{body}");
+        assert!(
+            body["hint"]
+                .as_str()
+                .unwrap()
+                .contains("restarted without --key"),
+            "{body}"
+        );
         a.shutdown().await;
     }
 

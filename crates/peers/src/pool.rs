@@ -1980,19 +1980,18 @@ impl Pool {
             .iter()
             .map(|s| {
                 let connected = s.node.as_ref().is_some_and(|n| self.is_linked(n));
-                // A seed whose node is known follows that node's backoff.
-                let due = s
-                    .node
-                    .as_ref()
-                    .and_then(|n| self.entries.get(n))
-                    .map_or(s.next_attempt, |e| s.next_attempt.max(e.next_attempt));
+                // A seed whose node is known follows that node's backoff, and
+                // is being dialled when that node is.
+                let entry = s.node.as_ref().and_then(|n| self.entries.get(n));
+                let due = entry.map_or(s.next_attempt, |e| s.next_attempt.max(e.next_attempt));
+                let dialling = s.dialing.is_some() || entry.is_some_and(|e| e.dialing.is_some());
                 SeedSnapshot {
                     addr: s.addr.clone(),
                     node_id: s.node.clone(),
                     connected,
                     failures: s.failures,
                     last_error: s.last_error.clone(),
-                    next_dial_in: (!connected && s.dialing.is_none())
+                    next_dial_in: (!connected && !dialling)
                         .then(|| due.saturating_duration_since(now)),
                 }
             })

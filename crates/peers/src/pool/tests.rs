@@ -191,6 +191,12 @@ fn a_seeds_status_says_why_its_dials_fail() {
     assert_eq!(s.node_id, Some(id(1)));
     assert_eq!((s.failures, s.last_error, s.connected), (0, None, true));
     assert_eq!(s.next_dial_in, None);
+    // Lost: redialled as a seed or as the node it is, either way "being
+    // dialled" (once, not twice).
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.advance(S);
+    assert_eq!(dials(&h.poll()).len(), 1);
+    assert_eq!(seed(&h).next_dial_in, None);
 }
 
 /// A peer that said it shut down is redialled no sooner than the longest
