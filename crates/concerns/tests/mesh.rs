@@ -340,7 +340,9 @@ async fn random_mesh(net: &MemNetwork, n: usize, seed: u64) -> Vec<TestNode> {
 async fn random_mesh_max(net: &MemNetwork, n: usize, max: usize, seed: u64) -> Vec<TestNode> {
     for attempt in 0..5u64 {
         let seed = seed + 1000 * attempt;
-        let nodes = try_random_mesh(net, n, max, seed, &format!("r{attempt}-")).await;
+        let Some(nodes) = try_random_mesh(net, n, max, seed, &format!("r{attempt}-")).await else {
+            continue;
+        };
         let deadline = Instant::now() + 10 * S;
         loop {
             if distances(&nodes).iter().flatten().all(Option::is_some) {
@@ -358,14 +360,18 @@ async fn random_mesh_max(net: &MemNetwork, n: usize, max: usize, seed: u64) -> V
 }
 
 /// The nodes `{prefix}0` to `{prefix}{n-1}`, each seeded with two earlier
-/// ones picked by `seed`, once every node has 2 peers.
+/// ones picked by `seed`, once every node has 2 peers; none (the nodes
+/// stopped) if one is still short after 60 s. With 2 slots of 4 kept for
+/// outbound links, the last joiners can find every node full (each node's
+/// two inbound slots taken): rare (1 run in about 70 under load), and the
+/// peers layer's to handle, not what these tests are about.
 async fn try_random_mesh(
     net: &MemNetwork,
     n: usize,
     max: usize,
     seed: u64,
     prefix: &str,
-) -> Vec<TestNode> {
+) -> Option<Vec<TestNode>> {
     eprintln!("random mesh of {n} nodes, seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut nodes = Vec::new();
@@ -385,10 +391,14 @@ async fn try_random_mesh(
         .iter()
         .any(|n| n.concerns.peers().stats().connected < 2)
     {
-        assert!(Instant::now() < deadline, "mesh did not form (seed {seed})");
+        if Instant::now() >= deadline {
+            eprintln!("seed {seed}: a node stayed below 2 peers for 60 s; building another");
+            stop(nodes).await;
+            return None;
+        }
         sleep(100 * MS).await;
     }
-    nodes
+    Some(nodes)
 }
 
 #[tokio::test(start_paused = true)]
@@ -1670,9 +1680,15 @@ async fn a_full_node_the_origin_keeps_dialling_does_not_hold_the_search_back() {
     assert!(matches!(err, ConcernsError::Unreachable(_)), "{err:?}");
     assert!(started.elapsed() < 2 * S, "{:?}", started.elapsed());
     assert_eq!(builtin_stat(&o.concerns, "routing", "exhausted"), 1);
+    // The premise: o keeps dialling them meanwhile (at least every 300 ms;
+    // under load a refusal can land just after the search ended, 1 run in
+    // about 30 when two stress runs shared the machine).
+    while refusals() <= dials && started.elapsed() < 2 * S {
+        sleep(50 * MS).await;
+    }
     assert!(
         refusals() > dials,
-        "o dialled neither f nor g during the search"
+        "o dialled neither f nor g within 2 s of the search's start"
     );
     assert!(!linked(&o, &f));
     stop(vec![a, b, f, g, o, nobody]).await;
