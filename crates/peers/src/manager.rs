@@ -681,7 +681,7 @@ impl Inner {
                                 // Alone, and a seed does not answer (wrong
                                 // address, down, nothing listening): at the
                                 // default level, once per backoff.
-                                warn!(%addr, error = %e, "cannot reach seed; no peer yet (retrying)");
+                                warn!(%addr, error = %e, "cannot reach seed, and no peer is connected (retrying)");
                             } else {
                                 debug!(%addr, error = %e, "dial failed");
                             }

@@ -1965,9 +1965,18 @@ impl Pool {
                 }
             }
         }
-        let dial = self.new_dial(addr.clone(), None, Some(addr));
+        // A seed whose node is known is dialled as that node too: its
+        // entry is dialling, and a failure backs both off (otherwise the
+        // entry, due on its own clock, dialled the same address again at
+        // once: two dials, and two warnings, per round).
+        let known = node.filter(|n| self.entries.contains_key(n));
+        let dial = self.new_dial(addr.clone(), known.clone(), Some(addr));
         if let Some(seed) = self.seeds.get_mut(i) {
             seed.dialing = Some(dial);
+        }
+        if let Some(e) = known.and_then(|n| self.entries.get_mut(&n)) {
+            e.dialing = Some(dial);
+            e.set_state(PeerState::Connecting, &mut self.actions);
         }
         true
     }

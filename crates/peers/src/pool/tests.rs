@@ -195,8 +195,31 @@ fn a_seeds_status_says_why_its_dials_fail() {
     // dialled" (once, not twice).
     h.pool.on_closed(1, CloseReason::Eof, h.now);
     h.advance(S);
-    assert_eq!(dials(&h.poll()).len(), 1);
+    let d = dials(&h.poll());
+    assert_eq!(d.len(), 1);
     assert_eq!(seed(&h).next_dial_in, None);
+    // That dial fails: nothing dials the address again before a backoff,
+    // neither the seed nor its node's entry (from a check with processes:
+    // each round was two dials and two warnings).
+    h.pool.on_dial_failed_with(
+        d[0].0,
+        DialFailure::Transient,
+        Some("refused".into()),
+        h.now,
+    );
+    assert!(dials(&h.poll()).is_empty());
+    for _ in 0..20 {
+        h.advance(S);
+        let d = dials(&h.poll());
+        assert!(d.len() <= 1, "{d:?}");
+        for (dial, _) in d {
+            h.pool.on_dial_failed(dial, DialFailure::Transient, h.now);
+            assert!(
+                dials(&h.poll()).is_empty(),
+                "a second dial of the same address"
+            );
+        }
+    }
 }
 
 /// A peer that said it shut down is redialled no sooner than the longest
