@@ -420,8 +420,24 @@ impl NodeBuilder {
                 started: Instant::now(),
             }),
         };
-        let listen: Vec<String> = node.listen_addrs().iter().map(|a| a.to_string()).collect();
-        info!(node = %node.node_id(), listen = %listen.join(" "), "node started");
+        let join = |addrs: Vec<Address>| {
+            addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (bound, advertised) = (node.endpoint().bound_addrs(), node.listen_addrs());
+        if bound == advertised {
+            info!(node = %node.node_id(), listen = %join(bound), "node started");
+        } else {
+            info!(
+                node = %node.node_id(),
+                listen = %join(bound),
+                advertised = %join(advertised),
+                "node started"
+            );
+        }
         Ok(node)
     }
 }
