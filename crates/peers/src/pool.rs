@@ -654,13 +654,7 @@ impl Pool {
         // first, the peer let through here is refused when taken.
         let full = counts.inbound + held >= self.cfg.inbound_limit()
             || counts.linked + held >= self.cfg.max_peers;
-        let may_evict = now >= self.next_eviction;
-        if !full
-            || linked
-            || (may_evict
-                && (self.reclaim_victim(held).is_some()
-                    || self.room_victim(node, Direction::Inbound).is_some()))
-        {
+        if !full || linked || self.may_make_room(node, held, now) {
             if !linked {
                 self.gated
                     .insert(node.clone(), (now + GATE_HOLD, handshakes + 1));
@@ -778,11 +772,7 @@ impl Pool {
                 self.make_room_for(&info, now)
             } else {
                 match info.direction {
-                    Direction::Inbound => {
-                        now >= self.next_eviction
-                            && (self.reclaim_victim(held).is_some()
-                                || self.room_victim(&info.node, info.direction).is_some())
-                    }
+                    Direction::Inbound => self.may_make_room(&info.node, held, now),
                     Direction::Outbound => self.room_victim(&info.node, info.direction).is_some(),
                 }
             });
@@ -1094,11 +1084,14 @@ impl Pool {
             CloseReason::Remote {
                 reason: DisconnectReason::Shutdown,
                 ..
-            } if !seed => (false, e.backoff.penalty(jitter)),
-            CloseReason::Remote {
-                reason: DisconnectReason::Shutdown,
-                ..
-            } => (false, e.backoff.fail(jitter)),
+            } => {
+                let wait = if seed {
+                    e.backoff.fail(jitter)
+                } else {
+                    e.backoff.penalty(jitter)
+                };
+                (false, wait)
+            }
             CloseReason::Remote {
                 reason: DisconnectReason::TooManyPeers | DisconnectReason::Banned,
                 ..
@@ -1337,9 +1330,20 @@ impl Pool {
         true
     }
 
+    /// Whether [`make_room_for`](Self::make_room_for) would close a link
+    /// for an inbound `node` (with `held` slots held for other handshakes):
+    /// the eviction budget allows it, and a slot can be given back or a
+    /// younger inbound peer gives way. What the gate and a connection taken
+    /// into a slot merely held ask.
+    fn may_make_room(&self, node: &NodeId, held: usize, now: Instant) -> bool {
+        now >= self.next_eviction
+            && (self.reclaim_victim(held).is_some()
+                || self.room_victim(node, Direction::Inbound).is_some())
+    }
+
     /// The least time between two links closed to make room for inbound
-    /// peers: the feeler interval (jittered from half to one and a half of
-    /// it), or a minute if feelers are off.
+    /// peers: the feeler interval (the wait after each eviction is jittered
+    /// from one to two of it), or a minute if feelers are off.
     fn eviction_interval(&self) -> Duration {
         match self.cfg.feeler_interval {
             d if d.is_zero() => Duration::from_secs(60),
@@ -1351,7 +1355,7 @@ impl Pool {
     /// pool is full only because our own dials borrowed slots of the inbound
     /// share: fewer than `inbound_limit` links (with the `held` slots the
     /// gate holds for handshakes) are inbound, more than the reserved number
-    /// are outbound. The youngest outbound link goes (by first link); the
+    /// are outbound. The outbound link made most recently goes; the
     /// reserved ones always stay. Without this, pools whose `min_peers` is
     /// close to `max_peers` get stuck: a node short of peers finds every
     /// other node full, some of them with more outbound links than they
@@ -1935,12 +1939,6 @@ impl Pool {
             return false;
         };
         if e.link.is_some() || e.dialing.is_some() || e.addrs.is_empty() {
-            return false;
-        }
-        // A seed's node known by its id may be due twice, as a seed and as
-        // an entry: one dial.
-        let seed_dialling = |s: &Seed| s.dialing.is_some() && s.node.as_ref() == Some(id);
-        if self.seeds.iter().any(seed_dialling) {
             return false;
         }
         // Rotate through the addresses as dials fail.
