@@ -28,6 +28,25 @@ async fn node(net: &MemNetwork, name: &str, config: PeersConfig) -> PeerManager 
     PeerManager::start(endpoint, config).unwrap()
 }
 
+/// Nodes `{prefix}0` to `{prefix}{n-1}` with `config`, started one after
+/// another, each seeded with every node started before it.
+async fn joined_in_turn(
+    net: &MemNetwork,
+    prefix: &str,
+    n: usize,
+    config: PeersConfig,
+) -> Vec<PeerManager> {
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let c = names[..i]
+            .iter()
+            .fold(config.clone(), |c, other| c.with_seed(addr(other)));
+        nodes.push(node(net, name, c).await);
+    }
+    nodes
+}
+
 /// A Concern request (command 7, id 1) carrying `payload`.
 fn request(payload: &[u8]) -> Concern {
     Concern {
@@ -201,20 +220,14 @@ async fn halves_of_a_partition_longer_than_the_lost_peer_window_rejoin() {
 #[tokio::test(start_paused = true)]
 async fn halves_of_a_saturated_mesh_rejoin_after_heal() {
     let net = MemNetwork::new();
+    // No inbound share: every half can become a complete graph of full
+    // pools (with 2 of 4 slots kept for dials, two nodes each needing one
+    // more link can only dial each other, and both refuse).
+    let c = config(4, 4)
+        .with_outbound_reserved(0)
+        .with_feeler_interval(20 * S);
+    let nodes = joined_in_turn(&net, "s", 10, c).await;
     let names: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        // No inbound share: every half can become a complete graph of full
-        // pools (with 2 of 4 slots kept for dials, two nodes each needing
-        // one more link can only dial each other, and both refuse).
-        let mut c = config(4, 4)
-            .with_outbound_reserved(0)
-            .with_feeler_interval(20 * S);
-        for other in names.iter().filter(|o| *o != name).take(i) {
-            c = c.with_seed(addr(other));
-        }
-        nodes.push(node(&net, name, c).await);
-    }
     settle(120 * S, || reachable(&adjacency(&nodes)) == 10).await;
     let (left, right): (Vec<&str>, Vec<&str>) = (
         names[..5].iter().map(|s| s.as_str()).collect(),
@@ -251,15 +264,7 @@ async fn halves_of_a_saturated_mesh_rejoin_after_heal() {
 #[tokio::test(start_paused = true)]
 async fn nodes_short_of_peers_take_back_slots_that_full_nodes_dials_borrowed() {
     let net = MemNetwork::new();
-    let names: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let mut c = config(4, 5);
-        for other in names.iter().take(i) {
-            c = c.with_seed(addr(other));
-        }
-        nodes.push(node(&net, name, c).await);
-    }
+    let nodes = joined_in_turn(&net, "t", 10, config(4, 5)).await;
     let took = settle(120 * S, || healthy(&nodes, 4, 5)).await;
     let reclaims: u64 = nodes.iter().map(|n| n.stats().reclaims).sum();
     eprintln!("every node within 4-5 peers after {took:?}; {reclaims} slots given back");
@@ -783,15 +788,7 @@ async fn too_many_errors_disconnect_a_peer_and_selection_skips_it() {
 #[tokio::test(start_paused = true)]
 async fn a_mesh_that_cannot_satisfy_every_node_settles() {
     let net = MemNetwork::new();
-    let names: Vec<String> = (0..7).map(|i| format!("c{i}")).collect();
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let mut c = config(3, 3);
-        for other in names.iter().take(i) {
-            c = c.with_seed(addr(other));
-        }
-        nodes.push(node(&net, name, c).await);
-    }
+    let nodes = joined_in_turn(&net, "c", 7, config(3, 3)).await;
     sleep(600 * S).await;
     let reclaims = |nodes: &[PeerManager]| nodes.iter().map(|n| n.stats().reclaims).sum::<u64>();
     let before = reclaims(&nodes);
