@@ -401,17 +401,21 @@ fn same_endpoint(a: &Address, b: &Address) -> bool {
     }
 }
 
-/// The host part of [`same_endpoint`].
-fn same_host(a: &Host, b: &Host) -> bool {
-    let local = |h: &Host| match h {
+/// A host that names this machine: loopback, wildcard or `localhost`.
+fn is_local(h: &Host) -> bool {
+    match h {
         Host::Ip(ip) => ip.is_loopback() || ip.is_unspecified(),
         Host::Name(name) => name == "localhost",
-    };
+    }
+}
+
+/// The host part of [`same_endpoint`].
+fn same_host(a: &Host, b: &Host) -> bool {
     match (a, b) {
         _ if a == b => true,
         (Host::Ip(ip), _) | (_, Host::Ip(ip)) if ip.is_unspecified() => true,
         (Host::Name(name), other) | (other, Host::Name(name)) if name == "localhost" => {
-            local(other)
+            is_local(other)
         }
         _ => false,
     }
@@ -424,15 +428,11 @@ fn same_host(a: &Host, b: &Host) -> bool {
 fn seed_reaches_listener(seed: &Address, listen: &Address) -> bool {
     match (seed, listen) {
         (Address::Tcp { host: sh, port: sp }, Address::Tcp { host: lh, port: lp }) => {
-            let local = |h: &Host| match h {
-                Host::Ip(ip) => ip.is_loopback() || ip.is_unspecified(),
-                Host::Name(name) => name == "localhost",
-            };
             let wildcard = |h: &Host| matches!(h, Host::Ip(ip) if ip.is_unspecified());
             sp == lp
                 && *sp != 0
                 && if wildcard(lh) || wildcard(sh) {
-                    local(sh) && local(lh)
+                    is_local(sh) && is_local(lh)
                 } else {
                     same_host(sh, lh)
                 }
@@ -441,8 +441,8 @@ fn seed_reaches_listener(seed: &Address, listen: &Address) -> bool {
     }
 }
 
-/// The first seed that is one of `listen` (see [`same_endpoint`]), with
-/// that listen address.
+/// The first seed that reaches one of `listen` (see
+/// [`seed_reaches_listener`]), with that listen address.
 fn seed_on_own_address<'a>(
     seeds: &'a [Seed],
     listen: &'a [Address],
