@@ -487,6 +487,22 @@ fn simple_concern(buf: &[u8]) -> Option<PlainConcern> {
     })
 }
 
+/// Frames above this many bytes leave the read buffer to themselves.
+const SHARE_LIMIT: usize = 16 * 1024;
+
+/// After a frame of `total` bytes was split off `src`: when it was large,
+/// moves what follows it (and the room the next reads fill) to a buffer of
+/// its own. Frames handed out are views of the read buffer; a small one
+/// read into the tail of a large frame's allocation would keep all of it
+/// alive for as long as it is kept (a queued request, a cached id), which a
+/// peer could use to make a node hold megabytes for every few bytes it
+/// counts.
+fn unshare_after_large(src: &mut BytesMut, total: usize) {
+    if total > SHARE_LIMIT {
+        *src = BytesMut::from(&src[..]);
+    }
+}
+
 impl Decoder for FrameCodec {
     type Item = Message;
     type Error = WireError;
@@ -529,10 +545,12 @@ impl Decoder for FrameCodec {
                 src.advance(len - c.payload.end);
                 payload
             };
+            unshare_after_large(src, total);
             return Ok(Some(Message::Concern(c.with_payload(payload))));
         }
         src.advance(LENGTH_PREFIX_LEN);
         let body = src.split_to(len).freeze();
+        unshare_after_large(src, total);
         decode_other(body, &self.limits).map(Some)
     }
 
@@ -661,6 +679,46 @@ mod tests {
         assert!(encode_frame(&msg, 4096).is_ok());
     }
 
+    /// A frame read after a large one in the same buffer is not a view of
+    /// the large frame's allocation: kept, it would keep all of it alive
+    /// (hostile review, round seven). Both kinds of frame: a concern's
+    /// payload, split off directly, and a whole body otherwise.
+    #[test]
+    fn a_small_frame_after_a_large_one_does_not_share_its_allocation() {
+        let concern = |len: usize| {
+            Message::Concern(Concern {
+                command: 1,
+                request_id: 7,
+                kind: ConcernKind::Request as i32,
+                ttl: 0,
+                flags: 0,
+                payload: vec![9u8; len].into(),
+            })
+        };
+        let ping = Message::Ping(Ping {
+            nonce: 3,
+            timestamp_micros: 4,
+        });
+        for (large, small) in [(concern(1 << 20), concern(10)), (concern(1 << 20), ping)] {
+            let mut codec = FrameCodec::new();
+            let mut buf = BytesMut::new();
+            codec.encode(&large, &mut buf).unwrap();
+            codec.encode(&small, &mut buf).unwrap();
+            let Some(Message::Concern(big)) = codec.decode(&mut buf).unwrap() else {
+                panic!("not the large frame");
+            };
+            // The rest of the read buffer no longer lies within the large
+            // frame's allocation (which is at least the frame long).
+            let start = big.payload.as_ptr() as usize;
+            let rest = buf.as_ptr() as usize;
+            assert!(
+                !(start..start + (2 << 20)).contains(&rest),
+                "the rest of the buffer is still in the large frame's allocation"
+            );
+            assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), small);
+            assert!(buf.is_empty());
+        }
+    }
     /// `field` (tag `tag`, wire type 2) holding `inner`.
     fn field(tag: u8, inner: &[u8]) -> Vec<u8> {
         let mut out = vec![(tag << 3) | 2];
