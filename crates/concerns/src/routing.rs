@@ -199,6 +199,8 @@ enum WaveState {
 /// first.
 struct Wave {
     parent: NodeId,
+    /// A copy: a slice of the received query would keep its whole frame
+    /// alive for as long as the wave is kept.
     target: Bytes,
     waiting: Vec<NodeId>,
     state: WaveState,
@@ -1203,7 +1205,7 @@ impl Routing {
             if cut {
                 let wave = Wave {
                     parent: from.clone(),
-                    target: q.target,
+                    target: Bytes::copy_from_slice(&q.target),
                     waiting: Vec::new(),
                     state: WaveState::Cut,
                 };
@@ -1218,7 +1220,7 @@ impl Routing {
         // me" handled on another worker must find it.
         let wave = Wave {
             parent: from.clone(),
-            target: q.target,
+            target: Bytes::copy_from_slice(&q.target),
             waiting: to.clone(),
             state: WaveState::Open,
         };

@@ -25,6 +25,8 @@ pub(crate) struct SeenCache<K, O, V = ()> {
     /// By owner, oldest first; an entry whose key was seen again later
     /// (after expiring) is stale and skipped.
     order: HashMap<O, VecDeque<(K, Instant)>>,
+    /// Entries in `order`, stale ones included.
+    queued: usize,
     capacity: usize,
     ttl: Duration,
 }
@@ -42,6 +44,7 @@ impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone, V> SeenCache<K, O, V> {
         SeenCache {
             seen: HashMap::new(),
             order: HashMap::new(),
+            queued: 0,
             capacity: capacity.max(1),
             ttl,
         }
@@ -63,6 +66,7 @@ impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone, V> SeenCache<K, O, V> {
         };
         let mut removed = false;
         while let Some((key, at)) = queue.pop_front() {
+            self.queued -= 1;
             if self.seen.get(&key).map(|(t, _)| t) == Some(&at) {
                 self.seen.remove(&key);
                 removed = true;
@@ -89,7 +93,29 @@ impl<K: Hash + Eq + Clone, O: Hash + Eq + Clone, V> SeenCache<K, O, V> {
             .entry(owner.clone())
             .or_default()
             .push_back((key, now));
+        self.queued += 1;
+        // Keys seen again after expiring leave stale entries behind, which
+        // only a full cache would otherwise drop: a sender staying under
+        // the capacity and sending its keys again once they expire would
+        // grow the queues for ever. Sweeping at twice the capacity leaves
+        // at most the capacity, so it costs O(1) an insert on average.
+        if self.queued > 2 * self.capacity {
+            self.sweep(now);
+        }
         true
+    }
+
+    /// Forgets expired keys and stale queue entries.
+    fn sweep(&mut self, now: Instant) {
+        let ttl = self.ttl;
+        self.seen
+            .retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
+        let seen = &self.seen;
+        self.order.retain(|_, queue| {
+            queue.retain(|(key, at)| seen.get(key).map(|(t, _)| t) == Some(at));
+            !queue.is_empty()
+        });
+        self.queued = self.order.values().map(VecDeque::len).sum();
     }
 
     /// Whether `key` is remembered (inserted less than the ttl ago).
@@ -191,5 +217,32 @@ mod tests {
         }
         assert!(!c.insert(0, &"flooder", t0 + 103 * S));
         assert_eq!(c.len(), 100);
+    }
+
+    /// Hostile review (round seven): a key seen again after it expired is
+    /// pushed on its owner's queue again, and the stale entry stays. When
+    /// only a full cache (`make_room`) dropped stale entries, a sender that
+    /// kept fewer keys than the capacity and sent each again once it
+    /// expired (a member's routed requests through a relay, under request
+    /// ids of its choosing: the breadcrumbs cache) grew the owner queue by
+    /// its keys every ttl, for ever: at the defaults (65 536, 120 s) about
+    /// 546 entries a second, 56 bytes each. Now swept at twice the
+    /// capacity.
+    #[test]
+    fn keys_seen_again_after_expiry_do_not_grow_it_without_bound() {
+        let t0 = Instant::now();
+        let mut c = SeenCache::new(100, 10 * S);
+        for round in 0..1_000u32 {
+            for k in 0..90u32 {
+                c.insert(k, &"member", t0 + 11 * S * round);
+            }
+        }
+        let queued: usize = c.order.values().map(VecDeque::len).sum();
+        assert_eq!(c.len(), 90);
+        assert!(
+            queued <= 2 * 100,
+            "{queued} entries queued for a cache of capacity 100 holding {} keys",
+            c.len()
+        );
     }
 }
