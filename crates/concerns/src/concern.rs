@@ -35,6 +35,44 @@ impl Reply {
     }
 }
 
+/// How a request reached this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Via {
+    /// From the neighbour that sent it ([`Context::send`],
+    /// [`Context::request`]).
+    Direct,
+    /// Routed from a node that is not a neighbour ([`Context::send_to`],
+    /// [`Context::request_to`]); the sender is the origin.
+    Routed,
+    /// Flooded to every node of the mesh ([`Context::broadcast`]); the
+    /// sender is the origin, and no answer goes back.
+    Flooded,
+}
+
+impl Via {
+    /// Every way, in order.
+    pub const ALL: [Via; 3] = [Via::Direct, Via::Routed, Via::Flooded];
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Via::Direct => 0,
+            Via::Routed => 1,
+            Via::Flooded => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Via::Direct => "direct",
+            Via::Routed => "routed",
+            Via::Flooded => "flooded",
+        })
+    }
+}
+
 /// A handler for one command id: it answers requests for that id, may send
 /// messages of its own through its [`Context`], and is told about its own
 /// lifecycle and the fate of what it sent.
@@ -82,6 +120,20 @@ pub trait Concern: Send + Sync + 'static {
     /// per-sender queues served in turn.
     fn max_concurrency(&self) -> usize {
         16
+    }
+
+    /// Whether this concern takes requests that reached the node `via`
+    /// that way (asked once, when it is added). Default: every way. Refused
+    /// requests are counted as dropped, and a routed one that wants an
+    /// answer gets a `BAD_REQUEST` error.
+    ///
+    /// Refuse [`Via::Flooded`] when a request does work on its sender's
+    /// behalf: anyone can broadcast one under an origin of their own
+    /// making (a node id costs nothing), and every node of the mesh runs
+    /// it.
+    fn accepts(&self, via: Via) -> bool {
+        let _ = via;
+        true
     }
 
     /// How often [`tick`](Concern::tick) runs, if at all (p2p0mq's

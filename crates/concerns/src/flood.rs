@@ -312,6 +312,7 @@ impl Concern for Flood {
             reply: ReplyPath::None,
             conn: None,
             priority: meshwork_peers::transport::Priority::Normal,
+            via: crate::Via::Flooded,
             held: None,
         };
         ctx.inner.deliver_local(job)?;

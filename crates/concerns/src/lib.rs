@@ -108,7 +108,7 @@ pub use async_trait::async_trait;
 /// Re-exported: payloads are `Bytes`.
 pub use bytes::Bytes;
 pub use clock::ClockSteps;
-pub use concern::{Concern, Reply};
+pub use concern::{Concern, Reply, Via};
 pub use context::Context;
 pub use error::{BoxError, ConcernsError};
 pub use flood::sign_flooded;

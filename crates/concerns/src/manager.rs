@@ -45,7 +45,7 @@ use crate::pending::{Awaiting, Requests};
 use crate::routing::Routing;
 use crate::topics::{Subscription, Topics};
 use crate::warn::WarnBudget;
-use crate::{Concern, ConcernsError, Context, Reply, Route};
+use crate::{Concern, ConcernsError, Context, Reply, Route, Via};
 
 /// Command ids from here up belong to meshwork's built-in concerns.
 pub const RESERVED_COMMANDS: u32 = 0xFFFF_0000;
@@ -219,6 +219,8 @@ pub(crate) struct Registered {
     concern: Arc<dyn Concern>,
     name: String,
     max_concurrency: usize,
+    /// What [`Concern::accepts`] said for each [`Via`].
+    accepts: [bool; 3],
     counters: Counters,
     /// Bytes of large requests held, per sender and in all.
     budget: Arc<ByteBudget>,
@@ -253,6 +255,8 @@ pub(crate) struct Job {
     /// The lane the request came on: it waits in that lane's queue, and its
     /// reply takes that lane unless the handler picks another.
     pub(crate) priority: Priority,
+    /// How it reached this node.
+    pub(crate) via: Via,
     /// Its share of its concern's byte budget, once admitted (boxed: most
     /// requests are small and hold none, and a job is moved around).
     pub(crate) held: Option<Box<Held>>,
@@ -752,6 +756,7 @@ impl Inner {
                     reply,
                     conn: Some(conn.clone()),
                     priority: lane_of(f.flags),
+                    via: Via::Direct,
                     held: None,
                 };
                 if self.stopping() {
@@ -786,6 +791,13 @@ impl Inner {
             self.answer_soon(job, ErrorCode::UnknownCommand, msg);
             return;
         };
+        if !reg.accepts[job.via.index()] {
+            reg.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(command = format_args!("{command:#x}"), from = %job.from.short(), via = %job.via, "request refused: not taken that way");
+            let msg = format!("{} does not take {} requests", reg.name, job.via);
+            self.answer_soon(job, ErrorCode::BadRequest, msg);
+            return;
+        }
         match reg.budget.admit(&job.from, job.payload.len()) {
             Ok(held) => job.held = held.map(Box::new),
             Err(_) => {
@@ -1213,6 +1225,7 @@ impl Concerns {
             Arc::new(Registered {
                 name: concern.name().to_string(),
                 max_concurrency: concern.max_concurrency().max(1),
+                accepts: Via::ALL.map(|via| concern.accepts(via)),
                 concern,
                 counters: Counters::default(),
                 budget: ByteBudget::new(
@@ -1415,6 +1428,7 @@ mod tests {
             reply: ReplyPath::None,
             conn: None,
             priority,
+            via: Via::Direct,
             held: None,
         }
     }

@@ -1440,6 +1440,7 @@ impl Routing {
                     // and the query never passed here).
                     conn: inner.peers.connection(from),
                     priority: Priority::Normal,
+                    via: crate::Via::Routed,
                     held: None,
                 };
                 inner.deliver_local(job)?;

@@ -19,7 +19,7 @@ use meshwork_concerns::wire::proto::{
 };
 use meshwork_concerns::{
     BoxError, Concern, Concerns, ConcernsConfig, ConcernsError, Context, FLOOD, ROUTING, Reply,
-    sign_flooded, sign_route_query,
+    Via, sign_flooded, sign_route_query,
 };
 use prost::Message as _;
 use rand::rngs::StdRng;
@@ -472,6 +472,91 @@ async fn line_with(
         sleep(100 * MS).await;
     }
     nodes
+}
+
+/// A concern takes requests only the ways it accepts (`Concern::accepts`):
+/// one that takes direct requests only hears nothing of a broadcast (the
+/// node still relays it), and a routed request to it gets a `BAD_REQUEST`
+/// error at once; both counted as dropped. The probe beside it, taking
+/// every way, gets all three.
+#[tokio::test(start_paused = true)]
+async fn a_concern_gets_requests_only_the_ways_it_accepts() {
+    /// Counts what it gets; takes direct requests only.
+    struct DirectOnly(Arc<AtomicU64>);
+    #[async_trait]
+    impl Concern for DirectOnly {
+        fn command(&self) -> u32 {
+            43
+        }
+        fn accepts(&self, via: Via) -> bool {
+            via == Via::Direct
+        }
+        async fn on_request(
+            &self,
+            _: &Context,
+            _: &NodeId,
+            p: Bytes,
+        ) -> Result<Option<Reply>, BoxError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(Reply::new(p)))
+        }
+    }
+    let net = MemNetwork::new();
+    let nodes = line(&net, 3).await;
+    let (first, middle, last) = (&nodes[0], &nodes[1], &nodes[2]);
+    let got = Arc::new(AtomicU64::new(0));
+    for n in [middle, last] {
+        n.concerns.add(DirectOnly(got.clone())).await.unwrap();
+    }
+    let strict = first.concerns.context(43);
+    // Direct: taken.
+    assert_eq!(
+        strict.request(middle.id(), "direct", S).await.unwrap(),
+        Bytes::from("direct")
+    );
+    assert_eq!(got.load(Ordering::SeqCst), 1);
+    // Routed to the far end: refused, with an error that says why.
+    let started = Instant::now();
+    let err = strict
+        .request_to(last.id(), "routed", 5 * S)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConcernsError::Remote { code: ErrorCode::BadRequest, ref message } if message.contains("routed")),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < S, "{:?}", started.elapsed());
+    // Flooded: heard by nobody, passed on all the same.
+    strict.broadcast("flooded", 4).await.unwrap();
+    first.ctx().broadcast("to the probes", 4).await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while last.probe.count_payload(b"to the probes") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the probe's broadcast did not arrive"
+        );
+        sleep(10 * MS).await;
+    }
+    sleep(S).await;
+    assert_eq!(got.load(Ordering::SeqCst), 1, "only the direct request");
+    let dropped = |n: &TestNode| {
+        n.concerns
+            .stats()
+            .into_iter()
+            .find(|c| c.command == 43)
+            .map(|c| c.dropped)
+    };
+    assert_eq!((dropped(middle), dropped(last)), (Some(1), Some(2)));
+    // The probe takes every way.
+    assert_eq!(
+        first
+            .ctx()
+            .request_to(last.id(), "routed", 5 * S)
+            .await
+            .unwrap(),
+        Bytes::from("routed")
+    );
+    stop(nodes).await;
 }
 
 /// What a hostile neighbour can put in a Flood frame of its own is

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use meshwork_concerns::peers::{PeerEvent, PeersError};
 use meshwork_concerns::transport::Priority;
 use meshwork_concerns::wire::NodeId;
-use meshwork_concerns::{BoxError, Concern, Concerns, ConcernsError, Context, FORWARD_WAIT, Reply};
+use meshwork_concerns::{
+    BoxError, Concern, Concerns, ConcernsError, Context, FORWARD_WAIT, Reply, Via,
+};
 use prost::Message as _;
 use rand::seq::IndexedRandom;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
@@ -434,6 +436,14 @@ impl Concern for SyncConcern {
 
     fn max_concurrency(&self) -> usize {
         8
+    }
+
+    /// Sync talks to neighbours only. A flooded or routed message's sender
+    /// is its origin, which anyone can make up: each made-up origin would
+    /// get a repair allowance of its own and an entry in `repair_due`, and
+    /// every node a flooded `Pull` reached would build a chunk for nobody.
+    fn accepts(&self, via: Via) -> bool {
+        via == Via::Direct
     }
 
     async fn on_stop(&self, _ctx: &Context) {

@@ -433,19 +433,26 @@ async fn a_message_of_too_many_entries_is_refused_before_decoding() {
     p.stop().await;
 }
 
+/// A pair whose `a` holds 100 keys of 1000 bytes, with anti-entropy rounds
+/// an hour apart and a repair rate of 100 KB/s after a 150 KB burst.
+async fn pair_of_100_kb(net: &MemNetwork) -> Pair {
+    let config = SyncConfig::default()
+        .with_anti_entropy_interval(Duration::from_secs(3600))
+        .with_repair_rate(100_000, 150_000);
+    let p = pair_with(net, None, config).await;
+    for i in 0..100 {
+        p.a.set(format!("key{i}"), vec![7u8; 1000]).await.unwrap();
+    }
+    p
+}
+
 /// A peer pulling every bucket again and again is answered up to the pull
 /// rate (a burst, then bytes per second), then with an error until time
 /// has passed; what it may pull comes back with time.
 #[tokio::test(start_paused = true)]
 async fn pulls_are_answered_up_to_a_rate_per_peer() {
     let net = MemNetwork::new();
-    let config = SyncConfig::default()
-        .with_anti_entropy_interval(Duration::from_secs(3600))
-        .with_repair_rate(100_000, 150_000);
-    let p = pair_with(&net, None, config).await;
-    for i in 0..100 {
-        p.a.set(format!("key{i}"), vec![7u8; 1000]).await.unwrap();
-    }
+    let p = pair_of_100_kb(&net).await;
     let sync = p.b.context(SYNC);
     let a = p.a.node_id().clone();
     let pull = proto::SyncMessage {
@@ -504,5 +511,55 @@ async fn entries_pushed_back_stay_within_the_peers_repair_rate() {
     assert!(second > 0, "{second}");
     let bytes = got() * 1050;
     assert!(bytes < 150_000 + 7 * 100_000 + 300_000, "{bytes}");
+    p.stop().await;
+}
+
+/// Hostile review (round seven). The repair rate is kept per *sender*, and
+/// the sender of a flooded (or routed) sync message is its origin, which a
+/// member mints at will. A flooded `Pull` was answered to nobody (a flood is
+/// one-way) but its chunk still built, encoded and charged to a fresh entry
+/// of `repair_due`, which only `on_peer_left` (neighbours) ever removes. So:
+/// (1) every node a flood reached built a full chunk per flooded pull, with
+/// a fresh burst for every fresh origin; (2) `repair_due` grew by one entry
+/// per origin, for good. Sync now takes messages from neighbours only.
+#[tokio::test(start_paused = true)]
+async fn flooded_pulls_from_made_up_origins_grow_the_repair_table_for_good() {
+    let net = MemNetwork::new();
+    let p = pair_of_100_kb(&net).await;
+    let pull = || {
+        Body::Pull(proto::Pull {
+            buckets: (0..BUCKETS as u32).collect(),
+            ..Default::default()
+        })
+    };
+    let origins = 2_000;
+    for i in 0..origins {
+        let origin = Identity::generate();
+        flood_from(&p, &origin, i, pull()).await;
+        if i % 100 == 0 {
+            sleep(MS).await;
+        }
+    }
+    sleep(S).await;
+    let requests = p
+        .a_concerns
+        .stats()
+        .into_iter()
+        .find(|s| s.command == SYNC)
+        .map(|s| s.requests)
+        .unwrap_or(0);
+    let after = lock(&p.a.inner.repair_due).len();
+    // An hour later nothing has gone.
+    sleep(Duration::from_secs(3600)).await;
+    let later = lock(&p.a.inner.repair_due).len();
+    eprintln!(
+        "flooded pulls handled by the sync concern: {requests}; repair_due entries: \
+         {after} at once, {later} an hour later (one ~100 KB chunk built per pull; \
+         the rate alone would allow 1-2 pulls in all to one sender)"
+    );
+    assert!(
+        later <= 16,
+        "repair_due holds {later} entries of made-up origins an hour after they pulled"
+    );
     p.stop().await;
 }
