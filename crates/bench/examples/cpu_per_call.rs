@@ -23,7 +23,9 @@
 //! configuration (Noise; plaintext when the environment variable
 //! `CPU_PER_CALL_PLAINTEXT` is set, as the `concerns` bench's main figures
 //! run; with `CPU_PER_CALL_PROVIDERS=N`, N more providers of the service
-//! are listed, on made-up nodes the calls never go to), 64-byte payloads, SECS seconds (default 2). It
+//! are listed, on made-up nodes the calls never go to, their entries sent
+//! by the server's node as if those nodes wrote them; not with
+//! `--child`), 64-byte payloads, SECS seconds (default 2). It
 //! prints the wall time and the process's CPU time (user + system, from
 //! `/proc/self/stat`) per call, and the size of one call's future. Compare
 //! two builds by running them in turn, several times, and taking medians:
@@ -111,6 +113,51 @@ async fn server_node() -> Result<(Node, Address)> {
         .cloned()
         .context("no listen address")?;
     Ok((server, addr))
+}
+
+/// Sends `to`, from `server`, registry entries of `echo` for `n` made-up
+/// nodes, as if each had written its own.
+async fn list_made_up_providers(server: &Node, to: &NodeId, n: usize) -> Result<()> {
+    use meshwork::sync::proto::{Entries, Entry, SyncMessage, sync_message};
+    use meshwork::transport::Priority;
+    use meshwork::wire::Message;
+    use meshwork::wire::proto::{Concern as ConcernFrame, ConcernKind};
+    use prost::Message as _;
+
+    let stamp = server.sync().now_ms() << 16;
+    let entries = (0..n)
+        .map(|i| -> Result<Entry> {
+            let writer = NodeId::from_hex(&format!("{:064x}", i + 1))?;
+            let key = format!("{}echo/{writer}", meshwork::rpc::REGISTRY_PREFIX);
+            Ok(Entry {
+                key: key.into(),
+                value: Bytes::from_static(br#"{"version":1,"methods":["echo"]}"#),
+                stamp,
+                writer: writer.as_bytes().clone(),
+                epoch: 1,
+                lease_delta: 3_600_000,
+                ..Entry::default()
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let body = sync_message::Body::Entries(Entries {
+        entries,
+        repair: false,
+    });
+    let frame = ConcernFrame {
+        command: meshwork::sync::SYNC,
+        request_id: 0,
+        kind: ConcernKind::Request as i32,
+        ttl: 0,
+        flags: 0,
+        payload: SyncMessage { body: Some(body) }.encode_to_vec().into(),
+    };
+    server
+        .peers()
+        .send(to, Message::Concern(frame), Priority::Normal)
+        .await
+        .context("sending the made-up providers' entries")?;
+    Ok(())
 }
 
 /// User plus system CPU time of this process so far.
@@ -261,19 +308,24 @@ async fn run(mode: String, rpc: bool, depth: usize, secs: f64, child: Option<usi
         Ok(n) => n.parse().context("CPU_PER_CALL_PROVIDERS")?,
         Err(_) => 0,
     };
-    for i in 0..extra {
-        let key = format!("{}echo/{:064x}", meshwork::rpc::REGISTRY_PREFIX, i + 1);
-        let record = br#"{"version":1,"methods":["echo"]}"#.to_vec();
-        client
-            .sync()
-            .set(key, record)
-            .await
-            .context("listing a provider")?;
-    }
     if extra > 0 {
-        let listed = client.rpc().providers("echo").len();
-        if listed != extra + 1 {
-            bail!("{listed} providers listed, not {}", extra + 1);
+        // A provider's entry must be written by the node its key names, so
+        // the server's node sends the client entries claiming to be those
+        // nodes' (entries are not signed), over its connection to it.
+        let server = server
+            .as_ref()
+            .context("CPU_PER_CALL_PROVIDERS needs the server in this process (no --child)")?;
+        list_made_up_providers(server, client.node_id(), extra).await?;
+        let ready = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed = client.rpc().providers("echo").len();
+            if listed == extra + 1 {
+                break;
+            }
+            if Instant::now() > ready {
+                bail!("{listed} providers listed, not {}", extra + 1);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     let data = vec![7u8; 64];

@@ -2,7 +2,7 @@
 //! provider choice, deadlines, cancellation and failover.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use rustc_hash::FxHashMap;
 use std::pin::Pin;
@@ -17,8 +17,8 @@ use futures_util::future::Either;
 use meshwork_sync::concerns::transport::Priority;
 use meshwork_sync::concerns::wire::NodeId;
 use meshwork_sync::concerns::wire::proto::ErrorCode;
-use meshwork_sync::concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply};
-use meshwork_sync::{Stamp, SyncError, SyncMap, Watch};
+use meshwork_sync::concerns::{BoxError, Concern, Concerns, ConcernsError, Context, Reply, Via};
+use meshwork_sync::{EntryInfo, Stamp, SyncError, SyncMap, Watch};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -509,6 +509,14 @@ impl Concern for RpcConcern {
 
     fn max_concurrency(&self) -> usize {
         4096
+    }
+
+    /// Calls come from neighbours or are routed from their caller, never
+    /// flooded: a flooded call would run on every provider of the mesh,
+    /// under an origin anyone can make up, and hold its slots with nobody
+    /// to answer.
+    fn accepts(&self, via: Via) -> bool {
+        via != Via::Flooded
     }
 
     fn on_peer_left(&self, peer: &NodeId) {
@@ -1423,12 +1431,10 @@ impl Rpc {
         // reach their provider's cell through its listing), so holding it
         // through the parse keeps nobody waiting.
         let mut stats = lock(&self.inner.stats);
-        let listings: Vec<Listing> = sync
-            .prefixed_entries(&prefix)
+        let entries = self.providers_kept(sync.prefixed_entries(&prefix), &prefix, &stats);
+        let listings: Vec<Listing> = entries
             .into_iter()
-            .filter(|(_, e)| e.value.len() <= MAX_RECORD_BYTES)
-            .take(MAX_PROVIDERS)
-            .filter_map(|(k, e)| {
+            .filter_map(|(k, e, node_id)| {
                 while before.next_if(|l| l.key < k).is_some() {}
                 if let Some(l) = before.next_if(|l| l.key == k && l.version == e.version) {
                     // Its stats cell comes along (the stats map keeps
@@ -1438,8 +1444,6 @@ impl Rpc {
                         ..l.clone()
                     });
                 }
-                let key = std::str::from_utf8(&k).ok()?;
-                let node_id = NodeId::from_hex(&key[prefix.len()..]).ok()?;
                 let record: ServiceRecord = serde_json::from_slice(&e.value).ok()?;
                 if record.methods.len() > MAX_METHODS {
                     return None;
@@ -1469,6 +1473,57 @@ impl Rpc {
             },
         );
         (listings, true)
+    }
+
+    /// The registry entries of one service (`entries`, under `prefix`, in
+    /// key order) that a caller parses and lists, in key order, with the
+    /// node id each is for: those of fitting size whose key names the node
+    /// that wrote them, at most [`MAX_PROVIDERS`] of them.
+    ///
+    /// Any member can write keys under a service's name, so neither the
+    /// key order nor the first entries may decide who is listed: 1024 junk
+    /// keys sorting before every node id used to unlist the real provider
+    /// on every caller, its own node included. An entry written by a node
+    /// other than the one its key names is not a provider's (a provider
+    /// writes its own entry). Past the bound, this node's entry, its
+    /// neighbours' and those of providers that answered it before are kept
+    /// first, then the others in an order no other node can predict (a hash
+    /// keyed with a secret of this node).
+    fn providers_kept(
+        &self,
+        entries: Vec<(Bytes, EntryInfo)>,
+        prefix: &str,
+        stats: &HashMap<NodeId, StatsCell>,
+    ) -> Vec<(Bytes, EntryInfo, NodeId)> {
+        let mut kept: Vec<(Bytes, EntryInfo, NodeId)> = entries
+            .into_iter()
+            .filter(|(_, e)| e.value.len() <= MAX_RECORD_BYTES)
+            .filter_map(|(k, e)| {
+                let id = k.get(prefix.len()..)?;
+                let node_id = NodeId::from_hex(std::str::from_utf8(id).ok()?).ok()?;
+                (e.writer == node_id).then_some((k, e, node_id))
+            })
+            .collect();
+        if kept.len() > MAX_PROVIDERS {
+            let neighbours: HashSet<NodeId> =
+                self.inner.ctx.peers().neighbours().into_iter().collect();
+            let rank = |id: &NodeId| {
+                let class = if id == self.node_id() {
+                    0
+                } else if neighbours.contains(id) {
+                    1
+                } else if stats.get(id).is_some_and(|c| lock(c).ewma.is_some()) {
+                    2
+                } else {
+                    3
+                };
+                (class, std::hash::BuildHasher::hash_one(stats.hasher(), id))
+            };
+            kept.sort_by_cached_key(|(_, _, id)| rank(id));
+            kept.truncate(MAX_PROVIDERS);
+            kept.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        kept
     }
 
     /// Every service served here, with its counters.

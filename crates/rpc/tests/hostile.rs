@@ -25,20 +25,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use meshwork::Node;
 use meshwork::concerns::ROUTING;
-use meshwork::concerns::peers::{ConcernFrame, InboundHandler, PeerManager, PeersConfig};
+use meshwork::concerns::peers::ConcernFrame;
 use meshwork::transport::mem::MemNetwork;
-use meshwork::transport::{Address, Config, ConnectionHandle, Endpoint, Priority};
+use meshwork::transport::{Address, Priority};
 use meshwork::wire::proto::{
     ConcernKind, Disconnect, Discovered, Envelope, PeerInfo, Ping, Pong, RouteMessage, Routed,
     route_message,
 };
 use meshwork::wire::{Message, NodeId};
 use meshwork_rpc::proto::{Call, Cancel, RpcMessage, rpc_message::Body};
-use meshwork_rpc::sync::proto::{DigestQuery, Pull, SyncMessage, sync_message};
-use meshwork_rpc::sync::{SYNC, SyncConfig};
+use meshwork_rpc::sync::proto::{DigestQuery, Pull, sync_message};
 use meshwork_rpc::{RPC, RpcConfig, service};
 use prost::Message as _;
 use tokio::time::{Instant, sleep};
+
+mod common;
+use common::{neighbour, sync_frame};
 
 const NET: &str = "hostile-test";
 const MS: Duration = Duration::from_millis(1);
@@ -132,18 +134,6 @@ fn mangle(rng: &mut Rng, payload: &[u8]) -> Bytes {
     Bytes::from(p)
 }
 
-/// Keeps every Concern frame a peer receives.
-struct Tap(Arc<Mutex<Vec<ConcernFrame>>>);
-
-impl InboundHandler for Tap {
-    fn on_concern(&self, _from: &NodeId, _conn: &ConnectionHandle, message: ConcernFrame) {
-        let mut frames = self.0.lock().unwrap();
-        if frames.len() < 10_000 {
-            frames.push(message);
-        }
-    }
-}
-
 fn builder(net: &MemNetwork, host: &str) -> meshwork::NodeBuilder {
     Node::builder(NET)
         .transport(net.transport(host))
@@ -155,41 +145,6 @@ fn builder(net: &MemNetwork, host: &str) -> meshwork::NodeBuilder {
                 .with_backoff(50 * MS, 400 * MS)
                 .with_discovery(500 * MS, 16)
         })
-}
-
-/// A bare peer manager (a fresh identity) seeded with `victim`, linked to
-/// it, keeping what it receives in `tap`; `None` if it did not link (the
-/// victim's pool may be full of banned identities' leftovers for a while).
-async fn neighbour(
-    net: &MemNetwork,
-    host: &str,
-    victim: &Node,
-    tap: &Arc<Mutex<Vec<ConcernFrame>>>,
-) -> Option<PeerManager> {
-    // What the facade's nodes require of their peers (sync's settings).
-    let config = SyncConfig::default()
-        .required_metadata()
-        .into_iter()
-        .fold(Config::new(NET).with_insecure_plaintext(), |c, (k, v)| {
-            c.with_required_metadata(k, v)
-        });
-    let endpoint = Endpoint::new(config, net.transport(host));
-    endpoint.listen(&Address::mem(host)).await.unwrap();
-    let peers = PeersConfig::default()
-        .with_seed(Address::mem("a"))
-        .with_heartbeat(100 * MS, 500 * MS, 1000 * MS)
-        .with_backoff(50 * MS, 400 * MS);
-    let m = PeerManager::start(endpoint, peers).unwrap();
-    m.set_inbound_handler(Arc::new(Tap(tap.clone()))).unwrap();
-    let deadline = Instant::now() + 5 * S;
-    while !m.is_neighbour(victim.node_id()) {
-        if Instant::now() >= deadline {
-            m.shutdown().await;
-            return None;
-        }
-        sleep(10 * MS).await;
-    }
-    Some(m)
 }
 
 /// An RPC frame to send: a call of `method` on `service` (JSON arguments),
@@ -226,18 +181,6 @@ async fn provider_and_caller(net: &MemNetwork) -> (Node, Node) {
         .unwrap();
     b.wait_for_peers(1, 5 * S).await.unwrap();
     (a, b)
-}
-
-/// A sync frame to send: a request when `request_id` is not 0.
-fn sync_frame(request_id: u64, body: sync_message::Body) -> ConcernFrame {
-    ConcernFrame {
-        command: SYNC,
-        request_id,
-        kind: ConcernKind::Request as i32,
-        ttl: 0,
-        flags: 0,
-        payload: SyncMessage { body: Some(body) }.encode_to_vec().into(),
-    }
 }
 
 /// Seeds of our own making: routed messages stamped now (their seal made
@@ -333,7 +276,7 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
 
     // Listen as an honest neighbour while b works the mesh.
     let tap = Arc::new(Mutex::new(Vec::new()));
-    let spy = neighbour(&net, "m0", &a, &tap)
+    let spy = neighbour(&net, NET, "m0", "a", &a, &tap)
         .await
         .expect("the spy links");
     let search = honest_traffic(&a, &b, 0).await;
@@ -471,7 +414,7 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
                 loop {
                     identities += 1;
                     let host = format!("m{identities}");
-                    if let Some(next) = neighbour(&net, &host, &a, &tap).await {
+                    if let Some(next) = neighbour(&net, NET, &host, "a", &a, &tap).await {
                         m = next;
                         break;
                     }
@@ -581,7 +524,9 @@ async fn a_provider_whose_entry_was_taken_lists_itself_again() {
         sleep(10 * MS).await;
     }
     let tap = Arc::new(Mutex::new(Vec::new()));
-    let m = neighbour(&net, "m", &a, &tap).await.expect("m links");
+    let m = neighbour(&net, NET, "m", "a", &a, &tap)
+        .await
+        .expect("m links");
 
     let key = format!("{}adder/{}", meshwork_rpc::REGISTRY_PREFIX, a.node_id());
     assert!(a.sync().entry(&key).is_some());

@@ -20,11 +20,13 @@ use meshwork::transport::mem::MemNetwork;
 use meshwork::wire::NodeId;
 use meshwork::{Node, NodeBuilder};
 use meshwork_rpc::{
-    CallOptions, Codec, MAX_METHODS, MAX_RECORD_BYTES, MAX_SERVICE_NAME, REGISTRY_PREFIX,
-    RpcConfig, RpcError, ServiceRecord, call_context, check_service_name, service,
+    CallOptions, Codec, MAX_METHODS, MAX_PROVIDERS, MAX_RECORD_BYTES, MAX_SERVICE_NAME,
+    REGISTRY_PREFIX, RpcConfig, RpcError, ServiceRecord, call_context, check_service_name, service,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, sleep};
+
+mod common;
 
 const NET: &str = "rpc-test";
 const MS: Duration = Duration::from_millis(1);
@@ -771,8 +773,9 @@ async fn versions_are_kept_apart() {
     stop(nodes).await;
 }
 
-/// A registry entry naming a node that does not serve the service (here
-/// forged; in life, a stale one): the provider answers UnknownService.
+/// A registry entry of a node that does not serve the service (here
+/// written by hand; in life, a stale one, left by the node before it
+/// restarted): the provider answers UnknownService.
 #[tokio::test(start_paused = true)]
 async fn a_provider_that_does_not_serve_the_service_says_so() {
     let net = MemNetwork::new();
@@ -783,10 +786,15 @@ async fn a_provider_that_does_not_serve_the_service_says_so() {
         methods: vec!["add".into()],
     };
     let key = format!("{REGISTRY_PREFIX}ghost/{}", b.node_id());
-    a.sync()
+    b.sync()
         .set(&key, serde_json::to_vec(&record).unwrap())
         .await
         .unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while a.rpc().providers("ghost").is_empty() {
+        assert!(Instant::now() < deadline, "the entry did not reach a");
+        sleep(10 * MS).await;
+    }
     assert_eq!(a.rpc().providers("ghost")[0].node_id, *b.node_id());
     let ghost: CalcClient = a.rpc().client("ghost");
     let started = Instant::now();
@@ -820,21 +828,35 @@ async fn oversized_registry_entries_are_not_listed() {
             methods: vec![String::new(); MAX_METHODS + 1],
         },
     ];
-    for (n, record) in junk.iter().enumerate() {
-        let key = format!("{REGISTRY_PREFIX}calc/{}", fake(n as u8 + 1));
-        let value = serde_json::to_vec(record).unwrap();
-        a.sync().set(&key, value).await.unwrap();
-    }
+    let mut entries: Vec<(String, Vec<u8>, NodeId)> = junk
+        .iter()
+        .enumerate()
+        .map(|(n, record)| {
+            let key = format!("{REGISTRY_PREFIX}calc/{}", fake(n as u8 + 1));
+            (key, serde_json::to_vec(record).unwrap(), fake(n as u8 + 1))
+        })
+        .collect();
     // A fitting one under a fake id is listed (the bounds are what differ).
     let fitting = ServiceRecord {
         version: 1,
         methods: vec!["add".into()],
     };
     let key = format!("{REGISTRY_PREFIX}calc/{}", fake(9));
-    a.sync()
-        .set(&key, serde_json::to_vec(&fitting).unwrap())
+    entries.push((key, serde_json::to_vec(&fitting).unwrap(), fake(9)));
+    // Written as if by the nodes the keys name, by a bare peer (an entry
+    // written by another node is not listed anyway).
+    let tap = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let m = common::neighbour(&net, NET, "m", "a", a, &tap)
         .await
-        .unwrap();
+        .expect("the bare peer links");
+    common::forge_entries(&m, a, &entries).await;
+    wait_until("the entries reached a", || {
+        a.sync()
+            .prefixed_entries(format!("{REGISTRY_PREFIX}calc/"))
+            .len()
+            == 4
+    })
+    .await;
     let mut listed: Vec<NodeId> = a
         .rpc()
         .providers("calc")
@@ -849,6 +871,7 @@ async fn oversized_registry_entries_are_not_listed() {
     for _ in 0..10 {
         assert_eq!(calc.add(2, 3).await, Ok(5));
     }
+    m.shutdown().await;
     stop(nodes).await;
 }
 
@@ -1380,16 +1403,25 @@ async fn among_many_listed_providers_calls_go_to_the_neighbours() {
         version: 1,
         methods: vec!["add".into()],
     };
-    for n in 1..=20u8 {
-        let fake = NodeId::from_bytes(vec![n; 32]).unwrap();
-        let key = format!("{REGISTRY_PREFIX}calc/{fake}");
-        nodes[0]
-            .sync()
-            .set(&key, serde_json::to_vec(&record).unwrap())
-            .await
-            .unwrap();
-    }
-    assert_eq!(nodes[0].rpc().providers("calc").len(), 23);
+    // Entries of made-up nodes, sent by a bare peer claiming they wrote
+    // them (an entry written by another node than the one its key names
+    // is not listed).
+    let tap = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let m = common::neighbour(&net, NET, "m", "a", &nodes[0], &tap)
+        .await
+        .expect("the bare peer links");
+    let fakes: Vec<(String, Vec<u8>, NodeId)> = (1..=20u8)
+        .map(|n| {
+            let fake = NodeId::from_bytes(vec![n; 32]).unwrap();
+            let key = format!("{REGISTRY_PREFIX}calc/{fake}");
+            (key, serde_json::to_vec(&record).unwrap(), fake)
+        })
+        .collect();
+    common::forge_entries(&m, &nodes[0], &fakes).await;
+    wait_until("the made-up providers listed", || {
+        nodes[0].rpc().providers("calc").len() == 23
+    })
+    .await;
     let calc: CalcClient = nodes[0].rpc().client("calc");
     for i in 0..60 {
         assert_eq!(calc.add(i, 1).await, Ok(i + 1));
@@ -1399,6 +1431,7 @@ async fn among_many_listed_providers_calls_go_to_the_neighbours() {
     let shares: Vec<u64> = nodes[1..].iter().map(|n| served(n, "calc").calls).collect();
     assert_eq!(shares.iter().sum::<u64>(), 60, "{shares:?}");
     assert!(shares.iter().all(|&c| c > 0), "{shares:?}");
+    m.shutdown().await;
     stop(nodes).await;
 }
 
@@ -2256,5 +2289,187 @@ async fn a_provider_failing_every_call_is_steered_away_from() {
         "{faked} of 100 calls went to the failing provider"
     );
     assert!(honest.calls() >= 90);
+    stop(nodes).await;
+}
+
+// ---------------------------------------------------------------------------
+// Hostile review (round seven): the registry's listing cap
+
+/// A member writes 1024 small keys under `rpc/services/calc/` that sort
+/// before every node id (here: `!00000` ...; they need not even name a
+/// node, nor parse as a record), with its own plain `set`: no forged
+/// entry, no lease taken from anyone. Callers listed at most
+/// `MAX_PROVIDERS` entries, the first by key, *before* parsing them, so
+/// the honest provider was no longer listed anywhere: every call failed
+/// `NoProvider`, for as long as the keys stayed (hostile review, round
+/// seven). Keys that name no node, or another node than their writer, are
+/// not listed now, and the bound applies after.
+#[tokio::test(start_paused = true)]
+async fn junk_keys_sorting_first_unlist_the_real_provider() {
+    let net = MemNetwork::new();
+    let (nodes, probe, calc) = calc_pair(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    assert_eq!(calc.add(2, 3).await, Ok(5));
+    // The member is node a itself here (any member's writes reach every
+    // replica the same way); 1024 keys of 1 byte each.
+    for i in 0..MAX_RECORD_BYTES.min(1024) {
+        let key = format!("{REGISTRY_PREFIX}calc/!{i:05}");
+        a.sync().set(&key, vec![b'x']).await.unwrap();
+    }
+    wait_until("the junk reached b", || {
+        b.sync()
+            .prefixed_entries(format!("{REGISTRY_PREFIX}calc/"))
+            .len()
+            > 1024
+    })
+    .await;
+    sleep(S).await;
+    let listed_a = a.rpc().providers("calc").len();
+    let listed_b = b.rpc().providers("calc").len();
+    let r = calc.add(2, 3).await;
+    let calls_before = probe.calls();
+    let own: CalcClient = b.rpc().client("calc");
+    let r_own = own.add(2, 3).await;
+    eprintln!(
+        "providers listed: on a {listed_a}, on b (the provider itself) {listed_b}; \
+         a's call: {r:?}; b's own call: {r_own:?}; provider calls {calls_before}"
+    );
+    assert_eq!(
+        r,
+        Ok(5),
+        "a call to a service whose provider is alive and listed"
+    );
+    assert_eq!(r_own, Ok(5));
+    stop(nodes).await;
+}
+
+/// Hostile review (round seven). An RPC call could travel as a *flood*:
+/// the flood concern handed its payload to the RPC concern of every node
+/// as a one-way request from the flood's origin, and the RPC concern ran
+/// it (nobody reads the answer). So one message ran a (non-idempotent)
+/// method on every provider of the mesh, and calls from made-up origins
+/// (keys are free; each origin gets its own share past half the limit)
+/// held every slot of every provider for the max budget (5 min): the
+/// origins are no neighbours, so nothing stopped their calls when the
+/// member left. The RPC concern now refuses flooded requests
+/// (`Concern::accepts`).
+#[tokio::test(start_paused = true)]
+async fn flooded_calls_run_on_every_provider_and_hold_their_slots() {
+    use meshwork::concerns::{FLOOD, sign_flooded};
+    use meshwork::transport::Identity;
+    use meshwork::wire::proto::Flooded;
+    use meshwork_rpc::proto::{self, rpc_message::Body};
+    use prost::Message as _;
+
+    let net = MemNetwork::new();
+    let (nodes, p1, p2) = two_providers(&net, "one", "two").await;
+    let caller = &nodes[0];
+    let flood = caller.concerns().context(FLOOD);
+    let first = nodes[1].node_id().clone();
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    // Three made-up origins: 128 calls free, then 64 for each.
+    let origins: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+    let mut id = 0u64;
+    for (o, origin) in origins.iter().enumerate() {
+        let n = if o == 0 { 128 + 64 } else { 64 };
+        for _ in 0..n {
+            id += 1;
+            let call = proto::RpcMessage {
+                body: Some(Body::Call(proto::Call {
+                    call_id: id,
+                    service: "calc".into(),
+                    method: "sleep".into(),
+                    args: Bytes::from_static(b"[3600000]"),
+                    codec: 1,
+                    budget_ms: u64::MAX,
+                    version: 0,
+                })),
+            };
+            let mut f = Flooded {
+                origin: origin.node_id().as_bytes().clone(),
+                message_id: id,
+                command: meshwork_rpc::RPC,
+                payload: call.encode_to_vec().into(),
+                ttl: 3,
+                sent_at_ms: unix_ms(),
+                signature: Bytes::new(),
+            };
+            sign_flooded(origin, &mut f);
+            flood.send(&first, f.encode_to_vec()).await.unwrap();
+        }
+        sleep(10 * MS).await;
+    }
+    sleep(S).await;
+    let started = (p1.started(), p2.started());
+    let calc: CalcClient = caller.rpc().client("calc");
+    let r = calc.add(1, 2).await;
+    sleep(240 * S).await;
+    let r_later = calc.add(1, 2).await;
+    eprintln!(
+        "sleep calls started by {id} flooded messages: {started:?} (provider one, two); \
+         an honest call at once: {r:?}; 4 min later: {r_later:?}"
+    );
+    assert!(
+        started.0 == 0 && started.1 == 0,
+        "a flood ran RPC calls on the providers: {started:?}"
+    );
+    assert_eq!((r, r_later), (Ok(3), Ok(3)));
+    stop(nodes).await;
+}
+
+/// Well-formed records under made-up node ids that sort first (`00..`),
+/// more than a caller lists, each claiming to be written by the node its
+/// key names (entries are not signed: a member can forge the writer,
+/// sync.md): the real provider, a neighbour, is still listed, and calls go
+/// to it. (Listed first in key order, the fakes had unlisted it.)
+#[tokio::test(start_paused = true)]
+async fn fake_providers_sorting_first_unlist_the_real_provider() {
+    let net = MemNetwork::new();
+    let (nodes, probe, calc) = calc_pair(&net).await;
+    let a = &nodes[0];
+    let record = serde_json::to_vec(&ServiceRecord {
+        version: 1,
+        methods: vec!["add".into()],
+    })
+    .unwrap();
+    let fakes: Vec<(String, Vec<u8>, NodeId)> = (0..MAX_PROVIDERS as u32 + 100)
+        .map(|i| {
+            let mut id = vec![0u8; 32];
+            id[28..].copy_from_slice(&i.to_be_bytes());
+            let id = NodeId::from_bytes(id).unwrap();
+            (format!("{REGISTRY_PREFIX}calc/{id}"), record.clone(), id)
+        })
+        .collect();
+    let tap = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let m = common::neighbour(&net, NET, "m", "a", a, &tap)
+        .await
+        .expect("the bare peer links");
+    common::forge_entries(&m, a, &fakes).await;
+    wait_until("the fakes reached a", || {
+        a.sync()
+            .prefixed_entries(format!("{REGISTRY_PREFIX}calc/"))
+            .len()
+            > MAX_PROVIDERS + 100
+    })
+    .await;
+    let listed = a.rpc().providers("calc");
+    let real = listed.iter().any(|p| p.node_id == *nodes[1].node_id());
+    let before = probe.calls();
+    let r = calc.add(2, 3).await;
+    eprintln!(
+        "listed on a: {} providers, the real one among them: {real}; a's call: {r:?}; \
+         calls that reached the real provider: {}",
+        listed.len(),
+        probe.calls() - before
+    );
+    assert_eq!(listed.len(), MAX_PROVIDERS);
+    assert!(real, "the live provider, a neighbour, is not listed");
+    assert_eq!(r, Ok(5));
+    m.shutdown().await;
     stop(nodes).await;
 }
