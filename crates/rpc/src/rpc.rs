@@ -192,6 +192,9 @@ impl Served {
 /// Cancels that named no waiting call are remembered, the latest this
 /// many: the call may not be registered yet.
 const EARLY_CANCELS: usize = 64;
+/// Of which one caller's take at most this many: a member's stray Cancels
+/// push out its own, not an honest caller's that overtook its call.
+const EARLY_CANCELS_PER_CALLER: usize = 16;
 
 /// The calls being served that had to wait, and recent Cancels that found
 /// none.
@@ -223,7 +226,12 @@ impl Calls {
         match self.waiting.remove(&key) {
             Some(token) => token.cancel(),
             None => {
-                if self.early.len() >= EARLY_CANCELS {
+                let own = self.early.iter().filter(|(c, _)| *c == key.0).count();
+                if own >= EARLY_CANCELS_PER_CALLER {
+                    if let Some(oldest) = self.early.iter().position(|(c, _)| *c == key.0) {
+                        self.early.remove(oldest);
+                    }
+                } else if self.early.len() >= EARLY_CANCELS {
                     self.early.pop_front();
                 }
                 self.early.push_back(key);
@@ -2209,16 +2217,41 @@ mod tests {
         calls.register((id(1), 9), &other);
         assert!(!other.is_cancelled());
         // Remembered Cancels are bounded; the oldest go first.
-        for n in 0..2 * EARLY_CANCELS as u64 {
-            calls.cancel((id(3), n));
+        for caller in 10..10 + 2 * (EARLY_CANCELS / EARLY_CANCELS_PER_CALLER) as u32 {
+            for n in 0..EARLY_CANCELS_PER_CALLER as u64 {
+                calls.cancel((id(caller), n));
+            }
         }
         assert_eq!(calls.early.len(), EARLY_CANCELS);
         let old = CallCancel::new();
-        calls.register((id(3), 0), &old);
+        calls.register((id(10), 0), &old);
         assert!(!old.is_cancelled(), "a forgotten Cancel stopped a call");
         let recent = CallCancel::new();
-        calls.register((id(3), 2 * EARLY_CANCELS as u64 - 1), &recent);
+        let last = 9 + 2 * (EARLY_CANCELS / EARLY_CANCELS_PER_CALLER) as u32;
+        calls.register((id(last), 0), &recent);
         assert!(recent.is_cancelled());
+    }
+
+    /// One caller's stray Cancels (a member's, for calls that never come)
+    /// push out its own remembered Cancels, not another caller's: an honest
+    /// Cancel that overtook its call still stops it (hostile review, round
+    /// seven: one list for all let them push it out, and the call ran to
+    /// its deadline).
+    #[test]
+    fn stray_cancels_of_one_caller_do_not_push_out_anothers() {
+        let mut calls = Calls::default();
+        calls.cancel((id(1), 7));
+        for n in 0..10 * EARLY_CANCELS as u64 {
+            calls.cancel((id(2), n));
+        }
+        assert_eq!(calls.early.len(), 1 + EARLY_CANCELS_PER_CALLER);
+        let honest = CallCancel::new();
+        calls.register((id(1), 7), &honest);
+        assert!(honest.is_cancelled(), "the honest Cancel was pushed out");
+        // The member's latest are the ones kept.
+        let member = CallCancel::new();
+        calls.register((id(2), 10 * EARLY_CANCELS as u64 - 1), &member);
+        assert!(member.is_cancelled());
     }
 
     /// Providers listed in bulk (any node can list some) do not grow the
