@@ -108,7 +108,10 @@ impl std::fmt::Display for Via {
 #[async_trait]
 pub trait Concern: Send + Sync + 'static {
     /// The command id this concern owns. Ids from `0xFFFF_0000` up are
-    /// reserved for meshwork's built-in concerns.
+    /// reserved for meshwork's own concerns (flood, routing and topics here,
+    /// sync and RPC above); an application picks ids below. Nothing refuses
+    /// a free id of that range, but a later meshwork may take it; one taken
+    /// already is a [`DuplicateCommand`](ConcernsError::DuplicateCommand).
     fn command(&self) -> u32;
 
     /// A short name for status pages and logs.

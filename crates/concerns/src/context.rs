@@ -211,6 +211,8 @@ impl Context {
         payload: impl Into<Bytes>,
     ) -> Result<(), ConcernsError> {
         let routing = self.inner.routing()?;
+        let payload = payload.into();
+        self.inner.check_len(payload.len())?;
         let r = routing
             .send(
                 &self.inner,
@@ -218,7 +220,7 @@ impl Context {
                 self.command,
                 0,
                 ConcernKind::Request,
-                payload.into(),
+                payload,
             )
             .await;
         self.notify(node, r.as_ref().err());

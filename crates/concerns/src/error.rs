@@ -69,6 +69,17 @@ pub enum ConcernsError {
         "no neighbour took the message (none is connected, or every one's queue is full): it reached nobody"
     )]
     NoNeighbours,
+    /// A payload larger than any message a peer takes: nothing was sent.
+    /// The bound is the transport's largest frame less room for the
+    /// envelopes of routed and flooded messages
+    /// ([`Concerns::max_payload`](crate::Concerns::max_payload)).
+    #[error("a payload of {len} bytes is larger than the largest a message carries ({max} bytes)")]
+    PayloadTooLarge {
+        /// The payload's length.
+        len: usize,
+        /// The largest payload.
+        max: usize,
+    },
     /// An argument the call cannot take (an empty topic, a TTL of 0, a
     /// command id reserved for the built-in concerns).
     #[error("invalid argument: {0}")]

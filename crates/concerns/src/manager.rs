@@ -262,6 +262,11 @@ pub(crate) struct Job {
     pub(crate) held: Option<Box<Held>>,
 }
 
+/// Room kept in a frame for what wraps a payload: the concern frame's own
+/// fields, and the envelope of a routed (sealed) or flooded (signed)
+/// message, a few hundred bytes at most.
+const ENVELOPE_ROOM: usize = 1024;
+
 /// Routed error answers being sent at once, at most; more are dropped.
 const MAX_ERROR_TASKS: usize = 256;
 /// How long what a node sends on another's behalf (an answer, a routed
@@ -360,6 +365,8 @@ impl Waiting {
 pub(crate) struct Inner {
     pub(crate) peers: PeerManager,
     pub(crate) config: ConcernsConfig,
+    /// The largest payload a message carries ([`Concerns::max_payload`]).
+    max_payload: usize,
     /// By command id (ours to register): FxHash, looked up per message.
     registry: RwLock<FxHashMap<u32, Arc<Registered>>>,
     /// Requests of this node waiting for their answers.
@@ -417,16 +424,31 @@ pub(crate) fn decode_error(payload: &[u8]) -> ConcernsError {
 }
 
 impl Inner {
+    /// [`ConcernsError::PayloadTooLarge`] for a payload of `len` bytes
+    /// that no message can carry.
+    pub(crate) fn check_len(&self, len: usize) -> Result<(), ConcernsError> {
+        if len > self.max_payload {
+            return Err(ConcernsError::PayloadTooLarge {
+                len,
+                max: self.max_payload,
+            });
+        }
+        Ok(())
+    }
+
     /// True once the layer is shutting down.
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Fails the direct requests waiting on `peer`, which has left: their
-    /// answers cannot come any more.
+    /// Fails the requests waiting on `peer`, which has left: direct ones,
+    /// whose answers cannot come any more, and routed ones to `peer`
+    /// itself (most likely gone, and if not, its answer may still come by
+    /// another way, too late: an asker waiting out its whole timeout for a
+    /// node it saw leave learns nothing more).
     pub(crate) fn peer_left(&self, peer: &NodeId) {
         self.pending.finish_where(
-            |p| !p.routed && p.expect == *peer,
+            |p| p.expect == *peer,
             || Err(ConcernsError::ConnectionLost(peer.clone())),
         );
         for reg in self.all_registered() {
@@ -535,6 +557,7 @@ impl Inner {
         if self.stopping() {
             return Err(ConcernsError::Shutdown);
         }
+        self.check_len(payload.len())?;
         flood.broadcast(self, command, payload, ttl)
     }
 
@@ -558,6 +581,7 @@ impl Inner {
         payload: Bytes,
         priority: Priority,
     ) -> Result<(), ConcernsError> {
+        self.check_len(payload.len())?;
         let frame = direct_frame(command, request_id, kind, priority, payload);
         self.peers
             .send(peer, frame, priority)
@@ -616,6 +640,7 @@ impl Inner {
         blame_timeout: bool,
     ) -> impl Future<Output = Result<Bytes, ConcernsError>> + Send {
         async move {
+            self.check_len(payload.len())?;
             let (waiting, now) = self.new_request(peer, command, false, timeout)?;
             let id = waiting.id();
             let frame = direct_frame(command, id, ConcernKind::Request, priority, payload);
@@ -644,6 +669,7 @@ impl Inner {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
+        self.check_len(payload.len())?;
         let (waiting, _) = self.new_request(node, command, true, timeout)?;
         let id = waiting.id();
         // The route search has its own end: the request's deadline.
@@ -860,7 +886,10 @@ impl Inner {
         first: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
     ) {
         let this = self.clone();
-        self.tracker.spawn(async move {
+        // Ends with the layer: a handler still running at shutdown is
+        // dropped (its asker's connection closes next), as RPC calls are,
+        // rather than hold the shutdown for as long as it runs.
+        self.spawn(async move {
             if let Some(f) = first {
                 f.await;
             }
@@ -1002,7 +1031,17 @@ impl Inner {
             Ok(Ok(reply)) => {
                 let reply = reply.unwrap_or_else(|| Reply::new(Bytes::new()));
                 let lane = reply.priority.unwrap_or(job.priority);
-                (ConcernKind::Reply, reply.payload, lane)
+                match self.check_len(reply.payload.len()) {
+                    Ok(()) => (ConcernKind::Reply, reply.payload, lane),
+                    // Too large to send: the asker hears so at once rather
+                    // than wait out its timeout for an answer never sent.
+                    Err(e) => {
+                        reg.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(concern = %reg.name, error = %e, "reply not sent");
+                        let p = error_payload(ErrorCode::HandlerFailed, format!("the reply: {e}"));
+                        (ConcernKind::Error, p, job.priority)
+                    }
+                }
             }
             Ok(Err(e)) => {
                 reg.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -1114,7 +1153,14 @@ impl ConcernsBuilder {
         if let Some(w) = commands.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConcernsError::DuplicateCommand(w[0]));
         }
+        let max_payload = self
+            .peers
+            .endpoint()
+            .config()
+            .max_frame_len()
+            .saturating_sub(ENVELOPE_ROOM);
         let inner = Arc::new(Inner {
+            max_payload,
             peers: self.peers,
             config: self.config,
             registry: RwLock::new(FxHashMap::default()),
@@ -1210,6 +1256,16 @@ impl Concerns {
         }
     }
 
+    /// The largest payload a message of this layer carries (requests,
+    /// replies, one-way messages, broadcasts, publications, routed ones):
+    /// the transport's largest frame less 1 KiB for what wraps it. A larger
+    /// one is refused with [`ConcernsError::PayloadTooLarge`] before
+    /// anything is sent, and a handler's reply that is larger becomes a
+    /// `HANDLER_FAILED` error to the asker.
+    pub fn max_payload(&self) -> usize {
+        self.inner.max_payload
+    }
+
     fn register(&self, concern: Arc<dyn Concern>) -> Result<(), ConcernsError> {
         let command = concern.command();
         let mut registry = self
@@ -1289,7 +1345,11 @@ impl Concerns {
     /// (after now) arrive on the returned [`Subscription`]. Dropping it
     /// unsubscribes.
     pub fn subscribe(&self, topic: &str) -> Result<Subscription, ConcernsError> {
-        self.inner.topics()?.subscribe(topic)
+        let topics = self.inner.topics()?;
+        if self.inner.stopping() {
+            return Err(ConcernsError::Shutdown);
+        }
+        topics.subscribe(topic)
     }
 
     /// Publishes on `topic` (see [`Context::publish`], which fails the same

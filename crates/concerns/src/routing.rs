@@ -119,7 +119,8 @@ struct Search {
     /// lost the query with its connection.
     gone: HashSet<NodeId>,
     /// Whether a neighbour has answered "not through me": a search that
-    /// has heard nothing is never exhausted.
+    /// has heard nothing is never exhausted (on a node without neighbours,
+    /// it waits its timeout for one to arrive, and asks it).
     refused: bool,
     /// True until the neighbours the node had at the start have been asked.
     asking: bool,

@@ -169,6 +169,12 @@ impl Concern for Topics {
         64
     }
 
+    /// Ends every subscription: their `recv` returns what was received,
+    /// then `None` (the senders they wait on go).
+    async fn on_stop(&self, _ctx: &Context) {
+        self.subs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     async fn on_request(
         &self,
         _ctx: &Context,

@@ -75,6 +75,8 @@ impl Concern for Probe {
                 sleep(10 * S).await;
                 Ok(Some(Reply::new(payload)))
             }
+            // A reply larger than any frame (16 MiB by default).
+            Some(b'B') => Ok(Some(Reply::new(vec![0u8; 17 << 20]))),
             _ => Ok(Some(Reply::new(payload))),
         }
     }
@@ -472,6 +474,122 @@ async fn line_with(
         sleep(100 * MS).await;
     }
     nodes
+}
+
+/// Payloads larger than any frame are refused before anything is sent,
+/// with an error that says so, whichever way they would go; a handler's
+/// reply that large reaches the asker at once as an error, not as a
+/// timeout (a user walkthrough waited out the whole timeout for such a
+/// reply, and a broadcast that large said "no neighbour").
+#[tokio::test(start_paused = true)]
+async fn payloads_larger_than_a_frame_are_refused_at_once() {
+    let net = MemNetwork::new();
+    let nodes = line(&net, 3).await;
+    let (first, middle, last) = (&nodes[0], &nodes[1], &nodes[2]);
+    let max = first.concerns.max_payload();
+    assert!(max > 15 << 20 && max < 16 << 20, "{max}");
+    let huge = || Bytes::from(vec![b'x'; max + 1]);
+    let too_large = |e: Option<ConcernsError>| matches!(e, Some(ConcernsError::PayloadTooLarge { len, max: m }) if len == max + 1 && m == max);
+    let ctx = first.ctx();
+    assert!(too_large(
+        ctx.request(middle.id(), huge(), 5 * S).await.err()
+    ));
+    assert!(too_large(ctx.send(middle.id(), huge()).await.err()));
+    assert!(too_large(
+        ctx.request_to(last.id(), huge(), 5 * S).await.err()
+    ));
+    assert!(too_large(ctx.send_to(last.id(), huge()).await.err()));
+    assert!(too_large(ctx.broadcast(huge(), 4).await.err()));
+    // Just fits: goes through.
+    let fits = Bytes::from(vec![b'x'; max]);
+    assert_eq!(
+        ctx.request(middle.id(), fits.clone(), 5 * S).await.unwrap(),
+        fits
+    );
+    // A handler's reply too large to send, directly and routed.
+    for (to, routed) in [(middle, false), (last, true)] {
+        let started = Instant::now();
+        let r = if routed {
+            ctx.request_to(to.id(), "B", 5 * S).await
+        } else {
+            ctx.request(to.id(), "B", 5 * S).await
+        };
+        assert!(
+            matches!(&r, Err(ConcernsError::Remote { code: ErrorCode::HandlerFailed, message }) if message.contains("larger than")),
+            "{r:?}"
+        );
+        assert!(started.elapsed() < S, "{:?}", started.elapsed());
+    }
+    stop(nodes).await;
+}
+
+/// `Duration::MAX` as a timeout means "no timeout to speak of", not a
+/// panic ("overflow when adding duration to instant", found by a user
+/// walkthrough), for direct and routed requests alike.
+#[tokio::test(start_paused = true)]
+async fn a_timeout_of_duration_max_is_no_panic() {
+    let net = MemNetwork::new();
+    let nodes = line(&net, 3).await;
+    let ctx = nodes[0].ctx();
+    let r = ctx.request(nodes[1].id(), "x", Duration::MAX).await;
+    assert_eq!(r.unwrap(), Bytes::from("x"));
+    let r = ctx.request_to(nodes[2].id(), "y", Duration::MAX).await;
+    assert_eq!(r.unwrap(), Bytes::from("y"));
+    stop(nodes).await;
+}
+
+/// A routed request to a node that was a neighbour fails as soon as that
+/// neighbour leaves, as a direct one does, instead of waiting out its
+/// timeout (a user walkthrough killed the target mid-request and waited
+/// 8 s).
+#[tokio::test(start_paused = true)]
+async fn a_routed_request_to_a_neighbour_that_leaves_fails_at_once() {
+    let net = MemNetwork::new();
+    let (a, b) = pair(&net).await;
+    let ctx = a.ctx();
+    let target = b.id().clone();
+    // 'w': the handler waits 10 s before it answers.
+    let asked = tokio::spawn(async move { ctx.request_to(&target, "wait", 30 * S).await });
+    while b.probe.count_payload(b"wait") == 0 {
+        sleep(MS).await;
+    }
+    let left = Instant::now();
+    stop(vec![b]).await;
+    let r = asked.await.unwrap();
+    assert!(matches!(r, Err(ConcernsError::ConnectionLost(_))), "{r:?}");
+    assert!(left.elapsed() < 2 * S, "{:?}", left.elapsed());
+    stop(vec![a]).await;
+}
+
+/// Shutting down does not wait for handlers still running (one sleeping
+/// 10 s held a user's shutdown for 20 s): they are dropped, as RPC calls
+/// are. Subscriptions end with it: `recv` gives `None` (it waited for ever
+/// while any handle of the node was alive), and subscribing afterwards is
+/// refused.
+#[tokio::test(start_paused = true)]
+async fn shutdown_drops_running_handlers_and_ends_subscriptions() {
+    let net = MemNetwork::new();
+    let (a, b) = pair(&net).await;
+    let mut sub = b.concerns.subscribe("news").unwrap();
+    let ctx = a.ctx();
+    let target = b.id().clone();
+    let asked = tokio::spawn(async move { ctx.request(&target, "wait", 30 * S).await });
+    while b.probe.count_payload(b"wait") == 0 {
+        sleep(MS).await;
+    }
+    let started = Instant::now();
+    b.concerns.shutdown().await;
+    assert!(started.elapsed() < S, "{:?}", started.elapsed());
+    let next = tokio::time::timeout(S, sub.recv()).await;
+    assert!(matches!(next, Ok(None)), "{next:?}");
+    assert!(matches!(
+        b.concerns.subscribe("news"),
+        Err(ConcernsError::Shutdown)
+    ));
+    b.concerns.peers().shutdown().await;
+    let r = asked.await.unwrap();
+    assert!(r.is_err(), "{r:?}");
+    stop(vec![a]).await;
 }
 
 /// A concern takes requests only the ways it accepts (`Concern::accepts`):
