@@ -35,7 +35,11 @@ impl NodeId {
         Ok(NodeId(Bytes::copy_from_slice(&bytes)))
     }
 
-    /// Parses the hex form printed by `Display`.
+    /// Parses the hex form printed by `Display`: any id of 1 to
+    /// [`MAX_LEN`](Self::MAX_LEN) bytes. A node's id under Noise (the
+    /// default) is its 32-byte public key, 64 hex digits; the 8 digits of
+    /// [`short`](Self::short) (and of `Debug`) parse as another, 4-byte id
+    /// that no node has. Check the length where only full ids make sense.
     pub fn from_hex(hex: &str) -> Result<Self, WireError> {
         if hex.len() % 2 != 0 {
             return Err(WireError::invalid("node_id", "odd number of hex digits"));
