@@ -57,10 +57,23 @@ impl Codec {
         }
     }
 
-    /// Decodes a `T`.
+    /// Decodes a `T` from the whole of `bytes`: bytes left over after the
+    /// value are an error, not ignored (they mean the two sides disagree
+    /// on the type: say two traits served under one name, the caller's
+    /// `get(u64, String)` read by a provider's `get(String)`).
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, String> {
         match self {
-            Codec::Postcard => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+            // `postcard::from_bytes` ignores what follows the value.
+            Codec::Postcard => match postcard::take_from_bytes(bytes) {
+                Ok((value, [])) => Ok(value),
+                Ok((_, rest)) => Err(format!(
+                    "{} byte{} left over after the value (a different type on the other side?)",
+                    rest.len(),
+                    if rest.len() == 1 { "" } else { "s" }
+                )),
+                Err(e) => Err(e.to_string()),
+            },
+            // serde_json rejects anything but whitespace after the value.
             Codec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
         }
     }
@@ -132,6 +145,33 @@ mod tests {
                 .decode_args::<(i64, String)>(b"\xff", 2)
                 .is_err()
         );
+    }
+
+    /// A value followed by more bytes is not that value: postcard's
+    /// `from_bytes` would take the prefix and drop the rest, so a caller
+    /// and a provider disagreeing on a method's types "succeeded" with
+    /// garbage. Both codecs refuse it.
+    #[test]
+    fn bytes_left_over_after_the_value_are_a_decode_error() {
+        // (u64, String) read as (String,): 1 is a length, then one byte.
+        let bytes = Codec::Postcard.encode(&(1u64, "abc".to_string())).unwrap();
+        let e = Codec::Postcard.decode::<(String,)>(&bytes).unwrap_err();
+        assert!(e.contains("3 bytes left over"), "{e}");
+        let e = Codec::Postcard
+            .decode_args::<(String,)>(&bytes, 1)
+            .unwrap_err();
+        assert!(e.contains("left over"), "{e}");
+        // A byte vector read as a string: the length, then a prefix.
+        let bytes = Codec::Postcard.encode(&vec![1u8, 1, 1, 65]).unwrap();
+        assert!(Codec::Postcard.decode::<u8>(&bytes).is_err());
+        assert!(Codec::Postcard.decode::<String>(&[1, 65, 0]).is_err());
+        assert_eq!(Codec::Postcard.decode::<String>(&[1, 65]), Ok("A".into()));
+        // JSON: trailing data refused, trailing whitespace allowed.
+        assert!(Codec::Json.decode::<(u8,)>(b"[1] 2").is_err());
+        assert!(Codec::Json.decode::<(u8,)>(b"[1][2]").is_err());
+        assert!(Codec::Json.decode::<u8>(b"1x").is_err());
+        assert_eq!(Codec::Json.decode::<(u8,)>(b"[1] \n"), Ok((1,)));
+        assert!(Codec::Json.decode_args::<(u8,)>(b"[1] 2", 1).is_err());
     }
 
     proptest::proptest! {

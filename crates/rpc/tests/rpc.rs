@@ -397,6 +397,72 @@ fn options(deadline: Duration) -> CallOptions {
 // ---------------------------------------------------------------------------
 // Results and errors
 
+/// A store as served, and a client built from another trait under the
+/// same service name whose methods take and return other types: every
+/// such call must fail with a decode error, not "succeed" with what the
+/// other type's prefix of the bytes reads as.
+#[service]
+trait Store {
+    async fn get(&self, key: String) -> Result<String, String>;
+    async fn big(&self, n: u64) -> Vec<u8>;
+    async fn small(&self, n: u64) -> Vec<u8>;
+}
+
+#[service]
+trait OtherStore {
+    async fn get(&self, id: u64, key: String) -> Result<String, String>;
+    async fn big(&self, what: String) -> String;
+    async fn small(&self, n: u64) -> u8;
+}
+
+struct StoreImp;
+
+impl Store for StoreImp {
+    async fn get(&self, key: String) -> Result<String, String> {
+        Err(key)
+    }
+    async fn big(&self, n: u64) -> Vec<u8> {
+        vec![1; n.min(1000) as usize]
+    }
+    async fn small(&self, n: u64) -> Vec<u8> {
+        vec![1; n.min(1000) as usize]
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn arguments_or_results_of_another_type_are_a_decode_error() {
+    let net = MemNetwork::new();
+    let nodes = two_nodes(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    b.rpc()
+        .serve("store", StoreServer::new(StoreImp))
+        .await
+        .unwrap();
+    wait_listed(&[a], "store", b).await;
+    let right: StoreClient = a.rpc().client("store");
+    assert_eq!(
+        right.get("k".into()).await,
+        Err(RpcError::Application("k".into()))
+    );
+    assert_eq!(right.big(3).await, Ok(vec![1, 1, 1]));
+    let wrong: OtherStoreClient = a.rpc().client("store");
+    // The provider reads (u64, String) as (String,): 0 is an empty string,
+    // then bytes left over.
+    let got = wrong.get(0, "key".into()).await;
+    assert!(matches!(got, Err(RpcError::Decode(_))), "{got:?}");
+    // "abc" read as a u64 (3) and bytes left over.
+    let got = wrong.big("abc".into()).await;
+    assert!(matches!(got, Err(RpcError::Decode(_))), "{got:?}");
+    // The arguments agree; the caller reads the result [1, 1, 1] as a u8
+    // (its length) and bytes left over.
+    let got = wrong.small(3).await;
+    assert!(
+        matches!(got, Err(RpcError::Decode(ref m)) if m.contains("left over")),
+        "{got:?}"
+    );
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn typed_results_and_application_errors_round_trip() {
     let net = MemNetwork::new();
