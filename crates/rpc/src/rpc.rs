@@ -39,6 +39,11 @@ pub const REGISTRY_PREFIX: &str = "rpc/services/";
 /// Longest service name, in bytes.
 pub const MAX_SERVICE_NAME: usize = 200;
 
+/// The longest a deadline or timeout counts for (100 years): a longer one,
+/// up to `Duration::MAX`, means "practically forever" and is clamped to
+/// this, so adding it to an instant cannot overflow (which panics).
+pub(crate) const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// Settings of the RPC layer, with defaults and chained setters.
 #[derive(Debug, Clone)]
 pub struct RpcConfig {
@@ -62,7 +67,8 @@ impl Default for RpcConfig {
 }
 
 impl RpcConfig {
-    /// Default deadline of a call (10 s); clients can override it.
+    /// Default deadline of a call (10 s); clients can override it. Any
+    /// deadline over 100 years (up to `Duration::MAX`) counts as 100 years.
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -1261,14 +1267,15 @@ impl Rpc {
     /// registry entry is on its way through the mesh, and a call made
     /// before it arrives fails with [`RpcError::NoProvider`] at once (a
     /// call never waits for a provider to appear). Also
-    /// [`RpcError::NoProvider`] if none is listed within `timeout`;
+    /// [`RpcError::NoProvider`] if none is listed within `timeout` (over
+    /// 100 years, up to `Duration::MAX`, counts as 100 years);
     /// [`RpcError::Local`] if the layer shuts down meanwhile.
     pub async fn wait_for_provider(
         &self,
         name: &str,
         timeout: Duration,
     ) -> Result<Vec<Provider>, RpcError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.min(FOREVER);
         // Watch before looking, so that an entry landing in between wakes us.
         let mut changes = self.inner.sync.watch(format!("{REGISTRY_PREFIX}{name}/"));
         loop {
@@ -1739,7 +1746,7 @@ impl Rpc {
                 };
                 let remaining = match deadline_at {
                     Some(deadline) => deadline.saturating_duration_since(at),
-                    None => o.deadline,
+                    None => o.deadline.min(FOREVER),
                 };
                 if remaining.is_zero() {
                     return Err(RpcError::Timeout(o.deadline));
@@ -1763,7 +1770,7 @@ impl Rpc {
                 let (result, retry, ended) = self
                     .attempt(flight, reach, service, method, &args, o, budget, sent)
                     .await;
-                deadline_at.get_or_insert(sent + o.deadline);
+                deadline_at.get_or_insert(sent + o.deadline.min(FOREVER));
                 at = ended;
                 match result {
                     Ok(b) => return Ok(b),
@@ -1806,7 +1813,8 @@ impl Rpc {
         // routed Cancel claims is not checked; counted ids were guessed by
         // a member that cancelled other nodes' calls (audit round three).
         let call_id: u64 = rand::random();
-        let budget_ms = remaining.as_millis().max(1) as u64;
+        // Saturating: `as` would wrap a budget beyond u64 milliseconds.
+        let budget_ms = u64::try_from(remaining.as_millis().max(1)).unwrap_or(u64::MAX);
         // Prepared before the future: it then holds the encoded call (or
         // the local call's boxed future), not everything it is made from.
         let work = if reach == Reach::Local {
@@ -2053,7 +2061,8 @@ impl Client {
         self.deadline
     }
 
-    /// The same client with another deadline.
+    /// The same client with another deadline. Any deadline over 100 years
+    /// (up to `Duration::MAX`: practically none) counts as 100 years.
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self

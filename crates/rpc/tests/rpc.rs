@@ -1030,6 +1030,51 @@ async fn a_neighbour_sending_malformed_rpc_messages_gets_errors_and_serving_goes
 // ---------------------------------------------------------------------------
 // Deadlines and cancellation
 
+/// `Duration::MAX` as a deadline or timeout means "practically forever":
+/// adding it to an instant panicked ("overflow when adding duration to
+/// instant"), in calls to a neighbour and to the node itself, and in
+/// `wait_for_provider` even with a provider listed.
+#[tokio::test(start_paused = true)]
+async fn the_longest_durations_mean_forever_and_do_not_overflow() {
+    let net = MemNetwork::new();
+    let (nodes, _probe, calc) = calc_pair(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let forever = calc.with_deadline(Duration::MAX);
+    assert_eq!(forever.client().deadline(), Duration::MAX);
+    assert_eq!(forever.add(2, 3).await, Ok(5));
+    assert_eq!(forever.sleep_idempotent(20).await, Ok("b".into()));
+    assert_eq!(forever.sleep(20).await, Ok("b".into()));
+    let local = b
+        .rpc()
+        .client::<CalcClient>("calc")
+        .with_deadline(Duration::MAX);
+    assert_eq!(local.add(1, 1).await, Ok(2));
+    assert_eq!(local.sleep(20).await, Ok("b".into()));
+    let raw = a
+        .rpc()
+        .call_raw(
+            "calc",
+            "add",
+            Bytes::from_static(b"[1,2]"),
+            CallOptions {
+                idempotent: true,
+                ..options(Duration::MAX)
+            },
+        )
+        .await;
+    assert_eq!(raw, Ok(Bytes::from_static(b"3")));
+    let found = a
+        .rpc()
+        .wait_for_provider("calc", Duration::MAX)
+        .await
+        .unwrap();
+    assert_eq!(found[0].node_id, *b.node_id());
+    // Not listed yet: the wait goes on, as any long one does.
+    let waiting = a.rpc().wait_for_provider("later", Duration::MAX);
+    assert!(tokio::time::timeout(10 * S, waiting).await.is_err());
+    stop(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_deadline_ends_the_call_on_both_sides() {
     let net = MemNetwork::new();

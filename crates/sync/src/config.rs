@@ -167,9 +167,10 @@ impl SyncConfig {
         self
     }
 
-    /// Timeout of each anti-entropy or confirm request (default 10 s).
+    /// Timeout of each anti-entropy or confirm request (default 10 s; over
+    /// 100 years, up to `Duration::MAX`, counts as 100 years).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
+        self.request_timeout = timeout.min(crate::map::FOREVER);
         self
     }
 

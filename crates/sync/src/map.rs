@@ -534,8 +534,8 @@ impl SyncMap {
             ReplicaConfig {
                 leasing: config.leasing,
                 lease_ms: span_ms(config.lease),
-                tombstone_grace_ms: config.tombstone_grace.as_millis() as u64,
-                max_skew_ms: config.max_clock_skew.as_millis() as u64,
+                tombstone_grace_ms: span_ms(config.tombstone_grace),
+                max_skew_ms: span_ms(config.max_clock_skew),
                 max_bytes: config.max_bytes,
             },
         );
@@ -908,12 +908,15 @@ impl SyncMap {
     /// this node holds for `key` (or a later one): sends it to each and
     /// waits for their acknowledgements. Returns how many peers confirmed;
     /// [`SyncError::NotConfirmed`] lists those that did not within
-    /// `timeout`.
+    /// `timeout` (over 100 years, up to `Duration::MAX`, counts as 100
+    /// years).
     pub async fn confirm(
         &self,
         key: impl AsRef<[u8]>,
         timeout: Duration,
     ) -> Result<usize, SyncError> {
+        // Added to an instant below: `Duration::MAX` would overflow.
+        let wait = timeout.min(FOREVER);
         let key = Bytes::copy_from_slice(key.as_ref());
         let entry = lock(&self.inner.replica).entry(&key).cloned();
         let Some(entry) = entry else {
@@ -931,7 +934,7 @@ impl SyncMap {
             let payload = payload.clone();
             set.spawn(async move {
                 let ok = ctx
-                    .request_with(&peer, payload, timeout, Priority::Control)
+                    .request_with(&peer, payload, wait, Priority::Control)
                     .await
                     .is_ok_and(|b| {
                         matches!(
@@ -1188,6 +1191,11 @@ impl SyncMap {
         Ok(Some((pulled, sent)))
     }
 }
+
+/// The longest a timeout counts for (100 years): a longer one, up to
+/// `Duration::MAX`, means "practically forever" and is clamped to this, so
+/// adding it to an instant cannot overflow (which panics).
+pub(crate) const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// A lease or time to live in ms, cut to [`MAX_SPAN_MS`] (so that adding
 /// it to a time cannot overflow, and peers accept it).

@@ -235,6 +235,26 @@ async fn a_slow_endless_round_ends_at_the_round_timeout() {
     p.stop().await;
 }
 
+/// `Duration::MAX` as a timeout means "practically forever": added to an
+/// instant it panicked ("overflow when adding duration to instant") in
+/// `confirm` and in every request of a round.
+#[tokio::test(start_paused = true)]
+async fn the_longest_timeouts_mean_forever_and_do_not_overflow() {
+    let net = MemNetwork::new();
+    let hostile = Hostile::new(Chunks::Forward, 1);
+    let config = SyncConfig::default()
+        .with_anti_entropy_interval(Duration::from_secs(3600))
+        .with_request_timeout(Duration::MAX)
+        .with_tombstone_grace(Duration::MAX);
+    let p = pair_with(&net, Some(hostile.clone()), config).await;
+    p.a.set("k", "v").await.unwrap();
+    assert_eq!(p.a.confirm("k", Duration::MAX).await.unwrap(), 1);
+    assert!(p.a.sync_with(&p.b_id()).await.is_ok());
+    assert_eq!(hostile.pulls(), 1);
+    assert!(p.a.remove("k").await.unwrap());
+    p.stop().await;
+}
+
 /// A sync message from `origin` (a member that is not a neighbour of `a`),
 /// signed by it and flooded by `b` to `a` (one hop).
 async fn flood_from(p: &Pair, origin: &Identity, id: u64, body: Body) {
