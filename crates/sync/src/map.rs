@@ -867,6 +867,7 @@ impl SyncMap {
         Watch {
             rx: self.inner.changes.subscribe(),
             prefix: Bytes::copy_from_slice(prefix.as_ref()),
+            stopped: self.inner.cancel.clone(),
         }
     }
 
@@ -1214,15 +1215,29 @@ fn bad_reply() -> SyncError {
 pub struct Watch {
     rx: broadcast::Receiver<Change>,
     prefix: Bytes,
+    /// The map's cancellation: the channel itself closes only when the
+    /// last handle of the map is dropped, which a stopped node's handles
+    /// (kept by the application) may never be.
+    stopped: CancellationToken,
 }
 
 impl Watch {
     /// The next change. [`SyncError::Lagged`] if this watcher fell behind
     /// and changes were skipped (it can carry on);
-    /// [`SyncError::Shutdown`] when the map has stopped.
+    /// [`SyncError::Shutdown`] once the map has stopped
+    /// ([`SyncMap::shutdown`], or the node's shutdown) and the changes
+    /// made before are taken.
     pub async fn recv(&mut self) -> Result<Change, SyncError> {
         loop {
-            match self.rx.recv().await {
+            // The changes waiting first, then the stop.
+            let r = tokio::select! {
+                biased;
+                r = self.rx.recv() => r,
+                () = self.stopped.cancelled() => {
+                    return self.try_recv()?.ok_or(SyncError::Shutdown);
+                }
+            };
+            match r {
                 Ok(c) if c.key.starts_with(&self.prefix) => return Ok(c),
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => return Err(SyncError::Lagged(n)),
@@ -1232,14 +1247,18 @@ impl Watch {
     }
 
     /// The next change if one is waiting, without waiting (`Ok(None)`:
-    /// none is); errors as [`recv`](Self::recv). A change is waiting here
-    /// as soon as the write or merge that made it returns.
+    /// none is, and the map runs); errors as [`recv`](Self::recv). A
+    /// change is waiting here as soon as the write or merge that made it
+    /// returns.
     pub fn try_recv(&mut self) -> Result<Option<Change>, SyncError> {
         use broadcast::error::TryRecvError;
         loop {
             match self.rx.try_recv() {
                 Ok(c) if c.key.starts_with(&self.prefix) => return Ok(Some(c)),
                 Ok(_) => {}
+                Err(TryRecvError::Empty) if self.stopped.is_cancelled() => {
+                    return Err(SyncError::Shutdown);
+                }
                 Err(TryRecvError::Empty) => return Ok(None),
                 Err(TryRecvError::Lagged(n)) => return Err(SyncError::Lagged(n)),
                 Err(TryRecvError::Closed) => return Err(SyncError::Shutdown),

@@ -255,6 +255,36 @@ async fn the_longest_timeouts_mean_forever_and_do_not_overflow() {
     p.stop().await;
 }
 
+/// A watch ends once the map has stopped, though the map's handles live
+/// on (as a stopped node's do in the application): `recv` waited until the
+/// last handle was dropped. Changes made before the stop come first.
+#[tokio::test(start_paused = true)]
+async fn a_watch_ends_when_the_map_stops() {
+    let net = MemNetwork::new();
+    let p = pair(&net, None).await;
+    let mut idle = p.a.watch("");
+    let mut busy = p.a.watch("k");
+    let waiting = tokio::spawn(async move { idle.recv().await });
+    sleep(10 * MS).await;
+    p.a.set("k1", "v").await.unwrap();
+    p.a.set("other", "v").await.unwrap();
+    p.a.shutdown().await;
+    // The idle watch got the change, then the stop.
+    let got = tokio::time::timeout(S, waiting).await.unwrap().unwrap();
+    assert_eq!(got.unwrap().key, Bytes::from_static(b"k1"));
+    // The busy one: the change waiting, then the stop, at once.
+    let got = tokio::time::timeout(S, busy.recv()).await.unwrap();
+    assert_eq!(got.unwrap().key, Bytes::from_static(b"k1"));
+    let got = tokio::time::timeout(S, busy.recv()).await.unwrap();
+    assert!(matches!(got, Err(SyncError::Shutdown)), "{got:?}");
+    assert!(matches!(busy.try_recv(), Err(SyncError::Shutdown)));
+    // A watch made after the stop ends at once too.
+    let mut late = p.a.watch("");
+    let got = tokio::time::timeout(S, late.recv()).await.unwrap();
+    assert!(matches!(got, Err(SyncError::Shutdown)), "{got:?}");
+    p.stop().await;
+}
+
 /// A sync message from `origin` (a member that is not a neighbour of `a`),
 /// signed by it and flooded by `b` to `a` (one hop).
 async fn flood_from(p: &Pair, origin: &Identity, id: u64, body: Body) {
