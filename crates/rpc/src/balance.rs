@@ -10,11 +10,22 @@ use tokio::time::Instant;
 /// How long it takes recent failures to count half as much.
 const FAILURE_HALF_LIFE: Duration = Duration::from_secs(5);
 
+/// How long it takes a provider's latency figure to count half as much
+/// while no call to it is answered: it decays toward zero ("unknown, so
+/// fast"), as tower's peak-EWMA balancer decays its cost. Otherwise a
+/// provider that was slow for a while lost every choice for good, since
+/// only its own answers update its figure: one `k` times slower than the
+/// best is tried again after about `10 s × log2(k)` without calls.
+pub(crate) const LATENCY_HALF_LIFE: Duration = Duration::from_secs(10);
+
 /// What a caller remembers about one provider.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ProviderStats {
-    /// Smoothed round trip of answered calls (EWMA, 1/4 weight).
+    /// Smoothed round trip of answered calls (EWMA, 1/4 weight), as of
+    /// its last sample; [`latency`](Self::latency) decays it since.
     pub(crate) ewma: Option<Duration>,
+    /// When `ewma` was last sampled.
+    sampled: Option<Instant>,
     /// Failures, decayed over time.
     failures: f64,
     /// When `failures` was last brought up to date.
@@ -39,12 +50,27 @@ impl ProviderStats {
         }
     }
 
-    /// A call was answered (successfully or not) in `rtt`.
-    pub(crate) fn answered(&mut self, rtt: Duration) {
-        self.ewma = Some(match self.ewma {
+    /// A call was answered (successfully or not) at `now`, in `rtt`: the
+    /// figure decayed to `now`, then the sample blended in.
+    pub(crate) fn answered(&mut self, rtt: Duration, now: Instant) {
+        self.ewma = Some(match self.latency(now) {
             Some(old) => (old * 3 + rtt) / 4,
             None => rtt,
         });
+        self.sampled = Some(now);
+    }
+
+    /// The latency figure at `now`: the smoothed round trip, halved for
+    /// every [`LATENCY_HALF_LIFE`] since its last sample (`None`: no call
+    /// was answered yet).
+    pub(crate) fn latency(&self, now: Instant) -> Option<Duration> {
+        let ewma = self.ewma?;
+        let Some(at) = self.sampled else {
+            return Some(ewma);
+        };
+        let half_lives =
+            now.saturating_duration_since(at).as_secs_f64() / LATENCY_HALF_LIFE.as_secs_f64();
+        Some(ewma.mul_f64(0.5f64.powf(half_lives)))
     }
 
     /// A call failed (not delivered, timed out, overloaded, or answered with
@@ -67,9 +93,10 @@ impl ProviderStats {
     }
 
     /// Lower is better: latency (unknown counts as fast, so new providers
-    /// get tried), times calls in flight, times recent failures.
+    /// get tried, and it decays toward that while the provider is not
+    /// called), times calls in flight, times recent failures.
     pub(crate) fn cost(&self, now: Instant) -> f64 {
-        let latency = self.ewma.map_or(0.0, |d| d.as_secs_f64() * 1e6) + 1.0;
+        let latency = self.latency(now).map_or(0.0, |d| d.as_secs_f64() * 1e6) + 1.0;
         latency * (1.0 + f64::from(self.in_flight)) * (1.0 + 4.0 * self.decayed(now))
     }
 }
@@ -213,17 +240,64 @@ mod tests {
         assert!(sit_out(&s, at) < Duration::from_secs(10), "{outs:?}");
     }
 
+    /// Provider `a` answered a few slow calls (500 ms), then is as fast
+    /// as `b` (1 ms): it must be tried again once idle for a while. Its
+    /// figure used to change only when it was picked, so every later call
+    /// went to `b`, for good.
+    #[test]
+    fn an_idle_providers_latency_decays_so_it_is_tried_again() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let t0 = Instant::now();
+        let (slow, fast) = (Duration::from_millis(500), Duration::from_millis(1));
+        let mut stats = [ProviderStats::default(), ProviderStats::default()];
+        for i in 0..3 {
+            stats[0].answered(slow, t0 + slow * i);
+            stats[1].answered(fast, t0 + slow * i);
+        }
+        // A call every 0.6 s for 3 minutes, each answered in 1 ms.
+        let mut picks: Vec<(Duration, usize)> = Vec::new();
+        for n in 0..300u32 {
+            let at = t0 + Duration::from_millis(1500 + 600 * u64::from(n));
+            let c: Vec<(Reach, f64, bool)> = stats
+                .iter()
+                .map(|s| (Reach::Neighbour, s.cost(at), s.failing(at)))
+                .collect();
+            let i = choose(&c, &mut rng).unwrap();
+            stats[i].answered(fast, at);
+            picks.push((at - t0, i));
+        }
+        let first = picks.iter().find(|p| p.1 == 0).map(|p| p.0);
+        // 500 times slower: tried again after about 10 s x log2(500), 90 s.
+        let first = first.expect("a was never tried again");
+        assert!(
+            first > Duration::from_secs(80) && first < Duration::from_secs(100),
+            "a tried again after {first:?}"
+        );
+        // As fast as b again, it gets its share from then on.
+        let to_a = picks[250..].iter().filter(|p| p.1 == 0).count();
+        assert!((10..=40).contains(&to_a), "a got {to_a} of the last 50");
+        // A figure just sampled is the smoothed one; half of it after 10 s.
+        let mut s = ProviderStats::default();
+        s.answered(slow, t0);
+        assert_eq!(s.latency(t0), Some(slow));
+        assert_eq!(s.latency(t0 + LATENCY_HALF_LIFE), Some(slow / 2));
+        assert_eq!(ProviderStats::default().latency(t0), None);
+    }
+
     #[test]
     fn failures_raise_the_cost_and_fade() {
         let t0 = Instant::now();
         let mut s = ProviderStats::default();
-        s.answered(Duration::from_micros(100));
+        s.answered(Duration::from_micros(100), t0);
         let healthy = s.cost(t0);
         s.failure(t0);
         s.failure(t0);
         assert!(s.cost(t0) > 8.0 * healthy);
         let later = t0 + Duration::from_secs(60);
+        // The failures faded (and the latency figure with them).
         assert!(s.cost(later) < 1.01 * healthy);
+        s.answered(Duration::from_micros(100), later);
+        let healthy = s.cost(later);
         // Calls in flight count too.
         s.in_flight = 3;
         assert!(s.cost(later) > 3.9 * healthy);

@@ -124,7 +124,8 @@ pub struct Provider {
     pub record: ServiceRecord,
     /// This node, a neighbour, or reached through other nodes.
     pub reach: &'static str,
-    /// Smoothed round trip of our calls to it, if any succeeded.
+    /// Smoothed round trip of our calls to it as of the last one answered,
+    /// if any was (the provider choice decays it with the time since).
     pub latency: Option<Duration>,
     /// Our calls to it that are waiting for their answer now.
     pub in_flight: u32,
@@ -1906,7 +1907,7 @@ impl Rpc {
                     s.in_flight = s.in_flight.saturating_sub(1);
                 }
                 if answered {
-                    s.answered(now - sent);
+                    s.answered(now - sent, now);
                 }
                 // Every failure counts against the provider, retried or
                 // not: a provider that answers every call at once with an
