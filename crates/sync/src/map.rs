@@ -43,6 +43,10 @@ const MAX_PULLS_PER_ROUND: usize = 1024;
 /// How often a full replica says so in the log.
 const FULL_LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// The most a graceful stop waits to tell the neighbours that this node's
+/// ephemeral keys are gone ([`SyncMap::shutdown`]).
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Default)]
 struct Counters {
     writes: AtomicU64,
@@ -575,11 +579,74 @@ impl SyncMap {
         inner.tracker.close();
     }
 
-    /// Stops pushing, housekeeping and anti-entropy and waits for them.
-    /// (The node's concerns layer stops the sync concern itself.)
+    /// Stops pushing, housekeeping and anti-entropy and waits for them,
+    /// then deletes this node's live ephemeral keys and tells the mesh (a
+    /// push along the tree, and each neighbour until it acknowledges, at
+    /// most 1 s in all), so that other nodes see them gone at
+    /// once rather than after their ttl. Writes are refused from the start.
+    /// (The node's concerns layer stops the sync concern itself; stopped
+    /// that way, or killed, the node's ephemeral keys expire.)
     pub async fn shutdown(&self) {
         self.inner.cancel.cancel();
         self.inner.tracker.wait().await;
+        // After the tasks: no refresh can write a key again meanwhile.
+        self.end_own_ephemeral().await;
+    }
+
+    /// Deletes this node's live ephemeral keys and sends the tombstones to
+    /// the neighbours, within [`GOODBYE_WAIT`]. Once: the keys are
+    /// forgotten as they are deleted.
+    async fn end_own_ephemeral(&self) {
+        let now = self.inner.now();
+        let (written, changes) = lock(&self.inner.replica).end_own_ephemeral(now);
+        self.inner.publish(changes);
+        if written.is_empty() {
+            return;
+        }
+        let n = written.len();
+        let me = self.node_id().clone();
+        let inner = &self.inner;
+        let goodbye = async {
+            for batch in written.chunks(inner.cfg.push_batch.max(1)) {
+                let entries = inner.encode(batch, &me);
+                // Along the tree, each node passing it on, as writes go.
+                let id = rand::random();
+                lock(&inner.tree).first_time(id, tokio::time::Instant::now());
+                let push = proto::SyncMessage {
+                    body: Some(Body::Push(proto::Push {
+                        id,
+                        origin: me.as_bytes().clone(),
+                        entries: entries.clone(),
+                    })),
+                };
+                inner
+                    .push_to_tree(&self.ctx, push.encode_to_vec().into(), &[])
+                    .await;
+                // And to every neighbour until it has applied them, before
+                // the node closes its connections.
+                let body = Body::Entries(proto::Entries {
+                    entries,
+                    repair: false,
+                });
+                let payload = Bytes::from(proto::SyncMessage { body: Some(body) }.encode_to_vec());
+                // Dropped at the timeout, the set aborts what is left.
+                let mut acks = tokio::task::JoinSet::new();
+                for peer in self.ctx.peers().neighbours() {
+                    let (ctx, payload) = (self.ctx.clone(), payload.clone());
+                    acks.spawn(async move {
+                        ctx.request_with(&peer, payload, GOODBYE_WAIT, Priority::Control)
+                            .await
+                    });
+                }
+                while acks.join_next().await.is_some() {}
+            }
+        };
+        if tokio::time::timeout(GOODBYE_WAIT, goodbye).await.is_err() {
+            debug!(
+                keys = n,
+                "not every neighbour heard that our ephemeral keys are gone"
+            );
+        }
     }
 
     /// This node's id.

@@ -655,6 +655,29 @@ impl Replica {
         self.own_ephemeral.remove(key);
     }
 
+    /// Ends this node's live ephemeral keys, for a node stopping cleanly:
+    /// each is deleted as its owner deletes it (an early expiry, see
+    /// `write`), and none is kept alive any more. Returns the tombstones
+    /// written (to send to the mesh) and the changes. Keys another node
+    /// holds now, or that are gone already, are only forgotten.
+    pub(crate) fn end_own_ephemeral(&mut self, now_ms: u64) -> (Vec<(Bytes, Entry)>, Vec<Change>) {
+        let mut keys: Vec<Bytes> = self.own_ephemeral.drain().map(|(k, _)| k).collect();
+        // In key order: the same writes whatever the map's order.
+        keys.sort();
+        let mut written = Vec::new();
+        let mut changes = Vec::new();
+        for key in keys {
+            if self.get(&key, now_ms).is_none_or(|e| e.writer != self.me) {
+                continue;
+            }
+            if let Ok((entry, c)) = self.write(key.clone(), None, Write::Delete, now_ms) {
+                written.push((key, entry));
+                changes.extend(c);
+            }
+        }
+        (written, changes)
+    }
+
     /// Entries of `buckets` (ascending) after `after`, at most
     /// `max_entries` or about `max_bytes`; with the position to resume at
     /// when more remain.

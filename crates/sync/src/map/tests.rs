@@ -285,6 +285,46 @@ async fn a_watch_ends_when_the_map_stops() {
     p.stop().await;
 }
 
+/// A node stopping cleanly deletes its live ephemeral keys and tells its
+/// neighbours before it goes: another node sees them gone at once and may
+/// take them, instead of waiting out their ttl (an hour here). Its plain
+/// keys stay, and so do keys another node took from it.
+#[tokio::test(start_paused = true)]
+async fn a_graceful_stop_ends_the_nodes_ephemeral_keys_at_once() {
+    let net = MemNetwork::new();
+    let p = pair(&net, None).await;
+    let b = SyncMap::start(&p.b, SyncConfig::default()).await.unwrap();
+    let hour = Duration::from_secs(3600);
+    p.a.set_ephemeral("lock", "a", hour).await.unwrap();
+    p.a.set_ephemeral("other-lock", "a", hour).await.unwrap();
+    p.a.set("plain", "a").await.unwrap();
+    let deadline = Instant::now() + 5 * S;
+    while b.get("lock").is_none() || b.get("other-lock").is_none() || b.get("plain").is_none() {
+        assert!(Instant::now() < deadline, "the keys did not reach b");
+        sleep(10 * MS).await;
+    }
+    let started = Instant::now();
+    p.a.shutdown().await;
+    assert!(
+        started.elapsed() < S,
+        "the stop took {:?}",
+        started.elapsed()
+    );
+    // b acknowledged the tombstones before the stop returned.
+    assert_eq!(b.get("lock"), None);
+    assert_eq!(b.get("other-lock"), None);
+    assert_eq!(b.get_str("plain").as_deref(), Some("a"));
+    assert_eq!(p.a.get("lock"), None);
+    // The lease went with the key: b takes it at once.
+    b.set_ephemeral("lock", "b", hour).await.unwrap();
+    assert_eq!(b.get_str("lock").as_deref(), Some("b"));
+    // A second stop has nothing left to end.
+    p.a.shutdown().await;
+    assert_eq!(b.get_str("lock").as_deref(), Some("b"));
+    b.shutdown().await;
+    p.stop().await;
+}
+
 /// A sync message from `origin` (a member that is not a neighbour of `a`),
 /// signed by it and flooded by `b` to `a` (one hop).
 async fn flood_from(p: &Pair, origin: &Identity, id: u64, body: Body) {
