@@ -164,16 +164,61 @@ pub use meshwork_transport as transport;
 pub use meshwork_wire as wire;
 
 /// Errors of the facade.
-#[derive(Debug, thiserror::Error)]
+///
+/// Every error of a layer converts into it with `?`, including a failed
+/// call of any typed client (`RpcError<E>`, whatever the method's error
+/// `E`): the method's own error becomes [`Application`](Error::Application),
+/// as text.
+///
+/// ```
+/// use meshwork::{Node, service, transport::mem::MemNetwork};
+///
+/// #[service]
+/// trait Calc {
+///     async fn div(&self, a: i64, b: i64) -> Result<i64, String>;
+/// }
+///
+/// struct Imp;
+///
+/// impl Calc for Imp {
+///     async fn div(&self, a: i64, b: i64) -> Result<i64, String> {
+///         a.checked_div(b).ok_or_else(|| "division by zero".to_string())
+///     }
+/// }
+///
+/// /// `?` on the call's `Result<i64, RpcError<String>>`.
+/// async fn halve_and_divide(calc: &CalcClient, a: i64, b: i64) -> meshwork::Result<i64> {
+///     let half = calc.div(a, 2).await?;
+///     Ok(calc.div(half, b).await?)
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> meshwork::Result<()> {
+/// let net = MemNetwork::new();
+/// let node = Node::builder("example")
+///     .transport(net.transport("a"))
+///     .listen("mem://a".parse()?)
+///     .start()
+///     .await?;
+/// node.rpc().serve("calc", CalcServer::new(Imp)).await?;
+/// let calc: CalcClient = node.rpc().client("calc");
+/// assert_eq!(halve_and_divide(&calc, 84, 7).await?, 6);
+/// let e = halve_and_divide(&calc, 84, 0).await.unwrap_err();
+/// assert!(matches!(&e, meshwork::Error::Application(m) if m.contains("division by zero")));
+/// assert_eq!(e.to_string(), r#"application error: "division by zero""#);
+/// node.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// The transport layer failed (bad address, dial failure, ...).
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// A listener could not be started on `addr`; the cause is the error's
-    /// `source()` (not repeated in its message, so that a report of the
-    /// whole chain, such as anyhow's, names it once).
-    #[error("cannot listen on {addr}")]
+    Transport(TransportError),
+    /// A listener could not be started on `addr`, for the reason in
+    /// `source`. The message includes the reason, so `source()` is the
+    /// reason's own cause, not the reason again: a report of the whole
+    /// chain (such as anyhow's `{:#}`) names it once.
     Listen {
         /// The address that was asked for.
         addr: Address,
@@ -181,20 +226,93 @@ pub enum Error {
         source: TransportError,
     },
     /// The peer manager refused its settings, or failed.
-    #[error(transparent)]
-    Peers(#[from] PeersError),
+    Peers(PeersError),
     /// The concerns layer refused (e.g. two concerns for one command id).
-    #[error(transparent)]
-    Concerns(#[from] ConcernsError),
+    Concerns(ConcernsError),
     /// The sync layer refused its settings, or failed.
-    #[error(transparent)]
-    Sync(#[from] SyncError),
-    /// The RPC layer failed to start.
-    #[error(transparent)]
-    Rpc(#[from] RpcError),
+    Sync(SyncError),
+    /// The RPC layer failed: to start, or a call failed (any way but with
+    /// the method's own error, which is [`Application`](Error::Application)).
+    Rpc(RpcError),
+    /// A called method's own error
+    /// ([`RpcError::Application`]), as its
+    /// `Debug` text (its type is the method's), e.g. `"\"division by
+    /// zero\""` for a `String`. The message is `RpcError`'s own:
+    /// `application error: ...`.
+    Application(String),
     /// A wait ran out of time.
-    #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
+}
+
+/// A result with the facade's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Transport(e) => std::fmt::Display::fmt(e, f),
+            Error::Listen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Error::Peers(e) => std::fmt::Display::fmt(e, f),
+            Error::Concerns(e) => std::fmt::Display::fmt(e, f),
+            Error::Sync(e) => std::fmt::Display::fmt(e, f),
+            Error::Rpc(e) => std::fmt::Display::fmt(e, f),
+            Error::Application(e) => write!(f, "application error: {e}"),
+            Error::Timeout(after, what) => {
+                write!(f, "timed out after {after:?} waiting for {what}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The layers' errors stand for themselves (their messages are
+        // this one's): their sources are this one's.
+        match self {
+            Error::Transport(e) => e.source(),
+            Error::Listen { source, .. } => source.source(),
+            Error::Peers(e) => e.source(),
+            Error::Concerns(e) => e.source(),
+            Error::Sync(e) => e.source(),
+            Error::Rpc(e) => e.source(),
+            Error::Application(_) | Error::Timeout(..) => None,
+        }
+    }
+}
+
+impl From<TransportError> for Error {
+    fn from(e: TransportError) -> Self {
+        Error::Transport(e)
+    }
+}
+
+impl From<PeersError> for Error {
+    fn from(e: PeersError) -> Self {
+        Error::Peers(e)
+    }
+}
+
+impl From<ConcernsError> for Error {
+    fn from(e: ConcernsError) -> Self {
+        Error::Concerns(e)
+    }
+}
+
+impl From<SyncError> for Error {
+    fn from(e: SyncError) -> Self {
+        Error::Sync(e)
+    }
+}
+
+/// Any call's error: the method's own error (`E`) as
+/// [`Application`](Error::Application), any other as [`Rpc`](Error::Rpc).
+impl<E: std::fmt::Debug> From<RpcError<E>> for Error {
+    fn from(e: RpcError<E>) -> Self {
+        match e.split_app() {
+            Ok(other) => Error::Rpc(other),
+            Err(app) => Error::Application(format!("{app:?}")),
+        }
+    }
 }
 
 /// Builds and starts a [`Node`].
