@@ -240,8 +240,12 @@ pub enum Error {
     /// zero\""` for a `String`. The message is `RpcError`'s own:
     /// `application error: ...`.
     Application(String),
-    /// A wait ran out of time.
-    Timeout(Duration, &'static str),
+    /// A wait ran out of time: how long, what for, and what the node
+    /// knew when it gave up, briefly (empty if nothing; for
+    /// [`Node::wait_for_peers`], the peers linked, the seeds' last dial
+    /// errors and the failed handshakes by cause). All three are in the
+    /// message.
+    Timeout(Duration, &'static str, String),
 }
 
 /// A result with the facade's [`Error`].
@@ -257,8 +261,11 @@ impl std::fmt::Display for Error {
             Error::Sync(e) => std::fmt::Display::fmt(e, f),
             Error::Rpc(e) => std::fmt::Display::fmt(e, f),
             Error::Application(e) => write!(f, "application error: {e}"),
-            Error::Timeout(after, what) => {
+            Error::Timeout(after, what, detail) if detail.is_empty() => {
                 write!(f, "timed out after {after:?} waiting for {what}")
+            }
+            Error::Timeout(after, what, detail) => {
+                write!(f, "timed out after {after:?} waiting for {what}: {detail}")
             }
         }
     }
@@ -738,13 +745,18 @@ impl Node {
         }
     }
 
-    /// Waits until at least `n` peers are connected.
+    /// Waits until at least `n` peers are connected. On
+    /// [`Timeout`](Error::Timeout), the message says why none or too few
+    /// linked, as far as the node knows: e.g. `timed out after 2s waiting
+    /// for peers: 0 of 1 peers linked; seed tcp://127.0.0.1:4000: refused
+    /// by peer (WrongNetwork), ... (3 failed dials)` (what
+    /// [`status`](Node::status)`().seeds` and `.handshakes` say then).
     pub async fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<(), Error> {
         self.peers()
             .wait_for_peers(n, timeout)
             .await
             .map_err(|e| match e {
-                PeersError::Timeout { after, .. } => Error::Timeout(after, "peers"),
+                PeersError::Timeout { after, detail, .. } => Error::Timeout(after, "peers", detail),
                 e => Error::Peers(e),
             })
     }

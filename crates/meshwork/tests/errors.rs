@@ -135,3 +135,41 @@ async fn any_calls_error_converts_into_the_facades() {
     assert_eq!(e.to_string(), r#"no provider for service "nobody""#);
     node.shutdown().await;
 }
+
+/// A node whose seed is on another network: the wait for peers runs out
+/// and says why (it said only "timed out after 2s waiting for peers", the
+/// cause being in `status().seeds[0].last_error` alone).
+#[tokio::test(start_paused = true)]
+async fn waiting_for_peers_in_vain_says_why() {
+    let net = MemNetwork::new();
+    let there = Node::builder("one-network")
+        .transport(net.transport("there"))
+        .listen(Address::mem("there"))
+        .start()
+        .await
+        .unwrap();
+    let lost = Node::builder("another-network")
+        .transport(net.transport("lost"))
+        .listen(Address::mem("lost"))
+        .seed(Address::mem("there"))
+        .start()
+        .await
+        .unwrap();
+    let wait = std::time::Duration::from_secs(2);
+    let e = lost.wait_for_peers(1, wait).await.unwrap_err();
+    let Error::Timeout(after, "peers", detail) = &e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(*after, wait);
+    let last = lost.status().seeds[0].last_error.clone().unwrap();
+    assert!(last.contains("WrongNetwork"), "{last}");
+    assert!(detail.contains(&last), "{detail}");
+    let text = e.to_string();
+    assert!(
+        text.starts_with("timed out after 2s waiting for peers: 0 of 1 peers linked; seed mem://there: refused by peer (WrongNetwork)"),
+        "{text}"
+    );
+    for node in [lost, there] {
+        node.shutdown().await;
+    }
+}

@@ -21,12 +21,17 @@ pub enum PeersError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// A wait ran out of time.
-    #[error("timed out after {after:?} waiting for {what}")]
+    #[error("timed out after {after:?} waiting for {what}{}", with_detail(.detail))]
     Timeout {
         /// What was awaited.
         what: &'static str,
         /// How long.
         after: Duration,
+        /// What the manager knew when it gave up, briefly (for
+        /// [`wait_for_peers`](crate::PeerManager::wait_for_peers): the
+        /// peers linked, the seeds' last dial errors, the failed handshakes
+        /// by cause); empty if nothing. Part of the message.
+        detail: String,
     },
     /// [`PeerManager::take_inbound`](crate::PeerManager::take_inbound) was
     /// already called.
@@ -38,4 +43,13 @@ pub enum PeersError {
     /// The manager is shutting down.
     #[error("the peer manager is shut down")]
     Shutdown,
+}
+
+/// `detail` as the end of a message: `": detail"`, or nothing.
+fn with_detail(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
 }

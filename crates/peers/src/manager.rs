@@ -542,6 +542,11 @@ impl PeerManager {
 
     /// Waits until at least `n` peers are connected: `Timeout` after
     /// `timeout`, `Shutdown` at once if the manager shuts down (or has).
+    /// The timeout's message says what the manager knew then: how many
+    /// peers were linked, the last dial error of each seed not connected,
+    /// and the failed handshakes by cause (e.g. `timed out after 2s waiting
+    /// for peers: 0 of 1 peers linked; seed tcp://127.0.0.1:4000: ...
+    /// Connection refused (3 failed dials)`).
     pub async fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<(), PeersError> {
         let mut rx = self.inner.connected.subscribe();
         let cancel = &self.inner.cancel;
@@ -559,8 +564,50 @@ impl PeerManager {
             Err(_) => Err(PeersError::Timeout {
                 what: "peers",
                 after: timeout,
+                detail: self.shortfall(n),
             }),
         }
+    }
+
+    /// Why fewer than `n` peers are linked, as far as the manager knows,
+    /// in a line: the peers linked, each seed not connected with its last
+    /// dial error (the first few), the failed handshakes by cause.
+    fn shortfall(&self, n: usize) -> String {
+        /// Seeds named, and characters of each error kept.
+        const SEEDS: usize = 3;
+        const ERROR_CHARS: usize = 200;
+        let mut parts = vec![format!("{} of {n} peers linked", self.stats().connected)];
+        let seeds = self.seeds();
+        let waiting: Vec<&SeedSnapshot> = seeds.iter().filter(|s| !s.connected).collect();
+        for s in waiting.iter().take(SEEDS) {
+            let dials = match s.failures {
+                1 => " (1 failed dial)".to_string(),
+                f => format!(" ({f} failed dials)"),
+            };
+            parts.push(match &s.last_error {
+                Some(e) if e.chars().count() > ERROR_CHARS => {
+                    let cut: String = e.chars().take(ERROR_CHARS).collect();
+                    format!("seed {}: {cut}...{dials}", s.addr)
+                }
+                Some(e) => format!("seed {}: {e}{dials}", s.addr),
+                None => format!("seed {}: no dial failed yet", s.addr),
+            });
+        }
+        if waiting.len() > SEEDS {
+            parts.push(format!(
+                "{} more seeds not connected",
+                waiting.len() - SEEDS
+            ));
+        }
+        if seeds.is_empty() && self.stats().known == 0 {
+            parts.push("no seeds, and no peer known".into());
+        }
+        let failures = self.inner.endpoint.stats().failures;
+        if !failures.is_empty() {
+            let counts: Vec<String> = failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            parts.push(format!("failed handshakes: {}", counts.join(", ")));
+        }
+        parts.join("; ")
     }
 
     /// True once [`shutdown`](Self::shutdown) has begun.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use meshwork_peers::{PeerManager, PeersConfig};
+use meshwork_peers::{PeerManager, PeersConfig, PeersError};
 use meshwork_transport::mem::MemNetwork;
 use meshwork_transport::{Address, Config, Endpoint};
 
@@ -62,6 +62,49 @@ async fn a_seed_pinned_to_a_node_id_accepts_only_that_node() {
     assert_eq!(&joiner.connected()[0].node_id, real.node_id());
 
     for n in [real, impostor, fooled, joiner] {
+        n.shutdown().await;
+    }
+}
+
+/// A wait for peers that runs out says why, as far as the manager knows:
+/// the seeds' last dial errors and the failed handshakes (it said only
+/// "timed out after 2s waiting for peers").
+#[tokio::test(start_paused = true)]
+async fn waiting_for_peers_in_vain_says_why() {
+    let net = MemNetwork::new();
+    // Nobody listens at the seed's address.
+    let alone = node(&net, "alone", config().with_seed(addr("nobody"))).await;
+    let e = alone.wait_for_peers(1, 2 * S).await.unwrap_err();
+    let PeersError::Timeout { after, detail, .. } = &e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(*after, 2 * S);
+    let seed = &alone.seeds()[0];
+    let last = seed.last_error.clone().expect("a failed dial");
+    assert!(seed.failures >= 2, "{seed:?}");
+    assert!(
+        detail.starts_with("0 of 1 peers linked; seed mem://nobody: "),
+        "{detail}"
+    );
+    assert!(detail.contains(&last), "{detail}");
+    assert!(
+        e.to_string().starts_with(
+            "timed out after 2s waiting for peers: 0 of 1 peers linked; seed mem://nobody"
+        ),
+        "{e}"
+    );
+
+    // The seed is on another network: refused in the handshake.
+    let endpoint = Endpoint::new(Config::new("another-network"), net.transport("elsewhere"));
+    endpoint.listen(&addr("elsewhere")).await.unwrap();
+    let elsewhere = PeerManager::start(endpoint, config()).unwrap();
+    let lost = node(&net, "lost", config().with_seed(addr("elsewhere"))).await;
+    let e = lost.wait_for_peers(1, 2 * S).await.unwrap_err().to_string();
+    assert!(e.contains("seed mem://elsewhere: "), "{e}");
+    assert!(e.contains("another-network"), "{e}");
+    assert!(e.contains("failed handshakes: refused_by_peer "), "{e}");
+
+    for n in [alone, elsewhere, lost] {
         n.shutdown().await;
     }
 }
