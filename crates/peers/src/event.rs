@@ -121,7 +121,9 @@ pub struct PeerSnapshot {
     pub remote_addr: Option<Address>,
     /// The metadata from its Hello (empty until connected once).
     pub metadata: HashMap<String, String>,
-    /// The latest heartbeat round trip.
+    /// The latest heartbeat round trip; before the first, the round trip
+    /// the transport measured in the handshake (a peer has one as soon as
+    /// it is linked, except a peer that dialled this node in plaintext).
     pub rtt: Option<Duration>,
     /// Smoothed round trip (EWMA, 1/8 weight per sample).
     pub smoothed_rtt: Option<Duration>,

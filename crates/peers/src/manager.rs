@@ -831,6 +831,8 @@ impl Inner {
             remote_addr: info.remote_addr.clone(),
             listen_addrs: info.hello.listen_addrs.clone(),
             metadata: info.hello.metadata.clone(),
+            // The handshake's round trip (the connection's only sample yet).
+            rtt: conn.stats().last_rtt,
         };
         let span = info_span!("peer", peer = %link.node.short(), conn = id);
         lock(&self.handles).insert(id, conn.handle());

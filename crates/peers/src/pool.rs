@@ -58,6 +58,9 @@ pub(crate) struct LinkInfo {
     pub(crate) remote_addr: Address,
     pub(crate) listen_addrs: Vec<String>,
     pub(crate) metadata: HashMap<String, String>,
+    /// The round trip the transport measured in the handshake, if any:
+    /// the link's first RTT sample, so a new peer has one at once.
+    pub(crate) rtt: Option<Duration>,
 }
 
 /// Why a dial failed, as far as the pool cares.
@@ -918,8 +921,8 @@ impl Pool {
             remote_addr: info.remote_addr.clone(),
             connected_at: now,
             last_heard: now,
-            rtt: None,
-            srtt: None,
+            rtt: info.rtt,
+            srtt: info.rtt,
             heartbeat: Heartbeat::new(&cfg.heartbeat),
             discovered_due: now,
             held: None,

@@ -108,3 +108,47 @@ async fn waiting_for_peers_in_vain_says_why() {
         n.shutdown().await;
     }
 }
+
+/// A peer has an RTT as soon as it is linked: the round trip the
+/// handshake measured (it was `None` until the first heartbeat's Pong, so
+/// the README's first example printed `rtt None`). With Noise both sides
+/// measure one; in plaintext the dialling side.
+#[tokio::test(start_paused = true)]
+async fn a_new_link_has_the_handshakes_round_trip_at_once() {
+    const MS: Duration = Duration::from_millis(1);
+    let near = |d: Option<Duration>| d.is_some_and(|d| d >= 40 * MS && d < 45 * MS);
+    for plaintext in [false, true] {
+        let net = MemNetwork::new();
+        // 20 ms each way.
+        net.set_latency("a", "b", 20 * MS);
+        let start = |name: &'static str, config: PeersConfig| {
+            let net = net.clone();
+            async move {
+                let mut transport = Config::new("seeds-test");
+                if plaintext {
+                    transport = transport.with_insecure_plaintext();
+                }
+                let endpoint = Endpoint::new(transport, net.transport(name));
+                endpoint.listen(&addr(name)).await.unwrap();
+                PeerManager::start(endpoint, config).unwrap()
+            }
+        };
+        let a = start("a", config()).await;
+        let b = start("b", config().with_seed(addr("a"))).await;
+        b.wait_for_peers(1, 5 * S).await.unwrap();
+        let seen_by_b = &b.connected()[0];
+        assert!(near(seen_by_b.rtt), "{plaintext}: {seen_by_b:?}");
+        assert_eq!(seen_by_b.smoothed_rtt, seen_by_b.rtt);
+        a.wait_for_peers(1, 5 * S).await.unwrap();
+        let seen_by_a = &a.connected()[0];
+        if plaintext {
+            // Nothing answered the responder's Hello: the first Pong will.
+            assert_eq!(seen_by_a.rtt, None, "{seen_by_a:?}");
+        } else {
+            assert!(near(seen_by_a.rtt), "{seen_by_a:?}");
+        }
+        for n in [a, b] {
+            n.shutdown().await;
+        }
+    }
+}

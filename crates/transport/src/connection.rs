@@ -164,7 +164,9 @@ pub struct ConnectionStats {
     pub frames_received: u64,
     /// Bytes read from the stream, prefixes included.
     pub bytes_received: u64,
-    /// Round-trip time of the latest answered Ping.
+    /// Round-trip time of the latest answered Ping; before the first, the
+    /// round trip measured in the handshake (by both sides with Noise, by
+    /// the dialling side in plaintext).
     pub last_rtt: Option<Duration>,
     /// Smoothed round-trip time (EWMA, 1/8 weight for each new sample).
     pub smoothed_rtt: Option<Duration>,
@@ -979,7 +981,9 @@ impl Connection {
             last_received_nanos: AtomicU64::new(0),
             last_sent_nanos: AtomicU64::new(0),
             reader_backpressured: AtomicBool::new(false),
-            rtt: Mutex::new((None, None)),
+            // The handshake's round trip, if this side measured one, is
+            // the first sample: a new connection has an RTT at once.
+            rtt: Mutex::new((hs.rtt, hs.rtt)),
             pings: Mutex::new(HashMap::new()),
             handoff: Mutex::new(HandoffSlot::default()),
             handoff_ready: AtomicBool::new(false),

@@ -14,10 +14,13 @@
 //!    network, same version, not ourselves, and the node id is the key just
 //!    authenticated. A refusal is a Disconnect with the reason, then close.
 
+use std::time::Duration;
+
 use futures_util::StreamExt;
 use meshwork_wire::proto::{Disconnect, Hello};
 use meshwork_wire::{FrameCodec, Message, NodeId, PROTOCOL_VERSION, encode_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use crate::config::Security;
@@ -36,6 +39,11 @@ pub(crate) struct Handshaken {
     pub(crate) writer: BoxWrite,
     pub(crate) hello: Hello,
     pub(crate) node_id: NodeId,
+    /// A round trip measured during the handshake, if this side could:
+    /// with Noise both sides (each writes a message and reads the answer),
+    /// in plaintext the initiator (its Hello, then the responder's, which
+    /// answers it). The connection's first RTT sample.
+    pub(crate) rtt: Option<Duration>,
 }
 
 /// Initial capacity of a connection's frame read buffer.
@@ -234,7 +242,10 @@ async fn exchange(
     let frame = encode_frame(&hello, config.max_frame_len)?;
 
     // 2. Security stage.
-    let (read, mut writer, authenticated): (BoxRead, BoxWrite, Option<NodeId>) =
+    // When the initiator's plaintext Hello went out (the responder's
+    // answers it: a round trip), and the round trip Noise measured.
+    let mut hello_sent: Option<Instant> = None;
+    let (read, mut writer, authenticated, mut rtt): (BoxRead, BoxWrite, Option<NodeId>, _) =
         match config.security {
             Security::InsecurePlaintext => {
                 if config.network_key.is_some() {
@@ -245,10 +256,12 @@ async fn exchange(
                     ));
                 }
                 let sent = if initiator {
-                    match write.write_all(&frame).await {
+                    let sent = match write.write_all(&frame).await {
                         Ok(()) => write.flush().await,
                         Err(e) => Err(e),
-                    }
+                    };
+                    hello_sent = Some(Instant::now());
+                    sent
                 } else {
                     Ok(())
                 };
@@ -257,11 +270,11 @@ async fn exchange(
                 // (rather than the broken pipe our write ran into).
                 read_preamble(&mut read, config.security).await?;
                 sent?;
-                (read, write, None)
+                (read, write, None, None)
             }
             Security::Noise => {
                 let psk = noise::derive_psk(config.network_key.as_ref());
-                let (state, remote) = noise::handshake(
+                let (state, remote, rtt) = noise::handshake(
                     &mut read,
                     &mut write,
                     initiator,
@@ -284,7 +297,7 @@ async fn exchange(
                     w.write_all(&frame).await?;
                     w.flush().await?;
                 }
-                (Box::new(r), w, Some(id))
+                (Box::new(r), w, Some(id), rtt)
             }
         };
 
@@ -309,6 +322,9 @@ async fn exchange(
         unreachable!("built as a Hello above")
     };
     let theirs = read_hello(&mut reader, &mut writer, config).await?;
+    if let Some(at) = hello_sent {
+        rtt = Some(at.elapsed());
+    }
     let checked = check_hello(
         &our_hello,
         &theirs,
@@ -331,6 +347,7 @@ async fn exchange(
                 writer,
                 hello: theirs,
                 node_id,
+                rtt,
             })
         }
         Err(err) => {
@@ -503,7 +520,7 @@ mod tests {
         write.write_all(&ours).await.unwrap();
         let mut theirs = [0u8; PREAMBLE_LEN];
         read.read_exact(&mut theirs).await.unwrap();
-        let (state, _) = noise::handshake(
+        let (state, _, _) = noise::handshake(
             &mut read,
             &mut write,
             true,

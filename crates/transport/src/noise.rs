@@ -29,11 +29,13 @@ use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, Tag, UnboundKey};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::TransportError;
@@ -199,7 +201,9 @@ impl TransportCiphers {
 }
 
 /// Runs the Noise handshake on `read`/`write` and returns the transport
-/// ciphers and the peer's authenticated static key.
+/// ciphers, the peer's authenticated static key, and the round trip from
+/// our last message before the peer's to the peer's (message 1 to 2 for
+/// the initiator, 2 to 3 for the responder; the peer's crypto included).
 pub(crate) async fn handshake<R, W>(
     read: &mut R,
     write: &mut W,
@@ -208,7 +212,7 @@ pub(crate) async fn handshake<R, W>(
     psk: &[u8; 32],
     prologue: &[u8],
     mut peer_preamble: Option<Security>,
-) -> Result<(TransportCiphers, [u8; 32]), TransportError>
+) -> Result<(TransportCiphers, [u8; 32], Option<Duration>), TransportError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -230,6 +234,11 @@ where
 
     let mut msg = Box::new([0u8; MAX_MESSAGE]);
     let mut payload = Box::new([0u8; MAX_MESSAGE]);
+    // When our last message went out, and the round trip from then to the
+    // peer's answer: each side writes one message and reads the answer to
+    // it (the initiator messages 1 and 2, the responder 2 and 3).
+    let mut wrote_at: Option<Instant> = None;
+    let mut rtt = None;
     // XX: initiator writes, reads, writes; the responder mirrors it.
     for step in 0..3 {
         let our_turn = (step % 2 == 0) == initiator;
@@ -238,6 +247,7 @@ where
                 .write_message(&[], &mut msg[..])
                 .map_err(|e| crypto_err("noise handshake write", e))?;
             write_message(write, &msg[..n]).await?;
+            wrote_at = Some(Instant::now());
         } else {
             // The peer's preamble arrives before its first Noise message; the
             // initiator sent message 1 without waiting for it.
@@ -263,13 +273,16 @@ where
                         step + 1
                     ))
                 })?;
+            if let Some(at) = wrote_at.take() {
+                rtt = Some(at.elapsed());
+            }
         }
     }
     let remote: [u8; 32] = state
         .get_remote_static()
         .and_then(|k| k.try_into().ok())
         .ok_or_else(|| TransportError::Crypto("peer sent no static key".into()))?;
-    Ok((TransportCiphers::from_handshake(&mut state)?, remote))
+    Ok((TransportCiphers::from_handshake(&mut state)?, remote, rtt))
 }
 
 /// Decrypting read half.
@@ -485,8 +498,8 @@ mod tests {
         psk_a: [u8; 32],
         psk_b: [u8; 32],
     ) -> (
-        Result<(TransportCiphers, [u8; 32]), TransportError>,
-        Result<(TransportCiphers, [u8; 32]), TransportError>,
+        Result<(TransportCiphers, [u8; 32], Option<Duration>), TransportError>,
+        Result<(TransportCiphers, [u8; 32], Option<Duration>), TransportError>,
         Identity,
         Identity,
     ) {
@@ -511,8 +524,11 @@ mod tests {
     async fn handshake_authenticates_both_static_keys() {
         let psk = derive_psk(None);
         let (a, b, ia, ib) = pair(psk, psk).await;
-        assert_eq!(&a.unwrap().1, ib.public_key());
-        assert_eq!(&b.unwrap().1, ia.public_key());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(&a.1, ib.public_key());
+        assert_eq!(&b.1, ia.public_key());
+        // Each side timed a round trip (messages 1-2, and 2-3).
+        assert!(a.2.is_some() && b.2.is_some());
     }
 
     #[tokio::test]

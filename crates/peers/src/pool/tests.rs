@@ -24,6 +24,7 @@ fn info(n: u8, direction: Direction) -> LinkInfo {
         remote_addr: addr(n),
         listen_addrs: vec![addr(n).to_string()],
         metadata: HashMap::new(),
+        rtt: None,
     }
 }
 
