@@ -704,9 +704,10 @@ pub(crate) struct PeerJson {
     pub(crate) addr: Option<String>,
     /// Where the peer says it listens.
     pub(crate) listen: Vec<String>,
-    /// Latest heartbeat round trip in ms, null before the first pong.
+    /// Latest round trip in ms (the handshake's, then each heartbeat's); null
+    /// until one was timed (a plaintext dialler's link: its first pong).
     pub(crate) rtt_ms: Option<f64>,
-    /// Smoothed round trip in ms, null before the first pong.
+    /// Smoothed round trip in ms, null as `rtt_ms` is.
     pub(crate) srtt_ms: Option<f64>,
     /// Errors reported against it.
     pub(crate) errors: u32,
@@ -737,9 +738,11 @@ pub(crate) struct ConnectionJson {
     pub(crate) listen_addrs: Vec<String>,
     /// The metadata the peer sent in its Hello.
     pub(crate) metadata: BTreeMap<String, String>,
-    /// Latest round-trip time in ms, null before the first pong.
+    /// Latest round-trip time in ms (the handshake's, then each
+    /// heartbeat's); null until one was timed (a plaintext dialler's
+    /// connection: its first pong).
     pub(crate) rtt_ms: Option<f64>,
-    /// Smoothed round-trip time in ms, null before the first pong.
+    /// Smoothed round-trip time in ms, null as `rtt_ms` is.
     pub(crate) smoothed_rtt_ms: Option<f64>,
     /// Seconds since the handshake.
     pub(crate) age_secs: f64,
@@ -2368,7 +2371,7 @@ mod tests {
 
         assert_eq!(request(addr, "GET", "/health").await, (200, "ok".into()));
 
-        // Wait until the first pong has given the connection an RTT.
+        // Wait until the connection has an RTT (the handshake's, with Noise).
         let status = wait_status(addr, "an RTT", |s| {
             s["connections"][0]["smoothed_rtt_ms"].is_f64()
         })
