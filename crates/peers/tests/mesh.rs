@@ -95,13 +95,21 @@ fn reachable(adj: &[BTreeSet<usize>]) -> usize {
 }
 
 /// Waits (on the paused clock) until `done` holds, checking every second.
-async fn settle(within: Duration, mut done: impl FnMut() -> bool) -> Duration {
+async fn settle(within: Duration, done: impl FnMut() -> bool) -> Duration {
+    let took = settled(within, done).await;
+    took.unwrap_or_else(|| panic!("not settled within {within:?}"))
+}
+
+/// [`settle`], or `None` if `done` does not hold within `within`.
+async fn settled(within: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < within, "not settled within {within:?}");
+        if start.elapsed() >= within {
+            return None;
+        }
         sleep(S).await;
     }
-    start.elapsed()
+    Some(start.elapsed())
 }
 
 fn healthy(nodes: &[PeerManager], min: usize, max: usize) -> bool {
@@ -219,16 +227,31 @@ async fn halves_of_a_partition_longer_than_the_lost_peer_window_rejoin() {
 /// off, `with_feeler_interval(ZERO)`, they stay apart.)
 #[tokio::test(start_paused = true)]
 async fn halves_of_a_saturated_mesh_rejoin_after_heal() {
-    let net = MemNetwork::new();
     // No inbound share: every half can become a complete graph of full
     // pools (with 2 of 4 slots kept for dials, two nodes each needing one
     // more link can only dial each other, and both refuse).
     let c = config(4, 4)
         .with_outbound_reserved(0)
         .with_feeler_interval(20 * S);
-    let nodes = joined_in_turn(&net, "s", 10, c).await;
+    // With every pool full, the nodes joining in turn can also form two
+    // meshes from the start (about 1 run in 400): the later ones find the
+    // first five full and unknown to them (guide.md, "keep some room").
+    // Such a start proves nothing here: built again.
+    let mut tries = 0;
+    let (net, nodes) = loop {
+        tries += 1;
+        let net = MemNetwork::new();
+        let nodes = joined_in_turn(&net, "s", 10, c.clone()).await;
+        if settled(120 * S, || reachable(&adjacency(&nodes)) == 10)
+            .await
+            .is_some()
+        {
+            break (net, nodes);
+        }
+        assert!(tries < 3, "the mesh formed in pieces {tries} times");
+        shutdown_all(nodes).await;
+    };
     let names: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
-    settle(120 * S, || reachable(&adjacency(&nodes)) == 10).await;
     let (left, right): (Vec<&str>, Vec<&str>) = (
         names[..5].iter().map(|s| s.as_str()).collect(),
         names[5..].iter().map(|s| s.as_str()).collect(),
@@ -245,7 +268,9 @@ async fn halves_of_a_saturated_mesh_rejoin_after_heal() {
     })
     .await;
     net.heal();
-    let took = settle(120 * S, || reachable(&adjacency(&nodes)) == 10).await;
+    // Most runs rejoin 10 s after the heal, a few take a minute or two
+    // (swaps refused while the eviction budgets recover).
+    let took = settle(600 * S, || reachable(&adjacency(&nodes)) == 10).await;
     let swaps: u64 = nodes.iter().map(|n| n.stats().swaps).sum();
     eprintln!("one mesh {took:?} after the heal; {swaps} swap dials");
     assert!(swaps > 0);
