@@ -213,6 +213,7 @@ impl Context {
         let routing = self.inner.routing()?;
         let payload = payload.into();
         self.inner.check_len(payload.len())?;
+        self.inner.check_not_me(node)?;
         let r = routing
             .send(
                 &self.inner,
@@ -232,7 +233,8 @@ impl Context {
     ///
     /// [`ConcernsError::Unreachable`] when no route was found (nothing was
     /// sent), [`ConcernsError::RouteLost`] when a node on the way reported
-    /// it had none (the request may have arrived all the same).
+    /// it had none (the request may have arrived all the same),
+    /// [`ConcernsError::InvalidArgument`] for this node's own id.
     pub async fn request_to(
         &self,
         node: &NodeId,

@@ -436,6 +436,17 @@ impl Inner {
         Ok(())
     }
 
+    /// [`ConcernsError::InvalidArgument`] for a message routed to this
+    /// node itself (no route search could find it).
+    pub(crate) fn check_not_me(&self, node: &NodeId) -> Result<(), ConcernsError> {
+        if node == self.peers.node_id() {
+            return Err(ConcernsError::InvalidArgument(
+                "the target is this node itself: call its concern directly".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// True once the layer is shutting down.
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
@@ -670,6 +681,7 @@ impl Inner {
         timeout: Duration,
     ) -> Result<Bytes, ConcernsError> {
         self.check_len(payload.len())?;
+        self.check_not_me(node)?;
         let (waiting, _) = self.new_request(node, command, true, timeout)?;
         let id = waiting.id();
         // The route search has its own end: the request's deadline.

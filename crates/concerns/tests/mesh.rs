@@ -525,7 +525,8 @@ async fn payloads_larger_than_a_frame_are_refused_at_once() {
 
 /// `Duration::MAX` as a timeout means "no timeout to speak of", not a
 /// panic ("overflow when adding duration to instant", found by a user
-/// walkthrough), for direct and routed requests alike.
+/// walkthrough), for direct and routed requests alike. And a request
+/// routed to the node itself is refused at once.
 #[tokio::test(start_paused = true)]
 async fn a_timeout_of_duration_max_is_no_panic() {
     let net = MemNetwork::new();
@@ -535,6 +536,13 @@ async fn a_timeout_of_duration_max_is_no_panic() {
     assert_eq!(r.unwrap(), Bytes::from("x"));
     let r = ctx.request_to(nodes[2].id(), "y", Duration::MAX).await;
     assert_eq!(r.unwrap(), Bytes::from("y"));
+    // Routed to itself: said at once, not searched for (it was
+    // `Unreachable` after the search).
+    let me = nodes[0].id().clone();
+    let r = ctx.request_to(&me, "z", 5 * S).await;
+    assert!(matches!(r, Err(ConcernsError::InvalidArgument(_))), "{r:?}");
+    let r = ctx.send_to(&me, "z").await;
+    assert!(matches!(r, Err(ConcernsError::InvalidArgument(_))), "{r:?}");
     stop(nodes).await;
 }
 
