@@ -210,106 +210,63 @@ pub use meshwork_wire as wire;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The transport layer failed (bad address, dial failure, ...).
-    Transport(TransportError),
-    /// A listener could not be started on `addr`, for the reason in
-    /// `source`. The message includes the reason, so `source()` is the
-    /// reason's own cause, not the reason again: a report of the whole
-    /// chain (such as anyhow's `{:#}`) names it once.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A listener could not be started on `addr`, for the reason `cause`.
+    /// The message includes the reason (not kept as `source()` as well, so
+    /// that a report of the whole chain, such as anyhow's `{:#}`, names it
+    /// once).
+    #[error("cannot listen on {addr}: {cause}")]
     Listen {
         /// The address that was asked for.
         addr: Address,
         /// Why it failed.
-        source: TransportError,
+        cause: TransportError,
     },
     /// The peer manager refused its settings, or failed.
-    Peers(PeersError),
+    #[error(transparent)]
+    Peers(#[from] PeersError),
     /// The concerns layer refused (e.g. two concerns for one command id).
-    Concerns(ConcernsError),
+    #[error(transparent)]
+    Concerns(#[from] ConcernsError),
     /// The sync layer refused its settings, or failed.
-    Sync(SyncError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
     /// The RPC layer failed: to start, or a call failed (any way but with
     /// the method's own error, which is [`Application`](Error::Application)).
+    #[error(transparent)]
     Rpc(RpcError),
     /// A called method's own error
     /// ([`RpcError::Application`]), as its
     /// `Debug` text (its type is the method's), e.g. `"\"division by
     /// zero\""` for a `String`. The message is `RpcError`'s own:
     /// `application error: ...`.
+    #[error("application error: {0}")]
     Application(String),
     /// A wait ran out of time: how long, what for, and what the node
     /// knew when it gave up, briefly (empty if nothing; for
     /// [`Node::wait_for_peers`], the peers linked, the seeds' last dial
     /// errors and the failed handshakes by cause). All three are in the
     /// message.
+    #[error("timed out after {after:?} waiting for {what}{detail}", after = .0, what = .1, detail = detail(.2))]
     Timeout(Duration, &'static str, String),
+}
+
+/// `": detail"`, or nothing for no detail.
+fn detail(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
 }
 
 /// A result with the facade's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Error::Transport(e) => std::fmt::Display::fmt(e, f),
-            Error::Listen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
-            Error::Peers(e) => std::fmt::Display::fmt(e, f),
-            Error::Concerns(e) => std::fmt::Display::fmt(e, f),
-            Error::Sync(e) => std::fmt::Display::fmt(e, f),
-            Error::Rpc(e) => std::fmt::Display::fmt(e, f),
-            Error::Application(e) => write!(f, "application error: {e}"),
-            Error::Timeout(after, what, detail) if detail.is_empty() => {
-                write!(f, "timed out after {after:?} waiting for {what}")
-            }
-            Error::Timeout(after, what, detail) => {
-                write!(f, "timed out after {after:?} waiting for {what}: {detail}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        // The layers' errors stand for themselves (their messages are
-        // this one's): their sources are this one's.
-        match self {
-            Error::Transport(e) => e.source(),
-            Error::Listen { source, .. } => source.source(),
-            Error::Peers(e) => e.source(),
-            Error::Concerns(e) => e.source(),
-            Error::Sync(e) => e.source(),
-            Error::Rpc(e) => e.source(),
-            Error::Application(_) | Error::Timeout(..) => None,
-        }
-    }
-}
-
-impl From<TransportError> for Error {
-    fn from(e: TransportError) -> Self {
-        Error::Transport(e)
-    }
-}
-
-impl From<PeersError> for Error {
-    fn from(e: PeersError) -> Self {
-        Error::Peers(e)
-    }
-}
-
-impl From<ConcernsError> for Error {
-    fn from(e: ConcernsError) -> Self {
-        Error::Concerns(e)
-    }
-}
-
-impl From<SyncError> for Error {
-    fn from(e: SyncError) -> Self {
-        Error::Sync(e)
-    }
-}
 
 /// Any call's error: the method's own error (`E`) as
 /// [`Application`](Error::Application), any other as [`Rpc`](Error::Rpc).
@@ -489,11 +446,11 @@ impl NodeBuilder {
             .unwrap_or_else(|| Arc::new(TcpTransport::new()));
         let endpoint = Endpoint::with_transport(self.config, transport);
         for addr in &self.listen {
-            if let Err(source) = endpoint.listen(addr).await {
+            if let Err(cause) = endpoint.listen(addr).await {
                 endpoint.shutdown().await;
                 return Err(Error::Listen {
                     addr: addr.clone(),
-                    source,
+                    cause,
                 });
             }
         }

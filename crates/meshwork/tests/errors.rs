@@ -37,11 +37,11 @@ async fn a_listen_error_says_why() {
         .start()
         .await
         .unwrap_err();
-    let Error::Listen { addr: at, source } = &e else {
+    let Error::Listen { addr: at, cause } = &e else {
         panic!("{e:?}");
     };
     assert_eq!(at, &addr);
-    let why = source.to_string();
+    let why = cause.to_string();
     assert!(!why.is_empty());
     assert_eq!(e.to_string(), format!("cannot listen on {addr}: {why}"));
     assert_eq!(chain(&e).matches(&why).count(), 1, "{}", chain(&e));
