@@ -152,7 +152,8 @@ pub trait Concern: Send + Sync + 'static {
     /// Called once when the node stops.
     async fn on_stop(&self, _ctx: &Context) {}
 
-    /// Called every [`tick_interval`](Concern::tick_interval).
+    /// Called every [`tick_interval`](Concern::tick_interval). A tick
+    /// still running when the node shuts down is dropped.
     async fn tick(&self, _ctx: &Context) {}
 
     /// Handles a request from `from` (the sender: a neighbour for direct
@@ -172,6 +173,12 @@ pub trait Concern: Send + Sync + 'static {
     /// routed answer can record it and send it again (it cannot alter or
     /// forge one, protocol.md 10.3.1), and only the first finds its request
     /// waiting. Treat what arrives here as possibly repeated.
+    ///
+    /// Each runs in a task of its own, at most
+    /// [`max_concurrency`](Concern::max_concurrency) at once: more are
+    /// dropped (and counted as dropped), so that a peer sending replies
+    /// nobody asked for cannot start a task each. One still running when
+    /// the node shuts down is dropped.
     async fn on_reply(&self, _ctx: &Context, _from: &NodeId, _payload: Bytes) {}
 
     /// A message this concern sent was queued on the connection to `to`.

@@ -213,6 +213,21 @@ struct Counters {
     dropped: AtomicU64,
     in_flight: AtomicUsize,
     queued: AtomicUsize,
+    /// `on_reply` calls running now.
+    replies_running: AtomicUsize,
+}
+
+/// One of a concern's `on_reply` slots, given back when its task ends
+/// (also when it is dropped at shutdown).
+struct ReplySlot(Arc<Registered>);
+
+impl Drop for ReplySlot {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .replies_running
+            .fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub(crate) struct Registered {
@@ -744,9 +759,21 @@ impl Inner {
                     return;
                 }
                 if let Some(reg) = self.registered(command) {
+                    // As many at once as the concern's requests, at most;
+                    // past that dropped (and counted): a neighbour sending
+                    // replies nobody asked for must not start a task each.
+                    let running = &reg.counters.replies_running;
+                    if running.fetch_add(1, Ordering::AcqRel) >= reg.max_concurrency {
+                        running.fetch_sub(1, Ordering::AcqRel);
+                        reg.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        debug!(command, from = %from.short(), "unawaited reply dropped: too many running");
+                        return;
+                    }
                     let ctx = self.context(command);
                     let from = from.clone();
-                    self.tracker.spawn(async move {
+                    // Ends with the layer, as handlers do.
+                    self.spawn(async move {
+                        let _slot = ReplySlot(reg.clone());
                         let f = reg.concern.on_reply(&ctx, &from, payload);
                         if AssertUnwindSafe(f).catch_unwind().await.is_err() {
                             reg.counters.panics.fetch_add(1, Ordering::Relaxed);
@@ -1320,12 +1347,13 @@ impl Concerns {
                         _ = cancel.cancelled() => break,
                         _ = timer.tick() => {}
                     }
-                    if AssertUnwindSafe(concern.tick(&ctx))
-                        .catch_unwind()
-                        .await
-                        .is_err()
-                    {
-                        warn!(concern = concern.name(), "tick panicked");
+                    // A tick still running at shutdown is dropped.
+                    let tick = AssertUnwindSafe(concern.tick(&ctx)).catch_unwind();
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        r = tick => if r.is_err() {
+                            warn!(concern = concern.name(), "tick panicked");
+                        }
                     }
                 }
             });
