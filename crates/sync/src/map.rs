@@ -305,6 +305,23 @@ impl Inner {
         self.push_to_tree(ctx, payload, &[from, &origin]).await;
     }
 
+    /// A push of `entries` from `me` under a fresh id, encoded, the id
+    /// remembered as seen (so that it is not taken again when it comes
+    /// back).
+    fn new_push(&self, me: &NodeId, entries: Vec<proto::Entry>) -> Bytes {
+        let id = rand::random();
+        lock(&self.tree).first_time(id, tokio::time::Instant::now());
+        proto::SyncMessage {
+            body: Some(Body::Push(proto::Push {
+                id,
+                origin: me.as_bytes().clone(),
+                entries,
+            })),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
     /// Sends an encoded push to every eager neighbour but `except`.
     async fn push_to_tree(&self, ctx: &Context, payload: Bytes, except: &[&NodeId]) -> usize {
         let neighbours = ctx.peers().neighbours();
@@ -610,18 +627,8 @@ impl SyncMap {
             for batch in written.chunks(inner.cfg.push_batch.max(1)) {
                 let entries = inner.encode(batch, &me);
                 // Along the tree, each node passing it on, as writes go.
-                let id = rand::random();
-                lock(&inner.tree).first_time(id, tokio::time::Instant::now());
-                let push = proto::SyncMessage {
-                    body: Some(Body::Push(proto::Push {
-                        id,
-                        origin: me.as_bytes().clone(),
-                        entries: entries.clone(),
-                    })),
-                };
-                inner
-                    .push_to_tree(&self.ctx, push.encode_to_vec().into(), &[])
-                    .await;
+                let push = inner.new_push(&me, entries.clone());
+                inner.push_to_tree(&self.ctx, push, &[]).await;
                 // And to every neighbour until it has applied them, before
                 // the node closes its connections.
                 let body = Body::Entries(proto::Entries {
@@ -1347,57 +1354,68 @@ async fn pusher(inner: Arc<Inner>, ctx: Context, mut rx: mpsc::Receiver<(Bytes, 
     let me = ctx.node_id().clone();
     loop {
         let first = tokio::select! {
-            _ = inner.cancel.cancelled() => return,
+            _ = inner.cancel.cancelled() => break,
             next = rx.recv() => match next {
                 Some(w) => w,
                 None => return,
             },
         };
-        let mut batch = vec![first];
-        let mut bytes = 0;
-        while batch.len() < inner.cfg.push_batch && bytes < inner.cfg.push_batch_bytes {
-            match rx.try_recv() {
-                Ok((k, e)) => {
-                    bytes += k.len() + e.value.as_ref().map_or(0, |v| v.len());
-                    batch.push((k, e));
-                }
-                Err(_) => break,
+        push_batch(&inner, &ctx, &me, first, &mut rx).await;
+    }
+    // Stopping: the writes still queued go out too (`set` returned once
+    // they were queued for the mesh), within the goodbye's bound. A review
+    // lost 2 304 of 2 560 writes made just before a graceful shutdown.
+    let drain = async {
+        while let Ok(first) = rx.try_recv() {
+            push_batch(&inner, &ctx, &me, first, &mut rx).await;
+        }
+    };
+    if tokio::time::timeout(GOODBYE_WAIT, drain).await.is_err() {
+        debug!("not every write queued at shutdown was pushed");
+    }
+}
+
+/// Pushes `first` and what else is queued behind it (up to a batch) along
+/// the tree.
+async fn push_batch(
+    inner: &Inner,
+    ctx: &Context,
+    me: &NodeId,
+    first: (Bytes, Entry),
+    rx: &mut mpsc::Receiver<(Bytes, Entry)>,
+) {
+    let mut batch = vec![first];
+    let mut bytes = 0;
+    while batch.len() < inner.cfg.push_batch && bytes < inner.cfg.push_batch_bytes {
+        match rx.try_recv() {
+            Ok((k, e)) => {
+                bytes += k.len() + e.value.as_ref().map_or(0, |v| v.len());
+                batch.push((k, e));
             }
+            Err(_) => break,
         }
-        // Only the latest write of a key in a batch matters.
-        let mut latest: HashMap<Bytes, usize> = HashMap::new();
-        for (i, (k, _)) in batch.iter().enumerate() {
-            latest.insert(k.clone(), i);
-        }
-        let entries: Vec<proto::Entry> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, (k, _))| latest.get(k) == Some(i))
-            .map(|(_, (k, e))| e.to_proto(k, &me))
-            .collect();
-        let n = entries.len() as u64;
-        let id = rand::random();
-        lock(&inner.tree).first_time(id, tokio::time::Instant::now());
-        let push = proto::SyncMessage {
-            body: Some(Body::Push(proto::Push {
-                id,
-                origin: me.as_bytes().clone(),
-                entries,
-            })),
-        };
-        if inner
-            .push_to_tree(&ctx, push.encode_to_vec().into(), &[])
-            .await
-            > 0
-        {
-            inner.counters.pushes.fetch_add(1, Ordering::Relaxed);
-            inner
-                .counters
-                .pushed_entries
-                .fetch_add(n, Ordering::Relaxed);
-        } else if !ctx.peers().neighbours().is_empty() {
-            inner.counters.push_failures.fetch_add(1, Ordering::Relaxed);
-        }
+    }
+    // Only the latest write of a key in a batch matters.
+    let mut latest: HashMap<Bytes, usize> = HashMap::new();
+    for (i, (k, _)) in batch.iter().enumerate() {
+        latest.insert(k.clone(), i);
+    }
+    let entries: Vec<proto::Entry> = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, (k, _))| latest.get(k) == Some(i))
+        .map(|(_, (k, e))| e.to_proto(k, me))
+        .collect();
+    let n = entries.len() as u64;
+    let push = inner.new_push(me, entries);
+    if inner.push_to_tree(ctx, push, &[]).await > 0 {
+        inner.counters.pushes.fetch_add(1, Ordering::Relaxed);
+        inner
+            .counters
+            .pushed_entries
+            .fetch_add(n, Ordering::Relaxed);
+    } else if !ctx.peers().neighbours().is_empty() {
+        inner.counters.push_failures.fetch_add(1, Ordering::Relaxed);
     }
 }
 
