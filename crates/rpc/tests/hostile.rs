@@ -35,7 +35,7 @@ use meshwork::wire::proto::{
 use meshwork::wire::{Message, NodeId};
 use meshwork_rpc::proto::{Call, Cancel, RpcMessage, rpc_message::Body};
 use meshwork_rpc::sync::proto::{DigestQuery, Pull, sync_message};
-use meshwork_rpc::{RPC, RpcConfig, service};
+use meshwork_rpc::{RPC, service};
 use prost::Message as _;
 use tokio::time::{Instant, sleep};
 
@@ -135,16 +135,7 @@ fn mangle(rng: &mut Rng, payload: &[u8]) -> Bytes {
 }
 
 fn builder(net: &MemNetwork, host: &str) -> meshwork::NodeBuilder {
-    Node::builder(NET)
-        .transport(net.transport(host))
-        .listen(Address::mem(host))
-        .insecure_plaintext()
-        .rpc_config(RpcConfig::default())
-        .peers(|c| {
-            c.with_heartbeat(100 * MS, 500 * MS, 1000 * MS)
-                .with_backoff(50 * MS, 400 * MS)
-                .with_discovery(500 * MS, 16)
-        })
+    common::builder(net, NET, host)
 }
 
 /// An RPC frame to send: a call of `method` on `service` (JSON arguments),

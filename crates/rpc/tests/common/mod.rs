@@ -70,6 +70,21 @@ pub async fn neighbour(
     Some(m)
 }
 
+/// A node on network `network` at `mem://{host}` (plaintext, default RPC
+/// settings, quick heartbeats and redials), to start.
+pub fn builder(net: &MemNetwork, network: &str, host: &str) -> meshwork::NodeBuilder {
+    Node::builder(network)
+        .transport(net.transport(host))
+        .listen(Address::mem(host))
+        .insecure_plaintext()
+        .rpc_config(meshwork_rpc::RpcConfig::default())
+        .peers(|c| {
+            c.with_heartbeat(100 * MS, 500 * MS, 1000 * MS)
+                .with_backoff(50 * MS, 400 * MS)
+                .with_discovery(500 * MS, 16)
+        })
+}
+
 /// A sync frame to send: a request when `request_id` is not 0.
 pub fn sync_frame(request_id: u64, body: sync_message::Body) -> ConcernFrame {
     ConcernFrame {
