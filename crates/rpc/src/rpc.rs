@@ -719,6 +719,8 @@ struct ClientCounters {
     calls: AtomicU64,
     failures: AtomicU64,
     retries: AtomicU64,
+    /// Cancels of dropped calls being sent now ([`CancelOnDrop`]).
+    cancels_sending: AtomicUsize,
 }
 
 struct Inner {
@@ -1045,9 +1047,15 @@ fn outcome_error(
     }
 }
 
+/// Cancels being sent at once by a node's dropped calls, at most: past
+/// this a dropped call sends none (its provider stops it at its deadline).
+const MAX_CANCELS_SENDING: usize = 256;
+/// How long a Cancel may take to go out (a full lane, a route search).
+const CANCEL_SEND_WAIT: Duration = Duration::from_secs(2);
+
 /// Sends a Cancel for a call that is dropped while waiting.
 struct CancelOnDrop<'a> {
-    ctx: &'a Context,
+    inner: &'a Arc<Inner>,
     peer: &'a NodeId,
     call_id: u64,
     routed: bool,
@@ -1068,16 +1076,33 @@ impl Drop for CancelOnDrop<'_> {
             })),
         }
         .encode_to_vec();
-        let (ctx, peer, routed) = (self.ctx.clone(), self.peer.clone(), self.routed);
+        // A task each, bounded in number and in time: calls dropped in bulk
+        // to a peer that does not read must not pile up tasks.
+        let sending = &self.inner.counters.cancels_sending;
+        if sending.fetch_add(1, Ordering::AcqRel) >= MAX_CANCELS_SENDING {
+            sending.fetch_sub(1, Ordering::AcqRel);
+            debug!(peer = %self.peer.short(), "cancel not sent: too many being sent");
+            return;
+        }
+        let (inner, peer, routed) = (self.inner.clone(), self.peer.clone(), self.routed);
         handle.spawn(async move {
-            let r = if routed {
-                ctx.send_to(&peer, msg).await
-            } else {
-                ctx.send(&peer, msg).await
+            let ctx = &inner.ctx;
+            let send = async {
+                if routed {
+                    ctx.send_to(&peer, msg).await
+                } else {
+                    ctx.send(&peer, msg).await
+                }
             };
-            if let Err(e) = r {
-                debug!(peer = %peer.short(), error = %e, "could not send a cancel");
+            match tokio::time::timeout(CANCEL_SEND_WAIT, send).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(peer = %peer.short(), error = %e, "could not send a cancel"),
+                Err(_) => debug!(peer = %peer.short(), "could not send a cancel in time"),
             }
+            inner
+                .counters
+                .cancels_sending
+                .fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
@@ -1873,7 +1898,7 @@ impl Rpc {
                 Work::Local(run) => Ok(run.await),
                 Work::Remote(payload) => {
                     let mut guard = CancelOnDrop {
-                        ctx: &self.inner.ctx,
+                        inner: &self.inner,
                         peer: node,
                         call_id,
                         routed: reach == Reach::Routed,
