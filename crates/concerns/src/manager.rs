@@ -1315,6 +1315,12 @@ impl Concerns {
         if registry.contains_key(&command) {
             return Err(ConcernsError::DuplicateCommand(command));
         }
+        // Under the registry's lock, which shutdown reads every concern
+        // under after setting the flag: a concern added is either refused
+        // here or stopped there.
+        if self.inner.stopping() {
+            return Err(ConcernsError::Shutdown);
+        }
         registry.insert(
             command,
             Arc::new(Registered {
@@ -1385,11 +1391,7 @@ impl Concerns {
     /// (after now) arrive on the returned [`Subscription`]. Dropping it
     /// unsubscribes.
     pub fn subscribe(&self, topic: &str) -> Result<Subscription, ConcernsError> {
-        let topics = self.inner.topics()?;
-        if self.inner.stopping() {
-            return Err(ConcernsError::Shutdown);
-        }
-        topics.subscribe(topic)
+        self.inner.topics()?.subscribe(topic)
     }
 
     /// Publishes on `topic` (see [`Context::publish`], which fails the same

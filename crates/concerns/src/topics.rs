@@ -33,6 +33,8 @@ type Subscribers = HashMap<String, Vec<(u64, mpsc::Sender<Publication>)>>;
 
 pub(crate) struct Topics {
     subs: Arc<Mutex<Subscribers>>,
+    /// Set at stop, under the lock of `subs`: no subscription after.
+    closed: std::sync::atomic::AtomicBool,
     next: AtomicU64,
     queue: usize,
     delivered: AtomicU64,
@@ -98,6 +100,7 @@ impl Topics {
     pub(crate) fn new(cfg: &ConcernsConfig) -> Self {
         Topics {
             subs: Arc::new(Mutex::new(HashMap::new())),
+            closed: std::sync::atomic::AtomicBool::new(false),
             next: AtomicU64::new(1),
             queue: cfg.subscription_queue,
             delivered: AtomicU64::new(0),
@@ -109,12 +112,15 @@ impl Topics {
         check_topic(topic)?;
         let (tx, rx) = mpsc::channel(self.queue);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(topic.to_string())
-            .or_default()
-            .push((id, tx));
+        {
+            let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
+            // Asked under the lock the stop clears the subscribers under:
+            // a subscription is refused here or ended there.
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(ConcernsError::Shutdown);
+            }
+            subs.entry(topic.to_string()).or_default().push((id, tx));
+        }
         Ok(Subscription {
             topic: topic.to_string(),
             id,
@@ -172,7 +178,9 @@ impl Concern for Topics {
     /// Ends every subscription: their `recv` returns what was received,
     /// then `None` (the senders they wait on go).
     async fn on_stop(&self, _ctx: &Context) {
-        self.subs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        subs.clear();
     }
 
     async fn on_request(

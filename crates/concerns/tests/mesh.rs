@@ -594,6 +594,26 @@ async fn shutdown_drops_running_handlers_and_ends_subscriptions() {
         b.concerns.subscribe("news"),
         Err(ConcernsError::Shutdown)
     ));
+    // Nor is a concern added: it would start and never stop.
+    struct Other;
+    #[async_trait]
+    impl Concern for Other {
+        fn command(&self) -> u32 {
+            44
+        }
+        async fn on_request(
+            &self,
+            _: &Context,
+            _: &NodeId,
+            p: Bytes,
+        ) -> Result<Option<Reply>, BoxError> {
+            Ok(Some(Reply::new(p)))
+        }
+    }
+    assert!(matches!(
+        b.concerns.add(Other).await,
+        Err(ConcernsError::Shutdown)
+    ));
     b.concerns.peers().shutdown().await;
     let r = asked.await.unwrap();
     assert!(r.is_err(), "{r:?}");
