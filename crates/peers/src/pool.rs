@@ -577,6 +577,7 @@ impl Pool {
                 }
             }
             if let Some(expected) = &d.node {
+                let mut gone = false;
                 if let Some(e) = self.entries.get_mut(expected) {
                     e.dialing = None;
                     if *expected != info.node {
@@ -585,11 +586,19 @@ impl Pool {
                         if e.link.is_none() {
                             let to = e.idle_state();
                             e.set_state(to, &mut self.actions);
+                            // Nowhere left to find it (a node restarted
+                            // with a fresh key, say): forgotten, as a node
+                            // whose last address failed is, rather than
+                            // listed as known for good.
+                            gone = e.addrs.is_empty();
                         }
                     }
                 }
                 if *expected != info.node {
                     self.survivor_failed(expected, now);
+                }
+                if gone && self.entries.get(expected).is_some_and(|e| e.link.is_none()) {
+                    self.entries.remove(expected);
                 }
             }
         }

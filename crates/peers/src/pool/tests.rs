@@ -1283,6 +1283,28 @@ fn a_banned_peer_answering_a_dial_of_a_full_pool_evicts_nobody() {
     assert_eq!(h.pool.counts().linked, 4);
 }
 
+/// A peer whose only address now answers as another node (it restarted
+/// with a fresh key) is forgotten, not listed as known for good (an
+/// operator's long run found four such ids in every node's `/status` 40
+/// minutes later).
+#[test]
+fn a_peer_whose_address_answers_as_another_node_is_forgotten() {
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Outbound);
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+    assert!(h.state(1).is_some());
+    // Redialled (below min) at its address, where node 9 answers.
+    h.advance(60 * S);
+    let d = dials(&h.poll());
+    assert_eq!(d, vec![(d[0].0, addr(1))]);
+    let mut other = info(9, Direction::Outbound);
+    other.remote_addr = addr(1);
+    h.pool.on_dial_ok(d[0].0, 2, other, h.now);
+    assert_eq!(h.state(9), Some(PeerState::Connected));
+    assert_eq!(h.state(1), None, "the old id is still listed");
+}
+
 #[test]
 fn lost_peers_are_redialled_above_min_but_gone_ones_are_not() {
     let mut h = Harness::new(0, cfg());
