@@ -450,6 +450,9 @@ pub(crate) struct StatusJson {
     /// Error answers dropped since start: they could not go out at once
     /// (`Concerns::unsent_errors`).
     pub(crate) unsent_errors: u64,
+    /// Requests of this node waiting for their answer now, direct and
+    /// routed (`Concerns::pending_requests`).
+    pub(crate) pending_requests: usize,
     /// Services served here (`--serve-demo`), by name, with their counters.
     pub(crate) served: Vec<ServedJson>,
     /// Counters of the RPC calls this node made.
@@ -645,6 +648,8 @@ pub(crate) struct ConcernsInfo {
     pub(crate) unsent_answers: u64,
     /// `Concerns::unsent_errors`.
     pub(crate) unsent_errors: u64,
+    /// `Concerns::pending_requests`.
+    pub(crate) pending_requests: usize,
 }
 
 /// The pool in [`StatusJson`].
@@ -888,6 +893,7 @@ pub(crate) fn status_json(
         subscriptions,
         unknown_commands: concerns.unknown_commands,
         unsent_answers: concerns.unsent_answers,
+        pending_requests: concerns.pending_requests,
         unsent_errors: concerns.unsent_errors,
         served: status.served.iter().map(served_json).collect(),
         calls: calls_json(&status.calls),
@@ -1034,6 +1040,7 @@ async fn status(State(state): State<AdminState>, _: ApiQuery<NoQuery>) -> Json<S
         subscriptions: state.subscriptions.to_vec(),
         unknown_commands: node.concerns().unknown_commands(),
         unsent_answers: node.concerns().unsent_answers(),
+        pending_requests: node.concerns().pending_requests(),
         unsent_errors: node.concerns().unsent_errors(),
     };
     Json(status_json(
@@ -2192,6 +2199,7 @@ mod tests {
             unknown_commands: 9,
             unsent_answers: 4,
             unsent_errors: 5,
+            pending_requests: 6,
         };
         let json = serde_json::to_value(status_json(
             &status,
@@ -2333,6 +2341,7 @@ mod tests {
                 "unknown_commands": 9,
                 "unsent_answers": 4,
                 "unsent_errors": 5,
+                "pending_requests": 6,
                 "served": [{
                     "name": "demo",
                     "version": 1,
