@@ -191,6 +191,11 @@ struct Entry {
     /// having dialled in once.
     chosen: bool,
     lost_at: Option<Instant>,
+    /// When it said it shut down (`Disconnect(SHUTDOWN)`), until it links
+    /// again: not passed on in discovery, and forgotten after
+    /// `lost_peer_retry` (a node restarted with a fresh key never comes
+    /// back under this id).
+    goodbye_at: Option<Instant>,
     banned_until: Option<Instant>,
     /// When errors and timeouts were reported, oldest first; those older
     /// than `failure_memory` no longer count (at most `max_error_count` of
@@ -220,6 +225,7 @@ impl Entry {
             chosen: false,
             addrs_from_hello: false,
             lost_at: None,
+            goodbye_at: None,
             banned_until: None,
             errors: VecDeque::new(),
             timeouts: VecDeque::new(),
@@ -942,6 +948,7 @@ impl Pool {
         entry.dial_failures = 0;
         entry.backoff.reset();
         entry.lost_at = None;
+        entry.goodbye_at = None;
         entry.set_state(PeerState::Connected, actions);
         let route = entry.route();
         conns.insert(conn, info.node.clone());
@@ -1102,6 +1109,7 @@ impl Pool {
                 } else {
                     e.backoff.penalty(jitter)
                 };
+                e.goodbye_at = Some(now);
                 (false, wait)
             }
             CloseReason::Remote {
@@ -1594,12 +1602,38 @@ impl Pool {
         self.poll_held(now);
         self.poll_liveness(now, heard);
         self.poll_bans(now);
+        self.poll_goodbyes(now);
         if now >= self.next_discovery {
             self.next_discovery = now + self.cfg.discovery_interval;
             self.gossip();
         }
         self.poll_dials(now);
         self.poll_ask(now);
+    }
+
+    /// Forgets peers that said they shut down `lost_peer_retry` ago and
+    /// have not linked since (nor are being dialled, nor are a seed's
+    /// node): an operator's run found the old ids of nodes restarted with
+    /// fresh keys listed, and passed around, for good. One that comes back
+    /// dials in, or is heard of again.
+    fn poll_goodbyes(&mut self, now: Instant) {
+        let after = self.cfg.lost_peer_retry;
+        let seeds: HashSet<&NodeId> = self.seeds.iter().filter_map(|s| s.node.as_ref()).collect();
+        let gone: Vec<NodeId> = self
+            .entries
+            .values()
+            .filter(|e| {
+                e.link.is_none()
+                    && e.dialing.is_none()
+                    && !seeds.contains(&e.id)
+                    && e.goodbye_at
+                        .is_some_and(|t| now.saturating_duration_since(t) >= after)
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        for id in gone {
+            self.entries.remove(&id);
+        }
     }
 
     fn poll_liveness(&mut self, now: Instant, heard: &HashMap<ConnId, Instant>) {
@@ -1720,6 +1754,7 @@ impl Pool {
                 e.id != *to
                     && !e.addrs.is_empty()
                     && e.banned_until.is_none()
+                    && e.goodbye_at.is_none()
                     && (e.link.is_some() || e.dial_failures == 0)
             })
             .collect();

@@ -1305,6 +1305,57 @@ fn a_peer_whose_address_answers_as_another_node_is_forgotten() {
     assert_eq!(h.state(1), None, "the old id is still listed");
 }
 
+/// A peer that said it shut down is not passed on to others, and is
+/// forgotten once `lost_peer_retry` has passed without it linking again (a
+/// check with processes found the old ids of nodes restarted gracefully
+/// with fresh keys listed, and passed around, for good).
+#[test]
+fn a_peer_that_said_goodbye_is_not_gossiped_and_is_forgotten() {
+    let cfg = cfg().with_lost_peer_retry(600 * S);
+    let mut h = Harness::new(0, cfg);
+    h.connect(1, 1, Direction::Inbound);
+    h.connect(2, 2, Direction::Inbound);
+    h.pool.on_closed(
+        1,
+        CloseReason::Remote {
+            reason: DisconnectReason::Shutdown,
+            message: String::new(),
+        },
+        h.now,
+    );
+    h.pool.take_actions();
+    // A new peer's sample of the book names 2, not 1.
+    let actions = h.connect(3, 3, Direction::Inbound);
+    let sent = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                conn: 3,
+                message: Message::Discovered(d),
+            } => Some(d.clone()),
+            _ => None,
+        })
+        .expect("a Discovered for the new peer");
+    let named: Vec<_> = sent.peers.iter().map(|p| p.node_id.clone()).collect();
+    assert!(named.contains(id(2).as_bytes()), "{named:?}");
+    assert!(!named.contains(id(1).as_bytes()), "{named:?}");
+    // Kept for a while (it may be back), then forgotten.
+    // (Dials to it, a feeler's, fail: nobody answers there.)
+    let poll_failing = |h: &mut Harness| {
+        for (dial, _) in dials(&h.poll()) {
+            h.pool.on_dial_failed(dial, DialFailure::Transient, h.now);
+        }
+    };
+    h.advance(300 * S);
+    poll_failing(&mut h);
+    assert!(h.state(1).is_some());
+    h.advance(301 * S);
+    poll_failing(&mut h);
+    poll_failing(&mut h);
+    assert_eq!(h.state(1), None, "the peer that left is still listed");
+    assert_eq!(h.state(2), Some(PeerState::Connected));
+}
+
 #[test]
 fn lost_peers_are_redialled_above_min_but_gone_ones_are_not() {
     let mut h = Harness::new(0, cfg());
