@@ -24,7 +24,10 @@
 //! | any | anything else | 404 (405 for a known path) |
 //!
 //! The server ([`crate::http::serve`]) gives a client 10 s to send each
-//! request's head and serves 64 connections at once.
+//! request's head and serves 64 connections at once; of those, at most 48
+//! requests wait on the mesh (`POST /request`, `POST /rpc`, `POST
+//! /kv/{key}/confirm`), more get 503 `busy` at once, so that `/health`,
+//! `/status` and `/shutdown` stay reachable.
 //! An unknown query parameter is a 400 `bad_request` on every route, and
 //! the request is not carried out (a typo such as `?ttl=` must not be
 //! ignored; `POST /shutdown?now=1` does not shut down). `{id}` is a node
@@ -144,7 +147,17 @@ pub(crate) struct AdminState {
     events: Arc<EventLog>,
     subscriptions: Arc<[String]>,
     rpc_deadline: Duration,
+    /// Slots for requests that wait on the mesh ([`MAX_WAITING`]).
+    waiting: Arc<tokio::sync::Semaphore>,
 }
+
+/// Requests that wait on the mesh (`POST /request`, `POST /rpc`, `POST
+/// /kv/{key}/confirm`) answered at once, at most: fewer than the server's
+/// 64 connections, so that `/health`, `/status` and `/shutdown` stay
+/// reachable while they wait (64 long RPC calls held `/shutdown` for 7 s
+/// in a check with processes). Past it such a request is a 503 `busy` at
+/// once.
+pub(crate) const MAX_WAITING: usize = 48;
 
 impl AdminState {
     /// State for serving `node`; `POST /shutdown` triggers `shutdown`.
@@ -156,7 +169,20 @@ impl AdminState {
             events: Arc::new(EventLog::new()),
             subscriptions: Arc::new([]),
             rpc_deadline: Duration::from_millis(DEFAULT_RPC_DEADLINE_MS),
+            waiting: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING)),
         }
+    }
+
+    /// A slot for a request that waits on the mesh, held while it waits;
+    /// a 503 `busy` when all [`MAX_WAITING`] are taken.
+    fn wait_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.waiting.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{MAX_WAITING} requests are waiting on the mesh already; retry later"),
+            )
+            .with_code("busy")
+        })
     }
 
     /// The deadline of `POST /rpc` calls without `deadline_ms` (default
@@ -1264,6 +1290,7 @@ async fn request(
     let target = parse_peer(&state.node, id)?;
     let body = read_body(body)?;
     let timeout_ms = check_timeout_ms(query.timeout_ms)?;
+    let _slot = state.wait_slot()?;
     let node = &state.node;
     if &target == node.node_id() {
         return Err(ApiError::new(
@@ -1529,6 +1556,7 @@ async fn kv_confirm(
 ) -> Result<Json<KvConfirmed>, ApiError> {
     let key = parse_key(key)?;
     let timeout_ms = check_timeout_ms(query.timeout_ms)?;
+    let _slot = state.wait_slot()?;
     match state
         .node
         .sync()
@@ -1692,6 +1720,7 @@ async fn call_method(
     query: RpcQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RpcResult>, ApiError> {
+    let _slot = state.wait_slot()?;
     let deadline = match query.deadline_ms {
         None => state.rpc_deadline,
         Some(d) if (1..=MAX_REQUEST_TIMEOUT_MS).contains(&d) => Duration::from_millis(d),
@@ -3516,6 +3545,43 @@ mod tests {
         })
         .await;
         (a, b)
+    }
+
+    /// Requests that wait on the mesh take at most `MAX_WAITING` of the
+    /// server's connections: one more is a 503 `busy` at once, and
+    /// `/health` and `/status` still answer at once (64 long calls held
+    /// `/shutdown` for 7 s in a check with processes).
+    #[tokio::test]
+    async fn long_requests_leave_room_for_health_status_and_shutdown() {
+        let (a, _b) = demo_pair(256).await;
+        let long: Vec<_> = (0..MAX_WAITING)
+            .map(|_| {
+                let addr = a.addr;
+                tokio::spawn(async move { post_body(addr, "/rpc/demo/sleep", "[2000]").await })
+            })
+            .collect();
+        wait_status(a.addr, "every long call started", |s| {
+            s["calls"]["calls"].as_u64() == Some(MAX_WAITING as u64)
+        })
+        .await;
+        let started = tokio::time::Instant::now();
+        let (code, body) = post_body(a.addr, "/rpc/demo/echo", r#"["x"]"#).await;
+        assert_eq!((code, body["code"].as_str()), (503, Some("busy")), "{body}");
+        let (code, _) = request(a.addr, "GET", "/health").await;
+        assert_eq!(code, 200);
+        let (code, _) = get_json(a.addr, "/status").await;
+        assert_eq!(code, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        for call in long {
+            let (code, body) = call.await.unwrap();
+            assert_eq!(code, 200, "{body}");
+        }
+        let (code, body) = post_body(a.addr, "/rpc/demo/echo", r#"["x"]"#).await;
+        assert_eq!(code, 200, "{body}");
     }
 
     /// Results, typed errors and refusals of `POST /rpc`, the providers
