@@ -33,17 +33,6 @@ use tokio::time::Instant;
 
 use crate::ConcernsError;
 
-/// `now + d`, or about 30 years on for a `d` that would overflow the clock
-/// (`Duration::MAX` means "no deadline to speak of", not a panic).
-pub(crate) fn later_by(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .filter(|t| t.saturating_duration_since(now) <= FOREVER)
-        .unwrap_or(now + FOREVER)
-}
-
-/// What [`later_by`] takes as forever.
-const FOREVER: Duration = Duration::from_secs(86_400 * 365 * 30);
-
 /// How a request ends: its answer, or why there is none.
 pub(crate) type Outcome = Result<Bytes, ConcernsError>;
 
@@ -131,7 +120,8 @@ impl Requests {
         refuse: impl FnOnce() -> bool,
     ) -> Option<(Awaiting<'_>, Instant)> {
         let now = Instant::now();
-        let deadline = later_by(now, timeout);
+        // `Duration::MAX` means no deadline to speak of, not a panic.
+        let deadline = now + timeout.min(meshwork_peers::FOREVER);
         let (id, earlier, alone) = {
             let mut t = self.lock();
             if refuse() {

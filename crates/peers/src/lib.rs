@@ -90,6 +90,12 @@ pub use meshwork_transport as transport;
 pub use meshwork_wire as wire;
 
 pub use config::PeersConfig;
+
+/// The longest any timeout, deadline or block counts for in meshwork: 100
+/// years. A longer one, up to `Duration::MAX`, means "practically for
+/// ever" and is cut to this, so that adding it to an instant cannot
+/// overflow (which panics). The layers above cut what they are given to it.
+pub const FOREVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
 pub use error::PeersError;
 pub use event::{Inbound, PeerEvent, PeerSnapshot, PeerState, SeedSnapshot};
 pub use manager::{ConcernFrame, InboundHandler, PeerEvents, PeerManager, PoolStats};

@@ -29,7 +29,7 @@ pub(crate) type ConnId = u64;
 pub(crate) type DialId = u64;
 
 /// How long "blocked" lasts at the transport: until unblocked.
-pub(crate) const BLOCK_FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub(crate) const BLOCK_FOREVER: Duration = crate::FOREVER;
 
 /// Entries read from one Discovered (or one refusal's alternatives).
 const MAX_DISCOVERED_READ: usize = 32;
@@ -1518,7 +1518,7 @@ impl Pool {
     }
 
     fn ban_with(&mut self, peer: &NodeId, duration: Duration, d: Disconnect, now: Instant) {
-        let until = now.checked_add(duration).unwrap_or(now + BLOCK_FOREVER);
+        let until = now + duration.min(crate::FOREVER);
         if !self.ensure_entry(peer, now) {
             return;
         }

@@ -39,10 +39,9 @@ pub const REGISTRY_PREFIX: &str = "rpc/services/";
 /// Longest service name, in bytes.
 pub const MAX_SERVICE_NAME: usize = 200;
 
-/// The longest a deadline or timeout counts for (100 years): a longer one,
-/// up to `Duration::MAX`, means "practically forever" and is clamped to
-/// this, so adding it to an instant cannot overflow (which panics).
-pub(crate) const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+/// The longest a deadline or timeout counts for
+/// ([`meshwork_sync::concerns::peers::FOREVER`]).
+pub(crate) const FOREVER: Duration = meshwork_sync::concerns::peers::FOREVER;
 
 /// Settings of the RPC layer, with defaults and chained setters.
 #[derive(Debug, Clone)]

@@ -1267,10 +1267,8 @@ impl SyncMap {
     }
 }
 
-/// The longest a timeout counts for (100 years): a longer one, up to
-/// `Duration::MAX`, means "practically forever" and is clamped to this, so
-/// adding it to an instant cannot overflow (which panics).
-pub(crate) const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+/// The longest a timeout counts for ([`meshwork_concerns::peers::FOREVER`]).
+pub(crate) const FOREVER: Duration = meshwork_concerns::peers::FOREVER;
 
 /// A lease or time to live in ms, cut to [`MAX_SPAN_MS`] (so that adding
 /// it to a time cannot overflow, and peers accept it).
