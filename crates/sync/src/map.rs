@@ -630,22 +630,9 @@ impl SyncMap {
                 let push = inner.new_push(&me, entries.clone());
                 inner.push_to_tree(&self.ctx, push, &[]).await;
                 // And to every neighbour until it has applied them, before
-                // the node closes its connections.
-                let body = Body::Entries(proto::Entries {
-                    entries,
-                    repair: false,
-                });
-                let payload = Bytes::from(proto::SyncMessage { body: Some(body) }.encode_to_vec());
-                // Dropped at the timeout, the set aborts what is left.
-                let mut acks = tokio::task::JoinSet::new();
-                for peer in self.ctx.peers().neighbours() {
-                    let (ctx, payload) = (self.ctx.clone(), payload.clone());
-                    acks.spawn(async move {
-                        ctx.request_with(&peer, payload, GOODBYE_WAIT, Priority::Control)
-                            .await
-                    });
-                }
-                while acks.join_next().await.is_some() {}
+                // the node closes its connections (as `confirm` does;
+                // dropped at the timeout, what is left is aborted).
+                self.entries_to_neighbours(entries, GOODBYE_WAIT).await;
             }
         };
         if tokio::time::timeout(GOODBYE_WAIT, goodbye).await.is_err() {
@@ -997,8 +984,29 @@ impl SyncMap {
         let Some(entry) = entry else {
             return Err(SyncError::NotFound(key));
         };
+        let entries = vec![entry.to_proto(&key, self.node_id())];
+        let (peers, missing) = self.entries_to_neighbours(entries, wait).await;
+        if missing.is_empty() {
+            Ok(peers.len())
+        } else {
+            Err(SyncError::NotConfirmed {
+                peers: peers.len(),
+                missing,
+                after: timeout,
+            })
+        }
+    }
+
+    /// Sends `entries` to every neighbour as a request and waits, `wait`
+    /// at most, until each has applied them: the neighbours asked, and
+    /// those that did not acknowledge.
+    async fn entries_to_neighbours(
+        &self,
+        entries: Vec<proto::Entry>,
+        wait: Duration,
+    ) -> (Vec<NodeId>, Vec<NodeId>) {
         let body = Body::Entries(proto::Entries {
-            entries: vec![entry.to_proto(&key, self.node_id())],
+            entries,
             repair: false,
         });
         let payload = Bytes::from(proto::SyncMessage { body: Some(body) }.encode_to_vec());
@@ -1028,15 +1036,7 @@ impl SyncMap {
                 Err(e) => warn!(error = %e, "confirm task failed"),
             }
         }
-        if missing.is_empty() {
-            Ok(peers.len())
-        } else {
-            Err(SyncError::NotConfirmed {
-                peers: peers.len(),
-                missing,
-                after: timeout,
-            })
-        }
+        (peers, missing)
     }
 
     /// Runs one anti-entropy round with `peer` now: compares digests, pulls
