@@ -150,15 +150,7 @@ fn rpc_frame(call_id: u64, service: &str, method: &str, args: &str) -> ConcernFr
         budget_ms: 1000,
         version: 0,
     });
-    let payload = RpcMessage { body: Some(body) }.encode_to_vec();
-    ConcernFrame {
-        command: RPC,
-        request_id: call_id,
-        kind: ConcernKind::Request as i32,
-        ttl: 0,
-        flags: 0,
-        payload: payload.into(),
-    }
+    common::rpc_request(call_id, body)
 }
 
 /// Node "a" serving "adder", and node "b" linked to it.

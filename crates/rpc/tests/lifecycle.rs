@@ -19,10 +19,8 @@ use meshwork::concerns::peers::ConcernFrame;
 use meshwork::transport::mem::MemNetwork;
 use meshwork::transport::{Address, Priority};
 use meshwork::wire::Message;
-use meshwork::wire::proto::ConcernKind;
-use meshwork_rpc::proto::{Call, RpcMessage, rpc_message::Body};
-use meshwork_rpc::{RPC, service};
-use prost::Message as _;
+use meshwork_rpc::proto::{Call, rpc_message::Body};
+use meshwork_rpc::service;
 use tokio::time::{Instant, sleep};
 
 mod common;
@@ -62,14 +60,7 @@ fn call(call_id: u64, request_id: u64) -> ConcernFrame {
         budget_ms: 3_600_000,
         version: 0,
     });
-    ConcernFrame {
-        command: RPC,
-        request_id,
-        kind: ConcernKind::Request as i32,
-        ttl: 0,
-        flags: 0,
-        payload: RpcMessage { body: Some(body) }.encode_to_vec().into(),
-    }
+    common::rpc_request(request_id, body)
 }
 
 fn in_flight(a: &Node) -> usize {

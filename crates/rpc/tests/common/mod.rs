@@ -87,13 +87,28 @@ pub fn builder(net: &MemNetwork, network: &str, host: &str) -> meshwork::NodeBui
 
 /// A sync frame to send: a request when `request_id` is not 0.
 pub fn sync_frame(request_id: u64, body: sync_message::Body) -> ConcernFrame {
+    request_frame(
+        SYNC,
+        request_id,
+        SyncMessage { body: Some(body) }.encode_to_vec(),
+    )
+}
+
+/// An RPC frame to send: `body` as a request `request_id` (one-way if 0).
+pub fn rpc_request(request_id: u64, body: meshwork_rpc::proto::rpc_message::Body) -> ConcernFrame {
+    let message = meshwork_rpc::proto::RpcMessage { body: Some(body) };
+    request_frame(meshwork_rpc::RPC, request_id, message.encode_to_vec())
+}
+
+/// A request frame of `command` carrying `payload`.
+pub fn request_frame(command: u32, request_id: u64, payload: Vec<u8>) -> ConcernFrame {
     ConcernFrame {
-        command: SYNC,
+        command,
         request_id,
         kind: ConcernKind::Request as i32,
         ttl: 0,
         flags: 0,
-        payload: SyncMessage { body: Some(body) }.encode_to_vec().into(),
+        payload: payload.into(),
     }
 }
 
