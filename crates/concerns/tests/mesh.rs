@@ -176,6 +176,29 @@ fn spawn_request(
     tokio::spawn(async move { ctx.request_to(&target, payload, 10 * S).await })
 }
 
+/// `from` asks `to` for "wait" (its handler answers after 10 s; 30 s
+/// timeout), `routed` or directly, in a task of its own; returns once `to`
+/// is handling it.
+async fn asked_to_wait(
+    from: &TestNode,
+    to: &TestNode,
+    routed: bool,
+) -> tokio::task::JoinHandle<Result<Bytes, ConcernsError>> {
+    let ctx = from.ctx();
+    let target = to.id().clone();
+    let asked = tokio::spawn(async move {
+        if routed {
+            ctx.request_to(&target, "wait", 30 * S).await
+        } else {
+            ctx.request(&target, "wait", 30 * S).await
+        }
+    });
+    while to.probe.count_payload(b"wait") == 0 {
+        sleep(MS).await;
+    }
+    asked
+}
+
 /// Waits (30 s of simulated time at most) until each pair is linked.
 async fn wait_linked(pairs: &[(&TestNode, &TestNode)], what: &str) {
     let deadline = Instant::now() + 30 * S;
@@ -554,13 +577,7 @@ async fn a_timeout_of_duration_max_is_no_panic() {
 async fn a_routed_request_to_a_neighbour_that_leaves_fails_at_once() {
     let net = MemNetwork::new();
     let (a, b) = pair(&net).await;
-    let ctx = a.ctx();
-    let target = b.id().clone();
-    // 'w': the handler waits 10 s before it answers.
-    let asked = tokio::spawn(async move { ctx.request_to(&target, "wait", 30 * S).await });
-    while b.probe.count_payload(b"wait") == 0 {
-        sleep(MS).await;
-    }
+    let asked = asked_to_wait(&a, &b, true).await;
     let left = Instant::now();
     stop(vec![b]).await;
     let r = asked.await.unwrap();
@@ -579,12 +596,7 @@ async fn shutdown_drops_running_handlers_and_ends_subscriptions() {
     let net = MemNetwork::new();
     let (a, b) = pair(&net).await;
     let mut sub = b.concerns.subscribe("news").unwrap();
-    let ctx = a.ctx();
-    let target = b.id().clone();
-    let asked = tokio::spawn(async move { ctx.request(&target, "wait", 30 * S).await });
-    while b.probe.count_payload(b"wait") == 0 {
-        sleep(MS).await;
-    }
+    let asked = asked_to_wait(&a, &b, false).await;
     let started = Instant::now();
     b.concerns.shutdown().await;
     assert!(started.elapsed() < S, "{:?}", started.elapsed());
@@ -954,13 +966,7 @@ async fn a_routed_request_outlives_its_relay_when_another_path_forms() {
     let mut nodes = line(&net, 3).await;
     let relay = nodes.remove(1);
     let (first, last) = (&nodes[0], &nodes[1]);
-    let ctx = first.ctx();
-    let target = last.id().clone();
-    // 'w': the far handler waits 10 s before it answers.
-    let asked = tokio::spawn(async move { ctx.request_to(&target, "wait", 30 * S).await });
-    while last.probe.count_payload(b"wait") == 0 {
-        sleep(MS).await;
-    }
+    let asked = asked_to_wait(first, last, true).await;
     assert!(!linked(first, last), "the ends are not neighbours");
     stop(vec![relay]).await;
     let reply = asked.await.unwrap().unwrap();
