@@ -1684,3 +1684,43 @@ async fn chaos_many_nodes_partitions_crashes_and_loss_converge_without_resurrect
     let members = std::mem::take(&mut chaos.members);
     stop(members.into_iter().filter_map(|m| m.node)).await;
 }
+
+/// Concurrent writes by every node of a triangle prune links from
+/// different sides (each node marks lazy the link its duplicate came on):
+/// a node could end with every link lazy and its writes pushed to nobody,
+/// left to anti-entropy (2 s, or never if it stopped first). An operator's
+/// leader-election run lost a job written by the leader just before its
+/// graceful stop this way. With anti-entropy off, every write must still
+/// reach every node by eager push.
+#[tokio::test(start_paused = true)]
+async fn concurrent_writers_keep_every_node_on_the_push_tree() {
+    let cfg = sync_config().with_anti_entropy_interval(Duration::from_secs(3600));
+    let net = MemNetwork::new();
+    let nodes = trio(&net, &cfg).await;
+    // Let the rounds run at connect finish.
+    sleep(S).await;
+    for round in 0..20 {
+        // Everyone at once (a write only queues its push: no time passes
+        // between these), as nodes racing for one leader key do.
+        for (i, n) in nodes.iter().enumerate() {
+            n.sync()
+                .set(format!("race/{round}/{i}"), "x")
+                .await
+                .unwrap();
+        }
+        sleep(200 * MS).await;
+        // Then each node alone: its write must reach the others by push.
+        for (i, n) in nodes.iter().enumerate() {
+            let key = format!("solo/{round}/{i}");
+            n.sync().set(&key, "x").await.unwrap();
+            let lazy: Vec<usize> = nodes.iter().map(|n| n.sync().stats().lazy_links).collect();
+            wait_until(
+                &format!("{key} everywhere (lazy links {lazy:?})"),
+                S,
+                || nodes.iter().all(|m| m.sync().contains_key(&key)),
+            )
+            .await;
+        }
+    }
+    stop(nodes).await;
+}

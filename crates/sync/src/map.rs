@@ -497,7 +497,18 @@ impl Concern for SyncConcern {
             }
             Some(Body::Prune(_)) => {
                 let neighbours = ctx.peers().neighbours();
-                lock(&self.inner.tree).prune(from, &neighbours);
+                let kept = {
+                    let mut tree = lock(&self.inner.tree);
+                    !tree.prune(from, &neighbours) && !tree.is_lazy(from)
+                };
+                if kept {
+                    // Our last eager link: the peer is asked to keep pushing
+                    // to us too, so that links stay eager or lazy at both
+                    // ends (one-sided, three nodes could each push to one
+                    // that passed nothing on).
+                    debug!(peer = %from.short(), "prune of our last eager link refused");
+                    let _ = send(ctx, from, Body::Graft(proto::Graft {})).await;
+                }
                 Ok(None)
             }
             Some(Body::Graft(_)) => {

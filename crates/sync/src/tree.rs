@@ -61,12 +61,29 @@ impl Tree {
     /// links to `neighbours` (the current ones) are kept lazy: a peer that is
     /// not one is ignored, and links to neighbours gone since are forgotten,
     /// so the lazy set never holds more ids than the node has neighbours.
+    ///
+    /// The node's last eager link is never pruned. Duplicates of pushes from
+    /// different origins prune links from different sides: three nodes
+    /// writing at once each pruned both their links, and every push went to
+    /// nobody until anti-entropy (test
+    /// `concurrent_writers_keep_every_node_on_the_push_tree`).
     pub(crate) fn prune(&mut self, peer: &NodeId, neighbours: &[NodeId]) -> bool {
         if !neighbours.contains(peer) {
             return false;
         }
         self.lazy.retain(|p| neighbours.contains(p));
+        let last_eager = neighbours
+            .iter()
+            .all(|n| n == peer || self.lazy.contains(n));
+        if last_eager {
+            return false;
+        }
         self.lazy.insert(peer.clone())
+    }
+
+    /// Whether `peer`'s link is lazy.
+    pub(crate) fn is_lazy(&self, peer: &NodeId) -> bool {
+        self.lazy.contains(peer)
     }
 
     /// `peer`'s link carries pushes again. True if it was lazy.
@@ -149,10 +166,25 @@ mod tests {
         }
         assert_eq!(t.lazy_count(), 0);
         assert!(t.prune(&id(1), &all));
-        assert!(t.prune(&id(2), &all));
-        assert_eq!(t.lazy_count(), 2);
-        // Neighbour 1 left: pruning 2 again forgets it.
-        assert!(!t.prune(&id(2), &[id(2)]));
+        assert!(!t.prune(&id(2), &all), "the last eager link stays");
         assert_eq!(t.lazy_count(), 1);
+        // Neighbour 1 left: pruning 2 again forgets it (and 2, now the only
+        // neighbour, stays eager).
+        assert!(!t.prune(&id(2), &[id(2)]));
+        assert_eq!(t.lazy_count(), 0);
+    }
+
+    #[test]
+    fn the_last_eager_link_is_never_pruned() {
+        let mut t = Tree::new(16, Duration::from_secs(10));
+        let all = [id(1), id(2), id(3)];
+        assert!(t.prune(&id(1), &all));
+        assert!(t.prune(&id(2), &all));
+        assert!(!t.prune(&id(3), &all));
+        assert_eq!(t.eager(&all, &[]).cloned().collect::<Vec<_>>(), vec![id(3)]);
+        // A lone neighbour is never lazy.
+        let mut t = Tree::new(16, Duration::from_secs(10));
+        assert!(!t.prune(&id(1), &[id(1)]));
+        assert_eq!(t.lazy_count(), 0);
     }
 }

@@ -356,6 +356,9 @@ async fn only_neighbours_prune_or_graft_links_of_the_tree() {
     let p = pair(&net, None).await;
     let b = p.b_id();
     let fake = |n: u8| Identity::from_secret([n; 32]);
+    // A second neighbour: a node's last eager link is never pruned.
+    let c = concerns(&net, "c", &["mem://a"], None).await;
+    p.a_concerns.peers().wait_for_peers(2, 5 * S).await.unwrap();
 
     // Prunes from nodes that are not neighbours, through the flood concern.
     for n in 1..=100u8 {
@@ -399,6 +402,8 @@ async fn only_neighbours_prune_or_graft_links_of_the_tree() {
     sync.send(&a, graft.encode_to_vec()).await.unwrap();
     sleep(100 * MS).await;
     assert_eq!(p.a.stats().lazy_links, 0);
+    c.shutdown().await;
+    c.peers().shutdown().await;
     p.stop().await;
 }
 
