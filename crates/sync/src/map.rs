@@ -1,7 +1,7 @@
 //! The tokio driver: the [`SyncMap`] handle, the sync concern that answers
 //! peers, the eager pusher, housekeeping and anti-entropy rounds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -367,16 +367,51 @@ impl Inner {
         *at = (*at).max(now) + cost;
     }
 
+    /// This replica's entries of the keys in `sent` (key, stamp, writer of
+    /// the entry a peer sent) that are not the entry sent: the ones that beat
+    /// it here. At most about a chunk's bytes; anti-entropy brings the rest.
+    fn newer_than(&self, sent: &[(Bytes, Stamp, NodeId)], me: &NodeId) -> Vec<proto::Entry> {
+        let replica = lock(&self.replica);
+        let mut bytes = 0;
+        let mut newer = Vec::new();
+        for (key, stamp, writer) in sent {
+            if bytes >= self.cfg.chunk_bytes {
+                break;
+            }
+            match replica.entry(key) {
+                Some(here) if here.stamp != *stamp || here.writer != *writer => {
+                    bytes += key.len() + here.value.as_ref().map_or(0, |v| v.len());
+                    newer.push(here.to_proto(key, me));
+                }
+                _ => {}
+            }
+        }
+        newer
+    }
+
     /// Answers a peer's sync message.
     fn answer(&self, from: &NodeId, msg: proto::SyncMessage) -> Result<Option<Reply>, BoxError> {
         let me = lock(&self.replica).me().clone();
         let reply = match msg.body {
             Some(Body::Entries(e)) => {
-                let applied = self.apply(from, e.entries);
+                let entries = self.decode(from, e.entries);
+                // A confirm or a goodbye (not a repair, which compared
+                // replicas first) learns of the entries here that beat
+                // its own: the claim it confirms may have lost already.
+                let sent: Vec<(Bytes, Stamp, NodeId)> = if e.repair {
+                    Vec::new()
+                } else {
+                    entries
+                        .iter()
+                        .map(|(k, e)| (k.clone(), e.stamp, e.writer.clone()))
+                        .collect()
+                };
+                let applied = self.merge(entries);
                 if e.repair && applied > 0 {
                     self.cascade.notify_one();
                 }
-                Body::Ack(proto::Ack { applied })
+                let newer = self.newer_than(&sent, &me);
+                Body::Ack(proto::Ack { applied, newer })
             }
             Some(Body::Digest(q)) => {
                 let replica = lock(&self.replica);
@@ -979,7 +1014,12 @@ impl SyncMap {
 
     /// Waits until every currently connected peer has applied the entry
     /// this node holds for `key` (or a later one): sends it to each and
-    /// waits for their acknowledgements. Returns how many peers confirmed;
+    /// waits for their acknowledgements. A peer holding an entry of the key
+    /// that beats this node's answers with it, and it is merged before this
+    /// returns: a claim that lost to one a neighbour knows of shows as lost
+    /// ([`lease`](Self::lease), [`ChangeKind::LeaseLost`]) once this returns.
+    /// Only the current neighbours are asked (none: `Ok(0)`), not a majority
+    /// of the mesh. Returns how many peers confirmed;
     /// [`SyncError::NotConfirmed`] lists those that did not within
     /// `timeout` (over 100 years, up to `Duration::MAX`, counts as 100
     /// years).
@@ -1016,6 +1056,7 @@ impl SyncMap {
         entries: Vec<proto::Entry>,
         wait: Duration,
     ) -> (Vec<NodeId>, Vec<NodeId>) {
+        let keys: Arc<HashSet<Bytes>> = Arc::new(entries.iter().map(|e| e.key.clone()).collect());
         let body = Body::Entries(proto::Entries {
             entries,
             repair: false,
@@ -1026,24 +1067,39 @@ impl SyncMap {
         for peer in peers.clone() {
             let ctx = self.ctx.clone();
             let payload = payload.clone();
+            let keys = keys.clone();
             set.spawn(async move {
-                let ok = ctx
+                let ack = ctx
                     .request_with(&peer, payload, wait, Priority::Control)
                     .await
-                    .is_ok_and(|b| {
-                        matches!(
-                            crate::message::decode(b).ok().and_then(|m| m.body),
-                            Some(Body::Ack(_))
-                        )
+                    .ok()
+                    .and_then(|b| match crate::message::decode(b).ok()?.body {
+                        Some(Body::Ack(ack)) => Some(ack),
+                        _ => None,
                     });
-                (peer, ok)
+                // Only entries of the keys asked about: the rest would be
+                // a push no one made.
+                let newer = ack.as_ref().map(|a| {
+                    a.newer
+                        .iter()
+                        .filter(|e| keys.contains(&e.key))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                });
+                (peer, newer)
             });
         }
         let mut missing = Vec::new();
         while let Some(done) = set.join_next().await {
             match done {
-                Ok((_, true)) => {}
-                Ok((peer, false)) => missing.push(peer),
+                Ok((peer, Some(newer))) => {
+                    // Merged before confirm returns: a claim that lost to
+                    // one the neighbour holds shows as lost at once.
+                    if !newer.is_empty() {
+                        self.inner.apply(&peer, newer);
+                    }
+                }
+                Ok((peer, None)) => missing.push(peer),
                 Err(e) => warn!(error = %e, "confirm task failed"),
             }
         }

@@ -82,6 +82,8 @@ fn repeated_field(body_tag: u32) -> Option<(u32, Repeated)> {
         7 => Some((3, Repeated::Entries)),
         // Entries.entries, Chunk.entries
         1 | 5 => Some((1, Repeated::Entries)),
+        // Ack.newer
+        6 => Some((2, Repeated::Entries)),
         // DigestAnswer.buckets
         3 => Some((2, Repeated::Buckets)),
         // Pull.buckets
@@ -207,7 +209,10 @@ mod tests {
                 ..Default::default()
             }),
             Body::Digest(proto::DigestQuery { root: 5 }),
-            Body::Ack(proto::Ack { applied: 2 }),
+            Body::Ack(proto::Ack {
+                applied: 2,
+                newer: vec![proto::Entry::default(); 3],
+            }),
             Body::Prune(proto::Prune {}),
         ];
         for body in bodies {
@@ -230,6 +235,18 @@ mod tests {
             matches!(err, DecodeError::TooMany { what: "entries", count, .. } if count == MAX_ENTRIES + 1),
             "{err}"
         );
+        // The entries an Ack carries back count the same.
+        let ack = Body::Ack(proto::Ack {
+            applied: 0,
+            newer: vec![proto::Entry::default(); MAX_ENTRIES + 1],
+        });
+        assert!(matches!(
+            decode(encoded(ack)),
+            Err(DecodeError::TooMany {
+                what: "entries",
+                ..
+            })
+        ));
         // Split over two Push bodies, which prost would merge into one.
         let half = proto::Push {
             entries: vec![proto::Entry::default(); MAX_ENTRIES / 2 + 1],

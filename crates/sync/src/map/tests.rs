@@ -42,6 +42,8 @@ struct Hostile {
     got: Arc<Mutex<Vec<Bytes>>>,
     /// How many entries it says it holds.
     claims: u64,
+    /// What it answers `Entries` with as `Ack::newer`.
+    newer: Vec<proto::Entry>,
 }
 
 /// The bucket the hostile peer's chunks resume in: the buckets before it
@@ -56,6 +58,7 @@ impl Hostile {
             pulls: Arc::default(),
             got: Arc::default(),
             claims: 0,
+            newer: Vec::new(),
         }
     }
 
@@ -101,7 +104,10 @@ impl Concern for Hostile {
             }
             Some(Body::Entries(e)) => {
                 lock(&self.got).extend(e.entries.into_iter().map(|e| e.key));
-                Body::Ack(proto::Ack { applied: 0 })
+                Body::Ack(proto::Ack {
+                    applied: 0,
+                    newer: self.newer.clone(),
+                })
             }
             _ => return Ok(None),
         };
@@ -656,5 +662,107 @@ async fn flooded_pulls_from_made_up_origins_grow_the_repair_table_for_good() {
         later <= 16,
         "repair_due holds {later} entries of made-up origins an hour after they pulled"
     );
+    p.stop().await;
+}
+
+/// `origin`'s claims of `keys` (value "b") made at `at_ms`, encoded as
+/// `sender` sends them.
+fn claims(origin: &NodeId, keys: &[&str], at_ms: u64, sender: &NodeId) -> Vec<proto::Entry> {
+    let mut writer = member_replica(origin);
+    keys.iter()
+        .map(|key| {
+            let key = Bytes::copy_from_slice(key.as_bytes());
+            let (e, _) = writer
+                .write(key.clone(), Some(Bytes::from("b")), Write::Set, at_ms)
+                .unwrap();
+            e.to_proto(&key, sender)
+        })
+        .collect()
+}
+
+/// A claim confirmed with a neighbour that holds an earlier claim of the
+/// key: the neighbour answers with its own entry and `confirm` merges it
+/// before returning, so the claim-confirm-check recipe sees the loss at
+/// once (the winner's push used to be all that told it, whenever it came).
+/// Entries of keys not asked about are not taken.
+#[tokio::test(start_paused = true)]
+async fn a_confirm_learns_of_an_earlier_claim_the_neighbour_holds() {
+    let net = MemNetwork::new();
+    // A claim by another member, made a second before a's; the entries
+    // name their writer (the neighbour answering is not it).
+    let origin = Identity::from_secret([9; 32]).node_id().clone();
+    let sender = Identity::from_secret([8; 32]).node_id().clone();
+    let earlier = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 1_000;
+    let newer = claims(&origin, &["leader", "elsewhere"], earlier, &sender);
+    let mut hostile = Hostile::new(Chunks::Forward, 1);
+    hostile.newer = newer;
+    let p = pair(&net, Some(hostile)).await;
+    let mut changes = p.a.watch("");
+    p.a.set("leader", "a").await.unwrap();
+    assert_eq!(p.a.lease("leader").unwrap().owner, *p.a.node_id());
+    assert_eq!(p.a.confirm("leader", 5 * S).await.unwrap(), 1);
+    // Lost, and told so, by the time confirm returns.
+    assert_eq!(p.a.lease("leader").unwrap().owner, origin);
+    assert_eq!(p.a.get("leader").unwrap(), Bytes::from("b"));
+    let mut kinds = Vec::new();
+    while let Ok(Some(c)) = changes.try_recv() {
+        kinds.push(c.kind);
+    }
+    assert!(
+        kinds
+            .iter()
+            .any(|k| matches!(k, ChangeKind::LeaseLost { .. })),
+        "{kinds:?}"
+    );
+    assert!(!p.a.contains_key("elsewhere"));
+    p.stop().await;
+}
+
+/// The other side: a neighbour's `Entries` (not a repair) whose entry
+/// loses here is answered with this replica's entry of that key, and only
+/// of the keys sent.
+#[tokio::test(start_paused = true)]
+async fn entries_that_lose_are_answered_with_the_entry_that_wins() {
+    let net = MemNetwork::new();
+    let p = pair(&net, None).await;
+    p.a.set("leader", "a").await.unwrap();
+    p.a.set("other", "a").await.unwrap();
+    let origin = p.b_id();
+    let entries = claims(&origin, &["leader", "fresh"], p.a.now_ms() + 1_000, &origin);
+    let ask = |repair: bool| proto::SyncMessage {
+        body: Some(Body::Entries(proto::Entries {
+            entries: entries.clone(),
+            repair,
+        })),
+    };
+    let sync = p.b.context(SYNC);
+    let a = p.a.node_id().clone();
+    let reply = sync
+        .request(&a, ask(false).encode_to_vec(), 5 * S)
+        .await
+        .unwrap();
+    let Some(Body::Ack(ack)) = proto::SyncMessage::decode(reply).unwrap().body else {
+        panic!("not an Ack");
+    };
+    // "fresh" was taken; "leader" lost to a's earlier claim, which comes
+    // back (its writer empty: the replier's).
+    assert_eq!(ack.applied, 1);
+    assert_eq!(ack.newer.len(), 1, "{:?}", ack.newer);
+    assert_eq!(ack.newer[0].key, Bytes::from("leader"));
+    assert_eq!(ack.newer[0].value, Bytes::from("a"));
+    assert!(ack.newer[0].writer.is_empty());
+    // A repair compared replicas first: nothing comes back.
+    let reply = sync
+        .request(&a, ask(true).encode_to_vec(), 5 * S)
+        .await
+        .unwrap();
+    let Some(Body::Ack(ack)) = proto::SyncMessage::decode(reply).unwrap().body else {
+        panic!("not an Ack");
+    };
+    assert!(ack.newer.is_empty());
     p.stop().await;
 }
