@@ -863,6 +863,37 @@ async fn a_lease_lapses_after_its_time_and_another_node_may_claim_the_key() {
     stop([a, b, c]).await;
 }
 
+/// A write with a lease of its own (`set_leased`): others may take the
+/// key once that lease lapses, not the configured one (an hour here), and
+/// each write renews the lease by its own length. A user's work queue
+/// kept a dead worker's job keys for an hour (`set`, then `release`, was
+/// the workaround: two writes, and the key open to anyone at once).
+#[tokio::test(start_paused = true)]
+async fn a_write_with_a_lease_of_its_own_lapses_after_it() {
+    let net = MemNetwork::new();
+    let [a, b, c] = trio(&net, &sync_config()).await;
+    let held = |r: Result<_, SyncError>| matches!(r, Err(SyncError::LeaseHeld { .. }));
+    a.sync().set_leased("job/1", "a", 2 * S).await.unwrap();
+    a.sync().set("plain", "a").await.unwrap();
+    for key in ["job/1", "plain"] {
+        a.sync().confirm(key, 5 * S).await.unwrap();
+    }
+    sleep(1900 * MS).await;
+    assert!(held(b.sync().set("job/1", "b").await));
+    a.sync().set_leased("job/1", "a", 2 * S).await.unwrap();
+    a.sync().confirm("job/1", 5 * S).await.unwrap();
+    sleep(1900 * MS).await;
+    assert!(held(b.sync().set("job/1", "b").await));
+    sleep(200 * MS).await;
+    assert_eq!(c.sync().lease("job/1"), None);
+    b.sync().set("job/1", "b").await.unwrap();
+    b.sync().confirm("job/1", 5 * S).await.unwrap();
+    assert_eq!(c.sync().lease("job/1").unwrap().owner, *b.node_id());
+    // The plain write keeps the configured hour.
+    assert!(held(b.sync().set("plain", "b").await));
+    stop([a, b, c]).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn confirm_names_the_peers_that_did_not_apply_a_write_and_limits_are_enforced() {
     let net = MemNetwork::new();

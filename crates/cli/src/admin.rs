@@ -12,7 +12,7 @@
 //! | POST | `/request/{id}?timeout_ms=N` | body = message; asks node `id`'s echo concern, routed if it is not a neighbour (`timeout_ms` 1 to 600000, default 5000): 200 `{"reply":text,"elapsed_ms":x}` |
 //! | GET | `/events?since=SEQ` | 200 `{"events":[...],"next":n}`: the deliveries recorded after `SEQ` (default 0), see [`EventLog`] |
 //! | GET | `/kv/{key}` | 200 [`KvEntryJson`]: the key's value (UTF-8, invalid bytes replaced), version, writer, lease and expiry; 404 when it holds no value |
-//! | PUT | `/kv/{key}?ttl_ms=N` | body = value; sets the key (ephemeral with `ttl_ms`, 1 to 86400000: it vanishes everywhere `ttl_ms` after this node stops refreshing it): 200 `{"version":n}`; 409 `lease_held` |
+//! | PUT | `/kv/{key}?ttl_ms=N` or `?lease_ms=N` | body = value; sets the key (ephemeral with `ttl_ms`, 1 to 86400000: it vanishes everywhere `ttl_ms` after this node stops refreshing it; with `lease_ms`, 1 to 31536000000, leased for that long instead of `--lease-secs`, renewed by each write): 200 `{"version":n}`; 409 `lease_held` |
 //! | DELETE | `/kv/{key}` | 200 `{"deleted":true}`; 404 when it holds no value; 409 `lease_held` |
 //! | POST | `/kv/{key}/release` | gives up this node's lease, keeping the value: 200 `{"released":true,"version":n}`; 404; 409 `lease_held` |
 //! | POST | `/kv/{key}/confirm?timeout_ms=N` | waits until every connected peer has applied this node's entry for the key (`timeout_ms` as for `/request`): 200 `{"peers":n}`; 504 `timeout` with `peers` and `missing` (ids); 404 |
@@ -111,6 +111,8 @@ const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
 const MAX_REQUEST_TIMEOUT_MS: u64 = 600_000;
 /// The longest `ttl_ms` of an ephemeral key (a day).
 const MAX_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// The longest `lease_ms` of a write (a year).
+const MAX_LEASE_MS: u64 = 365 * 24 * 60 * 60 * 1000;
 /// `POST /rpc` waits this long unless `deadline_ms` or
 /// [`AdminState::with_rpc_deadline`] say otherwise.
 const DEFAULT_RPC_DEADLINE_MS: u64 = 10_000;
@@ -1457,6 +1459,7 @@ async fn kv_get(
 #[serde(deny_unknown_fields)]
 struct KvPutQuery {
     ttl_ms: Option<u64>,
+    lease_ms: Option<u64>,
 }
 
 /// The body of `PUT /kv/{key}`.
@@ -1465,7 +1468,8 @@ struct KvVersion {
     version: u64,
 }
 
-/// Sets the key to the body (ephemeral with `ttl_ms`).
+/// Sets the key to the body (ephemeral with `ttl_ms`; leased for
+/// `lease_ms` instead of `--lease-secs` with that).
 async fn kv_put(
     State(state): State<AdminState>,
     key: Result<Path<String>, PathRejection>,
@@ -1476,18 +1480,37 @@ async fn kv_put(
     check_writable(&key)?;
     let value = read_body(body)?;
     let sync = state.node.sync();
-    let written = match query.ttl_ms {
-        None => sync.set(&key, value).await,
-        Some(ttl_ms) if (1..=MAX_TTL_MS).contains(&ttl_ms) => {
-            sync.set_ephemeral(&key, value, Duration::from_millis(ttl_ms))
-                .await
-        }
-        Some(ttl_ms) => {
+    let written = match (query.ttl_ms, query.lease_ms) {
+        (Some(_), Some(_)) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("ttl_ms must be 1 to {MAX_TTL_MS}, got {ttl_ms}"),
+                "ttl_ms and lease_ms together: an ephemeral key is leased for as long as it lives"
+                    .to_owned(),
             ));
         }
+        (None, None) => sync.set(&key, value).await,
+        (None, Some(lease_ms)) if (1..=MAX_LEASE_MS).contains(&lease_ms) => {
+            sync.set_leased(&key, value, Duration::from_millis(lease_ms))
+                .await
+        }
+        (None, Some(lease_ms)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("lease_ms must be 1 to {MAX_LEASE_MS}, got {lease_ms}"),
+            ));
+        }
+        (Some(ttl_ms), None) => match ttl_ms {
+            ttl_ms if (1..=MAX_TTL_MS).contains(&ttl_ms) => {
+                sync.set_ephemeral(&key, value, Duration::from_millis(ttl_ms))
+                    .await
+            }
+            ttl_ms => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("ttl_ms must be 1 to {MAX_TTL_MS}, got {ttl_ms}"),
+                ));
+            }
+        },
     };
     let version = written.map_err(|e| kv_error(&state.node, &e))?;
     Ok(Json(KvVersion {
@@ -3222,6 +3245,45 @@ mod tests {
         a.shutdown().await;
     }
 
+    /// `PUT /kv/{key}?lease_ms=N`: the key is leased for that long, not
+    /// `--lease-secs` (an hour), and the other node may take it after.
+    #[tokio::test]
+    async fn kv_put_with_a_lease_of_its_own() {
+        let (a, b) = two_nodes().await;
+        let (addr_a, _stop_a) = serve(&a).await;
+        let (addr_b, _stop_b) = serve(&b).await;
+        let (code, body) = send_json(addr_a, "PUT", "/kv/job?lease_ms=300", b"a").await;
+        assert_eq!(code, 200, "{body}");
+        let (code, e) = get_json(addr_a, "/kv/job").await;
+        assert_eq!(code, 200, "{e}");
+        let version_ms = e["version"].as_u64().unwrap() >> 16;
+        assert_eq!(
+            e["lease"]["until_ms"].as_u64(),
+            Some(version_ms + 300),
+            "{e}"
+        );
+        assert_eq!(e["expires_at_ms"], serde_json::Value::Null, "{e}");
+        wait_get(addr_b, "/kv/job", "the key at b", |code, _| code == 200).await;
+        // Refused while the lease lasts, taken once it has lapsed (by the
+        // wall clock, which the leases run on).
+        let until = version_ms + 300;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (code, body) = send_json(addr_b, "PUT", "/kv/job", b"b").await;
+            let now = b.sync().now_ms();
+            if code == 200 {
+                assert!(now >= until, "taken at {now}, leased until {until}");
+                break;
+            }
+            assert_eq!(body["code"], "lease_held", "{body}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still held at {now}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Ephemeral keys, listing by prefix, the digest, `sync` in /status,
     /// and bad input.
     #[tokio::test]
@@ -3305,6 +3367,21 @@ mod tests {
             ("PUT", "/kv/x?ttl_ms=0", &b"v"[..], 400, "bad_request"),
             ("PUT", "/kv/x?ttl_ms=86400001", b"v", 400, "bad_request"),
             ("PUT", "/kv/x?ttl_ms=soon", b"v", 400, "bad_request"),
+            ("PUT", "/kv/x?lease_ms=0", b"v", 400, "bad_request"),
+            (
+                "PUT",
+                "/kv/x?lease_ms=31536000001",
+                b"v",
+                400,
+                "bad_request",
+            ),
+            (
+                "PUT",
+                "/kv/x?ttl_ms=5000&lease_ms=5000",
+                b"v",
+                400,
+                "bad_request",
+            ),
             ("PUT", "/kv/x?ttl=5", b"v", 400, "bad_request"),
             ("GET", "/kv?prefx=a", b"", 400, "bad_request"),
             ("PUT", "/kv/a/b", b"v", 404, "not_found"),

@@ -755,6 +755,26 @@ impl SyncMap {
         Ok(self.write(key, Some(value.into()), Write::Set).await?.stamp)
     }
 
+    /// Sets `key` to `value` as [`set`](Self::set) does, with a lease of
+    /// `lease` from this write instead of the configured one
+    /// ([`SyncConfig::with_lease`]): a key that another node may take soon
+    /// after this one stops writing it (say, a job's state when its worker
+    /// dies), where the default lease would keep it for an hour. Each later
+    /// write by this node renews the lease by its own length. `lease` is
+    /// at least 1 ms (and at most about 146 million years). With leasing off
+    /// it is the same as `set`.
+    pub async fn set_leased(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        lease: Duration,
+    ) -> Result<Stamp, SyncError> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        let lease_ms = span_ms(lease).max(1);
+        let what = Write::SetLeased { lease_ms };
+        Ok(self.write(key, Some(value.into()), what).await?.stamp)
+    }
+
     /// Sets many pairs (`dict.update`); stops at the first refusal.
     pub async fn update<K, V>(
         &self,

@@ -64,6 +64,8 @@ pub struct Change {
 pub(crate) enum Write {
     /// Set a value (leased for the configured lease time).
     Set,
+    /// Set a value leased for `lease_ms` from this write.
+    SetLeased { lease_ms: u64 },
     /// Set a value that expires after `ttl_ms` unless refreshed.
     Ephemeral { ttl_ms: u64 },
     /// Delete (a tombstone; the lease is given up with it).
@@ -331,6 +333,7 @@ impl Replica {
         };
         let (value, lease_until, expires_at, ttl_ms) = match what {
             Write::Set => (value, at.saturating_add(self.cfg.lease_ms), 0, 0),
+            Write::SetLeased { lease_ms } => (value, at.saturating_add(lease_ms), 0, 0),
             Write::Ephemeral { ttl_ms } => {
                 // Its time to live counts from the fastest clock heard from,
                 // as its refreshes are timed (`refresh_due`): counted from
@@ -443,7 +446,11 @@ impl Replica {
                         // `Entry::from_proto`, but this must not panic).
                         at.saturating_add(current.ttl_ms)
                     } else {
-                        at.saturating_add(self.cfg.lease_ms)
+                        // The lease the write had (`set_leased`), or the
+                        // configured one.
+                        let span = current.lease_until.saturating_sub(current.stamp.millis());
+                        let span = if span == 0 { self.cfg.lease_ms } else { span };
+                        at.saturating_add(span)
                     },
                     expires_at: if current.is_deleted() {
                         current.expires_at

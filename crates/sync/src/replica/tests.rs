@@ -284,6 +284,22 @@ fn an_owner_brings_back_its_ephemeral_key_after_an_expiry_it_did_not_see() {
     assert!(d.refresh_due(5_000).is_empty());
 }
 
+/// A write with a lease of its own keeps that lease when a restart's
+/// rebase re-issues it (it used to take the configured one).
+#[test]
+fn a_rebased_write_keeps_its_own_lease() {
+    let mut before = replica(1, true);
+    let old = set(&mut before, "k", "old", 1_000).unwrap();
+    let mut after = replica(1, true);
+    let lease = Write::SetLeased { lease_ms: 2_000 };
+    let new = after.write(k("k"), Some(k("new")), lease, 5_000).unwrap().0;
+    assert_eq!(new.lease_until, 7_000);
+    after.apply(k("k"), old, 5_001).unwrap();
+    let (_, e) = &after.take_rebased()[0];
+    assert_eq!(e.value, Some(k("new")));
+    assert_eq!(e.lease_until, e.stamp.millis() + 2_000);
+}
+
 #[test]
 fn a_restarted_node_keeps_its_new_write_over_its_previous_runs_claim() {
     let mut b = replica(2, true);
