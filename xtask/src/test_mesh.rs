@@ -521,6 +521,17 @@ const SCENARIOS: &[Scenario] = &[
         run: scenario_network_key,
     },
     Scenario {
+        name: "spec-peer",
+        about: "tools/pypeer.py, a peer written in Python from docs/protocol.md alone, against \
+                two new plaintext nodes of their own (--insecure, the first serving the demo \
+                service): preamble, Hello, Ping, Discovered, the echo concern, a flood and \
+                its signature, the replicated map's messages, RPC with the JSON codec, a \
+                routed request to the second node, Disconnect, and the refusals of bad \
+                handshakes and frames (--negative) all pass, so the spec still describes \
+                the node",
+        run: scenario_spec_peer,
+    },
+    Scenario {
         name: "persistent-identity",
         about: "a node started with --key FILE (created 0600) keeps its node id across a \
                 restart, and node 0 lists it again under that id",
@@ -1255,6 +1266,99 @@ fn check_pinned_elsewhere(mesh: &mut Mesh, fooled: usize, id0: &str) -> Result<u
         }
         Ok(refused)
     })
+}
+
+/// Time for `tools/pypeer.py` to run its checks (about 4 s).
+const SPEC_PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn scenario_spec_peer(mesh: &mut Mesh) -> Result<String> {
+    // The settings pypeer announces: plaintext, and the default clock skew
+    // (test-mesh's nodes run with 1 s, which a Hello must match).
+    let plaintext: Vec<OsString> = ["--insecure", "--max-clock-skew-ms", "60000"]
+        .map(OsString::from)
+        .to_vec();
+    let serving = [plaintext.as_slice(), &["--serve-demo".into()]].concat();
+    let first = mesh.spawn_with(&[], &serving)?;
+    let result = mesh.wait_ready(first).and_then(|()| {
+        let seed = mesh.nodes[first].ready.listen[0].clone();
+        let second = mesh.spawn_with(&[seed], &plaintext)?;
+        let result = run_spec_peer(mesh, first, second);
+        let stopped = mesh.stop(second);
+        let summary = result?;
+        stopped.with_context(|| format!("stopping node {second} (plaintext)"))?;
+        Ok(summary)
+    });
+    let stopped = mesh.stop(first);
+    let summary = result?;
+    stopped.with_context(|| format!("stopping node {first} (plaintext, demo service)"))?;
+    Ok(summary)
+}
+
+/// Runs `tools/pypeer.py` against plaintext node `first` once it lists
+/// `second` (the target of the routed checks).
+fn run_spec_peer(mesh: &mut Mesh, first: usize, second: usize) -> Result<String> {
+    mesh.wait_ready(second)?;
+    let id = mesh.nodes[second].ready.node_id.clone();
+    mesh.poll_until(
+        &format!("node {first} to list node {second}"),
+        Poll::Only(&[first]),
+        SCENARIO_TIMEOUT,
+        |_, snap| {
+            if snap.status(first)?.lists(&id) {
+                Ok(())
+            } else {
+                Err(Wait::Pending(format!(
+                    "node {first} does not list node {second} yet"
+                )))
+            }
+        },
+    )?;
+    let node = &mesh.nodes[first].ready;
+    let listen = node.listen[0].trim_start_matches("tcp://").to_owned();
+    let script = crate::project_root().join("tools").join("pypeer.py");
+    let log = mesh.log_dir.join("spec-peer.log");
+    let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script)
+        .args(["--insecure", "--node", &listen, "--admin", &node.admin])
+        .args([
+            "--network",
+            &mesh.network,
+            "--expect-discovered",
+            "--negative",
+        ])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let shown = display_cmd(&cmd);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("failed to run `{shown}` (is python3 installed?)"))?;
+    let Some(status) = wait_timeout(&mut child, SPEC_PEER_TIMEOUT)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!(
+            "`{shown}` did not finish within {} (killed it; output: {})",
+            fmt_duration(SPEC_PEER_TIMEOUT),
+            log.display()
+        );
+    };
+    let output = fs::read_to_string(&log)?;
+    let failed: Vec<&str> = output.lines().filter(|l| l.starts_with("FAIL")).collect();
+    let last = output.lines().last().unwrap_or("").to_owned();
+    ensure!(
+        status.success() && failed.is_empty() && last.ends_with(" 0 failed"),
+        "`{shown}` exited {status}: {} (output: {})",
+        if failed.is_empty() {
+            last.as_str()
+        } else {
+            failed[0]
+        },
+        log.display()
+    );
+    Ok(format!(
+        "{last} (tools/pypeer.py against nodes {first} and {second})"
+    ))
 }
 
 fn scenario_persistent_identity(mesh: &mut Mesh) -> Result<String> {
