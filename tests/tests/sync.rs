@@ -1202,6 +1202,52 @@ async fn a_restarted_nodes_write_wins_over_its_own_older_value() {
     stop([restarted, b]).await;
 }
 
+/// The same after the key changed hands before the restart (released and
+/// claimed again: a later lease epoch): the restarted node knows nothing of
+/// that history and writes the key as a first claim (epoch 1), which the
+/// older entry of its own previous run beats on the epoch alone.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_nodes_write_wins_over_its_own_older_value_in_a_later_epoch() {
+    let net = MemNetwork::new();
+    let cfg = sync_config();
+    let identity = Identity::generate();
+    let (a, b) = keyed_pair(&net, &cfg, &identity).await;
+    // Epoch 1, released; epoch 2, a's again.
+    a.sync().set("job", "first run").await.unwrap();
+    a.sync().release("job").await.unwrap();
+    a.sync().set("job", "before restart").await.unwrap();
+    a.sync().confirm("job", 5 * S).await.unwrap();
+    assert_eq!(b.sync().lease("job").unwrap().epoch, 2);
+
+    crash(&net, "a", &["b"], &a).await;
+    net.heal();
+    sleep(S).await;
+    let restarted = restart_keyed(&net, &cfg, identity).await;
+    // Written at once, before the restarted node has heard from b.
+    let v = restarted.sync().set("job", "after restart").await.unwrap();
+    restarted.wait_for_peers(1, 5 * S).await.unwrap();
+    // The claim-confirm-check recipe: the node still holds the key...
+    restarted.sync().confirm("job", 5 * S).await.unwrap();
+    assert_eq!(
+        &restarted.sync().lease("job").unwrap().owner,
+        restarted.node_id()
+    );
+    converge(&[&restarted, &b], 5 * S).await;
+    // ...so its acknowledged write must be what the key holds.
+    for n in [&restarted, &b] {
+        let e = n.sync().entry("job").unwrap();
+        assert_eq!(
+            text(&e.value),
+            "after restart",
+            "the restarted node's acknowledged write was silently replaced by its own \
+             older value of a later epoch, while it still holds the lease"
+        );
+        assert!(e.version >= v, "{:?} < {v:?}", e.version);
+        assert_eq!(&e.writer, restarted.node_id());
+    }
+    stop([restarted, b]).await;
+}
+
 // ---------------------------------------------------------------------------
 // Chaos: 50+ nodes, seeded.
 

@@ -422,23 +422,31 @@ impl Replica {
             if !entry.beats(current, self.cfg.leasing) {
                 return Ok(Vec::new());
             }
-            // Our own claim from before a restart (same id, older stamp)
-            // beats the claim we made since, not knowing of it: we own both,
-            // so our latest write is re-issued in the winning claim instead
-            // of being lost.
+            // Our own entry from before a restart (same id, older stamp)
+            // beats the write we made since, not knowing of it: an earlier
+            // claim in the same epoch, or any entry of a later epoch (the
+            // key changed hands before the restart, while our write started
+            // at epoch 1). Our latest write is re-issued as if written now
+            // over that entry, instead of being lost: in its claim while
+            // its lease is live (it is ours), else as the next claim.
             if self.cfg.leasing
                 && entry.writer == self.me
                 && current.writer == self.me
                 && current.stamp > entry.stamp
-                && entry.epoch == current.epoch
             {
                 let current = current.clone();
                 let stamp = self.hlc.stamp(now_ms);
                 let at = stamp.millis();
+                // As `write` decides for a write over `entry` (ours).
+                let (epoch, claim) = if entry.lease_live(at) || entry.epoch >= MAX_EPOCH {
+                    (entry.epoch, entry.claim)
+                } else {
+                    (entry.epoch + 1, stamp)
+                };
                 let rebased = Entry {
                     stamp,
-                    epoch: entry.epoch,
-                    claim: entry.claim,
+                    epoch,
+                    claim,
                     lease_until: if current.is_deleted() {
                         at
                     } else if current.ttl_ms != 0 {

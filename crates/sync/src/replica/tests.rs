@@ -325,6 +325,44 @@ fn a_restarted_node_keeps_its_new_write_over_its_previous_runs_claim() {
     assert_eq!(after.root(), b.root());
 }
 
+/// The key changed hands before the restart (released, claimed again: epoch
+/// 2), so the restarted node's first write (epoch 1) loses to its own older
+/// entry on the epoch alone: it is re-issued over that entry all the same,
+/// in its claim while the lease is live, as the next claim once it lapsed.
+#[test]
+fn a_restarted_nodes_write_is_rebased_over_its_own_entry_of_a_later_epoch() {
+    let mut before = replica(1, true);
+    set(&mut before, "k", "first", 1_000).unwrap();
+    before.write(k("k"), None, Write::Release, 1_001).unwrap();
+    let old = set(&mut before, "k", "old", 1_002).unwrap();
+    assert_eq!(old.epoch, 2);
+
+    // Restarted while the lease is live: rebased in the old claim.
+    let mut after = replica(1, true);
+    let new = set(&mut after, "k", "new", 5_000).unwrap();
+    assert_eq!(new.epoch, 1);
+    assert!(old.beats(&new, true));
+    after.apply(k("k"), old.clone(), 5_001).unwrap();
+    let rebased = after.take_rebased();
+    assert_eq!(rebased.len(), 1, "the new write was silently replaced");
+    let (_, e) = &rebased[0];
+    assert_eq!(e.value, Some(k("new")));
+    assert_eq!((e.epoch, e.claim), (2, old.claim));
+    assert!(e.stamp > new.stamp);
+    assert_eq!(after.get(b"k", 5_001).unwrap().value, Some(k("new")));
+
+    // Restarted after the lease lapsed: rebased as the next claim.
+    let late = 1_002 + LEASE + 10_000;
+    let mut after = replica(1, true);
+    set(&mut after, "k", "new", late).unwrap();
+    after.apply(k("k"), old.clone(), late + 1).unwrap();
+    let (_, e) = &after.take_rebased()[0];
+    assert_eq!(e.value, Some(k("new")));
+    assert_eq!((e.epoch, e.claim), (3, e.stamp));
+    // Everywhere the same: it beats both older entries.
+    assert!(e.beats(&old, true));
+}
+
 #[test]
 fn chunks_resume_where_they_stopped_and_cover_every_entry_once() {
     let mut a = replica(1, false);
