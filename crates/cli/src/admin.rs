@@ -24,7 +24,9 @@
 //! | any | anything else | 404 (405 for a known path) |
 //!
 //! The server ([`crate::http::serve`]) gives a client 10 s to send each
-//! request's head and serves 64 connections at once; of those, at most 48
+//! request's head and 30 s for its body (then 408 `timeout`), ends a
+//! connection whose client has not read its answer for 30 s, and serves
+//! 64 connections at once; of those, at most 48
 //! requests wait on the mesh (`POST /request`, `POST /rpc`, `POST
 //! /kv/{key}/confirm`), more get 503 `busy` at once, so that `/health`,
 //! `/status` and `/shutdown` stay reachable.
@@ -1108,10 +1110,13 @@ fn parse_node_id(hex: &str) -> Result<NodeId, ApiError> {
 pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// A request body, or the JSON error for one that could not be read (413
-/// `too_large` over [`MAX_BODY_BYTES`]).
+/// `too_large` over [`MAX_BODY_BYTES`], 408 `timeout` when it did not all
+/// arrive within the server's body timeout, [`crate::http::Limits`]).
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if timed_out(&e) {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, e.body_text()).with_code("timeout")
+        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the body is over the admin API's limit of {MAX_BODY_BYTES} bytes"),
@@ -1121,6 +1126,22 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
             ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
         }
     })
+}
+
+/// True if `e` is the body timeout of [`crate::http`] (an
+/// [`std::io::ErrorKind::TimedOut`] somewhere in its sources).
+fn timed_out(e: &BytesRejection) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Refuses writes to the RPC registry (`rpc/services/...`): its entries are
