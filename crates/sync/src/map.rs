@@ -1288,8 +1288,9 @@ impl SyncMap {
         // A peer far behind us (a late joiner) pulls what it lacks in its
         // own round; pushing it too would send the map twice, or once per
         // neighbour that connects to it.
+        // `entries` is the peer's word: saturating, as it may be any u64.
         let ours_n = lock(&self.inner.replica).entries() as u64;
-        if ours_n > 2 * answer.entries + 64 {
+        if ours_n > answer.entries.saturating_mul(2).saturating_add(64) {
             return Ok(Some((pulled, 0)));
         }
         let to_send: Vec<Bytes> = lock(&self.inner.replica)

@@ -241,6 +241,26 @@ async fn a_slow_endless_round_ends_at_the_round_timeout() {
     p.stop().await;
 }
 
+/// A peer that says it holds `u64::MAX` entries: the round's check for a
+/// peer far behind us (more than twice its count of ours) overflowed, a
+/// panic in debug builds that ended the round's task before it took the
+/// peer out of the rounds in progress, so no round ran with it again; in
+/// release builds it wrapped and took the peer for one far behind. Found by
+/// mutation fuzzing. The check saturates now: the round ends normally and
+/// pushes back what the peer lacks.
+#[tokio::test(start_paused = true)]
+async fn a_peer_claiming_u64_max_entries_does_not_overflow_the_round() {
+    let net = MemNetwork::new();
+    let mut hostile = Hostile::new(Chunks::Forward, 1);
+    hostile.claims = u64::MAX;
+    let p = pair(&net, Some(hostile.clone())).await;
+    p.a.set("k", "v").await.unwrap();
+    let r = p.a.sync_with(&p.b_id()).await;
+    assert_eq!(r.unwrap(), (0, 1));
+    assert_eq!(*lock(&hostile.got), vec![Bytes::from("k")]);
+    p.stop().await;
+}
+
 /// `Duration::MAX` as a timeout means "practically forever": added to an
 /// instant it panicked ("overflow when adding duration to instant") in
 /// `confirm` and in every request of a round.
