@@ -1844,3 +1844,46 @@ async fn a_restarted_node_sets_its_ephemeral_key_again_over_the_tombstone_of_the
     converge(&[&a, &b], 5 * S).await;
     stop([a, b]).await;
 }
+
+/// `prefixed_entries_page`: pages by count and by value bytes (at least one
+/// entry, however large), in key order, after a given key, saying whether
+/// more follow.
+#[tokio::test(start_paused = true)]
+async fn entries_are_listed_in_pages_bounded_by_count_and_bytes() {
+    let net = MemNetwork::new();
+    let [a, b, c] = trio(&net, &sync_config()).await;
+    for (key, size) in [
+        ("p/1", 400_000),
+        ("p/2", 400_000),
+        ("p/3", 400_000),
+        ("p/4", 10),
+        ("q", 1),
+    ] {
+        a.sync().set(key, vec![b'x'; size]).await.unwrap();
+    }
+    let keys = |page: &[(Bytes, meshwork::sync::EntryInfo)]| -> Vec<String> {
+        page.iter().map(|(k, _)| text(k).to_owned()).collect()
+    };
+    let s = a.sync();
+    // Bytes: the third 400 kB value passes 1 MB, then the page ends.
+    let (page, more) = s.prefixed_entries_page("p/", None, 100, 1_000_000);
+    assert_eq!(
+        (keys(&page), more),
+        (vec!["p/1".into(), "p/2".into(), "p/3".into()], true)
+    );
+    let (page, more) = s.prefixed_entries_page("p/", Some(b"p/3"), 100, 1_000_000);
+    assert_eq!((keys(&page), more), (vec!["p/4".into()], false));
+    // At least one, however large; count bounds too.
+    let (page, more) = s.prefixed_entries_page("p/", None, 100, 1);
+    assert_eq!((keys(&page), more), (vec!["p/1".into()], true));
+    let (page, more) = s.prefixed_entries_page("", Some(b"p/2"), 2, usize::MAX);
+    assert_eq!(
+        (keys(&page), more),
+        (vec!["p/3".into(), "p/4".into()], true)
+    );
+    // An `after` before the prefix starts at the prefix.
+    let (page, _) = s.prefixed_entries_page("p/", Some(b"a"), 1, usize::MAX);
+    assert_eq!(keys(&page), vec!["p/1".to_owned()]);
+    assert_eq!(s.prefixed_entries("").len(), 5);
+    stop([a, b, c]).await;
+}

@@ -7353,9 +7353,10 @@ fn parse_kv_entry(v: &Value) -> Result<KvEntry> {
     })
 }
 
-/// `GET /kv?prefix=P`: the items, each starting with `prefix`, sorted,
-/// `count` of them.
-fn parse_kv_list(v: &Value, prefix: &str) -> Result<Vec<KvItem>> {
+/// One page of `GET /kv?prefix=P`: the items, each starting with
+/// `prefix`, sorted, `count` of them; and `next_hex`, where the next page
+/// starts (null on the last).
+fn parse_kv_list(v: &Value, prefix: &str) -> Result<(Vec<KvItem>, Option<String>)> {
     let items = list_field(v, "items", |i| {
         Ok(KvItem {
             key: str_field(i, "key")?,
@@ -7376,7 +7377,12 @@ fn parse_kv_list(v: &Value, prefix: &str) -> Result<Vec<KvItem>> {
     if let Some(w) = items.windows(2).find(|w| w[0].key >= w[1].key) {
         bail!("items are not sorted: {:?} before {:?}", w[0].key, w[1].key);
     }
-    Ok(items)
+    let next = match v.get("next_hex") {
+        Some(Value::String(h)) => Some(h.clone()),
+        Some(Value::Null) => None,
+        other => bail!("`next_hex` is {other:?}, not a string or null"),
+    };
+    Ok((items, next))
 }
 
 /// A key as a path segment (or query value): everything but unreserved
@@ -7646,13 +7652,38 @@ impl Http {
         }
     }
 
-    /// `GET /kv?prefix=`, parsed; checks the count and the order.
+    /// `GET /kv?prefix=`, every page, parsed; checks the counts and the
+    /// order, within and across pages.
     fn kv_list(&self, admin: &str, prefix: &str) -> Result<Vec<KvItem>> {
-        let path = format!("/kv?prefix={}", encode_key(prefix));
-        let (code, body) = self.call(admin, "GET", &path, "")?;
-        ensure!(code == 200, "GET {path}: HTTP {code}: {body}");
-        parse_kv_list(&body, prefix)
-            .with_context(|| format!("GET {path}: does not match the contract"))
+        let mut all: Vec<KvItem> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut path = format!("/kv?prefix={}", encode_key(prefix));
+            if let Some(h) = &after {
+                path.push_str(&format!("&after_hex={h}"));
+            }
+            let (code, body) = self.call(admin, "GET", &path, "")?;
+            ensure!(code == 200, "GET {path}: HTTP {code}: {body}");
+            let (items, next) = parse_kv_list(&body, prefix)
+                .with_context(|| format!("GET {path}: does not match the contract"))?;
+            if let (Some(last), Some(first)) = (all.last(), items.first()) {
+                ensure!(
+                    last.key < first.key,
+                    "GET {path}: the page starts at {:?}, not after {:?}",
+                    first.key,
+                    last.key
+                );
+            }
+            ensure!(
+                next.is_none() || !items.is_empty(),
+                "GET {path}: an empty page says more follow"
+            );
+            all.extend(items);
+            match next {
+                Some(h) => after = Some(h),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// `GET /kv-digest`, parsed.
@@ -8567,15 +8598,22 @@ mod tests {
 
         let item =
             |key: &str| serde_json::json!({"key": key, "value": "v", "version": 1, "writer": "aa"});
-        let list = serde_json::json!({"items": [item("p.a"), item("p.b")], "count": 2});
-        let items = parse_kv_list(&list, "p.").unwrap();
-        assert_eq!(items.len(), 2);
+        let list =
+            serde_json::json!({"items": [item("p.a"), item("p.b")], "count": 2, "next_hex": null});
+        let (items, next) = parse_kv_list(&list, "p.").unwrap();
+        assert_eq!((items.len(), next), (2, None));
         assert_eq!(items[1].key, "p.b");
+        let page = serde_json::json!({"items": [item("p.a")], "count": 1, "next_hex": "702e61"});
+        assert_eq!(
+            parse_kv_list(&page, "p.").unwrap().1.as_deref(),
+            Some("702e61")
+        );
         for bad in [
             serde_json::json!({"items": [item("p.a")], "count": 2}),
             serde_json::json!({"items": [item("p.b"), item("p.a")], "count": 2}),
             serde_json::json!({"items": [item("q.a")], "count": 1}),
             serde_json::json!({"items": [item("p.a"), item("p.a")], "count": 2}),
+            serde_json::json!({"items": [item("p.a")], "count": 1, "next_hex": 5}),
         ] {
             assert!(parse_kv_list(&bad, "p.").is_err(), "{bad}");
         }

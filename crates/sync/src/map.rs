@@ -938,23 +938,43 @@ impl SyncMap {
     /// The entries whose key starts with `prefix`, sorted by key, with
     /// their versions, writers, leases and expiry (one consistent view).
     pub fn prefixed_entries(&self, prefix: impl AsRef<[u8]>) -> Vec<(Bytes, EntryInfo)> {
+        self.prefixed_entries_page(prefix, None, usize::MAX, usize::MAX)
+            .0
+    }
+
+    /// One page of [`prefixed_entries`](Self::prefixed_entries): the entries
+    /// whose key starts with `prefix` and sorts after `after` (from the first
+    /// without it), sorted by key, at most `limit` of them and no more once
+    /// their values reach `max_bytes` (at least one, however large); and
+    /// whether more follow. The next page starts after the last key of this
+    /// one. Bounds what listing a large map holds in memory at once.
+    pub fn prefixed_entries_page(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> (Vec<(Bytes, EntryInfo)>, bool) {
         let prefix = prefix.as_ref();
         let now = self.inner.now();
         let replica = lock(&self.inner.replica);
-        let out: Vec<_> = replica
-            .live_prefixed(prefix, now)
-            .map(|(k, e)| {
-                let info = EntryInfo {
-                    value: e.value.clone().unwrap_or_default(),
-                    version: e.stamp,
-                    writer: e.writer.clone(),
-                    lease: replica.lease_of(e, now),
-                    expires_at_ms: (e.expires_at != 0).then_some(e.expires_at),
-                };
-                (k.clone(), info)
-            })
-            .collect();
-        out
+        let mut entries = replica.live_prefixed_after(prefix, after, now).peekable();
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        while out.len() < limit && (out.is_empty() || bytes < max_bytes) {
+            let Some((k, e)) = entries.next() else { break };
+            let value = e.value.clone().unwrap_or_default();
+            bytes = bytes.saturating_add(value.len());
+            let info = EntryInfo {
+                value,
+                version: e.stamp,
+                writer: e.writer.clone(),
+                lease: replica.lease_of(e, now),
+                expires_at_ms: (e.expires_at != 0).then_some(e.expires_at),
+            };
+            out.push((k.clone(), info));
+        }
+        let more = entries.peek().is_some();
+        (out, more)
     }
 
     /// The settings this map runs with.

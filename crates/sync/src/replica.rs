@@ -229,11 +229,24 @@ impl Replica {
         prefix: &'a [u8],
         now_ms: u64,
     ) -> impl Iterator<Item = (&'a Bytes, &'a Entry)> + 'a {
+        self.live_prefixed_after(prefix, None, now_ms)
+    }
+
+    /// [`live_prefixed`](Self::live_prefixed) from the first key after
+    /// `after` (all of them without it).
+    pub(crate) fn live_prefixed_after<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        after: Option<&'a [u8]>,
+        now_ms: u64,
+    ) -> impl Iterator<Item = (&'a Bytes, &'a Entry)> + 'a {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
         self.keys
-            .range::<[u8], _>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            ))
+            .range::<[u8], _>((start, Bound::Unbounded))
             .take_while(move |k| k.starts_with(prefix))
             .filter_map(move |k| self.get(k, now_ms).map(|e| (k, e)))
     }
