@@ -1596,13 +1596,32 @@ async fn anti_entropy(map: SyncMap) {
             let map = map.clone();
             let cancel = inner.cancel.clone();
             inner.tracker.spawn(async move {
+                // Taken out of the rounds in progress however the round
+                // ends, a panic included: a round that panicked used to
+                // leave the peer marked for good, and no round ran with it
+                // again (mutation fuzzing found such a panic).
+                let _in_round = InRound {
+                    inner: map.inner.clone(),
+                    peer: peer.clone(),
+                };
                 tokio::select! {
                     _ = cancel.cancelled() => {}
                     _ = map.sync_with(&peer) => {}
                 }
-                lock(&map.inner.in_rounds).remove(&peer);
             });
         }
+    }
+}
+
+/// A peer's place in the rounds in progress, given up when dropped.
+struct InRound {
+    inner: Arc<Inner>,
+    peer: NodeId,
+}
+
+impl Drop for InRound {
+    fn drop(&mut self) {
+        lock(&self.inner.in_rounds).remove(&self.peer);
     }
 }
 

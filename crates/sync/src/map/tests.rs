@@ -928,3 +928,22 @@ async fn entries_that_lose_are_answered_with_the_entry_that_wins() {
     assert!(ack.newer.is_empty());
     p.stop().await;
 }
+
+/// A round that panics still gives up the peer's place in the rounds in
+/// progress, so rounds with that peer go on.
+#[tokio::test(start_paused = true)]
+async fn a_round_that_panics_gives_up_the_peers_place() {
+    let net = MemNetwork::new();
+    let p = pair(&net, None).await;
+    let b = p.b_id();
+    lock(&p.a.inner.in_rounds).insert(b.clone());
+    let (inner, peer) = (p.a.inner.clone(), b.clone());
+    let ended = tokio::spawn(async move {
+        let _in_round = InRound { inner, peer };
+        panic!("a round that panics");
+    })
+    .await;
+    assert!(ended.is_err());
+    assert!(!lock(&p.a.inner.in_rounds).contains(&b));
+    p.stop().await;
+}
