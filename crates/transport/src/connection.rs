@@ -56,6 +56,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::both::Both;
 use crate::handshake::{BoxRead, BoxWrite, Handshaken};
+use crate::loglimit::LogLimit;
 use crate::{Address, Config, TransportError, lock};
 
 /// Which outgoing lane a frame takes. Lower lanes are always served first.
@@ -1769,7 +1770,18 @@ async fn read_loop(
                 break;
             }
             Some(Err(e)) => {
-                warn!(error = %e, "refusing frame from peer");
+                // Peers can cause these as fast as they connect: a budget.
+                static REFUSED: Mutex<LogLimit> = Mutex::new(LogLimit::new());
+                match crate::loglimit::allow(&REFUSED) {
+                    Some(0) => warn!(error = %e, "refusing frame from peer"),
+                    Some(held_back) => warn!(
+                        error = %e,
+                        held_back,
+                        "refusing frame from peer (and {held_back} more refused since the last \
+                         warning, logged at debug level)"
+                    ),
+                    None => debug!(error = %e, "refusing frame from peer"),
+                }
                 shared.request_close(
                     CloseReason::Protocol(e.to_string()),
                     Some(Disconnect::new(

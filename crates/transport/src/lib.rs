@@ -77,6 +77,7 @@ mod endpoint;
 mod error;
 mod handshake;
 mod identity;
+mod loglimit;
 pub mod mem;
 pub mod noise;
 mod pairkey;
