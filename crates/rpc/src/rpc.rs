@@ -214,6 +214,9 @@ struct Calls {
     /// routed one) would otherwise be lost and the call run to its
     /// deadline. Most are for calls already answered, and age out.
     early: VecDeque<(NodeId, u64)>,
+    /// Waiting calls stopped because their caller left (see
+    /// [`Server::caller_left`]): answered `Interrupted`, not `Cancelled`.
+    left: HashSet<(NodeId, u64)>,
 }
 
 impl Calls {
@@ -425,6 +428,12 @@ impl Server {
             ))),
         });
         let cancelled = cancel.is_cancelled();
+        // Stopped because its caller left (looked up only for stopped calls).
+        let caller_left = cancelled
+            && running
+                .key
+                .as_ref()
+                .is_some_and(|k| lock(&self.running).left.contains(k));
         // A method that watches the token ends on its own once cancelled,
         // and may win the race above against the token itself: its answer
         // goes to nobody, and the call counts as stopped either way.
@@ -451,6 +460,10 @@ impl Server {
                 FailureCode::Interrupted,
                 "the provider shut down during the call",
             ),
+            None if caller_left => failure(
+                FailureCode::Interrupted,
+                "the link to the caller went during the call",
+            ),
             None if cancelled => failure(FailureCode::Cancelled, "cancelled"),
             None => failure(FailureCode::Deadline, format!("ran out of its {budget:?}")),
         }
@@ -464,11 +477,21 @@ impl Server {
     /// failed them on its side when the link went, and cannot send a
     /// Cancel). Without this, a peer could start calls with a long budget
     /// and leave, holding the service's slots.
+    ///
+    /// Such a call is answered `Interrupted`, not `Cancelled`: the caller
+    /// cancelled nothing, and the answer can still reach it when the link
+    /// is cut from this side (a block, a peer declared dead), on the
+    /// connection before it closes. Seen with real processes: a provider
+    /// that blocked its caller answered a waiting call `Cancelled`, which
+    /// the caller does not retry, so an idempotent call failed instead of
+    /// going to another provider.
     fn caller_left(&self, caller: &NodeId) {
-        let running = lock(&self.running);
+        let mut running = lock(&self.running);
+        let running = &mut *running;
         let mut stopped = 0;
-        for ((from, _), cancel) in &running.waiting {
-            if from == caller {
+        for (key, cancel) in &running.waiting {
+            if key.0 == *caller {
+                running.left.insert(key.clone());
                 cancel.cancel();
                 stopped += 1;
             }
@@ -497,7 +520,9 @@ struct Running<'a> {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         if let Some(key) = &self.key {
-            lock(&self.server.running).waiting.remove(key);
+            let mut running = lock(&self.server.running);
+            running.waiting.remove(key);
+            running.left.remove(key);
         }
         if self.held {
             let mut holders = lock(&self.served.holders);
@@ -2247,6 +2272,100 @@ mod tests {
             retry(ConcernsError::ConnectionLost(id(1))),
             Retry::IfIdempotent
         );
+    }
+
+    /// A method that never ends by itself.
+    struct Forever;
+
+    #[async_trait]
+    impl Service for Forever {
+        fn methods(&self) -> Vec<&'static str> {
+            vec!["wait"]
+        }
+        async fn call(&self, _: &str, _: Codec, _: Bytes) -> Result<Bytes, ServiceError> {
+            std::future::pending().await
+        }
+    }
+
+    /// A server serving [`Forever`] as `forever`.
+    fn forever_server() -> Arc<Server> {
+        let server = Arc::new(Server {
+            served: RwLock::new(FxHashMap::default()),
+            running: Mutex::new(Calls::default()),
+            default_budget: Duration::from_secs(10),
+            max_budget: Duration::from_secs(300),
+            shutdown: AtomicBool::new(false),
+        });
+        let served = Arc::new(Served {
+            service: Arc::new(Forever),
+            name: "forever".into(),
+            methods: vec!["wait"],
+            version: 1,
+            record: Bytes::new(),
+            limit: 16,
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            relisted: AtomicU64::new(0),
+            holders: Mutex::new(HashMap::new()),
+        });
+        server
+            .served
+            .write()
+            .expect("not poisoned")
+            .insert("forever".into(), served);
+        server
+    }
+
+    /// Runs `forever.wait` for `caller` as call `call_id` until `stop`
+    /// stops it, and gives its outcome's failure code.
+    async fn stopped_call(
+        caller: u32,
+        call_id: u64,
+        stop: impl FnOnce(&Server),
+    ) -> Option<FailureCode> {
+        let server = forever_server();
+        let call = CallIn {
+            call_id,
+            service: Cow::Borrowed("forever"),
+            method: Cow::Borrowed("wait"),
+            args: Bytes::new(),
+            codec: Codec::Json.to_wire(),
+            budget_ms: 60_000,
+            version: 0,
+        };
+        let caller = id(caller);
+        let run = server.run(&caller, call);
+        let mut run = std::pin::pin!(run);
+        // Polled until it waits (registered among the running calls).
+        assert!((&mut run).now_or_never().is_none());
+        assert_eq!(lock(&server.running).waiting.len(), 1);
+        stop(&server);
+        let outcome = run.await;
+        let running = lock(&server.running);
+        assert!(running.waiting.is_empty() && running.left.is_empty());
+        match outcome {
+            outcome::Result::Failure(f) => FailureCode::try_from(f.code).ok(),
+            _ => None,
+        }
+    }
+
+    /// A call stopped because its caller left is answered `Interrupted`
+    /// (the caller retries an idempotent call elsewhere), not `Cancelled`:
+    /// the answer may still reach the caller when this node cut the link,
+    /// and the caller cancelled nothing. A Cancel from the caller is still
+    /// `Cancelled` (it reaches nobody).
+    #[tokio::test(start_paused = true)]
+    async fn a_call_stopped_because_its_caller_left_is_interrupted_not_cancelled() {
+        let left = stopped_call(1, 7, |s| s.caller_left(&id(1))).await;
+        assert_eq!(left, Some(FailureCode::Interrupted));
+        let cancelled = stopped_call(1, 7, |s| s.cancel(&id(1), 7)).await;
+        assert_eq!(cancelled, Some(FailureCode::Cancelled));
+        // Another caller leaving stops nothing: the call runs to its budget.
+        let other = stopped_call(1, 7, |s| s.caller_left(&id(2))).await;
+        assert_eq!(other, Some(FailureCode::Deadline));
     }
 
     /// A Cancel that comes before its call registers (handled on another
