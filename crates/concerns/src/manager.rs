@@ -675,9 +675,16 @@ impl Inner {
             // connection's writer gathers them into fewer writes.
             let eager = waiting.alone().then_some(now);
             if let Some(frame) = self.peers.offer(peer, frame, priority, eager)? {
-                // The lane is full: wait for room. Boxed: rare, and the
-                // wait would otherwise make every request's future larger.
-                Box::pin(self.peers.send(peer, frame, priority)).await?;
+                // The lane is full: wait for room, until the request's own
+                // deadline at most (the transport's send timeout, 10 s,
+                // would outlast a shorter one). Boxed: rare, and the wait
+                // would otherwise make every request's future larger.
+                let deadline = now + timeout.min(meshwork_peers::FOREVER);
+                let room = self.peers.send(peer, frame, priority);
+                match Box::pin(tokio::time::timeout_at(deadline, room)).await {
+                    Ok(sent) => sent?,
+                    Err(_) => return Err(ConcernsError::Timeout(timeout)),
+                }
             }
             let r = waiting.outcome().await;
             if blame_timeout && matches!(r, Err(ConcernsError::Timeout(_))) {

@@ -1102,3 +1102,43 @@ async fn only_the_asked_node_answers_a_request() {
         p.shutdown().await;
     }
 }
+
+/// A request to a neighbour that has stopped reading waits for room on its
+/// full lane no longer than the request's own timeout: it waited the
+/// transport's send timeout (10 s) whatever the caller had asked for, so
+/// an RPC call with a 1 s deadline could answer 10 s late.
+#[tokio::test(start_paused = true)]
+async fn a_request_waiting_for_room_ends_at_its_own_timeout() {
+    let net = MemNetwork::new();
+    let (server, rude, conn) = rude_peer(&net).await;
+    let rude_id = rude.node_id().clone();
+    wait_until("the rude peer to be a neighbour", || {
+        server.peers().is_neighbour(&rude_id)
+    })
+    .await;
+    // Requests the rude peer never reads, until the lane to it is full.
+    let ctx = server.context(GATED);
+    let big = Bytes::from(vec![b'x'; 64 * 1024]);
+    let mut fillers = Vec::new();
+    for _ in 0..256 {
+        let (ctx, id, big) = (ctx.clone(), rude_id.clone(), big.clone());
+        fillers.push(tokio::spawn(async move {
+            let _ = ctx.request(&id, big, 120 * S).await;
+        }));
+    }
+    sleep(S).await;
+    let started = Instant::now();
+    let r = ctx.request(&rude_id, "late?", S).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(r, Err(ConcernsError::Timeout(_))),
+        "{r:?} after {took:?}"
+    );
+    assert!(took <= S + 100 * MS, "a 1 s request took {took:?}");
+    for f in fillers {
+        f.abort();
+    }
+    drop(conn);
+    rude.shutdown().await;
+    stop(vec![server]).await;
+}
