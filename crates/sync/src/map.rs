@@ -410,7 +410,20 @@ impl Inner {
                 if e.repair && applied > 0 {
                     self.cascade.notify_one();
                 }
-                let newer = self.newer_than(&sent, &me);
+                // Anti-entropy like a pull's chunk, and as cheap to ask
+                // for (an entry that loses brings back a value of up to a
+                // MiB): within the peer's repair rate, else none (the
+                // confirmer's next round brings them).
+                let newer = if sent.is_empty() || !self.within_repair_rate(from) {
+                    Vec::new()
+                } else {
+                    let newer = self.newer_than(&sent, &me);
+                    let bytes = newer.iter().map(prost::Message::encoded_len).sum();
+                    if bytes > 0 {
+                        self.charge_repair(from, bytes);
+                    }
+                    newer
+                };
                 Body::Ack(proto::Ack { applied, newer })
             }
             Some(Body::Digest(q)) => {

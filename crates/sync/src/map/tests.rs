@@ -947,3 +947,42 @@ async fn a_round_that_panics_gives_up_the_peers_place() {
     assert!(!lock(&p.a.inner.in_rounds).contains(&b));
     p.stop().await;
 }
+
+/// Hostile review: `Ack.newer` is anti-entropy too, and stays within the
+/// peer's repair rate. A neighbour that sends `Entries` (not a repair) of
+/// keys it knows, each a tiny entry that loses here, is answered with this
+/// replica's entries of them, values and all: unmetered, one ~30-byte
+/// entry of a key with a 1 MiB value brought back a MiB, as often as the
+/// neighbour asked, past the rate that bounds its pulls.
+#[tokio::test(start_paused = true)]
+async fn entries_answered_back_in_acks_stay_within_the_peers_repair_rate() {
+    let net = MemNetwork::new();
+    let p = pair_of_100_kb(&net).await;
+    let origin = p.b_id();
+    let keys: Vec<String> = (0..100).map(|i| format!("key{i}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    // Later claims than a's: they lose, and a answers with its own.
+    let losing = claims(&origin, &keys, p.a.now_ms() + 1_000, &origin);
+    let ask = proto::SyncMessage {
+        body: Some(Body::Entries(proto::Entries {
+            entries: losing,
+            repair: false,
+        })),
+    }
+    .encode_to_vec();
+    let sync = p.b.context(SYNC);
+    let a = p.a.node_id().clone();
+    let mut got = 0;
+    for _ in 0..20 {
+        let reply = sync.request(&a, ask.clone(), 5 * S).await.unwrap();
+        let Some(Body::Ack(ack)) = proto::SyncMessage::decode(reply).unwrap().body else {
+            panic!("not an Ack");
+        };
+        assert_eq!(ack.applied, 0);
+        got += ack.newer.iter().map(|e| e.value.len()).sum::<usize>();
+    }
+    // About 100 KB an answer: the burst (150 KB) and one answer past it.
+    assert!(got > 0, "nothing came back");
+    assert!(got <= 300_000, "{got} bytes of values came back at once");
+    p.stop().await;
+}
