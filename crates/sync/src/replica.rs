@@ -467,10 +467,11 @@ impl Replica {
                         // `Entry::from_proto`, but this must not panic).
                         at.saturating_add(current.ttl_ms)
                     } else {
-                        // The lease the write had (`set_leased`), or the
-                        // configured one.
+                        // The lease the write had: the configured one, a
+                        // `set_leased` one, or none for a release (its
+                        // lease ends at its stamp; re-leasing it for the
+                        // configured hour kept out the nodes it let in).
                         let span = current.lease_until.saturating_sub(current.stamp.millis());
-                        let span = if span == 0 { self.cfg.lease_ms } else { span };
                         at.saturating_add(span)
                     },
                     expires_at: if current.is_deleted() {

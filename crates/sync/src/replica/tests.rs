@@ -724,3 +724,27 @@ fn a_replica_stays_within_its_byte_budget() {
         .unwrap();
     assert_eq!((a.entries(), a.bytes()), (3, 3 * one));
 }
+
+/// A write that gave up its lease (`release`) stays released when a
+/// restart's rebase re-issues it: it was re-leased for the configured
+/// lease (an hour), the rebase taking its lease of 0 ms for "unknown", and
+/// no other node could take the key the owner had let go.
+#[test]
+fn a_rebased_release_stays_released() {
+    let mut before = replica(1, true);
+    let old = set(&mut before, "k", "old", 1_000).unwrap();
+    let mut after = replica(1, true);
+    set(&mut after, "k", "new", 5_000).unwrap();
+    let released = after.write(k("k"), None, Write::Release, 5_001).unwrap().0;
+    assert!(!released.lease_live(5_002));
+    after.apply(k("k"), old, 5_002).unwrap();
+    let (_, e) = &after.take_rebased()[0];
+    assert_eq!(e.value, Some(k("new")));
+    let at = e.stamp.millis();
+    assert!(
+        !e.lease_live(at + 1),
+        "leased until {} at {at}",
+        e.lease_until
+    );
+    assert!(after.lease_of(e, at + 1).is_none());
+}
