@@ -11,7 +11,7 @@ use std::ops::Bound;
 use bytes::Bytes;
 use meshwork_concerns::wire::NodeId;
 
-use crate::entry::MAX_EPOCH;
+use crate::entry::{MAX_EPOCH, MAX_SPAN_MS};
 use crate::hlc::{Hlc, TooFarAhead};
 use crate::{Entry, Stamp, SyncError};
 
@@ -471,8 +471,12 @@ impl Replica {
                         // `set_leased` one, or none for a release (its
                         // lease ends at its stamp; re-leasing it for the
                         // configured hour kept out the nodes it let in).
+                        // At most the longest `set_leased` takes: the entry
+                        // may be a peer's forgery naming us, and a span to
+                        // `i64::MAX` put the rebased lease past what any
+                        // peer decodes.
                         let span = current.lease_until.saturating_sub(current.stamp.millis());
-                        at.saturating_add(span)
+                        at.saturating_add(span.min(MAX_SPAN_MS))
                     },
                     expires_at: if current.is_deleted() {
                         current.expires_at

@@ -748,3 +748,30 @@ fn a_rebased_release_stays_released() {
     );
     assert!(after.lease_of(e, at + 1).is_none());
 }
+
+/// A rebase keeps the lease span of the entry it re-issues, which may have
+/// come from a peer (entries name their writer; nothing stops a peer from
+/// naming this node): one leased to the last millisecond a peer may send
+/// (`i64::MAX`) was re-issued leased past it, and every peer refused the
+/// rebased entry ("time out of range") while this replica kept it, so the
+/// replicas never converged again.
+#[test]
+fn a_rebase_over_a_forged_endless_lease_stays_on_the_wire() {
+    let mut before = replica(1, true);
+    let old = set(&mut before, "k", "old", 1_000).unwrap();
+    let mut forger = replica(1, true);
+    let mut forged = set(&mut forger, "k", "forged", 5_000).unwrap();
+    forged.lease_until = i64::MAX as u64;
+    let me = forged.writer.clone();
+    let (_, forged) = Entry::from_proto(forged.to_proto(&k("k"), &me), &me, 1024, 1024).unwrap();
+    let mut after = replica(1, true);
+    after.apply(k("k"), forged, 5_000).unwrap();
+    after.apply(k("k"), old, 5_010).unwrap();
+    let (key, e) = after.take_rebased().pop().expect("rebased");
+    let wire = e.to_proto(&key, &me);
+    assert!(
+        Entry::from_proto(wire, &me, 1024, 1024).is_ok(),
+        "the rebased entry (leased until {}) is refused by every peer",
+        e.lease_until
+    );
+}
