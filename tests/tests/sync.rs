@@ -1873,8 +1873,10 @@ async fn entries_are_listed_in_pages_bounded_by_count_and_bytes() {
     );
     let (page, more) = s.prefixed_entries_page("p/", Some(b"p/3"), 100, 1_000_000);
     assert_eq!((keys(&page), more), (vec!["p/4".into()], false));
-    // At least one, however large; count bounds too.
+    // At least one, however large, and whatever the limit; count bounds too.
     let (page, more) = s.prefixed_entries_page("p/", None, 100, 1);
+    assert_eq!((keys(&page), more), (vec!["p/1".into()], true));
+    let (page, more) = s.prefixed_entries_page("p/", None, 0, usize::MAX);
     assert_eq!((keys(&page), more), (vec!["p/1".into()], true));
     let (page, more) = s.prefixed_entries_page("", Some(b"p/2"), 2, usize::MAX);
     assert_eq!(

@@ -16,7 +16,7 @@
 //! | DELETE | `/kv/{key}` | 200 `{"deleted":true}`; 404 when it holds no value; 409 `lease_held` |
 //! | POST | `/kv/{key}/release` | gives up this node's lease, keeping the value: 200 `{"released":true,"version":n}`; 404; 409 `lease_held` |
 //! | POST | `/kv/{key}/confirm?timeout_ms=N` | waits until every connected peer has applied this node's entry for the key (`timeout_ms` as for `/request`): 200 `{"peers":n}`; 504 `timeout` with `peers` and `missing` (ids); 404 |
-//! | GET | `/kv?prefix=P&limit=N&after=K` | 200 `{"items":[{"key","value","version","writer"}...],"count":n,"next","next_hex"}`: the keys starting with `P` (default: all), sorted, after `K` (or `after_hex`), a page of at most `limit` (default 1000, at most 10000) and about 1 MiB of values; `next` (and `next_hex`) name the last key when more follow, else null |
+//! | GET | `/kv?prefix=P&limit=N&after=K` | 200 `{"items":[{"key","value","version","writer"}...],"count":n,"next","next_hex"}`: the keys starting with `P` (default: all), sorted, after `K` (or `after_hex`), a page of at most `limit` (default 1000, at most 10000) and about 1 MiB of keys and values; `next` (and `next_hex`, exact where a key is not UTF-8) name the last key when more follow, else null |
 //! | GET | `/kv-digest` | 200 `{"digest":"<16 hex digits>","keys":n,"entries":n}`: a hash of the whole replica (tombstones and leases included): equal digests, equal replicas |
 //! | POST | `/rpc/{service}/{method}?deadline_ms=N&idempotent=B&version=V&provider=ID` | body = the arguments as a JSON array (empty: none); calls the method from this node in JSON through [`Rpc::call_raw`](meshwork::rpc::Rpc::call_raw) (`deadline_ms` 1 to 600000, default `--rpc-deadline-ms`; `idempotent=true` allows a retry on another provider after a timeout; `version` 0, the default, takes any; `provider` calls that node and no other, 404 `no_provider` at once if it does not serve the service): 200 `{"result":<json>,"elapsed_ms":x}` |
 //! | GET | `/rpc/{service}/providers` | 200 `{"service":name,"providers":[{"node_id","reach","version","methods","latency_ms","in_flight"}]}`: the registry's providers, nearest first (`reach` `local`, `neighbour` or `routed`; `latency_ms` the smoothed round trip of this node's calls to it, null before one succeeded; `in_flight` its calls from this node waiting for their answer now) |
@@ -1630,7 +1630,7 @@ struct KvListQuery {
 const KV_PAGE: usize = 1000;
 /// Most keys a page of `GET /kv` may ask for.
 const KV_PAGE_MAX: usize = 10_000;
-/// A page of `GET /kv` ends once its values reach this many bytes (it holds
+/// A page of `GET /kv` ends once its keys and values reach this many bytes (it holds
 /// at least one key): 64 clients listing a 21 MB map at once took a node
 /// from 121 MB to 613 MB, each answer built whole in memory.
 const KV_PAGE_BYTES: usize = 1 << 20;

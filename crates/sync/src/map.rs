@@ -958,7 +958,9 @@ impl SyncMap {
     /// One page of [`prefixed_entries`](Self::prefixed_entries): the entries
     /// whose key starts with `prefix` and sorts after `after` (from the first
     /// without it), sorted by key, at most `limit` of them and no more once
-    /// their values reach `max_bytes` (at least one, however large); and
+    /// their keys and values reach `max_bytes` (at least one entry, however
+    /// large, and whatever `limit` says: a page is never empty while entries
+    /// follow, so following pages always ends); and
     /// whether more follow. The next page starts after the last key of this
     /// one. Bounds what listing a large map holds in memory at once.
     pub fn prefixed_entries_page(
@@ -973,10 +975,10 @@ impl SyncMap {
         let replica = lock(&self.inner.replica);
         let mut entries = replica.live_prefixed_after(prefix, after, now).peekable();
         let (mut out, mut bytes) = (Vec::new(), 0usize);
-        while out.len() < limit && (out.is_empty() || bytes < max_bytes) {
+        while out.is_empty() || (out.len() < limit && bytes < max_bytes) {
             let Some((k, e)) = entries.next() else { break };
             let value = e.value.clone().unwrap_or_default();
-            bytes = bytes.saturating_add(value.len());
+            bytes = bytes.saturating_add(k.len() + value.len());
             let info = EntryInfo {
                 value,
                 version: e.stamp,
