@@ -240,7 +240,35 @@ pub(crate) fn router(state: AdminState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_request(refuse_long_bodies))
         .with_state(state)
+}
+
+/// Answers 413 `too_large` at once to a request whose `Content-Length` is
+/// over [`MAX_BODY_BYTES`], before reading any of its body: without it the
+/// connection waited for the body up to the limit (or the body timeout, 30 s,
+/// for a client that sends less).
+async fn refuse_long_bodies(
+    request: axum::extract::Request,
+) -> Result<axum::extract::Request, ApiError> {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    Ok(request)
+}
+
+/// The 413 of a body over [`MAX_BODY_BYTES`].
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is over the admin API's limit of {MAX_BODY_BYTES} bytes"),
+    )
+    .with_code("too_large")
 }
 
 /// An error answer: a status code and `{"error": message, "code": kind}`,
@@ -1117,11 +1145,7 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
         if timed_out(&e) {
             ApiError::new(StatusCode::REQUEST_TIMEOUT, e.body_text()).with_code("timeout")
         } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is over the admin API's limit of {MAX_BODY_BYTES} bytes"),
-            )
-            .with_code("too_large")
+            too_large()
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
         }
@@ -3304,6 +3328,30 @@ mod tests {
             "{body}"
         );
         a.shutdown().await;
+    }
+
+    /// A body declared longer than the limit is refused at once, before any
+    /// of it is read: the connection used to wait for the body (up to the
+    /// 30 s body timeout for a client that sends less).
+    #[tokio::test]
+    async fn a_body_declared_too_long_is_refused_at_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, _b) = two_nodes().await;
+        let (addr, _stop) = serve(&a).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "PUT /kv/x HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\nabc",
+            MAX_BODY_BYTES + 1
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+            .await
+            .expect("an answer before the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("too_large"), "{answer}");
     }
 
     /// `PUT /kv/{key}?lease_ms=N`: the key is leased for that long, not

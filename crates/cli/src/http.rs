@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use futures_util::Stream;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -123,27 +123,33 @@ pub(crate) async fn serve(
 /// included.
 fn with_body_deadline(request: Request, timeout: Duration) -> Request {
     let (parts, body) = request.into_parts();
-    let body = Body::from_stream(BodyDeadline {
-        inner: body.into_data_stream(),
+    let body = Body::new(BodyDeadline {
+        inner: body,
         deadline: Box::pin(tokio::time::sleep(timeout)),
         timeout,
     });
     Request::from_parts(parts, body)
 }
 
-/// A request body's data that ends with an error ([`io::ErrorKind::TimedOut`])
-/// at its deadline.
+/// A request body that ends with an error ([`io::ErrorKind::TimedOut`]) at
+/// its deadline. A body of its own, not a stream of its data: it keeps the
+/// inner body's size hint (the `Content-Length`), so that a body limit still
+/// refuses an over-long one at once, before reading any of it.
 struct BodyDeadline {
-    inner: axum::body::BodyDataStream,
+    inner: Body,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
 }
 
-impl Stream for BodyDeadline {
-    type Item = Result<Bytes, io::Error>;
+impl HttpBody for BodyDeadline {
+    type Data = Bytes;
+    type Error = io::Error;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Poll::Ready(next) = Pin::new(&mut self.inner).poll_next(cx) {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if let Poll::Ready(next) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(next.map(|r| r.map_err(io::Error::other)));
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
@@ -154,6 +160,14 @@ impl Stream for BodyDeadline {
             ))));
         }
         Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
