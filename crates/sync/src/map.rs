@@ -545,7 +545,9 @@ impl Concern for SyncConcern {
             }
             Some(Body::Prune(_)) => {
                 let neighbours = ctx.peers().neighbours();
-                let kept = {
+                // Only a neighbour's link is ours to keep (`prune` ignores
+                // anyone else, and so must the answer).
+                let kept = neighbours.contains(from) && {
                     let mut tree = lock(&self.inner.tree);
                     !tree.prune(from, &neighbours) && !tree.is_lazy(from)
                 };
