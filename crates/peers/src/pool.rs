@@ -1099,7 +1099,11 @@ impl Pool {
         e.link = None;
         let (lost, wait) = match &reason {
             // A node that shut down is likely gone for a while, unless it
-            // is a seed: those are restarted, and others wait on them.
+            // is a seed: those are restarted, and others wait on them. A
+            // seed's goodbye is a lost link (redialled for the lost-peer
+            // window, even above min_peers): the nodes joining through the
+            // restarted seed know nobody else, and if none of its former
+            // peers dialled it again, they would stay a mesh of their own.
             CloseReason::Remote {
                 reason: DisconnectReason::Shutdown,
                 ..
@@ -1110,7 +1114,7 @@ impl Pool {
                     e.backoff.penalty(jitter)
                 };
                 e.goodbye_at = Some(now);
-                (false, wait)
+                (seed, wait)
             }
             CloseReason::Remote {
                 reason: DisconnectReason::TooManyPeers | DisconnectReason::Banned,
