@@ -182,6 +182,12 @@ fn classify(e: &TransportError) -> DialFailure {
     }
 }
 
+/// Whether a dial's failure is a full node's refusal naming other nodes to
+/// try: the dialler has somewhere to go, nothing for the operator to do.
+fn names_others(e: &TransportError) -> bool {
+    matches!(e, TransportError::Refused { reason: DisconnectReason::TooManyPeers, alternatives, .. } if !alternatives.is_empty())
+}
+
 impl PeerManager {
     /// Takes over `endpoint` (its listeners should already be bound, so that
     /// our own addresses are known) and starts keeping the pool: dials the
@@ -724,10 +730,15 @@ impl Inner {
                                 warn!(%addr, error = %e, "dial refused: this needs the operator (network, keys, settings, allow list or pinned id)");
                             } else if this.config.seeds().contains(&addr)
                                 && *this.connected.borrow() == 0
+                                && !names_others(&e)
                             {
                                 // Alone, and a seed does not answer (wrong
-                                // address, down, nothing listening): at the
-                                // default level, once per backoff.
+                                // address, down, nothing listening), or is
+                                // full and names nobody else: at the default
+                                // level, once per backoff. A full seed that
+                                // names its peers is how a crowd joins
+                                // (three nodes in four of 60 started
+                                // together, each warned once when it was).
                                 warn!(%addr, error = %e, "cannot reach seed, and no peer is connected (retrying)");
                             } else {
                                 debug!(%addr, error = %e, "dial failed");

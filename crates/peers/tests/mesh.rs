@@ -874,3 +874,32 @@ async fn a_seed_restarted_after_a_graceful_shutdown_joins_the_mesh_again() {
     eprintln!("one graph {took:?} after the seed's restart (simulated)");
     shutdown_all(nodes).await;
 }
+
+/// Nodes that join through a full seed are refused with the seed's peers
+/// as alternatives, and join those: nothing for the operator, so no warning
+/// that the seed cannot be reached (of 60 `meshwork node` processes started
+/// together, 45 each logged one).
+#[tokio::test(start_paused = true)]
+async fn joining_through_a_full_seed_that_names_others_warns_nobody() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let net = MemNetwork::new();
+    let mut nodes = vec![node(&net, "s", config(1, 2)).await];
+    for i in 0..4 {
+        let c = config(1, 4).with_seed(addr("s"));
+        nodes.push(node(&net, &format!("j{i}"), c).await);
+        sleep(S).await;
+    }
+    settle(30 * S, || healthy(&nodes, 1, 4)).await;
+    assert!(nodes[0].stats().refused > 0, "{:?}", nodes[0].stats());
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(!text.contains("cannot reach seed"), "{text}");
+    shutdown_all(nodes).await;
+}
