@@ -102,6 +102,10 @@ struct Inner {
     wake: Notify,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// `peers{node=..}`: the span of every task the manager spawns, so that
+    /// what a dial logs (a connection, a seed that does not answer) says
+    /// which node it is, as what the accept loop logs does.
+    span: tracing::Span,
 }
 
 /// The peer manager: keeps a healthy pool of peers on an [`Endpoint`].
@@ -209,6 +213,7 @@ impl PeerManager {
         let (events, _) = broadcast::channel(config.event_capacity);
         let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_capacity);
         let (connected, _) = watch::channel(0);
+        let endpoint_id = endpoint.node_id().clone();
         let inner = Arc::new(Inner {
             endpoint,
             config,
@@ -225,6 +230,7 @@ impl PeerManager {
             wake: Notify::new(),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            span: info_span!("peers", node = %endpoint_id.short()),
         });
         // A dialler the pool has no room for is refused in the handshake,
         // not right after it (the manager is the endpoint's only acceptor).
@@ -232,7 +238,7 @@ impl PeerManager {
         if !inner.endpoint.set_gate(Arc::new(gate)) {
             warn!("the endpoint already has a gate: a second peer manager on one endpoint");
         }
-        let span = info_span!("peers", node = %inner.endpoint.node_id().short());
+        let span = inner.span.clone();
         inner
             .tracker
             .spawn(Inner::accept_loop(inner.clone()).instrument(span.clone()));
@@ -705,7 +711,9 @@ impl Inner {
         match action {
             Action::Dial { dial, addr } => {
                 let this = self.clone();
-                self.tracker.spawn(async move {
+                let span = self.span.clone();
+                self.tracker.spawn(
+                    async move {
                     let connect = async {
                         match this.config.seed_id(&addr) {
                             Some(id) => this.endpoint.connect_to(&addr, id).await,
@@ -756,7 +764,9 @@ impl Inner {
                             this.wake.notify_one();
                         }
                     }
-                });
+                }
+                    .instrument(span),
+                );
             }
             Action::Ping { conn } => {
                 let Some(handle) = self.handle(conn) else {

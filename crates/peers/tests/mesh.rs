@@ -903,3 +903,43 @@ async fn joining_through_a_full_seed_that_names_others_warns_nobody() {
     assert!(!text.contains("cannot reach seed"), "{text}");
     shutdown_all(nodes).await;
 }
+
+/// Every line the manager logs about a connection names the node that logs
+/// it, the dialler's as the acceptor's: a dial's lines came without the
+/// `peers{node=..}` span, so that in one process with many nodes (or one
+/// log of many processes) half of the `peer connected` lines said nothing
+/// of whose connection it was.
+#[tokio::test(start_paused = true)]
+async fn a_dialled_connection_is_logged_in_the_dialling_nodes_span() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let net = MemNetwork::new();
+    let a = node(&net, "a", config(1, 4)).await;
+    let b = node(&net, "b", config(1, 4).with_seed(addr("a"))).await;
+    b.wait_for_peers(1, 10 * S).await.unwrap();
+    sleep(S).await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let connected: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("peer connected"))
+        .collect();
+    assert_eq!(connected.len(), 2, "{text}");
+    for (who, direction) in [(&b, "Outbound"), (&a, "Inbound")] {
+        let span = format!("peers{{node={}}}", who.node_id().short());
+        assert!(
+            connected
+                .iter()
+                .any(|l| l.contains(&span) && l.contains(direction)),
+            "{text}"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
