@@ -530,20 +530,33 @@ impl std::io::Write for Captured {
     }
 }
 
+impl Captured {
+    /// Captures what this thread logs at `level` and above until the guard
+    /// is dropped (the tests' runtime has one thread: the managers' tasks
+    /// log here too).
+    fn start(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// What was logged so far.
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
 /// Two processes started with one key file connect to a node from two
 /// places advertising different addresses: the node says so at `warn`, once,
 /// and counts each such connection.
 #[tokio::test(start_paused = true)]
 async fn one_key_file_on_two_nodes_is_reported() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    // The test's runtime has one thread: the manager's tasks log here too.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::start(tracing::Level::WARN);
 
     let net = MemNetwork::new();
     let p = node(&net, "p", config(1, 4)).await;
@@ -569,7 +582,7 @@ async fn one_key_file_on_two_nodes_is_reported() {
         }
     }
     assert!(p.stats().suspected_twins >= 2, "{:?}", p.stats());
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let warned: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("two nodes may be sharing one key file"))
@@ -881,14 +894,7 @@ async fn a_seed_restarted_after_a_graceful_shutdown_joins_the_mesh_again() {
 /// together, 45 each logged one).
 #[tokio::test(start_paused = true)]
 async fn joining_through_a_full_seed_that_names_others_warns_nobody() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::start(tracing::Level::WARN);
 
     let net = MemNetwork::new();
     let mut nodes = vec![node(&net, "s", config(1, 2)).await];
@@ -899,7 +905,7 @@ async fn joining_through_a_full_seed_that_names_others_warns_nobody() {
     }
     settle(30 * S, || healthy(&nodes, 1, 4)).await;
     assert!(nodes[0].stats().refused > 0, "{:?}", nodes[0].stats());
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert!(!text.contains("cannot reach seed"), "{text}");
     shutdown_all(nodes).await;
 }
@@ -911,21 +917,14 @@ async fn joining_through_a_full_seed_that_names_others_warns_nobody() {
 /// of whose connection it was.
 #[tokio::test(start_paused = true)]
 async fn a_dialled_connection_is_logged_in_the_dialling_nodes_span() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::start(tracing::Level::INFO);
 
     let net = MemNetwork::new();
     let a = node(&net, "a", config(1, 4)).await;
     let b = node(&net, "b", config(1, 4).with_seed(addr("a"))).await;
     b.wait_for_peers(1, 10 * S).await.unwrap();
     sleep(S).await;
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let connected: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("peer connected"))
