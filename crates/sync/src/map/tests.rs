@@ -842,6 +842,27 @@ fn claims(origin: &NodeId, keys: &[&str], at_ms: u64, sender: &NodeId) -> Vec<pr
         .collect()
 }
 
+/// `b` asks `a` to take `entries` (a confirm's request, or a repair's)
+/// and gives `a`'s Ack.
+async fn ack_of(p: &Pair, entries: &[proto::Entry], repair: bool) -> proto::Ack {
+    let ask = proto::SyncMessage {
+        body: Some(Body::Entries(proto::Entries {
+            entries: entries.to_vec(),
+            repair,
+        })),
+    };
+    let a = p.a.node_id().clone();
+    let reply =
+        p.b.context(SYNC)
+            .request(&a, ask.encode_to_vec(), 5 * S)
+            .await
+            .unwrap();
+    let Some(Body::Ack(ack)) = proto::SyncMessage::decode(reply).unwrap().body else {
+        panic!("not an Ack");
+    };
+    ack
+}
+
 /// A claim confirmed with a neighbour that holds an earlier claim of the
 /// key: the neighbour answers with its own entry and `confirm` merges it
 /// before returning, so the claim-confirm-check recipe sees the loss at
@@ -895,21 +916,7 @@ async fn entries_that_lose_are_answered_with_the_entry_that_wins() {
     p.a.set("other", "a").await.unwrap();
     let origin = p.b_id();
     let entries = claims(&origin, &["leader", "fresh"], p.a.now_ms() + 1_000, &origin);
-    let ask = |repair: bool| proto::SyncMessage {
-        body: Some(Body::Entries(proto::Entries {
-            entries: entries.clone(),
-            repair,
-        })),
-    };
-    let sync = p.b.context(SYNC);
-    let a = p.a.node_id().clone();
-    let reply = sync
-        .request(&a, ask(false).encode_to_vec(), 5 * S)
-        .await
-        .unwrap();
-    let Some(Body::Ack(ack)) = proto::SyncMessage::decode(reply).unwrap().body else {
-        panic!("not an Ack");
-    };
+    let ack = ack_of(&p, &entries, false).await;
     // "fresh" was taken; "leader" lost to a's earlier claim, which comes
     // back (its writer empty: the replier's).
     assert_eq!(ack.applied, 1);
@@ -918,14 +925,7 @@ async fn entries_that_lose_are_answered_with_the_entry_that_wins() {
     assert_eq!(ack.newer[0].value, Bytes::from("a"));
     assert!(ack.newer[0].writer.is_empty());
     // A repair compared replicas first: nothing comes back.
-    let reply = sync
-        .request(&a, ask(true).encode_to_vec(), 5 * S)
-        .await
-        .unwrap();
-    let Some(Body::Ack(ack)) = proto::SyncMessage::decode(reply).unwrap().body else {
-        panic!("not an Ack");
-    };
-    assert!(ack.newer.is_empty());
+    assert!(ack_of(&p, &entries, true).await.newer.is_empty());
     p.stop().await;
 }
 
@@ -963,21 +963,9 @@ async fn entries_answered_back_in_acks_stay_within_the_peers_repair_rate() {
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     // Later claims than a's: they lose, and a answers with its own.
     let losing = claims(&origin, &keys, p.a.now_ms() + 1_000, &origin);
-    let ask = proto::SyncMessage {
-        body: Some(Body::Entries(proto::Entries {
-            entries: losing,
-            repair: false,
-        })),
-    }
-    .encode_to_vec();
-    let sync = p.b.context(SYNC);
-    let a = p.a.node_id().clone();
     let mut got = 0;
     for _ in 0..20 {
-        let reply = sync.request(&a, ask.clone(), 5 * S).await.unwrap();
-        let Some(Body::Ack(ack)) = proto::SyncMessage::decode(reply).unwrap().body else {
-            panic!("not an Ack");
-        };
+        let ack = ack_of(&p, &losing, false).await;
         assert_eq!(ack.applied, 0);
         got += ack.newer.iter().map(|e| e.value.len()).sum::<usize>();
     }
