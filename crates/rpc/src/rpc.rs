@@ -187,6 +187,32 @@ struct Served {
 }
 
 impl Served {
+    /// A service about to be served, its counters at zero.
+    fn new(
+        service: Arc<dyn Service>,
+        name: String,
+        methods: Vec<&'static str>,
+        version: u32,
+        record: Bytes,
+        limit: usize,
+    ) -> Self {
+        Served {
+            service,
+            name,
+            methods,
+            version,
+            record,
+            limit,
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            relisted: AtomicU64::new(0),
+            holders: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// The calls one caller may hold past half the limit: a quarter of it
     /// (at least one). One caller can so take at most three quarters of the
     /// slots, however fast it calls, and a quarter stays for the others.
@@ -287,6 +313,17 @@ fn failure(code: FailureCode, message: impl Into<String>) -> outcome::Result {
 }
 
 impl Server {
+    /// A server serving nothing yet, with calls' default and longest budgets.
+    fn new(default_budget: Duration, max_budget: Duration) -> Self {
+        Server {
+            served: RwLock::new(FxHashMap::default()),
+            running: Mutex::new(Calls::default()),
+            default_budget,
+            max_budget,
+            shutdown: AtomicBool::new(false),
+        }
+    }
+
     fn shutting_down(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
     }
@@ -1152,13 +1189,7 @@ impl Rpc {
         sync: &SyncMap,
         config: RpcConfig,
     ) -> Result<Rpc, RpcError> {
-        let server = Arc::new(Server {
-            served: RwLock::new(FxHashMap::default()),
-            running: Mutex::new(Calls::default()),
-            default_budget: config.deadline,
-            max_budget: config.max_budget,
-            shutdown: AtomicBool::new(false),
-        });
+        let server = Arc::new(Server::new(config.deadline, config.max_budget));
         concerns
             .add(RpcConcern {
                 server: server.clone(),
@@ -1217,21 +1248,14 @@ impl Rpc {
         };
         let record =
             Bytes::from(serde_json::to_vec(&record).map_err(|e| RpcError::Decode(e.to_string()))?);
-        let served = Arc::new(Served {
-            service: Arc::new(service),
-            name: name.to_string(),
+        let served = Arc::new(Served::new(
+            Arc::new(service),
+            name.to_string(),
             methods,
             version,
-            record: record.clone(),
-            limit: self.inner.config.concurrency,
-            calls: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            overloaded: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            relisted: AtomicU64::new(0),
-            holders: Mutex::new(HashMap::new()),
-        });
+            record.clone(),
+            self.inner.config.concurrency,
+        ));
         {
             let mut all = self
                 .inner
@@ -2289,28 +2313,18 @@ mod tests {
 
     /// A server serving [`Forever`] as `forever`.
     fn forever_server() -> Arc<Server> {
-        let server = Arc::new(Server {
-            served: RwLock::new(FxHashMap::default()),
-            running: Mutex::new(Calls::default()),
-            default_budget: Duration::from_secs(10),
-            max_budget: Duration::from_secs(300),
-            shutdown: AtomicBool::new(false),
-        });
-        let served = Arc::new(Served {
-            service: Arc::new(Forever),
-            name: "forever".into(),
-            methods: vec!["wait"],
-            version: 1,
-            record: Bytes::new(),
-            limit: 16,
-            calls: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            overloaded: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            relisted: AtomicU64::new(0),
-            holders: Mutex::new(HashMap::new()),
-        });
+        let server = Arc::new(Server::new(
+            Duration::from_secs(10),
+            Duration::from_secs(300),
+        ));
+        let served = Arc::new(Served::new(
+            Arc::new(Forever),
+            "forever".into(),
+            vec!["wait"],
+            1,
+            Bytes::new(),
+            16,
+        ));
         server
             .served
             .write()
