@@ -238,13 +238,8 @@ impl PeerManager {
         if !inner.endpoint.set_gate(Arc::new(gate)) {
             warn!("the endpoint already has a gate: a second peer manager on one endpoint");
         }
-        let span = inner.span.clone();
-        inner
-            .tracker
-            .spawn(Inner::accept_loop(inner.clone()).instrument(span.clone()));
-        inner
-            .tracker
-            .spawn(Inner::maintain(inner.clone()).instrument(span));
+        inner.spawn(Inner::accept_loop(inner.clone()));
+        inner.spawn(Inner::maintain(inner.clone()));
         Ok(PeerManager { inner })
     }
 
@@ -703,6 +698,11 @@ impl Inner {
         }
     }
 
+    /// Spawns one of the manager's tasks, in its `peers{node=..}` span.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(task.instrument(self.span.clone()));
+    }
+
     fn handle(&self, conn: ConnId) -> Option<ConnectionHandle> {
         lock(&self.handles).get(&conn).cloned()
     }
@@ -711,9 +711,7 @@ impl Inner {
         match action {
             Action::Dial { dial, addr } => {
                 let this = self.clone();
-                let span = self.span.clone();
-                self.tracker.spawn(
-                    async move {
+                self.spawn(async move {
                     let connect = async {
                         match this.config.seed_id(&addr) {
                             Some(id) => this.endpoint.connect_to(&addr, id).await,
@@ -764,9 +762,7 @@ impl Inner {
                             this.wake.notify_one();
                         }
                     }
-                }
-                    .instrument(span),
-                );
+                });
             }
             Action::Ping { conn } => {
                 let Some(handle) = self.handle(conn) else {
@@ -775,7 +771,7 @@ impl Inner {
                 };
                 let this = self.clone();
                 let timeout = self.config.heartbeat.unresponsive_after;
-                self.tracker.spawn(async move {
+                self.spawn(async move {
                     match handle.ping(timeout).await {
                         Ok(rtt) => this.with_pool(|p, now| p.on_pong(conn, rtt, now)),
                         Err(_) => this.with_pool(|p, _| p.on_ping_failed(conn)),
@@ -795,7 +791,7 @@ impl Inner {
                     // moment, then cut the connection instead of waiting for
                     // the whole close timeout.
                     let dead = disconnect.reason_or_unspecified() == DisconnectReason::Timeout;
-                    self.tracker.spawn(async move {
+                    self.spawn(async move {
                         if !dead {
                             handle.close_with(disconnect).await;
                         } else if tokio::time::timeout(
