@@ -1137,25 +1137,19 @@ def admin(addr, method, path, data=None):
 
 
 def connect(args, static_priv, me, replica, secret32, sock=None, initiator=True):
-    if sock is None:
-        host, port = args.node.rsplit(":", 1)
-        sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    psk = noise_psk(network_secret(args.network_key) if args.network_key else None) if not args.insecure else None
-    conn = Conn(sock, initiator, not args.insecure, static_priv, psk)
-    pre = conn.preamble()
-    if not args.insecure:
-        conn.noise_handshake(pre)
+    conn = open_conn(args, static_priv, initiator, sock)
     peer = Peer(conn, me, args.network, replica, secret32,
                 ["tcp://" + args.listen] if args.listen and not initiator else [])
     peer.handshake()
     return peer
 
 
-def open_conn(args, static_priv, initiator=True):
-    """A new connection up to the frame stream (preamble and, in Noise mode, the Noise handshake)."""
-    host, port = args.node.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=10)
+def open_conn(args, static_priv, initiator=True, sock=None):
+    """A connection up to the frame stream (preamble and, in Noise mode, the
+    Noise handshake): a new one to `args.node`, or `sock` (accepted)."""
+    if sock is None:
+        host, port = args.node.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     psk = noise_psk(network_secret(args.network_key) if args.network_key else None) if not args.insecure else None
     conn = Conn(sock, initiator, not args.insecure, static_priv, psk)
