@@ -150,6 +150,13 @@ impl Context {
     /// Sends a one-way message to a neighbour. Returns when it is queued on
     /// the connection; the concern's `on_sent`/`on_send_failed`/`on_dropped`
     /// say the same.
+    ///
+    /// A connection whose lane is full (a peer reading slower than this node
+    /// writes) makes this wait for room, at most the transport's send timeout
+    /// (`Config::with_send_timeout`, 10 s by default), after which the
+    /// message is [`Dropped`](ConcernsError::Dropped). For a shorter bound,
+    /// wrap the call in `tokio::time::timeout`: a send dropped before it
+    /// returns has queued nothing.
     pub async fn send(
         &self,
         peer: &NodeId,
