@@ -6,7 +6,8 @@ use crate::WireError;
 
 /// A node's identity on the mesh: 1 to [`NodeId::MAX_LEN`] opaque bytes.
 ///
-/// Cloning is cheap (reference counted). `Display` prints lowercase hex;
+/// Cloning is cheap (reference counted). `Display` prints lowercase hex,
+/// which `parse` (`FromStr`) reads back;
 /// [`NodeId::short`] prints the first 8 hex digits for logs and tables.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(Bytes);
@@ -77,6 +78,16 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// Parses what `Display` prints, as [`NodeId::from_hex`] does:
+/// `"ab12...".parse::<NodeId>()`.
+impl std::str::FromStr for NodeId {
+    type Err = WireError;
+
+    fn from_str(s: &str) -> Result<Self, WireError> {
+        Self::from_hex(s)
+    }
+}
+
 impl fmt::Debug for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "NodeId({})", self.short())
@@ -106,6 +117,9 @@ mod tests {
         assert_eq!(id.to_string(), "deadbeef0102030405");
         assert_eq!(id.short(), "deadbeef");
         assert_eq!(NodeId::from_hex(&id.to_string()).unwrap(), id);
+        assert_eq!(id.to_string().parse::<NodeId>().unwrap(), id);
+        assert_eq!("DEADBEEF".parse::<NodeId>().unwrap().short(), "deadbeef");
+        assert!("abc".parse::<NodeId>().is_err());
     }
 
     #[test]
