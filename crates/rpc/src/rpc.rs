@@ -1371,12 +1371,25 @@ impl Rpc {
         name: &str,
         timeout: Duration,
     ) -> Result<Vec<Provider>, RpcError> {
+        self.wait_for_providers(name, 1, timeout).await
+    }
+
+    /// [`wait_for_provider`](Self::wait_for_provider) for at least `n`
+    /// providers of `name` (say, before relying on failover between them),
+    /// and returns them all (nearest first). [`RpcError::NoProvider`] if
+    /// fewer are listed within `timeout`; `n` of 0 returns at once.
+    pub async fn wait_for_providers(
+        &self,
+        name: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Provider>, RpcError> {
         let deadline = Instant::now() + timeout.min(FOREVER);
         // Watch before looking, so that an entry landing in between wakes us.
         let mut changes = self.inner.sync.watch(format!("{REGISTRY_PREFIX}{name}/"));
         loop {
             let found = self.providers(name);
-            if !found.is_empty() {
+            if found.len() >= n {
                 return Ok(found);
             }
             match tokio::time::timeout_at(deadline, changes.recv()).await {

@@ -740,6 +740,42 @@ async fn waiting_for_a_provider_returns_once_it_is_listed() {
     stop(nodes).await;
 }
 
+/// Waiting for two providers: one listed is not enough (it returned with
+/// one, so a caller meaning to fail over between two had to poll
+/// `providers`); the second one's entry ends the wait, with both.
+#[tokio::test(start_paused = true)]
+async fn waiting_for_two_providers_returns_once_both_are_listed() {
+    let net = MemNetwork::new();
+    let nodes = two_nodes(&net).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (imp, _probe) = Imp::new("a");
+    a.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
+    let waiting = {
+        let rpc = a.rpc().clone();
+        tokio::spawn(async move { rpc.wait_for_providers("calc", 2, 5 * S).await })
+    };
+    sleep(100 * MS).await;
+    assert!(!waiting.is_finished(), "returned with one provider");
+    let (imp, _probe) = Imp::new("b");
+    b.rpc().serve("calc", CalcServer::new(imp)).await.unwrap();
+    let found = waiting.await.unwrap().unwrap();
+    assert_eq!(found.len(), 2);
+    assert_eq!(found[0].node_id, *a.node_id(), "nearest first");
+
+    let started = Instant::now();
+    let three = a.rpc().wait_for_providers("calc", 3, 2 * S).await;
+    assert_eq!(three.unwrap_err(), RpcError::NoProvider("calc".into()));
+    assert!(started.elapsed() >= 2 * S, "{:?}", started.elapsed());
+    assert!(
+        a.rpc()
+            .wait_for_providers("nobody", 0, S)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    stop(nodes).await;
+}
+
 /// Once its node shuts down, a client's calls fail at once as local
 /// errors, whether or not the registry still lists a provider.
 #[tokio::test(start_paused = true)]
