@@ -29,7 +29,10 @@ pub struct Publication {
     pub payload: Bytes,
 }
 
-type Subscribers = HashMap<String, Vec<(u64, mpsc::Sender<Publication>)>>;
+/// A subscriber: its id, its queue, and how many publications its full
+/// queue made this node drop.
+type Subscriber = (u64, mpsc::Sender<Publication>, Arc<AtomicU64>);
+type Subscribers = HashMap<String, Vec<Subscriber>>;
 
 pub(crate) struct Topics {
     subs: Arc<Mutex<Subscribers>>,
@@ -44,6 +47,11 @@ pub(crate) struct Topics {
 /// Messages published on one topic, from [`Concerns::subscribe`]. Dropping
 /// it unsubscribes.
 ///
+/// It keeps up to `ConcernsConfig::with_subscription_queue` publications
+/// (256 by default) that were not received yet; the ones that arrive while
+/// it is full are dropped, and [`dropped`](Subscription::dropped) counts
+/// them.
+///
 /// [`Concerns::subscribe`]: crate::Concerns::subscribe
 #[derive(Debug)]
 pub struct Subscription {
@@ -51,6 +59,7 @@ pub struct Subscription {
     id: u64,
     rx: mpsc::Receiver<Publication>,
     subs: Weak<Mutex<Subscribers>>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Subscription {
@@ -70,6 +79,13 @@ impl Subscription {
     pub fn try_recv(&mut self) -> Option<Publication> {
         self.rx.try_recv().ok()
     }
+
+    /// Publications this subscription missed so far: they arrived while
+    /// its queue was full (a subscriber that does not keep up). They are
+    /// gone; compare the count with an earlier one to learn of a gap.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Subscription {
@@ -77,7 +93,7 @@ impl Drop for Subscription {
         if let Some(subs) = self.subs.upgrade() {
             let mut subs = subs.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(list) = subs.get_mut(&self.topic) {
-                list.retain(|(id, _)| *id != self.id);
+                list.retain(|(id, _, _)| *id != self.id);
                 if list.is_empty() {
                     subs.remove(&self.topic);
                 }
@@ -112,6 +128,7 @@ impl Topics {
         check_topic(topic)?;
         let (tx, rx) = mpsc::channel(self.queue);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let dropped = Arc::new(AtomicU64::new(0));
         {
             let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
             // Asked under the lock the stop clears the subscribers under:
@@ -119,13 +136,15 @@ impl Topics {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(ConcernsError::Shutdown);
             }
-            subs.entry(topic.to_string()).or_default().push((id, tx));
+            let entry = (id, tx, dropped.clone());
+            subs.entry(topic.to_string()).or_default().push(entry);
         }
         Ok(Subscription {
             topic: topic.to_string(),
             id,
             rx,
             subs: Arc::downgrade(&self.subs),
+            dropped,
         })
     }
 
@@ -193,8 +212,8 @@ impl Concern for Topics {
         check_topic(&p.topic)?;
         let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(list) = subs.get_mut(&p.topic) {
-            list.retain(|(_, tx)| !tx.is_closed());
-            for (_, tx) in list.iter() {
+            list.retain(|(_, tx, _)| !tx.is_closed());
+            for (_, tx, missed) in list.iter() {
                 let publication = Publication {
                     origin: from.clone(),
                     topic: p.topic.clone(),
@@ -202,7 +221,10 @@ impl Concern for Topics {
                 };
                 match tx.try_send(publication) {
                     Ok(()) => self.delivered.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => self.dropped.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => {
+                        missed.fetch_add(1, Ordering::Relaxed);
+                        self.dropped.fetch_add(1, Ordering::Relaxed)
+                    }
                 };
             }
         }

@@ -1175,6 +1175,38 @@ async fn topics_reach_every_subscriber_once_neighbour_or_not() {
     stop(nodes).await;
 }
 
+/// A subscriber that does not keep up loses what arrives while its queue is
+/// full, and learns how much from its subscription (only a node-wide
+/// counter said so); another subscription of the topic loses nothing.
+#[tokio::test(start_paused = true)]
+async fn a_subscriber_that_falls_behind_learns_what_it_missed() {
+    let net = MemNetwork::new();
+    let small = || ConcernsConfig::default().with_subscription_queue(2);
+    let nodes = line_with(&net, 2, small).await;
+    nodes[0]
+        .concerns
+        .peers()
+        .wait_for_peers(1, 5 * S)
+        .await
+        .unwrap();
+    let mut slow = nodes[1].concerns.subscribe("ticks").unwrap();
+    for i in 0..5 {
+        nodes[0].concerns.publish("ticks", format!("{i}")).unwrap();
+    }
+    sleep(S).await;
+    assert_eq!(slow.dropped(), 3);
+    let kept: Vec<_> = std::iter::from_fn(|| slow.try_recv())
+        .map(|p| p.payload)
+        .collect();
+    assert_eq!(kept, vec![Bytes::from("0"), Bytes::from("1")]);
+    let mut other = nodes[1].concerns.subscribe("ticks").unwrap();
+    nodes[0].concerns.publish("ticks", "5").unwrap();
+    sleep(S).await;
+    assert_eq!((slow.dropped(), other.dropped()), (3, 0));
+    assert_eq!(other.try_recv().map(|p| p.payload), Some(Bytes::from("5")));
+    stop(nodes).await;
+}
+
 /// A broadcast or publication that cannot reach anyone says so instead of
 /// returning an id: no neighbour yet, a TTL of 0, a carrier's command id
 /// (delivered nowhere), a stopped layer.
