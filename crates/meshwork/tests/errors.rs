@@ -132,7 +132,11 @@ async fn any_calls_error_converts_into_the_facades() {
         matches!(&e, Error::Rpc(RpcError::NoProvider(name)) if name == "nobody"),
         "{e:?}"
     );
-    assert_eq!(e.to_string(), r#"no provider for service "nobody""#);
+    // It says what to do about a call made before the entry arrived.
+    assert_eq!(
+        e.to_string(),
+        r#"no provider for service "nobody" is listed here (one served on another node a moment ago is listed once its registry entry arrives: wait for it with wait_for_provider)"#
+    );
     node.shutdown().await;
 }
 

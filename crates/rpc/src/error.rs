@@ -17,7 +17,11 @@ impl std::fmt::Display for NoError {
 #[non_exhaustive]
 pub enum RpcError<E = NoError> {
     /// No node serves this service (now, as far as the registry shows).
-    #[error("no provider for service {0:?}")]
+    /// The message says what a first call made too early should do.
+    #[error(
+        "no provider for service {0:?} is listed here (one served on another node a moment ago \
+         is listed once its registry entry arrives: wait for it with wait_for_provider)"
+    )]
     NoProvider(String),
     /// The deadline passed before an answer came.
     #[error("no answer within {0:?}")]
