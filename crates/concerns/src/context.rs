@@ -211,7 +211,19 @@ impl Context {
     }
 
     /// Sends a one-way message to any node, neighbour or not, through the
-    /// routing concern.
+    /// routing concern (sealed for `node`, as [`request_to`](Self::request_to)).
+    ///
+    /// With no route to `node` known, it first searches for one, as
+    /// `request_to` does: [`ConcernsError::Unreachable`] once the search
+    /// has tried every way, or after the search timeout (3 s by default,
+    /// `ConcernsConfig::with_routing`). It returns once the message is
+    /// handed to the first node on the way; nothing answers a one-way
+    /// message, so one lost after that (a node on the way lost its route,
+    /// or `node` has no concern for this command) is lost without a word:
+    /// use `request_to` to know that it arrived.
+    /// [`ConcernsError::InvalidArgument`] for this node's own id,
+    /// [`ConcernsError::PayloadTooLarge`] for a payload over
+    /// [`Concerns::max_payload`](crate::Concerns::max_payload).
     pub async fn send_to(
         &self,
         node: &NodeId,

@@ -1026,7 +1026,11 @@ impl SyncMap {
     }
 
     /// Changes to keys starting with `prefix` (empty: all), as they are
-    /// applied locally.
+    /// applied locally: this node's own writes too, and every rewrite,
+    /// including one with the same value. An ephemeral key's owner
+    /// rewrites it every third of its ttl, so a watch of it sees a `Set`
+    /// that often; compare with the value held before to see a new one.
+    /// A lease lapsing is no change (nothing is written).
     pub fn watch(&self, prefix: impl AsRef<[u8]>) -> Watch {
         Watch {
             rx: self.inner.changes.subscribe(),
