@@ -169,7 +169,10 @@ async fn serve_cache(name: &str, seed: Address, log: Log) -> Result<Node, Error>
 /// Runs `work` while this node holds `key` as a lock: a key leased to it
 /// for `lease` (so that it frees itself if this node dies), and removed
 /// when the work is done. A lease belongs to the node, not to a task: take
-/// a lock from one task of a node at a time.
+/// a lock from one task of a node at a time. `confirm` asks the neighbours
+/// only, so two nodes that are not neighbours could both pass the check
+/// until their claims meet (guide.md, section 3): here every node is a
+/// neighbour of every other.
 async fn locked<T>(
     map: &SyncMap,
     key: &str,
@@ -238,7 +241,9 @@ pub(crate) async fn run() -> Result<Outcome, Error> {
     for name in ["cache-a", "cache-b"] {
         servers.insert(name, serve_cache(name, seed.clone(), log.clone()).await?);
     }
-    app.wait_for_peers(2, WAIT).await?;
+    for node in [&app, &servers["cache-a"], &servers["cache-b"]] {
+        node.wait_for_peers(2, WAIT).await?; // every node a neighbour of every other
+    }
 
     // Both servers listed before relying on failover between them.
     app.rpc().wait_for_providers("cache", 2, WAIT).await?;
