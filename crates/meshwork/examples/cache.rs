@@ -19,8 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshwork::sync::{ChangeKind, SyncError, SyncMap};
-use meshwork::transport::Address;
-use meshwork::{Error, Node};
+use meshwork::{Address, Error, Node};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 

@@ -24,9 +24,7 @@ use std::time::Duration;
 
 use meshwork::concerns::{BoxError, Bytes, Concern, Context, Reply, Via, async_trait};
 use meshwork::sync::ChangeKind;
-use meshwork::transport::{Address, Identity};
-use meshwork::wire::NodeId;
-use meshwork::{Error, Node};
+use meshwork::{Address, Error, Identity, Node, NodeId};
 use tokio::sync::mpsc;
 
 const NETWORK: &str = "chat-example";

@@ -75,7 +75,7 @@
 //! ```
 //! use std::time::Duration;
 //! use meshwork::concerns::{BoxError, Bytes, Concern, Context, Reply, async_trait};
-//! use meshwork::{Node, transport::mem::MemNetwork, wire::NodeId};
+//! use meshwork::{Node, NodeId, transport::mem::MemNetwork};
 //! use tokio::sync::mpsc;
 //!
 //! /// Hands every message for command 0x100 to a channel.
@@ -143,9 +143,8 @@ use meshwork_peers::{PeerManager, PeerSnapshot, PeersConfig, PeersError, PoolSta
 use meshwork_rpc::{CallStats, Rpc, RpcConfig, RpcError, ServedStats};
 use meshwork_sync::{SyncConfig, SyncError, SyncMap, SyncStats};
 use meshwork_transport::{
-    Address, Config, Direction, Endpoint, EndpointStats, TcpTransport, Transport, TransportError,
+    Config, Direction, Endpoint, EndpointStats, TcpTransport, Transport, TransportError,
 };
-use meshwork_wire::NodeId;
 use tokio::time::Instant;
 use tracing::info;
 
@@ -162,6 +161,13 @@ pub use meshwork_rpc::service;
 pub use meshwork_sync as sync;
 pub use meshwork_transport as transport;
 pub use meshwork_wire as wire;
+
+/// The types nearly every application names, here as well as in their
+/// layers: a node's id (what a concern's `from` is, what `send_to` takes),
+/// an address to listen on or seed with, and an identity to keep a node's
+/// id across restarts.
+pub use meshwork_transport::{Address, Identity};
+pub use meshwork_wire::NodeId;
 
 /// Errors of the facade.
 ///
@@ -369,7 +375,7 @@ impl NodeBuilder {
 
     /// A seed pinned to its node id: only the node `id` is accepted at `addr`
     /// (see [`PeersConfig::with_seed_id`](peers::PeersConfig::with_seed_id)).
-    pub fn seed_id(mut self, addr: Address, id: wire::NodeId) -> Self {
+    pub fn seed_id(mut self, addr: Address, id: NodeId) -> Self {
         self.peers = self.peers.with_seed_id(addr, id);
         self
     }
