@@ -917,17 +917,20 @@ impl Inner {
     async fn maintain(self: Arc<Self>) {
         let tick = self.config.tick;
         loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                _ = tokio::time::sleep(tick) => {}
-                _ = self.wake.notified() => {}
-            }
+            // Polled first, then every tick: the seeds are dialled as the
+            // node starts, not a tick later (a restarted `meshwork node`
+            // had its first peer 250 ms after its start, all of it waiting).
             let now = Instant::now();
             let heard: HashMap<ConnId, Instant> = lock(&self.handles)
                 .iter()
                 .map(|(id, h)| (*id, now.checked_sub(h.idle_for()).unwrap_or(now)))
                 .collect();
             self.with_pool(|p, now| p.poll(now, &heard));
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.wake.notified() => {}
+            }
         }
     }
 }

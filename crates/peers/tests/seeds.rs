@@ -152,3 +152,26 @@ async fn a_new_link_has_the_handshakes_round_trip_at_once() {
         }
     }
 }
+
+/// A node dials its seeds as it starts, not a maintenance tick later: a
+/// restarted `meshwork node` waited the whole first tick (250 ms) before
+/// its first dial, with nothing else to do.
+#[tokio::test(start_paused = true)]
+async fn a_node_dials_its_seeds_as_it_starts() {
+    let net = MemNetwork::new();
+    let seed = node(&net, "seed", config()).await;
+    let tick = Duration::from_millis(250);
+    let joiner = node(
+        &net,
+        "joiner",
+        config().with_tick(tick).with_seed(addr("seed")),
+    )
+    .await;
+    let start = tokio::time::Instant::now();
+    joiner.wait_for_peers(1, 5 * S).await.unwrap();
+    let took = start.elapsed();
+    assert!(took < tick / 5, "first peer after {took:?}");
+    for n in [seed, joiner] {
+        n.shutdown().await;
+    }
+}
