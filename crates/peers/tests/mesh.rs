@@ -1015,18 +1015,17 @@ fn healthy_all(nodes: &[Option<PeerManager>], min: usize, max: usize) -> bool {
 /// redialled their addresses at a backoff grown while they were down, and
 /// a full seeder never: 12 to 31 s in every run. Now 1 to 4 s in 57 runs
 /// of 60, 24 s in 3 (their former peers all full, none of them seeding
-/// them: gossip finds them; 2 of 75 in a later count). Five meshes: the
-/// median within 10 s (two slow meshes of five are a few in 10 000 runs),
-/// all within 60 s.
+/// them: gossip finds them). Three meshes: the median within 10 s, all
+/// within 30 s.
 #[tokio::test(start_paused = true)]
 async fn two_restarted_nodes_that_know_only_each_other_rejoin_within_seconds() {
     let mut took = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..3 {
         took.push(restart_the_first_two_of_a_chain().await);
     }
     took.sort();
     eprintln!("one graph {took:?} after the restart (simulated)");
-    assert!(took[2] <= 10 * S && took[4] <= 60 * S, "{took:?}");
+    assert!(took[1] <= 10 * S && took[2] <= 30 * S, "{took:?}");
 }
 
 /// The mesh of [`two_restarted_nodes_that_know_only_each_other_rejoin_within_seconds`]:
@@ -1046,4 +1045,65 @@ async fn restart_the_first_two_of_a_chain() -> Duration {
     settle(60 * S, || healthy_all(&nodes, min, max)).await;
     shutdown_all(nodes.into_iter().flatten().collect()).await;
     took
+}
+
+/// Nodes of a 2/3 chain crash and come back with fresh ids (as `meshwork
+/// node` without `--key`): their old ids must not stay known (heard of)
+/// for good. Before, discovery passed on any entry whose dial had not
+/// failed, and nodes content with their pools never dial, so the old ids
+/// went round and round (an operator's run: 30 and more in every node's
+/// `/status` after three waves of restarts, 10 minutes and more later).
+/// Nodes that were linked to an old id keep it as a lost peer until they
+/// dial its address (at once if they have room; a full one when it has).
+/// Still open (docs/testing.md): passing on only linked peers fixed it,
+/// but left books local and the mesh split into two content meshes in 4
+/// runs of 40 of this test (0 of 100 before); hearsay in answers to asks
+/// and refusals kept some old ids going round.
+#[tokio::test(start_paused = true)]
+#[ignore = "still open: the old ids of restarted nodes stay known for good"]
+async fn the_old_ids_of_restarted_nodes_are_forgotten() {
+    let net = MemNetwork::new();
+    let (min, max) = (2, 3);
+    let formed = chain(&net, "f", 16, min, max).await;
+    let mut nodes: Vec<Option<PeerManager>> = formed.into_iter().map(Some).collect();
+    // Gossip has spread them about.
+    sleep(90 * S).await;
+    let restarted = [3, 7, 10, 13];
+    let old: Vec<NodeId> = restarted
+        .iter()
+        .map(|&i| nodes[i].as_ref().unwrap().node_id().clone())
+        .collect();
+    crash(&net, "f", &mut nodes, &restarted).await;
+    sleep(35 * S).await;
+    for i in restarted {
+        nodes[i] = Some(node(&net, &format!("f{i}"), chained("f", i, min, max)).await);
+    }
+    // Nodes listing an old id they were never linked to, and those listing
+    // one at all.
+    let listing = |nodes: &[Option<PeerManager>], known_only: bool| {
+        live(nodes)
+            .iter()
+            .filter(|n| {
+                n.peers().iter().any(|p| {
+                    old.contains(&p.node_id) && (!known_only || p.state == PeerState::Known)
+                })
+            })
+            .count()
+    };
+    let after_restart = listing(&nodes, true);
+    // The default lost-peer window.
+    let window = 600 * S;
+    let took = settled(window + 60 * S, || listing(&nodes, true) == 0).await;
+    eprintln!(
+        "old ids known on {after_restart} nodes at the restart, on none {took:?} later; \
+         listed as lost peers by {} (simulated)",
+        listing(&nodes, false)
+    );
+    assert!(
+        took.is_some(),
+        "{} nodes still know old ids {:?} after the restart",
+        listing(&nodes, true),
+        window + 60 * S
+    );
+    shutdown_all(nodes.into_iter().flatten().collect()).await;
 }
