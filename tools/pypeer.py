@@ -144,7 +144,7 @@ def unzigzag(n):
 HELLO = {1: ("protocol_version", "u"), 2: ("network_id", "t"), 3: ("node_id", "y"),
          4: ("listen_addrs*", "t"), 5: ("metadata", ("map", "t", "t")), 6: ("capabilities", "u")}
 PING = {1: ("nonce", "u"), 2: ("timestamp_micros", "u")}
-PEERINFO = {1: ("node_id", "y"), 2: ("addrs*", "t")}
+PEERINFO = {1: ("node_id", "y"), 2: ("addrs*", "t"), 3: ("age_ms", "u")}
 DISCOVERED = {1: ("peers*", PEERINFO)}
 DISCONNECT = {1: ("reason", "u"), 2: ("message", "t"), 3: ("alternatives*", PEERINFO)}
 CONCERN = {1: ("command", "u"), 2: ("request_id", "u"), 3: ("kind", "u"), 4: ("ttl", "u"),
@@ -1267,7 +1267,7 @@ def checks(args, peer, rep, me, replica, secret32):
     rep.info("the node's heartbeat Pings answered", peer.pings_answered)
     if args.expect_discovered:
         rep.check("received a Discovered", bool(peer.discovered) and bool(peer.discovered[0].get("peers")),
-                  [(p.get("node_id", b"").hex()[:16], p.get("addrs")) for d in peer.discovered
+                  [(p.get("node_id", b"").hex()[:16], p.get("addrs"), p.get("age_ms")) for d in peer.discovered
                    for p in d.get("peers", [])])
         n = len(peer.discovered)
         peer.conn.send({"discovered": {}})  # an ask (4.4)

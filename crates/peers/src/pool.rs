@@ -176,6 +176,13 @@ struct Entry {
     addrs: Vec<Address>,
     state: PeerState,
     seen: Instant,
+    /// The latest instant some node was linked to it, as far as we know:
+    /// our own last link (while linked, [`age`](Self::age) is zero), or
+    /// the latest `now - age` discovery told us, whoever told it. Hearsay
+    /// that nobody has vouched for within the lost-peer window is neither
+    /// passed on nor kept (see [`Pool::poll_forget`]): before, the old ids
+    /// of nodes restarted with fresh keys went round for good.
+    vouched: Instant,
     backoff: Backoff,
     next_attempt: Instant,
     dial_failures: u32,
@@ -217,6 +224,7 @@ impl Entry {
             addrs: Vec::new(),
             state: PeerState::Known,
             seen: now,
+            vouched: now,
             backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
             next_attempt: now,
             dial_failures: 0,
@@ -233,6 +241,15 @@ impl Entry {
             link: None,
             dialing: None,
             twin_warned: None,
+        }
+    }
+
+    /// How long ago some node was last linked to it, as far as we know:
+    /// zero while we are (see [`vouched`](Self::vouched)).
+    fn age(&self, now: Instant) -> Duration {
+        match self.link {
+            Some(_) => Duration::ZERO,
+            None => now.saturating_duration_since(self.vouched),
         }
     }
 
@@ -426,10 +443,15 @@ fn usable_addrs<'a>(
     out
 }
 
-fn peer_info(e: &Entry) -> PeerInfo {
+/// `e` as discovery names it, with its age in whole milliseconds rounded up
+/// (rounded down, every relay would make an entry up to a millisecond
+/// younger).
+fn peer_info(e: &Entry, now: Instant) -> PeerInfo {
+    let age = e.age(now).as_nanos().div_ceil(1_000_000);
     PeerInfo {
         node_id: e.id.as_bytes().clone(),
         addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
+        age_ms: Some(u64::try_from(age).unwrap_or(u64::MAX)),
     }
 }
 
@@ -681,7 +703,7 @@ impl Pool {
         }
         self.refused += 1;
         let mut d = Disconnect::new(DisconnectReason::TooManyPeers, "too many peers".to_string());
-        d.alternatives = self.alternatives(node);
+        d.alternatives = self.alternatives(node, now);
         // Learnt only into room in the book: a host minting identities
         // refused at handshake rate must not push out what gossip taught.
         let idle = self.entries.values().filter(|e| e.link.is_none()).count();
@@ -716,6 +738,8 @@ impl Pool {
                 e.addrs_from_hello = true;
             }
             e.seen = now;
+            // It dialled us: alive now, whatever hearsay says.
+            e.vouched = now;
             let to = e.idle_state();
             e.set_state(to, &mut self.actions);
         }
@@ -798,7 +822,7 @@ impl Pool {
             self.refused += 1;
             let id = info.node.clone();
             let mut d = refuse(DisconnectReason::TooManyPeers, "too many peers");
-            d.alternatives = self.alternatives(&id);
+            d.alternatives = self.alternatives(&id, now);
             self.actions.push(Action::Close {
                 conn,
                 disconnect: d,
@@ -958,7 +982,7 @@ impl Pool {
             direction: info.direction,
             addr: info.remote_addr,
         }));
-        let sample = self.sample(&info.node, self.cfg.discovery_sample);
+        let sample = self.sample(&info.node, self.cfg.discovery_sample, now);
         if !sample.is_empty() {
             let message = Message::Discovered(Discovered { peers: sample });
             self.actions.push(Action::Send { conn, message });
@@ -1097,6 +1121,7 @@ impl Pool {
             return;
         };
         e.link = None;
+        e.vouched = now;
         let (lost, wait) = match &reason {
             // A node that shut down is likely gone for a while, unless it
             // is a seed: those are restarted, and others wait on them. A
@@ -1189,7 +1214,7 @@ impl Pool {
         link.discovered_due = due;
         let conn = link.conn;
         if peers.is_empty() {
-            self.answer_ask(from, conn);
+            self.answer_ask(from, conn, now);
         } else {
             self.on_discovered(peers, now);
         }
@@ -1200,8 +1225,8 @@ impl Pool {
     /// Nothing when we know nobody else: an empty answer would be an ask
     /// back, and two nodes that know only each other would ask each other
     /// for ever.
-    fn answer_ask(&mut self, from: &NodeId, conn: ConnId) {
-        let sample = self.sample(from, self.cfg.discovery_sample);
+    fn answer_ask(&mut self, from: &NodeId, conn: ConnId, now: Instant) {
+        let sample = self.sample(from, self.cfg.discovery_sample, now);
         if !sample.is_empty() {
             let message = Message::Discovered(Discovered { peers: sample });
             self.actions.push(Action::Send { conn, message });
@@ -1221,6 +1246,11 @@ impl Pool {
             if addrs.is_empty() || id == self.local {
                 continue;
             }
+            // Nobody vouched for it within the window: not worth keeping
+            // (an instant before our clock's origin is as good as that).
+            let Some(vouched) = self.vouched_at(p.age_ms, now) else {
+                continue;
+            };
             let known = self.entries.contains_key(&id);
             if !self.ensure_entry(&id, now) {
                 continue;
@@ -1229,6 +1259,13 @@ impl Pool {
                 continue;
             };
             e.seen = now;
+            // The latest vouch wins, whoever relayed it: no relay makes an
+            // entry younger than the last link someone really had.
+            e.vouched = if known {
+                e.vouched.max(vouched)
+            } else {
+                vouched
+            };
             // The addresses of a node we were connected to came from its
             // own Hello: hearsay does not replace them (a hostile peer
             // pointing the nodes we know at its own listeners was how it
@@ -1246,6 +1283,20 @@ impl Pool {
                     .push(Action::Event(PeerEvent::Discovered { peer: id, addrs }));
             }
         }
+    }
+
+    /// When an entry heard of now with `age_ms` was last vouched for;
+    /// `None` when that is the lost-peer window ago or more. An entry
+    /// without an age (from an implementation that does not send one) is
+    /// taken as half the window old: usable, and passed on for a while,
+    /// but never as fresh as one a node linked to it names.
+    fn vouched_at(&self, age_ms: Option<u64>, now: Instant) -> Option<Instant> {
+        let window = self.cfg.lost_peer_retry;
+        let age = age_ms.map_or(window / 2, Duration::from_millis);
+        if age >= window {
+            return None;
+        }
+        now.checked_sub(age)
     }
 
     /// The Pong of a heartbeat came back.
@@ -1479,6 +1530,7 @@ impl Pool {
         let Some(link) = e.link.take() else {
             return;
         };
+        e.vouched = now;
         for conn in std::iter::once(link.conn).chain(link.extra.into_iter().map(|(c, _)| c)) {
             self.conns.remove(&conn);
             self.actions.push(Action::Close {
@@ -1606,32 +1658,39 @@ impl Pool {
         self.poll_held(now);
         self.poll_liveness(now, heard);
         self.poll_bans(now);
-        self.poll_goodbyes(now);
+        self.poll_forget(now);
         if now >= self.next_discovery {
             self.next_discovery = now + self.cfg.discovery_interval;
-            self.gossip();
+            self.gossip(now);
         }
         self.poll_dials(now);
         self.poll_ask(now);
     }
 
-    /// Forgets peers that said they shut down `lost_peer_retry` ago and
-    /// have not linked since (nor are being dialled, nor are a seed's
-    /// node): an operator's run found the old ids of nodes restarted with
-    /// fresh keys listed, and passed around, for good. One that comes back
-    /// dials in, or is heard of again.
-    fn poll_goodbyes(&mut self, now: Instant) {
+    /// Forgets, unless linked, being dialled or a seed's node: peers that
+    /// said they shut down `lost_peer_retry` ago and have not linked since,
+    /// and entries nobody has vouched for within `lost_peer_retry` (no
+    /// node linked to them since, as far as discovery told us), save the
+    /// peers we lost ourselves (redialled, then felt for, to rejoin healed
+    /// partitions) and banned ones. An operator's run found the old ids of
+    /// nodes restarted with fresh keys listed, and passed around, for good.
+    /// One that comes back dials in, or is heard of again.
+    fn poll_forget(&mut self, now: Instant) {
         let after = self.cfg.lost_peer_retry;
         let seeds: HashSet<&NodeId> = self.seeds.iter().filter_map(|s| s.node.as_ref()).collect();
         let gone: Vec<NodeId> = self
             .entries
             .values()
             .filter(|e| {
+                let said_goodbye = e
+                    .goodbye_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= after);
+                let unvouched =
+                    e.lost_at.is_none() && e.banned_until.is_none() && e.age(now) >= after;
                 e.link.is_none()
                     && e.dialing.is_none()
                     && !seeds.contains(&e.id)
-                    && e.goodbye_at
-                        .is_some_and(|t| now.saturating_duration_since(t) >= after)
+                    && (said_goodbye || unvouched)
             })
             .map(|e| e.id.clone())
             .collect();
@@ -1703,14 +1762,14 @@ impl Pool {
     }
 
     /// Sends every peer a sample of the address book.
-    fn gossip(&mut self) {
+    fn gossip(&mut self, now: Instant) {
         let linked: Vec<(NodeId, ConnId)> = self
             .entries
             .values()
             .filter_map(|e| e.link.as_ref().map(|l| (e.id.clone(), l.conn)))
             .collect();
         for (id, conn) in linked {
-            let sample = self.sample(&id, self.cfg.discovery_sample);
+            let sample = self.sample(&id, self.cfg.discovery_sample, now);
             if !sample.is_empty() {
                 let message = Message::Discovered(Discovered { peers: sample });
                 self.actions.push(Action::Send { conn, message });
@@ -1749,8 +1808,10 @@ impl Pool {
     }
 
     /// Up to `n` random entries worth telling `to` about: connected peers and
-    /// book entries that have not failed.
-    fn sample(&mut self, to: &NodeId, n: usize) -> Vec<PeerInfo> {
+    /// book entries that have not failed, vouched for within the lost-peer
+    /// window, each with its age.
+    fn sample(&mut self, to: &NodeId, n: usize, now: Instant) -> Vec<PeerInfo> {
+        let window = self.cfg.lost_peer_retry;
         let mut pick: Vec<&Entry> = self
             .entries
             .values()
@@ -1759,16 +1820,16 @@ impl Pool {
                     && !e.addrs.is_empty()
                     && e.banned_until.is_none()
                     && e.goodbye_at.is_none()
-                    && (e.link.is_some() || e.dial_failures == 0)
+                    && (e.link.is_some() || (e.dial_failures == 0 && e.age(now) < window))
             })
             .collect();
         pick.shuffle(&mut self.rng);
         pick.truncate(n);
-        pick.into_iter().map(peer_info).collect()
+        pick.into_iter().map(|e| peer_info(e, now)).collect()
     }
 
     /// Other peers to suggest to a node we refuse: connected ones first.
-    fn alternatives(&mut self, refused: &NodeId) -> Vec<PeerInfo> {
+    fn alternatives(&mut self, refused: &NodeId, now: Instant) -> Vec<PeerInfo> {
         let n = self.cfg.alternatives;
         let mut linked: Vec<&Entry> = self
             .entries
@@ -1777,9 +1838,9 @@ impl Pool {
             .collect();
         linked.shuffle(&mut self.rng);
         linked.truncate(n);
-        let mut out: Vec<PeerInfo> = linked.into_iter().map(peer_info).collect();
+        let mut out: Vec<PeerInfo> = linked.into_iter().map(|e| peer_info(e, now)).collect();
         if out.len() < n {
-            let more = self.sample(refused, n);
+            let more = self.sample(refused, n, now);
             for p in more {
                 if out.len() < n && !out.iter().any(|o| o.node_id == p.node_id) {
                     out.push(p);

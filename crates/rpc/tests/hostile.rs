@@ -293,6 +293,7 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
     let peer_info = |id: &NodeId, addr: &str| PeerInfo {
         node_id: id.as_bytes().clone(),
         addrs: vec![addr.into()],
+        age_ms: Some(0),
     };
     let peer_seeds = [
         Message::Ping(Ping {

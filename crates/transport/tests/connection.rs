@@ -146,6 +146,7 @@ impl meshwork_transport::Gate for OnlyOne {
         d.alternatives = vec![meshwork_wire::proto::PeerInfo {
             node_id: self.admitted.as_bytes().clone(),
             addrs: vec!["mem://elsewhere".to_string()],
+            age_ms: None,
         }];
         Err(d)
     }

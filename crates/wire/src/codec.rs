@@ -763,6 +763,7 @@ mod tests {
         let peer = PeerInfo {
             node_id: Bytes::from(vec![1; crate::NodeId::MAX_LEN]),
             addrs: vec!["a".repeat(limits.max_addr_len); limits.max_addrs],
+            age_ms: Some(u64::MAX),
         };
         let full = Message::Discovered(Discovered {
             peers: vec![peer; limits.max_discovered_peers],
@@ -795,6 +796,7 @@ mod tests {
         let peer = PeerInfo {
             node_id: Bytes::from(vec![1; crate::NodeId::MAX_LEN]),
             addrs,
+            age_ms: Some(u64::MAX),
         };
         let disconnect = Message::Disconnect(Disconnect {
             reason: DisconnectReason::TooManyPeers as i32,
@@ -892,7 +894,13 @@ mod tests {
     }
 
     fn peer_info() -> impl Strategy<Value = PeerInfo> {
-        (node_id(), addrs()).prop_map(|(node_id, addrs)| PeerInfo { node_id, addrs })
+        (node_id(), addrs(), proptest::option::of(any::<u64>())).prop_map(
+            |(node_id, addrs, age_ms)| PeerInfo {
+                node_id,
+                addrs,
+                age_ms,
+            },
+        )
     }
 
     fn reason() -> impl Strategy<Value = i32> {

@@ -75,14 +75,16 @@ impl Limits {
         self.max_addrs.saturating_mul(self.max_addr_len + FIELD)
     }
 
-    /// A PeerInfo at its longest.
+    /// A PeerInfo at its longest (`age_ms` included).
     fn peer_len(&self) -> usize {
-        (NodeId::MAX_LEN + 2 * FIELD).saturating_add(self.addrs_len())
+        (NodeId::MAX_LEN + 2 * FIELD + VARINT).saturating_add(self.addrs_len())
     }
 }
 
 /// A tag and a length prefix, generously.
 const FIELD: usize = 8;
+/// A tag and a 64-bit varint at its longest (ten bytes).
+const VARINT: usize = 11;
 
 fn check_len(field: &'static str, len: usize, max: usize, unit: &str) -> Result<(), WireError> {
     if len > max {
@@ -275,7 +277,7 @@ mod tests {
 
         let peer = PeerInfo {
             node_id: vec![9].into(),
-            addrs: vec![],
+            ..PeerInfo::default()
         };
         let d = Discovered {
             peers: vec![peer; 257],
@@ -289,10 +291,7 @@ mod tests {
     #[test]
     fn refuses_bad_peer_entries() {
         let d = Discovered {
-            peers: vec![PeerInfo {
-                node_id: Default::default(),
-                addrs: vec![],
-            }],
+            peers: vec![PeerInfo::default()],
         };
         assert_eq!(
             invalid_field(check(Message::Discovered(d))),
@@ -302,6 +301,7 @@ mod tests {
             peers: vec![PeerInfo {
                 node_id: vec![1].into(),
                 addrs: vec!["x".repeat(257)],
+                age_ms: None,
             }],
         };
         assert_eq!(

@@ -99,6 +99,7 @@ impl Harness {
             &[PeerInfo {
                 node_id: id(n).as_bytes().clone(),
                 addrs: vec![addr(n).to_string()],
+                age_ms: Some(0),
             }],
             self.now,
         );
@@ -269,6 +270,7 @@ fn a_seed_that_is_ourselves_is_dropped() {
     let gossip = [PeerInfo {
         node_id: id(9).as_bytes().clone(),
         addrs: vec![addr(5).to_string(), addr(0).to_string()],
+        age_ms: Some(0),
     }];
     h.pool.on_discovered(&gossip, h.now);
     assert!(
@@ -284,6 +286,7 @@ fn a_connection_is_announced_and_gets_a_sample_of_the_book() {
         &[PeerInfo {
             node_id: id(7).as_bytes().clone(),
             addrs: vec![addr(7).to_string()],
+            age_ms: Some(0),
         }],
         h.now,
     );
@@ -321,6 +324,7 @@ fn discovered_nodes_are_dialled_while_below_min() {
         .map(|n| PeerInfo {
             node_id: id(n).as_bytes().clone(),
             addrs: vec![addr(n).to_string()],
+            age_ms: Some(0),
         })
         .collect();
     h.pool.on_discovered(&peers, h.now);
@@ -991,6 +995,7 @@ fn the_address_book_is_bounded() {
             &[PeerInfo {
                 node_id: id(n).as_bytes().clone(),
                 addrs: vec![addr(n).to_string()],
+                age_ms: Some(0),
             }],
             h.now,
         );
@@ -1004,6 +1009,7 @@ fn the_address_book_is_bounded() {
         &[PeerInfo {
             node_id: vec![].into(),
             addrs: vec!["nonsense".into()],
+            age_ms: Some(0),
         }],
         h.now,
     );
@@ -1356,6 +1362,90 @@ fn a_peer_that_said_goodbye_is_not_gossiped_and_is_forgotten() {
     assert_eq!(h.state(2), Some(PeerState::Connected));
 }
 
+/// Hears of node `n` as last vouched for `age` ago (`None`: no age given).
+fn hear(h: &mut Harness, n: u8, age: Option<Duration>) {
+    let age_ms = age.map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX));
+    let heard = PeerInfo {
+        node_id: id(n).as_bytes().clone(),
+        addrs: vec![addr(n).to_string()],
+        age_ms,
+    };
+    h.pool.on_discovered(&[heard], h.now);
+}
+
+/// The age discovery tells another node for node `n`; `None` if it is not
+/// named.
+fn told_age(h: &mut Harness, n: u8) -> Option<Duration> {
+    let sample = h.pool.sample(&id(200), 64, h.now);
+    let p = sample.iter().find(|p| p.node_id == *id(n).as_bytes())?;
+    Some(Duration::from_millis(
+        p.age_ms.expect("every entry has an age"),
+    ))
+}
+
+/// Discovery carries how long ago some node was last linked to each entry:
+/// zero for our own links, the time since our last link for peers we
+/// lost, and for hearsay the latest vouch any source gave, grown by the
+/// time since. Hearsay nobody has vouched for within the lost-peer window
+/// is not passed on and is forgotten; peers we lost ourselves are kept
+/// (redialled, then felt for). Before,
+/// hearsay went round as long as nobody's dial of it failed: the old ids of
+/// restarted nodes, for good.
+#[test]
+fn discovery_ages_grow_the_latest_vouch_wins_and_stale_entries_go() {
+    let mut h = Harness::new(0, cfg().with_lost_peer_retry(600 * S));
+    h.fill();
+    assert_eq!(told_age(&mut h, 1), Some(Duration::ZERO), "a linked peer");
+    // Heard of from two nodes: the latest link either knew of counts.
+    hear(&mut h, 9, Some(300 * S));
+    hear(&mut h, 9, Some(500 * S));
+    assert_eq!(told_age(&mut h, 9), Some(300 * S));
+    h.advance(60 * S);
+    h.poll();
+    assert_eq!(told_age(&mut h, 9), Some(360 * S), "ages grow");
+    hear(&mut h, 9, Some(100 * S));
+    assert_eq!(told_age(&mut h, 9), Some(100 * S), "a later vouch wins");
+    // No age: half the window, never younger than a vouch we have.
+    hear(&mut h, 10, None);
+    assert_eq!(told_age(&mut h, 10), Some(300 * S));
+    hear(&mut h, 9, None);
+    assert_eq!(told_age(&mut h, 9), Some(100 * S));
+    // Nobody linked to within the window (or ever): not taken.
+    hear(&mut h, 11, Some(600 * S));
+    hear(&mut h, 12, Some(Duration::MAX));
+    assert_eq!((h.state(11), h.state(12)), (None, None));
+    // Past the window, hearsay is neither told nor kept. (The pool is
+    // full: nothing is dialled, and no dial fails.)
+    h.advance(299 * S);
+    h.poll();
+    assert_eq!(told_age(&mut h, 9), Some(399 * S));
+    assert_eq!(told_age(&mut h, 10), Some(599 * S));
+    assert!(h.state(10).is_some());
+    h.advance(S);
+    assert_eq!(told_age(&mut h, 10), None);
+    h.poll();
+    assert_eq!(h.state(10), None, "stale hearsay is still listed");
+    h.advance(200 * S);
+    assert_eq!(told_age(&mut h, 9), None);
+    h.poll();
+    assert_eq!(h.state(9), None, "stale hearsay is still listed");
+    // A peer we lose is told as old as our last link with it, and kept
+    // past the window (redialled meanwhile; once a dial of it fails, it is
+    // not told at all).
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+    h.advance(10 * S);
+    assert_eq!(told_age(&mut h, 1), Some(10 * S));
+    for _ in 0..3 {
+        h.advance(300 * S);
+        for (dial, _) in dials(&h.poll()) {
+            h.pool.on_dial_failed(dial, DialFailure::Transient, h.now);
+        }
+    }
+    assert!(h.state(1).is_some(), "a lost peer of ours was forgotten");
+    assert_eq!(told_age(&mut h, 2), Some(Duration::ZERO));
+}
+
 #[test]
 fn lost_peers_are_redialled_above_min_but_gone_ones_are_not() {
     let mut h = Harness::new(0, cfg());
@@ -1443,6 +1533,7 @@ fn a_refused_dial_learns_the_alternatives() {
         .map(|n| PeerInfo {
             node_id: id(n).as_bytes().clone(),
             addrs: vec![addr(n).to_string()],
+            age_ms: Some(0),
         })
         .collect();
     h.pool.on_discovered(&alts, h.now);
@@ -1486,6 +1577,7 @@ fn gossip_cannot_flush_peers_we_were_connected_to() {
             .map(|i| PeerInfo {
                 node_id: vec![round, i, 0xee].into(),
                 addrs: vec![format!("mem://fake{round}-{i}")],
+                age_ms: Some(0),
             })
             .collect();
         h.pool.on_discovered(&flood, h.now);
@@ -1522,10 +1614,12 @@ fn hearsay_neither_redirects_known_peers_nor_goes_before_them() {
     let mut lies = vec![PeerInfo {
         node_id: id(1).as_bytes().clone(),
         addrs: vec!["mem://liar".into()],
+        age_ms: Some(0),
     }];
     lies.extend((100..130u8).map(|n| PeerInfo {
         node_id: id(n).as_bytes().clone(),
         addrs: vec!["mem://liar".into()],
+        age_ms: Some(0),
     }));
     h.pool.on_discovered(&lies, h.now);
     h.pool.take_actions();
@@ -1604,6 +1698,7 @@ fn departed_peers_do_not_keep_a_live_node_from_being_dialled() {
         &[PeerInfo {
             node_id: id(99).as_bytes().clone(),
             addrs: vec![addr(99).to_string()],
+            age_ms: Some(0),
         }],
         h.now,
     );
@@ -1680,6 +1775,7 @@ fn discovered_messages_are_read_at_a_bounded_rate_per_peer() {
                 .as_bytes()
                 .clone(),
             addrs: vec![format!("mem://x{n}")],
+            age_ms: Some(0),
         }]
     };
     let mut read = 0;
@@ -1810,6 +1906,7 @@ fn an_ask_is_answered_with_a_sample_of_the_book_at_the_discovered_rate() {
         .map(|n| PeerInfo {
             node_id: id(n).as_bytes().clone(),
             addrs: vec![addr(n).to_string()],
+            age_ms: Some(0),
         })
         .collect();
     h.pool.on_discovered(&book, h.now);
@@ -1981,6 +2078,7 @@ fn hearsay_does_not_replace_what_the_gate_learnt_from_a_hello() {
         &[PeerInfo {
             node_id: id(7).as_bytes().clone(),
             addrs: vec![addr(66).to_string()],
+            age_ms: Some(0),
         }],
         h.now,
     );
