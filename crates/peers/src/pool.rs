@@ -1667,14 +1667,18 @@ impl Pool {
         self.poll_ask(now);
     }
 
-    /// Forgets, unless linked, being dialled or a seed's node: peers that
-    /// said they shut down `lost_peer_retry` ago and have not linked since,
-    /// and entries nobody has vouched for within `lost_peer_retry` (no
-    /// node linked to them since, as far as discovery told us), save the
-    /// peers we lost ourselves (redialled, then felt for, to rejoin healed
-    /// partitions) and banned ones. An operator's run found the old ids of
-    /// nodes restarted with fresh keys listed, and passed around, for good.
-    /// One that comes back dials in, or is heard of again.
+    /// Forgets, unless linked or being dialled: peers that said they shut
+    /// down `lost_peer_retry` ago and have not linked since (unless a
+    /// seed's node), and entries nobody has vouched for within
+    /// `lost_peer_retry` (no node linked to them since, as far as discovery
+    /// told us), save the peers we lost ourselves (redialled, then felt
+    /// for, to rejoin healed partitions; a seed's node lost so among them)
+    /// and banned ones. An operator's run found the old ids of nodes
+    /// restarted with fresh keys listed, and passed around, for good. One
+    /// that comes back dials in, or is heard of again. A seed's node we
+    /// never linked to (its answer found the pool full) goes too: its seed
+    /// is dialled by address as before, and such a seed restarted with a
+    /// fresh id left its old one `known` for good.
     fn poll_forget(&mut self, now: Instant) {
         let after = self.cfg.lost_peer_retry;
         let seeds: HashSet<&NodeId> = self.seeds.iter().filter_map(|s| s.node.as_ref()).collect();
@@ -1682,15 +1686,12 @@ impl Pool {
             .entries
             .values()
             .filter(|e| {
-                let said_goodbye = e
-                    .goodbye_at
-                    .is_some_and(|t| now.saturating_duration_since(t) >= after);
+                let said_goodbye = !seeds.contains(&e.id)
+                    && e.goodbye_at
+                        .is_some_and(|t| now.saturating_duration_since(t) >= after);
                 let unvouched =
                     e.lost_at.is_none() && e.banned_until.is_none() && e.age(now) >= after;
-                e.link.is_none()
-                    && e.dialing.is_none()
-                    && !seeds.contains(&e.id)
-                    && (said_goodbye || unvouched)
+                e.link.is_none() && e.dialing.is_none() && (said_goodbye || unvouched)
             })
             .map(|e| e.id.clone())
             .collect();

@@ -1446,6 +1446,39 @@ fn discovery_ages_grow_the_latest_vouch_wins_and_stale_entries_go() {
     assert_eq!(told_age(&mut h, 2), Some(Duration::ZERO));
 }
 
+/// A seed's node that we never linked to (its answer to our dial found
+/// the pool full) is forgotten like other hearsay once nobody has vouched
+/// for it within the window: restarted with a fresh id, the old one was
+/// kept as a seed's node, `known` for good (three waves of restarts in a
+/// 2/3 chain left 1 to 3 such ids in 4 runs of 5; real processes, 3).
+/// The seed's address is still dialled as before.
+#[test]
+fn a_seeds_node_we_never_linked_to_is_forgotten_when_stale() {
+    let mut h = Harness::new(0, cfg().with_seed(addr(9)).with_lost_peer_retry(600 * S));
+    let d = dials(&h.poll());
+    assert_eq!(
+        d.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
+        vec![addr(9)]
+    );
+    h.fill();
+    h.pool
+        .on_dial_ok(d[0].0, 9, info(9, Direction::Outbound), h.now);
+    h.pool.take_actions();
+    assert_eq!(
+        h.state(9),
+        Some(PeerState::Known),
+        "refused: the pool is full"
+    );
+    assert_eq!(h.pool.seed_snapshots(h.now)[0].node_id, Some(id(9)));
+    h.advance(599 * S);
+    h.poll();
+    assert_eq!(h.state(9), Some(PeerState::Known));
+    h.advance(S);
+    h.poll();
+    assert_eq!(h.state(9), None, "the seed's stale node is still listed");
+    assert_eq!(h.pool.seed_addrs(), vec![addr(9)]);
+}
+
 #[test]
 fn lost_peers_are_redialled_above_min_but_gone_ones_are_not() {
     let mut h = Harness::new(0, cfg());
