@@ -197,7 +197,9 @@ def summary(a):
             s += f" {k.upper()}={a[k][:10]}"
     if a["dead_listed"]:
         most = max(a["dead_listed"].items(), key=lambda kv: len(kv[1]))
-        s += f" DEAD_LISTED on {len(a['dead_listed'])} nodes, most on node {most[0]}: {len(most[1])} {most[1][:4]}"
+        states = collections.Counter(x.rsplit(":", 1)[1] for d in a["dead_listed"].values() for x in d)
+        s += (f" DEAD_LISTED on {len(a['dead_listed'])} nodes ({dict(sorted(states.items()))}),"
+              f" most on node {most[0]}: {len(most[1])} {most[1][:4]}")
     return s + " seeds=" + ",".join(f"{i}:{a['deg'][i]}" for i in (0, 1, 2) if i in a["deg"])
 
 
