@@ -38,6 +38,7 @@ pub struct PeersConfig {
     pub(crate) backoff_max: Duration,
     pub(crate) max_dial_failures: u32,
     pub(crate) lost_peer_retry: Duration,
+    pub(crate) lost_peer_backoff: Duration,
     pub(crate) feeler_interval: Duration,
     pub(crate) discovery_interval: Duration,
     pub(crate) discovery_sample: usize,
@@ -71,6 +72,7 @@ impl Default for PeersConfig {
             backoff_max: Duration::from_secs(60),
             max_dial_failures: 8,
             lost_peer_retry: Duration::from_secs(600),
+            lost_peer_backoff: Duration::from_secs(5),
             feeler_interval: Duration::from_secs(60),
             discovery_interval: Duration::from_secs(30),
             discovery_sample: 16,
@@ -218,6 +220,26 @@ impl PeersConfig {
         self
     }
 
+    /// The longest wait between the redials of a lost peer whose dials go
+    /// unanswered, within the lost-peer window (default 5 s, each wait
+    /// jittered into its upper half; never longer than the
+    /// [backoff](Self::with_backoff)'s maximum, which other dials wait, up
+    /// to 60 s by default). A peer that refuses us as full waits the full
+    /// backoff. Redials still need room in the pool, except those of a
+    /// seed's node, which a full pool makes too. A lost peer that restarts
+    /// is linked again within about this long: nodes restarted together
+    /// with fresh ids whose seeds restarted with them know only each other,
+    /// and only the nodes that knew their addresses can join them to the
+    /// mesh again (an operator's 2/3 chain of processes kept two such nodes
+    /// apart for 30 s to more than 3 minutes while the backoff of their
+    /// former peers grew). The cost: up to two dials per this long, for the
+    /// window, of a peer gone for good, from each node that lost it and has
+    /// room, one at a time; and from a full pool, one per lost seed.
+    pub fn with_lost_peer_backoff(mut self, max: Duration) -> Self {
+        self.lost_peer_backoff = max;
+        self
+    }
+
     /// How often, past that window, one lost peer is redialled ("feeler";
     /// default every 60 s, one dial at a time, only while below
     /// `max_peers`). Without it the halves of a partition longer than the
@@ -357,6 +379,9 @@ impl PeersConfig {
         if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
             return bad("backoff needs 0 < min <= max".into());
         }
+        if self.lost_peer_backoff.is_zero() {
+            return bad("lost_peer_backoff must be longer than zero".into());
+        }
         if self.inbound_capacity == 0 || self.event_capacity == 0 {
             return bad("queue capacities must be at least 1".into());
         }
@@ -384,6 +409,7 @@ mod tests {
             PeersConfig::default().with_heartbeat_slow_down(s, 20 * s),
             PeersConfig::default().with_backoff(2 * s, s),
             PeersConfig::default().with_max_error_count(0),
+            PeersConfig::default().with_lost_peer_backoff(Duration::ZERO),
         ];
         for c in cases {
             let err = c.validate().unwrap_err();

@@ -152,6 +152,9 @@ struct Link {
     /// generic cell rate: the message is read if this is at most the burst
     /// ahead of now).
     discovered_due: Instant,
+    /// The peer asked who we know when we knew nobody else: it gets a
+    /// sample as soon as we link to someone (see [`Pool::answer_ask`]).
+    owed_answer: bool,
     /// Set when the peer closed `conn` as a duplicate while the connection
     /// it keeps had not reached us yet: the link is held for that survivor
     /// (see [`Pool::on_closed`]). `conn` is then closed: nothing is sent on
@@ -964,6 +967,7 @@ impl Pool {
             srtt: info.rtt,
             heartbeat: Heartbeat::new(&cfg.heartbeat),
             discovered_due: now,
+            owed_answer: false,
             held: None,
         });
         entry.ever_connected = true;
@@ -987,6 +991,7 @@ impl Pool {
             let message = Message::Discovered(Discovered { peers: sample });
             self.actions.push(Action::Send { conn, message });
         }
+        self.pay_owed_answers(now);
         // The new peer's own sample may not name anyone new: if we are
         // still short of peers, ask again soon.
         self.ask_backoff.reset();
@@ -1019,11 +1024,18 @@ impl Pool {
             }
         }
         let jitter = self.jitter();
+        // A seed whose node is known follows that node's schedule too (see
+        // `poll_dials`): both are capped alike.
+        let seed_known = d.seed.as_ref().and_then(|a| {
+            let seed = self.seeds.iter().find(|s| &s.addr == a)?;
+            seed.node.clone()
+        });
+        let capped = self.lost_redial_cap(d.node.as_ref().or(seed_known.as_ref()), &failure, now);
         let mut seed_node = None;
         if let Some(seed_addr) = &d.seed {
             if let Some(seed) = self.seeds.iter_mut().find(|s| &s.addr == seed_addr) {
                 seed.dialing = None;
-                seed.next_attempt = now + seed.backoff.fail(jitter);
+                seed.next_attempt = now + seed.backoff.fail(jitter).min(capped);
                 seed.failures += 1;
                 seed.last_error = error;
                 seed_node = seed.node.clone();
@@ -1052,7 +1064,7 @@ impl Pool {
             if failure != DialFailure::Full {
                 e.dial_failures += 1;
             }
-            e.next_attempt = now + e.backoff.fail(jitter);
+            e.next_attempt = now + e.backoff.fail(jitter).min(capped);
         }
         let forget = e.addrs.is_empty()
             || (!e.ever_connected
@@ -1062,6 +1074,40 @@ impl Pool {
         if forget && e.link.is_none() {
             self.entries.remove(&id);
         }
+    }
+
+    /// The longest wait before redialling `id` after a dial that failed
+    /// with `failure`: for a peer lost within the lost-peer window that did
+    /// not answer (not one that refused us as full), the lost-peer backoff,
+    /// jittered into its upper half; no cap (`Duration::MAX`) otherwise.
+    /// Nodes restarted together with fresh ids that know only each other
+    /// (their seeds restarted with them) are found again only by the nodes
+    /// that redial their addresses: at a backoff grown while they were
+    /// down, that took 30 s to minutes (see
+    /// [`PeersConfig::with_lost_peer_backoff`]).
+    fn lost_redial_cap(
+        &mut self,
+        id: Option<&NodeId>,
+        failure: &DialFailure,
+        now: Instant,
+    ) -> Duration {
+        let window = self.cfg.lost_peer_retry;
+        let lost = id
+            .and_then(|id| self.entries.get(id))
+            .and_then(|e| e.lost_at)
+            .is_some_and(|t| now.saturating_duration_since(t) < window);
+        if !lost || *failure != DialFailure::Transient {
+            return Duration::MAX;
+        }
+        self.lost_peer_wait()
+    }
+
+    /// The lost-peer backoff, jittered into its upper half (and at most
+    /// the longest backoff).
+    fn lost_peer_wait(&mut self) -> Duration {
+        let cap = self.cfg.lost_peer_backoff.min(self.cfg.backoff_max);
+        let jitter = self.jitter();
+        cap / 2 + (cap / 2).mul_f64(jitter)
     }
 
     /// A connection ended (either side, any reason).
@@ -1227,9 +1273,37 @@ impl Pool {
     /// for ever.
     fn answer_ask(&mut self, from: &NodeId, conn: ConnId, now: Instant) {
         let sample = self.sample(from, self.cfg.discovery_sample, now);
-        if !sample.is_empty() {
+        if sample.is_empty() {
+            // Owed, and sent at our next new link: two nodes restarted
+            // together that knew only each other asked each other in vain,
+            // and the asker's waits grew meanwhile (to 8-16 s), so it heard
+            // of the node that found its peer only seconds after that.
+            if let Some(link) = self.entries.get_mut(from).and_then(|e| e.link.as_mut()) {
+                link.owed_answer = true;
+            }
+        } else {
             let message = Message::Discovered(Discovered { peers: sample });
             self.actions.push(Action::Send { conn, message });
+        }
+    }
+
+    /// Sends the peers that asked in vain (see [`answer_ask`](Self::answer_ask))
+    /// a sample now that we have more to tell.
+    fn pay_owed_answers(&mut self, now: Instant) {
+        let owed: Vec<(NodeId, ConnId)> = self
+            .entries
+            .values_mut()
+            .filter_map(|e| {
+                let link = e
+                    .link
+                    .as_mut()
+                    .filter(|l| l.owed_answer && l.held.is_none())?;
+                link.owed_answer = false;
+                Some((e.id.clone(), link.conn))
+            })
+            .collect();
+        for (id, conn) in owed {
+            self.answer_ask(&id, conn, now);
         }
     }
 
@@ -1852,6 +1926,7 @@ impl Pool {
     }
 
     fn poll_dials(&mut self, now: Instant) {
+        self.poll_lost_seeds(now);
         let c = self.counts();
         // Slots the gate holds for incoming handshakes are not ours to dial,
         // as far as the inbound share has room (a peer let through to take
@@ -1991,6 +2066,61 @@ impl Pool {
             });
             if let Some(id) = old.cloned() {
                 self.dial_entry(&id);
+            }
+        }
+    }
+
+    /// Seeds whose node was lost within the lost-peer window are redialled
+    /// when due (at most every lost-peer backoff, see
+    /// [`lost_redial_cap`](Self::lost_redial_cap)) even by a full pool, as
+    /// long as dials may be started. Nodes that restart together with
+    /// fresh ids and whose own seeds restarted with them know only each
+    /// other: the nodes that seed them are who join them to the mesh again,
+    /// and a full pool never dialled (a 2/3 chain of `meshwork node`
+    /// processes: nodes 0 and 1 stayed a mesh of their own for 30 s to
+    /// over 3 minutes, their only seeder full). A restarted seed answering
+    /// with a fresh id finds the full pool refusing it, with alternatives:
+    /// those it dials. One answering with its old id takes the youngest
+    /// link's place, as a swap's peer does ([`room_victim`](Self::room_victim)).
+    /// The cost is bounded by the seeds: one dial per seed per lost-peer
+    /// backoff, for the window.
+    fn poll_lost_seeds(&mut self, now: Instant) {
+        let window = self.cfg.lost_peer_retry;
+        let due: Vec<usize> = (0..self.seeds.len())
+            .filter(|&i| {
+                let s = &self.seeds[i];
+                s.dialing.is_none()
+                    && s.next_attempt <= now
+                    && s.node.as_ref().is_some_and(|n| {
+                        !self.blocked.contains(n)
+                            && self.entries.get(n).is_some_and(|e| {
+                                e.link.is_none()
+                                    && e.dialing.is_none()
+                                    && e.banned_until.is_none()
+                                    && e.next_attempt <= now
+                                    && e.lost_at
+                                        .is_some_and(|t| now.saturating_duration_since(t) < window)
+                            })
+                    })
+            })
+            .collect();
+        for i in due {
+            let c = self.counts();
+            if c.pending_dials >= self.cfg.max_pending_dials {
+                break;
+            }
+            if !self.dial_seed(i) {
+                continue;
+            }
+            // The next redial is scheduled now, whatever this one's end: a
+            // dial that connects but finds no slot to swap ends without a
+            // failure to back off from, and the seed would be due again at
+            // once (a busy loop: the 52-node sync chaos test, on a paused
+            // clock, never got past its second round).
+            let wait = self.lost_peer_wait();
+            self.seeds[i].next_attempt = now + wait;
+            if c.linked >= self.cfg.max_peers {
+                self.swaps += 1;
             }
         }
     }

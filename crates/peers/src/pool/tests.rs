@@ -2258,3 +2258,52 @@ fn old_identities_cannot_take_a_reserved_outbound_link_whatever_the_rng() {
     }
     assert!(lost.is_empty(), "{} of 32 seeds: {lost:?}", lost.len());
 }
+
+/// A full pool redials its seed's lost node (see `poll_lost_seeds`); when
+/// the dial connects and no link is younger than the seed's node to give
+/// way to it, the pool closes it as too many peers. That is no failure to
+/// back off from: the seed was due again at once, dialled and closed again
+/// without end (a busy loop that kept the 52-node sync chaos test from
+/// ever getting past its second round). The next redial waits the
+/// lost-peer backoff whatever the last one's end.
+#[test]
+fn a_full_pools_redial_of_a_lost_seed_that_finds_no_room_waits_its_backoff() {
+    let mut h = Harness::new(0, cfg().with_seed(addr(1)));
+    let d = dials(&h.poll());
+    assert_eq!(d, vec![(d[0].0, addr(1))]);
+    h.pool
+        .on_dial_ok(d[0].0, 1, info(1, Direction::Outbound), h.now);
+    // Linked at the seed's instant: none is younger, none gives way to it.
+    h.connect(2, 2, Direction::Outbound);
+    h.connect(3, 3, Direction::Inbound);
+    h.connect(4, 4, Direction::Inbound);
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.connect(5, 5, Direction::Outbound);
+    h.pool.take_actions();
+    let redials = |h: &mut Harness, conn: ConnId| {
+        let seed: Vec<DialId> = dials(&h.poll())
+            .into_iter()
+            .filter(|(_, a)| *a == addr(1))
+            .map(|(d, _)| d)
+            .collect();
+        for &d in &seed {
+            h.pool
+                .on_dial_ok(d, conn, info(1, Direction::Outbound), h.now);
+            let closed = closes(&h.pool.take_actions());
+            assert_eq!(closed, vec![(conn, DisconnectReason::TooManyPeers)]);
+            h.pool.on_closed(conn, CloseReason::Eof, h.now);
+            h.pool.take_actions();
+        }
+        seed.len()
+    };
+    h.advance(6 * S);
+    assert_eq!(redials(&mut h, 6), 1, "a full pool redials its lost seed");
+    for conn in 7..12 {
+        assert_eq!(redials(&mut h, conn), 0, "redialled again at once");
+        h.advance(400 * MS);
+    }
+    // Within the lost-peer backoff (2.5-5 s), and once per backoff.
+    h.advance(3 * S);
+    assert_eq!(redials(&mut h, 12), 1);
+    assert_eq!(redials(&mut h, 13), 0);
+}
