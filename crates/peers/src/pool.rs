@@ -173,6 +173,29 @@ struct Held {
     reason: CloseReason,
 }
 
+/// A link lost without our doing, replaced by a link to one of the lost
+/// peer's own peers (see [`Pool::poll_replacements`]).
+#[derive(Debug)]
+struct Replacing {
+    lost: NodeId,
+    /// Given up then.
+    until: Instant,
+    /// Dials left to try.
+    tries: u8,
+    /// The dial in flight, and whom it dials.
+    dial: Option<(DialId, NodeId)>,
+}
+
+/// How many of our peers that said they are linked to a node are kept in
+/// its entry ([`Entry::linked_to`]).
+const LINKED_TO_KEPT: usize = 4;
+
+/// Dials tried for one replacement ([`Pool::poll_replacements`]).
+const REPLACEMENT_TRIES: u8 = 3;
+
+/// How long after a loss its replacement is tried.
+const REPLACEMENT_WINDOW: Duration = Duration::from_secs(60);
+
 #[derive(Debug)]
 struct Entry {
     id: NodeId,
@@ -218,6 +241,11 @@ struct Entry {
     /// When a connection from two places at once was last reported for
     /// this node id ([`Action::TwinSuspected`]).
     twin_warned: Option<Instant>,
+    /// Peers of ours that told us they were linked to it (an entry of age
+    /// zero in their `Discovered`), latest last, at most
+    /// [`LINKED_TO_KEPT`]: whom to dial when one of them is lost (see
+    /// [`Pool::poll_replacements`]).
+    linked_to: Vec<NodeId>,
 }
 
 impl Entry {
@@ -244,6 +272,7 @@ impl Entry {
             link: None,
             dialing: None,
             twin_warned: None,
+            linked_to: Vec::new(),
         }
     }
 
@@ -393,6 +422,9 @@ pub(crate) struct Pool {
     /// When a full pool next dials a lost peer it knew before its youngest
     /// link, to take that link's place (see [`poll_swap`](Pool::poll_swap)).
     next_swap: Instant,
+    /// Links lost without our doing, for which a peer of the lost one is
+    /// dialled (see [`poll_replacements`](Self::poll_replacements)).
+    replacing: Vec<Replacing>,
     /// When the pool may next close a link to make room for an inbound
     /// peer (a slot taken back, or a peer known longer): at most one such
     /// eviction per feeler interval, so that a peer reconnecting in a loop,
@@ -499,6 +531,7 @@ impl Pool {
             next_discovery: now + cfg.discovery_interval,
             next_feeler: now + cfg.feeler_interval,
             next_swap: now + cfg.feeler_interval,
+            replacing: Vec::new(),
             next_eviction: now,
             next_ask: now,
             ask_backoff: Backoff::new(
@@ -1166,7 +1199,7 @@ impl Pool {
         let Some(e) = self.entries.get_mut(id) else {
             return;
         };
-        e.link = None;
+        let since = e.link.take().map(|l| l.connected_at);
         e.vouched = now;
         let (lost, wait) = match &reason {
             // A node that shut down is likely gone for a while, unless it
@@ -1199,10 +1232,114 @@ impl Pool {
         e.set_state(to, &mut self.actions);
         let route = e.route();
         self.actions.push(route);
+        // Refused or banned by the peer: our doing as much as its. A
+        // goodbye leaves the same hole as a crash.
+        let replace = !matches!(
+            reason,
+            CloseReason::Remote {
+                reason: DisconnectReason::TooManyPeers | DisconnectReason::Banned,
+                ..
+            }
+        );
         self.actions.push(Action::Event(PeerEvent::Disconnected {
             peer: id.clone(),
             reason,
         }));
+        if replace {
+            self.replace_lost(id, since, now);
+        }
+    }
+
+    /// `id`'s link, made at `since`, was lost without our doing (it
+    /// crashed, left, or the network between us broke): one of its own
+    /// peers is dialled in its place, while there is room (see
+    /// [`poll_replacements`](Self::poll_replacements)). Only for a link
+    /// that lasted a discovery interval: a peer must hold a link that long
+    /// to steer one dial of ours to nodes it names.
+    fn replace_lost(&mut self, id: &NodeId, since: Option<Instant>, now: Instant) {
+        let Some(since) = since else {
+            return;
+        };
+        if now.saturating_duration_since(since) < self.cfg.discovery_interval {
+            return;
+        }
+        self.replacing.retain(|r| r.lost != *id);
+        if self.replacing.len() >= self.cfg.max_peers {
+            self.replacing.remove(0);
+        }
+        self.replacing.push(Replacing {
+            lost: id.clone(),
+            until: now + REPLACEMENT_WINDOW,
+            tries: REPLACEMENT_TRIES,
+            dial: None,
+        });
+    }
+
+    /// The links lost without our doing are replaced while there is room,
+    /// even above `min_peers`: by a link to one of the lost peer's own
+    /// peers (as its `Discovered` named them), first those none of our
+    /// other peers said it is linked to. A crash can split a sparse mesh
+    /// into parts where every node keeps `min_peers`: nobody dialled, and
+    /// the parts stayed apart for good (a 2/3 chain of 40 processes, a
+    /// quarter killed: parts of 14 and 16, and of 5 and 25). The nodes
+    /// that lost a link to a crashed node dial its other peers, which are
+    /// across the cut if it was a bridge. In a partition those are out of
+    /// reach, so the dials fail and leave the room that redials of the
+    /// lost peers need to heal it. At most [`REPLACEMENT_TRIES`] dials per
+    /// lost link, within [`REPLACEMENT_WINDOW`]; over when a dial links, or
+    /// the lost peer is back. Returns the dials started.
+    fn poll_replacements(&mut self, now: Instant, room: usize) -> usize {
+        let mut started = 0;
+        let mut i = 0;
+        while i < self.replacing.len() {
+            if let Some((dial, target)) = self.replacing[i].dial.clone() {
+                if self.dials.contains_key(&dial) {
+                    i += 1;
+                    continue;
+                }
+                if self.is_linked(&target) {
+                    self.replacing.remove(i);
+                    continue;
+                }
+                self.replacing[i].dial = None;
+            }
+            let r = &self.replacing[i];
+            if r.until <= now || r.tries == 0 || self.is_linked(&r.lost) {
+                self.replacing.remove(i);
+                continue;
+            }
+            if started >= room {
+                i += 1;
+                continue;
+            }
+            let lost = r.lost.clone();
+            let mut cands: Vec<(bool, NodeId)> = self
+                .entries
+                .values()
+                .filter(|e| {
+                    e.id != lost && e.linked_to.contains(&lost) && e.dialable(now, &self.blocked)
+                })
+                .map(|e| {
+                    let near = e.linked_to.iter().any(|n| *n != lost && self.is_linked(n));
+                    (near, e.id.clone())
+                })
+                .collect();
+            cands.sort();
+            cands.shuffle(&mut self.rng);
+            // Stable: in random order within each kind, far ones first.
+            cands.sort_by_key(|c| c.0);
+            if let Some((_, id)) = cands.into_iter().next() {
+                if self.dial_entry(&id) {
+                    let dial = self.entries.get(&id).and_then(|e| e.dialing);
+                    let r = &mut self.replacing[i];
+                    r.tries -= 1;
+                    r.dial = dial.map(|d| (d, id));
+                    started += 1;
+                }
+            }
+            i += 1;
+        }
+        started
     }
 
     /// The survivor `id`'s held link was waiting for will not come (our
@@ -1262,7 +1399,7 @@ impl Pool {
         if peers.is_empty() {
             self.answer_ask(from, conn, now);
         } else {
-            self.on_discovered(peers, now);
+            self.read_discovered(peers, Some(from), now);
         }
         true
     }
@@ -1307,9 +1444,15 @@ impl Pool {
         }
     }
 
-    /// A peer told us about other nodes (Discovered, or the alternatives of
-    /// a refusal).
+    /// A node told us about other nodes: the alternatives of a refusal.
     pub(crate) fn on_discovered(&mut self, peers: &[PeerInfo], now: Instant) {
+        self.read_discovered(peers, None, now);
+    }
+
+    /// Reads the entries a node told us of, `from` a peer of ours in a
+    /// `Discovered` (its own peers come with age zero), or from another
+    /// node's refusal.
+    fn read_discovered(&mut self, peers: &[PeerInfo], from: Option<&NodeId>, now: Instant) {
         // We send 16; the protocol allows 256. A peer sending more gets the
         // first few read, so one message cannot rewrite the whole book.
         for p in peers.iter().take(MAX_DISCOVERED_READ) {
@@ -1340,6 +1483,13 @@ impl Pool {
             } else {
                 vouched
             };
+            if let Some(peer) = from.filter(|_| p.age_ms == Some(0)) {
+                e.linked_to.retain(|n| n != peer);
+                if e.linked_to.len() == LINKED_TO_KEPT {
+                    e.linked_to.remove(0);
+                }
+                e.linked_to.push(peer.clone());
+            }
             // The addresses of a node we were connected to came from its
             // own Hello: hearsay does not replace them (a hostile peer
             // pointing the nodes we know at its own listeners was how it
@@ -1604,6 +1754,7 @@ impl Pool {
         let Some(link) = e.link.take() else {
             return;
         };
+        let since = link.connected_at;
         e.vouched = now;
         for conn in std::iter::once(link.conn).chain(link.extra.into_iter().map(|(c, _)| c)) {
             self.conns.remove(&conn);
@@ -1624,6 +1775,9 @@ impl Pool {
                 message: d.message,
             },
         }));
+        if lost {
+            self.replace_lost(peer, Some(since), now);
+        }
     }
 
     /// Disconnects `peer` on the operator's request. False if not connected.
@@ -2030,6 +2184,9 @@ impl Pool {
                     started += 1;
                 }
             }
+        }
+        if started < room {
+            started += self.poll_replacements(now, room - started);
         }
         // Peers whose link broke recently are redialled while there is room,
         // even above min_peers: that is what rejoins a healed partition.

@@ -2307,3 +2307,63 @@ fn a_full_pools_redial_of_a_lost_seed_that_finds_no_room_waits_its_backoff() {
     assert_eq!(redials(&mut h, 12), 1);
     assert_eq!(redials(&mut h, 13), 0);
 }
+
+/// What `from`, a peer of ours, says in a `Discovered`: `linked` are its
+/// own peers (age zero).
+fn told_by(h: &mut Harness, from: u8, linked: &[u8]) {
+    let peers: Vec<PeerInfo> = linked
+        .iter()
+        .map(|&n| PeerInfo {
+            node_id: id(n).as_bytes().clone(),
+            addrs: vec![addr(n).to_string()],
+            age_ms: Some(0),
+        })
+        .collect();
+    assert!(h.pool.on_discovered_from(&id(from), &peers, h.now));
+}
+
+/// A link lost without our doing is replaced by a dial to one of the lost
+/// peer's own peers, first one that none of our other peers is linked to
+/// (the one likeliest cut off with it), even above `min_peers`; not for a
+/// link younger than a discovery interval, nor for one the peer closed as
+/// full.
+#[test]
+fn a_lost_link_is_replaced_by_a_peer_of_the_lost_peer() {
+    let lose = |hold: Duration, reason: CloseReason| {
+        let mut h = Harness::new(0, cfg());
+        // 1 dialled in: losing it leaves the outbound reserve whole.
+        h.connect(1, 1, Direction::Inbound);
+        h.connect(2, 2, Direction::Outbound);
+        h.connect(3, 3, Direction::Outbound);
+        // 1's peers: 5 (nobody else's) and 6 (also 2's); 2's: 6 and 7.
+        told_by(&mut h, 1, &[5, 6]);
+        told_by(&mut h, 2, &[6, 7]);
+        h.pool.take_actions();
+        h.advance(hold);
+        h.poll();
+        h.pool.on_closed(1, reason, h.now);
+        h.pool.take_actions();
+        let d = dials(&h.poll());
+        (h, d)
+    };
+    let to = |d: &[(DialId, Address)], n: u8| d.iter().filter(|(_, a)| *a == addr(n)).count();
+    // Three peers, min 2: no dial but for the replacement (and the lost
+    // peer's redial).
+    let (mut h, d) = lose(31 * S, CloseReason::Eof);
+    assert_eq!((to(&d, 5), to(&d, 6), to(&d, 7)), (1, 0, 0), "{d:?}");
+    // That dial fails: the other peer of 1 is next.
+    let five = d.iter().find(|(_, a)| *a == addr(5)).map(|(d, _)| *d);
+    h.pool
+        .on_dial_failed(five.unwrap(), DialFailure::Transient, h.now);
+    let d = dials(&h.poll());
+    assert_eq!((to(&d, 6), to(&d, 7)), (1, 0), "{d:?}");
+
+    let (_, d) = lose(10 * S, CloseReason::Eof);
+    assert_eq!(to(&d, 5) + to(&d, 6), 0, "a link of 10 s: {d:?}");
+    let full = CloseReason::Remote {
+        reason: DisconnectReason::TooManyPeers,
+        message: "too many peers".to_string(),
+    };
+    let (_, d) = lose(31 * S, full);
+    assert_eq!(to(&d, 5) + to(&d, 6), 0, "closed as full: {d:?}");
+}
