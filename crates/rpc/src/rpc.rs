@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use meshwork_sync::concerns::transport::Priority;
@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use crate::balance::{ProviderStats, Reach, choose};
 use crate::proto::{self, FailureCode, outcome, rpc_message::Body};
-use crate::service::{CALL, CallCancel, CallContext};
+use crate::service::{CallCancel, InCall};
 use crate::{Codec, RpcError, Service, ServiceClient, ServiceError};
 
 /// The RPC concern's command id.
@@ -394,7 +394,6 @@ impl Server {
             Duration::from_millis(call.budget_ms)
         }
         .min(self.max_budget);
-        let cancel = CallCancel::new();
         // Uncounts the call and counts it cancelled unless it finished,
         // however this future ends (including when it is dropped: a local
         // caller that gave up).
@@ -404,22 +403,18 @@ impl Server {
             caller,
             held,
             key: None,
-            cancel: cancel.clone(),
+            cancel: None,
             finished: false,
         };
-        let cx = CallContext {
-            caller: caller.clone(),
-            method,
-            cancel: cancel.clone(),
-        };
-        let work = CALL.scope(
-            cx,
-            std::panic::AssertUnwindSafe(served.service.call(method, codec, call.args))
-                .catch_unwind(),
-        );
         let finished = {
-            let mut work = std::pin::pin!(work);
-            // Most methods answer at once: no timer, no cancellation waiter
+            let mut work = InCall::new(
+                caller.clone(),
+                method,
+                std::panic::AssertUnwindSafe(served.service.call(method, codec, call.args))
+                    .catch_unwind(),
+            );
+            // Most methods answer at once: no timer, no cancellation waiter,
+            // no cancel signal (unless the method asked for its context)
             // and no entry in the running calls for them (a Cancel can only
             // come after the answer, and a shutdown waits for nothing).
             match (&mut work).now_or_never() {
@@ -432,6 +427,8 @@ impl Server {
                     // a child of a shutdown token (a child registers with
                     // its parent under the parent's lock, which every call
                     // would contend for).
+                    let cancel = work.cancel();
+                    running.cancel = Some(cancel.clone());
                     let key = (caller.clone(), call.call_id);
                     if lock(&self.running).register(key.clone(), &cancel) {
                         running.key = Some(key);
@@ -464,7 +461,10 @@ impl Server {
                 call.method
             ))),
         });
-        let cancelled = cancel.is_cancelled();
+        let cancelled = running
+            .cancel
+            .as_ref()
+            .is_some_and(CallCancel::is_cancelled);
         // Stopped because its caller left (looked up only for stopped calls).
         let caller_left = cancelled
             && running
@@ -550,7 +550,8 @@ struct Running<'a> {
     /// Its entry in the running calls, once it has one (only calls that
     /// wait do).
     key: Option<(NodeId, u64)>,
-    cancel: CallCancel,
+    /// Its cancel signal, once it has one (only calls that wait do).
+    cancel: Option<CallCancel>,
     finished: bool,
 }
 
@@ -575,7 +576,9 @@ impl Drop for Running<'_> {
             self.served.cancelled.fetch_add(1, Ordering::Relaxed);
             // Tells a method that watches the token (on a deadline, or when
             // a local caller gave up).
-            self.cancel.cancel();
+            if let Some(cancel) = &self.cancel {
+                cancel.cancel();
+            }
         }
     }
 }
@@ -675,22 +678,29 @@ fn put_key_varint(out: &mut Vec<u8>, key: u8, mut v: u64) {
 
 /// The result in `payload` if the payload is an Outcome holding nothing
 /// but a result, in its plain form: the RpcMessage's field 3 covering the
-/// whole payload and the Outcome's field 1 covering the whole of that. A
-/// slice of `payload`, as prost gives it; `None` for anything else, which
-/// the caller decodes with prost. The answer to almost every call.
-fn plain_ok(payload: &Bytes) -> Option<Bytes> {
+/// whole payload and the Outcome's field 1 covering the whole of that. The
+/// payload itself, cut to the result (as prost gives it, without a second
+/// reference to count); `Err(payload)` for anything else, which the caller
+/// decodes with prost. The answer to almost every call.
+fn plain_ok(mut payload: Bytes) -> Result<Bytes, Bytes> {
     use prost::encoding::decode_varint;
-    let mut rest: &[u8] = payload.strip_prefix(&[0x1a])?;
-    let len = decode_varint(&mut rest).ok()?;
-    if len != rest.len() as u64 {
-        return None;
+    let head = |mut rest: &[u8]| {
+        rest = rest.strip_prefix(&[0x1a])?;
+        let len = decode_varint(&mut rest).ok()?;
+        if len != rest.len() as u64 {
+            return None;
+        }
+        rest = rest.strip_prefix(&[0x0a])?;
+        let len = decode_varint(&mut rest).ok()?;
+        (len == rest.len() as u64).then_some(rest.len())
+    };
+    match head(&payload) {
+        Some(len) => {
+            payload.advance(payload.len() - len);
+            Ok(payload)
+        }
+        None => Err(payload),
     }
-    rest = rest.strip_prefix(&[0x0a])?;
-    let len = decode_varint(&mut rest).ok()?;
-    if len != rest.len() as u64 {
-        return None;
-    }
-    Some(payload.slice_ref(rest))
 }
 
 /// A [`proto::Call`] as the server runs it: its names borrowed from the
@@ -1979,9 +1989,10 @@ impl Rpc {
                     guard.armed = matches!(reply, Err(ConcernsError::Timeout(_)));
                     drop(guard);
                     reply.and_then(|b| {
-                        if let Some(ok) = plain_ok(&b) {
-                            return Ok(outcome::Result::Ok(ok));
-                        }
+                        let b = match plain_ok(b) {
+                            Ok(ok) => return Ok(outcome::Result::Ok(ok)),
+                            Err(b) => b,
+                        };
                         proto::RpcMessage::decode(b)
                             .ok()
                             .and_then(|m| match m.body {
@@ -2559,7 +2570,7 @@ mod tests {
                 noise
             };
             let payload = Bytes::from(payload);
-            let ours = plain_ok(&payload);
+            let ours = plain_ok(payload.clone()).ok();
             if plain {
                 prop_assert_eq!(ours.as_deref(), Some(&ok[..]));
             }

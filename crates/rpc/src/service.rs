@@ -1,10 +1,15 @@
 //! What a served object implements (the `#[service]` macro writes it).
 
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use meshwork_sync::concerns::wire::NodeId;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 
@@ -113,15 +118,128 @@ impl CallCancel {
     }
 }
 
-tokio::task_local! {
-    pub(crate) static CALL: CallContext;
+/// The call whose method is being polled on this thread, if any.
+#[derive(Debug)]
+struct Current {
+    caller: NodeId,
+    method: &'static str,
+    /// Made when first wanted: by [`call_context`], or by the server once
+    /// the call waits (most calls answer in their first poll, and never
+    /// need one).
+    cancel: Option<CallCancel>,
+}
+
+impl Current {
+    fn cancel(&mut self) -> &CallCancel {
+        self.cancel.get_or_insert_with(CallCancel::new)
+    }
+}
+
+thread_local! {
+    static CURRENT: Cell<Option<Current>> = const { Cell::new(None) };
 }
 
 /// The context of the call being served on this task, if any. A long
 /// method can watch `cancel` to stop early; the RPC layer also drops the
 /// method's future when the call is cancelled or runs out of time.
 pub fn call_context() -> Option<CallContext> {
-    CALL.try_with(Clone::clone).ok()
+    CURRENT.with(|c| {
+        let mut current = c.take()?;
+        let cx = CallContext {
+            caller: current.caller.clone(),
+            method: current.method,
+            cancel: current.cancel().clone(),
+        };
+        c.set(Some(current));
+        Some(cx)
+    })
+}
+
+/// A served method's future and its call, which [`call_context`] tells
+/// while the future is polled or dropped (what a tokio task-local does,
+/// with the call's cancel signal made only when wanted: an allocation
+/// fewer for each call that answers at once).
+pub(crate) struct InCall<F> {
+    current: Option<Current>,
+    /// `None` once finished (dropped within the call).
+    fut: Option<F>,
+}
+
+impl<F: Future + Unpin> InCall<F> {
+    pub(crate) fn new(caller: NodeId, method: &'static str, fut: F) -> Self {
+        InCall {
+            current: Some(Current {
+                caller,
+                method,
+                cancel: None,
+            }),
+            fut: Some(fut),
+        }
+    }
+
+    /// The call's cancel signal (made now if nobody asked for it yet).
+    pub(crate) fn cancel(&mut self) -> CallCancel {
+        match &mut self.current {
+            Some(current) => current.cancel().clone(),
+            // Only while polled, when nobody holds this.
+            None => CallCancel::new(),
+        }
+    }
+}
+
+/// Puts a call in [`CURRENT`], and the one before back when dropped (also
+/// when the method panics).
+struct Entered<'a> {
+    slot: &'a mut Option<Current>,
+    before: Option<Current>,
+}
+
+impl<'a> Entered<'a> {
+    fn new(slot: &'a mut Option<Current>) -> Self {
+        let before = CURRENT.with(|c| c.replace(slot.take()));
+        Entered { slot, before }
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        let before = self.before.take();
+        *self.slot = CURRENT.with(|c| c.replace(before));
+    }
+}
+
+impl<F: Future + Unpin> Future for InCall<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let _in = Entered::new(&mut this.current);
+        let Some(fut) = &mut this.fut else {
+            return Poll::Pending;
+        };
+        let r = Pin::new(fut).poll(cx);
+        if r.is_ready() {
+            this.fut = None;
+        }
+        r
+    }
+}
+
+impl<F> Drop for InCall<F> {
+    fn drop(&mut self) {
+        if self.fut.is_some() {
+            let _in = Entered::new(&mut self.current);
+            self.fut = None;
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for InCall<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InCall")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]
