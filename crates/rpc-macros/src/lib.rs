@@ -39,7 +39,10 @@ use syn::{
 ///   it lists the methods, reports the version, decodes each call's
 ///   arguments (a tuple, in the call's codec), runs the method and encodes
 ///   its result; an `Err(e)` of a method returning `Result<T, E>` is encoded
-///   as the application error. Serve it with `rpc.serve("calc", ..)`.
+///   as the application error. Serve it with `rpc.serve("calc", ..)`. (Its
+///   results are encoded straight into the answer the RPC layer sends,
+///   behind their header, through the hidden `Service::call_framed`;
+///   `Service::call` gives them as any service does.)
 /// - **`CalcClient`**: obtained with `rpc.client::<CalcClient>("calc")`; one
 ///   method per trait method with the same arguments, returning a `Send`
 ///   future (`impl Future<Output = ..> + Send + '_`, borrowing only the
@@ -404,10 +407,12 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
         };
         let call = quote!(self.0.#name(#(#idents),*).await);
         let ok_type = m.fallible.as_ref().map_or(&m.output, |(t, _)| t);
+        // Results framed as the answer they go in (`Service::call_framed`).
         let encode_ok = if is_byte_vec(ok_type) {
-            quote!(__meshwork_codec.encode(#k::__private::serde_bytes::Bytes::new(&__meshwork_v)))
+            quote!(__meshwork_codec
+                .encode_framed(#k::__private::serde_bytes::Bytes::new(&__meshwork_v)))
         } else {
-            quote!(__meshwork_codec.encode(&__meshwork_v))
+            quote!(__meshwork_codec.encode_framed(&__meshwork_v))
         };
         let finish = if m.fallible.is_some() {
             quote! {
@@ -526,6 +531,21 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<TokenStream2> {
             }
 
             async fn call(
+                &self,
+                __meshwork_method: &str,
+                __meshwork_codec: #k::Codec,
+                __meshwork_args: #k::__private::Bytes,
+            ) -> ::core::result::Result<#k::__private::Bytes, #k::ServiceError> {
+                self.call_framed(__meshwork_method, __meshwork_codec, __meshwork_args)
+                    .await
+                    .map(#k::__private::unframe)
+            }
+
+            fn frames_results(&self) -> bool {
+                true
+            }
+
+            async fn call_framed(
                 &self,
                 __meshwork_method: &str,
                 __meshwork_codec: #k::Codec,

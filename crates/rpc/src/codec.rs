@@ -36,24 +36,27 @@ impl Codec {
     /// Encodes `value`.
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, String> {
         match self {
-            // The exact size first (postcard only counts, cheaply), then the
-            // value into a vector of just that size: postcard writes byte by
-            // byte, and growing a vector from empty costs several
-            // reallocations; and a vector with room to spare costs one more
-            // allocation to become `Bytes`, a full one none.
-            Codec::Postcard => {
-                let size = postcard::serialize_with_flavor::<T, _, usize>(
-                    value,
-                    postcard::ser_flavors::Size::default(),
-                )
-                .map_err(|e| e.to_string())?;
-                postcard::to_extend(value, Vec::with_capacity(size))
-                    .map(Bytes::from)
-                    .map_err(|e| e.to_string())
-            }
+            Codec::Postcard => postcard_behind(value, Vec::with_capacity),
             Codec::Json => serde_json::to_vec(value)
                 .map(Bytes::from)
                 .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// `value` encoded as the whole answer of a call that returned it
+    /// (`RpcMessage { outcome { result } }`, the bytes a caller receives):
+    /// with postcard, written once behind its header. What the code of
+    /// `#[service]` calls ([`Service::call_framed`](crate::Service::call_framed));
+    /// not part of the stable API.
+    #[doc(hidden)]
+    pub fn encode_framed<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, String> {
+        match self {
+            Codec::Postcard => postcard_behind(value, |size| {
+                let mut out = Vec::with_capacity(crate::rpc::framed_len(size));
+                crate::rpc::put_ok_header(&mut out, size);
+                out
+            }),
+            Codec::Json => self.encode(value).map(|v| crate::rpc::frame_ok(&v)),
         }
     }
 
@@ -102,6 +105,28 @@ impl Codec {
             }
         })
     }
+}
+
+/// `value` in postcard, appended to what `head` makes for the value's size
+/// (a vector with room for exactly the value after whatever it holds).
+///
+/// The exact size first (postcard only counts, cheaply), then the value
+/// into a vector of just that size: postcard writes byte by byte, and
+/// growing a vector from empty costs several reallocations; and a vector
+/// with room to spare costs one more allocation to become `Bytes`, a full
+/// one none.
+fn postcard_behind<T: Serialize + ?Sized>(
+    value: &T,
+    head: impl FnOnce(usize) -> Vec<u8>,
+) -> Result<Bytes, String> {
+    let size = postcard::serialize_with_flavor::<T, _, usize>(
+        value,
+        postcard::ser_flavors::Size::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    postcard::to_extend(value, head(size))
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

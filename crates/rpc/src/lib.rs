@@ -119,4 +119,6 @@ pub mod __private {
     pub use bytes::Bytes;
     pub use serde;
     pub use serde_bytes;
+
+    pub use crate::rpc::unframe;
 }

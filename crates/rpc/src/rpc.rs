@@ -167,6 +167,8 @@ pub struct CallStats {
 
 struct Served {
     service: Arc<dyn Service>,
+    /// Its calls run with [`Service::call_framed`].
+    framed: bool,
     name: String,
     methods: Vec<&'static str>,
     version: u32,
@@ -197,6 +199,7 @@ impl Served {
         limit: usize,
     ) -> Self {
         Served {
+            framed: service.frames_results(),
             service,
             name,
             methods,
@@ -337,25 +340,26 @@ impl Server {
     }
 
     /// Runs one call and says how it ended.
-    async fn run(&self, caller: &NodeId, call: CallIn<'_>) -> outcome::Result {
+    async fn run(&self, caller: &NodeId, call: CallIn<'_>) -> Answer {
         if self.shutting_down() {
-            return failure(FailureCode::ShuttingDown, "shutting down");
+            return failure(FailureCode::ShuttingDown, "shutting down").into();
         }
         let Some(served) = self.lookup(&call.service) else {
-            return failure(FailureCode::UnknownService, call.service.into_owned());
+            return failure(FailureCode::UnknownService, call.service.into_owned()).into();
         };
         if call.version != 0 && call.version != served.version {
             return outcome::Result::Failure(proto::Failure {
                 code: FailureCode::VersionMismatch as i32,
                 message: format!("{} is version {}", served.name, served.version),
                 version: served.version,
-            });
+            })
+            .into();
         }
         let Some(&method) = served.methods.iter().find(|m| **m == call.method) else {
-            return failure(FailureCode::UnknownMethod, call.method.into_owned());
+            return failure(FailureCode::UnknownMethod, call.method.into_owned()).into();
         };
         let Some(codec) = Codec::from_wire(call.codec) else {
-            return failure(FailureCode::Decode, format!("unknown codec {}", call.codec));
+            return failure(FailureCode::Decode, format!("unknown codec {}", call.codec)).into();
         };
         // The concurrency limit is the in-flight count itself (a counter,
         // not a semaphore: nothing ever waits for a slot, and a semaphore's
@@ -370,7 +374,7 @@ impl Server {
             });
         let Ok(before) = took else {
             served.overloaded.fetch_add(1, Ordering::Relaxed);
-            return failure(FailureCode::Overloaded, served.name.clone());
+            return failure(FailureCode::Overloaded, served.name.clone()).into();
         };
         // Past half the limit each caller gets its share only: one caller
         // kept every slot busy for as long as it liked (a lock is taken
@@ -383,7 +387,7 @@ impl Server {
                 drop(holders);
                 served.in_flight.fetch_sub(1, Ordering::AcqRel);
                 served.overloaded.fetch_add(1, Ordering::Relaxed);
-                return failure(FailureCode::Overloaded, served.name.clone());
+                return failure(FailureCode::Overloaded, served.name.clone()).into();
             }
             *mine += 1;
         }
@@ -410,8 +414,12 @@ impl Server {
             let mut work = InCall::new(
                 caller.clone(),
                 method,
-                std::panic::AssertUnwindSafe(served.service.call(method, codec, call.args))
-                    .catch_unwind(),
+                std::panic::AssertUnwindSafe(if served.framed {
+                    served.service.call_framed(method, codec, call.args)
+                } else {
+                    served.service.call(method, codec, call.args)
+                })
+                .catch_unwind(),
             );
             // Most methods answer at once: no timer, no cancellation waiter,
             // no cancel signal (unless the method asked for its context)
@@ -477,7 +485,8 @@ impl Server {
         let result = if cancelled { None } else { result };
         running.finished = result.is_some();
         drop(running);
-        match result {
+        Answer::Outcome(match result {
+            Some(Ok(bytes)) if served.framed => return Answer::Encoded(bytes),
             Some(Ok(bytes)) => outcome::Result::Ok(bytes),
             Some(Err(e)) => {
                 served.errors.fetch_add(1, Ordering::Relaxed);
@@ -503,7 +512,7 @@ impl Server {
             ),
             None if cancelled => failure(FailureCode::Cancelled, "cancelled"),
             None => failure(FailureCode::Deadline, format!("ran out of its {budget:?}")),
-        }
+        })
     }
 
     fn cancel(&self, caller: &NodeId, call_id: u64) {
@@ -633,32 +642,96 @@ impl Concern for RpcConcern {
                 Some(Body::Outcome(_)) | None => return Err("unexpected rpc message".into()),
             },
         };
-        let result = self.server.run(from, call).await;
-        Ok(Some(Reply::new(encode_outcome(result))))
+        let answer = self.server.run(from, call).await;
+        Ok(Some(Reply::new(answer.encode())))
     }
 }
 
 /// `RpcMessage { outcome: { result } }` encoded, byte for byte what prost
 /// writes; a result (the answer to almost every call) without prost's
 /// generic code: its keys and lengths written at once, then its bytes.
-fn encode_outcome(result: outcome::Result) -> Vec<u8> {
-    use prost::encoding::encoded_len_varint;
-    let outcome::Result::Ok(ok) = result else {
-        let out = proto::RpcMessage {
+fn encode_outcome(result: outcome::Result) -> Bytes {
+    match result {
+        outcome::Result::Ok(ok) => frame_ok(&ok),
+        result => proto::RpcMessage {
             body: Some(Body::Outcome(proto::Outcome {
                 result: Some(result),
             })),
-        };
-        return out.encode_to_vec();
-    };
+        }
+        .encode_to_vec()
+        .into(),
+    }
+}
+
+/// The length of `RpcMessage { outcome: { result: Ok } }` around a result
+/// of `len` bytes.
+pub(crate) fn framed_len(len: usize) -> usize {
+    use prost::encoding::encoded_len_varint;
     // Outcome field 1 (bytes), inside RpcMessage field 3 (a message); a
     // oneof's field is written even when empty.
-    let inner = 1 + encoded_len_varint(ok.len() as u64) + ok.len();
-    let mut out = Vec::with_capacity(1 + encoded_len_varint(inner as u64) + inner);
-    put_key_varint(&mut out, 0x1a, inner as u64);
-    put_key_varint(&mut out, 0x0a, ok.len() as u64);
-    out.extend_from_slice(&ok);
-    out
+    let inner = 1 + encoded_len_varint(len as u64) + len;
+    1 + encoded_len_varint(inner as u64) + inner
+}
+
+/// Appends the keys and lengths of `RpcMessage { outcome: { result: Ok } }`
+/// for a result of `len` bytes, which go right after them.
+pub(crate) fn put_ok_header(out: &mut Vec<u8>, len: usize) {
+    let inner = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+    put_key_varint(out, 0x1a, inner as u64);
+    put_key_varint(out, 0x0a, len as u64);
+}
+
+/// `RpcMessage { outcome: { result: Ok(ok) } }` encoded, as prost writes it.
+pub(crate) fn frame_ok(ok: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(framed_len(ok.len()));
+    put_ok_header(&mut out, ok.len());
+    out.extend_from_slice(ok);
+    out.into()
+}
+
+/// A result out of the answer [`Codec::encode_framed`] framed it in. What
+/// the code of `#[service]` calls; not part of the stable API.
+#[doc(hidden)]
+pub fn unframe(framed: Bytes) -> Bytes {
+    // Always framed so: anything else is passed on as it is.
+    plain_ok(framed).unwrap_or_else(|b| b)
+}
+
+/// How a served call ended.
+#[derive(Debug)]
+enum Answer {
+    /// The whole answer, encoded: the result of a service that frames its
+    /// results ([`Service::call_framed`]).
+    Encoded(Bytes),
+    /// Anything else.
+    Outcome(outcome::Result),
+}
+
+impl From<outcome::Result> for Answer {
+    fn from(o: outcome::Result) -> Self {
+        Answer::Outcome(o)
+    }
+}
+
+impl Answer {
+    /// The answer as a caller receives it.
+    fn encode(self) -> Bytes {
+        match self {
+            Answer::Encoded(b) => b,
+            Answer::Outcome(o) => encode_outcome(o),
+        }
+    }
+
+    /// The outcome (for a caller on this node).
+    fn into_outcome(self) -> outcome::Result {
+        match self {
+            Answer::Encoded(b) => match plain_ok(b) {
+                Ok(ok) => outcome::Result::Ok(ok),
+                Err(_) => failure(FailureCode::Internal, "a result framed wrongly"),
+            },
+            Answer::Outcome(o) => o,
+        }
+    }
 }
 
 /// Appends a one-byte protobuf key (tags 1 to 15) and a varint. The callers
@@ -1956,7 +2029,9 @@ impl Rpc {
             };
             // Boxed: rare, and the served call's future would otherwise make
             // every remote call's future larger too.
-            Work::Local(Box::pin(self.inner.server.run(node, call)))
+            Work::Local(Box::pin(
+                self.inner.server.run(node, call).map(Answer::into_outcome),
+            ))
         } else {
             Work::Remote(encode_call(&CallRef {
                 call_id,
@@ -2407,7 +2482,7 @@ mod tests {
         let outcome = run.await;
         let running = lock(&server.running);
         assert!(running.waiting.is_empty() && running.left.is_empty());
-        match outcome {
+        match outcome.into_outcome() {
             outcome::Result::Failure(f) => FailureCode::try_from(f.code).ok(),
             _ => None,
         }
@@ -2571,7 +2646,7 @@ mod tests {
                 })),
             }
             .encode_to_vec();
-            prop_assert_eq!(encode_outcome(result), theirs);
+            prop_assert_eq!(&encode_outcome(result)[..], &theirs[..]);
         }
 
         /// An outcome read in place is what prost reads, and every plain

@@ -48,6 +48,31 @@ pub trait Service: Send + Sync + 'static {
     /// Runs `method` with `args` encoded in `codec`; the result in the same
     /// codec.
     async fn call(&self, method: &str, codec: Codec, args: Bytes) -> Result<Bytes, ServiceError>;
+
+    /// True if the RPC layer is to run calls with
+    /// [`call_framed`](Self::call_framed) (asked once, when the service is
+    /// served). What `#[service]` writes; not part of the stable API.
+    #[doc(hidden)]
+    fn frames_results(&self) -> bool {
+        false
+    }
+
+    /// [`call`](Self::call) with a result returned as the RPC layer sends
+    /// it: the whole answer (`RpcMessage { outcome { result } }`), encoded
+    /// ([`Codec::encode_framed`]), so the result is encoded once behind its
+    /// header instead of encoded and then copied behind it. Errors as
+    /// `call`'s. What `#[service]` writes; not part of the stable API.
+    #[doc(hidden)]
+    async fn call_framed(
+        &self,
+        method: &str,
+        codec: Codec,
+        args: Bytes,
+    ) -> Result<Bytes, ServiceError> {
+        self.call(method, codec, args)
+            .await
+            .map(|ok| crate::rpc::frame_ok(&ok))
+    }
 }
 
 /// A generated typed client (`FooClient`): how the RPC layer builds one.

@@ -2620,3 +2620,50 @@ async fn fake_providers_sorting_first_unlist_the_real_provider() {
     m.shutdown().await;
     stop(nodes).await;
 }
+
+/// A generated server frames its results for the RPC layer
+/// (`Service::call_framed`), and still gives them plain through
+/// `Service::call`, as any service does: `call_framed`'s answer is exactly
+/// `call`'s result in its `Outcome`, in both codecs, byte strings
+/// included; errors are the same either way.
+#[tokio::test]
+async fn a_generated_server_frames_its_results_and_still_gives_them_plain() {
+    use meshwork_rpc::Service;
+    use meshwork_rpc::proto::{Outcome, RpcMessage, outcome, rpc_message};
+    use prost::Message as _;
+
+    let (imp, _) = Imp::new("framed");
+    let server = CalcServer::new(imp);
+    assert!(server.frames_results());
+    let calls: [(&str, Codec, Bytes); 4] = [
+        (
+            "add",
+            Codec::Postcard,
+            Codec::Postcard.encode(&(2i64, 3i64)).unwrap(),
+        ),
+        ("add", Codec::Json, Bytes::from_static(b"[2,3]")),
+        (
+            "bytes",
+            Codec::Postcard,
+            Codec::Postcard.encode(&(vec![7u8; 300],)).unwrap(),
+        ),
+        ("triple", Codec::Json, Bytes::from_static(b"[]")),
+    ];
+    for (method, codec, args) in calls {
+        let plain = server.call(method, codec, args.clone()).await.unwrap();
+        let framed = server.call_framed(method, codec, args).await.unwrap();
+        let expected = RpcMessage {
+            body: Some(rpc_message::Body::Outcome(Outcome {
+                result: Some(outcome::Result::Ok(plain)),
+            })),
+        };
+        assert_eq!(framed, expected.encode_to_vec(), "{method} in {codec:?}");
+    }
+    for (method, args) in [("div", "[1,0]"), ("nope", "[]"), ("add", "[1]")] {
+        let args = Bytes::from_static(args.as_bytes());
+        let plain = server.call(method, Codec::Json, args.clone()).await;
+        let framed = server.call_framed(method, Codec::Json, args).await;
+        assert_eq!(plain, framed, "{method}");
+        assert!(plain.is_err(), "{method}");
+    }
+}
