@@ -168,16 +168,20 @@ thread_local! {
 /// method can watch `cancel` to stop early; the RPC layer also drops the
 /// method's future when the call is cancelled or runs out of time.
 pub fn call_context() -> Option<CallContext> {
-    CURRENT.with(|c| {
-        let mut current = c.take()?;
-        let cx = CallContext {
-            caller: current.caller.clone(),
-            method: current.method,
-            cancel: current.cancel().clone(),
-        };
-        c.set(Some(current));
-        Some(cx)
-    })
+    // `try_with`: `None` rather than a panic in a thread's last moments.
+    CURRENT
+        .try_with(|c| {
+            let mut current = c.take()?;
+            let cx = CallContext {
+                caller: current.caller.clone(),
+                method: current.method,
+                cancel: current.cancel().clone(),
+            };
+            c.set(Some(current));
+            Some(cx)
+        })
+        .ok()
+        .flatten()
 }
 
 /// A served method's future and its call, which [`call_context`] tells
@@ -213,23 +217,28 @@ impl<F: Future + Unpin> InCall<F> {
 }
 
 /// Puts a call in [`CURRENT`], and the one before back when dropped (also
-/// when the method panics).
+/// when the method panics). Enters nothing once the thread's locals are
+/// gone (a future dropped as its thread ends), as tokio's task-locals.
 struct Entered<'a> {
     slot: &'a mut Option<Current>,
-    before: Option<Current>,
+    /// The call before, if the slot's was put in.
+    before: Option<Option<Current>>,
 }
 
 impl<'a> Entered<'a> {
     fn new(slot: &'a mut Option<Current>) -> Self {
-        let before = CURRENT.with(|c| c.replace(slot.take()));
+        let before = CURRENT.try_with(|c| c.replace(slot.take())).ok();
         Entered { slot, before }
     }
 }
 
 impl Drop for Entered<'_> {
     fn drop(&mut self) {
-        let before = self.before.take();
-        *self.slot = CURRENT.with(|c| c.replace(before));
+        if let Some(before) = self.before.take() {
+            if let Ok(current) = CURRENT.try_with(|c| c.replace(before)) {
+                *self.slot = current;
+            }
+        }
     }
 }
 
