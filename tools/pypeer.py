@@ -17,7 +17,8 @@ What it checks against a running node (each step prints `ok` or `FAIL`):
   3. the Hello exchange as initiator (5.2), with the sync layer's required
      metadata (11.4);
   4. answering the node's Pings (its heartbeats), sending Pings and matching
-     Pongs (5.3);
+     Pongs (5.3), and the count of peers the node's Hello and Pongs carry
+     (4.2, 4.3; ours go in ours);
   5. receiving a non-empty Discovered, and asking with an empty one (4.4, 9.2);
   6. a Concern request to the node's `echo` concern (command 0x100) and its
      reply; an unknown command answered ERROR/UNKNOWN_COMMAND (10.1);
@@ -141,15 +142,18 @@ def unzigzag(n):
 # Schema types: 'u' (varint), 's' (sint64, zigzag), 'b' (bool), 'y' (bytes),
 # 't' (string), 'f64' (fixed64), a dict (nested message), ('map', kt, vt).
 # A field name ending in '*' is repeated.
+PEER_COUNT = {1: ("linked", "u"), 2: ("min_peers", "u")}
 HELLO = {1: ("protocol_version", "u"), 2: ("network_id", "t"), 3: ("node_id", "y"),
-         4: ("listen_addrs*", "t"), 5: ("metadata", ("map", "t", "t")), 6: ("capabilities", "u")}
+         4: ("listen_addrs*", "t"), 5: ("metadata", ("map", "t", "t")), 6: ("capabilities", "u"),
+         7: ("peer_count", PEER_COUNT)}
 PING = {1: ("nonce", "u"), 2: ("timestamp_micros", "u")}
+PONG = {1: ("nonce", "u"), 2: ("timestamp_micros", "u"), 3: ("peer_count", PEER_COUNT)}
 PEERINFO = {1: ("node_id", "y"), 2: ("addrs*", "t"), 3: ("age_ms", "u")}
 DISCOVERED = {1: ("peers*", PEERINFO)}
 DISCONNECT = {1: ("reason", "u"), 2: ("message", "t"), 3: ("alternatives*", PEERINFO)}
 CONCERN = {1: ("command", "u"), 2: ("request_id", "u"), 3: ("kind", "u"), 4: ("ttl", "u"),
            5: ("flags", "u"), 6: ("payload", "y")}
-ENVELOPE = {1: ("hello", HELLO), 2: ("ping", PING), 3: ("pong", PING), 4: ("discovered", DISCOVERED),
+ENVELOPE = {1: ("hello", HELLO), 2: ("ping", PING), 3: ("pong", PONG), 4: ("discovered", DISCOVERED),
             5: ("disconnect", DISCONNECT), 6: ("concern", CONCERN)}
 CONCERN_ERROR = {1: ("code", "u"), 2: ("message", "t")}
 FLOODED = {1: ("origin", "y"), 2: ("message_id", "u"), 3: ("command", "u"), 4: ("payload", "y"),
@@ -906,6 +910,7 @@ class Peer:
         self.secret32 = secret32
         self.inbox = []          # established-state frames not yet consumed
         self.pongs = {}
+        self.pong_counts = []    # the peer_count of each Pong from the node (None if absent)
         self.pings_answered = 0
         self.sync_requests = {}  # body name -> count of node requests we answered
         self.floods = []
@@ -916,6 +921,8 @@ class Peer:
     def hello(self):
         return {"hello": {"protocol_version": 1, "network_id": self.network, "node_id": self.me,
                           "listen_addrs": self.listen_addrs, "capabilities": 0,
+                          # 4.2: our count of peers (none yet) and how many we want (the node).
+                          "peer_count": {"linked": 0, "min_peers": 1},
                           "metadata": {"meshwork.sync.leasing": "on" if self.replica.leasing else "off",
                                        "meshwork.sync.max_clock_skew_ms": "60000",
                                        "role": "pypeer"}}}
@@ -949,11 +956,14 @@ class Peer:
             return None
         name, m = body_of(env)
         if name == "ping":
-            self.conn.send({"pong": {"nonce": m.get("nonce", 0), "timestamp_micros": now_us()}})
+            # 4.3: our count of peers now (the node), as in our Hello.
+            self.conn.send({"pong": {"nonce": m.get("nonce", 0), "timestamp_micros": now_us(),
+                                     "peer_count": {"linked": 1, "min_peers": 1}}})
             self.pings_answered += 1
             return env
         if name == "pong":
             self.pongs[m.get("nonce", 0)] = time.time()
+            self.pong_counts.append(m.get("peer_count"))
             return env
         if name == "disconnect":
             self.disconnect = m
@@ -1257,6 +1267,12 @@ def checks(args, peer, rep, me, replica, secret32):
     while time.time() < deadline and not all(n in peer.pongs for n in nonces):
         peer.pump(deadline - time.time())
     rep.check("Pings answered with Pongs of the same nonce (nonce 0 too)", all(n in peer.pongs for n in nonces))
+    # The node's count of its peers (4.2, 4.3): in its Hello and in every Pong, wanting at
+    # least one peer (min_peers); `linked` is whatever it has (absent fields read as 0).
+    counts = [peer.peer_hello.get("peer_count")] + peer.pong_counts
+    rep.check("the node's Hello and Pongs carry its peer count (linked, min_peers >= 1)",
+              all(c is not None and c.get("min_peers", 0) >= 1 for c in counts),
+              [c.get("linked", 0) if c is not None else None for c in counts])
 
     # The node's heartbeats (every 2 s when nothing arrives) and its Discovered.
     deadline = time.time() + 6

@@ -25,7 +25,7 @@ use rustc_hash::FxHashMap;
 use meshwork_transport::{
     CloseReason, Connection, ConnectionHandle, Deliver, Endpoint, Gate, Priority, TransportError,
 };
-use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello};
+use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, PeerCount};
 use meshwork_wire::{Message, NodeId};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -238,6 +238,8 @@ impl PeerManager {
         if !inner.endpoint.set_gate(Arc::new(gate)) {
             warn!("the endpoint already has a gate: a second peer manager on one endpoint");
         }
+        // No peer yet: dialled nodes hear so in our first Hellos.
+        inner.endpoint.set_peer_count(Some(inner.peer_count(0)));
         inner.spawn(Inner::accept_loop(inner.clone()));
         inner.spawn(Inner::maintain(inner.clone()));
         Ok(PeerManager { inner })
@@ -675,14 +677,29 @@ impl Inner {
                 _ => true,
             });
             let linked = pool.counts().linked;
-            self.connected
-                .send_if_modified(|c| std::mem::replace(c, linked) != linked);
+            if self
+                .connected
+                .send_if_modified(|c| std::mem::replace(c, linked) != linked)
+            {
+                // What our Hellos and Pongs tell peers from now on.
+                self.endpoint.set_peer_count(Some(self.peer_count(linked)));
+            }
             (r, actions)
         };
         for action in actions {
             self.perform(action);
         }
         r
+    }
+
+    /// Our count of peers as we tell it (protocol.md 4.2, 4.3): `linked`,
+    /// and the pool's target (`min_peers`, at most `max_peers`).
+    fn peer_count(&self, linked: usize) -> PeerCount {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        PeerCount {
+            linked: count(linked),
+            min_peers: count(self.config.target()),
+        }
     }
 
     fn set_route(&self, peer: &NodeId, conn: Option<ConnId>, usable: bool) {

@@ -303,6 +303,7 @@ async fn mangled_frames_from_a_neighbour_break_nothing() {
         Message::Pong(Pong {
             nonce: 7,
             timestamp_micros: 1,
+            peer_count: None,
         }),
         Message::Discovered(Discovered {
             peers: vec![

@@ -45,7 +45,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
-use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, Ping, Pong};
+use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, PeerCount, Ping, Pong};
 use meshwork_wire::{FrameCodec, Message, NodeId, WireError};
 use tokio::io::AsyncWrite;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -241,6 +241,8 @@ struct Shared {
     /// gave right on the reader, is gathered in the write half, and the
     /// reader writes it all when it pauses.
     corked: AtomicBool,
+    /// The peer count our Pongs carry, the endpoint's.
+    own_count: OwnCount,
 }
 
 type Handoff = (Arc<dyn Deliver>, mpsc::Receiver<Message>);
@@ -287,8 +289,24 @@ struct CloseState {
 
 struct PendingPing {
     sent: Instant,
-    waiter: Option<oneshot::Sender<Duration>>,
+    /// Told the round trip and the peer count the Pong carried.
+    waiter: Option<oneshot::Sender<(Duration, Option<PeerCount>)>>,
 }
+
+/// What a connection takes from its endpoint: the settings, the task
+/// tracker and cancellation token its tasks run under, and the peer count
+/// its Pongs carry.
+pub(crate) struct Home<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) tracker: &'a tokio_util::task::TaskTracker,
+    pub(crate) parent: &'a CancellationToken,
+    pub(crate) own_count: &'a OwnCount,
+}
+
+/// The peer count this node tells its peers (see
+/// [`Endpoint::set_peer_count`](crate::Endpoint::set_peer_count)): set by
+/// the endpoint's owner, read for every Hello and every Pong sent.
+pub(crate) type OwnCount = Arc<Mutex<Option<PeerCount>>>;
 
 /// Cuts a Disconnect text to the protocol's default limit, on a char boundary.
 pub(crate) fn truncate_text(mut text: String) -> String {
@@ -392,13 +410,13 @@ impl Shared {
         });
     }
 
-    fn on_pong(&self, nonce: u64, now: Instant) {
-        let pending = lock(&self.pings).remove(&nonce);
+    fn on_pong(&self, pong: &Pong, now: Instant) {
+        let pending = lock(&self.pings).remove(&pong.nonce);
         if let Some(p) = pending {
             let sample = now.saturating_duration_since(p.sent);
             self.record_rtt(sample);
             if let Some(w) = p.waiter {
-                let _ = w.send(sample);
+                let _ = w.send((sample, pong.peer_count));
             }
         }
     }
@@ -407,7 +425,7 @@ impl Shared {
     fn new_ping(
         &self,
         now: Instant,
-        waiter: Option<oneshot::Sender<Duration>>,
+        waiter: Option<oneshot::Sender<(Duration, Option<PeerCount>)>>,
     ) -> Result<u64, TransportError> {
         let mut pings = lock(&self.pings);
         if pings.len() >= self.max_pings {
@@ -700,6 +718,16 @@ impl ConnectionHandle {
 
     /// Sends a Ping and waits for its Pong; returns the round-trip time.
     pub async fn ping(&self, timeout: Duration) -> Result<Duration, TransportError> {
+        self.ping_for_count(timeout).await.map(|(rtt, _)| rtt)
+    }
+
+    /// [`ping`](Self::ping), with the peer count the Pong carried, if any:
+    /// how many peers the other node says it has now, and how many it wants
+    /// (protocol.md 4.3).
+    pub async fn ping_for_count(
+        &self,
+        timeout: Duration,
+    ) -> Result<(Duration, Option<PeerCount>), TransportError> {
         let (tx, rx) = oneshot::channel();
         let nonce = self.shared.new_ping(Instant::now(), Some(tx))?;
         let ping = Message::Ping(Ping {
@@ -711,7 +739,7 @@ impl ConnectionHandle {
             return Err(e);
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(rtt)) => Ok(rtt),
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(TransportError::NotConnected),
             Err(_) => {
                 lock(&self.shared.pings).remove(&nonce);
@@ -935,16 +963,20 @@ impl Connection {
     }
 
     /// Starts the connection's task (its reader and writer) for a handshaken
-    /// stream.
+    /// stream, on the endpoint `home`.
     pub(crate) fn spawn(
         hs: Handshaken,
         id: u64,
         remote_addr: Address,
         direction: Direction,
-        config: &Config,
-        tracker: &tokio_util::task::TaskTracker,
-        parent: &CancellationToken,
+        home: Home<'_>,
     ) -> Connection {
+        let Home {
+            config,
+            tracker,
+            parent,
+            own_count,
+        } = home;
         let [c, n, b] = config.lane_capacity;
         let (control_tx, control_rx) = mpsc::channel(c);
         let (normal_tx, normal_rx) = mpsc::channel(n);
@@ -994,6 +1026,7 @@ impl Connection {
             write_kick: Notify::new(),
             queued: AtomicUsize::new(0),
             corked: AtomicBool::new(false),
+            own_count: own_count.clone(),
         });
         let span = info_span!(
             "conn",
@@ -1807,13 +1840,14 @@ async fn read_loop(
                 let pong = Message::Pong(Pong {
                     nonce: p.nonce,
                     timestamp_micros: wall_micros(),
+                    peer_count: *lock(&shared.own_count),
                 });
                 // A full control lane means we are already busy answering;
                 // the peer will ping again.
                 // A Pong is small: it never counts against the queued bytes.
                 let _ = shared.push(pong, Priority::Control, Haste::Gather, 0);
             }
-            Message::Pong(p) => shared.on_pong(p.nonce, Instant::now()),
+            Message::Pong(p) => shared.on_pong(&p, Instant::now()),
             Message::Disconnect(d) => {
                 debug!(reason = ?d.reason_or_unspecified(), message = %d.message, "peer disconnected");
                 shared.abort(CloseReason::Remote {

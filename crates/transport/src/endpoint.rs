@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use meshwork_wire::NodeId;
-use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello};
+use meshwork_wire::proto::{Disconnect, DisconnectReason, Hello, PeerCount};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::addr::{Host, local_host_ip};
 use crate::admission::{Admission, PendingHandshakes, Slot, Source};
-use crate::connection::{Connection, ConnectionHandle, Direction};
+use crate::connection::{Connection, ConnectionHandle, Direction, Home, OwnCount};
 use crate::handshake::{handshake, local_hello};
 use crate::transport::{BoxStream, Listener, Transport};
 use crate::{Address, Config, TransportError, lock};
@@ -65,6 +65,9 @@ struct Inner {
     failures: Mutex<BTreeMap<&'static str, u64>>,
     bans: Mutex<HashMap<NodeId, Instant>>,
     gate: OnceLock<Arc<dyn Gate>>,
+    /// What our Hellos and Pongs tell peers of our peer count
+    /// ([`Endpoint::set_peer_count`]), shared with every connection.
+    peer_count: OwnCount,
 }
 
 /// The application's say, during an incoming handshake, on whether it takes
@@ -171,6 +174,7 @@ impl Endpoint {
                 failures: Mutex::new(BTreeMap::new()),
                 bans: Mutex::new(HashMap::new()),
                 gate: OnceLock::new(),
+                peer_count: OwnCount::default(),
             }),
         }
     }
@@ -271,7 +275,7 @@ impl Endpoint {
     /// held until the application takes the connection.
     async fn accept_one(self, stream: BoxStream, remote: Address, mut slot: Slot) {
         let inner = &self.inner;
-        let hello = local_hello(&inner.config, self.advertised());
+        let hello = local_hello(&inner.config, self.advertised(), self.peer_count());
         // The peer the gate admitted, told when its handshake comes to
         // nothing (so that an attacker stopping after the gate holds no
         // slot of the application's).
@@ -359,9 +363,12 @@ impl Endpoint {
             id,
             remote,
             direction,
-            &inner.config,
-            &inner.tracker,
-            &inner.cancel,
+            Home {
+                config: &inner.config,
+                tracker: &inner.tracker,
+                parent: &inner.cancel,
+                own_count: &inner.peer_count,
+            },
         );
         lock(&inner.connections).insert(id, conn.handle());
         // A ban that landed while this handshake was in flight still applies.
@@ -461,7 +468,7 @@ impl Endpoint {
             _ = inner.stopping.cancelled() => return Err(TransportError::Shutdown),
             r = dial => r.map_err(|_| TransportError::Timeout { what: "dial", after: timeout })??,
         };
-        let hello = local_hello(&inner.config, self.advertised());
+        let hello = local_hello(&inner.config, self.advertised(), self.peer_count());
         let admit = |id: &NodeId, _: Option<&Hello>| match expected {
             Some(expected) if id != expected => Err(TransportError::UnexpectedPeer {
                 expected: expected.clone(),
@@ -496,6 +503,20 @@ impl Endpoint {
     /// for its pool's limits.
     pub fn set_gate(&self, gate: Arc<dyn Gate>) -> bool {
         self.inner.gate.set(gate).is_ok()
+    }
+
+    /// Sets the count of peers this node tells its peers from now on: in
+    /// the Hello of every handshake and in every Pong, on every connection
+    /// (protocol.md 4.2, 4.3). `None` (the default) sends none. The peer
+    /// manager keeps it up to date (its links, its `min_peers`), so that a
+    /// full peer can tell whether this node can spare a link.
+    pub fn set_peer_count(&self, count: Option<PeerCount>) {
+        *lock(&self.inner.peer_count) = count;
+    }
+
+    /// The count set with [`set_peer_count`](Self::set_peer_count).
+    pub fn peer_count(&self) -> Option<PeerCount> {
+        *lock(&self.inner.peer_count)
     }
 
     /// The admission policy: the allow list, then the ban list.

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use meshwork_wire::proto::{Disconnect, Hello};
+use meshwork_wire::proto::{Disconnect, Hello, PeerCount};
 use meshwork_wire::{FrameCodec, Message, NodeId, PROTOCOL_VERSION, encode_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -98,8 +98,13 @@ pub(crate) fn check_preamble(
     Ok(())
 }
 
-/// Our Hello, advertising `listen_addrs`.
-pub(crate) fn local_hello(config: &Config, listen_addrs: Vec<String>) -> Hello {
+/// Our Hello, advertising `listen_addrs` and, if the application keeps one,
+/// our count of peers ([`Endpoint::set_peer_count`](crate::Endpoint::set_peer_count)).
+pub(crate) fn local_hello(
+    config: &Config,
+    listen_addrs: Vec<String>,
+    peer_count: Option<PeerCount>,
+) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,
         network_id: config.network_id.clone(),
@@ -107,6 +112,7 @@ pub(crate) fn local_hello(config: &Config, listen_addrs: Vec<String>) -> Hello {
         listen_addrs,
         metadata: config.metadata.clone(),
         capabilities: config.capabilities,
+        peer_count,
     }
 }
 
@@ -421,6 +427,7 @@ mod tests {
             listen_addrs: vec![],
             metadata: Default::default(),
             capabilities: 0,
+            peer_count: None,
         }
     }
 
@@ -546,7 +553,7 @@ mod tests {
         let (server, r, mut w) = authenticated_stranger(&net, "forger").await;
 
         let victim = Identity::generate();
-        let mut forged = local_hello(&Config::new("n"), vec![]);
+        let mut forged = local_hello(&Config::new("n"), vec![], None);
         forged.node_id = victim.node_id().as_bytes().clone();
         let frame = encode_frame(&Message::Hello(Box::new(forged)), 1 << 20).unwrap();
         w.write_all(&frame).await.unwrap();

@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use common::*;
 use meshwork_transport::{CloseReason, Direction, Priority, TransportError};
 use meshwork_wire::Message;
-use meshwork_wire::proto::{Concern, ConcernKind, DisconnectReason, Ping};
+use meshwork_wire::proto::{Concern, ConcernKind, DisconnectReason, PeerCount, Ping};
 use tokio::io::AsyncWriteExt;
 
 on_both_transports!(
@@ -30,6 +30,7 @@ on_both_transports!(
     shutdown_says_goodbye_to_every_peer,
     dropping_a_connection_is_seen_as_eof,
     ping_measures_rtt_and_keepalive_keeps_idle_links,
+    the_peer_count_set_goes_in_hellos_and_pongs,
     idle_timeout_closes_silent_peer,
     oversized_frames_are_refused_both_ways,
     garbage_after_handshake_is_a_protocol_error,
@@ -517,6 +518,35 @@ async fn ping_measures_rtt_and_keepalive_keeps_idle_links(net: Net) {
     assert!(!conn.is_closed() && !incoming.is_closed());
     assert!(incoming.stats().last_rtt.is_some());
     assert!(incoming.stats().frames_received >= 3);
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// What `Endpoint::set_peer_count` was last given goes in the Hello of
+/// every handshake and in every Pong (protocol.md 4.2, 4.3); an endpoint
+/// given none sends none.
+async fn the_peer_count_set_goes_in_hellos_and_pongs(net: Net) {
+    let count = |linked, min_peers| Some(PeerCount { linked, min_peers });
+    let (server, addr) = net.listening("server", config()).await;
+    let client = net.dialer("client", config());
+    server.set_peer_count(count(3, 2));
+    let conn = client.connect(&addr).await.unwrap();
+    let incoming = server.accept().await.unwrap();
+    assert_eq!(conn.info().hello.peer_count, count(3, 2));
+    assert_eq!(incoming.info().hello.peer_count, None);
+    let (_, said) = conn.ping_for_count(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(said, count(3, 2));
+    // A change goes in the next Pong, on connections already open.
+    server.set_peer_count(count(4, 2));
+    assert_eq!(server.peer_count(), count(4, 2));
+    let (_, said) = conn.ping_for_count(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(said, count(4, 2));
+    let incoming = incoming.handle();
+    let (_, said) = incoming
+        .ping_for_count(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(said, None);
     client.shutdown().await;
     server.shutdown().await;
 }

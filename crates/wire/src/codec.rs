@@ -593,7 +593,8 @@ impl Encoder<Message> for FrameCodec {
 mod tests {
     use super::*;
     use crate::proto::{
-        Concern, ConcernKind, Disconnect, DisconnectReason, Discovered, Hello, PeerInfo, Ping, Pong,
+        Concern, ConcernKind, Disconnect, DisconnectReason, Discovered, Hello, PeerCount, PeerInfo,
+        Ping, Pong,
     };
     use proptest::collection::{btree_map, hash_map, vec};
     use proptest::prelude::*;
@@ -792,6 +793,10 @@ mod tests {
             listen_addrs: addrs.clone(),
             metadata,
             capabilities: u64::MAX,
+            peer_count: Some(PeerCount {
+                linked: u32::MAX,
+                min_peers: u32::MAX,
+            }),
         }));
         let peer = PeerInfo {
             node_id: Bytes::from(vec![1; crate::NodeId::MAX_LEN]),
@@ -845,6 +850,10 @@ mod tests {
             listen_addrs: vec!["tcp://127.0.0.1:7000".into()],
             metadata: [("role".to_string(), "seed".to_string())].into(),
             capabilities: 3,
+            peer_count: Some(PeerCount {
+                linked: 4,
+                min_peers: 2,
+            }),
         }));
         let frame = encode_frame(&msg, DEFAULT_MAX_FRAME_LEN).unwrap();
         for split in 0..frame.len() {
@@ -903,6 +912,13 @@ mod tests {
         )
     }
 
+    fn peer_count() -> impl Strategy<Value = Option<PeerCount>> {
+        proptest::option::of(
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(linked, min_peers)| PeerCount { linked, min_peers }),
+        )
+    }
+
     fn reason() -> impl Strategy<Value = i32> {
         1i32..=11
     }
@@ -915,9 +931,10 @@ mod tests {
                 node_id(),
                 addrs(),
                 hash_map("[a-z]{0,8}", "[ -~]{0,16}", 0..4),
-                any::<u64>()
+                any::<u64>(),
+                peer_count()
             )
-                .prop_map(|(v, net, id, listen, metadata, caps)| {
+                .prop_map(|(v, net, id, listen, metadata, caps, count)| {
                     Message::Hello(Box::new(Hello {
                         protocol_version: v,
                         network_id: net,
@@ -925,16 +942,20 @@ mod tests {
                         listen_addrs: listen,
                         metadata,
                         capabilities: caps,
+                        peer_count: count,
                     }))
                 }),
             (any::<u64>(), any::<u64>()).prop_map(|(nonce, ts)| Message::Ping(Ping {
                 nonce,
                 timestamp_micros: ts
             })),
-            (any::<u64>(), any::<u64>()).prop_map(|(nonce, ts)| Message::Pong(Pong {
-                nonce,
-                timestamp_micros: ts
-            })),
+            (any::<u64>(), any::<u64>(), peer_count()).prop_map(|(nonce, ts, count)| {
+                Message::Pong(Pong {
+                    nonce,
+                    timestamp_micros: ts,
+                    peer_count: count,
+                })
+            }),
             vec(peer_info(), 0..8).prop_map(|peers| Message::Discovered(Discovered { peers })),
             (reason(), "[ -~]{0,40}", vec(peer_info(), 0..4)).prop_map(|(r, m, alts)| {
                 Message::Disconnect(Disconnect {
@@ -1007,6 +1028,7 @@ mod tests {
                 listen_addrs: vec![],
                 metadata: m.into_iter().collect(),
                 capabilities: 0,
+                peer_count: None,
             }));
             prop_assert_eq!(roundtrip(&msg), msg);
         }

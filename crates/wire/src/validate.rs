@@ -59,7 +59,8 @@ impl Limits {
     /// reserve a full frame's buffer (16 MiB by default) per pending
     /// handshake.
     pub fn max_handshake_frame_len(&self) -> usize {
-        let hello = (self.max_network_id_len + NodeId::MAX_LEN + 8 * FIELD)
+        // The fixed fields, and a peer count at its longest (two varints).
+        let hello = (self.max_network_id_len + NodeId::MAX_LEN + 8 * FIELD + FIELD + 2 * VARINT)
             .saturating_add(self.addrs_len())
             .saturating_add(
                 self.max_metadata_entries
@@ -224,6 +225,7 @@ mod tests {
             listen_addrs: vec!["tcp://127.0.0.1:7000".into()],
             metadata: Default::default(),
             capabilities: 0,
+            peer_count: None,
         }
     }
 

@@ -119,6 +119,7 @@ pub fn hello_from(config: &Config, version: u32, network: &str) -> Message {
         listen_addrs: vec![],
         metadata: Default::default(),
         capabilities: 0,
+        peer_count: None,
     }))
 }
 
