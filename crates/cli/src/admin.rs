@@ -739,6 +739,10 @@ pub(crate) struct PoolJson {
     /// (the pool was full only because its own dials took slots of the
     /// inbound share).
     pub(crate) reclaims: u64,
+    /// Inbound links closed to hand their slot to a dialler with no peer,
+    /// each closed peer having said it had peers to spare (what lets a node
+    /// new to a mesh of full pools in).
+    pub(crate) handovers: u64,
     /// Messages for the layers above dropped because nobody took them.
     pub(crate) dropped_inbound: u64,
     /// The pool dials known peers while it has fewer (`--min-peers`).
@@ -923,6 +927,7 @@ pub(crate) fn status_json(
             suspected_twins: pool.suspected_twins,
             swaps: pool.swaps,
             reclaims: pool.reclaims,
+            handovers: pool.handovers,
             dropped_inbound: pool.dropped_inbound,
             min_peers: limits.min_peers,
             max_peers: limits.max_peers,
@@ -2186,6 +2191,7 @@ mod tests {
                 suspected_twins: 6,
                 swaps: 7,
                 reclaims: 8,
+                handovers: 9,
                 dropped_inbound: 3,
             },
             peers: vec![
@@ -2371,6 +2377,7 @@ mod tests {
                     "suspected_twins": 6,
                     "swaps": 7,
                     "reclaims": 8,
+                    "handovers": 9,
                     "dropped_inbound": 3,
                     "min_peers": 4,
                     "max_peers": 16

@@ -94,6 +94,23 @@ impl Heartbeat {
         true
     }
 
+    /// True when a ping should go out now whatever the link's traffic (for
+    /// the peer's count, which only Pongs refresh): none in flight and none
+    /// sent within `every`. If so, records it as sent; the interval of
+    /// quiet pings is left as it is.
+    pub(crate) fn poll_every(&mut self, every: Duration, now: Instant) -> bool {
+        if self.in_flight
+            || self
+                .last_ping
+                .is_some_and(|p| now.saturating_duration_since(p) < every)
+        {
+            return false;
+        }
+        self.in_flight = true;
+        self.last_ping = Some(now);
+        true
+    }
+
     /// The ping was answered (or failed): another may be sent.
     pub(crate) fn ping_done(&mut self) {
         self.in_flight = false;

@@ -72,6 +72,11 @@ pub struct PoolStats {
     /// room (what lets a node short of peers in when `min_peers` is close
     /// to `max_peers`), since start.
     pub reclaims: u64,
+    /// Inbound links closed to hand their slot to a dialler with no peer
+    /// (its Hello said so), each closed peer having said lately that it
+    /// has more peers than its own `min_peers` (what lets a node new to a
+    /// mesh of full pools in), since start.
+    pub handovers: u64,
     /// Concern messages dropped: nobody took the inbound queue, it was full,
     /// or they came on a connection the pool refused.
     pub dropped_inbound: u64,
@@ -489,6 +494,7 @@ impl PeerManager {
             suspected_twins: c.suspected_twins,
             swaps: c.swaps,
             reclaims: c.reclaims,
+            handovers: c.handovers,
             dropped_inbound: self.inner.dropped_inbound.load(Ordering::Relaxed),
         }
     }
@@ -789,8 +795,10 @@ impl Inner {
                 let this = self.clone();
                 let timeout = self.config.heartbeat.unresponsive_after;
                 self.spawn(async move {
-                    match handle.ping(timeout).await {
-                        Ok(rtt) => this.with_pool(|p, now| p.on_pong(conn, rtt, now)),
+                    match handle.ping_for_count(timeout).await {
+                        Ok((rtt, count)) => {
+                            this.with_pool(|p, now| p.on_pong(conn, rtt, count, now))
+                        }
                         Err(_) => this.with_pool(|p, _| p.on_ping_failed(conn)),
                     }
                 });
@@ -867,6 +875,7 @@ impl Inner {
             metadata: info.hello.metadata.clone(),
             // The handshake's round trip (the connection's only sample yet).
             rtt: conn.stats().last_rtt,
+            count: info.hello.peer_count,
         };
         let span = info_span!("peer", peer = %link.node.short(), conn = id);
         lock(&self.handles).insert(id, conn.handle());
@@ -1007,7 +1016,9 @@ struct PoolGate(Weak<Inner>);
 impl Gate for PoolGate {
     fn admit(&self, peer: &NodeId, hello: &Hello) -> Result<(), Disconnect> {
         match self.0.upgrade() {
-            Some(inner) => lock(&inner.pool).gate(peer, &hello.listen_addrs, Instant::now()),
+            Some(inner) => {
+                lock(&inner.pool).gate(peer, &hello.listen_addrs, hello.peer_count, Instant::now())
+            }
             // Stopping: nobody will take the connection anyway.
             None => Ok(()),
         }

@@ -143,12 +143,15 @@ async fn old_identities_do_not_eclipse_a_full_node_through_swaps() {
     let v = listening(&net, "v", &Identity::generate(), cfg(1, 4)).await;
     let v_id = v.node_id().clone();
     // The attacker's identities link to v early (v had room), then crash.
+    // (With room for more than one peer each: with one, the last one,
+    // refused by v, took the slot v's own dial held at another, handed to
+    // it as a node with no peer, v having peers to spare.)
     let evil: Vec<(String, Identity)> = (0..4)
         .map(|i| (format!("a{i}"), Identity::generate()))
         .collect();
     let mut first = Vec::new();
     for (host, key) in &evil {
-        first.push(listening(&net, host, key, cfg(1, 1).with_seed(addr("v"))).await);
+        first.push(listening(&net, host, key, cfg(1, 3).with_seed(addr("v"))).await);
         sleep(S).await;
     }
     sleep(5 * S).await;

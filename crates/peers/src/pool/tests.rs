@@ -25,6 +25,7 @@ fn info(n: u8, direction: Direction) -> LinkInfo {
         listen_addrs: vec![addr(n).to_string()],
         metadata: HashMap::new(),
         rtt: None,
+        count: None,
     }
 }
 
@@ -76,7 +77,8 @@ impl Harness {
 
     /// Node `n` (at `addr(n)`) at the gate.
     fn gate(&mut self, n: u8) -> Result<(), Disconnect> {
-        self.pool.gate(&id(n), &[addr(n).to_string()], self.now)
+        self.pool
+            .gate(&id(n), &[addr(n).to_string()], None, self.now)
     }
 
     /// Links 1 and 2 (dialled by us), then 3 and 4 (dialled in): with
@@ -830,8 +832,8 @@ fn pings_only_on_a_quiet_link_and_measure_rtt() {
         h.poll_heard(Some(quiet))
             .contains(&Action::Ping { conn: 7 })
     );
-    h.pool.on_pong(7, 30 * MS, h.now);
-    h.pool.on_pong(7, 10 * MS, h.now);
+    h.pool.on_pong(7, 30 * MS, None, h.now);
+    h.pool.on_pong(7, 10 * MS, None, h.now);
     let p = h.pool.peer(&id(1), h.now).unwrap();
     assert_eq!(p.rtt, Some(10 * MS));
     assert_eq!(p.smoothed_rtt, Some((30 * MS * 7 + 10 * MS) / 8));
@@ -855,10 +857,7 @@ fn too_many_errors_disconnect_and_back_off() {
     // refused if it dials us (in the handshake, and if taken).
     h.advance(4 * S);
     assert!(dials(&h.poll()).is_empty());
-    let gated = h
-        .pool
-        .gate(&id(1), &[addr(1).to_string()], h.now)
-        .expect_err("banned");
+    let gated = h.gate(1).expect_err("banned");
     assert_eq!(gated.reason_or_unspecified(), DisconnectReason::Banned);
     assert_eq!(
         closes(&h.connect(8, 1, Direction::Inbound)),
@@ -924,9 +923,9 @@ fn score_orders_peers_and_selection_spreads_by_weight() {
             .insert("height".into(), (n as u32 * 100).to_string());
         h.pool.on_connection(n as u64, i, h.now);
     }
-    h.pool.on_pong(1, 5 * MS, h.now);
-    h.pool.on_pong(2, 5 * MS, h.now);
-    h.pool.on_pong(3, 200 * MS, h.now);
+    h.pool.on_pong(1, 5 * MS, None, h.now);
+    h.pool.on_pong(2, 5 * MS, None, h.now);
+    h.pool.on_pong(3, 200 * MS, None, h.now);
     let s = |h: &Harness, n| h.pool.peer(&id(n), h.now).unwrap().score;
     assert!(s(&h, 1) > s(&h, 3));
     h.pool.report(&id(2), false, h.now);
@@ -971,7 +970,7 @@ fn dialers_refused_in_the_handshake_push_nobody_out_of_the_book() {
     }
     // Room for two more: the first two refused are learnt, then nobody.
     for n in 100..=150u8 {
-        assert!(h.pool.gate(&id(n), &[addr(n).to_string()], h.now).is_err());
+        assert!(h.gate(n).is_err());
     }
     let known: Vec<NodeId> = h
         .pool
@@ -1056,20 +1055,17 @@ fn a_node_that_refuses_for_want_of_room_is_not_forgotten() {
 fn the_gate_refuses_what_the_pool_has_no_room_for() {
     // max 4, 2 reserved for outbound: 2 inbound at most.
     let mut h = Harness::new(0, cfg());
-    assert!(h.pool.gate(&id(1), &[addr(1).to_string()], h.now).is_ok());
+    assert!(h.gate(1).is_ok());
     h.connect(1, 1, Direction::Inbound);
     // The slot let through is held for its handshake: a third dialler at
     // the same time is refused, until the hold lapses.
-    assert!(h.pool.gate(&id(2), &[addr(2).to_string()], h.now).is_ok());
-    assert!(h.pool.gate(&id(3), &[addr(3).to_string()], h.now).is_err());
+    assert!(h.gate(2).is_ok());
+    assert!(h.gate(3).is_err());
     h.advance(GATE_HOLD);
-    assert!(h.pool.gate(&id(3), &[addr(3).to_string()], h.now).is_ok());
+    assert!(h.gate(3).is_ok());
     h.advance(GATE_HOLD);
     h.connect(2, 2, Direction::Inbound);
-    let refusal = h
-        .pool
-        .gate(&id(3), &[addr(3).to_string()], h.now)
-        .expect_err("no inbound room");
+    let refusal = h.gate(3).expect_err("no inbound room");
     assert_full_naming(&refusal, &[1, 2]);
     assert_eq!(h.pool.counts().refused, 2);
     assert!(h.pool.take_actions().is_empty(), "the gate acts on nothing");
@@ -1079,32 +1075,23 @@ fn the_gate_refuses_what_the_pool_has_no_room_for() {
     assert_eq!(h.pool.entries[&id(3)].addrs, vec![addr(3)]);
     // A linked peer's second connection goes through (duplicates are
     // settled once the connection is taken).
-    assert!(h.pool.gate(&id(1), &[addr(1).to_string()], h.now).is_ok());
+    assert!(h.gate(1).is_ok());
     // A peer known longer than the youngest inbound one gets its slot.
     h.pool.on_closed(2, CloseReason::Eof, h.now);
     h.advance(S);
     h.connect(5, 5, Direction::Inbound);
-    assert!(
-        h.pool.gate(&id(2), &[addr(2).to_string()], h.now).is_ok(),
-        "2 was linked before 5"
-    );
-    assert!(h.pool.gate(&id(6), &[addr(6).to_string()], h.now).is_err());
+    assert!(h.gate(2).is_ok(), "2 was linked before 5");
+    assert!(h.gate(6).is_err());
     // Stopping, or blocked: refused with that reason.
     h.pool.blocked.insert(id(7));
     h.pool.on_closed(5, CloseReason::Eof, h.now);
-    let blocked = h
-        .pool
-        .gate(&id(7), &[addr(7).to_string()], h.now)
-        .expect_err("blocked");
+    let blocked = h.gate(7).expect_err("blocked");
     assert_eq!(
         blocked.reason_or_unspecified(),
         DisconnectReason::NotAllowed
     );
     h.pool.shutting_down = true;
-    let stopping = h
-        .pool
-        .gate(&id(8), &[addr(8).to_string()], h.now)
-        .expect_err("stopping");
+    let stopping = h.gate(8).expect_err("stopping");
     assert_eq!(stopping.reason_or_unspecified(), DisconnectReason::Shutdown);
 }
 
@@ -1167,10 +1154,7 @@ fn an_inbound_dialler_takes_back_a_slot_our_dials_borrowed() {
 fn a_held_slot_is_not_dialled_for_and_a_crossed_dial_is_let_through() {
     let mut h = Harness::new(0, cfg());
     three_linked_and_4_lost(&mut h);
-    assert!(
-        h.pool.gate(&id(9), &[addr(9).to_string()], h.now).is_ok(),
-        "3 of 4 linked, 1 of 2 inbound"
-    );
+    assert!(h.gate(9).is_ok(), "3 of 4 linked, 1 of 2 inbound");
     assert!(dials(&h.poll()).is_empty(), "the last slot is held for 9");
     assert!(closes(&h.connect(11, 9, Direction::Inbound)).is_empty());
 
@@ -1178,10 +1162,7 @@ fn a_held_slot_is_not_dialled_for_and_a_crossed_dial_is_let_through() {
     three_linked_and_4_lost(&mut h);
     let d = dials(&h.poll());
     assert_eq!(d.len(), 1, "the redial of 4 takes the last slot");
-    assert!(
-        h.pool.gate(&id(4), &[addr(4).to_string()], h.now).is_ok(),
-        "4 dials us as we dial it"
-    );
+    assert!(h.gate(4).is_ok(), "4 dials us as we dial it");
     assert!(closes(&h.connect(11, 4, Direction::Inbound)).is_empty());
     assert_eq!(h.state(4), Some(PeerState::Connected));
 }
@@ -1197,11 +1178,8 @@ fn a_held_slot_makes_no_returning_peer_evict_a_live_one() {
     h.advance(S);
     h.connect(5, 5, Direction::Inbound);
     h.pool.take_actions();
-    assert!(h.pool.gate(&id(9), &[addr(9).to_string()], h.now).is_ok());
-    assert!(
-        h.pool.gate(&id(1), &[addr(1).to_string()], h.now).is_ok(),
-        "known longer than 5"
-    );
+    assert!(h.gate(9).is_ok());
+    assert!(h.gate(1).is_ok(), "known longer than 5");
     assert!(closes(&h.connect(6, 1, Direction::Inbound)).is_empty());
     assert_eq!(h.pool.counts().inbound, 2);
 }
@@ -2069,10 +2047,10 @@ fn a_handshake_that_comes_to_nothing_frees_the_slot_it_held() {
     for t in 0..120u8 {
         h.advance(S);
         for a in [200u8, 201] {
-            assert!(h.pool.gate(&id(a), &[], h.now).is_ok(), "t={t}");
+            assert!(h.pool.gate(&id(a), &[], None, h.now).is_ok(), "t={t}");
             h.pool.release_gate(&id(a));
         }
-        if h.pool.gate(&id(50 + t % 50), &[], h.now).is_ok() {
+        if h.pool.gate(&id(50 + t % 50), &[], None, h.now).is_ok() {
             admitted += 1;
             h.pool.release_gate(&id(50 + t % 50));
         }
@@ -2093,7 +2071,7 @@ fn a_peer_let_through_to_take_a_slot_stops_none_of_our_dials() {
     h.pool.on_closed(2, CloseReason::Eof, h.now);
     h.pool.take_actions();
     assert!(
-        h.pool.gate(&id(100), &[], h.now).is_ok(),
+        h.pool.gate(&id(100), &[], None, h.now).is_ok(),
         "known longer than 3 and 4"
     );
     assert_eq!(dials(&h.poll()).len(), 1);
@@ -2189,7 +2167,7 @@ fn evictions_for_inbound_peers_are_at_least_a_feeler_interval_apart() {
         if let Some(c) = h.pool.entries[&id(100)].link.as_ref().map(|l| l.conn) {
             h.pool.on_closed(c, CloseReason::Eof, h.now);
         }
-        assert!(h.pool.gate(&id(newcomer), &[], h.now).is_ok());
+        assert!(h.pool.gate(&id(newcomer), &[], None, h.now).is_ok());
         h.connect(conn, newcomer, Direction::Inbound);
         conn += 1;
         newcomer += 1;
@@ -2366,4 +2344,162 @@ fn a_lost_link_is_replaced_by_a_peer_of_the_lost_peer() {
     };
     let (_, d) = lose(31 * S, full);
     assert_eq!(to(&d, 5) + to(&d, 6), 0, "closed as full: {d:?}");
+}
+
+/// A count of `linked` peers, `min_peers` wanted.
+fn count(linked: u32, min_peers: u32) -> Option<PeerCount> {
+    Some(PeerCount { linked, min_peers })
+}
+
+/// `n`'s Hello, telling `linked` peers and `min_peers` wanted.
+fn counted(n: u8, direction: Direction, linked: u32, min_peers: u32) -> LinkInfo {
+    LinkInfo {
+        count: count(linked, min_peers),
+        ..info(n, direction)
+    }
+}
+
+impl Harness {
+    /// Connection `conn` from node `n`, whose Hello tells `linked` peers
+    /// and `min_peers` wanted.
+    fn connect_counted(
+        &mut self,
+        conn: ConnId,
+        n: u8,
+        direction: Direction,
+        (linked, min_peers): (u32, u32),
+    ) -> Vec<Action> {
+        let info = counted(n, direction, linked, min_peers);
+        self.pool.on_connection(conn, info, self.now);
+        self.pool.take_actions()
+    }
+
+    /// [`fill`](Self::fill), the Hellos of 3 and 4 (3 linked first, a
+    /// second before 4) telling the counts `three` and `four`.
+    fn fill_counted(&mut self, three: (u32, u32), four: (u32, u32)) {
+        self.connect(1, 1, Direction::Outbound);
+        self.connect(2, 2, Direction::Outbound);
+        self.connect_counted(3, 3, Direction::Inbound, three);
+        self.advance(S);
+        self.connect_counted(4, 4, Direction::Inbound, four);
+    }
+
+    /// A Pong on `conn` telling `linked` peers and `min_peers` wanted.
+    fn pong(&mut self, conn: ConnId, linked: u32, min_peers: u32) {
+        self.pool
+            .on_pong(conn, MS, count(linked, min_peers), self.now);
+    }
+}
+
+/// A full pool (two dials, two diallers) hands a dialler with no peer the
+/// slot of its youngest inbound peer that said lately it has peers to
+/// spare, once per eviction interval, and nobody else's: not a dialler
+/// with a peer already, not the slot of a peer at its `min_peers` (or with
+/// us as its only peer), nor of one whose count is older than
+/// `unresponsive_after`, nor a dialler that says nothing of its count.
+#[test]
+fn a_full_pool_hands_a_dialler_with_no_peer_the_slot_of_a_peer_with_peers_to_spare() {
+    let mut h = Harness::new(0, cfg().with_feeler_interval(60 * S));
+    // 3 has 3 peers of the 2 it wants; 4 has its 2; 3 is older.
+    h.fill_counted((3, 2), (2, 2));
+    let gate = |h: &mut Harness, n: u8, said: Option<PeerCount>| {
+        h.pool
+            .gate(&id(n), &[addr(n).to_string()], said, h.now)
+            .is_ok()
+    };
+    let lone = count(0, 2);
+    let one = count(1, 2);
+    assert!(!gate(&mut h, 20, None), "no count said");
+    assert!(!gate(&mut h, 20, one), "a dialler with a peer");
+    // 3's count is older than unresponsive_after (15 s): not trusted.
+    h.advance(15 * S);
+    assert!(!gate(&mut h, 20, lone), "a stale count");
+    // A Pong brings it again: 3 can spare its link to us, 4 cannot.
+    h.pong(3, 3, 2);
+    h.pong(4, 2, 2);
+    assert!(gate(&mut h, 20, lone));
+    let acts = h.connect_counted(5, 20, Direction::Inbound, (0, 2));
+    assert_eq!(closes(&acts), vec![(3, DisconnectReason::TooManyPeers)]);
+    assert_eq!(h.state(20), Some(PeerState::Connected));
+    assert_eq!(h.pool.counts().handovers, 1);
+    assert_eq!(h.pool.counts().linked, 4);
+    // A second dialler with no peer within the eviction interval: refused,
+    // though 20 says now it has peers to spare.
+    h.advance(S);
+    h.pong(5, 5, 2);
+    assert!(!gate(&mut h, 21, lone), "within the eviction budget");
+    // Past it, 20 (it has peers to spare now, and it is the youngest) gives way.
+    h.advance(120 * S);
+    h.pong(5, 5, 2);
+    h.pong(4, 2, 2);
+    assert!(gate(&mut h, 21, lone));
+    let acts = h.connect_counted(6, 21, Direction::Inbound, (0, 2));
+    assert_eq!(closes(&acts), vec![(5, DisconnectReason::TooManyPeers)]);
+    // A peer at its min_peers, or with us alone, never gives way.
+    h.advance(120 * S);
+    h.pong(4, 1, 0);
+    h.pong(6, 2, 2);
+    assert!(!gate(&mut h, 22, lone));
+    assert_eq!(h.pool.counts().handovers, 2);
+}
+
+/// A slot handed to a node with no peer is not taken back by a peer known
+/// longer while its holder has no peer to spare: the old peer (here one
+/// that dials in again to refill its outbound share after giving that
+/// very slot away) and the newcomer would take it from each other in turn,
+/// one eviction interval apart, for good. Once the holder has peers to
+/// spare, the old peer may have it.
+#[test]
+fn a_slot_handed_to_a_node_with_no_peer_is_not_taken_back_while_it_needs_it() {
+    let mut h = Harness::new(0, cfg().with_feeler_interval(60 * S));
+    // 4, the younger, can spare its link to us.
+    h.fill_counted((2, 2), (4, 2));
+    h.advance(S);
+    let acts = h.connect_counted(5, 20, Direction::Inbound, (0, 2));
+    assert_eq!(closes(&acts), vec![(4, DisconnectReason::TooManyPeers)]);
+    // 4 comes back, past the eviction interval: 20, the only one younger,
+    // has one peer (us) and keeps its slot.
+    for _ in 0..4 {
+        h.advance(60 * S);
+        h.pong(5, 1, 2);
+        h.pong(3, 2, 2);
+        assert!(h.gate(4).is_err());
+    }
+    // 20 has peers to spare now: 4, known longer, takes its slot.
+    h.pong(5, 3, 2);
+    assert!(h.gate(4).is_ok());
+    let acts = h.connect_counted(6, 4, Direction::Inbound, (3, 2));
+    assert_eq!(closes(&acts), vec![(5, DisconnectReason::TooManyPeers)]);
+}
+
+/// A busy link sends no heartbeat; a peer that tells its count is pinged
+/// for it all the same once its last count is older than the slowest
+/// heartbeat, so that what says whether it can spare its link is never
+/// older than `unresponsive_after`. A peer that never told one is not.
+#[test]
+fn a_busy_peer_that_tells_its_count_is_pinged_for_it() {
+    let mut h = Harness::new(0, cfg());
+    h.connect_counted(7, 1, Direction::Outbound, (1, 2));
+    h.connect(8, 2, Direction::Outbound);
+    let pinged = |acts: &[Action], conn| acts.contains(&Action::Ping { conn });
+    let mut first = None;
+    // Traffic every 500 ms on both links.
+    for i in 0..40 {
+        h.advance(500 * MS);
+        let acts = h.poll();
+        assert!(!pinged(&acts, 8), "no count, no ping");
+        if pinged(&acts, 7) {
+            first.get_or_insert(i);
+            h.pong(7, 3, 2);
+        }
+    }
+    // Every 8 s (the slowest heartbeat), from 8 s on.
+    assert_eq!(first, Some(15));
+    assert!(
+        h.pool.entries[&id(1)]
+            .link
+            .as_ref()
+            .unwrap()
+            .can_spare(15 * S, h.now)
+    );
 }
