@@ -788,6 +788,12 @@ pub(crate) struct PeerJson {
     pub(crate) idle_ms: Option<f64>,
     /// Dials that failed in a row.
     pub(crate) dial_failures: u32,
+    /// While connected, how many peers the peer says it has, null if it
+    /// does not say (an older node) or when not connected.
+    pub(crate) peer_linked: Option<u32>,
+    /// While connected, how many it says it wants (its `min_peers`), null
+    /// as `peer_linked` is.
+    pub(crate) peer_min_peers: Option<u32>,
     /// The metadata from its Hello (empty until connected once).
     pub(crate) metadata: BTreeMap<String, String>,
 }
@@ -1025,6 +1031,8 @@ fn peers_json(peers: &[PeerSnapshot], routes: &[Route]) -> Vec<PeerJson> {
                 connected_secs: None,
                 idle_ms: None,
                 dial_failures: 0,
+                peer_linked: None,
+                peer_min_peers: None,
                 metadata: BTreeMap::new(),
             }),
         }
@@ -1049,6 +1057,8 @@ fn peer_json(p: &PeerSnapshot) -> PeerJson {
         connected_secs: p.connected_for.map(|d| d.as_secs_f64()),
         idle_ms: p.idle_for.map(ms),
         dial_failures: p.dial_failures,
+        peer_linked: p.peer_count.map(|c| c.linked),
+        peer_min_peers: p.peer_count.map(|c| c.min_peers),
         metadata: p.metadata.clone().into_iter().collect(),
     }
 }
@@ -2210,6 +2220,10 @@ mod tests {
                     connected_for: Some(Duration::from_millis(250)),
                     idle_for: Some(Duration::from_micros(1500)),
                     dial_failures: 0,
+                    peer_count: Some(meshwork::wire::proto::PeerCount {
+                        linked: 5,
+                        min_peers: 4,
+                    }),
                 },
                 PeerSnapshot {
                     node_id: known.clone(),
@@ -2226,6 +2240,7 @@ mod tests {
                     connected_for: None,
                     idle_for: None,
                     dial_failures: 3,
+                    peer_count: None,
                 },
             ],
             seeds: vec![
@@ -2398,6 +2413,8 @@ mod tests {
                     "connected_secs": 0.25,
                     "idle_ms": 1.5,
                     "dial_failures": 0,
+                    "peer_linked": 5,
+                    "peer_min_peers": 4,
                     "metadata": {"role": "leaf"}
                 }, {
                     "node_id": "04",
@@ -2415,6 +2432,8 @@ mod tests {
                     "connected_secs": null,
                     "idle_ms": null,
                     "dial_failures": 3,
+                    "peer_linked": null,
+                    "peer_min_peers": null,
                     "metadata": {}
                 }],
                 "seeds": [

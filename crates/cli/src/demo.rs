@@ -1555,6 +1555,7 @@ mod tests {
             connected_for: linked.then_some(Duration::from_millis(500)),
             idle_for: linked.then_some(Duration::from_millis(5)),
             dial_failures: 0,
+            peer_count: None,
         }
     }
 

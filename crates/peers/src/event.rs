@@ -139,6 +139,10 @@ pub struct PeerSnapshot {
     pub idle_for: Option<Duration>,
     /// Dials that failed in a row.
     pub dial_failures: u32,
+    /// While connected, the peer's own count of its peers and the count it
+    /// wants (its `min_peers`), as it last told them (its Hello, then each
+    /// Pong); `None` from a node that does not send them.
+    pub peer_count: Option<meshwork_wire::proto::PeerCount>,
 }
 
 /// One seed as the manager sees it at a moment: whether it answers, and

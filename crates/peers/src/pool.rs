@@ -410,6 +410,7 @@ impl Entry {
             connected_for,
             idle_for: link.map(|l| now.saturating_duration_since(l.last_heard)),
             dial_failures: self.dial_failures,
+            peer_count: link.and_then(|l| l.count.map(|(c, _)| c)),
         }
     }
 }

@@ -1354,3 +1354,28 @@ async fn a_node_new_to_a_saturated_mesh_is_handed_a_slot() {
     eprintln!("{} slots handed to nodes with no peer", handovers(&nodes));
     shutdown_all(nodes.into_iter().flatten().collect()).await;
 }
+
+/// A peer's count of its peers, as it tells it (its Hello, then its
+/// Pongs), shows in the snapshot of it (and so in `/status`): an operator
+/// sees which neighbours are full.
+#[tokio::test(start_paused = true)]
+async fn a_peers_told_count_shows_in_its_snapshot() {
+    let net = MemNetwork::new();
+    let a = node(&net, "pc-a", config(1, 4)).await;
+    let b = node(&net, "pc-b", config(3, 4).with_seed(addr("pc-a"))).await;
+    let told = |n: &PeerManager, of: &PeerManager| {
+        n.peers()
+            .into_iter()
+            .find(|p| &p.node_id == of.node_id())
+            .and_then(|p| p.peer_count)
+            .map(|c| (c.linked, c.min_peers))
+    };
+    // b has one peer (a) and wants three; a has one and wants one.
+    settle(30 * S, || {
+        told(&a, &b) == Some((1, 3)) && told(&b, &a) == Some((1, 1))
+    })
+    .await;
+    b.shutdown().await;
+    settle(10 * S, || told(&a, &b).is_none()).await;
+    a.shutdown().await;
+}
