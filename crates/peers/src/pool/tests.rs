@@ -2503,3 +2503,43 @@ fn a_busy_peer_that_tells_its_count_is_pinged_for_it() {
             .can_spare(15 * S, h.now)
     );
 }
+
+/// A full pool whose eviction budget is spent still gives a peer known
+/// longer its youngest inbound link's slot when that peer's link (of a
+/// discovery interval or more) broke without our doing within the
+/// lost-peer window, once per window: after a heal, the half whose pools
+/// had filled refused the other half's redials until the budgets came
+/// back (the sync chaos test: 40-52 s to one graph in 4 runs of 8).
+#[test]
+fn a_peer_lost_without_our_doing_is_readmitted_once_outside_the_budget() {
+    // 5 linked for `hold`, lost; the pool full again, its budget spent (an
+    // eviction a moment ago).
+    let lost_after = |hold: Duration| {
+        let mut h = Harness::new(0, cfg());
+        h.connect(1, 1, Direction::Outbound);
+        h.connect(2, 2, Direction::Outbound);
+        h.connect(5, 5, Direction::Inbound);
+        h.advance(hold);
+        h.pool.on_closed(5, CloseReason::Eof, h.now);
+        h.connect(3, 3, Direction::Inbound);
+        h.connect(4, 4, Direction::Inbound);
+        h.pool.take_actions();
+        h.pool.next_eviction = h.now + 60 * S;
+        h
+    };
+    let mut h = lost_after(31 * S);
+    assert!(h.gate(5).is_ok(), "a lost peer is let through");
+    let closed = closes(&h.connect(6, 5, Direction::Inbound));
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0].1, DisconnectReason::TooManyPeers);
+    assert_eq!(h.state(5), Some(PeerState::Connected));
+    // Lost again: not a second time within the window.
+    h.advance(31 * S);
+    h.pool.on_closed(6, CloseReason::Eof, h.now);
+    h.connect(7, 7, Direction::Inbound);
+    h.pool.take_actions();
+    h.pool.next_eviction = h.now + 60 * S;
+    assert!(h.gate(5).is_err(), "readmitted once per window");
+    // Nor one whose link lasted less than a discovery interval.
+    assert!(lost_after(10 * S).gate(5).is_err(), "a link of 10 s");
+}
