@@ -1623,10 +1623,12 @@ async fn chaos_many_nodes_partitions_crashes_and_loss_converge_without_resurrect
     );
     chaos.net.heal();
     let healed = Instant::now();
-    // Halves whose pools filled up inside rejoin through swap dials, one
-    // per node every feeler interval (60 s, jittered from 30 to 90 s): a
-    // replay of one seed took from 0.65 s to 84 s, run to run (the dials'
-    // timing on the paused clock varies). Three intervals.
+    // Halves whose pools filled up inside rejoin as the lost peers across
+    // redial: a full pool gives such a peer its youngest inbound slot
+    // outside the eviction budget, once per lost-peer window (50-750 ms in
+    // 20 runs of 20, 2026-12-05; 40-52 s in 4 runs of 8 before, through
+    // swap dials, one per node every feeler interval). The limit stays at
+    // three feeler intervals, the slow path's worst.
     chaos
         .wait("one graph after the heal", 180 * S, |c| {
             one_graph(&c.live_nodes(), 1)
