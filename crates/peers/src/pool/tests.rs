@@ -2302,7 +2302,8 @@ fn told_by(h: &mut Harness, from: u8, linked: &[u8]) {
 
 /// A link lost without our doing is replaced by a dial to one of the lost
 /// peer's own peers, first one that none of our other peers is linked to
-/// (the one likeliest cut off with it), even above `min_peers`; not for a
+/// (the one likeliest cut off with it), even when the loss leaves the pool
+/// at `min_peers`; not for a
 /// link younger than a discovery interval, nor for one the peer closed as
 /// full.
 #[test]
