@@ -1316,17 +1316,18 @@ impl Pool {
             reason,
         }));
         if replace {
-            self.replace_lost(id, since, now);
+            self.note_lost_link(id, since, now);
         }
     }
 
     /// `id`'s link, made at `since`, was lost without our doing (it
-    /// crashed, left, or the network between us broke): one of its own
-    /// peers is dialled in its place, while there is room (see
+    /// crashed, left, or the network between us broke): how long it lasted
+    /// is kept (see [`readmits`](Self::readmits)), and one of its own peers
+    /// is dialled in its place, while there is room (see
     /// [`poll_replacements`](Self::poll_replacements)). Only for a link
     /// that lasted a discovery interval: a peer must hold a link that long
     /// to steer one dial of ours to nodes it names.
-    fn replace_lost(&mut self, id: &NodeId, since: Option<Instant>, now: Instant) {
+    fn note_lost_link(&mut self, id: &NodeId, since: Option<Instant>, now: Instant) {
         let Some(since) = since else {
             return;
         };
@@ -1697,24 +1698,19 @@ impl Pool {
     /// [`handover_victim`](Self::handover_victim)).
     fn make_room_for(&mut self, info: &LinkInfo, now: Instant) -> Option<Eviction> {
         let (victim, why) = match info.direction {
-            Direction::Inbound => {
-                if now < self.next_eviction {
-                    if !self.readmits(&info.node, now) {
-                        return None;
-                    }
-                    // Outside the budget: a peer lost without our doing,
-                    // back once per window.
-                    let victim = self.room_victim(&info.node, info.direction, now)?;
-                    if let Some(e) = self.entries.get_mut(&info.node) {
-                        e.readmitted_at = Some(now);
-                    }
-                    let d = Disconnect::new(
-                        DisconnectReason::TooManyPeers,
-                        "slot given to a peer known longer",
-                    );
-                    self.close_link(&victim, d, false, now);
-                    return Some(Eviction::KnownLonger);
+            // Outside the budget: a peer lost without our doing, back once
+            // per window (see `readmits`).
+            Direction::Inbound if now < self.next_eviction => {
+                if !self.readmits(&info.node, now) {
+                    return None;
                 }
+                let victim = self.room_victim(&info.node, info.direction, now)?;
+                if let Some(e) = self.entries.get_mut(&info.node) {
+                    e.readmitted_at = Some(now);
+                }
+                (victim, Eviction::KnownLonger)
+            }
+            Direction::Inbound => {
                 let victim = if let Some(victim) = self.reclaim_victim(0) {
                     self.reclaims += 1;
                     (victim, Eviction::Reclaim)
@@ -1965,7 +1961,7 @@ impl Pool {
             },
         }));
         if lost {
-            self.replace_lost(peer, Some(since), now);
+            self.note_lost_link(peer, Some(since), now);
         }
     }
 
@@ -2304,10 +2300,7 @@ impl Pool {
         want = want.max(self.cfg.reserved_outbound().saturating_sub(outbound));
         // Replacements of lost links first (see `poll_replacements`): a
         // dial to one of the lost peer's own peers is one the pool wanted
-        // anyway when the loss left it short, not one more. (Dialled on
-        // top, every loss below `min_peers` added two links: the pools of
-        // 40 processes at 4/16 went from a median of 4 links to 9 over
-        // three waves of churn.)
+        // anyway when the loss left it short, not one more on top.
         let replaced = self.poll_replacements(now, room);
         let want = want.min(room).saturating_sub(replaced);
 
