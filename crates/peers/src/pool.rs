@@ -291,8 +291,6 @@ struct Entry {
     /// How long its last link lasted, if it broke without our doing (see
     /// [`Pool::readmits`]).
     lost_link_lasted: Option<Duration>,
-    /// When a link of ours last gave way to it outside the eviction budget.
-    readmitted_at: Option<Instant>,
 }
 
 impl Entry {
@@ -321,7 +319,6 @@ impl Entry {
             twin_warned: None,
             linked_to: Vec::new(),
             lost_link_lasted: None,
-            readmitted_at: None,
         }
     }
 
@@ -482,6 +479,10 @@ pub(crate) struct Pool {
     /// or nodes short of peers taking slots from one another, cannot churn
     /// the pool.
     next_eviction: Instant,
+    /// When a link last gave way outside the eviction budget to a peer lost
+    /// without our doing (see [`readmits`](Pool::readmits)): once per
+    /// lost-peer window, for the whole pool.
+    readmitted_at: Option<Instant>,
     /// When a node below `min_peers` with no dial in flight next asks its
     /// peers for addresses (an empty `Discovered`); see
     /// [`poll_ask`](Pool::poll_ask).
@@ -587,6 +588,7 @@ impl Pool {
             next_swap: now + cfg.feeler_interval,
             replacing: Vec::new(),
             next_eviction: now,
+            readmitted_at: None,
             next_ask: now,
             ask_backoff: Backoff::new(
                 ASK_FIRST.min(cfg.discovery_interval),
@@ -1705,9 +1707,7 @@ impl Pool {
                     return None;
                 }
                 let victim = self.room_victim(&info.node, info.direction, now)?;
-                if let Some(e) = self.entries.get_mut(&info.node) {
-                    e.readmitted_at = Some(now);
-                }
+                self.readmitted_at = Some(now);
                 (victim, Eviction::KnownLonger)
             }
             Direction::Inbound => {
@@ -1737,8 +1737,55 @@ impl Pool {
             Eviction::Handover => "slot handed to a node with no peer",
         };
         let d = Disconnect::new(DisconnectReason::TooManyPeers, message);
+        {
+            let desc: Vec<String> = self
+                .entries
+                .values()
+                .filter_map(|e| {
+                    e.link.as_ref().map(|l| {
+                        format!(
+                            "{:?}:{:?}:{:?}:{:?}:h{}",
+                            e.id,
+                            l.direction,
+                            e.first_linked.map(|t| t.elapsed()),
+                            l.connected_at.elapsed(),
+                            l.handed
+                        )
+                    })
+                })
+                .collect();
+            tracing::warn!(node=?info.node, dir=?info.direction, ?victim, ?why, budget=now < self.next_eviction, ?desc, "DBG evict");
+        }
         self.close_link(&victim, d, false, now);
         Some(why)
+    }
+
+    /// Whether `node`, dialling in while the pool is full, takes the slot
+    /// of a peer first linked after it even though the eviction budget (one
+    /// a feeler interval) is spent: it is a peer whose link of at least a
+    /// discovery interval broke without our doing within the lost-peer
+    /// window, and no peer was readmitted so within the window. After a
+    /// heal, the half whose pools had all filled refused the other half's
+    /// redials until their budgets came back (spent on the heal before):
+    /// the sync chaos test took 40-52 s to be one graph in 4 runs of 8, and
+    /// `meshscale.py all 40 --min 2 --max 4` 19 s for its second heal; one
+    /// readmission a node is enough to join the halves. Once per window
+    /// for the whole pool, not for each peer: identities that were once
+    /// our peers, dropping their links and dialling back together, each
+    /// took a slot at once, and with our own swaps to two more of them
+    /// (`old_identities_do_not_eclipse_a_full_node_through_swaps`, 1 run
+    /// in 8) left us no honest peer. So the budget grows by one eviction a
+    /// window (600 s by default), whoever asks.
+    fn readmits(&self, node: &NodeId, now: Instant) -> bool {
+        let window = self.cfg.lost_peer_retry;
+        let within =
+            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < window);
+        !within(self.readmitted_at)
+            && self.entries.get(node).is_some_and(|e| {
+                within(e.lost_at)
+                    && e.lost_link_lasted
+                        .is_some_and(|d| d >= self.cfg.discovery_interval)
+            })
     }
 
     /// Whether [`make_room_for`](Self::make_room_for) would close a link
@@ -1747,29 +1794,6 @@ impl Pool {
     /// slot can be given back, a younger inbound peer gives way, or one that
     /// can spare its link does for a node with no peer. What the gate and
     /// a connection taken into a slot merely held ask.
-    /// Whether `node`, dialling in while the pool is full, takes the slot
-    /// of a peer first linked after it even though the eviction budget (one
-    /// a feeler interval) is spent: it is a peer whose link of at least a
-    /// discovery interval broke without our doing within the lost-peer
-    /// window, not readmitted so within the window. After a heal, the
-    /// half whose pools had all filled refused the other half's redials
-    /// until their budgets came back (spent on the heal before): the sync
-    /// chaos test took 40-52 s to be one graph in 4 runs of 8, and
-    /// `meshscale.py all 40 --min 2 --max 4` 19 s for its second heal. An
-    /// identity must hold a link a discovery interval, lose it, and wait
-    /// for the window to pass between two such evictions.
-    fn readmits(&self, node: &NodeId, now: Instant) -> bool {
-        let window = self.cfg.lost_peer_retry;
-        let within =
-            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < window);
-        self.entries.get(node).is_some_and(|e| {
-            within(e.lost_at)
-                && e.lost_link_lasted
-                    .is_some_and(|d| d >= self.cfg.discovery_interval)
-                && !within(e.readmitted_at)
-        })
-    }
-
     fn may_make_room(
         &self,
         node: &NodeId,
@@ -1812,8 +1836,10 @@ impl Pool {
             return None;
         }
         let fresh = self.cfg.heartbeat.unresponsive_after;
+        let kept = self.longest_held();
         self.entries
             .values()
+            .filter(|e| Some(&e.id) != kept)
             .filter(|e| {
                 e.live_link()
                     .is_some_and(|l| l.direction == Direction::Inbound && l.can_spare(fresh, now))
@@ -1842,6 +1868,35 @@ impl Pool {
     /// close to `max_peers` get stuck: a node short of peers finds every
     /// other node full, some of them with more outbound links than they
     /// reserve and room in their inbound share that nobody can use.
+    /// With three links or more, the peer whose current link has lasted
+    /// longest: it gives way neither to a peer known longer
+    /// ([`room_victim`](Self::room_victim)) nor to a dialler with no peer
+    /// ([`handover_victim`](Self::handover_victim)). Peers known longer
+    /// are the identities an attacker may have got in early: those that
+    /// dialled back took inbound slots, our swaps to those that listened
+    /// took the rest (a pool whose inbound peers had borrowed every slot
+    /// had no outbound link to keep), and one saying it had no peer was
+    /// handed the last; four such identities took every slot of a node of
+    /// four in 1 run of 8 of
+    /// `old_identities_do_not_eclipse_a_full_node_through_swaps` (1 in 75
+    /// with readmissions once per window for the whole pool). The link
+    /// that lasted longest is the one an attacker cannot make by coming
+    /// back: it must have held it, unbroken, longer than any other peer,
+    /// as Bitcoin Core keeps its longest-connected peers from eviction. A
+    /// give-back ([`reclaim_victim`](Self::reclaim_victim)) takes the
+    /// outbound link made last, never this one while two are outbound.
+    fn longest_held(&self) -> Option<&NodeId> {
+        let links = || {
+            self.entries
+                .values()
+                .filter_map(|e| e.link.as_ref().map(|l| (l.connected_at, &e.id)))
+        };
+        if links().count() < 3 {
+            return None;
+        }
+        links().min().map(|(_, id)| id)
+    }
+
     fn reclaim_victim(&self, held: usize) -> Option<NodeId> {
         let c = self.counts();
         let reserved = self.cfg.reserved_outbound();
@@ -1896,12 +1951,15 @@ impl Pool {
     /// took the slot while the dial was in flight. An inbound peer handed
     /// its slot as a node with no peer keeps it while it is not known to
     /// have peers to spare (see [`Link::handed`]).
+    /// The [`longest_held`](Self::longest_held) link never gives way.
     fn room_victim(&self, node: &NodeId, direction: Direction, now: Instant) -> Option<NodeId> {
         let since = self.entries.get(node).and_then(|e| e.first_linked)?;
         let fresh = self.cfg.heartbeat.unresponsive_after;
+        let kept = self.longest_held();
         let youngest = |dir: Direction| {
             self.entries
                 .values()
+                .filter(|e| Some(&e.id) != kept)
                 .filter(|e| match dir {
                     Direction::Inbound => e.link.as_ref().is_some_and(|l| {
                         l.direction == Direction::Inbound && (!l.handed || l.can_spare(fresh, now))

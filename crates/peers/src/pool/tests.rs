@@ -2544,3 +2544,83 @@ fn a_peer_lost_without_our_doing_is_readmitted_once_outside_the_budget() {
     // Nor one whose link lasted less than a discovery interval.
     assert!(lost_after(10 * S).gate(5).is_err(), "a link of 10 s");
 }
+
+/// Readmissions outside the eviction budget are once per lost-peer window
+/// for the whole pool, not once for each peer: identities that were once
+/// our peers, dropping their links and dialling back together, each took
+/// a slot at once (with our swaps to two more of them, a node of four had
+/// no honest peer left in 1 run of 8 of
+/// `old_identities_do_not_eclipse_a_full_node_through_swaps`).
+#[test]
+fn readmissions_outside_the_budget_are_once_per_window_for_the_whole_pool() {
+    let mut h = Harness::new(0, cfg());
+    h.connect(1, 1, Direction::Outbound);
+    h.connect(2, 2, Direction::Outbound);
+    h.connect(5, 5, Direction::Inbound);
+    h.connect(6, 6, Direction::Inbound);
+    // 5 and 6 held their links 31 s, then both were lost.
+    h.advance(31 * S);
+    h.pool.on_closed(5, CloseReason::Eof, h.now);
+    h.pool.on_closed(6, CloseReason::Eof, h.now);
+    h.advance(S);
+    h.connect(3, 3, Direction::Inbound);
+    h.advance(S);
+    h.connect(4, 4, Direction::Inbound);
+    h.pool.take_actions();
+    h.pool.next_eviction = h.now + 60 * S;
+    assert!(h.gate(5).is_ok(), "the first is readmitted");
+    let closed = closes(&h.connect(7, 5, Direction::Inbound));
+    assert_eq!(closed, vec![(4, DisconnectReason::TooManyPeers)]);
+    assert!(h.gate(6).is_err(), "a second within the window is not");
+    assert_eq!(
+        closes(&h.connect(8, 6, Direction::Inbound)),
+        vec![(8, DisconnectReason::TooManyPeers)]
+    );
+    assert_eq!(h.state(3), Some(PeerState::Connected));
+    assert_ne!(h.state(6), Some(PeerState::Connected));
+}
+
+/// With three links or more, the link that has lasted longest gives way
+/// neither to a peer known longer nor to a dialler with no peer: an
+/// attacker's identities known longer (linked early, then crashed) that
+/// dialled back, our swaps to those of them that listened, and one saying
+/// it had no peer took every slot of a node of four, the honest peer that
+/// had been linked longest included
+/// (`old_identities_do_not_eclipse_a_full_node_through_swaps`, 1 run in 8).
+#[test]
+fn the_longest_held_link_gives_way_to_nobody() {
+    let mut h = Harness::new(0, cfg().with_feeler_interval(60 * S));
+    // 4 and 9 are known longer than 3, and both are lost; 4 comes back.
+    h.connect(4, 4, Direction::Inbound);
+    h.advance(S);
+    h.connect(9, 9, Direction::Inbound);
+    h.advance(S);
+    h.pool.on_closed(4, CloseReason::Eof, h.now);
+    h.pool.on_closed(9, CloseReason::Eof, h.now);
+    h.connect_counted(3, 3, Direction::Inbound, (3, 2));
+    h.advance(S);
+    h.connect(1, 1, Direction::Outbound);
+    h.connect(2, 2, Direction::Outbound);
+    h.advance(S);
+    h.connect_counted(14, 4, Direction::Inbound, (2, 2));
+    h.pool.take_actions();
+    assert_eq!(h.pool.counts().linked, 4);
+    // 3 is the only inbound peer first linked after 9, and the only one
+    // with a link to spare; it has held its link longest.
+    assert!(h.gate(9).is_err(), "9, known longer than 3");
+    let lone = h
+        .pool
+        .gate(&id(20), &[addr(20).to_string()], count(0, 2), h.now);
+    assert!(lone.is_err(), "a dialler with no peer");
+    assert_eq!(
+        closes(&h.connect(10, 9, Direction::Inbound)),
+        vec![(10, DisconnectReason::TooManyPeers)]
+    );
+    assert_eq!(h.state(3), Some(PeerState::Connected));
+    // Once 3 is no longer the longest held, it gives way as any other.
+    h.pool.on_closed(3, CloseReason::Eof, h.now);
+    h.advance(S);
+    h.connect_counted(13, 3, Direction::Inbound, (3, 2));
+    h.pool.take_actions();
+    assert!(h.gate(9).is_ok(), "3 is younger than 9 and no longer kept");
+}
