@@ -1737,25 +1737,6 @@ impl Pool {
             Eviction::Handover => "slot handed to a node with no peer",
         };
         let d = Disconnect::new(DisconnectReason::TooManyPeers, message);
-        {
-            let desc: Vec<String> = self
-                .entries
-                .values()
-                .filter_map(|e| {
-                    e.link.as_ref().map(|l| {
-                        format!(
-                            "{:?}:{:?}:{:?}:{:?}:h{}",
-                            e.id,
-                            l.direction,
-                            e.first_linked.map(|t| t.elapsed()),
-                            l.connected_at.elapsed(),
-                            l.handed
-                        )
-                    })
-                })
-                .collect();
-            tracing::warn!(node=?info.node, dir=?info.direction, ?victim, ?why, budget=now < self.next_eviction, ?desc, "DBG evict");
-        }
         self.close_link(&victim, d, false, now);
         Some(why)
     }
