@@ -67,6 +67,7 @@ struct Counters {
     pulled: AtomicU64,
     sent: AtomicU64,
     lease_lost: AtomicU64,
+    lease_lapsed: AtomicU64,
 }
 
 /// Counters and sizes of the sync layer.
@@ -120,6 +121,9 @@ pub struct SyncStats {
     pub sent: u64,
     /// Leases this node lost to another node's claim.
     pub lease_lost: u64,
+    /// Leases seen to lapse or be released, any node's
+    /// ([`ChangeKind::LeaseLapsed`]).
+    pub lease_lapsed: u64,
 }
 
 /// A live entry, as [`SyncMap::entry`] returns it.
@@ -173,8 +177,14 @@ impl Inner {
 
     fn publish(&self, changes: Vec<Change>) {
         for c in changes {
-            if matches!(c.kind, ChangeKind::LeaseLost { .. }) {
-                self.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
+            match c.kind {
+                ChangeKind::LeaseLost { .. } => {
+                    self.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
+                }
+                ChangeKind::LeaseLapsed { .. } => {
+                    self.counters.lease_lapsed.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
             }
             // No watcher is not an error.
             let _ = self.changes.send(c);
@@ -1030,7 +1040,8 @@ impl SyncMap {
     /// including one with the same value. An ephemeral key's owner
     /// rewrites it every third of its ttl, so a watch of it sees a `Set`
     /// that often; compare with the value held before to see a new one.
-    /// A lease lapsing is no change (nothing is written).
+    /// A lease that lapses or is released is told too
+    /// ([`ChangeKind::LeaseLapsed`]), though nothing is written.
     pub fn watch(&self, prefix: impl AsRef<[u8]>) -> Watch {
         Watch {
             rx: self.inner.changes.subscribe(),
@@ -1070,6 +1081,7 @@ impl SyncMap {
             pulled: r(&c.pulled),
             sent: r(&c.sent),
             lease_lost: r(&c.lease_lost),
+            lease_lapsed: r(&c.lease_lapsed),
         }
     }
 

@@ -44,6 +44,15 @@ pub enum ChangeKind {
         /// The new owner.
         new_owner: NodeId,
     },
+    /// The key's lease ran out without being renewed, or its holder
+    /// released it: any node may claim the key now. The value stays.
+    /// Told once per lease, within a sweep interval of its end (at once
+    /// for a release), as this node's clock judges it; with leasing on
+    /// only.
+    LeaseLapsed {
+        /// The node whose lease it was.
+        owner: NodeId,
+    },
 }
 
 /// One change applied to the local replica.
@@ -155,6 +164,10 @@ pub(crate) struct Replica {
     /// (entries replaced since leave stale deadlines behind), so a sweep
     /// costs what is due, not the size of the map.
     deadlines: std::collections::BTreeSet<(u64, Bytes)>,
+    /// Keys with a live lease whose lapse has a deadline in `deadlines`:
+    /// one each, moved on when it comes due after a renewal (a deadline
+    /// per write would pile up for the whole lease, an hour by default).
+    lapse_due: std::collections::HashSet<Bytes>,
     /// Every key held, sorted: prefix queries cost what they return.
     keys: std::collections::BTreeSet<Bytes>,
 }
@@ -172,6 +185,7 @@ impl Replica {
             own_ephemeral: HashMap::new(),
             rebased: Vec::new(),
             deadlines: std::collections::BTreeSet::new(),
+            lapse_due: std::collections::HashSet::new(),
             keys: std::collections::BTreeSet::new(),
         }
     }
@@ -542,6 +556,14 @@ impl Replica {
         } else if entry.expires_at != 0 {
             self.deadlines.insert((entry.expires_at, key.clone()));
         }
+        if self.cfg.leasing
+            && !entry.is_deleted()
+            && entry.lease_live(now_ms)
+            && !self.lapse_due.contains(&key)
+        {
+            self.deadlines.insert((entry.lease_until, key.clone()));
+            self.lapse_due.insert(key.clone());
+        }
         let hash = entry.hash(&key);
         let size = stored_size(&key, &entry);
         let bucket = &mut self.buckets[bucket_of(&key)];
@@ -586,6 +608,25 @@ impl Replica {
             _ if was_live => Some(ChangeKind::Deleted),
             _ => None,
         };
+        // A live lease given up while the value stays (a release): its
+        // lapse is told now, not at the deadline it had.
+        let released = self.cfg.leasing
+            && was_live
+            && !entry.is_deleted()
+            && !entry.expired(now_ms)
+            && !entry.lease_live(now_ms)
+            && old.as_ref().is_some_and(|o| o.lease_live(now_ms));
+        if released {
+            self.lapse_due.remove(&key);
+        }
+        let lapsed = released.then(|| Change {
+            key: key.clone(),
+            kind: ChangeKind::LeaseLapsed {
+                owner: entry.writer.clone(),
+            },
+            version: entry.stamp,
+            writer: entry.writer.clone(),
+        });
         if let Some(kind) = kind {
             changes.push(Change {
                 key,
@@ -594,16 +635,19 @@ impl Replica {
                 writer: entry.writer,
             });
         }
+        changes.extend(lapsed);
         changes
     }
 
     /// Housekeeping at `now_ms`: expired ephemeral entries become
     /// tombstones (the same tombstone on every node: stamped at the expiry,
-    /// in the owner's claim), and tombstones older than the grace period are
-    /// collected.
+    /// in the owner's claim), tombstones older than the grace period are
+    /// collected, and leases that ran out are told
+    /// ([`ChangeKind::LeaseLapsed`]).
     pub(crate) fn sweep(&mut self, now_ms: u64) -> Vec<Change> {
         let mut expired = Vec::new();
         let mut collect = Vec::new();
+        let mut lapsed = Vec::new();
         while let Some((at, _)) = self.deadlines.first() {
             if *at > now_ms {
                 break;
@@ -611,6 +655,33 @@ impl Replica {
             let Some((_, k)) = self.deadlines.pop_first() else {
                 break;
             };
+            if self.lapse_due.contains(&k) {
+                // Still live and leased: renewed since, the lapse moves to
+                // the lease's end; lapsed: told. Gone: nothing to tell.
+                let lease = self
+                    .entry(&k)
+                    .filter(|e| !e.is_deleted() && !e.expired(now_ms))
+                    .map(|e| (e.lease_until, e.stamp, e.writer.clone()));
+                match lease {
+                    Some((until, _, _)) if until > now_ms => {
+                        self.deadlines.insert((until, k.clone()));
+                    }
+                    Some((_, stamp, owner)) => {
+                        self.lapse_due.remove(&k);
+                        lapsed.push(Change {
+                            key: k.clone(),
+                            kind: ChangeKind::LeaseLapsed {
+                                owner: owner.clone(),
+                            },
+                            version: stamp,
+                            writer: owner,
+                        });
+                    }
+                    None => {
+                        self.lapse_due.remove(&k);
+                    }
+                }
+            }
             let Some(e) = self.entry(&k) else { continue };
             if e.is_deleted() {
                 if self.collectable(e, now_ms) {
@@ -639,8 +710,10 @@ impl Replica {
                 self.bytes -= stored_size(&k, &e);
                 self.entries -= 1;
                 self.keys.remove(&k);
+                self.lapse_due.remove(&k);
             }
         }
+        changes.extend(lapsed);
         changes
     }
 

@@ -974,3 +974,50 @@ async fn entries_answered_back_in_acks_stay_within_the_peers_repair_rate() {
     assert!(got <= 300_000, "{got} bytes of values came back at once");
     p.stop().await;
 }
+
+/// A lease that runs out is told to watchers (`LeaseLapsed`, with its
+/// owner) within a sweep interval, and counted; a renewal in time tells
+/// nothing.
+#[tokio::test(start_paused = true)]
+async fn a_watch_is_told_when_a_lease_lapses() {
+    let net = MemNetwork::new();
+    let clock = crate::hlc::ManualClock::new(1_000_000);
+    let config = SyncConfig::default()
+        .with_anti_entropy_interval(Duration::from_secs(3600))
+        .with_lease(10 * S)
+        .with_clock(clock.clone());
+    let p = pair_with(&net, None, config).await;
+    let mut watch = p.a.watch("lead");
+    p.a.set("leader", "a").await.unwrap();
+    assert!(matches!(
+        watch.recv().await.unwrap().kind,
+        ChangeKind::Set(_)
+    ));
+    // Renewed at 8 s: nothing at 10 s.
+    clock.advance(8_000);
+    p.a.set("leader", "a").await.unwrap();
+    watch.recv().await.unwrap();
+    clock.advance(4_000);
+    sleep(S).await;
+    assert!(watch.try_recv().unwrap().is_none(), "renewed in time");
+    // 18 s: the renewed lease has run out.
+    clock.advance(6_000);
+    let told = tokio::time::timeout(S, watch.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(told.key, Bytes::from_static(b"leader"));
+    assert_eq!(
+        told.kind,
+        ChangeKind::LeaseLapsed {
+            owner: p.a.node_id().clone()
+        }
+    );
+    assert_eq!(p.a.stats().lease_lapsed, 1);
+    assert_eq!(
+        p.a.get("leader").unwrap(),
+        Bytes::from("a"),
+        "the value stays"
+    );
+    p.stop().await;
+}

@@ -775,3 +775,80 @@ fn a_rebase_over_a_forged_endless_lease_stays_on_the_wire() {
         e.lease_until
     );
 }
+
+/// The lapses a sweep tells: `(key, owner)`.
+fn lapses(changes: &[Change]) -> Vec<(Bytes, NodeId)> {
+    changes
+        .iter()
+        .filter_map(|c| match &c.kind {
+            ChangeKind::LeaseLapsed { owner } => Some((c.key.clone(), owner.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A lease that runs out is told once, by the sweep after its end, on
+/// every replica holding it; a renewal moves the lapse to the new end; a
+/// release tells it at once and not again at the old end; a deleted key
+/// or leasing off tells none.
+#[test]
+fn a_lapsed_or_released_lease_is_told_once() {
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    b.apply(k("k"), set(&mut a, "k", "a1", 1_000).unwrap(), 1_000)
+        .unwrap();
+    assert!(lapses(&b.sweep(1_000 + LEASE - 1)).is_empty(), "still live");
+    assert_eq!(lapses(&b.sweep(1_000 + LEASE)), vec![(k("k"), id(1))]);
+    assert!(lapses(&b.sweep(1_000 + 3 * LEASE)).is_empty(), "told once");
+    assert_eq!(lapses(&a.sweep(1_000 + LEASE)), vec![(k("k"), id(1))]);
+
+    // Renewed before its end: nothing at the first end, told at the second.
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    b.apply(k("k"), set(&mut a, "k", "a1", 1_000).unwrap(), 1_000)
+        .unwrap();
+    b.apply(k("k"), set(&mut a, "k", "a2", 30_000).unwrap(), 30_000)
+        .unwrap();
+    assert!(lapses(&b.sweep(1_000 + LEASE)).is_empty(), "renewed");
+    assert!(lapses(&b.sweep(30_000 + LEASE - 1)).is_empty());
+    assert_eq!(lapses(&b.sweep(30_000 + LEASE)), vec![(k("k"), id(1))]);
+
+    // Released: told with the release, on both sides, and not again.
+    let mut a = replica(1, true);
+    let mut b = replica(2, true);
+    b.apply(k("k"), set(&mut a, "k", "a1", 1_000).unwrap(), 1_000)
+        .unwrap();
+    let (released, told) = a.write(k("k"), None, Write::Release, 2_000).unwrap();
+    assert_eq!(lapses(&told), vec![(k("k"), id(1))]);
+    let told = b.apply(k("k"), released, 2_000).unwrap();
+    assert_eq!(lapses(&told), vec![(k("k"), id(1))]);
+    assert!(lapses(&a.sweep(1_000 + LEASE)).is_empty());
+    assert!(lapses(&b.sweep(1_000 + LEASE)).is_empty());
+
+    // Deleted before its end: a delete, no lapse.
+    let mut a = replica(1, true);
+    set(&mut a, "k", "a1", 1_000).unwrap();
+    a.write(k("k"), None, Write::Delete, 2_000).unwrap();
+    assert!(lapses(&a.sweep(1_000 + LEASE)).is_empty());
+
+    // Leasing off: no lease, no lapse.
+    let mut a = replica(1, false);
+    set(&mut a, "k", "a1", 1_000).unwrap();
+    assert!(lapses(&a.sweep(1_000 + 2 * LEASE)).is_empty());
+}
+
+/// However often a leased key is rewritten, it has one lapse deadline
+/// pending: a deadline a write would pile up for the whole lease (an hour
+/// by default).
+#[test]
+fn rewrites_of_a_leased_key_keep_one_lapse_deadline() {
+    let mut a = replica(1, true);
+    for i in 0..1_000u64 {
+        set(&mut a, "k", "v", 1_000 + i).unwrap();
+    }
+    assert_eq!(a.deadlines.len(), 1);
+    assert_eq!(lapses(&a.sweep(1_000 + LEASE)), Vec::new(), "renewed");
+    assert_eq!(a.deadlines.len(), 1, "moved to the lease's end");
+    assert_eq!(lapses(&a.sweep(1_999 + LEASE)), vec![(k("k"), id(1))]);
+    assert!(a.deadlines.is_empty() && a.lapse_due.is_empty());
+}
