@@ -724,7 +724,15 @@ impl Pool {
                 }
             }
         }
-        self.on_connection(conn, info, now);
+        // A replacement was dialled into free room: if inbound peers took
+        // it while the dial was in flight (the gate does not count our
+        // dials), its connection is refused rather than closing a link as
+        // a swap's does (see `poll_replacements`).
+        let replacement = self
+            .replacing
+            .iter()
+            .any(|r| r.dial.as_ref().is_some_and(|(d, _)| *d == dial));
+        self.take_connection(conn, info, !replacement, now);
     }
 
     /// Whether `node` is a neighbour (has a link, perhaps held).
@@ -842,6 +850,12 @@ impl Pool {
 
     /// A connection completed its handshake (inbound, or the end of a dial).
     pub(crate) fn on_connection(&mut self, conn: ConnId, info: LinkInfo, now: Instant) {
+        self.take_connection(conn, info, true, now);
+    }
+
+    /// [`on_connection`](Self::on_connection); a connection that finds the
+    /// pool full closes a link to make room for it only if `may_evict`.
+    fn take_connection(&mut self, conn: ConnId, info: LinkInfo, may_evict: bool, now: Instant) {
         let refuse = |reason, message: &str| Disconnect::new(reason, message.to_string());
         if self.shutting_down {
             let d = refuse(DisconnectReason::Shutdown, "node shutting down");
@@ -906,18 +920,19 @@ impl Pool {
         let full = held_full
             && !linked
             && !banned
-            && !(if really_full {
-                let made = self.make_room_for(&info, now);
-                handed = made == Some(Eviction::Handover);
-                made.is_some()
-            } else {
-                match info.direction {
-                    Direction::Inbound => self.may_make_room(&info.node, info.count, held, now),
-                    Direction::Outbound => {
-                        self.room_victim(&info.node, info.direction, now).is_some()
+            && (!may_evict
+                || !(if really_full {
+                    let made = self.make_room_for(&info, now);
+                    handed = made == Some(Eviction::Handover);
+                    made.is_some()
+                } else {
+                    match info.direction {
+                        Direction::Inbound => self.may_make_room(&info.node, info.count, held, now),
+                        Direction::Outbound => {
+                            self.room_victim(&info.node, info.direction, now).is_some()
+                        }
                     }
-                }
-            });
+                }));
         if full {
             self.refused += 1;
             let id = info.node.clone();
@@ -1373,7 +1388,10 @@ impl Pool {
     /// reach, so the dials fail and leave the room that redials of the
     /// lost peers need to heal it. At most [`REPLACEMENT_TRIES`] dials per
     /// lost link, within [`REPLACEMENT_WINDOW`]; over when a dial links, or
-    /// the lost peer is back. Returns the dials started.
+    /// the lost peer is back. The dials take free room only: a connection
+    /// of theirs that finds the pool full (inbound peers took the room
+    /// while it was in flight) is refused rather than given a link's slot
+    /// (see [`on_dial_ok`](Self::on_dial_ok)). Returns the dials started.
     fn poll_replacements(&mut self, now: Instant, room: usize) -> usize {
         let mut started = 0;
         let mut i = 0;
@@ -1929,7 +1947,8 @@ impl Pool {
     /// keeps a node from being surrounded, so they go last, and the reserved
     /// ones never). An outbound connection finds the pool full only after a swap
     /// dial (see [`poll_swap`](Self::poll_swap)), or when an inbound peer
-    /// took the slot while the dial was in flight. An inbound peer handed
+    /// took the slot while the dial was in flight (a replacement's is then
+    /// refused, see [`on_dial_ok`](Self::on_dial_ok)). An inbound peer handed
     /// its slot as a node with no peer keeps it while it is not known to
     /// have peers to spare (see [`Link::handed`]).
     /// The [`longest_held`](Self::longest_held) link never gives way.

@@ -2624,3 +2624,55 @@ fn the_longest_held_link_gives_way_to_nobody() {
     h.pool.take_actions();
     assert!(h.gate(9).is_ok(), "3 is younger than 9 and no longer kept");
 }
+
+/// The dial replacing a lost link closes no link. The gate does not count
+/// our dials, so inbound peers can fill the room a replacement was started
+/// into while it is in flight; its connection was then taken as a swap's
+/// is, closing the youngest inbound link first linked after the node
+/// dialled. An attacker whose node named an old identity of its own as
+/// its peer, then crashed, and had another old identity dial in while the
+/// first stalled its handshake, had an honest link closed for it
+/// (`a_replacement_dial_closes_no_honest_link`). Now such a connection is
+/// refused.
+#[test]
+fn a_replacement_that_finds_the_pool_full_closes_no_link() {
+    let mut h = Harness::new(0, cfg().with_min_peers(3));
+    let bye = || CloseReason::Remote {
+        reason: DisconnectReason::Shutdown,
+        message: "bye".to_string(),
+    };
+    // 9 and 6, the attacker's old identities, linked for a moment early on.
+    h.connect(1, 9, Direction::Inbound);
+    h.connect(2, 6, Direction::Inbound);
+    h.advance(S);
+    h.pool.on_closed(1, bye(), h.now);
+    h.pool.on_closed(2, bye(), h.now);
+    // Honest 1 and 2 (dialled by us) and 3 (dialled in); the attacker's
+    // node 5 dials in and says it is linked to 9: the pool is full.
+    h.connect(3, 1, Direction::Outbound);
+    h.connect(4, 2, Direction::Outbound);
+    h.advance(S);
+    h.connect(5, 3, Direction::Inbound);
+    h.connect(6, 5, Direction::Inbound);
+    told_by(&mut h, 5, &[9]);
+    h.pool.take_actions();
+    h.advance(31 * S);
+    h.poll();
+    // 5 crashes: the pool, at min_peers, dials 9 in its place.
+    h.pool.on_closed(6, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+    let d = dials(&h.poll());
+    assert_eq!(d.iter().map(|(_, a)| a).collect::<Vec<_>>(), vec![&addr(9)]);
+    // 6 dials in while that dial is in flight, and takes the free slot.
+    assert!(h.gate(6).is_ok());
+    assert!(closes(&h.connect(7, 6, Direction::Inbound)).is_empty());
+    assert_eq!(h.pool.counts().linked, 4);
+    // 9 answers: refused, and 3 (first linked after 9) keeps its link.
+    h.pool
+        .on_dial_ok(d[0].0, 8, info(9, Direction::Outbound), h.now);
+    let acts = h.pool.take_actions();
+    assert_eq!(closes(&acts), vec![(8, DisconnectReason::TooManyPeers)]);
+    assert_eq!(h.state(3), Some(PeerState::Connected));
+    assert_ne!(h.state(9), Some(PeerState::Connected));
+    assert_eq!(h.pool.counts().linked, 4);
+}
