@@ -291,6 +291,9 @@ struct Entry {
     /// How long its last link lasted, if it broke without our doing (see
     /// [`Pool::readmits`]).
     lost_link_lasted: Option<Duration>,
+    /// When a link of ours last gave way to it outside the eviction budget
+    /// (see [`Pool::readmits`]).
+    readmitted_at: Option<Instant>,
 }
 
 impl Entry {
@@ -319,6 +322,7 @@ impl Entry {
             twin_warned: None,
             linked_to: Vec::new(),
             lost_link_lasted: None,
+            readmitted_at: None,
         }
     }
 
@@ -479,10 +483,6 @@ pub(crate) struct Pool {
     /// or nodes short of peers taking slots from one another, cannot churn
     /// the pool.
     next_eviction: Instant,
-    /// When a link last gave way outside the eviction budget to a peer lost
-    /// without our doing (see [`readmits`](Pool::readmits)): once per
-    /// lost-peer window, for the whole pool.
-    readmitted_at: Option<Instant>,
     /// When a node below `min_peers` with no dial in flight next asks its
     /// peers for addresses (an empty `Discovered`); see
     /// [`poll_ask`](Pool::poll_ask).
@@ -588,7 +588,6 @@ impl Pool {
             next_swap: now + cfg.feeler_interval,
             replacing: Vec::new(),
             next_eviction: now,
-            readmitted_at: None,
             next_ask: now,
             ask_backoff: Backoff::new(
                 ASK_FIRST.min(cfg.discovery_interval),
@@ -1725,7 +1724,9 @@ impl Pool {
                     return None;
                 }
                 let victim = self.room_victim(&info.node, info.direction, now)?;
-                self.readmitted_at = Some(now);
+                if let Some(e) = self.entries.get_mut(&info.node) {
+                    e.readmitted_at = Some(now);
+                }
                 (victim, Eviction::KnownLonger)
             }
             Direction::Inbound => {
@@ -1763,28 +1764,31 @@ impl Pool {
     /// of a peer first linked after it even though the eviction budget (one
     /// a feeler interval) is spent: it is a peer whose link of at least a
     /// discovery interval broke without our doing within the lost-peer
-    /// window, and no peer was readmitted so within the window. After a
-    /// heal, the half whose pools had all filled refused the other half's
-    /// redials until their budgets came back (spent on the heal before):
-    /// the sync chaos test took 40-52 s to be one graph in 4 runs of 8, and
-    /// `meshscale.py all 40 --min 2 --max 4` 19 s for its second heal; one
-    /// readmission a node is enough to join the halves. Once per window
-    /// for the whole pool, not for each peer: identities that were once
-    /// our peers, dropping their links and dialling back together, each
-    /// took a slot at once, and with our own swaps to two more of them
+    /// window, not readmitted so within the window. After a heal, the
+    /// half whose pools had all filled refused the other half's redials
+    /// until their budgets came back (spent on the heal before): the sync
+    /// chaos test took 40-52 s to be one graph in 4 runs of 8, and
+    /// `meshscale.py all 40 --min 2 --max 4` 19 s for its second heal. An
+    /// identity must hold a link a discovery interval, lose it, and wait
+    /// for the window to pass between two such evictions. Identities that
+    /// were once our peers, dropping their links and dialling back
+    /// together, each take a slot at once: with our own swaps to two more
+    /// of them they left a node of four no honest peer
     /// (`old_identities_do_not_eclipse_a_full_node_through_swaps`, 1 run
-    /// in 8) left us no honest peer. So the budget grows by one eviction a
-    /// window (600 s by default), whoever asks.
+    /// in 8) until the longest-held link was kept from giving way
+    /// ([`longest_held`](Self::longest_held)). (Once per window for the
+    /// whole pool instead made some heals slow again: one seed of the
+    /// chaos test 40-53 s in 3 runs of 8, against 0.85 s.)
     fn readmits(&self, node: &NodeId, now: Instant) -> bool {
         let window = self.cfg.lost_peer_retry;
         let within =
             |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < window);
-        !within(self.readmitted_at)
-            && self.entries.get(node).is_some_and(|e| {
-                within(e.lost_at)
-                    && e.lost_link_lasted
-                        .is_some_and(|d| d >= self.cfg.discovery_interval)
-            })
+        self.entries.get(node).is_some_and(|e| {
+            within(e.lost_at)
+                && e.lost_link_lasted
+                    .is_some_and(|d| d >= self.cfg.discovery_interval)
+                && !within(e.readmitted_at)
+        })
     }
 
     /// Whether [`make_room_for`](Self::make_room_for) would close a link
@@ -1877,8 +1881,8 @@ impl Pool {
     /// had no outbound link to keep), and one saying it had no peer was
     /// handed the last; four such identities took every slot of a node of
     /// four in 1 run of 8 of
-    /// `old_identities_do_not_eclipse_a_full_node_through_swaps` (1 in 75
-    /// with readmissions once per window for the whole pool). The link
+    /// `old_identities_do_not_eclipse_a_full_node_through_swaps` (0 of 150
+    /// since). The link
     /// that lasted longest is the one an attacker cannot make by coming
     /// back: it must have held it, unbroken, longer than any other peer,
     /// as Bitcoin Core keeps its longest-connected peers from eviction. A

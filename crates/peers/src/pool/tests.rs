@@ -2545,14 +2545,15 @@ fn a_peer_lost_without_our_doing_is_readmitted_once_outside_the_budget() {
     assert!(lost_after(10 * S).gate(5).is_err(), "a link of 10 s");
 }
 
-/// Readmissions outside the eviction budget are once per lost-peer window
-/// for the whole pool, not once for each peer: identities that were once
-/// our peers, dropping their links and dialling back together, each took
-/// a slot at once (with our swaps to two more of them, a node of four had
-/// no honest peer left in 1 run of 8 of
-/// `old_identities_do_not_eclipse_a_full_node_through_swaps`).
+/// Readmissions outside the eviction budget are once per lost peer, not
+/// once for the whole pool: after a heal a full node may owe several lost
+/// peers their slots (once per window for the whole pool, one seed of the
+/// sync chaos test took 40-53 s to be one graph in 3 runs of 8, against
+/// 0.85 s). What keeps identities an attacker got in early from taking
+/// every slot this way is the longest-held link
+/// (`the_longest_held_link_gives_way_to_nobody`).
 #[test]
-fn readmissions_outside_the_budget_are_once_per_window_for_the_whole_pool() {
+fn several_lost_peers_are_each_readmitted_once_outside_the_budget() {
     let mut h = Harness::new(0, cfg());
     h.connect(1, 1, Direction::Outbound);
     h.connect(2, 2, Direction::Outbound);
@@ -2568,16 +2569,22 @@ fn readmissions_outside_the_budget_are_once_per_window_for_the_whole_pool() {
     h.connect(4, 4, Direction::Inbound);
     h.pool.take_actions();
     h.pool.next_eviction = h.now + 60 * S;
-    assert!(h.gate(5).is_ok(), "the first is readmitted");
+    assert!(h.gate(5).is_ok());
     let closed = closes(&h.connect(7, 5, Direction::Inbound));
     assert_eq!(closed, vec![(4, DisconnectReason::TooManyPeers)]);
-    assert!(h.gate(6).is_err(), "a second within the window is not");
-    assert_eq!(
-        closes(&h.connect(8, 6, Direction::Inbound)),
-        vec![(8, DisconnectReason::TooManyPeers)]
-    );
-    assert_eq!(h.state(3), Some(PeerState::Connected));
-    assert_ne!(h.state(6), Some(PeerState::Connected));
+    assert!(h.gate(6).is_ok(), "each lost peer once");
+    let closed = closes(&h.connect(8, 6, Direction::Inbound));
+    assert_eq!(closed, vec![(3, DisconnectReason::TooManyPeers)]);
+    // Both lost again after 31 s more, the pool refilled: not again
+    // within the window.
+    h.advance(31 * S);
+    h.pool.on_closed(7, CloseReason::Eof, h.now);
+    h.pool.on_closed(8, CloseReason::Eof, h.now);
+    h.connect(9, 9, Direction::Inbound);
+    h.connect(10, 10, Direction::Inbound);
+    h.pool.take_actions();
+    h.pool.next_eviction = h.now + 60 * S;
+    assert!(h.gate(5).is_err() && h.gate(6).is_err());
 }
 
 /// With three links or more, the link that has lasted longest gives way
