@@ -440,6 +440,16 @@ struct Dial {
     addr: Address,
     node: Option<NodeId>,
     seed: Option<Address>,
+    /// Whether the dial's connection, if it finds the pool full, may close
+    /// a link to make room for itself: only for the dials a full pool makes
+    /// to take a link's place, a swap ([`poll_swap`](Pool::poll_swap)) or
+    /// the redial of a lost seed ([`poll_lost_seeds`](Pool::poll_lost_seeds)).
+    /// Every other dial is started into free room; the gate does not count
+    /// our dials, so inbound peers may take that room while the dial is in
+    /// flight, and its connection is then refused rather than given an
+    /// honest link's slot (an attacker's old identity, redialled as a lost
+    /// peer, stalled its handshake while another dialled in).
+    may_evict: bool,
 }
 
 /// Counts for status pages.
@@ -685,9 +695,13 @@ impl Pool {
 
     // ----- connections -------------------------------------------------
 
-    /// A dial we asked for completed its handshake.
+    /// A dial we asked for completed its handshake. Its connection closes
+    /// a link to make room for itself only if the dial was made for that
+    /// (see [`Dial::may_evict`]).
     pub(crate) fn on_dial_ok(&mut self, dial: DialId, conn: ConnId, info: LinkInfo, now: Instant) {
+        let mut may_evict = false;
         if let Some(d) = self.dials.remove(&dial) {
+            may_evict = d.may_evict;
             if let Some(seed_addr) = &d.seed {
                 if let Some(seed) = self.seeds.iter_mut().find(|s| &s.addr == seed_addr) {
                     seed.dialing = None;
@@ -723,15 +737,7 @@ impl Pool {
                 }
             }
         }
-        // A replacement was dialled into free room: if inbound peers took
-        // it while the dial was in flight (the gate does not count our
-        // dials), its connection is refused rather than closing a link as
-        // a swap's does (see `poll_replacements`).
-        let replacement = self
-            .replacing
-            .iter()
-            .any(|r| r.dial.as_ref().is_some_and(|(d, _)| *d == dial));
-        self.take_connection(conn, info, !replacement, now);
+        self.take_connection(conn, info, may_evict, now);
     }
 
     /// Whether `node` is a neighbour (has a link, perhaps held).
@@ -1387,10 +1393,11 @@ impl Pool {
     /// reach, so the dials fail and leave the room that redials of the
     /// lost peers need to heal it. At most [`REPLACEMENT_TRIES`] dials per
     /// lost link, within [`REPLACEMENT_WINDOW`]; over when a dial links, or
-    /// the lost peer is back. The dials take free room only: a connection
-    /// of theirs that finds the pool full (inbound peers took the room
-    /// while it was in flight) is refused rather than given a link's slot
-    /// (see [`on_dial_ok`](Self::on_dial_ok)). Returns the dials started.
+    /// the lost peer is back. The dials take free room only, as all but a
+    /// full pool's do: a connection of theirs that finds the pool full
+    /// (inbound peers took the room while it was in flight) is refused
+    /// rather than given a link's slot (see [`Dial::may_evict`]). Returns
+    /// the dials started.
     fn poll_replacements(&mut self, now: Instant, room: usize) -> usize {
         let mut started = 0;
         let mut i = 0;
@@ -1432,7 +1439,7 @@ impl Pool {
             // Stable: in random order within each kind, far ones first.
             cands.sort_by_key(|c| c.0);
             if let Some((_, id)) = cands.into_iter().next() {
-                if self.dial_entry(&id) {
+                if self.dial_entry(&id, false) {
                     let dial = self.entries.get(&id).and_then(|e| e.dialing);
                     let r = &mut self.replacing[i];
                     r.tries -= 1;
@@ -1949,10 +1956,11 @@ impl Pool {
     /// the outbound ones if no inbound peer is younger and more than the
     /// reserved number are outbound (the slots we chose ourselves are what
     /// keeps a node from being surrounded, so they go last, and the reserved
-    /// ones never). An outbound connection finds the pool full only after a swap
-    /// dial (see [`poll_swap`](Self::poll_swap)), or when an inbound peer
-    /// took the slot while the dial was in flight (a replacement's is then
-    /// refused, see [`on_dial_ok`](Self::on_dial_ok)). An inbound peer handed
+    /// ones never). An outbound connection asks for a slot only after a
+    /// dial of a full pool (a swap, see [`poll_swap`](Self::poll_swap), or
+    /// the redial of a lost seed); one whose dial was made into free room
+    /// and inbound peers took it while the dial was in flight is refused
+    /// (see [`Dial::may_evict`]). An inbound peer handed
     /// its slot as a node with no peer keeps it while it is not known to
     /// have peers to spare (see [`Link::handed`]).
     /// The [`longest_held`](Self::longest_held) link never gives way.
@@ -2436,8 +2444,8 @@ impl Pool {
                     break;
                 }
                 let ok = match pick {
-                    Ok(i) => self.dial_seed(i),
-                    Err(id) => self.dial_entry(&id),
+                    Ok(i) => self.dial_seed(i, false),
+                    Err(id) => self.dial_entry(&id, false),
                 };
                 if ok {
                     started += 1;
@@ -2462,7 +2470,7 @@ impl Pool {
                 .get(id)
                 .and_then(lost_for)
                 .is_some_and(|d| d < window);
-            if lost && self.dial_entry(id) {
+            if lost && self.dial_entry(id, false) {
                 started += 1;
             }
         }
@@ -2479,7 +2487,7 @@ impl Pool {
                     .is_some_and(|d| d >= window)
             });
             if let Some(id) = old.cloned() {
-                self.dial_entry(&id);
+                self.dial_entry(&id, false);
             }
         }
     }
@@ -2523,7 +2531,10 @@ impl Pool {
             if c.pending_dials >= self.cfg.max_pending_dials {
                 break;
             }
-            if !self.dial_seed(i) {
+            // Only a full pool's redial may take a link's place: one made
+            // with room is a dial into free room like any other.
+            let full = c.linked >= self.cfg.max_peers;
+            if !self.dial_seed(i, full) {
                 continue;
             }
             // The next redial is scheduled now, whatever this one's end: a
@@ -2533,7 +2544,7 @@ impl Pool {
             // clock, never got past its second round).
             let wait = self.lost_peer_wait();
             self.seeds[i].next_attempt = now + wait;
-            if c.linked >= self.cfg.max_peers {
+            if full {
                 self.swaps += 1;
             }
         }
@@ -2579,22 +2590,37 @@ impl Pool {
         lost.sort();
         if let Some(id) = lost.choose(&mut self.rng).cloned() {
             self.swaps += 1;
-            self.dial_entry(&id);
+            self.dial_entry(&id, true);
         }
     }
 
-    fn new_dial(&mut self, addr: Address, node: Option<NodeId>, seed: Option<Address>) -> DialId {
+    /// Starts a dial; `may_evict` as in [`Dial::may_evict`].
+    fn new_dial(
+        &mut self,
+        addr: Address,
+        node: Option<NodeId>,
+        seed: Option<Address>,
+        may_evict: bool,
+    ) -> DialId {
         let dial = self.next_dial;
         self.next_dial += 1;
         self.actions.push(Action::Dial {
             dial,
             addr: addr.clone(),
         });
-        self.dials.insert(dial, Dial { addr, node, seed });
+        self.dials.insert(
+            dial,
+            Dial {
+                addr,
+                node,
+                seed,
+                may_evict,
+            },
+        );
         dial
     }
 
-    fn dial_entry(&mut self, id: &NodeId) -> bool {
+    fn dial_entry(&mut self, id: &NodeId, may_evict: bool) -> bool {
         let Some(e) = self.entries.get(id) else {
             return false;
         };
@@ -2603,7 +2629,7 @@ impl Pool {
         }
         // Rotate through the addresses as dials fail.
         let addr = e.addrs[e.dial_failures as usize % e.addrs.len()].clone();
-        let dial = self.new_dial(addr, Some(id.clone()), None);
+        let dial = self.new_dial(addr, Some(id.clone()), None, may_evict);
         if let Some(e) = self.entries.get_mut(id) {
             e.dialing = Some(dial);
             e.set_state(PeerState::Connecting, &mut self.actions);
@@ -2611,7 +2637,7 @@ impl Pool {
         true
     }
 
-    fn dial_seed(&mut self, i: usize) -> bool {
+    fn dial_seed(&mut self, i: usize, may_evict: bool) -> bool {
         let Some(seed) = self.seeds.get(i) else {
             return false;
         };
@@ -2628,7 +2654,7 @@ impl Pool {
         // entry, due on its own clock, dialled the same address again at
         // once: two dials, and two warnings, per round).
         let known = node.filter(|n| self.entries.contains_key(n));
-        let dial = self.new_dial(addr.clone(), known.clone(), Some(addr));
+        let dial = self.new_dial(addr.clone(), known.clone(), Some(addr), may_evict);
         if let Some(seed) = self.seeds.get_mut(i) {
             seed.dialing = Some(dial);
         }

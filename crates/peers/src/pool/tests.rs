@@ -2683,3 +2683,78 @@ fn a_replacement_that_finds_the_pool_full_closes_no_link() {
     assert_ne!(h.state(9), Some(PeerState::Connected));
     assert_eq!(h.pool.counts().linked, 4);
 }
+
+/// Only a dial a full pool makes to take a link's place closes one when
+/// its connection finds the pool full. The gate does not count our dials,
+/// so inbound peers can fill the room any other dial was started into
+/// while it is in flight; its connection was then taken as a swap's is,
+/// closing the youngest inbound link first linked after the node dialled.
+/// An attacker's old identity, lost within the lost-peer window and so
+/// redialled into free room above `min_peers`, stalled its handshake while
+/// another old identity dialled in, and had an honest link closed for it.
+/// Now such a connection is refused, with alternatives. A swap, dialled
+/// while full, still takes the youngest link's place.
+#[test]
+fn only_a_dial_made_by_a_full_pool_closes_a_link_for_its_connection() {
+    let mut h = Harness::new(0, cfg());
+    // 9 and 6, the attacker's old identities, dial in first; 6 leaves.
+    h.connect(1, 9, Direction::Inbound);
+    h.connect(2, 6, Direction::Inbound);
+    h.advance(S);
+    let bye = CloseReason::Remote {
+        reason: DisconnectReason::Shutdown,
+        message: "bye".to_string(),
+    };
+    h.pool.on_closed(2, bye, h.now);
+    // Honest 1 and 2 (dialled by us), then 3 (dialled in): the pool is full.
+    h.connect(3, 1, Direction::Outbound);
+    h.connect(4, 2, Direction::Outbound);
+    h.advance(S);
+    h.connect(5, 3, Direction::Inbound);
+    assert_eq!(h.pool.counts().linked, 4);
+    // 9 drops its link: lost within the window, it is redialled into the
+    // free room (above min_peers: no replacement).
+    h.pool.on_closed(1, CloseReason::Eof, h.now);
+    h.pool.take_actions();
+    let mut d = Vec::new();
+    for _ in 0..20 {
+        h.advance(S);
+        d = dials(&h.poll());
+        if !d.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(d.iter().map(|(_, a)| a).collect::<Vec<_>>(), vec![&addr(9)]);
+    // 6 dials in while that dial is in flight, and takes the free slot.
+    assert!(h.gate(6).is_ok());
+    assert!(closes(&h.connect(6, 6, Direction::Inbound)).is_empty());
+    assert_eq!(h.pool.counts().linked, 4);
+    // 9 answers: refused with alternatives, and 3 (first linked after 9)
+    // keeps its link.
+    h.pool
+        .on_dial_ok(d[0].0, 7, info(9, Direction::Outbound), h.now);
+    let acts = h.pool.take_actions();
+    assert_eq!(closes(&acts), vec![(7, DisconnectReason::TooManyPeers)]);
+    let alternatives = acts.iter().any(|a| {
+        matches!(a, Action::Close { conn: 7, disconnect } if !disconnect.alternatives.is_empty())
+    });
+    assert!(alternatives, "refused with alternatives: {acts:?}");
+    assert_eq!(h.state(3), Some(PeerState::Connected));
+    assert_ne!(h.state(9), Some(PeerState::Connected));
+    assert_eq!(h.pool.counts().linked, 4);
+
+    // A swap, dialled while full, takes the place of 4 (the youngest
+    // inbound peer first linked after 1).
+    let mut h = full_with_1_lost();
+    h.advance(20 * S);
+    let d = dials(&h.poll());
+    assert_eq!(d, vec![(d[0].0, addr(1))]);
+    h.pool
+        .on_dial_ok(d[0].0, 10, info(1, Direction::Outbound), h.now);
+    assert_eq!(
+        closes(&h.pool.take_actions()),
+        vec![(4, DisconnectReason::TooManyPeers)]
+    );
+    assert_eq!(h.state(1), Some(PeerState::Connected));
+    assert_eq!(h.pool.counts().linked, 4);
+}
