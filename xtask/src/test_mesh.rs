@@ -1941,6 +1941,25 @@ fn check_handshake_hog(mesh: &mut Mesh, group: &mut Vec<usize>) -> Result<String
         let counts = hog.stop();
         let (took, evicted) = joined.with_context(|| format!("with {whose} ({from}) hogging"))?;
         parts.push(describe_hog(whose, from, took, evicted, counts));
+        // The hog's streams gone before the next phase: the target still
+        // closing some of them counted them as the next hog's, and the
+        // newcomer took a slot they freed, with no eviction (a CI run).
+        mesh.poll_until(
+            &format!("node {target} to close the hog's streams"),
+            Poll::Only(&[target]),
+            SCENARIO_TIMEOUT,
+            |_, snap| {
+                let s = snap.status(target)?;
+                if s.pending_handshakes == 0 {
+                    Ok(())
+                } else {
+                    Err(Wait::Pending(format!(
+                        "{} pending handshakes",
+                        s.pending_handshakes
+                    )))
+                }
+            },
+        )?;
     }
     Ok(format!("node {target}: {}", parts.join("; ")))
 }
