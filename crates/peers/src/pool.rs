@@ -1896,15 +1896,19 @@ impl Pool {
     /// give-back ([`reclaim_victim`](Self::reclaim_victim)) takes the
     /// outbound link made last, never this one while two are outbound.
     fn longest_held(&self) -> Option<&NodeId> {
-        let links = || {
-            self.entries
-                .values()
-                .filter_map(|e| e.link.as_ref().map(|l| (l.connected_at, &e.id)))
-        };
-        if links().count() < 3 {
-            return None;
+        // One pass over the book (it runs at the gate of a full pool).
+        let mut links = 0;
+        let mut oldest: Option<(Instant, &NodeId)> = None;
+        for e in self.entries.values() {
+            if let Some(l) = &e.link {
+                links += 1;
+                let this = (l.connected_at, &e.id);
+                if oldest.is_none_or(|o| this < o) {
+                    oldest = Some(this);
+                }
+            }
         }
-        links().min().map(|(_, id)| id)
+        oldest.filter(|_| links >= 3).map(|(_, id)| id)
     }
 
     fn reclaim_victim(&self, held: usize) -> Option<NodeId> {
